@@ -1,0 +1,192 @@
+"""The `lmforge` command line: one subcommand per verb.
+
+Each `cmd_*` function parses nothing itself: it takes the argparse namespace, calls one library
+function and prints its result. Library code never imports this module. A user mistake raises
+`LmforgeError` somewhere below; `main()` prints its message without a traceback and exits 2.
+Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.markup import escape
+
+from . import __version__
+from .errors import LmforgeError
+from .util import console
+
+
+# ---- prepare / data --------------------------------------------------------------------------
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare
+
+    prepare(
+        args.inputs,
+        args.out,
+        vocab_size=args.vocab_size,
+        tokenizer=args.tokenizer,
+        include=args.include,
+        exclude=args.exclude,
+        text_field=args.text_field,
+        val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens,
+        strict=args.strict,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import prepare as p
+
+    if args.data_cmd == "info":
+        return p.cmd_info(args.path, as_json=args.json)
+    if args.data_cmd == "verify":
+        return p.cmd_verify(args.path)
+    if args.data_cmd == "inspect":
+        return p.cmd_inspect(
+            args.path,
+            step=args.step,
+            seq_len=args.seq_len,
+            global_batch=args.global_batch,
+            seed=args.seed,
+            as_json=args.json,
+            max_chars=args.max_chars,
+        )
+    raise AssertionError(args.data_cmd)
+
+
+# ---- train / sample / quickstart ---------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.loop import train_command
+
+    return train_command(args.config, run_dir=args.run_dir, overrides=args.set or [])
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .generate import sample_command
+
+    return sample_command(
+        args.path,
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        num_samples=args.num_samples,
+    )
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import quickstart
+
+    return quickstart(workdir=args.workdir, minutes=args.minutes, source=args.source)
+
+
+# ---- plan ------------------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import plan_command
+
+    return plan_command(args)
+
+
+# ---- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Train your own language model on your own data, inside your own walls.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("prepare", help="corpus -> tokenizer + checksummed token shards")
+    p.add_argument("inputs", nargs="+", help="files, directories (recursive) or .jsonl files")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size to train")
+    p.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one)")
+    p.add_argument("--include", action="append", default=[], help="glob of files to take from directories (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], help="glob of files to skip (repeatable)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for validation")
+    p.add_argument("--shard-tokens", type=int, default=50_000_000, help="max tokens per shard")
+    p.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer threads (0: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("data", help="inspect a prepared dataset")
+    dsub = p.add_subparsers(dest="data_cmd", metavar="ACTION", required=True)
+    d = dsub.add_parser("info", help="tokens, documents, shards, tokenizer, sources")
+    d.add_argument("path")
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("verify", help="re-check every checksum; names any bad shard")
+    d.add_argument("path")
+    d = dsub.add_parser("inspect", help="which documents and text were in a training step")
+    d.add_argument("path")
+    d.add_argument("--step", type=int, required=True)
+    d.add_argument("--seq-len", type=int, required=True)
+    d.add_argument("--global-batch", type=int, required=True)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--max-chars", type=int, default=200, help="text shown per sample")
+    d.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train (or resume) a run from a config")
+    p.add_argument("config", nargs="?", help="YAML config (optional when resuming a run directory)")
+    p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a run or checkpoint")
+    p.add_argument("path", help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("quickstart", help="the whole life of a model on local data, in minutes on a CPU")
+    p.add_argument("--workdir", default="lmforge-quickstart", help="where data, runs and results go")
+    p.add_argument("--minutes", type=float, default=3.0, help="training time budget")
+    p.add_argument("--source", help="corpus directory (default: this Python's standard library)")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("plan", help="size a model for its inference budget")
+    from .plan import add_plan_arguments
+
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LmforgeError as e:
+        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""Typed configuration: YAML -> dataclasses -> dotted overrides -> validation.
+
+Design: one dataclass per concern (model, data, train, guard, eval, serve, init), grouped in
+`Config`. Config flows one way: a YAML file (or nothing) is parsed into plain dicts, merged with
+`--set section.key=value` overrides, converted field by field into the dataclasses with type
+checks, then validated as a whole (cross-field rules such as "global batch divisible by micro
+batch"). The resolved config is written into the run directory and every checkpoint, and
+`Config.from_dict(cfg.to_dict()) == cfg` always holds.
+
+Trade-off: we hand-roll the ~100 lines of type conversion instead of pulling in pydantic, because
+the rules are few, the error messages are ours to shape (the nearest valid key for a typo), and the
+dataclasses stay plain, picklable-free and importable everywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder shape. Names follow Hugging Face `LlamaConfig` where one exists."""
+
+    vocab_size: int = 8192
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0  # 0 -> same as n_head (plain multi-head attention)
+    d_model: int = 256
+    d_ff: int = 0  # 0 -> SwiGLU default: 8/3 * d_model rounded up to a multiple of 64
+    max_seq_len: int = 256  # longest context (RoPE tables, KV cache)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        return 64 * -(-(8 * self.d_model // 3) // 64)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a prepared dataset directory (lmforge prepare --out)
+    seq_len: int = 256  # tokens per sample; a sample reads seq_len + 1 tokens
+    seed: int = 0  # seeds the sample order (data/order.py)
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 32  # sequences per optimizer step, whatever the micro batch / world size
+    micro_batch: int = 8  # sequences per forward/backward on one process
+    max_steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: fraction of max_steps spent decaying at the end
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    dtype: str = "bf16"  # fp32 | bf16 (autocast; master weights stay fp32)
+    compile: bool = False
+    threads: int = 0  # torch intra-op threads; 0 -> all cores
+    seed: int = 0  # seeds weight init
+    log_every: int = 10
+    eval_every: int = 200  # validation loss every N steps; 0 disables
+    eval_batches: int = 20
+    ckpt_every_steps: int = 200  # 0 disables step cadence
+    ckpt_every_minutes: float = 0.0  # 0 disables time cadence
+    keep_last: int = 3  # retention: the newest K checkpoints ...
+    keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of M (0: none)
+    parallel: str = "none"  # none | ddp | fsdp
+
+
+@dataclass
+class GuardConfig:
+    enabled: bool = True
+    window: int = 50  # steps of history the detector looks at
+    warmup: int = 50  # no spike verdict before this many steps of history
+    spike_factor: float = 6.0  # robust z-score (median/MAD) above which a step is a spike
+    patience: int = 1  # consecutive spiking steps before acting
+    rollback_margin: int = 0  # roll back to a checkpoint at least this many steps before
+    skip_steps: int = 0  # data window skipped after a rollback, in steps
+    lr_scale: float = 1.0  # lr multiplier applied after each rollback
+    max_rollbacks: int = 5
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    threads: int = 1
+    tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 16
+    max_queue: int = 64
+    max_tokens: int = 256
+
+
+@dataclass
+class InitConfig:
+    from_: str = ""  # a model directory (lmforge import) to initialise weights from
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+    # ---- conversion ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for f in fields(self):
+            section = getattr(self, f.name)
+            out[f.name] = {_yaml_key(g.name): _copy(getattr(section, g.name)) for g in fields(section)}
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, source: str = "config") -> "Config":
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        kwargs = {}
+        section_fields = {f.name: f for f in fields(cls)}
+        for name, value in raw.items():
+            if name not in section_fields:
+                raise ConfigError(_unknown(source, str(name), list(section_fields), "section"))
+        for name, f in section_fields.items():
+            section_cls = _HINTS[cls][name]
+            kwargs[name] = _build_section(section_cls, raw.get(name) or {}, f"{source}: {name}")
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from .util import atomic_write_text
+
+        atomic_write_text(path, self.to_yaml())
+
+    def diff(self, other: "Config") -> dict[str, tuple[Any, Any]]:
+        """{"section.key": (self value, other value)} for every key that differs."""
+        a, b = self.to_dict(), other.to_dict()
+        return {
+            f"{s}.{k}": (a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]
+        }
+
+    # ---- validation ------------------------------------------------------------------------
+    def validate(self) -> None:
+        m, d, t, g = self.model, self.data, self.train, self.guard
+        _positive("model.vocab_size", m.vocab_size)
+        _positive("model.n_layer", m.n_layer)
+        _positive("model.n_head", m.n_head)
+        _positive("model.d_model", m.d_model)
+        _positive("model.max_seq_len", m.max_seq_len)
+        _positive("model.rope_theta", m.rope_theta)
+        _positive("model.norm_eps", m.norm_eps)
+        if m.d_model % m.n_head:
+            raise ConfigError(
+                f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})"
+            )
+        if m.head_dim % 2:
+            raise ConfigError(f"head dim d_model/n_head = {m.head_dim} must be even for RoPE")
+        if m.n_kv_head < 0 or m.n_head % m.kv_heads:
+            raise ConfigError(
+                f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}); "
+                "use 0 for plain multi-head attention"
+            )
+        if m.d_ff < 0:
+            raise ConfigError(f"model.d_ff must be >= 0 (0 = automatic), got {m.d_ff}")
+        _positive("data.seq_len", d.seq_len)
+        if d.seq_len > m.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len ({d.seq_len}) is longer than model.max_seq_len ({m.max_seq_len}); "
+                f"raise model.max_seq_len or lower data.seq_len"
+            )
+        _positive("train.global_batch", t.global_batch)
+        _positive("train.micro_batch", t.micro_batch)
+        if t.global_batch % t.micro_batch:
+            raise ConfigError(
+                f"train.global_batch ({t.global_batch}) must be divisible by train.micro_batch "
+                f"({t.micro_batch}); e.g. set train.micro_batch to a divisor such as "
+                f"{_largest_divisor_at_most(t.global_batch, t.micro_batch)}"
+            )
+        _positive("train.max_steps", t.max_steps)
+        _positive("train.lr", t.lr)
+        if not 0.0 <= t.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be within [0, 1], got {t.min_lr_ratio}")
+        if t.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+        _choice("train.schedule", t.schedule, ("cosine", "wsd", "constant"))
+        if not 0.0 < t.decay_fraction <= 1.0:
+            raise ConfigError(f"train.decay_fraction must be within (0, 1], got {t.decay_fraction}")
+        if t.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+        for k in ("beta1", "beta2"):
+            if not 0.0 <= getattr(t, k) < 1.0:
+                raise ConfigError(f"train.{k} must be within [0, 1), got {getattr(t, k)}")
+        _positive("train.eps", t.eps)
+        if t.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}")
+        _choice("train.dtype", t.dtype, ("fp32", "bf16"))
+        _choice("train.parallel", t.parallel, ("none", "ddp", "fsdp"))
+        for k in ("threads", "eval_every", "eval_batches", "ckpt_every_steps", "keep_every"):
+            if getattr(t, k) < 0:
+                raise ConfigError(f"train.{k} must be >= 0, got {getattr(t, k)}")
+        _positive("train.log_every", t.log_every)
+        _positive("train.keep_last", t.keep_last)
+        if t.ckpt_every_minutes < 0:
+            raise ConfigError(f"train.ckpt_every_minutes must be >= 0, got {t.ckpt_every_minutes}")
+        _positive("guard.window", g.window)
+        _positive("guard.spike_factor", g.spike_factor)
+        _positive("guard.patience", g.patience)
+        _positive("guard.lr_scale", g.lr_scale)
+        for k in ("warmup", "rollback_margin", "skip_steps", "max_rollbacks"):
+            if getattr(g, k) < 0:
+                raise ConfigError(f"guard.{k} must be >= 0, got {getattr(g, k)}")
+        _positive("eval.batch_size", self.eval.batch_size)
+        _positive("serve.max_batch", self.serve.max_batch)
+        _positive("serve.max_queue", self.serve.max_queue)
+        if not 0 < self.serve.port < 65536:
+            raise ConfigError(f"serve.port must be within 1..65535, got {self.serve.port}")
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from defaults), apply `section.key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    return Config.from_dict(raw, source=source)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Merge `section.key=value` strings into a raw config dict (values parsed as YAML scalars)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    sections = {f.name: _HINTS[Config][f.name] for f in fields(Config)}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
+        dotted, value = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override key {dotted!r} must be section.key, e.g. train.lr")
+        section, key = parts
+        if section not in sections:
+            raise ConfigError(_unknown("--set", section, list(sections), "section"))
+        valid = [_yaml_key(f.name) for f in fields(sections[section])]
+        if key not in valid:
+            raise ConfigError(_unknown("--set", f"{section}.{key}", [f"{section}.{v}" for v in valid], "key"))
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        if not isinstance(out.get(section), dict):
+            out[section] = {}
+        out[section][key] = parsed
+    return out
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _yaml_key(name: str) -> str:
+    # `from` is a Python keyword, so the field is `from_` and the YAML key is `from`.
+    return name[:-1] if name.endswith("_") else name
+
+
+def _copy(v: Any) -> Any:
+    return list(v) if isinstance(v, list) else v
+
+
+def _build_section(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
+    hints = _hints(cls)
+    by_key = {_yaml_key(f.name): f for f in fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in by_key:
+            raise ConfigError(_unknown(where, str(key), list(by_key), "key"))
+        f = by_key[key]
+        kwargs[f.name] = _coerce(value, hints[f.name], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)  # accepts "1e6"
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug, not a user error
+
+
+def _unknown(where: str, key: str, valid: list[str], what: str) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return f"{where}: unknown {what} {key!r}{hint} (valid: {', '.join(valid)})"
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _largest_divisor_at_most(n: int, k: int) -> int:
+    return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
+
+
+for _cls in (Config, ModelConfig, DataConfig, TrainConfig, GuardConfig, EvalConfig, ServeConfig, InitConfig):
+    _hints(_cls)
+
+__all__ = [
+    "Config",
+    "ModelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "GuardConfig",
+    "EvalConfig",
+    "ServeConfig",
+    "InitConfig",
+    "load_config",
+    "apply_overrides",
+]
