@@ -100,6 +100,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return plan_command(args)
 
 
+# ---- runs / dashboard (the experiment store) ---------------------------------------------------
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .track import views
+
+    action = args.runs_cmd or "list"
+    db, as_json = getattr(args, "db", None), getattr(args, "json", False)  # SUPPRESS-ed when absent
+    if action == "list":
+        return views.runs_list(db, as_json=as_json)
+    if action == "show":
+        return views.runs_show(db, args.run, as_json=as_json)
+    if action == "compare":
+        return views.runs_compare(db, args.runs, as_json=as_json)
+    if action == "delete":
+        return views.runs_delete(db, args.runs, yes=args.yes)
+    raise AssertionError(action)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .track.dashboard import serve_dashboard
+
+    return serve_dashboard(args.db, host=args.host, port=args.port)
+
+
 # ---- parser ----------------------------------------------------------------------------------
 
 
@@ -171,6 +196,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_arguments(p)
     p.set_defaults(func=cmd_plan)
+
+    # `--db`/`--json` are accepted before or after the action: `lmforge runs --json` and
+    # `lmforge runs show exp1 --json`. SUPPRESS keeps a sub-level default from hiding the other.
+    store_opts = argparse.ArgumentParser(add_help=False)
+    store_opts.add_argument("--db", default=argparse.SUPPRESS, help="experiment store (default: $LMFORGE_DB or ./lmforge.db)")
+    store_opts.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    p = sub.add_parser("runs", parents=[store_opts], help="the experiment store: list, show, compare, delete runs")
+    rsub = p.add_subparsers(dest="runs_cmd", metavar="ACTION")
+    rsub.add_parser("list", parents=[store_opts], help="table of runs (the default)")
+    r = rsub.add_parser("show", parents=[store_opts], help="config, metrics summary and events of a run")
+    r.add_argument("run", help="run name, id or run directory")
+    r = rsub.add_parser("compare", parents=[store_opts], help="config diff and final metrics side by side")
+    r.add_argument("runs", nargs="+", help="two or more run names, ids or run directories")
+    r = rsub.add_parser("delete", parents=[store_opts], help="remove runs from the store (run directories are kept)")
+    r.add_argument("runs", nargs="+", help="run names, ids or run directories")
+    r.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("dashboard", help="web page with runs, curves, events and comparisons")
+    p.add_argument("--db", help="experiment store (default: $LMFORGE_DB or ./lmforge.db)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.set_defaults(func=cmd_dashboard)
 
     return parser
 

@@ -30,7 +30,7 @@ from .errors import ConfigError
 class ModelConfig:
     """Llama-style decoder shape. Names follow Hugging Face `LlamaConfig` where one exists."""
 
-    vocab_size: int = 8192
+    vocab_size: int = 0  # 0 -> the prepared dataset's tokenizer size, resolved when a run starts
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int = 0  # 0 -> same as n_head (plain multi-head attention)
@@ -180,7 +180,8 @@ class Config:
     # ---- validation ------------------------------------------------------------------------
     def validate(self) -> None:
         m, d, t, g = self.model, self.data, self.train, self.guard
-        _positive("model.vocab_size", m.vocab_size)
+        if m.vocab_size < 0:
+            raise ConfigError(f"model.vocab_size must be >= 0 (0 = from the dataset), got {m.vocab_size}")
         _positive("model.n_layer", m.n_layer)
         _positive("model.n_head", m.n_head)
         _positive("model.d_model", m.d_model)

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # log lines never wrap mid-word in files
 
 _CHUNK = 1 << 20
 

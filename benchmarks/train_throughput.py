@@ -1,0 +1,161 @@
+"""Training throughput on this machine: tokens/s, achieved GFLOP/s and fraction of measured peak.
+
+Times full training steps (forward + backward + gradient clipping + AdamW step) of the lmforge
+Transformer, in fp32 and in bf16 autocast, through `lmforge.train.loop.train_step` when it exists
+(a local equivalent otherwise). FLOPs come from `lmforge.model.flops_per_token`. The matmul peak is
+MEASURED in the same run (a large fp32 and a large bf16 matmul), so the MFU figure is relative to
+what this machine actually delivers, not a datasheet.
+
+CPU timings are noisy when anything else runs: the script prints the load average and takes the
+best of several repeats. Example:
+
+    python benchmarks/train_throughput.py                       # reference shape, fp32 + bf16
+    python benchmarks/train_throughput.py --dtype bf16 --compile
+    python benchmarks/train_throughput.py --set n_layer=8 --set d_model=512 --micro-batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.model import Transformer, flops_per_token
+
+# karpathy/nanoGPT's shakespeare_char-sized reference: 4 layers, 4 heads, d_model 256, seq 256,
+# micro batch 8, vocab 65. nanoGPT reached ~8,600 tok/s fp32 and ~16,000 tok/s bf16 here.
+CONFIGS: dict[str, tuple[ModelConfig, int, int]] = {  # name -> (model, seq_len, micro batch)
+    "reference": (ModelConfig(vocab_size=65, n_layer=4, n_head=4, d_model=256, max_seq_len=256), 256, 8),
+    "small": (ModelConfig(vocab_size=8192, n_layer=6, n_head=6, d_model=384, max_seq_len=512), 512, 4),
+}
+
+
+def best_seconds(fn: Callable[[], object], *, repeats: int, number: int) -> float:
+    """Best over `repeats` of the mean time of `number` calls (after one warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / number)
+    return best
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Achieved FLOP/s of an n x n x n matmul in dtype: this machine's practical matmul peak."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    sec = best_seconds(lambda: torch.mm(a, b), repeats=repeats, number=3)
+    return 2 * n**3 / sec
+
+
+def local_train_step(model, optimizer, micro_batches, *, lr, grad_clip, dtype):
+    """The same work as lmforge.train.loop.train_step, for before it exists."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for x, y in micro_batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            _, loss = model(x, y)
+        (loss / len(micro_batches)).backward()
+        total += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(total) / len(micro_batches), float(grad_norm)
+
+
+def get_train_step() -> tuple[Callable, str]:
+    try:
+        from lmforge.train.loop import train_step
+    except ImportError:
+        return local_train_step, "local equivalent (lmforge.train.loop.train_step not found)"
+    return train_step, "lmforge.train.loop.train_step"
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    try:
+        from lmforge.train.optim import build_optimizer  # the trainer's own parameter groups
+        from lmforge.config import TrainConfig
+
+        return build_optimizer(model, TrainConfig())
+    except (ImportError, TypeError, AttributeError):
+        return torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="reference", choices=sorted(CONFIGS))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=INT", help="override a ModelConfig int field")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--micro-batch", type=int)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro batches per optimizer step")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
+    args = p.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg, seq_len, micro_batch = CONFIGS[args.config]
+    for item in args.set:
+        k, v = item.split("=", 1)
+        cfg = replace(cfg, **{k: int(v)})
+    seq_len = args.seq_len or seq_len
+    micro_batch = args.micro_batch or micro_batch
+    cfg = replace(cfg, max_seq_len=max(cfg.max_seq_len, seq_len))
+    train_step, source = get_train_step()
+
+    load1, load5, _ = os.getloadavg()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
+          f"load average {load1:.2f} (1 min) {load5:.2f} (5 min)")
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    fpt = flops_per_token(cfg, seq_len)
+    print(f"config {args.config}: {cfg}\nseq_len {seq_len}, micro batch {micro_batch} x {args.grad_accum}, "
+          f"{fpt / 1e6:.1f} MFLOP/token, step: {source}, compile: {args.compile}")
+
+    for dtype in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        model.train()
+        optimizer = make_optimizer(model)
+        run_model = torch.compile(model) if args.compile else model
+        gen = torch.Generator().manual_seed(0)
+        batches = [
+            (torch.randint(0, cfg.vocab_size, (micro_batch, seq_len), generator=gen),
+             torch.randint(0, cfg.vocab_size, (micro_batch, seq_len), generator=gen))
+            for _ in range(args.grad_accum)
+        ]
+
+        def step() -> object:
+            return train_step(run_model, optimizer, batches, lr=3e-4, grad_clip=1.0, dtype=dtype)
+
+        step()  # compile / allocator warm-up beyond best_seconds' own warm-up call
+        sec = best_seconds(step, repeats=args.repeats, number=args.steps)
+        tokens = micro_batch * seq_len * args.grad_accum
+        tps = tokens / sec
+        flops = tps * fpt
+        print(f"{dtype:>5}: {tps:8.0f} tokens/s  {sec * 1e3:7.1f} ms/step  {flops / 1e9:6.0f} GFLOP/s  "
+              f"{100 * flops / peaks[dtype]:5.1f}% of {dtype} matmul peak")
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    load1, _, _ = os.getloadavg()
+    print(f"load average after: {load1:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,626 @@
+"""`lmforge prepare`: a user's corpus -> tokenizer.json + token shards + manifest.json.
+
+Pipeline (two streaming passes over the files; one file is in memory at a time):
+1. *Collect* sources: files as given, directories walked recursively in sorted order (hidden files
+   and directories skipped; `--include` / `--exclude` globs match the path relative to the
+   directory or the file name), `.jsonl` files read one document per line from `--text-field`.
+2. *Scan* (pass 1): read and decode every file (not UTF-8: skip and report, or fail with
+   `--strict`), cut it into documents, hash each document, decide its split. When no tokenizer is
+   given, the train documents of this pass feed the BPE trainer directly.
+3. *Tokenize* (pass 2): documents in batches of ~4 MiB through `encode_batch` (Rust threads: both
+   cores), an eos token after every document, written into bounded shards per split with a
+   running sha256; a document index row per document.
+4. Everything is written into a temporary directory that is renamed to `--out` at the end
+   (`util.atomic_dir`), so a failure (bad JSONL line, full disk) leaves no partial dataset.
+
+Documents: a JSONL line is one document; a text file is one document, except that a file larger
+than `DOC_MAX_BYTES` is cut at blank lines into pieces of about that size (so one big file such as
+tinyshakespeare.txt still has documents for the validation split). The train/val split is decided
+per document from the sha256 of its content (`u = hash / 2**64`, val when `u < val_fraction`), so
+a document keeps its split when the corpus grows. If that leaves val empty although
+val_fraction > 0 and there are at least two documents, the document with the smallest `u` goes to
+val (still a pure function of the content).
+
+Trade-offs: the document index lives inside manifest.json as compact rows of ints (about 30 bytes
+per document), which is simple to read and fine up to a few million documents; a file is read
+whole, so a single file must fit in memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import fnmatch
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from .. import __version__
+from ..errors import DataError
+from ..tokenizer import TOKENIZER_FILE, Tokenizer
+from ..util import atomic_dir, atomic_write_json, console, human_bytes, human_count, sha256_file
+
+if TYPE_CHECKING:
+    from .loader import TokenDataset
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SPLITS = ("train", "val")
+DOC_MAX_BYTES = 64 * 1024  # text files larger than this are cut into documents at blank lines
+BATCH_BYTES = 4 << 20  # text per encode_batch call: large enough to keep every thread busy
+INDEX_COLUMNS = ["split", "shard", "offset", "source", "byte_offset"]
+
+
+# ---- sources and documents -------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    path: Path
+    kind: str  # "text" | "jsonl"
+    bytes: int = 0
+    documents: int = 0
+
+
+@dataclass
+class Document:
+    source: int  # index into the sources list
+    byte_offset: int  # where the document starts in its source file
+    text: str
+    u: float  # content hash mapped to [0, 1): decides the split
+
+
+class NotUtf8(Exception):
+    """A source file that does not decode as UTF-8 (skipped, or fatal with --strict)."""
+
+
+def _matches(rel: str, name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def collect_sources(inputs: Sequence[str | os.PathLike], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[Source]:
+    """Files and directory walks -> unique sources in a deterministic order."""
+    if not inputs:
+        raise DataError("no inputs given: pass files, directories or .jsonl files to prepare")
+    seen: set[Path] = set()
+    sources: list[Source] = []
+
+    def add(path: Path) -> None:
+        resolved = path.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            kind = "jsonl" if path.name.lower().endswith(".jsonl") else "text"
+            sources.append(Source(resolved, kind, bytes=resolved.stat().st_size))
+
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists():
+            raise DataError(f"input not found: {p}")
+        if p.is_file():
+            add(p)
+            continue
+        for dirpath, dirnames, filenames in os.walk(p):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                full = Path(dirpath) / name
+                rel = full.relative_to(p).as_posix()
+                if include and not _matches(rel, name, include):
+                    continue
+                if exclude and _matches(rel, name, exclude):
+                    continue
+                if full.is_file():
+                    add(full)
+    if not sources:
+        raise DataError(f"empty corpus: no files found in {', '.join(map(str, inputs))} (check --include/--exclude)")
+    return sources
+
+
+def _u(data: bytes) -> float:
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") / 2.0**64
+
+
+def _cut_points(data: bytes, max_bytes: int) -> list[int]:
+    """Start offsets of the pieces of a text file: cut at a blank line after every max_bytes."""
+    starts = [0]
+    while len(data) - starts[-1] > max_bytes:
+        target = starts[-1] + max_bytes
+        cut = data.find(b"\n\n", target)
+        if cut >= 0:
+            cut += 2
+        else:
+            cut = data.find(b"\n", target)
+            cut = cut + 1 if cut >= 0 else target
+            while cut < len(data) and (data[cut] & 0xC0) == 0x80:  # never split a UTF-8 character
+                cut += 1
+        if cut >= len(data):
+            break
+        starts.append(cut)
+    return starts
+
+
+def iter_documents(src: Source, index: int, text_field: str) -> Iterator[Document]:
+    """The documents of one source. Raises NotUtf8 before yielding anything from a bad file."""
+    data = src.path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NotUtf8(f"{src.path}: not UTF-8 (byte {e.start})") from None
+    if src.kind == "text":
+        starts = _cut_points(data, DOC_MAX_BYTES)
+        for start, end in zip(starts, starts[1:] + [len(data)]):
+            piece = data[start:end]
+            if piece.strip():
+                yield Document(index, start, piece.decode("utf-8"), _u(piece))
+        return
+    offset = 0
+    for line_no, line in enumerate(data.splitlines(keepends=True), start=1):
+        start, offset = offset, offset + len(line)
+        if not line.strip():
+            continue
+        where = f"{src.path}:{line_no}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{where}: no field {text_field!r} (found: {found}); choose the field with --text-field")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, expected a string")
+        if text.strip():
+            encoded = text.encode("utf-8")
+            yield Document(index, start, text, _u(encoded))
+
+
+# ---- shard writing ---------------------------------------------------------------------------
+
+
+@dataclass
+class _SplitWriter:
+    """Appends token arrays to bounded shard files `<split>-NNNNN.bin`, hashing as it writes."""
+
+    root: Path
+    split: str
+    dtype: np.dtype
+    shard_tokens: int
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[list[int]] = field(default_factory=list)  # document index rows of this split
+    _file: Any = None
+    _hash: Any = None
+    _in_shard: int = 0
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self.shards.append({"file": name, "sha256": "", "tokens": 0, "documents": 0})
+        self._file = open(self.root / name, "wb")
+        self._hash = hashlib.sha256()
+        self._in_shard = 0
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self.shards[-1]["sha256"] = self._hash.hexdigest()
+            self.shards[-1]["tokens"] = self._in_shard
+            self._file = None
+
+    def add(self, tokens: np.ndarray, source: int, byte_offset: int, split_id: int) -> None:
+        """Write one document's tokens (eos included); a document may continue in the next shard."""
+        if self._file is None or self._in_shard == self.shard_tokens:
+            self._close()
+            self._open()
+        self.rows.append([split_id, len(self.shards) - 1, self._in_shard, source, byte_offset])
+        self.shards[-1]["documents"] += 1
+        while len(tokens):
+            if self._in_shard == self.shard_tokens:
+                self._close()
+                self._open()
+            take = tokens[: self.shard_tokens - self._in_shard]
+            data = take.tobytes()  # native little-endian on every platform torch supports
+            self._file.write(data)
+            self._hash.update(data)
+            self._in_shard += len(take)
+            tokens = tokens[len(take):]
+
+    def finish(self) -> dict[str, Any]:
+        self._close()
+        return {
+            "tokens": sum(s["tokens"] for s in self.shards),
+            "documents": sum(s["documents"] for s in self.shards),
+            "shards": self.shards,
+        }
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _set_threads(workers: int) -> None:
+    """Tokenizer threads: RAYON_NUM_THREADS must be set before the Rust thread pool starts."""
+    if workers < 0:
+        raise DataError(f"--workers must be >= 0 (0: all cores), got {workers}")
+    if workers:
+        os.environ["RAYON_NUM_THREADS"] = str(workers)
+    # Force parallelism on even after a fork (pytest, multiprocessing), off for one worker.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false" if workers == 1 else "true"
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before the slow passes when the output's parent cannot hold a new directory."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        raise DataError(f"cannot write dataset {out}: {e.strerror or e} ({e.filename or out.parent}); nothing was written") from None
+
+
+def _readable(root: Path) -> None:
+    """Give the dataset the usual umask modes (temp dirs and files are created private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for f in root.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def fingerprint(tokenizer_sha256: str, dtype: str, train_shards: Sequence[dict[str, Any]]) -> str:
+    """A short hash of everything that decides the train token stream."""
+    h = hashlib.sha256(f"{tokenizer_sha256}|{dtype}".encode())
+    for s in train_shards:
+        h.update(f"|{s['sha256']}:{s['tokens']}".encode())
+    return h.hexdigest()[:16]
+
+
+# ---- prepare ---------------------------------------------------------------------------------
+
+
+def prepare(
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    vocab_size: int = 8192,
+    tokenizer: str | os.PathLike | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    text_field: str = "text",
+    val_fraction: float = 0.01,
+    shard_tokens: int = 50_000_000,
+    strict: bool = False,
+    workers: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Build a dataset directory at `out` (see the module docstring); returns its path."""
+    out = Path(out)
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise DataError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+    if out.exists() and not overwrite:
+        raise DataError(f"output already exists: {out} (pass --overwrite to replace it)")
+    _set_threads(workers)
+    sources = collect_sources(inputs, include, exclude)
+    _check_writable(out)
+    tok = Tokenizer.load(tokenizer) if tokenizer else None
+    total_bytes = sum(s.bytes for s in sources)
+
+    # Pass 1: decode, cut, hash; train the tokenizer on the train documents as they stream by.
+    skipped: list[dict[str, str]] = []
+    bad: set[int] = set()
+    stats = {"documents": 0, "min_u": 2.0, "val": 0}
+
+    def scan() -> Iterator[str]:
+        with _progress() as progress:
+            task = progress.add_task("scan" if tok else "train tokenizer", total=total_bytes)
+            for i, src in enumerate(sources):
+                try:
+                    for doc in iter_documents(src, i, text_field):
+                        stats["documents"] += 1
+                        stats["min_u"] = min(stats["min_u"], doc.u)
+                        if doc.u < val_fraction:
+                            stats["val"] += 1
+                        else:
+                            yield doc.text
+                except NotUtf8 as e:
+                    if strict:
+                        raise DataError(f"{e} (--strict: every input must be UTF-8 text)") from None
+                    bad.add(i)
+                    skipped.append({"path": str(src.path), "reason": "not UTF-8"})
+                progress.advance(task, src.bytes)
+
+    if tok is None:
+        tok = Tokenizer.train(scan(), vocab_size)
+    else:
+        for _ in scan():
+            pass
+    if skipped:
+        names = ", ".join(s["path"] for s in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        console.print(f"[yellow]skipped {len(skipped)} file(s) that are not UTF-8:[/] {names}")
+    if stats["documents"] == 0:
+        raise DataError(f"empty corpus: no text found in {len(sources)} file(s) under {', '.join(map(str, inputs))}")
+    force_val = stats["val"] == 0 and val_fraction > 0 and stats["documents"] >= 2
+    if tok.eos_id is None:
+        raise DataError(f"tokenizer {tokenizer} has no {'<|eos|>'!r} token; prepare separates documents with it")
+
+    dtype = np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")
+    try:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            tok.save(tmp / TOKENIZER_FILE)
+            writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
+            _tokenize(sources, bad, text_field, tok, writers, val_fraction, stats["min_u"] if force_val else None, dtype, total_bytes)
+            splits = {s: w.finish() for s, w in writers.items()}
+            if splits["train"]["tokens"] == 0:
+                raise DataError("no documents left for training: every document fell into the validation split; lower --val-fraction")
+            for src in sources:
+                src.documents = 0
+            rows = writers["train"].rows + writers["val"].rows
+            for row in rows:
+                sources[row[3]].documents += 1
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "created_by": f"lmforge {__version__}",
+                "tokenizer": TOKENIZER_FILE,
+                "tokenizer_sha256": tok.sha256,
+                "vocab_size": tok.vocab_size,
+                "dtype": dtype.name,
+                "eos_id": tok.eos_id,
+                "bos_id": tok.bos_id,
+                "pad_id": tok.pad_id,
+                "val_fraction": val_fraction,
+                "shard_tokens": shard_tokens,
+                "fingerprint": fingerprint(tok.sha256, dtype.name, splits["train"]["shards"]),
+                "splits": splits,
+                "sources": [{"path": str(s.path), "kind": s.kind, "bytes": s.bytes, "documents": s.documents} for s in sources],
+                "skipped": skipped,
+                "document_index": {"columns": INDEX_COLUMNS, "splits": list(SPLITS), "rows": rows},
+            }
+            atomic_write_json(tmp / MANIFEST_FILE, manifest)
+            _readable(tmp)
+    except FileExistsError as e:
+        if out.exists():  # created by someone else while we were working
+            raise DataError(f"output already exists: {out} (pass --overwrite to replace it)") from None
+        raise DataError(f"cannot write dataset {out}: {e.strerror or e} ({e.filename or out}); nothing was written") from None
+    except OSError as e:
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise DataError(f"cannot write dataset {out}: {what} ({e.filename or out}); nothing was written") from None
+    t, v = splits["train"], splits["val"]
+    console.print(
+        f"[green]prepared[/] {out}: train {human_count(t['tokens'])} tokens / {t['documents']} docs / "
+        f"{len(t['shards'])} shard(s), val {human_count(v['tokens'])} tokens / {v['documents']} docs, "
+        f"vocab {tok.vocab_size} ({dtype.name})"
+    )
+    return out
+
+
+def _tokenize(
+    sources: list[Source],
+    bad: set[int],
+    text_field: str,
+    tok: Tokenizer,
+    writers: dict[str, _SplitWriter],
+    val_fraction: float,
+    forced_u: float | None,
+    dtype: np.dtype,
+    total_bytes: int,
+) -> None:
+    """Pass 2: documents -> encode_batch -> eos appended -> shards of their split."""
+    eos = np.array([tok.eos_id], dtype=dtype)
+    batch: list[Document] = []
+
+    def flush() -> None:
+        for doc, ids in zip(batch, tok.encode_batch([d.text for d in batch])):
+            split_id = 1 if (doc.u < val_fraction or doc.u == forced_u) else 0
+            tokens = np.concatenate([np.asarray(ids, dtype=dtype), eos])
+            writers[SPLITS[split_id]].add(tokens, doc.source, doc.byte_offset, split_id)
+        batch.clear()
+
+    with _progress() as progress:
+        task = progress.add_task("tokenize", total=total_bytes)
+        size = 0
+        for i, src in enumerate(sources):
+            if i not in bad:
+                for doc in iter_documents(src, i, text_field):
+                    batch.append(doc)
+                    size += len(doc.text)
+                    if size >= BATCH_BYTES:
+                        flush()
+                        size = 0
+            progress.advance(task, src.bytes)
+        flush()
+
+
+# ---- reading a manifest back: info, verify, inspect, trace -----------------------------------
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"dataset not found: {root}")
+    mpath = root / MANIFEST_FILE
+    if not mpath.is_file():
+        raise DataError(f"not a prepared dataset: {root} has no {MANIFEST_FILE} (create one with `lmforge prepare`)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"corrupt manifest: {mpath} ({e})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise DataError(f"{mpath}: dataset format version {version!r}, this lmforge reads {FORMAT_VERSION}; re-run prepare")
+    return manifest
+
+
+def verify_dataset(path: str | os.PathLike) -> list[str]:
+    """Re-check the tokenizer hash and every shard's size and sha256; returns the problems found."""
+    root = Path(path)
+    try:
+        manifest = read_manifest(root)
+    except DataError as e:
+        return [str(e)]
+    problems: list[str] = []
+    try:
+        sha = Tokenizer.load(root / manifest["tokenizer"]).sha256
+        if sha != manifest["tokenizer_sha256"]:
+            problems.append(f"{TOKENIZER_FILE}: sha256 {sha[:12]}… does not match the manifest ({manifest['tokenizer_sha256'][:12]}…)")
+    except DataError as e:
+        problems.append(str(e))
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for split in SPLITS:
+        for shard in manifest["splits"][split]["shards"]:
+            f = root / shard["file"]
+            if not f.is_file():
+                problems.append(f"{shard['file']}: missing")
+                continue
+            size = f.stat().st_size
+            if size != shard["tokens"] * itemsize:
+                problems.append(f"{shard['file']}: {size} bytes, manifest says {shard['tokens'] * itemsize}")
+            elif sha256_file(f) != shard["sha256"]:
+                problems.append(f"{shard['file']}: sha256 mismatch (the shard is corrupt; re-run prepare)")
+    if not problems:
+        expected = fingerprint(manifest["tokenizer_sha256"], manifest["dtype"], manifest["splits"]["train"]["shards"])
+        if expected != manifest.get("fingerprint"):
+            problems.append(f"{MANIFEST_FILE}: fingerprint {manifest.get('fingerprint')} does not match its shards ({expected})")
+    return problems
+
+
+def cmd_verify(path: str | os.PathLike) -> int:
+    """Print the verdict; 0 when every checksum matches, 1 otherwise (each bad file named).
+
+    A path that is not a dataset at all raises DataError (exit 2), like any other bad input.
+    """
+    manifest = read_manifest(path)
+    problems = verify_dataset(path)
+    if not problems:
+        n = sum(len(manifest["splits"][s]["shards"]) for s in SPLITS)
+        console.print(f"[green]ok[/] {path}: tokenizer and {n} shard(s) match the manifest")
+        return 0
+    for p in problems:
+        console.print(f"[bold red]bad:[/] {p}", soft_wrap=True)
+    return 1
+
+
+def cmd_info(path: str | os.PathLike, as_json: bool = False) -> int:
+    manifest = read_manifest(path)
+    splits = manifest["splits"]
+    summary = {
+        "path": str(path),
+        "fingerprint": manifest["fingerprint"],
+        "tokenizer_sha256": manifest["tokenizer_sha256"],
+        "vocab_size": manifest["vocab_size"],
+        "dtype": manifest["dtype"],
+        "eos_id": manifest["eos_id"],
+        **{f"{s}_{k}": splits[s][k] for s in SPLITS for k in ("tokens", "documents")},
+        **{f"{s}_shards": len(splits[s]["shards"]) for s in SPLITS},
+        "sources": len(manifest["sources"]),
+        "source_bytes": sum(s["bytes"] for s in manifest["sources"]),
+        "skipped": len(manifest["skipped"]),
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    table = Table(title=f"dataset {path}", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, human_bytes(value) if key == "source_bytes" else str(value))
+    console.print(table)
+    return 0
+
+
+@dataclass
+class DocumentIndex:
+    """Document index of one split, for tracing a token position of its stream to its source."""
+
+    starts: np.ndarray  # (D,) int64: token position of each document in the split's stream
+    sources: np.ndarray  # (D,) int64
+    byte_offsets: np.ndarray  # (D,) int64
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], split: str) -> "DocumentIndex":
+        split_id = manifest["document_index"]["splits"].index(split)
+        rows = np.array([r for r in manifest["document_index"]["rows"] if r[0] == split_id], dtype=np.int64).reshape(-1, 5)
+        shard_starts = np.cumsum([0] + [s["tokens"] for s in manifest["splits"][split]["shards"]])
+        return cls(shard_starts[rows[:, 1]] + rows[:, 2], rows[:, 3], rows[:, 4])
+
+    def document_at(self, position: int) -> int:
+        return bisect.bisect_right(self.starts, position) - 1
+
+
+def trace(ds: "TokenDataset", index: DocumentIndex, nbytes: np.ndarray, start: int, length: int) -> list[dict[str, Any]]:
+    """Documents overlapped by train tokens [start, start + length), with where the window enters each.
+
+    `byte_offset` is exact for text files (a byte-level token's bytes are source bytes, so the
+    document's tokens before the window add their byte lengths); for JSONL it is the line start.
+    """
+    out = []
+    d = index.document_at(start)
+    while d < len(index.starts) and index.starts[d] < start + length:
+        doc_start = int(index.starts[d])
+        src = ds.manifest["sources"][int(index.sources[d])]
+        first = max(start, doc_start)  # first window token inside document d
+        offset = int(index.byte_offsets[d])
+        if src["kind"] == "text" and first > doc_start:
+            offset += int(nbytes[ds.window(doc_start, first - doc_start)].sum())
+        out.append({"source": src["path"], "byte_offset": offset, "kind": src["kind"]})
+        d += 1
+    return out
+
+
+def cmd_inspect(
+    path: str | os.PathLike,
+    step: int,
+    seq_len: int,
+    global_batch: int,
+    seed: int = 0,
+    as_json: bool = False,
+    max_chars: int = 200,
+) -> int:
+    """Show which documents (source file + byte offset) and text a data step reads."""
+    from .loader import TokenDataset
+    from .order import global_batch as batch_ids, num_samples
+
+    ds = TokenDataset(path)
+    n = num_samples(ds.n_tokens, seq_len)
+    ids = batch_ids(step, seed=seed, n_samples=n, global_batch=global_batch)
+    tok = Tokenizer.load(ds.tokenizer_path)
+    index = DocumentIndex.from_manifest(ds.manifest, "train")
+    nbytes = tok.token_nbytes()
+    samples = []
+    for sample in ids.tolist():
+        start = sample * seq_len
+        window = ds.window(start, seq_len + 1)
+        docs = trace(ds, index, nbytes, start, seq_len + 1)
+        samples.append({"sample": sample, "token_start": start, "documents": docs, "text": tok.decode(window)[:max_chars]})
+    epoch = step * global_batch // n
+    if as_json:
+        print(json.dumps({"step": step, "epoch": epoch, "n_samples": n, "samples": samples}, indent=2, ensure_ascii=False))
+        return 0
+    table = Table(title=f"step {step} (epoch {epoch}, {n} samples of {seq_len + 1} tokens)")
+    for col in ("sample", "source @ byte offset", "text"):
+        table.add_column(col, overflow="fold")
+    for s in samples:
+        where = "\n".join(f"{d['source']} @ {d['byte_offset']}" for d in s["documents"])
+        table.add_row(str(s["sample"]), where, repr(s["text"]))
+    console.print(table)
+    return 0

@@ -1,0 +1,253 @@
+"""Decoding: a preallocated KV cache, sampling, and the `lmforge sample` command.
+
+Design
+------
+`KVCache` holds, per layer, K and V tensors of shape (B, kv_heads, max_len, head_dim) allocated
+once, plus one position counter shared by the batch. The model writes each call's keys and values
+(already rotated by RoPE) at [pos, pos + T) and attends over [0, pos + T); the model advances `pos`
+after its last layer. Prefill is one forward over the whole prompt; each further token is a
+forward of length 1, so a step costs O(context) instead of O(context^2).
+
+`stream()` yields new token ids one at a time; `generate()` collects them. Sampling draws from its
+own `torch.Generator` seeded by `seed`, never from the global RNG, so a sample is a pure function
+of (weights, prompt, settings, seed). temperature 0 is greedy (argmax) and ignores top_k/top_p.
+
+Context policy (the choice the model's fixed max_seq_len forces):
+- a prompt longer than max_seq_len keeps its LAST max_seq_len tokens (the text nearest the
+  continuation matters most; raising would make long chat histories unusable);
+- when the cache is full, the window slides: the cache is reset and re-filled with the last
+  max_seq_len // 2 tokens, then decoding continues. Generation length is therefore unbounded; each
+  slide costs one prefill of half a window, amortised over the next half window of tokens.
+A stop id ends the stream and is not yielded.
+
+Trade-off: one sequence at a time. `num_samples > 1` runs the samples one after another (seeds
+seed, seed + 1, ...); batched decoding with per-sequence positions belongs to the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import LmforgeError
+from .model import Transformer
+
+
+class KVCache:
+    """Per-layer K/V buffers (B, kv_heads, max_len, head_dim) and the number of cached positions."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int = 1,
+        *,
+        max_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.pos = 0  # positions 0 .. pos-1 are filled in every layer
+
+    @classmethod
+    def for_model(cls, model: Transformer, batch_size: int = 1) -> "KVCache":
+        p = next(model.parameters())
+        return cls(model.cfg, batch_size, dtype=p.dtype, device=p.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, kv, T, hd) at [pos, pos + T); return views of [0, pos + T)."""
+        T = k.shape[2]
+        end = self.pos + T
+        if end > self.max_len:
+            raise LmforgeError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Called by the model once every layer has written its n new positions."""
+        self.pos += n
+
+    def reset(self) -> None:
+        self.pos = 0  # stale entries beyond pos are never read
+
+
+# ---- sampling --------------------------------------------------------------------------------
+
+
+def pick_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> int:
+    """One token id from logits (V,): argmax at temperature 0, else sample the filtered softmax."""
+    if temperature <= 0.0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / temperature  # (V,)
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already cover top_p (the first always stays)
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _check(max_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    if max_tokens < 0:
+        raise LmforgeError(f"max_tokens must be >= 0, got {max_tokens}")
+    if temperature < 0:
+        raise LmforgeError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise LmforgeError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise LmforgeError(f"top_p must be within (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def stream(
+    model: Transformer,
+    prompt_ids: Sequence[int],
+    *,
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_ids: Sequence[int] = (),
+) -> Iterator[int]:
+    """Yield up to max_tokens new token ids after prompt_ids (see the module doc for the policy)."""
+    _check(max_tokens, temperature, top_k, top_p)
+    if len(prompt_ids) == 0:
+        raise LmforgeError("the prompt is empty; pass at least one token id (e.g. the BOS id)")
+    vocab, window = model.cfg.vocab_size, model.cfg.max_seq_len
+    if any(not 0 <= t < vocab for t in prompt_ids):
+        raise LmforgeError(f"prompt token ids must be within 0..{vocab - 1}")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()  # fresh entropy, still not the global RNG
+    else:
+        generator.manual_seed(seed)
+    stop = set(stop_ids)
+    keep = max(1, window // 2)
+
+    def prefill(ids: list[int]) -> torch.Tensor:
+        cache.reset()
+        return model(torch.tensor([ids], device=device), cache=cache)[0, -1]  # (V,)
+
+    cache = KVCache.for_model(model)
+    context = list(prompt_ids)[-window:]
+    logits = prefill(context)
+    for n in range(max_tokens):
+        token = pick_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        if token in stop:
+            return
+        yield token
+        if n == max_tokens - 1:
+            return  # no forward for a token nobody will read
+        context.append(token)
+        if cache.pos == window:  # full: slide to the last half window
+            context = context[-keep:]
+            logits = prefill(context)
+        else:
+            logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+
+
+def generate(
+    model: Transformer,
+    prompt_ids: Sequence[int],
+    *,
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_ids: Sequence[int] = (),
+) -> list[int]:
+    """The new token ids (not the prompt) that `stream` yields."""
+    return list(
+        stream(
+            model,
+            prompt_ids,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_ids=stop_ids,
+        )
+    )
+
+
+# ---- the CLI verb ----------------------------------------------------------------------------
+
+
+def sample_command(
+    path: str | Path,
+    *,
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    num_samples: int,
+) -> int:
+    """`lmforge sample`: print prompt + continuation (streamed) for each of num_samples samples."""
+    from .train.checkpoint import load_for_inference
+
+    if num_samples < 1:
+        raise LmforgeError(f"--num-samples must be >= 1, got {num_samples}")
+    _check(max_tokens, temperature, top_k, top_p)
+    model, tokenizer, _cfg, step = load_for_inference(path)
+    ids = tokenizer.encode(prompt) if prompt else []
+    if not ids:  # nothing to condition on: start from a document boundary
+        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if start is None:
+            raise LmforgeError("empty prompt and the tokenizer has no BOS/EOS token; pass --prompt")
+        ids = [start]
+    stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    print(f"# {path} (step {step})", flush=True)
+    for i in range(num_samples):
+        if num_samples > 1:
+            print(f"\n----- sample {i + 1}/{num_samples} (seed {seed + i}) -----", flush=True)
+        print(prompt, end="", flush=True)
+        new: list[int] = []
+        shown = ""
+        for token in stream(
+            model,
+            ids,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed + i,
+            stop_ids=stop,
+        ):
+            new.append(token)
+            # Decode the whole continuation each time: a byte-level BPE token can end inside a
+            # UTF-8 character, which decodes to U+FFFD until its remaining bytes arrive.
+            text = tokenizer.decode(new)
+            if not text.endswith("\ufffd") and text.startswith(shown):
+                print(text[len(shown) :], end="", flush=True)
+                shown = text
+        text = tokenizer.decode(new)
+        print(text[len(shown) :] if text.startswith(shown) else "", flush=True)
+    return 0
+
+
+__all__ = ["KVCache", "pick_token", "stream", "generate", "sample_command"]

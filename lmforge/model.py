@@ -1,0 +1,262 @@
+"""The decoder: a Llama-style transformer in one file.
+
+Design
+------
+Token embedding -> n_layer x [RMSNorm -> grouped-query attention with RoPE -> residual,
+RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head. No biases anywhere; the output head is
+optionally tied to the embedding (then `lm_head.weight` IS `model.embed_tokens.weight`).
+
+Parameter names map one-to-one onto Hugging Face `LlamaForCausalLM` state-dict keys
+(`model.layers.{i}.self_attn.q_proj.weight`, ...), and RoPE uses HF's `rotate_half` convention
+(the two halves of each head are the real and imaginary parts, not interleaved pairs), so an HF
+Llama checkpoint imports with a pure key map and no weight permutation.
+
+Trade-offs
+----------
+- q, k, v and gate, up stay separate `nn.Linear`s so the names match HF. Fusing them into one matmul
+  would save a little launch overhead on tiny models but would cost a weight concatenation every
+  step (and break the key map); measured on CPU it was not worth it (docs/model.md).
+- Attention goes through `F.scaled_dot_product_attention`, which picks the fused flash kernel on
+  CPU and GPU. Grouped-query attention uses its `enable_gqa` flag, so K/V heads are never
+  materialised n_head/kv_heads times.
+- The residual stream stays in the parameters' dtype (fp32 under autocast); matmuls run in bf16
+  under autocast. RoPE tables are cast to the activations' dtype so rotating q/k in bf16 does not
+  silently promote them back to fp32.
+- The loss is mean cross-entropy computed in fp32 (ignore_index -100). `forward(idx, targets)`
+  still returns the logits (in the autocast dtype), because computing them is the cost and
+  returning them is free.
+- Decoding: `forward(idx, cache=KVCache)` appends this call's K/V to a preallocated cache
+  (lmforge/generate.py) and attends over everything cached so far. The model knows the cache only
+  through `cache.pos` and `cache.update()`; sampling and the cache policy live in generate.py.
+
+`num_params` and `flops_per_token` are computed analytically from the config (no model built), so
+`lmforge plan` can size models that would not fit in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import LmforgeError
+
+if TYPE_CHECKING:  # generate.py imports this module; the cache is only a type here
+    from .generate import KVCache
+
+
+# ---- RoPE -----------------------------------------------------------------------------------
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_seq_len, head_dim), in the HF Llama layout.
+
+    Frequency i (0 <= i < head_dim/2) rotates the pair (x[i], x[i + head_dim/2]); the table repeats
+    the frequencies twice so a whole head is rotated with two elementwise products.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (T, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hd)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dimension, split in halves (HF convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, hd) by position; cos/sin are (T, hd) already in x's dtype."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ---- blocks ---------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer  # index into the KV cache
+        self.n_head, self.kv_heads, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        # (B, T, H*hd) -> (B, H, T, hd): heads become a batch dimension for SDPA
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.kv_heads != self.n_head
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            start = cache.pos
+            k, v = cache.update(self.layer, k, v)  # (B, kv, start + T, hd): everything so far
+            mask = None
+            if T > 1:  # query t sits at position start + t and sees keys 0 .. start + t
+                key_pos = torch.arange(start + T, device=x.device)
+                query_pos = torch.arange(start, start + T, device=x.device)
+                mask = key_pos[None, :] <= query_pos[:, None]  # (T, start + T)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The `model.` prefix of the HF key names: embedding, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+# ---- the model ------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Not parameters and not saved: they are a pure function of the config.
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) for matrices, residual projections scaled by 1/sqrt(2 n_layer)
+        (GPT-2: each block adds two residual branches, so the stream's variance stays O(1)),
+        norm weights 1. Deterministic under torch.manual_seed (modules are visited in order)."""
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if module is self.lm_head and self.cfg.tie_embeddings:
+                    continue  # same tensor as the embedding, initialised there
+                is_residual = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, 0.0, residual_std if is_residual else std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """idx (B, T) int64 -> logits (B, T, V); with targets (B, T) -> (logits, mean fp32 loss).
+
+        With a cache, idx holds the tokens after the cache.pos already cached ones; RoPE positions
+        continue from there.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise LmforgeError(
+                f"sequence of {start + T} tokens is longer than model.max_seq_len "
+                f"({self.cfg.max_seq_len}); shorten the input"
+            )
+        cos = self.rope_cos[start : start + T]  # (T, hd)
+        sin = self.rope_sin[start : start + T]
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        for block in self.model.layers:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(
+            logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100
+        )
+        return logits, loss
+
+
+# ---- analytic size and cost -----------------------------------------------------------------
+
+
+def num_params(cfg: ModelConfig, *, include_embedding: bool = True) -> int:
+    """Parameter count from the config alone; equals `sum(p.numel() for p in Transformer(cfg)
+    .parameters())` (a tied head counted once).
+
+    include_embedding=False leaves out the token embedding and an untied lm_head (the
+    "non-embedding" N of the scaling-law papers).
+    """
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = d * cfg.n_head * hd + 2 * d * cfg.kv_heads * hd + cfg.n_head * hd * d  # q, k, v, o
+    mlp = 3 * d * cfg.ff_dim  # gate, up, down
+    norms = 2 * d
+    body = cfg.n_layer * (attn + mlp + norms) + d  # + final norm
+    if not include_embedding:
+        return body
+    embedding = cfg.vocab_size * d
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    return body + embedding + head
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B style:
+
+        6 * (N_non_embedding + vocab_size * d_model)  +  12 * n_layer * d_model * seq_len
+
+    The first term is every weight matmul, the lm_head included (the embedding lookup is not a
+    matmul): 2 FLOPs per multiply-add forward, twice that backward. The second term is attention's
+    QK^T and AV (each 2 * seq_len * d_model FLOPs per token per layer forward, x3 with backward),
+    counted for the full square as PaLM does although the causal mask halves the useful work. The
+    norm weights in N add a negligible ~0.1%.
+    """
+    n = num_params(cfg, include_embedding=False) + cfg.vocab_size * cfg.d_model
+    return 6.0 * n + 12.0 * cfg.n_layer * cfg.d_model * seq_len
+
+
+__all__ = ["Transformer", "num_params", "flops_per_token", "rope_tables", "rotate_half", "apply_rope"]

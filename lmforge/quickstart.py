@@ -1,0 +1,157 @@
+"""`lmforge quickstart`: the whole life of a model on data every machine has, in minutes on a CPU.
+
+The stand-in for "your company's code base" is the Python standard library of the running
+interpreter (its .py files, without the test suites and site-packages). The quickstart:
+
+1. prepares it (tokenizer + shards) into <workdir>/data/stdlib, or reuses a verified copy;
+2. writes a training config from configs/small-cpu.yaml whose max_steps fits the time budget,
+   calibrated by timing two training steps of that very model on this machine;
+3. trains it into <workdir>/runs/stdlib (resuming if a previous quickstart was interrupted);
+4. reports validation loss and perplexity before (step 0) and after training, prints samples,
+   and says what to do next.
+
+Running it again reuses everything that exists: the data, the run (finished runs are not
+retrained), so the second run takes seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config, load_config
+from .errors import LmforgeError
+from .util import console
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "small-cpu.yaml"
+STDLIB_EXCLUDE = [
+    "site-packages/*", "dist-packages/*", "test/*", "tests/*", "*/test/*", "*/tests/*",
+    "idlelib/*", "lib2to3/*", "ensurepip/*", "tkinter/*", "turtledemo/*", "pydoc_data/*",
+    "__pycache__/*", "*/__pycache__/*",
+]
+PROMPTS = ["def read_config(path):\n", "class Cache:\n    def __init__(self", "import os\n\n"]
+
+
+def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source: str | None = None) -> int:
+    from .data.prepare import prepare, read_manifest, verify_dataset
+    from .generate import generate
+    from .train.checkpoint import find_resume_checkpoint, load_for_inference
+    from .train.loop import build, resolve_config, train
+    from .model import Transformer, num_params
+
+    if minutes <= 0:
+        raise LmforgeError(f"--minutes must be > 0, got {minutes}")
+    work = Path(workdir)
+    data_dir = work / "data" / "stdlib"
+    run_dir = work / "runs" / "stdlib"
+    src = Path(source) if source else Path(sysconfig.get_paths()["stdlib"])
+    t0 = time.perf_counter()
+
+    # 1. data ----------------------------------------------------------------------------------
+    console.rule("[bold]1/4 prepare")
+    if (data_dir / "manifest.json").is_file() and not verify_dataset(data_dir):
+        console.print(f"reusing the verified dataset in {data_dir}")
+    else:
+        console.print(f"preparing {src} (your code base would go here) -> {data_dir}")
+        prepare(
+            [str(src)], str(data_dir), vocab_size=4096, tokenizer=None, include=["*.py"],
+            exclude=STDLIB_EXCLUDE if source is None else [], text_field="text", val_fraction=0.02,
+            shard_tokens=50_000_000, strict=False, workers=0, overwrite=True,
+        )
+    manifest = read_manifest(data_dir)
+
+    # 2. config --------------------------------------------------------------------------------
+    console.rule("[bold]2/4 plan the run")
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        cfg = load_config(saved)
+        console.print(f"reusing the run in {run_dir} ({cfg.train.max_steps} steps)")
+    else:
+        cfg = resolve_config(load_config(RECIPE, [f"data.path={data_dir}"]))
+        step_s = _seconds_per_step(cfg)
+        cfg.train.max_steps = max(20, int(minutes * 60 / step_s))
+        cfg.train.warmup_steps = min(cfg.train.warmup_steps, cfg.train.max_steps // 10)
+        cfg.train.eval_every = max(1, cfg.train.max_steps // 4)
+        cfg.train.ckpt_every_steps = max(1, cfg.train.max_steps // 4)
+        cfg.validate()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(saved)
+        console.print(
+            f"model: {num_params(cfg.model) / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, "
+            f"d_model {cfg.model.d_model}; {step_s:.2f} s/step measured -> {cfg.train.max_steps} steps "
+            f"x {cfg.train.global_batch * cfg.data.seq_len:,} tokens in ~{minutes:g} min"
+        )
+
+    # 3. train ---------------------------------------------------------------------------------
+    console.rule("[bold]3/4 train")
+    torch.manual_seed(cfg.train.seed)
+    before = _val_loss(Transformer(cfg.model), cfg)
+    ckpt, _ = find_resume_checkpoint(run_dir)
+    done = ckpt is not None and int(ckpt.name.split("-")[1]) >= cfg.train.max_steps
+    if done:
+        console.print(f"the run is already complete ({ckpt})")
+    else:
+        code = train(build(cfg, run_dir))
+        if code != 0:
+            return code
+    model, tok, cfg, step = load_for_inference(run_dir)
+    after = _val_loss(model, cfg)
+
+    # 4. report --------------------------------------------------------------------------------
+    console.rule("[bold]4/4 results")
+    console.print(
+        f"dataset: {manifest['splits']['train']['tokens']:,} train tokens, "
+        f"{manifest['splits']['val']['tokens']:,} validation tokens"
+        if "splits" in manifest else f"dataset: {data_dir}"
+    )
+    console.print(f"validation loss before training: {before:.3f} (perplexity {math.exp(before):,.1f})")
+    console.print(f"validation loss after {step} steps: {after:.3f} (perplexity {math.exp(after):,.1f})")
+    for i, prompt in enumerate(PROMPTS):
+        ids = generate(model, tok.encode(prompt), max_tokens=60, temperature=0.8, top_k=50, seed=i,
+                       stop_ids=[tok.eos_id] if tok.eos_id is not None else [])
+        console.rule(f"sample {i + 1}", style="dim")
+        console.print(prompt + tok.decode(ids), markup=False, highlight=False)
+    console.rule("[bold]next")
+    console.print(
+        f"finished in {time.perf_counter() - t0:.0f} s. Next:\n"
+        f"  lmforge sample {run_dir} --prompt 'def main(' --max-tokens 80\n"
+        f"  lmforge train {saved} --run-dir {run_dir} --set train.max_steps={cfg.train.max_steps * 2}   # train longer\n"
+        f"  lmforge prepare ./your-code --out data/yours && "
+        f"lmforge train configs/small-cpu.yaml --set data.path=data/yours   # your own data",
+        markup=False, highlight=False,
+    )
+    return 0
+
+
+def _val_loss(model: torch.nn.Module, cfg: Config) -> float:
+    from .evaluate.loss import validation_loss
+
+    return validation_loss(model, cfg.data.path, seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch,
+                           max_batches=cfg.train.eval_batches, dtype=cfg.train.dtype)
+
+
+def _seconds_per_step(cfg: Config) -> float:
+    """Time two optimizer steps of the configured model on random tokens (after one warm-up)."""
+    from .model import Transformer
+    from .train.loop import train_step
+    from .train.optim import build_optimizer
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    model = Transformer(cfg.model)
+    opt = build_optimizer(model, cfg.train)
+    g = torch.Generator().manual_seed(0)
+    shape = (cfg.train.micro_batch, cfg.data.seq_len)
+    micro = [
+        (torch.randint(0, cfg.model.vocab_size, shape, generator=g), torch.randint(0, cfg.model.vocab_size, shape, generator=g))
+        for _ in range(cfg.train.global_batch // cfg.train.micro_batch)
+    ]
+    train_step(model, opt, micro, lr=1e-4, grad_clip=1.0, dtype=cfg.train.dtype)
+    start = time.perf_counter()
+    for _ in range(2):
+        train_step(model, opt, micro, lr=1e-4, grad_clip=1.0, dtype=cfg.train.dtype)
+    return (time.perf_counter() - start) / 2

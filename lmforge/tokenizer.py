@@ -1,0 +1,154 @@
+"""The tokenizer: a thin wrapper around a Hugging Face `tokenizers.Tokenizer` (byte-level BPE).
+
+Design:
+- The on-disk format is the HF `tokenizer.json`, so a tokenizer trained here loads unchanged in
+  `transformers` / `tokenizers` elsewhere, and one trained elsewhere can be reused here
+  (`lmforge prepare --tokenizer path/to/tokenizer.json`).
+- Byte-level BPE (ByteLevel pre-tokenizer and decoder, no normalizer, no prefix space): every
+  UTF-8 string maps to bytes and back, so `decode(encode(text)) == text` for any text.
+- `encode` never adds special tokens, and text that happens to contain `<|eos|>` is encoded as
+  plain text (`encode_special_tokens = True`): a document can never smuggle a control token into
+  the token stream. Control tokens are placed by code (prepare appends `eos_id` after each
+  document), never by text.
+- `sha256` hashes the canonical JSON (keys sorted, no whitespace), so re-saving a tokenizer with a
+  different indentation does not change its identity; the dataset manifest records this hash.
+
+Trade-off: training uses the HF trainer in memory (it holds word counts, not the corpus), which is
+fast and fine for corpora up to many GB; sentencepiece-style unigram models are not offered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .errors import DataError
+from .util import atomic_write_text, sha256_bytes
+
+BOS = "<|bos|>"
+EOS = "<|eos|>"
+PAD = "<|pad|>"
+DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD)
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer; `.hf` is the underlying `tokenizers.Tokenizer`."""
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        # Text is always text: "<|eos|>" written inside a document is encoded as its bytes.
+        self.hf.encode_special_tokens = True
+        self.bos_id: int | None = hf.token_to_id(BOS)
+        self.eos_id: int | None = hf.token_to_id(EOS)
+        self.pad_id: int | None = hf.token_to_id(PAD)
+        self._token_nbytes: np.ndarray | None = None
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load a tokenizer.json file, or a directory holding one."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / TOKENIZER_FILE
+        if not p.is_file():
+            raise DataError(f"tokenizer not found: {p} (expected a tokenizer.json file or a directory holding one)")
+        try:
+            hf = HFTokenizer.from_file(str(p))
+        except Exception as e:  # the Rust side raises plain Exception with a parse message
+            raise DataError(f"not a valid tokenizer.json: {p} ({e})") from None
+        return cls(hf)
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+        min_frequency: int = 2,
+    ) -> "Tokenizer":
+        """Train a byte-level BPE on `texts`; special tokens get the first ids (0, 1, 2, ...)."""
+        special_tokens = list(dict.fromkeys(special_tokens))  # keep order, drop duplicates
+        for required in (BOS, EOS, PAD):
+            if required not in special_tokens:
+                raise DataError(f"special tokens must include {required!r}; got {special_tokens}")
+        alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 byte symbols
+        minimum = len(alphabet) + len(special_tokens)
+        if vocab_size < minimum:
+            raise DataError(
+                f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
+                f"{minimum} (256 bytes + {len(special_tokens)} special tokens)"
+            )
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=special_tokens,
+            initial_alphabet=alphabet,
+            show_progress=False,  # prepare shows its own rich progress over the bytes read
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    # ---- use ---------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts in parallel (the Rust side uses RAYON_NUM_THREADS threads)."""
+        # encode_batch_fast skips computing character offsets, which we never use.
+        encodings = self.hf.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # Special tokens are shown (an <|eos|> between documents is information when inspecting).
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_nbytes(self) -> np.ndarray:
+        """(vocab_size,) int64: bytes of source text each token stands for (0 for special tokens).
+
+        Byte-level BPE maps each byte to one symbol, so a token's byte length is its string
+        length. Used to trace a token position back to a byte offset in its source file.
+        """
+        if self._token_nbytes is None:
+            n = np.zeros(self.vocab_size, dtype=np.int64)
+            special = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+            for token, i in self.hf.get_vocab(with_added_tokens=True).items():
+                n[i] = 0 if token in special else len(token)
+            self._token_nbytes = n
+        return self._token_nbytes
+
+    # ---- identity and storage ----------------------------------------------------------------
+
+    def canonical_json(self) -> str:
+        return json.dumps(json.loads(self.hf.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    @property
+    def sha256(self) -> str:
+        return sha256_bytes(self.canonical_json().encode("utf-8"))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write tokenizer.json atomically (`path` is the file, or a directory to hold it)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / TOKENIZER_FILE
+        atomic_write_text(p, self.hf.to_str(pretty=True))
+        return p
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"

@@ -1,0 +1,295 @@
+"""Complete, atomic, verified checkpoints.
+
+Layout of one checkpoint (`runs/<run>/checkpoints/step-000200/`):
+
+  MANIFEST.json        format version, lmforge version, step, sha256 and size of every other file
+  model.safetensors    the weights alone: sample, eval, serve and export read only this (no pickle)
+  tokenizer.json       the run's tokenizer, so a checkpoint is self-contained
+  config.yaml          the resolved config the run was using at that step
+  trainer.json         step, loader cursor, guard state, RNG states (python, numpy, torch), tokens
+  train_state/         model + optimizer through torch.distributed.checkpoint (DCP), which also
+                       works in one process today and reshards across world sizes later
+
+Atomicity: everything is written into a hidden temporary sibling directory, fsynced, and renamed
+into place; `checkpoints/latest` (a one-line text file naming the directory) is then replaced
+atomically. A crash at any moment therefore leaves either the previous state or the new one.
+
+Verification: loading recomputes every sha256 listed in MANIFEST.json. `find_resume_checkpoint`
+walks checkpoints newest first and skips (loudly) any that is incomplete or corrupt, so a torn or
+bit-rotted newest checkpoint costs a few steps, never the run.
+
+Trade-off: the weights are stored twice (safetensors and DCP). That doubles checkpoint size for
+the model part, but keeps inference paths free of pickle and of optimizer state; DCP's metadata
+file is pickled by PyTorch and is only ever read from a checkpoint whose checksums we verified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import Config
+from ..errors import CheckpointError
+from ..util import atomic_dir, atomic_write_text, console, sha256_file
+
+FORMAT_VERSION = 1
+MANIFEST = "MANIFEST.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Published checkpoint directories of a run, oldest first (temporary ones excluded)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+# ---- saving ----------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as JSON-able values (no pickle on disk)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict for safetensors: contiguous CPU tensors, tied weights stored once (first name)."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:  # lm_head tied to embed_tokens: keep embed_tokens only
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    trainer_state: dict[str, Any],
+    tokenizer_path: str | os.PathLike,
+) -> Path:
+    """Write a complete checkpoint for `step` atomically and point `latest` at it."""
+    from safetensors.torch import save_file
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = checkpoints_dir(run_dir) / checkpoint_name(step)
+    with atomic_dir(final, overwrite=True) as tmp:
+        save_file(model_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})  # one key: safetensors orders metadata arbitrarily, and files must be byte-stable
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        (tmp / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+        state = dict(trainer_state, step=step, rng=rng_state())
+        (tmp / "trainer.json").write_text(json.dumps(state), encoding="utf-8")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "train_state"))
+        write_manifest(tmp, step)
+    atomic_write_text(checkpoints_dir(run_dir) / "latest", final.name + "\n")
+    return final
+
+
+def write_manifest(ckpt: Path, step: int) -> None:
+    files = {}
+    for p in sorted(ckpt.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(ckpt).as_posix()
+            files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "lmforge_version": __version__,
+        "torch_version": torch.__version__,
+        "step": step,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": files,
+    }
+    (ckpt / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def apply_retention(run_dir: str | os.PathLike, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete checkpoints that are neither among the newest `keep_last` nor a multiple of
+    `keep_every`. Returns the deleted paths. The newest checkpoint is always kept."""
+    ckpts = list_checkpoints(run_dir)
+    keep = set(ckpts[-keep_last:]) if keep_last > 0 else set(ckpts[-1:])
+    if keep_every > 0:
+        keep |= {p for p in ckpts if int(_STEP_DIR.match(p.name).group(1)) % keep_every == 0}
+    deleted = []
+    for p in ckpts:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+            deleted.append(p)
+    return deleted
+
+
+# ---- verification and loading ----------------------------------------------------------------
+
+
+def verify_checkpoint(ckpt: str | os.PathLike) -> list[str]:
+    """Problems found in a checkpoint directory (empty list: it is complete and intact)."""
+    ckpt = Path(ckpt)
+    mpath = ckpt / MANIFEST
+    if not ckpt.is_dir():
+        return [f"{ckpt}: not a directory"]
+    if not mpath.is_file():
+        return [f"{ckpt}: incomplete: {MANIFEST} is missing"]
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+        return [f"{mpath}: unreadable manifest ({e})"]
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        return [
+            f"{ckpt}: format version {manifest.get('format_version')} is newer than this lmforge "
+            f"understands ({FORMAT_VERSION}); upgrade lmforge"
+        ]
+    problems = []
+    for rel, meta in files.items():
+        p = ckpt / rel
+        if not p.is_file():
+            problems.append(f"{ckpt}: missing file {rel}")
+        elif p.stat().st_size != meta["bytes"]:
+            problems.append(f"{ckpt}: {rel} has {p.stat().st_size} bytes, manifest says {meta['bytes']} (truncated?)")
+        elif sha256_file(p) != meta["sha256"]:
+            problems.append(f"{ckpt}: {rel} fails its sha256 check (corrupt)")
+    for required in ("model.safetensors", "trainer.json", "config.yaml", "tokenizer.json"):
+        if required not in files:
+            problems.append(f"{ckpt}: manifest lists no {required}")
+    return problems
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """Newest intact checkpoint of a run, and the problems of the newer ones that were skipped."""
+    skipped: list[str] = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problems = verify_checkpoint(ckpt)
+        if not problems:
+            return ckpt, skipped
+        skipped.extend(problems)
+    return None, skipped
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory (its newest intact checkpoint) or a checkpoint directory -> verified path."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such run or checkpoint: {path}")
+    if (path / MANIFEST).exists() or _STEP_DIR.match(path.name):
+        problems = verify_checkpoint(path)
+        if problems:
+            raise CheckpointError("checkpoint refused:\n  " + "\n  ".join(problems))
+        return path
+    ckpt, skipped = find_resume_checkpoint(path)
+    for problem in skipped:
+        console.print(f"[yellow]warning:[/] skipping {problem}")
+    if ckpt is None:
+        raise CheckpointError(
+            f"{path} holds no intact checkpoint (expected {path}/checkpoints/step-NNNNNN with a {MANIFEST})"
+        )
+    return ckpt
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / "trainer.json").read_text(encoding="utf-8"))
+
+
+def read_config(ckpt: Path) -> Config:
+    from ..config import load_config
+
+    return load_config(ckpt / "config.yaml")
+
+
+def load_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model + optimizer (DCP) and RNG states in place; return trainer.json's contents.
+
+    The caller verified the checkpoint first (find_resume_checkpoint / resolve_checkpoint).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=str(ckpt / "train_state"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer = read_trainer_state(ckpt)
+    set_rng_state(trainer["rng"])
+    return trainer
+
+
+def load_model_weights(ckpt: Path, model: torch.nn.Module) -> None:
+    """Load model.safetensors into a model (strict; tied weights restored through the tie)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {k for k in missing if _is_tied(model, k)}
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(
+            f"{ckpt}/model.safetensors does not fit the model: missing {sorted(set(missing) - tied)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+
+
+def _is_tied(model: torch.nn.Module, key: str) -> bool:
+    sd = model.state_dict()
+    ptr = sd[key].data_ptr()
+    return any(k != key and t.data_ptr() == ptr for k, t in sd.items())
+
+
+def load_for_inference(path: str | os.PathLike):
+    """(model in eval mode, tokenizer, resolved config, step) from a run or checkpoint directory.
+
+    Reads only safetensors, YAML and JSON: nothing is unpickled.
+    """
+    from ..model import Transformer
+    from ..tokenizer import Tokenizer
+
+    ckpt = resolve_checkpoint(path)
+    cfg = read_config(ckpt)
+    model = Transformer(cfg.model)
+    load_model_weights(ckpt, model)
+    model.eval()
+    tok = Tokenizer.load(ckpt / "tokenizer.json")
+    step = int(json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))["step"])
+    return model, tok, cfg, step

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install lmforge and everything it needs on a fresh machine that has only Python.
+#   bash scripts/setup.sh          the package (editable) with its runtime dependencies
+#   bash scripts/setup.sh --test   also the test tools, and the headless browser the dashboard test uses
+# torch is pinned to 2.13.0: that version is available as a local CPU build on our machines (the
+# package itself accepts torch>=2.4).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extras=""
+if [[ "${1:-}" == "--test" ]]; then extras="[test]"; fi
+"$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".${extras}"
+if [[ "${1:-}" == "--test" ]]; then
+  # Headless Chromium for the dashboard's browser test (skipped with a reason if unavailable).
+  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "setup: could not install chromium; the dashboard browser test will be skipped" >&2
+  fi
+fi

@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny prepared dataset (first 200 kB of tinyshakespeare, 512-token BPE)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TINY_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
+
+
+def shakespeare_path() -> Path:
+    p = SHARED_DATA / "tinyshakespeare.txt"
+    if not p.is_file():
+        pytest.skip(f"corpus not found at {p} (CI places shared/ beside the repository)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    from lmforge.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tinydata")
+    corpus = root / "corpus.txt"
+    corpus.write_bytes(shakespeare_path().read_bytes()[:200_000])
+    out = root / "shk"
+    prepare([str(corpus)], str(out), vocab_size=512, tokenizer=None, include=[], exclude=[], text_field="text",
+            val_fraction=0.1, shard_tokens=50_000, strict=False, workers=1, overwrite=False)
+    return out
+
+
+def lmforge_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmforge", *args]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("LMFORGE_FAULTS", None)
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
+    return env

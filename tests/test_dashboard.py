@@ -1,0 +1,213 @@
+"""The dashboard: JSON endpoints in-process, and the real page in a headless Chromium."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from lmforge.track.dashboard import make_server, plotly_js
+from lmforge.track.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT_NAME = "<script>alert(1)</script>"
+# If this name were ever parsed as HTML, its handler would mark <body data-pwned="1">.
+IMG_NAME = '<img src=x onerror="document.body.dataset.pwned=1">'
+CHROMIUM = os.environ.get("LMFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture()
+def db(tmp_path: Path) -> Path:
+    """Three finished runs (two with hostile names) with curves and events, and one still running."""
+    path = tmp_path / "lmforge.db"
+    s = Store.open(path)
+    for i, name in enumerate(["exp1", SCRIPT_NAME, IMG_NAME]):
+        rid = s.start_run(name, str(tmp_path / "runs" / f"r{i}"), {"train": {"lr": 1e-3 * (i + 1)}})
+        for step in range(0, 200, 10):
+            s.log_metrics(rid, step, {"loss": 5 * math.exp(-step / 100) + i, "lr": 1e-3 * (i + 1),
+                                      "grad_norm": 1.0 / (1 + step), "tokens_per_s": 1e4, "tokens": step * 1024})
+        s.log_event(rid, "checkpoint_saved", 100, {"path": "checkpoints/step-000100"})
+        s.log_event(rid, "spike", 150, {"loss": 9.0})
+        s.log_event(rid, "eval", 100, {"loss": 3.1})
+        s.log_metrics(rid, 100, {"eval/loss": 3.1})
+        s.finish_run(rid, "completed", 190)
+    live = s.start_run("live", str(tmp_path / "runs" / "live"), {"train": {"lr": 5e-4}})  # this pid: alive
+    s.log_metrics(live, 0, {"loss": 6.0})
+    s.flush()
+    s.close()
+    return path
+
+
+@pytest.fixture()
+def server(db: Path):
+    srv = make_server(str(db), "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    srv.store.close()
+
+
+def get(srv, path: str, method: str = "GET", host: str | None = None) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
+    conn.putrequest(method, path, skip_host=host is not None)
+    if host is not None:
+        conn.putheader("Host", host)
+    conn.endheaders()
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    return r.status, dict(r.getheaders()), body
+
+
+# ---- endpoints (in-process) --------------------------------------------------------------------
+
+
+def test_api_runs_detail_and_metrics(server) -> None:
+    status, headers, body = get(server, "/api/runs")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    runs = json.loads(body)["runs"]
+    assert [r["name"] for r in runs] == ["live", IMG_NAME, SCRIPT_NAME, "exp1"]
+    assert [r["status"] for r in runs] == ["running", "completed", "completed", "completed"]
+    exp1 = runs[-1]["id"]
+    detail = json.loads(get(server, f"/api/runs/{exp1}")[2])
+    assert detail["config"] == {"train": {"lr": 1e-3}}
+    assert [e["kind"] for e in detail["events"]] == ["checkpoint_saved", "eval", "spike"]
+    m = json.loads(get(server, f"/api/runs/{exp1}/metrics?keys=loss,lr&max_points=5")[2])
+    assert sorted(m) == ["loss", "lr"]
+    assert m["loss"]["step"] == [0, 40, 80, 120, 160, 190]  # thinned by stride 4, last kept
+    assert m["loss"]["value"][0] == 5.0
+
+
+@pytest.mark.parametrize("path, method, host, code", [
+    ("/api/runs/999", "GET", None, 404),
+    ("/api/runs/999/metrics", "GET", None, 404),
+    ("/nope", "GET", None, 404),
+    ("/api/runs", "POST", None, 501),              # read-only: no write verbs at all
+    ("/api/runs", "DELETE", None, 501),
+    ("/api/runs", "GET", "evil.example:8765", 403),  # DNS rebinding onto loopback
+    ("/api/runs", "GET", "localhost:1", 200),
+])
+def test_read_only_and_host_checks(server, path: str, method: str, host: str | None, code: int) -> None:
+    assert get(server, path, method, host)[0] == code
+
+
+def test_page_headers_and_bundled_plotly(server) -> None:
+    status, headers, body = get(server, "/")
+    assert status == 200 and b'<script src="static/plotly.min.js">' in body
+    assert "script-src 'self';" in headers["Content-Security-Policy"]  # no inline script can run
+    status, headers, js = get(server, "/static/plotly.min.js")
+    assert status == 200 and js == plotly_js() and len(js) > 1_000_000
+    assert b"cdn" not in (REPO / "lmforge" / "track" / "static" / "dashboard.html").read_bytes().lower()
+
+
+def test_default_bind_is_loopback() -> None:
+    from lmforge.cli import build_parser
+
+    args = build_parser().parse_args(["dashboard"])
+    assert (args.host, args.port) == ("127.0.0.1", 8765)
+
+
+# ---- the real page in headless Chromium --------------------------------------------------------
+
+
+def chromium_dom(url: str, profile: Path, budget_ms: int = 8000) -> tuple[str, list[str]]:
+    """The DOM after the page ran for budget_ms of virtual time, and every console message."""
+    assert CHROMIUM
+    p = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--no-first-run", "--no-default-browser-check", f"--user-data-dir={profile}",
+         "--enable-logging=stderr", "--v=0", f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    # Chromium logs every console message (log, warn, error, uncaught exception, CSP violation)
+    # as one INFO:CONSOLE line on stderr.
+    console = [line for line in p.stderr.splitlines() if ":CONSOLE" in line]
+    return p.stdout, console
+
+
+class _Cells(HTMLParser):
+    """Text of the runs table's name cells, attributes of <body> and every <script> src."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.scripts: list[str | None] = []
+        self.body: dict[str, str | None] = {}
+        self._in_name = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "td" and a.get("class") == "name":
+            self._in_name = True
+            self.names.append("")
+        elif tag == "body":
+            self.body = a
+        elif tag == "script":
+            self.scripts.append(a.get("src"))
+        elif self._in_name:  # an element inside a name cell means a name was parsed as HTML
+            self.names[-1] += f"<<element {tag}>>"
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._in_name = False
+
+    def handle_data(self, data):
+        if self._in_name:
+            self.names[-1] += data
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_console_capture_sees_errors(tmp_path: Path) -> None:
+    """The no-console-errors assertion below can fail: a broken page is caught."""
+    _, console = chromium_dom("data:text/html,<script>console.error('boom');undefinedFn()</script>",
+                              tmp_path / "profile", budget_ms=1000)
+    assert any("boom" in line for line in console) and any("undefinedFn" in line for line in console)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_dashboard_in_headless_chromium(db: Path, tmp_path: Path) -> None:
+    # The real command, on a free loopback port it picks and prints.
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "dashboard", "--db", str(db), "--port", "0"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        assert m, line + proc.stderr.read() if proc.poll() is not None else line
+        dom, console = chromium_dom(m.group(0), tmp_path / "profile")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    assert console == [], "\n".join(console)
+    page = _Cells()
+    page.feed(dom)
+    assert page.body.get("data-ready") == "1", dom[-3000:]  # the script ran to the end
+    assert "data-pwned" not in page.body  # the <img onerror> name did not run
+    # Every run is listed, and the hostile names are shown as the exact text typed.
+    assert page.names == ["live", IMG_NAME, SCRIPT_NAME, "exp1"]
+    assert page.scripts == ["static/plotly.min.js", "static/dashboard.js"]  # no injected <script>
+    assert '<span id="state" class="live">' in dom  # a selected run is training: live refresh on
+    # Charts drawn: each chart div holds a Plotly SVG with scatter traces; the loss chart has the
+    # three newest runs' curves plus event markers, and event lines as shapes.
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "eval"):
+        chart = dom.split(f'id="chart-{key}"', 1)[1].split('class="chart"', 1)[0]
+        assert "main-svg" in chart, key
+        assert chart.count("trace scatter") >= 2, key
+    loss_chart = dom.split('id="chart-loss"', 1)[1].split('class="chart"', 1)[0]
+    # Event lines: checkpoint + spike of the two selected finished runs (Plotly draws each shape in
+    # several layers, so count distinct shape indices).
+    assert len(set(re.findall(r'class="shape-group" data-index="(\d+)"', loss_chart))) == 4
+    assert "checkpoint_saved" in loss_chart and "spike" in loss_chart  # legend of event markers
