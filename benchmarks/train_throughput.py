@@ -47,12 +47,18 @@ def best_seconds(fn: Callable[[], object], *, repeats: int, number: int) -> floa
     return best
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Achieved FLOP/s of an n x n x n matmul in dtype: this machine's practical matmul peak."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    sec = best_seconds(lambda: torch.mm(a, b), repeats=repeats, number=3)
-    return 2 * n**3 / sec
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 5) -> float:
+    """Best achieved FLOP/s of square matmuls in dtype: this machine's practical matmul peak.
+
+    Several sizes, because the fastest one differs between the fp32 (MKL) and bf16 (oneDNN,
+    AMX where the CPU has it) kernels."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        sec = best_seconds(lambda: torch.mm(a, b), repeats=repeats, number=2)
+        best = max(best, 2 * n**3 / sec)
+    return best
 
 
 def local_train_step(model, optimizer, micro_batches, *, lr, grad_clip, dtype):

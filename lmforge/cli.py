@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.markup import escape
 
@@ -29,6 +30,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         args.out,
         vocab_size=args.vocab_size,
         tokenizer=args.tokenizer,
+        special_tokens=[t for t in args.special_tokens.split(",") if t],
         include=args.include,
         exclude=args.exclude,
         text_field=args.text_field,
@@ -65,9 +67,22 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.supervise:
+        from .train.supervise import supervise
+
+        child = ["train"] + ([args.config] if args.config else []) + (["--run-dir", args.run_dir] if args.run_dir else [])
+        child += [a for kv in (args.set or []) for a in ("--set", kv)] + (["--from", args.from_] if args.from_ else [])
+        run_dir = Path(args.run_dir or Path("runs") / Path(args.config or "run").stem)
+        return supervise(child, run_dir, max_restarts=args.max_restarts, delay=args.restart_delay)
     from .train.loop import train_command
 
-    return train_command(args.config, run_dir=args.run_dir, overrides=args.set or [])
+    return train_command(args.config, run_dir=args.run_dir, overrides=args.set or [], from_=args.from_)
+
+
+def cmd_ckpt(args: argparse.Namespace) -> int:
+    from .train.checkpoint import verify_command
+
+    return verify_command(args.path)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -116,6 +131,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return views.runs_compare(db, args.runs, as_json=as_json)
     if action == "delete":
         return views.runs_delete(db, args.runs, yes=args.yes)
+    if action == "export":
+        return views.runs_export(db, args.run, to=args.to, uri=args.uri)
     raise AssertionError(action)
 
 
@@ -141,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output dataset directory")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size to train")
     p.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one)")
+    p.add_argument("--special-tokens", default="<|bos|>,<|eos|>,<|pad|>",
+                   help="comma-separated special tokens of a trained tokenizer (must include <|bos|>, <|eos|>, <|pad|>)")
     p.add_argument("--include", action="append", default=[], help="glob of files to take from directories (repeatable)")
     p.add_argument("--exclude", action="append", default=[], help="glob of files to skip (repeatable)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
@@ -172,7 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config (optional when resuming a run directory)")
     p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--from", dest="from_", metavar="CHECKPOINT", help="branch a new run from this checkpoint (weights, optimizer, step)")
+    p.add_argument("--supervise", action="store_true", help="restart the training process after a crash or kill")
+    p.add_argument("--max-restarts", type=int, default=10, help="with --supervise: restarts before giving up")
+    p.add_argument("--restart-delay", type=float, default=5.0, help="with --supervise: first backoff in seconds (doubles)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ckpt", help="checkpoint tools")
+    csub = p.add_subparsers(dest="ckpt_cmd", metavar="ACTION", required=True)
+    c = csub.add_parser("verify", help="check every checkpoint of a run: ok / corrupt (which file) / incomplete")
+    c.add_argument("path", help="run directory or checkpoint directory")
+    p.set_defaults(func=cmd_ckpt)
 
     p = sub.add_parser("sample", help="generate text from a run or checkpoint")
     p.add_argument("path", help="run directory (newest checkpoint) or checkpoint directory")
@@ -212,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = rsub.add_parser("delete", parents=[store_opts], help="remove runs from the store (run directories are kept)")
     r.add_argument("runs", nargs="+", help="run names, ids or run directories")
     r.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    r = rsub.add_parser("export", parents=[store_opts], help="copy a run to MLflow (file store) or W&B (offline)")
+    r.add_argument("run", help="run name, id or run directory")
+    r.add_argument("--to", required=True, choices=["mlflow", "wandb"])
+    r.add_argument("--uri", help="MLflow: directory or tracking URI (default ./mlruns); W&B: directory (default ./wandb-offline)")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("dashboard", help="web page with runs, curves, events and comparisons")

@@ -71,8 +71,51 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, hd) by position; cos/sin are (T, hd) already in x's dtype."""
+    """Rotate x (..., hd) by position; cos/sin broadcast against x (e.g. (T, 1, hd) for x
+    (B, T, H, hd)) and are already in x's dtype."""
     return x * cos + rotate_half(x) * sin
+
+
+# ---- attention kernels ----------------------------------------------------------------------
+
+EXPLICIT_ATTENTION_MAX_LEN = 1024
+
+
+def use_explicit_attention(q: torch.Tensor) -> bool:
+    """True for bf16 on CPU up to EXPLICIT_ATTENTION_MAX_LEN positions.
+
+    There, SDPA's fused CPU flash kernel is slow in backward (measured ~2x slower than two AMX
+    batched matmuls and a softmax, docs/model.md). The explicit path stores the (B, H, T, T)
+    probabilities for backward, hence the length cap; fp32, GPUs and long sequences keep SDPA.
+    """
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[2] <= EXPLICIT_ATTENTION_MAX_LEN
+
+
+def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + causal mask) v for q (B, H, T, hd) and k, v (B, KV, T, hd).
+
+    Grouped-query attention without copying K/V per head: the G = H / KV query heads that share
+    a K/V head are stacked along the time axis, so each K/V head meets a (G*T, hd) block of queries.
+    """
+    B, H, T, hd = q.shape
+    KV = k.shape[1]
+    G = H // KV
+    q = q.reshape(B * KV, G * T, hd)  # head h = kv * G + g uses K/V head kv, as in SDPA's enable_gqa
+    k = k.reshape(B * KV, T, hd)
+    v = v.reshape(B * KV, T, hd)
+    mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1).repeat(G, 1)
+    scores = torch.baddbmm(mask.expand(B * KV, G * T, T), q, k.transpose(1, 2), alpha=hd**-0.5)
+    y = torch.bmm(scores.softmax(dim=-1), v)  # (B*KV, G*T, hd); softmax accumulates in fp32
+    return y.view(B, H, T, hd)
+
+
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """Cast a norm's output to the autocast dtype once, so the matmuls that share it (q, k, v;
+    gate, up) do not each make their own copy, and their input gradients are summed in bf16."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 # ---- blocks ---------------------------------------------------------------------------------
@@ -92,14 +135,19 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        # (B, T, H*hd) -> (B, H, T, hd): heads become a batch dimension for SDPA
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)  # (B, T, KV, hd)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        # Rotate while q, k are still contiguous (elementwise ops and their gradients are faster
+        # there than on the transposed views); cos/sin (T, 1, hd) broadcast over heads.
+        cos, sin = cos.to(q.dtype)[:, None], sin.to(q.dtype)[:, None]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # (B, T, H, hd) -> (B, H, T, hd): heads become a batch dimension for attention
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = self.kv_heads != self.n_head
-        if cache is None:
+        if cache is None and use_explicit_attention(q):
+            y = explicit_causal_attention(q, k, v)
+        elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             start = cache.pos
@@ -138,8 +186,8 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(autocast_input(self.input_layernorm(x)), cos, sin, cache)  # (B, T, C)
+        return x + self.mlp(autocast_input(self.post_attention_layernorm(x)))
 
 
 class Decoder(nn.Module):

@@ -22,12 +22,15 @@ for it with a token budget, batch size and learning rate derived from the comput
 `plan fit` fits the five constants to the user's own runs (run directories with config.yaml and
 metrics.jsonl) the way Hoffmann et al. and Besiroglu et al. 2024 ("Chinchilla Scaling: A
 replication attempt") did: Huber loss (delta 1e-3) between log L and the log-sum-exp form of the
-law, L-BFGS from the best points of a grid of initialisations, and a bootstrap over runs for the
+law, BFGS from the best points of a grid of initialisations, and a bootstrap over runs for the
 uncertainty.
 
 Trade-offs.
-- The fit uses `torch.optim.LBFGS` in float64 rather than scipy: torch is already a dependency,
-  and a five-parameter problem on a few dozen runs converges in milliseconds either way.
+- The fit uses scipy's BFGS with an analytic numpy gradient. With five parameters the limited-
+  memory variant the papers name (L-BFGS) buys nothing, and scipy's L-BFGS-B was up to 20x
+  slower on a busy machine (OpenBLAS threads spinning on tiny vectors). torch.optim.LBFGS was
+  tried first, torch being a dependency already, but its per-step autograd overhead made a
+  100-replicate bootstrap take minutes; this way a fit with bootstrap takes about a second.
 - Repeated data (D_train beyond the unique tokens available) is handled with the data-constrained
   law of Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models", arXiv 2305.16264):
   repeated tokens are worth less, so the plan trains on more (repeated) tokens to reach the same
@@ -359,7 +362,7 @@ def _train_tokens(law: LossLaw, n: Any, target: float, unique: float | None) -> 
 
 
 def _objective(
-    law: LossLaw, n: np.ndarray, target: float, inference_tokens: float, hw: Hardware,
+    law: LossLaw, n: np.ndarray, target: float, inference_tokens: float, hardware: Hardware,
     costs: CostModel, unique: float | None, objective: str,
 ) -> np.ndarray:
     """Vectorised total (FLOPs or GPU-seconds) over an array of sizes n; inf where infeasible."""
@@ -369,11 +372,11 @@ def _objective(
     if objective == "flops":
         return train + inference
     per_inference_flop = costs.prefill_fraction / costs.prefill_mfu + (1 - costs.prefill_fraction) / costs.decode_mfu
-    return (train / costs.train_mfu + inference * per_inference_flop) / hw.peak_flops
+    return (train / costs.train_mfu + inference * per_inference_flop) / hardware.peak_flops
 
 
 def evaluate(
-    law: LossLaw, n: float, target: float, inference_tokens: float, hw: Hardware, costs: CostModel,
+    law: LossLaw, n: float, target: float, inference_tokens: float, hardware: Hardware, costs: CostModel,
     unique: float | None = None, label: str = "",
 ) -> Candidate:
     """All the figures for a model of n parameters trained to reach `target`."""
@@ -381,8 +384,8 @@ def evaluate(
     train_flops = 6.0 * n * tokens
     prefill = 2.0 * n * inference_tokens * costs.prefill_fraction
     decode = 2.0 * n * inference_tokens * (1 - costs.prefill_fraction)
-    train_h = train_flops / (hw.peak_flops * costs.train_mfu) / 3600
-    inf_h = (prefill / costs.prefill_mfu + decode / costs.decode_mfu) / hw.peak_flops / 3600
+    train_h = train_flops / (hardware.peak_flops * costs.train_mfu) / 3600
+    inf_h = (prefill / costs.prefill_mfu + decode / costs.decode_mfu) / hardware.peak_flops / 3600
     price = costs.price_per_gpu_hour
     return Candidate(
         n_params=float(n),
@@ -402,7 +405,7 @@ def evaluate(
 
 
 def optimal_params(
-    law: LossLaw, target: float, inference_tokens: float, hw: Hardware, costs: CostModel,
+    law: LossLaw, target: float, inference_tokens: float, hardware: Hardware, costs: CostModel,
     unique: float | None = None, objective: str = "flops",
 ) -> float:
     """argmin over N of the objective subject to L(N, D_train(N)) = target.
@@ -413,12 +416,12 @@ def optimal_params(
     """
     n_min = law.min_params(target)
     log_n = np.linspace(math.log(n_min) + 1e-6, math.log(n_min) + math.log(1e6), 4001)
-    values = _objective(law, np.exp(log_n), target, inference_tokens, hw, costs, unique, objective)
+    values = _objective(law, np.exp(log_n), target, inference_tokens, hardware, costs, unique, objective)
     if not np.isfinite(values).any():
         raise LmforgeError("no model size reaches the target loss with the data available")
     i = int(np.argmin(values))
     lo, hi = log_n[max(i - 1, 0)], log_n[min(i + 1, len(log_n) - 1)]
-    f = lambda x: float(_objective(law, np.exp(np.array([x])), target, inference_tokens, hw, costs, unique, objective)[0])  # noqa: E731
+    f = lambda x: float(_objective(law, np.exp(np.array([x])), target, inference_tokens, hardware, costs, unique, objective)[0])  # noqa: E731
     ratio = (math.sqrt(5) - 1) / 2
     c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
     fc, fd = f(c), f(d)
@@ -672,11 +675,25 @@ def make_plan(
                 "beyond ~4 epochs returns fall quickly; more unique data would cut the cost"
             )
 
+    if rec.tokens_per_param > 500:
+        warnings.append(
+            f"{rec.tokens_per_param:.0f} tokens/parameter is far outside the ~1-100 range the published "
+            "laws were fitted on; Sardana et al. 2024 saw quality keep improving up to 10,000, but treat "
+            "the figures as an extrapolation, or fit the law to your own runs (lmforge plan fit)"
+        )
+
     from .model import flops_per_token, num_params
 
     arch = choose_architecture(rec.n_params, vocab_size, seq_len)
     arch_params = num_params(arch)
     cfg = training_config(arch, rec.train_tokens, seq_len)
+    embedding = vocab_size * arch.d_model
+    if embedding > 0.5 * arch_params:
+        warnings.append(
+            f"the token embedding is {embedding / arch_params:.0%} of this model's parameters; the law "
+            "counts them all, but they add little capacity: a smaller vocabulary (--vocab-size, and "
+            "the same at lmforge prepare) leaves more for the layers"
+        )
     dep = deployment(arch, hardware, seq_len, batch)
     if dep["devices_needed"] and dep["devices_needed"] > 1:
         warnings.append(
@@ -795,31 +812,31 @@ class Fit:
 _HUBER_DELTA = 1e-3
 
 
-def _huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray) -> tuple[float, np.ndarray]:
+def _huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray) -> tuple[Any, np.ndarray]:
     """Sum over runs of Huber(log-sum-exp form of the law - log L), and its gradient.
 
-    theta = (log A, log B, log E, alpha, beta), shape (5,); run data shape (P,). In log space the
-    law is log L = LSE(log A - alpha log N, log B - beta log D, log E), which keeps A and B (up to
-    ~1e10) on the same footing as the exponents.
+    theta = (log A, log B, log E, alpha, beta), shape (5,) or (K, 5) for a batch of candidates;
+    run data shape (P,). Returns the objective, shape () or (K,), and the gradient, like theta.
+    In log space the law is log L = LSE(log A - alpha log N, log B - beta log D, log E), which
+    keeps A and B (up to ~1e10) on the same footing as the exponents.
     """
-    a, b, e, alpha, beta = theta
-    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)], axis=-1)  # (P, 3)
+    a, b, e, alpha, beta = (x[..., None] for x in np.moveaxis(theta, -1, 0))  # each (..., 1)
+    terms = np.stack(np.broadcast_arrays(a - alpha * log_n, b - beta * log_d, e), axis=-1)  # (..., P, 3)
     top = terms.max(axis=-1, keepdims=True)
-    weights = np.exp(terms - top)  # (P, 3)
-    total = weights.sum(axis=-1)  # (P,)
-    pred = top[:, 0] + np.log(total)  # (P,)
-    weights /= total[:, None]  # softmax: d pred / d term
+    weights = np.exp(terms - top)
+    total = weights.sum(axis=-1)  # (..., P)
+    pred = top[..., 0] + np.log(total)  # (..., P)
+    weights /= total[..., None]  # softmax = d pred / d term
     r = pred - log_l
-    small = np.abs(r) <= _HUBER_DELTA
-    value = float(np.where(small, 0.5 * r * r, _HUBER_DELTA * (np.abs(r) - 0.5 * _HUBER_DELTA)).sum())
-    g = np.clip(r, -_HUBER_DELTA, _HUBER_DELTA)  # (P,) d huber / d pred
-    grad = np.array([
-        (g * weights[:, 0]).sum(),
-        (g * weights[:, 1]).sum(),
-        (g * weights[:, 2]).sum(),
-        -(g * weights[:, 0] * log_n).sum(),
-        -(g * weights[:, 1] * log_d).sum(),
-    ])
+    value = np.where(np.abs(r) <= _HUBER_DELTA, 0.5 * r * r, _HUBER_DELTA * (np.abs(r) - 0.5 * _HUBER_DELTA)).sum(-1)
+    g = np.clip(r, -_HUBER_DELTA, _HUBER_DELTA)  # (..., P): d huber / d pred
+    grad = np.stack([
+        (g * weights[..., 0]).sum(-1),
+        (g * weights[..., 1]).sum(-1),
+        (g * weights[..., 2]).sum(-1),
+        -(g * weights[..., 0] * log_n).sum(-1),
+        -(g * weights[..., 1] * log_d).sum(-1),
+    ], axis=-1)
     return value, grad
 
 
@@ -836,22 +853,22 @@ def _init_grid() -> np.ndarray:
 
 
 def _fit_once(data: tuple[np.ndarray, np.ndarray, np.ndarray], inits: np.ndarray, keep: int) -> tuple[np.ndarray, float]:
-    """Best (theta, objective) from L-BFGS started at the `keep` best initialisations."""
+    """Best (theta, objective) from BFGS started at the `keep` best initialisations."""
     from scipy.optimize import minimize
 
-    start = np.array([_huber_objective(t, *data)[0] for t in inits])
+    start, _ = _huber_objective(inits, *data)  # (K,): one vectorised pass over the grid
     best_theta, best_value = inits[int(np.argmin(start))], math.inf
     for k in np.argsort(start)[:keep]:
         res = minimize(
-            _huber_objective, inits[k], args=data, jac=True, method="L-BFGS-B",
-            options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12},
+            _huber_objective, inits[k], args=data, jac=True, method="BFGS",
+            options={"maxiter": 2000, "gtol": 1e-12},
         )
         if np.isfinite(res.fun) and res.fun < best_value:
             best_theta, best_value = res.x, float(res.fun)
     return best_theta, best_value
 
 
-def fit_law(points: list[RunPoint], bootstrap: int = 200, seed: int = 0, name: str = "fitted") -> Fit:
+def fit_law(points: list[RunPoint], bootstrap: int = 100, seed: int = 0, name: str = "fitted") -> Fit:
     """Fit E, A, B, alpha, beta to runs; bootstrap over runs for the spread of each constant."""
     if len(points) < 5:
         raise ConfigError(
@@ -932,7 +949,7 @@ def render_plan(plan: Plan) -> None:
     # Compact on purpose, to fit an 80-column terminal: dollars when priced, else GPU-hours. The
     # predicted loss is the target for every row (D_train is solved for it), so it is in the title.
     priced = plan.costs.price_per_gpu_hour is not None
-    unit = "$" if priced else "GPU-h"
+    unit = "$" if priced else ("CPU-h" if hw.name == "cpu" else "GPU-h")
     money = _money if priced else (lambda x: human_count(x))  # noqa: E731
     constrained = plan.unique_tokens is not None
     table = Table(
@@ -1041,37 +1058,50 @@ def parse_count(text: str) -> float:
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     """`lmforge plan [options]` plans; `lmforge plan fit RUN_DIR...` fits the law."""
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = (
+        "Size a model for its inference budget: the N and D_train that reach a target loss at the\n"
+        "least training + inference cost (Sardana et al. 2024), an architecture, a config to train."
+    )
+    p.epilog = (
+        "examples:\n"
+        "  lmforge plan --quality-of 7e9 --inference-tokens 1e13 --hardware h100 --price-per-gpu-hour 2.5\n"
+        "  lmforge plan --target-loss 2.3 --inference-tokens 2e12 --unique-tokens 4e10 --hardware a100 \\\n"
+        "               --write-config configs/planned.yaml\n"
+        "  lmforge plan fit runs/sweep-* --save law.json && lmforge plan --law law.json --target-loss 3.1 ...\n"
+        "details: docs/plan.md"
+    )
     g = p.add_argument_group("target (one of)")
-    g.add_argument("--target-loss", type=float, help="final loss (nats/token) the model must reach")
+    g.add_argument("--target-loss", type=float, metavar="LOSS", help="final loss (nats/token) the model must reach")
     g.add_argument("--quality-of", type=parse_count, metavar="N",
                    help="the loss of a Chinchilla-optimal model with N parameters (e.g. 7e9, 7B)")
-    p.add_argument("--inference-tokens", type=parse_count, default=0.0,
+    p.add_argument("--inference-tokens", type=parse_count, default=0.0, metavar="TOKENS",
                    help="tokens the model will process over its life (prompt + generated)")
-    p.add_argument("--unique-tokens", type=parse_count, help="unique training tokens available (enables the repetition correction)")
-    p.add_argument("--law", default="besiroglu",
+    p.add_argument("--unique-tokens", type=parse_count, metavar="TOKENS", help="unique training tokens available (enables the repetition correction)")
+    p.add_argument("--law", default="besiroglu", metavar="NAME|PATH",
                    help="besiroglu (default), hoffmann, sardana, or a JSON file from `plan fit --save`")
     p.add_argument("--objective", choices=("flops", "cost"),
                    help="minimise total FLOPs, or GPU-hours/dollars (default: cost when a price is given)")
     h = p.add_argument_group("hardware and costs")
-    h.add_argument("--hardware", default="h100", help=f"{', '.join(HARDWARE)}, cpu (measured now) or custom")
-    h.add_argument("--peak-flops", type=parse_count, help="override: dense bf16 FLOP/s per device")
-    h.add_argument("--mem-bandwidth", type=parse_count, help="override: memory bandwidth, bytes/s")
-    h.add_argument("--gpu-memory", type=float, help="override: memory per device, GB")
-    h.add_argument("--price-per-gpu-hour", type=float, help="dollars per device-hour")
-    h.add_argument("--train-mfu", type=float, default=0.4, help="achieved utilisation in training (default 0.4)")
-    h.add_argument("--prefill-mfu", type=float, default=0.5, help="utilisation on prompt tokens (default 0.5)")
-    h.add_argument("--decode-mfu", type=float, default=0.1, help="utilisation on generated tokens (default 0.1, memory-bound)")
-    h.add_argument("--prefill-fraction", type=float, default=0.5, help="share of inference tokens that are prompt (default 0.5)")
+    h.add_argument("--hardware", default="h100", metavar="NAME", help=f"{', '.join(HARDWARE)}, cpu (measured now) or custom")
+    h.add_argument("--peak-flops", type=parse_count, metavar="FLOP/S", help="override: dense bf16 FLOP/s per device")
+    h.add_argument("--mem-bandwidth", type=parse_count, metavar="BYTES/S", help="override: memory bandwidth, bytes/s")
+    h.add_argument("--gpu-memory", type=float, metavar="GB", help="override: memory per device, GB")
+    h.add_argument("--price-per-gpu-hour", type=float, metavar="DOLLARS", help="dollars per device-hour")
+    h.add_argument("--train-mfu", type=float, default=0.4, metavar="F", help="achieved utilisation in training (default 0.4)")
+    h.add_argument("--prefill-mfu", type=float, default=0.5, metavar="F", help="utilisation on prompt tokens (default 0.5)")
+    h.add_argument("--decode-mfu", type=float, default=0.1, metavar="F", help="utilisation on generated tokens (default 0.1, memory-bound)")
+    h.add_argument("--prefill-fraction", type=float, default=0.5, metavar="F", help="share of inference tokens that are prompt (default 0.5)")
     a = p.add_argument_group("architecture and config")
-    a.add_argument("--vocab-size", type=int, default=32000, help="tokenizer vocabulary (match lmforge prepare --vocab-size)")
-    a.add_argument("--seq-len", type=int, default=2048, help="training context and deployment context")
-    a.add_argument("--batch", type=int, default=1, help="concurrent sequences for the KV-cache estimate")
+    a.add_argument("--vocab-size", type=int, default=32000, metavar="V", help="tokenizer vocabulary (match lmforge prepare --vocab-size)")
+    a.add_argument("--seq-len", type=int, default=2048, metavar="T", help="training context and deployment context")
+    a.add_argument("--batch", type=int, default=1, metavar="B", help="concurrent sequences for the KV-cache estimate")
     a.add_argument("--write-config", metavar="PATH", help="write a training YAML for the recommended model")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     sub = p.add_subparsers(dest="plan_action", metavar="ACTION")
     f = sub.add_parser("fit", help="fit the loss law to your own runs (run directories)")
     f.add_argument("runs", nargs="+", help="run directories holding config.yaml and metrics.jsonl (globs allowed)")
-    f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the uncertainty (0: none)")
+    f.add_argument("--bootstrap", type=int, default=100, metavar="R", help="bootstrap resamples for the uncertainty (0: none)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--save", metavar="PATH", help="write the fitted law as JSON (use with plan --law PATH)")
     f.add_argument("--json", action="store_true", help="print the fit as JSON")

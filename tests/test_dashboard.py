@@ -211,3 +211,18 @@ def test_dashboard_in_headless_chromium(db: Path, tmp_path: Path) -> None:
     # several layers, so count distinct shape indices).
     assert len(set(re.findall(r'class="shape-group" data-index="(\d+)"', loss_chart))) == 4
     assert "checkpoint_saved" in loss_chart and "spike" in loss_chart  # legend of event markers
+
+
+def test_clear_errors_for_a_missing_store_and_a_busy_port(db: Path, tmp_path: Path) -> None:
+    from lmforge.errors import LmforgeError
+
+    out = subprocess.run([sys.executable, "-m", "lmforge", "dashboard", "--db", str(tmp_path / "none.db")],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "no experiment store at" in out.stderr and "none.db" in out.stderr
+    first = make_server(str(db), "127.0.0.1", 0)
+    try:
+        with pytest.raises(LmforgeError, match="pick another --port"):
+            make_server(str(db), "127.0.0.1", first.server_address[1])
+    finally:
+        first.server_close()
+        first.store.close()

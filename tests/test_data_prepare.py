@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,8 +111,6 @@ def test_split_is_by_content_and_stable_when_the_corpus_grows(built, tmp_path) -
 
     before = splits(out)
     grown = tmp_path / "grown"
-    import shutil
-
     shutil.copytree(corpus, grown)
     for i in range(30):
         (grown / f"new{i:02d}.txt").write_text(f"A new document number {i} about something else entirely.\n")
@@ -149,6 +148,15 @@ def test_uint32_shards_for_large_vocabularies(tmp_path) -> None:
     assert m["dtype"] == "uint32"
     stream = read_split(out, "train")
     assert stream.max() > 65_535 and Tokenizer.load(out).decode(stream) == "hello zq65500x world\n" + EOS
+
+
+def test_extra_special_tokens(tmp_path) -> None:
+    (tmp_path / "a.txt").write_text("hello world\n" * 20)
+    r = lmforge("prepare", tmp_path / "a.txt", "--out", tmp_path / "ds", "--vocab-size", 300,
+                "--special-tokens", "<|bos|>,<|eos|>,<|pad|>,<|sep|>", "--val-fraction", 0)
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer.load(tmp_path / "ds")
+    assert [tok.hf.token_to_id(t) for t in ("<|bos|>", "<|eos|>", "<|pad|>", "<|sep|>")] == [0, 1, 2, 3]
 
 
 def test_include_and_duplicates(tmp_path) -> None:
@@ -211,8 +219,6 @@ def test_cli_end_to_end_info_verify_inspect(tmp_path) -> None:
 
 
 def test_verify_names_the_shard_with_a_flipped_byte(built, tmp_path) -> None:
-    import shutil
-
     ds = tmp_path / "ds"
     shutil.copytree(built[1], ds)
     assert prep.verify_dataset(ds) == []
@@ -225,6 +231,18 @@ def test_verify_names_the_shard_with_a_flipped_byte(built, tmp_path) -> None:
     assert r.returncode == 1 and "train-00001.bin" in r.stderr and "train-00000.bin" not in r.stderr
     (ds / "val-00000.bin").unlink()
     assert "val-00000.bin: missing" in prep.verify_dataset(ds)
+
+
+def test_verify_names_a_changed_tokenizer_and_a_malformed_manifest(built, tmp_path) -> None:
+    ds = tmp_path / "ds"
+    shutil.copytree(built[1], ds)
+    Tokenizer.train(["other text"] * 3, vocab_size=270).save(ds / "tokenizer.json")
+    (problem,) = prep.verify_dataset(ds)
+    assert problem.startswith("tokenizer.json: sha256") and "does not match the manifest" in problem
+    m = json.loads((ds / "manifest.json").read_text())
+    del m["splits"]
+    (ds / "manifest.json").write_text(json.dumps(m))
+    assert prep.verify_dataset(ds) == ["manifest.json: malformed (KeyError: 'splits'); re-run prepare"]
 
 
 @pytest.mark.parametrize(
@@ -240,6 +258,7 @@ def test_verify_names_the_shard_with_a_flipped_byte(built, tmp_path) -> None:
         ("val_fraction", "--val-fraction must be in [0, 1), got 1.5"),
         ("tokenizer", "tokenizer not found: {tmp}/tok.json"),
         ("not_dataset", "not a prepared dataset: {tmp} has no manifest.json"),
+        ("specials", "special tokens must include '<|pad|>'"),
     ],
 )
 def test_cli_bad_inputs(case: str, message: str, tmp_path) -> None:
@@ -270,6 +289,8 @@ def test_cli_bad_inputs(case: str, message: str, tmp_path) -> None:
         args += ["--tokenizer", tmp_path / "tok.json"]
     elif case == "not_dataset":
         args = ["data", "verify", tmp_path]
+    elif case == "specials":
+        args += ["--special-tokens", "<|bos|>,<|eos|>"]
     r = lmforge(*args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message.format(tmp=tmp_path) in " ".join(r.stderr.split()), r.stderr

@@ -14,7 +14,16 @@ from hypothesis import strategies as st
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.model import Transformer, apply_rope, flops_per_token, num_params, rope_tables
+from lmforge import model as model_module
+from lmforge.model import (
+    Transformer,
+    apply_rope,
+    explicit_causal_attention,
+    flops_per_token,
+    num_params,
+    rope_tables,
+    use_explicit_attention,
+)
 
 TINY = ModelConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=64)
 REFERENCE = ModelConfig(vocab_size=65, n_layer=4, n_head=4, d_model=256, max_seq_len=256)
@@ -212,6 +221,44 @@ def test_whole_model_matches_reference_forward() -> None:
         x = x + (F.silu(h @ m.gate_proj.weight.T) * (h @ m.up_proj.weight.T)) @ m.down_proj.weight.T
     expected = rms(x, model.model.norm.weight) @ model.lm_head.weight.T
     torch.testing.assert_close(model(idx), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv", [4, 2, 1])
+def test_explicit_attention_equals_sdpa(kv: int) -> None:
+    q = torch.randn(2, 4, 19, 8)
+    k, v = torch.randn(2, kv, 19, 8), torch.randn(2, kv, 19, 8)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != 4)
+    torch.testing.assert_close(explicit_causal_attention(q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_kernel_choice() -> None:
+    def q(dtype: torch.dtype, T: int) -> torch.Tensor:
+        return torch.empty(1, 2, T, 4, dtype=dtype)
+
+    assert use_explicit_attention(q(torch.bfloat16, 16))
+    assert use_explicit_attention(q(torch.bfloat16, model_module.EXPLICIT_ATTENTION_MAX_LEN))
+    assert not use_explicit_attention(q(torch.bfloat16, model_module.EXPLICIT_ATTENTION_MAX_LEN + 1))
+    assert not use_explicit_attention(q(torch.float32, 16))
+
+
+def test_bf16_explicit_attention_and_sdpa_give_the_same_loss_and_gradients(monkeypatch) -> None:
+    cfg = replace(TINY, n_kv_head=2)
+    model = build(cfg)
+    idx, targets = tokens(cfg, 2, 24), tokens(cfg, 2, 24, seed=2)
+
+    def run() -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, targets)
+        loss.backward()
+        return loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    explicit_loss, explicit_grad = run()
+    monkeypatch.setattr(model_module, "EXPLICIT_ATTENTION_MAX_LEN", 0)  # force SDPA
+    sdpa_loss, sdpa_grad = run()
+    assert explicit_loss == pytest.approx(sdpa_loss, abs=0.02)
+    cosine = F.cosine_similarity(explicit_grad.flatten(), sdpa_grad.flatten(), dim=0)
+    assert cosine > 0.99
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads() -> None:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from lmforge.errors import LmforgeError
 from lmforge.track import store as store_mod
-from lmforge.track.store import Store, config_diff, migrate, thin
+from lmforge.track.store import Store, config_diff, migrate
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = {"model": {"n_layer": 2, "d_model": 64}, "train": {"lr": 3e-4, "max_steps": 100}}
@@ -97,15 +97,21 @@ def test_metrics_property_last_write_per_step_wins(tmp_path_factory, writes) -> 
         assert s.list_runs()[0]["last_step"] == max(expected)
 
 
-@given(st.integers(0, 500), st.integers(0, 60))
-def test_thin_keeps_first_last_and_about_max_points(n: int, max_points: int) -> None:
-    rows = list(range(n))
-    out = thin(rows, max_points)
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 300), st.integers(0, 40))
+def test_thinned_curves_keep_first_last_and_about_max_points(tmp_path_factory, n: int, max_points: int) -> None:
+    with Store.open(tmp_path_factory.mktemp("t") / "s.db") as s:
+        rid = s.start_run("t", "t-run", {})
+        for step in range(n):
+            s.log_metrics(rid, 3 * step, {"x": float(step)})  # steps need not be consecutive
+        s.flush()
+        got = s.metrics(rid, ["x"], max_points=max_points)["x"]
     if max_points == 0 or n <= max_points:
-        assert out == rows
+        assert got["step"] == [3 * i for i in range(n)]
     else:
-        assert out[0] == 0 and out[-1] == n - 1
-        assert len(out) <= max_points + 1 and out == sorted(set(out))
+        assert got["step"][0] == 0 and got["step"][-1] == 3 * (n - 1)
+        assert len(got["step"]) <= max_points + 1 and got["step"] == sorted(set(got["step"]))
+        assert got["value"] == [s / 3 for s in got["step"]]  # values stay paired with their steps
 
 
 def test_config_diff_table() -> None:
@@ -376,3 +382,90 @@ def test_cli_delete_asks_or_needs_yes(tmp_path: Path) -> None:
     with Store.open(db, readonly=True) as s:
         assert [r["name"] for r in s.list_runs()] == ["exp2"]
         assert s._query("SELECT COUNT(*) FROM metrics WHERE run_id NOT IN (SELECT id FROM runs)")[0][0] == 0
+
+
+# ---- exporters (optional extras: skipped when the library is absent) ---------------------------
+
+
+def test_export_to_mlflow_file_store(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("mlflow", reason="mlflow not installed (pip install 'lmforge[mlflow]')")
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "s.db"
+    fill(db, tmp_path)
+    out = subprocess.run([sys.executable, "-m", "lmforge", "runs", "export", "exp2", "--to", "mlflow",
+                          "--uri", str(tmp_path / "mlruns"), "--db", str(db)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps file stores behind this
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
+    assert run.info.run_name == "exp2" and run.info.status == "KILLED"  # interrupted
+    assert run.data.params["train.lr"] == "0.001" and run.data.tags["lmforge.status"] == "interrupted"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (s, pytest.approx(4.0 - s / 100)) for s in range(0, 50, 10)]
+    events = json.loads((Path(run.info.artifact_uri.removeprefix("file://")) / "lmforge" / "events.json").read_text())
+    assert [e["kind"] for e in events] == ["spike", "checkpoint_saved"]
+
+
+def _wandb_records(path: Path):
+    """Records of a W&B offline .wandb file (LevelDB log format: 32 KiB blocks of chunks)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    buf, block, pos, parts = path.read_bytes(), 32768, 7, b""  # 7: the ":W&B" file header
+    while pos + 7 <= len(buf):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", buf[pos : pos + 7])
+        data, pos = buf[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            pos += block - pos % block if pos % block else 0
+            continue
+        parts = data if kind in (1, 2) else parts + data
+        if kind in (1, 4):  # FULL or LAST chunk: a whole record
+            rec = pb.Record()
+            rec.ParseFromString(parts)
+            yield rec
+
+
+def test_export_to_wandb_offline(tmp_path: Path) -> None:
+    pytest.importorskip("wandb", reason="wandb not installed (pip install 'lmforge[wandb]')")
+    db = tmp_path / "s.db"
+    fill(db, tmp_path)
+    out = subprocess.run([sys.executable, "-m", "lmforge", "runs", "export", "exp1", "--to", "wandb",
+                          "--uri", str(tmp_path / "wb"), "--db", str(db)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "WANDB_SILENT": "true"})
+    assert out.returncode == 0, out.stderr
+    (wfile,) = (tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb")
+    assert "wandb sync" in out.stdout
+    losses, name, exit_code = {}, None, None
+    for rec in _wandb_records(wfile):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            items = {i.key or "/".join(i.nested_key): i.value_json for i in rec.history.item}
+            if "loss" in items:
+                losses[int(items["_step"])] = float(items["loss"])
+        elif kind == "run":
+            name = rec.run.display_name
+        elif kind == "exit":
+            exit_code = rec.exit.exit_code
+    assert name == "exp1" and exit_code == 0
+    assert losses == {s: pytest.approx(4.0 - s / 100) for s in range(0, 50, 10)}
+
+
+def test_export_without_the_library_is_a_clear_error(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    fill(db, tmp_path)
+    # Hide the library: a module set to None in sys.modules makes `import` raise ImportError.
+    code = ("import sys; sys.modules['mlflow'] = None; sys.modules['mlflow.tracking'] = None; "
+            "sys.modules['mlflow.entities'] = None; from lmforge.cli import main; "
+            f"sys.exit(main(['runs', 'export', 'exp1', '--to', 'mlflow', '--uri', {str(tmp_path / 'm')!r}, "
+            f"'--db', {str(db)!r}]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "pip install 'lmforge[mlflow]'" in out.stderr

@@ -52,7 +52,7 @@ from rich.table import Table
 
 from .. import __version__
 from ..errors import DataError
-from ..tokenizer import TOKENIZER_FILE, Tokenizer
+from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
 from ..util import atomic_dir, atomic_write_json, console, human_bytes, human_count, sha256_file
 
 if TYPE_CHECKING:
@@ -157,7 +157,10 @@ def _cut_points(data: bytes, max_bytes: int) -> list[int]:
 
 def iter_documents(src: Source, index: int, text_field: str) -> Iterator[Document]:
     """The documents of one source. Raises NotUtf8 before yielding anything from a bad file."""
-    data = src.path.read_bytes()
+    try:
+        data = src.path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {src.path}: {e.strerror or e}") from None
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -305,6 +308,7 @@ def prepare(
     *,
     vocab_size: int = 8192,
     tokenizer: str | os.PathLike | None = None,
+    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     text_field: str = "text",
@@ -353,7 +357,7 @@ def prepare(
                 progress.advance(task, src.bytes)
 
     if tok is None:
-        tok = Tokenizer.train(scan(), vocab_size)
+        tok = Tokenizer.train(scan(), vocab_size, special_tokens=special_tokens)
     else:
         for _ in scan():
             pass
@@ -480,6 +484,13 @@ def verify_dataset(path: str | os.PathLike) -> list[str]:
         manifest = read_manifest(root)
     except DataError as e:
         return [str(e)]
+    try:
+        return _check_files(root, manifest)
+    except (KeyError, TypeError, ValueError) as e:
+        return [f"{MANIFEST_FILE}: malformed ({type(e).__name__}: {e}); re-run prepare"]
+
+
+def _check_files(root: Path, manifest: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     try:
         sha = Tokenizer.load(root / manifest["tokenizer"]).sha256

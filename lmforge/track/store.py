@@ -140,7 +140,9 @@ def schema_version() -> int:
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the database to the newest schema; return the version it was at before."""
-    conn.execute("BEGIN IMMEDIATE")  # take the write lock before reading the version
+    if conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS):
+        return len(MIGRATIONS)  # the common case: no write lock needed, a busy trainer is not waited for
+    conn.execute("BEGIN IMMEDIATE")  # take the write lock, then read the version again
     try:
         before = conn.execute("PRAGMA user_version").fetchone()[0]
         if before > len(MIGRATIONS):
@@ -238,15 +240,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     fa, fb = flatten(a), flatten(b)
     return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
-
-
-def thin(rows: list[Any], max_points: int) -> list[Any]:
-    """Every k-th row so that about max_points remain (0: all); first and last always kept."""
-    if max_points <= 0 or len(rows) <= max_points:
-        return rows
-    stride = -(-len(rows) // max_points)  # ceil
-    kept = rows[::stride]
-    return kept + [rows[-1]] if (len(rows) - 1) % stride else kept
 
 
 @dataclass
@@ -602,14 +595,15 @@ class Store:
         return out
 
     def _last_values(self, run_ids: list[int], keys: Iterable[str]) -> dict[tuple[int, str], float | None]:
+        # One primary-key lookup per (run, key): cheap however long the curves are.
         out: dict[tuple[int, str], float | None] = {}
-        for key in keys:
-            for r in self._query(
-                "SELECT m.run_id, m.value FROM metrics m JOIN (SELECT run_id, MAX(step) AS step "
-                "FROM metrics WHERE key=? GROUP BY run_id) l ON m.run_id=l.run_id AND m.step=l.step "
-                "WHERE m.key=?", (key, key)):
-                out[(r["run_id"], key)] = r["value"]
-        return {k: v for k, v in out.items() if k[0] in set(run_ids)}
+        for run_id in run_ids:
+            for key in keys:
+                rows = self._query("SELECT value FROM metrics WHERE run_id=? AND key=? "
+                                   "ORDER BY step DESC LIMIT 1", (run_id, key))
+                if rows:
+                    out[(run_id, key)] = rows[0]["value"]
+        return out
 
     def resolve(self, ref: str | int) -> int:
         """A run id from an id, a name or a run directory; a clear error when none or several."""
@@ -670,12 +664,25 @@ class Store:
     def metrics(self, run_id: int, keys: Iterable[str] | None = None,
                 max_points: int = 0) -> dict[str, dict[str, list[Any]]]:
         """{key: {"step": [...], "value": [...]}} in step order; max_points > 0 thins each curve
-        to about that many points by stride (the last point is always kept)."""
+        to at most max_points + 1 points spread evenly over its steps (first and last kept)."""
         out: dict[str, dict[str, list[Any]]] = {}
         for key in (list(keys) if keys is not None else self.metric_keys(run_id)):
-            rows = self._query("SELECT step, value FROM metrics WHERE run_id=? AND key=? ORDER BY step",
-                               (run_id, key))
-            rows = thin(rows, max_points)
+            n, lo, hi = self._query("SELECT COUNT(*), MIN(step), MAX(step) FROM metrics "
+                                    "WHERE run_id=? AND key=?", (run_id, key))[0]
+            if 0 < max_points < n:
+                # A live dashboard polls this and a long run has millions of rows, so never read
+                # them all: seek (primary key) to the first step at or after each of max_points
+                # evenly spaced targets, plus the last step. Even in step, as the x axis is.
+                width = (hi - lo) / max_points
+                rows = self._query(
+                    "WITH RECURSIVE t(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM t WHERE i + 1 < ?) "
+                    "SELECT step, value FROM metrics WHERE run_id=? AND key=? AND step IN ("
+                    " SELECT (SELECT step FROM metrics WHERE run_id=? AND key=? AND step >= ? + i * ? "
+                    "  ORDER BY step LIMIT 1) FROM t UNION SELECT ?) ORDER BY step",
+                    (max_points, run_id, key, run_id, key, lo, width, hi))
+            else:
+                rows = self._query("SELECT step, value FROM metrics WHERE run_id=? AND key=? ORDER BY step",
+                                   (run_id, key))
             if rows:
                 out[key] = {"step": [r["step"] for r in rows],
                             "value": [_json_value(r["value"]) for r in rows]}

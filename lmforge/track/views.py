@@ -163,3 +163,11 @@ def runs_delete(db: str | None, refs: list[str], yes: bool = False) -> int:
             store.delete_run(i)
     _out().print(Text(f"deleted {listing} from the store"))
     return 0
+
+
+def runs_export(db: str | None, ref: str, to: str, uri: str | None = None) -> int:
+    from .exporters import export_run
+
+    where = export_run(db, ref, to, uri)
+    _out().print(Text(f"exported {ref} to {to}: {where}"))
+    return 0

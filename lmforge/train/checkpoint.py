@@ -161,6 +161,14 @@ def apply_retention(run_dir: str | os.PathLike, keep_last: int, keep_every: int)
     return deleted
 
 
+def discard_after(run_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Delete checkpoints newer than `step` (after a rollback they belong to an abandoned path)."""
+    doomed = [p for p in list_checkpoints(run_dir) if int(_STEP_DIR.match(p.name).group(1)) > step]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
 # ---- verification and loading ----------------------------------------------------------------
 
 
@@ -195,6 +203,29 @@ def verify_checkpoint(ckpt: str | os.PathLike) -> list[str]:
         if required not in files:
             problems.append(f"{ckpt}: manifest lists no {required}")
     return problems
+
+
+def verify_command(path: str | os.PathLike) -> int:
+    """`lmforge ckpt verify`: one line per checkpoint; exit 1 when any is damaged."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such run or checkpoint: {path}")
+    ckpts = [path] if (path / MANIFEST).exists() or _STEP_DIR.match(path.name) else list_checkpoints(path)
+    if not ckpts:
+        raise CheckpointError(f"{path} holds no checkpoints (expected {path}/checkpoints/step-NNNNNN)")
+    bad = 0
+    for c in ckpts:
+        problems = verify_checkpoint(c)
+        if not problems:
+            console.print(f"[green]ok[/]        {c}")
+        else:
+            bad += 1
+            status = "incomplete" if any("incomplete" in p or "missing" in p for p in problems) else "corrupt"
+            console.print(f"[red]{status:<10}[/]{c}")
+            for p in problems:
+                console.print(f"          {p}")
+    console.print(f"{len(ckpts) - bad} ok, {bad} damaged")
+    return 1 if bad else 0
 
 
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[str]]:

@@ -16,9 +16,17 @@ Files written into the run directory: config.yaml (resolved config), metrics.jso
 object per logged step; validation lines carry `val_loss`), events.jsonl (resume, config change,
 checkpoint, interrupt, completion), checkpoints/.
 
-Fault injection for drills and tests: LMFORGE_FAULTS="kill@12" SIGKILLs the process right after
-step 12's update (before any checkpoint of that step). Each fault fires once per run directory
-(recorded in faults-fired.json), so a supervised restart does not loop on it.
+Self-healing: after every step the guard (guard.py) judges loss and gradient norm; a non-finite
+value or a spike rolls the run back to an earlier intact checkpoint, skips the data window that led
+into it, optionally lowers the learning rate, and records the event with its evidence. A fresh
+run writes a step-0 checkpoint so that even the first steps have somewhere to go back to.
+
+Fault injection for drills and tests (off unless the variable is set): LMFORGE_FAULTS is a comma
+list of `kind@step` with kind `kill` (SIGKILL right after that step's update, before its
+checkpoint), `nan` (that step's loss becomes NaN) or `spike` (that step's loss and gradients are
+scaled by 100). Each fault fires once per run directory (recorded in faults-fired.json), so a
+supervised restart or a rollback does not loop on it; `kind@step!` fires every time instead (a
+failure that repeats, to drill the supervisor's loop protection).
 """
 
 from __future__ import annotations
@@ -35,10 +43,11 @@ from typing import Any
 import torch
 
 from ..config import Config, load_config
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, LmforgeError
 from ..evaluate.loss import autocast, validation_loss
 from ..util import atomic_write_text, console
 from . import checkpoint as ckpt_io
+from . import guard
 from .optim import build_optimizer, lr_at
 
 # Keys that may change when a run resumes: they change how the run continues, not what it is.
@@ -67,8 +76,11 @@ def train_step(
     lr: float,
     grad_clip: float,
     dtype: str,
+    loss_multiplier: float = 1.0,
 ) -> StepResult:
-    """One optimizer step: accumulate gradients over micro batches, clip, update."""
+    """One optimizer step: accumulate gradients over micro batches, clip, update.
+
+    `loss_multiplier` exists for fault injection only (NaN or a large factor)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -76,6 +88,7 @@ def train_step(
     for x, y in micro_batches:  # each (micro_batch, seq_len)
         with autocast(dtype):
             _, loss = model(x, y)
+        loss = loss * loss_multiplier if loss_multiplier != 1.0 else loss
         (loss / len(micro_batches)).backward()
         total += loss.detach().float()
     params = [p for p in model.parameters() if p.grad is not None]
@@ -96,11 +109,21 @@ class Run:
     tokens: int = 0  # training tokens consumed
     resumed_from: Path | None = None
     forward_model: torch.nn.Module | None = None  # torch.compile'd view of model, if enabled
+    guard: guard.GuardState = field(default_factory=guard.GuardState)
+    lr_scale: float = 1.0  # product of the guard's lr_scale over all rollbacks so far
+    rollbacks: list[int] = field(default_factory=list)  # steps at which the guard rolled back
     fired_faults: list[str] = field(default_factory=list)
 
+    def trainer_state(self) -> dict[str, Any]:
+        """What trainer.json records besides weights and optimizer (see checkpoint.py)."""
+        return {"tokens": self.tokens, "loader": self.loader.state_dict(), "guard": self.guard.to_dict(),
+                "lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
 
-def build(cfg: Config, run_dir: Path) -> Run:
-    """Model, optimizer and loader for a run, restored from its newest intact checkpoint."""
+
+def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None) -> Run:
+    """Model, optimizer and loader for a run, restored from its newest intact checkpoint, or for a
+    new run branched from `from_checkpoint` (weights, optimizer, step; the data cursor when the
+    data is the same)."""
     from ..data.loader import Loader, TokenDataset
     from ..model import Transformer
 
@@ -116,16 +139,33 @@ def build(cfg: Config, run_dir: Path) -> Run:
     for problem in skipped:
         console.print(f"[yellow]warning:[/] skipping a damaged checkpoint: {problem}")
         log_event(run, "checkpoint_corrupt", {"problem": problem})
-    if ckpt is not None:
-        state = ckpt_io.load_training_state(ckpt, model, optimizer)
-        loader.load_state_dict(state["loader"])
-        run.step, run.tokens, run.resumed_from = state["step"], state["tokens"], ckpt
-        _drop_records_after(run_dir / "metrics.jsonl", run.step)  # they are about to be redone
-    elif ckpt_io.list_checkpoints(run_dir):
-        raise DataError(f"{run_dir}: every checkpoint is damaged; see the warnings above, or start a new --run-dir")
+    if ckpt is None and ckpt_io.list_checkpoints(run_dir):
+        raise CheckpointError(f"{run_dir}: every checkpoint is damaged; see the warnings above, or start a new --run-dir")
+    if ckpt is not None and from_checkpoint is not None:
+        raise ConfigError(f"--from starts a new run, but {run_dir} already has checkpoints; choose a new --run-dir")
+    source = ckpt or from_checkpoint
+    if source is not None:
+        state = _load_state(run, source)
+        run.step, run.tokens, run.resumed_from = state["step"], state["tokens"], source
+        run.guard = guard.GuardState.from_dict(state.get("guard"))
+        run.lr_scale, run.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", [])
+        if ckpt is not None:
+            _drop_records_after(run_dir / "metrics.jsonl", run.step)  # they are about to be redone
     run.forward_model = torch.compile(model) if cfg.train.compile else model
     run.fired_faults = _read_fired_faults(run_dir)
     return run
+
+
+def _load_state(run: Run, ckpt: Path) -> dict[str, Any]:
+    try:
+        state = ckpt_io.load_training_state(ckpt, run.model, run.optimizer)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt} does not fit this model/optimizer ({type(e).__name__}: {e})") from None
+    if state["loader"].get("fingerprint") == run.loader.fingerprint:
+        run.loader.load_state_dict(state["loader"])
+    else:  # only possible with --from onto other data: a new data order from its start
+        console.print(f"note: {ckpt} was trained on other data; reading this run's data from its first batch")
+    return state
 
 
 def train(run: Run) -> int:
@@ -136,20 +176,32 @@ def train(run: Run) -> int:
     stop = _StopFlag()
     last_ckpt_time = time.monotonic()
     window_start, window_tokens = time.perf_counter(), 0
-    if run.resumed_from is not None:
+    if run.resumed_from is not None and run.resumed_from.parent.parent == run.run_dir:
         console.print(f"resumed from {run.resumed_from} at step {run.step}")
         log_event(run, "resume", {"checkpoint": str(run.resumed_from)})
+    if run.step == 0 and not ckpt_io.list_checkpoints(run.run_dir):
+        save(run)  # step 0: somewhere for the guard to roll back to, even from the first steps
     progress = _progress(t.max_steps, run.step)
     with stop, progress:
         while run.step < t.max_steps:
+            data_step = run.loader.step
             x, y = run.loader.next()  # (global_batch, seq_len) each
             micro = list(zip(x.split(t.micro_batch), y.split(t.micro_batch)))
             assert len(micro) == accum
-            lr = lr_at(run.step, t)
-            result = train_step(run.forward_model, run.optimizer, micro, lr=lr, grad_clip=t.grad_clip, dtype=t.dtype)
+            lr = lr_at(run.step, t) * run.lr_scale
+            result = train_step(run.forward_model, run.optimizer, micro, lr=lr, grad_clip=t.grad_clip,
+                                dtype=t.dtype, loss_multiplier=_fault_multiplier(run, run.step + 1))
             run.step += 1
             run.tokens += tokens_per_step
             window_tokens += tokens_per_step
+            if cfg.guard.enabled:
+                verdict, run.guard = guard.check(run.guard, result.loss, result.grad_norm, cfg.guard)
+                if verdict.kind != "ok":
+                    _on_verdict(run, verdict, result, data_step)
+                    if verdict.act:
+                        rollback(run, verdict, data_step)
+                        progress.update(run.step, result.loss, 0.0)
+                        continue
             if run.step % t.log_every == 0 or run.step == t.max_steps:
                 rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 window_start, window_tokens = time.perf_counter(), 0
@@ -165,7 +217,7 @@ def train(run: Run) -> int:
             if due or stop.signum or run.step == t.max_steps:
                 save(run)
                 last_ckpt_time = time.monotonic()
-            _maybe_inject_fault(run)
+            _maybe_kill(run)
             if stop.signum:
                 name = signal.Signals(stop.signum).name
                 log_event(run, "interrupted", {"signal": name})
@@ -179,48 +231,109 @@ def train(run: Run) -> int:
 
 
 def save(run: Run) -> Path:
-    path = ckpt_io.save_checkpoint(
-        run.run_dir,
-        run.step,
-        model=run.model,
-        optimizer=run.optimizer,
-        config=run.cfg,
-        trainer_state={"tokens": run.tokens, "loader": run.loader.state_dict()},
-        tokenizer_path=run.tokenizer_path,
-    )
+    """Checkpoint the run at its current step; a failed write (full disk, I/O error) stops training
+    with the previous checkpoint intact (the new one was never published)."""
+    try:
+        path = ckpt_io.save_checkpoint(
+            run.run_dir, run.step, model=run.model, optimizer=run.optimizer, config=run.cfg,
+            trainer_state=run.trainer_state(), tokenizer_path=run.tokenizer_path,
+        )
+    except OSError as e:
+        previous, _ = ckpt_io.find_resume_checkpoint(run.run_dir)
+        log_event(run, "checkpoint_failed", {"error": str(e)})
+        raise CheckpointError(
+            f"writing the checkpoint of step {run.step} failed: {e}. Nothing was published; the previous "
+            f"checkpoint ({previous or 'none'}) is intact. Free space or fix the path, then run the same command to resume."
+        ) from None
     ckpt_io.apply_retention(run.run_dir, run.cfg.train.keep_last, run.cfg.train.keep_every)
     log_event(run, "checkpoint_saved", {"path": str(path)})
     return path
 
 
+class TrainingUnstable(LmforgeError):
+    """The guard rolled back too often, or had no checkpoint early enough to roll back to."""
+
+
+def _on_verdict(run: Run, verdict: guard.Verdict, result: StepResult, data_step: int) -> None:
+    evidence = {"loss": result.loss, "grad_norm": result.grad_norm, "data_step": data_step,
+                "z": verdict.z, "median": verdict.median, "acting": verdict.act}
+    log_event(run, "spike" if verdict.kind == "spike" else "non_finite", evidence)
+    console.print(f"[yellow]guard:[/] step {run.step}: {verdict.describe()} (loss {result.loss:.4g}, grad norm {result.grad_norm:.4g})")
+
+
+def rollback(run: Run, verdict: guard.Verdict, data_step: int) -> None:
+    """Go back to an earlier intact checkpoint, skip the data window, scale the lr, record it all."""
+    g = run.cfg.guard
+    recent = [s for s in run.rollbacks if s > run.step - 10 * g.window]
+    if len(recent) >= g.max_rollbacks:
+        raise TrainingUnstable(
+            f"the guard rolled back {len(recent)} times within {10 * g.window} steps (steps {recent}) and "
+            f"step {run.step} failed again ({verdict.describe()}); giving up. See {run.run_dir / 'events.jsonl'}. "
+            "Lower train.lr, raise guard.skip_steps or guard.rollback_margin, then resume with --set."
+        )
+    intact = []
+    for path in ckpt_io.list_checkpoints(run.run_dir):
+        if not ckpt_io.verify_checkpoint(path):
+            state = ckpt_io.read_trainer_state(path)
+            intact.append((state["step"], state["loader"]["step"]))
+    plan = guard.plan_rollback(spike_step=run.step, spike_data_step=data_step, patience_used=max(1, run.guard.streak),
+                               checkpoints=intact, lr_scale=run.lr_scale, cfg=g)
+    if plan is None:
+        raise TrainingUnstable(
+            f"step {run.step}: {verdict.describe()}, and no intact checkpoint is at least guard.rollback_margin="
+            f"{g.rollback_margin} steps before it (have {[s for s, _ in intact]}). Keep more checkpoints "
+            "(train.keep_last / keep_every) or lower guard.rollback_margin."
+        )
+    spike_step, rollbacks = run.step, run.rollbacks + [run.step]
+    ckpt_io.discard_after(run.run_dir, plan.checkpoint_step)  # the abandoned trajectory's checkpoints
+    state = _load_state(run, ckpt_io.checkpoints_dir(run.run_dir) / ckpt_io.checkpoint_name(plan.checkpoint_step))
+    run.step, run.tokens = state["step"], state["tokens"]
+    run.guard = guard.GuardState.from_dict(state.get("guard"))
+    run.loader.skip(plan.skip_to - run.loader.step)
+    run.lr_scale, run.rollbacks = plan.lr_scale, rollbacks
+    _drop_records_after(run.run_dir / "metrics.jsonl", run.step)
+    save(run)  # rewrite that checkpoint with the skip and lr scale: a crash now resumes identically
+    log_event(run, "rollback", {"from_step": spike_step, "to_step": run.step, "skipped_data_steps": [plan.skip_from, plan.skip_to],
+                                "lr_scale": run.lr_scale, "reason": verdict.describe()})
+    console.print(
+        f"[yellow]guard:[/] rolled back from step {spike_step} to {run.step}; skipped data steps "
+        f"{plan.skip_from}..{plan.skip_to - 1}; lr x {run.lr_scale:g}"
+    )
+
+
 # ---- command ---------------------------------------------------------------------------------
 
 
-def train_command(config_path: str | None, *, run_dir: str | None, overrides: list[str]) -> int:
-    """`lmforge train`: start a run, or resume it (with safe changes) when run_dir has one."""
+def train_command(config_path: str | None, *, run_dir: str | None, overrides: list[str], from_: str | None = None) -> int:
+    """`lmforge train`: start a run, resume it (with safe changes) when run_dir has one, or branch a
+    new run from a checkpoint of another (`from_`)."""
     if run_dir is None:
         if config_path is None:
             raise ConfigError("give a config file, a --run-dir to resume, or both")
         run_dir = str(Path("runs") / Path(config_path).stem)
     rd = Path(run_dir)
     saved_path = rd / "config.yaml"
-    if config_path is None and not saved_path.is_file():
+    branch = ckpt_io.resolve_checkpoint(from_) if from_ else None
+    if branch is not None and ckpt_io.list_checkpoints(rd):
+        raise ConfigError(f"--from starts a new run, but {rd} already has checkpoints; choose a new --run-dir")
+    base = config_path or (saved_path if saved_path.is_file() else None) or (branch / "config.yaml" if branch else None)
+    if base is None:
         raise ConfigError(f"{rd} holds no run (no config.yaml); give a config file to start one")
-    cfg = resolve_config(load_config(config_path or saved_path, overrides))
-    if saved_path.is_file():
-        saved = load_config(saved_path)
-        changes = saved.diff(cfg)
+    cfg = resolve_config(load_config(base, overrides))
+    changes: dict[str, tuple[Any, Any]] = {}
+    if saved_path.is_file() and branch is None:
+        changes = load_config(saved_path).diff(cfg)
         check_resume_changes(changes)
-        if changes:
-            for key, (old, new) in changes.items():
-                console.print(f"config change on resume: {key}: {old!r} -> {new!r}")
-    else:
-        changes = {}
+        for key, (old, new) in changes.items():
+            console.print(f"config change on resume: {key}: {old!r} -> {new!r}")
     rd.mkdir(parents=True, exist_ok=True)
     cfg.save(saved_path)
-    run = build(cfg, rd)
+    run = build(cfg, rd, from_checkpoint=branch)
     if changes:
         log_event(run, "config_change", {k: list(v) for k, v in changes.items()})
+    if branch is not None:
+        log_event(run, "branch", {"from": str(branch), "step": run.step})
+        console.print(f"branched from {branch} at step {run.step} into {rd}")
     return train(run)
 
 
@@ -291,8 +404,10 @@ def _record_step(line: str) -> int:
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    # NaN/inf are not JSON: write them as strings so every JSON reader (the dashboard too) copes
+    clean = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(clean) + "\n")
 
 
 # ---- signals, faults, progress ---------------------------------------------------------------
@@ -326,14 +441,32 @@ def _read_fired_faults(run_dir: Path) -> list[str]:
     return json.loads(p.read_text()) if p.is_file() else []
 
 
-def _maybe_inject_fault(run: Run) -> None:
-    for spec in filter(None, os.environ.get("LMFORGE_FAULTS", "").split(",")):
-        kind, _, at = spec.strip().partition("@")
-        if kind == "kill" and at.isdigit() and int(at) == run.step and spec not in run.fired_faults:
-            run.fired_faults.append(spec)
-            atomic_write_text(run.run_dir / "faults-fired.json", json.dumps(run.fired_faults))
-            console.print(f"fault injection: SIGKILL at step {run.step}")
-            os.kill(os.getpid(), signal.SIGKILL)
+def _faults(run: Run, kind: str, step: int) -> bool:
+    """True once if LMFORGE_FAULTS holds kind@step for this run (then recorded as fired)."""
+    spec = f"{kind}@{step}"
+    wanted = [f.strip() for f in os.environ.get("LMFORGE_FAULTS", "").split(",")]
+    if spec + "!" in wanted:  # "kind@step!" fires every time: a failure that repeats
+        console.print(f"fault injection: {spec}!")
+        return True
+    if spec not in wanted or spec in run.fired_faults:
+        return False
+    run.fired_faults.append(spec)
+    atomic_write_text(run.run_dir / "faults-fired.json", json.dumps(run.fired_faults))
+    console.print(f"fault injection: {spec}")
+    return True
+
+
+def _fault_multiplier(run: Run, step: int) -> float:
+    if _faults(run, "nan", step):
+        return math.nan
+    if _faults(run, "spike", step):
+        return 100.0
+    return 1.0
+
+
+def _maybe_kill(run: Run) -> None:
+    if _faults(run, "kill", run.step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _progress:

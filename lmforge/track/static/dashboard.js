@@ -6,7 +6,7 @@
 "use strict";
 
 const REFRESH_MS = 5000;  // poll period; charts are redrawn only while a selected run is running
-const MAX_POINTS = 2000;  // per curve; the server thins longer curves by stride
+const MAX_POINTS = 2000;  // per curve; the server thins longer curves evenly over their steps
 const CURVES = [
   ["loss", "loss"], ["lr", "learning rate"], ["grad_norm", "gradient norm"],
   ["tokens_per_s", "throughput (tokens/s)"],
@@ -16,6 +16,9 @@ const EVENT_COLORS = {
   checkpoint_saved: "#2ca02c", checkpoint_corrupt: "#8c564b", crash: "#000000",
   interrupted: "#bcbd22", eval: "#17becf", completed: "#7f7f7f",
 };
+// One colour per run, the same on every chart (Plotly's own default palette).
+const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                 "#7f7f7f", "#bcbd22", "#17becf"];
 const MARKED = new Set(["resume", "config_change", "spike", "rollback", "checkpoint_saved",
                         "checkpoint_corrupt", "crash", "interrupted"]);
 
@@ -29,7 +32,9 @@ function el(tag, text, cls) {
 }
 
 function plotlyText(s) {
-  return String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;").replace(/"/g, "&quot;");
+  // Plotly parses a few tags (<b>, <a href>, <br>) in names and hover text; with < and > as
+  // entities it sees none. (Quotes need no escaping there: it builds the SVG with DOM calls.)
+  return String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
 }
 
 function fmt(v) {
@@ -85,6 +90,8 @@ function runName(id) {
   return r ? `${r.name} (${r.id})` : String(id);
 }
 
+function runColor(id, ids) { return PALETTE[ids.indexOf(id) % PALETTE.length]; }
+
 function eventShapes(ids) {
   const shapes = [];
   for (const id of ids) {
@@ -116,8 +123,8 @@ function eventMarkers(ids) {
 
 function layout(title, extra) {
   return Object.assign({
-    title: { text: title, font: { size: 14 } }, margin: { l: 55, r: 15, t: 35, b: 35 },
-    xaxis: { title: { text: "step" } }, legend: { orientation: "h", y: -0.2 }, hovermode: "closest",
+    title: { text: title, font: { size: 14 } }, margin: { l: 55, r: 15, t: 35, b: 25 },
+    legend: { orientation: "h", yanchor: "top", y: -0.12 }, hovermode: "closest",
   }, extra || {});
 }
 
@@ -126,7 +133,8 @@ function drawCurves(ids) {
     const traces = [];
     for (const id of ids) {
       const m = (state.metrics[id] || {})[key];
-      if (m) traces.push({ x: m.step, y: m.value, type: "scatter", mode: "lines", name: plotlyText(runName(id)) });
+      if (m) traces.push({ x: m.step, y: m.value, type: "scatter", mode: "lines", name: plotlyText(runName(id)),
+                           line: { color: runColor(id, ids) } });
     }
     let extra = { shapes: eventShapes(ids) };
     if (key === "loss") {

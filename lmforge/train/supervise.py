@@ -1,0 +1,95 @@
+"""`lmforge train --supervise`: restart the training process after a crash or kill.
+
+The supervisor is a small parent process. It runs the same `lmforge train` command as a child,
+and when the child dies from anything other than success, a user error or a stop the user asked
+for, it waits (exponential backoff: delay, 2x, 4x ..., capped at 5 minutes) and starts it again.
+The child resumes from its newest intact checkpoint by itself, so the supervisor needs to know
+nothing about training.
+
+It refuses to loop: when the last `same_failure_limit` failures ended with the same exit status at
+the same step (read from the run's newest checkpoint), restarting again would only repeat them,
+so it stops with a report. Exit statuses that are never restarted: 0 (done), 2 (a user error such
+as a bad config, a full disk or a guard that gave up), 130/143 (the user pressed Ctrl-C or sent
+SIGTERM to the child; the supervisor forwards those signals to the child and stops after it).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..util import console
+from . import checkpoint as ckpt_io
+
+NO_RESTART = {0: "finished", 2: "stopped on an error that a restart cannot fix", 130: "interrupted (SIGINT)", 143: "stopped (SIGTERM)"}
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def newest_step(run_dir: Path) -> int:
+    ckpts = ckpt_io.list_checkpoints(run_dir)
+    return int(ckpts[-1].name.split("-")[1]) if ckpts else -1
+
+
+def supervise(
+    child_args: list[str],
+    run_dir: Path,
+    *,
+    max_restarts: int,
+    delay: float = 5.0,
+    same_failure_limit: int = 3,
+) -> int:
+    """Run `python -m lmforge <child_args>` until it succeeds or restarting is pointless."""
+    cmd = [sys.executable, "-m", "lmforge", *child_args]
+    restarts, failures = 0, []  # failures: (exit code, step) of each crash
+    stopping = {"signal": 0}
+    child: dict[str, Any] = {"proc": None}
+
+    def forward(signum: int, _frame: Any) -> None:
+        stopping["signal"] = signum
+        if child["proc"] is not None and child["proc"].poll() is None:
+            child["proc"].send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            child["proc"] = subprocess.Popen(cmd)
+            code = child["proc"].wait()
+            if code in NO_RESTART or stopping["signal"]:
+                if code != 0:
+                    console.print(f"supervisor: the training process {NO_RESTART.get(code, describe_exit(code))}; not restarting")
+                return code
+            step = newest_step(run_dir)
+            failures.append((code, step))
+            console.print(f"[yellow]supervisor:[/] training {describe_exit(code)} (newest checkpoint: step {step})")
+            recent = failures[-same_failure_limit:]
+            if len(recent) == same_failure_limit and len(set(recent)) == 1:
+                console.print(
+                    f"[red]supervisor:[/] the last {same_failure_limit} attempts all ended with {describe_exit(code)} "
+                    f"from the checkpoint of step {step}; restarting again would repeat it. Stopping. "
+                    f"Look at {run_dir / 'events.jsonl'} and the output above."
+                )
+                return code if code > 0 else 1
+            if restarts >= max_restarts:
+                console.print(f"[red]supervisor:[/] {restarts} restarts used (--max-restarts {max_restarts}); stopping")
+                return code if code > 0 else 1
+            wait = min(300.0, delay * 2 ** min(restarts, 10))
+            restarts += 1
+            console.print(f"supervisor: restart {restarts}/{max_restarts} in {wait:g} s")
+            time.sleep(wait)
+            if stopping["signal"]:
+                return 128 + stopping["signal"]
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
