@@ -9,6 +9,7 @@ Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -51,15 +52,18 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_cmd == "verify":
         return p.cmd_verify(args.path)
     if args.data_cmd == "inspect":
-        return p.cmd_inspect(
-            args.path,
-            step=args.step,
-            seq_len=args.seq_len,
-            global_batch=args.global_batch,
-            seed=args.seed,
-            as_json=args.json,
-            max_chars=args.max_chars,
-        )
+        path, step, seq_len, global_batch, seed = args.path, args.step, args.seq_len, args.global_batch, args.seed
+        if (Path(args.path) / "config.yaml").is_file():  # a run directory: its data, its step mapping
+            from .train.loop import data_step_of_run
+
+            view = data_step_of_run(args.path, args.step)
+            for line in view["notes"]:
+                console.print(line, markup=False)
+            path, step, seq_len, global_batch, seed = view["data_path"], view["data_step"], view["seq_len"], view["global_batch"], view["seed"]
+        elif seq_len is None or global_batch is None:
+            raise LmforgeError("data inspect on a dataset needs --seq-len and --global-batch (or give a run directory)")
+        return p.cmd_inspect(path, step=step, seq_len=seq_len, global_batch=global_batch, seed=seed,
+                             as_json=args.json, max_chars=args.max_chars)
     raise AssertionError(args.data_cmd)
 
 
@@ -178,10 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("verify", help="re-check every checksum; names any bad shard")
     d.add_argument("path")
     d = dsub.add_parser("inspect", help="which documents and text were in a training step")
-    d.add_argument("path")
+    d.add_argument("path", help="a dataset (then --step is the data step), or a run directory (then --step is the "
+                   "training step as logged, mapped through the run's rollbacks and skips)")
     d.add_argument("--step", type=int, required=True)
-    d.add_argument("--seq-len", type=int, required=True)
-    d.add_argument("--global-batch", type=int, required=True)
+    d.add_argument("--seq-len", type=int, help="required with a dataset path")
+    d.add_argument("--global-batch", type=int, help="required with a dataset path")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--max-chars", type=int, default=200, help="text shown per sample")
     d.add_argument("--json", action="store_true")
@@ -267,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
+    except BrokenPipeError:  # `lmforge ... | head`: the reader left; not an error worth a traceback
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - keep interpreter shutdown quiet
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return 141
 
 
 if __name__ == "__main__":

@@ -353,26 +353,37 @@ class Candidate:
         return out
 
 
-def _train_tokens(law: LossLaw, n: Any, target: float, unique: float | None) -> tuple[Any, Any]:
-    """(tokens to train on, effective tokens) reaching `target` at size n."""
-    effective = law.tokens_for_loss(n, target)
-    if unique is None:
-        return effective, effective
-    return tokens_for_effective(effective, unique), effective
+def _figures(
+    law: LossLaw, n: Any, target: float, inference_tokens: float, hardware: Hardware, costs: CostModel,
+    unique: float | None,
+) -> dict[str, Any]:
+    """Every figure of a candidate, vectorised over sizes n (inf where the target is out of reach).
+
+    The one place the cost model lives: the optimiser and the table both read it.
+    """
+    n = np.asarray(n, dtype=np.float64)
+    effective = law.tokens_for_loss(n, target)  # what the law needs
+    tokens = effective if unique is None else tokens_for_effective(effective, unique)  # what we train on
+    train_flops = 6.0 * n * tokens
+    prefill = 2.0 * n * inference_tokens * costs.prefill_fraction
+    decode = 2.0 * n * inference_tokens * (1 - costs.prefill_fraction)
+    train_hours = train_flops / (hardware.peak_flops * costs.train_mfu) / 3600
+    inference_hours = (prefill / costs.prefill_mfu + decode / costs.decode_mfu) / hardware.peak_flops / 3600
+    return {
+        "tokens": tokens, "effective": effective, "train_flops": train_flops,
+        "inference_flops": prefill + decode, "train_hours": train_hours, "inference_hours": inference_hours,
+    }
 
 
 def _objective(
     law: LossLaw, n: np.ndarray, target: float, inference_tokens: float, hardware: Hardware,
     costs: CostModel, unique: float | None, objective: str,
 ) -> np.ndarray:
-    """Vectorised total (FLOPs or GPU-seconds) over an array of sizes n; inf where infeasible."""
-    tokens, _ = _train_tokens(law, n, target, unique)
-    train = 6.0 * n * tokens
-    inference = 2.0 * n * inference_tokens
+    """Total FLOPs or total device-hours over an array of sizes n; inf where infeasible."""
+    f = _figures(law, n, target, inference_tokens, hardware, costs, unique)
     if objective == "flops":
-        return train + inference
-    per_inference_flop = costs.prefill_fraction / costs.prefill_mfu + (1 - costs.prefill_fraction) / costs.decode_mfu
-    return (train / costs.train_mfu + inference * per_inference_flop) / hardware.peak_flops
+        return f["train_flops"] + f["inference_flops"]
+    return f["train_hours"] + f["inference_hours"]
 
 
 def evaluate(
@@ -380,26 +391,21 @@ def evaluate(
     unique: float | None = None, label: str = "",
 ) -> Candidate:
     """All the figures for a model of n parameters trained to reach `target`."""
-    tokens, effective = (float(x) for x in _train_tokens(law, n, target, unique))
-    train_flops = 6.0 * n * tokens
-    prefill = 2.0 * n * inference_tokens * costs.prefill_fraction
-    decode = 2.0 * n * inference_tokens * (1 - costs.prefill_fraction)
-    train_h = train_flops / (hardware.peak_flops * costs.train_mfu) / 3600
-    inf_h = (prefill / costs.prefill_mfu + decode / costs.decode_mfu) / hardware.peak_flops / 3600
+    f = {k: float(v) for k, v in _figures(law, n, target, inference_tokens, hardware, costs, unique).items()}
     price = costs.price_per_gpu_hour
     return Candidate(
         n_params=float(n),
-        train_tokens=tokens,
-        effective_tokens=effective,
-        tokens_per_param=tokens / n,
-        train_flops=train_flops,
-        inference_flops=prefill + decode,
-        train_gpu_hours=train_h,
-        inference_gpu_hours=inf_h,
-        train_cost=None if price is None else train_h * price,
-        inference_cost=None if price is None else inf_h * price,
-        loss=float(law.loss(n, effective)),
-        epochs=None if unique is None else tokens / unique,
+        train_tokens=f["tokens"],
+        effective_tokens=f["effective"],
+        tokens_per_param=f["tokens"] / n,
+        train_flops=f["train_flops"],
+        inference_flops=f["inference_flops"],
+        train_gpu_hours=f["train_hours"],
+        inference_gpu_hours=f["inference_hours"],
+        train_cost=None if price is None else f["train_hours"] * price,
+        inference_cost=None if price is None else f["inference_hours"] * price,
+        loss=float(law.loss(n, f["effective"])),
+        epochs=None if unique is None else f["tokens"] / unique,
         label=label,
     )
 
@@ -475,8 +481,8 @@ def choose_architecture(n: float, vocab_size: int = 32000, seq_len: int = 2048) 
         )
         one, two = num_params(base), num_params(replace(base, n_layer=2))
         per_layer, rest = two - one, 2 * one - two
-        if rest >= n * 1.5:
-            break  # wider models only overshoot further
+        if best is not None and rest >= n * 1.5:
+            break  # wider models only overshoot further (the narrowest is kept whatever n is)
         layers = max(1, round((n - rest) / per_layer))
         cfg = replace(base, n_layer=layers)
         error = abs(num_params(cfg) - n) / n
@@ -687,6 +693,11 @@ def make_plan(
     arch = choose_architecture(rec.n_params, vocab_size, seq_len)
     arch_params = num_params(arch)
     cfg = training_config(arch, rec.train_tokens, seq_len)
+    if abs(arch_params / rec.n_params - 1) > 0.1:
+        warnings.append(
+            f"no architecture with vocabulary {vocab_size} comes within 10% of {human_count(rec.n_params)} "
+            f"parameters; the nearest has {human_count(arch_params)}"
+        )
     embedding = vocab_size * arch.d_model
     if embedding > 0.5 * arch_params:
         warnings.append(
@@ -798,12 +809,14 @@ class Fit:
     objective: float
     bootstrap: dict[str, dict[str, float]]  # constant -> {std, p05, p95}
     residual_rms: float  # RMS of log L residuals
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "law": self.law.to_dict(),
             "bootstrap": self.bootstrap,
             "residual_rms_log_loss": self.residual_rms,
+            "warnings": self.warnings,
             "objective": self.objective,
             "runs": [asdict(p) for p in self.points],
         }
@@ -906,7 +919,25 @@ def fit_law(points: list[RunPoint], bootstrap: int = 100, seed: int = 0, name: s
         }
     residuals = np.log(law.loss(np.exp(data[0]), np.exp(data[1]))) - data[2]
     rms = float(np.sqrt(np.mean(np.square(residuals))))
-    return Fit(law, points, value, spread, rms)
+    return Fit(law, sorted(points, key=lambda p: (p.n_params, p.tokens)), value, spread, rms, _fit_warnings(law, spread, rms, points))
+
+
+def _fit_warnings(law: LossLaw, spread: dict[str, dict[str, float]], rms: float, points: list[RunPoint]) -> list[str]:
+    """Say when the runs do not pin the law down, instead of printing confident nonsense."""
+    out = []
+    if law.E < 0.05 * min(p.loss for p in points):
+        out.append(
+            f"E collapsed to {law.E:.3g}: the runs show no loss floor yet (models too small or runs too "
+            "short), so predictions far from them are unreliable; add larger and longer runs"
+        )
+    for k in ("alpha", "beta"):
+        lo, hi = spread[k]["p05"], spread[k]["p95"]
+        if hi - lo > 0.25:
+            out.append(f"{k} is poorly determined (90% bootstrap interval {lo:.3g} .. {hi:.3g}); "
+                       "add runs spanning a wider range of " + ("sizes" if k == "alpha" else "token counts"))
+    if rms > 0.05:
+        out.append(f"the law misses the runs by {rms:.1%} (RMS, log loss); check for diverged or unfinished runs")
+    return out
 
 
 # ---- rendering -----------------------------------------------------------------------------------
@@ -1031,7 +1062,7 @@ def render_fit(fit: Fit) -> None:
         runs.add_row(p.name, human_count(p.n_params), human_count(p.tokens), f"{p.loss:.4f}",
                      f"{float(fit.law.loss(p.n_params, p.tokens)):.4f}")
     out.print(runs)
-    consts = Table(title="Fitted L(N, D) = E + A/N^alpha + B/D^beta (bootstrap over runs)", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    consts = Table(title=f"Fitted L = E + A/N^alpha + B/D^beta ({len(fit.points)} runs, bootstrap)", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
     for col in ("constant", "value", "std", "5%", "95%"):
         consts.add_column(col, justify="right")
     for k in ("E", "A", "B", "alpha", "beta"):
@@ -1039,6 +1070,8 @@ def render_fit(fit: Fit) -> None:
         consts.add_row(k, f"{getattr(fit.law, k):.4g}", f"{s['std']:.3g}", f"{s['p05']:.4g}", f"{s['p95']:.4g}")
     out.print(consts)
     out.print(f"RMS residual of log loss: {fit.residual_rms:.4f}")
+    for w in fit.warnings:
+        out.print(f"[bold yellow]warning:[/] {w}")
 
 
 # ---- command line -------------------------------------------------------------------------------

@@ -20,6 +20,13 @@ def shakespeare_path() -> Path:
     return p
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_store(tmp_path_factory):
+    """Runs started by tests (in-process or as subprocesses) record into a temporary store."""
+    os.environ["LMFORGE_DB"] = str(tmp_path_factory.mktemp("store") / "lmforge.db")
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     from lmforge.data.prepare import prepare

@@ -15,19 +15,14 @@ from lmforge.errors import LmforgeError
 from lmforge.generate import KVCache, generate, pick_token, sample_command, stream
 from lmforge.model import Transformer
 
-TINY = ModelConfig(vocab_size=50, n_layer=2, n_head=4, d_model=32, max_seq_len=24)
+# A large init_std and an untied head make the random model's greedy output depend on its whole
+# context (a small tied init mostly echoes the last token), so a wrong window or cache shows up.
+TINY = ModelConfig(vocab_size=50, n_layer=2, n_head=4, d_model=32, max_seq_len=24, tie_embeddings=False, init_std=0.5)
 
 
 def build(cfg: ModelConfig = TINY, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
-    model = Transformer(cfg).eval()
-    # Sharpen the random model so greedy and sampled outputs vary with the input (a fresh init
-    # mostly echoes its input token through the tied embedding).
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(8.0)
-    return model
+    return Transformer(cfg).eval()
 
 
 def prompt(n: int, seed: int = 1, vocab: int = TINY.vocab_size) -> list[int]:
@@ -39,7 +34,7 @@ def prompt(n: int, seed: int = 1, vocab: int = TINY.vocab_size) -> list[int]:
 
 @pytest.mark.parametrize("n_kv_head,tie", [(0, True), (2, False), (1, True)])
 def test_cached_decoding_matches_full_forward_at_every_position(n_kv_head: int, tie: bool) -> None:
-    cfg = replace(TINY, n_kv_head=n_kv_head, tie_embeddings=tie)
+    cfg = replace(TINY, n_kv_head=n_kv_head, tie_embeddings=tie, init_std=0.02)  # logits O(1)
     model = build(cfg)
     idx = torch.tensor([prompt(cfg.max_seq_len, seed=2), prompt(cfg.max_seq_len, seed=3)])  # (2, T)
     with torch.no_grad():
@@ -90,6 +85,22 @@ def test_greedy_equals_argmax_loop_of_full_forwards(n_prompt: int, max_tokens: i
     got = generate(model, ids, max_tokens=max_tokens)
     assert got == reference_greedy(model, ids, max_tokens)
     assert len(got) == max_tokens
+
+
+def test_window_slides_to_half_its_length_when_the_cache_is_full() -> None:
+    model = build()
+    calls: list[tuple[int, int]] = []  # (cache.pos before the call, tokens in the call)
+    model.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append((kwargs["cache"].pos, args[0].shape[1])), with_kwargs=True
+    )
+    L = TINY.max_seq_len
+    generate(model, prompt(30), max_tokens=L)
+    # the prompt's last L tokens fill the cache; the first new token slides to L // 2 tokens,
+    # then single tokens until the cache is full again, then another slide
+    assert calls[:3] == [(0, L), (0, L // 2), (L // 2, 1)]
+    assert calls[2 : L // 2 + 2] == [(pos, 1) for pos in range(L // 2, L)]
+    assert calls[L // 2 + 2] == (0, L // 2)
+    assert len(calls) == L  # no forward after the last token
 
 
 def test_long_prompt_keeps_its_last_tokens() -> None:

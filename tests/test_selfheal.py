@@ -56,6 +56,13 @@ def test_crash_after_rollback_reproduces_the_same_skips(tiny_dataset, tmp_path):
     run_train(tiny_dataset, b)  # plain resume, no faults
     assert final_weights(a) == final_weights(b)
     assert [e["skipped_data_steps"] for e in events(b) if e["kind"] == "rollback"] == [[10, 15]]
+    # data inspect on the run maps training steps through the rollback
+    for step, data_step in [(15, 14), (10, 9), (11, 15), (16, 20)]:  # 15: the NaN step as it was read
+        proc = subprocess.run(lmforge_cmd("data", "inspect", str(a), "--step", str(step), "--json"),
+                              capture_output=True, text=True, env=subprocess_env())
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["step"] == data_step
+        assert "skipped data steps 10..14" in proc.stderr
 
 
 def test_too_many_rollbacks_gives_up_with_a_report(tiny_dataset, tmp_path):

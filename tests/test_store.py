@@ -175,6 +175,22 @@ def test_sigkilled_run_shows_as_crashed_with_its_last_step(tmp_path: Path) -> No
     assert [(r["name"], r["status"], r["last_step"]) for r in json.loads(out.stdout)] == [("killed", "crashed", 12)]
 
 
+def test_a_sidecar_writing_into_a_dead_run_does_not_revive_it(tmp_path: Path, monkeypatch) -> None:
+    db, run_dir = tmp_path / "s.db", str(tmp_path / "k")
+    subprocess.run([sys.executable, "-c", KILLED_TRAINER, str(db), run_dir], timeout=60)
+    monkeypatch.setattr(store_mod, "HEARTBEAT_S", 0.0)  # the writer refreshes its own runs every tick
+    with Store.open(db) as sidecar:
+        rid = sidecar.run_id(run_dir)
+        before = sidecar.get_run(rid)
+        sidecar.log_metrics(rid, 12, {"eval/loss": 0.5})
+        sidecar.log_event(rid, "eval", 12, {"loss": 0.5})
+        sidecar.flush()
+        sidecar.flush()
+        after = sidecar.get_run(rid)
+    assert after["heartbeat_at"] == before["heartbeat_at"] and after["status"] == "crashed"
+    assert after["summary"]["eval/loss"]["last"] == 0.5 and after["last_step"] == 12
+
+
 @pytest.mark.parametrize("host_is_ours, pid_alive, age_s, shown", [
     (True, True, 1.0, "running"),
     (True, False, 1.0, "crashed"),            # our host, pid gone: killed

@@ -266,7 +266,7 @@ class Store:
         self._lock = threading.Lock()  # guards self._conn
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._owned: dict[int, int] = {}  # run_id -> last step seen, runs this process writes
+        self._owned: dict[int, int] = {}  # run_id -> last step, for the runs this process started
         self._wake = threading.Event()  # flush() / close(): write now instead of at the next tick
         self._last_warn = 0.0
         self.dropped = 0  # queued writes given up on while the database was unavailable
@@ -521,13 +521,16 @@ class Store:
                 if op.kind == "metrics":
                     metric_rows += [(op.run_id, str(k), op.step, _finite(v), op.time)
                                     for k, v in op.payload.items()]
-                    self._owned[op.run_id] = max(self._owned.get(op.run_id, 0), op.step)
+                    if op.run_id in self._owned:
+                        self._owned[op.run_id] = max(self._owned[op.run_id], op.step)
                 elif op.kind == "event":
                     kind, data = op.payload
                     self._insert_event(conn, op.run_id, op.step, kind, data, op.time)
                 elif op.kind == "finish":
                     finishes.append(op)
-                if op.kind in ("metrics", "heartbeat", "finish"):
+                # Liveness and progress come from the process that started the run: an eval
+                # sidecar writing eval metrics into it must not keep a dead trainer "running".
+                if op.kind in ("heartbeat", "finish") or (op.kind == "metrics" and op.run_id in self._owned):
                     step, t = beats.get(op.run_id, (0, 0.0))
                     beats[op.run_id] = (max(step, op.step), max(t, op.time))
             conn.executemany("INSERT OR REPLACE INTO metrics VALUES (?,?,?,?,?)", metric_rows)

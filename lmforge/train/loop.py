@@ -113,6 +113,8 @@ class Run:
     lr_scale: float = 1.0  # product of the guard's lr_scale over all rollbacks so far
     rollbacks: list[int] = field(default_factory=list)  # steps at which the guard rolled back
     fired_faults: list[str] = field(default_factory=list)
+    store: Any = None  # the experiment store (track/store.py), None if it cannot be opened
+    run_id: int = 0
 
     def trainer_state(self) -> dict[str, Any]:
         """What trainer.json records besides weights and optimizer (see checkpoint.py)."""
@@ -153,7 +155,20 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None) -> Ru
             _drop_records_after(run_dir / "metrics.jsonl", run.step)  # they are about to be redone
     run.forward_model = torch.compile(model) if cfg.train.compile else model
     run.fired_faults = _read_fired_faults(run_dir)
+    _open_store(run, resumed=ckpt is not None)
     return run
+
+
+def _open_store(run: Run, resumed: bool) -> None:
+    """Register the run in the experiment store; training goes on without it if it fails."""
+    from ..track.store import Store
+
+    try:
+        run.store = Store.open()
+        run.run_id = run.store.start_run(name=run.run_dir.name, run_dir=str(run.run_dir), config=run.cfg.to_dict(), resumed=resumed)
+    except (LmforgeError, OSError) as e:
+        console.print(f"[yellow]warning:[/] experiment store unavailable ({e}); this run is recorded in its directory only")
+        run.store = None
 
 
 def _load_state(run: Run, ckpt: Path) -> dict[str, Any]:
@@ -182,7 +197,7 @@ def train(run: Run) -> int:
     if run.step == 0 and not ckpt_io.list_checkpoints(run.run_dir):
         save(run)  # step 0: somewhere for the guard to roll back to, even from the first steps
     progress = _progress(t.max_steps, run.step)
-    with stop, progress:
+    with stop, progress, _failure_recorded(run):
         while run.step < t.max_steps:
             data_step = run.loader.step
             x, y = run.loader.next()  # (global_batch, seq_len) each
@@ -221,11 +236,13 @@ def train(run: Run) -> int:
             if stop.signum:
                 name = signal.Signals(stop.signum).name
                 log_event(run, "interrupted", {"signal": name})
+                _finish(run, "interrupted")
                 console.print(
                     f"{name}: stopped at step {run.step} with a checkpoint. Run the same command again to resume."
                 )
                 return 128 + stop.signum
     log_event(run, "completed", {"tokens": run.tokens})
+    _finish(run, "completed")
     console.print(f"done: {run.step} steps, {run.tokens:,} tokens; checkpoints in {ckpt_io.checkpoints_dir(run.run_dir)}")
     return 0
 
@@ -375,15 +392,72 @@ def check_resume_changes(changes: dict[str, tuple[Any, Any]]) -> None:
         )
 
 
+def data_step_of_run(run_dir: str | Path, step: int) -> dict[str, Any]:
+    """Which data step training step `step` (1-based, as logged) of a run read, through its rollbacks.
+
+    A step that raised a guard verdict is shown as it was read (the evidence in its event); any
+    other step as it is on the run's final trajectory: after the chronologically last rollback to a
+    checkpoint c < step, the data cursor is (step - 1) - c + the cursor it skipped to."""
+    rd = Path(run_dir)
+    cfg = load_config(rd / "config.yaml")
+    events_path = rd / "events.jsonl"
+    events = [json.loads(line) for line in events_path.read_text(encoding="utf-8").splitlines() if line.strip()] if events_path.is_file() else []
+    rollbacks = [e for e in events if e.get("kind") == "rollback"]
+    notes = [f"run {rd}: {len(rollbacks)} rollback(s)"]
+    for e in rollbacks:
+        a, b = e["skipped_data_steps"]
+        notes.append(f"  step {e['from_step']} -> {e['to_step']} ({e['reason']}): skipped data steps {a}..{b - 1}, lr x {e['lr_scale']:g}")
+    verdict = [e for e in events if e.get("kind") in ("spike", "non_finite") and e.get("step") == step]
+    if verdict:
+        data_step = int(verdict[-1]["data_step"])
+        notes.append(f"step {step} raised a guard verdict ({verdict[-1]['kind']}); it read data step {data_step}:")
+    else:
+        data_step = step - 1
+        for e in rollbacks:  # chronological: a later rollback overrides what it abandoned
+            if e["to_step"] < step:
+                data_step = (step - 1) - e["to_step"] + e["skipped_data_steps"][1]
+        notes.append(f"step {step} read data step {data_step}:")
+    return {"data_path": cfg.data.path, "seq_len": cfg.data.seq_len, "global_batch": cfg.train.global_batch,
+            "seed": cfg.data.seed, "data_step": data_step, "notes": notes}
+
+
 # ---- records ---------------------------------------------------------------------------------
 
 
 def log_metrics(run: Run, values: dict[str, float]) -> None:
     _append_jsonl(run.run_dir / "metrics.jsonl", {"step": run.step, **values, "time": time.time()})
+    if run.store is not None:  # queued; a background thread writes (never slows the step)
+        run.store.log_metrics(run.run_id, run.step, values)
+        run.store.heartbeat(run.run_id, run.step)
 
 
 def log_event(run: Run, kind: str, data: dict[str, Any]) -> None:
     _append_jsonl(run.run_dir / "events.jsonl", {"step": run.step, "kind": kind, "time": time.time(), **data})
+    if run.store is not None and kind not in ("resume", "config_change"):  # the store records those itself
+        run.store.log_event(run.run_id, kind, run.step, data)
+
+
+def _finish(run: Run, status: str) -> None:
+    if run.store is not None:
+        run.store.finish_run(run.run_id, status, run.step)
+        run.store.close()
+        run.store = None
+
+
+class _failure_recorded:
+    """Mark the run failed in the store when training stops on an exception (not on SIGKILL:
+    readers show a run whose process is gone as crashed)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, _tb: Any) -> None:
+        if exc_type is not None:
+            log_event(self.run, "crash", {"error": f"{exc_type.__name__}: {exc}"})
+            _finish(self.run, "failed")
 
 
 def _drop_records_after(path: Path, step: int) -> None:
