@@ -37,8 +37,10 @@ def validation_loss(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    dev = next(model.parameters()).device
     try:
         for x, y in val_batches(data_path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches):
+            x, y = x.to(dev), y.to(dev)
             with autocast(dtype):
                 _, loss = model(x, y)
             n = y.numel()

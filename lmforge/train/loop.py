@@ -133,7 +133,7 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None) -> Ru
         torch.set_num_threads(cfg.train.threads)
     dataset = TokenDataset(cfg.data.path)
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
+    model = Transformer(cfg.model).to(device())  # init on CPU first: the same weights on any device
     optimizer = build_optimizer(model, cfg.train)
     loader = Loader(cfg.data.path, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch, seed=cfg.data.seed)
     run = Run(cfg, run_dir, model, optimizer, loader, Path(dataset.tokenizer_path))
@@ -188,6 +188,8 @@ def train(run: Run) -> int:
     cfg, t = run.cfg, run.cfg.train
     accum = t.global_batch // t.micro_batch
     tokens_per_step = t.global_batch * cfg.data.seq_len
+    dev = device()
+    flops_per_token, peak = model_flops_per_token(cfg), peak_flops(dev)
     stop = _StopFlag()
     last_ckpt_time = time.monotonic()
     window_start, window_tokens = time.perf_counter(), 0
@@ -201,6 +203,7 @@ def train(run: Run) -> int:
         while run.step < t.max_steps:
             data_step = run.loader.step
             x, y = run.loader.next()  # (global_batch, seq_len) each
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             micro = list(zip(x.split(t.micro_batch), y.split(t.micro_batch)))
             assert len(micro) == accum
             lr = lr_at(run.step, t) * run.lr_scale
@@ -220,7 +223,8 @@ def train(run: Run) -> int:
             if run.step % t.log_every == 0 or run.step == t.max_steps:
                 rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 window_start, window_tokens = time.perf_counter(), 0
-                log_metrics(run, {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": run.tokens, "tokens_per_s": rate})
+                perf = {"tflops": rate * flops_per_token / 1e12} | ({"mfu": rate * flops_per_token / peak} if peak else {})
+                log_metrics(run, {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": run.tokens, "tokens_per_s": rate, **perf})
                 progress.update(run.step, result.loss, rate)
             if t.eval_every and (run.step % t.eval_every == 0 or run.step == t.max_steps):
                 vl = validation_loss(run.model, cfg.data.path, seq_len=cfg.data.seq_len, batch_size=t.micro_batch, max_batches=t.eval_batches, dtype=t.dtype)
@@ -245,6 +249,28 @@ def train(run: Run) -> int:
     _finish(run, "completed")
     console.print(f"done: {run.step} steps, {run.tokens:,} tokens; checkpoints in {ckpt_io.checkpoints_dir(run.run_dir)}")
     return 0
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_flops_per_token(cfg: Config) -> float:
+    from ..model import flops_per_token
+
+    return flops_per_token(cfg.model, cfg.data.seq_len)
+
+
+def peak_flops(dev: torch.device) -> float | None:
+    """Datasheet bf16 peak of a known GPU (plan.py's table), for MFU; None on CPU or unknown GPUs
+    (a CPU's peak depends on its vector units and is measured by benchmarks/, not guessed here)."""
+    if dev.type != "cuda":
+        return None
+    from ..plan import HARDWARE
+
+    name = torch.cuda.get_device_name(dev).lower()
+    matches = [hw for key, hw in HARDWARE.items() if key.split("-")[0] in name]
+    return max(matches, key=lambda hw: len(hw.name)).peak_flops if matches else None
 
 
 def save(run: Run) -> Path:
