@@ -1,8 +1,8 @@
 """Training throughput on this machine: tokens/s, achieved GFLOP/s and fraction of measured peak.
 
 Times full training steps (forward + backward + gradient clipping + AdamW step) of the lmforge
-Transformer, in fp32 and in bf16 autocast, through `lmforge.train.loop.train_step` when it exists
-(a local equivalent otherwise). FLOPs come from `lmforge.model.flops_per_token`. The matmul peak is
+Transformer, in fp32 and in bf16 autocast, through the trainer's own `train_step` and optimizer
+(`lmforge.train.loop`, `lmforge.train.optim`). FLOPs come from `lmforge.model.flops_per_token`. The matmul peak is
 MEASURED in the same run (a large fp32 and a large bf16 matmul), so the MFU figure is relative to
 what this machine actually delivers, not a datasheet.
 
@@ -24,8 +24,10 @@ from typing import Callable
 
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, TrainConfig
 from lmforge.model import Transformer, flops_per_token
+from lmforge.train.loop import train_step
+from lmforge.train.optim import build_optimizer
 
 # karpathy/nanoGPT's shakespeare_char-sized reference: 4 layers, 4 heads, d_model 256, seq 256,
 # micro batch 8, vocab 65. nanoGPT reached ~8,600 tok/s fp32 and ~16,000 tok/s bf16 here.
@@ -61,40 +63,6 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072),
     return best
 
 
-def local_train_step(model, optimizer, micro_batches, *, lr, grad_clip, dtype):
-    """The same work as lmforge.train.loop.train_step, for before it exists."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for x, y in micro_batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            _, loss = model(x, y)
-        (loss / len(micro_batches)).backward()
-        total += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return float(total) / len(micro_batches), float(grad_norm)
-
-
-def get_train_step() -> tuple[Callable, str]:
-    try:
-        from lmforge.train.loop import train_step
-    except ImportError:
-        return local_train_step, "local equivalent (lmforge.train.loop.train_step not found)"
-    return train_step, "lmforge.train.loop.train_step"
-
-
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    try:
-        from lmforge.train.optim import build_optimizer  # the trainer's own parameter groups
-        from lmforge.config import TrainConfig
-
-        return build_optimizer(model, TrainConfig())
-    except (ImportError, TypeError, AttributeError):
-        return torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="reference", choices=sorted(CONFIGS))
@@ -119,7 +87,6 @@ def main() -> None:
     seq_len = args.seq_len or seq_len
     micro_batch = args.micro_batch or micro_batch
     cfg = replace(cfg, max_seq_len=max(cfg.max_seq_len, seq_len))
-    train_step, source = get_train_step()
 
     load1, load5, _ = os.getloadavg()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
@@ -128,13 +95,13 @@ def main() -> None:
     print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     fpt = flops_per_token(cfg, seq_len)
     print(f"config {args.config}: {cfg}\nseq_len {seq_len}, micro batch {micro_batch} x {args.grad_accum}, "
-          f"{fpt / 1e6:.1f} MFLOP/token, step: {source}, compile: {args.compile}")
+          f"{fpt / 1e6:.1f} MFLOP/token, compile: {args.compile}")
 
     for dtype in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
         torch.manual_seed(0)
         model = Transformer(cfg)
         model.train()
-        optimizer = make_optimizer(model)
+        optimizer = build_optimizer(model, TrainConfig())  # fused AdamW, the trainer's groups
         run_model = torch.compile(model) if args.compile else model
         gen = torch.Generator().manual_seed(0)
         batches = [

@@ -71,13 +71,18 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.supervise:
-        from .train.supervise import supervise
+    if args.supervise or args.nproc_per_node:  # a parent process: the supervisor and/or torchrun
+        from .train.supervise import launch_command, supervise
 
         child = ["train"] + ([args.config] if args.config else []) + (["--run-dir", args.run_dir] if args.run_dir else [])
         child += [a for kv in (args.set or []) for a in ("--set", kv)] + (["--from", args.from_] if args.from_ else [])
+        if not args.supervise:  # one machine, N processes: the same command under torchrun
+            import subprocess
+
+            return subprocess.call(launch_command(child, args.nproc_per_node))
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config or "run").stem)
-        return supervise(child, run_dir, max_restarts=args.max_restarts, delay=args.restart_delay)
+        return supervise(child, run_dir, max_restarts=args.max_restarts, delay=args.restart_delay,
+                         nproc_per_node=args.nproc_per_node)
     from .train.loop import train_command
 
     return train_command(args.config, run_dir=args.run_dir, overrides=args.set or [], from_=args.from_)
@@ -146,6 +151,51 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return serve_dashboard(args.db, host=args.host, port=args.port)
 
 
+# ---- eval ------------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.watch:
+        from .evaluate.watch import watch
+
+        return watch(args.path, tasks=args.tasks, data=args.data, text=args.text, batch_size=args.batch_size,
+                     threads=args.threads, max_batches=args.max_batches, interval=args.interval,
+                     once=args.once, follow=args.follow)
+    from .evaluate.harness import eval_command
+
+    return eval_command(args.path, tasks=args.tasks, data=args.data, text=args.text, batch_size=args.batch_size,
+                        threads=args.threads, max_batches=args.max_batches, as_json=args.json, scorer=args.scorer)
+
+
+# ---- import / export ------------------------------------------------------------------------
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .convert import import_command
+
+    return import_command(args.source, args.out, overwrite=args.overwrite)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .convert import export_command
+
+    return export_command(args.source, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite)
+
+
+# ---- serve -----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.api import serve_command
+
+    return serve_command(
+        args.path, host=args.host, port=args.port, api_key=args.api_key, api_key_file=args.api_key_file,
+        insecure=args.insecure, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
+        model_name=args.model_name, chat_template=args.chat_template, request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes, threads=args.threads,
+    )
+
+
 # ---- parser ----------------------------------------------------------------------------------
 
 
@@ -200,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--supervise", action="store_true", help="restart the training process after a crash or kill")
     p.add_argument("--max-restarts", type=int, default=10, help="with --supervise: restarts before giving up")
     p.add_argument("--restart-delay", type=float, default=5.0, help="with --supervise: first backoff in seconds (doubles)")
+    p.add_argument("--nproc-per-node", type=int, default=0, metavar="N",
+                   help="run N processes on this machine under torchrun (--standalone); with --supervise the whole job is restarted")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("ckpt", help="checkpoint tools")
@@ -257,6 +309,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8765)
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("eval", help="metrics of a checkpoint (loss, perplexity, bits/byte, tasks); --watch beside training")
+    p.add_argument("path", help="run directory (newest intact checkpoint; with --watch: every one) or checkpoint directory")
+    p.add_argument("--tasks", nargs="+", metavar="FILE.jsonl", help="task files (docs/eval.md), e.g. tasks/python-mc.jsonl")
+    p.add_argument("--data", help="prepared dataset whose val split to score (default: the run's data.path)")
+    p.add_argument("--text", help="score a UTF-8 text file instead of a dataset")
+    p.add_argument("--batch-size", type=int, help="rows per forward (default: eval.batch_size)")
+    p.add_argument("--threads", type=int, help="torch threads (default: eval.threads)")
+    p.add_argument("--max-batches", type=int, default=0, help="score at most this many val batches (0: all)")
+    p.add_argument("--scorer", choices=["packed", "naive"], default="packed", help="naive: one forward per choice (reference)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--watch", action="store_true", help="sidecar: evaluate each new checkpoint of the run once")
+    p.add_argument("--interval", type=float, default=10.0, help="--watch: seconds between looks at the run")
+    p.add_argument("--once", action="store_true", help="--watch: one pass over the checkpoints present, then exit")
+    p.add_argument("--follow", action="store_true", help="--watch: keep watching after the run completed")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("import", help="a Hugging Face Llama dir or a GGUF file -> an lmforge model directory")
+    p.add_argument("source", help="local Hugging Face model directory (config.json + safetensors) or a .gguf file")
+    p.add_argument("--out", required=True, help="model directory to write (model.safetensors, config.yaml, tokenizer.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="a run, checkpoint or model directory -> Hugging Face dir or GGUF file")
+    p.add_argument("source", help="run directory (newest checkpoint), checkpoint directory or model directory")
+    p.add_argument("--format", required=True, choices=["hf", "gguf"])
+    p.add_argument("--out", required=True, help="directory (hf) or .gguf file (gguf) to write")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="GGUF tensor type (hf: always f32)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("path", help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("--host", help="address to bind (default: serve.host of the run's config, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")
+    p.add_argument("--api-key", help="required bearer key (visible in `ps`; prefer --api-key-file or $LMFORGE_API_KEY)")
+    p.add_argument("--api-key-file", help="file holding the required bearer key")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--max-batch", type=int, help="requests decoded together (default: serve.max_batch)")
+    p.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429s (default: serve.max_queue)")
+    p.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask for (default: serve.max_tokens)")
+    p.add_argument("--model-name", help="model id in the API (default: the directory name)")
+    p.add_argument("--chat-template", help="Jinja chat template file (default: tokenizer_config.json's, else a plain one)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is dropped (504)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(func=cmd_serve)
 
     return parser
 

@@ -90,7 +90,9 @@ class TrainConfig:
     ckpt_every_minutes: float = 0.0  # 0 disables time cadence
     keep_last: int = 3  # retention: the newest K checkpoints ...
     keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of M (0: none)
-    parallel: str = "none"  # none | ddp | fsdp
+    parallel: str = "none"  # none | ddp | fsdp (under torchrun; see docs/distributed.md)
+    deterministic_reduce: bool = False  # sum micro-batch gradients in a fixed order: bit-identical on any world size
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
 
 
 @dataclass
@@ -234,6 +236,11 @@ class Config:
             raise ConfigError(f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}")
         _choice("train.dtype", t.dtype, ("fp32", "bf16"))
         _choice("train.parallel", t.parallel, ("none", "ddp", "fsdp"))
+        if t.deterministic_reduce and t.parallel == "fsdp":
+            raise ConfigError(
+                "train.deterministic_reduce needs replicated weights (train.parallel=none or ddp); FSDP reduces "
+                "sharded gradients through its own reduce-scatter. Use ddp, or set train.deterministic_reduce=false"
+            )
         for k in ("threads", "eval_every", "eval_batches", "ckpt_every_steps", "keep_every"):
             if getattr(t, k) < 0:
                 raise ConfigError(f"train.{k} must be >= 0, got {getattr(t, k)}")

@@ -13,15 +13,17 @@ Llama checkpoint imports with a pure key map and no weight permutation.
 
 Trade-offs
 ----------
-- q, k, v and gate, up stay separate `nn.Linear`s so the names match HF. Fusing them into one matmul
-  would save a little launch overhead on tiny models but would cost a weight concatenation every
-  step (and break the key map); measured on CPU it was not worth it (docs/model.md).
-- Attention goes through `F.scaled_dot_product_attention`, which picks the fused flash kernel on
-  CPU and GPU. Grouped-query attention uses its `enable_gqa` flag, so K/V heads are never
-  materialised n_head/kv_heads times.
+- q, k, v and gate, up stay separate `nn.Linear`s so the names match HF. Concatenating their
+  weights into one matmul per step was measured slower on CPU (the concatenation and the split
+  of the gradients cost more than the larger matmul gains; docs/model.md).
+- Attention goes through `F.scaled_dot_product_attention` (fused flash kernels on CPU and GPU;
+  grouped-query attention via its `enable_gqa` flag, so K/V heads are never copied per query
+  head), except for bf16 on CPU up to EXPLICIT_ATTENTION_MAX_LEN positions: there the flash
+  kernel's backward is ~2x slower than two AMX batched matmuls and a softmax, so an explicit
+  path is used (it keeps the (B, H, T, T) probabilities for backward, hence the length cap).
 - The residual stream stays in the parameters' dtype (fp32 under autocast); matmuls run in bf16
-  under autocast. RoPE tables are cast to the activations' dtype so rotating q/k in bf16 does not
-  silently promote them back to fp32.
+  under autocast. Each norm output is cast once for the matmuls that share it, and RoPE runs on
+  contiguous (B, T, H, hd) tensors in the activations' dtype (no silent promotion to fp32).
 - The loss is mean cross-entropy computed in fp32 (ignore_index -100). `forward(idx, targets)`
   still returns the logits (in the autocast dtype), because computing them is the cost and
   returning them is free.
@@ -88,7 +90,8 @@ def use_explicit_attention(q: torch.Tensor) -> bool:
     batched matmuls and a softmax, docs/model.md). The explicit path stores the (B, H, T, T)
     probabilities for backward, hence the length cap; fp32, GPUs and long sequences keep SDPA.
     """
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[2] <= EXPLICIT_ATTENTION_MAX_LEN
+    T = q.shape[2]
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= EXPLICIT_ATTENTION_MAX_LEN
 
 
 def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -132,20 +135,26 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, hd)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)  # (B, T, KV, hd)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
         # Rotate while q, k are still contiguous (elementwise ops and their gradients are faster
-        # there than on the transposed views); cos/sin (T, 1, hd) broadcast over heads.
-        cos, sin = cos.to(q.dtype)[:, None], sin.to(q.dtype)[:, None]
+        # there than on the transposed views); cos/sin (T, 1, hd) or (B, T, 1, hd) broadcast over heads.
+        cos, sin = cos.to(q.dtype).unsqueeze(-2), sin.to(q.dtype).unsqueeze(-2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # (B, T, H, hd) -> (B, H, T, hd): heads become a batch dimension for attention
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = self.kv_heads != self.n_head
-        if cache is None and use_explicit_attention(q):
+        if attn_mask is not None:  # packed rows (evaluate/score.py), server slots (serve/engine.py)
+            if cache is not None:  # the cache writes each row's K/V at that row's positions
+                k, v = cache.update(self.layer, k, v)  # (B, kv, L, hd)
+            # (B, T, L) -> (B, 1, T, L): one mask for all heads
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask[:, None], enable_gqa=gqa)
+        elif cache is None and use_explicit_attention(q):
             y = explicit_causal_attention(q, k, v)
         elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -184,9 +193,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(autocast_input(self.input_layernorm(x)), cos, sin, cache)  # (B, T, C)
+        x = x + self.self_attn(autocast_input(self.input_layernorm(x)), cos, sin, cache, attn_mask)  # (B, T, C)
         return x + self.mlp(autocast_input(self.post_attention_layernorm(x)))
 
 
@@ -241,24 +251,37 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """idx (B, T) int64 -> logits (B, T, V); with targets (B, T) -> (logits, mean fp32 loss).
 
         With a cache, idx holds the tokens after the cache.pos already cached ones; RoPE positions
-        continue from there.
+        continue from there. positions (B, T) int64 and attn_mask (B, T, T) bool (True: may
+        attend) pack several sequences into one row, e.g. a shared context followed by every
+        answer choice (evaluate/score.py); they are used together. With a cache as well
+        (attn_mask (B, T, L) over the L cached positions), every row of a batch decodes at its own
+        position (continuous batching, serve/engine.py); the cache decides where K/V go.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
+        if positions is not None:  # a packed row may be longer than any one sequence in it
+            T_max = int(positions.max()) + 1 if positions.numel() else 0
+            if T_max > self.cfg.max_seq_len:
+                raise LmforgeError(f"position {T_max - 1} is beyond model.max_seq_len ({self.cfg.max_seq_len})")
+        elif start + T > self.cfg.max_seq_len:
             raise LmforgeError(
                 f"sequence of {start + T} tokens is longer than model.max_seq_len "
                 f"({self.cfg.max_seq_len}); shorten the input"
             )
-        cos = self.rope_cos[start : start + T]  # (T, hd)
-        sin = self.rope_sin[start : start + T]
+        if positions is None:
+            cos = self.rope_cos[start : start + T]  # (T, hd)
+            sin = self.rope_sin[start : start + T]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, hd)
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for block in self.model.layers:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, attn_mask)
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.model.norm(x))  # (B, T, V)

@@ -37,6 +37,14 @@ PAD = "<|pad|>"
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD)
 
 TOKENIZER_FILE = "tokenizer.json"
+# Imported tokenizers (lmforge import) name their control tokens their own way; ours come first.
+# EOS is the document separator prepare places between documents, as in the model's pretraining.
+BOS_NAMES: tuple[str, ...] = (BOS, "<|begin_of_text|>", "<s>", "<bos>")
+EOS_NAMES: tuple[str, ...] = (EOS, "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+
+
+def _first_id(hf: HFTokenizer, names: Sequence[str]) -> int | None:
+    return next((i for i in (hf.token_to_id(n) for n in names) if i is not None), None)
 
 
 class Tokenizer:
@@ -46,8 +54,8 @@ class Tokenizer:
         self.hf = hf
         # Text is always text: "<|eos|>" written inside a document is encoded as its bytes.
         self.hf.encode_special_tokens = True
-        self.bos_id: int | None = hf.token_to_id(BOS)
-        self.eos_id: int | None = hf.token_to_id(EOS)
+        self.bos_id: int | None = _first_id(hf, BOS_NAMES)
+        self.eos_id: int | None = _first_id(hf, EOS_NAMES)
         self.pad_id: int | None = hf.token_to_id(PAD)
         self._token_nbytes: np.ndarray | None = None
 

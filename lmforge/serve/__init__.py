@@ -1,0 +1,1 @@
+"""Serving: `engine` (continuous batching) and `api` (the OpenAI-compatible HTTP app)."""

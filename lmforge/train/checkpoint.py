@@ -18,6 +18,13 @@ Verification: loading recomputes every sha256 listed in MANIFEST.json. `find_res
 walks checkpoints newest first and skips (loudly) any that is incomplete or corrupt, so a torn or
 bit-rotted newest checkpoint costs a few steps, never the run.
 
+Many processes (train/distributed.py): every rank writes its own shards of `train_state/` into
+the same temporary directory (so the run directory must be on a filesystem every rank sees: a
+shared filesystem for multi-node runs), rank 0 gathers the full weights for model.safetensors and
+writes the small files, and after a barrier rank 0 alone hashes, writes the manifest, fsyncs and
+renames. DCP records each tensor's global shape and the chunks each rank wrote, so a checkpoint
+saved by N processes loads on any other number (2 -> 1 -> 4), replicated (DDP) or sharded (FSDP).
+
 Trade-off: the weights are stored twice (safetensors and DCP). That doubles checkpoint size for
 the model part, but keeps inference paths free of pickle and of optimizer state; DCP's metadata
 file is pickled by PyTorch and is only ever read from a checkpoint whose checksums we verified.
@@ -32,6 +39,7 @@ import random
 import shutil
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +50,7 @@ from .. import __version__
 from ..config import Config
 from ..errors import CheckpointError
 from ..util import atomic_dir, atomic_write_text, console, sha256_file
+from .distributed import SINGLE, Dist
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -98,6 +107,29 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def full_model_tensors(model: torch.nn.Module, d: Dist = SINGLE) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0 (None elsewhere), as `model_tensors` lays them out.
+
+    A sharded (FSDP) model is gathered through DCP's full state dict, one collective every rank
+    joins; tied weights are dropped by identity (the later name of a shared parameter), since the
+    gathered copies of a shared parameter no longer share storage."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not (d.active and isinstance(model, FSDPModule)):
+        return model_tensors(model) if d.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.is_main:
+        return None
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return {k: t.detach().to("cpu").contiguous() for k, t in full.items() if k not in tied}
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
@@ -107,25 +139,38 @@ def save_checkpoint(
     config: Config,
     trainer_state: dict[str, Any],
     tokenizer_path: str | os.PathLike,
+    d: Dist = SINGLE,
 ) -> Path:
-    """Write a complete checkpoint for `step` atomically and point `latest` at it."""
+    """Write a complete checkpoint for `step` atomically and point `latest` at it.
+
+    Under many processes every rank calls this (DCP and the FSDP gather are collectives); rank 0
+    owns the temporary directory, the small files, the manifest and the rename."""
     from safetensors.torch import save_file
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final = checkpoints_dir(run_dir) / checkpoint_name(step)
-    with atomic_dir(final, overwrite=True) as tmp:
-        save_file(model_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})  # one key: safetensors orders metadata arbitrarily, and files must be byte-stable
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        (tmp / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-        state = dict(trainer_state, step=step, rng=rng_state())
-        (tmp / "trainer.json").write_text(json.dumps(state), encoding="utf-8")
+    with ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(final, overwrite=True)) if d.is_main else None
+        tmp = Path(d.broadcast_object(str(tmp) if tmp else ""))  # every rank writes into rank 0's temp dir
         model_sd, optim_sd = get_state_dict(model, optimizer)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "train_state"))
-        write_manifest(tmp, step)
-    atomic_write_text(checkpoints_dir(run_dir) / "latest", final.name + "\n")
+        tensors = full_model_tensors(model, d)
+        if d.is_main:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # one key: safetensors orders metadata arbitrarily, and files must be byte-stable
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+            (tmp / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+            state = dict(trainer_state, step=step, rng=rng_state())
+            (tmp / "trainer.json").write_text(json.dumps(state), encoding="utf-8")
+        d.barrier()  # every rank's shards are on disk before rank 0 hashes them
+        if d.is_main:
+            write_manifest(tmp, step)
+    # leaving the stack fsynced and renamed the directory (rank 0)
+    if d.is_main:
+        atomic_write_text(checkpoints_dir(run_dir) / "latest", final.name + "\n")
+    d.barrier()  # nobody goes on (or reads the run directory) before the checkpoint is published
     return final
 
 
@@ -272,7 +317,10 @@ def read_config(ckpt: Path) -> Config:
 def load_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load model + optimizer (DCP) and RNG states in place; return trainer.json's contents.
 
-    The caller verified the checkpoint first (find_resume_checkpoint / resolve_checkpoint).
+    The caller verified the checkpoint first (find_resume_checkpoint / resolve_checkpoint). Under
+    many processes every rank calls this: DCP reads the chunks each rank needs for its own state
+    dict (the full tensors for a replicated model, its shards under FSDP), whatever world size
+    wrote them. Every rank restores rank 0's RNG states.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -313,9 +361,12 @@ def load_for_inference(path: str | os.PathLike):
 
     Reads only safetensors, YAML and JSON: nothing is unpickled.
     """
+    from ..convert import is_model_dir, load_model_dir
     from ..model import Transformer
     from ..tokenizer import Tokenizer
 
+    if is_model_dir(path):  # `lmforge import` output: weights, config, tokenizer; step 0
+        return load_model_dir(path)
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
     model = Transformer(cfg.model)

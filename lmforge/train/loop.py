@@ -26,7 +26,15 @@ list of `kind@step` with kind `kill` (SIGKILL right after that step's update, be
 checkpoint), `nan` (that step's loss becomes NaN) or `spike` (that step's loss and gradients are
 scaled by 100). Each fault fires once per run directory (recorded in faults-fired.json), so a
 supervised restart or a rollback does not loop on it; `kind@step!` fires every time instead (a
-failure that repeats, to drill the supervisor's loop protection).
+failure that repeats, to drill the supervisor's loop protection). Under many processes `nan` and
+`spike` hit every rank, and `kill@step/R` kills rank R alone (`kill@step`: rank 0).
+
+Many processes (torchrun; distributed.py): every rank runs this same loop on its share of each
+global batch (`Loader(rank=, world=)`), with global_batch / (world * micro_batch) micro batches.
+Rank 0 alone prints, writes metrics/events/the store and model.safetensors. Every branch is taken
+on agreed values: the loss and gradient norm the guard judges are broadcast from rank 0, a stop
+signal or a due time-based checkpoint on any rank stops/saves all of them, and rank 0 plans a
+rollback and broadcasts the plan.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +56,8 @@ from ..errors import CheckpointError, ConfigError, DataError, LmforgeError
 from ..evaluate.loss import autocast, validation_loss
 from ..util import atomic_write_text, console
 from . import checkpoint as ckpt_io
-from . import guard
+from . import distributed, guard
+from .distributed import SINGLE, Dist
 from .optim import build_optimizer, lr_at
 
 # Keys that may change when a run resumes: they change how the run continues, not what it is.
@@ -56,7 +66,8 @@ SAFE_TO_CHANGE = {
         "lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction", "weight_decay",
         "beta1", "beta2", "eps", "grad_clip", "max_steps", "log_every", "eval_every",
         "eval_batches", "ckpt_every_steps", "ckpt_every_minutes", "keep_last", "keep_every",
-        "threads", "compile", "dtype", "micro_batch", "parallel",
+        "threads", "compile", "dtype", "micro_batch", "parallel", "deterministic_reduce",
+        "activation_checkpointing",
     },
     "guard": "*", "eval": "*", "serve": "*", "init": "*",
 }
@@ -77,24 +88,40 @@ def train_step(
     grad_clip: float,
     dtype: str,
     loss_multiplier: float = 1.0,
+    d: Dist = SINGLE,
+    deterministic_reduce: bool = False,
 ) -> StepResult:
     """One optimizer step: accumulate gradients over micro batches, clip, update.
 
+    Under many processes `micro_batches` are this rank's share; the returned loss is the global
+    mean and the gradient norm that of the global gradient (identical on every rank).
     `loss_multiplier` exists for fault injection only (NaN or a large factor)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros(())
-    for x, y in micro_batches:  # each (micro_batch, seq_len)
+
+    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # x, y: (micro_batch, seq_len)
         with autocast(dtype):
             _, loss = model(x, y)
-        loss = loss * loss_multiplier if loss_multiplier != 1.0 else loss
-        (loss / len(micro_batches)).backward()
-        total += loss.detach().float()
+        return loss * loss_multiplier if loss_multiplier != 1.0 else loss
+
+    if deterministic_reduce:  # gradients gathered and summed in canonical order (distributed.py)
+        mean_loss = distributed.deterministic_step(model, micro_batches, n_micro_total=len(micro_batches) * d.world,
+                                                   d=d, forward_loss=forward_loss)
+    else:
+        total = torch.zeros(())
+        for i, (x, y) in enumerate(micro_batches):
+            with distributed.no_sync(model, last=i == len(micro_batches) - 1):  # DDP/FSDP reduce once per step
+                loss = forward_loss(x, y)
+                (loss / len(micro_batches)).backward()
+            total += loss.detach().float()
+        mean_loss = float(total) / len(micro_batches)
+        if d.active:  # the wrapper averaged gradients over ranks; average the loss the same way
+            mean_loss = d.sum_floats([mean_loss])[0] / d.world
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
-    return StepResult(loss=float(total) / len(micro_batches), grad_norm=float(grad_norm))
+    return StepResult(loss=mean_loss, grad_norm=distributed.full_norm(grad_norm))
 
 
 @dataclass
@@ -110,6 +137,7 @@ class Run:
     resumed_from: Path | None = None
     forward_model: torch.nn.Module | None = None  # torch.compile'd view of model, if enabled
     guard: guard.GuardState = field(default_factory=guard.GuardState)
+    dist: Dist = SINGLE  # this process's rank and the world size
     lr_scale: float = 1.0  # product of the guard's lr_scale over all rollbacks so far
     rollbacks: list[int] = field(default_factory=list)  # steps at which the guard rolled back
     fired_faults: list[str] = field(default_factory=list)
@@ -122,22 +150,32 @@ class Run:
                 "lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
 
 
-def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None) -> Run:
+def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Dist = SINGLE) -> Run:
     """Model, optimizer and loader for a run, restored from its newest intact checkpoint, or for a
     new run branched from `from_checkpoint` (weights, optimizer, step; the data cursor when the
-    data is the same)."""
+    data is the same). Under many processes every rank builds the same run, wrapped for
+    `train.parallel`, reading its own share of each batch."""
     from ..data.loader import Loader, TokenDataset
     from ..model import Transformer
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    distributed.check_parallel(cfg.train, d)
+    distributed.micro_batches_per_rank(cfg.train.global_batch, cfg.train.micro_batch, d.world)
     dataset = TokenDataset(cfg.data.path)
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model).to(device())  # init on CPU first: the same weights on any device
-    optimizer = build_optimizer(model, cfg.train)
-    loader = Loader(cfg.data.path, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch, seed=cfg.data.seed)
-    run = Run(cfg, run_dir, model, optimizer, loader, Path(dataset.tokenizer_path))
-    ckpt, skipped = ckpt_io.find_resume_checkpoint(run_dir)
+    if cfg.init.from_ and from_checkpoint is None and not ckpt_io.list_checkpoints(run_dir):  # fresh run only
+        from ..convert import load_init_weights  # pretrained weights (step 0, fresh optimizer)
+
+        load_init_weights(model, cfg.init.from_)
+    forward_model = distributed.wrap(model, cfg.train, d)  # DDP wrapper, or model itself (FSDP2 shards in place)
+    optimizer = build_optimizer(model, cfg.train)  # after FSDP: over the sharded parameters
+    loader = Loader(cfg.data.path, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch, seed=cfg.data.seed,
+                    rank=d.rank, world=d.world)
+    run = Run(cfg, run_dir, model, optimizer, loader, Path(dataset.tokenizer_path), dist=d)
+    # rank 0 verifies (hashes) the checkpoints; every rank resumes from the one it chose
+    ckpt, skipped = d.broadcast_object(ckpt_io.find_resume_checkpoint(run_dir) if d.is_main else None)
     for problem in skipped:
         console.print(f"[yellow]warning:[/] skipping a damaged checkpoint: {problem}")
         log_event(run, "checkpoint_corrupt", {"problem": problem})
@@ -151,9 +189,9 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None) -> Ru
         run.step, run.tokens, run.resumed_from = state["step"], state["tokens"], source
         run.guard = guard.GuardState.from_dict(state.get("guard"))
         run.lr_scale, run.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", [])
-        if ckpt is not None:
+        if ckpt is not None and d.is_main:
             _drop_records_after(run_dir / "metrics.jsonl", run.step)  # they are about to be redone
-    run.forward_model = torch.compile(model) if cfg.train.compile else model
+    run.forward_model = torch.compile(forward_model) if cfg.train.compile else forward_model
     run.fired_faults = _read_fired_faults(run_dir)
     _open_store(run, resumed=ckpt is not None)
     return run
@@ -163,6 +201,8 @@ def _open_store(run: Run, resumed: bool) -> None:
     """Register the run in the experiment store; training goes on without it if it fails."""
     from ..track.store import Store
 
+    if not run.dist.is_main:  # one writer: rank 0 records the run
+        return
     try:
         run.store = Store.open()
         run.run_id = run.store.start_run(name=run.run_dir.name, run_dir=str(run.run_dir), config=run.cfg.to_dict(), resumed=resumed)
@@ -185,8 +225,8 @@ def _load_state(run: Run, ckpt: Path) -> dict[str, Any]:
 
 def train(run: Run) -> int:
     """Train until max_steps or a stop signal; returns the process exit code."""
-    cfg, t = run.cfg, run.cfg.train
-    accum = t.global_batch // t.micro_batch
+    cfg, t, d = run.cfg, run.cfg.train, run.dist
+    accum = distributed.micro_batches_per_rank(t.global_batch, t.micro_batch, d.world)
     tokens_per_step = t.global_batch * cfg.data.seq_len
     dev = device()
     flops_per_token, peak = model_flops_per_token(cfg), peak_flops(dev)
@@ -194,21 +234,27 @@ def train(run: Run) -> int:
     last_ckpt_time = time.monotonic()
     window_start, window_tokens = time.perf_counter(), 0
     if run.resumed_from is not None and run.resumed_from.parent.parent == run.run_dir:
-        console.print(f"resumed from {run.resumed_from} at step {run.step}")
-        log_event(run, "resume", {"checkpoint": str(run.resumed_from)})
-    if run.step == 0 and not ckpt_io.list_checkpoints(run.run_dir):
+        console.print(f"resumed from {run.resumed_from} at step {run.step} ({d.describe()})")
+        log_event(run, "resume", {"checkpoint": str(run.resumed_from), "world": d.world})
+    if d.world > 1:
+        console.print(f"{d.world} processes ({t.parallel}{', deterministic reduce' if t.deterministic_reduce else ''}): "
+                      f"{accum} micro batch(es) of {t.micro_batch} per rank per step; logs from rank 0")
+    if run.step == 0 and not d.broadcast_object(bool(ckpt_io.list_checkpoints(run.run_dir))):
         save(run)  # step 0: somewhere for the guard to roll back to, even from the first steps
     progress = _progress(t.max_steps, run.step)
     with stop, progress, _failure_recorded(run):
         while run.step < t.max_steps:
             data_step = run.loader.step
-            x, y = run.loader.next()  # (global_batch, seq_len) each
+            x, y = run.loader.next()  # this rank's share: (global_batch // world, seq_len) each
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             micro = list(zip(x.split(t.micro_batch), y.split(t.micro_batch)))
             assert len(micro) == accum
             lr = lr_at(run.step, t) * run.lr_scale
             result = train_step(run.forward_model, run.optimizer, micro, lr=lr, grad_clip=t.grad_clip,
-                                dtype=t.dtype, loss_multiplier=_fault_multiplier(run, run.step + 1))
+                                dtype=t.dtype, loss_multiplier=_fault_multiplier(run, run.step + 1),
+                                d=d, deterministic_reduce=t.deterministic_reduce)
+            if d.active:  # one set of numbers for the guard and the logs: rank 0's, bit for bit
+                result = StepResult(*d.broadcast_floats([result.loss, result.grad_norm]))
             run.step += 1
             run.tokens += tokens_per_step
             window_tokens += tokens_per_step
@@ -233,18 +279,20 @@ def train(run: Run) -> int:
             due = (t.ckpt_every_steps and run.step % t.ckpt_every_steps == 0) or (
                 t.ckpt_every_minutes and time.monotonic() - last_ckpt_time >= 60 * t.ckpt_every_minutes
             )
-            if due or stop.signum or run.step == t.max_steps:
+            # agreed across ranks: a clock or a signal seen by one rank saves/stops all of them
+            due, stopping = d.any_flags([bool(due), bool(stop.signum)])
+            if due or stopping or run.step == t.max_steps:
                 save(run)
                 last_ckpt_time = time.monotonic()
             _maybe_kill(run)
-            if stop.signum:
-                name = signal.Signals(stop.signum).name
+            if stopping:
+                name = signal.Signals(stop.signum or signal.SIGTERM).name
                 log_event(run, "interrupted", {"signal": name})
                 _finish(run, "interrupted")
                 console.print(
                     f"{name}: stopped at step {run.step} with a checkpoint. Run the same command again to resume."
                 )
-                return 128 + stop.signum
+                return 128 + (stop.signum or signal.SIGTERM)
     log_event(run, "completed", {"tokens": run.tokens})
     _finish(run, "completed")
     console.print(f"done: {run.step} steps, {run.tokens:,} tokens; checkpoints in {ckpt_io.checkpoints_dir(run.run_dir)}")
@@ -252,7 +300,7 @@ def train(run: Run) -> int:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def model_flops_per_token(cfg: Config) -> float:
@@ -279,7 +327,7 @@ def save(run: Run) -> Path:
     try:
         path = ckpt_io.save_checkpoint(
             run.run_dir, run.step, model=run.model, optimizer=run.optimizer, config=run.cfg,
-            trainer_state=run.trainer_state(), tokenizer_path=run.tokenizer_path,
+            trainer_state=run.trainer_state(), tokenizer_path=run.tokenizer_path, d=run.dist,
         )
     except OSError as e:
         previous, _ = ckpt_io.find_resume_checkpoint(run.run_dir)
@@ -288,7 +336,9 @@ def save(run: Run) -> Path:
             f"writing the checkpoint of step {run.step} failed: {e}. Nothing was published; the previous "
             f"checkpoint ({previous or 'none'}) is intact. Free space or fix the path, then run the same command to resume."
         ) from None
-    ckpt_io.apply_retention(run.run_dir, run.cfg.train.keep_last, run.cfg.train.keep_every)
+    if run.dist.is_main:
+        ckpt_io.apply_retention(run.run_dir, run.cfg.train.keep_last, run.cfg.train.keep_every)
+    run.dist.barrier()  # retention is done before any rank looks at the checkpoints again
     log_event(run, "checkpoint_saved", {"path": str(path)})
     return path
 
@@ -314,13 +364,15 @@ def rollback(run: Run, verdict: guard.Verdict, data_step: int) -> None:
             f"step {run.step} failed again ({verdict.describe()}); giving up. See {run.run_dir / 'events.jsonl'}. "
             "Lower train.lr, raise guard.skip_steps or guard.rollback_margin, then resume with --set."
         )
-    intact = []
-    for path in ckpt_io.list_checkpoints(run.run_dir):
-        if not ckpt_io.verify_checkpoint(path):
-            state = ckpt_io.read_trainer_state(path)
-            intact.append((state["step"], state["loader"]["step"]))
-    plan = guard.plan_rollback(spike_step=run.step, spike_data_step=data_step, patience_used=max(1, run.guard.streak),
-                               checkpoints=intact, lr_scale=run.lr_scale, cfg=g)
+    intact, plan = [], None
+    if run.dist.is_main:  # one decision: rank 0 verifies the checkpoints and plans; every rank follows
+        for path in ckpt_io.list_checkpoints(run.run_dir):
+            if not ckpt_io.verify_checkpoint(path):
+                state = ckpt_io.read_trainer_state(path)
+                intact.append((state["step"], state["loader"]["step"]))
+        plan = guard.plan_rollback(spike_step=run.step, spike_data_step=data_step, patience_used=max(1, run.guard.streak),
+                                   checkpoints=intact, lr_scale=run.lr_scale, cfg=g)
+    intact, plan = run.dist.broadcast_object((intact, plan))
     if plan is None:
         raise TrainingUnstable(
             f"step {run.step}: {verdict.describe()}, and no intact checkpoint is at least guard.rollback_margin="
@@ -328,13 +380,16 @@ def rollback(run: Run, verdict: guard.Verdict, data_step: int) -> None:
             "(train.keep_last / keep_every) or lower guard.rollback_margin."
         )
     spike_step, rollbacks = run.step, run.rollbacks + [run.step]
-    ckpt_io.discard_after(run.run_dir, plan.checkpoint_step)  # the abandoned trajectory's checkpoints
+    if run.dist.is_main:
+        ckpt_io.discard_after(run.run_dir, plan.checkpoint_step)  # the abandoned trajectory's checkpoints
+    run.dist.barrier()
     state = _load_state(run, ckpt_io.checkpoints_dir(run.run_dir) / ckpt_io.checkpoint_name(plan.checkpoint_step))
     run.step, run.tokens = state["step"], state["tokens"]
     run.guard = guard.GuardState.from_dict(state.get("guard"))
     run.loader.skip(plan.skip_to - run.loader.step)
     run.lr_scale, run.rollbacks = plan.lr_scale, rollbacks
-    _drop_records_after(run.run_dir / "metrics.jsonl", run.step)
+    if run.dist.is_main:
+        _drop_records_after(run.run_dir / "metrics.jsonl", run.step)
     save(run)  # rewrite that checkpoint with the skip and lr scale: a crash now resumes identically
     log_event(run, "rollback", {"from_step": spike_step, "to_step": run.step, "skipped_data_steps": [plan.skip_from, plan.skip_to],
                                 "lr_scale": run.lr_scale, "reason": verdict.describe()})
@@ -349,7 +404,32 @@ def rollback(run: Run, verdict: guard.Verdict, data_step: int) -> None:
 
 def train_command(config_path: str | None, *, run_dir: str | None, overrides: list[str], from_: str | None = None) -> int:
     """`lmforge train`: start a run, resume it (with safe changes) when run_dir has one, or branch a
-    new run from a checkpoint of another (`from_`)."""
+    new run from a checkpoint of another (`from_`). Under torchrun: one rank of a process group."""
+    d = distributed.init()
+    try:
+        return _train_command(config_path, run_dir=run_dir, overrides=overrides, from_=from_, d=d)
+    except LmforgeError as e:
+        if d.world > 1:  # rank 0 prints through the CLI; the others are quiet, so say it here
+            if not d.is_main:
+                print(f"rank {d.rank}/{d.world}: error: {e}", file=sys.stderr, flush=True)
+            _record_error(e)
+        raise
+    finally:
+        distributed.shutdown()
+
+
+def _record_error(e: LmforgeError) -> None:
+    """For `--supervise --nproc-per-node`: torchrun reports any worker failure as exit 1, so a user
+    error (exit 2, never worth a restart) is written where the supervisor looks for it."""
+    target = os.environ.get("LMFORGE_ERROR_FILE")
+    if target:
+        try:
+            atomic_write_text(target, json.dumps({"exit": 2, "error": str(e), "time": time.time()}))
+        except OSError:
+            pass
+
+
+def _train_command(config_path: str | None, *, run_dir: str | None, overrides: list[str], from_: str | None, d: Dist) -> int:
     if run_dir is None:
         if config_path is None:
             raise ConfigError("give a config file, a --run-dir to resume, or both")
@@ -369,9 +449,12 @@ def train_command(config_path: str | None, *, run_dir: str | None, overrides: li
         check_resume_changes(changes)
         for key, (old, new) in changes.items():
             console.print(f"config change on resume: {key}: {old!r} -> {new!r}")
-    rd.mkdir(parents=True, exist_ok=True)
-    cfg.save(saved_path)
-    run = build(cfg, rd, from_checkpoint=branch)
+    d.barrier()  # every rank has read the saved config before rank 0 replaces it
+    if d.is_main:
+        rd.mkdir(parents=True, exist_ok=True)
+        cfg.save(saved_path)
+    d.barrier()
+    run = build(cfg, rd, from_checkpoint=branch, d=d)
     if changes:
         log_event(run, "config_change", {k: list(v) for k, v in changes.items()})
     if branch is not None:
@@ -386,8 +469,10 @@ def resolve_config(cfg: Config) -> Config:
 
     if not cfg.data.path:
         raise ConfigError("data.path is empty: set it to a prepared dataset, e.g. --set data.path=data/mycorp")
-    if cfg.init.from_:
-        raise ConfigError("init.from is not supported yet (see the interop issue); leave it empty")
+    if cfg.init.from_:  # the imported model decides the model section; its tokenizer must be the data's
+        from ..convert import resolve_init
+
+        cfg = resolve_init(cfg)
     ds = TokenDataset(cfg.data.path)
     vocab = int(ds.manifest["vocab_size"])
     if cfg.model.vocab_size == 0:
@@ -451,6 +536,8 @@ def data_step_of_run(run_dir: str | Path, step: int) -> dict[str, Any]:
 
 
 def log_metrics(run: Run, values: dict[str, float]) -> None:
+    if not run.dist.is_main:
+        return
     _append_jsonl(run.run_dir / "metrics.jsonl", {"step": run.step, **values, "time": time.time()})
     if run.store is not None:  # queued; a background thread writes (never slows the step)
         run.store.log_metrics(run.run_id, run.step, values)
@@ -458,6 +545,8 @@ def log_metrics(run: Run, values: dict[str, float]) -> None:
 
 
 def log_event(run: Run, kind: str, data: dict[str, Any]) -> None:
+    if not run.dist.is_main:
+        return
     _append_jsonl(run.run_dir / "events.jsonl", {"step": run.step, "kind": kind, "time": time.time(), **data})
     if run.store is not None and kind not in ("resume", "config_change"):  # the store records those itself
         run.store.log_event(run.run_id, kind, run.step, data)
@@ -541,9 +630,10 @@ def _read_fired_faults(run_dir: Path) -> list[str]:
     return json.loads(p.read_text()) if p.is_file() else []
 
 
-def _faults(run: Run, kind: str, step: int) -> bool:
-    """True once if LMFORGE_FAULTS holds kind@step for this run (then recorded as fired)."""
-    spec = f"{kind}@{step}"
+def _faults(run: Run, kind: str, step: int, suffix: str = "") -> bool:
+    """True once if LMFORGE_FAULTS holds kind@step<suffix> for this run (then recorded as fired;
+    every rank decides the same from the same file, rank 0 writes it)."""
+    spec = f"{kind}@{step}{suffix}"
     wanted = [f.strip() for f in os.environ.get("LMFORGE_FAULTS", "").split(",")]
     if spec + "!" in wanted:  # "kind@step!" fires every time: a failure that repeats
         console.print(f"fault injection: {spec}!")
@@ -551,7 +641,8 @@ def _faults(run: Run, kind: str, step: int) -> bool:
     if spec not in wanted or spec in run.fired_faults:
         return False
     run.fired_faults.append(spec)
-    atomic_write_text(run.run_dir / "faults-fired.json", json.dumps(run.fired_faults))
+    if run.dist.is_main:
+        atomic_write_text(run.run_dir / "faults-fired.json", json.dumps(run.fired_faults))
     console.print(f"fault injection: {spec}")
     return True
 
@@ -565,8 +656,12 @@ def _fault_multiplier(run: Run, step: int) -> float:
 
 
 def _maybe_kill(run: Run) -> None:
-    if _faults(run, "kill", run.step):
-        os.kill(os.getpid(), signal.SIGKILL)
+    """`kill@step` SIGKILLs rank 0 (the only rank of one process); `kill@step/R` rank R."""
+    targets = [r for r in range(run.dist.world) if _faults(run, "kill", run.step, f"/{r}") or (r == 0 and _faults(run, "kill", run.step))]
+    if targets:
+        run.dist.barrier()  # faults-fired.json is on disk before a rank dies
+        if run.dist.rank in targets:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _progress:

@@ -11,10 +11,20 @@ the same step (read from the run's newest checkpoint), restarting again would on
 so it stops with a report. Exit statuses that are never restarted: 0 (done), 2 (a user error such
 as a bad config, a full disk or a guard that gave up), 130/143 (the user pressed Ctrl-C or sent
 SIGTERM to the child; the supervisor forwards those signals to the child and stops after it).
+
+Many processes on one machine (`--supervise --nproc-per-node N`): the child is the whole torchrun
+job (`python -m torch.distributed.run --standalone --nproc-per-node N -m lmforge train ...`).
+A rank that dies makes torchrun stop the others and exit 1; the supervisor then restarts the
+whole job, which resumes from the newest checkpoint on the same (or any) number of processes.
+torchrun reports every worker failure as exit 1, so a rank that stops on a user error writes it to
+the file named by LMFORGE_ERROR_FILE and the supervisor treats that attempt as exit 2 (no
+restart). Multi-node jobs use torchrun's own `--max-restarts` instead (docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -49,9 +59,13 @@ def supervise(
     max_restarts: int,
     delay: float = 5.0,
     same_failure_limit: int = 3,
+    nproc_per_node: int = 0,
 ) -> int:
-    """Run `python -m lmforge <child_args>` until it succeeds or restarting is pointless."""
-    cmd = [sys.executable, "-m", "lmforge", *child_args]
+    """Run `python -m lmforge <child_args>` (under torchrun when nproc_per_node > 0) until it
+    succeeds or restarting is pointless."""
+    cmd = launch_command(child_args, nproc_per_node)
+    error_file = run_dir / ".last-error.json"
+    env = dict(os.environ, LMFORGE_ERROR_FILE=str(error_file))
     restarts, failures = 0, []  # failures: (exit code, step) of each crash
     stopping = {"signal": 0}
     child: dict[str, Any] = {"proc": None}
@@ -64,8 +78,11 @@ def supervise(
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
-            child["proc"] = subprocess.Popen(cmd)
+            error_file.unlink(missing_ok=True)
+            child["proc"] = subprocess.Popen(cmd, env=env)
             code = child["proc"].wait()
+            if code != 0 and _user_error(error_file):
+                code = 2  # a rank stopped on a user error; torchrun only said "1"
             if code in NO_RESTART or stopping["signal"]:
                 if code != 0:
                     console.print(f"supervisor: the training process {NO_RESTART.get(code, describe_exit(code))}; not restarting")
@@ -93,3 +110,19 @@ def supervise(
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+def launch_command(child_args: list[str], nproc_per_node: int = 0) -> list[str]:
+    """`python -m lmforge <args>`, or the same under torchrun with N processes on this machine
+    (`--standalone`: torchrun picks a free port for its rendezvous on every start)."""
+    if nproc_per_node > 0:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc_per_node),
+                "-m", "lmforge", *child_args]
+    return [sys.executable, "-m", "lmforge", *child_args]
+
+
+def _user_error(error_file: Path) -> bool:
+    try:
+        return json.loads(error_file.read_text(encoding="utf-8")).get("exit") == 2
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,792 @@
+"""Interop: Hugging Face (safetensors + config.json) and GGUF <-> lmforge, and `init.from`.
+
+Design
+------
+Everything goes through one in-memory form, a `Bundle`: an lmforge `ModelConfig`, a state dict of
+fp32 CPU tensors under lmforge's parameter names (which ARE Hugging Face `LlamaForCausalLM` keys,
+docs/model.md; a tied head is stored once, as `model.embed_tokens.weight`), a `Tokenizer`, and
+the tokenizer facts a tokenizers JSON cannot hold (bos/eos token, chat template). Each format has
+one reader (file -> Bundle) and one writer (Bundle -> file):
+
+  Hugging Face dir   config.json <-> ModelConfig (a field map, `hf_config`/`model_config_from_hf`);
+                     the tensors are a pure key map because the names and the RoPE layout
+                     (rotate_half) are HF's.
+  GGUF (llama.cpp)   metadata <-> ModelConfig; tensor names `blk.{i}.attn_q.weight` <-> HF names;
+                     q/k rows permuted the way llama.cpp's convert_hf_to_gguf.py does (it expects
+                     RoPE pairs (2i, 2i+1) interleaved, HF pairs (i, i + hd/2)), tensors
+                     dequantized by the `gguf` package; the tokenizer rebuilt from the GGUF
+                     vocabulary and merges as a `tokenizers` byte-level BPE.
+  model directory    what `lmforge import` writes and `init.from`, `sample`, `export` read:
+                     model.safetensors + config.yaml (an lmforge config, model section filled)
+                     + tokenizer.json (+ tokenizer_config.json with bos/eos/chat template, and
+                     source.json recording where it came from).
+
+Trade-offs
+----------
+- Weights are held and written as fp32: that is what lmforge trains (fp32 master weights), and
+  dequantized GGUF weights are exact in fp32. A bf16 HF checkpoint therefore doubles on disk.
+- Architectures lmforge cannot represent (biases, rope scaling, other activations, ...) are
+  refused naming the field, rather than imported approximately.
+- Only byte-level BPE tokenizers ("gpt2" in GGUF terms) are rebuilt from GGUF; SentencePiece
+  GGUFs (`tokenizer.ggml.model = llama`) are refused: import their HF directory instead.
+- Nothing is unpickled: safetensors, JSON, YAML and GGUF only; `pytorch_model.bin` is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Config, ModelConfig, load_config
+from .errors import CheckpointError, ConfigError
+from .tokenizer import TOKENIZER_FILE, Tokenizer
+from .util import atomic_dir, atomic_write_json, console
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SOURCE_FILE = "source.json"
+
+
+@dataclass
+class Bundle:
+    """A model in transit between formats (see the module docstring)."""
+
+    cfg: ModelConfig
+    tensors: dict[str, torch.Tensor]  # lmforge/HF names -> fp32 CPU tensors; tied head stored once
+    tokenizer: Tokenizer
+    special: dict[str, Any] = field(default_factory=dict)  # bos_token, eos_token, pad_token, chat_template
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- names and shapes ------------------------------------------------------------------------
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every stored tensor of a model with this config (tied head omitted), with its shape."""
+    d, hd, ff, V = cfg.d_model, cfg.head_dim, cfg.ff_dim, cfg.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, d)}
+    for i in range(cfg.n_layer):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (d,)
+        shapes[p + "self_attn.q_proj.weight"] = (cfg.n_head * hd, d)
+        shapes[p + "self_attn.k_proj.weight"] = (cfg.kv_heads * hd, d)
+        shapes[p + "self_attn.v_proj.weight"] = (cfg.kv_heads * hd, d)
+        shapes[p + "self_attn.o_proj.weight"] = (d, cfg.n_head * hd)
+        shapes[p + "post_attention_layernorm.weight"] = (d,)
+        shapes[p + "mlp.gate_proj.weight"] = (ff, d)
+        shapes[p + "mlp.up_proj.weight"] = (ff, d)
+        shapes[p + "mlp.down_proj.weight"] = (d, ff)
+    shapes["model.norm.weight"] = (d,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (V, d)
+    return shapes
+
+
+def bundle_from_model(model: torch.nn.Module, tokenizer: Tokenizer, special: dict[str, Any] | None = None) -> Bundle:
+    """A Bundle of a live lmforge `Transformer` (its weights copied to fp32 CPU tensors)."""
+    params = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.named_parameters()}
+    return Bundle(model.cfg, check_tensors(model.cfg, params, "model"), tokenizer, dict(special or {}), {"format": "lmforge"})
+
+
+def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Exactly the expected names and shapes, as contiguous fp32; else a CheckpointError naming them."""
+    shapes = expected_shapes(cfg)
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: tensors do not fit the model config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    out = {}
+    for name, shape in shapes.items():
+        t = tensors[name]
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(t.shape)}, the config implies {shape}")
+        out[name] = t.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+# ---- Hugging Face config ---------------------------------------------------------------------
+
+
+def hf_config(cfg: ModelConfig, special_ids: dict[str, int | None]) -> dict[str, Any]:
+    """`config.json` of a `LlamaForCausalLM` with this shape."""
+    out: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ff_dim,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if special_ids.get(key) is not None:
+            out[key] = special_ids[key]
+    return out
+
+
+def model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
+    """ModelConfig from a Hugging Face `config.json`; fields lmforge cannot represent are refused."""
+
+    def refuse(field_name: str, value: Any, why: str) -> CheckpointError:
+        return CheckpointError(f"{source}: unsupported {field_name} = {value!r}: {why}")
+
+    model_type = hf.get("model_type")
+    if model_type != "llama":
+        raise refuse("model_type", model_type, "lmforge imports Llama-family models (model_type 'llama')")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise refuse("hidden_act", hf["hidden_act"], "lmforge's MLP is SwiGLU (silu)")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise refuse(key, hf[key], "lmforge's linear layers have no biases")
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests theta and type here
+    rope_type = rope.get("rope_type", "default")
+    if hf.get("rope_scaling") or rope_type != "default":
+        raise refuse("rope_scaling", hf.get("rope_scaling") or rope, "lmforge implements plain RoPE only")
+    try:
+        cfg = ModelConfig(
+            vocab_size=int(hf["vocab_size"]),
+            n_layer=int(hf["num_hidden_layers"]),
+            n_head=int(hf["num_attention_heads"]),
+            n_kv_head=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+            d_model=int(hf["hidden_size"]),
+            d_ff=int(hf["intermediate_size"]),
+            max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # LlamaConfig's default
+            init_std=float(hf.get("initializer_range", 0.02)),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{source}: config.json lacks {e.args[0]!r}") from None
+    if hf.get("head_dim") not in (None, cfg.head_dim):
+        raise refuse("head_dim", hf["head_dim"], f"lmforge's head dim is hidden_size / num_attention_heads = {cfg.head_dim}")
+    _validate_shape(cfg, source)
+    return cfg
+
+
+def _validate_shape(cfg: ModelConfig, source: str) -> None:
+    try:
+        Config(model=cfg, data=replace(Config().data, seq_len=min(256, cfg.max_seq_len))).validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+# ---- Hugging Face directories ----------------------------------------------------------------
+
+
+def read_hf_dir(path: Path) -> Bundle:
+    """A local Hugging Face Llama-family directory (single or sharded safetensors) -> Bundle."""
+    from safetensors.torch import load_file
+
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    hf = _read_json(cfg_path)
+    cfg = model_config_from_hf(hf, str(cfg_path))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+    elif (path / MODEL_FILE).is_file():
+        files = [MODEL_FILE]
+    elif list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        raise CheckpointError(
+            f"{path}: only pickled weights (*.bin/*.pt) found; lmforge never unpickles model files. "
+            "Convert them to safetensors first (transformers: model.save_pretrained(dir, safe_serialization=True))"
+        )
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not (path / f).is_file():
+            raise CheckpointError(f"{path}: shard {f} named in the index is missing")
+        tensors.update(load_file(str(path / f)))
+    # Older checkpoints store RoPE's inverse frequencies; lmforge recomputes them from rope_theta.
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints store the head too
+    if not (path / TOKENIZER_FILE).is_file():
+        raise CheckpointError(
+            f"{path}: no tokenizer.json (a Hugging Face `tokenizers` file); a SentencePiece-only "
+            "tokenizer.model is not supported: save the fast tokenizer with transformers first"
+        )
+    tok = Tokenizer.load(path / TOKENIZER_FILE)
+    special: dict[str, Any] = {}
+    if (path / TOKENIZER_CONFIG).is_file():
+        special = _special_from_tokenizer_config(_read_json(path / TOKENIZER_CONFIG))
+    return Bundle(cfg, check_tensors(cfg, tensors, str(path)), tok, special, {"format": "hf", "path": str(path)})
+
+
+def write_hf_dir(bundle: Bundle, out: Path, overwrite: bool = False) -> Path:
+    """Bundle -> a directory transformers loads with `from_pretrained` (atomically)."""
+    from safetensors.torch import save_file
+
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    special = _special_tokens(bundle)
+    ids = {f"{k}_id": _token_id(bundle.tokenizer, special.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file(bundle.tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", hf_config(bundle.cfg, ids))
+        bundle.tokenizer.save(tmp / TOKENIZER_FILE)
+        tok_cfg: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": bundle.cfg.max_seq_len,
+            "clean_up_tokenization_spaces": False,  # decode(encode(text)) == text, as in lmforge
+            "add_bos_token": False,
+            "add_eos_token": False,
+        }
+        tok_cfg.update({k: v for k, v in special.items() if v is not None})
+        atomic_write_json(tmp / TOKENIZER_CONFIG, tok_cfg)
+        atomic_write_json(tmp / "special_tokens_map.json",
+                          {k: special[k] for k in ("bos_token", "eos_token", "pad_token") if special.get(k)})
+        gen = {k: v for k, v in ids.items() if v is not None}
+        atomic_write_json(tmp / "generation_config.json", dict(gen, _from_model_config=False))
+    return out
+
+
+# ---- GGUF ------------------------------------------------------------------------------------
+
+# lmforge/HF name (per layer, after "model.layers.{i}.") -> GGUF name (after "blk.{i}.")
+_GGUF_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+
+
+def gguf_name(name: str) -> str:
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    _, _, i, rest = name.split(".", 3)  # model.layers.{i}.rest
+    return f"blk.{i}.{_GGUF_LAYER[rest]}"
+
+
+def permute_for_gguf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF q/k rows -> llama.cpp order: within each head, rows (i, i + hd/2) become (2i, 2i+1).
+
+    w is (n_heads * hd, d); viewed as (heads, 2, hd/2, d) -> swap to (heads, hd/2, 2, d).
+    """
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_from_gguf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `permute_for_gguf`: (heads, hd/2, 2, d) -> (heads, 2, hd/2, d)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# llama.cpp pre-tokenizer names <-> tokenizers pre-tokenizers (byte-level BPE). Each regex is the
+# one llama.cpp uses for that name (src/llama-vocab.cpp), so text splits identically.
+_GPT2_PRE = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
+    "gpt-2": _GPT2_PRE,
+    "default": _GPT2_PRE,
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _GPT2_PRE]},
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+        dict(_GPT2_PRE, use_regex=False)]},
+}
+
+
+def read_gguf(path: Path) -> Bundle:
+    """A llama-architecture GGUF file -> Bundle (tensors dequantized to fp32)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/struct errors on damaged files
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    meta = {k: _field_value(f) for k, f in reader.fields.items()}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: unsupported general.architecture = {arch!r}: lmforge imports 'llama' GGUFs")
+    a = "llama."
+    for key in (a + "rope.scaling.type",):
+        if meta.get(key) not in (None, "none"):
+            raise CheckpointError(f"{path}: unsupported {key} = {meta[key]!r}: lmforge implements plain RoPE only")
+    by_name = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in by_name:
+        raise CheckpointError(f"{path}: unsupported tensor rope_freqs.weight (scaled RoPE): lmforge implements plain RoPE only")
+    try:
+        d, n_head = int(meta[a + "embedding_length"]), int(meta[a + "attention.head_count"])
+        vocab = int(meta.get(a + "vocab_size") or len(meta["tokenizer.ggml.tokens"]))
+        cfg = ModelConfig(
+            vocab_size=vocab,
+            n_layer=int(meta[a + "block_count"]),
+            n_head=n_head,
+            n_kv_head=int(meta.get(a + "attention.head_count_kv") or n_head),
+            d_model=d,
+            d_ff=int(meta[a + "feed_forward_length"]),
+            max_seq_len=int(meta.get(a + "context_length", 2048)),
+            rope_theta=_f32(meta.get(a + "rope.freq_base", 10000.0)),
+            norm_eps=_f32(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_embeddings="output.weight" not in by_name,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
+    if meta.get(a + "rope.dimension_count") not in (None, cfg.head_dim):
+        raise CheckpointError(f"{path}: unsupported {a}rope.dimension_count = {meta[a + 'rope.dimension_count']} "
+                              f"(partial RoPE); lmforge rotates whole heads ({cfg.head_dim})")
+    _validate_shape(cfg, str(path))
+
+    from rich.progress import Progress
+
+    tensors: dict[str, torch.Tensor] = {}
+    names = list(expected_shapes(cfg))
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("dequantize", total=len(names))
+        for name in names:
+            g = gguf_name(name)
+            if g not in by_name:
+                raise CheckpointError(f"{path}: tensor {g} (for {name}) is missing")
+            tensors[name] = _gguf_tensor(by_name[g], path)
+            progress.advance(task)
+    for i in range(cfg.n_layer):
+        p = f"model.layers.{i}.self_attn."
+        tensors[p + "q_proj.weight"] = unpermute_from_gguf(tensors[p + "q_proj.weight"], cfg.n_head)
+        tensors[p + "k_proj.weight"] = unpermute_from_gguf(tensors[p + "k_proj.weight"], cfg.kv_heads)
+    tok, special = _tokenizer_from_gguf(meta, path)
+    types = sorted({by_name[gguf_name(n)].tensor_type.name for n in names})
+    return Bundle(cfg, check_tensors(cfg, tensors, str(path)), tok, special,
+                  {"format": "gguf", "path": str(path), "tensor_types": types, "name": meta.get("general.name")})
+
+
+def _gguf_tensor(t: Any, path: Path) -> torch.Tensor:
+    import gguf
+
+    shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGML lists the fastest dim first
+    try:
+        if t.tensor_type == gguf.GGMLQuantizationType.F32:
+            arr = np.array(t.data, dtype=np.float32)  # a copy: the reader's array maps the file
+        else:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+    except NotImplementedError:
+        raise CheckpointError(f"{path}: tensor {t.name} uses {t.tensor_type.name}, which the gguf package "
+                              "cannot dequantize; re-quantize it as F16, Q8_0 or Q4_K") from None
+    return torch.from_numpy(np.ascontiguousarray(arr.reshape(shape)))
+
+
+def _tokenizer_from_gguf(meta: dict[str, Any], path: Path) -> tuple[Tokenizer, dict[str, Any]]:
+    """Rebuild the model's tokenizer as a tokenizers byte-level BPE from the GGUF vocabulary."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise CheckpointError(
+            f"{path}: unsupported tokenizer.ggml.model = {kind!r}: lmforge rebuilds byte-level BPE ('gpt2') "
+            "tokenizers only; import the model's Hugging Face directory instead"
+        )
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in _PRE_TOKENIZERS:
+        raise CheckpointError(
+            f"{path}: unsupported tokenizer.ggml.pre = {pre!r} (known: {', '.join(_PRE_TOKENIZERS)}); "
+            "import the model's Hugging Face directory instead"
+        )
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    merges = [m.split(" ", 1) for m in meta.get("tokenizer.ggml.merges", [])]
+    spec = {
+        "version": "1.0",
+        "added_tokens": [],
+        "normalizer": None,
+        "pre_tokenizer": _PRE_TOKENIZERS[pre],
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  # UNUSED (5) entries only pad the vocabulary to the embedding rows (see write_gguf)
+                  "vocab": {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k != 5}, "merges": merges},
+    }
+    hf = HFTokenizer.from_str(json.dumps(spec))
+    # Control (3) and user-defined (4) tokens are whole tokens, never split by BPE.
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (3, 4)])
+    tok = Tokenizer(hf)
+
+    def name(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    special = {"bos_token": name("bos"), "eos_token": name("eos"), "pad_token": name("padding"),
+               "chat_template": meta.get("tokenizer.chat_template")}
+    return tok, {k: v for k, v in special.items() if v is not None}
+
+
+def write_gguf(bundle: Bundle, out: Path, dtype: str = "f32", overwrite: bool = False) -> Path:
+    """Bundle -> a llama.cpp GGUF (F32 or F16 matrices; 1-D norm weights stay F32 as llama.cpp's
+    converter writes them). Written to a temporary sibling and renamed into place."""
+    import gguf
+
+    if dtype not in ("f32", "f16"):
+        raise ConfigError(f"GGUF export dtype must be f32 or f16, got {dtype!r}")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    cfg, tok = bundle.cfg, bundle.tokenizer
+    pre = _gguf_pre_name(tok)
+    tmp = out.with_name(f".{out.name}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        w.add_name(str(bundle.source.get("name") or out.stem))
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.d_model)
+        w.add_block_count(cfg.n_layer)
+        w.add_feed_forward_length(cfg.ff_dim)
+        w.add_head_count(cfg.n_head)
+        w.add_head_count_kv(cfg.kv_heads)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+        # Tokenizer: tokens by id (padded to the embedding rows, as llama.cpp expects), merges.
+        vocab = tok.hf.get_vocab(with_added_tokens=True)
+        by_id = {i: t for t, i in vocab.items()}
+        special_ids = {i for i, t in tok.hf.get_added_tokens_decoder().items() if t.special}
+        tokens, types = [], []
+        for i in range(cfg.vocab_size):
+            if i in by_id:
+                tokens.append(by_id[i])
+                types.append(gguf.TokenType.CONTROL if i in special_ids else gguf.TokenType.NORMAL)
+            else:
+                tokens.append(f"[PAD{i}]")
+                types.append(gguf.TokenType.UNUSED)
+        model = json.loads(tok.hf.to_str())["model"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        special = _special_tokens(bundle)
+        for key, adder in (("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id),
+                           ("pad_token", w.add_pad_token_id)):
+            i = _token_id(tok, special.get(key))
+            if i is not None:
+                adder(i)
+        w.add_add_bos_token(False)
+        if special.get("chat_template"):
+            w.add_chat_template(special["chat_template"])
+        for name, t in bundle.tensors.items():
+            if name.endswith("q_proj.weight"):
+                t = permute_for_gguf(t, cfg.n_head)
+            elif name.endswith("k_proj.weight"):
+                t = permute_for_gguf(t, cfg.kv_heads)
+            arr = t.numpy()
+            if dtype == "f16" and arr.ndim > 1:
+                arr = arr.astype(np.float16)
+            w.add_tensor(gguf_name(name), np.ascontiguousarray(arr))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _gguf_pre_name(tok: Tokenizer) -> str:
+    """The llama.cpp pre-tokenizer name whose split equals this tokenizer's pre-tokenizer."""
+    pre = json.loads(tok.hf.to_str()).get("pre_tokenizer")
+    for name in ("smollm", "llama-bpe", "gpt-2"):
+        if _same_pre(pre, _PRE_TOKENIZERS[name]):
+            return name
+    raise CheckpointError(
+        f"this tokenizer's pre-tokenizer ({json.dumps(pre)[:120]}) has no llama.cpp equivalent lmforge knows "
+        f"({', '.join(_PRE_TOKENIZERS)}); export to Hugging Face format instead"
+    )
+
+
+def _same_pre(a: Any, b: Any) -> bool:
+    """Pre-tokenizer JSONs equal on the keys that decide the split (ignoring offset bookkeeping)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = (set(a) | set(b)) - {"trim_offsets"}
+        return all(_same_pre(a.get(k), b.get(k)) for k in keys)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_pre(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _f32(v: Any) -> float:
+    """A GGUF float32 as the shortest decimal that rounds to it (1e-5, not 9.999999747378752e-06),
+    so a float written from a config reads back as the same number."""
+    return float(str(np.float32(v)))
+
+
+def _field_value(f: Any) -> Any:
+    try:
+        return f.contents()
+    except Exception:  # a field type this gguf version cannot render: not one we read
+        return None
+
+
+# ---- model directories -----------------------------------------------------------------------
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """A directory written by `lmforge import` (weights, lmforge config, tokenizer; no MANIFEST)."""
+    p = Path(path)
+    return all((p / f).is_file() for f in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE)) and not (p / "MANIFEST.json").exists()
+
+
+def write_model_dir(bundle: Bundle, out: Path, overwrite: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    cfg = Config(model=bundle.cfg, data=replace(Config().data, seq_len=min(256, bundle.cfg.max_seq_len)))
+    cfg.validate()
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file(bundle.tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+        bundle.tokenizer.save(tmp / TOKENIZER_FILE)
+        atomic_write_json(tmp / TOKENIZER_CONFIG, {k: v for k, v in bundle.special.items() if v is not None})
+        atomic_write_json(tmp / SOURCE_FILE, bundle.source)
+    return out
+
+
+def read_model_dir(path: Path) -> Bundle:
+    from safetensors.torch import load_file
+
+    cfg = load_config(path / CONFIG_FILE).model
+    tensors = load_file(str(path / MODEL_FILE))
+    tok = Tokenizer.load(path / TOKENIZER_FILE)
+    special = _read_json(path / TOKENIZER_CONFIG) if (path / TOKENIZER_CONFIG).is_file() else {}
+    source = _read_json(path / SOURCE_FILE) if (path / SOURCE_FILE).is_file() else {}
+    return Bundle(cfg, check_tensors(cfg, tensors, str(path)), tok, special, source)
+
+
+def read_checkpoint(path: Path) -> Bundle:
+    """A run (its newest intact checkpoint), a checkpoint, or a model directory -> Bundle."""
+    from safetensors.torch import load_file
+
+    from .train.checkpoint import read_config, resolve_checkpoint
+
+    if is_model_dir(path):
+        return read_model_dir(path)
+    ckpt = resolve_checkpoint(path)
+    cfg = read_config(ckpt)
+    tensors = load_file(str(ckpt / MODEL_FILE))
+    tok = Tokenizer.load(ckpt / TOKENIZER_FILE)
+    special: dict[str, Any] = {}
+    if cfg.init.from_ and is_model_dir(cfg.init.from_):  # bos/eos/chat template of the model it started from
+        origin = Path(cfg.init.from_)
+        if Tokenizer.load(origin / TOKENIZER_FILE).sha256 == tok.sha256 and (origin / TOKENIZER_CONFIG).is_file():
+            special = _read_json(origin / TOKENIZER_CONFIG)
+    return Bundle(cfg.model, check_tensors(cfg.model, tensors, str(ckpt)), tok, special,
+                  {"format": "lmforge", "path": str(ckpt), "name": Path(path).name})
+
+
+def read_any(path: str | os.PathLike) -> Bundle:
+    """Whatever `lmforge import` accepts: a .gguf file, a HF dir, a model dir, a run or checkpoint."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"no such file or directory: {p}")
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            return read_gguf(p)
+        raise CheckpointError(f"{p}: expected a .gguf file or a directory (Hugging Face model, lmforge run or checkpoint)")
+    if (p / "config.json").is_file() and not is_model_dir(p):
+        return read_hf_dir(p)
+    return read_checkpoint(p)
+
+
+def load_model_dir(path: str | os.PathLike):
+    """(model in eval mode, tokenizer, config, step 0) from a model directory, like
+    `train.checkpoint.load_for_inference` does for checkpoints."""
+    from .model import Transformer
+
+    p = Path(path)
+    bundle = read_model_dir(p)
+    cfg = load_config(p / CONFIG_FILE)
+    model = Transformer(cfg.model)
+    load_weights(model, bundle.tensors)
+    return model.eval(), bundle.tokenizer, cfg, 0
+
+
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into a model's parameters in place (a tied head follows its embedding)."""
+    params = dict(model.named_parameters())  # a tied head appears once, as model.embed_tokens.weight
+    if set(params) != set(tensors):
+        raise CheckpointError(f"weights do not fit the model: missing {sorted(set(params) - set(tensors))[:5]}, "
+                              f"unexpected {sorted(set(tensors) - set(params))[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def import_command(source: str, out: str, overwrite: bool = False) -> int:
+    """`lmforge import`: a GGUF file or Hugging Face directory -> a model directory."""
+    bundle = read_any(source)
+    write_model_dir(bundle, Path(out), overwrite=overwrite)
+    from .model import num_params
+
+    console.print(
+        f"imported {source} -> {out}: {num_params(bundle.cfg) / 1e6:.1f}M parameters, {bundle.cfg.n_layer} layers, "
+        f"d_model {bundle.cfg.d_model}, heads {bundle.cfg.n_head}/{bundle.cfg.kv_heads}, "
+        f"vocab {bundle.cfg.vocab_size}, tokenizer {bundle.tokenizer.vocab_size} tokens"
+    )
+    console.print(f"use it: lmforge sample {out} --prompt ...  |  lmforge prepare CORPUS --tokenizer {out} --out data/NAME  |  "
+                  f"lmforge train CONFIG --set init.from={out}")
+    return 0
+
+
+def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrite: bool = False) -> int:
+    """`lmforge export`: a run, checkpoint or model directory -> Hugging Face dir or GGUF file."""
+    bundle = read_any(source)
+    if fmt == "hf":
+        if dtype != "f32":
+            raise ConfigError("--dtype applies to GGUF export only (Hugging Face export writes fp32 safetensors)")
+        write_hf_dir(bundle, Path(out), overwrite=overwrite)
+    elif fmt == "gguf":
+        write_gguf(bundle, Path(out), dtype=dtype, overwrite=overwrite)
+    else:
+        raise ConfigError(f"--format must be hf or gguf, got {fmt!r}")
+    console.print(f"exported {bundle.source.get('path', source)} -> {out} ({fmt}{'' if fmt == 'hf' else ' ' + dtype.upper()})")
+    return 0
+
+
+# ---- init.from -------------------------------------------------------------------------------
+
+# Model keys that define the weights' shapes or meaning; the imported model decides them.
+_ARCH_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta", "norm_eps", "tie_embeddings")
+
+
+def resolve_init(cfg: Config) -> Config:
+    """`init.from`: take the model section from the model directory and check the data matches.
+
+    Policy: the imported model decides its architecture. A model key the user left at its default
+    is filled from the model directory; one the user set to a different value is an error (it
+    would not fit the weights). `max_seq_len` and `init_std` may be set freely (RoPE tables and
+    the init of nothing, respectively). The dataset must have been prepared with the model's own
+    tokenizer (same sha256), or token ids would mean different words.
+    """
+    from .data.loader import TokenDataset
+
+    src = Path(cfg.init.from_)
+    if not is_model_dir(src):
+        raise ConfigError(
+            f"init.from = {src}: not a model directory (expected model.safetensors, config.yaml and tokenizer.json "
+            "there, as written by `lmforge import FILE_OR_DIR --out DIR`)"
+        )
+    imported = load_config(src / CONFIG_FILE).model
+    default = ModelConfig()
+    for key in _ARCH_KEYS:
+        mine, theirs = getattr(cfg.model, key), getattr(imported, key)
+        if mine != getattr(default, key) and mine != theirs and not (key == "n_kv_head" and cfg.model.kv_heads == imported.kv_heads):
+            raise ConfigError(
+                f"model.{key} = {mine!r} does not match init.from {src} ({key} = {theirs!r}); "
+                f"remove model.{key} from the config (the imported model decides its shape)"
+            )
+        setattr(cfg.model, key, theirs)
+    if cfg.model.max_seq_len == default.max_seq_len:
+        cfg.model.max_seq_len = imported.max_seq_len
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) is longer than model.max_seq_len ({cfg.model.max_seq_len})")
+    ds = TokenDataset(cfg.data.path)
+    model_sha = Tokenizer.load(src / TOKENIZER_FILE).sha256
+    data_sha = ds.manifest.get("tokenizer_sha256")
+    if data_sha != model_sha:
+        raise ConfigError(
+            f"data.path {cfg.data.path} was prepared with another tokenizer (sha256 {str(data_sha)[:12]}...) than "
+            f"init.from {src} ({model_sha[:12]}...); prepare the corpus with the model's tokenizer: "
+            f"lmforge prepare CORPUS --tokenizer {src} --out DATA"
+        )
+    return cfg
+
+
+def load_init_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a model directory's weights into a freshly built model (step 0, fresh optimizer)."""
+    from safetensors.torch import load_file
+
+    load_weights(model, load_file(str(Path(path) / MODEL_FILE)))
+    console.print(f"initialised weights from {path}")
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _token_text(v: Any) -> str | None:
+    if isinstance(v, dict):  # transformers' serialized AddedToken
+        return v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def _special_from_tokenizer_config(tc: dict[str, Any]) -> dict[str, Any]:
+    out = {k: _token_text(tc.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
+    if isinstance(tc.get("chat_template"), str):
+        out["chat_template"] = tc["chat_template"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _special_tokens(bundle: Bundle) -> dict[str, Any]:
+    """bos/eos/pad token strings and chat template: recorded ones first, else the tokenizer's own."""
+    tok = bundle.tokenizer
+    names = {i: t for t, i in tok.hf.get_vocab(with_added_tokens=True).items()}
+    out = {"bos_token": names.get(tok.bos_id) if tok.bos_id is not None else None,
+           "eos_token": names.get(tok.eos_id) if tok.eos_id is not None else None,
+           "pad_token": names.get(tok.pad_id) if tok.pad_id is not None else None}
+    out.update({k: v for k, v in _special_from_tokenizer_config(bundle.special).items()})
+    return out
+
+
+def _token_id(tok: Tokenizer, text: str | None) -> int | None:
+    return tok.hf.token_to_id(text) if text else None
+
+
+__all__ = [
+    "Bundle", "bundle_from_model", "read_hf_dir", "write_hf_dir", "read_gguf", "write_gguf", "read_model_dir", "write_model_dir",
+    "read_checkpoint", "read_any", "is_model_dir", "load_model_dir", "load_weights", "hf_config",
+    "model_config_from_hf", "permute_for_gguf", "unpermute_from_gguf", "import_command", "export_command",
+    "resolve_init", "load_init_weights",
+]

@@ -1,0 +1,211 @@
+"""`lmforge eval`: one checkpoint -> metrics (validation loss / perplexity / bits per byte, tasks).
+
+Design: `evaluate_model` takes a loaded model and returns a flat {metric name: float} dict —
+`loss`, `perplexity`, `bits_per_byte` for the text part and `<task>/<metric>` for each task file —
+which the command prints and the sidecar (watch.py) records as `eval/<name>` in the store. Models
+are loaded only through `train.checkpoint.load_for_inference` (verified checksums, safetensors, no
+pickle). Evaluation runs in fp32 whatever the training dtype, so a number does not depend on the
+autocast kernels of the machine that computed it.
+
+Text source, in order: `--text FILE`, `--data DIR` (a prepared dataset's val split), else the
+run config's `data.path`. A prepared dataset must have been tokenized with the checkpoint's
+tokenizer (sha256 compared), otherwise its token ids mean nothing to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..config import Config
+from ..errors import DataError, LmforgeError
+from ..tokenizer import Tokenizer
+from ..util import console
+from . import metrics as M
+from .loss import dataset_batches, nll_totals, text_batches
+from .score import make_request, score_naive, score_packed
+from .tasks import Task, context_ids, encode_pair, load_task
+
+
+def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batch_size: int,
+               scorer: str = "packed") -> dict[str, float]:
+    """Metrics of one task: mc -> acc, acc_norm; cloze -> acc, logprob; gen -> exact_match."""
+    max_len = model.cfg.max_seq_len
+    if task.kind == "gen":
+        return _generate_task(model, tokenizer, task)
+    requests = []
+    for item in task.items:
+        conts = item.choices if task.kind == "mc" else (item.target,)
+        requests.append(make_request(context_ids(tokenizer, item.context),
+                                     [encode_pair(tokenizer, item.context, c) for c in conts], max_len, item.where))
+    if scorer == "packed":
+        scores = score_packed(model, requests, batch_size=batch_size)
+    elif scorer == "naive":
+        scores = score_naive(model, requests)
+    else:
+        raise LmforgeError(f"unknown scorer {scorer!r}; use packed or naive")
+    if task.kind == "mc":
+        return M.mc_metrics([[s.logprob for s in row] for row in scores], [i.gold for i in task.items],
+                            [i.choices for i in task.items])
+    return M.cloze_metrics([row[0].greedy for row in scores], [row[0].logprob for row in scores])
+
+
+def _generate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task) -> dict[str, float]:
+    from ..generate import generate
+
+    stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    predictions = []
+    for item in task.items:
+        new = generate(model, context_ids(tokenizer, item.context), max_tokens=item.max_tokens, stop_ids=stop_ids)
+        predictions.append(M.cut_at_stop(tokenizer.decode(new), item.stop))
+    return M.exact_match(predictions, [i.target for i in task.items])
+
+
+def text_source(cfg: Config, tokenizer: Tokenizer, *, data: str | None, text: str | None) -> tuple[str, str] | None:
+    """("text", file) or ("data", dataset dir) to compute loss metrics on, or None when there is none."""
+    if text:
+        if not Path(text).is_file():
+            raise DataError(f"--text: no such file: {text}")
+        return "text", text
+    path = data or cfg.data.path
+    if not path:
+        return None
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        if data:
+            raise DataError(f"--data: {path} is not a prepared dataset (no manifest.json); run `lmforge prepare` or pass --text FILE")
+        return None  # the run's dataset is not here (another machine, moved); tasks can still run
+    sha = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer_sha256")
+    if sha != tokenizer.sha256:
+        raise DataError(
+            f"{path} was prepared with another tokenizer (sha256 {str(sha)[:12]}…) than the checkpoint's "
+            f"({tokenizer.sha256[:12]}…); its token ids mean nothing to this model. Pass --text FILE instead"
+        )
+    return "data", str(path)
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    cfg: Config,
+    *,
+    tasks: list[Task],
+    source: tuple[str, str] | None,
+    batch_size: int,
+    max_batches: int = 0,
+    scorer: str = "packed",
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Flat {name: value}: loss/perplexity/bits_per_byte on `source`, then `<task>/<metric>`."""
+    model.eval()
+    out: dict[str, float] = {}
+    seq_len = min(cfg.data.seq_len, model.cfg.max_seq_len)
+    with _progress(show_progress) as progress:
+        if source is not None:
+            kind, path = source
+            if kind == "text":
+                try:
+                    ids = tokenizer.encode(Path(path).read_text(encoding="utf-8"))
+                except UnicodeDecodeError as e:
+                    raise DataError(f"--text {path}: not UTF-8 text ({e})") from None
+                if not ids:
+                    raise DataError(f"--text {path}: the file is empty")
+                start = tokenizer.eos_id if tokenizer.eos_id is not None else ids[0]
+                n_windows = -(-len(ids) // seq_len)
+                batches = text_batches(ids, start_id=start, seq_len=seq_len, batch_size=batch_size)
+            else:
+                from ..data.loader import TokenDataset
+
+                n_windows = TokenDataset(path, "val").num_samples(seq_len)
+                batches = dataset_batches(path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+            total = -(-n_windows // batch_size)
+            if max_batches:
+                total = min(total, max_batches)
+            bar = progress.add_task(f"loss on {Path(path).name}", total=total)
+            nll, tokens, nbytes = nll_totals(model, _counted(batches, progress, bar), tokenizer.token_nbytes())
+            out.update(M.loss_metrics(nll, tokens, nbytes))
+        for task in tasks:
+            bar = progress.add_task(f"{task.name} ({len(task.items)} {task.kind})", total=1)
+            for k, v in score_task(model, tokenizer, task, batch_size=batch_size, scorer=scorer).items():
+                out[f"{task.name}/{k}"] = v
+            progress.advance(bar)
+    return out
+
+
+def _counted(batches, progress: Progress, bar) -> Any:
+    for b in batches:
+        yield b
+        progress.advance(bar)
+
+
+def _progress(show: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=not show)
+
+
+def load_tasks(paths: list[str]) -> list[Task]:
+    tasks = [load_task(p) for p in paths]
+    names = [t.name for t in tasks]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise DataError(f"two task files share the name {sorted(dup)[0]!r} (the file stem names the task); rename one")
+    return tasks
+
+
+def eval_command(
+    path: str | os.PathLike,
+    *,
+    tasks: list[str] | None,
+    data: str | None,
+    text: str | None,
+    batch_size: int | None,
+    threads: int | None,
+    max_batches: int,
+    as_json: bool,
+    scorer: str = "packed",
+) -> int:
+    """`lmforge eval RUN_OR_CKPT`: print the metrics of one checkpoint (newest intact of a run)."""
+    from ..train.checkpoint import load_for_inference
+
+    if data and text:
+        raise LmforgeError("give --data or --text, not both")
+    if batch_size is not None and batch_size < 1:
+        raise LmforgeError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_batches < 0:
+        raise LmforgeError(f"--max-batches must be >= 0 (0 = all), got {max_batches}")
+    task_list = load_tasks(list(tasks or []))  # validate task files before loading any model
+    model, tokenizer, cfg, step = load_for_inference(path)
+    torch.set_num_threads(threads or cfg.eval.threads or torch.get_num_threads())
+    bs = batch_size or cfg.eval.batch_size
+    source = text_source(cfg, tokenizer, data=data, text=text)
+    if source is None and not task_list:
+        raise DataError(
+            f"nothing to evaluate: the run's data.path ({cfg.data.path or 'unset'}) is not a prepared dataset here "
+            "and no --tasks were given; pass --data DIR, --text FILE or --tasks FILE.jsonl"
+        )
+    results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source, batch_size=bs,
+                             max_batches=max_batches, scorer=scorer, show_progress=not as_json)
+    if as_json:
+        print(json.dumps({"checkpoint": str(path), "step": step, "metrics": _jsonable(results)}, indent=2))
+        return 0
+    table = Table(title=f"{path} (step {step})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in results.items():
+        table.add_row(k, f"{v:.4f}")
+    console.print(table)
+    return 0
+
+
+def _jsonable(d: dict[str, float]) -> dict[str, float | None]:
+    return {k: (v if math.isfinite(v) else None) for k, v in d.items()}
+
+
+__all__ = ["evaluate_model", "score_task", "text_source", "load_tasks", "eval_command"]

@@ -1,0 +1,173 @@
+"""Task files: small JSONL benchmarks, validated line by line.
+
+Format (docs/eval.md): one JSON object per line; blank lines are ignored. The task's name is the
+file's stem, and every line of a file is the same kind of item:
+
+  multiple choice  {"context": "...", "choices": ["...", "...", ...], "gold": 0}
+  cloze            {"context": "...", "target": "..."}
+  generation       {"type": "gen", "context": "...", "target": "...", "stop": ["\\n"], "max_tokens": 32}
+
+Every item may carry an "id" (any string) and an explicit "type" ("mc", "cloze" or "gen"); without
+"type", "choices" makes an item multiple choice and "target" makes it cloze. A choice or target is
+scored as the exact text that follows the context, so it usually starts with a space or newline.
+
+Design: validation reads the whole file before anything is scored and raises `DataError` naming
+`file:line` and the field, so a typo costs a second, not an evaluation. Items are plain frozen
+dataclasses; turning text into token requests (`encode_pair`) lives here too, so the fast and the
+naive scorer are fed exactly the same tokens.
+
+Trade-off: no prompt templates, few-shot sampling or answer extraction: a task file holds the
+final text. That keeps numbers reproducible and tasks easy to write for one's own domain; rich
+suites belong to lm-evaluation-harness, which can be pointed at `lmforge serve`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from ..tokenizer import Tokenizer
+
+KINDS = ("mc", "cloze", "gen")
+_FIELDS = {
+    "mc": {"id", "type", "context", "choices", "gold"},
+    "cloze": {"id", "type", "context", "target"},
+    "gen": {"id", "type", "context", "target", "stop", "max_tokens"},
+}
+
+
+@dataclass(frozen=True)
+class Item:
+    kind: str  # mc | cloze | gen
+    context: str
+    choices: tuple[str, ...] = ()  # mc
+    gold: int = 0  # mc: index into choices
+    target: str = ""  # cloze, gen
+    stop: tuple[str, ...] = ("\n",)  # gen: generation ends at the first of these strings
+    max_tokens: int = 32  # gen
+    id: str = ""
+    where: str = ""  # "file:line", for messages
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str
+    items: tuple[Item, ...]
+    path: str
+
+
+def load_task(path: str | os.PathLike) -> Task:
+    """Read and validate one task file; DataError names file:line for the first bad line."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"task file not found: {p} (shipped tasks live in tasks/, e.g. tasks/python-mc.jsonl)")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text ({e})") from None
+    items: list[Item] = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{p}:{n}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        items.append(parse_item(raw, where))
+    if not items:
+        raise DataError(f"{p}: no items (expected one JSON object per line, see docs/eval.md)")
+    kinds = {i.kind for i in items}
+    if len(kinds) > 1:
+        first = items[0]
+        other = next(i for i in items if i.kind != first.kind)
+        raise DataError(
+            f"{other.where}: a {other.kind} item in a file whose first item ({first.where}) is {first.kind}; "
+            "one kind of item per task file"
+        )
+    return Task(name=p.stem, kind=items[0].kind, items=tuple(items), path=str(p))
+
+
+def parse_item(raw: Any, where: str) -> Item:
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    kind = raw.get("type") or ("mc" if "choices" in raw else "cloze" if "target" in raw else None)
+    if kind not in KINDS:
+        if "type" in raw:
+            raise DataError(f"{where}: \"type\" must be one of {', '.join(KINDS)}, got {raw['type']!r}")
+        raise DataError(f"{where}: cannot tell the item's kind: give \"choices\" and \"gold\" (multiple choice) "
+                        "or \"target\" (cloze), or a \"type\"")
+    unknown = sorted(set(raw) - _FIELDS[kind])
+    if unknown:
+        raise DataError(f"{where}: unknown field {unknown[0]!r} for a {kind} item (valid: {', '.join(sorted(_FIELDS[kind]))})")
+    context = _string(raw, "context", where, allow_empty=True)
+    item_id = str(raw.get("id", ""))
+    if kind == "mc":
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2:
+            raise DataError(f"{where}: \"choices\" must be a list of at least 2 strings")
+        for i, c in enumerate(choices):
+            if not isinstance(c, str) or not c:
+                raise DataError(f"{where}: choices[{i}] must be a non-empty string, got {c!r}")
+        if len(set(choices)) != len(choices):
+            raise DataError(f"{where}: two choices are the same text; each must differ")
+        gold = raw.get("gold")
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+            raise DataError(f"{where}: \"gold\" must be the index of the right choice, 0..{len(choices) - 1}, got {gold!r}")
+        return Item("mc", context, choices=tuple(choices), gold=gold, id=item_id, where=where)
+    target = _string(raw, "target", where, allow_empty=False)
+    if kind == "cloze":
+        return Item("cloze", context, target=target, id=item_id, where=where)
+    stop = raw.get("stop", ["\n"])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise DataError(f"{where}: \"stop\" must be a list of non-empty strings, got {stop!r}")
+    max_tokens = raw.get("max_tokens", 32)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise DataError(f"{where}: \"max_tokens\" must be a positive integer, got {max_tokens!r}")
+    return Item("gen", context, target=target, stop=tuple(stop), max_tokens=max_tokens, id=item_id, where=where)
+
+
+def _string(raw: dict[str, Any], key: str, where: str, *, allow_empty: bool) -> str:
+    if key not in raw:
+        raise DataError(f"{where}: missing field {key!r}")
+    v = raw[key]
+    if not isinstance(v, str) or (not v and not allow_empty):
+        raise DataError(f"{where}: {key!r} must be a {'' if allow_empty else 'non-empty '}string, got {v!r}")
+    return v
+
+
+# ---- text -> token requests --------------------------------------------------------------------
+
+
+def context_ids(tokenizer: Tokenizer, context: str) -> list[int]:
+    """Token ids of a context; an empty context becomes the document separator (as in
+    lm-evaluation-harness, which uses its end-of-text token), so the first token has a condition."""
+    ids = tokenizer.encode(context) if context else []
+    if not ids:
+        start = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
+        if start is None:
+            raise DataError("an item has an empty context and the tokenizer has no EOS/BOS token to stand for it")
+        ids = [start]
+    return ids
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> list[int]:
+    """Continuation ids as lm-evaluation-harness computes them: encode context + continuation
+    together and keep what follows the context's own tokens, so a merge across the boundary is
+    tokenized as in running text. When BPE merges across the boundary (the joint encoding does
+    not start with the context's ids) the continuation is encoded on its own instead."""
+    ctx = tokenizer.encode(context) if context else []
+    whole = tokenizer.encode(context + continuation)
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return whole[len(ctx) :]
+    return tokenizer.encode(continuation)
+
+
+__all__ = ["Item", "Task", "load_task", "parse_item", "context_ids", "encode_pair", "KINDS"]

@@ -1,0 +1,217 @@
+"""The eval sidecar: `lmforge eval RUN --watch` follows a run directory and evaluates each new
+checkpoint once, beside training, without stopping it.
+
+Loop: every `interval` seconds list the run's published checkpoints (oldest first, so curves fill
+in order); for each one not yet evaluated, load it through `load_for_inference` (which verifies
+every sha256 of its MANIFEST.json), evaluate it (evaluate/harness.py) and record the result.
+
+What "already evaluated" means survives a restart of the sidecar: every result is appended to
+`runs/<run>/eval-results.jsonl` (one JSON object per line, fsynced), keyed by checkpoint name AND
+the sha256 of its model.safetensors. After a rollback the trainer deletes the abandoned
+checkpoints and later writes new ones with the same step names but other weights; those have a
+new key and are evaluated again. A torn last line (a crash mid-append) is ignored on reading.
+
+Recording: the JSONL always; the experiment store too when one exists (`Store.open()`, the run
+found by `store.run_id(run_dir)`): metrics `eval/<name>` at the checkpoint's step (the store
+upserts, so a repeat is harmless) and an `eval` event. The JSONL line is written last: it is the
+commit point.
+
+Damaged or vanished checkpoints are skipped with one message each: the trainer's retention may
+delete a checkpoint between listing and loading, and a corrupt one will not heal by retrying.
+
+Exit: when the run's events.jsonl says `completed` (and no `resume` came after it) and every
+checkpoint present has been evaluated or skipped; `follow=True` keeps watching (a resumed run
+writes more checkpoints); `once=True` makes one pass.
+
+Resources: the process lowers its own priority (`os.nice`) and uses `threads` torch threads.
+On a machine with few cores, give training and sidecar disjoint thread counts (e.g. 1 + 1 on 2
+cores): OpenMP threads that spin waiting for each other make an oversubscribed run many times
+slower (figures in docs/eval.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, LmforgeError
+from ..util import console
+from .harness import evaluate_model, load_tasks, text_source
+
+RESULTS_FILE = "eval-results.jsonl"
+
+
+def checkpoint_key(ckpt: Path) -> str | None:
+    """"step-000030:<sha256 of model.safetensors>" from the MANIFEST, or None if unreadable."""
+    try:
+        manifest = json.loads((ckpt / "MANIFEST.json").read_text(encoding="utf-8"))
+        return f"{ckpt.name}:{manifest['files']['model.safetensors']['sha256']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The sidecar's results so far (unparsable lines, e.g. a torn last line, are skipped)."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "key" in row:
+            out.append(row)
+    return out
+
+
+def run_completed(run_dir: str | os.PathLike) -> bool:
+    """True when the last `completed` / `resume` event in events.jsonl is `completed`."""
+    path = Path(run_dir) / "events.jsonl"
+    if not path.is_file():
+        return False
+    state = False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            kind = json.loads(line).get("kind")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if kind == "completed":
+            state = True
+        elif kind == "resume":
+            state = False
+    return state
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    torn = False  # a crash mid-append left a line without its newline: end it, or our line joins it
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(("\n" if torn else "") + json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _open_store():
+    """The experiment store if one exists (never create one for a run that had none)."""
+    from ..track.store import Store, default_path
+
+    if not default_path().exists():
+        return None
+    try:
+        return Store.open()
+    except LmforgeError as e:
+        console.print(f"[yellow]warning:[/] experiment store unavailable ({e}); results go to {RESULTS_FILE} only")
+        return None
+
+
+def _record(run_dir: Path, store: Any, ckpt: Path, key: str, step: int, results: dict[str, float], seconds: float) -> None:
+    clean = {k: (v if v == v and abs(v) != float("inf") else None) for k, v in results.items()}
+    if store is not None:
+        run_id = store.run_id(str(run_dir))  # asked each time: training may register after we start
+        if run_id is not None:
+            store.log_metrics(run_id, step, {f"eval/{k}": v for k, v in results.items()})
+            store.log_event(run_id, "eval", step, {"checkpoint": ckpt.name, **clean})
+            store.flush()
+    _append(run_dir / RESULTS_FILE, {"key": key, "checkpoint": ckpt.name, "step": step, "metrics": clean,
+                                     "seconds": round(seconds, 3), "time": time.time()})
+
+
+def watch(
+    run_dir: str | os.PathLike,
+    *,
+    tasks: list[str] | None = None,
+    data: str | None = None,
+    text: str | None = None,
+    batch_size: int | None = None,
+    threads: int | None = None,
+    max_batches: int = 0,
+    interval: float = 10.0,
+    once: bool = False,
+    follow: bool = False,
+    nice: int = 10,
+) -> int:
+    """Evaluate every checkpoint of `run_dir` once, as it appears; returns 0 when done."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"--watch needs a run directory; no such directory: {run_dir}")
+    if (run_dir / "MANIFEST.json").exists():
+        raise CheckpointError(f"--watch follows a run directory, not a checkpoint: give {run_dir.parent.parent}")
+    if any(run_dir.iterdir()) and not ((run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()):
+        # an empty directory is a run about to start; one with other contents is a wrong path
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml, no checkpoints/); "
+                              "give the --run-dir that `lmforge train` writes")
+    if interval <= 0:
+        raise LmforgeError(f"--interval must be > 0 seconds, got {interval}")
+    from ..train.checkpoint import list_checkpoints, load_for_inference
+
+    cli_tasks = load_tasks(list(tasks or []))  # a bad task file fails now, not at the first checkpoint
+    if nice:
+        try:
+            os.nice(nice)  # training keeps priority: the sidecar gets what is left over
+        except OSError:
+            pass
+    if not threads:  # the run's eval.threads (default 1): leave the other cores to training
+        from ..config import load_config
+
+        cfg_path = run_dir / "config.yaml"
+        threads = load_config(cfg_path).eval.threads if cfg_path.is_file() else 1
+    torch.set_num_threads(max(1, threads))
+    store = _open_store()
+    done = {row["key"] for row in read_results(run_dir)}
+    reported: set[str] = set()  # damaged checkpoints already reported (once each)
+    console.print(f"eval sidecar: watching {run_dir} ({len(done)} checkpoint(s) already evaluated, "
+                  f"{torch.get_num_threads()} thread(s))")
+    try:
+        while True:
+            completed = run_completed(run_dir)  # read BEFORE listing: no checkpoint can follow `completed`
+            for ckpt in list_checkpoints(run_dir):
+                key = checkpoint_key(ckpt) or f"{ckpt.name}:?"
+                if key in done or key in reported:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    model, tokenizer, cfg, step = load_for_inference(ckpt)
+                except (CheckpointError, OSError) as e:
+                    if ckpt.exists():
+                        reported.add(key)
+                        console.print(f"[yellow]skipping[/] {ckpt.name}: damaged ({e})")
+                    else:
+                        console.print(f"[yellow]skipping[/] {ckpt.name}: vanished before it could be evaluated "
+                                      "(retention deleted it? raise train.keep_last)")
+                    continue
+                task_list = cli_tasks if tasks else load_tasks(list(cfg.eval.tasks))
+                source = text_source(cfg, tokenizer, data=data, text=text)
+                if source is None and not task_list:
+                    raise LmforgeError(
+                        f"nothing to evaluate for {ckpt}: data.path ({cfg.data.path or 'unset'}) is not a prepared "
+                        "dataset here and no tasks are configured; pass --data, --text or --tasks"
+                    )
+                results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source,
+                                         batch_size=batch_size or cfg.eval.batch_size, max_batches=max_batches,
+                                         show_progress=False)
+                seconds = time.perf_counter() - t0
+                _record(run_dir, store, ckpt, key, step, results, seconds)
+                done.add(key)
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items())
+                console.print(f"evaluated {ckpt.name} (step {step}) in {seconds:.1f}s: {shown}")
+            if once or (completed and not follow):
+                if completed:
+                    console.print(f"{run_dir}: training completed and every checkpoint is evaluated")
+                return 0
+            time.sleep(interval)
+    finally:
+        if store is not None:
+            store.close()
+
+
+__all__ = ["watch", "read_results", "run_completed", "checkpoint_key", "RESULTS_FILE"]

@@ -1,0 +1,479 @@
+"""The serving engine: continuous batching over per-slot KV caches, stepped by its own thread.
+
+Design
+------
+The engine owns a `SlotCache`: per layer, K and V of shape (max_batch, kv_heads, max_seq_len,
+head_dim), allocated once. Each running request holds one slot (a row of that cache) and its own
+length. The engine thread loops over one *step*:
+
+1. drop requests that were cancelled (client gone) or passed their deadline; their slots free up;
+2. admit waiting requests into free slots and prefill them together: one forward over the new
+   prompts, right-padded to the longest (padding sits after each prompt, so the causal mask
+   already keeps real tokens from seeing it; what padding writes into the cache lies beyond the
+   row's length and is overwritten before it is ever attended to);
+3. one decode forward for every running row: row b feeds its last token at its own position
+   `length_b` (RoPE by `positions`), writes its K/V there, and attends to keys 0..length_b
+   through a (B, 1, L) mask. This is the model's `positions`/`attn_mask` path (lmforge/model.py).
+
+New requests therefore join the batch between decode steps, and a finished row leaves at once.
+Running rows stay packed in slots 0..n-1: when a row finishes, the last row's cache is copied
+into its slot (one row, up to its length), so every forward works on a contiguous slice of the
+cache and never gathers it.
+
+Sampling is per request (temperature, top_k, top_p, seed through its own `torch.Generator`, the
+same `pick_token` as `lmforge sample`). A request's prompt must fit the context with its
+max_tokens (prompt + max_tokens <= max_seq_len): the server never slides the window the way
+`lmforge sample` does, so a result never depends on that policy, and within the window greedy
+serving gives the tokens of `lmforge.generate.generate`.
+
+Results flow back through `Request.sink`, called on the engine thread with `Prompt` (echoed
+prompt log-probs), `Token` (id, stable text delta, log-probs) and finally `Finished` events. Text
+is decoded incrementally: a byte-level token that ends inside a UTF-8 character, or text that
+could be the start of a stop string, is held back until it is settled.
+
+Trade-offs
+----------
+- Rows in one forward are padded to a common length: prefill to the longest new prompt, decode
+  attention to the longest running row. Simple and dense; paged attention would waste less at
+  very mixed lengths, but needs kernels we do not have on CPU.
+- Batched and single-sequence forwards run the same arithmetic in a different shape, so logits
+  may differ in the last float bits (GEMM blocking depends on the batch size). Greedy tokens
+  match unless two logits tie within that rounding; tests check token equality on a trained
+  model.
+- The engine is a plain thread: PyTorch releases the GIL inside its kernels, so the asyncio HTTP
+  server stays responsive while a step runs. OpenMP keeps the thread count per thread, so the
+  engine thread applies its creator's `torch.get_num_threads()` (without it, it ran with all
+  cores and, on a busy 2-core machine, at half the speed).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import LmforgeError
+from ..generate import pick_token
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+
+MAX_LOGPROBS = 20  # the most alternatives per position a request may ask for (OpenAI allows 5..20)
+
+
+class QueueFull(Exception):
+    """The waiting queue is full; the client should retry later (HTTP 429)."""
+
+
+# ---- requests and events -----------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    """Log-probs of the prompt tokens (echo): logprobs[0] and top[0] are None (nothing precedes)."""
+
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
+
+
+@dataclass
+class Token:
+    id: int
+    text: str  # newly settled text (may be "" while a character or stop string is incomplete)
+    logprob: float | None = None  # log-prob of this token under the model (no temperature)
+    top: list[tuple[int, float]] | None = None  # the request's `logprobs` best (id, log-prob)
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" | "length" | "cancelled" | "timeout" | "error"
+    text: str = ""  # text settled at the end (held-back bytes, the part before a stop string)
+    message: str = ""  # for "error"
+
+
+Event = Prompt | Token | Finished
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()  # ends the request, not emitted (the tokenizer's EOS)
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    logprobs: int | None = None  # None: none; n: each token's log-prob and the n best
+    echo_logprobs: bool = False  # also the prompt tokens' log-probs (a `Prompt` event)
+    deadline: float | None = None  # time.monotonic() after which the request is dropped
+    sink: Callable[[Event], None] = lambda event: None  # called on the engine thread
+    cancelled: bool = field(default=False, init=False)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A running request: its cache row is its index in Engine.active."""
+
+    req: Request
+    length: int  # positions filled in the cache
+    last: int = -1  # the token to feed at position `length` in the next decode step
+    generated: list[int] = field(default_factory=list)
+    shown: int = 0  # characters of decode(generated) already emitted
+    generator: torch.Generator | None = None
+    done: bool = False
+
+
+# ---- the per-slot cache ------------------------------------------------------------------
+
+
+class SlotCache:
+    """K/V for max_batch independent sequences: per layer (S, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, model: Transformer, slots: int) -> None:
+        cfg, p = model.cfg, next(model.parameters())
+        shape = (slots, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot src's first `length` positions into slot dst (packing the running rows)."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+
+class SlotView:
+    """What one forward sees of the SlotCache: rows lo..hi-1, in the model's cache protocol.
+
+    positions None (prefill): each row writes its T tokens at positions 0..T-1 (`pos` is 0).
+    positions (B, 1) (decode): row b writes its token at positions[b]; keys 0..length-1 are
+    returned, where length is the longest row's (the caller's mask hides the rest).
+    """
+
+    def __init__(self, cache: SlotCache, lo: int, hi: int, positions: torch.Tensor | None = None, length: int = 0):
+        self.cache, self.lo, self.hi, self.positions, self.length = cache, lo, hi, positions, length
+        self.pos = 0  # read by Transformer.forward for the shared-position (prefill) path
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        K, V = self.cache.k[layer][self.lo : self.hi], self.cache.v[layer][self.lo : self.hi]  # views
+        if self.positions is None:
+            T = k.shape[2]
+            K[:, :, :T], V[:, :, :T] = k, v
+            return K[:, :, :T], V[:, :, :T]
+        index = self.positions[:, None, :, None].expand_as(k)  # (B, kv, T, hd)
+        K.scatter_(2, index, k)
+        V.scatter_(2, index, v)
+        return K[:, :, : self.length], V[:, :, : self.length]  # (B, kv, L, hd)
+
+    def advance(self, n: int) -> None:
+        pass  # the engine keeps each slot's length
+
+
+# ---- the engine --------------------------------------------------------------------------
+
+
+class Engine:
+    """Continuous batching over `max_batch` slots with a bounded waiting queue."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise LmforgeError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_seq_len, self.vocab_size = model.cfg.max_seq_len, model.cfg.vocab_size
+        self.device = next(model.parameters()).device
+        self.cache = SlotCache(model, max_batch)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.active: list[_Slot] = []  # index = cache row
+        self.wake = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.running = False
+        # counters for /metrics (read from other threads; ints and a deque are safe to read)
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
+
+    # ---- the public side (any thread) --------------------------------------------------------
+
+    def check(self, req: Request) -> None:
+        """Raise LmforgeError (HTTP 400) when a request cannot run; the message names the limit."""
+        n = len(req.prompt_ids)
+        if n == 0:
+            raise LmforgeError("the prompt is empty; pass at least one token")
+        if any(not 0 <= t < self.vocab_size for t in req.prompt_ids):
+            raise LmforgeError(f"prompt token ids must be within 0..{self.vocab_size - 1}")
+        if req.max_tokens < 0:
+            raise LmforgeError(f"max_tokens must be >= 0, got {req.max_tokens}")
+        if n + req.max_tokens > self.max_seq_len:
+            raise LmforgeError(
+                f"the prompt ({n} tokens) plus max_tokens ({req.max_tokens}) is {n + req.max_tokens} tokens, "
+                f"more than the model's context of {self.max_seq_len} tokens; shorten the prompt or lower max_tokens"
+            )
+        if req.temperature < 0 or req.top_k < 0 or not 0.0 < req.top_p <= 1.0:
+            raise LmforgeError("temperature must be >= 0, top_k >= 0 and top_p within (0, 1]")
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
+            raise LmforgeError(f"logprobs must be within 0..{MAX_LOGPROBS}, got {req.logprobs}")
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queue requests (all or none): LmforgeError if one is invalid, QueueFull if no room."""
+        for req in requests:
+            self.check(req)
+        with self.wake:
+            if len(self.waiting) + len(requests) > self.max_queue + self.max_batch - len(self.active):
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
+            self.waiting.extend(requests)
+            self.wake.notify()
+
+    def cancel(self, req: Request) -> None:
+        """Drop a request (its client left); its slot is freed before the next forward."""
+        req.cancelled = True
+        with self.wake:
+            self.wake.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def active_slots(self) -> int:
+        return len(self.active)
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last `window` seconds."""
+        now = time.monotonic()
+        return sum(n for t, n in list(self.recent) if t >= now - window) / window
+
+    def start(self) -> "Engine":
+        self.running = True
+        threads = torch.get_num_threads()  # the caller's setting; OpenMP keeps it per thread
+        self.thread = threading.Thread(target=self._run, args=(threads,), name="lmforge-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.wake:
+            self.running = False
+            self.wake.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        for req in list(self.waiting) + [s.req for s in self.active]:
+            req.sink(Finished("cancelled"))
+        self.waiting.clear()
+        self.active.clear()
+
+    # ---- the engine thread -------------------------------------------------------------------
+
+    def _run(self, threads: int) -> None:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            while True:
+                with self.wake:
+                    while self.running and not self.waiting and not self.active:
+                        self.wake.wait()
+                    if not self.running:
+                        return
+                try:
+                    self.step()
+                except Exception as e:  # a bug must not hang every client: fail the running requests
+                    for slot in self.active:
+                        self._finish(slot, Finished("error", message=f"engine error: {e!r}"))
+                    self.active.clear()
+
+    def step(self) -> None:
+        """Drop, admit + prefill, decode: one turn of the scheduling loop."""
+        now = time.monotonic()
+        new: list[Request] = []
+        with self.wake:
+            keep: collections.deque[Request] = collections.deque()
+            for req in self.waiting:
+                reason = _dropped(req, now)
+                if reason:
+                    req.sink(Finished(reason))
+                else:
+                    keep.append(req)
+            self.waiting = keep
+            while self.waiting and len(self.active) + len(new) < self.max_batch:
+                new.append(self.waiting.popleft())
+        for slot in self.active:
+            reason = _dropped(slot.req, now)
+            if reason:
+                self._finish(slot, Finished(reason))
+        self._pack()
+        if new:
+            self._prefill(new)
+            self._pack()
+        if self.active:
+            self._decode()
+            self._pack()
+
+    def _prefill(self, requests: list[Request]) -> None:
+        lo = len(self.active)
+        lengths = [len(r.prompt_ids) for r in requests]
+        T = max(lengths)
+        idx = torch.zeros((len(requests), T), dtype=torch.long)  # right-padded with token 0
+        for b, req in enumerate(requests):
+            idx[b, : lengths[b]] = torch.tensor(req.prompt_ids)
+        slots = [_Slot(req, length=n) for req, n in zip(requests, lengths)]
+        self.active.extend(slots)  # before the forward: if it fails, _run fails them with the rest
+        view = SlotView(self.cache, lo, lo + len(requests))
+        logits = self.model(idx.to(self.device), cache=view)  # (B, T, V)
+        self.prompt_tokens += sum(lengths)
+        for b, (req, slot) in enumerate(zip(requests, slots)):
+            if req.temperature > 0:
+                slot.generator = torch.Generator(device=self.device)
+                if req.seed is None:
+                    slot.generator.seed()
+                else:
+                    slot.generator.manual_seed(req.seed)
+            if req.echo_logprobs:
+                req.sink(self._prompt_logprobs(req, logits[b, : lengths[b] - 1]))
+            if req.max_tokens == 0:
+                self._finish(slot, Finished("length"))
+            else:
+                row = logits[b, lengths[b] - 1]  # (V,) predicts the first new token
+                self._accept(slot, row, int(torch.argmax(row)) if req.temperature == 0 else None)
+
+    def _decode(self) -> None:
+        n = len(self.active)
+        tokens = torch.tensor([[s.last] for s in self.active], device=self.device)  # (B, 1)
+        positions = torch.tensor([[s.length] for s in self.active], device=self.device)  # (B, 1)
+        L = int(positions.max()) + 1
+        mask = torch.arange(L, device=self.device)[None, None, :] <= positions[:, :, None]  # (B, 1, L)
+        view = SlotView(self.cache, 0, n, positions, L)
+        logits = self.model(tokens, cache=view, positions=positions, attn_mask=mask)[:, 0]  # (B, V)
+        greedy = logits.argmax(dim=-1).tolist()  # one op for every greedy row
+        for i, slot in enumerate(list(self.active)):
+            slot.length += 1
+            self._accept(slot, logits[i], greedy[i] if slot.req.temperature == 0 else None)
+        now = time.monotonic()
+        self.recent.append((now, n))
+        while self.recent and self.recent[0][0] < now - 60:
+            self.recent.popleft()
+
+    def _accept(self, slot: _Slot, logits: torch.Tensor, token: int | None) -> None:
+        """Pick the next token from logits (V,), emit it, and decide whether the slot is done."""
+        req = slot.req
+        if token is None:
+            token = pick_token(logits, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                               generator=slot.generator)
+        if token in req.stop_ids:
+            self._finish(slot, Finished("stop", self._settle(slot, final=True)[0]))
+            return
+        self.generated_tokens += 1
+        slot.generated.append(token)
+        slot.last = token
+        logprob, top = None, None
+        if req.logprobs is not None:
+            lp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+            logprob, top = float(lp[token]), _top(lp, req.logprobs)
+        text, stopped = self._settle(slot, final=len(slot.generated) == req.max_tokens)
+        req.sink(Token(token, text, logprob, top))
+        if stopped:
+            self._finish(slot, Finished("stop"))
+        elif len(slot.generated) == req.max_tokens:
+            self._finish(slot, Finished("length"))
+
+    def _settle(self, slot: _Slot, *, final: bool) -> tuple[str, bool]:
+        """(new text safe to show, whether a stop string was reached)."""
+        text = self.tokenizer.decode(slot.generated)
+        stops = [i for i in (text.find(s, max(0, slot.shown - len(s) + 1)) for s in slot.req.stop) if i >= 0]
+        if stops:
+            end, stopped = min(stops), True
+        else:
+            end, stopped = len(text), False
+            if not final:
+                if text.endswith("\ufffd"):  # a character whose remaining bytes have not come yet
+                    end = len(text.rstrip("\ufffd"))
+                for s in slot.req.stop:  # hold back a tail that may grow into a stop string
+                    for k in range(min(len(s) - 1, end), 0, -1):
+                        if text[:end].endswith(s[:k]):
+                            end -= k
+                            break
+        end = max(end, slot.shown)
+        new, slot.shown = text[slot.shown : end], end
+        return new, stopped
+
+    def _prompt_logprobs(self, req: Request, logits: torch.Tensor) -> Prompt:
+        """logits (n-1, V) at prompt positions 0..n-2 score prompt tokens 1..n-1."""
+        lp = torch.log_softmax(logits.float(), dim=-1)  # (n-1, V)
+        targets = torch.tensor(req.prompt_ids[1:], device=lp.device)
+        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+        n = req.logprobs or 0
+        top = [_top(row, n) for row in lp] if n else [[] for _ in chosen]
+        return Prompt([None, *chosen], [None, *top])
+
+    def _finish(self, slot: _Slot, event: Finished) -> None:
+        if not slot.done:
+            slot.done = True
+            slot.req.sink(event)
+
+    def _pack(self) -> None:
+        """Remove finished rows, moving the last running row into each freed slot."""
+        for i in range(len(self.active) - 1, -1, -1):
+            if self.active[i].done:
+                last = self.active.pop()  # the row in slot len(self.active), never done (rows above i went first)
+                if i < len(self.active):  # the freed slot is not the last one: fill it with the last row
+                    self.cache.move(len(self.active), i, last.length)
+                    self.active[i] = last
+
+
+def _top(lp: torch.Tensor, n: int) -> list[tuple[int, float]]:
+    values, ids = torch.topk(lp, n)
+    return list(zip(ids.tolist(), values.tolist()))
+
+
+def _dropped(req: Request, now: float) -> str:
+    if req.cancelled:
+        return "cancelled"
+    if req.deadline is not None and now > req.deadline:
+        return "timeout"
+    return ""
+
+
+# ---- synchronous use (benchmarks, tests, scripts) ----------------------------------------
+
+
+@dataclass
+class Result:
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    prompt: Prompt | None = None
+    logprobs: list[float | None] = field(default_factory=list)
+
+
+def run_requests(engine: Engine, requests: list[Request], timeout: float = 600.0) -> list[Result]:
+    """Submit requests to a started engine and wait for all of them."""
+    results = [Result([], "", "") for _ in requests]
+    done = threading.Semaphore(0)
+
+    def sink_for(r: Result) -> Callable[[Event], None]:
+        def sink(event: Event) -> None:
+            if isinstance(event, Prompt):
+                r.prompt = event
+            elif isinstance(event, Token):
+                r.tokens.append(event.id)
+                r.text += event.text
+                r.logprobs.append(event.logprob)
+            else:
+                r.text += event.text
+                r.finish_reason = event.reason
+                done.release()
+
+        return sink
+
+    for req, r in zip(requests, results):
+        req.sink = sink_for(r)
+    engine.submit(requests)
+    for _ in requests:
+        if not done.acquire(timeout=timeout):
+            raise LmforgeError(f"requests did not finish within {timeout} s")
+    return results
+
+
+__all__ = ["Engine", "Request", "Prompt", "Token", "Finished", "QueueFull", "SlotCache", "SlotView",
+           "Result", "run_requests", "MAX_LOGPROBS"]

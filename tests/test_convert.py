@@ -1,0 +1,347 @@
+"""Interop on tiny random models: HF and GGUF in and out (lmforge/convert.py), init.from.
+
+Parity is checked against `transformers` (the reference Llama implementation) through the
+production converters in both directions; round trips must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_CONFIG, lmforge_cmd, subprocess_env
+from lmforge import convert
+from lmforge.config import ModelConfig
+from lmforge.errors import CheckpointError
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers", reason="transformers is in the test extra (pip install -e .[test])")
+
+TEXTS = ["Hello world, this is a tiny corpus for a tiny tokenizer.", "Numbers 12345 and 3.14 and words again.",
+         "The quick brown fox jumps over the lazy dog. " * 3]
+SAMPLES = ["Hello tiny fox", "café 東京 123", "  spaced\n\ttext <|eos|>"]
+
+SHAPES = {  # several shapes: GQA untied, plain MHA tied, GQA tied with other theta/eps
+    "gqa-untied": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96, tie_embeddings=False),
+    "mha-tied": dict(n_layer=1, n_head=2, n_kv_head=0, d_model=32, tie_embeddings=True),
+    "gqa-tied": dict(n_layer=3, n_head=6, n_kv_head=3, d_model=48, d_ff=80, rope_theta=100000.0, norm_eps=1e-6,
+                     tie_embeddings=True),
+}
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train(TEXTS, vocab_size=300, min_frequency=1)
+
+
+def tiny_model(tok: Tokenizer, seed: int = 0, **shape) -> Transformer:
+    cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=32, **shape)
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so a swapped or missing norm weight shows in the logits
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def ids(tok: Tokenizer, n: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, tok.vocab_size, (n, 12), generator=g)
+
+
+def arch(cfg: ModelConfig) -> tuple:
+    """What decides the weights and the function (0 = automatic resolved), not how it was spelled."""
+    return (cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.d_model, cfg.ff_dim, cfg.max_seq_len,
+            cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings)
+
+
+def lm_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(idx)
+
+
+# ---- Hugging Face -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_export_to_hf_matches_transformers_logits(tok, tmp_path, shape) -> None:
+    model = tiny_model(tok, **SHAPES[shape])
+    out = convert.write_hf_dir(convert.bundle_from_model(model, tok), tmp_path / "hf")
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+    assert isinstance(hf, transformers.LlamaForCausalLM)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    idx = ids(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(idx).logits, lm_logits(model, idx), rtol=1e-4, atol=1e-4)
+    assert hf.config.tie_word_embeddings == model.cfg.tie_embeddings
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_import_from_hf_matches_transformers_logits(tok, tmp_path, shape) -> None:
+    s = SHAPES[shape]
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=s["d_model"], intermediate_size=ModelConfig(**s).ff_dim,
+        num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"],
+        num_key_value_heads=s["n_kv_head"] or s["n_head"], max_position_embeddings=32,
+        rms_norm_eps=s.get("norm_eps", 1e-5), rope_theta=s.get("rope_theta", 10000.0),
+        tie_word_embeddings=s["tie_embeddings"],
+    )
+    torch.manual_seed(3)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "src")
+    tok.save(tmp_path / "src")
+    out = tmp_path / "imported"
+    assert convert.import_command(str(tmp_path / "src"), str(out)) == 0  # the CLI path: test_export_cli_...
+    model, loaded_tok, cfg, step = convert.load_model_dir(out)
+    assert step == 0 and loaded_tok.sha256 == tok.sha256
+    assert (cfg.model.n_kv_head or cfg.model.n_head) == hf_cfg.num_key_value_heads
+    assert cfg.model.tie_embeddings == s["tie_embeddings"]
+    idx = ids(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(lm_logits(model, idx), hf(idx).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_hf_round_trip_is_bit_identical(tok, tmp_path) -> None:
+    for i, shape in enumerate(SHAPES.values()):
+        model = tiny_model(tok, seed=i, **shape)
+        bundle = convert.bundle_from_model(model, tok, {"eos_token": "<|eos|>", "chat_template": "{{ x }}"})
+        back = convert.read_hf_dir(convert.write_hf_dir(bundle, tmp_path / f"hf{i}"))
+        assert arch(back.cfg) == arch(model.cfg)
+        assert back.tensors.keys() == bundle.tensors.keys()
+        assert all(torch.equal(back.tensors[k], bundle.tensors[k]) for k in bundle.tensors)
+        assert back.tokenizer.sha256 == tok.sha256
+        assert back.special["chat_template"] == "{{ x }}"
+
+
+def test_hf_export_tokenizer_and_generation_files(tok, tmp_path) -> None:
+    out = convert.write_hf_dir(convert.bundle_from_model(tiny_model(tok, **SHAPES["mha-tied"]), tok), tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    for text in SAMPLES[:2]:
+        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+        assert hf_tok.decode(tok.encode(text)) == text
+    assert hf_tok.eos_token == "<|eos|>" and hf_tok.bos_token == "<|bos|>"
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.eos_id and gen["bos_token_id"] == tok.bos_id
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == tok.eos_id
+
+
+def hf_dir_with(tmp_path: Path, tok: Tokenizer, **changes) -> Path:
+    src = tmp_path / "src"
+    convert.write_hf_dir(convert.bundle_from_model(tiny_model(tok, **SHAPES["mha-tied"]), tok), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(changes)
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"attention_bias": True}, "attention_bias"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "gpt2"}, "model_type"),
+    ({"head_dim": 8}, "head_dim"),
+])
+def test_unsupported_hf_architectures_are_refused_by_field(tok, tmp_path, changes, named) -> None:
+    with pytest.raises(CheckpointError, match=named):
+        convert.read_hf_dir(hf_dir_with(tmp_path, tok, **changes))
+
+
+def test_import_cli_refuses_cleanly_and_writes_nothing(tok, tmp_path) -> None:
+    src = hf_dir_with(tmp_path, tok, mlp_bias=True)
+    out = tmp_path / "models" / "x"
+    r = subprocess.run(lmforge_cmd("import", str(src), "--out", str(out)), env=subprocess_env(), capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "mlp_bias" in r.stdout + r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))  # no temp dir left
+    r = subprocess.run(lmforge_cmd("import", str(tmp_path / "nope.gguf"), "--out", str(out)), env=subprocess_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "nope.gguf" in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+def test_sharded_hf_checkpoint_imports(tok, tmp_path) -> None:
+    model = tiny_model(tok, **SHAPES["gqa-untied"])
+    bundle = convert.bundle_from_model(model, tok)
+    src = convert.write_hf_dir(bundle, tmp_path / "hf")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(src / f), metadata={"format": "pt"})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    back = convert.read_hf_dir(src)
+    assert all(torch.equal(back.tensors[k], bundle.tensors[k]) for k in bundle.tensors)
+
+
+# ---- GGUF -------------------------------------------------------------------------------------
+
+
+def test_gguf_permutation_hand_computed() -> None:
+    # 2 heads of head_dim 4: HF pairs rows (0, 2), (1, 3) of a head; llama.cpp wants them adjacent.
+    w = torch.arange(8.0).reshape(8, 1)
+    assert convert.permute_for_gguf(w, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert torch.equal(convert.unpermute_from_gguf(convert.permute_for_gguf(w, 2), 2), w)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gguf_f32_round_trip_is_bit_identical(tok, tmp_path, shape) -> None:
+    model = tiny_model(tok, **SHAPES[shape])
+    bundle = convert.bundle_from_model(model, tok)
+    path = convert.write_gguf(bundle, tmp_path / "m.gguf", dtype="f32")
+    back = convert.read_gguf(path)
+    assert arch(back.cfg) == arch(model.cfg)
+    assert back.tensors.keys() == bundle.tensors.keys()
+    assert all(torch.equal(back.tensors[k], bundle.tensors[k]) for k in bundle.tensors)
+    for text in SAMPLES:  # the tokenizer rebuilt from the GGUF vocabulary encodes as the original
+        assert back.tokenizer.encode(text) == tok.encode(text)
+    assert back.tokenizer.eos_id == tok.eos_id and back.special["eos_token"] == "<|eos|>"
+
+
+def test_gguf_pads_a_vocabulary_smaller_than_the_embedding(tok, tmp_path) -> None:
+    model = tiny_model(tok, n_layer=1, n_head=2, d_model=32)
+    cfg = replace(model.cfg, vocab_size=tok.vocab_size + 7)  # embedding rows beyond the tokenizer
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    back = convert.read_gguf(convert.write_gguf(convert.bundle_from_model(model, tok), tmp_path / "m.gguf"))
+    assert back.cfg.vocab_size == tok.vocab_size + 7 and back.tokenizer.vocab_size == tok.vocab_size
+    assert back.tokenizer.hf.get_vocab() == tok.hf.get_vocab()
+
+
+def test_gguf_unsupported_or_damaged_files_are_refused(tok, tmp_path) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "phi.gguf"), "phi2")
+    w.add_block_count(1)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(CheckpointError, match="general.architecture = 'phi2'"):
+        convert.read_gguf(tmp_path / "phi.gguf")
+    good = convert.write_gguf(convert.bundle_from_model(tiny_model(tok, **SHAPES["mha-tied"]), tok), tmp_path / "m.gguf")
+    (tmp_path / "cut.gguf").write_bytes(good.read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match="cut.gguf"):
+        convert.read_gguf(tmp_path / "cut.gguf")
+
+
+def test_gguf_f16_export_rounds_matrices_and_keeps_norms(tok, tmp_path) -> None:
+    bundle = convert.bundle_from_model(tiny_model(tok, **SHAPES["gqa-untied"]), tok)
+    back = convert.read_gguf(convert.write_gguf(bundle, tmp_path / "m.gguf", dtype="f16"))
+    for k, t in bundle.tensors.items():
+        want = t if t.ndim == 1 else t.half().float()
+        assert torch.equal(back.tensors[k], want), k
+
+
+def test_gguf_export_loads_in_transformers_gguf_reader(tok, tmp_path) -> None:
+    """An independent reader (transformers' GGUF loader, which undoes llama.cpp's q/k permutation
+    itself) must recover the original HF tensors from our GGUF."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    model = tiny_model(tok, **SHAPES["gqa-untied"])
+    bundle = convert.bundle_from_model(model, tok)
+    path = convert.write_gguf(bundle, tmp_path / "m.gguf")
+    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in parsed["config"].items() if not k.startswith("_")})
+    assert (hf_cfg.num_key_value_heads, hf_cfg.hidden_size, hf_cfg.tie_word_embeddings) == (2, 64, False)
+    with torch.device("meta"):
+        shell = transformers.LlamaForCausalLM(hf_cfg)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=shell)["tensors"]
+    for k, t in bundle.tensors.items():
+        assert torch.equal(torch.as_tensor(tensors[k]).float(), t), k
+
+
+def test_export_cli_from_run_and_import_back(tiny_dataset, tmp_path) -> None:
+    """A real run -> `lmforge export` hf and gguf -> `lmforge import` back: identical weights."""
+    run = tmp_path / "run"
+    env = subprocess_env()
+    r = subprocess.run(lmforge_cmd("train", str(TINY_CONFIG), "--run-dir", str(run), "--set", f"data.path={tiny_dataset}",
+                                   "--set", "train.max_steps=2", "--set", "train.ckpt_every_steps=2"),
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run / "checkpoints" / "step-000002" / "model.safetensors"))
+    for fmt, out in (("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf")):
+        r = subprocess.run(lmforge_cmd("export", str(run), "--format", fmt, "--out", str(out)), env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        if fmt == "gguf":  # once through the CLI; in process otherwise (each interpreter start costs seconds)
+            r = subprocess.run(lmforge_cmd("import", str(out), "--out", str(tmp_path / f"back-{fmt}")), env=env,
+                               capture_output=True, text=True)
+            assert r.returncode == 0, r.stdout + r.stderr
+        else:
+            convert.import_command(str(out), str(tmp_path / f"back-{fmt}"))
+        back = load_file(str(tmp_path / f"back-{fmt}" / "model.safetensors"))
+        assert back.keys() == weights.keys() and all(torch.equal(back[k], weights[k]) for k in weights), fmt
+    r = subprocess.run(lmforge_cmd("export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")), env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "already exists" in r.stdout + r.stderr
+
+
+# ---- init.from --------------------------------------------------------------------------------
+
+
+def test_init_from_starts_from_the_model_and_checks_the_tokenizer(tiny_dataset, tmp_path) -> None:
+    data_tok = Tokenizer.load(tiny_dataset)
+    model = tiny_model(data_tok, n_layer=2, n_head=2, n_kv_head=1, d_model=32, tie_embeddings=False)
+    mdir = convert.write_model_dir(convert.bundle_from_model(model, data_tok), tmp_path / "models" / "tiny")
+    env = subprocess_env()
+    base = lmforge_cmd("train", str(TINY_CONFIG), "--set", f"data.path={tiny_dataset}", "--set", "data.seq_len=32",
+                       "--set", "train.max_steps=3", "--set", "train.eval_every=0")
+
+    # tiny-cpu.yaml sets n_layer/n_head/d_model to other values than the model: named, refused
+    r = subprocess.run(base + ["--run-dir", str(tmp_path / "r0"), "--set", f"init.from={mdir}"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "model.d_model" in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+    cfg_path = tmp_path / "cfg.yaml"  # the same recipe without a model section
+    raw = yaml.safe_load(TINY_CONFIG.read_text())
+    raw.pop("model")
+    cfg_path.write_text(yaml.safe_dump(raw))
+    base[4] = str(cfg_path)
+    r = subprocess.run(base + ["--run-dir", str(tmp_path / "r1"), "--set", f"init.from={mdir}"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    from safetensors.torch import load_file
+
+    step0 = load_file(str(tmp_path / "r1" / "checkpoints" / "step-000000" / "model.safetensors"))
+    src = load_file(str(mdir / "model.safetensors"))
+    assert step0.keys() == src.keys() and all(torch.equal(step0[k], src[k]) for k in src)
+    run_cfg = yaml.safe_load((tmp_path / "r1" / "config.yaml").read_text())
+    assert run_cfg["model"]["n_kv_head"] == 1 and run_cfg["model"]["tie_embeddings"] is False
+    trainer = json.loads((tmp_path / "r1" / "checkpoints" / "step-000003" / "trainer.json").read_text())
+    assert trainer["step"] == 3
+
+    other_tok = Tokenizer.train(TEXTS, vocab_size=300, min_frequency=1)
+    other = tiny_model(other_tok, n_layer=1, n_head=2, d_model=32)
+    odir = convert.write_model_dir(convert.bundle_from_model(other, other_tok), tmp_path / "models" / "other")
+    r = subprocess.run(base + ["--run-dir", str(tmp_path / "r2"), "--set", f"init.from={odir}"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "another tokenizer" in r.stdout + r.stderr and "--tokenizer" in r.stdout + r.stderr
+    r = subprocess.run(base + ["--run-dir", str(tmp_path / "r3"), "--set", f"init.from={tmp_path}"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not a model directory" in r.stdout + r.stderr
+
+
+def test_model_directory_is_sampled_like_a_checkpoint(tok, tmp_path, capsys) -> None:
+    from lmforge.generate import generate, sample_command
+    from lmforge.train.checkpoint import load_for_inference
+
+    model = tiny_model(tok, **SHAPES["gqa-tied"])
+    mdir = convert.write_model_dir(convert.bundle_from_model(model, tok), tmp_path / "m")
+    loaded, loaded_tok, cfg, step = load_for_inference(mdir)
+    prompt = tok.encode("Hello tiny")
+    greedy = generate(model, prompt, max_tokens=8, stop_ids=[tok.eos_id])
+    assert step == 0 and generate(loaded, prompt, max_tokens=8, stop_ids=[tok.eos_id]) == greedy
+    assert sample_command(str(mdir), prompt="Hello tiny", max_tokens=8, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                          num_samples=1) == 0
+    assert capsys.readouterr().out == f"# {mdir} (step 0)\nHello tiny{tok.decode(greedy)}\n"
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert.write_model_dir(convert.bundle_from_model(model, tok), mdir)

@@ -1,0 +1,305 @@
+"""Evaluation: hand-computed metrics, a model whose answers are known, packed == naive scoring,
+task-file validation, `lmforge eval` end to end, and the --watch sidecar (beside a training run,
+after its own restart, past a corrupt checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import REPO, lmforge_cmd, subprocess_env
+from test_train import run_train
+from lmforge.config import ModelConfig
+from lmforge.errors import DataError
+from lmforge.evaluate import metrics as M
+from lmforge.evaluate.loss import nll_totals, text_batches
+from lmforge.evaluate.score import Request, make_request, score_naive, score_packed
+from lmforge.evaluate.tasks import encode_pair, load_task
+from lmforge.evaluate.watch import RESULTS_FILE, read_results
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+
+# ---- metrics, by hand -------------------------------------------------------------------------
+
+
+def test_loss_metrics_by_hand() -> None:
+    m = M.loss_metrics(nll_sum=6.0, n_tokens=3, n_bytes=4)
+    assert m["loss"] == 2.0
+    assert m["perplexity"] == pytest.approx(math.e**2)
+    assert m["bits_per_byte"] == pytest.approx(6.0 / 4 / math.log(2))
+
+
+def test_mc_metrics_acc_and_acc_norm_by_hand() -> None:
+    # item 1: raw picks "a" (-1 > -2), per character picks "bbbbb" (-2/5 = -0.4 > -1/1)
+    # item 2: raw picks "b" (-1 > -3): wrong; per character -3/2 = -1.5 < -1/1: still "b", wrong
+    # item 3: a tie goes to the first choice (numpy argmax), gold 0: right both ways
+    m = M.mc_metrics([[-1.0, -2.0], [-3.0, -1.0], [-2.0, -2.0]], [0, 0, 0], [["a", "bbbbb"], ["aa", "b"], ["x", "y"]])
+    assert m == {"acc": pytest.approx(2 / 3), "acc_norm": pytest.approx(1 / 3)}
+
+
+def test_exact_match_and_stop_strings() -> None:
+    assert M.cut_at_stop("os.py\nprint", ["\n"]) == "os.py"
+    assert M.cut_at_stop("abc", ["x"]) == "abc"
+    assert M.cut_at_stop("a b\nc", ["\n", " "]) == "a"
+    assert M.exact_match([" os.py ", "x"], ["os.py", "y"]) == {"exact_match": 0.5}
+
+
+class Uniform(nn.Module):
+    """Equal logits for every token: each target costs exactly ln(V) nats."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx: torch.Tensor, **_: object) -> torch.Tensor:
+        return torch.zeros(*idx.shape, self.vocab) + 0 * self.w  # (B, T, V)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer() -> Tokenizer:
+    texts = ["def main():\n    return os.path.join(a, b)\n", "héllo wörld ✓ 日本語\n" * 3, "import sys\n" * 5]
+    return Tokenizer.train(texts, vocab_size=300)
+
+
+def test_bits_per_byte_counts_utf8_bytes_of_multibyte_text(small_tokenizer: Tokenizer) -> None:
+    tok = small_tokenizer
+    text = "héllo wörld ✓ 日本語, naïve café\n"
+    assert len(text.encode("utf-8")) > len(text)  # really multi-byte
+    ids = tok.encode(text)
+    batches = list(text_batches(ids, start_id=tok.eos_id, seq_len=5, batch_size=2))
+    # every token of the text is a target exactly once, in order; padding is -100
+    targets = torch.cat([y.flatten() for _, y in batches])
+    assert targets[targets != -100].tolist() == ids
+    nll, n_tokens, n_bytes = nll_totals(Uniform(tok.vocab_size), batches, tok.token_nbytes())
+    assert n_tokens == len(ids)
+    assert n_bytes == len(text.encode("utf-8"))
+    assert nll == pytest.approx(len(ids) * math.log(tok.vocab_size), rel=1e-6)
+    bpb = M.loss_metrics(nll, n_tokens, n_bytes)["bits_per_byte"]
+    assert bpb == pytest.approx(len(ids) * math.log2(tok.vocab_size) / len(text.encode("utf-8")), rel=1e-6)
+
+
+# ---- a model whose answers are known -------------------------------------------------------------
+
+
+class Bigram(nn.Module):
+    """logits at position t depend only on the token at t: log P[idx[t]] (rows sum to one)."""
+
+    def __init__(self, probs: torch.Tensor) -> None:
+        super().__init__()
+        self.logp = nn.Parameter(probs.log())
+        self.cfg = ModelConfig(vocab_size=probs.shape[0], n_layer=1, n_head=1, d_model=2, max_seq_len=16)
+
+    def forward(self, idx: torch.Tensor, **_: object) -> torch.Tensor:
+        return self.logp[idx]  # (B, T, V)
+
+
+P = torch.tensor([[0.1, 0.6, 0.2, 0.1],   # after 0: 1 is likely
+                  [0.1, 0.1, 0.7, 0.1],   # after 1: 2
+                  [0.5, 0.2, 0.2, 0.1],   # after 2: 0
+                  [0.25, 0.25, 0.25, 0.25]])
+
+
+@pytest.mark.parametrize("scorer", ["naive", "packed"])
+def test_known_model_gives_hand_computed_logprobs(scorer: str) -> None:
+    model = Bigram(P)
+    reqs = [Request((3, 0), ((1, 2), (2, 0), (3,))), Request((2,), ((0, 1, 2),))]
+    score = score_naive(model, reqs) if scorer == "naive" else score_packed(model, reqs, batch_size=2)
+    ln = math.log
+    expected = [[ln(0.6) + ln(0.7), ln(0.2) + ln(0.5), ln(0.1)], [ln(0.5) + ln(0.6) + ln(0.7)]]
+    greedy = [[True, False, False], [True]]
+    for row, exp, gr in zip(score, expected, greedy):
+        assert [s.logprob for s in row] == pytest.approx(exp, abs=1e-5)
+        assert [s.greedy for s in row] == gr
+    m = M.mc_metrics([[s.logprob for s in score[0]]], [0], [["ab", "ca", "d"]])
+    assert m == {"acc": 1.0, "acc_norm": 1.0}
+
+
+@pytest.mark.parametrize("n_kv_head", [0, 2])
+def test_packed_scorer_equals_naive_on_a_real_transformer(n_kv_head: int) -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=60, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, max_seq_len=40)).eval()
+    rng = random.Random(n_kv_head)
+    reqs = []
+    for _ in range(25):  # contexts up to 35 tokens + up to 4 choices of up to 7: some need several rows
+        ctx = [rng.randrange(60) for _ in range(rng.randrange(1, 36))]
+        conts = [[rng.randrange(60) for _ in range(rng.randrange(1, 8))] for _ in range(rng.randrange(1, 5))]
+        reqs.append(make_request(ctx, conts, 40))
+    naive = score_naive(model, reqs)
+    for batch_size in (1, 3, 64):
+        packed = score_packed(model, reqs, batch_size=batch_size)
+        for a, b in zip(naive, packed):
+            assert [s.greedy for s in a] == [s.greedy for s in b]
+            assert [s.n_tokens for s in a] == [s.n_tokens for s in b]
+            torch.testing.assert_close(torch.tensor([s.logprob for s in b]), torch.tensor([s.logprob for s in a]),
+                                       rtol=1e-5, atol=1e-4)
+
+
+def test_make_request_truncates_context_from_the_left_and_refuses_huge_choices() -> None:
+    r = make_request(list(range(30)), [[1, 2, 3], [4]], max_len=10)
+    assert r.context == tuple(range(23, 30))  # 7 context + 3 longest choice = 10
+    with pytest.raises(DataError, match="leaves no room"):
+        make_request([1], [list(range(10))], max_len=10, where="t.jsonl:4")
+
+
+def test_encode_pair_matches_joint_tokenization(small_tokenizer: Tokenizer) -> None:
+    tok = small_tokenizer
+    ctx, cont = "import", " sys\n"
+    assert tok.encode(ctx) + encode_pair(tok, ctx, cont) == tok.encode(ctx + cont)
+
+
+# ---- task files --------------------------------------------------------------------------------
+
+
+def test_shipped_tasks_load() -> None:
+    kinds = {p.name: load_task(p).kind for p in sorted((REPO / "tasks").glob("*.jsonl"))}
+    assert kinds == {"python-cloze.jsonl": "cloze", "python-gen.jsonl": "gen", "python-mc.jsonl": "mc"}
+    mc = load_task(REPO / "tasks" / "python-mc.jsonl")
+    assert len(mc.items) >= 24 and all(len(i.choices) == 4 for i in mc.items)
+    assert len({i.gold for i in mc.items}) == 4  # "always pick A" is not a strategy
+
+
+@pytest.mark.parametrize("lines, match", [
+    (['{"context": "a", "choices": ["b", "c"], "gold": 0}', "", '{"context": "a", "choices": ["b", "c"], "gold": 2}'],
+     r"bad\.jsonl:3: \"gold\" must be the index"),
+    (['{"context": "a", "target": "b"}', "{not json"], r"bad\.jsonl:2: not valid JSON"),
+    (['{"context": "a", "target": "b", "choicez": 1}'], r"bad\.jsonl:1: unknown field 'choicez'"),
+    (['{"context": "a", "choices": ["b", "b"], "gold": 0}'], r"bad\.jsonl:1: two choices are the same"),
+    (['{"context": "a", "choices": ["b"], "gold": 0}'], r"bad\.jsonl:1: \"choices\" must be a list of at least 2"),
+    (['{"context": "a", "target": "b"}', '{"context": "a", "choices": ["b", "c"], "gold": 1}'],
+     r"bad\.jsonl:2: a mc item in a file whose first item \(.*bad\.jsonl:1\) is cloze"),
+    (['{"target": "b"}'], r"bad\.jsonl:1: missing field 'context'"),
+    (['{"context": "x"}'], r"bad\.jsonl:1: cannot tell the item's kind"),
+    (['{"type": "gen", "context": "x", "target": "y", "max_tokens": 0}'], r"bad\.jsonl:1: \"max_tokens\" must be"),
+    ([""], r"bad\.jsonl: no items"),
+])
+def test_task_validation_names_file_and_line(tmp_path: Path, lines: list[str], match: str) -> None:
+    p = tmp_path / "bad.jsonl"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=match):
+        load_task(p)
+
+
+# ---- the CLI on a real run ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dataset, tmp_path_factory) -> Path:
+    """A 40-step tiny run keeping all five checkpoints (steps 0, 10, 20, 30, 40)."""
+    run_dir = tmp_path_factory.mktemp("evalrun") / "r1"
+    run_train(tiny_dataset, run_dir, "train.keep_last=10")
+    return run_dir
+
+
+def lmforge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(lmforge_cmd(*args), capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
+
+
+def test_eval_cli_reports_val_metrics_that_match_the_library(run: Path, tiny_dataset: Path) -> None:
+    from lmforge.evaluate.loss import dataset_batches
+    from lmforge.train.checkpoint import load_for_inference
+
+    proc = lmforge("eval", str(run), "--json", "--tasks", str(REPO / "tasks" / "python-mc.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["step"] == 40
+    model, tok, cfg, _ = load_for_inference(run / "checkpoints" / "step-000040")
+    nll, n, nbytes = nll_totals(model, dataset_batches(str(tiny_dataset), seq_len=64, batch_size=8, max_batches=0),
+                                tok.token_nbytes())
+    m = out["metrics"]
+    assert m["loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert m["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert m["bits_per_byte"] == pytest.approx(nll / nbytes / math.log(2), rel=1e-5)
+    assert 0 <= m["python-mc/acc"] <= 1 and 0 <= m["python-mc/acc_norm"] <= 1
+    naive = lmforge("eval", str(run), "--json", "--scorer", "naive", "--tasks", str(REPO / "tasks" / "python-mc.jsonl"),
+                    "--text", str(REPO / "README.md"))
+    assert naive.returncode == 0, naive.stderr
+    assert json.loads(naive.stdout)["metrics"]["python-mc/acc"] == m["python-mc/acc"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/nope"], "no such run or checkpoint"),
+    (["{run}", "--tasks", "{tmp}/bad.jsonl"], "bad.jsonl:1: not valid JSON"),
+    (["{run}", "--data", "{tmp}", "--text", "{tmp}/bad.jsonl"], "give --data or --text, not both"),
+    (["{run}", "--data", "{tmp}"], "is not a prepared dataset"),
+    (["{run}/checkpoints/step-000010", "--watch"], "follows a run directory, not a checkpoint"),
+    (["{tmp}", "--watch"], "is not a run directory"),
+])
+def test_eval_cli_errors_are_clear(run: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "bad.jsonl").write_text("{oops\n", encoding="utf-8")
+    proc = lmforge("eval", *[a.format(run=run, tmp=tmp_path) for a in args])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---- the sidecar -------------------------------------------------------------------------------
+
+
+def test_sidecar_beside_training_evaluates_every_checkpoint_once_and_records_in_the_store(tiny_dataset, tmp_path) -> None:
+    from lmforge.track.store import Store
+
+    run_dir = tmp_path / "live"
+    run_dir.mkdir()  # empty: a run about to start, so the sidecar waits for it
+    sidecar = subprocess.Popen(lmforge_cmd("eval", str(run_dir), "--watch", "--interval", "0.2", "--threads", "1",
+                                           "--tasks", str(REPO / "tasks" / "python-cloze.jsonl")),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
+    try:
+        run_train(tiny_dataset, run_dir, "train.keep_last=10")
+        out, _ = sidecar.communicate(timeout=240)  # exits by itself once training completed
+    finally:
+        sidecar.kill()
+    assert sidecar.returncode == 0, out
+    results = read_results(run_dir)
+    assert sorted(r["step"] for r in results) == [0, 10, 20, 30, 40], out
+    assert len({r["key"] for r in results}) == 5
+    assert "training completed" in out
+    with Store.open() as store:
+        run_id = store.run_id(str(run_dir))
+        curve = store.metrics(run_id, ["eval/loss", "eval/python-cloze/acc"])
+        assert curve["eval/loss"]["step"] == [0, 10, 20, 30, 40]
+        assert curve["eval/loss"]["value"] == pytest.approx([r["metrics"]["loss"] for r in sorted(results, key=lambda r: r["step"])])
+        assert len(curve["eval/python-cloze/acc"]["step"]) == 5
+        assert [e["step"] for e in store.events(run_id) if e["kind"] == "eval"] == [0, 10, 20, 30, 40]
+    show = lmforge("runs", "show", str(run_dir))
+    assert "eval/loss" in show.stdout and "eval/bits_per_byte" in show.stdout
+
+
+def test_sidecar_survives_its_restart_and_skips_a_corrupt_checkpoint(run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "copy"  # not in the store: results go to the JSONL only
+    shutil.copytree(run, run_dir)
+    (run_dir / RESULTS_FILE).unlink(missing_ok=True)
+    ckpts = run_dir / "checkpoints"
+    later = tmp_path / "later"
+    later.mkdir()
+    for name in ("step-000030", "step-000040"):  # the sidecar first sees a run in progress
+        (ckpts / name).rename(later / name)
+    first = lmforge("eval", str(run_dir), "--watch", "--once", "--max-batches", "2")
+    assert first.returncode == 0, first.stderr
+    assert sorted(r["step"] for r in read_results(run_dir)) == [0, 10, 20]
+
+    for name in ("step-000030", "step-000040"):
+        (later / name).rename(ckpts / name)
+    with open(run_dir / RESULTS_FILE, "a") as f:
+        f.write('{"key": "step-0000')  # a torn last line from a crash mid-append
+    blob = ckpts / "step-000030" / "model.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    second = lmforge("eval", str(run_dir), "--watch", "--interval", "0.2", "--max-batches", "2")
+    assert second.returncode == 0, second.stdout + second.stderr  # the run is completed: it exits
+    said = second.stdout + second.stderr  # messages go through the rich console (stderr)
+    assert "3 checkpoint(s) already evaluated" in said
+    assert "skipping step-000030: damaged" in said and "sha256" in said
+    assert "evaluated step-000040" in said
+    for name in ("step-000000", "step-000010", "step-000020"):
+        assert f"evaluated {name}" not in said
+    assert sorted(r["step"] for r in read_results(run_dir)) == [0, 10, 20, 40]
