@@ -3,7 +3,7 @@
   beside  training with train.threads=1 and `lmforge eval RUN --watch --threads 1` running
           at the same time (the sidecar exits once training completed and all is evaluated)
   after   training with train.threads=2, then the same evaluations with 2 threads
-          (`lmforge eval RUN --watch --once --threads 2`)
+          (`lmforge eval RUN --watch --once --threads 2`); and the same with 1 thread each
   both2   (--oversubscribed) training with 2 threads AND a 2-thread sidecar beside it: what
           happens when nobody chooses thread counts
 
@@ -74,8 +74,8 @@ def run_pair(data: Path, root: Path, name: str, train_threads: int, eval_threads
 
 
 def run_after(data: Path, root: Path, threads: int, args: argparse.Namespace) -> dict:
-    run_dir = root / "after"
-    e = env(root / "after.db")
+    run_dir = root / f"after{threads}"
+    e = env(root / f"after{threads}.db")
     t0 = time.perf_counter()
     subprocess.run(train_cmd(data, run_dir, threads, args), env=e, check=True, capture_output=True)
     t_train = time.perf_counter() - t0
@@ -98,13 +98,16 @@ def main() -> None:
         files = sorted(str(p) for p in stdlib.glob("*.py"))[:120]
         subprocess.run(lmforge("prepare", *files, "--out", str(root / "data"), "--vocab-size", "4096"),
                        check=True, capture_output=True)
-        results = {"beside (1 + 1 threads)": run_pair(root / "data", root, "beside", 1, 1, args),
-                   "after (2 threads, then eval)": run_after(root / "data", root, 2, args)}
+        print(f"{'configuration':<30}{'training s':>12}{'all done s':>12}{'evaluated':>11}", flush=True)
+        plan = [("beside (1 + 1 threads)", lambda: run_pair(root / "data", root, "beside", 1, 1, args)),
+                ("after (2 threads, then eval)", lambda: run_after(root / "data", root, 2, args)),
+                ("after (1 thread, then eval)", lambda: run_after(root / "data", root, 1, args))]
         if args.oversubscribed:
-            results["beside (2 + 2 threads)"] = run_pair(root / "data", root, "both2", 2, 2, args)
-    print(f"{'configuration':<30}{'training s':>12}{'all done s':>12}{'evaluated':>11}")
-    for name, r in results.items():
-        print(f"{name:<30}{r['train']:>12.1f}{r['total']:>12.1f}{r['evaluated']:>11}")
+            plan.append(("beside (2 + 2 threads)", lambda: run_pair(root / "data", root, "both2", 2, 2, args)))
+        results = {}
+        for name, fn in plan:  # print each as it finishes: an oversubscribed run can take long
+            r = results[name] = fn()
+            print(f"{name:<30}{r['train']:>12.1f}{r['total']:>12.1f}{r['evaluated']:>11}", flush=True)
     a, b = results["beside (1 + 1 threads)"]["total"], results["after (2 threads, then eval)"]["total"]
     print(f"beside / after = {a / b:.2f} ({'beside finishes sooner' if a < b else 'after finishes sooner'})")
     print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

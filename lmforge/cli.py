@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared dataset whose val split to score (default: the run's data.path)")
     p.add_argument("--text", help="score a UTF-8 text file instead of a dataset")
     p.add_argument("--batch-size", type=int, help="rows per forward (default: eval.batch_size)")
-    p.add_argument("--threads", type=int, help="torch threads (default: eval.threads)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores; with --watch: the run's eval.threads)")
     p.add_argument("--max-batches", type=int, default=0, help="score at most this many val batches (0: all)")
     p.add_argument("--scorer", choices=["packed", "naive"], default="packed", help="naive: one forward per choice (reference)")
     p.add_argument("--json", action="store_true", help="print JSON")

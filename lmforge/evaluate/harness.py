@@ -182,7 +182,8 @@ def eval_command(
         raise LmforgeError(f"--max-batches must be >= 0 (0 = all), got {max_batches}")
     task_list = load_tasks(list(tasks or []))  # validate task files before loading any model
     model, tokenizer, cfg, step = load_for_inference(path)
-    torch.set_num_threads(threads or cfg.eval.threads or torch.get_num_threads())
+    if threads:  # default: every core (eval.threads is the sidecar's budget, beside training)
+        torch.set_num_threads(threads)
     bs = batch_size or cfg.eval.batch_size
     source = text_source(cfg, tokenizer, data=data, text=text)
     if source is None and not task_list:

@@ -43,7 +43,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -278,6 +278,9 @@ def create_app(
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    if max_tokens < 1 or request_timeout <= 0 or max_body_bytes < 1:
+        raise LmforgeError(f"--max-tokens, --request-timeout and --max-body-bytes must be positive, got "
+                           f"{max_tokens}, {request_timeout} and {max_body_bytes}")
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     context = model.cfg.max_seq_len
     created = int(time.time())
@@ -315,7 +318,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def api_error(_request: HttpRequest, e: ApiError) -> JSONResponse:
-        rejected.labels({429: "queue_full", 413: "too_large", 504: "timeout"}.get(e.status, "invalid")).inc()
+        rejected.labels({429: "queue_full", 413: "too_large", 504: "timeout", 500: "engine_error"}.get(e.status, "invalid")).inc()
         return JSONResponse(error_body(e.message, e.kind, e.status, e.param), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -745,9 +748,10 @@ def serve_command(
         )
     port = port if port is not None else cfg.serve.port
     name = model_name or Path(path).resolve().name
-    app = create_app(model, tokenizer, model_name=name, max_batch=max_batch or cfg.serve.max_batch,
+    app = create_app(model, tokenizer, model_name=name,
+                     max_batch=cfg.serve.max_batch if max_batch is None else max_batch,
                      max_queue=cfg.serve.max_queue if max_queue is None else max_queue,
-                     max_tokens=max_tokens or cfg.serve.max_tokens, api_key=key, chat_template=template,
+                     max_tokens=cfg.serve.max_tokens if max_tokens is None else max_tokens, api_key=key, chat_template=template,
                      request_timeout=request_timeout, max_body_bytes=max_body_bytes)
     auth = "API key required" if key else "no API key"
     console.print(f"serving {name} (step {step}) at http://{host}:{port}/v1 ({auth}); Ctrl-C stops", markup=False)

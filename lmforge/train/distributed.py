@@ -133,6 +133,13 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def lost_peer(e: BaseException) -> bool:
+    """Whether an exception is a collective that failed because a peer went away (gloo reports
+    it as a plain RuntimeError naming its transport; nccl as a DistError)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or "gloo" in text.lower() or "Connection closed by peer" in text
+
+
 def micro_batches_per_rank(global_batch: int, micro_batch: int, world: int) -> int:
     """global_batch / (world * micro_batch), or an error naming the numbers."""
     if global_batch % (world * micro_batch):

@@ -414,6 +414,12 @@ def train_command(config_path: str | None, *, run_dir: str | None, overrides: li
                 print(f"rank {d.rank}/{d.world}: error: {e}", file=sys.stderr, flush=True)
             _record_error(e)
         raise
+    except RuntimeError as e:
+        if d.world > 1 and distributed.lost_peer(e):  # another rank died: say so, without a traceback
+            print(f"rank {d.rank}/{d.world}: stopped: a collective failed ({str(e).splitlines()[0][:200]}); usually "
+                  "another rank died first, see torchrun's report for the root cause", file=sys.stderr, flush=True)
+            return 1
+        raise
     finally:
         distributed.shutdown()
 
