@@ -457,3 +457,15 @@ def test_api_key_sources_and_loopback(tmp_path: Path, monkeypatch) -> None:
         resolve_api_key(None, str(tmp_path / "missing"))
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("example.com")
+
+
+def test_request_timeout_is_a_504_and_an_error_event_in_a_stream(loaded) -> None:
+    model, tok = loaded
+    app = create_app(model, tok, max_tokens=64, request_timeout=1e-6)  # every request is late
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"prompt": "O", "max_tokens": 8})
+        assert r.status_code == 504 and "--request-timeout" in r.json()["error"]["message"]
+        with c.stream("POST", "/v1/completions", json={"prompt": "O", "max_tokens": 8, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert json.loads(lines[0][len("data: "):])["error"]["code"] == 504 and lines[-1] == "data: [DONE]"
+        assert c.get("/health").status_code == 200
