@@ -26,6 +26,9 @@ import yaml
 from .errors import ConfigError
 
 
+ROPE_SCALINGS = ("", "llama3")  # model.rope_scaling values lmforge implements
+
+
 @dataclass
 class ModelConfig:
     """Llama-style decoder shape. Names follow Hugging Face `LlamaConfig` where one exists."""
@@ -38,6 +41,13 @@ class ModelConfig:
     d_ff: int = 0  # 0 -> SwiGLU default: 8/3 * d_model rounded up to a multiple of 64
     max_seq_len: int = 256  # longest context (RoPE tables, KV cache)
     rope_theta: float = 10000.0
+    # RoPE frequency scaling (HF `rope_scaling`): "" = plain RoPE; "llama3" = Llama 3.1/3.2's scheme
+    # (model.py `llama3_inv_freq`), which uses the four fields below and ignores them otherwise.
+    rope_scaling: str = ""
+    rope_factor: float = 1.0  # long wavelengths are divided by this (HF `factor`)
+    rope_low_freq_factor: float = 1.0  # wavelengths above original_max_len / this are scaled fully
+    rope_high_freq_factor: float = 4.0  # wavelengths below original_max_len / this are kept
+    rope_original_max_len: int = 0  # the pretraining context (HF `original_max_position_embeddings`)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -190,6 +200,19 @@ class Config:
         _positive("model.max_seq_len", m.max_seq_len)
         _positive("model.rope_theta", m.rope_theta)
         _positive("model.norm_eps", m.norm_eps)
+        if m.rope_scaling not in ROPE_SCALINGS:
+            raise ConfigError(
+                f"model.rope_scaling must be one of {', '.join(repr(r) for r in ROPE_SCALINGS)} "
+                f"('' = plain RoPE); got {m.rope_scaling!r}"
+            )
+        if m.rope_scaling == "llama3":
+            _positive("model.rope_factor", m.rope_factor)
+            _positive("model.rope_original_max_len", m.rope_original_max_len)
+            if not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+                raise ConfigError(
+                    f"model.rope_low_freq_factor ({m.rope_low_freq_factor}) must be > 0 and below "
+                    f"model.rope_high_freq_factor ({m.rope_high_freq_factor})"
+                )
         if m.d_model % m.n_head:
             raise ConfigError(
                 f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})"

@@ -25,8 +25,11 @@ Trade-offs
 ----------
 - Weights are held and written as fp32: that is what lmforge trains (fp32 master weights), and
   dequantized GGUF weights are exact in fp32. A bf16 HF checkpoint therefore doubles on disk.
-- Architectures lmforge cannot represent (biases, rope scaling, other activations, ...) are
-  refused naming the field, rather than imported approximately.
+- Architectures lmforge cannot represent (biases, RoPE scaling other than Llama 3.1's "llama3",
+  other activations, ...) are refused naming the field, rather than imported approximately.
+- llama3 RoPE scaling goes to GGUF as llama.cpp's `rope_freqs` tensor plus lmforge's own
+  `lmforge.rope.llama3.*` keys; a GGUF with `rope_freqs` but without those keys (e.g. one made by
+  llama.cpp's converter) is refused: the tensor alone does not determine the four parameters.
 - Only byte-level BPE tokenizers ("gpt2" in GGUF terms) are rebuilt from GGUF; SentencePiece
   GGUFs (`tokenizer.ggml.model = llama`) are refused: import their HF directory instead.
 - Nothing is unpickled: safetensors, JSON, YAML and GGUF only; `pytorch_model.bin` is refused.
@@ -133,7 +136,7 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int | None]) -> dict[str,
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": _hf_rope_scaling(cfg),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -146,6 +149,14 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int | None]) -> dict[str,
         if special_ids.get(key) is not None:
             out[key] = special_ids[key]
     return out
+
+
+def _hf_rope_scaling(cfg: ModelConfig) -> dict[str, Any] | None:
+    """HF `rope_scaling` of a config (None for plain RoPE); transformers 5 folds it into rope_parameters."""
+    if cfg.rope_scaling != "llama3":
+        return None
+    return {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor, "original_max_position_embeddings": cfg.rope_original_max_len}
 
 
 def model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
@@ -162,10 +173,23 @@ def model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise refuse(key, hf[key], "lmforge's linear layers have no biases")
-    rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests theta and type here
-    rope_type = rope.get("rope_type", "default")
-    if hf.get("rope_scaling") or rope_type != "default":
-        raise refuse("rope_scaling", hf.get("rope_scaling") or rope, "lmforge implements plain RoPE only")
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests theta, type and scaling here
+    scaling = hf.get("rope_scaling") or rope  # transformers < 5: a separate rope_scaling dict
+    if not isinstance(scaling, dict):
+        raise refuse("rope_scaling", scaling, "expected a mapping with a rope_type")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise refuse("rope_scaling", scaling, f"lmforge implements plain RoPE and rope_type 'llama3' only, not {rope_type!r}")
+    llama3: dict[str, Any] = {}
+    if rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [k for k in keys if scaling.get(k) is None]
+        if missing:
+            raise refuse("rope_scaling", scaling, f"rope_type 'llama3' needs {', '.join(missing)}")
+        llama3 = dict(rope_scaling="llama3", rope_factor=float(scaling["factor"]),
+                      rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                      rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                      rope_original_max_len=int(scaling["original_max_position_embeddings"]))
     try:
         cfg = ModelConfig(
             vocab_size=int(hf["vocab_size"]),
@@ -179,6 +203,7 @@ def model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # LlamaConfig's default
             init_std=float(hf.get("initializer_range", 0.02)),
+            **llama3,
         )
     except KeyError as e:
         raise CheckpointError(f"{source}: config.json lacks {e.args[0]!r}") from None
@@ -324,6 +349,19 @@ _PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
 }
 
 
+_GGUF_LLAMA3 = "lmforge.rope.llama3."  # GGUF metadata prefix of lmforge's llama3 parameters
+
+
+def _rope_freqs(cfg: ModelConfig) -> torch.Tensor:
+    """llama.cpp's rope_freqs (hd/2,) fp32: plain inverse frequency / scaled one, per frequency."""
+    from .model import llama3_inv_freq
+
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    scaled = llama3_inv_freq(inv_freq, cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                             cfg.rope_original_max_len)
+    return (inv_freq / scaled).float()
+
+
 def read_gguf(path: Path) -> Bundle:
     """A llama-architecture GGUF file -> Bundle (tensors dequantized to fp32)."""
     import gguf
@@ -341,8 +379,18 @@ def read_gguf(path: Path) -> Bundle:
         if meta.get(key) not in (None, "none"):
             raise CheckpointError(f"{path}: unsupported {key} = {meta[key]!r}: lmforge implements plain RoPE only")
     by_name = {t.name: t for t in reader.tensors}
-    if "rope_freqs.weight" in by_name:
-        raise CheckpointError(f"{path}: unsupported tensor rope_freqs.weight (scaled RoPE): lmforge implements plain RoPE only")
+    llama3: dict[str, Any] = {}
+    if "rope_freqs.weight" in by_name:  # llama.cpp's per-frequency RoPE divisors (llama3 scaling)
+        if meta.get(_GGUF_LLAMA3 + "type") != "llama3":
+            raise CheckpointError(
+                f"{path}: unsupported tensor rope_freqs.weight (scaled RoPE) without lmforge's {_GGUF_LLAMA3}* "
+                "parameters: lmforge cannot recover the scaling from the tensor alone; import the model's "
+                "Hugging Face directory instead (its config.json names the rope_scaling)"
+            )
+        llama3 = dict(rope_scaling="llama3", rope_factor=_f32(meta[_GGUF_LLAMA3 + "factor"]),
+                      rope_low_freq_factor=_f32(meta[_GGUF_LLAMA3 + "low_freq_factor"]),
+                      rope_high_freq_factor=_f32(meta[_GGUF_LLAMA3 + "high_freq_factor"]),
+                      rope_original_max_len=int(meta[_GGUF_LLAMA3 + "original_max_len"]))
     try:
         d, n_head = int(meta[a + "embedding_length"]), int(meta[a + "attention.head_count"])
         vocab = int(meta.get(a + "vocab_size") or len(meta["tokenizer.ggml.tokens"]))
@@ -357,6 +405,7 @@ def read_gguf(path: Path) -> Bundle:
             rope_theta=_f32(meta.get(a + "rope.freq_base", 10000.0)),
             norm_eps=_f32(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
             tie_embeddings="output.weight" not in by_name,
+            **llama3,
         )
     except KeyError as e:
         raise CheckpointError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
@@ -364,6 +413,10 @@ def read_gguf(path: Path) -> Bundle:
         raise CheckpointError(f"{path}: unsupported {a}rope.dimension_count = {meta[a + 'rope.dimension_count']} "
                               f"(partial RoPE); lmforge rotates whole heads ({cfg.head_dim})")
     _validate_shape(cfg, str(path))
+    if llama3:  # the tensor llama.cpp uses must be the one these parameters give
+        freqs = _gguf_tensor(by_name["rope_freqs.weight"], path)
+        if not torch.allclose(freqs, _rope_freqs(cfg), rtol=1e-6, atol=0):
+            raise CheckpointError(f"{path}: rope_freqs.weight disagrees with its {_GGUF_LLAMA3}* parameters")
 
     from rich.progress import Progress
 
@@ -512,6 +565,16 @@ def write_gguf(bundle: Bundle, out: Path, dtype: str = "f32", overwrite: bool = 
             if dtype == "f16" and arr.ndim > 1:
                 arr = arr.astype(np.float16)
             w.add_tensor(gguf_name(name), np.ascontiguousarray(arr))
+        if cfg.rope_scaling == "llama3":
+            # llama.cpp applies llama3 scaling through rope_freqs (it divides frequency i by entry i);
+            # the parameters go beside it under lmforge's own keys (llama.cpp ignores them) so that
+            # lmforge reads back the exact config.
+            w.add_tensor("rope_freqs.weight", _rope_freqs(cfg).numpy())
+            w.add_string(_GGUF_LLAMA3 + "type", "llama3")
+            w.add_float32(_GGUF_LLAMA3 + "factor", cfg.rope_factor)
+            w.add_float32(_GGUF_LLAMA3 + "low_freq_factor", cfg.rope_low_freq_factor)
+            w.add_float32(_GGUF_LLAMA3 + "high_freq_factor", cfg.rope_high_freq_factor)
+            w.add_uint32(_GGUF_LLAMA3 + "original_max_len", cfg.rope_original_max_len)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -685,14 +748,15 @@ def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrit
         write_gguf(bundle, Path(out), dtype=dtype, overwrite=overwrite)
     else:
         raise ConfigError(f"--format must be hf or gguf, got {fmt!r}")
-    console.print(f"exported {bundle.source.get('path', source)} -> {out} ({fmt}{'' if fmt == 'hf' else ' ' + dtype.upper()})")
+    console.print(f"exported {source} -> {out} ({fmt}{'' if fmt == 'hf' else ' ' + dtype.upper()})")
     return 0
 
 
 # ---- init.from -------------------------------------------------------------------------------
 
 # Model keys that define the weights' shapes or meaning; the imported model decides them.
-_ARCH_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta", "norm_eps", "tie_embeddings")
+_ARCH_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta", "rope_scaling", "rope_factor",
+              "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len", "norm_eps", "tie_embeddings")
 
 
 def resolve_init(cfg: Config) -> Config:

@@ -54,13 +54,41 @@ if TYPE_CHECKING:  # generate.py imports this module; the cache is only a type h
 # ---- RoPE -----------------------------------------------------------------------------------
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def llama3_inv_freq(
+    inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float, original_max_len: int
+) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling of inverse frequencies (hd/2,): stretch only the slow rotations.
+
+    A frequency's wavelength 2*pi/inv_freq is how many positions one full turn takes. Relative to
+    the pretraining context L = original_max_len:
+    - wavelength < L / high_freq_factor (fast, turns many times within L): kept, these encode
+      local order and were seen at every phase during pretraining;
+    - wavelength > L / low_freq_factor (slow, less than ~one turn within L): divided by `factor`,
+      so positions up to factor * L land on angles pretraining already covered (interpolation);
+    - in between: a blend that is linear in L / wavelength (the number of turns within L),
+      s = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor) in [0, 1],
+      inv_freq * ((1 - s) / factor + s): s = 0 meets the divided side, s = 1 the kept side.
+    """
+    wavelen = 2 * math.pi / inv_freq  # (hd/2,) positions per turn
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = inv_freq * ((1 - smooth) / factor + smooth)
+    out = torch.where(wavelen > original_max_len / low_freq_factor, inv_freq / factor, blended)
+    return torch.where(wavelen < original_max_len / high_freq_factor, inv_freq, out)
+
+
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, cfg: ModelConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (max_seq_len, head_dim), in the HF Llama layout.
 
     Frequency i (0 <= i < head_dim/2) rotates the pair (x[i], x[i + head_dim/2]); the table repeats
-    the frequencies twice so a whole head is rotated with two elementwise products.
+    the frequencies twice so a whole head is rotated with two elementwise products. A cfg with
+    rope_scaling "llama3" rescales the frequencies (`llama3_inv_freq`); without one, plain RoPE.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if cfg is not None and cfg.rope_scaling == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, cfg.rope_factor, cfg.rope_low_freq_factor,
+                                   cfg.rope_high_freq_factor, cfg.rope_original_max_len)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (T, hd/2)
     angles = torch.cat((angles, angles), dim=-1)  # (T, hd)
     return angles.cos().float(), angles.sin().float()
@@ -222,7 +250,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # Not parameters and not saved: they are a pure function of the config.
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -330,4 +358,4 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * n + 12.0 * cfg.n_layer * cfg.d_model * seq_len
 
 
-__all__ = ["Transformer", "num_params", "flops_per_token", "rope_tables", "rotate_half", "apply_rope"]
+__all__ = ["Transformer", "num_params", "flops_per_token", "rope_tables", "llama3_inv_freq", "rotate_half", "apply_rope"]

@@ -144,7 +144,8 @@ def hf_dir_with(tmp_path: Path, tok: Tokenizer, **changes) -> Path:
 
 @pytest.mark.parametrize("changes,named", [
     ({"attention_bias": True}, "attention_bias"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "original_max_position_embeddings"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"model_type": "gpt2"}, "model_type"),
     ({"head_dim": 8}, "head_dim"),
@@ -152,6 +153,110 @@ def hf_dir_with(tmp_path: Path, tok: Tokenizer, **changes) -> Path:
 def test_unsupported_hf_architectures_are_refused_by_field(tok, tmp_path, changes, named) -> None:
     with pytest.raises(CheckpointError, match=named):
         convert.read_hf_dir(hf_dir_with(tmp_path, tok, **changes))
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+def test_llama3_rope_scaling_hf_import_export_matches_transformers(tok, tmp_path) -> None:
+    """Llama 3.1/3.2 rope_scaling through the production converters, against transformers' own llama3 RoPE.
+
+    head_dim 16, theta 1e4: wavelengths 2*pi*1e4^(i/8) = 6.3, 19.9, 62.8, 199, ... positions. With
+    original_max_position_embeddings 64 (thresholds 64/4 = 16 and 64/1 = 64) frequency 0 is kept,
+    1 and 2 are blended and 3..7 divided by 8, so all three branches run; 48 positions turn
+    frequency 3 by 1.5 rad unscaled vs 0.19 rad scaled, so a wrong scaling shows in the logits.
+    """
+    from lmforge.model import rope_tables
+
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0, rope_scaling=dict(LLAMA3),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(5)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "src")
+    tok.save(tmp_path / "src")
+    saved = json.loads((tmp_path / "src" / "config.json").read_text())
+    assert (saved.get("rope_parameters") or saved.get("rope_scaling"))["rope_type"] == "llama3"
+
+    out = tmp_path / "imported"
+    assert convert.import_command(str(tmp_path / "src"), str(out)) == 0
+    model, _, cfg, _ = convert.load_model_dir(out)
+    m = cfg.model
+    assert (m.rope_scaling, m.rope_factor, m.rope_low_freq_factor, m.rope_high_freq_factor, m.rope_original_max_len) == (
+        "llama3", 8.0, 1.0, 4.0, 64)
+    # the scaling changes exactly the expected frequencies: angle at position 1 = inverse frequency
+    plain = rope_tables(16, 2, 10000.0)[1].asin()[1, :8].double()  # sin(angle) -> angle (all < pi/2)
+    scaled = rope_tables(16, 2, 10000.0, m)[1].asin()[1, :8].double()
+    ratio = plain / scaled  # 1 = kept, 8 = divided by factor, in between = blended
+    torch.testing.assert_close(ratio[0], torch.tensor(1.0, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert 1.0 < ratio[1] < ratio[2] < 8.0
+    torch.testing.assert_close(ratio[3:], torch.full((5,), 8.0, dtype=torch.float64), rtol=1e-4, atol=0)
+    # blended frequency 1: s = (64 / wavelength - 1) / (4 - 1), inverse frequency * ((1 - s) / 8 + s)
+    s1 = (64 / (2 * torch.pi * 10000 ** (1 / 8)) - 1) / 3
+    assert float(ratio[1]) == pytest.approx(1 / ((1 - s1) / 8 + s1), rel=1e-4)
+
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, tok.vocab_size, (2, 48), generator=g)
+    want = hf(idx).logits.detach()
+    got = lm_logits(model, idx)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    unscaled = Transformer(replace(m, rope_scaling=""))
+    convert.load_weights(unscaled, dict(model.named_parameters()))
+    # the scaling matters at this length: plain RoPE misses transformers by 10x the parity tolerance or more
+    assert (lm_logits(unscaled.eval(), idx) - want).abs().max() > 1e-3
+
+    back = convert.write_hf_dir(convert.bundle_from_model(model, tok), tmp_path / "hf")
+    hf2, info = transformers.AutoModelForCausalLM.from_pretrained(back, output_loading_info=True, dtype=torch.float32)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert hf2.config.rope_parameters["rope_type"] == "llama3" and hf2.config.rope_parameters["factor"] == 8.0
+    torch.testing.assert_close(hf2.eval()(idx).logits.detach(), want, rtol=1e-4, atol=1e-4)
+    assert convert.read_hf_dir(back).cfg == m
+
+
+def test_llama3_rope_scaling_gguf_round_trip(tok, tmp_path) -> None:
+    """GGUF carries llama3 scaling as llama.cpp's rope_freqs divisors (+ lmforge's parameter keys)."""
+    import gguf
+
+    shape = dict(SHAPES["gqa-untied"], rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=64)
+    model = tiny_model(tok, **shape)
+    bundle = convert.bundle_from_model(model, tok)
+    path = convert.write_gguf(bundle, tmp_path / "m.gguf")
+    back = convert.read_gguf(path)
+    assert back.cfg == model.cfg
+    assert all(torch.equal(back.tensors[k], bundle.tensors[k]) for k in bundle.tensors)
+    freqs = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}["rope_freqs.weight"]
+    divisors = torch.from_numpy(freqs.data.copy())  # llama.cpp divides frequency i by entry i
+    assert divisors.shape == (8,) and divisors[0] == 1.0 and 1.0 < divisors[1] < divisors[2] < 8.0
+    torch.testing.assert_close(divisors[3:], torch.full((5,), 8.0), rtol=1e-6, atol=0)
+
+    # a rope_freqs tensor without lmforge's parameters (llama.cpp's own converter) is refused by name
+    r = gguf.GGUFReader(str(path))
+    w = gguf.GGUFWriter(str(tmp_path / "foreign.gguf"), "llama")
+    for f in r.fields.values():
+        if f.name.startswith(("lmforge.", "GGUF.", "general.architecture")):
+            continue
+        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data.copy(), raw_dtype=t.tensor_type)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(CheckpointError, match="rope_freqs.weight .* without lmforge's"):
+        convert.read_gguf(tmp_path / "foreign.gguf")
+
+
+def test_rope_scaling_config_is_validated_and_round_trips() -> None:
+    from lmforge.config import Config, ConfigError
+
+    cfg = Config.from_dict({"model": {"rope_scaling": "llama3", "rope_factor": 32.0, "rope_original_max_len": 8192}})
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="model.rope_scaling must be one of '', 'llama3'.*'yarn'"):
+        Config.from_dict({"model": {"rope_scaling": "yarn"}})
+    with pytest.raises(ConfigError, match="model.rope_original_max_len must be > 0"):
+        Config.from_dict({"model": {"rope_scaling": "llama3", "rope_factor": 8.0}})
+    with pytest.raises(ConfigError, match="rope_low_freq_factor"):
+        Config.from_dict({"model": {"rope_scaling": "llama3", "rope_original_max_len": 64, "rope_low_freq_factor": 4.0}})
 
 
 def test_import_cli_refuses_cleanly_and_writes_nothing(tok, tmp_path) -> None:
