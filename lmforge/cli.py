@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from . import __version__
 from .errors import LmforgeError
-from .util import console
+from .util import PROGRESS_MODES, console, progress_mode, set_progress_mode
 
 
 # ---- prepare / data --------------------------------------------------------------------------
@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train your own language model on your own data, inside your own walls.",
     )
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    parser.add_argument("--progress", choices=PROGRESS_MODES, help="auto (rich bars on a terminal, log lines otherwise; "
+                        "the default, or $LMFORGE_PROGRESS), json (JSON lines on stderr), quiet (warnings and errors only)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("prepare", help="corpus -> tokenizer + checksummed token shards")
@@ -363,9 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_progress_mode(args.progress or progress_mode())  # an env var so child processes inherit it
     try:
         return int(args.func(args) or 0)
     except LmforgeError as e:
+        console.quiet = False  # errors print in every progress mode
         console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:

@@ -49,7 +49,7 @@ import torch
 from .config import Config, ModelConfig, load_config
 from .errors import CheckpointError, ConfigError
 from .tokenizer import TOKENIZER_FILE, Tokenizer
-from .util import atomic_dir, atomic_write_json, console
+from .util import atomic_dir, atomic_write_json, console, progress_bar
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -422,7 +422,7 @@ def read_gguf(path: Path) -> Bundle:
 
     tensors: dict[str, torch.Tensor] = {}
     names = list(expected_shapes(cfg))
-    with Progress(console=console, transient=True) as progress:
+    with progress_bar(*Progress.get_default_columns(), transient=True) as progress:
         task = progress.add_task("dequantize", total=len(names))
         for name in names:
             g = gguf_name(name)

@@ -9,7 +9,8 @@ optionally tied to the embedding (then `lm_head.weight` IS `model.embed_tokens.w
 Parameter names map one-to-one onto Hugging Face `LlamaForCausalLM` state-dict keys
 (`model.layers.{i}.self_attn.q_proj.weight`, ...), and RoPE uses HF's `rotate_half` convention
 (the two halves of each head are the real and imaginary parts, not interleaved pairs), so an HF
-Llama checkpoint imports with a pure key map and no weight permutation.
+Llama checkpoint imports with a pure key map and no weight permutation. Llama 3.1/3.2's RoPE
+frequency scaling (`rope_scaling: llama3`) only changes the cos/sin tables, built once per model.
 
 Trade-offs
 ----------

@@ -17,8 +17,73 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.progress import Progress
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # log lines never wrap mid-word in files
+
+# ---- progress --------------------------------------------------------------------------------
+# LMFORGE_PROGRESS (or the CLI's --progress, which sets it so child processes inherit it):
+#   auto   rich bars on a terminal; plain log lines where the long work has them (the default)
+#   json   no bars; one JSON object per line on stderr per progress update, at most one per second
+#          per task, plus the final one: {"progress": task, "completed", "total", "rate", "eta_s", ...}
+#   quiet  no bars and no informational lines; warnings and errors still print
+PROGRESS_MODES = ("auto", "json", "quiet")
+
+
+def progress_mode() -> str:
+    mode = os.environ.get("LMFORGE_PROGRESS", "auto")
+    return mode if mode in PROGRESS_MODES else "auto"
+
+
+def set_progress_mode(mode: str) -> None:
+    os.environ["LMFORGE_PROGRESS"] = mode
+    console.quiet = mode in ("json", "quiet")  # informational console lines off; bars emit JSON
+
+
+def warn(text: str) -> None:
+    """A warning that prints in every progress mode (rich markup allowed)."""
+    quiet, console.quiet = console.quiet, False
+    console.print(f"[yellow]warning:[/] {text}")
+    console.quiet = quiet
+
+
+class _Progress(Progress):
+    """rich Progress that, in json mode, writes rate-limited JSON lines instead of drawing."""
+
+    _last: dict[int, float]
+
+    def update(self, task_id, **kwargs) -> None:  # type: ignore[override]
+        super().update(task_id, **kwargs)
+        self._emit(task_id)
+
+    def advance(self, task_id, advance: float = 1) -> None:  # type: ignore[override]
+        super().advance(task_id, advance)
+        self._emit(task_id)
+
+    def _emit(self, task_id) -> None:
+        if progress_mode() != "json":
+            return
+        import sys
+        import time
+
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        last = getattr(self, "_last", {})
+        finished = task.total is not None and task.completed >= task.total
+        if now - last.get(task_id, 0.0) < 1.0 and not finished:
+            return
+        last[task_id] = now
+        self._last = last
+        record = {**{k: v for k, v in task.fields.items() if isinstance(v, (int, float, str))},
+                  "progress": str(task.description), "completed": task.completed, "total": task.total,
+                  "rate": task.speed, "eta_s": task.time_remaining}
+        sys.stderr.write(json.dumps(record) + "\n")
+        sys.stderr.flush()
+
+
+def progress_bar(*columns, transient: bool = False) -> Progress:
+    """The progress bar every long piece of work uses (see the modes above)."""
+    return _Progress(*columns, console=console, transient=transient, disable=progress_mode() != "auto")
 
 _CHUNK = 1 << 20
 

@@ -53,7 +53,7 @@ from rich.table import Table
 from .. import __version__
 from ..errors import DataError
 from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
-from ..util import atomic_dir, atomic_write_json, console, human_bytes, human_count, sha256_file
+from ..util import atomic_dir, atomic_write_json, console, human_bytes, human_count, progress_bar, sha256_file
 
 if TYPE_CHECKING:
     from .loader import TokenDataset
@@ -252,14 +252,12 @@ class _SplitWriter:
 
 
 def _progress() -> Progress:
-    return Progress(
+    return progress_bar(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=console,
-        transient=False,
     )
 
 

@@ -27,7 +27,7 @@ from rich.table import Table
 from ..config import Config
 from ..errors import DataError, LmforgeError
 from ..tokenizer import Tokenizer
-from ..util import console
+from ..util import console, progress_bar
 from . import metrics as M
 from .loss import dataset_batches, nll_totals, text_batches
 from .score import make_request, score_naive, score_packed
@@ -146,8 +146,9 @@ def _counted(batches, progress: Progress, bar) -> Any:
 
 
 def _progress(show: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True, disable=not show)
+    bar = progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
+    bar.disable = bar.disable or not show
+    return bar
 
 
 def load_tasks(paths: list[str]) -> list[Task]:

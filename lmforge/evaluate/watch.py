@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, LmforgeError
-from ..util import console
+from ..util import console, warn
 from .harness import evaluate_model, load_tasks, text_source
 
 RESULTS_FILE = "eval-results.jsonl"
@@ -110,7 +110,7 @@ def _open_store():
     try:
         return Store.open()
     except LmforgeError as e:
-        console.print(f"[yellow]warning:[/] experiment store unavailable ({e}); results go to {RESULTS_FILE} only")
+        warn(f"experiment store unavailable ({e}); results go to {RESULTS_FILE} only")
         return None
 
 

@@ -449,9 +449,9 @@ class Store:
             try:
                 from rich.markup import escape
 
-                from ..util import console
+                from ..util import warn
 
-                console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+                warn(escape(message))
             except Exception:
                 pass
 

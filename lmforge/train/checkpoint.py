@@ -49,7 +49,7 @@ import torch
 from .. import __version__
 from ..config import Config
 from ..errors import CheckpointError
-from ..util import atomic_dir, atomic_write_text, console, sha256_file
+from ..util import atomic_dir, atomic_write_text, console, sha256_file, warn
 from .distributed import SINGLE, Dist
 
 FORMAT_VERSION = 1
@@ -296,7 +296,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return path
     ckpt, skipped = find_resume_checkpoint(path)
     for problem in skipped:
-        console.print(f"[yellow]warning:[/] skipping {problem}")
+        warn(f"skipping {problem}")
     if ckpt is None:
         raise CheckpointError(
             f"{path} holds no intact checkpoint (expected {path}/checkpoints/step-NNNNNN with a {MANIFEST})"

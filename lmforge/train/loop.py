@@ -54,7 +54,7 @@ import torch
 from ..config import Config, load_config
 from ..errors import CheckpointError, ConfigError, DataError, LmforgeError
 from ..evaluate.loss import autocast, validation_loss
-from ..util import atomic_write_text, console
+from ..util import atomic_write_text, console, warn
 from . import checkpoint as ckpt_io
 from . import distributed, guard
 from .distributed import SINGLE, Dist
@@ -177,7 +177,7 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     # rank 0 verifies (hashes) the checkpoints; every rank resumes from the one it chose
     ckpt, skipped = d.broadcast_object(ckpt_io.find_resume_checkpoint(run_dir) if d.is_main else None)
     for problem in skipped:
-        console.print(f"[yellow]warning:[/] skipping a damaged checkpoint: {problem}")
+        warn(f"skipping a damaged checkpoint: {problem}")
         log_event(run, "checkpoint_corrupt", {"problem": problem})
     if ckpt is None and ckpt_io.list_checkpoints(run_dir):
         raise CheckpointError(f"{run_dir}: every checkpoint is damaged; see the warnings above, or start a new --run-dir")
@@ -207,7 +207,7 @@ def _open_store(run: Run, resumed: bool) -> None:
         run.store = Store.open()
         run.run_id = run.store.start_run(name=run.run_dir.name, run_dir=str(run.run_dir), config=run.cfg.to_dict(), resumed=resumed)
     except (LmforgeError, OSError) as e:
-        console.print(f"[yellow]warning:[/] experiment store unavailable ({e}); this run is recorded in its directory only")
+        warn(f"experiment store unavailable ({e}); this run is recorded in its directory only")
         run.store = None
 
 
@@ -674,14 +674,16 @@ class _progress:
     """A rich progress bar (step, loss, tokens/s, ETA) that also prints a plain log line."""
 
     def __init__(self, total: int, start: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        self._bar = Progress(
+        from ..util import progress_bar
+
+        self._bar = progress_bar(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} tok/s"),
-            TimeRemainingColumn(), console=console, transient=False,
+            TimeRemainingColumn(),
         )
-        self._task = self._bar.add_task("train", total=total, completed=start, loss="-", rate="-")
+        self._task = self._bar.add_task("train", total=total, completed=start, loss="-", rate="-", loss_value=None, tokens_per_s=None)
 
     def __enter__(self) -> "_progress":
         self._bar.__enter__()
@@ -691,7 +693,7 @@ class _progress:
         self._bar.__exit__(*exc)
 
     def update(self, step: int, loss: float, rate: float) -> None:
-        self._bar.update(self._task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:,.0f}")
+        self._bar.update(self._task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:,.0f}", loss_value=loss, tokens_per_s=rate)
         if not console.is_terminal:
             console.print(f"step {step}: loss {loss:.4f}, {rate:,.0f} tok/s")
 
