@@ -250,12 +250,17 @@ def verify_checkpoint(ckpt: str | os.PathLike) -> list[str]:
     return problems
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """A checkpoint directory itself (rather than a run directory holding checkpoints)."""
+    return (path / MANIFEST).exists() or bool(_STEP_DIR.match(path.name))
+
+
 def verify_command(path: str | os.PathLike) -> int:
     """`lmforge ckpt verify`: one line per checkpoint; exit 1 when any is damaged."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no such run or checkpoint: {path}")
-    ckpts = [path] if (path / MANIFEST).exists() or _STEP_DIR.match(path.name) else list_checkpoints(path)
+    ckpts = [path] if is_checkpoint_dir(path) else list_checkpoints(path)
     if not ckpts:
         raise CheckpointError(f"{path} holds no checkpoints (expected {path}/checkpoints/step-NNNNNN)")
     bad = 0
@@ -289,7 +294,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no such run or checkpoint: {path}")
-    if (path / MANIFEST).exists() or _STEP_DIR.match(path.name):
+    if is_checkpoint_dir(path):
         problems = verify_checkpoint(path)
         if problems:
             raise CheckpointError("checkpoint refused:\n  " + "\n  ".join(problems))
