@@ -7,10 +7,14 @@ MEASURED in the same run (a large fp32 and a large bf16 matmul), so the MFU figu
 what this machine actually delivers, not a datasheet.
 
 CPU timings are noisy when anything else runs: the script prints the load average and takes the
-best of several repeats. Example:
+best of several repeats. `--baseline` also times a nanoGPT-style GPT-2 model (gpt_baseline.py) on
+the same batches, eager and compiled, interleaving the repeats of every variant so that the
+machine's drift hits all of them alike, and prints lmforge's speed relative to the faster
+baseline. Example:
 
     python benchmarks/train_throughput.py                       # reference shape, fp32 + bf16
     python benchmarks/train_throughput.py --dtype bf16 --compile
+    python benchmarks/train_throughput.py --compile --baseline  # the issue's comparison, same run
     python benchmarks/train_throughput.py --set n_layer=8 --set d_model=512 --micro-batch 4
 """
 
@@ -35,6 +39,21 @@ CONFIGS: dict[str, tuple[ModelConfig, int, int]] = {  # name -> (model, seq_len,
     "reference": (ModelConfig(vocab_size=65, n_layer=4, n_head=4, d_model=256, max_seq_len=256), 256, 8),
     "small": (ModelConfig(vocab_size=8192, n_layer=6, n_head=6, d_model=384, max_seq_len=512), 512, 4),
 }
+
+
+def interleaved_best(fns: dict[str, Callable[[], object]], *, repeats: int, number: int) -> dict[str, float]:
+    """Best over `repeats` of the mean time of `number` calls, for each function, taking the
+    functions in turn within every repeat (after one warm-up call each)."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / number)
+    return best
 
 
 def best_seconds(fn: Callable[[], object], *, repeats: int, number: int) -> float:
@@ -63,6 +82,28 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072),
     return best
 
 
+def lmforge_step(cfg: ModelConfig, batches: list, dtype: str, compile: bool) -> Callable[[], object]:
+    """One full training step of lmforge's model through the trainer's own train_step."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.train()
+    optimizer = build_optimizer(model, TrainConfig())  # fused AdamW, the trainer's groups
+    run_model = torch.compile(model) if compile else model
+    return lambda: train_step(run_model, optimizer, batches, lr=3e-4, grad_clip=1.0, dtype=dtype)
+
+
+def baseline_steps(cfg: ModelConfig, seq_len: int, batches: list, dtype: str, compile: bool) -> Callable[[], object]:
+    """The nanoGPT-style baseline's step (gpt_baseline.py) on the same batches."""
+    from gpt_baseline import GPTBaseline, baseline_optimizer, baseline_step
+
+    torch.manual_seed(0)
+    model = GPTBaseline(cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.d_model, seq_len)
+    optimizer = baseline_optimizer(model)
+    run_model = torch.compile(model) if compile else model
+
+    return lambda: baseline_step(run_model, optimizer, batches, dtype)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="reference", choices=sorted(CONFIGS))
@@ -76,6 +117,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
+    p.add_argument("--baseline", action="store_true",
+                   help="also time the nanoGPT-style baseline (eager and compiled) in the same run")
     args = p.parse_args()
 
     if args.threads:
@@ -97,34 +140,34 @@ def main() -> None:
     print(f"config {args.config}: {cfg}\nseq_len {seq_len}, micro batch {micro_batch} x {args.grad_accum}, "
           f"{fpt / 1e6:.1f} MFLOP/token, compile: {args.compile}")
 
+    tokens = micro_batch * seq_len * args.grad_accum
     for dtype in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
-        torch.manual_seed(0)
-        model = Transformer(cfg)
-        model.train()
-        optimizer = build_optimizer(model, TrainConfig())  # fused AdamW, the trainer's groups
-        run_model = torch.compile(model) if args.compile else model
         gen = torch.Generator().manual_seed(0)
         batches = [
             (torch.randint(0, cfg.vocab_size, (micro_batch, seq_len), generator=gen),
              torch.randint(0, cfg.vocab_size, (micro_batch, seq_len), generator=gen))
             for _ in range(args.grad_accum)
         ]
-
-        def step() -> object:
-            return train_step(run_model, optimizer, batches, lr=3e-4, grad_clip=1.0, dtype=dtype)
-
-        step()  # compile / allocator warm-up beyond best_seconds' own warm-up call
-        sec = best_seconds(step, repeats=args.repeats, number=args.steps)
-        tokens = micro_batch * seq_len * args.grad_accum
-        tps = tokens / sec
-        flops = tps * fpt
-        print(f"{dtype:>5}: {tps:8.0f} tokens/s  {sec * 1e3:7.1f} ms/step  {flops / 1e9:6.0f} GFLOP/s  "
-              f"{100 * flops / peaks[dtype]:5.1f}% of {dtype} matmul peak")
+        steps = {"lmforge": lmforge_step(cfg, batches, dtype, args.compile)}
+        if args.baseline:
+            steps["baseline eager"] = baseline_steps(cfg, seq_len, batches, dtype, compile=False)
+            steps["baseline compiled"] = baseline_steps(cfg, seq_len, batches, dtype, compile=True)
+        for step in steps.values():
+            step()  # compile / allocator warm-up beyond the timer's own warm-up call
+        secs = interleaved_best(steps, repeats=args.repeats, number=args.steps)
+        for name, sec in secs.items():
+            tps = tokens / sec
+            flops = tps * fpt
+            print(f"{dtype:>5} {name:<17}: {tps:8.0f} tokens/s  {sec * 1e3:7.1f} ms/step  {flops / 1e9:6.0f} GFLOP/s  "
+                  f"{100 * flops / peaks[dtype]:5.1f}% of {dtype} matmul peak")
+        if args.baseline:
+            base = min(secs["baseline eager"], secs["baseline compiled"])
+            print(f"{dtype:>5} lmforge / faster baseline: {base / secs['lmforge']:.2f}x")
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                step()
+                steps["lmforge"]()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     load1, _, _ = os.getloadavg()
     print(f"load average after: {load1:.2f}")

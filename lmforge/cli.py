@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from . import __version__
 from .errors import LmforgeError
-from .util import PROGRESS_MODES, console, progress_mode, set_progress_mode
+from .util import PROGRESS_MODES, console, out, progress_mode, set_progress_mode
 
 
 # ---- prepare / data --------------------------------------------------------------------------
@@ -57,8 +57,8 @@ def cmd_data(args: argparse.Namespace) -> int:
             from .train.loop import data_step_of_run
 
             view = data_step_of_run(args.path, args.step)
-            for line in view["notes"]:
-                console.print(line, markup=False)
+            for line in view["notes"]:  # part of the answer; beside --json they stay off stdout
+                (console if args.json else out).print(line, markup=False)
             path, step, seq_len, global_batch, seed = view["data_path"], view["data_step"], view["seq_len"], view["global_batch"], view["seed"]
         elif seq_len is None or global_batch is None:
             raise LmforgeError("data inspect on a dataset needs --seq-len and --global-batch (or give a run directory)")
@@ -89,9 +89,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
-    from .train.checkpoint import verify_command
+    """`lmforge ckpt verify`: one line per checkpoint on stdout (the result); exit 1 when any is damaged."""
+    from .errors import CheckpointError
+    from .train.checkpoint import is_checkpoint_dir, list_checkpoints, verify_checkpoint
 
-    return verify_command(args.path)
+    path = Path(args.path)
+    if not path.exists():
+        raise CheckpointError(f"no such run or checkpoint: {path}")
+    ckpts = [path] if is_checkpoint_dir(path) else list_checkpoints(path)
+    if not ckpts:
+        raise CheckpointError(f"{path} holds no checkpoints (expected {path}/checkpoints/step-NNNNNN)")
+    bad = 0
+    for c in ckpts:
+        problems = verify_checkpoint(c)
+        if not problems:
+            out.print(f"[green]ok[/]        {escape(str(c))}")
+            continue
+        bad += 1
+        status = "incomplete" if any("incomplete" in p or "missing" in p for p in problems) else "corrupt"
+        out.print(f"[red]{status:<10}[/]{escape(str(c))}")
+        for p in problems:
+            out.print(f"          {p}", markup=False)
+    out.print(f"{len(ckpts) - bad} ok, {bad} damaged")
+    return 1 if bad else 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -206,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     parser.add_argument("--progress", choices=PROGRESS_MODES, help="auto (rich bars on a terminal, log lines otherwise; "
-                        "the default, or $LMFORGE_PROGRESS), json (JSON lines on stderr), quiet (warnings and errors only)")
+                        "the default, or $LMFORGE_PROGRESS), json (JSON lines on stderr), quiet (warnings and errors only); "
+                        "a command's results always print, on stdout")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("prepare", help="corpus -> tokenizer + checksummed token shards")

@@ -50,6 +50,7 @@ from .config import Config, ModelConfig, load_config
 from .errors import CheckpointError, ConfigError
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 from .util import atomic_dir, atomic_write_json, console, progress_bar
+from .util import out as results_out  # command results: stdout, every progress mode
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -727,12 +728,12 @@ def import_command(source: str, out: str, overwrite: bool = False) -> int:
     write_model_dir(bundle, Path(out), overwrite=overwrite)
     from .model import num_params
 
-    console.print(
+    results_out.print(
         f"imported {source} -> {out}: {num_params(bundle.cfg) / 1e6:.1f}M parameters, {bundle.cfg.n_layer} layers, "
         f"d_model {bundle.cfg.d_model}, heads {bundle.cfg.n_head}/{bundle.cfg.kv_heads}, "
         f"vocab {bundle.cfg.vocab_size}, tokenizer {bundle.tokenizer.vocab_size} tokens"
     )
-    console.print(f"use it: lmforge sample {out} --prompt ...  |  lmforge prepare CORPUS --tokenizer {out} --out data/NAME  |  "
+    results_out.print(f"use it: lmforge sample {out} --prompt ...  |  lmforge prepare CORPUS --tokenizer {out} --out data/NAME  |  "
                   f"lmforge train CONFIG --set init.from={out}")
     return 0
 
@@ -748,7 +749,7 @@ def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrit
         write_gguf(bundle, Path(out), dtype=dtype, overwrite=overwrite)
     else:
         raise ConfigError(f"--format must be hf or gguf, got {fmt!r}")
-    console.print(f"exported {source} -> {out} ({fmt}{'' if fmt == 'hf' else ' ' + dtype.upper()})")
+    results_out.print(f"exported {source} -> {out} ({fmt}{'' if fmt == 'hf' else ' ' + dtype.upper()})")
     return 0
 
 

@@ -26,6 +26,7 @@ import torch
 from .config import Config, load_config
 from .errors import LmforgeError
 from .util import console
+from .util import out as results_out  # the report (step 4): stdout, every progress mode
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "small-cpu.yaml"
 STDLIB_EXCLUDE = [
@@ -102,21 +103,21 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
     after = _val_loss(model, cfg)
 
     # 4. report --------------------------------------------------------------------------------
-    console.rule("[bold]4/4 results")
-    console.print(
+    results_out.rule("[bold]4/4 results")
+    results_out.print(
         f"dataset: {manifest['splits']['train']['tokens']:,} train tokens, "
         f"{manifest['splits']['val']['tokens']:,} validation tokens"
         if "splits" in manifest else f"dataset: {data_dir}"
     )
-    console.print(f"validation loss before training: {before:.3f} (perplexity {math.exp(before):,.1f})")
-    console.print(f"validation loss after {step} steps: {after:.3f} (perplexity {math.exp(after):,.1f})")
+    results_out.print(f"validation loss before training: {before:.3f} (perplexity {math.exp(before):,.1f})")
+    results_out.print(f"validation loss after {step} steps: {after:.3f} (perplexity {math.exp(after):,.1f})")
     for i, prompt in enumerate(PROMPTS):
         ids = generate(model, tok.encode(prompt), max_tokens=60, temperature=0.8, top_k=50, seed=i,
                        stop_ids=[tok.eos_id] if tok.eos_id is not None else [])
-        console.rule(f"sample {i + 1}", style="dim")
-        console.print(prompt + tok.decode(ids), markup=False, highlight=False)
-    console.rule("[bold]next")
-    console.print(
+        results_out.rule(f"sample {i + 1}", style="dim")
+        results_out.print(prompt + tok.decode(ids), markup=False, highlight=False)
+    results_out.rule("[bold]next")
+    results_out.print(
         f"finished in {time.perf_counter() - t0:.0f} s. Next:\n"
         f"  lmforge sample {run_dir} --prompt 'def main(' --max-tokens 80\n"
         f"  lmforge train {saved} --run-dir {run_dir} --set train.max_steps={cfg.train.max_steps * 2}   # train longer\n"

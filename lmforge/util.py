@@ -20,6 +20,39 @@ from rich.console import Console
 from rich.progress import Progress
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # log lines never wrap mid-word in files
+# A command's RESULT (a table, a verdict, a summary, sampled text): stdout, never quiet (see below).
+out = Console(highlight=False, soft_wrap=True)
+
+# ---- device ----------------------------------------------------------------------------------
+
+
+def default_device():
+    """Where models train and run: LMFORGE_DEVICE (cpu, cuda or cuda:N) when set, else the current
+    CUDA device when there is one, else the CPU. One place, so train, eval, sample and serve agree;
+    the variable lets an eval sidecar stay on the CPU beside a GPU run."""
+    import torch
+
+    from .errors import ConfigError
+
+    want = os.environ.get("LMFORGE_DEVICE", "").strip()
+    if not want:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(want)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"LMFORGE_DEVICE={want!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"LMFORGE_DEVICE={want!r}, but this machine has no CUDA device (torch {torch.__version__}); "
+                              "unset it or use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"LMFORGE_DEVICE={want!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
 
 # ---- progress --------------------------------------------------------------------------------
 # LMFORGE_PROGRESS (or the CLI's --progress, which sets it so child processes inherit it):
@@ -27,6 +60,11 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)  # log lines nev
 #   json   no bars; one JSON object per line on stderr per progress update, at most one per second
 #          per task, plus the final one: {"progress": task, "completed", "total", "rate", "eta_s", ...}
 #   quiet  no bars and no informational lines; warnings and errors still print
+# The modes govern stderr only. A command's result (data info's table, eval's metrics, a verify
+# verdict, sampled text, runs tables, import/export summaries ...) is its answer, not progress: it
+# goes to stdout through `out`, which no mode silences, so `--progress json|quiet` in a script or
+# CI still gets the answer. Convention: results -> `out` (stdout); logs, bars, warnings and errors
+# -> `console` (stderr). `--json` flags print their JSON on stdout and nothing else there.
 PROGRESS_MODES = ("auto", "json", "quiet")
 
 

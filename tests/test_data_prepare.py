@@ -204,7 +204,7 @@ def test_cli_end_to_end_info_verify_inspect(tmp_path) -> None:
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert info["train_tokens"] == m["splits"]["train"]["tokens"] and info["sources"] == 15
     r = lmforge("data", "verify", tmp_path / "ds")
-    assert r.returncode == 0 and "ok" in r.stderr
+    assert r.returncode == 0 and "ok" in r.stdout  # results go to stdout
     r = lmforge("data", "inspect", tmp_path / "ds", "--step", 2, "--seq-len", 16, "--global-batch", 4, "--json")
     assert r.returncode == 0, r.stderr
     shown = json.loads(r.stdout)
@@ -215,7 +215,7 @@ def test_cli_end_to_end_info_verify_inspect(tmp_path) -> None:
         if first["kind"] == "text":  # traced to the exact byte where the window starts
             assert raw[first["byte_offset"] :].decode().startswith(sample["text"].split(EOS)[0])
     r = lmforge("data", "inspect", tmp_path / "ds", "--step", 0, "--seq-len", 16, "--global-batch", 2)
-    assert r.returncode == 0 and "source @ byte offset" in r.stderr
+    assert r.returncode == 0 and "source @ byte offset" in r.stdout
 
 
 def test_verify_names_the_shard_with_a_flipped_byte(built, tmp_path) -> None:
@@ -228,7 +228,7 @@ def test_verify_names_the_shard_with_a_flipped_byte(built, tmp_path) -> None:
     shard.write_bytes(bytes(data))
     assert prep.verify_dataset(ds) == ["train-00001.bin: sha256 mismatch (the shard is corrupt; re-run prepare)"]
     r = lmforge("data", "verify", ds)
-    assert r.returncode == 1 and "train-00001.bin" in r.stderr and "train-00000.bin" not in r.stderr
+    assert r.returncode == 1 and "train-00001.bin" in r.stdout and "train-00000.bin" not in r.stdout
     (ds / "val-00000.bin").unlink()
     assert "val-00000.bin: missing" in prep.verify_dataset(ds)
 

@@ -20,7 +20,7 @@ def test_quickstart_runs_and_reuses(tmp_path):
     cmd = lmforge_cmd("quickstart", "--workdir", str(work), "--minutes", "0.05", "--source", str(src))
     first = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    out = first.stderr
+    out = first.stdout  # the report (results) goes to stdout; stages and training logs to stderr
     assert "validation loss before training" in out and "validation loss after" in out
     assert "sample 3" in out and "lmforge sample" in out
     before = float(out.split("validation loss before training: ")[1].split()[0])

@@ -118,7 +118,7 @@ def test_ckpt_verify_names_the_damage(clean_run, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(clean_run, run_dir)
     ok = subprocess.run(lmforge_cmd("ckpt", "verify", str(run_dir)), capture_output=True, text=True)
-    assert ok.returncode == 0 and "damaged" in ok.stderr and "0 damaged" in ok.stderr
+    assert ok.returncode == 0 and "damaged" in ok.stdout and "0 damaged" in ok.stdout  # the verdict: stdout
     p = run_dir / "checkpoints" / "step-000040" / "model.safetensors"
     data = bytearray(p.read_bytes())
     data[-1] ^= 1
@@ -126,5 +126,5 @@ def test_ckpt_verify_names_the_damage(clean_run, tmp_path):
     (run_dir / "checkpoints" / "step-000030" / "MANIFEST.json").unlink()
     bad = subprocess.run(lmforge_cmd("ckpt", "verify", str(run_dir)), capture_output=True, text=True)
     assert bad.returncode == 1
-    assert "model.safetensors fails its sha256 check" in bad.stderr
-    assert "incomplete" in bad.stderr and "2 damaged" in bad.stderr
+    assert "model.safetensors fails its sha256 check" in bad.stdout
+    assert "incomplete" in bad.stdout and "2 damaged" in bad.stdout

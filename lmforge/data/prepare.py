@@ -53,7 +53,8 @@ from rich.table import Table
 from .. import __version__
 from ..errors import DataError
 from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
-from ..util import atomic_dir, atomic_write_json, console, human_bytes, human_count, progress_bar, sha256_file
+from ..util import atomic_dir, atomic_write_json, console, human_bytes, human_count, progress_bar, sha256_file, warn
+from ..util import out as results_out  # command results: stdout, every progress mode
 
 if TYPE_CHECKING:
     from .loader import TokenDataset
@@ -361,7 +362,7 @@ def prepare(
             pass
     if skipped:
         names = ", ".join(s["path"] for s in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        console.print(f"[yellow]skipped {len(skipped)} file(s) that are not UTF-8:[/] {names}")
+        warn(f"skipped {len(skipped)} file(s) that are not UTF-8: {names}")
     if stats["documents"] == 0:
         raise DataError(f"empty corpus: no text found in {len(sources)} file(s) under {', '.join(map(str, inputs))}")
     force_val = stats["val"] == 0 and val_fraction > 0 and stats["documents"] >= 2
@@ -524,10 +525,10 @@ def cmd_verify(path: str | os.PathLike) -> int:
     problems = verify_dataset(path)
     if not problems:
         n = sum(len(manifest["splits"][s]["shards"]) for s in SPLITS)
-        console.print(f"[green]ok[/] {path}: tokenizer and {n} shard(s) match the manifest")
+        results_out.print(f"[green]ok[/] {path}: tokenizer and {n} shard(s) match the manifest")
         return 0
     for p in problems:
-        console.print(f"[bold red]bad:[/] {p}", soft_wrap=True)
+        results_out.print(f"[bold red]bad:[/] {p}", soft_wrap=True)
     return 1
 
 
@@ -553,7 +554,7 @@ def cmd_info(path: str | os.PathLike, as_json: bool = False) -> int:
     table = Table(title=f"dataset {path}", show_header=False)
     for key, value in summary.items():
         table.add_row(key, human_bytes(value) if key == "source_bytes" else str(value))
-    console.print(table)
+    results_out.print(table)
     return 0
 
 
@@ -631,5 +632,5 @@ def cmd_inspect(
     for s in samples:
         where = "\n".join(f"{d['source']} @ {d['byte_offset']}" for d in s["documents"])
         table.add_row(str(s["sample"]), where, repr(s["text"]))
-    console.print(table)
+    results_out.print(table)
     return 0

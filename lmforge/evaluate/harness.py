@@ -27,7 +27,8 @@ from rich.table import Table
 from ..config import Config
 from ..errors import DataError, LmforgeError
 from ..tokenizer import Tokenizer
-from ..util import console, progress_bar
+from ..util import out as results_out  # command results: stdout, every progress mode
+from ..util import progress_bar
 from . import metrics as M
 from .loss import dataset_batches, nll_totals, text_batches
 from .score import make_request, score_naive, score_packed
@@ -202,7 +203,7 @@ def eval_command(
     table.add_column("value", justify="right")
     for k, v in results.items():
         table.add_row(k, f"{v:.4f}")
-    console.print(table)
+    results_out.print(table)
     return 0
 
 

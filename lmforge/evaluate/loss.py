@@ -27,10 +27,12 @@ from ..data.loader import val_batches
 
 
 def autocast(dtype: str):
-    """bf16 autocast on CPU/GPU for dtype "bf16", nothing for "fp32"."""
+    """bf16 autocast on the device models run on (util.default_device) for dtype "bf16", nothing
+    for "fp32"."""
     if dtype == "bf16":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.autocast(device, dtype=torch.bfloat16)
+        from ..util import default_device
+
+        return torch.autocast(default_device().type, dtype=torch.bfloat16)
     return nullcontext()
 
 

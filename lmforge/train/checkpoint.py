@@ -49,7 +49,7 @@ import torch
 from .. import __version__
 from ..config import Config
 from ..errors import CheckpointError
-from ..util import atomic_dir, atomic_write_text, console, sha256_file, warn
+from ..util import atomic_dir, atomic_write_text, sha256_file, warn
 from .distributed import SINGLE, Dist
 
 FORMAT_VERSION = 1
@@ -78,14 +78,18 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states as JSON-able values (no pickle on disk)."""
+    """Python, numpy and torch RNG states (and every visible GPU's) as JSON-able values (no pickle
+    on disk)."""
     py = random.getstate()
     np_state = np.random.get_state()
-    return {
+    state = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state().tolist(),
     }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -94,6 +98,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():  # same GPUs: restore them
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -255,29 +262,6 @@ def is_checkpoint_dir(path: Path) -> bool:
     return (path / MANIFEST).exists() or bool(_STEP_DIR.match(path.name))
 
 
-def verify_command(path: str | os.PathLike) -> int:
-    """`lmforge ckpt verify`: one line per checkpoint; exit 1 when any is damaged."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"no such run or checkpoint: {path}")
-    ckpts = [path] if is_checkpoint_dir(path) else list_checkpoints(path)
-    if not ckpts:
-        raise CheckpointError(f"{path} holds no checkpoints (expected {path}/checkpoints/step-NNNNNN)")
-    bad = 0
-    for c in ckpts:
-        problems = verify_checkpoint(c)
-        if not problems:
-            console.print(f"[green]ok[/]        {c}")
-        else:
-            bad += 1
-            status = "incomplete" if any("incomplete" in p or "missing" in p for p in problems) else "corrupt"
-            console.print(f"[red]{status:<10}[/]{c}")
-            for p in problems:
-                console.print(f"          {p}")
-    console.print(f"{len(ckpts) - bad} ok, {bad} damaged")
-    return 1 if bad else 0
-
-
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[str]]:
     """Newest intact checkpoint of a run, and the problems of the newer ones that were skipped."""
     skipped: list[str] = []
@@ -362,10 +346,18 @@ def _is_tied(model: torch.nn.Module, key: str) -> bool:
 
 
 def load_for_inference(path: str | os.PathLike):
-    """(model in eval mode, tokenizer, resolved config, step) from a run or checkpoint directory.
+    """(model in eval mode, tokenizer, resolved config, step) from a run or checkpoint directory,
+    or a model directory; the model is on `util.default_device()` (the GPU when there is one).
 
     Reads only safetensors, YAML and JSON: nothing is unpickled.
     """
+    from ..util import default_device
+
+    model, tok, cfg, step = _load_for_inference(path)
+    return model.to(default_device()), tok, cfg, step
+
+
+def _load_for_inference(path: str | os.PathLike):
     from ..convert import is_model_dir, load_model_dir
     from ..model import Transformer
     from ..tokenizer import Tokenizer

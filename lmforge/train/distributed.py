@@ -117,7 +117,9 @@ def init() -> Dist:
         return SINGLE
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        from ..util import default_device
+
+        backend = "nccl" if default_device().type == "cuda" else "gloo"  # LMFORGE_DEVICE=cpu: gloo on a GPU machine
         if backend == "nccl":
             torch.cuda.set_device(local_rank)  # "cuda" below means this process's GPU
         # a generous timeout: rank 0 may hash a large checkpoint while the others wait at a barrier
@@ -180,7 +182,7 @@ def wrap(model: torch.nn.Module, t: TrainConfig, d: Dist) -> torch.nn.Module:
     if t.parallel == "ddp" and d.world > 1 and not t.deterministic_reduce:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ids = [d.local_rank] if torch.cuda.is_available() else None
+        ids = [d.local_rank] if next(model.parameters()).is_cuda else None
         return DDP(model, device_ids=ids)
     return model
 

@@ -54,7 +54,7 @@ import torch
 from ..config import Config, load_config
 from ..errors import CheckpointError, ConfigError, DataError, LmforgeError
 from ..evaluate.loss import autocast, validation_loss
-from ..util import atomic_write_text, console, warn
+from ..util import atomic_write_text, console, default_device, warn
 from . import checkpoint as ckpt_io
 from . import distributed, guard
 from .distributed import SINGLE, Dist
@@ -109,7 +109,7 @@ def train_step(
         mean_loss = distributed.deterministic_step(model, micro_batches, n_micro_total=len(micro_batches) * d.world,
                                                    d=d, forward_loss=forward_loss)
     else:
-        total = torch.zeros(())
+        total = torch.zeros((), device=micro_batches[0][0].device)  # summed on the device: one sync per step
         for i, (x, y) in enumerate(micro_batches):
             with distributed.no_sync(model, last=i == len(micro_batches) - 1):  # DDP/FSDP reduce once per step
                 loss = forward_loss(x, y)
@@ -300,7 +300,7 @@ def train(run: Run) -> int:
 
 
 def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return default_device()  # under torchrun with nccl, distributed.init() made this rank's GPU the current one
 
 
 def model_flops_per_token(cfg: Config) -> float:
