@@ -123,21 +123,36 @@ def use_explicit_attention(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= EXPLICIT_ATTENTION_MAX_LEN
 
 
+CAUSAL_SPLIT_MIN_LEN = 64
+
+
 def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + causal mask) v for q (B, H, T, hd) and k, v (B, KV, T, hd).
 
     Grouped-query attention without copying K/V per head: the G = H / KV query heads that share
     a K/V head are stacked along the time axis, so each K/V head meets a (G*T, hd) block of queries.
+
+    Half of the causal square is masked, so from CAUSAL_SPLIT_MIN_LEN positions on the queries are
+    taken in two halves: the first T/2 only against the first T/2 keys, the rest against all T.
+    That is 3/4 of the full square's matmul and softmax work, for two more small kernels
+    (finer splits measured no better: more, smaller matmuls; docs/model.md).
     """
     B, H, T, hd = q.shape
     KV = k.shape[1]
     G = H // KV
-    q = q.reshape(B * KV, G * T, hd)  # head h = kv * G + g uses K/V head kv, as in SDPA's enable_gqa
+    q = q.reshape(B * KV, G, T, hd)  # head h = kv * G + g uses K/V head kv, as in SDPA's enable_gqa
     k = k.reshape(B * KV, T, hd)
     v = v.reshape(B * KV, T, hd)
-    mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1).repeat(G, 1)
-    scores = torch.baddbmm(mask.expand(B * KV, G * T, T), q, k.transpose(1, 2), alpha=hd**-0.5)
-    y = torch.bmm(scores.softmax(dim=-1), v)  # (B*KV, G*T, hd); softmax accumulates in fp32
+    mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+    half = T // 2
+    spans = [(0, half), (half, T)] if T >= CAUSAL_SPLIT_MIN_LEN else [(0, T)]  # queries [a, b) see keys [0, b)
+    ys = []
+    for a, b in spans:
+        qs = q[:, :, a:b].reshape(B * KV, G * (b - a), hd)
+        m = mask[a:b, :b].repeat(G, 1).expand(B * KV, G * (b - a), b)
+        scores = torch.baddbmm(m, qs, k[:, :b].transpose(1, 2), alpha=hd**-0.5)  # (B*KV, G*(b-a), b)
+        ys.append(torch.bmm(scores.softmax(dim=-1), v[:, :b]).view(B, KV, G, b - a, hd))  # softmax accumulates in fp32
+    y = torch.cat(ys, dim=3) if len(ys) > 1 else ys[0]
     return y.view(B, H, T, hd)
 
 

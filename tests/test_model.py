@@ -223,12 +223,18 @@ def test_whole_model_matches_reference_forward() -> None:
     torch.testing.assert_close(model(idx), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [19, model_module.CAUSAL_SPLIT_MIN_LEN + 3, 2 * model_module.CAUSAL_SPLIT_MIN_LEN])  # whole; split, odd; split, even
 @pytest.mark.parametrize("kv", [4, 2, 1])
-def test_explicit_attention_equals_sdpa(kv: int) -> None:
-    q = torch.randn(2, 4, 19, 8)
-    k, v = torch.randn(2, kv, 19, 8), torch.randn(2, kv, 19, 8)
+def test_explicit_attention_equals_sdpa(kv: int, T: int) -> None:
+    q = torch.randn(2, 4, T, 8, requires_grad=True)
+    k, v = torch.randn(2, kv, T, 8, requires_grad=True), torch.randn(2, kv, T, 8, requires_grad=True)
+    grad_y = torch.randn(2, 4, T, 8)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != 4)
-    torch.testing.assert_close(explicit_causal_attention(q, k, v), expected, rtol=1e-5, atol=1e-5)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_y)
+    got = explicit_causal_attention(q, k, v)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(torch.autograd.grad(got, (q, k, v), grad_y), expected_grads):  # backward through the split too
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_kernel_choice() -> None:
