@@ -110,7 +110,7 @@ def test_engine_prompt_logprobs_match_a_full_forward(loaded) -> None:
     finally:
         engine.stop()
     with torch.no_grad():
-        lp = model(torch.tensor([p]))[0].log_softmax(-1)  # (T, V)
+        lp = model(torch.tensor([p], device=next(model.parameters()).device))[0].log_softmax(-1)  # (T, V); the model is on the GPU when there is one
     assert r.tokens == [] and r.finish_reason == "length"
     assert r.prompt.logprobs[0] is None and r.prompt.top[0] is None
     reference = [float(lp[t - 1, p[t]]) for t in range(1, len(p))]
@@ -181,7 +181,7 @@ def test_echo_logprobs_have_the_lm_eval_shape(client, loaded) -> None:
     model, tok = loaded
     p = prompts(tok, 2)[1]
     with torch.no_grad():
-        lp = model(torch.tensor([p]))[0].log_softmax(-1)  # (T, V)
+        lp = model(torch.tensor([p], device=next(model.parameters()).device))[0].log_softmax(-1)  # (T, V); the model is on the GPU when there is one
     for max_tokens, logprobs in ((0, 1), (1, 1), (0, 10), (1, 10)):
         r = client.post("/v1/completions", headers=AUTH,
                         json={"model": "tiny", "prompt": [p, p], "max_tokens": max_tokens, "echo": True,
