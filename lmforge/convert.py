@@ -38,6 +38,7 @@ Trade-offs
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -363,6 +364,48 @@ def _rope_freqs(cfg: ModelConfig) -> torch.Tensor:
     return (inv_freq / scaled).float()
 
 
+def llama3_from_rope_freqs(freqs: torch.Tensor, theta: float, head_dim: int) -> dict[str, Any] | None:
+    """llama3 scaling parameters that reproduce a rope_freqs tensor (hd/2,) as llama.cpp's converter
+    writes it (1 for kept frequencies, `factor` for divided ones, a blend between), or None.
+
+    The tensor fixes `factor` (its largest entry) and, through the blended entries, the line
+    s(x) = (L * x - low) / (high - low) in x = 1 / wavelength, i.e. only L / (high - low) and
+    low / (high - low). Every Llama 3.x model uses low_freq_factor 1; with that, high and L follow
+    (L rounded to an integer). With one blended entry, or none, Llama 3.x's high_freq_factor 4 is
+    assumed as well. A candidate is accepted only when it reproduces the tensor, and any that does
+    gives the model the same frequencies.
+    """
+    f = freqs.double()
+    factor = float(f.max())
+    if factor <= 1.0:
+        return None
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    x = inv_freq / (2 * math.pi)  # 1 / wavelength
+    blended = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
+    s = (1 / f - 1 / factor) / (1 - 1 / factor)  # the blend weight of each frequency, linear in x
+    candidates = []  # (low, high, original_max_len)
+    if int(blended.sum()) >= 2:  # the line itself: low = 1 fixes the rest
+        a = torch.stack([x[blended], torch.ones_like(x[blended])], 1)
+        slope, intercept = torch.linalg.lstsq(a, s[blended][:, None]).solution[:, 0].tolist()
+        if intercept < 0 < slope:
+            span = -1.0 / intercept  # high - low
+            candidates.append((1.0, round(1.0 + span, 4), round(slope * span)))
+    if int(blended.sum()) >= 1:  # one point on the line, with Llama 3.x's low 1 and high 4
+        i = int(blended.nonzero()[0])
+        candidates.append((1.0, 4.0, round((3 * float(s[i]) + 1) / float(x[i]))))
+    kept, divided = 1 / x[f <= 1 + 1e-6], 1 / x[f >= factor * (1 - 1e-6)]  # wavelengths
+    if len(kept) and len(divided):  # no blend in between: any L with 4 * kept < L < divided
+        candidates.append((1.0, 4.0, math.floor(4 * float(kept.max())) + 1))
+    candidates.append((1.0, 4.0, 8192))
+    for low, high, original in candidates:
+        params = dict(rope_scaling="llama3", rope_factor=factor, rope_low_freq_factor=low,
+                      rope_high_freq_factor=high, rope_original_max_len=int(original))
+        cfg = ModelConfig(vocab_size=1, n_layer=1, n_head=1, d_model=head_dim, rope_theta=theta, **params)
+        if torch.allclose(_rope_freqs(cfg).double(), f, rtol=1e-5, atol=0):
+            return params
+    return None
+
+
 def read_gguf(path: Path) -> Bundle:
     """A llama-architecture GGUF file -> Bundle (tensors dequantized to fp32)."""
     import gguf
@@ -381,13 +424,21 @@ def read_gguf(path: Path) -> Bundle:
             raise CheckpointError(f"{path}: unsupported {key} = {meta[key]!r}: lmforge implements plain RoPE only")
     by_name = {t.name: t for t in reader.tensors}
     llama3: dict[str, Any] = {}
-    if "rope_freqs.weight" in by_name:  # llama.cpp's per-frequency RoPE divisors (llama3 scaling)
-        if meta.get(_GGUF_LLAMA3 + "type") != "llama3":
+    if "rope_freqs.weight" in by_name and meta.get(_GGUF_LLAMA3 + "type") != "llama3":
+        # written by llama.cpp's converter (Llama 3.1/3.2): the parameters come from the tensor itself
+        try:
+            theta = _f32(meta.get(a + "rope.freq_base", 10000.0))
+            head_dim = int(meta[a + "embedding_length"]) // int(meta[a + "attention.head_count"])
+        except KeyError as e:
+            raise CheckpointError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
+        found = llama3_from_rope_freqs(_gguf_tensor(by_name["rope_freqs.weight"], path), theta, head_dim)
+        if found is None:
             raise CheckpointError(
-                f"{path}: unsupported tensor rope_freqs.weight (scaled RoPE) without lmforge's {_GGUF_LLAMA3}* "
-                "parameters: lmforge cannot recover the scaling from the tensor alone; import the model's "
-                "Hugging Face directory instead (its config.json names the rope_scaling)"
+                f"{path}: tensor rope_freqs.weight is not a llama3 RoPE scaling lmforge can reproduce; import the "
+                "model's Hugging Face directory instead (its config.json names the rope_scaling)"
             )
+        llama3 = found
+    elif "rope_freqs.weight" in by_name:  # lmforge's own export: its parameters, checked below
         llama3 = dict(rope_scaling="llama3", rope_factor=_f32(meta[_GGUF_LLAMA3 + "factor"]),
                       rope_low_freq_factor=_f32(meta[_GGUF_LLAMA3 + "low_freq_factor"]),
                       rope_high_freq_factor=_f32(meta[_GGUF_LLAMA3 + "high_freq_factor"]),
@@ -416,7 +467,7 @@ def read_gguf(path: Path) -> Bundle:
     _validate_shape(cfg, str(path))
     if llama3:  # the tensor llama.cpp uses must be the one these parameters give
         freqs = _gguf_tensor(by_name["rope_freqs.weight"], path)
-        if not torch.allclose(freqs, _rope_freqs(cfg), rtol=1e-6, atol=0):
+        if not torch.allclose(freqs, _rope_freqs(cfg), rtol=1e-5, atol=0):
             raise CheckpointError(f"{path}: rope_freqs.weight disagrees with its {_GGUF_LLAMA3}* parameters")
 
     from rich.progress import Progress

@@ -232,18 +232,63 @@ def test_llama3_rope_scaling_gguf_round_trip(tok, tmp_path) -> None:
     assert divisors.shape == (8,) and divisors[0] == 1.0 and 1.0 < divisors[1] < divisors[2] < 8.0
     torch.testing.assert_close(divisors[3:], torch.full((5,), 8.0), rtol=1e-6, atol=0)
 
-    # a rope_freqs tensor without lmforge's parameters (llama.cpp's own converter) is refused by name
-    r = gguf.GGUFReader(str(path))
-    w = gguf.GGUFWriter(str(tmp_path / "foreign.gguf"), "llama")
-    for f in r.fields.values():
-        if f.name.startswith(("lmforge.", "GGUF.", "general.architecture")):
-            continue
-        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, t.data.copy(), raw_dtype=t.tensor_type)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    with pytest.raises(CheckpointError, match="rope_freqs.weight .* without lmforge's"):
-        convert.read_gguf(tmp_path / "foreign.gguf")
+    # llama.cpp's own converter writes the tensor without lmforge's parameters: they are recovered from it
+    def without_lmforge_keys(src: Path, dst: Path, freqs: torch.Tensor | None = None) -> Path:
+        r = gguf.GGUFReader(str(src))
+        w = gguf.GGUFWriter(str(dst), "llama")
+        for f in r.fields.values():
+            if f.name.startswith(("lmforge.", "GGUF.", "general.architecture")):
+                continue
+            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+        for t in r.tensors:
+            data = freqs.numpy() if t.name == "rope_freqs.weight" and freqs is not None else t.data.copy()
+            w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+        w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+        return dst
+
+    foreign = convert.read_gguf(without_lmforge_keys(path, tmp_path / "foreign.gguf"))
+    assert foreign.cfg.rope_scaling == "llama3" and foreign.cfg.rope_factor == 8.0
+    assert (foreign.cfg.rope_low_freq_factor, foreign.cfg.rope_high_freq_factor, foreign.cfg.rope_original_max_len) == (1.0, 4.0, 64)
+    imported = Transformer(foreign.cfg)
+    convert.load_weights(imported, foreign.tensors)
+    idx = torch.randint(0, tok.vocab_size, (1, model.cfg.max_seq_len), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(imported.eval()(idx), model.eval()(idx), rtol=0, atol=0)  # same frequencies, bit for bit
+    # divisors that no llama3 scaling gives are refused by name
+    bent = divisors.clone()
+    bent[1] *= 1.01
+    with pytest.raises(CheckpointError, match="rope_freqs.weight is not a llama3 RoPE scaling"):
+        convert.read_gguf(without_lmforge_keys(path, tmp_path / "bent.gguf", bent))
+
+
+@pytest.mark.parametrize("base, dim, factor, low, high, original", [
+    (500000.0, 64, 32.0, 1.0, 4.0, 8192),   # Llama 3.2 1B/3B
+    (500000.0, 128, 8.0, 1.0, 4.0, 8192),   # Llama 3.1 8B
+    (10000.0, 16, 8.0, 1.0, 4.0, 32),       # one blended frequency
+    (500000.0, 16, 8.0, 2.0, 4.0, 64),      # none blended, another low factor: equivalent parameters
+])
+def test_llama3_parameters_recovered_from_llama_cpp_rope_freqs(base, dim, factor, low, high, original) -> None:
+    """rope_freqs exactly as llama.cpp's converter computes it (float32 frequencies, Python floats)."""
+    import math
+
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    divisors = []
+    for fr in freqs.tolist():
+        wavelen = 2 * math.pi / fr
+        if wavelen < original / high:
+            divisors.append(1.0)
+        elif wavelen > original / low:
+            divisors.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    table = torch.tensor(divisors, dtype=torch.float32)
+    params = convert.llama3_from_rope_freqs(table, base, dim)
+    assert params is not None and params["rope_factor"] == factor
+    if low == 1.0:
+        assert (params["rope_high_freq_factor"], params["rope_original_max_len"]) == (high, original)
+    cfg = ModelConfig(vocab_size=8, n_layer=1, n_head=1, d_model=dim, rope_theta=base, **params)
+    torch.testing.assert_close(convert._rope_freqs(cfg), table, rtol=1e-5, atol=0)
+    assert convert.llama3_from_rope_freqs(torch.ones(dim // 2), base, dim) is None  # no scaling at all
 
 
 def test_rope_scaling_config_is_validated_and_round_trips() -> None:
