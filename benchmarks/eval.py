@@ -30,7 +30,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.evaluate.score import make_request, score_naive, score_packed
-from lmforge.evaluate.tasks import context_ids, encode_pair, load_task
+from lmforge.evaluate.tasks import encode_request, load_task
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -66,7 +66,7 @@ def stdlib_lines_task(tok: Tokenizer, items: int, context_tokens: int, rng: rand
 
 
 def requests_for(tok: Tokenizer, items, max_len: int):
-    return [make_request(context_ids(tok, c), [encode_pair(tok, c, x) for x in ch], max_len) for c, ch, _ in items]
+    return [make_request(*encode_request(tok, c, ch), max_len) for c, ch, _ in items]
 
 
 def timed(fn) -> tuple[float, object]:

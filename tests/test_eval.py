@@ -22,7 +22,7 @@ from lmforge.errors import DataError
 from lmforge.evaluate import metrics as M
 from lmforge.evaluate.loss import nll_totals, text_batches
 from lmforge.evaluate.score import Request, make_request, score_naive, score_packed
-from lmforge.evaluate.tasks import encode_pair, load_task
+from lmforge.evaluate.tasks import encode_request, load_task
 from lmforge.evaluate.watch import RESULTS_FILE, read_results
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -150,10 +150,14 @@ def test_make_request_truncates_context_from_the_left_and_refuses_huge_choices()
         make_request([1], [list(range(10))], max_len=10, where="t.jsonl:4")
 
 
-def test_encode_pair_matches_joint_tokenization(small_tokenizer: Tokenizer) -> None:
+def test_encode_request_follows_lm_eval(small_tokenizer: Tokenizer) -> None:
     tok = small_tokenizer
-    ctx, cont = "import", " sys\n"
-    assert tok.encode(ctx) + encode_pair(tok, ctx, cont) == tok.encode(ctx + cont)
+    ctx, conts = encode_request(tok, "import", [" sys\n", " os"])  # the joint encoding, split after the context
+    assert ctx == tok.encode("import") and [ctx + c for c in conts] == [tok.encode("import sys\n"), tok.encode("import os")]
+    ctx, (cont,) = encode_request(tok, "x = ", ["1"])  # trailing whitespace moves into the continuation
+    assert ctx == tok.encode("x =") and ctx + cont == tok.encode("x = 1")
+    ctx, (cont,) = encode_request(tok, "", ["hello"])  # empty context: the document separator
+    assert ctx == [tok.eos_id] and cont == tok.encode("hello")
 
 
 # ---- task files --------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ..util import progress_bar
 from . import metrics as M
 from .loss import dataset_batches, nll_totals, text_batches
 from .score import make_request, score_naive, score_packed
-from .tasks import Task, context_ids, encode_pair, load_task
+from .tasks import Task, context_ids, encode_request, load_task
 
 
 def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batch_size: int,
@@ -44,8 +44,8 @@ def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batc
     requests = []
     for item in task.items:
         conts = item.choices if task.kind == "mc" else (item.target,)
-        requests.append(make_request(context_ids(tokenizer, item.context),
-                                     [encode_pair(tokenizer, item.context, c) for c in conts], max_len, item.where))
+        ctx, cont_ids = encode_request(tokenizer, item.context, conts)
+        requests.append(make_request(ctx, cont_ids, max_len, item.where))
     if scorer == "packed":
         scores = score_packed(model, requests, batch_size=batch_size)
     elif scorer == "naive":

@@ -13,7 +13,7 @@ scored as the exact text that follows the context, so it usually starts with a s
 
 Design: validation reads the whole file before anything is scored and raises `DataError` naming
 `file:line` and the field, so a typo costs a second, not an evaluation. Items are plain frozen
-dataclasses; turning text into token requests (`encode_pair`) lives here too, so the fast and the
+dataclasses; turning text into token requests (`encode_request`) lives here too, so the fast and the
 naive scorer are fed exactly the same tokens.
 
 Trade-off: no prompt templates, few-shot sampling or answer extraction: a task file holds the
@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from collections.abc import Sequence
 
 from ..errors import DataError
 from ..tokenizer import Tokenizer
@@ -158,16 +159,29 @@ def context_ids(tokenizer: Tokenizer, context: str) -> list[int]:
     return ids
 
 
-def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> list[int]:
-    """Continuation ids as lm-evaluation-harness computes them: encode context + continuation
-    together and keep what follows the context's own tokens, so a merge across the boundary is
-    tokenized as in running text. When BPE merges across the boundary (the joint encoding does
-    not start with the context's ids) the continuation is encoded on its own instead."""
-    ctx = tokenizer.encode(context) if context else []
-    whole = tokenizer.encode(context + continuation)
-    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
-        return whole[len(ctx) :]
-    return tokenizer.encode(continuation)
+def encode_request(tokenizer: Tokenizer, context: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """(context ids, each continuation's ids) exactly as lm-evaluation-harness builds a
+    loglikelihood request, so a task scores the same here and through `lmforge serve`:
+
+    - the context's trailing whitespace moves to the front of every continuation (a context
+      ending in "x = " is scored as "x =" followed by " 1", the way running text tokenizes);
+    - the continuation's ids are what follows the context's own ids in the joint encoding
+      of context + continuation (so a merge across the boundary is tokenized as in running text);
+    - an empty context becomes the document separator (`context_ids`).
+
+    Where the joint encoding would leave a continuation no ids of its own (BPE merged it into
+    the context's last token), it is encoded alone instead of being scored as nothing.
+    """
+    head = context.rstrip()
+    moved = context[len(head):]
+    if not head:
+        return context_ids(tokenizer, ""), [tokenizer.encode(moved + c) for c in continuations]
+    ctx = tokenizer.encode(head)
+    conts = []
+    for c in continuations:
+        ids = tokenizer.encode(head + moved + c)[len(ctx):]
+        conts.append(ids if ids else tokenizer.encode(moved + c))
+    return ctx, conts
 
 
-__all__ = ["Item", "Task", "load_task", "parse_item", "context_ids", "encode_pair", "KINDS"]
+__all__ = ["Item", "Task", "load_task", "parse_item", "context_ids", "encode_request", "KINDS"]
