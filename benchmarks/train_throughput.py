@@ -30,6 +30,7 @@ import torch
 
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.model import Transformer, flops_per_token
+from lmforge.plan import matmul_rate
 from lmforge.train.loop import train_step
 from lmforge.train.optim import build_optimizer
 
@@ -56,30 +57,12 @@ def interleaved_best(fns: dict[str, Callable[[], object]], *, repeats: int, numb
     return best
 
 
-def best_seconds(fn: Callable[[], object], *, repeats: int, number: int) -> float:
-    """Best over `repeats` of the mean time of `number` calls (after one warm-up call)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / number)
-    return best
-
-
-def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072), seconds: float = 0.5) -> float:
     """Best achieved FLOP/s of square matmuls in dtype: this machine's practical matmul peak.
 
     Several sizes, because the fastest one differs between the fp32 (MKL) and bf16 (oneDNN,
-    AMX where the CPU has it) kernels."""
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
-        sec = best_seconds(lambda: torch.mm(a, b), repeats=repeats, number=2)
-        best = max(best, 2 * n**3 / sec)
-    return best
+    AMX where the CPU has it) kernels. The trainer's MFU uses the same `plan.matmul_rate`, shorter."""
+    return max(matmul_rate(dtype, n, seconds) for n in sizes)
 
 
 def lmforge_step(cfg: ModelConfig, batches: list, dtype: str, compile: bool) -> Callable[[], object]:

@@ -204,6 +204,22 @@ HARDWARE: dict[str, Hardware] = {
 }
 
 
+def matmul_rate(dtype: Any, size: int, seconds: float) -> float:
+    """FLOP/s of repeated (size x size) @ (size x size) CPU matmuls in `dtype` for about `seconds`
+    (after one warm-up product), with torch's current thread count."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)  # not the global RNG: a trainer's RNG state is checkpointed
+    a = torch.randn(size, size, generator=g).to(dtype)
+    b = torch.randn(size, size, generator=g).to(dtype)
+    torch.mm(a, b)  # warm up kernels and caches
+    steps, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        torch.mm(a, b)
+        steps += 1
+    return 2.0 * size**3 * steps / elapsed
+
+
 def measure_cpu(seconds: float = 0.25) -> Hardware:
     """This machine's CPU, measured now: best of bf16/fp32 matmul FLOP/s, copy bandwidth, RAM.
 
@@ -211,18 +227,8 @@ def measure_cpu(seconds: float = 0.25) -> Hardware:
     """
     import torch
 
-    def matmul_rate(dtype: torch.dtype, size: int) -> float:
-        a = torch.randn(size, size).to(dtype)
-        b = torch.randn(size, size).to(dtype)
-        torch.mm(a, b)  # warm up kernels and caches
-        steps, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds:
-            torch.mm(a, b)
-            steps += 1
-        return 2.0 * size**3 * steps / elapsed
-
-    fp32 = matmul_rate(torch.float32, 512)
-    bf16 = matmul_rate(torch.bfloat16, 512)
+    fp32 = matmul_rate(torch.float32, 512, seconds)
+    bf16 = matmul_rate(torch.bfloat16, 512, seconds)
     src = np.ones(16 * 1024 * 1024, dtype=np.float32)  # 64 MiB: larger than any cache
     dst = np.empty_like(src)
     best = math.inf

@@ -110,6 +110,9 @@ def test_golden_losses(tiny_dataset, tmp_path):
     expected = json.loads(GOLDEN.read_text())["losses"]
     assert losses == pytest.approx(expected, rel=1e-5)
     assert losses[-1] < losses[0] - 0.3  # it learns
+    assert all(0 < r["mfu"] < 1 for r in lines if "loss" in r)  # against this CPU's matmul rate, measured at start
+    peak = [json.loads(x) for x in (tmp_path / "g" / "events.jsonl").read_text().splitlines() if '"mfu_peak"' in x]
+    assert len(peak) == 1 and peak[0]["source"] == "measured matmul rate" and peak[0]["peak_flops"] > 1e9
 
 
 # ---- resume ----------------------------------------------------------------------------------
@@ -131,6 +134,8 @@ def test_resume_after_sigkill_is_bit_identical(tiny_dataset, straight_run, tmp_p
     resumed = run_train(tiny_dataset, run_dir)
     assert f"at step {k // 10 * 10}" in resumed.stderr  # checkpoints at 0 (fresh run), 10, 20, ...
     assert final_weights(run_dir) == final_weights(straight_run)
+    trainer = [json.loads((r / "checkpoints" / "step-000040" / "trainer.json").read_text()) for r in (run_dir, straight_run)]
+    assert trainer[0] == trainer[1]  # the complete state: data cursor, guard history, RNG states, counters
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len([s for s in steps if s == 40]) == 2  # loss + val_loss lines, no duplicates
 

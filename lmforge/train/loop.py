@@ -163,7 +163,7 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     distributed.check_parallel(cfg.train, d)
     distributed.micro_batches_per_rank(cfg.train.global_batch, cfg.train.micro_batch, d.world)
     dataset = TokenDataset(cfg.data.path)
-    torch.manual_seed(cfg.train.seed)
+    seed_everything(cfg.train.seed)  # the RNG states a checkpoint records are then a function of the run
     model = Transformer(cfg.model).to(device())  # init on CPU first: the same weights on any device
     if cfg.init.from_ and from_checkpoint is None and not ckpt_io.list_checkpoints(run_dir):  # fresh run only
         from ..convert import load_init_weights  # pretrained weights (step 0, fresh optimizer)
@@ -229,7 +229,10 @@ def train(run: Run) -> int:
     accum = distributed.micro_batches_per_rank(t.global_batch, t.micro_batch, d.world)
     tokens_per_step = t.global_batch * cfg.data.seq_len
     dev = device()
-    flops_per_token, peak = model_flops_per_token(cfg), peak_flops(dev)
+    flops_per_token, peak = model_flops_per_token(cfg), peak_flops(dev, t.dtype)
+    if peak:
+        log_event(run, "mfu_peak", {"peak_flops": peak, "device": str(dev), "dtype": t.dtype,
+                                    "source": "datasheet" if dev.type == "cuda" else "measured matmul rate"})
     stop = _StopFlag()
     last_ckpt_time = time.monotonic()
     window_start, window_tokens = time.perf_counter(), 0
@@ -299,6 +302,19 @@ def train(run: Run) -> int:
     return 0
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and every GPU), Python's `random` and NumPy's global RNG. lmforge's data order
+    and model init use none but torch, but user code and libraries may, and checkpoints record all
+    three: seeded, a resumed run's states equal an uninterrupted run's."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def device() -> torch.device:
     return default_device()  # under torchrun with nccl, distributed.init() made this rank's GPU the current one
 
@@ -309,13 +325,15 @@ def model_flops_per_token(cfg: Config) -> float:
     return flops_per_token(cfg.model, cfg.data.seq_len)
 
 
-def peak_flops(dev: torch.device) -> float | None:
-    """Datasheet bf16 peak of a known GPU (plan.py's table), for MFU; None on CPU or unknown GPUs
-    (a CPU's peak depends on its vector units and is measured by benchmarks/, not guessed here)."""
-    if dev.type != "cuda":
-        return None
-    from ..plan import HARDWARE
+def peak_flops(dev: torch.device, dtype: str = "bf16") -> float | None:
+    """The peak that MFU is measured against: a known GPU's datasheet bf16 peak (plan.py's table),
+    None for an unknown GPU; on the CPU, this machine's matmul rate in the run's dtype, measured
+    now with the run's threads (512^3 products for ~0.1 s: an estimate, since a CPU's peak depends
+    on its vector units and on what else runs; benchmarks/train_throughput.py measures it longer)."""
+    from ..plan import HARDWARE, matmul_rate
 
+    if dev.type != "cuda":
+        return matmul_rate(torch.bfloat16 if dtype == "bf16" else torch.float32, 512, 0.1)
     name = torch.cuda.get_device_name(dev).lower()
     matches = [hw for key, hw in HARDWARE.items() if key.split("-")[0] in name]
     return max(matches, key=lambda hw: len(hw.name)).peak_flops if matches else None
@@ -554,7 +572,7 @@ def log_event(run: Run, kind: str, data: dict[str, Any]) -> None:
     if not run.dist.is_main:
         return
     _append_jsonl(run.run_dir / "events.jsonl", {"step": run.step, "kind": kind, "time": time.time(), **data})
-    if run.store is not None and kind not in ("resume", "config_change"):  # the store records those itself
+    if run.store is not None and kind not in ("resume", "config_change", "mfu_peak"):  # the store records the first two itself; the peak is bookkeeping
         run.store.log_event(run.run_id, kind, run.step, data)
 
 
