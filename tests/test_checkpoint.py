@@ -4,7 +4,6 @@ resume falls back to the previous intact one; retention keeps what it promises."
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO
 from lmforge import convert
 from lmforge.config import ModelConfig
 from lmforge.generate import generate
