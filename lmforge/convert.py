@@ -397,12 +397,13 @@ def llama3_from_rope_freqs(freqs: torch.Tensor, theta: float, head_dim: int) -> 
     if len(kept) and len(divided):  # no blend in between: any L with 4 * kept < L < divided
         candidates.append((1.0, 4.0, math.floor(4 * float(kept.max())) + 1))
     candidates.append((1.0, 4.0, 8192))
+    from .model import llama3_inv_freq
+
     for low, high, original in candidates:
-        params = dict(rope_scaling="llama3", rope_factor=factor, rope_low_freq_factor=low,
-                      rope_high_freq_factor=high, rope_original_max_len=int(original))
-        cfg = ModelConfig(vocab_size=1, n_layer=1, n_head=1, d_model=head_dim, rope_theta=theta, **params)
-        if torch.allclose(_rope_freqs(cfg).double(), f, rtol=1e-5, atol=0):
-            return params
+        divisors = inv_freq / llama3_inv_freq(inv_freq, factor, low, high, int(original))  # as _rope_freqs computes them
+        if torch.allclose(divisors, f, rtol=1e-5, atol=0):
+            return dict(rope_scaling="llama3", rope_factor=factor, rope_low_freq_factor=low,
+                        rope_high_freq_factor=high, rope_original_max_len=int(original))
     return None
 
 

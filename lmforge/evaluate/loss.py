@@ -26,13 +26,10 @@ import torch.nn.functional as F
 from ..data.loader import val_batches
 
 
-def autocast(dtype: str):
-    """bf16 autocast on the device models run on (util.default_device) for dtype "bf16", nothing
-    for "fp32"."""
+def autocast(dtype: str, device_type: str):
+    """bf16 autocast on `device_type` (where the batch is) for dtype "bf16", nothing for "fp32"."""
     if dtype == "bf16":
-        from ..util import default_device
-
-        return torch.autocast(default_device().type, dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -54,7 +51,7 @@ def validation_loss(
     try:
         for x, y in val_batches(data_path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches):
             x, y = x.to(dev), y.to(dev)
-            with autocast(dtype):
+            with autocast(dtype, dev.type):
                 _, loss = model(x, y)
             n = y.numel()
             total += float(loss) * n

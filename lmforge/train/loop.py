@@ -101,7 +101,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # x, y: (micro_batch, seq_len)
-        with autocast(dtype):
+        with autocast(dtype, x.device.type):
             _, loss = model(x, y)
         return loss * loss_multiplier if loss_multiplier != 1.0 else loss
 
