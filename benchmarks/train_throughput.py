@@ -16,11 +16,18 @@ baseline. Example:
     python benchmarks/train_throughput.py --dtype bf16 --compile
     python benchmarks/train_throughput.py --compile --baseline  # the issue's comparison, same run
     python benchmarks/train_throughput.py --set n_layer=8 --set d_model=512 --micro-batch 4
+    python benchmarks/train_throughput.py --dtype bf16 --compile --breakdown --matmuls
+
+`--breakdown` splits a step into forward, backward, clipping and optimizer (best of 30 each);
+`--matmuls` records every matmul of one step (shapes, strides, dtype), replays each alone and
+prints the achieved GFLOP/s per shape: which matmuls run far below the peak, and whether the
+model's matmuls are slower in context than alone (the sum of the replay vs the step's own).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from dataclasses import replace
@@ -29,6 +36,7 @@ from typing import Callable
 import torch
 
 from lmforge.config import ModelConfig, TrainConfig
+from lmforge.evaluate.loss import autocast
 from lmforge.model import Transformer, flops_per_token
 from lmforge.plan import matmul_rate
 from lmforge.train.loop import train_step
@@ -75,6 +83,85 @@ def lmforge_step(cfg: ModelConfig, batches: list, dtype: str, compile: bool) -> 
     return lambda: train_step(run_model, optimizer, batches, lr=3e-4, grad_clip=1.0, dtype=dtype)
 
 
+def breakdown(cfg: ModelConfig, batch: tuple, dtype: str, compile: bool, n: int = 30) -> dict[str, float]:
+    """Best-of-n seconds of each part of a step: zero_grad, forward, backward, clip, AdamW."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    optimizer = build_optimizer(model, TrainConfig())
+    run_model = torch.compile(model) if compile else model
+    x, y = batch
+    best: dict[str, float] = {}
+    for i in range(n + 3):  # 3 warm-up steps (compilation)
+        t = [time.perf_counter()]
+        optimizer.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        with autocast(dtype, "cpu"):
+            _, loss = run_model(x, y)
+        t.append(time.perf_counter())
+        loss.backward()
+        t.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        t.append(time.perf_counter())
+        optimizer.step()
+        t.append(time.perf_counter())
+        if i >= 3:
+            for name, a, b in zip(("zero_grad", "forward", "backward", "clip", "optimizer"), t, t[1:]):
+                best[name] = min(best.get(name, math.inf), b - a)
+    return best
+
+
+MATMULS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def matmul_table(cfg: ModelConfig, batch: tuple, dtype: str) -> None:
+    """Every matmul of one eager step, replayed alone (best of 10 each), grouped by shape/layout."""
+    from torch.profiler import profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    x, y = batch
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in MATMULS:
+                # the operands themselves (kept alive here), with their layouts; values do not matter
+                calls.append((func, [a.detach() if isinstance(a, torch.Tensor) else a for a in args], kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    def step():
+        with autocast(dtype, "cpu"):
+            _, loss = model(x, y)
+        loss.backward()
+
+    with Record():
+        step()
+    step()
+    with profile() as prof:  # the same matmuls in context, for comparison with their replay
+        step()
+    in_step = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.removeprefix("aten::") in MATMULS) / 1e6
+    rows: dict[tuple, list[float]] = {}
+    for func, args, kwargs in calls:
+        a, b = [t for t in args if isinstance(t, torch.Tensor)][-2:]  # (.., M, K) @ (.., K, N)
+        flops = 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+        best = math.inf
+        for _ in range(10):
+            t = time.perf_counter()
+            func(*args, **kwargs)
+            best = min(best, time.perf_counter() - t)
+        key = (func.overloadpacket.__name__, tuple(a.shape), a.stride(), tuple(b.shape), b.stride())
+        row = rows.setdefault(key, [0, 0.0, 0.0])
+        row[0], row[1], row[2] = row[0] + 1, row[1] + best, row[2] + flops
+    print(f"{dtype} matmuls of one step (forward + backward), replayed alone; A (shape, strides) @ B (shape, strides):")
+    for (op, sa, ta, sb, tb), (count, sec, flops) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {count:3d} x {op:8s} {str(sa):>15} {str(ta):>16} @ {str(sb):>15} {str(tb):>16}: "
+              f"{sec * 1e3:6.2f} ms {flops / sec / 1e9:6.0f} GFLOP/s")
+    replay = sum(r[1] for r in rows.values())
+    print(f"  replayed alone: {replay * 1e3:.1f} ms, {sum(r[2] for r in rows.values()) / replay / 1e9:.0f} GFLOP/s; "
+          f"the same matmuls inside the step (profiler): {in_step * 1e3:.1f} ms")
+
+
 def baseline_steps(cfg: ModelConfig, seq_len: int, batches: list, dtype: str, compile: bool) -> Callable[[], object]:
     """The nanoGPT-style baseline's step (gpt_baseline.py) on the same batches."""
     from gpt_baseline import GPTBaseline, baseline_optimizer, baseline_step
@@ -100,6 +187,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
+    p.add_argument("--breakdown", action="store_true", help="split a step into forward/backward/clip/optimizer")
+    p.add_argument("--matmuls", action="store_true", help="per-shape GFLOP/s of one step's matmuls, replayed alone")
     p.add_argument("--baseline", action="store_true",
                    help="also time the nanoGPT-style baseline (eager and compiled) in the same run")
     args = p.parse_args()
@@ -146,6 +235,12 @@ def main() -> None:
         if args.baseline:
             base = min(secs["baseline eager"], secs["baseline compiled"])
             print(f"{dtype:>5} lmforge / faster baseline: {base / secs['lmforge']:.2f}x")
+        if args.breakdown:
+            parts = breakdown(cfg, batches[0], dtype, args.compile)
+            print(f"{dtype:>5} one micro batch, best of 30: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in parts.items())
+                  + f" (sum {sum(parts.values()) * 1e3:.1f} ms)")
+        if args.matmuls:
+            matmul_table(cfg, batches[0], dtype)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
