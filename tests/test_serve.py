@@ -165,6 +165,25 @@ def test_engine_cancel_and_timeout_free_the_slot(loaded) -> None:
         engine.stop()
 
 
+def test_engine_starts_one_thread_and_stops_it(loaded) -> None:
+    """A second start (an app's lifespan after a manual start) must not add a second decode
+    thread; stop() must end the thread it started (it used to wake only one of two and wait out
+    its 30 s join timeout)."""
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=1).start()
+    first = engine.thread
+    try:
+        assert engine.start().thread is first
+        assert sum(t.name == "lmforge-engine" and t.is_alive() for t in threading.enumerate()) == 1
+        (r,) = run_requests(engine, [Request(prompts(tok, 1)[0], 3)])
+        assert len(r.tokens) == 3
+    finally:
+        engine.stop()
+    assert not first.is_alive()
+    assert engine.start().thread is not first  # a stopped engine starts again
+    engine.stop()
+
+
 # ---- API in-process ------------------------------------------------------------------------
 
 

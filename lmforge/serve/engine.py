@@ -248,6 +248,10 @@ class Engine:
         return sum(n for t, n in list(self.recent) if t >= now - window) / window
 
     def start(self) -> "Engine":
+        """Start the engine thread; a second call while it runs is a no-op (one thread only: two
+        would decode the same batch concurrently, and stop() would wait for the one it missed)."""
+        if self.thread is not None and self.thread.is_alive():
+            return self
         self.running = True
         threads = torch.get_num_threads()  # the caller's setting; OpenMP keeps it per thread
         self.thread = threading.Thread(target=self._run, args=(threads,), name="lmforge-engine", daemon=True)
@@ -257,7 +261,7 @@ class Engine:
     def stop(self) -> None:
         with self.wake:
             self.running = False
-            self.wake.notify()
+            self.wake.notify_all()
         if self.thread is not None:
             self.thread.join(timeout=30)
         for req in list(self.waiting) + [s.req for s in self.active]:
