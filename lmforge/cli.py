@@ -56,6 +56,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         if (Path(args.path) / "config.yaml").is_file():  # a run directory: its data, its step mapping
             from .train.loop import data_step_of_run
 
+            if args.step < 1:  # mapped to data step step - 1: a clear message before a negative one appears
+                raise LmforgeError(f"--step with a run directory is a training step as logged (1, 2, ...), got {args.step}")
             view = data_step_of_run(args.path, args.step)
             for line in view["notes"]:  # part of the answer; beside --json they stay off stdout
                 (console if args.json else out).print(line, markup=False)
@@ -103,13 +105,13 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
     for c in ckpts:
         problems = verify_checkpoint(c)
         if not problems:
-            out.print(f"[green]ok[/]        {escape(str(c))}")
+            out.print(f"[green]{'ok':<11}[/]{escape(str(c))}")
             continue
         bad += 1
         status = "incomplete" if any("incomplete" in p or "missing" in p for p in problems) else "corrupt"
-        out.print(f"[red]{status:<10}[/]{escape(str(c))}")
+        out.print(f"[red]{status:<11}[/]{escape(str(c))}")  # "incomplete" is 10 wide: one space after it
         for p in problems:
-            out.print(f"          {p}", markup=False)
+            out.print(f"{'':11}{p}", markup=False)
     out.print(f"{len(ckpts) - bad} ok, {bad} damaged")
     return 1 if bad else 0
 
@@ -175,12 +177,25 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    # Flags that would be silently ignored are mistakes: say so rather than do something else.
+    if not args.watch:
+        given = [flag for flag, value in (("--once", args.once), ("--follow", args.follow),
+                                          ("--interval", args.interval is not None)) if value]
+        if given:
+            raise LmforgeError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to the sidecar: "
+                               f"add --watch (lmforge eval RUN --watch {' '.join(given)} ...)")
     if args.watch:
         from .evaluate.watch import watch
 
+        if args.json:
+            raise LmforgeError("--json prints one evaluation; the --watch sidecar records each checkpoint's metrics "
+                               "in RUN/eval-results.jsonl (JSON lines) instead: drop --json")
+        if args.once and args.follow:
+            raise LmforgeError("--once makes one pass and exits, --follow keeps watching after the run completed: give one")
         return watch(args.path, tasks=args.tasks, data=args.data, text=args.text, batch_size=args.batch_size,
-                     threads=args.threads, max_batches=args.max_batches, interval=args.interval,
-                     once=args.once, follow=args.follow)
+                     threads=args.threads, max_batches=args.max_batches,
+                     interval=10.0 if args.interval is None else args.interval,
+                     once=args.once, follow=args.follow, scorer=args.scorer)
     from .evaluate.harness import eval_command
 
     return eval_command(args.path, tasks=args.tasks, data=args.data, text=args.text, batch_size=args.batch_size,
@@ -314,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runs", parents=[store_opts], help="the experiment store: list, show, compare, delete runs")
     rsub = p.add_subparsers(dest="runs_cmd", metavar="ACTION")
     rsub.add_parser("list", parents=[store_opts], help="table of runs (the default)")
-    r = rsub.add_parser("show", parents=[store_opts], help="config, metrics summary and events of a run")
+    r = rsub.add_parser("show", parents=[store_opts], help="config, metrics summary, events and checkpoints of a run")
     r.add_argument("run", help="run name, id or run directory")
     r = rsub.add_parser("compare", parents=[store_opts], help="config diff and final metrics side by side")
     r.add_argument("runs", nargs="+", help="two or more run names, ids or run directories")
@@ -344,9 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", choices=["packed", "naive"], default="packed", help="naive: one forward per choice (reference)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--watch", action="store_true", help="sidecar: evaluate each new checkpoint of the run once")
-    p.add_argument("--interval", type=float, default=10.0, help="--watch: seconds between looks at the run")
-    p.add_argument("--once", action="store_true", help="--watch: one pass over the checkpoints present, then exit")
-    p.add_argument("--follow", action="store_true", help="--watch: keep watching after the run completed")
+    p.add_argument("--interval", type=float, help="--watch: seconds between looks at the run (default 10)")
+    p.add_argument("--once", action="store_true", help="--watch: one pass over the checkpoints present, then exit "
+                   "(not with --follow)")
+    p.add_argument("--follow", action="store_true", help="--watch: keep watching after the run completed (not with --once)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("import", help="a Hugging Face Llama dir or a GGUF file -> an lmforge model directory")

@@ -158,7 +158,10 @@ class Config:
         return out
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None, source: str = "config") -> "Config":
+    def from_dict(cls, raw: dict[str, Any] | None, source: str = "config",
+                  overridden: dict[str, str] | None = None) -> "Config":
+        """`overridden` maps "section.key" to the `--set` item that gave its value, so an error in
+        that value names the `--set` rather than `source`."""
         raw = raw or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
@@ -169,7 +172,7 @@ class Config:
                 raise ConfigError(_unknown(source, str(name), list(section_fields), "section"))
         for name, f in section_fields.items():
             section_cls = _HINTS[cls][name]
-            kwargs[name] = _build_section(section_cls, raw.get(name) or {}, f"{source}: {name}")
+            kwargs[name] = _build_section(section_cls, raw.get(name) or {}, f"{source}: {name}", name, overridden or {})
         cfg = cls(**kwargs)
         cfg.validate()
         return cfg
@@ -304,7 +307,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
     raw = apply_overrides(raw, overrides or [])
-    return Config.from_dict(raw, source=source)
+    return Config.from_dict(raw, source=source, overridden=_override_items(overrides or []))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -354,7 +357,12 @@ def _copy(v: Any) -> Any:
     return list(v) if isinstance(v, list) else v
 
 
-def _build_section(cls: type, raw: Any, where: str) -> Any:
+def _override_items(overrides: list[str]) -> dict[str, str]:
+    """{"section.key": the `--set` item that set it} (the last one wins, as in apply_overrides)."""
+    return {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
+
+
+def _build_section(cls: type, raw: Any, where: str, section: str, overridden: dict[str, str]) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
     hints = _hints(cls)
@@ -364,7 +372,9 @@ def _build_section(cls: type, raw: Any, where: str) -> Any:
         if key not in by_key:
             raise ConfigError(_unknown(where, str(key), list(by_key), "key"))
         f = by_key[key]
-        kwargs[f.name] = _coerce(value, hints[f.name], f"{where}.{key}")
+        dotted = f"{section}.{key}"
+        key_where = f"--set {overridden[dotted]}: {dotted}" if dotted in overridden else f"{where}.{key}"
+        kwargs[f.name] = _coerce(value, hints[f.name], key_where)
     return cls(**kwargs)
 
 

@@ -37,12 +37,14 @@ Trade-offs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -50,7 +52,7 @@ import torch
 from .config import Config, ModelConfig, load_config
 from .errors import CheckpointError, ConfigError
 from .tokenizer import TOKENIZER_FILE, Tokenizer
-from .util import atomic_dir, atomic_write_json, console, progress_bar
+from .util import FILE_MODE, atomic_dir, atomic_write_json, console, fsync_dir, progress_bar, replace_path
 from .util import out as results_out  # command results: stdout, every progress mode
 
 MODEL_FILE = "model.safetensors"
@@ -176,6 +178,8 @@ def model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
         if hf.get(key):
             raise refuse(key, hf[key], "lmforge's linear layers have no biases")
     rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests theta, type and scaling here
+    if not isinstance(rope, dict):
+        raise refuse("rope_parameters", rope, "expected a mapping")
     scaling = hf.get("rope_scaling") or rope  # transformers < 5: a separate rope_scaling dict
     if not isinstance(scaling, dict):
         raise refuse("rope_scaling", scaling, "expected a mapping with a rope_type")
@@ -188,10 +192,13 @@ def model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
         missing = [k for k in keys if scaling.get(k) is None]
         if missing:
             raise refuse("rope_scaling", scaling, f"rope_type 'llama3' needs {', '.join(missing)}")
-        llama3 = dict(rope_scaling="llama3", rope_factor=float(scaling["factor"]),
-                      rope_low_freq_factor=float(scaling["low_freq_factor"]),
-                      rope_high_freq_factor=float(scaling["high_freq_factor"]),
-                      rope_original_max_len=int(scaling["original_max_position_embeddings"]))
+        try:
+            llama3 = dict(rope_scaling="llama3", rope_factor=float(scaling["factor"]),
+                          rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                          rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                          rope_original_max_len=int(scaling["original_max_position_embeddings"]))
+        except (TypeError, ValueError):
+            raise refuse("rope_scaling", scaling, "its llama3 parameters must be numbers") from None
     try:
         cfg = ModelConfig(
             vocab_size=int(hf["vocab_size"]),
@@ -209,6 +216,8 @@ def model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
         )
     except KeyError as e:
         raise CheckpointError(f"{source}: config.json lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:  # a size that is not a number, a list where a number belongs ...
+        raise CheckpointError(f"{source}: config.json has a value of the wrong type ({e})") from None
     if hf.get("head_dim") not in (None, cfg.head_dim):
         raise refuse("head_dim", hf["head_dim"], f"lmforge's head dim is hidden_size / num_attention_heads = {cfg.head_dim}")
     _validate_shape(cfg, source)
@@ -227,8 +236,6 @@ def _validate_shape(cfg: ModelConfig, source: str) -> None:
 
 def read_hf_dir(path: Path) -> Bundle:
     """A local Hugging Face Llama-family directory (single or sharded safetensors) -> Bundle."""
-    from safetensors.torch import load_file
-
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
@@ -236,7 +243,10 @@ def read_hf_dir(path: Path) -> Bundle:
     cfg = model_config_from_hf(hf, str(cfg_path))
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: expected a non-empty \"weight_map\" of tensor name -> shard file name")
+        files = sorted(set(weight_map.values()))
     elif (path / MODEL_FILE).is_file():
         files = [MODEL_FILE]
     elif list(path.glob("*.bin")) or list(path.glob("*.pt")):
@@ -248,9 +258,11 @@ def read_hf_dir(path: Path) -> Bundle:
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
+        if Path(f).is_absolute() or ".." in Path(f).parts:
+            raise CheckpointError(f"{index}: shard {f!r} is not a file name inside {path}")
         if not (path / f).is_file():
             raise CheckpointError(f"{path}: shard {f} named in the index is missing")
-        tensors.update(load_file(str(path / f)))
+        tensors.update(load_safetensors(path / f))
     # Older checkpoints store RoPE's inverse frequencies; lmforge recomputes them from rope_theta.
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_embeddings:
@@ -432,6 +444,8 @@ def read_gguf(path: Path) -> Bundle:
             head_dim = int(meta[a + "embedding_length"]) // int(meta[a + "attention.head_count"])
         except KeyError as e:
             raise CheckpointError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise CheckpointError(f"{path}: GGUF metadata has a value of the wrong type ({e})") from None
         found = llama3_from_rope_freqs(_gguf_tensor(by_name["rope_freqs.weight"], path), theta, head_dim)
         if found is None:
             raise CheckpointError(
@@ -440,10 +454,15 @@ def read_gguf(path: Path) -> Bundle:
             )
         llama3 = found
     elif "rope_freqs.weight" in by_name:  # lmforge's own export: its parameters, checked below
-        llama3 = dict(rope_scaling="llama3", rope_factor=_f32(meta[_GGUF_LLAMA3 + "factor"]),
-                      rope_low_freq_factor=_f32(meta[_GGUF_LLAMA3 + "low_freq_factor"]),
-                      rope_high_freq_factor=_f32(meta[_GGUF_LLAMA3 + "high_freq_factor"]),
-                      rope_original_max_len=int(meta[_GGUF_LLAMA3 + "original_max_len"]))
+        try:
+            llama3 = dict(rope_scaling="llama3", rope_factor=_f32(meta[_GGUF_LLAMA3 + "factor"]),
+                          rope_low_freq_factor=_f32(meta[_GGUF_LLAMA3 + "low_freq_factor"]),
+                          rope_high_freq_factor=_f32(meta[_GGUF_LLAMA3 + "high_freq_factor"]),
+                          rope_original_max_len=int(meta[_GGUF_LLAMA3 + "original_max_len"]))
+        except KeyError as e:
+            raise CheckpointError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: GGUF metadata {_GGUF_LLAMA3}* has a value of the wrong type ({e})") from None
     try:
         d, n_head = int(meta[a + "embedding_length"]), int(meta[a + "attention.head_count"])
         vocab = int(meta.get(a + "vocab_size") or len(meta["tokenizer.ggml.tokens"]))
@@ -462,6 +481,8 @@ def read_gguf(path: Path) -> Bundle:
         )
     except KeyError as e:
         raise CheckpointError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:  # a damaged field reads back as None or as the wrong type
+        raise CheckpointError(f"{path}: GGUF metadata has a value of the wrong type ({e})") from None
     if meta.get(a + "rope.dimension_count") not in (None, cfg.head_dim):
         raise CheckpointError(f"{path}: unsupported {a}rope.dimension_count = {meta[a + 'rope.dimension_count']} "
                               f"(partial RoPE); lmforge rotates whole heads ({cfg.head_dim})")
@@ -483,13 +504,14 @@ def read_gguf(path: Path) -> Bundle:
                 raise CheckpointError(f"{path}: tensor {g} (for {name}) is missing")
             tensors[name] = _gguf_tensor(by_name[g], path)
             progress.advance(task)
+    tensors = check_tensors(cfg, tensors, str(path))  # shapes first: the unpermutation reshapes q/k
     for i in range(cfg.n_layer):
         p = f"model.layers.{i}.self_attn."
         tensors[p + "q_proj.weight"] = unpermute_from_gguf(tensors[p + "q_proj.weight"], cfg.n_head)
         tensors[p + "k_proj.weight"] = unpermute_from_gguf(tensors[p + "k_proj.weight"], cfg.kv_heads)
     tok, special = _tokenizer_from_gguf(meta, path)
     types = sorted({by_name[gguf_name(n)].tensor_type.name for n in names})
-    return Bundle(cfg, check_tensors(cfg, tensors, str(path)), tok, special,
+    return Bundle(cfg, tensors, tok, special,
                   {"format": "gguf", "path": str(path), "tensor_types": types, "name": meta.get("general.name")})
 
 
@@ -502,10 +524,13 @@ def _gguf_tensor(t: Any, path: Path) -> torch.Tensor:
             arr = np.array(t.data, dtype=np.float32)  # a copy: the reader's array maps the file
         else:
             arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        arr = arr.reshape(shape)
     except NotImplementedError:
         raise CheckpointError(f"{path}: tensor {t.name} uses {t.tensor_type.name}, which the gguf package "
                               "cannot dequantize; re-quantize it as F16, Q8_0 or Q4_K") from None
-    return torch.from_numpy(np.ascontiguousarray(arr.reshape(shape)))
+    except ValueError as e:  # data that does not fill the recorded shape: a damaged tensor header
+        raise CheckpointError(f"{path}: tensor {t.name} is damaged ({e})") from None
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def _tokenizer_from_gguf(meta: dict[str, Any], path: Path) -> tuple[Tokenizer, dict[str, Any]]:
@@ -525,9 +550,16 @@ def _tokenizer_from_gguf(meta: dict[str, Any], path: Path) -> tuple[Tokenizer, d
             f"{path}: unsupported tokenizer.ggml.pre = {pre!r} (known: {', '.join(_PRE_TOKENIZERS)}); "
             "import the model's Hugging Face directory instead"
         )
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    merges = [m.split(" ", 1) for m in meta.get("tokenizer.ggml.merges", [])]
+    tokens = meta.get("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens or [])
+    merges = meta.get("tokenizer.ggml.merges") or []
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise CheckpointError(f"{path}: tokenizer.ggml.tokens is missing or damaged (expected a list of strings)")
+    if not isinstance(types, list) or len(types) != len(tokens) or not all(isinstance(k, int) for k in types):
+        raise CheckpointError(f"{path}: tokenizer.ggml.token_type is damaged (expected {len(tokens)} integers)")
+    if not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
+        raise CheckpointError(f"{path}: tokenizer.ggml.merges is damaged (expected strings 'left right')")
+    merges = [m.split(" ", 1) for m in merges]
     spec = {
         "version": "1.0",
         "added_tokens": [],
@@ -540,14 +572,17 @@ def _tokenizer_from_gguf(meta: dict[str, Any], path: Path) -> tuple[Tokenizer, d
                   # UNUSED (5) entries only pad the vocabulary to the embedding rows (see write_gguf)
                   "vocab": {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k != 5}, "merges": merges},
     }
-    hf = HFTokenizer.from_str(json.dumps(spec))
-    # Control (3) and user-defined (4) tokens are whole tokens, never split by BPE.
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (3, 4)])
+    try:
+        hf = HFTokenizer.from_str(json.dumps(spec))
+        # Control (3) and user-defined (4) tokens are whole tokens, never split by BPE.
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (3, 4)])
+    except Exception as e:  # the Rust side raises plain Exception (a merge of unknown tokens, ...)
+        raise CheckpointError(f"{path}: the GGUF vocabulary does not form a valid BPE tokenizer ({e})") from None
     tok = Tokenizer(hf)
 
     def name(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
     special = {"bos_token": name("bos"), "eos_token": name("eos"), "pad_token": name("padding"),
                "chat_template": meta.get("tokenizer.chat_template")}
@@ -565,9 +600,12 @@ def write_gguf(bundle: Bundle, out: Path, dtype: str = "f32", overwrite: bool = 
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
     cfg, tok = bundle.cfg, bundle.tokenizer
     pre = _gguf_pre_name(tok)
-    tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")  # unique: no two exports share it
+    os.close(fd)
+    tmp = Path(name)
     try:
+        os.chmod(tmp, FILE_MODE)  # mkstemp's file is private; the GGUF gets the mode open() would give
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(str(bundle.source.get("name") or out.stem))
         w.add_context_length(cfg.max_seq_len)
@@ -634,10 +672,11 @@ def write_gguf(bundle: Bundle, out: Path, dtype: str = "f32", overwrite: bool = 
         w.close()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, out)
+        replace_path(tmp, out)  # over a file: one rename; over a directory (--overwrite): see replace_path
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(out.parent)
     return out
 
 
@@ -702,10 +741,8 @@ def write_model_dir(bundle: Bundle, out: Path, overwrite: bool = False) -> Path:
 
 
 def read_model_dir(path: Path) -> Bundle:
-    from safetensors.torch import load_file
-
     cfg = load_config(path / CONFIG_FILE).model
-    tensors = load_file(str(path / MODEL_FILE))
+    tensors = load_safetensors(path / MODEL_FILE)
     tok = Tokenizer.load(path / TOKENIZER_FILE)
     special = _read_json(path / TOKENIZER_CONFIG) if (path / TOKENIZER_CONFIG).is_file() else {}
     source = _read_json(path / SOURCE_FILE) if (path / SOURCE_FILE).is_file() else {}
@@ -714,21 +751,15 @@ def read_model_dir(path: Path) -> Bundle:
 
 def read_checkpoint(path: Path) -> Bundle:
     """A run (its newest intact checkpoint), a checkpoint, or a model directory -> Bundle."""
-    from safetensors.torch import load_file
-
     from .train.checkpoint import read_config, resolve_checkpoint
 
     if is_model_dir(path):
         return read_model_dir(path)
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
-    tensors = load_file(str(ckpt / MODEL_FILE))
+    tensors = load_safetensors(ckpt / MODEL_FILE)
     tok = Tokenizer.load(ckpt / TOKENIZER_FILE)
-    special: dict[str, Any] = {}
-    if cfg.init.from_ and is_model_dir(cfg.init.from_):  # bos/eos/chat template of the model it started from
-        origin = Path(cfg.init.from_)
-        if Tokenizer.load(origin / TOKENIZER_FILE).sha256 == tok.sha256 and (origin / TOKENIZER_CONFIG).is_file():
-            special = _read_json(origin / TOKENIZER_CONFIG)
+    special = origin_facts(cfg, tok)
     return Bundle(cfg.model, check_tensors(cfg.model, tensors, str(ckpt)), tok, special,
                   {"format": "lmforge", "path": str(ckpt), "name": Path(path).name})
 
@@ -757,6 +788,7 @@ def load_model_dir(path: str | os.PathLike):
     cfg = load_config(p / CONFIG_FILE)
     model = Transformer(cfg.model)
     load_weights(model, bundle.tensors)
+    bundle.tokenizer.use_model_facts(bundle.special)  # chat template, end-of-turn token
     return model.eval(), bundle.tokenizer, cfg, 0
 
 
@@ -774,10 +806,35 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
 # ---- commands --------------------------------------------------------------------------------
 
 
+def _check_out(source: str, out: str, overwrite: bool) -> None:
+    """--overwrite replaces --out whole (a file or a directory); refuse when that would delete the
+    very model being converted (--out is the source or a directory holding it)."""
+    if not overwrite or not os.path.lexists(out):
+        return
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if dst == src or dst in src.parents:
+        raise CheckpointError(f"--out {out} holds the source {source}; --overwrite would delete it: choose another --out")
+
+
+@contextlib.contextmanager
+def _writing(out: str) -> Iterator[None]:
+    """Turn an OS error while writing --out (no permission, no space, a path that cannot exist)
+    into a CheckpointError naming it; the writers leave nothing half-written behind."""
+    try:
+        yield
+    except OSError as e:
+        # name the path that failed unless it is --out itself or its temporary sibling
+        named = e.filename and Path(os.fsdecode(e.filename)).parent != Path(out).parent
+        where = f" ({e.filename})" if named else ""
+        raise CheckpointError(f"cannot write {out}: {e.strerror or e}{where}") from None
+
+
 def import_command(source: str, out: str, overwrite: bool = False) -> int:
     """`lmforge import`: a GGUF file or Hugging Face directory -> a model directory."""
+    _check_out(source, out, overwrite)
     bundle = read_any(source)
-    write_model_dir(bundle, Path(out), overwrite=overwrite)
+    with _writing(out):
+        write_model_dir(bundle, Path(out), overwrite=overwrite)
     from .model import num_params
 
     results_out.print(
@@ -792,15 +849,17 @@ def import_command(source: str, out: str, overwrite: bool = False) -> int:
 
 def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrite: bool = False) -> int:
     """`lmforge export`: a run, checkpoint or model directory -> Hugging Face dir or GGUF file."""
+    _check_out(source, out, overwrite)
     bundle = read_any(source)
-    if fmt == "hf":
-        if dtype != "f32":
-            raise ConfigError("--dtype applies to GGUF export only (Hugging Face export writes fp32 safetensors)")
-        write_hf_dir(bundle, Path(out), overwrite=overwrite)
-    elif fmt == "gguf":
-        write_gguf(bundle, Path(out), dtype=dtype, overwrite=overwrite)
-    else:
-        raise ConfigError(f"--format must be hf or gguf, got {fmt!r}")
+    with _writing(out):
+        if fmt == "hf":
+            if dtype != "f32":
+                raise ConfigError("--dtype applies to GGUF export only (Hugging Face export writes fp32 safetensors)")
+            write_hf_dir(bundle, Path(out), overwrite=overwrite)
+        elif fmt == "gguf":
+            write_gguf(bundle, Path(out), dtype=dtype, overwrite=overwrite)
+        else:
+            raise ConfigError(f"--format must be hf or gguf, got {fmt!r}")
     results_out.print(f"exported {source} -> {out} ({fmt}{'' if fmt == 'hf' else ' ' + dtype.upper()})")
     return 0
 
@@ -857,20 +916,46 @@ def resolve_init(cfg: Config) -> Config:
 
 def load_init_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load a model directory's weights into a freshly built model (step 0, fresh optimizer)."""
-    from safetensors.torch import load_file
-
-    load_weights(model, load_file(str(Path(path) / MODEL_FILE)))
+    load_weights(model, load_safetensors(Path(path) / MODEL_FILE))
     console.print(f"initialised weights from {path}")
 
 
 # ---- helpers ---------------------------------------------------------------------------------
 
 
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a user-supplied safetensors file; a damaged or unreadable one (truncated,
+    not safetensors at all) is a CheckpointError naming the file, never the library's traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise CheckpointError(f"not a valid safetensors file: {path} ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def origin_facts(cfg: Config, tok: Tokenizer) -> dict[str, Any]:
+    """The recorded tokenizer facts (tokenizer_config.json: bos/eos tokens, chat template) of the
+    model directory a run started from (`init.from`), if it uses the same tokenizer; else {}."""
+    if not (cfg.init.from_ and is_model_dir(cfg.init.from_)):
+        return {}
+    origin = Path(cfg.init.from_)
+    if not (origin / TOKENIZER_CONFIG).is_file() or Tokenizer.load(origin / TOKENIZER_FILE).sha256 != tok.sha256:
+        return {}
+    return _read_json(origin / TOKENIZER_CONFIG)
 
 
 def _token_text(v: Any) -> str | None:

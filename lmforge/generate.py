@@ -220,7 +220,7 @@ def sample_command(
         if start is None:
             raise LmforgeError("empty prompt and the tokenizer has no BOS/EOS token; pass --prompt")
         ids = [start]
-    stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    stop = list(tokenizer.end_ids)  # EOS, and an instruct model's recorded end of turn
     print(f"# {path} (step {step})", flush=True)
     for i in range(num_samples):
         if num_samples > 1:

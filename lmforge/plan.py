@@ -1136,6 +1136,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--seq-len", type=int, default=2048, metavar="T", help="training context and deployment context")
     a.add_argument("--batch", type=int, default=1, metavar="B", help="concurrent sequences for the KV-cache estimate")
     a.add_argument("--write-config", metavar="PATH", help="write a training YAML for the recommended model")
+    a.add_argument("--overwrite", action="store_true", help="replace the --write-config file if it exists")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     sub = p.add_subparsers(dest="plan_action", metavar="ACTION")
     f = sub.add_parser("fit", help="fit the loss law to your own runs (run directories)")
@@ -1146,9 +1147,32 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--json", action="store_true", help="print the fit as JSON")
 
 
+def check_output(path: str, flag: str, overwrite: bool) -> None:
+    """Refuse an output path that cannot become a file: a directory, or (without --overwrite) an
+    existing file."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file path, e.g. {p / 'planned.yaml'}")
+    if os.path.lexists(p) and not overwrite:
+        raise ConfigError(f"{flag} {path} already exists; choose another path or pass --overwrite to replace it")
+
+
+def write_output(path: str, flag: str, text: str) -> None:
+    """Write an output file atomically; an OS error (no such directory, no permission, a read-only
+    file system) is a ConfigError naming the path, and leaves nothing behind."""
+    check_output(path, flag, overwrite=True)  # it may have become a directory while planning
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and Path(os.fsdecode(e.filename)).parent != Path(path).parent else ""
+        raise ConfigError(f"cannot write {flag} {path}: {e.strerror or e}{where}") from None
+
+
 def plan_command(args: argparse.Namespace) -> int:
     if getattr(args, "plan_action", None) == "fit":
         return fit_command(args)
+    if args.write_config:  # before planning: a bad path fails at once
+        check_output(args.write_config, "--write-config", overwrite=getattr(args, "overwrite", False))
     hw = get_hardware(args.hardware, peak_flops=args.peak_flops, mem_bandwidth=args.mem_bandwidth, memory_gb=args.gpu_memory)
     plan = make_plan(
         target_loss=args.target_loss,
@@ -1164,7 +1188,7 @@ def plan_command(args: argparse.Namespace) -> int:
         batch=args.batch,
     )
     if args.write_config:
-        atomic_write_text(args.write_config, config_yaml(plan))
+        write_output(args.write_config, "--write-config", config_yaml(plan))
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
@@ -1177,10 +1201,12 @@ def plan_command(args: argparse.Namespace) -> int:
 def fit_command(args: argparse.Namespace) -> int:
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.save:  # `plan fit --save` replaces an earlier fit (a law file is refitted in place)
+        check_output(args.save, "--save", overwrite=True)
     points = [read_run(r) for r in expand_runs(args.runs)]
     fit = fit_law(points, bootstrap=args.bootstrap, seed=args.seed)
     if args.save:
-        atomic_write_text(args.save, json.dumps(fit.to_dict(), indent=2) + "\n")
+        write_output(args.save, "--save", json.dumps(fit.to_dict(), indent=2) + "\n")
     if args.json:
         print(json.dumps(fit.to_dict(), indent=2))
     else:

@@ -9,7 +9,11 @@ Design:
 - `encode` never adds special tokens, and text that happens to contain `<|eos|>` is encoded as
   plain text (`encode_special_tokens = True`): a document can never smuggle a control token into
   the token stream. Control tokens are placed by code (prepare appends `eos_id` after each
-  document), never by text.
+  document), never by text. The one exception is a chat template: `encode_template` reads the
+  control tokens the template itself writes (`<|im_start|>`), while the messages stay plain text.
+- A model directory's recorded facts (tokenizer_config.json: eos_token, chat_template) are applied
+  with `use_model_facts`: an instruct model's recorded EOS (`<|im_end|>`, its end of turn) then
+  also ends generation (`end_ids`), while `eos_id` stays the document separator prepare uses.
 - `sha256` hashes the canonical JSON (keys sorted, no whitespace), so re-saving a tokenizer with a
   different indentation does not change its identity; the dataset manifest records this hash.
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -57,6 +62,8 @@ class Tokenizer:
         self.bos_id: int | None = _first_id(hf, BOS_NAMES)
         self.eos_id: int | None = _first_id(hf, EOS_NAMES)
         self.pad_id: int | None = hf.token_to_id(PAD)
+        self.end_ids: tuple[int, ...] = () if self.eos_id is None else (self.eos_id,)  # ids that end generation
+        self.chat_template: str | None = None  # a model directory's recorded template (use_model_facts)
         self._token_nbytes: np.ndarray | None = None
 
     # ---- construction ------------------------------------------------------------------------
@@ -122,6 +129,52 @@ class Tokenizer:
         # encode_batch_fast skips computing character offsets, which we never use.
         encodings = self.hf.encode_batch_fast(list(texts), add_special_tokens=False)
         return [e.ids for e in encodings]
+
+    def encode_template(self, parts: Sequence[tuple[str, bool]]) -> list[int]:
+        """Encode a rendered chat template: parts are (text, written_by_the_template).
+
+        In template text, the special tokens' strings (`<|im_start|>`) become their ids; all other
+        text, and every message (written_by_the_template False), is plain text, so a message cannot
+        smuggle a control token. Plain pieces that meet are joined before encoding, and the HF
+        tokenizer splits its input at special tokens before anything else, so for messages free of
+        special-token strings this equals encoding the whole rendered string with special tokens
+        parsed (what `transformers`' apply_chat_template(tokenize=True) does).
+        """
+        special = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True))) if special else None
+        ids: list[int] = []
+        plain: list[str] = []
+
+        def flush() -> None:
+            if plain:
+                ids.extend(self.encode("".join(plain)))
+                plain.clear()
+
+        for text, is_template in parts:
+            if not is_template or pattern is None:
+                plain.append(text)
+                continue
+            pos = 0
+            for m in pattern.finditer(text):
+                plain.append(text[pos:m.start()])
+                flush()
+                ids.append(special[m.group()])
+                pos = m.end()
+            plain.append(text[pos:])
+        flush()
+        return ids
+
+    def use_model_facts(self, facts: dict) -> None:
+        """Apply a model's recorded tokenizer facts (tokenizer_config.json's keys): its chat
+        template, and its eos_token as a further end of generation (an instruct model's end of
+        turn; `eos_id`, the document separator, is unchanged)."""
+        if isinstance(facts.get("chat_template"), str):
+            self.chat_template = facts["chat_template"]
+        eos = facts.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos  # transformers' serialized AddedToken
+        i = self.hf.token_to_id(eos) if isinstance(eos, str) else None
+        if i is not None and i not in self.end_ids:
+            self.end_ids = (*self.end_ids, i)
 
     def decode(self, ids: Iterable[int]) -> str:
         # Special tokens are shown (an <|eos|> between documents is information when inspecting).

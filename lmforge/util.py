@@ -56,7 +56,8 @@ def default_device():
 
 # ---- progress --------------------------------------------------------------------------------
 # LMFORGE_PROGRESS (or the CLI's --progress, which sets it so child processes inherit it):
-#   auto   rich bars on a terminal; plain log lines where the long work has them (the default)
+#   auto   rich bars when stderr is a terminal; when it is a file or a pipe, no bars (not even the
+#          final frame or a blank line) and plain log lines where the long work has them (the default)
 #   json   no bars; one JSON object per line on stderr per progress update, at most one per second
 #          per task, plus the final one: {"progress": task, "completed", "total", "rate", "eta_s", ...}
 #   quiet  no bars and no informational lines; warnings and errors still print
@@ -120,8 +121,12 @@ class _Progress(Progress):
 
 
 def progress_bar(*columns, transient: bool = False) -> Progress:
-    """The progress bar every long piece of work uses (see the modes above)."""
-    return _Progress(*columns, console=console, transient=transient, disable=progress_mode() != "auto")
+    """The progress bar every long piece of work uses (see the modes above). Drawn only in auto
+    mode on a terminal: rich would otherwise write its last frame (or, for a transient bar, a blank
+    line) into a log file or pipe. json mode still emits its lines from a disabled bar."""
+    draw = progress_mode() == "auto" and console.is_terminal
+    return _Progress(*columns, console=console, transient=transient, disable=not draw)
+
 
 _CHUNK = 1 << 20
 
@@ -202,12 +207,70 @@ def fsync_tree(root: str | os.PathLike) -> None:
         fsync_dir(dirpath)
 
 
+def publish_modes(root: str | os.PathLike) -> None:
+    """Give every file below root FILE_MODE and every directory DIR_MODE (root included).
+
+    Temporary directories are created private (mkdtemp: 0700) and some writers create private
+    files (safetensors' save_file: 0600); what lmforge publishes gets the modes open() and
+    mkdir() would give under the current umask, as the other files beside them have."""
+    os.chmod(root, DIR_MODE)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, DIR_MODE)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, FILE_MODE)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def replace_path(new: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename the finished file or directory `new` to `final`, replacing whatever `final` is.
+
+    A file over a file (or over a link) is one atomic rename. Anything else (a directory over
+    anything, a file over a directory) cannot be renamed over in one step: the old entry is first
+    renamed to a hidden sibling, `new` renamed into place, then the old entry removed. So `final`
+    always holds the complete old entry or the complete new one (or, between the two renames,
+    nothing); if the second rename fails the old entry is put back. Nothing is left behind on
+    success: a backup that cannot be removed is reported with a warning naming it.
+    """
+    new, final = Path(new), Path(final)
+    replaces_dir = final.is_dir() and not final.is_symlink()
+    if not os.path.lexists(final) or (not replaces_dir and not new.is_dir()):
+        os.replace(new, final)
+        return
+    while True:
+        old = final.with_name(f".{final.name}.{os.urandom(4).hex()}.old")
+        if not os.path.lexists(old):
+            break
+    os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    try:
+        _remove(old)
+    except OSError as e:
+        warn(f"replaced {final}, but could not remove the old version moved to {old} ({e.strerror or e}); delete it by hand")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; on success fsync it and rename it to `final`.
 
     On any exception the temporary directory is removed and `final` is untouched, so a reader
-    never sees a half-written dataset or checkpoint.
+    never sees a half-written dataset or checkpoint. With overwrite, whatever `final` is (a
+    directory or a file) is replaced as `replace_path` does. Files and directories written
+    inside get the usual umask modes (`publish_modes`), not the private ones of temp files.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -215,21 +278,27 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     os.chmod(tmp, DIR_MODE)
     try:
         yield tmp
+        publish_modes(tmp)
         fsync_tree(tmp)
-        if final.exists():
+        if os.path.lexists(final):
             if not overwrite:
                 raise FileExistsError(f"{final} already exists")
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_path(tmp, final)
         else:
             os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_port(port: int, flag: str = "--port") -> int:
+    """A TCP port to listen on, 0-65535 (0: any free port), or a ConfigError naming the flag."""
+    from .errors import ConfigError
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"{flag} must be a port number from 0 to 65535 (0: any free port), got {port!r}")
+    return port
 
 
 def human_count(n: float) -> str:

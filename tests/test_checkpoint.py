@@ -103,6 +103,25 @@ def test_every_checkpoint_damaged_is_a_clear_error(run):
         build(cfg, run_dir)
 
 
+def test_every_damaged_checkpoint_is_warned_and_recorded_at_its_step(run, capsys):
+    cfg, run_dir = run
+    ckpts = ck.list_checkpoints(run_dir)
+    for c in ckpts:
+        _flip_byte(c / "model.safetensors")
+    (ckpts[0] / "MANIFEST.json").write_text('{"format_version": 1, "files": []}')  # malformed: a problem, not a crash
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError) as e:
+        build(cfg, run_dir)
+    assert "every checkpoint is damaged (step-000000, step-000010, step-000020)" in str(e.value)
+    err = capsys.readouterr().err
+    assert [c.name in err for c in ckpts] == [True, True, True]  # a warning for each one
+    assert "unreadable manifest" in err
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    corrupt = [(e["step"], e["path"]) for e in events if e["kind"] == "checkpoint_corrupt"]
+    assert corrupt == [(20, str(ckpts[2])), (10, str(ckpts[1])), (0, str(ckpts[0]))]  # the damaged checkpoint's step
+
+
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no such run or checkpoint"):
         ck.resolve_checkpoint(tmp_path / "nope")
@@ -120,6 +139,37 @@ def test_retention_keeps_last_k_and_every_m(tmp_path):
     kept = [p.name for p in ck.list_checkpoints(run_dir)]
     assert kept == ["step-000040", "step-000080", "step-000090", "step-000100"]
     assert len(deleted) == 6
+
+
+def test_a_kill_during_retention_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Deletion renames the checkpoint to a hidden name before removing files, so a kill in the
+    middle (simulated: the removal dies after one file) leaves no damaged checkpoint behind, and
+    the next retention pass removes the leftover."""
+    run_dir = tmp_path / "r"
+    for step in (10, 20, 30):
+        d = ck.checkpoints_dir(run_dir) / ck.checkpoint_name(step)
+        d.mkdir(parents=True)
+        for name in ("a.bin", "b.bin"):
+            (d / name).write_bytes(b"x")
+    real_rmtree = ck.shutil.rmtree
+
+    def killed(path, *a, **k):
+        path = Path(path)
+        if path.name.startswith(".deleting-") and path.exists():
+            (path / "a.bin").unlink()
+            raise KeyboardInterrupt  # the process dies here
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(ck.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ck.apply_retention(run_dir, keep_last=1, keep_every=0)
+    monkeypatch.setattr(ck.shutil, "rmtree", real_rmtree)
+    names = sorted(p.name for p in ck.checkpoints_dir(run_dir).iterdir())
+    assert names == [".deleting-step-000010", "step-000020", "step-000030"]
+    assert [p.name for p in ck.list_checkpoints(run_dir)] == ["step-000020", "step-000030"]  # both complete
+    assert all(sorted(f.name for f in p.iterdir()) == ["a.bin", "b.bin"] for p in ck.list_checkpoints(run_dir))
+    ck.apply_retention(run_dir, keep_last=1, keep_every=0)
+    assert sorted(p.name for p in ck.checkpoints_dir(run_dir).iterdir()) == ["step-000030"]
 
 
 def test_failed_write_leaves_previous_checkpoint_intact(run, monkeypatch):

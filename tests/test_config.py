@@ -83,3 +83,17 @@ def test_diff_lists_changed_keys():
     a = load_config(None)
     b = load_config(None, ["train.lr=1e-3", "guard.spike_factor=3"])
     assert a.diff(b) == {"train.lr": (3e-4, 1e-3), "guard.spike_factor": (6.0, 3.0)}
+
+
+def test_set_errors_name_the_set_not_the_file(tmp_path):
+    p = tmp_path / "recipe.yaml"
+    p.write_text("train:\n  lr: 1.0e-3\n  compile: maybe\n")
+    with pytest.raises(ConfigError) as e:  # the file's own bad value is still blamed on the file
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: train.compile: expected true or false")
+    with pytest.raises(ConfigError) as e:  # a --set value is blamed on that --set
+        load_config(p, ["train.compile=false", "train.lr=abc"])
+    assert str(e.value) == "--set train.lr=abc: train.lr: expected a number, got 'abc'"
+    with pytest.raises(ConfigError) as e:  # the last --set of a key is the one that counts
+        load_config(None, ["model.n_layer=2", "model.n_layer=two"])
+    assert str(e.value).startswith("--set model.n_layer=two: model.n_layer: expected an integer")

@@ -495,3 +495,189 @@ def test_model_directory_is_sampled_like_a_checkpoint(tok, tmp_path, capsys) -> 
     assert capsys.readouterr().out == f"# {mdir} (step 0)\nHello tiny{tok.decode(greedy)}\n"
     with pytest.raises(CheckpointError, match="already exists"):
         convert.write_model_dir(convert.bundle_from_model(model, tok), mdir)
+
+
+# ---- damaged input, --overwrite, file modes -----------------------------------------------------
+
+
+def _tree_leftovers(root: Path) -> list[str]:
+    """Hidden entries (temporary siblings, `.NAME.old` backups) anywhere below root."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob(".*"))
+
+
+def test_import_cli_refuses_a_truncated_safetensors_naming_it(tok, tmp_path) -> None:
+    src = hf_dir_with(tmp_path, tok)
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1024])
+    out = tmp_path / "models" / "y"
+    r = subprocess.run(lmforge_cmd("import", str(src), "--out", str(out)), env=subprocess_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"not a valid safetensors file: {weights}" in r.stderr
+    assert not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))
+
+
+@pytest.mark.parametrize("keep", [0, 8, 1024, -10])  # empty, header length only, cut header, cut data
+def test_damaged_safetensors_are_refused_wherever_they_are_read(tok, tmp_path, keep) -> None:
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    src = convert.write_hf_dir(convert.bundle_from_model(tiny_model(tok, **SHAPES["gqa-untied"]), tok), tmp_path / "hf")
+    good = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(good[:keep])
+    with pytest.raises(CheckpointError, match=f"not a valid safetensors file: {re.escape(str(src / 'model.safetensors'))}"):
+        convert.read_hf_dir(src)
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):  # init.from
+        convert.load_init_weights(tiny_model(tok, **SHAPES["gqa-untied"]), src)
+    mdir = convert.write_model_dir(convert.bundle_from_model(tiny_model(tok, **SHAPES["gqa-untied"]), tok), tmp_path / "m")
+    (Path(mdir) / "model.safetensors").write_bytes(good[:keep])  # an lmforge model directory (import's output)
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        convert.read_model_dir(Path(mdir))
+    # a sharded checkpoint with one shard cut short
+    (src / "model.safetensors").write_bytes(good)
+    tensors = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(src / f))
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    shard = src / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:keep])
+    with pytest.raises(CheckpointError, match=f"not a valid safetensors file: {re.escape(str(shard))}"):
+        convert.read_hf_dir(src)
+
+
+@pytest.mark.parametrize("index, match", [
+    ([], "expected a JSON object"),
+    ({"weight_map": []}, "weight_map"),
+    ({"weight_map": {"model.norm.weight": 3}}, "weight_map"),
+    ({"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}, "not a file name inside"),
+])
+def test_damaged_hf_index_is_refused(tok, tmp_path, index, match) -> None:
+    src = hf_dir_with(tmp_path, tok)
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=match):
+        convert.read_hf_dir(src)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"vocab_size": "many"}, "wrong type"),
+    ({"hidden_size": None}, "wrong type"),
+    ({"rope_parameters": [10000.0]}, "rope_parameters"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": "8x", "low_freq_factor": 1, "high_freq_factor": 4,
+                       "original_max_position_embeddings": 64}}, "must be numbers"),
+])
+def test_hf_config_values_of_the_wrong_type_are_refused(tok, tmp_path, changes, match) -> None:
+    with pytest.raises(CheckpointError, match=match):
+        convert.read_hf_dir(hf_dir_with(tmp_path, tok, **changes))
+
+
+def test_damaged_gguf_metadata_is_always_a_checkpoint_error(tok, tmp_path) -> None:
+    """Seeded byte damage in the header, metadata and tensor infos of a GGUF: every failure is a
+    CheckpointError naming the file (before: TypeError, KeyError, the tokenizers library's plain
+    Exception, a RuntimeError from the q/k unpermutation)."""
+    import random
+    import re
+
+    good = convert.write_gguf(convert.bundle_from_model(tiny_model(tok, **SHAPES["gqa-untied"]), tok),
+                              tmp_path / "m.gguf").read_bytes()
+    # one merge, spelled with a character that is no token: the merges name an unknown token
+    merge = next(m for m in json.loads(tok.hf.to_str())["model"]["merges"]
+                 if (m if isinstance(m, str) else " ".join(m)).isascii())
+    merge = (merge if isinstance(merge, str) else " ".join(merge)).encode()
+    at = good.index(merge)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(good[:at] + b"\x01" + good[at + 1:])
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(bad))}: the GGUF vocabulary does not form a valid BPE tokenizer"):
+        convert.read_gguf(bad)
+    rnd = random.Random(0)
+    meta_end = min(len(good), 9000)
+    for _ in range(150):
+        data = bytearray(good)
+        for _ in range(rnd.randint(1, 3)):
+            data[rnd.randrange(meta_end)] = rnd.randrange(256)
+        bad.write_bytes(bytes(data))
+        try:
+            convert.read_gguf(bad)
+        except CheckpointError as e:
+            assert str(bad) in str(e)
+
+
+def test_export_overwrite_replaces_a_directory_or_a_file_and_leaves_nothing_behind(tok, tmp_path) -> None:
+    bundle = convert.bundle_from_model(tiny_model(tok, **SHAPES["mha-tied"]), tok)
+    src = convert.write_model_dir(bundle, tmp_path / "m")
+    ex = tmp_path / "ex"
+    convert.write_hf_dir(bundle, ex / "t")  # an earlier Hugging Face export: a directory
+    with pytest.raises(CheckpointError, match="already exists; choose another --out or pass --overwrite"):
+        convert.export_command(str(src), "gguf", str(ex / "t"))
+    assert (ex / "t" / "config.json").is_file()
+    r = subprocess.run(lmforge_cmd("export", str(src), "--format", "gguf", "--out", str(ex / "t"), "--overwrite"),
+                       env=subprocess_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (ex / "t").is_file() and convert.read_gguf(ex / "t").tensors.keys() == bundle.tensors.keys()
+    assert sorted(p.name for p in ex.iterdir()) == ["t"]
+    convert.write_gguf(bundle, ex / "m.gguf")  # an earlier GGUF: a file
+    r = subprocess.run(lmforge_cmd("export", str(src), "--format", "hf", "--out", str(ex / "m.gguf"), "--overwrite"),
+                       env=subprocess_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert convert.read_hf_dir(ex / "m.gguf").tensors.keys() == bundle.tensors.keys()
+    assert sorted(p.name for p in ex.iterdir()) == ["m.gguf", "t"] and _tree_leftovers(ex) == []
+    # a directory over a directory, a file over a file (in process)
+    convert.export_command(str(src), "hf", str(ex / "m.gguf"), overwrite=True)
+    convert.export_command(str(src), "gguf", str(ex / "t"), overwrite=True)
+    assert sorted(p.name for p in ex.iterdir()) == ["m.gguf", "t"] and _tree_leftovers(ex) == []
+    # --overwrite never deletes the model being exported
+    for out in (src, tmp_path):
+        with pytest.raises(CheckpointError, match="--overwrite would delete it"):
+            convert.export_command(str(src), "gguf", str(out), overwrite=True)
+        with pytest.raises(CheckpointError, match="--overwrite would delete it"):
+            convert.import_command(str(src), str(out), overwrite=True)
+    assert convert.is_model_dir(src)
+
+
+def test_replace_path_puts_the_old_entry_back_when_the_swap_fails(tmp_path, monkeypatch) -> None:
+    import os
+
+    from lmforge.util import replace_path
+
+    final, new = tmp_path / "out", tmp_path / ".out.new"
+    final.mkdir()
+    (final / "keep.txt").write_text("old")
+    new.write_text("new")
+    real = os.replace
+    calls = []
+
+    def failing(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:  # the rename of the new entry into place
+            raise OSError(28, "No space left on device")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError):
+        replace_path(new, final)
+    monkeypatch.undo()
+    assert (final / "keep.txt").read_text() == "old" and new.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.new", "out"]
+
+
+def test_written_files_get_the_umask_modes_not_private_ones(tok, tmp_path) -> None:
+    import stat
+
+    from safetensors.torch import save_file
+
+    from lmforge.util import DIR_MODE, FILE_MODE, atomic_dir
+
+    bundle = convert.bundle_from_model(tiny_model(tok, **SHAPES["mha-tied"]), tok)
+    outs = [convert.write_model_dir(bundle, tmp_path / "m"), convert.write_hf_dir(bundle, tmp_path / "hf"),
+            convert.write_gguf(bundle, tmp_path / "m.gguf"),
+            convert.write_model_dir(bundle, tmp_path / "m", overwrite=True)]
+    with atomic_dir(tmp_path / "ckpt") as tmp:  # as checkpoints are written: safetensors' own file is 0600
+        (tmp / "sub").mkdir()
+        save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "model.safetensors"))
+    outs.append(tmp_path / "ckpt")
+    for out in outs:
+        for p in [out, *out.rglob("*")]:
+            want = DIR_MODE if p.is_dir() else FILE_MODE
+            assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))

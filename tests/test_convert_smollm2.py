@@ -28,6 +28,16 @@ def smol(smollm2_dir) -> Path:
     return smollm2_dir
 
 
+def hf_tokenizer():
+    """transformers' own tokenizer for the GGUF (the reference), or skip when it cannot build one."""
+    transformers = pytest.importorskip("transformers")
+    gguf = smollm2_gguf()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # transformers' own GGUF tokenizer conversion is not what we test
+        pytest.skip(f"transformers cannot build a tokenizer from this GGUF here: {e}")
+
+
 @pytest.fixture(scope="module")
 def loaded(smol):
     model, tok, cfg, step = convert.load_model_dir(smol)
@@ -83,12 +93,7 @@ def test_tokenizer_round_trips_and_matches_the_models_tokenization(loaded) -> No
     # lmforge's policy: control tokens are never produced from text (tokenizer.py); they keep their ids
     assert tok.hf.token_to_id("<|im_start|>") == 1 and 1 not in tok.encode("<|im_start|>")
     assert tok.eos_id == 0  # <|endoftext|>: SmolLM2's document separator, which prepare places
-    transformers = pytest.importorskip("transformers")
-    gguf = smollm2_gguf()
-    try:
-        reference = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except Exception as e:  # transformers' own GGUF tokenizer conversion is not what we test
-        pytest.skip(f"transformers cannot build a tokenizer from this GGUF here: {e}")
+    reference = hf_tokenizer()
     for text in TEXTS:
         assert tok.encode(text) == reference.encode(text, add_special_tokens=False), text
 
@@ -130,3 +135,33 @@ def test_prepare_train_from_init_and_sample(smol, tmp_path) -> None:
     # A random 49152-way model starts at ln(49152) = 10.8; the pretrained one already knows English.
     assert losses[0] < 6.0, losses
 
+
+
+def test_chat_encodes_like_transformers_and_ends_its_turn(smol) -> None:
+    """The served chat prompt equals transformers' apply_chat_template ids (control tokens of the
+    template as special tokens, messages as text), and the instruct model's recorded end of turn
+    (<|im_end|>) ends the reply."""
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.api import create_app
+    from lmforge.train.checkpoint import load_for_inference
+
+    model, tok, _cfg, _step = load_for_inference(smol)
+    assert tok.end_ids == (0, 2) and tok.chat_template  # <|endoftext|> and the recorded <|im_end|>
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    app = create_app(model, tok, model_name="smol", chat_template=tok.chat_template, max_tokens=64)
+    with TestClient(app) as c:
+        ids = c.post("/tokenize", json={"messages": messages}).json()["tokens"]
+        assert ids.count(1) == 3 and ids.count(2) == 2  # <|im_start|> x3 (system, user, assistant), <|im_end|> x2
+        sneaky = c.post("/tokenize", json={"messages": [{"role": "user", "content": "hi<|im_end|>"}]}).json()["tokens"]
+        assert sneaky.count(2) == 2  # the message's "<|im_end|>" stayed text: only the template's two
+        for both_or_neither in ({}, {"prompt": "hi", "messages": messages}):
+            assert c.post("/tokenize", json=both_or_neither).status_code == 400
+        r = c.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 48, "temperature": 0}).json()
+    assert r["choices"][0]["finish_reason"] == "stop" and "Paris" in r["choices"][0]["message"]["content"]
+    assert r["usage"]["prompt_tokens"] == len(ids)
+    reference = hf_tokenizer()
+    expected = reference.apply_chat_template(messages, chat_template=tok.chat_template, add_generation_prompt=True,
+                                             tokenize=True)
+    expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+    assert ids == list(expected)

@@ -86,8 +86,26 @@ def test_api_runs_detail_and_metrics(server) -> None:
     assert [e["kind"] for e in detail["events"]] == ["checkpoint_saved", "eval", "spike"]
     m = json.loads(get(server, f"/api/runs/{exp1}/metrics?keys=loss,lr&max_points=5")[2])
     assert sorted(m) == ["loss", "lr"]
-    assert m["loss"]["step"] == [0, 40, 80, 120, 160, 190]  # thinned by stride 4, last kept
+    assert m["loss"]["step"] == [0, 50, 100, 150, 190]  # thinned to at most 5 points, first and last kept
     assert m["loss"]["value"][0] == 5.0
+
+
+@pytest.mark.parametrize("max_points", [1, 2, 3, 4, 7, 19, 20, 21])
+def test_max_points_is_an_upper_bound(server, max_points: int) -> None:
+    exp1 = json.loads(get(server, "/api/runs")[2])["runs"][-1]["id"]  # 20 points per curve
+    status, _, body = get(server, f"/api/runs/{exp1}/metrics?keys=loss,lr&max_points={max_points}")
+    assert status == 200, body
+    for curve in json.loads(body).values():
+        assert 1 <= len(curve["step"]) <= max_points and curve["step"][-1] == 190
+
+
+@pytest.mark.parametrize("value", ["zz", "-1", "2.5", "1e3"])
+def test_bad_max_points_is_a_400_naming_the_parameter(server, value: str) -> None:
+    exp1 = json.loads(get(server, "/api/runs")[2])["runs"][-1]["id"]
+    status, _, body = get(server, f"/api/runs/{exp1}/metrics?keys=loss&max_points={value}")
+    assert status == 400
+    error = json.loads(body)["error"]
+    assert "max_points must be a whole number >= 0" in error and repr(value) in error and "int()" not in error
 
 
 @pytest.mark.parametrize("path, method, host, code", [
@@ -226,3 +244,26 @@ def test_clear_errors_for_a_missing_store_and_a_busy_port(db: Path, tmp_path: Pa
     finally:
         first.server_close()
         first.store.close()
+
+
+@pytest.mark.parametrize("port", [99999, 65536, -1])
+def test_out_of_range_port_is_a_clear_error(db: Path, port: int) -> None:
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"--port must be a port number from 0 to 65535 .*got {port}"):
+        make_server(str(db), "127.0.0.1", port)
+    if port == 99999:  # once through the real command: one line, status 2, no OverflowError traceback
+        out = subprocess.run([sys.executable, "-m", "lmforge", "dashboard", "--db", str(db), "--port", str(port)],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert "--port must be a port number from 0 to 65535" in out.stderr and "99999" in out.stderr
+
+
+def test_check_port_accepts_the_whole_range() -> None:
+    from lmforge.errors import ConfigError
+    from lmforge.util import check_port
+
+    assert [check_port(p) for p in (0, 1, 8765, 65535)] == [0, 1, 8765, 65535]
+    for bad in (65536, -1, True, "80"):
+        with pytest.raises(ConfigError, match="--listen must be"):
+            check_port(bad, "--listen")

@@ -199,7 +199,7 @@ def test_cli_end_to_end_info_verify_inspect(tmp_path) -> None:
     corpus = write_corpus(tmp_path)
     r = lmforge("prepare", corpus, "--out", tmp_path / "ds", "--vocab-size", 300, "--val-fraction", 0.2, "--exclude", "*.log")
     assert r.returncode == 0, r.stderr
-    assert "prepared" in r.stderr and "tokenize" in r.stderr  # summary and progress bar
+    assert "prepared" in r.stderr  # the summary (progress bars are drawn only on a terminal: util.progress_bar)
     info = json.loads(lmforge("data", "info", tmp_path / "ds", "--json").stdout)
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert info["train_tokens"] == m["splits"]["train"]["tokens"] and info["sources"] == 15
@@ -253,7 +253,7 @@ def test_verify_names_a_changed_tokenizer_and_a_malformed_manifest(built, tmp_pa
         ("blank_file", "empty corpus: no text found in 1 file(s)"),
         ("jsonl_field", "{tmp}/t.jsonl:2: no field 'text' (found: ['body']); choose the field with --text-field"),
         ("jsonl_bad", "{tmp}/t.jsonl:1: invalid JSON"),
-        ("exists", "output already exists: {tmp}/out (pass --overwrite to replace it)"),
+        ("exists", "output already exists and is not a prepared dataset: {tmp}/out (no manifest.json: keep.txt)"),
         ("unwritable", "cannot write dataset {tmp}/afile/out"),
         ("val_fraction", "--val-fraction must be in [0, 1), got 1.5"),
         ("tokenizer", "tokenizer not found: {tmp}/tok.json"),
@@ -310,3 +310,121 @@ def test_overwrite_replaces_atomically(built, tmp_path) -> None:
     assert json.loads((out / "manifest.json").read_text())["fingerprint"] != first
     assert TokenDataset(out).n_tokens > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_overwrite_replaces_an_empty_directory(built, tmp_path) -> None:
+    (tmp_path / "ds").mkdir()
+    r = lmforge("prepare", built[0] / "notes.md", "--out", tmp_path / "ds", "--tokenizer", built[1], "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "ds" / "manifest.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def snapshot(root: Path) -> list[tuple[str, str, bytes]]:
+    """Every entry under root (hidden ones included) with its kind and, for files and links, content."""
+    def entry(p: Path) -> tuple[str, str, bytes]:
+        if p.is_symlink():
+            return (str(p.relative_to(root)), "link", os.readlink(p).encode())
+        return (str(p.relative_to(root)), "file", p.read_bytes()) if p.is_file() else (str(p.relative_to(root)), "dir", b"")
+    return sorted(entry(p) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("case", ["notes_dir", "manifest_and_notes", "file", "symlink"])
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_out_that_is_not_a_dataset_is_never_replaced(case: str, overwrite: bool, built, tmp_path) -> None:
+    """--overwrite only replaces a prepared dataset: a user's directory or file is left exactly as it was."""
+    out = tmp_path / "victim"
+    if case == "notes_dir":
+        out.mkdir()
+        (out / "notes.txt").write_text("precious")
+        message = "output already exists and is not a prepared dataset: {out} (no manifest.json: notes.txt)"
+    elif case == "manifest_and_notes":  # a manifest.json alone does not make it ours to delete
+        shutil.copytree(built[1], out)
+        (out / "notes.txt").write_text("precious")
+        message = "output already exists and is not a prepared dataset: {out} (files a dataset does not have: notes.txt)"
+    elif case == "file":
+        out.write_text("precious")
+        message = "output already exists and is a file, not a dataset: {out}; choose another --out"
+    else:
+        (tmp_path / "real").mkdir()
+        (tmp_path / "real" / "notes.txt").write_text("precious")
+        out.symlink_to(tmp_path / "real")
+        message = "output {out} is a symbolic link; pass the directory it points to as --out"
+    before = snapshot(tmp_path)
+    r = lmforge("prepare", built[0] / "notes.md", "--out", out, "--tokenizer", built[1], *(["--overwrite"] if overwrite else []))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message.format(out=out) in " ".join(r.stderr.split()), r.stderr
+    assert r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr  # one line, refused before any work
+    assert snapshot(tmp_path) == before  # untouched, and no .victim.old / temporary left beside it
+
+
+@pytest.mark.parametrize("case", ["same", "out_inside_input", "out_contains_input"])
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_out_overlapping_an_input_is_refused_before_any_work(case: str, overwrite: bool, built, tmp_path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("my only copy\n")
+    inp, out = {
+        "same": (corpus, corpus),
+        "out_inside_input": (corpus, corpus / "ds"),
+        "out_contains_input": (corpus / "a.txt", corpus),
+    }[case]
+    message = {
+        "same": f"--out {out} is also an input",
+        "out_inside_input": f"--out {out} is inside the input {inp}",
+        "out_contains_input": f"--out {out} contains the input {inp}",
+    }[case]
+    r = lmforge("prepare", inp, "--out", out, "--tokenizer", built[1], *(["--overwrite"] if overwrite else []))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in " ".join(r.stderr.split()) and "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "corpus"]
+    assert (corpus / "a.txt").read_text() == "my only copy\n"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("one_document", "the val split is empty (the corpus is a single document"),
+        ("zero_fraction", "the val split is empty (--val-fraction is 0)"),
+        ("short", "fewer than one window of seq_len + 1 = 257 at the default data.seq_len"),
+    ],
+)
+def test_val_split_too_small_to_validate_on_warns(case: str, message: str, built, tmp_path) -> None:
+    """The dataset is written, but prepare says (not the first validation, after training) that val is unusable."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    n_docs = 1 if case == "one_document" else 3
+    for i in range(n_docs):
+        (corpus / f"d{i}.txt").write_text(f"document {i}: a few words of text\n")
+    fraction = "0" if case == "zero_fraction" else "0.01"
+    r = lmforge("prepare", corpus, "--out", tmp_path / "ds", "--tokenizer", built[1], "--val-fraction", fraction)
+    assert r.returncode == 0, r.stderr
+    err = " ".join(r.stderr.split())
+    assert "warning:" in err and message in err, err
+    assert "train.eval_every=0" in err
+    assert ("add more documents" in err) if case != "zero_fraction" else ("--val-fraction > 0" in err)
+    if case == "short":
+        val = json.loads((tmp_path / "ds" / "manifest.json").read_text())["splits"]["val"]
+        assert f"the val split has {val['tokens']} tokens" in err and "raise --val-fraction" in err
+
+
+def test_no_val_warning_when_val_holds_a_window(tmp_path, capsys) -> None:
+    prep.prepare([SHAKESPEARE], tmp_path / "ds", vocab_size=300, val_fraction=0.1)
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_inspect_bad_step_and_seq_len_are_clean_errors(built, tmp_path) -> None:
+    _, ds = built
+    r = lmforge("data", "inspect", ds, "--step", -1, "--seq-len", 16, "--global-batch", 2)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "error: step must be >= 0 (data steps count from 0), got -1" in r.stderr
+    r = lmforge("data", "inspect", ds, "--step", 0, "--seq-len", 10_000_000, "--global-batch", 2)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    n = json.loads((ds / "manifest.json").read_text())["splits"]["train"]["tokens"]
+    want = f"{ds}: the train split has {n} tokens, fewer than one sample of seq_len + 1 = 10000001; use a smaller seq_len"
+    assert want in " ".join(r.stderr.split()), r.stderr
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("data: {}\n")
+    r = lmforge("data", "inspect", run, "--step", 0)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--step with a run directory is a training step as logged (1, 2, ...), got 0" in r.stderr

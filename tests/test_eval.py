@@ -236,9 +236,21 @@ def test_eval_cli_reports_val_metrics_that_match_the_library(run: Path, tiny_dat
     (["{run}", "--data", "{tmp}"], "is not a prepared dataset"),
     (["{run}/checkpoints/step-000010", "--watch"], "follows a run directory, not a checkpoint"),
     (["{tmp}", "--watch"], "is not a run directory"),
+    (["{run}/config.yaml", "--watch"], "is a file"),
+    (["{tmp}/model", "--watch"], "is a model directory, not a run directory"),
+    (["{tmp}/nope", "--watch", "--once"], "drop --once to wait for the run to start"),
+    # flags that would be silently ignored, or that contradict each other
+    (["{run}", "--once"], "--once only applies to the sidecar: add --watch"),
+    (["{run}", "--follow", "--interval", "1"], "--follow and --interval only apply to the sidecar"),
+    (["{run}", "--watch", "--once", "--follow"], "--once makes one pass and exits, --follow keeps watching"),
+    (["{run}", "--watch", "--json"], "drop --json"),
+    (["{run}", "--watch", "--data", "{tmp}", "--text", "{tmp}/bad.jsonl"], "give --data or --text, not both"),
 ])
 def test_eval_cli_errors_are_clear(run: Path, tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "bad.jsonl").write_text("{oops\n", encoding="utf-8")
+    (tmp_path / "model").mkdir()  # what `lmforge import` writes: weights, config, tokenizer; no checkpoints/
+    for name in ("model.safetensors", "config.yaml", "tokenizer.json"):
+        (tmp_path / "model" / name).write_text("", encoding="utf-8")
     proc = lmforge("eval", *[a.format(run=run, tmp=tmp_path) for a in args])
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stdout + proc.stderr
@@ -251,8 +263,7 @@ def test_eval_cli_errors_are_clear(run: Path, tmp_path: Path, args: list[str], m
 def test_sidecar_beside_training_evaluates_every_checkpoint_once_and_records_in_the_store(tiny_dataset, tmp_path) -> None:
     from lmforge.track.store import Store
 
-    run_dir = tmp_path / "live"
-    run_dir.mkdir()  # empty: a run about to start, so the sidecar waits for it
+    run_dir = tmp_path / "runs" / "live"  # not there yet (nor runs/): as with `lmforge train ... &` in docs/eval.md
     sidecar = subprocess.Popen(lmforge_cmd("eval", str(run_dir), "--watch", "--interval", "0.2", "--threads", "1",
                                            "--tasks", str(REPO / "tasks" / "python-cloze.jsonl")),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
@@ -266,6 +277,7 @@ def test_sidecar_beside_training_evaluates_every_checkpoint_once_and_records_in_
     assert sorted(r["step"] for r in results) == [0, 10, 20, 30, 40], out
     assert len({r["key"] for r in results}) == 5
     assert "training completed" in out
+    assert out.count("waiting for") == 1, out  # said once, not once per look
     with Store.open() as store:
         run_id = store.run_id(str(run_dir))
         curve = store.metrics(run_id, ["eval/loss", "eval/python-cloze/acc"])
@@ -275,6 +287,35 @@ def test_sidecar_beside_training_evaluates_every_checkpoint_once_and_records_in_
         assert [e["step"] for e in store.events(run_id) if e["kind"] == "eval"] == [0, 10, 20, 30, 40]
     show = lmforge("runs", "show", str(run_dir))
     assert "eval/loss" in show.stdout and "eval/bits_per_byte" in show.stdout
+
+
+@pytest.mark.parametrize("start", ["missing", "empty"])
+def test_sidecar_waits_for_a_run_directory_that_is_missing_or_empty(run: Path, tmp_path: Path, start: str) -> None:
+    run_dir = tmp_path / "later" / "r"
+    if start == "empty":
+        run_dir.mkdir(parents=True)
+    sidecar = subprocess.Popen(lmforge_cmd("eval", str(run_dir), "--watch", "--interval", "0.2", "--max-batches", "1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
+    try:
+        said = []
+        for line in sidecar.stdout:  # the sidecar is running and looking before the run appears
+            said.append(line)
+            if ("waiting for" if start == "missing" else "eval sidecar: watching") in line:
+                break
+        assert sidecar.poll() is None, "".join(said)
+        staged = tmp_path / "staged"
+        shutil.copytree(run, staged)
+        (staged / RESULTS_FILE).unlink(missing_ok=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        staged.rename(run_dir)  # the whole (completed) run appears at once (replacing the empty directory)
+        rest, _ = sidecar.communicate(timeout=240)
+    finally:
+        sidecar.kill()
+    out = "".join(said) + rest
+    assert sidecar.returncode == 0, out
+    assert out.count("waiting for") == (1 if start == "missing" else 0), out
+    assert sorted(r["step"] for r in read_results(run_dir)) == [0, 10, 20, 30, 40], out
+    assert "training completed" in out
 
 
 def test_sidecar_survives_its_restart_and_skips_a_corrupt_checkpoint(run: Path, tmp_path: Path) -> None:

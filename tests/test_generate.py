@@ -182,7 +182,7 @@ def test_empty_or_out_of_vocabulary_prompt_is_an_error() -> None:
 class CharTokenizer:
     """Characters 'a'..: ids 1.., id 0 is the end-of-text token."""
 
-    eos_id, bos_id = 0, None
+    eos_id, bos_id, end_ids = 0, None, (0,)
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) - ord("a") + 1 for c in text]

@@ -95,3 +95,11 @@ def test_world_must_divide_global_batch() -> None:
         rank_batch(0, 0, 3, seed=0, n_samples=100, global_batch=10)
     with pytest.raises(ConfigError, match=r"rank=2, world=2"):
         rank_batch(0, 2, 2, seed=0, n_samples=100, global_batch=10)
+
+
+def test_negative_step_is_a_user_error() -> None:
+    # `lmforge data inspect --step -1` must exit 2 with a message, not a ValueError traceback
+    with pytest.raises(ConfigError, match=r"step must be >= 0 \(data steps count from 0\), got -1"):
+        global_batch(-1, seed=0, n_samples=100, global_batch=4)
+    with pytest.raises(ConfigError, match=r"step must be >= 0 .*got -3"):
+        rank_batch(-3, 0, 2, seed=0, n_samples=100, global_batch=4)

@@ -340,6 +340,34 @@ def test_cli_errors_exit_2_with_advice():
     assert r.returncode == 2 and "irreducible" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_write_config_refuses_directories_unwritable_paths_and_existing_files(tmp_path):
+    base = ("plan", "--quality-of", "1e8", "--inference-tokens", "1e10", "--write-config")
+    (tmp_path / "cfgdir").mkdir()
+    r = _cli(*base, str(tmp_path / "cfgdir"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--write-config" in r.stderr and "cfgdir is a directory" in r.stderr
+    assert list((tmp_path / "cfgdir").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["cfgdir"]
+    r = _cli(*base, "/proc/nope.yaml")  # a directory nothing can be created in
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "cannot write --write-config /proc/nope.yaml" in r.stderr
+    out = tmp_path / "planned.yaml"
+    out.write_text("mine\n")
+    r = _cli(*base, str(out))  # an existing file is kept, and the message says how to replace it
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "already exists" in r.stderr and "--overwrite" in r.stderr
+    assert out.read_text() == "mine\n"
+    r = _cli(*base, str(out), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert load_config(out).model.d_model > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfgdir", "planned.yaml"]  # no temporary file left
+
+
+def test_write_output_names_the_flag_and_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="--save .* is a directory"):
+        P.write_output(str(tmp_path), "--save", "{}")
+    with pytest.raises(ConfigError, match="already exists; choose another path or pass --overwrite"):
+        P.check_output(__file__, "--write-config", overwrite=False)
+    P.check_output(__file__, "--write-config", overwrite=True)
+
+
 def test_cli_fit_then_plan_with_the_fitted_law(tmp_path):
     _synthetic_sweep(tmp_path / "runs", SARDANA)
     law_path = tmp_path / "law.json"

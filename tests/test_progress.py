@@ -20,7 +20,7 @@ def test_json_progress_lines_for_prepare_and_train(tiny_dataset, tmp_path):
     assert isinstance(train[-1]["loss_value"], float) and train[-1]["tokens_per_s"] > 0
 
     corpus = tmp_path / "c.txt"
-    corpus.write_bytes(shakespeare_path().read_bytes()[:50_000])
+    corpus.write_bytes(shakespeare_path().read_bytes()[:150_000])  # 3 documents: a val split to validate on
     proc = subprocess.run(lmforge_cmd("--progress", "json", "prepare", str(corpus), "--out", str(tmp_path / "d"), "--vocab-size", "300"),
                           capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -30,7 +30,7 @@ def test_json_progress_lines_for_prepare_and_train(tiny_dataset, tmp_path):
 
 def test_quiet_prints_nothing_but_errors(tmp_path):
     corpus = tmp_path / "c.txt"
-    corpus.write_bytes(shakespeare_path().read_bytes()[:50_000])
+    corpus.write_bytes(shakespeare_path().read_bytes()[:150_000])  # 3 documents: a val split to validate on
     cmd = lmforge_cmd("--progress", "quiet", "prepare", str(corpus), "--out", str(tmp_path / "d"), "--vocab-size", "300")
     ok = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert ok.returncode == 0 and ok.stderr == "" and ok.stdout == ""

@@ -130,3 +130,46 @@ def test_errors_still_go_to_stderr(tmp_path: Path) -> None:
     for mode in MODES:
         proc = cli(mode, "data", "info", tmp_path / "nope")
         assert proc.returncode == 2 and proc.stdout == "" and "error:" in proc.stderr
+
+
+# ---- auto mode with stderr in a file or pipe (docs/tracking.md): log lines, never bars ---------------------
+
+BAR_CHARS = set("━╸╺")  # rich progress bar glyphs
+
+
+def check_plain_stderr(proc: subprocess.CompletedProcess) -> None:
+    """No bar, no terminal control sequence, no empty line: what a log file should hold."""
+    assert not BAR_CHARS & set(proc.stderr), proc.stderr
+    assert "\x1b" not in proc.stderr and "\r" not in proc.stderr, repr(proc.stderr)
+    assert all(line.strip() for line in proc.stderr.splitlines()), repr(proc.stderr)
+
+
+def test_auto_mode_writes_plain_lines_when_stderr_is_not_a_terminal(run: Path, tmp_path: Path) -> None:
+    from conftest import shakespeare_path
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(shakespeare_path().read_bytes()[:50_000])
+    prep = cli("auto", "prepare", corpus, "--out", tmp_path / "d", "--vocab-size", 300)
+    assert prep.returncode == 0, prep.stderr
+    check_plain_stderr(prep)
+    assert "train tokenizer" not in prep.stderr and f"prepared {tmp_path / 'd'}" in " ".join(prep.stderr.split())
+
+    train = cli("auto", "train", TINY_CONFIG, "--run-dir", tmp_path / "r", "--set", f"data.path={tmp_path / 'd'}",
+                "--set", "train.max_steps=5", "--set", "train.eval_every=0")
+    assert train.returncode == 0, train.stderr
+    check_plain_stderr(train)
+    assert "step 5: loss" in train.stderr  # the plain log line stands in for the bar
+
+    ev = cli("auto", "eval", run, "--max-batches", 2, "--threads", 1)
+    assert ev.returncode == 0, ev.stderr
+    assert ev.stderr == ""  # was a lone blank line: the transient bar's last frame
+    assert "perplexity" in ev.stdout
+
+
+def test_auto_mode_import_leaves_stderr_empty_when_it_is_not_a_terminal(tmp_path: Path) -> None:
+    from conftest import smollm2_gguf
+
+    imp = cli("auto", "import", smollm2_gguf(), "--out", tmp_path / "smol")
+    assert imp.returncode == 0, imp.stderr
+    assert imp.stderr == "", repr(imp.stderr)
+    assert "imported" in imp.stdout

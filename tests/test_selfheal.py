@@ -112,6 +112,53 @@ def test_branch_from_a_checkpoint(tiny_dataset, clean_run, tmp_path):
     assert again.returncode == 2 and "already has checkpoints" in again.stderr
 
 
+def test_branch_must_keep_the_model_shape_and_writes_nothing_when_refused(tiny_dataset, clean_run, tmp_path):
+    run_dir = tmp_path / "branch"
+    src = clean_run / "checkpoints" / "step-000030"
+    proc = run_train(tiny_dataset, run_dir, "model.n_layer=3", "model.d_model=128", extra_args=["--from", str(src)], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"--from {src}: the model must keep the checkpoint's shape" in proc.stderr
+    assert "model.n_layer: checkpoint 2, now 3; model.d_model: checkpoint 64, now 128" in proc.stderr
+    assert not run_dir.exists()  # refused before anything was written: the corrected command starts cleanly
+
+
+def test_branch_with_another_batch_shape_reads_a_fresh_data_order(tiny_dataset, clean_run, tmp_path):
+    run_dir = tmp_path / "branch"
+    proc = run_train(tiny_dataset, run_dir, "data.seq_len=32", "train.global_batch=16", "train.max_steps=32",
+                     "train.eval_every=0", extra_args=["--from", str(clean_run / "checkpoints" / "step-000030")])
+    assert proc.stderr.count("cannot carry over") == 1
+    assert "(data.seq_len: checkpoint 64, now 32; train.global_batch: checkpoint 8, now 16)" in proc.stderr
+    branch = next(e for e in events(run_dir) if e["kind"] == "branch")
+    assert branch["step"] == 30 and branch["data_order"] == "fresh" and "data.seq_len" in branch["data_order_reason"]
+    trainer = json.loads((run_dir / "checkpoints" / "step-000032" / "trainer.json").read_text())
+    assert trainer["step"] == 32 and trainer["loader"]["step"] == 2  # two steps read from the new order's start
+    # a plain resume in the run directory still refuses such a change
+    again = run_train(tiny_dataset, run_dir, "data.seq_len=64", "train.global_batch=16", "train.max_steps=34", check=False)
+    assert again.returncode == 2 and "cannot resume with a changed data.seq_len: 32 -> 64" in again.stderr
+
+
+@pytest.mark.parametrize("spec", ["kil@3", "nan15", "nan@x", "nan@3/1", "spike@0", "kill@3/1"])
+def test_malformed_fault_spec_is_refused(spec, monkeypatch):
+    from lmforge.errors import ConfigError
+    from lmforge.train.loop import check_faults
+
+    monkeypatch.setenv("LMFORGE_FAULTS", f"nan@15, {spec}")
+    with pytest.raises(ConfigError) as e:
+        check_faults()
+    assert repr(spec) in str(e.value)
+    assert "valid forms: kill@N, nan@N, spike@N" in str(e.value) or "names rank 1" in str(e.value)
+
+
+def test_valid_fault_specs_pass_and_a_bad_one_stops_the_cli(tiny_dataset, monkeypatch, tmp_path):
+    from lmforge.train.loop import check_faults
+
+    monkeypatch.setenv("LMFORGE_FAULTS", "kill@3,nan@15!,spike@27,kill@12/0!,")
+    check_faults()
+    proc = run_train(tiny_dataset, tmp_path / "run", faults="kil@3", check=False)
+    assert proc.returncode == 2 and "'kil@3' is not a fault" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_ckpt_verify_names_the_damage(clean_run, tmp_path):
     import shutil
 
@@ -128,3 +175,4 @@ def test_ckpt_verify_names_the_damage(clean_run, tmp_path):
     assert bad.returncode == 1
     assert "model.safetensors fails its sha256 check" in bad.stdout
     assert "incomplete" in bad.stdout and "2 damaged" in bad.stdout
+    assert f"incomplete {run_dir}" in bad.stdout and f"corrupt    {run_dir}" in bad.stdout  # aligned columns

@@ -27,7 +27,8 @@ from lmforge.config import load_config
 from lmforge.generate import generate
 from lmforge.model import Transformer
 from lmforge.serve.api import create_app
-from lmforge.serve.engine import Engine, Finished, Request, Token, run_requests
+from lmforge.errors import LmforgeError
+from lmforge.serve.engine import Engine, Finished, QueueFull, Request, Token, run_requests
 from lmforge.train.checkpoint import load_for_inference, save_checkpoint
 
 KEY = "test-key-0123"
@@ -184,6 +185,32 @@ def test_engine_starts_one_thread_and_stops_it(loaded) -> None:
     engine.stop()
 
 
+def test_queue_full_counts_what_max_queue_limits(loaded) -> None:
+    """max_queue bounds the requests waiting for a slot; `waiting` also holds requests about to
+    take free slots, which the 429 message used to count ("7 requests are waiting (max_queue 4)")."""
+    model, tok = loaded
+    p = prompts(tok, 1)[0]
+    engine = Engine(model, tok, max_batch=4, max_queue=4)  # not started: step() by hand
+    try:
+        engine.submit([Request(p, 40) for _ in range(8)])  # 4 for the free slots, 4 queued
+        with pytest.raises(QueueFull, match=r"^4 requests are waiting for a slot \(max_queue 4\)$"):
+            engine.submit([Request(p, 40)])
+        with torch.inference_mode():
+            engine.step()  # admits 4: the same 4 still wait for a slot
+        assert engine.active_slots == 4 and engine.queue_depth == 4
+        with pytest.raises(QueueFull, match=r"^4 requests are waiting for a slot \(max_queue 4\)$"):
+            engine.submit([Request(p, 40)])
+    finally:
+        engine.stop()
+    engine = Engine(model, tok, max_batch=4, max_queue=4)
+    engine.submit([Request(p, 40) for _ in range(6)])
+    with pytest.raises(QueueFull, match=r"2 requests are waiting for a slot \(max_queue 4\); room for 2 more, these are 3"):
+        engine.submit([Request(p, 40) for _ in range(3)])  # n=3 choices: all or none
+    with pytest.raises(LmforgeError, match="more than this server's max_batch 4 \\+ max_queue 4 can hold; lower n"):
+        engine.submit([Request(p, 40) for _ in range(9)])  # never fits: a 400, not a 429 to retry
+    engine.stop()
+
+
 # ---- API in-process ------------------------------------------------------------------------
 
 
@@ -286,11 +313,68 @@ def test_small_routes(client, loaded) -> None:
     (json.dumps({"prompt": "a", "logprobs": 50}).encode(), 400, "logprobs"),
     (json.dumps({"prompt": []}).encode(), 400, "empty"),
     (json.dumps({"prompt": "a" * 5000}).encode(), 413, "4096 bytes"),
+    (json.dumps({"prompt": "a", "max_tokens": True}).encode(), 400, "max_tokens: Input should be a valid integer, got a boolean"),
+    (json.dumps({"prompt": "a", "max_tokens": "5"}).encode(), 400, "max_tokens"),
 ])
 def test_bad_requests_are_4xx_with_a_message(client, body: bytes, status: int, words: str) -> None:
     r = client.post("/v1/completions", headers=AUTH, content=body)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("route,body,param", [
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "Hi"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "Hi"}, {"role": "user"}]}, "messages.1.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": True}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": True},
+     "top_logprobs"),
+    ("/v1/completions", {"prompt": "a", "n": True}, "n"),
+    ("/v1/completions", {"prompt": "a", "logprobs": False}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "seed": True}, "seed"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 4.0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "temperature": True}, "temperature"),
+    ("/v1/completions", {"prompt": "a", "echo": 1}, "echo"),
+    ("/v1/completions", {"prompt": [True, False]}, "prompt"),
+    ("/detokenize", {"tokens": [True]}, "tokens.0"),
+])
+def test_invalid_fields_are_400s_naming_the_field(client, route: str, body: dict, param: str) -> None:
+    """Roles are OpenAI's, only an assistant message may have null content, and no bool passes as
+    a number (`"max_tokens": true` used to run as 1)."""
+    r = client.post(route, headers=AUTH, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"].startswith(param + ": ") and error["code"] == "400"
+
+
+def test_every_openai_role_renders_and_assistant_content_may_be_null(client) -> None:
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "system", "content": "Really."},
+                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+                {"role": "tool", "content": "42"}, {"role": "user", "content": [{"type": "text", "text": "And?"}]}]
+    r = client.post("/v1/chat/completions", headers=AUTH, json={"messages": messages, "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/completions", headers=AUTH, json={"prompt": "a", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text  # an int is still a valid float
+
+
+def test_error_code_is_a_string_like_openais(client) -> None:
+    """OpenAI's error.code is a string or null; it was the HTTP status as an int."""
+    for method, path, headers, status in (("GET", "/v1/models", {}, 401), ("GET", "/no/such/route", AUTH, 404),
+                                          ("POST", "/v1/completions", AUTH, 400)):
+        r = client.request(method, path, headers=headers, content=b"{}")
+        assert r.status_code == status and r.json()["error"]["code"] == str(status), r.text
+
+
+def test_timed_out_streams_count_in_metrics(loaded) -> None:
+    """A stream that times out sends an error event after its 200; it is rejected for the same
+    reason as a 504 and counts the same (it was not counted at all)."""
+    model, tok = loaded
+    app = create_app(model, tok, max_tokens=64, request_timeout=1e-6)  # every request is late
+    with TestClient(app) as c:
+        for stream in (False, True, False, True):
+            with c.stream("POST", "/v1/completions", json={"prompt": "O", "max_tokens": 8, "stream": stream}) as r:
+                r.read()
+        assert 'lmforge_rejected_requests_total{reason="timeout"} 4.0' in c.get("/metrics").text
 
 
 def test_auth_on_every_route(client) -> None:
@@ -345,22 +429,38 @@ def free_port() -> int:
 def server(checkpoint: Path, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("key") / "key.txt"
     key_file.write_text(KEY + "\n")
-    port = free_port()
-    proc = subprocess.Popen(lmforge_cmd("serve", str(checkpoint), "--port", str(port), "--api-key-file", str(key_file),
-                                        "--max-batch", "8", "--max-queue", "64", "--threads", "1"),
+    proc = subprocess.Popen(lmforge_cmd("serve", str(checkpoint), "--port", "0", "--api-key-file", str(key_file),
+                            "--max-batch", "8", "--max-queue", "64", "--threads", "1"),
                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):  # up to ~60 s for imports on a loaded machine
-        if proc.poll() is not None:
-            pytest.fail(f"lmforge serve exited: {proc.stdout.read()}")
+    try:  # whatever fails below, the server process goes too
+        # --port 0: the server picks a free port and must announce the real one, once it listens.
+        watchdog = threading.Timer(120, proc.kill)  # a hung start ends the readline below
+        watchdog.start()
         try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+            output = []
+            while not (output and output[-1].startswith("serving ")):
+                line = proc.stdout.readline()
+                if not line:
+                    pytest.fail(f"lmforge serve exited: {''.join(output)}")
+                output.append(line)
+        finally:
+            watchdog.cancel()
+        base = output[-1].split(" at ", 1)[1].split()[0].removesuffix("/v1")
+        port = int(base.rsplit(":", 1)[1])
+        assert port != 0, output[-1]
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()  # listening when announced
+        for _ in range(600):  # up to ~60 s for imports on a loaded machine
+            if proc.poll() is not None:
+                pytest.fail(f"lmforge serve exited: {proc.stdout.read()}")
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -457,6 +557,41 @@ def test_refuses_a_public_host_without_a_key(checkpoint: Path) -> None:
     assert out.returncode == 2 and "refusing to serve on 0.0.0.0 without an API key" in out.stderr
 
 
+def test_serve_checks_the_port_before_loading_anything(tmp_path: Path) -> None:
+    from lmforge.serve.api import serve_command
+
+    for port in (99999, -1):  # 99999 was uvicorn's OverflowError traceback after the model had loaded
+        with pytest.raises(LmforgeError, match="--port .*65535"):
+            serve_command(str(tmp_path / "no-such-run"), host=None, port=port, api_key=None, api_key_file=None,
+                          insecure=False, max_batch=None, max_queue=None, max_tokens=None, model_name=None,
+                          chat_template=None, request_timeout=600.0, max_body_bytes=1 << 20, threads=0)
+
+
+def test_listen_says_which_port_is_taken() -> None:
+    from lmforge.serve.api import listen
+
+    sock = listen("127.0.0.1", 0)
+    try:
+        port = sock.getsockname()[1]
+        assert port != 0
+        with pytest.raises(LmforgeError, match=f"cannot listen on 127.0.0.1:{port} .*; pick another --port"):
+            listen("127.0.0.1", port)
+    finally:
+        sock.close()
+
+
+def test_serve_on_a_port_in_use_is_one_clear_error(checkpoint: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(lmforge_cmd("serve", str(checkpoint), "--port", str(port)),
+                             capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "pick another --port" in out.stderr
+    assert "serving" not in out.stdout + out.stderr and "Traceback" not in out.stderr and "Errno" not in out.stderr
+
+
 def test_api_key_sources_and_loopback(tmp_path: Path, monkeypatch) -> None:
     from lmforge.errors import LmforgeError
     from lmforge.serve.api import is_loopback, resolve_api_key
@@ -486,5 +621,5 @@ def test_request_timeout_is_a_504_and_an_error_event_in_a_stream(loaded) -> None
         assert r.status_code == 504 and "--request-timeout" in r.json()["error"]["message"]
         with c.stream("POST", "/v1/completions", json={"prompt": "O", "max_tokens": 8, "stream": True}) as r:
             lines = [line for line in r.iter_lines() if line]
-        assert json.loads(lines[0][len("data: "):])["error"]["code"] == 504 and lines[-1] == "data: [DONE]"
+        assert json.loads(lines[0][len("data: "):])["error"]["code"] == "504" and lines[-1] == "data: [DONE]"
         assert c.get("/health").status_code == 200

@@ -65,7 +65,9 @@ def test_round_trip(tmp_path: Path) -> None:
                                           "max": pytest.approx(4.0), "count": 5}
         assert [(e["step"], e["kind"]) for e in run["events"]] == [(30, "spike"), (40, "checkpoint_saved")]
         assert run["events"][0]["data"] == {"loss": 9.5, "z": 12.0}
-        assert [(c["step"], c["status"]) for c in run["checkpoints"]] == [(40, "saved")]
+        # recorded as saved; its run directory does not exist here, so readers show it as missing
+        assert [(c["step"], c["stored_status"], c["status"], c["on_disk"]) for c in run["checkpoints"]] == \
+            [(40, "saved", "missing", False)]
         assert s.metrics(ids["exp1"], ["loss"])["loss"]["step"] == [0, 10, 20, 30, 40]
         assert run["versions"]["lmforge"] and run["host"] == socket.gethostname()
 
@@ -99,7 +101,7 @@ def test_metrics_property_last_write_per_step_wins(tmp_path_factory, writes) -> 
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 300), st.integers(0, 40))
-def test_thinned_curves_keep_first_last_and_about_max_points(tmp_path_factory, n: int, max_points: int) -> None:
+def test_thinned_curves_keep_first_last_and_at_most_max_points(tmp_path_factory, n: int, max_points: int) -> None:
     with Store.open(tmp_path_factory.mktemp("t") / "s.db") as s:
         rid = s.start_run("t", "t-run", {})
         for step in range(n):
@@ -108,10 +110,24 @@ def test_thinned_curves_keep_first_last_and_about_max_points(tmp_path_factory, n
         got = s.metrics(rid, ["x"], max_points=max_points)["x"]
     if max_points == 0 or n <= max_points:
         assert got["step"] == [3 * i for i in range(n)]
+    elif max_points == 1:
+        assert got["step"] == [3 * (n - 1)]  # one point: the newest
     else:
         assert got["step"][0] == 0 and got["step"][-1] == 3 * (n - 1)
-        assert len(got["step"]) <= max_points + 1 and got["step"] == sorted(set(got["step"]))
+        assert len(got["step"]) <= max_points and got["step"] == sorted(set(got["step"]))  # an upper bound
         assert got["value"] == [s / 3 for s in got["step"]]  # values stay paired with their steps
+
+
+def test_thinning_reaches_max_points_exactly_on_an_even_curve(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s.db") as s:
+        rid = s.start_run("t", "t-run", {})
+        for step in range(0, 200, 10):
+            s.log_metrics(rid, step, {"x": float(step)})
+        s.flush()
+        assert s.metrics(rid, ["x"], max_points=3)["x"]["step"] == [0, 100, 190]
+        assert s.metrics(rid, ["x"], max_points=5)["x"]["step"] == [0, 50, 100, 150, 190]
+        with pytest.raises(ValueError, match="max_points must be >= 0"):
+            s.metrics(rid, ["x"], max_points=-1)
 
 
 def test_config_diff_table() -> None:
@@ -386,6 +402,31 @@ def test_cli_list_show_compare(tmp_path: Path) -> None:
     bad = run_cli("runs", "show", "nope", db=db)
     assert bad.returncode == 2 and "no run named 'nope'" in bad.stderr
     assert run_cli("runs", "compare", "exp1", db=db).returncode == 2
+
+
+def test_runs_show_lists_checkpoints_and_marks_those_retention_deleted(tiny_dataset: Path, tmp_path: Path) -> None:
+    from test_train import run_train
+
+    run_dir = tmp_path / "runs" / "kept2"  # checkpoints at 0, 10, 20, 30; keep_last 2 deletes 0 and 10
+    run_train(tiny_dataset, run_dir, "train.max_steps=30", "train.keep_last=2", "train.ckpt_every_steps=10")
+    db = Path(os.environ["LMFORGE_DB"])  # where the trainer recorded it (conftest's isolated store)
+    on_disk = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert on_disk == ["step-000020", "step-000030"]
+
+    show = run_cli("runs", "show", str(run_dir), "--json", db=db)
+    assert show.returncode == 0, show.stderr
+    ckpts = [(c["step"], c["status"], c["stored_status"], c["on_disk"]) for c in json.loads(show.stdout)["checkpoints"]]
+    assert ckpts == [(0, "deleted", "saved", False), (10, "deleted", "saved", False),
+                     (20, "saved", "saved", True), (30, "saved", "saved", True)]
+
+    human = run_cli("runs", "show", str(run_dir), db=db)
+    assert human.returncode == 0, human.stderr
+    lines = human.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip() == "checkpoints")  # its own section, after events
+    assert at > next(i for i, line in enumerate(lines) if line.strip().startswith("events"))
+    rows = [line.split() for line in lines[at + 2:at + 6]]
+    assert [(r[0], r[1]) for r in rows] == [("0", "deleted"), ("10", "deleted"), ("20", "saved"), ("30", "saved")]
+    assert rows[3][-1].endswith("checkpoints/step-000030")
 
 
 def test_cli_delete_asks_or_needs_yes(tmp_path: Path) -> None:

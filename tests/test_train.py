@@ -26,11 +26,12 @@ def tiny_cfg(data: Path, *extra: str):
 
 
 def run_train(data: Path, run_dir: Path, *extra: str, faults: str = "", check: bool = True,
-              extra_args: list[str] = ()) -> subprocess.CompletedProcess:
+              extra_args: list[str] = (), env: dict[str, str] | None = None, cwd: Path | None = None,
+              config: Path | None = TINY_CONFIG) -> subprocess.CompletedProcess:
     sets = [a for kv in (f"data.path={data}", *extra) for a in ("--set", kv)] + list(extra_args)
-    env = subprocess_env(LMFORGE_FAULTS=faults) if faults else subprocess_env()
-    proc = subprocess.run(lmforge_cmd("train", str(TINY_CONFIG), "--run-dir", str(run_dir), *sets),
-                          capture_output=True, text=True, env=env, timeout=300)
+    env = subprocess_env(**(env or {}), **({"LMFORGE_FAULTS": faults} if faults else {}))
+    proc = subprocess.run(lmforge_cmd("train", *([str(config)] if config else []), "--run-dir", str(run_dir), *sets),
+                          capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -195,3 +196,71 @@ def test_resume_with_safe_change_and_refusal_of_unsafe(tiny_dataset, straight_ru
     bad = run_train(tiny_dataset, run_dir, "train.max_steps=30", "model.n_layer=3", check=False)
     assert bad.returncode == 2
     assert "cannot resume with a changed model.n_layer: 2 -> 3" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- starts that fail, and what they leave ---------------------------------------------------
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *messages: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for m in messages:
+        assert m in proc.stderr, proc.stderr[-3000:]
+
+
+def test_run_dir_that_is_a_file_is_a_clear_error(tiny_dataset, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a run")
+    assert_user_error(run_train(tiny_dataset, afile, check=False), f"--run-dir {afile}: exists and is not a directory")
+    assert_user_error(run_train(tiny_dataset, afile / "sub", check=False), f"--run-dir {afile / 'sub'}: {afile} is a file")
+    supervised = run_train(tiny_dataset, afile, check=False, extra_args=["--supervise"])
+    assert_user_error(supervised, "exists and is not a directory")
+    assert afile.read_text() == "not a run"
+
+
+def test_failed_start_writes_nothing_and_a_never_trained_dir_is_started_afresh(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    refused = run_train(tiny_dataset, run_dir, check=False, env={"LMFORGE_DEVICE": "gpu"})
+    assert_user_error(refused, "LMFORGE_DEVICE='gpu'")
+    assert not run_dir.exists()  # no config.yaml left for the next start to "resume"
+    # a directory holding only a config.yaml (an earlier start that never trained) is not a run to resume
+    run_dir.mkdir()
+    tiny_cfg(tmp_path / "elsewhere").save(run_dir / "config.yaml")
+    proc = run_train(tiny_dataset, run_dir, "train.max_steps=2", "train.eval_every=0")
+    assert "is from an earlier start that never trained (no checkpoint); replacing it" in proc.stderr
+    assert "cannot resume" not in proc.stderr
+    assert load_config(run_dir / "config.yaml").data.path == str(tiny_dataset)
+    assert [json.loads(line)["kind"] for line in (run_dir / "events.jsonl").read_text().splitlines()][0] == "start"
+
+
+def test_a_short_val_split_is_refused_before_any_step(tiny_dataset, tmp_path):
+    from lmforge.data.prepare import prepare
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes((tiny_dataset.parent / "corpus.txt").read_bytes()[:20_000])
+    data = tmp_path / "noval"
+    prepare([str(corpus)], str(data), vocab_size=512, tokenizer=str(tiny_dataset / "tokenizer.json"), include=[],
+            exclude=[], text_field="text", val_fraction=0.0, shard_tokens=50_000, strict=False, workers=1, overwrite=False)
+    run_dir = tmp_path / "run"
+    proc = run_train(data, run_dir, check=False)
+    assert_user_error(proc, "the val split has 0 tokens", "--set train.eval_every=0")
+    assert not run_dir.exists()  # refused at the start: no step was trained and lost
+    run_train(data, run_dir, "train.eval_every=0", "train.max_steps=1")  # without validation it trains
+
+
+def test_a_directory_given_as_the_config_points_to_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("{}\n")
+    proc = subprocess.run(lmforge_cmd("train", str(run_dir)), capture_output=True, text=True, env=subprocess_env())
+    assert_user_error(proc, f"config file {run_dir} is a directory", f"lmforge train --run-dir {run_dir}")
+
+
+def test_resume_from_another_directory_explains_the_relative_data_path(tiny_dataset, tmp_path):
+    start = tmp_path / "start"
+    (start / "data").mkdir(parents=True)
+    (start / "data" / "shk").symlink_to(tiny_dataset)
+    run_train(Path("data/shk"), Path("runs/r"), "train.max_steps=1", "train.eval_every=0", cwd=start)
+    proc = run_train(Path("data/shk"), Path("start/runs/r"), check=False, config=None, cwd=tmp_path)
+    assert_user_error(proc, f"data.path data/shk of start/runs/r is not found from the current directory ({tmp_path})",
+                      "relative data.path", f"this run last ran in {start}")

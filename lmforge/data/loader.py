@@ -67,6 +67,16 @@ class TokenDataset:
     def num_samples(self, seq_len: int) -> int:
         return order.num_samples(self.n_tokens, seq_len)
 
+    def require_samples(self, seq_len: int) -> int:
+        """num_samples(seq_len), or a DataError naming the split's tokens and the window it needs."""
+        n = self.num_samples(seq_len)
+        if n < 1:
+            raise DataError(
+                f"{self.path}: the {self.split} split has {self.n_tokens} tokens, fewer than one sample of "
+                f"seq_len + 1 = {seq_len + 1}; use a smaller seq_len or more data"
+            )
+        return n
+
     def window(self, start: int, length: int) -> np.ndarray:
         """(length,) tokens stream[start : start + length] in the dataset dtype (a view when in one shard)."""
         if start < 0 or start + length > self.n_tokens:
@@ -117,12 +127,7 @@ class Loader:
         self.seed = seed
         self.rank = rank
         self.world = world
-        self.n_samples = self.dataset.num_samples(seq_len)
-        if self.n_samples < 1:
-            raise DataError(
-                f"{path}: the {split} split has {self.dataset.n_tokens} tokens, fewer than one sample of "
-                f"seq_len + 1 = {seq_len + 1}; use a smaller seq_len or more data"
-            )
+        self.n_samples = self.dataset.require_samples(seq_len)
         order.rank_batch(0, rank, world, seed=seed, n_samples=self.n_samples, global_batch=global_batch)  # validate now
         self.step = 0  # the next data step to read
 

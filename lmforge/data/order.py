@@ -110,12 +110,16 @@ def sample_index(position: int, *, seed: int, n_samples: int) -> int:
     return int(sample_indices(np.array([position]), seed=seed, n_samples=n_samples)[0])
 
 
+def _check_step(step: int) -> None:
+    if step < 0:
+        raise ConfigError(f"step must be >= 0 (data steps count from 0), got {step}")
+
+
 def global_batch(step: int, *, seed: int, n_samples: int, global_batch: int) -> np.ndarray:
     """(global_batch,) int64 sample ids of data step `step` (positions step*B ... step*B + B - 1)."""
     if global_batch < 1:
         raise ConfigError(f"global_batch must be >= 1, got {global_batch}")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
+    _check_step(step)
     start = step * global_batch
     return sample_indices(np.arange(start, start + global_batch, dtype=np.int64), seed=seed, n_samples=n_samples)
 
@@ -129,6 +133,7 @@ def rank_batch(step: int, rank: int, world: int, *, seed: int, n_samples: int, g
             f"global_batch={global_batch} is not divisible by world={world} processes; "
             f"choose a global batch that is a multiple of the number of processes"
         )
+    _check_step(step)
     per = global_batch // world
     start = step * global_batch + rank * per
     return sample_indices(np.arange(start, start + per, dtype=np.int64), seed=seed, n_samples=n_samples)

@@ -13,6 +13,12 @@ Pipeline (two streaming passes over the files; one file is in memory at a time):
 4. Everything is written into a temporary directory that is renamed to `--out` at the end
    (`util.atomic_dir`), so a failure (bad JSONL line, full disk) leaves no partial dataset.
 
+`--out` is checked before any work (`_check_out`): it may not be an input, lie inside one or
+contain one (even without `--overwrite`), and `--overwrite` only ever replaces a prepared dataset
+(a directory holding manifest.json and nothing but dataset files) or an empty directory; a file, a
+symbolic link or any other directory is refused, so prepare never deletes anything but an old
+dataset. The check runs again just before the rename.
+
 Documents: a JSONL line is one document; a text file is one document, except that a file larger
 than `DOC_MAX_BYTES` is cut at blank lines into pieces of about that size (so one big file such as
 tinyshakespeare.txt still has documents for the validation split). The train/val split is decided
@@ -34,6 +40,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +58,7 @@ from rich.progress import (
 from rich.table import Table
 
 from .. import __version__
+from ..config import DataConfig
 from ..errors import DataError
 from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
 from ..util import atomic_dir, atomic_write_json, console, human_bytes, human_count, progress_bar, sha256_file, warn
@@ -65,6 +73,7 @@ SPLITS = ("train", "val")
 DOC_MAX_BYTES = 64 * 1024  # text files larger than this are cut into documents at blank lines
 BATCH_BYTES = 4 << 20  # text per encode_batch call: large enough to keep every thread busy
 INDEX_COLUMNS = ["split", "shard", "offset", "source", "byte_offset"]
+_DATASET_ENTRY = re.compile(r"(manifest\.json|tokenizer\.json|(train|val)-\d{5,}\.bin)")  # all a dataset holds
 
 
 # ---- sources and documents -------------------------------------------------------------------
@@ -281,6 +290,71 @@ def _check_writable(out: Path) -> None:
         raise DataError(f"cannot write dataset {out}: {e.strerror or e} ({e.filename or out.parent}); nothing was written") from None
 
 
+def _check_out(out: Path, inputs: Sequence[str | os.PathLike], overwrite: bool) -> None:
+    """Refuse, before any work, an --out that overlaps an input or that is not ours to replace."""
+    target = out.resolve()
+    for raw in inputs:
+        src = Path(raw).resolve()
+        if target == src:
+            raise DataError(f"--out {out} is also an input; write the dataset somewhere else (nothing was written)")
+        if src in target.parents:
+            raise DataError(
+                f"--out {out} is inside the input {raw}: the dataset would be read as corpus by the next prepare; "
+                f"choose an --out outside the inputs (nothing was written)"
+            )
+        if target in src.parents:
+            raise DataError(f"--out {out} contains the input {raw}; choose an --out that holds no input (nothing was written)")
+    _check_replaceable(out, overwrite)
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """--out may be new, or (with --overwrite) a prepared dataset or an empty directory; nothing else."""
+    if out.is_symlink():
+        raise DataError(f"output {out} is a symbolic link; pass the directory it points to as --out (nothing was written)")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(
+            f"output already exists and is a file, not a dataset: {out}; choose another --out "
+            f"(--overwrite only replaces a dataset made by prepare)"
+        )
+    try:
+        names = sorted(p.name for p in out.iterdir())
+    except OSError as e:
+        raise DataError(f"cannot read output directory {out}: {e.strerror or e}; choose another --out") from None
+    foreign = [n for n in names if not _DATASET_ENTRY.fullmatch(n)]
+    if names and (MANIFEST_FILE not in names or foreign):
+        what = f"no {MANIFEST_FILE}" if MANIFEST_FILE not in names else "files a dataset does not have"
+        shown = ", ".join((foreign or names)[:5]) + (" ..." if len(foreign or names) > 5 else "")
+        raise DataError(
+            f"output already exists and is not a prepared dataset: {out} ({what}: {shown}); choose another --out "
+            f"(--overwrite only replaces a dataset made by prepare; nothing was touched)"
+        )
+    if not overwrite:
+        raise DataError(f"output already exists: {out} (pass --overwrite to replace it)")
+
+
+def _check_val(val: dict[str, Any], val_fraction: float) -> None:
+    """Warn when validation on this dataset would fail: an empty val split, or one shorter than a window
+    of the default data.seq_len (the trainer's own check knows the run's seq_len; this is a heads-up)."""
+    window = DataConfig.seq_len + 1
+    no_eval = "or train with --set train.eval_every=0"
+    if val["tokens"] == 0:
+        if val_fraction == 0:
+            why = "--val-fraction is 0"
+            fix = "pass --val-fraction > 0 (e.g. 0.01)"
+        else:
+            # two or more documents always give val one (module docstring): this corpus is one document
+            why = "the corpus is a single document, and a document is never split between train and val"
+            fix = f"add more documents (a text file over {DOC_MAX_BYTES // 1024} KiB is cut into several)"
+        warn(f"the val split is empty ({why}): training fails at its first validation and `lmforge eval` has nothing "
+             f"to score; {fix}, {no_eval}")
+    elif val["tokens"] < window:
+        warn(f"the val split has {val['tokens']} tokens ({val['documents']} document(s)), fewer than one window of "
+             f"seq_len + 1 = {window} at the default data.seq_len: validation at that length fails; raise --val-fraction, "
+             f"add more documents, use a data.seq_len below {val['tokens']}, {no_eval}")
+
+
 def _readable(root: Path) -> None:
     """Give the dataset the usual umask modes (temp dirs and files are created private)."""
     umask = os.umask(0)
@@ -323,8 +397,7 @@ def prepare(
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens must be >= 1, got {shard_tokens}")
-    if out.exists() and not overwrite:
-        raise DataError(f"output already exists: {out} (pass --overwrite to replace it)")
+    _check_out(out, inputs, overwrite)
     _set_threads(workers)
     sources = collect_sources(inputs, include, exclude)
     _check_writable(out)
@@ -403,6 +476,7 @@ def prepare(
             }
             atomic_write_json(tmp / MANIFEST_FILE, manifest)
             _readable(tmp)
+            _check_replaceable(out, overwrite)  # again: something may have appeared at --out meanwhile
     except FileExistsError as e:
         if out.exists():  # created by someone else while we were working
             raise DataError(f"output already exists: {out} (pass --overwrite to replace it)") from None
@@ -416,6 +490,7 @@ def prepare(
         f"{len(t['shards'])} shard(s), val {human_count(v['tokens'])} tokens / {v['documents']} docs, "
         f"vocab {tok.vocab_size} ({dtype.name})"
     )
+    _check_val(v, val_fraction)
     return out
 
 
@@ -608,10 +683,10 @@ def cmd_inspect(
 ) -> int:
     """Show which documents (source file + byte offset) and text a data step reads."""
     from .loader import TokenDataset
-    from .order import global_batch as batch_ids, num_samples
+    from .order import global_batch as batch_ids
 
     ds = TokenDataset(path)
-    n = num_samples(ds.n_tokens, seq_len)
+    n = ds.require_samples(seq_len)
     ids = batch_ids(step, seed=seed, n_samples=n, global_batch=global_batch)
     tok = Tokenizer.load(ds.tokenizer_path)
     index = DocumentIndex.from_manifest(ds.manifest, "train")

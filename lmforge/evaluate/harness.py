@@ -161,6 +161,16 @@ def load_tasks(paths: list[str]) -> list[Task]:
     return tasks
 
 
+def check_eval_options(data: str | None, text: str | None, batch_size: int | None, max_batches: int) -> None:
+    """The argument checks `lmforge eval` and its --watch sidecar share (before any model loads)."""
+    if data and text:
+        raise LmforgeError("give --data or --text, not both")
+    if batch_size is not None and batch_size < 1:
+        raise LmforgeError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_batches < 0:
+        raise LmforgeError(f"--max-batches must be >= 0 (0 = all), got {max_batches}")
+
+
 def eval_command(
     path: str | os.PathLike,
     *,
@@ -176,12 +186,7 @@ def eval_command(
     """`lmforge eval RUN_OR_CKPT`: print the metrics of one checkpoint (newest intact of a run)."""
     from ..train.checkpoint import load_for_inference
 
-    if data and text:
-        raise LmforgeError("give --data or --text, not both")
-    if batch_size is not None and batch_size < 1:
-        raise LmforgeError(f"--batch-size must be >= 1, got {batch_size}")
-    if max_batches < 0:
-        raise LmforgeError(f"--max-batches must be >= 0 (0 = all), got {max_batches}")
+    check_eval_options(data, text, batch_size, max_batches)
     task_list = load_tasks(list(tasks or []))  # validate task files before loading any model
     model, tokenizer, cfg, step = load_for_inference(path)
     if threads:  # default: every core (eval.threads is the sidecar's budget, beside training)

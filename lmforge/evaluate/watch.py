@@ -19,9 +19,15 @@ commit point.
 Damaged or vanished checkpoints are skipped with one message each: the trainer's retention may
 delete a checkpoint between listing and loading, and a corrupt one will not heal by retrying.
 
+Start: the sidecar may start before training. A run directory that does not exist yet, or an
+empty one, is a run about to start: it says once that it waits and looks again every `interval`
+seconds (`once=True` refuses a missing directory instead: there is nothing present to pass over).
+What exists but cannot be a run directory is refused at once: a file, a checkpoint directory, a
+model directory (`lmforge import`), a directory with other (non-hidden) contents.
+
 Exit: when the run's events.jsonl says `completed` (and no `resume` came after it) and every
 checkpoint present has been evaluated or skipped; `follow=True` keeps watching (a resumed run
-writes more checkpoints); `once=True` makes one pass.
+writes more checkpoints); `once=True` makes one pass. The two exclude each other.
 
 Resources: the process lowers its own priority (`os.nice`) and uses `threads` torch threads.
 On a machine with few cores, give training and sidecar disjoint thread counts (e.g. 1 + 1 on 2
@@ -41,7 +47,7 @@ import torch
 
 from ..errors import CheckpointError, LmforgeError
 from ..util import console, warn
-from .harness import evaluate_model, load_tasks, text_source
+from .harness import check_eval_options, evaluate_model, load_tasks, text_source
 
 RESULTS_FILE = "eval-results.jsonl"
 
@@ -126,6 +132,37 @@ def _record(run_dir: Path, store: Any, ckpt: Path, key: str, step: int, results:
                                      "seconds": round(seconds, 3), "time": time.time()})
 
 
+def _check_run_dir(run_dir: Path) -> None:
+    """Refuse a path that exists but is not (and cannot become) a run directory."""
+    from ..train.checkpoint import is_checkpoint_dir
+
+    if not run_dir.is_dir():
+        raise CheckpointError(f"--watch needs a run directory, but {run_dir} is a file; "
+                              "give the --run-dir that `lmforge train` writes")
+    if is_checkpoint_dir(run_dir):
+        raise CheckpointError(f"--watch follows a run directory, not a checkpoint: give {run_dir.parent.parent}")
+    if (run_dir / "model.safetensors").is_file() and not (run_dir / "checkpoints").exists():
+        raise CheckpointError(f"{run_dir} is a model directory, not a run directory: --watch follows a training "
+                              f"run's checkpoints; evaluate a model once with `lmforge eval {run_dir}` (no --watch)")
+    # Hidden entries are ignored: the trainer's first write into a new run directory is a
+    # temporary `.config.yaml.*.tmp` (atomic write), the supervisor's `.last-error.json`.
+    visible = [p for p in run_dir.iterdir() if not p.name.startswith(".")]
+    if visible and not ((run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()):
+        # an empty directory is a run about to start; one with other contents is a wrong path
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml, no checkpoints/); "
+                              "give the --run-dir that `lmforge train` writes")
+
+
+def _wait_for(run_dir: Path, interval: float) -> None:
+    """Block until `run_dir` exists (training creates it), saying so once."""
+    if run_dir.exists():
+        return
+    console.print(f"eval sidecar: waiting for {run_dir} to appear (a run about to start; "
+                  f"looking every {interval:g}s, Ctrl-C stops)", markup=False)
+    while not run_dir.exists():
+        time.sleep(interval)
+
+
 def watch(
     run_dir: str | os.PathLike,
     *,
@@ -138,23 +175,30 @@ def watch(
     interval: float = 10.0,
     once: bool = False,
     follow: bool = False,
+    scorer: str = "packed",
     nice: int = 10,
 ) -> int:
     """Evaluate every checkpoint of `run_dir` once, as it appears; returns 0 when done."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"--watch needs a run directory; no such directory: {run_dir}")
-    if (run_dir / "MANIFEST.json").exists():
-        raise CheckpointError(f"--watch follows a run directory, not a checkpoint: give {run_dir.parent.parent}")
-    if any(run_dir.iterdir()) and not ((run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()):
-        # an empty directory is a run about to start; one with other contents is a wrong path
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml, no checkpoints/); "
-                              "give the --run-dir that `lmforge train` writes")
+    # Mistakes in the arguments fail now, before any waiting.
+    if once and follow:
+        raise LmforgeError("--once makes one pass and exits, --follow keeps watching after the run completed: give one")
     if interval <= 0:
         raise LmforgeError(f"--interval must be > 0 seconds, got {interval}")
+    check_eval_options(data, text, batch_size, max_batches)
+    if run_dir.exists():
+        _check_run_dir(run_dir)
+    elif blocker := next((p for p in run_dir.parents if p.exists() and not p.is_dir()), None):
+        raise CheckpointError(f"{run_dir} can never be a run directory: {blocker} is a file")
+    elif once:
+        raise CheckpointError(f"--watch --once makes one pass over the checkpoints present, and there is no "
+                              f"directory {run_dir}; drop --once to wait for the run to start")
     from ..train.checkpoint import list_checkpoints, load_for_inference
 
     cli_tasks = load_tasks(list(tasks or []))  # a bad task file fails now, not at the first checkpoint
+    if not run_dir.exists():
+        _wait_for(run_dir, interval)
+        _check_run_dir(run_dir)
     if nice:
         try:
             os.nice(nice)  # training keeps priority: the sidecar gets what is left over
@@ -198,7 +242,7 @@ def watch(
                     )
                 results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source,
                                          batch_size=batch_size or cfg.eval.batch_size, max_batches=max_batches,
-                                         show_progress=False)
+                                         scorer=scorer, show_progress=False)
                 seconds = time.perf_counter() - t0
                 _record(run_dir, store, ckpt, key, step, results, seconds)
                 done.add(key)

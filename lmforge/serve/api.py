@@ -12,9 +12,12 @@ OpenAI-shaped JSON or server-sent events out.
   is what lm-evaluation-harness `local-completions` sends), POST /v1/chat/completions, GET
   /v1/models, POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /health, GET /metrics
   (Prometheus).
-- Bodies are read by hand (size-limited, then `json.loads`, then pydantic), so malformed JSON,
-  wrong types, an oversized body or an impossible request is a 4xx with an OpenAI-shaped error
-  naming the problem, never a 500. A full queue is a 429 with Retry-After.
+- Bodies are read by hand (size-limited, then `json.loads`, then strict pydantic models: JSON's
+  types, no bool as a number), so malformed JSON, wrong types, an unknown chat role, an oversized
+  body or an impossible request is a 4xx with an OpenAI-shaped error naming the problem (`code`
+  is the status as a string), never a 500. A full queue is a 429 with Retry-After.
+- `lmforge serve` binds and listens itself before it announces the URL (the real port, also for
+  --port 0), so a taken port is one clear error, and hands the socket to uvicorn.
 - Auth is a pure ASGI middleware in front of every route except /health: `Authorization: Bearer
   KEY`, compared with `hmac.compare_digest`.
 - A client that disconnects (a closed stream, or a waiting non-streaming request) cancels its
@@ -32,24 +35,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import hmac
 import ipaddress
 import json
 import os
+import re
+import socket
 import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 
@@ -73,8 +79,15 @@ M = TypeVar("M", bound=BaseModel)
 # ---- request bodies ----------------------------------------------------------------------
 
 
+# Every request model is strict: JSON's types, no coercion. A bool is not an int (`"max_tokens": true`
+# is not 1), a string is not a number (`"5"`), 5.0 is not an int; an int is still a float. OpenAI
+# refuses these too. `extra="ignore"`: clients send fields we do not use (user, ...).
+STRICT = ConfigDict(extra="ignore", strict=True)
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's; the template gets them as is
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, ...)
+    model_config = STRICT
 
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0)
@@ -101,15 +114,24 @@ class CompletionBody(_Body):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[ContentPart] | None = None
+    model_config = STRICT
+    role: Literal[CHAT_ROLES]  # type: ignore[valid-type]
+    content: str | list[ContentPart] | None = Field(None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, content: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")  # absent when the role itself was invalid
+        if content is None and role is not None and role != "assistant":
+            raise ValueError(f"a {role} message needs content (a string or a list of text parts); "
+                             "only an assistant message may leave it out or null")
+        return content
 
 
 class ChatBody(_Body):
@@ -121,13 +143,14 @@ class ChatBody(_Body):
 
 
 class TokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    prompt: str
+    model_config = STRICT
+    prompt: str | None = None  # a text, or
+    messages: list[ChatMessage] | None = Field(None, min_length=1)  # a conversation, as chat renders it
     model: str | None = None
 
 
 class DetokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     tokens: list[int]
     model: str | None = None
 
@@ -143,13 +166,29 @@ class ApiError(Exception):
 
 
 def error_body(message: str, kind: str, status: int, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    """OpenAI's error shape. `code` is a string or null there (the openai client reads it as one):
+    here always the HTTP status as a string, so an error event inside a stream (sent after a 200)
+    still says what it was."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": str(status)}}
+
+
+def _json_type(value: Any) -> str:
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                       (list, "an array"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
 
 
 def _describe(e: ValidationError) -> tuple[str, str | None]:
     first = e.errors()[0]
-    where = ".".join(str(p) for p in first["loc"] if not isinstance(p, str) or p not in {"str", "list[str]", "list[int]", "list[list[int]]"})
-    return f"{where or 'body'}: {first['msg']}" + (f" ({len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""), where or None
+    loc = [p for p in first["loc"] if not isinstance(p, str) or p not in {"str", "list[str]", "list[int]", "list[list[int]]"}]
+    where = ".".join(str(p) for p in loc)
+    message = first["msg"].removeprefix("Value error, ")  # our own validators' messages
+    if first["type"].endswith("_type") and len(loc) == len(first["loc"]):  # a wrong type, not one branch of a union:
+        # say which JSON type came (`true` is not an integer)
+        message += f", got {_json_type(first['input'])}"
+    return f"{where or 'body'}: {message}" + (f" ({len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""), where or None
 
 
 async def read_body(request: HttpRequest, model: type[M], limit: int) -> M:
@@ -284,7 +323,7 @@ def create_app(
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     context = model.cfg.max_seq_len
     created = int(time.time())
-    eos = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+    eos = tokenizer.end_ids  # EOS, and an instruct model's recorded end of turn (<|im_end|>)
     template_source = chat_template or DEFAULT_CHAT_TEMPLATE
     jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     jinja.globals["raise_exception"] = lambda message: (_ for _ in ()).throw(TemplateError(message))
@@ -316,9 +355,12 @@ def create_app(
     if api_key:
         app.add_middleware(ApiKeyAuth, key=api_key, rejected=rejected)
 
+    def count_rejected(e: ApiError) -> None:
+        rejected.labels({429: "queue_full", 413: "too_large", 504: "timeout", 500: "engine_error"}.get(e.status, "invalid")).inc()
+
     @app.exception_handler(ApiError)
     async def api_error(_request: HttpRequest, e: ApiError) -> JSONResponse:
-        rejected.labels({429: "queue_full", 413: "too_large", 504: "timeout", 500: "engine_error"}.get(e.status, "invalid")).inc()
+        count_rejected(e)
         return JSONResponse(error_body(e.message, e.kind, e.status, e.param), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -415,6 +457,7 @@ def create_app(
                 async for chunk in chunks:
                     yield chunk
             except ApiError as e:  # after the headers went out: report in the stream
+                count_rejected(e)  # as the handler does for a response that is all JSON
                 yield sse(error_body(e.message, e.kind, e.status))
             yield "data: [DONE]\n\n"
 
@@ -547,11 +590,33 @@ def create_app(
                 content = m.content or ""
             plain.append({"role": m.role, "content": content})
         try:
-            text = template.render(messages=plain, add_generation_prompt=True,
-                                   bos_token=_special(tokenizer.bos_id), eos_token=_special(tokenizer.eos_id))
+            ids = tokenizer.encode_template(template_parts(plain))
         except TemplateError as e:
             raise ApiError(400, f"the chat template failed on these messages: {e}", param="messages") from None
-        return tokenizer.encode(text) or ([tokenizer.bos_id] if tokenizer.bos_id is not None else [])
+        return ids or ([tokenizer.bos_id] if tokenizer.bos_id is not None else [])
+
+    def template_parts(messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        """The rendered conversation as (text, written_by_the_template) parts.
+
+        The template is rendered twice: with the messages, and with a marker in place of each
+        message's content, which shows where the template's own text ends and a message begins.
+        Only the template's own text may hold control tokens (`Tokenizer.encode_template`). A
+        template that changes the content (`| trim`) cannot be split this way; then the whole
+        text counts as the template's if no message holds a special-token string, else none of
+        it does (a message must never become a control token)."""
+        def render(msgs: list[dict[str, str]]) -> str:
+            return template.render(messages=msgs, add_generation_prompt=True,
+                                   bos_token=_special(tokenizer.bos_id), eos_token=_special(tokenizer.eos_id))
+
+        text = render(messages)
+        marked = render([dict(m, content=f"\ue000{i}\ue001") for i, m in enumerate(messages)])
+        pieces = re.split("\ue000(\\d+)\ue001", marked)  # template, index, template, index, ..., template
+        parts = [(piece, True) if k % 2 == 0 else (messages[int(piece)]["content"], False) for k, piece in enumerate(pieces)]
+        if "".join(t for t, _ in parts) == text:
+            return parts
+        specials = [t.content for t in tokenizer.hf.get_added_tokens_decoder().values() if t.special]
+        clean = not any(sp in m["content"] for m in messages for sp in specials)
+        return [(text, clean)]
 
     def chat_logprobs(items: list[tuple[int, float | None, list[tuple[int, float]] | None]]) -> dict[str, Any]:
         def entry(t: int, lp: float | None) -> dict[str, Any]:
@@ -637,7 +702,9 @@ def create_app(
     @app.post("/tokenize")
     async def tokenize(http: HttpRequest) -> dict[str, Any]:
         body = await read_body(http, TokenizeBody, max_body_bytes)
-        ids = tokenizer.encode(body.prompt)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give either prompt (a text) or messages (a conversation)", param="prompt")
+        ids = tokenizer.encode(body.prompt) if body.messages is None else render_chat(body.messages)
         return {"tokens": ids, "count": len(ids), "max_model_len": context}
 
     @app.post("/detokenize")
@@ -720,8 +787,10 @@ def serve_command(
     import uvicorn
 
     from ..train.checkpoint import load_for_inference
-    from ..util import console
+    from ..util import check_port, console
 
+    if port is not None:
+        check_port(port)  # before loading anything (serve.port from the config is checked there)
     key = resolve_api_key(api_key, api_key_file)
     template = None
     if chat_template is not None:
@@ -729,17 +798,13 @@ def serve_command(
             template = Path(chat_template).read_text(encoding="utf-8")
         except OSError as e:
             raise LmforgeError(f"cannot read the chat template {chat_template}: {e.strerror}") from None
-    elif (Path(path) / "tokenizer_config.json").is_file():
-        try:
-            template = json.loads((Path(path) / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
-        except ValueError as e:
-            raise LmforgeError(f"{path}/tokenizer_config.json is not valid JSON: {e}") from None
     if threads > 0:
         torch.set_num_threads(threads)
     # The engine thread and the event loop share the GIL; a shorter switch interval keeps the
     # engine from waiting up to 5 ms for it each time the loop handles a token (docs/serve.md).
     sys.setswitchinterval(0.0005)
     model, tokenizer, cfg, step = load_for_inference(path)
+    template = template or tokenizer.chat_template  # a model directory's (or a fine-tune's origin's) recorded one
     host = host or cfg.serve.host
     if not is_loopback(host) and key is None and not insecure:
         raise LmforgeError(
@@ -747,16 +812,45 @@ def serve_command(
             "model. Pass --api-key-file FILE (or set LMFORGE_API_KEY), or --insecure on a trusted network"
         )
     port = port if port is not None else cfg.serve.port
+    sock = listen(host, port)  # before create_app allocates the cache: a taken port fails at once
     name = model_name or Path(path).resolve().name
-    app = create_app(model, tokenizer, model_name=name,
-                     max_batch=cfg.serve.max_batch if max_batch is None else max_batch,
-                     max_queue=cfg.serve.max_queue if max_queue is None else max_queue,
-                     max_tokens=cfg.serve.max_tokens if max_tokens is None else max_tokens, api_key=key, chat_template=template,
-                     request_timeout=request_timeout, max_body_bytes=max_body_bytes)
-    auth = "API key required" if key else "no API key"
-    console.print(f"serving {name} (step {step}) at http://{host}:{port}/v1 ({auth}); Ctrl-C stops", markup=False)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    try:
+        app = create_app(model, tokenizer, model_name=name,
+                         max_batch=cfg.serve.max_batch if max_batch is None else max_batch,
+                         max_queue=cfg.serve.max_queue if max_queue is None else max_queue,
+                         max_tokens=cfg.serve.max_tokens if max_tokens is None else max_tokens, api_key=key,
+                         chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes)
+        auth = "API key required" if key else "no API key"
+        where = f"[{host}]" if ":" in host else host
+        # Listening already (connections wait in the backlog until uvicorn accepts them), so the
+        # URL works as soon as it is printed; its port is the real one, also for --port 0.
+        console.print(f"serving {name} (step {step}) at http://{where}:{sock.getsockname()[1]}/v1 ({auth}); "
+                      "Ctrl-C stops", markup=False)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:  # uvicorn logged why (the lifespan failed)
+        raise LmforgeError("the server did not start; see the error above")
     return 0
 
 
-__all__ = ["create_app", "serve_command", "resolve_api_key", "is_loopback", "DEFAULT_CHAT_TEMPLATE"]
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: any free one), bound as uvicorn would bind it,
+    or an LmforgeError that says what to change (uvicorn itself would log a raw errno after we had
+    announced the URL, and exit 3)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop (TIME_WAIT)
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
+    except OSError as e:
+        sock.close()
+        hint = "pick another --port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "check --host"
+        raise LmforgeError(f"cannot listen on {host}:{port} ({e.strerror or e}); {hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+__all__ = ["create_app", "serve_command", "resolve_api_key", "is_loopback", "listen", "DEFAULT_CHAT_TEMPLATE"]

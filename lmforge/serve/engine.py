@@ -189,6 +189,7 @@ class Engine:
         self.cache = SlotCache(model, max_batch)
         self.waiting: collections.deque[Request] = collections.deque()
         self.active: list[_Slot] = []  # index = cache row
+        self.admitting = 0  # taken off `waiting` by step() and not yet in `active` (counted by submit)
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
         self.running = False
@@ -222,9 +223,18 @@ class Engine:
         """Queue requests (all or none): LmforgeError if one is invalid, QueueFull if no room."""
         for req in requests:
             self.check(req)
+        if len(requests) > self.max_batch + self.max_queue:  # would never fit: retrying cannot help
+            raise LmforgeError(f"{len(requests)} requests (n) at once are more than this server's max_batch "
+                               f"{self.max_batch} + max_queue {self.max_queue} can hold; lower n")
         with self.wake:
-            if len(self.waiting) + len(requests) > self.max_queue + self.max_batch - len(self.active):
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
+            # `waiting` also holds requests that are about to take free slots (admitted at the next
+            # step); max_queue bounds only those beyond the free slots, so that is what is counted.
+            free = max(self.max_batch - len(self.active) - self.admitting, 0)
+            queued = max(len(self.waiting) - free, 0)  # waiting for a slot to free up
+            room = self.max_queue + free - len(self.waiting)
+            if len(requests) > room:
+                more = "" if len(requests) == 1 else f"; room for {max(room, 0)} more, these are {len(requests)} (n)"
+                raise QueueFull(f"{queued} requests are waiting for a slot (max_queue {self.max_queue}){more}")
             self.waiting.extend(requests)
             self.wake.notify()
 
@@ -302,13 +312,17 @@ class Engine:
             self.waiting = keep
             while self.waiting and len(self.active) + len(new) < self.max_batch:
                 new.append(self.waiting.popleft())
+            self.admitting = len(new)
         for slot in self.active:
             reason = _dropped(slot.req, now)
             if reason:
                 self._finish(slot, Finished(reason))
         self._pack()
         if new:
-            self._prefill(new)
+            try:
+                self._prefill(new)
+            finally:
+                self.admitting = 0  # also when the prefill failed before they joined `active`
             self._pack()
         if self.active:
             self._decode()
@@ -322,7 +336,9 @@ class Engine:
         for b, req in enumerate(requests):
             idx[b, : lengths[b]] = torch.tensor(req.prompt_ids)
         slots = [_Slot(req, length=n) for req, n in zip(requests, lengths)]
-        self.active.extend(slots)  # before the forward: if it fails, _run fails them with the rest
+        with self.wake:  # one change for submit(), which counts free slots
+            self.active.extend(slots)  # before the forward: if it fails, _run fails them with the rest
+            self.admitting = 0
         view = SlotView(self.cache, lo, lo + len(requests))
         logits = self.model(idx.to(self.device), cache=view)  # (B, T, V)
         self.prompt_tokens += sum(lengths)

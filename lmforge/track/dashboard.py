@@ -7,6 +7,7 @@ prem), and four JSON endpoints:
     GET /api/runs                    {"db": path, "runs": [...]}          runs table
     GET /api/runs/<id>               config, metrics summary, events, checkpoints
     GET /api/runs/<id>/metrics       {key: {"step": [...], "value": [...]}}  ?keys=a,b&max_points=N
+                                     (N >= 0: at most N points per curve; 0 or absent: all; else 400)
     GET /api/health                  {"ok": true}
 
 The page polls /api/runs every few seconds and redraws the charts while a selected run trains.
@@ -33,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import LmforgeError
+from ..util import check_port
 from .store import Store, _json_value
 
 STATIC = Path(__file__).with_name("static")
@@ -60,6 +62,14 @@ def _clean(o: Any) -> Any:
     if isinstance(o, (list, tuple)):
         return [_clean(v) for v in o]
     return _json_value(o)
+
+
+def _max_points(query: dict[str, list[str]]) -> int:
+    """?max_points=N: a whole number >= 0 (0 or absent: every point); anything else is a 400."""
+    raw = query.get("max_points", ["0"])[0].strip() or "0"
+    if not (raw.isascii() and raw.isdigit()):
+        raise ValueError(f"max_points must be a whole number >= 0 (0: every point), got {raw!r}")
+    return int(raw)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -94,7 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
                 run_id = int(m.group(1))
                 if m.group(2):
                     keys = query["keys"][0].split(",") if "keys" in query else None
-                    max_points = int(query.get("max_points", ["0"])[0] or 0)
+                    max_points = _max_points(query)
                     store.get_run(run_id)  # 404 for an unknown id
                     return self._json(store.metrics(run_id, keys, max_points=max_points))
                 return self._json(store.get_run(run_id))
@@ -139,6 +149,7 @@ class DashboardServer(ThreadingHTTPServer):
 
 def make_server(db: str | None, host: str = "127.0.0.1", port: int = 8765) -> DashboardServer:
     """A dashboard server over the store at db (port 0: any free port); call serve_forever()."""
+    check_port(port)  # before anything opens: bind() would raise OverflowError past 65535
     store = Store.open(db, readonly=True)
     plotly_js()  # fail now, not on the first page load, if plotly is missing
     try:

@@ -12,7 +12,10 @@ an eval sidecar) take turns on the write lock (`busy_timeout`). Four tables:
                  keeps the newest value, so a curve is what the final weights actually saw.
     events       resume, config_change, spike, rollback, checkpoint_saved / _corrupt, eval, crash,
                  interrupted, completed: (run, step, kind, data JSON, time)
-    checkpoints  (run, step) -> path, status; filled from checkpoint_* events
+    checkpoints  (run, step) -> path, status; filled from checkpoint_* events. The stored status
+                 says what was recorded (saved | corrupt); readers add whether the directory is
+                 still on disk (see `checkpoint_state`): retention, a rollback or a person may
+                 delete it later, and none of those tell the store.
 
 Writes never slow or crash training. `log_metrics`, `log_event` and `heartbeat` only put a tuple
 on a queue (about a microsecond); one background thread per process drains it every
@@ -240,6 +243,26 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     fa, fb = flatten(a), flatten(b)
     return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+
+
+def checkpoint_state(run_dir: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoints row as readers show it: `stored_status` as recorded, `on_disk`, and `status`
+    derived like a run's `crashed`: `deleted` when the directory is gone from a run directory that
+    is still here (retention's keep_last / keep_every, a rollback discarding newer checkpoints, a
+    person), `missing` when the run directory itself is not here (moved, removed, another host).
+
+    The trainer does not report those deletions to the store, so the file system is the truth.
+    A relative recorded path is relative to the trainer's working directory; the checkpoint is
+    found by name in the run directory (stored absolute) instead."""
+    d = dict(row)
+    path = Path(d["path"])
+    if not path.is_absolute():
+        path = Path(run_dir) / "checkpoints" / path.name
+    d["stored_status"] = d["status"]
+    d["on_disk"] = path.is_dir()
+    if not d["on_disk"]:
+        d["status"] = "deleted" if Path(run_dir).is_dir() else "missing"
+    return d
 
 
 @dataclass
@@ -639,7 +662,7 @@ class Store:
         d = self._run_dict(rows[0], time.time())
         d["summary"] = self.summary(run_id)
         d["events"] = self.events(run_id)
-        d["checkpoints"] = [dict(r) for r in self._query(
+        d["checkpoints"] = [checkpoint_state(d["run_dir"], dict(r)) for r in self._query(
             "SELECT step, path, status, time FROM checkpoints WHERE run_id=? ORDER BY step", (run_id,))]
         return d
 
@@ -667,22 +690,28 @@ class Store:
     def metrics(self, run_id: int, keys: Iterable[str] | None = None,
                 max_points: int = 0) -> dict[str, dict[str, list[Any]]]:
         """{key: {"step": [...], "value": [...]}} in step order; max_points > 0 thins each curve
-        to at most max_points + 1 points spread evenly over its steps (first and last kept)."""
+        to at most max_points points spread evenly over its steps (first and last kept; with
+        max_points 1, the last point alone)."""
+        if max_points < 0:
+            raise ValueError(f"max_points must be >= 0 (0: every point), got {max_points}")
         out: dict[str, dict[str, list[Any]]] = {}
         for key in (list(keys) if keys is not None else self.metric_keys(run_id)):
             n, lo, hi = self._query("SELECT COUNT(*), MIN(step), MAX(step) FROM metrics "
                                     "WHERE run_id=? AND key=?", (run_id, key))[0]
             if 0 < max_points < n:
                 # A live dashboard polls this and a long run has millions of rows, so never read
-                # them all: seek (primary key) to the first step at or after each of max_points
-                # evenly spaced targets, plus the last step. Even in step, as the x axis is.
-                width = (hi - lo) / max_points
+                # them all: seek (primary key) to the first step at or after each of max_points - 1
+                # evenly spaced targets from the first step, plus the last step. Even in step, as
+                # the x axis is. Targets that land on the same step collapse (IN), so the answer
+                # never exceeds max_points.
+                targets = max_points - 1
+                width = (hi - lo) / targets if targets else 0.0
                 rows = self._query(
-                    "WITH RECURSIVE t(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM t WHERE i + 1 < ?) "
+                    "WITH RECURSIVE t(i) AS (SELECT 0 WHERE ? > 0 UNION ALL SELECT i + 1 FROM t WHERE i + 1 < ?) "
                     "SELECT step, value FROM metrics WHERE run_id=? AND key=? AND step IN ("
                     " SELECT (SELECT step FROM metrics WHERE run_id=? AND key=? AND step >= ? + i * ? "
                     "  ORDER BY step LIMIT 1) FROM t UNION SELECT ?) ORDER BY step",
-                    (max_points, run_id, key, run_id, key, lo, width, hi))
+                    (targets, targets, run_id, key, run_id, key, lo, width, hi))
             else:
                 rows = self._query("SELECT step, value FROM metrics WHERE run_id=? AND key=? ORDER BY step",
                                    (run_id, key))

@@ -23,6 +23,7 @@ from .store import Store, _json_value
 
 STATUS_STYLE = {"running": "cyan", "completed": "green", "interrupted": "yellow",
                 "failed": "red", "crashed": "bold red"}
+CHECKPOINT_STYLE = {"saved": "green", "corrupt": "red", "deleted": "dim", "missing": "yellow"}
 
 
 def _out() -> Console:
@@ -114,6 +115,14 @@ def runs_show(db: str | None, ref: str, as_json: bool = False) -> int:
     for e in run["events"]:
         ev.add_row(str(e["step"]), Text(e["kind"]), _when(e["time"]), Text(json.dumps(e["data"], default=str)))
     out.print(ev if run["events"] else Text("events: none"))
+    # status: as recorded (saved / corrupt), or deleted / missing when no longer on disk (store.checkpoint_state)
+    ck = Table(title="checkpoints", box=None, title_justify="left", header_style="bold")
+    for col in ("step", "status", "when", "path"):
+        ck.add_column(col, justify="right" if col == "step" else "left")
+    for c in run["checkpoints"]:
+        ck.add_row(str(c["step"]), Text(c["status"], style=CHECKPOINT_STYLE.get(c["status"], "")),
+                   _when(c["time"]), Text(str(c["path"])))
+    out.print(ck if run["checkpoints"] else Text("checkpoints: none"))
     return 0
 
 

@@ -205,19 +205,32 @@ def apply_retention(run_dir: str | os.PathLike, keep_last: int, keep_every: int)
     keep = set(ckpts[-keep_last:]) if keep_last > 0 else set(ckpts[-1:])
     if keep_every > 0:
         keep |= {p for p in ckpts if int(_STEP_DIR.match(p.name).group(1)) % keep_every == 0}
+    for leftover in checkpoints_dir(run_dir).glob(".deleting-*"):  # a kill during an earlier deletion
+        shutil.rmtree(leftover, ignore_errors=True)
     deleted = []
     for p in ckpts:
         if p not in keep:
-            shutil.rmtree(p, ignore_errors=True)
+            remove_checkpoint(p)
             deleted.append(p)
     return deleted
+
+
+def remove_checkpoint(ckpt: Path) -> None:
+    """Delete a checkpoint without ever showing a half-deleted one: first rename it to a hidden
+    name (one atomic step, after which it is no longer a checkpoint to any reader), then remove
+    its files. A kill in between leaves only the hidden directory, which the next retention
+    pass removes; `ckpt verify` and resume never see it."""
+    doomed = ckpt.with_name(f".deleting-{ckpt.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(ckpt, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def discard_after(run_dir: str | os.PathLike, step: int) -> list[Path]:
     """Delete checkpoints newer than `step` (after a rollback they belong to an abandoned path)."""
     doomed = [p for p in list_checkpoints(run_dir) if int(_STEP_DIR.match(p.name).group(1)) > step]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        remove_checkpoint(p)
     return doomed
 
 
@@ -235,7 +248,9 @@ def verify_checkpoint(ckpt: str | os.PathLike) -> list[str]:
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+        if not isinstance(files, dict) or not all(isinstance(m, dict) and {"sha256", "bytes"} <= m.keys() for m in files.values()):
+            raise ValueError("'files' is not a mapping of name -> {sha256, bytes}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # ValueError includes JSONDecodeError
         return [f"{mpath}: unreadable manifest ({e})"]
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         return [
@@ -262,15 +277,27 @@ def is_checkpoint_dir(path: Path) -> bool:
     return (path / MANIFEST).exists() or bool(_STEP_DIR.match(path.name))
 
 
-def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[str]]:
-    """Newest intact checkpoint of a run, and the problems of the newer ones that were skipped."""
-    skipped: list[str] = []
+def checkpoint_step(ckpt: str | os.PathLike) -> int:
+    """The step a checkpoint directory is named for (step-000200 -> 200)."""
+    return int(_STEP_DIR.match(Path(ckpt).name).group(1))
+
+
+def scan_checkpoints(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+    """Newest intact checkpoint of a run, and every newer (damaged) one with its problems, newest
+    first: when no checkpoint is intact, that is every checkpoint of the run."""
+    damaged: list[tuple[Path, list[str]]] = []
     for ckpt in reversed(list_checkpoints(run_dir)):
         problems = verify_checkpoint(ckpt)
         if not problems:
-            return ckpt, skipped
-        skipped.extend(problems)
-    return None, skipped
+            return ckpt, damaged
+        damaged.append((ckpt, problems))
+    return None, damaged
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """Newest intact checkpoint of a run, and the problems of the newer ones that were skipped."""
+    ckpt, damaged = scan_checkpoints(run_dir)
+    return ckpt, [problem for _, problems in damaged for problem in problems]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -358,7 +385,7 @@ def load_for_inference(path: str | os.PathLike):
 
 
 def _load_for_inference(path: str | os.PathLike):
-    from ..convert import is_model_dir, load_model_dir
+    from ..convert import is_model_dir, load_model_dir, origin_facts
     from ..model import Transformer
     from ..tokenizer import Tokenizer
 
@@ -370,5 +397,6 @@ def _load_for_inference(path: str | os.PathLike):
     load_model_weights(ckpt, model)
     model.eval()
     tok = Tokenizer.load(ckpt / "tokenizer.json")
+    tok.use_model_facts(origin_facts(cfg, tok))  # a fine-tuned model keeps its origin's chat template and end of turn
     step = int(json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))["step"])
     return model, tok, cfg, step

@@ -13,8 +13,15 @@ Design:
   steps, so a stop writes a checkpoint at a step boundary and never tears one.
 
 Files written into the run directory: config.yaml (resolved config), metrics.jsonl (one JSON
-object per logged step; validation lines carry `val_loss`), events.jsonl (resume, config change,
-checkpoint, interrupt, completion), checkpoints/.
+object per logged step; validation lines carry `val_loss`), events.jsonl (start, resume, branch,
+config change, checkpoint, interrupt, completion), checkpoints/.
+
+A start is checked in full before anything is written: config and `--set` values, the run
+directory path, LMFORGE_FAULTS, the data (train split, and the val split when validation is on),
+the device, the checkpoint to resume or branch from (for `--from`, the model shape too). Only then
+is the run directory committed (config.yaml written), so a failed start leaves nothing behind. A
+run has started once it has a checkpoint (a fresh run writes one at step 0); a config.yaml
+without one is a start that never trained, and the next start replaces it instead of resuming it.
 
 Self-healing: after every step the guard (guard.py) judges loss and gradient norm; a non-finite
 value or a spike rolls the run back to an earlier intact checkpoint, skips the data window that led
@@ -27,7 +34,8 @@ checkpoint), `nan` (that step's loss becomes NaN) or `spike` (that step's loss a
 scaled by 100). Each fault fires once per run directory (recorded in faults-fired.json), so a
 supervised restart or a rollback does not loop on it; `kind@step!` fires every time instead (a
 failure that repeats, to drill the supervisor's loop protection). Under many processes `nan` and
-`spike` hit every rank, and `kill@step/R` kills rank R alone (`kill@step`: rank 0).
+`spike` hit every rank, and `kill@step/R` kills rank R alone (`kill@step`: rank 0). A malformed
+item is refused when training starts (`check_faults`): a typo must not drill nothing.
 
 Many processes (torchrun; distributed.py): every rank runs this same loop on its share of each
 global batch (`Loader(rank=, world=)`), with global_batch / (world * micro_batch) micro batches.
@@ -42,6 +50,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -143,6 +152,12 @@ class Run:
     fired_faults: list[str] = field(default_factory=list)
     store: Any = None  # the experiment store (track/store.py), None if it cannot be opened
     run_id: int = 0
+    fresh_data_order: str = ""  # --from: why the checkpoint's data cursor could not carry over ("": it did)
+
+    @property
+    def resumed(self) -> bool:
+        """Resumed from a checkpoint of its own (not branched from another run's, not fresh)."""
+        return self.resumed_from is not None and self.resumed_from.parent.parent == self.run_dir
 
     def trainer_state(self) -> dict[str, Any]:
         """What trainer.json records besides weights and optimizer (see checkpoint.py)."""
@@ -153,8 +168,10 @@ class Run:
 def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Dist = SINGLE) -> Run:
     """Model, optimizer and loader for a run, restored from its newest intact checkpoint, or for a
     new run branched from `from_checkpoint` (weights, optimizer, step; the data cursor when the
-    data is the same). Under many processes every rank builds the same run, wrapped for
-    `train.parallel`, reading its own share of each batch."""
+    data, seq_len, data seed and global batch are the same, else a fresh data order). Writes
+    nothing into a new run directory (so a refused start leaves none); resuming, it records the
+    damaged checkpoints it skips. Under many processes every rank builds the same run, wrapped
+    for `train.parallel`, reading its own share of each batch."""
     from ..data.loader import Loader, TokenDataset
     from ..model import Transformer
 
@@ -175,17 +192,19 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
                     rank=d.rank, world=d.world)
     run = Run(cfg, run_dir, model, optimizer, loader, Path(dataset.tokenizer_path), dist=d)
     # rank 0 verifies (hashes) the checkpoints; every rank resumes from the one it chose
-    ckpt, skipped = d.broadcast_object(ckpt_io.find_resume_checkpoint(run_dir) if d.is_main else None)
-    for problem in skipped:
-        warn(f"skipping a damaged checkpoint: {problem}")
-        log_event(run, "checkpoint_corrupt", {"problem": problem})
-    if ckpt is None and ckpt_io.list_checkpoints(run_dir):
-        raise CheckpointError(f"{run_dir}: every checkpoint is damaged; see the warnings above, or start a new --run-dir")
+    ckpt, damaged = d.broadcast_object(ckpt_io.scan_checkpoints(run_dir) if d.is_main else None)
+    for path, problems in damaged:  # one warning and one event per damaged checkpoint
+        warn(f"skipping a damaged checkpoint: {'; '.join(problems)}")
+        log_event(run, "checkpoint_corrupt", {"path": str(path), "problem": "; ".join(problems)},
+                  step=ckpt_io.checkpoint_step(path))
+    if ckpt is None and damaged:
+        raise CheckpointError(f"{run_dir}: every checkpoint is damaged ({', '.join(p.name for p, _ in reversed(damaged))}); "
+                              "see the warnings above, or start a new --run-dir")
     if ckpt is not None and from_checkpoint is not None:
         raise ConfigError(f"--from starts a new run, but {run_dir} already has checkpoints; choose a new --run-dir")
     source = ckpt or from_checkpoint
     if source is not None:
-        state = _load_state(run, source)
+        state = _load_state(run, source, branch=ckpt is None)
         run.step, run.tokens, run.resumed_from = state["step"], state["tokens"], source
         run.guard = guard.GuardState.from_dict(state.get("guard"))
         run.lr_scale, run.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", [])
@@ -193,11 +212,10 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
             _drop_records_after(run_dir / "metrics.jsonl", run.step)  # they are about to be redone
     run.forward_model = torch.compile(forward_model) if cfg.train.compile else forward_model
     run.fired_faults = _read_fired_faults(run_dir)
-    _open_store(run, resumed=ckpt is not None)
     return run
 
 
-def _open_store(run: Run, resumed: bool) -> None:
+def _open_store(run: Run) -> None:
     """Register the run in the experiment store; training goes on without it if it fails."""
     from ..track.store import Store
 
@@ -205,27 +223,46 @@ def _open_store(run: Run, resumed: bool) -> None:
         return
     try:
         run.store = Store.open()
-        run.run_id = run.store.start_run(name=run.run_dir.name, run_dir=str(run.run_dir), config=run.cfg.to_dict(), resumed=resumed)
+        run.run_id = run.store.start_run(name=run.run_dir.name, run_dir=str(run.run_dir), config=run.cfg.to_dict(), resumed=run.resumed)
     except (LmforgeError, OSError) as e:
         warn(f"experiment store unavailable ({e}); this run is recorded in its directory only")
         run.store = None
 
 
-def _load_state(run: Run, ckpt: Path) -> dict[str, Any]:
+def _load_state(run: Run, ckpt: Path, branch: bool = False) -> dict[str, Any]:
+    """Restore weights, optimizer, RNG and data cursor from `ckpt`. Resuming (and rolling back) the
+    cursor must fit (the loader refuses other data or another shape); a branch (`--from`) whose
+    data, seq_len, data seed or global batch differ reads this run's data in a fresh order."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
+
     try:
         state = ckpt_io.load_training_state(ckpt, run.model, run.optimizer)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{ckpt} does not fit this model/optimizer ({type(e).__name__}: {e})") from None
-    if state["loader"].get("fingerprint") == run.loader.fingerprint:
+    except (RuntimeError, ValueError, KeyError, CheckpointException) as e:
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__  # DCP: the rank's error last
+        raise CheckpointError(f"{ckpt} does not fit this model/optimizer ({detail})") from None
+    changed = _cursor_changes(state["loader"], run.loader) if branch else []
+    if changed:
+        run.fresh_data_order = "; ".join(changed)
+        console.print(f"note: the data cursor of {ckpt} cannot carry over ({run.fresh_data_order}); "
+                      "this run reads its data in a fresh order from its first batch")
+    else:
         run.loader.load_state_dict(state["loader"])
-    else:  # only possible with --from onto other data: a new data order from its start
-        console.print(f"note: {ckpt} was trained on other data; reading this run's data from its first batch")
     return state
+
+
+def _cursor_changes(saved: dict[str, Any], loader: Any) -> list[str]:
+    """What differs between a checkpoint's data cursor and this run's loader, by config key."""
+    keys = {"fingerprint": "data (dataset fingerprint)", "seq_len": "data.seq_len", "global_batch": "train.global_batch",
+            "seed": "data.seed"}
+    return [f"{name}: checkpoint {saved.get(key)!r}, now {getattr(loader, key)!r}"
+            for key, name in keys.items() if saved.get(key) != getattr(loader, key)]
 
 
 def train(run: Run) -> int:
     """Train until max_steps or a stop signal; returns the process exit code."""
     cfg, t, d = run.cfg, run.cfg.train, run.dist
+    _open_store(run)
+    _record_start(run)
     accum = distributed.micro_batches_per_rank(t.global_batch, t.micro_batch, d.world)
     tokens_per_step = t.global_batch * cfg.data.seq_len
     dev = device()
@@ -236,9 +273,6 @@ def train(run: Run) -> int:
     stop = _StopFlag()
     last_ckpt_time = time.monotonic()
     window_start, window_tokens = time.perf_counter(), 0
-    if run.resumed_from is not None and run.resumed_from.parent.parent == run.run_dir:
-        console.print(f"resumed from {run.resumed_from} at step {run.step} ({d.describe()})")
-        log_event(run, "resume", {"checkpoint": str(run.resumed_from), "world": d.world})
     if d.world > 1:
         console.print(f"{d.world} processes ({t.parallel}{', deterministic reduce' if t.deterministic_reduce else ''}): "
                       f"{accum} micro batch(es) of {t.micro_batch} per rank per step; logs from rank 0")
@@ -300,6 +334,21 @@ def train(run: Run) -> int:
     _finish(run, "completed")
     console.print(f"done: {run.step} steps, {run.tokens:,} tokens; checkpoints in {ckpt_io.checkpoints_dir(run.run_dir)}")
     return 0
+
+
+def _record_start(run: Run) -> None:
+    """Say how this start began (fresh, resumed or branched) and record it, with the directory it
+    runs in (relative paths in the config are read from there)."""
+    d, cwd = run.dist, os.getcwd()
+    if run.resumed:
+        console.print(f"resumed from {run.resumed_from} at step {run.step} ({d.describe()})")
+        log_event(run, "resume", {"checkpoint": str(run.resumed_from), "world": d.world, "cwd": cwd})
+    elif run.resumed_from is not None:
+        console.print(f"branched from {run.resumed_from} at step {run.step} into {run.run_dir}")
+        cursor = {"data_order": "fresh", "data_order_reason": run.fresh_data_order} if run.fresh_data_order else {"data_order": "continued"}
+        log_event(run, "branch", {"from": str(run.resumed_from), "world": d.world, "cwd": cwd, **cursor})
+    else:
+        log_event(run, "start", {"world": d.world, "cwd": cwd})
 
 
 def seed_everything(seed: int) -> None:
@@ -454,37 +503,127 @@ def _record_error(e: LmforgeError) -> None:
 
 
 def _train_command(config_path: str | None, *, run_dir: str | None, overrides: list[str], from_: str | None, d: Dist) -> int:
+    check_faults(d)
+    if config_path is not None and Path(config_path).is_dir():
+        hint = (f"it is a run directory: resume it with `lmforge train --run-dir {config_path}`"
+                if (Path(config_path) / "config.yaml").is_file() else "give a YAML config file")
+        raise ConfigError(f"config file {config_path} is a directory; {hint}")
     if run_dir is None:
         if config_path is None:
             raise ConfigError("give a config file, a --run-dir to resume, or both")
         run_dir = str(Path("runs") / Path(config_path).stem)
     rd = Path(run_dir)
+    check_run_dir(rd)
     saved_path = rd / "config.yaml"
+    started = bool(ckpt_io.list_checkpoints(rd))  # a run has started once it has a checkpoint (step 0 at least)
     branch = ckpt_io.resolve_checkpoint(from_) if from_ else None
-    if branch is not None and ckpt_io.list_checkpoints(rd):
+    if branch is not None and started:
         raise ConfigError(f"--from starts a new run, but {rd} already has checkpoints; choose a new --run-dir")
-    base = config_path or (saved_path if saved_path.is_file() else None) or (branch / "config.yaml" if branch else None)
+    saved = saved_path if saved_path.is_file() and branch is None else None  # a branch starts from its checkpoint's
+    base = config_path or saved or (branch / "config.yaml" if branch else None)
     if base is None:
         raise ConfigError(f"{rd} holds no run (no config.yaml); give a config file to start one")
-    cfg = resolve_config(load_config(base, overrides))
+    cfg = load_config(base, overrides)
+    if started:
+        _check_data_path_on_resume(cfg, rd)
+    cfg = resolve_config(cfg)
+    if branch is not None:
+        check_branch_model(cfg, branch)
     changes: dict[str, tuple[Any, Any]] = {}
-    if saved_path.is_file() and branch is None:
+    if started and saved_path.is_file():
         changes = load_config(saved_path).diff(cfg)
         check_resume_changes(changes)
         for key, (old, new) in changes.items():
             console.print(f"config change on resume: {key}: {old!r} -> {new!r}")
+    elif saved_path.is_file() and base != saved_path:
+        console.print(f"note: {saved_path} is from an earlier start that never trained (no checkpoint); replacing it")
+    run = build(cfg, rd, from_checkpoint=branch, d=d)  # the last check: nothing of a new run is written before it
     d.barrier()  # every rank has read the saved config before rank 0 replaces it
     if d.is_main:
-        rd.mkdir(parents=True, exist_ok=True)
-        cfg.save(saved_path)
+        _commit_run_dir(rd, cfg)
     d.barrier()
-    run = build(cfg, rd, from_checkpoint=branch, d=d)
     if changes:
         log_event(run, "config_change", {k: list(v) for k, v in changes.items()})
-    if branch is not None:
-        log_event(run, "branch", {"from": str(branch), "step": run.step})
-        console.print(f"branched from {branch} at step {run.step} into {rd}")
     return train(run)
+
+
+def check_run_dir(rd: Path) -> None:
+    """Refuse a run directory path that cannot be a directory (a file, or under one)."""
+    if rd.exists() and not rd.is_dir():
+        raise ConfigError(f"--run-dir {rd}: exists and is not a directory; give a new path or a run's directory")
+    parent = next((p for p in rd.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--run-dir {rd}: {parent} is a file, not a directory; choose another path")
+
+
+def _commit_run_dir(rd: Path, cfg: Config) -> None:
+    """The start was accepted: create the run directory and write its config (atomically)."""
+    try:
+        rd.mkdir(parents=True, exist_ok=True)
+        cfg.save(rd / "config.yaml")
+    except OSError as e:
+        raise ConfigError(f"--run-dir {rd}: cannot write the run directory ({e.strerror or e}); choose another path") from None
+
+
+FAULT_FORMS = ("kill@N, nan@N, spike@N (N: a step >= 1), kill@N/R (under torchrun: rank R only), each optionally "
+               "ending in ! to fire every time; e.g. LMFORGE_FAULTS=nan@15,kill@20")
+
+
+def check_faults(d: Dist = SINGLE) -> None:
+    """Refuse a malformed LMFORGE_FAULTS when training starts (a typo would silently drill nothing)."""
+    spec = os.environ.get("LMFORGE_FAULTS", "")
+    for item in (f.strip() for f in spec.split(",")):
+        if not item:
+            continue
+        m = re.fullmatch(r"(kill|nan|spike)@(\d+)(?:/(\d+))?!?", item)
+        if m is None or int(m[2]) < 1 or (m[3] is not None and m[1] != "kill"):
+            raise ConfigError(f"LMFORGE_FAULTS={spec!r}: {item!r} is not a fault; valid forms: {FAULT_FORMS}")
+        if m[3] is not None and int(m[3]) >= d.world:
+            raise ConfigError(f"LMFORGE_FAULTS={spec!r}: {item!r} names rank {m[3]}, but this job has "
+                              f"{d.world} process(es) (ranks 0..{d.world - 1})")
+
+
+def model_shape(m: Any) -> dict[str, Any]:
+    """The model keys that decide its parameters (their shapes and meaning), with automatic values
+    (0) resolved; the others (RoPE settings, max_seq_len, norm_eps, init_std) may change under --from."""
+    return {"vocab_size": m.vocab_size, "n_layer": m.n_layer, "n_head": m.n_head, "n_kv_head": m.kv_heads,
+            "d_model": m.d_model, "d_ff": m.ff_dim, "tie_embeddings": m.tie_embeddings}
+
+
+def check_branch_model(cfg: Config, ckpt: Path) -> None:
+    """`--from` continues the checkpoint's weights and optimizer state: the model must have its shape."""
+    theirs, mine = model_shape(ckpt_io.read_config(ckpt).model), model_shape(cfg.model)
+    differ = [f"model.{k}: checkpoint {theirs[k]!r}, now {mine[k]!r}" for k in theirs if theirs[k] != mine[k]]
+    if differ:
+        raise ConfigError(
+            f"--from {ckpt}: the model must keep the checkpoint's shape (its weights and optimizer state fit no "
+            f"other), but {'; '.join(differ)}. Undo the change, or train the new shape from scratch in a new run "
+            "(without --from)."
+        )
+
+
+def _check_data_path_on_resume(cfg: Config, rd: Path) -> None:
+    """A relative data.path is read from the current directory: say so when resuming from another one."""
+    path = Path(cfg.data.path)
+    if not cfg.data.path or path.is_absolute() or path.exists():
+        return
+    where = _last_cwd(rd)
+    then = f"this run last ran in {where}: run the command from there" if where else "run the command from where the run was started"
+    raise DataError(f"data.path {path} of {rd} is not found from the current directory ({Path.cwd()}): a relative "
+                    f"data.path is read from the directory lmforge runs in; {then}")
+
+
+def _last_cwd(rd: Path) -> str | None:
+    """The working directory of the run's latest recorded start (events.jsonl), if recorded."""
+    path = rd / "events.jsonl"
+    cwd = None
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                cwd = json.loads(line).get("cwd", cwd)
+            except (ValueError, AttributeError):
+                continue
+    return cwd
 
 
 def resolve_config(cfg: Config) -> Config:
@@ -509,7 +648,20 @@ def resolve_config(cfg: Config) -> Config:
     n = ds.num_samples(cfg.data.seq_len)
     if n < 1:
         raise DataError(f"{cfg.data.path}: the train split has {ds.n_tokens} tokens, fewer than one sample of data.seq_len+1")
+    if cfg.train.eval_every:
+        check_val_split(cfg)
     return cfg
+
+
+def check_val_split(cfg: Config) -> None:
+    """Validation (train.eval_every > 0) needs a val window of data.seq_len + 1 tokens: found now,
+    before any step, rather than at the first validation after steps of work."""
+    from ..data.loader import val_batches
+
+    try:
+        next(val_batches(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=1, max_batches=1))
+    except DataError as e:
+        raise DataError(f"{e}; or train without validation: --set train.eval_every=0") from None
 
 
 def check_resume_changes(changes: dict[str, tuple[Any, Any]]) -> None:
@@ -568,12 +720,14 @@ def log_metrics(run: Run, values: dict[str, float]) -> None:
         run.store.heartbeat(run.run_id, run.step)
 
 
-def log_event(run: Run, kind: str, data: dict[str, Any]) -> None:
+def log_event(run: Run, kind: str, data: dict[str, Any], step: int | None = None) -> None:
+    """Append an event at the run's step (or `step`: e.g. the step of a damaged checkpoint)."""
     if not run.dist.is_main:
         return
-    _append_jsonl(run.run_dir / "events.jsonl", {"step": run.step, "kind": kind, "time": time.time(), **data})
-    if run.store is not None and kind not in ("resume", "config_change", "mfu_peak"):  # the store records the first two itself; the peak is bookkeeping
-        run.store.log_event(run.run_id, kind, run.step, data)
+    step = run.step if step is None else step
+    _append_jsonl(run.run_dir / "events.jsonl", {"step": step, "kind": kind, "time": time.time(), **data})
+    if run.store is not None and kind not in ("resume", "config_change", "mfu_peak", "start"):  # the store records the first two itself; the others are bookkeeping
+        run.store.log_event(run.run_id, kind, step, data)
 
 
 def _finish(run: Run, status: str) -> None:

@@ -17,17 +17,20 @@ job (`python -m torch.distributed.run --standalone --nproc-per-node N -m lmforge
 A rank that dies makes torchrun stop the others and exit 1; the supervisor then restarts the
 whole job, which resumes from the newest checkpoint on the same (or any) number of processes.
 torchrun reports every worker failure as exit 1, so a rank that stops on a user error writes it to
-the file named by LMFORGE_ERROR_FILE and the supervisor treats that attempt as exit 2 (no
-restart). Multi-node jobs use torchrun's own `--max-restarts` instead (docs/distributed.md).
+the file named by LMFORGE_ERROR_FILE (in a temporary directory of the supervisor's, so that a start
+refused before its run directory exists can report too) and the supervisor treats that attempt as
+exit 2 (no restart). Multi-node jobs use torchrun's own `--max-restarts` instead (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -63,8 +66,12 @@ def supervise(
 ) -> int:
     """Run `python -m lmforge <child_args>` (under torchrun when nproc_per_node > 0) until it
     succeeds or restarting is pointless."""
+    from .loop import check_run_dir
+
+    check_run_dir(run_dir)  # a file is no run directory: say so here, not in a traceback about .last-error.json
     cmd = launch_command(child_args, nproc_per_node)
-    error_file = run_dir / ".last-error.json"
+    error_dir = Path(tempfile.mkdtemp(prefix="lmforge-supervise-"))  # not in the run directory: a refused start writes nothing there
+    error_file = error_dir / "last-error.json"
     env = dict(os.environ, LMFORGE_ERROR_FILE=str(error_file))
     restarts, failures = 0, []  # failures: (exit code, step) of each crash
     stopping = {"signal": 0}
@@ -110,6 +117,7 @@ def supervise(
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+        shutil.rmtree(error_dir, ignore_errors=True)
 
 
 def launch_command(child_args: list[str], nproc_per_node: int = 0) -> list[str]:
