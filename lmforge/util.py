@@ -79,10 +79,10 @@ def set_progress_mode(mode: str) -> None:
     console.quiet = mode in ("json", "quiet")  # informational console lines off; bars emit JSON
 
 
-def warn(text: str) -> None:
-    """A warning that prints in every progress mode (rich markup allowed)."""
+def warn(text: str, label: str = "warning:") -> None:
+    """A warning that prints in every progress mode (rich markup allowed), after its label."""
     quiet, console.quiet = console.quiet, False
-    console.print(f"[yellow]warning:[/] {text}")
+    console.print(f"[yellow]{label}[/] {text}")
     console.quiet = quiet
 
 

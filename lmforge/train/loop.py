@@ -418,7 +418,8 @@ def _on_verdict(run: Run, verdict: guard.Verdict, result: StepResult, data_step:
     evidence = {"loss": result.loss, "grad_norm": result.grad_norm, "data_step": data_step,
                 "z": verdict.z, "median": verdict.median, "acting": verdict.act}
     log_event(run, "spike" if verdict.kind == "spike" else "non_finite", evidence)
-    console.print(f"[yellow]guard:[/] step {run.step}: {verdict.describe()} (loss {result.loss:.4g}, grad norm {result.grad_norm:.4g})")
+    # a warning: shown in quiet and json progress modes too
+    warn(f"step {run.step}: {verdict.describe()} (loss {result.loss:.4g}, grad norm {result.grad_norm:.4g})", label="guard:")
 
 
 def rollback(run: Run, verdict: guard.Verdict, data_step: int) -> None:
@@ -460,10 +461,8 @@ def rollback(run: Run, verdict: guard.Verdict, data_step: int) -> None:
     save(run)  # rewrite that checkpoint with the skip and lr scale: a crash now resumes identically
     log_event(run, "rollback", {"from_step": spike_step, "to_step": run.step, "skipped_data_steps": [plan.skip_from, plan.skip_to],
                                 "lr_scale": run.lr_scale, "reason": verdict.describe()})
-    console.print(
-        f"[yellow]guard:[/] rolled back from step {spike_step} to {run.step}; skipped data steps "
-        f"{plan.skip_from}..{plan.skip_to - 1}; lr x {run.lr_scale:g}"
-    )
+    warn(f"rolled back from step {spike_step} to {run.step}; skipped data steps {plan.skip_from}..{plan.skip_to - 1}; "
+         f"lr x {run.lr_scale:g}", label="guard:")
 
 
 # ---- command ---------------------------------------------------------------------------------
