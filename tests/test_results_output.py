@@ -166,10 +166,11 @@ def test_auto_mode_writes_plain_lines_when_stderr_is_not_a_terminal(run: Path, t
     assert "perplexity" in ev.stdout
 
 
-def test_auto_mode_import_leaves_stderr_empty_when_it_is_not_a_terminal(tmp_path: Path) -> None:
-    from conftest import smollm2_gguf
+def test_auto_mode_import_leaves_stderr_empty_when_it_is_not_a_terminal(run: Path, tmp_path: Path) -> None:
+    from lmforge import convert
 
-    imp = cli("auto", "import", smollm2_gguf(), "--out", tmp_path / "smol")
+    gguf = convert.write_gguf(convert.read_checkpoint(run), tmp_path / "tiny.gguf")  # the run, as a GGUF to import
+    imp = cli("auto", "import", gguf, "--out", tmp_path / "tiny")
     assert imp.returncode == 0, imp.stderr
     assert imp.stderr == "", repr(imp.stderr)
     assert "imported" in imp.stdout
