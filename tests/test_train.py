@@ -168,6 +168,11 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_dataset, straig
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (metrics.exists() and '"step": 10' in metrics.read_text()):
         time.sleep(0.02)
+    # one job per run directory: a second start while this one trains is refused, touching nothing
+    second = subprocess.run(lmforge_cmd("train", str(TINY_CONFIG), "--run-dir", str(run_dir), *sets),
+                            capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert second.returncode == 2 and "is in use by another `lmforge train`" in second.stderr, second.stderr[-2000:]
+    assert "Traceback" not in second.stderr
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]

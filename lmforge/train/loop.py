@@ -513,6 +513,16 @@ def _train_command(config_path: str | None, *, run_dir: str | None, overrides: l
         run_dir = str(Path("runs") / Path(config_path).stem)
     rd = Path(run_dir)
     check_run_dir(rd)
+    lock = RunDirLock(rd, active=d.is_main)
+    try:
+        lock.take()  # an existing run directory: locked before anything in it is read
+        return _start_and_train(config_path, rd, overrides, from_, d, lock)
+    finally:
+        lock.release()
+
+
+def _start_and_train(config_path: str | None, rd: Path, overrides: list[str], from_: str | None, d: Dist,
+                     lock: "RunDirLock") -> int:
     saved_path = rd / "config.yaml"
     started = bool(ckpt_io.list_checkpoints(rd))  # a run has started once it has a checkpoint (step 0 at least)
     branch = ckpt_io.resolve_checkpoint(from_) if from_ else None
@@ -539,7 +549,7 @@ def _train_command(config_path: str | None, *, run_dir: str | None, overrides: l
     run = build(cfg, rd, from_checkpoint=branch, d=d)  # the last check: nothing of a new run is written before it
     d.barrier()  # every rank has read the saved config before rank 0 replaces it
     if d.is_main:
-        _commit_run_dir(rd, cfg)
+        _commit_run_dir(rd, cfg, lock)
     d.barrier()
     if changes:
         log_event(run, "config_change", {k: list(v) for k, v in changes.items()})
@@ -555,10 +565,44 @@ def check_run_dir(rd: Path) -> None:
         raise ConfigError(f"--run-dir {rd}: {parent} is a file, not a directory; choose another path")
 
 
-def _commit_run_dir(rd: Path, cfg: Config) -> None:
-    """The start was accepted: create the run directory and write its config (atomically)."""
+class RunDirLock:
+    """One training job per run directory. Rank 0 holds an exclusive flock on the directory from
+    before it reads the run (or, for a new run, from its creation) until training ends; a second
+    `lmforge train` or torchrun job on the same directory is refused instead of both writing
+    checkpoints and metrics into it. The kernel drops the lock when the process dies (kill -9
+    included), so a crash never leaves a stale lock behind and a resume simply takes it again.
+    (No-op where fcntl is missing.)"""
+
+    def __init__(self, rd: Path, active: bool) -> None:
+        self.rd, self.active, self.fd = rd, active, None
+
+    def take(self) -> None:
+        if not self.active or self.fd is not None or not self.rd.is_dir():
+            return
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return
+        fd = os.open(self.rd, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"--run-dir {self.rd} is in use by another `lmforge train` (it holds the run directory's "
+                              "lock); wait for it to finish or stop it, or choose another --run-dir") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _commit_run_dir(rd: Path, cfg: Config, lock: RunDirLock) -> None:
+    """The start was accepted: create the run directory, lock it, and write its config (atomically)."""
     try:
         rd.mkdir(parents=True, exist_ok=True)
+        lock.take()  # a new run: before its config is written (a second start racing it fails here)
         cfg.save(rd / "config.yaml")
     except OSError as e:
         raise ConfigError(f"--run-dir {rd}: cannot write the run directory ({e.strerror or e}); choose another path") from None
