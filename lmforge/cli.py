@@ -73,18 +73,26 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.supervise or args.nproc_per_node:  # a parent process: the supervisor and/or torchrun
-        from .train.supervise import launch_command, supervise
+    if args.supervise or args.nproc_per_node is not None:  # a parent process: the supervisor and/or torchrun
+        from .train.distributed import LaunchError, check_not_nested
+        from .train.supervise import check_job, launch_command, supervise
 
+        check_not_nested(nproc_per_node=args.nproc_per_node, supervise=args.supervise)
+        if args.nproc_per_node is not None and args.nproc_per_node < 1:
+            raise LaunchError(f"--nproc-per-node {args.nproc_per_node}: give a number of processes >= 1 "
+                              "(or leave it out to train in this one process)")
+        nproc = args.nproc_per_node or 0  # 0: no torchrun (supervise/launch_command's meaning)
+        if nproc:  # fail here, in one line, on what every rank would refuse under torchrun's report
+            check_job(args.config, run_dir=args.run_dir, overrides=args.set or [], from_=args.from_, nproc_per_node=nproc)
         child = ["train"] + ([args.config] if args.config else []) + (["--run-dir", args.run_dir] if args.run_dir else [])
         child += [a for kv in (args.set or []) for a in ("--set", kv)] + (["--from", args.from_] if args.from_ else [])
         if not args.supervise:  # one machine, N processes: the same command under torchrun
             import subprocess
 
-            return subprocess.call(launch_command(child, args.nproc_per_node))
+            return subprocess.call(launch_command(child, nproc))
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config or "run").stem)
         return supervise(child, run_dir, max_restarts=args.max_restarts, delay=args.restart_delay,
-                         nproc_per_node=args.nproc_per_node)
+                         nproc_per_node=nproc)
     from .train.loop import train_command
 
     return train_command(args.config, run_dir=args.run_dir, overrides=args.set or [], from_=args.from_)
@@ -285,11 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--from", dest="from_", metavar="CHECKPOINT", help="branch a new run from this checkpoint (weights, optimizer, step)")
-    p.add_argument("--supervise", action="store_true", help="restart the training process after a crash or kill")
+    p.add_argument("--supervise", action="store_true", help="restart the training process after a crash or kill "
+                   "(not inside torchrun: use its --max-restarts there)")
     p.add_argument("--max-restarts", type=int, default=10, help="with --supervise: restarts before giving up")
     p.add_argument("--restart-delay", type=float, default=5.0, help="with --supervise: first backoff in seconds (doubles)")
-    p.add_argument("--nproc-per-node", type=int, default=0, metavar="N",
-                   help="run N processes on this machine under torchrun (--standalone); with --supervise the whole job is restarted")
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="run N (>= 1) processes on this machine under torchrun (--standalone), checked before launch; "
+                   "with --supervise the whole job is restarted. Not inside torchrun: it launches the processes there")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("ckpt", help="checkpoint tools")
@@ -310,9 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("quickstart", help="the whole life of a model on local data, in minutes on a CPU")
-    p.add_argument("--workdir", default="lmforge-quickstart", help="where data, runs and results go")
-    p.add_argument("--minutes", type=float, default=3.0, help="training time budget")
-    p.add_argument("--source", help="corpus directory (default: this Python's standard library)")
+    p.add_argument("--workdir", default="lmforge-quickstart",
+                   help="where data and runs go: <workdir>/data/<name>, <workdir>/runs/<name> (default: %(default)s)")
+    p.add_argument("--minutes", type=float, default=3.0,
+                   help="training time budget in minutes; sizes a new run only, a reused run keeps its steps "
+                        "(default: %(default)g)")
+    p.add_argument("--source", help="corpus directory of .py files; <name> is its base name + a hash of its path "
+                                    "(default: this Python's standard library, <name> = stdlib)")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("plan", help="size a model for its inference budget")
@@ -399,6 +413,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank_prefix() -> str | None:
+    """How this process labels its error: "" alone or as rank 0; "rank R/W: " as another torchrun
+    rank (docs/distributed.md: a non-zero rank prints only that form); None when train_command
+    has already printed it so (it does for a rank that joined the process group)."""
+    dist_mod = sys.modules.get("lmforge.train.distributed")  # loaded only by commands that may join a group
+    if dist_mod is None:
+        return ""
+    d = dist_mod.joined()
+    if d is not None:
+        return "" if d.is_main else None
+    try:
+        d = dist_mod.read_env()
+    except LmforgeError:  # the environment itself is the error: no rank to name
+        return ""
+    return "" if d.is_main else f"rank {d.rank}/{d.world}: "
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -406,8 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LmforgeError as e:
+        prefix = _rank_prefix()
+        if prefix is None:
+            return 2  # a non-zero torchrun rank whose train_command already printed `rank R/W: error: ...`
         console.quiet = False  # errors print in every progress mode
-        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        console.print(f"[bold red]{prefix}error:[/] {escape(str(e))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

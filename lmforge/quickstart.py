@@ -3,20 +3,30 @@
 The stand-in for "your company's code base" is the Python standard library of the running
 interpreter (its .py files, without the test suites and site-packages). The quickstart:
 
-1. prepares it (tokenizer + shards) into <workdir>/data/stdlib, or reuses a verified copy;
+1. prepares it (tokenizer + shards) into <workdir>/data/<name>, or reuses a verified copy;
 2. writes a training config from configs/small-cpu.yaml whose max_steps fits the time budget,
    calibrated by timing two training steps of that very model on this machine;
-3. trains it into <workdir>/runs/stdlib (resuming if a previous quickstart was interrupted);
+3. trains it into <workdir>/runs/<name> (resuming if a previous quickstart was interrupted);
 4. reports validation loss and perplexity before (step 0) and after training, prints samples,
    and says what to do next.
 
-Running it again reuses everything that exists: the data, the run (finished runs are not
-retrained), so the second run takes seconds.
+<name> is `stdlib` for the default corpus; for `--source DIR` it is DIR's base name plus a short
+hash of its resolved path (e.g. `mycode-1a2b3c4d`), so a different source never reuses another
+source's dataset or run, and one workdir can hold several.
+
+Running it again reuses everything that exists for that source: the data, the run (finished runs
+are not retrained), so the second run takes seconds. A run keeps the step count it was planned
+with: `--minutes` only sizes a new run (the learning-rate schedule is laid out over max_steps, so
+stretching a run afterwards would not be the same training). When it differs from the reused
+run's, quickstart says so, and how to get a run of the new size.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import re
 import sysconfig
 import time
 from pathlib import Path
@@ -47,9 +57,10 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
     if minutes <= 0:
         raise LmforgeError(f"--minutes must be > 0, got {minutes}")
     work = Path(workdir)
-    data_dir = work / "data" / "stdlib"
-    run_dir = work / "runs" / "stdlib"
     src = Path(source) if source else Path(sysconfig.get_paths()["stdlib"])
+    name = source_name(source)
+    data_dir = work / "data" / name
+    run_dir = work / "runs" / name
     t0 = time.perf_counter()
 
     # 1. data ----------------------------------------------------------------------------------
@@ -60,7 +71,7 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
         console.print(f"preparing {src} (your code base would go here) -> {data_dir}")
         prepare(
             [str(src)], str(data_dir), vocab_size=4096, tokenizer=None, include=["*.py"],
-            exclude=STDLIB_EXCLUDE if source is None else [], text_field="text", val_fraction=0.02,
+            exclude=STDLIB_EXCLUDE if not source else [], text_field="text", val_fraction=0.02,
             shard_tokens=50_000_000, strict=False, workers=0, overwrite=True,
         )
     manifest = read_manifest(data_dir)
@@ -68,9 +79,17 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
     # 2. config --------------------------------------------------------------------------------
     console.rule("[bold]2/4 plan the run")
     saved = run_dir / "config.yaml"
+    plan_file = run_dir / "quickstart.json"  # what the run was planned for (source, minutes)
     if saved.is_file():
         cfg = load_config(saved)
-        console.print(f"reusing the run in {run_dir} ({cfg.train.max_steps} steps)")
+        planned = _planned_minutes(plan_file)
+        console.print(f"reusing the run in {run_dir} ({cfg.train.max_steps} steps"
+                      + (f", planned for {planned:g} min)" if planned is not None else ")"))
+        if planned is None or not math.isclose(planned, minutes):
+            console.print(
+                f"--minutes {minutes:g} does not resize it (a run keeps the steps it was planned with); "
+                f"for a {minutes:g}-minute run use another --workdir or delete {run_dir}"
+            )
     else:
         cfg = resolve_config(load_config(RECIPE, [f"data.path={data_dir}"]))
         step_s = _seconds_per_step(cfg)
@@ -81,6 +100,7 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
         cfg.validate()
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(saved)
+        plan_file.write_text(json.dumps({"source": str(src.resolve()), "minutes": minutes}) + "\n")
         console.print(
             f"model: {num_params(cfg.model) / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, "
             f"d_model {cfg.model.d_model}; {step_s:.2f} s/step measured -> {cfg.train.max_steps} steps "
@@ -94,7 +114,7 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
     ckpt, _ = find_resume_checkpoint(run_dir)
     done = ckpt is not None and int(ckpt.name.split("-")[1]) >= cfg.train.max_steps
     if done:
-        console.print(f"the run is already complete ({ckpt})")
+        console.print(f"the run in {run_dir} is already complete ({ckpt.name}); not retraining it")
     else:
         code = train(build(cfg, run_dir))
         if code != 0:
@@ -126,6 +146,22 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
         markup=False, highlight=False,
     )
     return 0
+
+
+def source_name(source: str | None) -> str:
+    """`stdlib` for the default corpus; else the directory's base name + 8 hex of its resolved path."""
+    if not source:
+        return "stdlib"
+    resolved = Path(source).resolve()
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", resolved.name).strip("-.")[:40] or "source"
+    return f"{base}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+
+
+def _planned_minutes(plan_file: Path) -> float | None:
+    try:
+        return float(json.loads(plan_file.read_text())["minutes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a run from before quickstart recorded its plan
 
 
 def _val_loss(model: torch.nn.Module, cfg: Config) -> float:

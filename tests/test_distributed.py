@@ -10,6 +10,10 @@ What is proved (docs/distributed.md states the promises):
 - a rank SIGKILLed under `--supervise --nproc-per-node 2` is restarted with the whole job, and the
   run finishes bit-identical to an uninterrupted 2-process run;
 - config mistakes name the numbers, and a user error under the supervised torchrun is not retried.
+- launch mistakes are one `error:` line and exit 2 before anything starts: a config that cannot run
+  on `--nproc-per-node N` (checked by the parent), N < 1, `--nproc-per-node`/`--supervise` inside a
+  torchrun worker, a malformed torchrun environment, a failed rendezvous; a non-zero rank prints
+  its error once, prefixed.
 
 Runtime: about eight short launches of a 2-layer model (global batch 8, micro batch 2, 9 steps).
 """
@@ -17,6 +21,7 @@ Runtime: about eight short launches of a 2-layer model (global batch 8, micro ba
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -183,15 +188,130 @@ def test_sigkill_of_one_rank_under_supervisor_restarts_to_a_bit_identical_finish
 
 
 def test_user_error_under_supervised_torchrun_is_not_retried(tiny_dataset, tmp_path):
-    # global batch 8 over 2 processes x micro batch 8: does not divide; names the numbers
+    # a dataset that is not there: found by every rank at start (the parent's check_job looks at the
+    # config and world size only), written to the error file, so torchrun's "exit 1" is not retried
+    missing = tmp_path / "no-such-data"
     cmd = lmforge_cmd("train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "bad"),
-                      *sets(tiny_dataset, "train.parallel=ddp", "train.micro_batch=8"),
+                      *sets(tiny_dataset, "train.parallel=ddp", f"data.path={missing}"),
                       "--supervise", "--nproc-per-node", "2", "--restart-delay", "0")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "train.global_batch (8) is not divisible by world size (2) x train.micro_batch (8) = 16" in proc.stderr
+    assert str(missing) in proc.stderr
     assert "restart 1/" not in proc.stderr and "not restarting" in proc.stderr
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+# ---- launching: mistakes refused in one line, exit 2, before any process is started --------------
+
+
+def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(lmforge_cmd(*args), capture_output=True, text=True, env=env or subprocess_env(), cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error: " in lines[0], proc.stderr[-3000:]  # no traceback, no torchrun report
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), "train.parallel is 'none'; set --set train.parallel=ddp"),
+    (("--supervise",), "train.parallel is 'none'; set --set train.parallel=ddp"),
+    (("--set", "train.parallel=ddp", "--set", "train.micro_batch=8"),
+     "train.global_batch (8) is not divisible by world size (2) x train.micro_batch (8) = 16"),
+    (("--set", "train.parallel=fsdp", "--set", "train.deterministic_reduce=true"), "deterministic_reduce needs replicated weights"),
+])
+def test_nproc_per_node_checks_the_world_size_before_launching(tmp_path, extra, message):
+    run_dir = tmp_path / "run"
+    proc = cli("train", str(TINY_CONFIG), "--run-dir", str(run_dir), "--nproc-per-node", "2", *extra)
+    assert_one_line_error(proc, message)
+    assert not run_dir.exists()
+
+
+def test_nproc_per_node_checks_a_resumed_runs_saved_config(tmp_path):
+    run_dir = tmp_path / "run"  # a start that never trained: config.yaml only, train.parallel none
+    run_dir.mkdir()
+    shutil.copy(TINY_CONFIG, run_dir / "config.yaml")
+    assert_one_line_error(cli("train", "--run-dir", str(run_dir), "--nproc-per-node", "2"), "train.parallel is 'none'")
+
+
+@pytest.mark.parametrize("n", ["0", "-1"])
+def test_nproc_per_node_below_one_is_refused(tmp_path, n):
+    proc = cli("train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run"), "--nproc-per-node", n,
+               "--set", f"data.path={tmp_path / 'none'}")
+    assert_one_line_error(proc, f"--nproc-per-node {n}: give a number of processes >= 1")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--nproc-per-node", "2", "--set", "train.parallel=ddp"), "--nproc-per-node 2: this process is already a torchrun worker"),
+    (("--supervise",), "--supervise: this process is already a torchrun worker"),
+])
+def test_launch_flags_inside_a_torchrun_worker_are_refused(tmp_path, flags, message):
+    env = subprocess_env(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = cli("train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run"), *flags, env=env)
+    assert_one_line_error(proc, message, "Use one or the other")
+    assert not (tmp_path / "run").exists()
+
+
+def tee_lines(out: str, rank: int, containing: str) -> list[str]:
+    """What local rank `rank` wrote under `torchrun --tee 3` (torchrun prefixes its lines with
+    `[default<R>]:`, or `[rank<R>]:` in other versions), prefix removed."""
+    found = (re.match(rf"\[(?:default|rank){rank}\]:(.*)", line) for line in out.splitlines())
+    return [m[1] for m in found if m and containing in m[1]]
+
+
+def test_nproc_per_node_under_real_torchrun_is_refused_on_every_rank_once(tmp_path):
+    """The audit's nested launch, and a non-zero rank's error printed once (`--tee 3`), prefixed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "--tee", "3", "-m", "lmforge", "train", str(TINY_CONFIG),
+           "--run-dir", str(tmp_path / "nest"), "--set", "train.parallel=ddp", "--nproc-per-node", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    rank1 = tee_lines(out, 1, "error:")
+    assert len(rank1) == 1 and rank1[0].startswith("rank 1/2: error: --nproc-per-node 2: this process is already"), out[-3000:]
+    assert not (tmp_path / "nest").exists()
+
+
+def test_error_of_a_joined_nonzero_rank_prints_once(tmp_path):
+    """An error inside training on rank 1 (here a malformed LMFORGE_FAULTS, refused first thing):
+    only `rank 1/2: error: ...`, not that and then a plain `error: ...` (docs/distributed.md)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "--tee", "3", "-m", "lmforge", "train", str(TINY_CONFIG),
+           "--run-dir", str(tmp_path / "run"), "--set", "train.parallel=ddp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(LMFORGE_FAULTS="boom@1"), timeout=300)
+    out = proc.stdout + proc.stderr
+    rank1 = tee_lines(out, 1, "error:")
+    assert len(rank1) == 1 and rank1[0].startswith("rank 1/2: error: LMFORGE_FAULTS='boom@1'"), out[-3000:]
+    assert len(tee_lines(out, 0, "error:")) <= 1  # rank 0 prints it plainly, unless torchrun stopped it first
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"WORLD_SIZE": "2", "RANK": "0"}, ["MASTER_ADDR is not set", "MASTER_PORT is not set"]),
+    ({"WORLD_SIZE": "abc"}, ["WORLD_SIZE='abc' is not a whole number"]),
+    ({"WORLD_SIZE": "2"}, ["RANK is not set", "MASTER_ADDR is not set"]),
+    ({"RANK": "1"}, ["WORLD_SIZE is not set"]),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, ["RANK=2 is not in 0..1"]),
+])
+def test_malformed_torchrun_environment_is_named(tmp_path, env, named):
+    base = {k: v for k, v in subprocess_env().items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = cli("train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run"), "--set", f"data.path={tmp_path / 'none'}",
+               env={**base, **env})
+    assert_one_line_error(proc, "torchrun environment", *named, "torchrun --nproc-per-node N", "--nproc-per-node N")
+    assert not (tmp_path / "run").exists()
+
+
+def test_failed_rendezvous_is_one_clear_line(tmp_path):
+    with socket.socket() as taken:  # rank 0 must listen on MASTER_PORT: already taken
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = subprocess_env(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        proc = cli("train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run"), env=env)
+    assert_one_line_error(proc, f"rank 0/2: could not join the process group at MASTER_ADDR:MASTER_PORT = 127.0.0.1:{port}",
+                          "address already in use")
 
 
 # ---- in-process: the pieces ------------------------------------------------------------------

@@ -110,24 +110,118 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init() -> Dist:
-    """Open the process group torchrun describes in the environment; one process without it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+class LaunchError(ConfigError):
+    """The process environment does not describe a job this process can join (torchrun's
+    variables missing or malformed, a rendezvous that failed, a launcher inside a launcher)."""
+
+
+TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+_LAUNCH_HINT = ("launch many processes with `torchrun --nproc-per-node N -m lmforge train ...` or "
+                "`lmforge train ... --nproc-per-node N`, or unset these variables to run one process")
+_joined: Dist | None = None  # the group this process joined, kept after shutdown (see joined())
+
+
+def torchrun_vars() -> dict[str, str]:
+    """The torchrun worker variables set in this process's environment (empty: not a worker)."""
+    return {k: os.environ[k] for k in TORCHRUN_VARS if k in os.environ}
+
+
+def read_env() -> Dist:
+    """This process's place in the job, from torchrun's variables; SINGLE when none is set.
+
+    Refuses, naming each bad variable, an environment torchrun would not have made: a variable
+    that is not a whole number, RANK without WORLD_SIZE (or the reverse, for more than one process),
+    a rank outside 0..WORLD_SIZE-1, and, for more than one process, a missing MASTER_ADDR or
+    MASTER_PORT (the rendezvous address)."""
+    found = torchrun_vars()
+    if not found:
+        return SINGLE
+    shown = " ".join(f"{k}={v!r}" for k, v in found.items())
+    problems, values = [], {}
+    for k, v in found.items():
+        try:
+            values[k] = int(v)
+        except ValueError:
+            problems.append(f"{k}={v!r} is not a whole number")
+    world, rank, local = values.get("WORLD_SIZE"), values.get("RANK"), values.get("LOCAL_RANK", 0)
+    if not problems:
+        if "WORLD_SIZE" not in found:
+            problems.append("WORLD_SIZE is not set")
+        elif world < 1:
+            problems.append(f"WORLD_SIZE={world} is not a number of processes (>= 1)")
+        if "RANK" not in found and (world is None or world > 1):
+            problems.append("RANK is not set")
+        elif rank is not None and world is not None and world >= 1 and not 0 <= rank < world:
+            problems.append(f"RANK={rank} is not in 0..{world - 1} (WORLD_SIZE={world})")
+        if local < 0:
+            problems.append(f"LOCAL_RANK={local} is negative")
+    if world is not None and world > 1:
+        problems += [f"{k} is not set" for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        port = os.environ.get("MASTER_PORT")
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            problems.append(f"MASTER_PORT={port!r} is not a port number")
+    if problems:
+        raise LaunchError(f"torchrun environment ({shown}) is incomplete or malformed: {'; '.join(problems)}; {_LAUNCH_HINT}")
     if world <= 1:
         return SINGLE
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    return Dist(rank=rank or 0, world=world, local_rank=local)
+
+
+def init() -> Dist:
+    """Open the process group torchrun describes in the environment; one process without it.
+    A malformed environment or a failed rendezvous is a `LaunchError` (read_env)."""
+    global _joined
+    d = read_env()
+    if d.world <= 1:
+        return SINGLE
     if not dist.is_initialized():
         from ..util import default_device
 
         backend = "nccl" if default_device().type == "cuda" else "gloo"  # LMFORGE_DEVICE=cpu: gloo on a GPU machine
         if backend == "nccl":
-            torch.cuda.set_device(local_rank)  # "cuda" below means this process's GPU
-        # a generous timeout: rank 0 may hash a large checkpoint while the others wait at a barrier
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    d = Dist(rank=rank, world=world, local_rank=local_rank)
+            torch.cuda.set_device(d.local_rank)  # "cuda" below means this process's GPU
+        try:
+            # a generous timeout: rank 0 may hash a large checkpoint while the others wait at a barrier
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        except (RuntimeError, ValueError, OSError) as e:  # DistNetworkError (a RuntimeError): port taken, peer unreachable
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise LaunchError(
+                f"{d.describe()}: could not join the process group at MASTER_ADDR:MASTER_PORT = {where} "
+                f"({str(e).splitlines()[0][:300] if str(e) else type(e).__name__}); check that the port is free "
+                f"on rank 0's host and reachable from every rank, or {_LAUNCH_HINT}"
+            ) from None
+    _joined = d
     if not d.is_main:
         console.quiet = True  # one voice: rank 0 prints; the others speak only on their own errors
     return d
+
+
+def joined() -> Dist | None:
+    """The process group this process joined in `init()` (still after `shutdown()`), or None.
+    The CLI asks it: `train_command` already printed a non-zero rank's error with its rank."""
+    return _joined
+
+
+def check_not_nested(*, nproc_per_node: int | None, supervise: bool) -> None:
+    """`--nproc-per-node` / `--supervise` start processes; inside a torchrun worker each rank
+    would start its own job on the same run directory. Refuse, naming the way out."""
+    found = torchrun_vars()
+    if not found or (nproc_per_node is None and not supervise):
+        return
+    shown = " ".join(f"{k}={v}" for k, v in found.items())
+    if nproc_per_node is not None:
+        raise LaunchError(
+            f"--nproc-per-node {nproc_per_node}: this process is already a torchrun worker ({shown}), so every rank "
+            f"would launch its own torchrun job on the same run directory. Use one or the other: "
+            f"`torchrun --nproc-per-node N -m lmforge train ...` without --nproc-per-node, or "
+            f"`lmforge train ... --nproc-per-node N` without torchrun"
+        )
+    raise LaunchError(
+        f"--supervise: this process is already a torchrun worker ({shown}), so every rank would run its own supervisor "
+        "and restart its own training process apart from the others. Use one or the other: "
+        "`lmforge train ... --supervise --nproc-per-node N` without torchrun, or torchrun's own --max-restarts "
+        "without --supervise"
+    )
 
 
 def shutdown() -> None:

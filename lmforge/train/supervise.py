@@ -20,6 +20,11 @@ torchrun reports every worker failure as exit 1, so a rank that stops on a user 
 the file named by LMFORGE_ERROR_FILE (in a temporary directory of the supervisor's, so that a start
 refused before its run directory exists can report too) and the supervisor treats that attempt as
 exit 2 (no restart). Multi-node jobs use torchrun's own `--max-restarts` instead (docs/distributed.md).
+
+Before anything is launched with `--nproc-per-node N`, `check_job` refuses what every rank would
+refuse because of the world size (the config and `--set` values, train.parallel, the batch split,
+LMFORGE_FAULTS ranks), with the workers' own checks: one line and exit 2 from the parent instead of
+the same error under torchrun's report of N failed workers.
 """
 
 from __future__ import annotations
@@ -118,6 +123,33 @@ def supervise(
         for s, handler in old.items():
             signal.signal(s, handler)
         shutil.rmtree(error_dir, ignore_errors=True)
+
+
+def check_job(config: str | None, *, run_dir: str | None, overrides: list[str], from_: str | None,
+              nproc_per_node: int) -> None:
+    """Refuse, in the parent, a start every rank of an `nproc_per_node`-process job would refuse:
+    the same checks the workers make (`_train_command`/`build` in loop.py, distributed.py), on the
+    config they would load (the config file, else the run's saved config.yaml, else the --from
+    checkpoint's). A start that does not name a config is left to the workers to judge."""
+    from ..config import load_config
+    from .distributed import Dist, check_parallel, micro_batches_per_rank
+    from .loop import check_faults, check_run_dir
+
+    d = Dist(rank=0, world=nproc_per_node)
+    check_faults(d)  # kill@STEP/R must name a rank of this job
+    rd = Path(run_dir) if run_dir else Path("runs") / Path(config).stem if config else None
+    if rd is not None:
+        check_run_dir(rd)
+    if config is not None and Path(config).is_dir():
+        return  # the workers explain a directory given as the config (perhaps a run to resume)
+    branch = ckpt_io.resolve_checkpoint(from_) if from_ else None
+    saved = rd / "config.yaml" if rd is not None and branch is None and (rd / "config.yaml").is_file() else None
+    base = config or saved or (branch / "config.yaml" if branch is not None else None)
+    if base is None:
+        return
+    cfg = load_config(base, overrides)  # a bad --set value, deterministic_reduce with fsdp, ...
+    check_parallel(cfg.train, d)
+    micro_batches_per_rank(cfg.train.global_batch, cfg.train.micro_batch, d.world)
 
 
 def launch_command(child_args: list[str], nproc_per_node: int = 0) -> list[str]:
