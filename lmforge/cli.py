@@ -90,7 +90,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             import subprocess
 
             return subprocess.call(launch_command(child, nproc))
-        run_dir = Path(args.run_dir or Path("runs") / Path(args.config or "run").stem)
+        from .train.loop import run_dir_of
+
+        run_dir = run_dir_of(args.config, args.run_dir) or Path("runs") / "run"  # the child explains a missing one
         return supervise(child, run_dir, max_restarts=args.max_restarts, delay=args.restart_delay,
                          nproc_per_node=nproc)
     from .train.loop import train_command

@@ -507,11 +507,9 @@ def _train_command(config_path: str | None, *, run_dir: str | None, overrides: l
         hint = (f"it is a run directory: resume it with `lmforge train --run-dir {config_path}`"
                 if (Path(config_path) / "config.yaml").is_file() else "give a YAML config file")
         raise ConfigError(f"config file {config_path} is a directory; {hint}")
-    if run_dir is None:
-        if config_path is None:
-            raise ConfigError("give a config file, a --run-dir to resume, or both")
-        run_dir = str(Path("runs") / Path(config_path).stem)
-    rd = Path(run_dir)
+    rd = run_dir_of(config_path, run_dir)
+    if rd is None:
+        raise ConfigError("give a config file, a --run-dir to resume, or both")
     check_run_dir(rd)
     lock = RunDirLock(rd, active=d.is_main)
     try:
@@ -528,8 +526,7 @@ def _start_and_train(config_path: str | None, rd: Path, overrides: list[str], fr
     branch = ckpt_io.resolve_checkpoint(from_) if from_ else None
     if branch is not None and started:
         raise ConfigError(f"--from starts a new run, but {rd} already has checkpoints; choose a new --run-dir")
-    saved = saved_path if saved_path.is_file() and branch is None else None  # a branch starts from its checkpoint's
-    base = config_path or saved or (branch / "config.yaml" if branch else None)
+    base = start_config(config_path, rd, branch)
     if base is None:
         raise ConfigError(f"{rd} holds no run (no config.yaml); give a config file to start one")
     cfg = load_config(base, overrides)
@@ -554,6 +551,24 @@ def _start_and_train(config_path: str | None, rd: Path, overrides: list[str], fr
     if changes:
         log_event(run, "config_change", {k: list(v) for k, v in changes.items()})
     return train(run)
+
+
+def run_dir_of(config_path: str | None, run_dir: str | None) -> Path | None:
+    """The run directory a start uses: --run-dir, else runs/<config name>; None if neither is given."""
+    if run_dir is not None:
+        return Path(run_dir)
+    return Path("runs") / Path(config_path).stem if config_path is not None else None
+
+
+def start_config(config_path: str | None, rd: Path, branch: Path | None) -> str | Path | None:
+    """The config a start loads: the given file, else the run's saved config.yaml (not for a
+    branch, which starts from its checkpoint's), else the --from checkpoint's; None if none."""
+    saved = rd / "config.yaml"
+    if config_path:
+        return config_path
+    if branch is None and saved.is_file():
+        return saved
+    return branch / "config.yaml" if branch is not None else None
 
 
 def check_run_dir(rd: Path) -> None:

@@ -133,18 +133,17 @@ def check_job(config: str | None, *, run_dir: str | None, overrides: list[str], 
     checkpoint's). A start that does not name a config is left to the workers to judge."""
     from ..config import load_config
     from .distributed import Dist, check_parallel, micro_batches_per_rank
-    from .loop import check_faults, check_run_dir
+    from .loop import check_faults, check_run_dir, run_dir_of, start_config
 
     d = Dist(rank=0, world=nproc_per_node)
     check_faults(d)  # kill@STEP/R must name a rank of this job
-    rd = Path(run_dir) if run_dir else Path("runs") / Path(config).stem if config else None
-    if rd is not None:
-        check_run_dir(rd)
+    rd = run_dir_of(config, run_dir)
+    if rd is None:
+        return  # the workers say that a config or a --run-dir is needed
+    check_run_dir(rd)
     if config is not None and Path(config).is_dir():
         return  # the workers explain a directory given as the config (perhaps a run to resume)
-    branch = ckpt_io.resolve_checkpoint(from_) if from_ else None
-    saved = rd / "config.yaml" if rd is not None and branch is None and (rd / "config.yaml").is_file() else None
-    base = config or saved or (branch / "config.yaml" if branch is not None else None)
+    base = start_config(config, rd, ckpt_io.resolve_checkpoint(from_) if from_ else None)
     if base is None:
         return
     cfg = load_config(base, overrides)  # a bad --set value, deterministic_reduce with fsdp, ...
