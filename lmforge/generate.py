@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .errors import LmforgeError
 from .model import Transformer
+from .tokenizer import StreamDecoder
 
 
 class KVCache:
@@ -226,8 +227,7 @@ def sample_command(
         if num_samples > 1:
             print(f"\n----- sample {i + 1}/{num_samples} (seed {seed + i}) -----", flush=True)
         print(prompt, end="", flush=True)
-        new: list[int] = []
-        shown = ""
+        decoder = StreamDecoder(tokenizer)  # a token may end inside a UTF-8 character: held back until whole
         for token in stream(
             model,
             ids,
@@ -238,15 +238,9 @@ def sample_command(
             seed=seed + i,
             stop_ids=stop,
         ):
-            new.append(token)
-            # Decode the whole continuation each time: a byte-level BPE token can end inside a
-            # UTF-8 character, which decodes to U+FFFD until its remaining bytes arrive.
-            text = tokenizer.decode(new)
-            if not text.endswith("\ufffd") and text.startswith(shown):
-                print(text[len(shown) :], end="", flush=True)
-                shown = text
-        text = tokenizer.decode(new)
-        print(text[len(shown) :] if text.startswith(shown) else "", flush=True)
+            if text := decoder.push(token):
+                print(text, end="", flush=True)
+        print(decoder.flush(), flush=True)
     return 0
 
 

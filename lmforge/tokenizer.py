@@ -17,6 +17,12 @@ Design:
 - `sha256` hashes the canonical JSON (keys sorted, no whitespace), so re-saving a tokenizer with a
   different indentation does not change its identity; the dataset manifest records this hash.
 
+- `StreamDecoder` turns a growing list of generated ids into text as it settles (for `lmforge
+  sample` and the server's streams): a byte-level token can end inside a UTF-8 character, whose
+  text is held back until its remaining bytes arrive. It decodes a short window, the tokens since
+  the last-but-one settled point, so a token costs O(1) instead of re-decoding the whole
+  continuation; its output joined equals `decode` of all the ids.
+
 Trade-off: training uses the HF trainer in memory (it holds word counts, not the corpus), which is
 fast and fine for corpora up to many GB; sentencepiece-style unigram models are not offered.
 """
@@ -27,7 +33,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
@@ -213,3 +219,55 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+
+
+# ---- incremental decoding ------------------------------------------------------------------
+
+
+class Decodes(Protocol):
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class StreamDecoder:
+    """Text of a growing token list, handed out as it settles: `push(id)` returns the new text that
+    is final, `flush()` the rest (ending the stream). Joined, the returned pieces equal
+    `tokenizer.decode(every id pushed)`.
+
+    Settled means: no trailing U+FFFD (a byte-level token that ends inside a UTF-8 character
+    decodes to U+FFFD until its remaining bytes arrive; text before it is returned at once).
+
+    Only a window is decoded: the ids since the settled point before the last one. The window
+    starts where decoding splits cleanly (after a whole character), so its text is a suffix of
+    the full decode, and one settled token of context in front of the new ones keeps decoders
+    that treat the start of a text specially (SentencePiece's Strip of a leading space) from
+    changing the new text: `shown` counts the window's characters already returned.
+    """
+
+    def __init__(self, tokenizer: Decodes) -> None:
+        self.tokenizer = tokenizer
+        self.window: list[int] = []  # the ids being decoded: context, then ids not yet settled
+        self.context = 0  # window[:context] settled before the last settled point
+        self.shown = 0  # characters of decode(window) already returned
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text it settles (may be "")."""
+        self.window.append(token_id)
+        return self._settle(final=False)
+
+    def flush(self) -> str:
+        """The held-back rest (an unfinished character decodes to U+FFFD); starts a new stream."""
+        text = self._settle(final=True)
+        self.window, self.context, self.shown = [], 0, 0
+        return text
+
+    def _settle(self, *, final: bool) -> str:
+        text = self.tokenizer.decode(self.window)
+        end = len(text) if final or not text.endswith("\ufffd") else len(text.rstrip("\ufffd"))
+        new = text[self.shown : end]
+        self.shown = max(self.shown, end)
+        if end == len(text):  # settled after the last id: the window may move up to the previous point
+            if self.context:
+                self.window = self.window[self.context :]
+                self.shown = len(self.tokenizer.decode(self.window))
+            self.context = len(self.window)
+        return new

@@ -1,4 +1,4 @@
-"""Tokenizer: byte-level round trip, special tokens, identity (sha256), load errors."""
+"""Tokenizer: byte-level round trip, special tokens, identity (sha256), load errors, incremental decoding."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmforge.errors import DataError
-from lmforge.tokenizer import BOS, EOS, PAD, Tokenizer
+from lmforge.tokenizer import BOS, EOS, PAD, StreamDecoder, Tokenizer
 
 CORPUS = [
     "To be, or not to be, that is the question:\n",
@@ -91,3 +91,71 @@ def test_train_rejects_too_small_vocab_and_missing_specials() -> None:
         Tokenizer.train(CORPUS, vocab_size=100)
     with pytest.raises(DataError, match=r"<\|pad\|>"):
         Tokenizer.train(CORPUS, vocab_size=300, special_tokens=[BOS, EOS])
+
+
+# ---- incremental decoding ------------------------------------------------------------------
+
+
+def streamed(tokenizer, ids: list[int]) -> list[str]:
+    """The pieces a StreamDecoder hands out for ids, one per push, then the flush."""
+    decoder = StreamDecoder(tokenizer)
+    return [decoder.push(i) for i in ids] + [decoder.flush()]
+
+
+def test_stream_decoder_holds_split_characters_back_and_equals_the_full_decode(tok: Tokenizer) -> None:
+    text = "Grüße aus Köln — naïve café, 東京, emoji 😀😀 and 🦜 ǅ 𝄞 done"
+    ids = tok.encode(text)
+    # byte-level tokens split some characters (the parrot and the clef are not in the training text)
+    split = [k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd")]
+    assert len(split) >= 3
+    pieces = streamed(tok, ids)
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)  # never half a character
+    # what is settled comes out at once: after each push, exactly the text before the unfinished character
+    for k in range(1, len(ids)):
+        assert "".join(pieces[:k]) == tok.decode(ids[:k]).rstrip("\ufffd")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 399), max_size=40), st.booleans())
+def test_stream_decoder_equals_the_full_decode_for_any_ids(ids: list[int], flush_twice: bool) -> None:
+    """Any ids: byte garbage (a lone continuation byte, a character cut short by another), special
+    tokens; the pieces always add up to the full decode, and a flush starts a new stream."""
+    tok = _TOK
+    decoder = StreamDecoder(tok)
+    half = len(ids) // 2 if flush_twice else len(ids)
+    first = "".join(decoder.push(i) for i in ids[:half]) + decoder.flush()
+    second = "".join(decoder.push(i) for i in ids[half:]) + decoder.flush()
+    assert first == tok.decode(ids[:half]) and second == tok.decode(ids[half:])
+
+
+def test_stream_decoder_decodes_a_short_window(tok: Tokenizer) -> None:
+    """Each push decodes the ids since the last-but-one settled point, not the whole continuation."""
+    seen: list[int] = []
+
+    class Counting:
+        def decode(self, ids: list[int]) -> str:
+            seen.append(len(ids))
+            return tok.decode(ids)
+
+    ids = tok.encode("To be, or not to be, that is the question: 東京 😀 " * 20)
+    assert "".join(streamed(Counting(), ids)) == tok.decode(ids)
+    assert len(ids) > 300 and max(seen) <= 6
+
+
+def test_stream_decoder_keeps_the_spaces_a_sentencepiece_decoder_strips_at_the_start() -> None:
+    """A Metaspace decoder drops the leading space of the first token it decodes: a window
+    decoded on its own would lose the space before each new word; the settled token kept in
+    front of the new ones keeps it."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Metaspace()
+    hf.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"], show_progress=False))
+    sp = Tokenizer(hf)
+    text = "To be, or not to be, that is the question: naïve café"
+    ids = sp.encode(text)
+    assert sp.decode(ids) == text and sp.decode(ids[3:5]) != sp.decode(ids)[len(sp.decode(ids[:3])):len(sp.decode(ids[:5]))]
+    assert "".join(streamed(sp, ids)) == text

@@ -28,8 +28,9 @@ serving gives the tokens of `lmforge.generate.generate`.
 
 Results flow back through `Request.sink`, called on the engine thread with `Prompt` (echoed
 prompt log-probs), `Token` (id, stable text delta, log-probs) and finally `Finished` events. Text
-is decoded incrementally: a byte-level token that ends inside a UTF-8 character, or text that
-could be the start of a stop string, is held back until it is settled.
+is decoded incrementally by each slot's `StreamDecoder` (lmforge/tokenizer.py), which holds back a
+byte-level token that ends inside a UTF-8 character; on top of its settled text the engine holds
+back a tail that could be the start of a stop string, and cuts the text before a stop string.
 
 Trade-offs
 ----------
@@ -59,7 +60,7 @@ import torch
 from ..errors import LmforgeError
 from ..generate import pick_token
 from ..model import Transformer
-from ..tokenizer import Tokenizer
+from ..tokenizer import StreamDecoder, Tokenizer
 
 MAX_LOGPROBS = 20  # the most alternatives per position a request may ask for (OpenAI allows 5..20)
 
@@ -120,9 +121,10 @@ class _Slot:
 
     req: Request
     length: int  # positions filled in the cache
+    decoder: StreamDecoder  # the generated tokens' settled text
     last: int = -1  # the token to feed at position `length` in the next decode step
-    generated: list[int] = field(default_factory=list)
-    shown: int = 0  # characters of decode(generated) already emitted
+    generated: int = 0  # tokens generated (stop ids not counted)
+    held: str = ""  # settled text not emitted yet: it may be the start of a stop string
     generator: torch.Generator | None = None
     done: bool = False
 
@@ -335,7 +337,7 @@ class Engine:
         idx = torch.zeros((len(requests), T), dtype=torch.long)  # right-padded with token 0
         for b, req in enumerate(requests):
             idx[b, : lengths[b]] = torch.tensor(req.prompt_ids)
-        slots = [_Slot(req, length=n) for req, n in zip(requests, lengths)]
+        slots = [_Slot(req, length=n, decoder=StreamDecoder(self.tokenizer)) for req, n in zip(requests, lengths)]
         with self.wake:  # one change for submit(), which counts free slots
             self.active.extend(slots)  # before the forward: if it fails, _run fails them with the rest
             self.admitting = 0
@@ -381,41 +383,41 @@ class Engine:
             token = pick_token(logits, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                                generator=slot.generator)
         if token in req.stop_ids:
-            self._finish(slot, Finished("stop", self._settle(slot, final=True)[0]))
+            self._finish(slot, Finished("stop", self._settle(slot, slot.decoder.flush(), final=True)[0]))
             return
         self.generated_tokens += 1
-        slot.generated.append(token)
+        slot.generated += 1
         slot.last = token
         logprob, top = None, None
         if req.logprobs is not None:
             lp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
             logprob, top = float(lp[token]), _top(lp, req.logprobs)
-        text, stopped = self._settle(slot, final=len(slot.generated) == req.max_tokens)
+        final = slot.generated == req.max_tokens
+        text, stopped = self._settle(slot, slot.decoder.push(token) + (slot.decoder.flush() if final else ""), final=final)
         req.sink(Token(token, text, logprob, top))
         if stopped:
             self._finish(slot, Finished("stop"))
-        elif len(slot.generated) == req.max_tokens:
+        elif final:
             self._finish(slot, Finished("length"))
 
-    def _settle(self, slot: _Slot, *, final: bool) -> tuple[str, bool]:
-        """(new text safe to show, whether a stop string was reached)."""
-        text = self.tokenizer.decode(slot.generated)
-        stops = [i for i in (text.find(s, max(0, slot.shown - len(s) + 1)) for s in slot.req.stop) if i >= 0]
+    def _settle(self, slot: _Slot, settled: str, *, final: bool) -> tuple[str, bool]:
+        """(new text safe to show, whether a stop string was reached), given the decoder's newly
+        settled text. Unless final, a tail that may grow into a stop string is held back; so a stop
+        string always begins in the held text, never in text already shown."""
+        text = slot.held + settled
+        stops = [i for i in (text.find(s) for s in slot.req.stop) if i >= 0]
         if stops:
-            end, stopped = min(stops), True
-        else:
-            end, stopped = len(text), False
-            if not final:
-                if text.endswith("\ufffd"):  # a character whose remaining bytes have not come yet
-                    end = len(text.rstrip("\ufffd"))
-                for s in slot.req.stop:  # hold back a tail that may grow into a stop string
-                    for k in range(min(len(s) - 1, end), 0, -1):
-                        if text[:end].endswith(s[:k]):
-                            end -= k
-                            break
-        end = max(end, slot.shown)
-        new, slot.shown = text[slot.shown : end], end
-        return new, stopped
+            slot.held = ""
+            return text[: min(stops)], True
+        end = len(text)
+        if not final:
+            for s in slot.req.stop:  # hold back a tail that may grow into a stop string
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        slot.held = text[end:]
+        return text[:end], False
 
     def _prompt_logprobs(self, req: Request, logits: torch.Tensor) -> Prompt:
         """logits (n-1, V) at prompt positions 0..n-2 score prompt tokens 1..n-1."""

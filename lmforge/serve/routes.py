@@ -1,0 +1,280 @@
+"""The API's routes: one method each, over one engine, tokenizer and chat template.
+
+Design
+------
+A route only translates: it reads its body (`protocol.read_body`), turns it into engine
+`Request`s (one per prompt and choice), submits them through the `Bridge`, and shapes the events
+as OpenAI JSON or as server-sent events (`protocol`). `create_app` (api.py) registers the methods.
+
+- POST /v1/completions: the prompt as a text, texts, token ids or lists of token ids; `echo`;
+  legacy log-probs with a null first echoed log-prob; max_tokens 0 with echo scores the prompt
+  (what lm-evaluation-harness `local-completions` sends). Choice i of prompt p is request
+  p * n + i.
+- POST /v1/chat/completions: the conversation through the chat template; chat log-probs.
+- GET /v1/models, POST /tokenize (a text or a conversation), POST /detokenize, GET
+  /tokenizer_info, GET /health, GET /metrics (Prometheus).
+- A stream is its chunks, then `data: [DONE]`; an error after the 200 went out (a timeout, an
+  engine error) is sent as an error event before [DONE] and counted like the 504/500 it stands for.
+- A non-streaming call whose client left answers 499 (nobody reads it).
+
+Trade-offs: one model per server (the `model` field is not checked, so any client's default name
+works); `n > 1` runs n independent requests (seed, seed + 1, ...); presence/frequency penalties
+and logit_bias are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import Request as HttpRequest
+
+from ..tokenizer import Tokenizer
+from .bridge import Bridge
+from .chat import ChatTemplate, special_token
+from .engine import Finished, Prompt, Request, Token
+from .metrics import Metrics
+from .protocol import (DEFAULT_COMPLETION_TOKENS, SSE_DONE, ApiError, ChatBody, CompletionBody, DetokenizeBody,
+                       GenerationBody, Scored, TokenizeBody, chat_logprobs, error_body, legacy_logprobs,
+                       prompt_scores, read_body, reply, sse, stop_strings, usage)
+
+
+@dataclass
+class Call:
+    """One API call in flight: choice i is requests[i]; their events arrive on `queue`."""
+
+    id: str
+    requests: list[Request]
+    queue: asyncio.Queue  # of (choice index, event)
+    prompt_tokens: int
+
+
+@dataclass
+class Choice:
+    """A non-streaming choice, collected from its events."""
+
+    text: str = ""
+    scored: list[Scored] = field(default_factory=list)  # (prompt tokens when echoed, then) generated tokens
+    reason: str = ""
+
+
+class Routes:
+    """The endpoints of one app; `max_tokens` is the server's limit per request (--max-tokens)."""
+
+    def __init__(self, bridge: Bridge, tokenizer: Tokenizer, chat: ChatTemplate, metrics: Metrics, *,
+                 model_name: str, context: int, max_tokens: int, max_body_bytes: int) -> None:
+        self.bridge, self.tokenizer, self.chat, self.metrics = bridge, tokenizer, chat, metrics
+        self.model_name, self.context, self.max_tokens, self.max_body_bytes = model_name, context, max_tokens, max_body_bytes
+        self.created = int(time.time())
+        self.end_ids = tokenizer.end_ids  # EOS, and an instruct model's recorded end of turn (<|im_end|>)
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: tokenizer.decode([i]))
+
+    # ---- /v1/completions -----------------------------------------------------------------------
+
+    async def completions(self, http: HttpRequest) -> Response:
+        body = await read_body(http, CompletionBody, self.max_body_bytes)
+        n_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
+        self._check_common(body, n_tokens)
+        if body.suffix or (body.best_of is not None and body.best_of != body.n):
+            raise ApiError(400, "suffix and best_of are not supported")
+        prompts = self._encode_prompts(body.prompt)
+        stop = stop_strings(body.stop)
+        requests = [r for _text, ids in prompts for r in self._requests(ids, body, n_tokens, stop, body.logprobs, body.echo)]
+        call = self._submit("cmpl", requests, body.stream, sum(len(ids) for _text, ids in prompts))
+        prompt_of = [prompts[i // body.n] for i in range(len(requests))]  # choice index -> (text, ids)
+        if body.stream:
+            return self._stream(self._completion_chunks(call, body, prompt_of))
+        choices, generated = await self._collect(call, http, "completions", [ids for _text, ids in prompt_of])
+        if any(c.reason == "cancelled" for c in choices):  # the client left; nobody reads this
+            return Response(status_code=499)
+        out = [{"index": i, "text": (prompt_of[i][0] if body.echo else "") + c.text, "finish_reason": c.reason,
+                "logprobs": legacy_logprobs(c.scored, 0, self.token_text) if body.logprobs is not None else None}
+               for i, c in enumerate(choices)]
+        return JSONResponse(reply(call.id, "text_completion", self.model_name, out, usage(call.prompt_tokens, generated)))
+
+    async def _completion_chunks(self, call: Call, body: CompletionBody,
+                                 prompt_of: list[tuple[str, list[int]]]) -> AsyncIterator[str]:
+        def chunk(i: int, text: str, logprobs: dict | None, reason: str | None) -> str:
+            choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
+            return sse(reply(call.id, "text_completion", self.model_name, [choice]))
+
+        offsets, generated = [0] * len(call.requests), 0  # length of each choice's text so far (text_offset)
+        if body.echo and body.logprobs is None:  # with log-probs, the echo comes with its Prompt event
+            for i in range(len(call.requests)):
+                yield chunk(i, prompt_of[i][0], None, None)
+        async for i, event in self.bridge.events(call.queue, call.requests, None, "completions"):
+            if isinstance(event, Prompt):
+                text, ids = prompt_of[i]
+                offsets[i] = len(text)
+                yield chunk(i, text, legacy_logprobs(prompt_scores(ids, event), 0, self.token_text), None)
+            elif isinstance(event, Token):
+                generated += 1
+                lp = None
+                if body.logprobs is not None:
+                    lp = legacy_logprobs([(event.id, event.logprob, event.top)], offsets[i], self.token_text)
+                    offsets[i] += len(self.token_text(event.id))
+                if event.text or lp is not None:
+                    yield chunk(i, event.text, lp, None)
+            else:
+                yield chunk(i, event.text, None, event.reason)
+        if body.include_usage:
+            yield sse(reply(call.id, "text_completion", self.model_name, [], usage(call.prompt_tokens, generated)))
+
+    def _encode_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[str, list[int]]]:
+        """Each prompt as (text, token ids), whichever of the two it came as."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if len(prompt) == 0:
+            raise ApiError(400, "prompt is empty; send a string, a list of strings or token ids", param="prompt")
+        if isinstance(prompt[0], int):
+            prompt = [prompt]  # one prompt given as token ids
+        out, vocab = [], self.tokenizer.vocab_size
+        for p in prompt:
+            if isinstance(p, str):
+                out.append((p, self.tokenizer.encode(p) or self._bos()))
+            else:
+                if any(not 0 <= t < vocab for t in p):
+                    raise ApiError(400, f"prompt token ids must be within 0..{vocab - 1}", param="prompt")
+                out.append((self.tokenizer.decode(p), list(p)))
+        return out
+
+    # ---- /v1/chat/completions ------------------------------------------------------------------
+
+    async def chat_completions(self, http: HttpRequest) -> Response:
+        body = await read_body(http, ChatBody, self.max_body_bytes)
+        ids = self.chat.encode(body.messages)
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        self._check_common(body, asked)
+        n_tokens = asked if asked is not None else min(self.max_tokens, self.context - len(ids))
+        if n_tokens < 0 or len(ids) >= self.context:
+            raise ApiError(400, f"the conversation is {len(ids)} tokens, the model's context is {self.context}; "
+                                "shorten the messages", param="messages")
+        stop = stop_strings(body.stop) + self.chat.stop
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        call = self._submit("chatcmpl", self._requests(ids, body, n_tokens, stop, logprobs, False), body.stream, len(ids))
+        if body.stream:
+            return self._stream(self._chat_chunks(call, body))
+        choices, generated = await self._collect(call, http, "chat")
+        if any(c.reason == "cancelled" for c in choices):
+            return Response(status_code=499)
+        out = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.reason,
+                "logprobs": chat_logprobs(c.scored, self.token_text) if body.logprobs else None}
+               for i, c in enumerate(choices)]
+        return JSONResponse(reply(call.id, "chat.completion", self.model_name, out, usage(call.prompt_tokens, generated)))
+
+    async def _chat_chunks(self, call: Call, body: ChatBody) -> AsyncIterator[str]:
+        def chunk(i: int, delta: dict, reason: str | None, lp: dict | None = None) -> str:
+            choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
+            return sse(reply(call.id, "chat.completion.chunk", self.model_name, [choice]))
+
+        generated = 0
+        for i in range(len(call.requests)):
+            yield chunk(i, {"role": "assistant", "content": ""}, None)
+        async for i, event in self.bridge.events(call.queue, call.requests, None, "chat"):
+            if isinstance(event, Token):
+                generated += 1
+                lp = chat_logprobs([(event.id, event.logprob, event.top)], self.token_text) if body.logprobs else None
+                if event.text or lp is not None:
+                    yield chunk(i, {"content": event.text}, None, lp)
+            elif isinstance(event, Finished):
+                if event.text:
+                    yield chunk(i, {"content": event.text}, None)
+                yield chunk(i, {}, event.reason)
+        if body.include_usage:
+            yield sse(reply(call.id, "chat.completion.chunk", self.model_name, [], usage(call.prompt_tokens, generated)))
+
+    # ---- small routes --------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "lmforge", "max_model_len": self.context}]}
+
+    async def tokenize(self, http: HttpRequest) -> dict[str, Any]:
+        body = await read_body(http, TokenizeBody, self.max_body_bytes)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give either prompt (a text) or messages (a conversation)", param="prompt")
+        ids = self.tokenizer.encode(body.prompt) if body.messages is None else self.chat.encode(body.messages)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.context}
+
+    async def detokenize(self, http: HttpRequest) -> dict[str, Any]:
+        body = await read_body(http, DetokenizeBody, self.max_body_bytes)
+        if any(not 0 <= t < self.tokenizer.vocab_size for t in body.tokens):
+            raise ApiError(400, f"token ids must be within 0..{self.tokenizer.vocab_size - 1}", param="tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        tok = self.tokenizer
+        return {"tokenizer_class": "byte-level BPE (Hugging Face tokenizers)", "vocab_size": tok.vocab_size,
+                "bos_token": special_token(tok, tok.bos_id), "eos_token": special_token(tok, tok.eos_id),
+                "pad_token": special_token(tok, tok.pad_id), "bos_token_id": tok.bos_id,
+                "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "model_max_length": self.context,
+                "chat_template": self.chat.source, "sha256": tok.sha256}
+
+    async def metrics_page(self) -> Response:
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+    # ---- shared steps --------------------------------------------------------------------------
+
+    def _check_common(self, body: GenerationBody, n_tokens: int | None) -> None:
+        if body.presence_penalty or body.frequency_penalty or body.logit_bias:
+            raise ApiError(400, "presence_penalty, frequency_penalty and logit_bias are not supported")
+        if n_tokens is not None and n_tokens > self.max_tokens:
+            raise ApiError(400, f"max_tokens {n_tokens} is above this server's limit of {self.max_tokens} (--max-tokens)",
+                           param="max_tokens")
+
+    def _requests(self, ids: list[int], body: GenerationBody, n_tokens: int, stop: tuple[str, ...],
+                  logprobs: int | None, echo: bool) -> list[Request]:
+        """The engine requests for one prompt: n choices, seeds seed, seed + 1, ..."""
+        return [Request(ids, n_tokens, temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
+                        seed=None if body.seed is None else body.seed + j, stop_ids=() if body.ignore_eos else self.end_ids,
+                        stop=stop, logprobs=logprobs, echo_logprobs=echo and logprobs is not None)
+                for j in range(body.n)]
+
+    def _submit(self, prefix: str, requests: list[Request], stream: bool, prompt_tokens: int) -> Call:
+        queue = self.bridge.submit(requests, stream=stream)
+        return Call(f"{prefix}-{uuid.uuid4().hex}", requests, queue, prompt_tokens)
+
+    async def _collect(self, call: Call, http: HttpRequest, route: str,
+                       prompt_ids: list[list[int]] | None = None) -> tuple[list[Choice], int]:
+        """A non-streaming call's choices and its number of generated tokens."""
+        choices, generated = [Choice() for _ in call.requests], 0
+        async for i, event in self.bridge.events(call.queue, call.requests, http, route):
+            c = choices[i]
+            if isinstance(event, Prompt) and prompt_ids is not None:
+                c.scored[:0] = prompt_scores(prompt_ids[i], event)
+            elif isinstance(event, Token):
+                generated += 1
+                c.text += event.text
+                c.scored.append((event.id, event.logprob, event.top))
+            elif isinstance(event, Finished):
+                c.text += event.text
+                c.reason = event.reason
+        return choices, generated
+
+    def _stream(self, chunks: AsyncIterator[str]) -> StreamingResponse:
+        async def framed() -> AsyncIterator[str]:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except ApiError as e:  # after the headers went out: report in the stream
+                self.metrics.reject(e.status)  # as the handler does for a response that is all JSON
+                yield sse(error_body(e.message, e.kind, e.status))
+            yield SSE_DONE
+
+        return StreamingResponse(framed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def _bos(self) -> list[int]:
+        """The prompt of an empty text: BOS where the tokenizer has one."""
+        return [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
+
+
+__all__ = ["Routes"]
