@@ -18,11 +18,11 @@ import difflib
 import os
 import typing
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .bundled import resolve_bundled
 from .errors import ConfigError
 
 
@@ -292,14 +292,15 @@ class Config:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (or start from defaults), apply `section.key=value` overrides, validate."""
+    """Read a YAML file (or start from defaults), apply `section.key=value` overrides, validate.
+    `path` may also name a bundled recipe (`small-cpu`; see bundled.py)."""
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
+        p = resolve_bundled(path, "config")
         source = str(p)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config file {p} is not a file; give a YAML config file")
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
