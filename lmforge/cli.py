@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("train", help="train (or resume) a run from a config")
-    p.add_argument("config", nargs="?", help="YAML config (optional when resuming a run directory)")
+    p.add_argument("config", nargs="?", help="YAML config, or a bundled recipe by name, e.g. small-cpu "
+                   "(optional when resuming a run directory)")
     p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--from", dest="from_", metavar="CHECKPOINT", help="branch a new run from this checkpoint (weights, optimizer, step)")
@@ -366,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="metrics of a checkpoint (loss, perplexity, bits/byte, tasks); --watch beside training")
     p.add_argument("path", help="run directory (newest intact checkpoint; with --watch: every one) or checkpoint directory")
-    p.add_argument("--tasks", nargs="+", metavar="FILE.jsonl", help="task files (docs/eval.md), e.g. tasks/python-mc.jsonl")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="task files (docs/eval.md) or bundled tasks by name, "
+                   "e.g. python-mc")
     p.add_argument("--data", help="prepared dataset whose val split to score (default: the run's data.path)")
     p.add_argument("--text", help="score a UTF-8 text file instead of a dataset")
     p.add_argument("--batch-size", type=int, help="rows per forward (default: eval.batch_size)")

@@ -14,15 +14,20 @@ dataclasses stay plain, picklable-free and importable everywhere.
 
 from __future__ import annotations
 
+import ast
 import difflib
+import io
+import json
 import os
+import tokenize
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .bundled import bundled_names, resolve_bundled
 from .errors import ConfigError
 
 
@@ -34,13 +39,13 @@ class ModelConfig:
     """Llama-style decoder shape. Names follow Hugging Face `LlamaConfig` where one exists."""
 
     vocab_size: int = 0  # 0 -> the prepared dataset's tokenizer size, resolved when a run starts
-    n_layer: int = 4
-    n_head: int = 4
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention (query) heads; d_model must divide by it
     n_kv_head: int = 0  # 0 -> same as n_head (plain multi-head attention)
-    d_model: int = 256
+    d_model: int = 256  # width of the residual stream (hidden size)
     d_ff: int = 0  # 0 -> SwiGLU default: 8/3 * d_model rounded up to a multiple of 64
     max_seq_len: int = 256  # longest context (RoPE tables, KV cache)
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE base frequency
     # RoPE frequency scaling (HF `rope_scaling`): "" = plain RoPE; "llama3" = Llama 3.1/3.2's scheme
     # (model.py `llama3_inv_freq`), which uses the four fields below and ignores them otherwise.
     rope_scaling: str = ""
@@ -48,9 +53,9 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # wavelengths above original_max_len / this are scaled fully
     rope_high_freq_factor: float = 4.0  # wavelengths below original_max_len / this are kept
     rope_original_max_len: int = 0  # the pretraining context (HF `original_max_position_embeddings`)
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float = 0.02
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # the output head shares the token embedding matrix
+    init_std: float = 0.02  # std of the normal weight init (residual projections: / sqrt(2 n_layer))
 
     @property
     def kv_heads(self) -> int:
@@ -78,36 +83,36 @@ class DataConfig:
 class TrainConfig:
     global_batch: int = 32  # sequences per optimizer step, whatever the micro batch / world size
     micro_batch: int = 8  # sequences per forward/backward on one process
-    max_steps: int = 1000
-    lr: float = 3e-4
+    max_steps: int = 1000  # optimizer steps of the run; the schedule is laid out over them
+    lr: float = 3e-4  # peak learning rate (after warmup)
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100  # linear warmup to lr over this many steps
+    schedule: str = "cosine"  # learning-rate schedule: cosine | wsd | constant (train/optim.py)
     decay_fraction: float = 0.2  # wsd: fraction of max_steps spent decaying at the end
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
-    dtype: str = "bf16"  # fp32 | bf16 (autocast; master weights stay fp32)
-    compile: bool = False
+    weight_decay: float = 0.1  # AdamW decoupled weight decay on 2-D weights (not embeddings or norms)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    dtype: str = "bf16"  # compute precision: fp32 | bf16 (autocast; master weights stay fp32)
+    compile: bool = False  # run the forward pass through torch.compile
     threads: int = 0  # torch intra-op threads; 0 -> all cores
     seed: int = 0  # seeds weight init
-    log_every: int = 10
+    log_every: int = 10  # write a metrics line (loss, lr, grad norm, throughput) every N steps
     eval_every: int = 200  # validation loss every N steps; 0 disables
-    eval_batches: int = 20
-    ckpt_every_steps: int = 200  # 0 disables step cadence
-    ckpt_every_minutes: float = 0.0  # 0 disables time cadence
-    keep_last: int = 3  # retention: the newest K checkpoints ...
-    keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of M (0: none)
-    parallel: str = "none"  # none | ddp | fsdp (under torchrun; see docs/distributed.md)
+    eval_batches: int = 20  # micro batches of the val split per validation
+    ckpt_every_steps: int = 200  # save a checkpoint every N steps; 0 disables step cadence
+    ckpt_every_minutes: float = 0.0  # also save one every N minutes of training; 0 disables time cadence
+    keep_last: int = 3  # retention: keep the newest K checkpoints (plus those keep_every keeps)
+    keep_every: int = 0  # retention: also keep every checkpoint whose step is a multiple of M (0: none)
+    parallel: str = "none"  # data parallelism under torchrun: none | ddp | fsdp (docs/distributed.md)
     deterministic_reduce: bool = False  # sum micro-batch gradients in a fixed order: bit-identical on any world size
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
 
 
 @dataclass
 class GuardConfig:
-    enabled: bool = True
+    enabled: bool = True  # watch loss and gradient norm; roll back on a spike or a non-finite value
     window: int = 50  # steps of history the detector looks at
     warmup: int = 50  # no spike verdict before this many steps of history
     spike_factor: float = 6.0  # robust z-score (median/MAD) above which a step is a spike
@@ -115,23 +120,23 @@ class GuardConfig:
     rollback_margin: int = 0  # roll back to a checkpoint at least this many steps before
     skip_steps: int = 0  # data window skipped after a rollback, in steps
     lr_scale: float = 1.0  # lr multiplier applied after each rollback
-    max_rollbacks: int = 5
+    max_rollbacks: int = 5  # give up (TrainingUnstable) after this many rollbacks within 10 * window steps
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 8
-    threads: int = 1
-    tasks: list[str] = field(default_factory=list)
+    batch_size: int = 8  # rows per forward in `lmforge eval` (--batch-size overrides)
+    threads: int = 1  # torch threads of the `eval --watch` sidecar beside training (--threads overrides)
+    tasks: list[str] = field(default_factory=list)  # task files or bundled task names the sidecar scores by default
 
 
 @dataclass
 class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 16
-    max_queue: int = 64
-    max_tokens: int = 256
+    host: str = "127.0.0.1"  # address `lmforge serve` binds; other than loopback needs an API key or --insecure
+    port: int = 8000  # TCP port `lmforge serve` listens on
+    max_batch: int = 16  # requests decoded together in the running batch
+    max_queue: int = 64  # requests waiting for a slot before new ones get HTTP 429
+    max_tokens: int = 256  # the largest max_tokens a request may ask for
 
 
 @dataclass
@@ -141,13 +146,13 @@ class InitConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
-    init: InitConfig = field(default_factory=InitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the decoder's shape (Llama-style)
+    data: DataConfig = field(default_factory=DataConfig)  # the prepared dataset and how samples are cut from it
+    train: TrainConfig = field(default_factory=TrainConfig)  # batches, optimizer, schedule, precision, checkpoints
+    guard: GuardConfig = field(default_factory=GuardConfig)  # spike detection and rollback of training
+    eval: EvalConfig = field(default_factory=EvalConfig)  # `lmforge eval` and its --watch sidecar
+    serve: ServeConfig = field(default_factory=ServeConfig)  # defaults of `lmforge serve`
+    init: InitConfig = field(default_factory=InitConfig)  # where a new run's weights come from
 
     # ---- conversion ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -167,10 +172,10 @@ class Config:
             raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
         kwargs = {}
         section_fields = {f.name: f for f in fields(cls)}
-        for name, value in raw.items():
+        for name in raw:
             if name not in section_fields:
                 raise ConfigError(_unknown(source, str(name), list(section_fields), "section"))
-        for name, f in section_fields.items():
+        for name in section_fields:
             section_cls = _HINTS[cls][name]
             kwargs[name] = _build_section(section_cls, raw.get(name) or {}, f"{source}: {name}", name, overridden or {})
         cfg = cls(**kwargs)
@@ -292,14 +297,15 @@ class Config:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (or start from defaults), apply `section.key=value` overrides, validate."""
+    """Read a YAML file (or start from defaults), apply `section.key=value` overrides, validate.
+    `path` may also name a bundled recipe (`small-cpu`; see bundled.py)."""
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
+        p = resolve_bundled(path, "config")
         source = str(p)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config file {p} is not a file; give a YAML config file")
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
@@ -448,6 +454,76 @@ def _largest_divisor_at_most(n: int, k: int) -> int:
     return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
 
 
+
+# ---- reference (docs/config.md) ----------------------------------------------------------------
+# A key's meaning is written once: as the `# comment` of its field above (at the end of the field's
+# line, else the comment lines right above it). The reference is generated from those comments, the
+# annotations and the defaults, and `reference_markdown` refuses a field without one.
+
+
+def field_docs() -> dict[tuple[str, str], tuple[str, str]]:
+    """{(class name, field name): (annotation, meaning)} for the dataclass fields of this file, read
+    from its source (ast for the fields, tokenize for the comments); meaning "" where there is none."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()  # 0-based; ast and tokenize count lines from 1
+    out: dict[tuple[str, str], tuple[str, str]] = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for stmt in node.body:
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                continue
+            text = [comments[n] for n in range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1) if n in comments]
+            first = stmt.lineno
+            while not text and first - 1 in comments and lines[first - 2].lstrip().startswith("#"):
+                first -= 1  # no comment on the field's line: the comment block right above it
+            text = text or [comments[n] for n in range(first, stmt.lineno)]
+            out[(node.name, stmt.target.id)] = (ast.unparse(stmt.annotation), " ".join(text))
+    return out
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every section and key with its type, default and meaning. Raises
+    AssertionError naming the fields that have no `# meaning` comment."""
+    docs = field_docs()
+    sections = [(f.name, _HINTS[Config][f.name]) for f in fields(Config)]
+    missing = [f"Config.{name}" for name, _ in sections if not docs[("Config", name)][1]]
+    missing += [f"{cls.__name__}.{g.name}" for _, cls in sections for g in fields(cls)
+                if not docs[(cls.__name__, g.name)][1]]
+    if missing:
+        raise AssertionError(f"lmforge/config.py: write a `# meaning` comment for {', '.join(missing)}")
+    out = [
+        "# Config reference",
+        "",
+        "<!-- Generated from lmforge/config.py by `python3 scripts/gen_config_doc.py`; do not edit by hand. -->",
+        "",
+        "A config is a YAML file with the sections below; every key is optional (its default applies). An",
+        "unknown section or key, or a value of the wrong type, is an error that names it and the nearest valid",
+        "one. Any key can be set on the command line: `lmforge train CONFIG --set section.key=value` (the value",
+        "is read as YAML). A run writes its resolved config into `runs/<run>/config.yaml` and every checkpoint.",
+        "Bundled recipes (lmforge/configs/), usable by name from any directory, as in `lmforge train small-cpu`:",
+        f"{', '.join(bundled_names('config'))}.",
+        "",
+        "| section | holds |",
+        "|---|---|",
+        *[f"| [`{name}`](#{name}) | {_cell(docs[('Config', name)][1])} |" for name, _ in sections],
+    ]
+    for name, cls in sections:
+        meaning = docs[("Config", name)][1]
+        out += ["", f"## {name}", "", f"{meaning[0].upper()}{meaning[1:]}.", "",
+                "| key | type | default | meaning |", "|---|---|---|---|"]
+        for g in fields(cls):
+            default = g.default if g.default is not MISSING else g.default_factory()  # type: ignore[misc]
+            annotation, meaning = docs[(cls.__name__, g.name)]
+            out.append(f"| `{_yaml_key(g.name)}` | {_cell(annotation)} | `{json.dumps(default)}` | {_cell(meaning)} |")
+    return "\n".join(out) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a literal | inside a Markdown table cell
+
 for _cls in (Config, ModelConfig, DataConfig, TrainConfig, GuardConfig, EvalConfig, ServeConfig, InitConfig):
     _hints(_cls)
 
@@ -462,4 +538,5 @@ __all__ = [
     "InitConfig",
     "load_config",
     "apply_overrides",
+    "reference_markdown",
 ]

@@ -4,7 +4,7 @@ The stand-in for "your company's code base" is the Python standard library of th
 interpreter (its .py files, without the test suites and site-packages). The quickstart:
 
 1. prepares it (tokenizer + shards) into <workdir>/data/<name>, or reuses a verified copy;
-2. writes a training config from configs/small-cpu.yaml whose max_steps fits the time budget,
+2. writes a training config from the bundled small-cpu recipe whose max_steps fits the time budget,
    calibrated by timing two training steps of that very model on this machine;
 3. trains it into <workdir>/runs/<name> (resuming if a previous quickstart was interrupted);
 4. reports validation loss and perplexity before (step 0) and after training, prints samples,
@@ -38,7 +38,7 @@ from .errors import LmforgeError
 from .util import console
 from .util import out as results_out  # the report (step 4): stdout, every progress mode
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "small-cpu.yaml"
+RECIPE = "small-cpu"  # a bundled recipe (lmforge/configs/small-cpu.yaml), found by name from any directory
 STDLIB_EXCLUDE = [
     "site-packages/*", "dist-packages/*", "test/*", "tests/*", "*/test/*", "*/tests/*",
     "idlelib/*", "lib2to3/*", "ensurepip/*", "tkinter/*", "turtledemo/*", "pydoc_data/*",
@@ -142,7 +142,7 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
         f"  lmforge sample {run_dir} --prompt 'def main(' --max-tokens 80\n"
         f"  lmforge train {saved} --run-dir {run_dir} --set train.max_steps={cfg.train.max_steps * 2}   # train longer\n"
         f"  lmforge prepare ./your-code --out data/yours && "
-        f"lmforge train configs/small-cpu.yaml --set data.path=data/yours   # your own data",
+        f"lmforge train {RECIPE} --set data.path=data/yours   # your own data",
         markup=False, highlight=False,
     )
     return 0

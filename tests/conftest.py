@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
+import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -72,3 +76,75 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.pop("LMFORGE_FAULTS", None)
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
     return env
+
+
+# ---- the installed package: a wheel of this checkout in a fresh virtual environment ------------
+# Built once per session: tests/test_package.py checks the installation, and the quickstart run
+# below serves both it and tests/test_quickstart.py, so the suite pays for one quickstart, not two.
+
+
+@dataclass
+class Installed:
+    venv: Path
+    env: dict[str, str]  # no PYTHONPATH: the venv's lmforge is imported, never the checkout's
+
+    def cmd(self, *args: str) -> list[str]:
+        return [str(self.venv / "bin" / "lmforge"), *args]
+
+    def python(self, *args: str) -> list[str]:
+        return [str(self.venv / "bin" / "python"), *args]
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory) -> Installed:
+    """`pip install` of the wheel built from this checkout, offline: the wheel is built without build
+    isolation from a copy of the package sources (an in-tree build would leave build/ behind, and a
+    stale build/lib can put deleted modules into the wheel), and installed with --no-deps into a venv
+    that sees this environment's packages (--system-site-packages) for its dependencies."""
+    root = tmp_path_factory.mktemp("installed")
+    src = root / "src"
+    shutil.copytree(REPO / "lmforge", src / "lmforge", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+          "-w", str(root / "dist"), str(src)])
+    (wheel,) = (root / "dist").glob("lmforge-*.whl")
+    venv = root / "venv"
+    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
+    env = subprocess_env()
+    env.pop("PYTHONPATH", None)
+    # the environment's pip (seen through --system-site-packages) installs into the venv; --ignore-installed:
+    # do not touch the lmforge this environment may hold (an editable checkout)
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
+          str(wheel)], env=env, cwd=root)
+    return Installed(venv=venv, env=env)
+
+
+@dataclass
+class QuickstartRun:
+    work: Path  # --workdir
+    src: Path  # --source
+    proc: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def installed_quickstart(installed: Installed, tmp_path_factory) -> QuickstartRun:
+    """`lmforge quickstart` of the installed package, from a directory outside the checkout, on a small
+    source tree (six stdlib modules) with the smallest budget (--minutes 0.05 gives quickstart's
+    minimum of 20 steps)."""
+    root = tmp_path_factory.mktemp("quickstart")
+    src = root / "src"
+    src.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("argparse.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "csv.py"):
+        shutil.copy(stdlib / name, src / Path(name).name)
+    work = root / "qs"
+    proc = subprocess.run(installed.cmd("quickstart", "--workdir", str(work), "--minutes", "0.05", "--source", str(src)),
+                          capture_output=True, text=True, env=installed.env, cwd=root, timeout=1200)
+    return QuickstartRun(work=work, src=src, proc=proc)

@@ -97,3 +97,66 @@ def test_set_errors_name_the_set_not_the_file(tmp_path):
     with pytest.raises(ConfigError) as e:  # the last --set of a key is the one that counts
         load_config(None, ["model.n_layer=2", "model.n_layer=two"])
     assert str(e.value).startswith("--set model.n_layer=two: model.n_layer: expected an integer")
+
+
+# ---- bundled recipes by name (lmforge/bundled.py) ----------------------------------------------
+
+
+def test_bundled_recipe_by_name_from_any_directory(tmp_path, monkeypatch):
+    from lmforge.bundled import bundled_dir, resolve_bundled
+
+    repo = Path(__file__).resolve().parents[1]
+    # in a checkout, configs/ and tasks/ are the package's directories (git symlinks), not copies
+    assert (repo / "configs").resolve() == bundled_dir("config") == repo / "lmforge" / "configs"
+    assert (repo / "tasks").resolve() == bundled_dir("task") == repo / "lmforge" / "tasks"
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert load_config("small-cpu") == load_config("small-cpu.yaml") == load_config(repo / "configs" / "small-cpu.yaml")
+    assert resolve_bundled("python-mc", "task") == bundled_dir("task") / "python-mc.jsonl"
+    # a path that exists wins over the bundled file of the same name
+    (tmp_path / "small-cpu").write_text("train:\n  max_steps: 7\n")
+    assert load_config("small-cpu").train.max_steps == 7
+    # neither a path nor a bundled name: the error lists the bundled names
+    with pytest.raises(ConfigError, match=r"config file not found: configs/small-cpu\.yaml \(or give a bundled "
+                                          r"one by name: .*small-cpu, tiny-cpu\)"):
+        load_config("configs/small-cpu.yaml")  # a path with a directory part is never looked up by name
+    with pytest.raises(ConfigError, match="config file not found: smal-cpu"):
+        load_config("smal-cpu")
+
+
+# ---- the config reference (docs/config.md) -----------------------------------------------------
+
+
+def test_config_reference_is_up_to_date():
+    from lmforge.config import reference_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.is_file() and doc.read_text(encoding="utf-8") == reference_markdown(), (
+        "docs/config.md is out of date with lmforge/config.py: run `python3 scripts/gen_config_doc.py`"
+    )
+
+
+def test_config_reference_lists_every_key_with_its_meaning():
+    from dataclasses import fields
+
+    from lmforge.config import field_docs, reference_markdown
+
+    text = reference_markdown()
+    cfg = Config()
+    for section in fields(Config):
+        assert f"\n## {section.name}\n" in text
+        for key in cfg.to_dict()[section.name]:
+            assert f"\n| `{key}` | " in text  # `from` (the field from_) as the YAML key
+    assert "| `lr` | float | `0.0003` | peak learning rate (after warmup) |" in text
+    assert "| `schedule` | str | `\"cosine\"` | learning-rate schedule: cosine \\| wsd \\| constant" in text
+    # a comment block right above a field is its meaning when its own line has none
+    assert field_docs()[("ModelConfig", "rope_scaling")][1].startswith("RoPE frequency scaling (HF `rope_scaling`)")
+
+
+def test_config_reference_refuses_a_key_without_meaning(monkeypatch):
+    import lmforge.config as config
+
+    docs = config.field_docs()
+    docs[("TrainConfig", "lr")] = ("float", "")
+    monkeypatch.setattr(config, "field_docs", lambda: docs)
+    with pytest.raises(AssertionError, match=r"write a `# meaning` comment for TrainConfig\.lr"):
+        config.reference_markdown()

@@ -171,6 +171,21 @@ def test_shipped_tasks_load() -> None:
     assert len({i.gold for i in mc.items}) == 4  # "always pick A" is not a strategy
 
 
+def test_bundled_task_by_name_from_any_directory(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no tasks/ here
+    by_name, by_path = load_task("python-mc"), load_task(REPO / "tasks" / "python-mc.jsonl")
+    assert by_name.name == "python-mc" and by_name.path == str(REPO / "lmforge" / "tasks" / "python-mc.jsonl")
+    assert [(i.context, i.choices, i.gold) for i in by_name.items] == [(i.context, i.choices, i.gold) for i in by_path.items]
+    assert load_task("python-cloze.jsonl").kind == "cloze"
+    (tmp_path / "python-mc").write_text('{"context": "a", "target": "b"}\n')  # a path that exists wins
+    assert load_task("python-mc").kind == "cloze"
+    with pytest.raises(DataError, match=r"task file not found: python-mcq \(or give a bundled one by name: "
+                                        r"python-cloze, python-gen, python-mc\)"):
+        load_task("python-mcq")
+    with pytest.raises(DataError, match="task file not found: tasks/python-mc.jsonl"):
+        load_task("tasks/python-mc.jsonl")  # a path with a directory part is never looked up by name
+
+
 @pytest.mark.parametrize("lines, match", [
     (['{"context": "a", "choices": ["b", "c"], "gold": 0}', "", '{"context": "a", "choices": ["b", "c"], "gold": 2}'],
      r"bad\.jsonl:3: \"gold\" must be the index"),

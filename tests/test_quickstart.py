@@ -1,11 +1,10 @@
-"""The quickstart end to end through the CLI on a small source tree, and its reuse on a second run."""
+"""The quickstart end to end through the CLI on a small source tree (the first run is the installed
+package's, see conftest.installed_quickstart), and its reuse on a second run."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sysconfig
-from pathlib import Path
 
 import pytest
 from conftest import lmforge_cmd, subprocess_env
@@ -13,15 +12,9 @@ from conftest import lmforge_cmd, subprocess_env
 from lmforge.quickstart import source_name
 
 
-def test_quickstart_runs_and_reuses(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("argparse.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "csv.py"):
-        shutil.copy(stdlib / name, src / Path(name).name)
-    work = tmp_path / "qs"
-    cmd = lmforge_cmd("quickstart", "--workdir", str(work), "--minutes", "0.05", "--source", str(src))
-    first = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+def test_quickstart_runs_and_reuses(installed_quickstart, tmp_path):
+    # the first run: the installed package's, from outside the checkout (conftest.installed_quickstart)
+    work, src, first = installed_quickstart.work, installed_quickstart.src, installed_quickstart.proc
     assert first.returncode == 0, first.stderr[-3000:]
     out = first.stdout  # the report (results) goes to stdout; stages and training logs to stderr
     assert "validation loss before training" in out and "validation loss after" in out
@@ -36,7 +29,8 @@ def test_quickstart_runs_and_reuses(tmp_path):
     assert (work / "data" / name / "manifest.json").is_file()
     assert not (work / "runs" / "stdlib").exists() and not (work / "data" / "stdlib").exists()
 
-    # the same source again, with a larger budget: everything is reused, and it says --minutes does not apply
+    # the same source again (this checkout's lmforge), with a larger budget: everything is reused, and it
+    # says --minutes does not apply
     cmd2 = lmforge_cmd("quickstart", "--workdir", str(work), "--minutes", "0.1", "--source", str(src))
     second = subprocess.run(cmd2, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -196,7 +196,7 @@ def eval_command(
     if source is None and not task_list:
         raise DataError(
             f"nothing to evaluate: the run's data.path ({cfg.data.path or 'unset'}) is not a prepared dataset here "
-            "and no --tasks were given; pass --data DIR, --text FILE or --tasks FILE.jsonl"
+            "and no --tasks were given; pass --data DIR, --text FILE or --tasks FILE.jsonl (or a bundled task, e.g. python-mc)"
         )
     results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source, batch_size=bs,
                              max_batches=max_batches, scorer=scorer, show_progress=not as_json)

@@ -26,10 +26,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from collections.abc import Sequence
 
+from ..bundled import resolve_bundled
 from ..errors import DataError
 from ..tokenizer import Tokenizer
 
@@ -63,10 +63,11 @@ class Task:
 
 
 def load_task(path: str | os.PathLike) -> Task:
-    """Read and validate one task file; DataError names file:line for the first bad line."""
-    p = Path(path)
+    """Read and validate one task file, or a bundled task by name (`python-mc`; see bundled.py);
+    DataError names file:line for the first bad line."""
+    p = resolve_bundled(path, "task")
     if not p.is_file():
-        raise DataError(f"task file not found: {p} (shipped tasks live in tasks/, e.g. tasks/python-mc.jsonl)")
+        raise DataError(f"task file {p} is not a file; give a JSONL task file")
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
