@@ -237,7 +237,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.path, host=args.host, port=args.port, api_key=args.api_key, api_key_file=args.api_key_file,
         insecure=args.insecure, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         model_name=args.model_name, chat_template=args.chat_template, request_timeout=args.request_timeout,
-        max_body_bytes=args.max_body_bytes, threads=args.threads,
+        max_body_bytes=args.max_body_bytes, threads=args.threads, shutdown_grace=args.shutdown_grace,
     )
 
 
@@ -412,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is dropped (504)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGTERM / Ctrl-C: how long requests in flight may finish before they are cut short "
+                        "(503, an error event in a stream); default %(default)g")
     p.set_defaults(func=cmd_serve)
 
     return parser

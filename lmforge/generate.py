@@ -11,6 +11,10 @@ forward of length 1, so a step costs O(context) instead of O(context^2).
 `stream()` yields new token ids one at a time; `generate()` collects them. Sampling draws from its
 own `torch.Generator` seeded by `seed`, never from the global RNG, so a sample is a pure function
 of (weights, prompt, settings, seed). temperature 0 is greedy (argmax) and ignores top_k/top_p.
+Every temperature > 0 and top_p in (0, 1] is usable, however small: `pick_token` shifts the
+logits so the best is 0 and divides in float64 (a tiny temperature approaches greedy instead of
+overflowing into NaN), and top_p always keeps the best token. A seed is a 64-bit signed integer
+(OpenAI's `seed`); the i-th of several samples uses `nth_seed(seed, i)` (seed + i, wrapped).
 
 Context policy (the choice the model's fixed max_seq_len forces):
 - a prompt longer than max_seq_len keeps its LAST max_seq_len tokens (the text nearest the
@@ -26,6 +30,7 @@ seed, seed + 1, ...); batched decoding with per-sequence positions belongs to th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -35,7 +40,9 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .errors import LmforgeError
 from .model import Transformer
-from .tokenizer import StreamDecoder
+from .tokenizer import StreamDecoder, lone_surrogate
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a seed is a 64-bit signed integer, as OpenAI's `seed`
 
 
 class KVCache:
@@ -90,10 +97,16 @@ def pick_token(
     top_p: float,
     generator: torch.Generator | None,
 ) -> int:
-    """One token id from logits (V,): argmax at temperature 0, else sample the filtered softmax."""
+    """One token id from logits (V,): argmax at temperature 0, else sample the filtered softmax.
+
+    Any temperature > 0 and top_p in (0, 1] work, however small: the logits are shifted so the
+    best is 0 and scaled in float64, so logits / temperature never overflows into inf - inf = NaN
+    (the best token stays at 0, the others go towards -inf: a tiny temperature samples among the
+    tokens tied for best), and the best token always survives top_p.
+    """
     if temperature <= 0.0:
         return int(torch.argmax(logits))
-    logits = logits.float() / temperature  # (V,)
+    logits = (logits.double() - logits.max()) / temperature  # (V,) <= 0, the best at 0
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -102,20 +115,34 @@ def pick_token(
         probs = F.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens ranked above it already cover top_p (the first always stays)
         drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop_sorted[0] = False
         logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _check(max_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
-    if max_tokens < 0:
-        raise LmforgeError(f"max_tokens must be >= 0, got {max_tokens}")
-    if temperature < 0:
-        raise LmforgeError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | None = None) -> None:
+    """LmforgeError naming the first sampling setting out of range (for `sample` and the server)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise LmforgeError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
         raise LmforgeError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
+    if not 0.0 < top_p <= 1.0:  # also refuses NaN
         raise LmforgeError(f"top_p must be within (0, 1], got {top_p}")
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise LmforgeError(f"seed must be a 64-bit signed integer ({SEED_MIN}..{SEED_MAX}), got {seed}")
+
+
+def nth_seed(seed: int, i: int) -> int:
+    """The seed of the i-th of several samples (`sample --num-samples`, the server's `n`): seed + i,
+    wrapped around within the 64-bit signed range so every sample's seed is a valid one."""
+    return (seed + i - SEED_MIN) % 2**64 + SEED_MIN
+
+
+def _check(max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None = None) -> None:
+    if max_tokens < 0:
+        raise LmforgeError(f"max_tokens must be >= 0, got {max_tokens}")
+    check_sampling(temperature, top_k, top_p, seed)
 
 
 @torch.no_grad()
@@ -131,7 +158,7 @@ def stream(
     stop_ids: Sequence[int] = (),
 ) -> Iterator[int]:
     """Yield up to max_tokens new token ids after prompt_ids (see the module doc for the policy)."""
-    _check(max_tokens, temperature, top_k, top_p)
+    _check(max_tokens, temperature, top_k, top_p, seed)
     if len(prompt_ids) == 0:
         raise LmforgeError("the prompt is empty; pass at least one token id (e.g. the BOS id)")
     vocab, window = model.cfg.vocab_size, model.cfg.max_seq_len
@@ -213,7 +240,9 @@ def sample_command(
 
     if num_samples < 1:
         raise LmforgeError(f"--num-samples must be >= 1, got {num_samples}")
-    _check(max_tokens, temperature, top_k, top_p)
+    _check(max_tokens, temperature, top_k, top_p, seed)
+    if lone_surrogate(prompt) is not None:  # bytes that were not UTF-8 in argv arrive as lone surrogates
+        raise LmforgeError("--prompt is not valid UTF-8 text; pass it as UTF-8")
     model, tokenizer, _cfg, step = load_for_inference(path)
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:  # nothing to condition on: start from a document boundary
@@ -225,7 +254,7 @@ def sample_command(
     print(f"# {path} (step {step})", flush=True)
     for i in range(num_samples):
         if num_samples > 1:
-            print(f"\n----- sample {i + 1}/{num_samples} (seed {seed + i}) -----", flush=True)
+            print(f"\n----- sample {i + 1}/{num_samples} (seed {nth_seed(seed, i)}) -----", flush=True)
         print(prompt, end="", flush=True)
         decoder = StreamDecoder(tokenizer)  # a token may end inside a UTF-8 character: held back until whole
         for token in stream(
@@ -235,7 +264,7 @@ def sample_command(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            seed=seed + i,
+            seed=nth_seed(seed, i),
             stop_ids=stop,
         ):
             if text := decoder.push(token):
@@ -244,4 +273,5 @@ def sample_command(
     return 0
 
 
-__all__ = ["KVCache", "pick_token", "stream", "generate", "sample_command"]
+__all__ = ["KVCache", "pick_token", "check_sampling", "nth_seed", "SEED_MIN", "SEED_MAX", "stream", "generate",
+           "sample_command"]

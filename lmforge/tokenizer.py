@@ -221,6 +221,19 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
 
 
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first lone UTF-16 surrogate in text (U+D800..U+DFFF: what a JSON "\\ud800"
+    escape or a non-UTF-8 byte in argv becomes in Python), or None. Such a string is not Unicode
+    text: it has no UTF-8 form, so no tokenizer can encode it."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 # ---- incremental decoding ------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.generate import KVCache, generate, pick_token, sample_command, stream
+from lmforge.generate import SEED_MAX, SEED_MIN, KVCache, generate, nth_seed, pick_token, sample_command, stream
 from lmforge.model import Transformer
 
 # A large init_std and an untied head make the random model's greedy output depend on its whole
@@ -155,13 +155,50 @@ def test_pick_token_filters() -> None:
     assert {0, 1, 2, 3} <= draws
 
 
+def test_tiny_temperature_and_top_p_sample_the_best_token() -> None:
+    """logits / temperature overflowed to inf (inf - inf = NaN in the softmax) for temperature <=
+    ~1e-38 in float32, and top_p = 1e-300 dropped every token: multinomial raised, and in the
+    server that failed every request in the batch. Now every temperature > 0 and top_p in (0, 1]
+    samples; near 0 they pick the best token."""
+    logits = torch.tensor([0.0, 3.0, 2.9, 1.0, -5.0])
+    g = torch.Generator().manual_seed(0)
+    for temperature in (1e-30, 1e-39, 1e-300, 5e-324):
+        assert pick_token(logits, temperature=temperature, top_k=0, top_p=1.0, generator=g) == 1
+        assert pick_token(logits.half(), temperature=temperature, top_k=2, top_p=1.0, generator=g) == 1
+    for top_p in (1e-6, 1e-45, 1e-300, 5e-324):
+        draws = {pick_token(logits, temperature=1.0, top_k=0, top_p=top_p, generator=g) for _ in range(50)}
+        assert draws == {1}
+    tied = torch.tensor([2.0, 2.0, -1.0])  # a tiny temperature samples among the best, never the rest
+    assert {pick_token(tied, temperature=1e-300, top_k=0, top_p=1.0, generator=g) for _ in range(100)} == {0, 1}
+    model = build()
+    ids = prompt(5)
+    greedy = generate(model, ids, max_tokens=12)
+    assert generate(model, ids, max_tokens=12, temperature=1e-300, seed=1) == greedy
+    assert generate(model, ids, max_tokens=12, temperature=1.0, top_p=1e-300, seed=1) == greedy
+
+
+def test_seeds_are_64_bit_signed_and_nth_seed_wraps() -> None:
+    model = build()
+    ids = prompt(3)
+    for seed in (SEED_MIN, -1, 0, SEED_MAX):
+        assert len(generate(model, ids, max_tokens=3, temperature=1.0, seed=seed)) == 3
+    assert nth_seed(5, 2) == 7 and nth_seed(SEED_MAX, 1) == SEED_MIN and nth_seed(SEED_MAX, 3) == SEED_MIN + 2
+    assert nth_seed(-1, 1) == 0
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
         ({"max_tokens": -1}, "max_tokens"),
         ({"max_tokens": 3, "temperature": -1.0}, "temperature"),
+        ({"max_tokens": 3, "temperature": float("nan")}, "temperature must be a finite number"),
+        ({"max_tokens": 3, "temperature": float("inf")}, "temperature must be a finite number"),
         ({"max_tokens": 3, "top_k": -2}, "top_k"),
         ({"max_tokens": 3, "top_p": 0.0}, "top_p"),
+        ({"max_tokens": 3, "top_p": float("nan")}, "top_p"),
+        ({"max_tokens": 3, "temperature": 1.0, "seed": 2**64}, "seed must be a 64-bit signed integer"),
+        ({"max_tokens": 3, "temperature": 1.0, "seed": SEED_MAX + 1}, "seed must be a 64-bit signed integer"),
+        ({"max_tokens": 3, "temperature": 1.0, "seed": SEED_MIN - 1}, "seed must be a 64-bit signed integer"),
     ],
 )
 def test_bad_arguments_are_clear_errors(kwargs: dict, match: str) -> None:
@@ -214,3 +251,34 @@ def test_sample_command_prints_prompt_and_continuation(monkeypatch, capsys) -> N
 
     assert sample_command("runs/x", prompt="", num_samples=1, **kwargs) == 0  # starts from EOS
     assert capsys.readouterr().out.startswith("# runs/x (step 42)\n")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"temperature": float("nan")}, "temperature must be a finite number"),
+    ({"top_p": float("nan")}, "top_p must be within"),
+    ({"seed": 2**64}, "seed must be a 64-bit signed integer"),
+    ({"prompt": "ab\udcff"}, "--prompt is not valid UTF-8"),  # a non-UTF-8 byte in argv (surrogateescape)
+])
+def test_sample_command_refuses_bad_settings_before_loading(monkeypatch, kwargs: dict, match: str) -> None:
+    fake = types.ModuleType("lmforge.train.checkpoint")
+    fake.load_for_inference = lambda path: pytest.fail("loaded a model for settings it must refuse")
+    monkeypatch.setitem(sys.modules, "lmforge.train.checkpoint", fake)
+    settings = dict(prompt="abc", max_tokens=4, temperature=1.0, top_k=0, top_p=1.0, seed=0, num_samples=1)
+    with pytest.raises(LmforgeError, match=match):
+        sample_command("runs/x", **{**settings, **kwargs})
+
+
+def test_sample_command_works_at_tiny_temperature_and_top_p(monkeypatch, capsys) -> None:
+    """`lmforge sample --temperature 1e-300` / `--top-p 1e-300` printed a traceback; near 0 they are greedy."""
+    model = build(replace(TINY, vocab_size=27))
+    fake = types.ModuleType("lmforge.train.checkpoint")
+    fake.load_for_inference = lambda path: (model, CharTokenizer(), None, 1)
+    monkeypatch.setitem(sys.modules, "lmforge.train.checkpoint", fake)
+    settings = dict(prompt="abc", max_tokens=8, top_k=0, num_samples=2, seed=SEED_MAX)
+    assert sample_command("runs/x", temperature=0.0, top_p=1.0, **settings) == 0
+    greedy = capsys.readouterr().out
+    for temperature, top_p in ((1e-300, 1.0), (1.0, 1e-300)):
+        assert sample_command("runs/x", temperature=temperature, top_p=top_p, **settings) == 0
+        out = capsys.readouterr().out
+        assert out.split("-----", 2)[2] == greedy.split("-----", 2)[2]  # the same continuations
+        assert f"(seed {SEED_MAX})" in out and f"(seed {SEED_MIN})" in out  # the second seed wraps

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import subprocess
 import threading
@@ -211,6 +212,89 @@ def test_queue_full_counts_what_max_queue_limits(loaded) -> None:
     engine.stop()
 
 
+def run_collecting(engine: Engine, requests: list[Request], broken_sink: dict[int, int] | None = None,
+                   timeout: float = 120) -> list[tuple[list[int], str]]:
+    """Submit requests to a started engine; each one's (tokens, finish reason). broken_sink maps
+    a request's index to the Token after which its sink raises."""
+    results: dict[int, tuple[list[int], str]] = {}
+    done = threading.Semaphore(0)
+
+    def sink_for(i: int):
+        tokens: list[int] = []
+
+        def sink(event) -> None:
+            if isinstance(event, Token):
+                tokens.append(event.id)
+                if (broken_sink or {}).get(i) == len(tokens):
+                    raise RuntimeError("this client's sink broke")
+            elif isinstance(event, Finished):
+                results[i] = (tokens, event.reason)
+                done.release()
+
+        return sink
+
+    for i, req in enumerate(requests):
+        req.sink = sink_for(i)
+    engine.submit(requests)
+    for _ in requests:
+        assert done.acquire(timeout=timeout), "a request never finished"
+    return [results[i] for i in range(len(requests))]
+
+
+def test_a_failing_request_fails_alone_and_the_batch_goes_on(loaded, monkeypatch) -> None:
+    """One request carrying `"seed": 2**64` used to fail every request in flight with a 500: the
+    engine failed all its slots when a step raised. Now a failure while sampling, in a sink, or in
+    a forward fails only its own row; every other request gets exactly the tokens it gets alone."""
+    import lmforge.serve.engine as engine_module
+
+    model, tok = loaded
+    good = prompts(tok, 6)
+    n = 24
+    expected = [generate(model, p, max_tokens=n, stop_ids=[tok.eos_id]) for p in good]
+    # A token the forward refuses to see (a prompt with it fails in prefill), and one the decode of
+    # `late_bad`'s greedy continuation feeds (it fails mid-decode): neither occurs anywhere else.
+    late_bad = tok.encode("Lucio, the duke")
+    late_tokens = generate(model, late_bad, max_tokens=n, stop_ids=[tok.eos_id])
+    used = {t for p, e in zip(good, expected) for t in p + e} | set(late_bad)
+    late_poison = next(t for t in late_tokens[2:-1] if t not in used)
+    used |= set(late_tokens)
+    prefill_poison = next(t for t in range(3, tok.vocab_size) if t not in used)
+
+    def forward(idx, **kwargs):
+        if bool(((idx == prefill_poison) | (idx == late_poison)).any()):
+            raise RuntimeError("a forward that cannot take this token")
+        return model(idx, **kwargs)
+
+    real_pick = engine_module.pick_token
+
+    def pick_token(logits, **kwargs):
+        if kwargs["top_k"] == 13:  # the one sampled request marked to fail
+            raise RuntimeError("sampling broke")
+        return real_pick(logits, **kwargs)
+
+    monkeypatch.setattr(engine_module, "pick_token", pick_token)
+    for max_batch in (8, 3):  # all at once; and bad ones joining (prefill) while good ones decode
+        engine = Engine(model, tok, max_batch=max_batch, max_queue=16)
+        engine.model = forward
+        engine.start()
+        try:
+            requests = [Request(p, n, stop_ids=(tok.eos_id,)) for p in good]
+            requests[1:1] = [Request(good[0], n, temperature=1.0, top_k=13, seed=1)]  # fails when sampling
+            requests[3:3] = [Request([prefill_poison, *good[2]], n)]  # fails in prefill
+            requests.insert(5, Request(late_bad, n, stop_ids=(tok.eos_id,)))  # fails in a decode step
+            requests.append(Request(good[1], n, stop_ids=(tok.eos_id,)))  # its sink raises at token 2
+            results = run_collecting(engine, requests, broken_sink={len(requests) - 1: 2})
+            bad = {1, 3, 5, len(requests) - 1}
+            assert [reason for i, (_t, reason) in enumerate(results) if i in bad] == ["error"] * 4
+            assert results[5][0] == late_tokens[: late_tokens.index(late_poison) + 1]  # failed feeding the poison
+            assert [r for i, r in enumerate(results) if i not in bad] == [
+                (e, "stop" if len(e) < n else "length") for e in expected], f"max_batch={max_batch}"
+            (r,) = run_requests(engine, [Request(good[3], n, stop_ids=(tok.eos_id,))])  # still serving
+            assert r.tokens == expected[3]
+        finally:
+            engine.stop()
+
+
 # ---- API in-process ------------------------------------------------------------------------
 
 
@@ -347,6 +431,67 @@ def test_invalid_fields_are_400s_naming_the_field(client, route: str, body: dict
     assert error["param"] == param and error["message"].startswith(param + ": ") and error["code"] == "400"
 
 
+USER = b'{"role": "user", "content": "Hi"}'
+
+
+@pytest.mark.parametrize("route,body,param,words", [
+    # each of these used to be a 500 (a plain-text one, or an engine error that failed every request in flight)
+    ("/v1/completions", b'{"prompt": "a", "seed": 18446744073709551616}', "seed", "less than or equal to 9223372036854775807"),
+    ("/v1/completions", b'{"prompt": "a", "seed": -9223372036854775809}', "seed", "greater than or equal to"),
+    ("/v1/completions", b'{"prompt": "a", "temperature": NaN}', "temperature", "NaN is not a JSON number"),
+    ("/v1/completions", b'{"prompt": "a", "top_p": Infinity}', "top_p", "Infinity is not a JSON number"),
+    ("/v1/chat/completions", b'{"messages": [' + USER + b'], "temperature": -Infinity}', "temperature", "-Infinity"),
+    ("/v1/completions", b'{"prompt": "a", "temperature": 1e999}', "temperature", "beyond a 64-bit float's range"),
+    ("/v1/completions", b'{"prompt": "a", "frequency_penalty": -1e999}', "frequency_penalty", "beyond"),
+    ("/v1/completions", b'{"prompt": "a", "logit_bias": {"5": NaN}}', "logit_bias.5", "NaN"),
+    ("/v1/completions", b'{"prompt": "\\ud800"}', "prompt", "lone surrogate (\\ud800 at character 0)"),
+    ("/v1/completions", b'{"prompt": ["ok", "x\\udfff"]}', "prompt.1", "lone surrogate (\\udfff at character 1)"),
+    ("/v1/completions", b'{"prompt": "a", "stop": ["\\ud800"]}', "stop.0", "lone surrogate"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content", "surrogate"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     "messages.0.content.0.text", "surrogate"),
+    ("/v1/chat/completions", b'{"messages": [' + USER + b'], "stop": "\\ud800"}', "stop", "surrogate"),
+    ("/tokenize", b'{"prompt": "\\ud800"}', "prompt", "surrogate"),
+    ("/tokenize", b'{"messages": [{"role": "user", "content": "a\\ud800"}]}', "messages.0.content", "surrogate"),
+    ("/v1/completions", b'{"prompt": "a", "user\\ud800": 1}', "user\\ud800", "the key holds a lone surrogate"),
+    ("/v1/completions", b'{"prompt": "a", "x": ' + b"[" * 40 + b"]" * 40 + b"}", "x" + ".0" * 31, "deeper than 32 levels"),
+    ("/v1/completions", b"[" * 2000 + b"]" * 2000, None, "nests deeper than 32 levels"),  # the parser's recursion
+    ("/v1/completions", b'{"prompt": "a", "logit_bias": {"5": 1}}', "logit_bias", "not supported"),
+    ("/v1/completions", b'{"prompt": "a", "presence_penalty": 0.5}', "presence_penalty", "not supported"),
+    ("/v1/completions", b'{"prompt": "a", "suffix": "x"}', "suffix", "not supported"),
+    ("/v1/completions", b'{"prompt": "a", "best_of": 3}', "best_of", "best_of = n"),
+    ("/v1/completions", b'{"prompt": [1.5]}', "prompt", "prompt"),
+    ("/v1/completions", b'{"prompt": [[1, -1]]}', "prompt", "within 0..511"),
+    ("/v1/completions", b'{"prompt": [99999999999999999999999]}', "prompt", "within 0..511"),
+    ("/detokenize", b'{"tokens": [1e400]}', "tokens.0", "beyond"),
+    ("/detokenize", b'{"tokens": [1, 99999999999999999999999]}', "tokens", "within 0..511"),
+    ("/detokenize", b'{"tokens": [2.0]}', "tokens.0", "valid integer"),
+])
+def test_values_no_model_input_can_mean_are_400s_naming_the_field(client, route: str, body: bytes, param: str | None,
+                                                                  words: str) -> None:
+    r = client.post(route, headers=AUTH, content=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+    assert error["message"].startswith(param + ": ") if param else True
+    assert client.post("/v1/completions", headers=AUTH, json={"prompt": "O", "max_tokens": 2}).status_code == 200
+
+
+def test_any_temperature_top_p_and_seed_in_range_works(client, loaded) -> None:
+    """temperature 1e-300 and top_p 1e-300 were engine errors (a NaN softmax); near 0 both are greedy."""
+    model, tok = loaded
+    expected = tok.decode(generate(model, tok.encode("ROMEO:"), max_tokens=10, stop_ids=[tok.eos_id]))
+    for sampling in ({"temperature": 1e-300}, {"temperature": 5e-324}, {"temperature": 1e-39, "top_k": 5},
+                     {"temperature": 1.0, "top_p": 1e-300}, {"temperature": 1e308, "top_p": 5e-324}):
+        r = client.post("/v1/completions", headers=AUTH, json={"prompt": "ROMEO:", "max_tokens": 10, "seed": 3, **sampling})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected, (sampling, r.text)
+    for seed in (-2**63, -1, 2**63 - 1):  # n choices use seed, seed + 1, ... wrapped within 64 bits
+        r = client.post("/v1/completions", headers=AUTH, json={"prompt": "O", "max_tokens": 3, "seed": seed, "n": 3})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 3, r.text
+    r = client.post("/v1/completions", headers=AUTH, json={"prompt": "O", "max_tokens": 3, "temperature": 1e308})
+    assert r.status_code == 200, r.text
+
+
 def test_every_openai_role_renders_and_assistant_content_may_be_null(client) -> None:
     messages = [{"role": "developer", "content": "Be brief."}, {"role": "system", "content": "Really."},
                 {"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
@@ -414,6 +559,113 @@ def test_overload_gives_429_with_retry_after_and_keeps_serving(loaded) -> None:
             assert 'lmforge_rejected_requests_total{reason="queue_full"}' in c.get("/metrics").text
     finally:
         app.state.engine.stop()
+
+
+def sse_events(text: str) -> list:
+    """A stream's events as JSON, and "[DONE]" as itself."""
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def test_shutdown_lets_calls_finish_within_the_grace_and_ends_the_rest_properly(loaded) -> None:
+    """Bridge.close (what SIGTERM / Ctrl-C run before uvicorn closes connections): new calls get a
+    503; calls in flight may finish for the grace period; the rest end as a 503, in a stream as an
+    error event followed by [DONE] (a stream used to be cut without [DONE])."""
+    model, tok = loaded
+    app = create_app(model, tok, max_batch=4, max_tokens=480)
+    engine, bridge = app.state.engine, app.state.bridge
+
+    def slow(idx, **kwargs):  # about 20 ms a step: the short calls take under a second, the long ones 8 s
+        time.sleep(0.02)
+        return model(idx, **kwargs)
+
+    engine.model = slow
+    short = {"prompt": "ROMEO:", "max_tokens": 20, "ignore_eos": True, "temperature": 0}
+    long = dict(short, max_tokens=400)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+            calls = [asyncio.create_task(c.post("/v1/completions", json=dict(body, stream=stream)))
+                     for body, stream in ((short, True), (long, True), (short, False), (long, False))]
+            while len(bridge.live) < 4:
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            await bridge.close(2.5)
+            closed = time.monotonic() - started
+            late = await c.post("/v1/completions", json=short)
+            return await asyncio.gather(*calls), late, closed
+
+    engine.start()
+    try:
+        (short_stream, long_stream, short_call, long_call), late, closed = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    expected = tok.decode(generate(model, tok.encode("ROMEO:"), max_tokens=400))
+    events = sse_events(short_stream.text)
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == tok.decode(generate(model, tok.encode("ROMEO:"), max_tokens=20))
+    assert short_call.status_code == 200 and short_call.json()["choices"][0]["finish_reason"] == "length"
+    events = sse_events(long_stream.text)
+    assert long_stream.status_code == 200 and events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "503" and "shutting down" in events[-2]["error"]["message"]
+    assert expected.startswith("".join(e["choices"][0]["text"] for e in events[:-2]))
+    assert long_call.status_code == 503 and "shutting down" in long_call.json()["error"]["message"]
+    assert late.status_code == 503 and late.json()["error"]["code"] == "503"
+    assert 2.5 <= closed < 10 and not engine.busy
+
+
+@pytest.mark.parametrize("sig,grace", [(signal.SIGTERM, "0"), (signal.SIGINT, "60")], ids=["SIGTERM-cut", "SIGINT-drain"])
+def test_a_signal_ends_every_call_in_flight_properly_and_exits_0(checkpoint: Path, sig: int, grace: str) -> None:
+    """SIGTERM during a stream ended it without [DONE], logged a CancelledError traceback, and the
+    process died of the re-raised signal. Now: with --shutdown-grace 0 the calls in flight are cut
+    at once (an error event + [DONE], a 503); with a long grace they finish; either way exit 0."""
+    proc = subprocess.Popen(lmforge_cmd("serve", str(checkpoint), "--port", "0", "--max-batch", "1", "--threads", "1",
+                                        "--shutdown-grace", grace),
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        watchdog = threading.Timer(300, proc.kill)  # whatever hangs below, the test ends
+        watchdog.start()
+        line = ""
+        while not line.startswith("serving "):
+            line = proc.stdout.readline()
+            assert line, "lmforge serve exited before it served"
+        base = line.split(" at ", 1)[1].split()[0].removesuffix("/v1")
+        n = 480 if grace == "0" else 120  # cut: choice 0 must still run when the signal lands; drain: all finish
+        body = {"prompt": "ROMEO:", "max_tokens": n, "ignore_eos": True, "temperature": 0}
+        waiting: dict[str, httpx.Response] = {}
+        call = threading.Thread(target=lambda: waiting.setdefault("r", httpx.post(base + "/v1/completions", json=body,
+                                                                                    timeout=120)))
+        lines = []
+        with httpx.stream("POST", base + "/v1/completions", json=dict(body, n=4, stream=True), timeout=120) as r:
+            for event in r.iter_lines():  # 5 x n tokens one at a time (--max-batch 1): seconds of work
+                lines.append(event)
+                if len(lines) == 1:  # choice 0 runs; the other 3 and then the call below wait for the slot
+                    call.start()
+                    while metric(base, "lmforge_queue_depth") < 4:
+                        time.sleep(0.02)
+                    proc.send_signal(sig)
+                    signalled = time.monotonic()
+        call.join()
+        rc = proc.wait(timeout=120)
+        took = time.monotonic() - signalled
+        output = proc.stdout.read()
+        watchdog.cancel()
+    finally:
+        proc.kill()
+        proc.wait()
+    events = sse_events("\n".join(lines))
+    assert rc == 0, output
+    assert "Traceback" not in output and "CancelledError" not in output and "graceful shutdown exceeded" not in output, output
+    assert events[-1] == "[DONE]"
+    if grace == "0":
+        assert events[-2]["error"]["code"] == "503" and "shutting down" in events[-2]["error"]["message"]
+        assert waiting["r"].status_code == 503 and waiting["r"].json()["error"]["code"] == "503"
+        assert took < 30
+    else:
+        assert sorted(e["choices"][0]["index"] for e in events[:-1] if e["choices"][0]["finish_reason"]) == [0, 1, 2, 3]
+        assert {e["choices"][0]["finish_reason"] for e in events[:-1]} == {None, "length"}
+        assert waiting["r"].status_code == 200 and waiting["r"].json()["usage"]["completion_tokens"] == n
 
 
 # ---- a real server process and the official openai client ---------------------------------

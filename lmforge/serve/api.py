@@ -21,6 +21,11 @@ status and is counted as refused; unknown routes and methods get the same shape)
 - `lmforge serve` binds and listens itself before it announces the URL (the real port, also for
   --port 0), so a taken port is one clear error, and hands the socket to uvicorn. It refuses a
   non-loopback host without an API key unless told --insecure.
+- Shutdown (SIGTERM or Ctrl-C): before uvicorn closes connections, `Bridge.close` refuses new
+  calls (503), gives the calls in flight --shutdown-grace seconds to finish and cuts the rest
+  short (a 503, or an error event and `[DONE]` in a stream), so uvicorn never has to cancel a
+  response half-sent. SIGTERM is handled like Ctrl-C (uvicorn re-raises the signal it stopped
+  for; SIGTERM's default action would kill the process), and both exit 0.
 - Log-probs are the model's own (log-softmax of the raw logits; temperature and top-k/top-p do
   not reshape them), so scoring does not depend on sampling settings.
 
@@ -35,7 +40,9 @@ import contextlib
 import errno
 import hmac
 import ipaddress
+import math
 import os
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -97,13 +104,14 @@ def create_app(
     max_body_bytes: int = 1 << 20,
 ) -> FastAPI:
     """The API over a loaded model (eval mode). The engine thread runs while the app does."""
-    if max_tokens < 1 or request_timeout <= 0 or max_body_bytes < 1:
+    if max_tokens < 1 or not (math.isfinite(request_timeout) and request_timeout > 0) or max_body_bytes < 1:
         raise LmforgeError(f"--max-tokens, --request-timeout and --max-body-bytes must be positive, got "
                            f"{max_tokens}, {request_timeout} and {max_body_bytes}")
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     chat = ChatTemplate(tokenizer, chat_template)
     metrics = Metrics(engine)
-    routes = Routes(Bridge(engine, metrics, request_timeout), tokenizer, chat, metrics, model_name=model_name,
+    bridge = Bridge(engine, metrics, request_timeout)
+    routes = Routes(bridge, tokenizer, chat, metrics, model_name=model_name,
                     context=model.cfg.max_seq_len, max_tokens=max_tokens, max_body_bytes=max_body_bytes)
 
     @contextlib.asynccontextmanager
@@ -119,7 +127,7 @@ def create_app(
         return JSONResponse(error_body(e.message, e.kind, e.status, e.param), status_code=e.status, headers=e.headers)
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
+    app.state.engine, app.state.bridge = engine, bridge  # bridge.close(grace): the server's shutdown
     if api_key:
         app.add_middleware(ApiKeyAuth, key=api_key, metrics=metrics)
     app.add_exception_handler(ApiError, api_error)
@@ -205,6 +213,7 @@ def serve_command(
     request_timeout: float,
     max_body_bytes: int,
     threads: int,
+    shutdown_grace: float = 5.0,
 ) -> int:
     """Load a run or checkpoint and serve it until interrupted. Unset limits come from the
     checkpoint's `serve:` config section."""
@@ -216,6 +225,8 @@ def serve_command(
 
     if port is not None:
         check_port(port)  # before loading anything (serve.port from the config is checked there)
+    if not (math.isfinite(shutdown_grace) and shutdown_grace >= 0):
+        raise LmforgeError(f"--shutdown-grace must be a number of seconds >= 0, got {shutdown_grace}")
     key = resolve_api_key(api_key, api_key_file)
     template = read_chat_template(chat_template)
     if threads > 0:
@@ -242,14 +253,31 @@ def serve_command(
         # URL works as soon as it is printed; its port is the real one, also for --port 0.
         console.print(f"serving {name} (step {step}) at http://{where}:{sock.getsockname()[1]}/v1 ({auth}); "
                       "Ctrl-C stops", markup=False)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
-        with contextlib.suppress(KeyboardInterrupt):
-            server.run(sockets=[sock])
+        server = _server(app, shutdown_grace)
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends like Ctrl-C, exit 0
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                server.run(sockets=[sock])
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     finally:
         sock.close()
     if not server.started:  # uvicorn logged why (the lifespan failed)
         raise LmforgeError("the server did not start; see the error above")
     return 0
+
+
+def _server(app: FastAPI, shutdown_grace: float) -> Any:
+    """A uvicorn server that ends the app's calls in flight (`Bridge.close`) before its own
+    shutdown closes the connections; uvicorn's own grace period is only a backstop then."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await app.state.bridge.close(shutdown_grace, hurry=lambda: self.force_exit)  # a second Ctrl-C hurries
+            await super().shutdown(sockets=sockets)
+
+    return Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10))
 
 
 def listen(host: str, port: int) -> socket.socket:

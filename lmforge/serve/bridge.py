@@ -18,6 +18,10 @@ request has finished:
 - The engine's refusals at submit become `ApiError`s: an impossible request a 400, a full queue
   a 429 with Retry-After; a request that ran past its deadline (--request-timeout) or failed in
   the engine ends its call as a 504 or 500 (in a stream: an error event, see routes.py).
+- `close(grace)` is the server's shutdown (SIGTERM, Ctrl-C): new calls get a 503, calls in
+  flight get up to `grace` seconds to finish, and what is still running then is cancelled with
+  reason "shutdown": a 503 for a waiting call, an error event and `[DONE]` in a stream. So every
+  response ends properly before uvicorn closes the connections.
 
 Trade-off: a call's requests are all submitted or none (the engine's rule), so `n` choices never
 run partly; and a disconnect is noticed by polling once a second for a non-streaming request.
@@ -30,6 +34,7 @@ import contextlib
 import functools
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 
 from starlette.requests import Request as HttpRequest
@@ -82,10 +87,15 @@ class Bridge:
     def __init__(self, engine: Engine, metrics: Metrics, request_timeout: float) -> None:
         self.engine, self.metrics, self.request_timeout = engine, metrics, request_timeout
         self.mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}
+        self.closing = False  # set by close(): new calls are refused
+        self.live: weakref.WeakSet[Request] = weakref.WeakSet()  # submitted; the engine holds the running ones
 
     def submit(self, requests: list[Request], *, stream: bool) -> asyncio.Queue:
         """Queue requests; their events arrive on the returned asyncio queue as (index, event):
         as they happen for a stream, all at once when a request finishes otherwise."""
+        if self.closing:
+            raise ApiError(503, "the server is shutting down; send the request to another server or retry after "
+                                "it restarts", kind="server_error")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         mailbox = self.mailboxes.setdefault(loop, Mailbox(loop))
         deadline = time.monotonic() + self.request_timeout
@@ -99,7 +109,21 @@ class Bridge:
                            headers={"Retry-After": "1"}) from None
         except LmforgeError as e:
             raise ApiError(400, str(e)) from None
+        self.live.update(requests)
         return queue
+
+    async def close(self, grace: float, hurry: Callable[[], bool] = lambda: False) -> None:
+        """Refuse new calls, let the running ones finish for up to `grace` seconds (or until
+        `hurry()`), then end the rest as "shutdown" and wait (briefly) until the engine is idle."""
+        self.closing = True
+        deadline = time.monotonic() + grace
+        while self.engine.busy and time.monotonic() < deadline and not hurry():
+            await asyncio.sleep(0.05)
+        for req in list(self.live):
+            self.engine.cancel(req, "shutdown")
+        deadline = time.monotonic() + 5.0  # the engine drops them at its next step
+        while self.engine.busy and time.monotonic() < deadline and not hurry():
+            await asyncio.sleep(0.02)
 
     async def events(self, queue: asyncio.Queue, requests: list[Request], http: HttpRequest | None,
                      route: str) -> AsyncIterator[tuple[int, Event]]:
@@ -121,6 +145,9 @@ class Bridge:
                                             "(--request-timeout)", kind="timeout_error")
                     if event.reason == "error":
                         raise ApiError(500, event.message, kind="server_error")
+                    if event.reason == "shutdown":
+                        raise ApiError(503, "the server is shutting down; this reply was cut short, retry it",
+                                       kind="server_error")
                 yield i, event
             self.metrics.latency.labels(route).observe(time.monotonic() - start)
         finally:

@@ -32,6 +32,14 @@ is decoded incrementally by each slot's `StreamDecoder` (lmforge/tokenizer.py), 
 byte-level token that ends inside a UTF-8 character; on top of its settled text the engine holds
 back a tail that could be the start of a stop string, and cuts the text before a stop string.
 
+Failures stay in their row. Everything a step does for one request (seeding its generator,
+sampling, log-probs, decoding text, calling its sink) is guarded per row: an exception fails that
+request alone (`Finished("error")`, logged) and the step goes on with the others. A batched
+forward that raises is run again one row at a time (prefill: one forward per new prompt; decode:
+one per running row), so the row whose forward fails is failed and every other row continues
+with logits of its own; rows that fail are packed out like finished ones. Requests are checked
+at `submit` (`check`), so this is the second line: a bad request should never get this far.
+
 Trade-offs
 ----------
 - Rows in one forward are padded to a common length: prefill to the longest new prompt, decode
@@ -50,6 +58,7 @@ Trade-offs
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,11 +67,12 @@ from typing import Callable
 import torch
 
 from ..errors import LmforgeError
-from ..generate import pick_token
+from ..generate import check_sampling, pick_token
 from ..model import Transformer
 from ..tokenizer import StreamDecoder, Tokenizer
 
 MAX_LOGPROBS = 20  # the most alternatives per position a request may ask for (OpenAI allows 5..20)
+log = logging.getLogger("lmforge.serve")
 
 
 class QueueFull(Exception):
@@ -90,7 +100,7 @@ class Token:
 
 @dataclass
 class Finished:
-    reason: str  # "stop" | "length" | "cancelled" | "timeout" | "error"
+    reason: str  # "stop" | "length" | "cancelled" | "timeout" | "error" | "shutdown" (see Engine.cancel)
     text: str = ""  # text settled at the end (held-back bytes, the part before a stop string)
     message: str = ""  # for "error"
 
@@ -112,7 +122,7 @@ class Request:
     echo_logprobs: bool = False  # also the prompt tokens' log-probs (a `Prompt` event)
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     sink: Callable[[Event], None] = lambda event: None  # called on the engine thread
-    cancelled: bool = field(default=False, init=False)
+    cancelled: str = field(default="", init=False)  # why it was dropped (Engine.cancel's reason), "" while it runs
 
 
 @dataclass(eq=False)
@@ -216,8 +226,7 @@ class Engine:
                 f"the prompt ({n} tokens) plus max_tokens ({req.max_tokens}) is {n + req.max_tokens} tokens, "
                 f"more than the model's context of {self.max_seq_len} tokens; shorten the prompt or lower max_tokens"
             )
-        if req.temperature < 0 or req.top_k < 0 or not 0.0 < req.top_p <= 1.0:
-            raise LmforgeError("temperature must be >= 0, top_k >= 0 and top_p within (0, 1]")
+        check_sampling(req.temperature, req.top_k, req.top_p, req.seed)
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
             raise LmforgeError(f"logprobs must be within 0..{MAX_LOGPROBS}, got {req.logprobs}")
 
@@ -240,11 +249,18 @@ class Engine:
             self.waiting.extend(requests)
             self.wake.notify()
 
-    def cancel(self, req: Request) -> None:
-        """Drop a request (its client left); its slot is freed before the next forward."""
-        req.cancelled = True
+    def cancel(self, req: Request, reason: str = "cancelled") -> None:
+        """Drop a request (its client left: "cancelled"; the server stops: "shutdown"); it ends with
+        Finished(reason) and its slot is freed before the next forward. A no-op once it ended."""
+        req.cancelled = req.cancelled or reason
         with self.wake:
             self.wake.notify()
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is waiting, being admitted or running."""
+        with self.wake:
+            return bool(self.waiting or self.admitting or self.active)
 
     @property
     def queue_depth(self) -> int:
@@ -276,8 +292,10 @@ class Engine:
             self.wake.notify_all()
         if self.thread is not None:
             self.thread.join(timeout=30)
-        for req in list(self.waiting) + [s.req for s in self.active]:
-            req.sink(Finished("cancelled"))
+        for req in self.waiting:
+            _deliver(req, Finished("cancelled"))
+        for slot in self.active:
+            self._finish(slot, Finished("cancelled"))
         self.waiting.clear()
         self.active.clear()
 
@@ -294,7 +312,8 @@ class Engine:
                         return
                 try:
                     self.step()
-                except Exception as e:  # a bug must not hang every client: fail the running requests
+                except Exception as e:  # a bug outside the per-row guards must not hang every client
+                    log.exception("engine step failed; failing the %d running requests", len(self.active))
                     for slot in self.active:
                         self._finish(slot, Finished("error", message=f"engine error: {e!r}"))
                     self.active.clear()
@@ -308,7 +327,7 @@ class Engine:
             for req in self.waiting:
                 reason = _dropped(req, now)
                 if reason:
-                    req.sink(Finished(reason))
+                    _deliver(req, Finished(reason))
                 else:
                     keep.append(req)
             self.waiting = keep
@@ -332,49 +351,101 @@ class Engine:
 
     def _prefill(self, requests: list[Request]) -> None:
         lo = len(self.active)
-        lengths = [len(r.prompt_ids) for r in requests]
-        T = max(lengths)
-        idx = torch.zeros((len(requests), T), dtype=torch.long)  # right-padded with token 0
-        for b, req in enumerate(requests):
-            idx[b, : lengths[b]] = torch.tensor(req.prompt_ids)
-        slots = [_Slot(req, length=n, decoder=StreamDecoder(self.tokenizer)) for req, n in zip(requests, lengths)]
+        slots = [_Slot(req, length=len(req.prompt_ids), decoder=StreamDecoder(self.tokenizer)) for req in requests]
         with self.wake:  # one change for submit(), which counts free slots
-            self.active.extend(slots)  # before the forward: if it fails, _run fails them with the rest
+            self.active.extend(slots)  # first: whatever fails below, these requests get their Finished
             self.admitting = 0
-        view = SlotView(self.cache, lo, lo + len(requests))
-        logits = self.model(idx.to(self.device), cache=view)  # (B, T, V)
-        self.prompt_tokens += sum(lengths)
-        for b, (req, slot) in enumerate(zip(requests, slots)):
-            if req.temperature > 0:
-                slot.generator = torch.Generator(device=self.device)
-                if req.seed is None:
-                    slot.generator.seed()
-                else:
-                    slot.generator.manual_seed(req.seed)
-            if req.echo_logprobs:
-                req.sink(self._prompt_logprobs(req, logits[b, : lengths[b] - 1]))
-            if req.max_tokens == 0:
-                self._finish(slot, Finished("length"))
+        try:
+            logits = self._prefill_forward(lo, len(self.active))  # (B, T, V)
+            rows: list[torch.Tensor | None] = [logits[b] for b in range(len(slots))]
+        except Exception as e:
+            rows = self._alone(lo, self._prefill_forward, e)
+        self.prompt_tokens += sum(s.length for s in slots)
+        for slot, row in zip(slots, rows):
+            if row is not None:
+                self._guarded(slot, self._start, row[: slot.length])
+
+    def _prefill_forward(self, a: int, b: int) -> torch.Tensor:
+        """One forward over the prompts of rows a..b-1, right-padded to the longest: (b-a, T, V)."""
+        rows = self.active[a:b]
+        idx = torch.zeros((len(rows), max(s.length for s in rows)), dtype=torch.long)  # padded with token 0
+        for i, s in enumerate(rows):
+            idx[i, : s.length] = torch.tensor(s.req.prompt_ids)
+        return self.model(idx.to(self.device), cache=SlotView(self.cache, a, b))
+
+    def _start(self, slot: _Slot, logits: torch.Tensor) -> None:
+        """A prefilled request's first steps, from its prompt's logits (n, V)."""
+        req = slot.req
+        if req.temperature > 0:
+            slot.generator = torch.Generator(device=self.device)
+            if req.seed is None:
+                slot.generator.seed()
             else:
-                row = logits[b, lengths[b] - 1]  # (V,) predicts the first new token
-                self._accept(slot, row, int(torch.argmax(row)) if req.temperature == 0 else None)
+                slot.generator.manual_seed(req.seed)
+        if req.echo_logprobs:
+            req.sink(self._prompt_logprobs(req, logits[:-1]))
+        if req.max_tokens == 0:
+            self._finish(slot, Finished("length"))
+        else:
+            row = logits[-1]  # (V,) predicts the first new token
+            self._accept(slot, row, int(torch.argmax(row)) if req.temperature == 0 else None)
 
     def _decode(self) -> None:
         n = len(self.active)
-        tokens = torch.tensor([[s.last] for s in self.active], device=self.device)  # (B, 1)
-        positions = torch.tensor([[s.length] for s in self.active], device=self.device)  # (B, 1)
-        L = int(positions.max()) + 1
-        mask = torch.arange(L, device=self.device)[None, None, :] <= positions[:, :, None]  # (B, 1, L)
-        view = SlotView(self.cache, 0, n, positions, L)
-        logits = self.model(tokens, cache=view, positions=positions, attn_mask=mask)[:, 0]  # (B, V)
-        greedy = logits.argmax(dim=-1).tolist()  # one op for every greedy row
-        for i, slot in enumerate(list(self.active)):
-            slot.length += 1
-            self._accept(slot, logits[i], greedy[i] if slot.req.temperature == 0 else None)
+        try:
+            logits = self._decode_forward(0, n)  # (B, V)
+            rows: list[torch.Tensor | None] = list(logits)
+            greedy = logits.argmax(dim=-1).tolist()  # one op for every greedy row
+        except Exception as e:
+            rows = self._alone(0, self._decode_forward, e)
+            greedy = [-1 if row is None else int(torch.argmax(row)) for row in rows]
+        for slot, row, best in zip(list(self.active), rows, greedy):
+            if row is not None:
+                slot.length += 1
+                self._guarded(slot, self._accept, row, best if slot.req.temperature == 0 else None)
         now = time.monotonic()
         self.recent.append((now, n))
         while self.recent and self.recent[0][0] < now - 60:
             self.recent.popleft()
+
+    def _decode_forward(self, a: int, b: int) -> torch.Tensor:
+        """One decode forward for rows a..b-1, each at its own position: (b-a, V)."""
+        rows = self.active[a:b]
+        tokens = torch.tensor([[s.last] for s in rows], device=self.device)  # (B, 1)
+        positions = torch.tensor([[s.length] for s in rows], device=self.device)  # (B, 1)
+        L = int(positions.max()) + 1
+        mask = torch.arange(L, device=self.device)[None, None, :] <= positions[:, :, None]  # (B, 1, L)
+        view = SlotView(self.cache, a, b, positions, L)
+        return self.model(tokens, cache=view, positions=positions, attn_mask=mask)[:, 0]
+
+    def _alone(self, lo: int, forward: Callable[[int, int], torch.Tensor], error: Exception) -> list[torch.Tensor | None]:
+        """After `forward(lo, len(active))` over several rows raised `error`: each of those rows'
+        own forward (`forward(i, i + 1)[0]`; it rewrites the row's cache positions the batched one
+        may have half written). A row whose own forward fails too is failed: None in its place."""
+        slots = self.active[lo:]
+        if len(slots) == 1:
+            self._fail(slots[0], error)
+            return [None]
+        log.warning("a forward over %d rows failed (%r); running them one at a time", len(slots), error)
+        rows: list[torch.Tensor | None] = []
+        for i, slot in enumerate(slots, start=lo):
+            try:
+                rows.append(forward(i, i + 1)[0])
+            except Exception as e:
+                self._fail(slot, e)
+                rows.append(None)
+        return rows
+
+    def _guarded(self, slot: _Slot, work: Callable[..., None], *args: object) -> None:
+        """work(slot, *args); an exception fails this request only."""
+        try:
+            work(slot, *args)
+        except Exception as e:
+            self._fail(slot, e)
+
+    def _fail(self, slot: _Slot, error: Exception) -> None:
+        log.error("a request failed in the engine (the others go on): %r", error, exc_info=error)
+        self._finish(slot, Finished("error", message=f"engine error: {error!r}"))
 
     def _accept(self, slot: _Slot, logits: torch.Tensor, token: int | None) -> None:
         """Pick the next token from logits (V,), emit it, and decide whether the slot is done."""
@@ -431,7 +502,7 @@ class Engine:
     def _finish(self, slot: _Slot, event: Finished) -> None:
         if not slot.done:
             slot.done = True
-            slot.req.sink(event)
+            _deliver(slot.req, event)
 
     def _pack(self) -> None:
         """Remove finished rows, moving the last running row into each freed slot."""
@@ -448,9 +519,17 @@ def _top(lp: torch.Tensor, n: int) -> list[tuple[int, float]]:
     return list(zip(ids.tolist(), values.tolist()))
 
 
+def _deliver(req: Request, event: Finished) -> None:
+    """A request's last event; a sink that fails on it is logged (nothing more can reach its client)."""
+    try:
+        req.sink(event)
+    except Exception as e:
+        log.error("a request's sink failed on its end (%s): %r", event.reason, e)
+
+
 def _dropped(req: Request, now: float) -> str:
     if req.cancelled:
-        return "cancelled"
+        return req.cancelled
     if req.deadline is not None and now > req.deadline:
         return "timeout"
     return ""

@@ -18,7 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from .engine import Engine
 
 # A refused request's HTTP status -> its `reason` label; every other 4xx is "invalid".
-REJECTED = {401: "unauthorized", 413: "too_large", 429: "queue_full", 500: "engine_error", 504: "timeout"}
+REJECTED = {401: "unauthorized", 413: "too_large", 429: "queue_full", 500: "engine_error", 503: "shutdown",
+            504: "timeout"}
 
 
 class EngineCollector:

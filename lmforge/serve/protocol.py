@@ -5,11 +5,16 @@ Design
 Everything here is about JSON in and JSON out, and nothing about the model or the engine, so a
 route reads as "body -> engine requests -> events -> these shapes".
 
-- Bodies are read by hand (`read_body`: size-limited, then `json.loads`, then a strict pydantic
-  model: JSON's types, no bool as a number, no "5" as 5), so malformed JSON, a wrong type, an
-  unknown chat role or an oversized body is a 4xx whose OpenAI-shaped error names the field
-  (`param`, and the message starts with it), never a 500. Validating a field at the edge belongs
-  here, in its body model.
+- Bodies are read by hand (`read_body`: size-limited, then `json.loads`, then `check_json`, then
+  a strict pydantic model: JSON's types, no bool as a number, no "5" as 5), so malformed JSON, a
+  wrong type, an unknown chat role or an oversized body is a 4xx whose OpenAI-shaped error names
+  the field (`param`, and the message starts with it), never a 500. Validating a field at the
+  edge belongs here, in its body model.
+- `check_json` refuses, anywhere in a body (also in fields the server ignores), what Python's
+  json module accepts but no model input can mean: nesting deeper than MAX_JSON_DEPTH (deeper
+  bodies would exhaust the parser's recursion), NaN and Infinity (not JSON) and numbers beyond a
+  float's range (1e999), and strings with a lone UTF-16 surrogate (`"\\ud800"`: not Unicode text,
+  no tokenizer can encode it). Refusing beats repairing here: a prompt is never silently changed.
 - `ApiError` is every refusal a route makes; the app turns it into `error_body` with its status
   (`code` is the status as a string, so an error event inside a stream, after a 200, still says
   what it was).
@@ -27,6 +32,7 @@ each and never parsed back, and a dict keeps the key order clients see obvious.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
@@ -34,11 +40,14 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from starlette.requests import Request as HttpRequest
 
+from ..generate import SEED_MAX, SEED_MIN
+from ..tokenizer import lone_surrogate
 from .engine import MAX_LOGPROBS, Prompt
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MAX_STOP_STRINGS = 16
 MAX_N = 16
+MAX_JSON_DEPTH = 32  # arrays and objects inside each other; OpenAI's bodies need about 5
 
 M = TypeVar("M", bound=BaseModel)
 Scored = tuple[int, float | None, list[tuple[int, float]] | None]  # (token id, log-prob, best (id, log-prob))
@@ -67,7 +76,7 @@ class GenerationBody(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # 64-bit signed, as OpenAI's; choice i uses nth_seed(seed, i)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -151,11 +160,19 @@ class ApiError(Exception):
 def error_body(message: str, kind: str, status: int, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape. `code` is a string or null there (the openai client reads it as one):
     here always the HTTP status as a string, so an error event inside a stream (sent after a 200)
-    still says what it was."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": str(status)}}
+    still says what it was. A message or param quoting a client's lone surrogate shows it escaped
+    (it has no UTF-8 form, so the response could not be written)."""
+    return {"error": {"message": _printable(message), "type": kind, "param": None if param is None else _printable(param),
+                      "code": str(status)}}
+
+
+def _printable(text: str) -> str:
+    return text if lone_surrogate(text) is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _json_type(value: Any) -> str:
+    if isinstance(value, _Constant):
+        return value.token
     for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
                        (list, "an array"), (dict, "an object")):
         if isinstance(value, kind):
@@ -176,8 +193,62 @@ def _describe(e: ValidationError) -> tuple[str, str | None]:
     return f"{where or 'body'}: {message}{more}", where or None
 
 
+class _Constant:
+    """What json.loads makes of NaN, Infinity and -Infinity here: a marker check_json refuses."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+
+def check_json(data: Any) -> None:
+    """400 naming the place of the first value in a parsed body that is nested deeper than
+    MAX_JSON_DEPTH, a NaN / Infinity / out-of-range number, or a string (value or key) holding a
+    lone surrogate. Iterative, in document order; a 1 MiB array of ids takes a few milliseconds."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            _check_depth(path)
+            for key in value:
+                if (i := lone_surrogate(key)) is not None:
+                    where = _dotted((*path, key))
+                    raise ApiError(400, f"{where}: the key holds a lone surrogate ({_escaped(key[i])} at character "
+                                        f"{i}), which is not Unicode text", param=where)
+            stack.extend(reversed([(v, (*path, k)) for k, v in value.items()]))
+        elif isinstance(value, list):
+            _check_depth(path)
+            stack.extend(reversed([(v, (*path, i)) for i, v in enumerate(value)]))
+        elif isinstance(value, str):
+            if (i := lone_surrogate(value)) is not None:
+                where = _dotted(path)
+                raise ApiError(400, f"{where}: holds a lone surrogate ({_escaped(value[i])} at character {i}), "
+                                    "which is not Unicode text; send valid UTF-8 or a surrogate pair", param=where)
+        elif isinstance(value, _Constant):
+            where = _dotted(path)
+            raise ApiError(400, f"{where}: {value.token} is not a JSON number; send a finite number", param=where)
+        elif isinstance(value, float) and not math.isfinite(value):
+            where = _dotted(path)
+            raise ApiError(400, f"{where}: the number is beyond a 64-bit float's range (about 1.8e308)", param=where)
+
+
+def _escaped(char: str) -> str:
+    return f"\\u{ord(char):04x}"
+
+
+def _check_depth(path: tuple[str | int, ...]) -> None:
+    if len(path) >= MAX_JSON_DEPTH:  # the body itself is level 1
+        where = _dotted(path[:MAX_JSON_DEPTH])
+        raise ApiError(400, f"{where}: nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects", param=where)
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    """A place in a body as `_describe` names it: messages.0.content."""
+    return ".".join(map(str, path)) or "body"
+
+
 async def read_body(request: HttpRequest, model: type[M], limit: int) -> M:
-    """The request's JSON body as `model`: 413 past `limit` bytes, 400 for bad JSON or types."""
+    """The request's JSON body as `model`: 413 past `limit` bytes, 400 for bad JSON (`check_json`)
+    or types."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {declared} bytes is over this server's limit of {limit} bytes (--max-body-bytes)")
@@ -187,11 +258,14 @@ async def read_body(request: HttpRequest, model: type[M], limit: int) -> M:
         if len(body) > limit:
             raise ApiError(413, f"request body is over this server's limit of {limit} bytes (--max-body-bytes)")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_Constant)
+    except RecursionError:  # the parser recurses per level; far deeper than check_json allows
+        raise ApiError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects") from None
     except ValueError as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
+        raise ApiError(400, f"request body must be a JSON object, got {_json_type(data)}")
+    check_json(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -265,6 +339,6 @@ SSE_DONE = "data: [DONE]\n\n"  # OpenAI's end of a stream
 
 
 __all__ = ["GenerationBody", "CompletionBody", "ChatBody", "ChatMessage", "ContentPart", "TokenizeBody",
-           "DetokenizeBody", "ApiError", "error_body", "read_body", "stop_strings", "Scored", "prompt_scores",
+           "DetokenizeBody", "ApiError", "error_body", "read_body", "check_json", "MAX_JSON_DEPTH", "stop_strings", "Scored", "prompt_scores",
            "legacy_logprobs", "chat_logprobs", "usage", "reply", "sse", "SSE_DONE", "DEFAULT_COMPLETION_TOKENS",
            "MAX_STOP_STRINGS", "MAX_N"]

@@ -18,8 +18,8 @@ as OpenAI JSON or as server-sent events (`protocol`). `create_app` (api.py) regi
 - A non-streaming call whose client left answers 499 (nobody reads it).
 
 Trade-offs: one model per server (the `model` field is not checked, so any client's default name
-works); `n > 1` runs n independent requests (seed, seed + 1, ...); presence/frequency penalties
-and logit_bias are refused rather than ignored.
+works); `n > 1` runs n independent requests (seeds seed, seed + 1, ..., wrapped within 64 bits);
+presence/frequency penalties and logit_bias are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request as HttpRequest
 
+from ..generate import nth_seed
 from ..tokenizer import Tokenizer
 from .bridge import Bridge
 from .chat import ChatTemplate, special_token
@@ -81,8 +82,10 @@ class Routes:
         body = await read_body(http, CompletionBody, self.max_body_bytes)
         n_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
         self._check_common(body, n_tokens)
-        if body.suffix or (body.best_of is not None and body.best_of != body.n):
-            raise ApiError(400, "suffix and best_of are not supported")
+        if body.suffix:
+            raise ApiError(400, "suffix: not supported by this server", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise ApiError(400, "best_of: only best_of = n (or leaving it out) is supported", param="best_of")
         prompts = self._encode_prompts(body.prompt)
         stop = stop_strings(body.stop)
         requests = [r for _text, ids in prompts for r in self._requests(ids, body, n_tokens, stop, body.logprobs, body.echo)]
@@ -131,7 +134,7 @@ class Routes:
         if isinstance(prompt, str):
             prompt = [prompt]
         if len(prompt) == 0:
-            raise ApiError(400, "prompt is empty; send a string, a list of strings or token ids", param="prompt")
+            raise ApiError(400, "prompt: empty; send a string, a list of strings or token ids", param="prompt")
         if isinstance(prompt[0], int):
             prompt = [prompt]  # one prompt given as token ids
         out, vocab = [], self.tokenizer.vocab_size
@@ -140,7 +143,7 @@ class Routes:
                 out.append((p, self.tokenizer.encode(p) or self._bos()))
             else:
                 if any(not 0 <= t < vocab for t in p):
-                    raise ApiError(400, f"prompt token ids must be within 0..{vocab - 1}", param="prompt")
+                    raise ApiError(400, f"prompt: token ids must be within 0..{vocab - 1}", param="prompt")
                 out.append((self.tokenizer.decode(p), list(p)))
         return out
 
@@ -208,7 +211,7 @@ class Routes:
     async def detokenize(self, http: HttpRequest) -> dict[str, Any]:
         body = await read_body(http, DetokenizeBody, self.max_body_bytes)
         if any(not 0 <= t < self.tokenizer.vocab_size for t in body.tokens):
-            raise ApiError(400, f"token ids must be within 0..{self.tokenizer.vocab_size - 1}", param="tokens")
+            raise ApiError(400, f"tokens: token ids must be within 0..{self.tokenizer.vocab_size - 1}", param="tokens")
         return {"prompt": self.tokenizer.decode(body.tokens)}
 
     async def tokenizer_info(self) -> dict[str, Any]:
@@ -225,17 +228,20 @@ class Routes:
     # ---- shared steps --------------------------------------------------------------------------
 
     def _check_common(self, body: GenerationBody, n_tokens: int | None) -> None:
-        if body.presence_penalty or body.frequency_penalty or body.logit_bias:
-            raise ApiError(400, "presence_penalty, frequency_penalty and logit_bias are not supported")
+        for name in ("presence_penalty", "frequency_penalty", "logit_bias"):
+            if getattr(body, name):
+                raise ApiError(400, f"{name}: not supported by this server (presence_penalty, frequency_penalty "
+                                    "and logit_bias must be 0, empty or left out)", param=name)
         if n_tokens is not None and n_tokens > self.max_tokens:
             raise ApiError(400, f"max_tokens {n_tokens} is above this server's limit of {self.max_tokens} (--max-tokens)",
                            param="max_tokens")
 
     def _requests(self, ids: list[int], body: GenerationBody, n_tokens: int, stop: tuple[str, ...],
                   logprobs: int | None, echo: bool) -> list[Request]:
-        """The engine requests for one prompt: n choices, seeds seed, seed + 1, ..."""
+        """The engine requests for one prompt: n choices, seeds seed, seed + 1, ... (nth_seed)."""
         return [Request(ids, n_tokens, temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
-                        seed=None if body.seed is None else body.seed + j, stop_ids=() if body.ignore_eos else self.end_ids,
+                        seed=None if body.seed is None else nth_seed(body.seed, j),
+                        stop_ids=() if body.ignore_eos else self.end_ids,
                         stop=stop, logprobs=logprobs, echo_logprobs=echo and logprobs is not None)
                 for j in range(body.n)]
 
