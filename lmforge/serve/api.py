@@ -786,7 +786,7 @@ def serve_command(
     import torch
     import uvicorn
 
-    from ..train.checkpoint import load_for_inference
+    from ..artifacts import load_model
     from ..util import check_port, console
 
     if port is not None:
@@ -803,7 +803,8 @@ def serve_command(
     # The engine thread and the event loop share the GIL; a shorter switch interval keeps the
     # engine from waiting up to 5 ms for it each time the loop handles a token (docs/serve.md).
     sys.setswitchinterval(0.0005)
-    model, tokenizer, cfg, step = load_for_inference(path)
+    loaded = load_model(path)
+    model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
     template = template or tokenizer.chat_template  # a model directory's (or a fine-tune's origin's) recorded one
     host = host or cfg.serve.host
     if not is_loopback(host) and key is None and not insecure:
@@ -824,7 +825,7 @@ def serve_command(
         where = f"[{host}]" if ":" in host else host
         # Listening already (connections wait in the backlog until uvicorn accepts them), so the
         # URL works as soon as it is printed; its port is the real one, also for --port 0.
-        console.print(f"serving {name} (step {step}) at http://{where}:{sock.getsockname()[1]}/v1 ({auth}); "
+        console.print(f"serving {name} ({loaded.origin.describe()}) at http://{where}:{sock.getsockname()[1]}/v1 ({auth}); "
                       "Ctrl-C stops", markup=False)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
         with contextlib.suppress(KeyboardInterrupt):
