@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import __version__
 from .config import Config, ModelConfig, load_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 from .util import atomic_dir, atomic_write_json, sha256_bytes, sha256_file, warn
 
