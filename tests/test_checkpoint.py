@@ -41,6 +41,7 @@ def test_checkpoint_is_complete_and_manifest_round_trips(run):
     assert listed == on_disk
     assert {"model.safetensors", "tokenizer.json", "config.yaml", "trainer.json"} <= listed
     assert any(name.startswith("train_state/") for name in listed)
+    assert "tokenizer_config.json" not in listed  # a run without an origin (init.from) records no tokenizer facts
     state = json.loads((c / "trainer.json").read_text())
     assert state["step"] == 20 and state["loader"]["step"] == 20
     assert set(state["rng"]) == {"python", "numpy", "torch"}

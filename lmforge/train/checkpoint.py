@@ -136,7 +136,8 @@ def save_checkpoint(
     d: Dist = SINGLE,
 ) -> Path:
     """Write a complete checkpoint for `step` atomically and point `latest` at it. `tokenizer_facts`
-    (bos/eos token, chat template of the model the run started from) go into tokenizer_config.json.
+    (bos/eos token, chat template of the model the run started from; None: the run has no origin)
+    go into tokenizer_config.json.
 
     Under many processes every rank calls this (DCP and the FSDP gather are collectives); rank 0
     owns the temporary directory, the small files, the manifest and the rename."""
@@ -156,7 +157,7 @@ def save_checkpoint(
         if d.is_main:
             save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})  # one key: safetensors orders metadata arbitrarily, and files must be byte-stable
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
-            if tokenizer_facts:
+            if tokenizer_facts is not None:
                 (tmp / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_facts, indent=2) + "\n", encoding="utf-8")
             (tmp / CONFIG_FILE).write_text(config.to_yaml(), encoding="utf-8")
             state = dict(trainer_state, step=step, rng=rng_state())

@@ -155,7 +155,7 @@ class Run:
     store: Any = None  # the experiment store (track/store.py), None if it cannot be opened
     run_id: int = 0
     fresh_data_order: str = ""  # --from: why the checkpoint's data cursor could not carry over ("": it did)
-    tokenizer_facts: dict[str, Any] = field(default_factory=dict)  # bos/eos token, chat template: into every checkpoint
+    tokenizer_facts: dict[str, Any] | None = None  # bos/eos token, chat template of its origin: into every checkpoint
     init_origin: dict[str, Any] | None = None  # init.from's weights, as loaded by a fresh run (its start event)
 
     @property
@@ -218,8 +218,8 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
         if ckpt is not None and d.is_main:
             _drop_records_after(run_dir / METRICS_FILE, run.step)  # they are about to be redone
         facts_from = source
-    if facts_from is not None:
-        run.tokenizer_facts = _tokenizer_facts(facts_from, run.tokenizer_path)
+    if facts_from is not None and (cfg.init.from_ or (facts_from / artifacts.TOKENIZER_CONFIG).is_file()):
+        run.tokenizer_facts = _tokenizer_facts(facts_from, run.tokenizer_path)  # {} too: a reader needs no chain
     run.forward_model = torch.compile(forward_model) if cfg.train.compile else forward_model
     run.fired_faults = _read_fired_faults(run_dir)
     return run
