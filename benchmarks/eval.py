@@ -89,10 +89,11 @@ def main() -> None:
           f"{args.threads} thread(s), torch {torch.__version__}")
 
     if args.checkpoint:
-        from lmforge.train.checkpoint import load_for_inference
+        from lmforge.artifacts import load_model
 
-        model, tok, _cfg, step = load_for_inference(args.checkpoint)
-        print(f"model: {args.checkpoint} (step {step})")
+        loaded = load_model(args.checkpoint)
+        model, tok = loaded.model, loaded.tokenizer
+        print(f"model: {args.checkpoint} ({loaded.origin.describe()})")
     else:
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(30)]
         tok = Tokenizer.train(texts, vocab_size=4096)

@@ -69,7 +69,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from lmforge.config import load_config
-    from lmforge.convert import import_command, is_model_dir
+    from lmforge.artifacts import is_model_dir
+    from lmforge.convert import import_command
     from lmforge.data.prepare import prepare
     from lmforge.evaluate.loss import validation_loss
     from lmforge.train.loop import build, resolve_config, train_step

@@ -103,17 +103,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_ckpt(args: argparse.Namespace) -> int:
     """`lmforge ckpt verify`: one line per checkpoint on stdout (the result); exit 1 when any is damaged."""
     from .errors import CheckpointError
-    from .train.checkpoint import is_checkpoint_dir, list_checkpoints, verify_checkpoint
+    from .artifacts import is_checkpoint_dir, is_model_dir, list_checkpoints, verify_checkpoint, verify_model_dir
 
     path = Path(args.path)
     if not path.exists():
         raise CheckpointError(f"no such run or checkpoint: {path}")
-    ckpts = [path] if is_checkpoint_dir(path) else list_checkpoints(path)
+    model_dir = not is_checkpoint_dir(path) and is_model_dir(path)
+    ckpts = [path] if is_checkpoint_dir(path) or model_dir else list_checkpoints(path)
     if not ckpts:
         raise CheckpointError(f"{path} holds no checkpoints (expected {path}/checkpoints/step-NNNNNN)")
     bad = 0
     for c in ckpts:
-        problems = verify_checkpoint(c)
+        problems = verify_model_dir(c) if model_dir else verify_checkpoint(c)
         if not problems:
             out.print(f"[green]{'ok':<11}[/]{escape(str(c))}")
             continue

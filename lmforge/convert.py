@@ -1,4 +1,4 @@
-"""Interop: Hugging Face (safetensors + config.json) and GGUF <-> lmforge, and `init.from`.
+"""Interop: Hugging Face (safetensors + config.json) and GGUF <-> lmforge.
 
 Design
 ------
@@ -19,7 +19,9 @@ one reader (file -> Bundle) and one writer (Bundle -> file):
   model directory    what `lmforge import` writes and `init.from`, `sample`, `export` read:
                      model.safetensors + config.yaml (an lmforge config, model section filled)
                      + tokenizer.json (+ tokenizer_config.json with bos/eos/chat template, and
-                     source.json recording where it came from).
+                     source.json recording where it came from) + MANIFEST.json. The format, its
+                     reader and writer, and the one model loader live in lmforge/artifacts.py;
+                     export reads runs, checkpoints and model directories through it too.
 
 Trade-offs
 ----------
@@ -42,83 +44,30 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from .config import Config, ModelConfig, load_config
+from .artifacts import (
+    MODEL_FILE, TOKENIZER_CONFIG, Bundle, check_tensors, expected_shapes, is_model_dir, load_safetensors,
+    read_bundle, read_json, write_model_dir,
+)
+from .config import Config, ModelConfig
 from .errors import CheckpointError, ConfigError
 from .tokenizer import TOKENIZER_FILE, Tokenizer
-from .util import FILE_MODE, atomic_dir, atomic_write_json, console, fsync_dir, progress_bar, replace_path
+from .util import FILE_MODE, atomic_dir, atomic_write_json, fsync_dir, progress_bar, replace_path
 from .util import out as results_out  # command results: stdout, every progress mode
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-SOURCE_FILE = "source.json"
-
-
-@dataclass
-class Bundle:
-    """A model in transit between formats (see the module docstring)."""
-
-    cfg: ModelConfig
-    tensors: dict[str, torch.Tensor]  # lmforge/HF names -> fp32 CPU tensors; tied head stored once
-    tokenizer: Tokenizer
-    special: dict[str, Any] = field(default_factory=dict)  # bos_token, eos_token, pad_token, chat_template
-    source: dict[str, Any] = field(default_factory=dict)
-
-
 # ---- names and shapes ------------------------------------------------------------------------
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every stored tensor of a model with this config (tied head omitted), with its shape."""
-    d, hd, ff, V = cfg.d_model, cfg.head_dim, cfg.ff_dim, cfg.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, d)}
-    for i in range(cfg.n_layer):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (d,)
-        shapes[p + "self_attn.q_proj.weight"] = (cfg.n_head * hd, d)
-        shapes[p + "self_attn.k_proj.weight"] = (cfg.kv_heads * hd, d)
-        shapes[p + "self_attn.v_proj.weight"] = (cfg.kv_heads * hd, d)
-        shapes[p + "self_attn.o_proj.weight"] = (d, cfg.n_head * hd)
-        shapes[p + "post_attention_layernorm.weight"] = (d,)
-        shapes[p + "mlp.gate_proj.weight"] = (ff, d)
-        shapes[p + "mlp.up_proj.weight"] = (ff, d)
-        shapes[p + "mlp.down_proj.weight"] = (d, ff)
-    shapes["model.norm.weight"] = (d,)
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (V, d)
-    return shapes
 
 
 def bundle_from_model(model: torch.nn.Module, tokenizer: Tokenizer, special: dict[str, Any] | None = None) -> Bundle:
     """A Bundle of a live lmforge `Transformer` (its weights copied to fp32 CPU tensors)."""
     params = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.named_parameters()}
     return Bundle(model.cfg, check_tensors(model.cfg, params, "model"), tokenizer, dict(special or {}), {"format": "lmforge"})
-
-
-def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Exactly the expected names and shapes, as contiguous fp32; else a CheckpointError naming them."""
-    shapes = expected_shapes(cfg)
-    missing = sorted(set(shapes) - set(tensors))
-    unexpected = sorted(set(tensors) - set(shapes))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: tensors do not fit the model config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    out = {}
-    for name, shape in shapes.items():
-        t = tensors[name]
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{source}: {name} has shape {tuple(t.shape)}, the config implies {shape}")
-        out[name] = t.detach().to("cpu", torch.float32).contiguous()
-    return out
 
 
 # ---- Hugging Face config ---------------------------------------------------------------------
@@ -239,11 +188,11 @@ def read_hf_dir(path: Path) -> Bundle:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    hf = _read_json(cfg_path)
+    hf = read_json(cfg_path)
     cfg = model_config_from_hf(hf, str(cfg_path))
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index}: expected a non-empty \"weight_map\" of tensor name -> shard file name")
         files = sorted(set(weight_map.values()))
@@ -275,7 +224,7 @@ def read_hf_dir(path: Path) -> Bundle:
     tok = Tokenizer.load(path / TOKENIZER_FILE)
     special: dict[str, Any] = {}
     if (path / TOKENIZER_CONFIG).is_file():
-        special = _special_from_tokenizer_config(_read_json(path / TOKENIZER_CONFIG))
+        special = _special_from_tokenizer_config(read_json(path / TOKENIZER_CONFIG))
     return Bundle(cfg, check_tensors(cfg, tensors, str(path)), tok, special, {"format": "hf", "path": str(path)})
 
 
@@ -715,57 +664,12 @@ def _field_value(f: Any) -> Any:
         return None
 
 
-# ---- model directories -----------------------------------------------------------------------
-
-
-def is_model_dir(path: str | os.PathLike) -> bool:
-    """A directory written by `lmforge import` (weights, lmforge config, tokenizer; no MANIFEST)."""
-    p = Path(path)
-    return all((p / f).is_file() for f in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE)) and not (p / "MANIFEST.json").exists()
-
-
-def write_model_dir(bundle: Bundle, out: Path, overwrite: bool = False) -> Path:
-    from safetensors.torch import save_file
-
-    cfg = Config(model=bundle.cfg, data=replace(Config().data, seq_len=min(256, bundle.cfg.max_seq_len)))
-    cfg.validate()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_file(bundle.tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
-        bundle.tokenizer.save(tmp / TOKENIZER_FILE)
-        atomic_write_json(tmp / TOKENIZER_CONFIG, {k: v for k, v in bundle.special.items() if v is not None})
-        atomic_write_json(tmp / SOURCE_FILE, bundle.source)
-    return out
-
-
-def read_model_dir(path: Path) -> Bundle:
-    cfg = load_config(path / CONFIG_FILE).model
-    tensors = load_safetensors(path / MODEL_FILE)
-    tok = Tokenizer.load(path / TOKENIZER_FILE)
-    special = _read_json(path / TOKENIZER_CONFIG) if (path / TOKENIZER_CONFIG).is_file() else {}
-    source = _read_json(path / SOURCE_FILE) if (path / SOURCE_FILE).is_file() else {}
-    return Bundle(cfg, check_tensors(cfg, tensors, str(path)), tok, special, source)
-
-
-def read_checkpoint(path: Path) -> Bundle:
-    """A run (its newest intact checkpoint), a checkpoint, or a model directory -> Bundle."""
-    from .train.checkpoint import read_config, resolve_checkpoint
-
-    if is_model_dir(path):
-        return read_model_dir(path)
-    ckpt = resolve_checkpoint(path)
-    cfg = read_config(ckpt)
-    tensors = load_safetensors(ckpt / MODEL_FILE)
-    tok = Tokenizer.load(ckpt / TOKENIZER_FILE)
-    special = origin_facts(cfg, tok)
-    return Bundle(cfg.model, check_tensors(cfg.model, tensors, str(ckpt)), tok, special,
-                  {"format": "lmforge", "path": str(ckpt), "name": Path(path).name})
+# ---- any source ------------------------------------------------------------------------------
 
 
 def read_any(path: str | os.PathLike) -> Bundle:
-    """Whatever `lmforge import` accepts: a .gguf file, a HF dir, a model dir, a run or checkpoint."""
+    """Whatever `lmforge import` and `export` accept: a .gguf file, a Hugging Face directory, or
+    what `artifacts.load_model` accepts (a run, checkpoint or model directory, verified)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"no such file or directory: {p}")
@@ -775,32 +679,7 @@ def read_any(path: str | os.PathLike) -> Bundle:
         raise CheckpointError(f"{p}: expected a .gguf file or a directory (Hugging Face model, lmforge run or checkpoint)")
     if (p / "config.json").is_file() and not is_model_dir(p):
         return read_hf_dir(p)
-    return read_checkpoint(p)
-
-
-def load_model_dir(path: str | os.PathLike):
-    """(model in eval mode, tokenizer, config, step 0) from a model directory, like
-    `train.checkpoint.load_for_inference` does for checkpoints."""
-    from .model import Transformer
-
-    p = Path(path)
-    bundle = read_model_dir(p)
-    cfg = load_config(p / CONFIG_FILE)
-    model = Transformer(cfg.model)
-    load_weights(model, bundle.tensors)
-    bundle.tokenizer.use_model_facts(bundle.special)  # chat template, end-of-turn token
-    return model.eval(), bundle.tokenizer, cfg, 0
-
-
-def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into a model's parameters in place (a tied head follows its embedding)."""
-    params = dict(model.named_parameters())  # a tied head appears once, as model.embed_tokens.weight
-    if set(params) != set(tensors):
-        raise CheckpointError(f"weights do not fit the model: missing {sorted(set(params) - set(tensors))[:5]}, "
-                              f"unexpected {sorted(set(tensors) - set(params))[:5]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name])
+    return read_bundle(p)
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -864,98 +743,7 @@ def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrit
     return 0
 
 
-# ---- init.from -------------------------------------------------------------------------------
-
-# Model keys that define the weights' shapes or meaning; the imported model decides them.
-_ARCH_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta", "rope_scaling", "rope_factor",
-              "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len", "norm_eps", "tie_embeddings")
-
-
-def resolve_init(cfg: Config) -> Config:
-    """`init.from`: take the model section from the model directory and check the data matches.
-
-    Policy: the imported model decides its architecture. A model key the user left at its default
-    is filled from the model directory; one the user set to a different value is an error (it
-    would not fit the weights). `max_seq_len` and `init_std` may be set freely (RoPE tables and
-    the init of nothing, respectively). The dataset must have been prepared with the model's own
-    tokenizer (same sha256), or token ids would mean different words.
-    """
-    from .data.loader import TokenDataset
-
-    src = Path(cfg.init.from_)
-    if not is_model_dir(src):
-        raise ConfigError(
-            f"init.from = {src}: not a model directory (expected model.safetensors, config.yaml and tokenizer.json "
-            "there, as written by `lmforge import FILE_OR_DIR --out DIR`)"
-        )
-    imported = load_config(src / CONFIG_FILE).model
-    default = ModelConfig()
-    for key in _ARCH_KEYS:
-        mine, theirs = getattr(cfg.model, key), getattr(imported, key)
-        if mine != getattr(default, key) and mine != theirs and not (key == "n_kv_head" and cfg.model.kv_heads == imported.kv_heads):
-            raise ConfigError(
-                f"model.{key} = {mine!r} does not match init.from {src} ({key} = {theirs!r}); "
-                f"remove model.{key} from the config (the imported model decides its shape)"
-            )
-        setattr(cfg.model, key, theirs)
-    if cfg.model.max_seq_len == default.max_seq_len:
-        cfg.model.max_seq_len = imported.max_seq_len
-    if cfg.data.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) is longer than model.max_seq_len ({cfg.model.max_seq_len})")
-    ds = TokenDataset(cfg.data.path)
-    model_sha = Tokenizer.load(src / TOKENIZER_FILE).sha256
-    data_sha = ds.manifest.get("tokenizer_sha256")
-    if data_sha != model_sha:
-        raise ConfigError(
-            f"data.path {cfg.data.path} was prepared with another tokenizer (sha256 {str(data_sha)[:12]}...) than "
-            f"init.from {src} ({model_sha[:12]}...); prepare the corpus with the model's tokenizer: "
-            f"lmforge prepare CORPUS --tokenizer {src} --out DATA"
-        )
-    return cfg
-
-
-def load_init_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load a model directory's weights into a freshly built model (step 0, fresh optimizer)."""
-    load_weights(model, load_safetensors(Path(path) / MODEL_FILE))
-    console.print(f"initialised weights from {path}")
-
-
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a user-supplied safetensors file; a damaged or unreadable one (truncated,
-    not safetensors at all) is a CheckpointError naming the file, never the library's traceback."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except SafetensorError as e:
-        raise CheckpointError(f"not a valid safetensors file: {path} ({e})") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def origin_facts(cfg: Config, tok: Tokenizer) -> dict[str, Any]:
-    """The recorded tokenizer facts (tokenizer_config.json: bos/eos tokens, chat template) of the
-    model directory a run started from (`init.from`), if it uses the same tokenizer; else {}."""
-    if not (cfg.init.from_ and is_model_dir(cfg.init.from_)):
-        return {}
-    origin = Path(cfg.init.from_)
-    if not (origin / TOKENIZER_CONFIG).is_file() or Tokenizer.load(origin / TOKENIZER_FILE).sha256 != tok.sha256:
-        return {}
-    return _read_json(origin / TOKENIZER_CONFIG)
 
 
 def _token_text(v: Any) -> str | None:
@@ -987,8 +775,6 @@ def _token_id(tok: Tokenizer, text: str | None) -> int | None:
 
 
 __all__ = [
-    "Bundle", "bundle_from_model", "read_hf_dir", "write_hf_dir", "read_gguf", "write_gguf", "read_model_dir", "write_model_dir",
-    "read_checkpoint", "read_any", "is_model_dir", "load_model_dir", "load_weights", "hf_config",
+    "bundle_from_model", "read_hf_dir", "write_hf_dir", "read_gguf", "write_gguf", "read_any", "hf_config",
     "model_config_from_hf", "permute_for_gguf", "unpermute_from_gguf", "import_command", "export_command",
-    "resolve_init", "load_init_weights",
 ]

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .artifacts import load_model
 from .config import ModelConfig
 from .errors import LmforgeError
 from .model import Transformer
@@ -46,7 +47,8 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a seed is a 64-bit signed integer, a
 
 
 class KVCache:
-    """Per-layer K/V buffers (B, kv_heads, max_len, head_dim) and the number of cached positions."""
+    """Per-layer K/V buffers (B, kv_heads, max_len, head_dim) and the number of cached positions
+    (a `model.KVCacheLike`)."""
 
     def __init__(
         self,
@@ -236,14 +238,13 @@ def sample_command(
     num_samples: int,
 ) -> int:
     """`lmforge sample`: print prompt + continuation (streamed) for each of num_samples samples."""
-    from .train.checkpoint import load_for_inference
-
     if num_samples < 1:
         raise LmforgeError(f"--num-samples must be >= 1, got {num_samples}")
     _check(max_tokens, temperature, top_k, top_p, seed)
     if lone_surrogate(prompt) is not None:  # bytes that were not UTF-8 in argv arrive as lone surrogates
         raise LmforgeError("--prompt is not valid UTF-8 text; pass it as UTF-8")
-    model, tokenizer, _cfg, step = load_for_inference(path)
+    loaded = load_model(path)
+    model, tokenizer = loaded.model, loaded.tokenizer
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:  # nothing to condition on: start from a document boundary
         start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
@@ -251,7 +252,7 @@ def sample_command(
             raise LmforgeError("empty prompt and the tokenizer has no BOS/EOS token; pass --prompt")
         ids = [start]
     stop = list(tokenizer.end_ids)  # EOS, and an instruct model's recorded end of turn
-    print(f"# {path} (step {step})", flush=True)
+    print(f"# {path} ({loaded.origin.describe()})", flush=True)
     for i in range(num_samples):
         if num_samples > 1:
             print(f"\n----- sample {i + 1}/{num_samples} (seed {nth_seed(seed, i)}) -----", flush=True)

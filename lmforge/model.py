@@ -28,9 +28,10 @@ Trade-offs
 - The loss is mean cross-entropy computed in fp32 (ignore_index -100). `forward(idx, targets)`
   still returns the logits (in the autocast dtype), because computing them is the cost and
   returning them is free.
-- Decoding: `forward(idx, cache=KVCache)` appends this call's K/V to a preallocated cache
-  (lmforge/generate.py) and attends over everything cached so far. The model knows the cache only
-  through `cache.pos` and `cache.update()`; sampling and the cache policy live in generate.py.
+- Decoding: `forward(idx, cache=...)` appends this call's K/V to a preallocated cache and attends
+  over everything cached so far. The model knows the cache only through `KVCacheLike` (`pos`,
+  `update()`, `advance()`); the caches themselves (generate.KVCache, the server's slot views) and
+  sampling live above this module, which imports none of them.
 
 `num_params` and `flops_per_token` are computed analytically from the config (no model built), so
 `lmforge plan` can size models that would not fit in memory.
@@ -39,7 +40,7 @@ Trade-offs
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -48,8 +49,19 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .errors import LmforgeError
 
-if TYPE_CHECKING:  # generate.py imports this module; the cache is only a type here
-    from .generate import KVCache
+
+class KVCacheLike(Protocol):
+    """What the model needs of a KV cache (generate.KVCache, serve.engine.SlotView)."""
+
+    pos: int  # positions 0 .. pos-1 are cached (the shared-position path reads it)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's K/V (B, kv, T, hd) of `layer`; return everything to attend over."""
+        ...
+
+    def advance(self, n: int) -> None:
+        """The forward pass consumed n positions."""
+        ...
 
 
 # ---- RoPE -----------------------------------------------------------------------------------
@@ -179,7 +191,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCacheLike | None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -237,7 +249,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCacheLike | None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(autocast_input(self.input_layernorm(x)), cos, sin, cache, attn_mask)  # (B, T, C)
@@ -294,7 +306,7 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         *,
-        cache: KVCache | None = None,
+        cache: KVCacheLike | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

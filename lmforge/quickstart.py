@@ -50,7 +50,7 @@ PROMPTS = ["def read_config(path):\n", "class Cache:\n    def __init__(self", "i
 def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source: str | None = None) -> int:
     from .data.prepare import prepare, read_manifest, verify_dataset
     from .generate import generate
-    from .train.checkpoint import find_resume_checkpoint, load_for_inference
+    from .artifacts import CONFIG_FILE, QUICKSTART_FILE, checkpoint_step, find_resume_checkpoint, load_model
     from .train.loop import build, resolve_config, train
     from .model import Transformer, num_params
 
@@ -78,8 +78,8 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
 
     # 2. config --------------------------------------------------------------------------------
     console.rule("[bold]2/4 plan the run")
-    saved = run_dir / "config.yaml"
-    plan_file = run_dir / "quickstart.json"  # what the run was planned for (source, minutes)
+    saved = run_dir / CONFIG_FILE
+    plan_file = run_dir / QUICKSTART_FILE  # what the run was planned for (source, minutes)
     if saved.is_file():
         cfg = load_config(saved)
         planned = _planned_minutes(plan_file)
@@ -112,14 +112,15 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
     torch.manual_seed(cfg.train.seed)
     before = _val_loss(Transformer(cfg.model), cfg)
     ckpt, _ = find_resume_checkpoint(run_dir)
-    done = ckpt is not None and int(ckpt.name.split("-")[1]) >= cfg.train.max_steps
+    done = ckpt is not None and checkpoint_step(ckpt) >= cfg.train.max_steps
     if done:
         console.print(f"the run in {run_dir} is already complete ({ckpt.name}); not retraining it")
     else:
         code = train(build(cfg, run_dir))
         if code != 0:
             return code
-    model, tok, cfg, step = load_for_inference(run_dir)
+    loaded = load_model(run_dir)
+    model, tok, cfg, step = loaded.model, loaded.tokenizer, loaded.config, loaded.origin.step
     after = _val_loss(model, cfg)
 
     # 4. report --------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIG
+from lmforge import artifacts as A
+from lmforge.artifacts import load_model
 from lmforge.config import load_config
 from lmforge.errors import CheckpointError
 from lmforge.train import checkpoint as ck
@@ -28,31 +30,33 @@ def run(tiny_dataset, tmp_path):
 
 def test_checkpoint_is_complete_and_manifest_round_trips(run):
     cfg, run_dir = run
-    names = [p.name for p in ck.list_checkpoints(run_dir)]
+    names = [p.name for p in A.list_checkpoints(run_dir)]
     assert names == ["step-000000", "step-000010", "step-000020"]  # step 0: a rollback target
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000020"
     c = run_dir / "checkpoints" / "step-000020"
     manifest = json.loads((c / "MANIFEST.json").read_text())
-    assert manifest["format_version"] == ck.FORMAT_VERSION and manifest["step"] == 20
+    assert manifest["format_version"] == A.FORMAT_VERSION and manifest["step"] == 20
     listed = set(manifest["files"])
     on_disk = {p.relative_to(c).as_posix() for p in c.rglob("*") if p.is_file() and p.name != "MANIFEST.json"}
     assert listed == on_disk
     assert {"model.safetensors", "tokenizer.json", "config.yaml", "trainer.json"} <= listed
     assert any(name.startswith("train_state/") for name in listed)
+    assert "tokenizer_config.json" not in listed  # a run without an origin (init.from) records no tokenizer facts
     state = json.loads((c / "trainer.json").read_text())
     assert state["step"] == 20 and state["loader"]["step"] == 20
     assert set(state["rng"]) == {"python", "numpy", "torch"}
-    assert ck.read_config(c) == cfg
-    assert ck.verify_checkpoint(c) == []
+    assert A.read_config(c) == cfg
+    assert A.verify_checkpoint(c) == []
 
 
-def test_load_for_inference_matches_trained_weights(run):
+def test_load_model_matches_trained_weights(run):
     cfg, run_dir = run
-    model, tok, loaded_cfg, step = ck.load_for_inference(run_dir)
-    assert step == 20 and loaded_cfg == cfg and tok.vocab_size == 512
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(run_dir / "checkpoints" / "step-000020" / "model.safetensors"))
+    loaded = load_model(run_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    ckpt = run_dir / "checkpoints" / "step-000020"
+    assert loaded.config == cfg and tok.vocab_size == 512 and not model.training
+    assert loaded.origin == A.Origin("checkpoint", ckpt, 20, "run", A.read_manifest(ckpt).sha256("model.safetensors"))
+    tensors = A.load_safetensors(ckpt / "model.safetensors")
     for name, t in tensors.items():
         assert torch.equal(model.state_dict()[name], t)
     if cfg.model.tie_embeddings:
@@ -81,11 +85,11 @@ def test_damaged_newest_checkpoint_falls_back(run, damage, message):
     cfg, run_dir = run
     newest = run_dir / "checkpoints" / "step-000020"
     damage(newest)
-    problems = ck.verify_checkpoint(newest)
+    problems = A.verify_checkpoint(newest)
     assert any(message in p for p in problems), problems
     with pytest.raises(CheckpointError, match="checkpoint refused"):
-        ck.resolve_checkpoint(newest)
-    found, skipped = ck.find_resume_checkpoint(run_dir)
+        A.resolve_checkpoint(newest)
+    found, skipped = A.find_resume_checkpoint(run_dir)
     assert found.name == "step-000010" and skipped
     resumed = build(cfg, run_dir)
     assert resumed.step == 10
@@ -95,7 +99,7 @@ def test_damaged_newest_checkpoint_falls_back(run, damage, message):
 
 def test_every_checkpoint_damaged_is_a_clear_error(run):
     cfg, run_dir = run
-    for c in ck.list_checkpoints(run_dir):
+    for c in A.list_checkpoints(run_dir):
         (c / "MANIFEST.json").unlink()
     from lmforge.errors import LmforgeError
 
@@ -105,7 +109,7 @@ def test_every_checkpoint_damaged_is_a_clear_error(run):
 
 def test_every_damaged_checkpoint_is_warned_and_recorded_at_its_step(run, capsys):
     cfg, run_dir = run
-    ckpts = ck.list_checkpoints(run_dir)
+    ckpts = A.list_checkpoints(run_dir)
     for c in ckpts:
         _flip_byte(c / "model.safetensors")
     (ckpts[0] / "MANIFEST.json").write_text('{"format_version": 1, "files": []}')  # malformed: a problem, not a crash
@@ -116,7 +120,7 @@ def test_every_damaged_checkpoint_is_warned_and_recorded_at_its_step(run, capsys
     assert "every checkpoint is damaged (step-000000, step-000010, step-000020)" in str(e.value)
     err = capsys.readouterr().err
     assert [c.name in err for c in ckpts] == [True, True, True]  # a warning for each one
-    assert "unreadable manifest" in err
+    assert "corrupt: MANIFEST.json (step must be an integer >= 0, got None)" in err
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     corrupt = [(e["step"], e["path"]) for e in events if e["kind"] == "checkpoint_corrupt"]
     assert corrupt == [(20, str(ckpts[2])), (10, str(ckpts[1])), (0, str(ckpts[0]))]  # the damaged checkpoint's step
@@ -124,19 +128,22 @@ def test_every_damaged_checkpoint_is_warned_and_recorded_at_its_step(run, capsys
 
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no such run or checkpoint"):
-        ck.resolve_checkpoint(tmp_path / "nope")
+        A.resolve_checkpoint(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="is not a run, checkpoint or model directory"):
+        A.resolve_checkpoint(tmp_path / "empty")
+    (tmp_path / "empty" / "checkpoints").mkdir()
     with pytest.raises(CheckpointError, match="holds no intact checkpoint"):
-        ck.resolve_checkpoint(tmp_path / "empty")
+        A.resolve_checkpoint(tmp_path / "empty")
 
 
 def test_retention_keeps_last_k_and_every_m(tmp_path):
     run_dir = tmp_path / "r"
     for step in range(10, 101, 10):
-        d = ck.checkpoints_dir(run_dir) / ck.checkpoint_name(step)
+        d = A.checkpoints_dir(run_dir) / A.checkpoint_name(step)
         d.mkdir(parents=True)
     deleted = ck.apply_retention(run_dir, keep_last=2, keep_every=40)
-    kept = [p.name for p in ck.list_checkpoints(run_dir)]
+    kept = [p.name for p in A.list_checkpoints(run_dir)]
     assert kept == ["step-000040", "step-000080", "step-000090", "step-000100"]
     assert len(deleted) == 6
 
@@ -147,7 +154,7 @@ def test_a_kill_during_retention_never_leaves_a_half_deleted_checkpoint(tmp_path
     the next retention pass removes the leftover."""
     run_dir = tmp_path / "r"
     for step in (10, 20, 30):
-        d = ck.checkpoints_dir(run_dir) / ck.checkpoint_name(step)
+        d = A.checkpoints_dir(run_dir) / A.checkpoint_name(step)
         d.mkdir(parents=True)
         for name in ("a.bin", "b.bin"):
             (d / name).write_bytes(b"x")
@@ -164,12 +171,12 @@ def test_a_kill_during_retention_never_leaves_a_half_deleted_checkpoint(tmp_path
     with pytest.raises(KeyboardInterrupt):
         ck.apply_retention(run_dir, keep_last=1, keep_every=0)
     monkeypatch.setattr(ck.shutil, "rmtree", real_rmtree)
-    names = sorted(p.name for p in ck.checkpoints_dir(run_dir).iterdir())
+    names = sorted(p.name for p in A.checkpoints_dir(run_dir).iterdir())
     assert names == [".deleting-step-000010", "step-000020", "step-000030"]
-    assert [p.name for p in ck.list_checkpoints(run_dir)] == ["step-000020", "step-000030"]  # both complete
-    assert all(sorted(f.name for f in p.iterdir()) == ["a.bin", "b.bin"] for p in ck.list_checkpoints(run_dir))
+    assert [p.name for p in A.list_checkpoints(run_dir)] == ["step-000020", "step-000030"]  # both complete
+    assert all(sorted(f.name for f in p.iterdir()) == ["a.bin", "b.bin"] for p in A.list_checkpoints(run_dir))
     ck.apply_retention(run_dir, keep_last=1, keep_every=0)
-    assert sorted(p.name for p in ck.checkpoints_dir(run_dir).iterdir()) == ["step-000030"]
+    assert sorted(p.name for p in A.checkpoints_dir(run_dir).iterdir()) == ["step-000030"]
 
 
 def test_failed_write_leaves_previous_checkpoint_intact(run, monkeypatch):
@@ -183,7 +190,7 @@ def test_failed_write_leaves_previous_checkpoint_intact(run, monkeypatch):
     r.step = 30
     with pytest.raises(CheckpointError, match="writing the checkpoint of step 30 failed: .*No space left on device.*step-000020.* is intact"):
         save(r)
-    assert [p.name for p in ck.list_checkpoints(run_dir)] == ["step-000000", "step-000010", "step-000020"]
+    assert [p.name for p in A.list_checkpoints(run_dir)] == ["step-000000", "step-000010", "step-000020"]
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp left
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000020"
-    assert ck.verify_checkpoint(run_dir / "checkpoints" / "step-000020") == []
+    assert A.verify_checkpoint(run_dir / "checkpoints" / "step-000020") == []

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from conftest import TINY_CONFIG, lmforge_cmd, subprocess_env
-from lmforge import convert
+from lmforge import artifacts, convert
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError
 from lmforge.model import Transformer
@@ -100,8 +100,9 @@ def test_import_from_hf_matches_transformers_logits(tok, tmp_path, shape) -> Non
     tok.save(tmp_path / "src")
     out = tmp_path / "imported"
     assert convert.import_command(str(tmp_path / "src"), str(out)) == 0  # the CLI path: test_export_cli_...
-    model, loaded_tok, cfg, step = convert.load_model_dir(out)
-    assert step == 0 and loaded_tok.sha256 == tok.sha256
+    loaded = artifacts.load_model(out, device="cpu")
+    model, loaded_tok, cfg = loaded.model, loaded.tokenizer, loaded.config
+    assert loaded.origin.kind == "model" and loaded_tok.sha256 == tok.sha256
     assert (cfg.model.n_kv_head or cfg.model.n_head) == hf_cfg.num_key_value_heads
     assert cfg.model.tie_embeddings == s["tie_embeddings"]
     idx = ids(tok)
@@ -183,7 +184,8 @@ def test_llama3_rope_scaling_hf_import_export_matches_transformers(tok, tmp_path
 
     out = tmp_path / "imported"
     assert convert.import_command(str(tmp_path / "src"), str(out)) == 0
-    model, _, cfg, _ = convert.load_model_dir(out)
+    loaded = artifacts.load_model(out, device="cpu")
+    model, cfg = loaded.model, loaded.config
     m = cfg.model
     assert (m.rope_scaling, m.rope_factor, m.rope_low_freq_factor, m.rope_high_freq_factor, m.rope_original_max_len) == (
         "llama3", 8.0, 1.0, 4.0, 64)
@@ -204,7 +206,7 @@ def test_llama3_rope_scaling_hf_import_export_matches_transformers(tok, tmp_path
     got = lm_logits(model, idx)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     unscaled = Transformer(replace(m, rope_scaling=""))
-    convert.load_weights(unscaled, dict(model.named_parameters()))
+    artifacts.load_weights(unscaled, dict(model.named_parameters()))
     # the scaling matters at this length: plain RoPE misses transformers by 10x the parity tolerance or more
     assert (lm_logits(unscaled.eval(), idx) - want).abs().max() > 1e-3
 
@@ -250,7 +252,7 @@ def test_llama3_rope_scaling_gguf_round_trip(tok, tmp_path) -> None:
     assert foreign.cfg.rope_scaling == "llama3" and foreign.cfg.rope_factor == 8.0
     assert (foreign.cfg.rope_low_freq_factor, foreign.cfg.rope_high_freq_factor, foreign.cfg.rope_original_max_len) == (1.0, 4.0, 64)
     imported = Transformer(foreign.cfg)
-    convert.load_weights(imported, foreign.tensors)
+    artifacts.load_weights(imported, foreign.tensors)
     idx = torch.randint(0, tok.vocab_size, (1, model.cfg.max_seq_len), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(imported.eval()(idx), model.eval()(idx), rtol=0, atol=0)  # same frequencies, bit for bit
     # divisors that no llama3 scaling gives are refused by name
@@ -441,7 +443,8 @@ def test_export_cli_from_run_and_import_back(tiny_dataset, tmp_path) -> None:
 def test_init_from_starts_from_the_model_and_checks_the_tokenizer(tiny_dataset, tmp_path) -> None:
     data_tok = Tokenizer.load(tiny_dataset)
     model = tiny_model(data_tok, n_layer=2, n_head=2, n_kv_head=1, d_model=32, tie_embeddings=False)
-    mdir = convert.write_model_dir(convert.bundle_from_model(model, data_tok), tmp_path / "models" / "tiny")
+    facts = {"eos_token": "<|eos|>", "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}
+    mdir = artifacts.write_model_dir(convert.bundle_from_model(model, data_tok, facts), tmp_path / "models" / "tiny")
     env = subprocess_env()
     base = lmforge_cmd("train", str(TINY_CONFIG), "--set", f"data.path={tiny_dataset}", "--set", "data.seq_len=32",
                        "--set", "train.max_steps=3", "--set", "train.eval_every=0")
@@ -466,35 +469,59 @@ def test_init_from_starts_from_the_model_and_checks_the_tokenizer(tiny_dataset, 
     assert step0.keys() == src.keys() and all(torch.equal(step0[k], src[k]) for k in src)
     run_cfg = yaml.safe_load((tmp_path / "r1" / "config.yaml").read_text())
     assert run_cfg["model"]["n_kv_head"] == 1 and run_cfg["model"]["tie_embeddings"] is False
-    trainer = json.loads((tmp_path / "r1" / "checkpoints" / "step-000003" / "trainer.json").read_text())
+    step3 = tmp_path / "r1" / "checkpoints" / "step-000003"
+    trainer = json.loads((step3 / "trainer.json").read_text())
     assert trainer["step"] == 3
+    start = json.loads((tmp_path / "r1" / "events.jsonl").read_text().splitlines()[0])
+    assert start["kind"] == "start" and start["init_from"] == {
+        "path": str(mdir), "kind": "model", "step": None, "model_sha256": artifacts.read_manifest(mdir).sha256("model.safetensors")}
+
+    # every checkpoint records the model's tokenizer facts itself: loading never follows init.from
+    assert json.loads((step3 / "tokenizer_config.json").read_text()) == facts
+    mdir.rename(tmp_path / "models" / "moved")
+    tok3 = artifacts.load_model(tmp_path / "r1", device="cpu").tokenizer
+    assert tok3.chat_template == facts["chat_template"] and tok3.eos_id in tok3.end_ids
+
+    # a run directory is a source too (issues 16/18: --set init.from=runs/exp1): its newest intact checkpoint
+    r = subprocess.run(base + ["--run-dir", str(tmp_path / "r4"), "--set", f"init.from={tmp_path / 'r1'}"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    step0 = load_file(str(tmp_path / "r4" / "checkpoints" / "step-000000" / "model.safetensors"))
+    src = load_file(str(step3 / "model.safetensors"))
+    assert step0.keys() == src.keys() and all(torch.equal(step0[k], src[k]) for k in src)
+    start = json.loads((tmp_path / "r4" / "events.jsonl").read_text().splitlines()[0])
+    assert (start["init_from"]["path"], start["init_from"]["kind"], start["init_from"]["step"]) == (str(step3), "checkpoint", 3)
+    assert json.loads((tmp_path / "r4" / "checkpoints" / "step-000003" / "tokenizer_config.json").read_text()) == facts
 
     other_tok = Tokenizer.train(TEXTS, vocab_size=300, min_frequency=1)
     other = tiny_model(other_tok, n_layer=1, n_head=2, d_model=32)
-    odir = convert.write_model_dir(convert.bundle_from_model(other, other_tok), tmp_path / "models" / "other")
+    odir = artifacts.write_model_dir(convert.bundle_from_model(other, other_tok), tmp_path / "models" / "other")
     r = subprocess.run(base + ["--run-dir", str(tmp_path / "r2"), "--set", f"init.from={odir}"], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "another tokenizer" in r.stdout + r.stderr and "--tokenizer" in r.stdout + r.stderr
-    r = subprocess.run(base + ["--run-dir", str(tmp_path / "r3"), "--set", f"init.from={tmp_path}"], env=env,
+    r = subprocess.run(base + ["--run-dir", str(tmp_path / "r3"), "--set", f"init.from={tmp_path / 'models'}"], env=env,
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "not a model directory" in r.stdout + r.stderr
+    assert r.returncode == 2 and "init.from" in r.stderr and "is not a run, checkpoint or model directory" in r.stderr
+    (tmp_path / "r1" / "checkpoints" / "step-000003" / "MANIFEST.json").unlink()  # a damaged checkpoint is refused, named
+    r = subprocess.run(base + ["--run-dir", str(tmp_path / "r5"), "--set", f"init.from={tmp_path / 'r1' / 'checkpoints' / 'step-000003'}"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "checkpoint refused" in r.stderr and "MANIFEST.json is missing" in r.stderr, r.stderr
 
 
 def test_model_directory_is_sampled_like_a_checkpoint(tok, tmp_path, capsys) -> None:
     from lmforge.generate import generate, sample_command
-    from lmforge.train.checkpoint import load_for_inference
 
     model = tiny_model(tok, **SHAPES["gqa-tied"])
-    mdir = convert.write_model_dir(convert.bundle_from_model(model, tok), tmp_path / "m")
-    loaded, loaded_tok, cfg, step = load_for_inference(mdir)
+    mdir = artifacts.write_model_dir(convert.bundle_from_model(model, tok), tmp_path / "m")
+    loaded = artifacts.load_model(mdir)
     prompt = tok.encode("Hello tiny")
     greedy = generate(model, prompt, max_tokens=8, stop_ids=[tok.eos_id])
-    assert step == 0 and generate(loaded, prompt, max_tokens=8, stop_ids=[tok.eos_id]) == greedy
+    assert loaded.origin.step is None and generate(loaded.model, prompt, max_tokens=8, stop_ids=[tok.eos_id]) == greedy
     assert sample_command(str(mdir), prompt="Hello tiny", max_tokens=8, temperature=0.0, top_k=0, top_p=1.0, seed=0,
                           num_samples=1) == 0
-    assert capsys.readouterr().out == f"# {mdir} (step 0)\nHello tiny{tok.decode(greedy)}\n"
+    assert capsys.readouterr().out == f"# {mdir} (model directory)\nHello tiny{tok.decode(greedy)}\n"
     with pytest.raises(CheckpointError, match="already exists"):
-        convert.write_model_dir(convert.bundle_from_model(model, tok), mdir)
+        artifacts.write_model_dir(convert.bundle_from_model(model, tok), mdir)
 
 
 # ---- damaged input, --overwrite, file modes -----------------------------------------------------
@@ -527,12 +554,15 @@ def test_damaged_safetensors_are_refused_wherever_they_are_read(tok, tmp_path, k
     (src / "model.safetensors").write_bytes(good[:keep])
     with pytest.raises(CheckpointError, match=f"not a valid safetensors file: {re.escape(str(src / 'model.safetensors'))}"):
         convert.read_hf_dir(src)
-    with pytest.raises(CheckpointError, match="not a valid safetensors file"):  # init.from
-        convert.load_init_weights(tiny_model(tok, **SHAPES["gqa-untied"]), src)
-    mdir = convert.write_model_dir(convert.bundle_from_model(tiny_model(tok, **SHAPES["gqa-untied"]), tok), tmp_path / "m")
-    (Path(mdir) / "model.safetensors").write_bytes(good[:keep])  # an lmforge model directory (import's output)
+    mdir = artifacts.write_model_dir(convert.bundle_from_model(tiny_model(tok, **SHAPES["gqa-untied"]), tok), tmp_path / "m")
+    (mdir / "model.safetensors").write_bytes(good[:keep])  # an lmforge model directory (import's output)
+    with pytest.raises(CheckpointError, match="model directory refused: .*model.safetensors has .* bytes, manifest says"):
+        artifacts.read_model_dir(mdir)  # its manifest catches it first
+    (mdir / "MANIFEST.json").unlink()  # one imported by an earlier lmforge: no checksums, the reader names the file
     with pytest.raises(CheckpointError, match="not a valid safetensors file"):
-        convert.read_model_dir(Path(mdir))
+        artifacts.read_model_dir(mdir)
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):  # init.from
+        artifacts.load_model(mdir, into=tiny_model(tok, **SHAPES["gqa-untied"]))
     # a sharded checkpoint with one shard cut short
     (src / "model.safetensors").write_bytes(good)
     tensors = load_file(str(src / "model.safetensors"))
@@ -606,7 +636,7 @@ def test_damaged_gguf_metadata_is_always_a_checkpoint_error(tok, tmp_path) -> No
 
 def test_export_overwrite_replaces_a_directory_or_a_file_and_leaves_nothing_behind(tok, tmp_path) -> None:
     bundle = convert.bundle_from_model(tiny_model(tok, **SHAPES["mha-tied"]), tok)
-    src = convert.write_model_dir(bundle, tmp_path / "m")
+    src = artifacts.write_model_dir(bundle, tmp_path / "m")
     ex = tmp_path / "ex"
     convert.write_hf_dir(bundle, ex / "t")  # an earlier Hugging Face export: a directory
     with pytest.raises(CheckpointError, match="already exists; choose another --out or pass --overwrite"):
@@ -633,7 +663,7 @@ def test_export_overwrite_replaces_a_directory_or_a_file_and_leaves_nothing_behi
             convert.export_command(str(src), "gguf", str(out), overwrite=True)
         with pytest.raises(CheckpointError, match="--overwrite would delete it"):
             convert.import_command(str(src), str(out), overwrite=True)
-    assert convert.is_model_dir(src)
+    assert artifacts.is_model_dir(src)
 
 
 def test_replace_path_puts_the_old_entry_back_when_the_swap_fails(tmp_path, monkeypatch) -> None:
@@ -670,9 +700,9 @@ def test_written_files_get_the_umask_modes_not_private_ones(tok, tmp_path) -> No
     from lmforge.util import DIR_MODE, FILE_MODE, atomic_dir
 
     bundle = convert.bundle_from_model(tiny_model(tok, **SHAPES["mha-tied"]), tok)
-    outs = [convert.write_model_dir(bundle, tmp_path / "m"), convert.write_hf_dir(bundle, tmp_path / "hf"),
+    outs = [artifacts.write_model_dir(bundle, tmp_path / "m"), convert.write_hf_dir(bundle, tmp_path / "hf"),
             convert.write_gguf(bundle, tmp_path / "m.gguf"),
-            convert.write_model_dir(bundle, tmp_path / "m", overwrite=True)]
+            artifacts.write_model_dir(bundle, tmp_path / "m", overwrite=True)]
     with atomic_dir(tmp_path / "ckpt") as tmp:  # as checkpoints are written: safetensors' own file is 0600
         (tmp / "sub").mkdir()
         save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "model.safetensors"))

@@ -17,6 +17,7 @@ import torch
 
 from conftest import lmforge_cmd, shakespeare_path, smollm2_gguf, subprocess_env
 from lmforge import convert
+from lmforge.artifacts import load_model
 from lmforge.generate import generate
 from lmforge.tokenizer import Tokenizer
 
@@ -40,8 +41,8 @@ def hf_tokenizer():
 
 @pytest.fixture(scope="module")
 def loaded(smol):
-    model, tok, cfg, step = convert.load_model_dir(smol)
-    return model, tok
+    loaded = load_model(smol, device="cpu")
+    return loaded.model, loaded.tokenizer
 
 
 def test_import_reads_the_gguf_metadata(smol) -> None:
@@ -144,9 +145,8 @@ def test_chat_encodes_like_transformers_and_ends_its_turn(smol) -> None:
     from fastapi.testclient import TestClient
 
     from lmforge.serve.api import create_app
-    from lmforge.train.checkpoint import load_for_inference
-
-    model, tok, _cfg, _step = load_for_inference(smol)
+    loaded = load_model(smol)
+    model, tok = loaded.model, loaded.tokenizer
     assert tok.end_ids == (0, 2) and tok.chat_template  # <|endoftext|> and the recorded <|im_end|>
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     app = create_app(model, tok, model_name="smol", chat_template=tok.chat_template, max_tokens=64)

@@ -23,7 +23,8 @@ from lmforge.evaluate import metrics as M
 from lmforge.evaluate.loss import nll_totals, text_batches
 from lmforge.evaluate.score import Request, make_request, score_naive, score_packed
 from lmforge.evaluate.tasks import encode_request, load_task
-from lmforge.evaluate.watch import RESULTS_FILE, read_results
+from lmforge.artifacts import EVAL_RESULTS_FILE
+from lmforge.evaluate.watch import read_results
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -224,13 +225,14 @@ def lmforge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_eval_cli_reports_val_metrics_that_match_the_library(run: Path, tiny_dataset: Path) -> None:
     from lmforge.evaluate.loss import dataset_batches
-    from lmforge.train.checkpoint import load_for_inference
+    from lmforge.artifacts import load_model
 
     proc = lmforge("eval", str(run), "--json", "--tasks", str(REPO / "tasks" / "python-mc.jsonl"))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["step"] == 40
-    model, tok, cfg, _ = load_for_inference(run / "checkpoints" / "step-000040")
+    loaded = load_model(run / "checkpoints" / "step-000040")
+    model, tok = loaded.model, loaded.tokenizer
     nll, n, nbytes = nll_totals(model, dataset_batches(str(tiny_dataset), seq_len=64, batch_size=8, max_batches=0),
                                 tok.token_nbytes())
     m = out["metrics"]
@@ -245,7 +247,7 @@ def test_eval_cli_reports_val_metrics_that_match_the_library(run: Path, tiny_dat
 
 
 @pytest.mark.parametrize("args, message", [
-    (["{tmp}/nope"], "no such run or checkpoint"),
+    (["{tmp}/nope"], "no such run, checkpoint or model directory"),
     (["{run}", "--tasks", "{tmp}/bad.jsonl"], "bad.jsonl:1: not valid JSON"),
     (["{run}", "--data", "{tmp}", "--text", "{tmp}/bad.jsonl"], "give --data or --text, not both"),
     (["{run}", "--data", "{tmp}"], "is not a prepared dataset"),
@@ -320,7 +322,7 @@ def test_sidecar_waits_for_a_run_directory_that_is_missing_or_empty(run: Path, t
         assert sidecar.poll() is None, "".join(said)
         staged = tmp_path / "staged"
         shutil.copytree(run, staged)
-        (staged / RESULTS_FILE).unlink(missing_ok=True)
+        (staged / EVAL_RESULTS_FILE).unlink(missing_ok=True)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         staged.rename(run_dir)  # the whole (completed) run appears at once (replacing the empty directory)
         rest, _ = sidecar.communicate(timeout=240)
@@ -336,7 +338,7 @@ def test_sidecar_waits_for_a_run_directory_that_is_missing_or_empty(run: Path, t
 def test_sidecar_survives_its_restart_and_skips_a_corrupt_checkpoint(run: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "copy"  # not in the store: results go to the JSONL only
     shutil.copytree(run, run_dir)
-    (run_dir / RESULTS_FILE).unlink(missing_ok=True)
+    (run_dir / EVAL_RESULTS_FILE).unlink(missing_ok=True)
     ckpts = run_dir / "checkpoints"
     later = tmp_path / "later"
     later.mkdir()
@@ -348,7 +350,7 @@ def test_sidecar_survives_its_restart_and_skips_a_corrupt_checkpoint(run: Path, 
 
     for name in ("step-000030", "step-000040"):
         (later / name).rename(ckpts / name)
-    with open(run_dir / RESULTS_FILE, "a") as f:
+    with open(run_dir / EVAL_RESULTS_FILE, "a") as f:
         f.write('{"key": "step-0000')  # a torn last line from a crash mid-append
     blob = ckpts / "step-000030" / "model.safetensors"
     data = bytearray(blob.read_bytes())

@@ -3,13 +3,14 @@ full-forward reference loops, the context-window policy, stop ids, and `lmforge 
 
 from __future__ import annotations
 
-import sys
-import types
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
+from lmforge import generate as generate_module
+from lmforge.artifacts import Loaded, Origin
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.generate import SEED_MAX, SEED_MIN, KVCache, generate, nth_seed, pick_token, sample_command, stream
@@ -231,9 +232,8 @@ class CharTokenizer:
 def test_sample_command_prints_prompt_and_continuation(monkeypatch, capsys) -> None:
     cfg = replace(TINY, vocab_size=27)
     model = build(cfg)
-    fake = types.ModuleType("lmforge.train.checkpoint")
-    fake.load_for_inference = lambda path: (model, CharTokenizer(), None, 42)
-    monkeypatch.setitem(sys.modules, "lmforge.train.checkpoint", fake)
+    origin = Origin("checkpoint", Path("runs/x/checkpoints/step-000042"), 42, "x", "0" * 64)
+    monkeypatch.setattr(generate_module, "load_model", lambda path: Loaded(model, CharTokenizer(), None, origin))
     tok = CharTokenizer()
     kwargs = dict(max_tokens=10, temperature=0.0, top_k=0, top_p=1.0, seed=0)
 

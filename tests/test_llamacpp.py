@@ -28,6 +28,7 @@ import torch
 
 from conftest import REPO, smollm2_gguf
 from lmforge import convert
+from lmforge.artifacts import load_model
 from lmforge.config import ModelConfig
 from lmforge.generate import generate
 from lmforge.model import Transformer
@@ -66,7 +67,8 @@ def assert_agree(gguf: Path, model: Transformer, ids: list[int], n: int, tol: fl
 
 @pytest.fixture(scope="module")
 def smol(smollm2_dir):
-    model, tok, _, _ = convert.load_model_dir(smollm2_dir)
+    loaded = load_model(smollm2_dir, device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
     return smollm2_gguf(), smollm2_dir, model, tok
 
 

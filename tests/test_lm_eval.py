@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, lmforge_cmd, subprocess_env
 from lmforge.evaluate.score import make_request, score_packed
 from lmforge.evaluate.tasks import encode_request, load_task
-from lmforge.train.checkpoint import load_for_inference
+from lmforge.artifacts import load_model
 from test_serve import KEY, checkpoint, one_thread, server  # noqa: F401  (fixtures: a tiny checkpoint served for real)
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is in the test extra (scripts/setup.sh --test)")
@@ -59,7 +59,8 @@ def test_lm_eval_through_the_server_equals_lmforge_eval(checkpoint, server, tmp_
     samples = sorted((json.loads(line) for line in next((tmp_path / "out").rglob("samples_python_mc_*.jsonl")).open()),
                      key=lambda s: s["doc_id"])
 
-    model, tok, _, _ = load_for_inference(checkpoint)
+    loaded = load_model(checkpoint)
+    model, tok = loaded.model, loaded.tokenizer
     task = load_task(TASK)
     requests = [make_request(*encode_request(tok, item.context, item.choices), model.cfg.max_seq_len) for item in task.items]
     ours = [[s.logprob for s in row] for row in score_packed(model, requests)]

@@ -168,8 +168,9 @@ def test_auto_mode_writes_plain_lines_when_stderr_is_not_a_terminal(run: Path, t
 
 def test_auto_mode_import_leaves_stderr_empty_when_it_is_not_a_terminal(run: Path, tmp_path: Path) -> None:
     from lmforge import convert
+    from lmforge.artifacts import read_bundle
 
-    gguf = convert.write_gguf(convert.read_checkpoint(run), tmp_path / "tiny.gguf")  # the run, as a GGUF to import
+    gguf = convert.write_gguf(read_bundle(run), tmp_path / "tiny.gguf")  # the run, as a GGUF to import
     imp = cli("auto", "import", gguf, "--out", tmp_path / "tiny")
     assert imp.returncode == 0, imp.stderr
     assert imp.stderr == "", repr(imp.stderr)

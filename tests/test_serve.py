@@ -30,7 +30,8 @@ from lmforge.model import Transformer
 from lmforge.serve.api import create_app
 from lmforge.errors import LmforgeError
 from lmforge.serve.engine import Engine, Finished, QueueFull, Request, Token, run_requests
-from lmforge.train.checkpoint import load_for_inference, save_checkpoint
+from lmforge.artifacts import load_model
+from lmforge.train.checkpoint import save_checkpoint
 
 KEY = "test-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -61,8 +62,8 @@ def checkpoint(tiny_dataset: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(checkpoint: Path):
-    model, tokenizer, _cfg, _step = load_for_inference(checkpoint)
-    return model, tokenizer
+    loaded = load_model(checkpoint)
+    return loaded.model, loaded.tokenizer
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:

@@ -3,7 +3,7 @@
 Design: `evaluate_model` takes a loaded model and returns a flat {metric name: float} dict —
 `loss`, `perplexity`, `bits_per_byte` for the text part and `<task>/<metric>` for each task file —
 which the command prints and the sidecar (watch.py) records as `eval/<name>` in the store. Models
-are loaded only through `train.checkpoint.load_for_inference` (verified checksums, safetensors, no
+are loaded only through `artifacts.load_model` (verified checksums, safetensors, no
 pickle). Evaluation runs in fp32 whatever the training dtype, so a number does not depend on the
 autocast kernels of the machine that computed it.
 
@@ -184,11 +184,12 @@ def eval_command(
     scorer: str = "packed",
 ) -> int:
     """`lmforge eval RUN_OR_CKPT`: print the metrics of one checkpoint (newest intact of a run)."""
-    from ..train.checkpoint import load_for_inference
+    from ..artifacts import load_model
 
     check_eval_options(data, text, batch_size, max_batches)
     task_list = load_tasks(list(tasks or []))  # validate task files before loading any model
-    model, tokenizer, cfg, step = load_for_inference(path)
+    loaded = load_model(path)
+    model, tokenizer, cfg, origin = loaded.model, loaded.tokenizer, loaded.config, loaded.origin
     if threads:  # default: every core (eval.threads is the sidecar's budget, beside training)
         torch.set_num_threads(threads)
     bs = batch_size or cfg.eval.batch_size
@@ -201,9 +202,9 @@ def eval_command(
     results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source, batch_size=bs,
                              max_batches=max_batches, scorer=scorer, show_progress=not as_json)
     if as_json:
-        print(json.dumps({"checkpoint": str(path), "step": step, "metrics": _jsonable(results)}, indent=2))
+        print(json.dumps({"checkpoint": str(path), "step": origin.step, "metrics": _jsonable(results)}, indent=2))
         return 0
-    table = Table(title=f"{path} (step {step})")
+    table = Table(title=f"{path} ({origin.describe()})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in results.items():

@@ -2,7 +2,7 @@
 checkpoint once, beside training, without stopping it.
 
 Loop: every `interval` seconds list the run's published checkpoints (oldest first, so curves fill
-in order); for each one not yet evaluated, load it through `load_for_inference` (which verifies
+in order); for each one not yet evaluated, load it through `artifacts.load_model` (which verifies
 every sha256 of its MANIFEST.json), evaluate it (evaluate/harness.py) and record the result.
 
 What "already evaluated" means survives a restart of the sidecar: every result is appended to
@@ -45,25 +45,26 @@ from typing import Any
 
 import torch
 
+from ..artifacts import (
+    CHECKPOINTS, CONFIG_FILE, EVAL_RESULTS_FILE, EVENTS_FILE, MODEL_FILE, is_checkpoint_dir, is_model_dir,
+    list_checkpoints, load_model, read_manifest,
+)
 from ..errors import CheckpointError, LmforgeError
 from ..util import console, warn
 from .harness import check_eval_options, evaluate_model, load_tasks, text_source
-
-RESULTS_FILE = "eval-results.jsonl"
 
 
 def checkpoint_key(ckpt: Path) -> str | None:
     """"step-000030:<sha256 of model.safetensors>" from the MANIFEST, or None if unreadable."""
     try:
-        manifest = json.loads((ckpt / "MANIFEST.json").read_text(encoding="utf-8"))
-        return f"{ckpt.name}:{manifest['files']['model.safetensors']['sha256']}"
-    except (OSError, ValueError, KeyError, TypeError):
+        return f"{ckpt.name}:{read_manifest(ckpt).sha256(MODEL_FILE)}"
+    except (CheckpointError, KeyError):
         return None
 
 
 def read_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The sidecar's results so far (unparsable lines, e.g. a torn last line, are skipped)."""
-    path = Path(run_dir) / RESULTS_FILE
+    path = Path(run_dir) / EVAL_RESULTS_FILE
     if not path.is_file():
         return []
     out = []
@@ -79,7 +80,7 @@ def read_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def run_completed(run_dir: str | os.PathLike) -> bool:
     """True when the last `completed` / `resume` event in events.jsonl is `completed`."""
-    path = Path(run_dir) / "events.jsonl"
+    path = Path(run_dir) / EVENTS_FILE
     if not path.is_file():
         return False
     state = False
@@ -116,7 +117,7 @@ def _open_store():
     try:
         return Store.open()
     except LmforgeError as e:
-        warn(f"experiment store unavailable ({e}); results go to {RESULTS_FILE} only")
+        warn(f"experiment store unavailable ({e}); results go to {EVAL_RESULTS_FILE} only")
         return None
 
 
@@ -128,26 +129,24 @@ def _record(run_dir: Path, store: Any, ckpt: Path, key: str, step: int, results:
             store.log_metrics(run_id, step, {f"eval/{k}": v for k, v in results.items()})
             store.log_event(run_id, "eval", step, {"checkpoint": ckpt.name, **clean})
             store.flush()
-    _append(run_dir / RESULTS_FILE, {"key": key, "checkpoint": ckpt.name, "step": step, "metrics": clean,
+    _append(run_dir / EVAL_RESULTS_FILE, {"key": key, "checkpoint": ckpt.name, "step": step, "metrics": clean,
                                      "seconds": round(seconds, 3), "time": time.time()})
 
 
 def _check_run_dir(run_dir: Path) -> None:
     """Refuse a path that exists but is not (and cannot become) a run directory."""
-    from ..train.checkpoint import is_checkpoint_dir
-
     if not run_dir.is_dir():
         raise CheckpointError(f"--watch needs a run directory, but {run_dir} is a file; "
                               "give the --run-dir that `lmforge train` writes")
     if is_checkpoint_dir(run_dir):
         raise CheckpointError(f"--watch follows a run directory, not a checkpoint: give {run_dir.parent.parent}")
-    if (run_dir / "model.safetensors").is_file() and not (run_dir / "checkpoints").exists():
+    if is_model_dir(run_dir):
         raise CheckpointError(f"{run_dir} is a model directory, not a run directory: --watch follows a training "
                               f"run's checkpoints; evaluate a model once with `lmforge eval {run_dir}` (no --watch)")
     # Hidden entries are ignored: the trainer's first write into a new run directory is a
     # temporary `.config.yaml.*.tmp` (atomic write), the supervisor's `.last-error.json`.
     visible = [p for p in run_dir.iterdir() if not p.name.startswith(".")]
-    if visible and not ((run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()):
+    if visible and not ((run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINTS).exists()):
         # an empty directory is a run about to start; one with other contents is a wrong path
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml, no checkpoints/); "
                               "give the --run-dir that `lmforge train` writes")
@@ -193,8 +192,6 @@ def watch(
     elif once:
         raise CheckpointError(f"--watch --once makes one pass over the checkpoints present, and there is no "
                               f"directory {run_dir}; drop --once to wait for the run to start")
-    from ..train.checkpoint import list_checkpoints, load_for_inference
-
     cli_tasks = load_tasks(list(tasks or []))  # a bad task file fails now, not at the first checkpoint
     if not run_dir.exists():
         _wait_for(run_dir, interval)
@@ -207,7 +204,7 @@ def watch(
     if not threads:  # the run's eval.threads (default 1): leave the other cores to training
         from ..config import load_config
 
-        cfg_path = run_dir / "config.yaml"
+        cfg_path = run_dir / CONFIG_FILE
         threads = load_config(cfg_path).eval.threads if cfg_path.is_file() else 1
     torch.set_num_threads(max(1, threads))
     store = _open_store()
@@ -224,7 +221,7 @@ def watch(
                     continue
                 t0 = time.perf_counter()
                 try:
-                    model, tokenizer, cfg, step = load_for_inference(ckpt)
+                    loaded = load_model(ckpt)
                 except (CheckpointError, OSError) as e:
                     if ckpt.exists():
                         reported.add(key)
@@ -233,6 +230,7 @@ def watch(
                         console.print(f"[yellow]skipping[/] {ckpt.name}: vanished before it could be evaluated "
                                       "(retention deleted it? raise train.keep_last)")
                     continue
+                model, tokenizer, cfg, step = loaded.model, loaded.tokenizer, loaded.config, loaded.origin.step
                 task_list = cli_tasks if tasks else load_tasks(list(cfg.eval.tasks))
                 source = text_source(cfg, tokenizer, data=data, text=text)
                 if source is None and not task_list:
@@ -258,4 +256,4 @@ def watch(
             store.close()
 
 
-__all__ = ["watch", "read_results", "run_completed", "checkpoint_key", "RESULTS_FILE"]
+__all__ = ["watch", "read_results", "run_completed", "checkpoint_key"]

@@ -220,7 +220,7 @@ def serve_command(
     import torch
     import uvicorn
 
-    from ..train.checkpoint import load_for_inference
+    from ..artifacts import load_model
     from ..util import check_port, console
 
     if port is not None:
@@ -234,7 +234,8 @@ def serve_command(
     # The engine thread and the event loop share the GIL; a shorter switch interval keeps the
     # engine from waiting up to 5 ms for it each time the loop handles a token (docs/serve.md).
     sys.setswitchinterval(0.0005)
-    model, tokenizer, cfg, step = load_for_inference(path)
+    loaded = load_model(path)
+    model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
     template = template or tokenizer.chat_template  # a model directory's (or a fine-tune's origin's) recorded one
     host = host or cfg.serve.host
     check_exposure(host, key, insecure)
@@ -251,7 +252,7 @@ def serve_command(
         where = f"[{host}]" if ":" in host else host
         # Listening already (connections wait in the backlog until uvicorn accepts them), so the
         # URL works as soon as it is printed; its port is the real one, also for --port 0.
-        console.print(f"serving {name} (step {step}) at http://{where}:{sock.getsockname()[1]}/v1 ({auth}); "
+        console.print(f"serving {name} ({loaded.origin.describe()}) at http://{where}:{sock.getsockname()[1]}/v1 ({auth}); "
                       "Ctrl-C stops", markup=False)
         server = _server(app, shutdown_grace)
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends like Ctrl-C, exit 0

@@ -254,10 +254,12 @@ def checkpoint_state(run_dir: str, row: dict[str, Any]) -> dict[str, Any]:
     The trainer does not report those deletions to the store, so the file system is the truth.
     A relative recorded path is relative to the trainer's working directory; the checkpoint is
     found by name in the run directory (stored absolute) instead."""
+    from ..artifacts import CHECKPOINTS
+
     d = dict(row)
     path = Path(d["path"])
     if not path.is_absolute():
-        path = Path(run_dir) / "checkpoints" / path.name
+        path = Path(run_dir) / CHECKPOINTS / path.name
     d["stored_status"] = d["status"]
     d["on_disk"] = path.is_dir()
     if not d["on_disk"]:

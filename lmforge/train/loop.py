@@ -60,6 +60,8 @@ from typing import Any
 
 import torch
 
+from .. import artifacts
+from ..artifacts import CONFIG_FILE, EVENTS_FILE, FAULTS_FIRED_FILE, METRICS_FILE
 from ..config import Config, load_config
 from ..errors import CheckpointError, ConfigError, DataError, LmforgeError
 from ..evaluate.loss import autocast, validation_loss
@@ -153,6 +155,8 @@ class Run:
     store: Any = None  # the experiment store (track/store.py), None if it cannot be opened
     run_id: int = 0
     fresh_data_order: str = ""  # --from: why the checkpoint's data cursor could not carry over ("": it did)
+    tokenizer_facts: dict[str, Any] | None = None  # bos/eos token, chat template of its origin: into every checkpoint
+    init_origin: dict[str, Any] | None = None  # init.from's weights, as loaded by a fresh run (its start event)
 
     @property
     def resumed(self) -> bool:
@@ -182,21 +186,24 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     dataset = TokenDataset(cfg.data.path)
     seed_everything(cfg.train.seed)  # the RNG states a checkpoint records are then a function of the run
     model = Transformer(cfg.model).to(device())  # init on CPU first: the same weights on any device
-    if cfg.init.from_ and from_checkpoint is None and not ckpt_io.list_checkpoints(run_dir):  # fresh run only
-        from ..convert import load_init_weights  # pretrained weights (step 0, fresh optimizer)
+    facts_from = None  # the directory whose tokenizer facts (chat template, end of turn) the run carries on
+    init_origin = None
+    if cfg.init.from_ and from_checkpoint is None and not artifacts.list_checkpoints(run_dir):  # fresh run only
+        from .init_from import load_init, origin_record  # pretrained weights (step 0, fresh optimizer)
 
-        load_init_weights(model, cfg.init.from_)
+        loaded = load_init(model, cfg)
+        facts_from, init_origin = loaded.origin.path, origin_record(loaded)
     forward_model = distributed.wrap(model, cfg.train, d)  # DDP wrapper, or model itself (FSDP2 shards in place)
     optimizer = build_optimizer(model, cfg.train)  # after FSDP: over the sharded parameters
     loader = Loader(cfg.data.path, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch, seed=cfg.data.seed,
                     rank=d.rank, world=d.world)
-    run = Run(cfg, run_dir, model, optimizer, loader, Path(dataset.tokenizer_path), dist=d)
+    run = Run(cfg, run_dir, model, optimizer, loader, Path(dataset.tokenizer_path), dist=d, init_origin=init_origin)
     # rank 0 verifies (hashes) the checkpoints; every rank resumes from the one it chose
-    ckpt, damaged = d.broadcast_object(ckpt_io.scan_checkpoints(run_dir) if d.is_main else None)
+    ckpt, damaged = d.broadcast_object(artifacts.scan_checkpoints(run_dir) if d.is_main else None)
     for path, problems in damaged:  # one warning and one event per damaged checkpoint
         warn(f"skipping a damaged checkpoint: {'; '.join(problems)}")
         log_event(run, "checkpoint_corrupt", {"path": str(path), "problem": "; ".join(problems)},
-                  step=ckpt_io.checkpoint_step(path))
+                  step=artifacts.checkpoint_step(path))
     if ckpt is None and damaged:
         raise CheckpointError(f"{run_dir}: every checkpoint is damaged ({', '.join(p.name for p, _ in reversed(damaged))}); "
                               "see the warnings above, or start a new --run-dir")
@@ -209,10 +216,23 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
         run.guard = guard.GuardState.from_dict(state.get("guard"))
         run.lr_scale, run.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", [])
         if ckpt is not None and d.is_main:
-            _drop_records_after(run_dir / "metrics.jsonl", run.step)  # they are about to be redone
+            _drop_records_after(run_dir / METRICS_FILE, run.step)  # they are about to be redone
+        facts_from = source
+    if facts_from is not None and (cfg.init.from_ or (facts_from / artifacts.TOKENIZER_CONFIG).is_file()):
+        run.tokenizer_facts = _tokenizer_facts(facts_from, run.tokenizer_path)  # {} too: a reader needs no chain
     run.forward_model = torch.compile(forward_model) if cfg.train.compile else forward_model
     run.fired_faults = _read_fired_faults(run_dir)
     return run
+
+
+def _tokenizer_facts(source: Path, tokenizer_path: Path) -> dict[str, Any]:
+    """The tokenizer facts recorded in `source` (a checkpoint or init.from's directory), when it
+    uses this run's tokenizer (they name its tokens): each checkpoint then records them itself."""
+    from ..tokenizer import Tokenizer
+
+    if Tokenizer.load(source / artifacts.TOKENIZER_FILE).sha256 != Tokenizer.load(tokenizer_path).sha256:
+        return {}
+    return artifacts.tokenizer_facts(source)
 
 
 def _open_store(run: Run) -> None:
@@ -276,7 +296,7 @@ def train(run: Run) -> int:
     if d.world > 1:
         console.print(f"{d.world} processes ({t.parallel}{', deterministic reduce' if t.deterministic_reduce else ''}): "
                       f"{accum} micro batch(es) of {t.micro_batch} per rank per step; logs from rank 0")
-    if run.step == 0 and not d.broadcast_object(bool(ckpt_io.list_checkpoints(run.run_dir))):
+    if run.step == 0 and not d.broadcast_object(bool(artifacts.list_checkpoints(run.run_dir))):
         save(run)  # step 0: somewhere for the guard to roll back to, even from the first steps
     progress = _progress(t.max_steps, run.step)
     with stop, progress, _failure_recorded(run):
@@ -332,7 +352,7 @@ def train(run: Run) -> int:
                 return 128 + (stop.signum or signal.SIGTERM)
     log_event(run, "completed", {"tokens": run.tokens})
     _finish(run, "completed")
-    console.print(f"done: {run.step} steps, {run.tokens:,} tokens; checkpoints in {ckpt_io.checkpoints_dir(run.run_dir)}")
+    console.print(f"done: {run.step} steps, {run.tokens:,} tokens; checkpoints in {artifacts.checkpoints_dir(run.run_dir)}")
     return 0
 
 
@@ -348,7 +368,7 @@ def _record_start(run: Run) -> None:
         cursor = {"data_order": "fresh", "data_order_reason": run.fresh_data_order} if run.fresh_data_order else {"data_order": "continued"}
         log_event(run, "branch", {"from": str(run.resumed_from), "world": d.world, "cwd": cwd, **cursor})
     else:
-        log_event(run, "start", {"world": d.world, "cwd": cwd})
+        log_event(run, "start", {"world": d.world, "cwd": cwd} | ({"init_from": run.init_origin} if run.init_origin else {}))
 
 
 def seed_everything(seed: int) -> None:
@@ -394,10 +414,11 @@ def save(run: Run) -> Path:
     try:
         path = ckpt_io.save_checkpoint(
             run.run_dir, run.step, model=run.model, optimizer=run.optimizer, config=run.cfg,
-            trainer_state=run.trainer_state(), tokenizer_path=run.tokenizer_path, d=run.dist,
+            trainer_state=run.trainer_state(), tokenizer_path=run.tokenizer_path,
+            tokenizer_facts=run.tokenizer_facts, d=run.dist,
         )
     except OSError as e:
-        previous, _ = ckpt_io.find_resume_checkpoint(run.run_dir)
+        previous, _ = artifacts.find_resume_checkpoint(run.run_dir)
         log_event(run, "checkpoint_failed", {"error": str(e)})
         raise CheckpointError(
             f"writing the checkpoint of step {run.step} failed: {e}. Nothing was published; the previous "
@@ -429,14 +450,14 @@ def rollback(run: Run, verdict: guard.Verdict, data_step: int) -> None:
     if len(recent) >= g.max_rollbacks:
         raise TrainingUnstable(
             f"the guard rolled back {len(recent)} times within {10 * g.window} steps (steps {recent}) and "
-            f"step {run.step} failed again ({verdict.describe()}); giving up. See {run.run_dir / 'events.jsonl'}. "
+            f"step {run.step} failed again ({verdict.describe()}); giving up. See {run.run_dir / EVENTS_FILE}. "
             "Lower train.lr, raise guard.skip_steps or guard.rollback_margin, then resume with --set."
         )
     intact, plan = [], None
     if run.dist.is_main:  # one decision: rank 0 verifies the checkpoints and plans; every rank follows
-        for path in ckpt_io.list_checkpoints(run.run_dir):
-            if not ckpt_io.verify_checkpoint(path):
-                state = ckpt_io.read_trainer_state(path)
+        for path in artifacts.list_checkpoints(run.run_dir):
+            if not artifacts.verify_checkpoint(path):
+                state = artifacts.read_trainer_state(path)
                 intact.append((state["step"], state["loader"]["step"]))
         plan = guard.plan_rollback(spike_step=run.step, spike_data_step=data_step, patience_used=max(1, run.guard.streak),
                                    checkpoints=intact, lr_scale=run.lr_scale, cfg=g)
@@ -451,13 +472,13 @@ def rollback(run: Run, verdict: guard.Verdict, data_step: int) -> None:
     if run.dist.is_main:
         ckpt_io.discard_after(run.run_dir, plan.checkpoint_step)  # the abandoned trajectory's checkpoints
     run.dist.barrier()
-    state = _load_state(run, ckpt_io.checkpoints_dir(run.run_dir) / ckpt_io.checkpoint_name(plan.checkpoint_step))
+    state = _load_state(run, artifacts.checkpoints_dir(run.run_dir) / artifacts.checkpoint_name(plan.checkpoint_step))
     run.step, run.tokens = state["step"], state["tokens"]
     run.guard = guard.GuardState.from_dict(state.get("guard"))
     run.loader.skip(plan.skip_to - run.loader.step)
     run.lr_scale, run.rollbacks = plan.lr_scale, rollbacks
     if run.dist.is_main:
-        _drop_records_after(run.run_dir / "metrics.jsonl", run.step)
+        _drop_records_after(run.run_dir / METRICS_FILE, run.step)
     save(run)  # rewrite that checkpoint with the skip and lr scale: a crash now resumes identically
     log_event(run, "rollback", {"from_step": spike_step, "to_step": run.step, "skipped_data_steps": [plan.skip_from, plan.skip_to],
                                 "lr_scale": run.lr_scale, "reason": verdict.describe()})
@@ -505,7 +526,7 @@ def _train_command(config_path: str | None, *, run_dir: str | None, overrides: l
     check_faults(d)
     if config_path is not None and Path(config_path).is_dir():
         hint = (f"it is a run directory: resume it with `lmforge train --run-dir {config_path}`"
-                if (Path(config_path) / "config.yaml").is_file() else "give a YAML config file")
+                if (Path(config_path) / CONFIG_FILE).is_file() else "give a YAML config file")
         raise ConfigError(f"config file {config_path} is a directory; {hint}")
     rd = run_dir_of(config_path, run_dir)
     if rd is None:
@@ -521,9 +542,9 @@ def _train_command(config_path: str | None, *, run_dir: str | None, overrides: l
 
 def _start_and_train(config_path: str | None, rd: Path, overrides: list[str], from_: str | None, d: Dist,
                      lock: "RunDirLock") -> int:
-    saved_path = rd / "config.yaml"
-    started = bool(ckpt_io.list_checkpoints(rd))  # a run has started once it has a checkpoint (step 0 at least)
-    branch = ckpt_io.resolve_checkpoint(from_) if from_ else None
+    saved_path = rd / CONFIG_FILE
+    started = bool(artifacts.list_checkpoints(rd))  # a run has started once it has a checkpoint (step 0 at least)
+    branch = artifacts.resolve_checkpoint(from_) if from_ else None
     if branch is not None and started:
         raise ConfigError(f"--from starts a new run, but {rd} already has checkpoints; choose a new --run-dir")
     base = start_config(config_path, rd, branch)
@@ -563,12 +584,12 @@ def run_dir_of(config_path: str | None, run_dir: str | None) -> Path | None:
 def start_config(config_path: str | None, rd: Path, branch: Path | None) -> str | Path | None:
     """The config a start loads: the given file, else the run's saved config.yaml (not for a
     branch, which starts from its checkpoint's), else the --from checkpoint's; None if none."""
-    saved = rd / "config.yaml"
+    saved = rd / CONFIG_FILE
     if config_path:
         return config_path
     if branch is None and saved.is_file():
         return saved
-    return branch / "config.yaml" if branch is not None else None
+    return branch / CONFIG_FILE if branch is not None else None
 
 
 def check_run_dir(rd: Path) -> None:
@@ -618,7 +639,7 @@ def _commit_run_dir(rd: Path, cfg: Config, lock: RunDirLock) -> None:
     try:
         rd.mkdir(parents=True, exist_ok=True)
         lock.take()  # a new run: before its config is written (a second start racing it fails here)
-        cfg.save(rd / "config.yaml")
+        cfg.save(rd / CONFIG_FILE)
     except OSError as e:
         raise ConfigError(f"--run-dir {rd}: cannot write the run directory ({e.strerror or e}); choose another path") from None
 
@@ -650,7 +671,7 @@ def model_shape(m: Any) -> dict[str, Any]:
 
 def check_branch_model(cfg: Config, ckpt: Path) -> None:
     """`--from` continues the checkpoint's weights and optimizer state: the model must have its shape."""
-    theirs, mine = model_shape(ckpt_io.read_config(ckpt).model), model_shape(cfg.model)
+    theirs, mine = model_shape(artifacts.read_config(ckpt).model), model_shape(cfg.model)
     differ = [f"model.{k}: checkpoint {theirs[k]!r}, now {mine[k]!r}" for k in theirs if theirs[k] != mine[k]]
     if differ:
         raise ConfigError(
@@ -673,7 +694,7 @@ def _check_data_path_on_resume(cfg: Config, rd: Path) -> None:
 
 def _last_cwd(rd: Path) -> str | None:
     """The working directory of the run's latest recorded start (events.jsonl), if recorded."""
-    path = rd / "events.jsonl"
+    path = rd / EVENTS_FILE
     cwd = None
     if path.is_file():
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -691,7 +712,7 @@ def resolve_config(cfg: Config) -> Config:
     if not cfg.data.path:
         raise ConfigError("data.path is empty: set it to a prepared dataset, e.g. --set data.path=data/mycorp")
     if cfg.init.from_:  # the imported model decides the model section; its tokenizer must be the data's
-        from ..convert import resolve_init
+        from .init_from import resolve_init
 
         cfg = resolve_init(cfg)
     ds = TokenDataset(cfg.data.path)
@@ -744,8 +765,8 @@ def data_step_of_run(run_dir: str | Path, step: int) -> dict[str, Any]:
     other step as it is on the run's final trajectory: after the chronologically last rollback to a
     checkpoint c < step, the data cursor is (step - 1) - c + the cursor it skipped to."""
     rd = Path(run_dir)
-    cfg = load_config(rd / "config.yaml")
-    events_path = rd / "events.jsonl"
+    cfg = load_config(rd / CONFIG_FILE)
+    events_path = rd / EVENTS_FILE
     events = [json.loads(line) for line in events_path.read_text(encoding="utf-8").splitlines() if line.strip()] if events_path.is_file() else []
     rollbacks = [e for e in events if e.get("kind") == "rollback"]
     notes = [f"run {rd}: {len(rollbacks)} rollback(s)"]
@@ -772,7 +793,7 @@ def data_step_of_run(run_dir: str | Path, step: int) -> dict[str, Any]:
 def log_metrics(run: Run, values: dict[str, float]) -> None:
     if not run.dist.is_main:
         return
-    _append_jsonl(run.run_dir / "metrics.jsonl", {"step": run.step, **values, "time": time.time()})
+    _append_jsonl(run.run_dir / METRICS_FILE, {"step": run.step, **values, "time": time.time()})
     if run.store is not None:  # queued; a background thread writes (never slows the step)
         run.store.log_metrics(run.run_id, run.step, values)
         run.store.heartbeat(run.run_id, run.step)
@@ -783,7 +804,7 @@ def log_event(run: Run, kind: str, data: dict[str, Any], step: int | None = None
     if not run.dist.is_main:
         return
     step = run.step if step is None else step
-    _append_jsonl(run.run_dir / "events.jsonl", {"step": step, "kind": kind, "time": time.time(), **data})
+    _append_jsonl(run.run_dir / EVENTS_FILE, {"step": step, "kind": kind, "time": time.time(), **data})
     if run.store is not None and kind not in ("resume", "config_change", "mfu_peak", "start"):  # the store records the first two itself; the others are bookkeeping
         run.store.log_event(run.run_id, kind, step, data)
 
@@ -862,7 +883,7 @@ class _StopFlag:
 
 
 def _read_fired_faults(run_dir: Path) -> list[str]:
-    p = run_dir / "faults-fired.json"
+    p = run_dir / FAULTS_FIRED_FILE
     return json.loads(p.read_text()) if p.is_file() else []
 
 
@@ -878,7 +899,7 @@ def _faults(run: Run, kind: str, step: int, suffix: str = "") -> bool:
         return False
     run.fired_faults.append(spec)
     if run.dist.is_main:
-        atomic_write_text(run.run_dir / "faults-fired.json", json.dumps(run.fired_faults))
+        atomic_write_text(run.run_dir / FAULTS_FIRED_FILE, json.dumps(run.fired_faults))
     console.print(f"fault injection: {spec}")
     return True
 

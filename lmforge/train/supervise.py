@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import artifacts
 from ..util import console
-from . import checkpoint as ckpt_io
 
 NO_RESTART = {0: "finished", 2: "stopped on an error that a restart cannot fix", 130: "interrupted (SIGINT)", 143: "stopped (SIGTERM)"}
 
@@ -56,8 +56,8 @@ def describe_exit(code: int) -> str:
 
 
 def newest_step(run_dir: Path) -> int:
-    ckpts = ckpt_io.list_checkpoints(run_dir)
-    return int(ckpts[-1].name.split("-")[1]) if ckpts else -1
+    ckpts = artifacts.list_checkpoints(run_dir)
+    return artifacts.checkpoint_step(ckpts[-1]) if ckpts else -1
 
 
 def supervise(
@@ -76,7 +76,7 @@ def supervise(
     check_run_dir(run_dir)  # a file is no run directory: say so here, not in a traceback about .last-error.json
     cmd = launch_command(child_args, nproc_per_node)
     error_dir = Path(tempfile.mkdtemp(prefix="lmforge-supervise-"))  # not in the run directory: a refused start writes nothing there
-    error_file = error_dir / "last-error.json"
+    error_file = error_dir / artifacts.LAST_ERROR_FILE
     env = dict(os.environ, LMFORGE_ERROR_FILE=str(error_file))
     restarts, failures = 0, []  # failures: (exit code, step) of each crash
     stopping = {"signal": 0}
@@ -143,7 +143,7 @@ def check_job(config: str | None, *, run_dir: str | None, overrides: list[str], 
     check_run_dir(rd)
     if config is not None and Path(config).is_dir():
         return  # the workers explain a directory given as the config (perhaps a run to resume)
-    base = start_config(config, rd, ckpt_io.resolve_checkpoint(from_) if from_ else None)
+    base = start_config(config, rd, artifacts.resolve_checkpoint(from_) if from_ else None)
     if base is None:
         return
     cfg = load_config(base, overrides)  # a bad --set value, deterministic_reduce with fsdp, ...
