@@ -36,8 +36,7 @@ from typing import Callable
 import torch
 
 from lmforge.config import ModelConfig, TrainConfig
-from lmforge.evaluate.loss import autocast
-from lmforge.model import Transformer, flops_per_token
+from lmforge.model import Transformer, autocast, flops_per_token
 from lmforge.plan import matmul_rate
 from lmforge.train.loop import train_step
 from lmforge.train.optim import build_optimizer

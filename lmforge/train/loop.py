@@ -62,7 +62,8 @@ import torch
 
 from ..config import Config, load_config
 from ..errors import CheckpointError, ConfigError, DataError, LmforgeError
-from ..evaluate.loss import autocast, validation_loss
+from ..evaluate.loss import validation_loss
+from ..model import autocast
 from ..util import atomic_write_text, console, default_device, warn
 from . import checkpoint as ckpt_io
 from . import distributed, guard
