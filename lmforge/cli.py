@@ -45,7 +45,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data import prepare as p
+    from .data import inspect as p
 
     if args.data_cmd == "info":
         return p.cmd_info(args.path, as_json=args.json)

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..config import Config
+from ..data.manifest import MANIFEST_FILE, read_manifest
 from ..errors import DataError, LmforgeError
 from ..tokenizer import Tokenizer
 from ..util import out as results_out  # command results: stdout, every progress mode
@@ -78,12 +79,11 @@ def text_source(cfg: Config, tokenizer: Tokenizer, *, data: str | None, text: st
     path = data or cfg.data.path
     if not path:
         return None
-    manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
+    if not (Path(path) / MANIFEST_FILE).is_file():
         if data:
-            raise DataError(f"--data: {path} is not a prepared dataset (no manifest.json); run `lmforge prepare` or pass --text FILE")
+            raise DataError(f"--data: {path} is not a prepared dataset (no {MANIFEST_FILE}); run `lmforge prepare` or pass --text FILE")
         return None  # the run's dataset is not here (another machine, moved); tasks can still run
-    sha = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer_sha256")
+    sha = read_manifest(path).get("tokenizer_sha256")
     if sha != tokenizer.sha256:
         raise DataError(
             f"{path} was prepared with another tokenizer (sha256 {str(sha)[:12]}…) than the checkpoint's "
