@@ -254,7 +254,8 @@ def test_verify_names_a_changed_tokenizer_and_a_malformed_manifest(built, tmp_pa
         ("empty_dir", "empty corpus: no files found in {tmp}/empty"),
         ("blank_file", "empty corpus: no text found in 1 file(s)"),
         ("jsonl_field", "{tmp}/t.jsonl:2: no field 'text' (found: ['body']); choose the field with --text-field"),
-        ("jsonl_bad", "{tmp}/t.jsonl:1: invalid JSON"),
+        ("jsonl_bad", "{tmp}/t.jsonl:1: invalid JSON (Expecting property name enclosed in double quotes at column 2); "
+                      "expected one JSON object per line with a 'text' field"),
         ("exists", "output already exists and is not a prepared dataset: {tmp}/out (no manifest.json: keep.txt)"),
         ("unwritable", "cannot write dataset {tmp}/afile/out"),
         ("val_fraction", "--val-fraction must be in [0, 1), got 1.5"),

@@ -40,7 +40,6 @@ from __future__ import annotations
 import errno
 import fnmatch
 import hashlib
-import json
 import os
 import re
 import tempfile
@@ -62,6 +61,7 @@ from .. import __version__
 from ..config import DataConfig
 from ..errors import DataError
 from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
+from ..jsonl import parse_jsonl
 from ..util import atomic_dir, atomic_write_json, console, human_count, progress_bar, warn
 from .manifest import FORMAT_VERSION, INDEX_COLUMNS, MANIFEST_FILE, SPLITS, fingerprint
 
@@ -176,16 +176,7 @@ def iter_documents(src: Source, index: int, text_field: str) -> Iterator[Documen
             if piece.strip():
                 yield Document(index, start, piece.decode("utf-8"), _u(piece))
         return
-    offset = 0
-    for line_no, line in enumerate(data.splitlines(keepends=True), start=1):
-        start, offset = offset, offset + len(line)
-        if not line.strip():
-            continue
-        where = f"{src.path}:{line_no}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+    for where, _, start, record in parse_jsonl(data, src.path, what=f"one JSON object per line with a {text_field!r} field"):
         if not isinstance(record, dict) or text_field not in record:
             found = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{where}: no field {text_field!r} (found: {found}); choose the field with --text-field")

@@ -14,8 +14,6 @@ tokenizer (sha256 compared), otherwise its token ids mean nothing to the model.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from rich.table import Table
 from ..config import Config
 from ..data.manifest import MANIFEST_FILE, read_manifest
 from ..errors import DataError, LmforgeError
+from ..jsonl import dumps_record
 from ..tokenizer import Tokenizer
 from ..util import out as results_out  # command results: stdout, every progress mode
 from ..util import progress_bar
@@ -201,7 +200,7 @@ def eval_command(
     results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source, batch_size=bs,
                              max_batches=max_batches, scorer=scorer, show_progress=not as_json)
     if as_json:
-        print(json.dumps({"checkpoint": str(path), "step": step, "metrics": _jsonable(results)}, indent=2))
+        print(dumps_record({"checkpoint": str(path), "step": step, "metrics": results}, indent=2))
         return 0
     table = Table(title=f"{path} (step {step})")
     table.add_column("metric")
@@ -210,10 +209,6 @@ def eval_command(
         table.add_row(k, f"{v:.4f}")
     results_out.print(table)
     return 0
-
-
-def _jsonable(d: dict[str, float]) -> dict[str, float | None]:
-    return {k: (v if math.isfinite(v) else None) for k, v in d.items()}
 
 
 __all__ = ["evaluate_model", "score_task", "text_source", "load_tasks", "eval_command"]

@@ -23,7 +23,6 @@ suites belong to lm-evaluation-harness, which can be pointed at `lmforge serve`.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 from collections.abc import Sequence
 
 from ..errors import DataError
+from ..jsonl import read_jsonl
 from ..tokenizer import Tokenizer
 
 KINDS = ("mc", "cloze", "gen")
@@ -67,20 +67,7 @@ def load_task(path: str | os.PathLike) -> Task:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"task file not found: {p} (shipped tasks live in tasks/, e.g. tasks/python-mc.jsonl)")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{p}: not UTF-8 text ({e})") from None
-    items: list[Item] = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{p}:{n}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        items.append(parse_item(raw, where))
+    items = [parse_item(raw, where) for where, _, _, raw in read_jsonl(p, what="one JSON object (an item) per line, see docs/eval.md")]
     if not items:
         raise DataError(f"{p}: no items (expected one JSON object per line, see docs/eval.md)")
     kinds = {i.kind for i in items}

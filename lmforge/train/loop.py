@@ -63,6 +63,7 @@ import torch
 from ..config import Config, load_config
 from ..errors import CheckpointError, ConfigError, DataError, LmforgeError
 from ..evaluate.loss import validation_loss
+from ..jsonl import append_jsonl
 from ..model import autocast
 from ..util import atomic_write_text, console, default_device, warn
 from . import checkpoint as ckpt_io
@@ -830,10 +831,7 @@ def _record_step(line: str) -> int:
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    # NaN/inf are not JSON: write them as strings so every JSON reader (the dashboard too) copes
-    clean = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(clean) + "\n")
+    append_jsonl(path, record)  # NaN/inf as "nan"/"inf"/"-inf": lmforge/jsonl.py's rule
 
 
 # ---- signals, faults, progress ---------------------------------------------------------------
