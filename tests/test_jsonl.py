@@ -123,7 +123,7 @@ def _run_dir(tmp_path: Path) -> Path:
 
 def test_metrics_and_events_jsonl_from_the_trainer(tmp_path: Path) -> None:
     from lmforge.evaluate.watch import run_completed
-    from lmforge.plan import read_run
+    from lmforge.plan.fit import read_run
     from lmforge.train.loop import _append_jsonl, data_step_of_run
 
     run = _run_dir(tmp_path)

@@ -377,17 +377,15 @@ def model_flops_per_token(cfg: Config) -> float:
 
 
 def peak_flops(dev: torch.device, dtype: str = "bf16") -> float | None:
-    """The peak that MFU is measured against: a known GPU's datasheet bf16 peak (plan.py's table),
-    None for an unknown GPU; on the CPU, this machine's matmul rate in the run's dtype, measured
-    now with the run's threads (512^3 products for ~0.1 s: an estimate, since a CPU's peak depends
-    on its vector units and on what else runs; benchmarks/train_throughput.py measures it longer)."""
-    from ..plan import HARDWARE, matmul_rate
+    """The peak that MFU is measured against: a known GPU's datasheet bf16 peak (hardware.py's
+    table), None for an unknown GPU; on the CPU, this machine's matmul rate in the run's dtype,
+    measured now with the run's threads (512^3 products for ~0.1 s: an estimate, since a CPU's peak
+    depends on its vector units and on what else runs; benchmarks/train_throughput.py measures it longer)."""
+    from ..hardware import gpu_peak_flops, matmul_rate
 
     if dev.type != "cuda":
         return matmul_rate(torch.bfloat16 if dtype == "bf16" else torch.float32, 512, 0.1)
-    name = torch.cuda.get_device_name(dev).lower()
-    matches = [hw for key, hw in HARDWARE.items() if key.split("-")[0] in name]
-    return max(matches, key=lambda hw: len(hw.name)).peak_flops if matches else None
+    return gpu_peak_flops(torch.cuda.get_device_name(dev))
 
 
 def save(run: Run) -> Path:
