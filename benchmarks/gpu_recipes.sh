@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU recipes' training throughput on this machine's GPU: tokens/s, achieved TFLOP/s and MFU
-# (against the datasheet bf16 peak of a known GPU, lmforge/plan.py's table) as `lmforge train`
+# (against the datasheet bf16 peak of a known GPU, lmforge/hardware.py's table) as `lmforge train`
 # logs them, plus the GPU's peak memory (nvidia-smi, sampled each second). A few steps each, no
 # evaluation; the first logged window includes torch.compile's compilation and is not a figure.
 #

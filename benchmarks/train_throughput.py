@@ -36,9 +36,8 @@ from typing import Callable
 import torch
 
 from lmforge.config import ModelConfig, TrainConfig
-from lmforge.evaluate.loss import autocast
-from lmforge.model import Transformer, flops_per_token
-from lmforge.plan import matmul_rate
+from lmforge.hardware import matmul_rate
+from lmforge.model import Transformer, autocast, flops_per_token
 from lmforge.train.loop import train_step
 from lmforge.train.optim import build_optimizer
 
@@ -69,7 +68,7 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072),
     """Best achieved FLOP/s of square matmuls in dtype: this machine's practical matmul peak.
 
     Several sizes, because the fastest one differs between the fp32 (MKL) and bf16 (oneDNN,
-    AMX where the CPU has it) kernels. The trainer's MFU uses the same `plan.matmul_rate`, shorter."""
+    AMX where the CPU has it) kernels. The trainer's MFU uses the same `hardware.matmul_rate`, shorter."""
     return max(matmul_rate(dtype, n, seconds) for n in sizes)
 
 

@@ -45,7 +45,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data import prepare as p
+    from .data import inspect as p
 
     if args.data_cmd == "info":
         return p.cmd_info(args.path, as_json=args.json)
@@ -152,9 +152,85 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import plan_command
+    from .plan import fit_command, plan_command
 
-    return plan_command(args)
+    if args.plan_action == "fit":
+        return fit_command(args.runs, bootstrap=args.bootstrap, seed=args.seed, save=args.save, as_json=args.json)
+    return plan_command(
+        target_loss=args.target_loss, quality_of=args.quality_of, inference_tokens=args.inference_tokens,
+        unique_tokens=args.unique_tokens, law=args.law, objective=args.objective, hardware=args.hardware,
+        peak_flops=args.peak_flops, mem_bandwidth=args.mem_bandwidth, gpu_memory_gb=args.gpu_memory,
+        price_per_gpu_hour=args.price_per_gpu_hour, train_mfu=args.train_mfu, prefill_mfu=args.prefill_mfu,
+        decode_mfu=args.decode_mfu, prefill_fraction=args.prefill_fraction, vocab_size=args.vocab_size,
+        seq_len=args.seq_len, batch=args.batch, write_config=args.write_config, overwrite=args.overwrite,
+        as_json=args.json,
+    )
+
+
+def parse_count(text: str) -> float:
+    """'7e9', '7B', '1.5T', '300M', '2k' -> float (argparse type)."""
+    s = text.strip().replace("_", "").replace(",", "")
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+    try:
+        if s and s[-1].lower() in scale:
+            return float(s[:-1]) * scale[s[-1].lower()]
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (e.g. 7e9, 7B, 300M, 2T)") from None
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """`lmforge plan [options]` plans; `lmforge plan fit RUN_DIR...` fits the law."""
+    from .hardware import HARDWARE  # the names only: no torch, no measurement
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = (
+        "Size a model for its inference budget: the N and D_train that reach a target loss at the\n"
+        "least training + inference cost (Sardana et al. 2024), an architecture, a config to train."
+    )
+    p.epilog = (
+        "examples:\n"
+        "  lmforge plan --quality-of 7e9 --inference-tokens 1e13 --hardware h100 --price-per-gpu-hour 2.5\n"
+        "  lmforge plan --target-loss 2.3 --inference-tokens 2e12 --unique-tokens 4e10 --hardware a100 \\\n"
+        "               --write-config configs/planned.yaml\n"
+        "  lmforge plan fit runs/sweep-* --save law.json && lmforge plan --law law.json --target-loss 3.1 ...\n"
+        "details: docs/plan.md"
+    )
+    g = p.add_argument_group("target (one of)")
+    g.add_argument("--target-loss", type=float, metavar="LOSS", help="final loss (nats/token) the model must reach")
+    g.add_argument("--quality-of", type=parse_count, metavar="N",
+                   help="the loss of a Chinchilla-optimal model with N parameters (e.g. 7e9, 7B)")
+    p.add_argument("--inference-tokens", type=parse_count, default=0.0, metavar="TOKENS",
+                   help="tokens the model will process over its life (prompt + generated)")
+    p.add_argument("--unique-tokens", type=parse_count, metavar="TOKENS", help="unique training tokens available (enables the repetition correction)")
+    p.add_argument("--law", default="besiroglu", metavar="NAME|PATH",
+                   help="besiroglu (default), hoffmann, sardana, or a JSON file from `plan fit --save`")
+    p.add_argument("--objective", choices=("flops", "cost"),
+                   help="minimise total FLOPs, or GPU-hours/dollars (default: cost when a price is given)")
+    h = p.add_argument_group("hardware and costs")
+    h.add_argument("--hardware", default="h100", metavar="NAME", help=f"{', '.join(HARDWARE)}, cpu (measured now) or custom")
+    h.add_argument("--peak-flops", type=parse_count, metavar="FLOP/S", help="override: dense bf16 FLOP/s per device")
+    h.add_argument("--mem-bandwidth", type=parse_count, metavar="BYTES/S", help="override: memory bandwidth, bytes/s")
+    h.add_argument("--gpu-memory", type=float, metavar="GB", help="override: memory per device, GB")
+    h.add_argument("--price-per-gpu-hour", type=float, metavar="DOLLARS", help="dollars per device-hour")
+    h.add_argument("--train-mfu", type=float, default=0.4, metavar="F", help="achieved utilisation in training (default 0.4)")
+    h.add_argument("--prefill-mfu", type=float, default=0.5, metavar="F", help="utilisation on prompt tokens (default 0.5)")
+    h.add_argument("--decode-mfu", type=float, default=0.1, metavar="F", help="utilisation on generated tokens (default 0.1, memory-bound)")
+    h.add_argument("--prefill-fraction", type=float, default=0.5, metavar="F", help="share of inference tokens that are prompt (default 0.5)")
+    a = p.add_argument_group("architecture and config")
+    a.add_argument("--vocab-size", type=int, default=32000, metavar="V", help="tokenizer vocabulary (match lmforge prepare --vocab-size)")
+    a.add_argument("--seq-len", type=int, default=2048, metavar="T", help="training context and deployment context")
+    a.add_argument("--batch", type=int, default=1, metavar="B", help="concurrent sequences for the KV-cache estimate")
+    a.add_argument("--write-config", metavar="PATH", help="write a training YAML for the recommended model")
+    a.add_argument("--overwrite", action="store_true", help="replace the --write-config file if it exists")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    sub = p.add_subparsers(dest="plan_action", metavar="ACTION")
+    f = sub.add_parser("fit", help="fit the loss law to your own runs (run directories)")
+    f.add_argument("runs", nargs="+", help="run directories holding config.yaml and metrics.jsonl (globs allowed)")
+    f.add_argument("--bootstrap", type=int, default=100, metavar="R", help="bootstrap resamples for the uncertainty (0: none)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--save", metavar="PATH", help="write the fitted law as JSON (use with plan --law PATH)")
+    f.add_argument("--json", action="store_true", help="print the fit as JSON")
 
 
 # ---- runs / dashboard (the experiment store) ---------------------------------------------------
@@ -334,8 +410,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("plan", help="size a model for its inference budget")
-    from .plan import add_plan_arguments
-
     add_plan_arguments(p)
     p.set_defaults(func=cmd_plan)
 

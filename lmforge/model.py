@@ -39,6 +39,7 @@ Trade-offs
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Protocol
 
@@ -166,6 +167,15 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
         ys.append(torch.bmm(scores.softmax(dim=-1), v[:, :b]).view(B, KV, G, b - a, hd))  # softmax accumulates in fp32
     y = torch.cat(ys, dim=3) if len(ys) > 1 else ys[0]
     return y.view(B, H, T, hd)
+
+
+def autocast(dtype: str, device_type: str) -> contextlib.AbstractContextManager:
+    """The mixed precision a forward runs in: bf16 autocast on `device_type` (where the batch is)
+    for dtype "bf16" (config `train.dtype`), nothing for "fp32". Training and evaluation both
+    enter it, so a loss is computed the same way in each."""
+    if dtype == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,8 @@ PROMPTS = ["def read_config(path):\n", "class Cache:\n    def __init__(self", "i
 
 
 def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source: str | None = None) -> int:
-    from .data.prepare import prepare, read_manifest, verify_dataset
+    from .data.manifest import read_manifest, verify_dataset
+    from .data.prepare import prepare
     from .generate import generate
     from .artifacts import CONFIG_FILE, QUICKSTART_FILE, checkpoint_step, find_resume_checkpoint, load_model
     from .train.loop import build, resolve_config, train

@@ -105,6 +105,8 @@ class _Progress(Progress):
         import sys
         import time
 
+        from .jsonl import dumps_record
+
         task = self._tasks[task_id]
         now = time.monotonic()
         last = getattr(self, "_last", {})
@@ -116,7 +118,7 @@ class _Progress(Progress):
         record = {**{k: v for k, v in task.fields.items() if isinstance(v, (int, float, str))},
                   "progress": str(task.description), "completed": task.completed, "total": task.total,
                   "rate": task.speed, "eta_s": task.time_remaining}
-        sys.stderr.write(json.dumps(record) + "\n")
+        sys.stderr.write(dumps_record(record) + "\n")  # a NaN loss as "nan": lmforge/jsonl.py's rule
         sys.stderr.flush()
 
 

@@ -43,6 +43,7 @@ def db(tmp_path: Path) -> Path:
         s.finish_run(rid, "completed", 190)
     live = s.start_run("live", str(tmp_path / "runs" / "live"), {"train": {"lr": 5e-4}})  # this pid: alive
     s.log_metrics(live, 0, {"loss": 6.0})
+    s.log_metrics(live, 10, {"loss": float("nan"), "grad_norm": float("inf")})  # diverging: JSON says "nan", "inf"
     s.flush()
     s.close()
     return path
@@ -88,6 +89,13 @@ def test_api_runs_detail_and_metrics(server) -> None:
     assert sorted(m) == ["loss", "lr"]
     assert m["loss"]["step"] == [0, 50, 100, 150, 190]  # thinned to at most 5 points, first and last kept
     assert m["loss"]["value"][0] == 5.0
+    # Non-finite values follow lmforge/jsonl.py's rule in every answer: strings, never bare NaN or null.
+    live = runs[0]["id"]
+    assert runs[0]["loss"] == "nan" and "NaN" not in body.decode()
+    curves = json.loads(get(server, f"/api/runs/{live}/metrics?keys=loss,grad_norm")[2])
+    assert curves == {"loss": {"step": [0, 10], "value": [6.0, "nan"]}, "grad_norm": {"step": [10], "value": ["inf"]}}
+    summary = json.loads(get(server, f"/api/runs/{live}")[2])["summary"]
+    assert summary["loss"]["last"] == "nan" and summary["grad_norm"]["max"] == "inf"
 
 
 @pytest.mark.parametrize("max_points", [1, 2, 3, 4, 7, 19, 20, 21])
@@ -216,6 +224,7 @@ def test_dashboard_in_headless_chromium(db: Path, tmp_path: Path) -> None:
     assert "data-pwned" not in page.body  # the <img onerror> name did not run
     # Every run is listed, and the hostile names are shown as the exact text typed.
     assert page.names == ["live", IMG_NAME, SCRIPT_NAME, "exp1"]
+    assert '<td class="num">nan</td>' in dom  # the live run's last loss, as the API's string says
     assert page.scripts == ["static/plotly.min.js", "static/dashboard.js"]  # no injected <script>
     assert '<span id="state" class="live">' in dom  # a selected run is training: live refresh on
     # Charts drawn: each chart div holds a Plotly SVG with scatter traces; the loss chart has the

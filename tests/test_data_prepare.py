@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from lmforge.data import prepare as prep
+from lmforge.data.inspect import DocumentIndex
+from lmforge.data.manifest import verify_dataset
 from lmforge.data.loader import TokenDataset
 from lmforge.errors import DataError
 from lmforge.tokenizer import EOS, Tokenizer
@@ -88,7 +90,7 @@ def test_streams_are_documents_followed_by_eos(built) -> None:
     tok = Tokenizer.load(out)
     for split in ("train", "val"):
         stream = read_split(out, split)
-        index = prep.DocumentIndex.from_manifest(m, split)
+        index = DocumentIndex.from_manifest(m, split)
         ends = list(index.starts[1:]) + [len(stream)]
         for start, end, src, off in zip(index.starts, ends, index.sources, index.byte_offsets):
             text = tok.decode(stream[start:end])
@@ -221,28 +223,28 @@ def test_cli_end_to_end_info_verify_inspect(tmp_path) -> None:
 def test_verify_names_the_shard_with_a_flipped_byte(built, tmp_path) -> None:
     ds = tmp_path / "ds"
     shutil.copytree(built[1], ds)
-    assert prep.verify_dataset(ds) == []
+    assert verify_dataset(ds) == []
     shard = ds / "train-00001.bin"
     data = bytearray(shard.read_bytes())
     data[7] ^= 0x01
     shard.write_bytes(bytes(data))
-    assert prep.verify_dataset(ds) == ["train-00001.bin: sha256 mismatch (the shard is corrupt; re-run prepare)"]
+    assert verify_dataset(ds) == ["train-00001.bin: sha256 mismatch (the shard is corrupt; re-run prepare)"]
     r = lmforge("data", "verify", ds)
     assert r.returncode == 1 and "train-00001.bin" in r.stdout and "train-00000.bin" not in r.stdout
     (ds / "val-00000.bin").unlink()
-    assert "val-00000.bin: missing" in prep.verify_dataset(ds)
+    assert "val-00000.bin: missing" in verify_dataset(ds)
 
 
 def test_verify_names_a_changed_tokenizer_and_a_malformed_manifest(built, tmp_path) -> None:
     ds = tmp_path / "ds"
     shutil.copytree(built[1], ds)
     Tokenizer.train(["other text"] * 3, vocab_size=270).save(ds / "tokenizer.json")
-    (problem,) = prep.verify_dataset(ds)
+    (problem,) = verify_dataset(ds)
     assert problem.startswith("tokenizer.json: sha256") and "does not match the manifest" in problem
     m = json.loads((ds / "manifest.json").read_text())
     del m["splits"]
     (ds / "manifest.json").write_text(json.dumps(m))
-    assert prep.verify_dataset(ds) == ["manifest.json: malformed (KeyError: 'splits'); re-run prepare"]
+    assert verify_dataset(ds) == ["manifest.json: malformed (KeyError: 'splits'); re-run prepare"]
 
 
 @pytest.mark.parametrize(
@@ -252,7 +254,8 @@ def test_verify_names_a_changed_tokenizer_and_a_malformed_manifest(built, tmp_pa
         ("empty_dir", "empty corpus: no files found in {tmp}/empty"),
         ("blank_file", "empty corpus: no text found in 1 file(s)"),
         ("jsonl_field", "{tmp}/t.jsonl:2: no field 'text' (found: ['body']); choose the field with --text-field"),
-        ("jsonl_bad", "{tmp}/t.jsonl:1: invalid JSON"),
+        ("jsonl_bad", "{tmp}/t.jsonl:1: invalid JSON (Expecting property name enclosed in double quotes at column 2); "
+                      "expected one JSON object per line with a 'text' field"),
         ("exists", "output already exists and is not a prepared dataset: {tmp}/out (no manifest.json: keep.txt)"),
         ("unwritable", "cannot write dataset {tmp}/afile/out"),
         ("val_fraction", "--val-fraction must be in [0, 1), got 1.5"),

@@ -190,7 +190,7 @@ def test_bundled_task_by_name_from_any_directory(tmp_path, monkeypatch) -> None:
 @pytest.mark.parametrize("lines, match", [
     (['{"context": "a", "choices": ["b", "c"], "gold": 0}', "", '{"context": "a", "choices": ["b", "c"], "gold": 2}'],
      r"bad\.jsonl:3: \"gold\" must be the index"),
-    (['{"context": "a", "target": "b"}', "{not json"], r"bad\.jsonl:2: not valid JSON"),
+    (['{"context": "a", "target": "b"}', "{not json"], r"bad\.jsonl:2: invalid JSON \(.* at column 2\); expected one JSON object \(an item\) per line"),
     (['{"context": "a", "target": "b", "choicez": 1}'], r"bad\.jsonl:1: unknown field 'choicez'"),
     (['{"context": "a", "choices": ["b", "b"], "gold": 0}'], r"bad\.jsonl:1: two choices are the same"),
     (['{"context": "a", "choices": ["b"], "gold": 0}'], r"bad\.jsonl:1: \"choices\" must be a list of at least 2"),
@@ -246,9 +246,32 @@ def test_eval_cli_reports_val_metrics_that_match_the_library(run: Path, tiny_dat
     assert json.loads(naive.stdout)["metrics"]["python-mc/acc"] == m["python-mc/acc"]
 
 
+def test_eval_json_writes_non_finite_metrics_as_strings(run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """`eval --json` follows lmforge/jsonl.py's rule (it wrote null before): NaN, inf and -inf
+    metrics print as "nan", "inf", "-inf" (the metrics come from a stand-in for the evaluation:
+    a real one gives NaN only for an empty set, which the command refuses up front)."""
+    from lmforge.evaluate import harness
+    from lmforge.jsonl import restore_numbers
+
+    def bare(name: str) -> None:
+        raise AssertionError(f"bare {name} in --json output")
+
+    text = tmp_path / "text.txt"
+    text.write_text("def f():\n    return 1\n")
+    fake = {"a": math.inf, "b": -math.inf, "c": math.nan, "d": 0.5}
+    monkeypatch.setattr(harness, "evaluate_model", lambda *args, **kwargs: dict(fake))
+    capsys.readouterr()
+    assert harness.eval_command(str(run), tasks=None, data=None, text=str(text), batch_size=None, threads=None,
+                                max_batches=0, as_json=True) == 0
+    metrics = json.loads(capsys.readouterr().out, parse_constant=bare)["metrics"]
+    assert metrics == {"a": "inf", "b": "-inf", "c": "nan", "d": 0.5}
+    back = restore_numbers(metrics)
+    assert (back["a"], back["b"], back["d"]) == (math.inf, -math.inf, 0.5) and math.isnan(back["c"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/nope"], "no such run, checkpoint or model directory"),
-    (["{run}", "--tasks", "{tmp}/bad.jsonl"], "bad.jsonl:1: not valid JSON"),
+    (["{run}", "--tasks", "{tmp}/bad.jsonl"], "bad.jsonl:1: invalid JSON"),
     (["{run}", "--data", "{tmp}", "--text", "{tmp}/bad.jsonl"], "give --data or --text, not both"),
     (["{run}", "--data", "{tmp}"], "is not a prepared dataset"),
     (["{run}/checkpoints/step-000010", "--watch"], "follows a run directory, not a checkpoint"),

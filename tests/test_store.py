@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -72,16 +73,21 @@ def test_round_trip(tmp_path: Path) -> None:
         assert run["versions"]["lmforge"] and run["host"] == socket.gethostname()
 
 
-def test_nan_is_null_and_a_replayed_step_keeps_the_newest_value(tmp_path: Path) -> None:
+def test_nan_and_inf_read_back_and_a_replayed_step_keeps_the_newest_value(tmp_path: Path) -> None:
     with Store.open(tmp_path / "s.db") as s:
         rid = s.start_run("r", str(tmp_path / "r"), CFG)
         s.log_metrics(rid, 1, {"loss": 3.0})
         s.log_metrics(rid, 2, {"loss": float("nan")})
         s.log_metrics(rid, 3, {"loss": float("inf")})
+        s.log_metrics(rid, 4, {"loss": float("nan")})  # stored as NULL (SQLite has no NaN), read back as NaN
         s.log_event(rid, "rollback", 3, {"to_step": 1})
         s.log_metrics(rid, 2, {"loss": 2.5})  # the rollback replays step 2
         s.flush()
-        assert s.metrics(rid, ["loss"])["loss"] == {"step": [1, 2, 3], "value": [3.0, 2.5, None]}
+        curve = s.metrics(rid, ["loss"])["loss"]
+        assert curve["step"] == [1, 2, 3, 4] and curve["value"][:3] == [3.0, 2.5, math.inf]
+        assert math.isnan(curve["value"][3]) and math.isnan(s.list_runs()[0]["loss"])
+        summary = s.summary(rid)["loss"]
+        assert math.isnan(summary["last"]) and (summary["min"], summary["max"]) == (2.5, math.inf)
 
 
 @settings(max_examples=25, deadline=None)

@@ -30,7 +30,7 @@ import torch
 from ..errors import DataError
 from ..tokenizer import Tokenizer
 from . import order
-from .prepare import read_manifest
+from .manifest import read_manifest
 
 
 class TokenDataset:

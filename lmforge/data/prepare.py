@@ -27,6 +27,9 @@ a document keeps its split when the corpus grows. If that leaves val empty altho
 val_fraction > 0 and there are at least two documents, the document with the smallest `u` goes to
 val (still a pure function of the content).
 
+The manifest's format (its constants, `fingerprint`, reading and verifying it) lives in
+manifest.py; the `data info / verify / inspect` commands that read a dataset back in inspect.py.
+
 Trade-offs: the document index lives inside manifest.json as compact rows of ints (about 30 bytes
 per document), which is simple to read and fine up to a few million documents; a file is read
 whole, so a single file must fit in memory.
@@ -34,17 +37,15 @@ whole, so a single file must fit in memory.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import fnmatch
 import hashlib
-import json
 import os
 import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from rich.progress import (
@@ -55,24 +56,17 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
 
 from .. import __version__
 from ..config import DataConfig
 from ..errors import DataError
 from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
-from ..util import atomic_dir, atomic_write_json, console, human_bytes, human_count, progress_bar, sha256_file, warn
-from ..util import out as results_out  # command results: stdout, every progress mode
+from ..jsonl import parse_jsonl
+from ..util import atomic_dir, atomic_write_json, console, human_count, progress_bar, warn
+from .manifest import FORMAT_VERSION, INDEX_COLUMNS, MANIFEST_FILE, SPLITS, fingerprint
 
-if TYPE_CHECKING:
-    from .loader import TokenDataset
-
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-SPLITS = ("train", "val")
 DOC_MAX_BYTES = 64 * 1024  # text files larger than this are cut into documents at blank lines
 BATCH_BYTES = 4 << 20  # text per encode_batch call: large enough to keep every thread busy
-INDEX_COLUMNS = ["split", "shard", "offset", "source", "byte_offset"]
 _DATASET_ENTRY = re.compile(r"(manifest\.json|tokenizer\.json|(train|val)-\d{5,}\.bin)")  # all a dataset holds
 
 
@@ -182,16 +176,7 @@ def iter_documents(src: Source, index: int, text_field: str) -> Iterator[Documen
             if piece.strip():
                 yield Document(index, start, piece.decode("utf-8"), _u(piece))
         return
-    offset = 0
-    for line_no, line in enumerate(data.splitlines(keepends=True), start=1):
-        start, offset = offset, offset + len(line)
-        if not line.strip():
-            continue
-        where = f"{src.path}:{line_no}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+    for where, _, start, record in parse_jsonl(data, src.path, what=f"one JSON object per line with a {text_field!r} field"):
         if not isinstance(record, dict) or text_field not in record:
             found = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{where}: no field {text_field!r} (found: {found}); choose the field with --text-field")
@@ -364,14 +349,6 @@ def _readable(root: Path) -> None:
         f.chmod(0o666 & ~umask)
 
 
-def fingerprint(tokenizer_sha256: str, dtype: str, train_shards: Sequence[dict[str, Any]]) -> str:
-    """A short hash of everything that decides the train token stream."""
-    h = hashlib.sha256(f"{tokenizer_sha256}|{dtype}".encode())
-    for s in train_shards:
-        h.update(f"|{s['sha256']}:{s['tokens']}".encode())
-    return h.hexdigest()[:16]
-
-
 # ---- prepare ---------------------------------------------------------------------------------
 
 
@@ -529,183 +506,3 @@ def _tokenize(
                         size = 0
             progress.advance(task, src.bytes)
         flush()
-
-
-# ---- reading a manifest back: info, verify, inspect, trace -----------------------------------
-
-
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    root = Path(path)
-    if not root.exists():
-        raise DataError(f"dataset not found: {root}")
-    mpath = root / MANIFEST_FILE
-    if not mpath.is_file():
-        raise DataError(f"not a prepared dataset: {root} has no {MANIFEST_FILE} (create one with `lmforge prepare`)")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"corrupt manifest: {mpath} ({e})") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise DataError(f"{mpath}: dataset format version {version!r}, this lmforge reads {FORMAT_VERSION}; re-run prepare")
-    return manifest
-
-
-def verify_dataset(path: str | os.PathLike) -> list[str]:
-    """Re-check the tokenizer hash and every shard's size and sha256; returns the problems found."""
-    root = Path(path)
-    try:
-        manifest = read_manifest(root)
-    except DataError as e:
-        return [str(e)]
-    try:
-        return _check_files(root, manifest)
-    except (KeyError, TypeError, ValueError) as e:
-        return [f"{MANIFEST_FILE}: malformed ({type(e).__name__}: {e}); re-run prepare"]
-
-
-def _check_files(root: Path, manifest: dict[str, Any]) -> list[str]:
-    problems: list[str] = []
-    try:
-        sha = Tokenizer.load(root / manifest["tokenizer"]).sha256
-        if sha != manifest["tokenizer_sha256"]:
-            problems.append(f"{TOKENIZER_FILE}: sha256 {sha[:12]}… does not match the manifest ({manifest['tokenizer_sha256'][:12]}…)")
-    except DataError as e:
-        problems.append(str(e))
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    for split in SPLITS:
-        for shard in manifest["splits"][split]["shards"]:
-            f = root / shard["file"]
-            if not f.is_file():
-                problems.append(f"{shard['file']}: missing")
-                continue
-            size = f.stat().st_size
-            if size != shard["tokens"] * itemsize:
-                problems.append(f"{shard['file']}: {size} bytes, manifest says {shard['tokens'] * itemsize}")
-            elif sha256_file(f) != shard["sha256"]:
-                problems.append(f"{shard['file']}: sha256 mismatch (the shard is corrupt; re-run prepare)")
-    if not problems:
-        expected = fingerprint(manifest["tokenizer_sha256"], manifest["dtype"], manifest["splits"]["train"]["shards"])
-        if expected != manifest.get("fingerprint"):
-            problems.append(f"{MANIFEST_FILE}: fingerprint {manifest.get('fingerprint')} does not match its shards ({expected})")
-    return problems
-
-
-def cmd_verify(path: str | os.PathLike) -> int:
-    """Print the verdict; 0 when every checksum matches, 1 otherwise (each bad file named).
-
-    A path that is not a dataset at all raises DataError (exit 2), like any other bad input.
-    """
-    manifest = read_manifest(path)
-    problems = verify_dataset(path)
-    if not problems:
-        n = sum(len(manifest["splits"][s]["shards"]) for s in SPLITS)
-        results_out.print(f"[green]ok[/] {path}: tokenizer and {n} shard(s) match the manifest")
-        return 0
-    for p in problems:
-        results_out.print(f"[bold red]bad:[/] {p}", soft_wrap=True)
-    return 1
-
-
-def cmd_info(path: str | os.PathLike, as_json: bool = False) -> int:
-    manifest = read_manifest(path)
-    splits = manifest["splits"]
-    summary = {
-        "path": str(path),
-        "fingerprint": manifest["fingerprint"],
-        "tokenizer_sha256": manifest["tokenizer_sha256"],
-        "vocab_size": manifest["vocab_size"],
-        "dtype": manifest["dtype"],
-        "eos_id": manifest["eos_id"],
-        **{f"{s}_{k}": splits[s][k] for s in SPLITS for k in ("tokens", "documents")},
-        **{f"{s}_shards": len(splits[s]["shards"]) for s in SPLITS},
-        "sources": len(manifest["sources"]),
-        "source_bytes": sum(s["bytes"] for s in manifest["sources"]),
-        "skipped": len(manifest["skipped"]),
-    }
-    if as_json:
-        print(json.dumps(summary, indent=2))
-        return 0
-    table = Table(title=f"dataset {path}", show_header=False)
-    for key, value in summary.items():
-        table.add_row(key, human_bytes(value) if key == "source_bytes" else str(value))
-    results_out.print(table)
-    return 0
-
-
-@dataclass
-class DocumentIndex:
-    """Document index of one split, for tracing a token position of its stream to its source."""
-
-    starts: np.ndarray  # (D,) int64: token position of each document in the split's stream
-    sources: np.ndarray  # (D,) int64
-    byte_offsets: np.ndarray  # (D,) int64
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], split: str) -> "DocumentIndex":
-        split_id = manifest["document_index"]["splits"].index(split)
-        rows = np.array([r for r in manifest["document_index"]["rows"] if r[0] == split_id], dtype=np.int64).reshape(-1, 5)
-        shard_starts = np.cumsum([0] + [s["tokens"] for s in manifest["splits"][split]["shards"]])
-        return cls(shard_starts[rows[:, 1]] + rows[:, 2], rows[:, 3], rows[:, 4])
-
-    def document_at(self, position: int) -> int:
-        return bisect.bisect_right(self.starts, position) - 1
-
-
-def trace(ds: "TokenDataset", index: DocumentIndex, nbytes: np.ndarray, start: int, length: int) -> list[dict[str, Any]]:
-    """Documents overlapped by train tokens [start, start + length), with where the window enters each.
-
-    `byte_offset` is exact for text files (a byte-level token's bytes are source bytes, so the
-    document's tokens before the window add their byte lengths); for JSONL it is the line start.
-    """
-    out = []
-    d = index.document_at(start)
-    while d < len(index.starts) and index.starts[d] < start + length:
-        doc_start = int(index.starts[d])
-        src = ds.manifest["sources"][int(index.sources[d])]
-        first = max(start, doc_start)  # first window token inside document d
-        offset = int(index.byte_offsets[d])
-        if src["kind"] == "text" and first > doc_start:
-            offset += int(nbytes[ds.window(doc_start, first - doc_start)].sum())
-        out.append({"source": src["path"], "byte_offset": offset, "kind": src["kind"]})
-        d += 1
-    return out
-
-
-def cmd_inspect(
-    path: str | os.PathLike,
-    step: int,
-    seq_len: int,
-    global_batch: int,
-    seed: int = 0,
-    as_json: bool = False,
-    max_chars: int = 200,
-) -> int:
-    """Show which documents (source file + byte offset) and text a data step reads."""
-    from .loader import TokenDataset
-    from .order import global_batch as batch_ids
-
-    ds = TokenDataset(path)
-    n = ds.require_samples(seq_len)
-    ids = batch_ids(step, seed=seed, n_samples=n, global_batch=global_batch)
-    tok = Tokenizer.load(ds.tokenizer_path)
-    index = DocumentIndex.from_manifest(ds.manifest, "train")
-    nbytes = tok.token_nbytes()
-    samples = []
-    for sample in ids.tolist():
-        start = sample * seq_len
-        window = ds.window(start, seq_len + 1)
-        docs = trace(ds, index, nbytes, start, seq_len + 1)
-        samples.append({"sample": sample, "token_start": start, "documents": docs, "text": tok.decode(window)[:max_chars]})
-    epoch = step * global_batch // n
-    if as_json:
-        print(json.dumps({"step": step, "epoch": epoch, "n_samples": n, "samples": samples}, indent=2, ensure_ascii=False))
-        return 0
-    table = Table(title=f"step {step} (epoch {epoch}, {n} samples of {seq_len + 1} tokens)")
-    for col in ("sample", "source @ byte offset", "text"):
-        table.add_column(col, overflow="fold")
-    for s in samples:
-        where = "\n".join(f"{d['source']} @ {d['byte_offset']}" for d in s["documents"])
-        table.add_row(str(s["sample"]), where, repr(s["text"]))
-    results_out.print(table)
-    return 0

@@ -14,8 +14,6 @@ tokenizer (sha256 compared), otherwise its token ids mean nothing to the model.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..config import Config
+from ..data.manifest import MANIFEST_FILE, read_manifest
 from ..errors import DataError, LmforgeError
+from ..jsonl import dumps_record
 from ..tokenizer import Tokenizer
 from ..util import out as results_out  # command results: stdout, every progress mode
 from ..util import progress_bar
@@ -78,12 +78,11 @@ def text_source(cfg: Config, tokenizer: Tokenizer, *, data: str | None, text: st
     path = data or cfg.data.path
     if not path:
         return None
-    manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
+    if not (Path(path) / MANIFEST_FILE).is_file():
         if data:
-            raise DataError(f"--data: {path} is not a prepared dataset (no manifest.json); run `lmforge prepare` or pass --text FILE")
+            raise DataError(f"--data: {path} is not a prepared dataset (no {MANIFEST_FILE}); run `lmforge prepare` or pass --text FILE")
         return None  # the run's dataset is not here (another machine, moved); tasks can still run
-    sha = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer_sha256")
+    sha = read_manifest(path).get("tokenizer_sha256")
     if sha != tokenizer.sha256:
         raise DataError(
             f"{path} was prepared with another tokenizer (sha256 {str(sha)[:12]}…) than the checkpoint's "
@@ -202,7 +201,7 @@ def eval_command(
     results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source, batch_size=bs,
                              max_batches=max_batches, scorer=scorer, show_progress=not as_json)
     if as_json:
-        print(json.dumps({"checkpoint": str(path), "step": origin.step, "metrics": _jsonable(results)}, indent=2))
+        print(dumps_record({"checkpoint": str(path), "step": origin.step, "metrics": results}, indent=2))
         return 0
     table = Table(title=f"{path} ({origin.describe()})")
     table.add_column("metric")
@@ -211,10 +210,6 @@ def eval_command(
         table.add_row(k, f"{v:.4f}")
     results_out.print(table)
     return 0
-
-
-def _jsonable(d: dict[str, float]) -> dict[str, float | None]:
-    return {k: (v if math.isfinite(v) else None) for k, v in d.items()}
 
 
 __all__ = ["evaluate_model", "score_task", "text_source", "load_tasks", "eval_command"]

@@ -14,23 +14,14 @@ overlapping by one token, so every token of the text is a target exactly once.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-
-import torch
-
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 from ..data.loader import val_batches
-
-
-def autocast(dtype: str, device_type: str):
-    """bf16 autocast on `device_type` (where the batch is) for dtype "bf16", nothing for "fp32"."""
-    if dtype == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    return nullcontext()
+from ..model import autocast
 
 
 @torch.no_grad()

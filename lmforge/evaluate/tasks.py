@@ -23,7 +23,6 @@ suites belong to lm-evaluation-harness, which can be pointed at `lmforge serve`.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ from collections.abc import Sequence
 
 from ..bundled import resolve_bundled
 from ..errors import DataError
+from ..jsonl import read_jsonl
 from ..tokenizer import Tokenizer
 
 KINDS = ("mc", "cloze", "gen")
@@ -68,20 +68,7 @@ def load_task(path: str | os.PathLike) -> Task:
     p = resolve_bundled(path, "task")
     if not p.is_file():
         raise DataError(f"task file {p} is not a file; give a JSONL task file")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{p}: not UTF-8 text ({e})") from None
-    items: list[Item] = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{p}:{n}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        items.append(parse_item(raw, where))
+    items = [parse_item(raw, where) for where, _, _, raw in read_jsonl(p, what="one JSON object (an item) per line, see docs/eval.md")]
     if not items:
         raise DataError(f"{p}: no items (expected one JSON object per line, see docs/eval.md)")
     kinds = {i.kind for i in items}

@@ -37,7 +37,6 @@ slower (figures in docs/eval.md).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from ..artifacts import (
     list_checkpoints, load_model, read_manifest,
 )
 from ..errors import CheckpointError, LmforgeError
+from ..jsonl import append_jsonl, read_records, restore_numbers
 from ..util import console, warn
 from .harness import check_eval_options, evaluate_model, load_tasks, text_source
 
@@ -63,49 +63,22 @@ def checkpoint_key(ckpt: Path) -> str | None:
 
 
 def read_results(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The sidecar's results so far (unparsable lines, e.g. a torn last line, are skipped)."""
-    path = Path(run_dir) / EVAL_RESULTS_FILE
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "key" in row:
-            out.append(row)
-    return out
+    """The sidecar's results so far, metrics as floats ("nan" back to NaN: lmforge/jsonl.py's rule);
+    unparsable lines, e.g. a torn last line, are skipped."""
+    rows = [row for row in read_records(Path(run_dir) / EVAL_RESULTS_FILE) if "key" in row]
+    return [{**row, "metrics": restore_numbers(row["metrics"])} if "metrics" in row else row for row in rows]
 
 
 def run_completed(run_dir: str | os.PathLike) -> bool:
     """True when the last `completed` / `resume` event in events.jsonl is `completed`."""
-    path = Path(run_dir) / EVENTS_FILE
-    if not path.is_file():
-        return False
     state = False
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            kind = json.loads(line).get("kind")
-        except (json.JSONDecodeError, AttributeError):
-            continue
+    for event in read_records(Path(run_dir) / EVENTS_FILE):
+        kind = event.get("kind")
         if kind == "completed":
             state = True
         elif kind == "resume":
             state = False
     return state
-
-
-def _append(path: Path, row: dict[str, Any]) -> None:
-    torn = False  # a crash mid-append left a line without its newline: end it, or our line joins it
-    if path.is_file() and path.stat().st_size:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(("\n" if torn else "") + json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _open_store():
@@ -122,15 +95,15 @@ def _open_store():
 
 
 def _record(run_dir: Path, store: Any, ckpt: Path, key: str, step: int, results: dict[str, float], seconds: float) -> None:
-    clean = {k: (v if v == v and abs(v) != float("inf") else None) for k, v in results.items()}
+    # NaN/inf go as they are: every writer below applies lmforge/jsonl.py's rule ("nan", "inf")
     if store is not None:
         run_id = store.run_id(str(run_dir))  # asked each time: training may register after we start
         if run_id is not None:
             store.log_metrics(run_id, step, {f"eval/{k}": v for k, v in results.items()})
-            store.log_event(run_id, "eval", step, {"checkpoint": ckpt.name, **clean})
+            store.log_event(run_id, "eval", step, {"checkpoint": ckpt.name, **results})
             store.flush()
-    _append(run_dir / EVAL_RESULTS_FILE, {"key": key, "checkpoint": ckpt.name, "step": step, "metrics": clean,
-                                     "seconds": round(seconds, 3), "time": time.time()})
+    append_jsonl(run_dir / EVAL_RESULTS_FILE, {"key": key, "checkpoint": ckpt.name, "step": step, "metrics": results,
+                                          "seconds": round(seconds, 3), "time": time.time()}, fsync=True)
 
 
 def _check_run_dir(run_dir: Path) -> None:

@@ -10,6 +10,10 @@ prem), and four JSON endpoints:
                                      (N >= 0: at most N points per curve; 0 or absent: all; else 400)
     GET /api/health                  {"ok": true}
 
+Every JSON answer follows lmforge/jsonl.py's rule: a NaN or infinite value is the string "nan",
+"inf" or "-inf" (a value of an unfinished curve, a diverged loss); the page shows the string in
+tables and a gap in curves.
+
 The page polls /api/runs every few seconds and redraws the charts while a selected run trains.
 Why not FastAPI + uvicorn: the dashboard answers a handful of GETs for one person; the stdlib
 server adds no dependency, starts instantly and is easy to reason about. Each request uses the
@@ -23,7 +27,6 @@ on loopback the Host header must name loopback, which defeats DNS-rebinding read
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from functools import lru_cache
@@ -34,8 +37,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import LmforgeError
+from ..jsonl import dumps_record
 from ..util import check_port
-from .store import Store, _json_value
+from .store import Store
 
 STATIC = Path(__file__).with_name("static")
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -54,14 +58,6 @@ def plotly_js() -> bytes:
     if not path.exists():
         raise LmforgeError(f"{path} is missing: reinstall plotly (pip install --force-reinstall plotly)")
     return path.read_bytes()
-
-
-def _clean(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return _json_value(o)
 
 
 def _max_points(query: dict[str, list[str]]) -> int:
@@ -118,7 +114,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, (STATIC / name).read_bytes(), ctype)
 
     def _json(self, obj: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
-        self._send(status, json.dumps(_clean(obj), default=str).encode(), "application/json")
+        self._send(status, dumps_record(obj, default=str).encode(), "application/json")  # NaN -> "nan"
 
     def _send(self, status: HTTPStatus, body: bytes, ctype: str, cache: bool = False) -> None:
         self.send_response(status)

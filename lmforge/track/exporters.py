@@ -22,11 +22,13 @@ Exporting twice makes two runs in the target: the store does not track what was 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import LmforgeError
+from ..jsonl import dumps_record, to_record
 from .store import Store, flatten
 
 MLFLOW_STATUS = {"completed": "FINISHED", "failed": "FAILED", "interrupted": "KILLED", "crashed": "KILLED"}
@@ -79,12 +81,12 @@ def _to_mlflow(run: dict[str, Any], metrics: dict[str, dict[str, list]], times: 
     # MLflow params are strings of at most a few thousand characters; configs are far below that.
     params = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in flatten(run["config"]).items()]
     points = [Metric(key, float(v), int(times[(key, s)] * 1000), int(s))
-              for key, m in metrics.items() for s, v in zip(m["step"], m["value"]) if v is not None]
+              for key, m in metrics.items() for s, v in zip(m["step"], m["value"]) if math.isfinite(v)]
     for i in range(0, len(params), 100):  # log_batch limits: 100 params, 1000 metrics per call
         client.log_batch(rid, params=params[i : i + 100])
     for i in range(0, len(points), 1000):
         client.log_batch(rid, metrics=points[i : i + 1000])
-    client.log_dict(rid, run["events"], "lmforge/events.json")
+    client.log_dict(rid, to_record(run["events"]), "lmforge/events.json")
     client.log_dict(rid, run["config"], "lmforge/config.json")
     client.log_batch(rid, tags=[RunTag("lmforge.events", str(len(run["events"])))])
     if run["status"] in MLFLOW_STATUS:
@@ -110,12 +112,12 @@ def _to_wandb(run: dict[str, Any], metrics: dict[str, dict[str, list]], times: d
         by_step: dict[int, dict[str, float]] = {}
         for key, m in metrics.items():
             for s, v in zip(m["step"], m["value"]):
-                if v is not None:
+                if math.isfinite(v):  # NaN/inf are gaps in the copy, as on the dashboard
                     by_step.setdefault(int(s), {})[key] = float(v)
         for s in sorted(by_step):
             wrun.log(by_step[s], step=s)
         table = wandb.Table(columns=["step", "kind", "data"],
-                            data=[[e["step"], e["kind"], json.dumps(e["data"])] for e in run["events"]])
+                            data=[[e["step"], e["kind"], dumps_record(e["data"])] for e in run["events"]])
         last = max(by_step, default=0)
         wrun.log({"lmforge/events": table}, step=last)
         wrun.summary.update({"lmforge/status": run["status"], "lmforge/last_step": run["last_step"],

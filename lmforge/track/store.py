@@ -37,7 +37,8 @@ once cannot both migrate it. A file from a newer lmforge is refused with a clear
 
 Trade-offs: one row per metric value (not a JSON blob per step) costs space but lets the
 dashboard fetch one curve with one indexed query; NaN values are stored as NULL (SQLite has no
-NaN) and shown as gaps.
+NaN) and read back as NaN. Event data is JSON under lmforge/jsonl.py's rule (NaN/inf as the
+strings "nan"/"inf"/"-inf"), like every JSON record lmforge writes.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..errors import LmforgeError
+from ..jsonl import dumps_record
 
 DEFAULT_DB = "lmforge.db"
 FLUSH_S = 0.5  # how often the writer thread drains the queue
@@ -188,11 +190,9 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else (None if math.isnan(value) else value)
 
 
-def _json_value(value: Any) -> Any:
-    """JSON has no NaN/inf: send None so browsers and `--json` consumers can parse it."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def _stored(value: float | None) -> float:
+    """A metrics row's value as logged: NULL is how a NaN is stored (see `_finite`)."""
+    return math.nan if value is None else value
 
 
 def _versions() -> dict[str, str]:
@@ -577,7 +577,7 @@ class Store:
     def _insert_event(conn: sqlite3.Connection, run_id: int, step: int, kind: str,
                       data: dict[str, Any], t: float) -> None:
         conn.execute("INSERT INTO events (run_id, step, kind, data, time) VALUES (?,?,?,?,?)",
-                     (run_id, step, kind, json.dumps(data, default=str), t))
+                     (run_id, step, kind, dumps_record(data, default=str), t))
         if kind in ("checkpoint_saved", "checkpoint_corrupt") and "path" in data:
             conn.execute("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?)",
                          (run_id, step, str(data["path"]),
@@ -630,7 +630,7 @@ class Store:
                 rows = self._query("SELECT value FROM metrics WHERE run_id=? AND key=? "
                                    "ORDER BY step DESC LIMIT 1", (run_id, key))
                 if rows:
-                    out[(run_id, key)] = rows[0]["value"]
+                    out[(run_id, key)] = _stored(rows[0]["value"])
         return out
 
     def resolve(self, ref: str | int) -> int:
@@ -676,6 +676,7 @@ class Store:
             "FROM metrics WHERE run_id=? GROUP BY key ORDER BY key", (run_id,)):
             last = self._query("SELECT value FROM metrics WHERE run_id=? AND key=? AND step=?",
                                (run_id, r["key"], r["step"]))[0]["value"]
+            last = _stored(last)
             out[r["key"]] = {"last": last, "step": r["step"], "min": r["lo"], "max": r["hi"], "count": r["n"]}
         return out
 
@@ -719,7 +720,7 @@ class Store:
                                    (run_id, key))
             if rows:
                 out[key] = {"step": [r["step"] for r in rows],
-                            "value": [_json_value(r["value"]) for r in rows]}
+                            "value": [_stored(r["value"]) for r in rows]}
         return out
 
     def compare(self, run_ids: list[int]) -> dict[str, Any]:

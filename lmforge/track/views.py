@@ -2,7 +2,7 @@
 
 Each function here is what one `lmforge runs ...` subcommand calls: it opens the store, asks it one
 question and prints the answer to stdout, a rich table for people or `--json` for scripts (the
-JSON carries the same fields, unrounded, with NaN/inf as null). Every user string goes into a
+JSON carries the same fields, unrounded, with NaN/inf as "nan"/"inf"/"-inf": lmforge/jsonl.py's rule). Every user string goes into a
 `rich.text.Text`, never into markup, so a run named `[bold]x` prints as typed.
 """
 
@@ -18,8 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import LmforgeError
+from ..jsonl import dumps_record
 from ..util import human_count
-from .store import Store, _json_value
+from .store import Store
 
 STATUS_STYLE = {"running": "cyan", "completed": "green", "interrupted": "yellow",
                 "failed": "red", "crashed": "bold red"}
@@ -33,14 +34,7 @@ def _out() -> Console:
 
 
 def _json(obj: Any) -> None:
-    def clean(o: Any) -> Any:
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return _json_value(o)
-
-    print(json.dumps(clean(obj), indent=2, default=str))
+    print(dumps_record(obj, indent=2, default=str))
 
 
 def _num(v: float | None, fmt: str = "{:.4g}") -> str:
@@ -113,7 +107,7 @@ def runs_show(db: str | None, ref: str, as_json: bool = False) -> int:
     for col in ("step", "kind", "when", "data"):
         ev.add_column(col)
     for e in run["events"]:
-        ev.add_row(str(e["step"]), Text(e["kind"]), _when(e["time"]), Text(json.dumps(e["data"], default=str)))
+        ev.add_row(str(e["step"]), Text(e["kind"]), _when(e["time"]), Text(dumps_record(e["data"], default=str)))
     out.print(ev if run["events"] else Text("events: none"))
     # status: as recorded (saved / corrupt), or deleted / missing when no longer on disk (store.checkpoint_state)
     ck = Table(title="checkpoints", box=None, title_justify="left", header_style="bold")

@@ -64,7 +64,9 @@ from .. import artifacts
 from ..artifacts import CONFIG_FILE, EVENTS_FILE, FAULTS_FIRED_FILE, METRICS_FILE
 from ..config import Config, load_config
 from ..errors import CheckpointError, ConfigError, DataError, LmforgeError
-from ..evaluate.loss import autocast, validation_loss
+from ..evaluate.loss import validation_loss
+from ..jsonl import append_jsonl
+from ..model import autocast
 from ..util import atomic_write_text, console, default_device, warn
 from . import checkpoint as ckpt_io
 from . import distributed, guard
@@ -395,17 +397,15 @@ def model_flops_per_token(cfg: Config) -> float:
 
 
 def peak_flops(dev: torch.device, dtype: str = "bf16") -> float | None:
-    """The peak that MFU is measured against: a known GPU's datasheet bf16 peak (plan.py's table),
-    None for an unknown GPU; on the CPU, this machine's matmul rate in the run's dtype, measured
-    now with the run's threads (512^3 products for ~0.1 s: an estimate, since a CPU's peak depends
-    on its vector units and on what else runs; benchmarks/train_throughput.py measures it longer)."""
-    from ..plan import HARDWARE, matmul_rate
+    """The peak that MFU is measured against: a known GPU's datasheet bf16 peak (hardware.py's
+    table), None for an unknown GPU; on the CPU, this machine's matmul rate in the run's dtype,
+    measured now with the run's threads (512^3 products for ~0.1 s: an estimate, since a CPU's peak
+    depends on its vector units and on what else runs; benchmarks/train_throughput.py measures it longer)."""
+    from ..hardware import gpu_peak_flops, matmul_rate
 
     if dev.type != "cuda":
         return matmul_rate(torch.bfloat16 if dtype == "bf16" else torch.float32, 512, 0.1)
-    name = torch.cuda.get_device_name(dev).lower()
-    matches = [hw for key, hw in HARDWARE.items() if key.split("-")[0] in name]
-    return max(matches, key=lambda hw: len(hw.name)).peak_flops if matches else None
+    return gpu_peak_flops(torch.cuda.get_device_name(dev))
 
 
 def save(run: Run) -> Path:
@@ -850,10 +850,7 @@ def _record_step(line: str) -> int:
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    # NaN/inf are not JSON: write them as strings so every JSON reader (the dashboard too) copes
-    clean = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(clean) + "\n")
+    append_jsonl(path, record)  # NaN/inf as "nan"/"inf"/"-inf": lmforge/jsonl.py's rule
 
 
 # ---- signals, faults, progress ---------------------------------------------------------------

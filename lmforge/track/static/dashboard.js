@@ -39,8 +39,12 @@ function plotlyText(s) {
 
 function fmt(v) {
   if (v === null || v === undefined) return "-";
+  if (typeof v === "string") return v;  // "nan", "inf", "-inf": how the API writes non-finite numbers
   return Math.abs(v) >= 1e5 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(3) : (+v.toPrecision(4)).toString();
 }
+
+// A curve's values for plotly: a non-finite value (a string, see fmt) becomes a gap.
+function numbers(values) { return values.map((v) => (typeof v === "number" ? v : null)); }
 
 function duration(s) {
   s = Math.floor(s || 0);
@@ -133,7 +137,7 @@ function drawCurves(ids) {
     const traces = [];
     for (const id of ids) {
       const m = (state.metrics[id] || {})[key];
-      if (m) traces.push({ x: m.step, y: m.value, type: "scatter", mode: "lines", name: plotlyText(runName(id)),
+      if (m) traces.push({ x: m.step, y: numbers(m.value), type: "scatter", mode: "lines", name: plotlyText(runName(id)),
                            line: { color: runColor(id, ids) } });
     }
     let extra = { shapes: eventShapes(ids) };
@@ -149,7 +153,7 @@ function drawCurves(ids) {
   for (const id of ids) {
     for (const [key, m] of Object.entries(state.metrics[id] || {})) {
       if (!key.startsWith("eval/")) continue;
-      traces.push({ x: m.step, y: m.value, type: "scatter", mode: "lines+markers",
+      traces.push({ x: m.step, y: numbers(m.value), type: "scatter", mode: "lines+markers",
                     name: plotlyText(`${runName(id)} ${key}`) });
     }
     const series = {};

@@ -1,0 +1,165 @@
+"""JSON lines: one reader with file:line errors, and one rule for NaN and infinity in records.
+
+The rule. JSON has no NaN or infinity. Python's `json` writes them as bare `NaN` / `Infinity`,
+which browsers, jq and most other parsers reject, and `null` would lose the difference between
+"no value" and "diverged". So every JSON record lmforge writes -- metrics.jsonl, events.jsonl,
+eval-results.jsonl, `eval --json`, `plan --json`, `runs --json`, the dashboard's API, `--progress
+json` lines and the event data in the experiment store -- writes a non-finite float as the
+*string* "nan", "inf" or "-inf" (`dumps_record`, `append_jsonl`). A reader turns them back into
+floats where it expects a number (`as_number` for one field, `restore_numbers` for a record of
+numbers); `None` stays `null` and means "no value". `dumps_record` passes `allow_nan=False` to
+`json`, so a non-finite float that slipped past the rule is an error here, never invalid JSON.
+
+Two readers, for two kinds of file:
+- `read_jsonl(path, what=...)` / `parse_jsonl(data, source, what=...)` read a file a person wrote
+  (a `prepare` corpus, an eval task file): every non-blank line must be JSON, and the first one
+  that is not stops the read with a `DataError` naming `file:line`, the column and what each line
+  should hold. Lines are split on b"\\n" (and "\\r\\n"), never on the other characters
+  `str.splitlines` breaks at, which JSON allows raw inside strings; each line carries its byte
+  offset, so a document can be traced back to where it starts.
+- `read_records(path)` reads a file lmforge appends to while a process may be killed mid-line:
+  a line that does not parse (the torn last line of a kill) or is not an object is skipped.
+
+`append_jsonl` writes one record as one line with one write call, flushed (and fsynced on request),
+after ending a line a kill left without its newline, so a record is never glued onto a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+from .errors import DataError
+
+# The rule's three strings, and the floats they stand for.
+NON_FINITE: dict[str, float] = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+
+def to_record(obj: Any) -> Any:
+    """`obj` with every non-finite float (in dicts, lists and tuples, at any depth) replaced by
+    "nan", "inf" or "-inf"; everything else as it was."""
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: to_record(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_record(v) for v in obj]
+    return obj
+
+
+def dumps_record(obj: Any, **kwargs: Any) -> str:
+    """`json.dumps` under the rule (keyword arguments pass through: indent, default, ...)."""
+    return json.dumps(to_record(obj), allow_nan=False, **kwargs)
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any], *, fsync: bool = False) -> None:
+    """Append `record` as one line (one write, flushed; fsynced when `fsync`)."""
+    line = dumps_record(record) + "\n"
+    with open(path, "a+b") as f:  # a+: appends go to the end, and the last byte can be read
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a kill mid-append left a torn line: end it first
+                line = "\n" + line
+        f.write(line.encode("utf-8"))
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+# ---- reading numbers back ----------------------------------------------------------------------
+
+
+def as_number(value: Any) -> float | None:
+    """A numeric field as written under the rule -> float ("nan" -> NaN, ...); None when the
+    value is missing or not a number (a bool is not a number here)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        return NON_FINITE.get(value)
+    return None
+
+
+def restore_numbers(obj: Any) -> Any:
+    """`obj` with the rule's strings turned back into floats at any depth: for records whose
+    string values can only be numbers (an evaluation's metrics)."""
+    if isinstance(obj, str):
+        return NON_FINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: restore_numbers(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [restore_numbers(v) for v in obj]
+    return obj
+
+
+# ---- reading files -----------------------------------------------------------------------------
+
+
+class JsonLine(NamedTuple):
+    where: str  # "path:line", how every message about this line starts
+    line: int  # 1-based line number
+    offset: int  # byte offset of the line's start in the file
+    value: Any  # the parsed JSON value
+
+
+def parse_jsonl(data: bytes, source: str | os.PathLike, *, what: str) -> Iterator[JsonLine]:
+    """The JSON values of `data` (the bytes of `source`), one per non-blank line.
+
+    Raises DataError "SOURCE:LINE: invalid JSON (MESSAGE at column C); expected WHAT" at the
+    first line that does not parse (the lines before it have been yielded).
+    """
+    offset = 0
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        start, offset = offset, offset + len(raw) + 1
+        if not raw.strip():
+            continue
+        where = f"{source}:{number}"
+        try:
+            value = json.loads(raw)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 (byte {e.start} of the line); expected {what}") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected {what}") from None
+        yield JsonLine(where, number, start, value)
+
+
+def read_jsonl(path: str | os.PathLike, *, what: str) -> Iterator[JsonLine]:
+    """`parse_jsonl` of a file; a file that cannot be read is a DataError naming it."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    return parse_jsonl(data, path, what=what)
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON objects of a file lmforge appends to (run files); [] when it does not exist.
+    Lines that do not parse (a torn last line) and values that are not objects are skipped."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    out = []
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError both
+            continue
+        if isinstance(value, dict):
+            out.append(value)
+    return out
+
+
+__all__ = ["NON_FINITE", "to_record", "dumps_record", "append_jsonl", "as_number", "restore_numbers",
+           "JsonLine", "parse_jsonl", "read_jsonl", "read_records"]
