@@ -113,7 +113,7 @@ def main() -> None:
         for _ in range(5):
             step()
         plain, logged = [], []
-        for r in range(args.repeats):
+        for _r in range(args.repeats):
             plain.append(timed_steps(step, args.steps, None, run_id))
             logged.append(timed_steps(step, args.steps, store, run_id))
         store.flush(timeout=120)

@@ -31,7 +31,7 @@ import math
 import os
 import time
 from dataclasses import replace
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

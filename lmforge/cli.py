@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from . import __version__
+from .artifacts import CONFIG_FILE
 from .errors import LmforgeError
 from .util import PROGRESS_MODES, console, out, progress_mode, set_progress_mode
 
@@ -53,7 +54,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         return p.cmd_verify(args.path)
     if args.data_cmd == "inspect":
         path, step, seq_len, global_batch, seed = args.path, args.step, args.seq_len, args.global_batch, args.seed
-        if (Path(args.path) / "config.yaml").is_file():  # a run directory: its data, its step mapping
+        if (Path(args.path) / CONFIG_FILE).is_file():  # a run directory: its data, its step mapping
             from .train.loop import data_step_of_run
 
             if args.step < 1:  # mapped to data step step - 1: a clear message before a negative one appears

@@ -30,7 +30,8 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Iterator
 
 from .errors import DataError
 

@@ -48,7 +48,7 @@ PROMPTS = ["def read_config(path):\n", "class Cache:\n    def __init__(self", "i
 
 
 def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source: str | None = None) -> int:
-    from .data.manifest import read_manifest, verify_dataset
+    from .data.manifest import MANIFEST_FILE, read_manifest, verify_dataset
     from .data.prepare import prepare
     from .generate import generate
     from .artifacts import CONFIG_FILE, QUICKSTART_FILE, checkpoint_step, find_resume_checkpoint, load_model
@@ -66,7 +66,7 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
 
     # 1. data ----------------------------------------------------------------------------------
     console.rule("[bold]1/4 prepare")
-    if (data_dir / "manifest.json").is_file() and not verify_dataset(data_dir):
+    if (data_dir / MANIFEST_FILE).is_file() and not verify_dataset(data_dir):
         console.print(f"reusing the verified dataset in {data_dir}")
     else:
         console.print(f"preparing {src} (your code base would go here) -> {data_dir}")

@@ -33,7 +33,8 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer

@@ -46,7 +46,7 @@ def tiny_model(tok: Tokenizer, seed: int = 0, **shape) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(cfg).eval()
     with torch.no_grad():  # norms away from 1 so a swapped or missing norm weight shows in the logits
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from conftest import lmforge_cmd, shakespeare_path, smollm2_gguf, subprocess_env
-from lmforge import convert
 from lmforge.artifacts import load_model
 from lmforge.generate import generate
 from lmforge.tokenizer import Tokenizer

@@ -18,17 +18,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lmforge"
 
 BELOW_TRAIN = ("artifacts", "model", "generate", "convert", "data", "evaluate", "serve", "track", "tokenizer", "config",
                "util", "errors", "hardware", "jsonl", "lora")
-# Cycles in code that another change is restructuring right now: xfail, naming what is pending.
-PENDING_CYCLES = {
-    frozenset({"lmforge.data.loader", "lmforge.data.prepare"}):
-        "data/prepare.py is being split into data/manifest.py + data/inspect.py (issue 15.1, pending)",
-}
 
 
 def module_name(path: Path) -> str:
@@ -185,8 +179,4 @@ def test_imports_point_down() -> None:
 
 def test_no_import_cycles() -> None:
     found = cycles(graph())
-    pending = [c for c in found if frozenset(c) in PENDING_CYCLES]
-    real = [c for c in found if frozenset(c) not in PENDING_CYCLES]
-    assert not real, "import cycles:\n" + "\n".join(" -> ".join(c) for c in real)
-    if pending:
-        pytest.xfail("; ".join(f"{' -> '.join(c)}: {PENDING_CYCLES[frozenset(c)]}" for c in pending))
+    assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)

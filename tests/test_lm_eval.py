@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 TASK = REPO / "tasks" / "python-mc.jsonl"
 
 
-def test_lm_eval_through_the_server_equals_lmforge_eval(checkpoint, server, tmp_path) -> None:
+def test_lm_eval_through_the_server_equals_lmforge_eval(checkpoint, server, tmp_path) -> None:  # noqa: F811 (fixtures)  # noqa: F811 (fixtures)
     hf = tmp_path / "hf"
     subprocess.run(lmforge_cmd("export", str(checkpoint), "--format", "hf", "--out", str(hf)),
                    check=True, capture_output=True, env=subprocess_env())

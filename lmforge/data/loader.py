@@ -22,7 +22,8 @@ from __future__ import annotations
 import bisect
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import torch

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..artifacts import CONFIG_FILE, METRICS_FILE
 from ..config import load_config
 from ..errors import ConfigError
 from ..jsonl import as_number, read_records
@@ -48,7 +49,7 @@ def read_run(run_dir: str | os.PathLike) -> RunPoint:
     steps x global batch x seq_len). Lines that do not parse (one torn by a crash) are skipped.
     """
     run = Path(run_dir)
-    cfg_path, log_path = run / "config.yaml", run / "metrics.jsonl"
+    cfg_path, log_path = run / CONFIG_FILE, run / METRICS_FILE
     if not cfg_path.is_file():
         raise ConfigError(f"{run}: no config.yaml; is this a run directory (runs/<name>/)?")
     if not log_path.is_file():

@@ -9,7 +9,8 @@ so it is in the title rather than a column.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from ..hardware import GB
 from ..util import human_bytes, human_count

@@ -218,7 +218,6 @@ def serve_command(
     """Load a run or checkpoint and serve it until interrupted. Unset limits come from the
     checkpoint's `serve:` config section."""
     import torch
-    import uvicorn
 
     from ..artifacts import load_model
     from ..util import check_port, console
