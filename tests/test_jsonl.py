@@ -153,7 +153,8 @@ def test_metrics_and_events_jsonl_from_the_trainer(tmp_path: Path) -> None:
 
 
 def test_eval_results_store_and_runs_json_from_the_sidecar(tmp_path: Path, capsys) -> None:
-    from lmforge.evaluate.watch import RESULTS_FILE, _record, read_results
+    from lmforge.artifacts import EVAL_RESULTS_FILE as RESULTS_FILE
+    from lmforge.evaluate.watch import _record, read_results
     from lmforge.track import views
     from lmforge.track.store import Store
 
