@@ -65,7 +65,7 @@ from ..artifacts import CONFIG_FILE, EVENTS_FILE, FAULTS_FIRED_FILE, METRICS_FIL
 from ..config import Config, load_config
 from ..errors import CheckpointError, ConfigError, DataError, LmforgeError
 from ..evaluate.loss import validation_loss
-from ..jsonl import append_jsonl
+from ..jsonl import append_jsonl, read_records
 from ..model import autocast
 from ..util import atomic_write_text, console, default_device, warn
 from . import checkpoint as ckpt_io
@@ -179,8 +179,12 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     damaged checkpoints it skips. Under many processes every rank builds the same run, wrapped
     for `train.parallel`, reading its own share of each batch."""
     from ..data.loader import Loader, TokenDataset
-    from ..model import Transformer
+    from ..model import Transformer, check_memory
 
+    # before anything is allocated: weights, gradients, AdamW state and logits on the training device
+    check_memory(cfg.model, device(), micro_batch=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
+                 shards=d.world if cfg.train.parallel == "fsdp" else 1,
+                 fix="model.n_layer, model.d_model, model.d_ff, model.vocab_size or train.micro_batch")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     distributed.check_parallel(cfg.train, d)
@@ -766,8 +770,7 @@ def data_step_of_run(run_dir: str | Path, step: int) -> dict[str, Any]:
     checkpoint c < step, the data cursor is (step - 1) - c + the cursor it skipped to."""
     rd = Path(run_dir)
     cfg = load_config(rd / CONFIG_FILE)
-    events_path = rd / EVENTS_FILE
-    events = [json.loads(line) for line in events_path.read_text(encoding="utf-8").splitlines() if line.strip()] if events_path.is_file() else []
+    events = read_records(rd / EVENTS_FILE)  # a torn last line (a crash mid-append) is skipped
     rollbacks = [e for e in events if e.get("kind") == "rollback"]
     notes = [f"run {rd}: {len(rollbacks)} rollback(s)"]
     for e in rollbacks:
