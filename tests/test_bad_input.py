@@ -124,10 +124,12 @@ def files(tiny_run: Path, tiny_dataset: Path, tmp_path_factory) -> dict[str, Pat
     deep_yaml.write_text("train: " + "[" * 600 + "]" * 600 + "\n")
     huge = root / "huge.yaml"
     huge.write_text("# " + "x" * (2 << 20) + "\ntrain: {}\n")
+    (root / "deep_dataset").mkdir()
+    (root / "deep_dataset" / "manifest.json").write_text("[" * 3000 + "]" * 3000)
     loop = root / "loop"
     loop.symlink_to(root / "loop")
     return {"root": root, "run": tiny_run, "data": tiny_dataset, "corpus": corpus, "binary": binary, "empty": empty,
-            "deep": deep, "deep_yaml": deep_yaml, "huge": huge, "loop": loop, "dir": root}
+            "deep": deep, "deep_yaml": deep_yaml, "huge": huge, "loop": loop, "dir": root, "deep_dataset": root / "deep_dataset"}
 
 
 def fill(argv: list[str], files: dict[str, Path], tmp_path: Path) -> list[str]:
@@ -269,6 +271,7 @@ HAND = [
     (["prepare", "<tmp>/missing.txt", "--out", "<tmp>/o"], "input not found"),
     # data
     (["data", "info", "<binary>"], "not a prepared dataset"),
+    (["data", "info", "<deep_dataset>"], "corrupt manifest"),
     (["data", "verify", "<dir>"], "not a prepared dataset"),
     (["data", "inspect", DATA, "--step", "0"], "needs --seq-len and --global-batch"),
     (["data", "inspect", DATA, "--step", "0", "--seq-len", "64", "--global-batch", "100000"], "--max-samples"),
@@ -284,6 +287,8 @@ HAND = [
     (["train", str(TINY_CONFIG), "--run-dir", "<tmp>/r", "--set", "trian.lr=1"], "did you mean 'train'"),
     (["train", str(TINY_CONFIG), "--run-dir", "<tmp>/r", "--set", "train.lr"], "must look like section.key=value"),
     (["train", str(TINY_CONFIG), "--run-dir", "<binary>"], "not a directory"),
+    (["train", str(TINY_CONFIG), "--run-dir", "<tmp>/r", "--set", "train.lr=" + "[" * 600], "expected a number"),  # YAML recursion
+    (["train", str(TINY_CONFIG), "--run-dir", "<tmp>/r", "--set", "train.lr=1" + "0" * 400], "must be a finite number"),
     (["train", str(TINY_CONFIG), "--run-dir", "<tmp>/r", "--set", "data.path=<data>", "--set", "model.n_layer=100000000"],
      "not enough memory"),
     (["train", str(TINY_CONFIG), "--run-dir", "<tmp>/r", "--set", "data.path=<data>", "--set", "model.d_model=10000000"],

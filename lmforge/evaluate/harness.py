@@ -183,7 +183,7 @@ def text_pieces(path: str | os.PathLike, piece_chars: int = TEXT_PIECE_CHARS) ->
             except UnicodeDecodeError as e:
                 raise DataError(f"--text {path}: not UTF-8 text (byte {offset - pending + e.start} is not valid UTF-8)") from None
             offset += len(chunk)
-            while len(carry) >= piece_chars or (not chunk and carry):
+            while len(carry) > piece_chars or (not chunk and carry):  # more than a piece: one can be cut by the rule
                 cut = _cut(carry, piece_chars)
                 yield carry[:cut]
                 carry = carry[cut:]
