@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", type=R.Text(), action="append", default=[], help="glob of files to take from directories (repeatable)")
     p.add_argument("--exclude", type=R.Text(), action="append", default=[], help="glob of files to skip (repeatable)")
     p.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text")
-    p.add_argument("--val-fraction", type=R.fraction(hi_open=True), default=0.01, help="fraction of documents for validation")
+    p.add_argument("--val-fraction", type=R.VAL_FRACTION, default=0.01, help="fraction of documents for validation")
     p.add_argument("--shard-tokens", type=R.positive_int(), default=50_000_000, help="max tokens per shard")
     p.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
     p.add_argument("--workers", type=R.thread_count(), default=0, help="tokenizer threads (0: all cores)")

@@ -127,7 +127,7 @@ def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | Non
     """LmforgeError naming the first sampling setting out of range (for `sample` and the server; the
     rules are ranges.py's, which `sample`'s flags also use)."""
     TEMPERATURE.check("temperature", temperature)
-    TOP_K.check("top_k", top_k)
+    TOP_K.check("top_k", min(top_k, INT64_MAX))  # any top_k >= the vocabulary is "off", however large (an API client's 1e30)
     TOP_P.check("top_p", top_p)
     if seed is not None:
         SEED.check("seed", seed)

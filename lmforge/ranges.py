@@ -312,6 +312,7 @@ TOP_P = fraction(lo_open=True)
 SEED = any_int()  # a sampling seed: 64-bit signed, as OpenAI's
 MAX_TOKENS = nonneg_int()  # tokens to generate
 QUICKSTART_MINUTES = Range(float, lo=0.0, lo_open=True, hi=7 * 24 * 60, note="quickstart sizes runs of minutes; a week at most")
+VAL_FRACTION = fraction(hi_open=True)  # prepare --val-fraction: some documents must remain for training
 # data inspect traces each sample of a step to its sources (~0.4 ms each): 65,536 take about half a minute
 INSPECT_SAMPLES = positive_int(hi=65_536)
 BOOTSTRAP = nonneg_int(hi=100_000, note="0 = none; each resample refits the law")  # plan fit --bootstrap
@@ -331,4 +332,5 @@ def default_rule(hint: Any) -> Rule | None:
 __all__ = ["Range", "Count", "Choice", "Text", "Rule", "INT64_MIN", "INT64_MAX", "MAX_THREADS", "MAX_SECONDS", "positive_int",
            "nonneg_int", "any_int", "positive_float", "nonneg_float", "finite_float", "fraction", "seconds", "thread_count",
            "port", "default_rule", "TEMPERATURE", "TOP_K", "TOP_P", "SEED", "MAX_TOKENS",
-           "QUICKSTART_MINUTES", "BOOTSTRAP", "INSPECT_SAMPLES"]
+           "QUICKSTART_MINUTES", "BOOTSTRAP", "INSPECT_SAMPLES",
+           "VAL_FRACTION"]

@@ -168,7 +168,7 @@ def refused(argv: list[str], capsys, *mentions: str) -> str:
 
 
 def config_cases():
-    for key, rule, hint in config_keys():
+    for key, rule, _hint in config_keys():
         for value in (BOOL_BAD if rule is None else rule.bad_values()):
             yield pytest.param(key, value, id=f"{key}={value!r}"[:80])
 

@@ -63,6 +63,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, check_training
 from ..jsonl import parse_jsonl
+from ..ranges import VAL_FRACTION, positive_int, thread_count
 from ..util import atomic_dir, atomic_write_json, console, human_count, progress_bar, warn
 from .manifest import FORMAT_VERSION, INDEX_COLUMNS, MANIFEST_FILE, SPLITS, fingerprint
 
@@ -268,8 +269,7 @@ def _progress() -> Progress:
 
 def _set_threads(workers: int) -> None:
     """Tokenizer threads: RAYON_NUM_THREADS must be set before the Rust thread pool starts."""
-    if workers < 0:
-        raise DataError(f"--workers must be >= 0 (0: all cores), got {workers}")
+    thread_count().check("--workers", workers)
     if workers:
         os.environ["RAYON_NUM_THREADS"] = str(workers)
     # Force parallelism on even after a fork (pytest, multiprocessing), off for one worker.
@@ -380,10 +380,8 @@ def prepare(
 ) -> Path:
     """Build a dataset directory at `out` (see the module docstring); returns its path."""
     out = Path(out)
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if shard_tokens < 1:
-        raise DataError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+    VAL_FRACTION.check("--val-fraction", val_fraction)
+    positive_int().check("--shard-tokens", shard_tokens)
     if tokenizer is None:  # before the pass over the corpus that trains it
         check_training(vocab_size, special_tokens)
     _check_out(out, inputs, overwrite)
