@@ -3,9 +3,15 @@
 Design: one dataclass per concern (model, data, train, guard, eval, serve, init), grouped in
 `Config`. Config flows one way: a YAML file (or nothing) is parsed into plain dicts, merged with
 `--set section.key=value` overrides, converted field by field into the dataclasses with type
-checks, then validated as a whole (cross-field rules such as "global batch divisible by micro
-batch"). The resolved config is written into the run directory and every checkpoint, and
-`Config.from_dict(cfg.to_dict()) == cfg` always holds.
+checks and each field's valid values, then validated as a whole (cross-field rules such as "global
+batch divisible by micro batch"). The resolved config is written into the run directory and every
+checkpoint, and `Config.from_dict(cfg.to_dict()) == cfg` always holds.
+
+A field's valid values are written once, beside it: `lr: float = valid(3e-4, positive_float())`
+(the rules live in ranges.py; a field without one follows its type's: a finite float, a 64-bit int,
+UTF-8 text). The same rule checks the value whether it comes from YAML, `--set` or a checkpoint,
+gives a command-line flag that sets the same value its argparse type (`rule_of("serve.max_batch")`),
+fills the `valid` column of docs/config.md, and lets tests/test_bad_input.py derive bad values.
 
 Trade-off: we hand-roll the ~100 lines of type conversion instead of pulling in pydantic, because
 the rules are few, the error messages are ours to shape (the nearest valid key for a typo), and the
