@@ -200,6 +200,28 @@ def remove_checkpoint(ckpt: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted writers left in a run directory and its checkpoints/: a checkpoint's
+    temporary directory (`.step-NNNNNN.XXXX.tmp`, a kill during `save_checkpoint`), a checkpoint
+    being deleted (`.deleting-step-NNNNNN`), the old version of a replaced checkpoint
+    (`.step-NNNNNN.XXXX.old`) and atomic writes' temporary files (`.latest.XXXX.tmp`,
+    `.metrics.jsonl.XXXX.tmp`, ...). Only for the holder of the run directory's lock: then no live
+    process owns any of them. Returns the removed paths."""
+    removed = []
+    for folder in (Path(run_dir), checkpoints_dir(run_dir)):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            name = p.name
+            if name.startswith(".") and (name.endswith((".tmp", ".old")) or name.startswith(".deleting-")):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 def discard_after(run_dir: str | os.PathLike, step: int) -> list[Path]:
     """Delete checkpoints newer than `step` (after a rollback they belong to an abandoned path)."""
     doomed = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) > step]
