@@ -297,7 +297,11 @@ def train_command(request: StartRequest) -> int:
     """`lmforge train` in this process: start a run, resume it (with safe changes) when its run
     directory has one, or branch a new run from another's checkpoint. Under torchrun: one rank of
     a process group."""
-    d = distributed.init()
+    try:
+        d = distributed.init()
+    except LmforgeError as e:  # a malformed torchrun environment, LMFORGE_DEVICE: the same on every rank
+        _record_error(e)
+        raise
     try:
         return start(request, d)
     except LmforgeError as e:
