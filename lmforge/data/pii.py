@@ -42,7 +42,7 @@ Kinds and placeholders (`KINDS`; each finding becomes `<KIND>` in upper case):
 Placeholders are the same for every value of a kind (`<EMAIL>` for all addresses, no numbering): a
 placeholder carries the shape and nothing of the value, not even whether two findings were equal,
 and scrubbing is idempotent (a placeholder contains nothing detectable). Overlapping findings are
-resolved by a fixed priority (secret, credit_card, iban, email, ip, phone), then by position, so a
+resolved by a fixed priority (secret, iban, credit_card, email, ip, phone), then by position, so a
 URL's password wins over the `password@host` that looks like an e-mail address.
 
 Modes: `redact` replaces findings; `drop` leaves the text as it is and sets `drop=True` when the
@@ -66,6 +66,7 @@ which services are covered here; the patterns are written from the services' doc
 from __future__ import annotations
 
 import bisect
+import importlib.metadata
 import ipaddress
 import math
 import re
@@ -84,7 +85,7 @@ MODES: tuple[str, ...] = ("redact", "drop", "keep")
 # dataset says which detectors scrubbed it.
 DETECTOR_VERSIONS: dict[str, int] = {kind: 1 for kind in KINDS}
 # Overlaps between kinds are resolved in this order (the first kind wins).
-_PRIORITY: tuple[str, ...] = ("secret", "credit_card", "iban", "email", "ip", "phone")
+_PRIORITY: tuple[str, ...] = ("secret", "iban", "credit_card", "email", "ip", "phone")
 # Countries whose national (trunk prefix 0) numbers are recognised without a `+` country code.
 NATIONAL_REGIONS: tuple[str, ...] = (
     "GB", "DE", "FR", "NL", "BE", "CH", "AT", "IT", "SE", "AU", "IN", "JP", "BR", "ZA", "NZ",
@@ -467,7 +468,9 @@ _TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 _AZURE_SECRET = re.compile(r"(?<![A-Za-z0-9_~.\-])[A-Za-z0-9_~.\-]{3}\dQ~[A-Za-z0-9_~.\-]{31,34}(?![A-Za-z0-9_~.\-])")
 _PRIVATE_KEY_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----")
 _PRIVATE_KEY_END = re.compile(r"-----END (?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----")
-_KEY_BODY = re.compile(r"(?:[A-Za-z0-9+/=:, \t\r\n\-]|\\n)*")  # when END is missing: the key text
+# When END is missing (a truncated paste): the lines of base64 (or PEM headers) after BEGIN, real or
+# escaped (\\n in JSON) newlines, up to the first line that is neither.
+_KEY_BODY = re.compile(r"(?:(?:\r?\n|\\n)(?:[A-Za-z0-9+/=]{1,128}|[A-Za-z\-]{1,30}: [^\n\\]{0,128}))*")
 _MAX_KEY_BLOCK = 65536
 
 # scheme://user:password@host (the `://` is found first; this matches from there).
@@ -628,7 +631,7 @@ class Scrubber:
             "placeholders": {k: placeholder(k) for k in sorted(self.kinds)},
             "detector_versions": {k: DETECTOR_VERSIONS[k] for k in sorted(self.kinds)},
             "national_phone_regions": list(NATIONAL_REGIONS),
-            "libraries": {"phonenumbers": phonenumbers.__version__},
+            "libraries": {"phonenumbers": phonenumbers.__version__, "google-re2": importlib.metadata.version("google-re2")},
         }
 
 
