@@ -228,7 +228,8 @@ def _emails(doc: _Doc) -> Iterable[tuple[int, int]]:
 
 # -------------------------------------------------------------------------------------------- ip
 
-_IPV4 = re.compile(r"(?<![\w.])(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?!\w|\.\d)")
+# (not inside a longer dotted number, and not a reverse-DNS name: 1.0.0.127.in-addr.arpa)
+_IPV4 = re.compile(r"(?<![\w.])(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?!\w|\.\d|\.in-addr\.)")
 # What precedes an IPv4-shaped version or section number: "version 1.2.3.4", "==1.2.3.4",
 # "section 8.2.4.44", "Python 3.11.0.1", "prior to 1.2.5.3".
 _VERSION_CONTEXT = re.compile(
