@@ -126,7 +126,9 @@ class ScrubResult:
 _TRIGGER = re2.compile(
     rb"(\d[\d .\-()/]{5,}\d)"  # 1: digit cluster, seven characters or more
     rb"|(::|:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:)"  # 2: IPv6
-    rb"|((?i:pass|pwd|secret|token|key|credential|sig))"  # 3: credential word
+    # 3: a credential word followed by an assignment, or an HTTP auth scheme followed by a token
+    rb"|((?i:pass|pwd|secret|token|key|credential|sig)[A-Za-z0-9_\-]{0,24}[\"']?[ \t]*[:=]"
+    rb"|(?i:bearer|basic)[ \t]+[A-Za-z0-9\-._~+/]{12})"
     rb"|(AKIA|ASIA|ABIA|ACCA|A3T|AIza|ya29\.|GOCSPX-|gh[pousr]_|github_pat_|glpat-|xox[abposr]-|[sr]k_live_"
     rb"|[sr]k_test_|whsec_|sk-|hf_|npm_|pypi-|SG\.|shp(?:at|ca|pa|ss)_|do[opr]_v1_|eyJ|hooks\.slack\.com/)"  # 4
 )
@@ -488,10 +490,13 @@ _URL_PASSWORD_PLACEHOLDERS = frozenset(
 # suffix, an assignment (= : := => == and quotes around the key), then a quoted or a bare value.
 # Matched anchored at the word the trigger pass found.
 _KEY_VALUE = re.compile(
-    r"(?i:password|passwd|passphrase|pass|pwd|secret|token|key|credentials?|sig)"
+    r"(?P<word>(?i:password|passwd|passphrase|pass|pwd|secret|token|key|credentials?|sig))"
     r"(?i:[_\-]?(?:key|value|str|string|hash))?(?![A-Za-z0-9])[\"']?[ \t]*(?P<op>:=|=>|==?|:)[ \t]*"
     r"(?:[bru]?(?P<quote>[\"'])(?P<q>[^\"'\n]{1,256})(?P=quote)|(?P<bare>[^\s\"'`,;()\[\]{}<>]{1,256})(?P<after>.?))"
 )
+_CRED_WORD = re.compile(r"(?i:pass|pwd|secret|token|key|credential|sig)")
+# An HTTP Authorization scheme and its credentials (RFC 6750 / 7617 token characters).
+_AUTH_SCHEME = re.compile(r"(?i:bearer|basic)[ \t]+([A-Za-z0-9\-._~+/]{12,512}=*)(?![A-Za-z0-9\-._~+/=])")
 # `key` alone is not a credential word (dict keys are everywhere); api_key, accessKey, ... are.
 _KEY_PREFIX = re.compile(r"(?i:api|access|auth|private|account|secret|signing|encryption|master|client)[_\-]?$")
 # Values that are code, templates or placeholders, not secrets.
@@ -518,6 +523,12 @@ def _secret_value(value: str, bare: bool) -> bool:
         return False
     # 3 bits per character, or less for short values (a 10-character password cannot reach 3.3)
     return entropy(value) >= min(3.0, 0.85 * math.log2(len(value))) and (any(c.isdigit() for c in value) or not value.isalpha() or len(value) >= 16)
+
+
+def _token_like(value: str) -> bool:
+    """A credential after `Bearer`/`Basic`: mixes digits or both cases (not "basic customization.")."""
+    mixed = any(c.isdigit() for c in value) or (sum(c.isupper() for c in value) >= 2 and sum(c.islower() for c in value) >= 2)
+    return mixed and _secret_value(value, bare=False)
 
 
 def _secrets(doc: _Doc) -> Iterable[tuple[int, int]]:
@@ -552,24 +563,40 @@ def _secrets(doc: _Doc) -> Iterable[tuple[int, int]]:
             if not (pw.lower() in _URL_PASSWORD_PLACEHOLDERS or _NOT_A_VALUE.search(pw) or pw[0] in "$%{"):
                 yield m.span(1)
         at = text.find("://", at + 3)
-    for start, word_end in doc.words:
-        m = _KEY_VALUE.match(text, start)
-        if m is None:
-            continue
-        if word_end - start == 3 and text[start:word_end].lower() == "key":
-            prefix = _KEY_PREFIX.search(text, max(0, start - 12), start)
-            if prefix is None:
+    for trigger_start, trigger_end in doc.words:
+        if text[trigger_start] in "bB":  # Authorization: Bearer <token> / Basic <base64 of user:password>
+            m = _AUTH_SCHEME.match(text, trigger_start)
+            if m is not None and (trigger_start == 0 or not text[trigger_start - 1].isalnum()) and _token_like(m.group(1)):
+                yield m.span(1)
                 continue
-            start = prefix.start()
-        # The key starts an identifier part: after a non-letter (DB_PASSWORD, "password") or at a
-        # camelCase boundary (dbPassword); not inside a word (bypass, mysig).
-        if start > 0 and text[start - 1].isalnum() and not (text[start - 1].islower() and text[start].isupper()):
-            continue
-        if m.group("q") is not None:
-            if _secret_value(m.group("q"), bare=False):
-                yield m.span("q")
-        elif m.group("op") != "==" and m.group("after") not in ("(", "[") and _secret_value(m.group("bare"), bare=True):
-            yield m.span("bare")
+        # The trigger spans "word...=": the key may be any credential word in it (aws_secret_access_key
+        # is a key, not a secret).
+        for word in _CRED_WORD.finditer(text, trigger_start, trigger_end):
+            span = _key_value_at(text, word.start())
+            if span is not None:
+                yield span
+                break
+
+
+def _key_value_at(text: str, start: int) -> tuple[int, int] | None:
+    """The span of a secret value assigned to the credential word at `start`, if there is one."""
+    m = _KEY_VALUE.match(text, start)
+    if m is None:
+        return None
+    if m.group("word").lower() == "key":
+        prefix = _KEY_PREFIX.search(text, max(0, start - 12), start)
+        if prefix is None:
+            return None
+        start = prefix.start()
+    # The key starts an identifier part: after a non-letter (DB_PASSWORD, "password") or at a
+    # camelCase boundary (dbPassword); not inside a word (bypass, mysig).
+    if start > 0 and text[start - 1].isalnum() and not (text[start - 1].islower() and text[start].isupper()):
+        return None
+    if m.group("q") is not None:
+        return m.span("q") if _secret_value(m.group("q"), bare=False) else None
+    if m.group("op") != "==" and m.group("after") not in ("(", "[") and _secret_value(m.group("bare"), bare=True):
+        return m.span("bare")
+    return None
 
 
 _DETECTORS = {
