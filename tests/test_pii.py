@@ -62,6 +62,11 @@ POSITIVES = [
     ("secret", "SECRET_KEY=django-insecure-7h#x2!k9q@m4", "django-insecure-7h#x2!k9q@m4"),
     ("secret", "Authorization: Bearer 9f8a7Bc6D5e4F3a2b1C0d9e8", "9f8a7Bc6D5e4F3a2b1C0d9e8"),
     ("secret", "-H 'Authorization: Basic YWxhZGRpbjpvcGVuc2VzYW1l'", "YWxhZGRpbjpvcGVuc2VzYW1l"),
+    ("secret", "AccountName=acme;AccountKey=Xk2lP9qZ8vR4tY7uW1sA3dF6gH0jK5lZ8xC2vB4nM7qW9eR1tY3u==;EndpointSuffix=x",
+     "Xk2lP9qZ8vR4tY7uW1sA3dF6gH0jK5lZ8xC2vB4nM7qW9eR1tY3u=="),
+    ("secret", "f.txt?sv=2021-08-06&sr=b&sig=Zk8%2FqP3xL9vT2mN7wR4yB6cD1fG5hJ0kL8pQ3sV9xZ2%3D",
+     "Zk8%2FqP3xL9vT2mN7wR4yB6cD1fG5hJ0kL8pQ3sV9xZ2%3D"),
+    ("secret", "use Xy18Q~aBcDeFgHiJkLmNoPqRsTuVwXyZ01234567 now", "Xy18Q~aBcDeFgHiJkLmNoPqRsTuVwXyZ01234567"),
 ]
 
 
