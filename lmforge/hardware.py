@@ -198,3 +198,15 @@ def gpu_peak_flops(device_name: str) -> float | None:
         if model in words and (not variant or variant in words) and (best is None or len(key) > len(best[0])):
             best = (key, hw)
     return best[1].peak_flops if best else None
+
+
+def peak_flops(device: Any, dtype: str = "bf16") -> float | None:
+    """The peak a trainer's MFU is measured against: a known GPU's datasheet bf16 peak (the table),
+    None for an unknown GPU; on the CPU, this machine's matmul rate in the run's dtype, measured now
+    with the current threads (512^3 products for ~0.1 s: an estimate, since a CPU's peak depends on
+    its vector units and on what else runs; benchmarks/train_throughput.py measures it longer)."""
+    import torch
+
+    if device.type != "cuda":
+        return matmul_rate(torch.bfloat16 if dtype == "bf16" else torch.float32, 512, 0.1)
+    return gpu_peak_flops(torch.cuda.get_device_name(device))

@@ -38,7 +38,7 @@ def test_matmul_rate_leaves_the_global_rng_alone() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_this_gpu_is_in_the_table() -> None:
-    from lmforge.train.loop import peak_flops
+    from lmforge.hardware import peak_flops
 
     name = torch.cuda.get_device_name(0)
     assert peak_flops(torch.device("cuda", 0)) == gpu_peak_flops(name), name

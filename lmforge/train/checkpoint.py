@@ -172,6 +172,15 @@ def save_checkpoint(
     return final
 
 
+def checkpoint_bytes(run_dir: str | os.PathLike, model: torch.nn.Module) -> int:
+    """About what the next checkpoint of a run takes on disk: the newest one's size, or (none yet)
+    16 bytes per parameter (fp32 weights twice, safetensors and DCP, and two AdamW moments)."""
+    ckpts = list_checkpoints(run_dir)
+    if ckpts:
+        return sum(f.stat().st_size for f in ckpts[-1].rglob("*") if f.is_file())
+    return 16 * sum(p.numel() for p in model.parameters())
+
+
 def apply_retention(run_dir: str | os.PathLike, keep_last: int, keep_every: int) -> list[Path]:
     """Delete checkpoints that are neither among the newest `keep_last` nor a multiple of
     `keep_every`. Returns the deleted paths. The newest checkpoint is always kept."""

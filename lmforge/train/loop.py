@@ -1,6 +1,7 @@
-"""The training loop: build(), train(), train_step(), save() and the guard's rollback.
+"""The training loop: build(), train(), train_step(), save() and the guard's rollback. Deciding a
+start (config, run directory, lock, resume checks) is start.py's job; the run's records
+(metrics.jsonl, events.jsonl, the experiment store) are records.py's.
 
-Design:
 - `train_step` is one optimizer step over a list of micro batches (gradient accumulation), a pure
   function of (model, optimizer, batches, lr) that tests call on its own.
 - `build` turns a resolved config and a run directory into a `Run`: model, optimizer, loader and
@@ -12,31 +13,20 @@ Design:
   log, validate, checkpoint, stop on a signal. SIGINT/SIGTERM are turned into a flag checked
   between steps, so a stop writes a checkpoint at a step boundary and never tears one.
 
-Deciding a start (config, run directory, lock, resume checks) is start.py's job, and the run's
-records (metrics.jsonl, events.jsonl, the experiment store) are records.py's; this module trains
-a `Run` it is given.
-
 Self-healing: after every step the guard (guard.py) judges loss and gradient norm; a non-finite
-value or a spike rolls the run back to an earlier intact checkpoint, skips the data window that led
-into it, optionally lowers the learning rate, and records the event with its evidence. A fresh
-run writes a step-0 checkpoint so that even the first steps have somewhere to go back to. With the
-guard off (guard.enabled=false) a non-finite loss is still never silent: the first such step is a
-warning and a `non_finite` event, and a run whose loss or final weights went non-finite ends with
-exit status 3 (EXIT_NON_FINITE) and a `diverged` event instead of "completed".
+value or a spike rolls the run back to an earlier intact checkpoint (a fresh run writes one at
+step 0), skips the data window that led into it, optionally lowers the learning rate, and records
+the event. With the guard off a non-finite loss is still loud: a warning and a `non_finite` event
+at its first step, and a run whose loss or final weights went non-finite ends with a `diverged`
+event and exit status 3 (EXIT_NON_FINITE). A write that fails (a full disk: a checkpoint, a
+record) stops training with one line naming the newest checkpoint, which is intact.
 
-A write that fails (a full disk above all: a checkpoint, a metrics line, an event) stops training
-with one line, "disk full at PATH, N bytes free ...", naming the newest checkpoint, which is
-intact (a checkpoint is published by a rename, after everything in it was written).
-
-Fault injection for drills and tests (off unless the variable is set): LMFORGE_FAULTS is a comma
-list of `kind@step` with kind `kill` (SIGKILL right after that step's update, before its
-checkpoint), `nan` (that step's loss becomes NaN) or `spike` (that step's loss and gradients are
-scaled by 100). Each fault fires once per run directory (recorded in faults-fired.json), so a
-supervised restart or a rollback does not loop on it; `kind@step!` fires every time instead (a
-failure that repeats, to drill the supervisor's loop protection). Under many processes `nan` and
-`spike` hit every rank, and `kill@step/R` kills rank R alone (`kill@step`: rank 0). A malformed
-item, or a step after train.max_steps, is refused when training starts (`check_faults`): a typo
-must not drill nothing.
+Fault injection for drills (off unless set): LMFORGE_FAULTS is a comma list of `kind@step`, kind
+`kill` (SIGKILL after that step's update, before its checkpoint), `nan` (that step's loss becomes
+NaN) or `spike` (loss and gradients x 100). Each fires once per run directory (faults-fired.json),
+so a restart or a rollback does not loop on it; `kind@step!` fires every time (to drill the
+supervisor's loop protection). Under many processes `nan`/`spike` hit every rank and `kill@step/R`
+kills rank R alone. A malformed item, or a step after train.max_steps, is refused at the start.
 
 Many processes (torchrun; distributed.py): every rank runs this same loop on its share of each
 global batch (`Loader(rank=, world=)`), with global_batch / (world * micro_batch) micro batches.
@@ -63,7 +53,9 @@ from .. import artifacts
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, LmforgeError
 from ..evaluate.loss import validation_loss
+from ..hardware import peak_flops
 from ..model import autocast
+from ..model import flops_per_token as model_flops
 from ..util import console, default_device, warn
 from . import checkpoint as ckpt_io
 from . import distributed, guard, records
@@ -264,7 +256,7 @@ def train(run: Run) -> int:
     accum = distributed.micro_batches_per_rank(t.global_batch, t.micro_batch, d.world)
     tokens_per_step = t.global_batch * cfg.data.seq_len
     dev = device()
-    flops_per_token, peak = model_flops_per_token(cfg), peak_flops(dev, t.dtype)
+    flops_per_token, peak = model_flops(cfg.model, cfg.data.seq_len), peak_flops(dev, t.dtype)
     if peak:
         log_event(run, "mfu_peak", {"peak_flops": peak, "device": str(dev), "dtype": t.dtype,
                                     "source": "datasheet" if dev.type == "cuda" else "measured matmul rate"})
@@ -375,24 +367,6 @@ def device() -> torch.device:
     return default_device()  # under torchrun with nccl, distributed.init() made this rank's GPU the current one
 
 
-def model_flops_per_token(cfg: Config) -> float:
-    from ..model import flops_per_token
-
-    return flops_per_token(cfg.model, cfg.data.seq_len)
-
-
-def peak_flops(dev: torch.device, dtype: str = "bf16") -> float | None:
-    """The peak that MFU is measured against: a known GPU's datasheet bf16 peak (hardware.py's
-    table), None for an unknown GPU; on the CPU, this machine's matmul rate in the run's dtype,
-    measured now with the run's threads (512^3 products for ~0.1 s: an estimate, since a CPU's peak
-    depends on its vector units and on what else runs; benchmarks/train_throughput.py measures it longer)."""
-    from ..hardware import gpu_peak_flops, matmul_rate
-
-    if dev.type != "cuda":
-        return matmul_rate(torch.bfloat16 if dtype == "bf16" else torch.float32, 512, 0.1)
-    return gpu_peak_flops(torch.cuda.get_device_name(dev))
-
-
 def save(run: Run) -> Path:
     """Checkpoint the run at its current step. A failed write (a full disk, an I/O error) publishes
     nothing and stops training with one line (records.stopped_by): the previous checkpoint is intact."""
@@ -410,7 +384,7 @@ def save(run: Run) -> Path:
             raise  # another rank died: not a write failure (train_command says so)
         # torch's zip writer under DCP reports a short write as "unexpected pos ...", without ENOSPC:
         # a checkpoint's size (the newest one's) against the free space tells a full disk apart
-        error = records.stopped_by(run, e, artifacts.checkpoints_dir(run.run_dir), needed=_checkpoint_bytes(run),
+        error = records.stopped_by(run, e, artifacts.checkpoints_dir(run.run_dir), needed=ckpt_io.checkpoint_bytes(run.run_dir, run.model),
                                    what=" before its checkpoint was published")
         log_event(run, "checkpoint_failed", {"error": str(error)}, best_effort=True)
         raise error from None
@@ -419,15 +393,6 @@ def save(run: Run) -> Path:
     run.dist.barrier()  # retention is done before any rank looks at the checkpoints again
     log_event(run, "checkpoint_saved", {"path": str(path)})
     return path
-
-
-def _checkpoint_bytes(run: Run) -> int:
-    """About what a checkpoint of this run takes on disk: the newest one's size, or (none yet) 16
-    bytes per parameter (fp32 weights twice, safetensors and DCP, and two AdamW moments)."""
-    ckpts = artifacts.list_checkpoints(run.run_dir)
-    if ckpts:
-        return sum(f.stat().st_size for f in ckpts[-1].rglob("*") if f.is_file())
-    return 16 * sum(p.numel() for p in run.model.parameters())
 
 
 class TrainingUnstable(LmforgeError):
