@@ -42,7 +42,7 @@ from .ranges import (Choice, Range, Rule, any_int, default_rule, fraction, nonne
 
 ROPE_SCALINGS = ("", "llama3")  # model.rope_scaling values lmforge implements
 SCHEDULES = ("cosine", "wsd", "constant")  # train.schedule values (train/optim.py)
-DTYPES = ("fp32", "bf16")  # train.dtype values
+DTYPES = ("auto", "fp32", "bf16")  # train.dtype values
 PARALLELS = ("none", "ddp", "fsdp")  # train.parallel values (train/distributed.py)
 # The largest vocabulary lmforge accepts (model.vocab_size, prepare --vocab-size): 4x the largest in
 # use (Gemma's 256K). The BPE trainer sizes its tables by it (`prepare --vocab-size 1000000000` tried to
@@ -126,7 +126,10 @@ class TrainConfig:
     eps: float = valid(1e-8, positive_float())  # AdamW epsilon
     # clip the global gradient norm to this; 0 disables clipping
     grad_clip: float = valid(1.0, nonneg_float(note="0 disables clipping"))
-    dtype: str = valid("bf16", Choice(DTYPES))  # compute precision: fp32 | bf16 (autocast; master weights stay fp32)
+    # compute precision: auto | fp32 | bf16 (bf16: autocast; master weights stay fp32). auto: bf16 where the
+    # device multiplies bf16 natively (CUDA with bf16 support; a CPU with AMX-BF16 or AVX512-BF16), else fp32,
+    # decided once when a run starts and written into its config (a resume keeps the run's dtype)
+    dtype: str = valid("auto", Choice(DTYPES))
     compile: bool = False  # run the forward pass through torch.compile
     threads: int = valid(0, thread_count())  # torch intra-op threads; 0 -> all cores
     seed: int = valid(0, any_int())  # seeds weight init

@@ -64,8 +64,6 @@ VERBS: dict[tuple[str, ...], list[str]] = {
     ("export",): [RUN, "--format", "hf", "--out", "<tmp>/exported"],
     ("serve",): [RUN],
 }
-# Numeric flags another helper's branch owns (issue 21 items 3/6/7: the supervisor); their rules land there.
-OWNED_ELSEWHERE = {(("train",), "--max-restarts"), (("train",), "--restart-delay")}
 BOOL_BAD = ["maybe", "2", "1.5", "[1]"]  # a bool key: anything but true/false (and yes/no/on/off)
 
 
@@ -215,7 +213,7 @@ def test_every_verb_has_its_required_arguments() -> None:
 def test_every_numeric_flag_has_a_rule() -> None:
     """A flag typed plain int or float would take NaN, infinity or -1 silently: give it a rule (ranges.py)."""
     plain = [(path, flag) for path, flag, action in flag_actions() if action.type in (int, float)]
-    assert set(plain) <= OWNED_ELSEWHERE, f"give these flags a ranges.py rule as their type: {set(plain) - OWNED_ELSEWHERE}"
+    assert not plain, f"give these flags a ranges.py rule as their type: {plain}"
 
 
 def test_edge_values_of_every_flag_parse(files, tmp_path: Path) -> None:
