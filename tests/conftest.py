@@ -48,10 +48,11 @@ def tiny_dataset(tmp_path_factory) -> Path:
 def tiny_run(tiny_dataset: Path, tmp_path_factory) -> Path:
     """A trained run of configs/tiny-cpu.yaml on the tiny dataset: 20 steps, checkpoints at 10 and 20.
     Shared by the session: copy it before changing anything in it."""
-    from lmforge.train.loop import train_command
+    from lmforge.train.start import StartRequest, train_command
 
     rd = tmp_path_factory.mktemp("tinyrun") / "tiny"
-    code = train_command(str(TINY_CONFIG), run_dir=str(rd), overrides=[f"data.path={tiny_dataset}", "train.max_steps=20"])
+    code = train_command(StartRequest(config=str(TINY_CONFIG), run_dir=str(rd),
+                                      overrides=(f"data.path={tiny_dataset}", "train.max_steps=20")))
     assert code == 0 and (rd / "checkpoints" / "step-000020").is_dir() and (rd / "checkpoints" / "step-000010").is_dir()
     return rd
 
