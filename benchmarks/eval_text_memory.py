@@ -1,6 +1,6 @@
 """Peak memory of `lmforge eval --text` on a file of one long line (issue 21.4).
 
-    python benchmarks/eval_text_memory.py [--mb 5 50] [--run RUN]
+    python benchmarks/eval_text_memory.py [--mb 5 50] [--run RUN] [--text-only]
 
 For each size, writes a file of that many MB that is ONE line (tinyshakespeare with its newlines
 replaced by spaces, repeated) and runs `lmforge eval RUN --text FILE --json` in a child process;
@@ -9,6 +9,11 @@ pieces (evaluate/harness.py `text_pieces`), so the peak should not grow with the
 50 MB line passed 8.9 GB in 100 s and was still growing. Without --run, a tiny run is trained first
 (tiny-cpu, 10 steps on 200 kB of tinyshakespeare). The machine load (uptime) is printed first: wall
 times taken while other jobs run are upper bounds; the peak RSS does not depend on load.
+
+--text-only runs, in the child, the text side of `eval --text` alone: the same functions (read in
+pieces, tokenize 16 pieces per call, cut into batches of windows), every batch built and dropped,
+no model. It is what grew with the file, and it takes minutes where the whole command on 50 MB
+takes an hour of CPU (the model's forward passes over 26M tokens).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, nargs="+", default=[5, 50], help="file sizes in MB (default: 5 50)")
     ap.add_argument("--run", help="a run or checkpoint to evaluate (default: train a tiny one)")
+    ap.add_argument("--text-only", action="store_true", help="the text pipeline of eval --text alone, no model")
     args = ap.parse_args()
     print(f"load: {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores", flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -53,11 +59,32 @@ def main() -> None:
             text = work / "line.txt"
             text.write_text((line * (n // len(line) + 1))[:n], encoding="utf-8")
             start = time.perf_counter()
-            peak, out = peak_rss([sys.executable, "-m", "lmforge", "--progress", "quiet", "eval", run, "--text", str(text),
-                                  "--json"], env=env)
+            if args.text_only:
+                peak, out = peak_rss([sys.executable, "-c", TEXT_ONLY, run, str(text)], env=env)
+                what = f"{int(out):,} tokens"
+            else:
+                peak, out = peak_rss([sys.executable, "-m", "lmforge", "--progress", "quiet", "eval", run, "--text",
+                                      str(text), "--json"], env=env)
+                what = f"loss {json.loads(out)['metrics']['loss']:.4f}"
             wall = time.perf_counter() - start
-            loss = json.loads(out)["metrics"]["loss"]
-            print(f"{mb:g} MB on one line: peak RSS {peak / 2**20:.0f} MiB, {wall:.0f} s (loss {loss:.4f})", flush=True)
+            label = "text pipeline of eval --text" if args.text_only else "eval --text"
+            print(f"{label}, {mb:g} MB on one line: peak RSS {peak / 2**20:.0f} MiB, {wall:.0f} s ({what})", flush=True)
+
+
+# The text side of evaluate_model for --text: the same functions, every batch made, no model.
+TEXT_ONLY = """
+import sys
+from lmforge.artifacts import load_model
+from lmforge.evaluate.harness import encoded, text_pieces
+from lmforge.evaluate.loss import stream_batches
+loaded = load_model(sys.argv[1])
+tok, seq_len = loaded.tokenizer, min(loaded.config.data.seq_len, loaded.model.cfg.max_seq_len)
+n = 0
+for x, y in stream_batches(encoded(tok, text_pieces(sys.argv[2])), start_id=tok.eos_id, seq_len=seq_len,
+                           batch_size=loaded.config.eval.batch_size):
+    n += int((y != -100).sum())
+print(n)
+"""
 
 
 def peak_rss(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:

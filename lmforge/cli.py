@@ -194,7 +194,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--peak-flops", type=parse_count, metavar="FLOP/S", help="override: dense bf16 FLOP/s per device")
     h.add_argument("--mem-bandwidth", type=parse_count, metavar="BYTES/S", help="override: memory bandwidth, bytes/s")
     h.add_argument("--gpu-memory", type=R.positive_float(), metavar="GB", help="override: memory per device, GB")
-    h.add_argument("--price-per-gpu-hour", type=R.positive_float(), metavar="DOLLARS", help="dollars per device-hour")
+    h.add_argument("--price-per-gpu-hour", type=R.nonneg_float(), metavar="DOLLARS", help="dollars per device-hour")
     h.add_argument("--train-mfu", type=R.fraction(lo_open=True), default=0.4, metavar="F", help="achieved utilisation in training (default 0.4)")
     h.add_argument("--prefill-mfu", type=R.fraction(lo_open=True), default=0.5, metavar="F", help="utilisation on prompt tokens (default 0.5)")
     h.add_argument("--decode-mfu", type=R.fraction(lo_open=True), default=0.1, metavar="F", help="utilisation on generated tokens (default 0.1, memory-bound)")
@@ -446,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared dataset whose val split to score (default: the run's data.path)")
     p.add_argument("--text", help="score a UTF-8 text file instead of a dataset")
     p.add_argument("--batch-size", type=rule_of("eval.batch_size"), help="rows per forward (default: eval.batch_size)")
-    p.add_argument("--threads", type=R.thread_count(lo=1, note=""), help="torch threads (default: all cores; with --watch: the run's eval.threads)")
+    p.add_argument("--threads", type=R.thread_count(note="0 = the default"),
+                   help="torch threads (default: all cores; with --watch: the run's eval.threads)")
     p.add_argument("--max-batches", type=R.nonneg_int(note="0 = all"), default=0, help="score at most this many val batches (0: all)")
     p.add_argument("--scorer", choices=["packed", "naive"], default="packed", help="naive: one forward per choice (reference)")
     p.add_argument("--json", action="store_true", help="print JSON")
