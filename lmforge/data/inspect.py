@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from ..errors import DataError
+from ..ranges import INSPECT_SAMPLES
 from ..tokenizer import Tokenizer
 from ..util import human_bytes
 from ..util import out as results_out  # command results: stdout, every progress mode
@@ -118,11 +120,20 @@ def cmd_inspect(
     seed: int = 0,
     as_json: bool = False,
     max_chars: int = 200,
+    max_samples: int | None = None,
 ) -> int:
-    """Show which documents (source file + byte offset) and text a data step reads."""
+    """Show which documents (source file + byte offset) and text a data step reads: all of its
+    samples, or the first `max_samples`; a step of more than INSPECT_SAMPLES.hi needs max_samples
+    (each sample is traced, so the work is bounded by it, not by the global batch)."""
+    limit = int(INSPECT_SAMPLES.hi or 0)
+    if max_samples is None and global_batch > limit:
+        raise DataError(f"a step of global batch {global_batch:,} reads {global_batch:,} samples; data inspect traces at "
+                        f"most {limit:,} at once: pass --max-samples N (up to {limit:,}) to see the first N")
+    if max_samples is not None:
+        INSPECT_SAMPLES.check("--max-samples", max_samples)
     ds = TokenDataset(path)
     n = ds.require_samples(seq_len)
-    ids = batch_ids(step, seed=seed, n_samples=n, global_batch=global_batch)
+    ids = batch_ids(step, seed=seed, n_samples=n, global_batch=global_batch)[:max_samples]
     tok = Tokenizer.load(ds.tokenizer_path)
     index = DocumentIndex.from_manifest(ds.manifest, "train")
     nbytes = tok.token_nbytes()
@@ -136,7 +147,8 @@ def cmd_inspect(
     if as_json:
         print(json.dumps({"step": step, "epoch": epoch, "n_samples": n, "samples": samples}, indent=2, ensure_ascii=False))
         return 0
-    table = Table(title=f"step {step} (epoch {epoch}, {n} samples of {seq_len + 1} tokens)")
+    shown = f"; the first {len(samples):,} of its {global_batch:,}" if len(samples) < global_batch else ""
+    table = Table(title=f"step {step} (epoch {epoch}, {n} samples of {seq_len + 1} tokens{shown})")
     for col in ("sample", "source @ byte offset", "text"):
         table.add_column(col, overflow="fold")
     for s in samples:

@@ -50,8 +50,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise DataError(f"not a prepared dataset: {root} has no {MANIFEST_FILE} (create one with `lmforge prepare`)")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"corrupt manifest: {mpath} ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(f"corrupt manifest: {mpath} ({str(e) or 'nested too deeply'})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise DataError(f"{mpath}: dataset format version {version!r}, this lmforge reads {FORMAT_VERSION}; re-run prepare")

@@ -61,8 +61,9 @@ from rich.progress import (
 from .. import __version__
 from ..config import DataConfig
 from ..errors import DataError
-from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
+from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, check_training
 from ..jsonl import parse_jsonl
+from ..ranges import VAL_FRACTION, positive_int, thread_count
 from ..util import atomic_dir, atomic_write_json, console, human_count, progress_bar, warn
 from .manifest import FORMAT_VERSION, INDEX_COLUMNS, MANIFEST_FILE, SPLITS, fingerprint
 
@@ -94,6 +95,15 @@ class NotUtf8(Exception):
     """A source file that does not decode as UTF-8 (skipped, or fatal with --strict)."""
 
 
+def _resolve(path: Path, what: str = "input") -> Path:
+    """path.resolve(), with a symbolic link loop (or a path the system refuses) as a DataError."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # RuntimeError "Symlink loop" up to Python 3.12, OSError ELOOP after
+        why = "a symbolic link loop" if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP else str(e)
+        raise DataError(f"{what} {path}: cannot resolve it ({why}); give a real file or directory") from None
+
+
 def _matches(rel: str, name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
@@ -106,7 +116,7 @@ def collect_sources(inputs: Sequence[str | os.PathLike], include: Sequence[str] 
     sources: list[Source] = []
 
     def add(path: Path) -> None:
-        resolved = path.resolve()
+        resolved = _resolve(path)
         if resolved not in seen:
             seen.add(resolved)
             kind = "jsonl" if path.name.lower().endswith(".jsonl") else "text"
@@ -259,8 +269,7 @@ def _progress() -> Progress:
 
 def _set_threads(workers: int) -> None:
     """Tokenizer threads: RAYON_NUM_THREADS must be set before the Rust thread pool starts."""
-    if workers < 0:
-        raise DataError(f"--workers must be >= 0 (0: all cores), got {workers}")
+    thread_count().check("--workers", workers)
     if workers:
         os.environ["RAYON_NUM_THREADS"] = str(workers)
     # Force parallelism on even after a fork (pytest, multiprocessing), off for one worker.
@@ -278,9 +287,9 @@ def _check_writable(out: Path) -> None:
 
 def _check_out(out: Path, inputs: Sequence[str | os.PathLike], overwrite: bool) -> None:
     """Refuse, before any work, an --out that overlaps an input or that is not ours to replace."""
-    target = out.resolve()
+    target = _resolve(out, "--out")
     for raw in inputs:
-        src = Path(raw).resolve()
+        src = _resolve(Path(raw))
         if target == src:
             raise DataError(f"--out {out} is also an input; write the dataset somewhere else (nothing was written)")
         if src in target.parents:
@@ -371,10 +380,10 @@ def prepare(
 ) -> Path:
     """Build a dataset directory at `out` (see the module docstring); returns its path."""
     out = Path(out)
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if shard_tokens < 1:
-        raise DataError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+    VAL_FRACTION.check("--val-fraction", val_fraction)
+    positive_int().check("--shard-tokens", shard_tokens)
+    if tokenizer is None:  # before the pass over the corpus that trains it
+        check_training(vocab_size, special_tokens)
     _check_out(out, inputs, overwrite)
     _set_threads(workers)
     sources = collect_sources(inputs, include, exclude)

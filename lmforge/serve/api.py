@@ -57,6 +57,7 @@ from starlette.requests import Request as HttpRequest
 from ..errors import LmforgeError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from ..util import read_text_file
 from .bridge import Bridge
 from .chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from .engine import Engine
@@ -164,10 +165,7 @@ def resolve_api_key(api_key: str | None, api_key_file: str | None) -> str | None
         key = api_key.strip()
         source = "--api-key"
     elif api_key_file is not None:
-        try:
-            key = Path(api_key_file).read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise LmforgeError(f"cannot read the API key file {api_key_file}: {e.strerror}") from None
+        key = read_text_file(api_key_file, "the API key file", max_bytes=64 << 10).strip()
         source = f"the API key file {api_key_file}"
     elif os.environ.get("LMFORGE_API_KEY") is not None:
         key, source = os.environ["LMFORGE_API_KEY"].strip(), "LMFORGE_API_KEY"
@@ -175,6 +173,9 @@ def resolve_api_key(api_key: str | None, api_key_file: str | None) -> str | None
         return None
     if not key:
         raise LmforgeError(f"{source} is empty; put a non-empty key there (e.g. `openssl rand -hex 32`)")
+    if not key.isascii() or not key.isprintable():  # it is compared with an HTTP header's bytes
+        raise LmforgeError(f"{source} holds characters an HTTP header cannot carry; use printable ASCII "
+                           "(e.g. `openssl rand -hex 32`)")
     return key
 
 
@@ -182,10 +183,7 @@ def read_chat_template(path: str | None) -> str | None:
     """The text of --chat-template's file (None: not given)."""
     if path is None:
         return None
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise LmforgeError(f"cannot read the chat template {path}: {e.strerror}") from None
+    return read_text_file(path, "the chat template", max_bytes=1 << 20)
 
 
 def check_exposure(host: str, key: str | None, insecure: bool) -> None:

@@ -160,10 +160,14 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     damaged checkpoints it skips. Under many processes every rank builds the same run, wrapped
     for `train.parallel`, reading its own share of each batch."""
     from ..data.loader import Loader, TokenDataset
-    from ..model import Transformer
+    from ..model import Transformer, check_memory
 
     if cfg.train.dtype not in ("fp32", "bf16"):
         raise ValueError(f"build() needs a resolved train.dtype, got {cfg.train.dtype!r}: start.plan_start resolves auto")
+    # before anything is allocated: weights, gradients, AdamW state and logits on the training device
+    check_memory(cfg.model, device(), micro_batch=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
+                 shards=d.world if cfg.train.parallel == "fsdp" else 1,
+                 fix="model.n_layer, model.d_model, model.d_ff, model.vocab_size or train.micro_batch")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dataset = TokenDataset(cfg.data.path)
