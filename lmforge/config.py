@@ -23,7 +23,7 @@ import tokenize
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -32,6 +32,9 @@ from .errors import ConfigError
 
 
 ROPE_SCALINGS = ("", "llama3")  # model.rope_scaling values lmforge implements
+# train.objective values: the objectives registered in train/objectives.py (REGISTRY; a test keeps
+# the two equal). Named here because config sits below train/ and validates at load time.
+OBJECTIVES = ("next_token",)
 
 
 @dataclass
@@ -77,6 +80,10 @@ class DataConfig:
     path: str = ""  # a prepared dataset directory (lmforge prepare --out)
     seq_len: int = 256  # tokens per sample; a sample reads seq_len + 1 tokens
     seed: int = 0  # seeds the sample order (data/order.py)
+    # attention stays inside each document of a row, and RoPE positions restart at each: packed
+    # conversations never see each other. auto: on for SFT data (prepare --sft), off for pretraining
+    document_mask: Literal["auto", "true", "false"] = "auto"
+    packing: bool = True  # SFT data: several whole conversations per row; false: one per row, padded
 
 
 @dataclass
@@ -108,6 +115,7 @@ class TrainConfig:
     parallel: str = "none"  # data parallelism under torchrun: none | ddp | fsdp (docs/distributed.md)
     deterministic_reduce: bool = False  # sum micro-batch gradients in a fixed order: bit-identical on any world size
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    objective: str = "next_token"  # what the loss is (train/objectives.py): next_token (with the data's loss mask)
 
 
 @dataclass
@@ -266,6 +274,8 @@ class Config:
         if t.grad_clip < 0:
             raise ConfigError(f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}")
         _choice("train.dtype", t.dtype, ("fp32", "bf16"))
+        if t.objective not in OBJECTIVES:
+            raise ConfigError(_unknown("train.objective", t.objective, list(OBJECTIVES), "objective"))
         _choice("train.parallel", t.parallel, ("none", "ddp", "fsdp"))
         if t.deterministic_reduce and t.parallel == "fsdp":
             raise ConfigError(
@@ -386,6 +396,12 @@ def _build_section(cls: type, raw: Any, where: str, section: str, overridden: di
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:  # a choice of strings; YAML's true/false (and yes/no, on/off) read as "true"/"false"
+        allowed = typing.get_args(hint)
+        text = str(value).lower() if isinstance(value, bool) else value
+        if text not in allowed:
+            raise ConfigError(f"{where}: expected one of {', '.join(allowed)}, got {value!r}")
+        return text
     if origin is list:
         (item,) = typing.get_args(hint)
         if value is None:

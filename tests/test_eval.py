@@ -78,7 +78,7 @@ def test_bits_per_byte_counts_utf8_bytes_of_multibyte_text(small_tokenizer: Toke
     ids = tok.encode(text)
     batches = list(text_batches(ids, start_id=tok.eos_id, seq_len=5, batch_size=2))
     # every token of the text is a target exactly once, in order; padding is -100
-    targets = torch.cat([y.flatten() for _, y in batches])
+    targets = torch.cat([b["targets"].flatten() for b in batches])
     assert targets[targets != -100].tolist() == ids
     nll, n_tokens, n_bytes = nll_totals(Uniform(tok.vocab_size), batches, tok.token_nbytes())
     assert n_tokens == len(ids)
