@@ -255,7 +255,8 @@ def prepare_sft(
         warn(f"skipped {stats.no_assistant} conversation(s) with no assistant turn (nothing to train on; "
              f"the first at {stats.first_no_assistant})")
     if not examples:
-        raise DataError(f"no examples to train on in {', '.join(map(str, inputs))}")
+        why = " (none has an assistant turn)" if stats.no_assistant else ""
+        raise DataError(f"no examples to train on in {', '.join(map(str, inputs))}{why}")
     val = [e.u < val_fraction for e in examples]
     if not any(val) and val_fraction > 0 and len(examples) >= 2:  # as prepare: the smallest hash goes to val
         val[min(range(len(examples)), key=lambda i: examples[i].u)] = True
