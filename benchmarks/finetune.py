@@ -14,7 +14,8 @@ own loader (data/loader.py `DocumentRows`) and `train_step` (objective next_toke
   padded          one conversation per row, each batch padded to its longest row
 
 Each variant trains the same model from the same initial weights for `--steps` optimizer steps
-of `--global-batch` rows; the first two steps are warm-up and not timed. Reported: real
+of `--global-batch` rows, the variants taking turns step by step (so a machine whose load drifts
+slows them alike); the first two steps are warm-up and not timed. Reported: real
 (non-padding) tokens per second, trained (answer) tokens per second, and how full the rows are.
 The model's shape is what decides the cost, so it is built from a config (random weights): the
 default is small enough for a CPU; `--smollm2` uses SmolLM2-135M's shape (a GPU).
@@ -75,32 +76,42 @@ def write_data(root: Path, sizes: np.ndarray, vocab: int) -> Path:
     return out
 
 
-def measure(name: str, data: Path, cfg: ModelConfig, args, *, packing: bool, document_mask: str, dev: torch.device) -> dict:
-    loader = Loader(data, seq_len=args.seq_len, global_batch=args.global_batch, seed=0, packing=packing,
-                    document_mask=document_mask)
-    torch.manual_seed(0)
-    model = Transformer(cfg).to(dev)
-    opt = build_optimizer(model, TrainConfig(lr=1e-4))
-    times, real, trained = [], [], []
-    for step in range(args.steps + 2):
-        batch = loader.next()
-        micro = split_micro(batch, args.micro_batch, dev)
-        if dev.type == "cuda":
+class Variant:
+    """One way of reading the data, with its own copy of the model and optimizer."""
+
+    def __init__(self, name: str, data: Path, cfg: ModelConfig, args, *, packing: bool, document_mask: str, dev: torch.device):
+        self.name, self.args, self.dev = name, args, dev
+        self.loader = Loader(data, seq_len=args.seq_len, global_batch=args.global_batch, seed=0, packing=packing,
+                             document_mask=document_mask)
+        torch.manual_seed(0)
+        self.model = Transformer(cfg).to(dev)
+        self.opt = build_optimizer(self.model, TrainConfig(lr=1e-4))
+        self.times: list[float] = []
+        self.real: list[int] = []
+        self.trained: list[int] = []
+
+    def step(self, timed: bool) -> None:
+        batch = self.loader.next()
+        micro = split_micro(batch, self.args.micro_batch, self.dev)
+        if self.dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(model, opt, micro, lr=1e-4, grad_clip=1.0, dtype=args.dtype, objective=NextToken())
-        if dev.type == "cuda":
+        train_step(self.model, self.opt, micro, lr=1e-4, grad_clip=1.0, dtype=self.args.dtype, objective=NextToken())
+        if self.dev.type == "cuda":
             torch.cuda.synchronize()
-        if step >= 2:
-            times.append(time.perf_counter() - t0)
-            real.append(int((batch["targets"] != -100).sum()))
-            trained.append(int(batch["loss_mask"].sum()))
-    src = loader.source
-    row = {"variant": name, "rows": src.n_samples, "fill": sum(real) / (len(real) * args.global_batch * args.seq_len),
-           "s_per_step": statistics.median(times), "tokens_per_s": sum(real) / sum(times), "trained_per_s": sum(trained) / sum(times)}
-    print(f"{name:15s} {row['rows']:6d} rows  fill {row['fill']:5.1%}  {row['s_per_step']:7.3f} s/step  "
-          f"{row['tokens_per_s']:10,.0f} tokens/s  {row['trained_per_s']:10,.0f} trained tokens/s")
-    return row
+        if timed:
+            self.times.append(time.perf_counter() - t0)
+            self.real.append(int((batch["targets"] != -100).sum()))  # real (non-padding) tokens
+            self.trained.append(int(batch["loss_mask"].sum()))
+
+    def report(self) -> dict:
+        a = self.args
+        row = {"variant": self.name, "rows": self.loader.n_samples, "fill": sum(self.real) / (len(self.real) * a.global_batch * a.seq_len),
+               "s_per_step": statistics.median(self.times), "tokens_per_s": sum(self.real) / sum(self.times),
+               "trained_per_s": sum(self.trained) / sum(self.times)}
+        print(f"{self.name:15s} {row['rows']:6d} rows  fill {row['fill']:5.1%}  {row['s_per_step']:7.3f} s/step  "
+              f"{row['tokens_per_s']:10,.0f} tokens/s  {row['trained_per_s']:10,.0f} trained tokens/s")
+        return row
 
 
 def main() -> None:
@@ -130,9 +141,13 @@ def main() -> None:
           f"p90 {int(np.percentile(sizes, 90))}, longest {sizes.max()}")
     with tempfile.TemporaryDirectory() as tmp:
         data = write_data(Path(tmp), sizes, cfg.vocab_size)
-        rows = [measure("packed+docmask", data, cfg, args, packing=True, document_mask="true", dev=dev),
-                measure("packed", data, cfg, args, packing=True, document_mask="false", dev=dev),
-                measure("padded", data, cfg, args, packing=False, document_mask="false", dev=dev)]
+        variants = [Variant("packed+docmask", data, cfg, args, packing=True, document_mask="true", dev=dev),
+                    Variant("packed", data, cfg, args, packing=True, document_mask="false", dev=dev),
+                    Variant("padded", data, cfg, args, packing=False, document_mask="false", dev=dev)]
+        for step in range(args.steps + 2):  # the variants take turns, so drifting load hits all alike
+            for v in variants:
+                v.step(timed=step >= 2)
+        rows = [v.report() for v in variants]
     base = rows[2]["tokens_per_s"]
     for r in rows[:2]:
         print(f"{r['variant']}: {r['tokens_per_s'] / base:.2f}x the tokens/s of padding")
