@@ -80,9 +80,9 @@ from lmforge.evaluate.loss import stream_batches
 loaded = load_model(sys.argv[1])
 tok, seq_len = loaded.tokenizer, min(loaded.config.data.seq_len, loaded.model.cfg.max_seq_len)
 n = 0
-for x, y in stream_batches(encoded(tok, text_pieces(sys.argv[2])), start_id=tok.eos_id, seq_len=seq_len,
+for batch in stream_batches(encoded(tok, text_pieces(sys.argv[2])), start_id=tok.eos_id, seq_len=seq_len,
                            batch_size=loaded.config.eval.batch_size):
-    n += int((y != -100).sum())
+    n += int((batch['targets'] != -100).sum())
 print(n)
 """
 

@@ -30,6 +30,18 @@ from .util import PROGRESS_MODES, console, out, progress_mode, set_progress_mode
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare
 
+    if args.sft:
+        from .data.sft import prepare_sft
+
+        if not args.tokenizer:
+            raise LmforgeError("prepare --sft needs --tokenizer: the model directory (or run) to fine-tune, whose "
+                               "tokenizer and chat template render the examples, e.g. --tokenizer models/smol")
+        prepare_sft(args.inputs, args.out, tokenizer=args.tokenizer, train_on_prompt=args.train_on_prompt,
+                    include=args.include, exclude=args.exclude, val_fraction=args.val_fraction,
+                    shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite)
+        return 0
+    if args.train_on_prompt:
+        raise LmforgeError("--train-on-prompt goes with --sft (a text corpus trains on every token already)")
     prepare(
         args.inputs,
         args.out,
@@ -57,8 +69,12 @@ def cmd_data(args: argparse.Namespace) -> int:
         return p.cmd_verify(args.path)
     if args.data_cmd == "inspect":
         path, step, seq_len, global_batch, seed = args.path, args.step, args.seq_len, args.global_batch, args.seed
+        packing = not args.no_packing
         if (Path(args.path) / CONFIG_FILE).is_file():  # a run directory: its data, its step mapping
+            from .config import load_config
             from .train.records import data_step_of_run
+
+            packing = load_config(Path(args.path) / CONFIG_FILE).data.packing  # how the run cut its samples
 
             if args.step < 1:  # mapped to data step step - 1: a clear message before a negative one appears
                 raise LmforgeError(f"--step with a run directory is a training step as logged (1, 2, ...), got {args.step}")
@@ -69,7 +85,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         elif seq_len is None or global_batch is None:
             raise LmforgeError("data inspect on a dataset needs --seq-len and --global-batch (or give a run directory)")
         return p.cmd_inspect(path, step=step, seq_len=seq_len, global_batch=global_batch, seed=seed,
-                             as_json=args.json, max_chars=args.max_chars, max_samples=args.max_samples)
+                             as_json=args.json, max_chars=args.max_chars, max_samples=args.max_samples,
+                             show_mask=args.show_mask, packing=packing)
     raise AssertionError(args.data_cmd)
 
 
@@ -329,7 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="files, directories (recursive) or .jsonl files")
     p.add_argument("--out", required=True, help="output dataset directory")
     p.add_argument("--vocab-size", type=VOCAB_SIZE, default=8192, help="BPE vocabulary size to train")
-    p.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one)")
+    p.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one); with --sft a model "
+                   "directory or run, whose chat template renders the examples")
+    p.add_argument("--sft", action="store_true", help="fine-tuning examples (.jsonl: {text}, {messages} or {prompt, "
+                   "completion}) with a loss mask: assistant turns trained, prompts not (docs/finetune.md)")
+    p.add_argument("--train-on-prompt", action="store_true", help="with --sft: train on every token, prompts included")
     p.add_argument("--special-tokens", type=R.Text(), default="<|bos|>,<|eos|>,<|pad|>",
                    help="comma-separated special tokens of a trained tokenizer (must include <|bos|>, <|eos|>, <|pad|>)")
     p.add_argument("--include", type=R.Text(), action="append", default=[], help="glob of files to take from directories (repeatable)")
@@ -356,10 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seq-len", type=rule_of("data.seq_len"), help="required with a dataset path")
     d.add_argument("--global-batch", type=rule_of("train.global_batch"), help="required with a dataset path")
     d.add_argument("--seed", type=rule_of("data.seed"), default=0)
-    d.add_argument("--max-chars", type=R.nonneg_int(), default=200, help="text shown per sample")
+    d.add_argument("--max-chars", type=R.nonneg_int(), default=200, help="text shown per sample (without --show-mask)")
     d.add_argument("--max-samples", type=R.INSPECT_SAMPLES, metavar="N",
                    help=f"show the first N samples of the step (default: all; a step of more than "
                         f"{R.INSPECT_SAMPLES.hi:,} samples needs it)")
+    d.add_argument("--show-mask", action="store_true", help="each sample whole, its trained tokens marked (SFT data): "
+                   "trained text bold, untrained dim between ⟦ ⟧; --json gives the mask per token")
+    d.add_argument("--no-packing", action="store_true", help="SFT data read one example per row (data.packing=false)")
     d.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data)
 

@@ -30,7 +30,7 @@ import tokenize
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -59,6 +59,9 @@ def valid(default: Any, rule: Rule) -> Any:
     """A dataclass field whose valid values are `rule` (a ranges.Range, Choice or Text): Config.validate
     checks it, the command line flags that set the same value use it, tests derive bad values from it."""
     return field(default=default, metadata={"valid": rule})
+# train.objective values: the objectives registered in train/objectives.py (REGISTRY; a test keeps
+# the two equal). Named here because config sits below train/ and validates at load time.
+OBJECTIVES = ("next_token",)
 
 
 @dataclass
@@ -106,6 +109,10 @@ class DataConfig:
     path: str = ""  # a prepared dataset directory (lmforge prepare --out)
     seq_len: int = valid(256, positive_int())  # tokens per sample; a sample reads seq_len + 1 tokens
     seed: int = valid(0, any_int())  # seeds the sample order (data/order.py)
+    # attention stays inside each document of a row, and RoPE positions restart at each: packed
+    # conversations never see each other. auto: on for SFT data (prepare --sft), off for pretraining
+    document_mask: Literal["auto", "true", "false"] = "auto"
+    packing: bool = True  # SFT data: several whole conversations per row; false: one per row, padded
 
 
 @dataclass
@@ -148,6 +155,7 @@ class TrainConfig:
     parallel: str = valid("none", Choice(PARALLELS))
     deterministic_reduce: bool = False  # sum micro-batch gradients in a fixed order: bit-identical on any world size
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    objective: str = valid("next_token", Choice(OBJECTIVES))  # what the loss is (train/objectives.py): next_token (with the data's loss mask)
 
 
 @dataclass
@@ -423,6 +431,12 @@ def _build_section(cls: type, raw: Any, where: str, section: str, overridden: di
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:  # a choice of strings; YAML's true/false (and yes/no, on/off) read as "true"/"false"
+        allowed = typing.get_args(hint)
+        text = str(value).lower() if isinstance(value, bool) else value
+        if text not in allowed:
+            raise ConfigError(f"{where}: expected one of {', '.join(allowed)}, got {value!r}")
+        return text
     if origin is list:
         (item,) = typing.get_args(hint)
         if value is None:

@@ -190,6 +190,24 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def document_attention(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows of several documents -> (positions, attn_mask) for `Transformer.forward`.
+
+    documents (B, T) int64: the document of each position (equal ids = one document; any value,
+    e.g. -1 for padding). positions (B, T) restart at 0 where a document starts, so RoPE sees each
+    one from its beginning; attn_mask (B, T, T) bool lets a position see the earlier positions of
+    its own document only (block-diagonal causal), so a row's logits equal each document's alone.
+    """
+    B, T = documents.shape
+    idx = torch.arange(T, device=documents.device).expand(B, T)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T): where my document began
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    same = documents[:, :, None] == documents[:, None, :]  # (B, T, T)
+    return idx - first, same & causal
+
+
 # ---- blocks ---------------------------------------------------------------------------------
 
 
@@ -440,4 +458,4 @@ def check_memory(cfg: ModelConfig, device: torch.device, *, fix: str, **need: in
         )
 
 
-__all__ = ["Transformer", "num_params", "flops_per_token", "memory_needed", "check_memory", "rope_tables", "llama3_inv_freq", "rotate_half", "apply_rope"]
+__all__ = ["Transformer", "document_attention", "num_params", "flops_per_token", "memory_needed", "check_memory", "rope_tables", "llama3_inv_freq", "rotate_half", "apply_rope"]

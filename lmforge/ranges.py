@@ -23,6 +23,7 @@ fit in memory) live where the machine is known (model.check_memory).
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import threading
 from dataclasses import dataclass
@@ -170,7 +171,9 @@ class Choice:
 
     def message(self, name: str, value: Any) -> str:
         note = f" ({self.note})" if self.note else ""
-        return f"{name} must be {self.describe(value)}{note}; got {value!r}"
+        near = difflib.get_close_matches(value, [v for v in self.values if v], n=1) if isinstance(value, str) else []
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        return f"{name} must be {self.describe(value)}{note}; got {value!r}{hint}"
 
     def check(self, name: str, value: Any) -> None:
         if not self.contains(value):

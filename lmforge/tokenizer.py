@@ -139,15 +139,27 @@ class Tokenizer:
         special-token strings this equals encoding the whole rendered string with special tokens
         parsed (what `transformers`' apply_chat_template(tokenize=True) does).
         """
+        return self.encode_template_spans(parts)[0]
+
+    def encode_template_spans(self, parts: Sequence[tuple[str, bool]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode_template`'s ids, and for each id the [start, end) characters of the joined parts'
+        text it stands for (how SFT data finds the tokens of an assistant turn: data/sft.py)."""
         special = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
         pattern = re.compile("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True))) if special else None
         ids: list[int] = []
+        spans: list[tuple[int, int]] = []
         plain: list[str] = []
+        at = 0  # characters of the joined text before `plain`
 
         def flush() -> None:
-            if plain:
-                ids.extend(self.encode("".join(plain)))
-                plain.clear()
+            nonlocal at
+            text = "".join(plain)
+            if text:
+                enc = self.hf.encode(text, add_special_tokens=False)
+                ids.extend(enc.ids)
+                spans.extend((at + a, at + b) for a, b in enc.offsets)
+                at += len(text)
+            plain.clear()
 
         for text, is_template in parts:
             if not is_template or pattern is None:
@@ -158,10 +170,12 @@ class Tokenizer:
                 plain.append(text[pos:m.start()])
                 flush()
                 ids.append(special[m.group()])
+                spans.append((at, at + len(m.group())))
+                at += len(m.group())
                 pos = m.end()
             plain.append(text[pos:])
         flush()
-        return ids
+        return ids, spans
 
     def use_model_facts(self, facts: dict) -> None:
         """Apply a model's recorded tokenizer facts (tokenizer_config.json's keys): its chat

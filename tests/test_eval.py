@@ -78,7 +78,7 @@ def test_bits_per_byte_counts_utf8_bytes_of_multibyte_text(small_tokenizer: Toke
     ids = tok.encode(text)
     batches = list(text_batches(ids, start_id=tok.eos_id, seq_len=5, batch_size=2))
     # every token of the text is a target exactly once, in order; padding is -100
-    targets = torch.cat([y.flatten() for _, y in batches])
+    targets = torch.cat([b["targets"].flatten() for b in batches])
     assert targets[targets != -100].tolist() == ids
     nll, n_tokens, n_bytes = nll_totals(Uniform(tok.vocab_size), batches, tok.token_nbytes())
     assert n_tokens == len(ids)
@@ -101,9 +101,9 @@ def test_streamed_batches_equal_the_whole_texts(small_tokenizer: Tokenizer) -> N
         seq_len, batch = rnd.randrange(1, 9), rnd.randrange(1, 4)
         whole = list(text_batches(ids, start_id=1, seq_len=seq_len, batch_size=batch))
         streamed = list(stream_batches(pieces, start_id=1, seq_len=seq_len, batch_size=batch))
-        assert len(whole) == len(streamed) and all(torch.equal(a, c) and torch.equal(b, d)
-                                                   for (a, b), (c, d) in zip(whole, streamed))
-        assert torch.cat([y.flatten() for _, y in streamed]).tolist().count(-100) < seq_len * batch
+        assert len(whole) == len(streamed) and all(torch.equal(a["inputs"], c["inputs"]) and torch.equal(a["targets"], c["targets"])
+                                                   for a, c in zip(whole, streamed))
+        assert torch.cat([b["targets"].flatten() for b in streamed]).tolist().count(-100) < seq_len * batch
 
 
 def test_text_pieces_cut_at_newlines_then_spaces_then_characters(tmp_path: Path) -> None:
@@ -146,7 +146,7 @@ def test_eval_text_memory_is_bounded_by_the_piece_not_the_file(small_tokenizer: 
     try:
         batches = stream_batches(H.encoded(small_tokenizer, H.text_pieces(f, H.TEXT_PIECE_CHARS)), start_id=0,
                                  seq_len=64, batch_size=8)
-        n = sum(int((y != -100).sum()) for _, y in batches)
+        n = sum(int((b["targets"] != -100).sum()) for b in batches)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -231,7 +231,9 @@ def test_encode_request_follows_lm_eval(small_tokenizer: Tokenizer) -> None:
 
 def test_shipped_tasks_load() -> None:
     kinds = {p.name: load_task(p).kind for p in sorted((REPO / "tasks").glob("*.jsonl"))}
-    assert kinds == {"python-cloze.jsonl": "cloze", "python-gen.jsonl": "gen", "python-mc.jsonl": "mc"}
+    assert kinds == {"python-cloze.jsonl": "cloze", "python-gen.jsonl": "gen", "python-mc.jsonl": "mc",
+                     "support-chat-gen.jsonl": "gen"}
+    assert all(i.chat for i in load_task("support-chat-gen").items)  # prompted with the model's chat template
     mc = load_task(REPO / "tasks" / "python-mc.jsonl")
     assert len(mc.items) >= 24 and all(len(i.choices) == 4 for i in mc.items)
     assert len({i.gold for i in mc.items}) == 4  # "always pick A" is not a strategy
@@ -246,7 +248,7 @@ def test_bundled_task_by_name_from_any_directory(tmp_path, monkeypatch) -> None:
     (tmp_path / "python-mc").write_text('{"context": "a", "target": "b"}\n')  # a path that exists wins
     assert load_task("python-mc").kind == "cloze"
     with pytest.raises(DataError, match=r"task file not found: python-mcq \(or give a bundled one by name: "
-                                        r"python-cloze, python-gen, python-mc\)"):
+                                        r"python-cloze, python-gen, python-mc, support-chat-gen\)"):
         load_task("python-mcq")
     with pytest.raises(DataError, match="task file not found: tasks/python-mc.jsonl"):
         load_task("tasks/python-mc.jsonl")  # a path with a directory part is never looked up by name

@@ -62,13 +62,23 @@ def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batc
 
 
 def _generate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task) -> dict[str, float]:
+    """Greedy generation per item; a `chat` item's context is a user message in the model's chat
+    template (lmforge/chat.py: the prompt `serve` would build), its reply ending at the model's end
+    of turn (or the plain template's next turn)."""
+    from ..chat import ChatTemplate
     from ..generate import generate
 
-    stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    template = ChatTemplate(tokenizer, tokenizer.chat_template) if any(i.chat for i in task.items) else None
     predictions = []
     for item in task.items:
-        new = generate(model, context_ids(tokenizer, item.context), max_tokens=item.max_tokens, stop_ids=stop_ids)
-        predictions.append(M.cut_at_stop(tokenizer.decode(new), item.stop))
+        if item.chat and template is not None:
+            prompt = tokenizer.encode_template(template.parts([{"role": "user", "content": item.context}]))
+            stop_ids, stops = list(tokenizer.end_ids), item.stop + template.stop
+        else:
+            prompt = context_ids(tokenizer, item.context)
+            stop_ids, stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else [], item.stop
+        new = generate(model, prompt, max_tokens=item.max_tokens, stop_ids=stop_ids)
+        predictions.append(M.cut_at_stop(tokenizer.decode(new), stops))
     return M.exact_match(predictions, [i.target for i in task.items])
 
 
@@ -127,10 +137,12 @@ def evaluate_model(
                     batches = itertools.islice(batches, max_batches)
                 total = max_batches or None  # the number of windows is known only at the end of a streamed text
             else:
-                from ..data.loader import TokenDataset
+                from ..data.loader import open_source
 
-                n_windows = TokenDataset(path, "val").num_samples(seq_len)
-                batches = dataset_batches(path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+                d = cfg.data  # the val split read as the run read its data (SFT rows, document masking)
+                n_windows = open_source(path, "val", seq_len=seq_len, document_mask=d.document_mask, packing=d.packing).n_samples
+                batches = dataset_batches(path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
+                                          document_mask=d.document_mask, packing=d.packing)
                 total = -(-n_windows // batch_size)
                 if max_batches:
                     total = min(total, max_batches)
