@@ -111,7 +111,7 @@ class DataConfig:
     seed: int = valid(0, any_int())  # seeds the sample order (data/order.py)
     # attention stays inside each document of a row, and RoPE positions restart at each: packed
     # conversations never see each other. auto: on for SFT data (prepare --sft), off for pretraining
-    document_mask: Literal["auto", "true", "false"] = "auto"
+    document_mask: Literal["auto", "true", "false"] = valid("auto", Choice(("auto", "true", "false")))
     packing: bool = True  # SFT data: several whole conversations per row; false: one per row, padded
 
 
