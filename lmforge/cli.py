@@ -326,7 +326,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_command(
         args.path, host=args.host, port=args.port, api_key=args.api_key, api_key_file=args.api_key_file,
         insecure=args.insecure, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
-        model_name=args.model_name, chat_template=args.chat_template, request_timeout=args.request_timeout,
+        model_name=args.model_name, max_embed_inputs=args.max_embed_inputs, chat_template=args.chat_template, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, threads=args.threads, shutdown_grace=args.shutdown_grace,
     )
 
@@ -518,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, help="requests decoded together (default: serve.max_batch)")
     p.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429s (default: serve.max_queue)")
     p.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask for (default: serve.max_tokens)")
+    p.add_argument("--max-embed-inputs", type=int, help="most inputs one /v1/embeddings request may carry "
+                   "(default: serve.max_embed_inputs, 256)")
     p.add_argument("--model-name", help="model id in the API (default: the directory name)")
     p.add_argument("--chat-template", help="Jinja chat template file (default: tokenizer_config.json's, else a plain one)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is dropped (504)")

@@ -199,7 +199,7 @@ class Embedder:
                  dtype: str | None = None, max_len: int | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-        cfg = loaded.config.model
+        cfg = loaded.model.cfg
         if max_len is not None and not 1 <= max_len <= cfg.max_seq_len:
             raise ConfigError(f"max_len must be within 1..{cfg.max_seq_len} (the model's max_seq_len), got {max_len}")
         self.loaded = loaded
