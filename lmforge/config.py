@@ -144,8 +144,8 @@ class ServeConfig:
 @dataclass
 class EmbedConfig:
     # How token states become one vector (docs/embeddings.md): mean | last (the last token's state) |
-    # weighted_mean (position-weighted mean, later tokens weigh more). Chosen by measurement.
-    pooling: str = "mean"
+    # weighted_mean (position-weighted mean, later tokens weigh more; the best raw pooling measured).
+    pooling: str = "weighted_mean"
     normalize: bool = True  # L2-normalise each vector, so a dot product is the cosine similarity
     bidirectional: bool = False  # embedding passes attend both ways (only for a model trained so; no sentence-transformers export)
     query_prefix: str = ""  # text put before every query (`embed --kind query`, search), e.g. "query: "

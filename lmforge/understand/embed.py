@@ -11,7 +11,10 @@ embedding, and an exported model gives the same vectors in sentence-transformers
   it: `mean` (padding excluded), `last` (the last real token), `weighted_mean` (token t of L weighs
   t / (1 + ... + L): SGPT's position weighting, sentence-transformers' `weightedmean`), optional L2
   normalisation, optional bidirectional attention, and the prefixes put before queries and
-  documents. The default (`mean`) was chosen by measurement: docs/embeddings.md has the figures.
+  documents. The default (`weighted_mean`) was chosen by measurement on a raw model (SmolLM2-135M
+  on the bundled retrieval task: nDCG@10 0.087 weighted_mean, 0.072 mean, 0.016 last; a causal
+  model's early tokens have seen little, and its first token's state is an outlier that a plain
+  mean lets dominate): docs/embeddings.md has the figures.
 - `pool` is one pure function of (hidden states, padding mask, method), used by inference here and
   by the contrastive objective in training, so the two cannot drift apart.
 - Batching: texts are tokenized once, sorted by length (longest first, ties by input order) and
@@ -66,7 +69,7 @@ DTYPES = ("auto", "fp32", "bf16")
 class Pooling:
     """How a model's token states become one vector, and what is put before a query or a document."""
 
-    method: str = "mean"  # mean | last | weighted_mean
+    method: str = "weighted_mean"  # mean | last | weighted_mean (the config's default)
     normalize: bool = True  # L2 norm 1 (dot product = cosine)
     bidirectional: bool = False  # attend both ways in embedding passes
     query_prefix: str = ""
@@ -203,7 +206,7 @@ class Embedder:
         if max_len is not None and not 1 <= max_len <= cfg.max_seq_len:
             raise ConfigError(f"max_len must be within 1..{cfg.max_seq_len} (the model's max_seq_len), got {max_len}")
         self.loaded = loaded
-        self.model = loaded.model.eval()
+        self.model = loaded.model  # no dropout in the model: train and eval mode compute the same
         self.tokenizer = loaded.tokenizer
         self.pooling = pooling if pooling is not None else Pooling.from_config(loaded.config.embed)
         self.batch_size = batch_size
