@@ -308,17 +308,18 @@ class _Bar:
         from ..util import progress_bar
 
         self.progress = progress_bar(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=True)
+                                     TextColumn("{task.fields[texts_per_s]:,.1f} texts/s, {task.fields[tokens_per_s]:,.0f} tokens/s"),
+                                     TimeRemainingColumn(), transient=True)
         self.progress.start()
-        self.task = self.progress.add_task("embedding", total=total, rate="", tokens=0)
+        self.task = self.progress.add_task("embedding", total=total, texts_per_s=0.0, tokens_per_s=0.0, tokens=0)
         self.start, self.tokens, self.texts = time.perf_counter(), 0, 0
 
     def advance(self, texts: int, tokens: int) -> None:
         self.texts += texts
         self.tokens += tokens
         s = max(time.perf_counter() - self.start, 1e-9)
-        self.progress.update(self.task, advance=texts, tokens=self.tokens,
-                             rate=f"{self.texts / s:,.1f} texts/s, {self.tokens / s:,.0f} tokens/s")
+        self.progress.update(self.task, advance=texts, tokens=self.tokens, texts_per_s=self.texts / s,
+                             tokens_per_s=self.tokens / s)
 
     def close(self) -> None:
         self.progress.stop()
