@@ -44,7 +44,8 @@ from lmforge.evaluate.retrieval import RANK_DEPTH, rank
 from lmforge.evaluate.tasks import Task, load_task
 from lmforge.hardware import matmul_rate
 from lmforge.model import num_params
-from lmforge.understand.embed import Embedder, Pooling, finish, native_bf16, pool
+from lmforge.hardware import auto_dtype
+from lmforge.understand.embed import Embedder, Pooling, finish, pool
 
 TASK = "stdlib-doc2code"
 
@@ -105,7 +106,7 @@ def forward_flops_per_token(emb: Embedder, mean_len: float) -> float:
 
 
 def throughput(name: str, path: Path, texts: list[str], batch_size: int, peak: dict[str, float]) -> None:
-    dtypes = ["fp32"] + (["bf16"] if native_bf16(torch.device("cpu")) else [])
+    dtypes = ["fp32"] + (["bf16"] if auto_dtype("cpu") == "bf16" else [])
     for dtype in dtypes:
         emb = Embedder.load(path, device="cpu", dtype=dtype, batch_size=batch_size)
         ids = [r[: emb.max_len] for r in emb.tokenize(texts)]
@@ -230,7 +231,7 @@ def main() -> None:
     models = [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) for spec in args.model]
     if "throughput" in args.sections:
         peak = {"fp32": max(matmul_rate(torch.float32, n, 1.0) for n in (512, 1024, 2048))}
-        if native_bf16(torch.device("cpu")):
+        if auto_dtype("cpu") == "bf16":
             peak["bf16"] = max(matmul_rate(torch.bfloat16, n, 1.0) for n in (512, 1024, 2048))
         print("| model | dtype | texts/s | tokens/s | achieved GFLOP/s | matmul peak GFLOP/s | of peak |")
         print("|---|---|---|---|---|---|---|")

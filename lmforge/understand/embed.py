@@ -33,7 +33,8 @@ embedding, and an exported model gives the same vectors in sentence-transformers
   batch shape); tests check a text alone against the same text in a padded batch to 1e-5.
 - Precision: bf16 autocast only where bf16 is native (CUDA; a CPU with AMX or AVX512-BF16).
   On an AVX2-only CPU bf16 is emulated and measured ~20x slower than fp32, so "auto" is fp32 there.
-  Pooling and normalisation run in fp32 either way; the output is float32.
+  Pooling and normalisation run in fp32 either way; the output is float32. The rule is
+  `hardware.auto_dtype`, the one `train.dtype: auto` follows.
 
 Trade-offs: one forward per batch holds (B, T, C) hidden states and, bidirectionally, a (B, T, T)
 mask, both small next to the model; `fingerprint()` identifies the model by its weights' sha256
@@ -146,32 +147,15 @@ def padding_masks(lengths: torch.Tensor, T: int, bidirectional: bool) -> tuple[t
     return mask, mask[:, None, :].expand(-1, T, -1)  # (B, T, T)
 
 
-def native_bf16(device: torch.device) -> bool:
-    """bf16 runs natively here: a CUDA device that supports it, or a CPU with AMX or AVX512-BF16.
-    (A shared rule for `train.dtype: auto` is coming to lmforge/hardware.py; this is the local one.)"""
-    import torch
-
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"amx_bf16", "avx512_bf16"} & flags)
-    except OSError:
-        pass
-    return False
-
-
 def resolve_dtype(dtype: str | None, device: torch.device) -> str:
-    """"fp32" or "bf16" for a requested dtype (None or "auto": bf16 where native, else fp32)."""
+    """"fp32" or "bf16" for a requested dtype (None or "auto": `hardware.auto_dtype`, the rule
+    `train.dtype: auto` follows: bf16 where the device multiplies bf16 natively, else fp32)."""
+    from ..hardware import auto_dtype
+
     dtype = dtype or "auto"
     if dtype not in DTYPES:
         raise ConfigError(f"embedding dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if dtype == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return dtype
+    return auto_dtype(device) if dtype == "auto" else dtype
 
 
 def fingerprint_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
@@ -421,5 +405,5 @@ def embed_command(model: str, inputs: Sequence[str], out: str, *, kind: str = "d
     return 0
 
 
-__all__ = ["Pooling", "Embedder", "pool", "finish", "padding_masks", "native_bf16", "resolve_dtype",
+__all__ = ["Pooling", "Embedder", "pool", "finish", "padding_masks", "resolve_dtype",
            "fingerprint_mismatch", "embed_command", "write_vectors", "ids_path", "KINDS", "DTYPES", "OUT_DTYPES"]
