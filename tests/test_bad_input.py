@@ -63,6 +63,7 @@ VERBS: dict[tuple[str, ...], list[str]] = {
     ("import",): [RUN, "--out", "<tmp>/imported"],
     ("export",): [RUN, "--format", "hf", "--out", "<tmp>/exported"],
     ("serve",): [RUN],
+    ("embed",): [RUN, CORPUS, "--out", "<tmp>/vectors.npy"],
 }
 BOOL_BAD = ["maybe", "2", "1.5", "[1]"]  # a bool key: anything but true/false (and yes/no/on/off)
 

@@ -9,6 +9,7 @@ the same app under uvicorn. The app is assembled from pieces that each do one jo
     engine.py    continuous batching on its own thread
     bridge.py    engine thread <-> event loop: submit, events, deadlines, cancel on disconnect
     routes.py    one method per route: body -> engine requests -> events -> JSON or SSE
+    embeddings.py  POST /v1/embeddings: a bounded worker beside the engine, vector encodings
     protocol.py  the wire format: strict request bodies, errors, log-probs, response shapes
     chat.py      chat templates (Jinja sandbox; control tokens only from the template)
     metrics.py   the Prometheus registry behind GET /metrics
@@ -54,12 +55,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 
+from ..config import Config, EmbedConfig
 from ..errors import LmforgeError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..util import read_text_file
+from ..understand.embed import Embedder
 from .bridge import Bridge
 from .chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
+from .embeddings import EmbedWorker
 from .engine import Engine
 from .metrics import Metrics
 from .protocol import ApiError, error_body
@@ -103,8 +107,11 @@ def create_app(
     chat_template: str | None = None,
     request_timeout: float = 600.0,
     max_body_bytes: int = 1 << 20,
+    embed: EmbedConfig | None = None,
+    max_embed_inputs: int = 256,
 ) -> FastAPI:
-    """The API over a loaded model (eval mode). The engine thread runs while the app does."""
+    """The API over a loaded model (eval mode). The engine thread runs while the app does.
+    `embed`: how /v1/embeddings pools (the model's config `embed:` section; default: its defaults)."""
     if max_tokens < 1 or not (math.isfinite(request_timeout) and request_timeout > 0) or max_body_bytes < 1:
         raise LmforgeError(f"--max-tokens, --request-timeout and --max-body-bytes must be positive, got "
                            f"{max_tokens}, {request_timeout} and {max_body_bytes}")
@@ -112,8 +119,13 @@ def create_app(
     chat = ChatTemplate(tokenizer, chat_template)
     metrics = Metrics(engine)
     bridge = Bridge(engine, metrics, request_timeout)
+    if max_embed_inputs < 1:
+        raise LmforgeError(f"--max-embed-inputs must be >= 1, got {max_embed_inputs}")
+    embedder = Embedder.from_model(model, tokenizer, Config(model=model.cfg, embed=embed or EmbedConfig()))
+    embed_worker = EmbedWorker(embedder, max_queue, request_timeout)
     routes = Routes(bridge, tokenizer, chat, metrics, model_name=model_name,
-                    context=model.cfg.max_seq_len, max_tokens=max_tokens, max_body_bytes=max_body_bytes)
+                    context=model.cfg.max_seq_len, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
+                    embed_worker=embed_worker, max_embed_inputs=max_embed_inputs)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -122,6 +134,7 @@ def create_app(
             yield
         finally:
             await asyncio.to_thread(engine.stop)
+            await asyncio.to_thread(embed_worker.close)
 
     async def api_error(_request: HttpRequest, e: ApiError) -> JSONResponse:
         metrics.reject(e.status)
@@ -129,6 +142,7 @@ def create_app(
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.bridge = engine, bridge  # bridge.close(grace): the server's shutdown
+    app.state.embed_worker = embed_worker
     if api_key:
         app.add_middleware(ApiKeyAuth, key=api_key, metrics=metrics)
     app.add_exception_handler(ApiError, api_error)
@@ -136,6 +150,7 @@ def create_app(
     for method, path, endpoint in (
         ("POST", "/v1/completions", routes.completions),
         ("POST", "/v1/chat/completions", routes.chat_completions),
+        ("POST", "/v1/embeddings", routes.embeddings),
         ("GET", "/health", routes.health),
         ("GET", "/v1/models", routes.models),
         ("POST", "/tokenize", routes.tokenize),
@@ -207,6 +222,7 @@ def serve_command(
     max_queue: int | None,
     max_tokens: int | None,
     model_name: str | None,
+    max_embed_inputs: int | None = None,
     chat_template: str | None,
     request_timeout: float,
     max_body_bytes: int,
@@ -244,7 +260,9 @@ def serve_command(
                          max_batch=cfg.serve.max_batch if max_batch is None else max_batch,
                          max_queue=cfg.serve.max_queue if max_queue is None else max_queue,
                          max_tokens=cfg.serve.max_tokens if max_tokens is None else max_tokens, api_key=key,
-                         chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes)
+                         chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
+                         embed=cfg.embed,
+                         max_embed_inputs=cfg.serve.max_embed_inputs if max_embed_inputs is None else max_embed_inputs)
         auth = "API key required" if key else "no API key"
         where = f"[{host}]" if ":" in host else host
         # Listening already (connections wait in the backlog until uvicorn accepts them), so the
