@@ -88,6 +88,7 @@ class Document:
     byte_offset: int  # where the document starts in its source file
     text: str
     u: float  # content hash mapped to [0, 1): decides the split
+    record_id: str | None = None  # a JSONL record's "id" field (a string or an integer), when it has one
 
 
 class NotUtf8(Exception):
@@ -186,7 +187,9 @@ def iter_documents(src: Source, index: int, text_field: str) -> Iterator[Documen
             raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, expected a string")
         if text.strip():
             encoded = text.encode("utf-8")
-            yield Document(index, start, text, _u(encoded))
+            rid = record.get("id")
+            rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+            yield Document(index, start, text, _u(encoded), rid)
 
 
 # ---- shard writing ---------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""Token-aware chunking with overlap, each chunk traced back to its source span.
+
+A document (a text file, a piece of a large one, or a JSONL record: `data.prepare.iter_documents`)
+is tokenized once with the embedding model's tokenizer; its offsets (character ranges of each
+token) turn token windows back into text. A window holds at most `size` tokens and the next one
+starts `overlap` tokens before the previous one ended, so a sentence cut by one boundary is whole
+in the neighbouring chunk. Two refinements keep chunks readable and their citations exact:
+
+- a window that does not reach the end of its document ends after the last token that closes a
+  line within its second half (a chunk is whole lines whenever a line break is near);
+- the next window starts at the first line start inside the overlap when there is one.
+
+Spans: for a text file, the 1-based line range (the last line is the one holding the chunk's last
+character, a chunk ending in a newline ends on the line it closes) and the byte range [start, end)
+within the file. For a JSONL record, the chunk lies inside a JSON string, so its span is the
+record's line and that line's bytes, plus the record's `id` when it has one.
+
+Trade-offs: a chunk's tokens are counted in the document's tokenization; encoded alone its text
+can differ by a token or two at the edges, which is why the context check (`check_size`) leaves
+room for the document prefix and `Embedder.embed` truncates at the model's context anyway. A file
+larger than prepare's DOC_MAX_BYTES is cut at blank lines first, so no chunk spans such a cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ...errors import LmforgeError
+from ...tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How documents are cut: window size and overlap, in tokens of the embedding model."""
+
+    size: int = 256
+    overlap: int = 32
+
+    def check(self) -> None:
+        if self.size < 8:
+            raise LmforgeError(f"--chunk-size must be at least 8 tokens, got {self.size}")
+        if not 0 <= self.overlap <= self.size // 2:
+            raise LmforgeError(f"--chunk-overlap must be between 0 and half the chunk size ({self.size // 2}), "
+                               f"got {self.overlap}")
+
+
+def check_size(chunking: Chunking, context: int, reserved: int = 0) -> None:
+    """A chunk must fit the model's context with `reserved` tokens (the document prefix) beside it."""
+    chunking.check()
+    if chunking.size + reserved > context:
+        room = f" ({reserved} of them taken by the document prefix)" if reserved else ""
+        raise LmforgeError(f"--chunk-size {chunking.size} is larger than the model's context of {context} tokens{room}; "
+                           f"use --chunk-size {context - reserved} or less")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One chunk of one document: its characters [start, end) and its token count."""
+
+    start: int
+    end: int
+    tokens: int
+
+
+def cut(text: str, tokenizer: Tokenizer, chunking: Chunking) -> list[Piece]:
+    """The chunks of one document, in order (chunks of nothing but whitespace are dropped)."""
+    offsets = tokenizer.hf.encode(text, add_special_tokens=False).offsets
+    n = len(offsets)
+    closes_line = [end > 0 and text[end - 1] == "\n" for _, end in offsets]
+    pieces: list[Piece] = []
+    start = 0
+    while start < n:
+        end = min(start + chunking.size, n)
+        if end < n:  # end after the last line break in the window's second half, if any
+            for i in range(end - 1, start + chunking.size // 2 - 1, -1):
+                if closes_line[i]:
+                    end = i + 1
+                    break
+        a, b = offsets[start][0], offsets[end - 1][1]
+        if text[a:b].strip():
+            pieces.append(Piece(a, b, end - start))
+        if end == n:
+            break
+        nxt = max(end - chunking.overlap, start + 1)
+        for i in range(nxt, end):  # the first line start inside the overlap
+            if closes_line[i - 1]:
+                nxt = i
+                break
+        start = nxt
+    return pieces
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where a chunk came from: lines [line_start, line_end] (1-based, inclusive) and bytes
+    [byte_start, byte_end) of its file; `record` is a JSONL record's id."""
+
+    line_start: int
+    line_end: int
+    byte_start: int
+    byte_end: int
+    record: str | None = None
+
+
+def text_spans(data: bytes, doc_offset: int, text: str, pieces: list[Piece]) -> Iterator[Span]:
+    """Spans of the pieces of a text document that starts at byte `doc_offset` of the file `data`."""
+    base_line = data.count(b"\n", 0, doc_offset) + 1
+    done_chars, done_bytes, done_lines = 0, doc_offset, base_line  # a running position: linear in the text
+    for p in pieces:
+        head = text[done_chars:p.start]
+        done_bytes += len(head.encode("utf-8"))
+        done_lines += head.count("\n")
+        done_chars = p.start
+        body = text[p.start:p.end]
+        last = body[:-1] if body.endswith("\n") else body  # a closing newline belongs to the line it ends
+        yield Span(done_lines, done_lines + last.count("\n"), done_bytes, done_bytes + len(body.encode("utf-8")))
+
+
+def record_span(data: bytes, line_offset: int, record: str | None) -> Span:
+    """The span of every chunk of the JSONL record whose line starts at byte `line_offset`."""
+    end = data.find(b"\n", line_offset)
+    end = len(data) if end < 0 else end
+    line = data.count(b"\n", 0, line_offset) + 1
+    return Span(line, line, line_offset, end, record)
+
+
+__all__ = ["Chunking", "check_size", "Piece", "cut", "Span", "text_spans", "record_span"]
