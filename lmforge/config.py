@@ -32,6 +32,7 @@ from .errors import ConfigError
 
 
 ROPE_SCALINGS = ("", "llama3")  # model.rope_scaling values lmforge implements
+POOLINGS = ("mean", "last", "weighted_mean")  # embed.pooling values (lmforge/understand/embed.py)
 
 
 @dataclass
@@ -137,6 +138,18 @@ class ServeConfig:
     max_batch: int = 16  # requests decoded together in the running batch
     max_queue: int = 64  # requests waiting for a slot before new ones get HTTP 429
     max_tokens: int = 256  # the largest max_tokens a request may ask for
+    max_embed_inputs: int = 256  # the most inputs (texts or token lists) one /v1/embeddings request may carry
+
+
+@dataclass
+class EmbedConfig:
+    # How token states become one vector (docs/embeddings.md): mean | last (the last token's state) |
+    # weighted_mean (position-weighted mean, later tokens weigh more). Chosen by measurement.
+    pooling: str = "mean"
+    normalize: bool = True  # L2-normalise each vector, so a dot product is the cosine similarity
+    bidirectional: bool = False  # embedding passes attend both ways (only for a model trained so; no sentence-transformers export)
+    query_prefix: str = ""  # text put before every query (`embed --kind query`, search), e.g. "query: "
+    document_prefix: str = ""  # text put before every document (`embed`, index), e.g. "passage: "
 
 
 @dataclass
@@ -153,6 +166,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)  # `lmforge eval` and its --watch sidecar
     serve: ServeConfig = field(default_factory=ServeConfig)  # defaults of `lmforge serve`
     init: InitConfig = field(default_factory=InitConfig)  # where a new run's weights come from
+    embed: EmbedConfig = field(default_factory=EmbedConfig)  # how the model turns a text into a vector (pooling, prefixes)
 
     # ---- conversion ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -289,8 +303,10 @@ class Config:
         _positive("eval.batch_size", self.eval.batch_size)
         _positive("serve.max_batch", self.serve.max_batch)
         _positive("serve.max_queue", self.serve.max_queue)
+        _positive("serve.max_embed_inputs", self.serve.max_embed_inputs)
         if not 0 < self.serve.port < 65536:
             raise ConfigError(f"serve.port must be within 1..65535, got {self.serve.port}")
+        _choice("embed.pooling", self.embed.pooling, POOLINGS)
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -524,7 +540,7 @@ def reference_markdown() -> str:
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")  # a literal | inside a Markdown table cell
 
-for _cls in (Config, ModelConfig, DataConfig, TrainConfig, GuardConfig, EvalConfig, ServeConfig, InitConfig):
+for _cls in (Config, ModelConfig, DataConfig, TrainConfig, GuardConfig, EvalConfig, ServeConfig, InitConfig, EmbedConfig):
     _hints(_cls)
 
 __all__ = [
@@ -536,6 +552,8 @@ __all__ = [
     "EvalConfig",
     "ServeConfig",
     "InitConfig",
+    "EmbedConfig",
+    "POOLINGS",
     "load_config",
     "apply_overrides",
     "reference_markdown",

@@ -56,7 +56,7 @@ from .artifacts import (
     MODEL_FILE, TOKENIZER_CONFIG, Bundle, check_tensors, expected_shapes, is_model_dir, load_safetensors,
     read_bundle, read_json, write_model_dir,
 )
-from .config import Config, ModelConfig
+from .config import Config, EmbedConfig, ModelConfig
 from .errors import CheckpointError, ConfigError
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 from .util import FILE_MODE, atomic_dir, atomic_write_json, fsync_dir, progress_bar, replace_path
@@ -65,10 +65,12 @@ from .util import out as results_out  # command results: stdout, every progress 
 # ---- names and shapes ------------------------------------------------------------------------
 
 
-def bundle_from_model(model: torch.nn.Module, tokenizer: Tokenizer, special: dict[str, Any] | None = None) -> Bundle:
+def bundle_from_model(model: torch.nn.Module, tokenizer: Tokenizer, special: dict[str, Any] | None = None,
+                      embed: EmbedConfig | None = None) -> Bundle:
     """A Bundle of a live lmforge `Transformer` (its weights copied to fp32 CPU tensors)."""
     params = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.named_parameters()}
-    return Bundle(model.cfg, check_tensors(model.cfg, params, "model"), tokenizer, dict(special or {}), {"format": "lmforge"})
+    return Bundle(model.cfg, check_tensors(model.cfg, params, "model"), tokenizer, dict(special or {}), {"format": "lmforge"},
+                  embed or EmbedConfig())
 
 
 # ---- Hugging Face config ---------------------------------------------------------------------

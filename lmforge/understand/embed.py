@@ -1,0 +1,306 @@
+"""Texts -> vectors from an lmforge model: pooling and batched, deterministic embedding.
+
+Design
+------
+A vector is a pooled read of the model's final-normed hidden states (`Transformer.hidden_states`,
+the input of lm_head; HF's `last_hidden_state`), so the same weights serve generation and
+embedding, and an exported model gives the same vectors in sentence-transformers.
+
+- `Pooling` is what turns (T, C) token states into one (C,) vector, recorded with the model as the
+  config's `embed:` section (lmforge/config.py), so a run, a checkpoint and a model directory carry
+  it: `mean` (padding excluded), `last` (the last real token), `weighted_mean` (token t of L weighs
+  t / (1 + ... + L): SGPT's position weighting, sentence-transformers' `weightedmean`), optional L2
+  normalisation, optional bidirectional attention, and the prefixes put before queries and
+  documents. The default (`mean`) was chosen by measurement: docs/embeddings.md has the figures.
+- `pool` is one pure function of (hidden states, padding mask, method), used by inference here and
+  by the contrastive objective in training, so the two cannot drift apart.
+- Batching: texts are tokenized once, sorted by length (longest first, ties by input order) and
+  cut into batches of `batch_size`, so a batch pads little; the output is put back in input
+  order. Rows are right-padded: with causal attention the real tokens never see the padding after
+  them, so no mask is needed in the forward and the fused causal kernel runs; pooling masks the
+  padding out. A bidirectional pass gives the forward a (B, T, T) mask whose keys are the real
+  tokens only.
+- Truncation: a text longer than `max_len` tokens (default: the model's max_seq_len) keeps its
+  first `max_len` tokens (the prefix included). `lmforge embed` reports how many were cut; an
+  index chunks documents to fit, so it never relies on this; the server refuses such an input.
+- Determinism: tokenization, the sort and the batch shapes are functions of the input list, and
+  CPU kernels are deterministic for the same shapes and thread count, so the same texts through
+  the same model give the same vectors bit for bit on the same machine and threads. A text's
+  vector does depend in the last float bits on the batch it shared (GEMM blocking depends on the
+  batch shape); tests check a text alone against the same text in a padded batch to 1e-5.
+- Precision: bf16 autocast only where bf16 is native (CUDA; a CPU with AMX or AVX512-BF16).
+  On an AVX2-only CPU bf16 is emulated and measured ~20x slower than fp32, so "auto" is fp32 there.
+  Pooling and normalisation run in fp32 either way; the output is float32.
+
+Trade-offs: one forward per batch holds (B, T, C) hidden states and, bidirectionally, a (B, T, T)
+mask, both small next to the model; `fingerprint()` identifies the model by its weights' sha256
+(recorded in its manifest, not recomputed), its tokenizer, the pooling and the dimension, which is
+what an index or classifier directory records and compares.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from ..config import POOLINGS, EmbedConfig
+from ..errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..artifacts import Loaded
+
+Kind = Literal["document", "query"]
+KINDS = ("document", "query")
+DTYPES = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How a model's token states become one vector, and what is put before a query or a document."""
+
+    method: str = "mean"  # mean | last | weighted_mean
+    normalize: bool = True  # L2 norm 1 (dot product = cosine)
+    bidirectional: bool = False  # attend both ways in embedding passes
+    query_prefix: str = ""
+    document_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        if self.method not in POOLINGS:
+            raise ConfigError(f"pooling method must be one of {', '.join(POOLINGS)}; got {self.method!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Pooling:
+        """The inverse of to_dict; unknown keys and wrong types are a ConfigError naming them."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"pooling: unknown key(s) {unknown} (valid: {', '.join(known)})")
+        for k, v in d.items():
+            want = bool if k in ("normalize", "bidirectional") else str
+            if not isinstance(v, want):
+                raise ConfigError(f"pooling.{k}: expected {want.__name__}, got {v!r}")
+        return cls(**d)
+
+    @classmethod
+    def from_config(cls, embed: EmbedConfig) -> Pooling:
+        """The pooling a model's config records (its `embed:` section)."""
+        return cls(embed.pooling, embed.normalize, embed.bidirectional, embed.query_prefix, embed.document_prefix)
+
+    def prefix(self, kind: str) -> str:
+        if kind not in KINDS:
+            raise ConfigError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        return self.query_prefix if kind == "query" else self.document_prefix
+
+
+# ---- pure functions ------------------------------------------------------------------------------
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
+    """hidden (B, T, C), mask (B, T) bool (True: a real token; each row has at least one, and the
+    real tokens come first) -> (B, C) fp32 pooled vectors, padding excluded."""
+    import torch
+
+    h = hidden.float()
+    m = mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
+    if method == "mean":
+        return (h * m).sum(dim=1) / m.sum(dim=1)
+    if method == "weighted_mean":  # token t (1-based) of a row weighs t; padding 0
+        w = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=h.dtype).view(1, -1, 1) * m  # (B, T, 1)
+        return (h * w).sum(dim=1) / w.sum(dim=1)
+    if method == "last":
+        last = mask.long().sum(dim=1) - 1  # (B,) index of each row's last real token
+        return h[torch.arange(h.shape[0], device=h.device), last]
+    raise ConfigError(f"pooling method must be one of {', '.join(POOLINGS)}; got {method!r}")
+
+
+def finish(vectors: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Pooled vectors (B, C) -> what the model emits: L2-normalised when the pooling says so."""
+    import torch.nn.functional as F
+
+    return F.normalize(vectors, dim=-1) if pooling.normalize else vectors
+
+
+def padding_masks(lengths: torch.Tensor, T: int, bidirectional: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mask (B, T) bool of real tokens, the forward's attn_mask): None for causal attention
+    (right padding never reaches the real tokens before it), else (B, T, T) True where the key is
+    a real token (every query row, padding ones included, sees at least one key: no NaN)."""
+    import torch
+
+    mask = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
+    if not bidirectional:
+        return mask, None
+    return mask, mask[:, None, :].expand(-1, T, -1)  # (B, T, T)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 runs natively here: a CUDA device that supports it, or a CPU with AMX or AVX512-BF16.
+    (A shared rule for `train.dtype: auto` is coming to lmforge/hardware.py; this is the local one.)"""
+    import torch
+
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"amx_bf16", "avx512_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> str:
+    """"fp32" or "bf16" for a requested dtype (None or "auto": bf16 where native, else fp32)."""
+    dtype = dtype or "auto"
+    if dtype not in DTYPES:
+        raise ConfigError(f"embedding dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if dtype == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return dtype
+
+
+def fingerprint_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """None when two fingerprints name the same model, tokenizer, pooling and dimension; else what
+    differs, for a one-line refusal ("model sha256 1a2b3c4d... here, 5e6f7a8b... recorded")."""
+    diffs = []
+    for key in sorted(set(recorded) | set(current)):
+        a, b = current.get(key), recorded.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"pooling.{k} {a.get(k)!r} here, {b.get(k)!r} recorded" for k in sorted(set(a) | set(b))
+                      if a.get(k) != b.get(k)]
+        elif key.endswith("sha256"):
+            diffs.append(f"{key.replace('_', ' ')} {str(a)[:12]}... here, {str(b)[:12]}... recorded")
+        else:
+            diffs.append(f"{key} {a!r} here, {b!r} recorded")
+    return "; ".join(diffs) or None
+
+
+# ---- the embedder --------------------------------------------------------------------------------
+
+
+class Embedder:
+    """A loaded model that turns texts into (N, dim) float32 vectors; see the module docstring."""
+
+    def __init__(self, loaded: Loaded, pooling: Pooling | None = None, *, batch_size: int = 32,
+                 dtype: str | None = None, max_len: int | None = None) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        cfg = loaded.config.model
+        if max_len is not None and not 1 <= max_len <= cfg.max_seq_len:
+            raise ConfigError(f"max_len must be within 1..{cfg.max_seq_len} (the model's max_seq_len), got {max_len}")
+        self.loaded = loaded
+        self.model = loaded.model.eval()
+        self.tokenizer = loaded.tokenizer
+        self.pooling = pooling if pooling is not None else Pooling.from_config(loaded.config.embed)
+        self.batch_size = batch_size
+        self.max_len: int = max_len or cfg.max_seq_len
+        self.dim: int = cfg.d_model
+        self.device = next(self.model.parameters()).device
+        self.dtype = resolve_dtype(dtype, self.device)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, pooling: Pooling | None = None, device: Any = None,
+             dtype: str | None = None, batch_size: int = 32, max_len: int | None = None) -> Embedder:
+        """A run, checkpoint or model directory, through the one loader (`artifacts.load_model`)."""
+        from ..artifacts import load_model
+
+        return cls(load_model(path, device=device), pooling, batch_size=batch_size, dtype=dtype, max_len=max_len)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What index and classifier directories record and compare to refuse another model."""
+        return {"model_sha256": self.loaded.origin.model_sha256, "tokenizer_sha256": self.tokenizer.sha256,
+                "pooling": self.pooling.to_dict(), "dim": self.dim}
+
+    def tokenize(self, texts: Sequence[str], *, kind: Kind = "document") -> list[list[int]]:
+        """Token ids of each text with its kind's prefix, not truncated. An empty text (or one that
+        is not a string) is a DataError naming its index: it has nothing to pool."""
+        prefix = self.pooling.prefix(kind)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise DataError(f"text {i} is {type(t).__name__}, not a string")
+            if not t:
+                raise DataError(f"text {i} is empty; an empty text has no tokens to pool (drop it or give it content)")
+        return self.tokenizer.encode_batch([prefix + t for t in texts])
+
+    def embed(self, texts: Sequence[str], *, kind: Kind = "document", progress: bool = False) -> np.ndarray:
+        """Texts -> (N, dim) float32 vectors in input order; the kind's prefix is put before each."""
+        return self.embed_ids(self.tokenize(texts, kind=kind), progress=progress)
+
+    def embed_ids(self, ids: Sequence[Sequence[int]], *, progress: bool = False) -> np.ndarray:
+        """Token-id lists (no prefix added; each cut to max_len) -> (N, dim) float32 in input order."""
+        import torch
+
+        from ..model import autocast
+
+        vocab = self.model.cfg.vocab_size
+        for i, row in enumerate(ids):
+            if len(row) == 0:
+                raise DataError(f"input {i} has no tokens; an empty input has nothing to pool")
+            if any(not (isinstance(t, (int, np.integer)) and 0 <= t < vocab) for t in row):
+                raise DataError(f"input {i}: token ids must be integers within 0..{vocab - 1}")
+        rows = [list(r[: self.max_len]) for r in ids]
+        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))  # longest first; stable
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        bar = _Bar(len(rows)) if progress else None
+        try:
+            for start in range(0, len(order), self.batch_size):
+                chosen = order[start : start + self.batch_size]
+                lengths = torch.tensor([len(rows[i]) for i in chosen], device=self.device)
+                T = int(lengths.max())
+                idx = torch.zeros((len(chosen), T), dtype=torch.long)  # padding id 0: masked, never pooled
+                for b, i in enumerate(chosen):
+                    idx[b, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
+                mask, attn = padding_masks(lengths, T, self.pooling.bidirectional)
+                with torch.inference_mode():
+                    with autocast(self.dtype, self.device.type):
+                        hidden = self.model.hidden_states(idx.to(self.device), attn_mask=attn)  # (B, T, C)
+                    vectors = finish(pool(hidden, mask, self.pooling.method), self.pooling)  # (B, C) fp32
+                out[chosen] = vectors.float().cpu().numpy()
+                if bar is not None:
+                    bar.advance(len(chosen), int(lengths.sum()))
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+
+class _Bar:
+    """A progress bar over texts, showing texts/s and tokens/s (util.progress_bar's modes)."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+        from ..util import progress_bar
+
+        self.progress = progress_bar(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task("embedding", total=total, rate="", tokens=0)
+        self.start, self.tokens, self.texts = time.perf_counter(), 0, 0
+
+    def advance(self, texts: int, tokens: int) -> None:
+        self.texts += texts
+        self.tokens += tokens
+        s = max(time.perf_counter() - self.start, 1e-9)
+        self.progress.update(self.task, advance=texts, tokens=self.tokens,
+                             rate=f"{self.texts / s:,.1f} texts/s, {self.tokens / s:,.0f} tokens/s")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+__all__ = ["Pooling", "Embedder", "pool", "finish", "padding_masks", "native_bf16", "resolve_dtype",
+           "fingerprint_mismatch", "KINDS", "DTYPES"]

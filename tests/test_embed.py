@@ -1,0 +1,170 @@
+"""Embeddings (lmforge/understand/embed.py): pooling golden values, padding invariance,
+determinism, bidirectional attention, prefixes, the fingerprint, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge import artifacts, convert
+from lmforge.config import EmbedConfig, ModelConfig, load_config
+from lmforge.errors import ConfigError, DataError
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+from lmforge.understand.embed import Embedder, Pooling, fingerprint_mismatch, pool
+
+TEXTS = ["def add(a, b): return a + b", "Return the sum of two numbers.", "hello", "a much longer text " * 6,
+         "café 東京 123"]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train(TEXTS * 3, vocab_size=300, min_frequency=1)
+
+
+def tiny_model_dir(tok: Tokenizer, root: Path, embed: EmbedConfig | None = None, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                                    max_seq_len=64))
+    return artifacts.write_model_dir(convert.bundle_from_model(model, tok, embed=embed), root / f"m{seed}")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tok, tmp_path_factory) -> Path:
+    return tiny_model_dir(tok, tmp_path_factory.mktemp("embed"))
+
+
+@pytest.fixture(scope="module")
+def embedder(model_dir) -> Embedder:
+    return Embedder.load(model_dir, device="cpu", dtype="fp32")
+
+
+# ---- pooling: golden values --------------------------------------------------------------------
+
+
+def test_pool_golden_values() -> None:
+    # one row of 3 real tokens then 1 padding token, C = 2; another row of 1 real token
+    h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 9.0], [100.0, 100.0]],
+                      [[7.0, -1.0], [50.0, 50.0], [50.0, 50.0], [50.0, 50.0]]])
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    assert pool(h, mask, "mean").tolist() == [[3.0, 5.0], [7.0, -1.0]]
+    assert pool(h, mask, "last").tolist() == [[5.0, 9.0], [7.0, -1.0]]
+    # weights 1, 2, 3 over the real tokens: (1*1 + 2*3 + 3*5) / 6, (1*2 + 2*4 + 3*9) / 6
+    assert torch.allclose(pool(h, mask, "weighted_mean"), torch.tensor([[22 / 6, 37 / 6], [7.0, -1.0]]))
+    with pytest.raises(ConfigError, match="pooling method must be one of"):
+        pool(h, mask, "max")
+
+
+def test_vectors_are_pooled_hidden_states(embedder: Embedder) -> None:
+    ids = embedder.tokenizer.encode(TEXTS[0])
+    with torch.no_grad():
+        hidden = embedder.model.hidden_states(torch.tensor([ids]))[0]  # (T, C)
+        logits = embedder.model(torch.tensor([ids]))[0]
+    assert torch.equal(embedder.model.lm_head(hidden), logits)  # hidden_states is what lm_head reads
+    expected = {"mean": hidden.mean(0), "last": hidden[-1],
+                "weighted_mean": (hidden * torch.arange(1, len(ids) + 1)[:, None]).sum(0) * 2 / (len(ids) * (len(ids) + 1))}
+    for method, want in expected.items():
+        raw = Embedder(embedder.loaded, Pooling(method, normalize=False)).embed([TEXTS[0]])[0]
+        assert np.allclose(raw, want.numpy(), atol=1e-5), method
+        unit = Embedder(embedder.loaded, Pooling(method)).embed([TEXTS[0]])[0]
+        assert np.allclose(unit, (want / want.norm()).numpy(), atol=1e-6) and abs(np.linalg.norm(unit) - 1) < 1e-6
+
+
+# ---- padding, order, determinism ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["mean", "last", "weighted_mean"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_a_text_alone_equals_the_same_text_in_a_padded_batch(embedder, method, bidirectional) -> None:
+    e = Embedder(embedder.loaded, Pooling(method, bidirectional=bidirectional), batch_size=len(TEXTS))
+    batch = e.embed(TEXTS)  # one batch, padded to the longest text
+    alone = np.stack([e.embed([t])[0] for t in TEXTS])
+    assert np.abs(batch - alone).max() < 1e-5
+
+
+def test_output_is_in_input_order_and_deterministic(embedder) -> None:
+    e = Embedder(embedder.loaded, batch_size=2)  # several batches, sorted by length inside
+    a = e.embed(TEXTS)
+    assert np.array_equal(a, e.embed(TEXTS))  # bit for bit
+    rev = e.embed(TEXTS[::-1])
+    assert np.abs(rev[::-1] - a).max() < 1e-5
+    assert a.dtype == np.float32 and a.shape == (len(TEXTS), 32)
+    assert len({v.tobytes() for v in a}) == len(TEXTS)  # different texts, different vectors
+
+
+def test_bidirectional_attention_lets_early_tokens_see_later_ones(embedder) -> None:
+    causal = Embedder(embedder.loaded, Pooling("mean"))
+    both = Embedder(embedder.loaded, Pooling("mean", bidirectional=True))
+    ids_a, ids_b = [5, 6, 7, 8], [5, 6, 7, 9]  # differ only in the last token
+    with torch.no_grad():
+        h_causal = [causal.model.hidden_states(torch.tensor([ids]))[0, 0] for ids in (ids_a, ids_b)]
+        full = torch.ones(1, 4, 4, dtype=torch.bool)
+        h_both = [both.model.hidden_states(torch.tensor([ids]), attn_mask=full)[0, 0] for ids in (ids_a, ids_b)]
+    assert torch.equal(h_causal[0], h_causal[1])  # causal: token 0 never sees token 3
+    assert not torch.allclose(h_both[0], h_both[1])
+    assert not np.allclose(causal.embed_ids([ids_a]), both.embed_ids([ids_a]))
+
+
+def test_long_texts_are_cut_to_max_len(embedder) -> None:
+    e = Embedder(embedder.loaded, max_len=4)
+    ids = embedder.tokenizer.encode(TEXTS[3])
+    assert len(ids) > 4
+    assert np.array_equal(e.embed([TEXTS[3]]), e.embed_ids([ids[:4]]))
+    with pytest.raises(ConfigError, match="max_len must be within 1..64"):
+        Embedder(embedder.loaded, max_len=65)
+
+
+def test_prefixes_follow_the_kind(embedder) -> None:
+    e = Embedder(embedder.loaded, Pooling("mean", query_prefix="query: ", document_prefix="passage: "))
+    q, d = e.embed(["hello"], kind="query"), e.embed(["hello"], kind="document")
+    assert np.array_equal(q, e.embed_ids([e.tokenizer.encode("query: hello")]))
+    assert np.array_equal(d, e.embed_ids([e.tokenizer.encode("passage: hello")]))
+    with pytest.raises(ConfigError, match="kind must be one of document, query"):
+        e.embed(["hello"], kind="passage")  # type: ignore[arg-type]
+
+
+# ---- pooling recorded with the model -----------------------------------------------------------
+
+
+def test_the_pooling_comes_from_the_models_config(tok, tmp_path) -> None:
+    embed = EmbedConfig(pooling="last", normalize=False, query_prefix="q: ")
+    e = Embedder.load(tiny_model_dir(tok, tmp_path, embed), device="cpu")
+    assert e.pooling == Pooling("last", False, False, "q: ", "")
+    assert Pooling.from_dict(e.pooling.to_dict()) == e.pooling
+    cfg = load_config(None, ["embed.pooling=weighted_mean", "embed.bidirectional=true"])
+    assert Pooling.from_config(cfg.embed) == Pooling("weighted_mean", True, True)
+    with pytest.raises(ConfigError, match="embed.pooling must be one of mean, last, weighted_mean; got 'cls'"):
+        load_config(None, ["embed.pooling=cls"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        Pooling.from_dict({"method": "mean", "pooler": "x"})
+
+
+def test_fingerprint_names_model_tokenizer_pooling_and_dim(embedder, tok, tmp_path) -> None:
+    fp = embedder.fingerprint()
+    assert fp == {"model_sha256": embedder.loaded.origin.model_sha256, "tokenizer_sha256": tok.sha256,
+                  "pooling": Pooling().to_dict(), "dim": 32}
+    assert fingerprint_mismatch(fp, Embedder.load(embedder.loaded.origin.path, device="cpu").fingerprint()) is None
+    other = Embedder.load(tiny_model_dir(tok, tmp_path, seed=1), device="cpu").fingerprint()
+    assert "model sha256" in fingerprint_mismatch(fp, other)
+    last = Embedder(embedder.loaded, Pooling("last")).fingerprint()
+    assert fingerprint_mismatch(fp, last) == "pooling.method 'last' here, 'mean' recorded"
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_clear_errors(embedder, tmp_path) -> None:
+    with pytest.raises(DataError, match="text 1 is empty"):
+        embedder.embed(["fine", ""])
+    with pytest.raises(DataError, match="input 0 has no tokens"):
+        embedder.embed_ids([[]])
+    with pytest.raises(DataError, match=r"input 1: token ids must be integers within 0..\d+"):
+        embedder.embed_ids([[1, 2], [1, 10**6]])
+    assert embedder.embed([]).shape == (0, 32)
+    with pytest.raises(Exception, match="no such run, checkpoint or model directory"):
+        Embedder.load(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="embedding dtype must be one of auto, fp32, bf16"):
+        Embedder(embedder.loaded, dtype="fp16")
