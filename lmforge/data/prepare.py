@@ -279,20 +279,26 @@ def _check_writable(out: Path) -> None:
         raise DataError(f"cannot write dataset {out}: {e.strerror or e} ({e.filename or out.parent}); nothing was written") from None
 
 
-def _check_out(out: Path, inputs: Sequence[str | os.PathLike], overwrite: bool) -> None:
-    """Refuse, before any work, an --out that overlaps an input or that is not ours to replace."""
+def check_out_overlap(out: Path, inputs: Sequence[str | os.PathLike], what: str = "dataset") -> None:
+    """Refuse an --out that is an input, lies inside one (the next run would read it as corpus)
+    or contains one (`what`: the kind of directory written, for the message)."""
     target = out.resolve()
     for raw in inputs:
         src = Path(raw).resolve()
         if target == src:
-            raise DataError(f"--out {out} is also an input; write the dataset somewhere else (nothing was written)")
+            raise DataError(f"--out {out} is also an input; write the {what} somewhere else (nothing was written)")
         if src in target.parents:
             raise DataError(
-                f"--out {out} is inside the input {raw}: the dataset would be read as corpus by the next prepare; "
+                f"--out {out} is inside the input {raw}: the {what} would be read as corpus next time; "
                 f"choose an --out outside the inputs (nothing was written)"
             )
         if target in src.parents:
             raise DataError(f"--out {out} contains the input {raw}; choose an --out that holds no input (nothing was written)")
+
+
+def _check_out(out: Path, inputs: Sequence[str | os.PathLike], overwrite: bool) -> None:
+    """Refuse, before any work, an --out that overlaps an input or that is not ours to replace."""
+    check_out_overlap(out, inputs)
     _check_replaceable(out, overwrite)
 
 

@@ -11,6 +11,9 @@ as OpenAI JSON or as server-sent events (`protocol`). `create_app` (api.py) regi
   (what lm-evaluation-harness `local-completions` sends). Choice i of prompt p is request
   p * n + i.
 - POST /v1/chat/completions: the conversation through the chat template; chat log-probs.
+- POST /v1/search (with --index): the index's best chunks for a query, with their spans; the
+  search runs on a worker thread behind a `Gate` (gate.py), so it gets the same 429 / 503 as a
+  generation when the server is full or closing.
 - GET /v1/models, POST /tokenize (a text or a conversation), POST /detokenize, GET
   /tokenizer_info, GET /health, GET /metrics (Prometheus).
 - A stream is its chunks, then `data: [DONE]`; an error after the 200 went out (a timeout, an
@@ -30,7 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request as HttpRequest
@@ -40,10 +43,14 @@ from ..tokenizer import Tokenizer
 from .bridge import Bridge
 from .chat import ChatTemplate, special_token
 from .engine import Finished, Prompt, Request, Token
+from .gate import Gate
 from .metrics import Metrics
 from .protocol import (DEFAULT_COMPLETION_TOKENS, SSE_DONE, ApiError, ChatBody, CompletionBody, DetokenizeBody,
-                       GenerationBody, Scored, TokenizeBody, chat_logprobs, error_body, legacy_logprobs,
+                       GenerationBody, Scored, SearchBody, TokenizeBody, chat_logprobs, error_body, legacy_logprobs,
                        prompt_scores, read_body, reply, sse, stop_strings, usage)
+
+if TYPE_CHECKING:
+    from ..understand.index.search import Searcher
 
 
 @dataclass
@@ -69,8 +76,10 @@ class Routes:
     """The endpoints of one app; `max_tokens` is the server's limit per request (--max-tokens)."""
 
     def __init__(self, bridge: Bridge, tokenizer: Tokenizer, chat: ChatTemplate, metrics: Metrics, *,
-                 model_name: str, context: int, max_tokens: int, max_body_bytes: int) -> None:
+                 model_name: str, context: int, max_tokens: int, max_body_bytes: int,
+                 searcher: Searcher | None = None, gate: Gate | None = None) -> None:
         self.bridge, self.tokenizer, self.chat, self.metrics = bridge, tokenizer, chat, metrics
+        self.searcher, self.gate = searcher, gate
         self.model_name, self.context, self.max_tokens, self.max_body_bytes = model_name, context, max_tokens, max_body_bytes
         self.created = int(time.time())
         self.end_ids = tokenizer.end_ids  # EOS, and an instruct model's recorded end of turn (<|im_end|>)
@@ -191,6 +200,18 @@ class Routes:
                 yield chunk(i, {}, event.reason)
         if body.include_usage:
             yield sse(reply(call.id, "chat.completion.chunk", self.model_name, [], usage(call.prompt_tokens, generated)))
+
+    # ---- /v1/search ----------------------------------------------------------------------------
+
+    async def search(self, http: HttpRequest) -> dict[str, Any]:
+        body = await read_body(http, SearchBody, self.max_body_bytes)
+        assert self.searcher is not None and self.gate is not None  # the route exists only with an index
+        start = time.monotonic()
+        hits = await self.gate.run(self.searcher.search, body.query, body.k, body.mode)
+        self.metrics.requests.labels("search").inc()
+        self.metrics.latency.labels("search").observe(time.monotonic() - start)
+        return {"object": "list", "index": self.searcher.index.path.name, "query": body.query, "mode": body.mode,
+                "data": [{"rank": i, "where": h.where(), **h.to_dict()} for i, h in enumerate(hits, 1)]}
 
     # ---- small routes --------------------------------------------------------------------------
 

@@ -6,13 +6,14 @@ token) turn token windows back into text. A window holds at most `size` tokens a
 starts `overlap` tokens before the previous one ended, so a sentence cut by one boundary is whole
 in the neighbouring chunk. Two refinements keep chunks readable and their citations exact:
 
-- a window that does not reach the end of its document ends after the last token that closes a
-  line within its second half (a chunk is whole lines whenever a line break is near);
-- the next window starts at the first line start inside the overlap when there is one.
+- a window that does not reach the end of its document ends after the last token holding a line
+  break within its second half (a chunk is whole lines whenever a line break is near);
+- the next window starts at a line start: the first one inside the overlap, else the nearest one
+  before it (up to half a window back: a longer overlap rather than a chunk that starts mid-line),
+  else mid-line `overlap` tokens back.
 
-Spans: for a text file, the 1-based line range (the last line is the one holding the chunk's last
-character, a chunk ending in a newline ends on the line it closes) and the byte range [start, end)
-within the file. For a JSONL record, the chunk lies inside a JSON string, so its span is the
+Spans: for a text file, the 1-based line range of the chunk's first and last visible (non-space)
+characters, and the byte range [start, end) of the whole chunk within the file. For a JSONL record, the chunk lies inside a JSON string, so its span is the
 record's line and that line's bytes, plus the record's `id` when it has one.
 
 Trade-offs: a chunk's tokens are counted in the document's tokenization; encoded alone its text
@@ -23,11 +24,10 @@ larger than prepare's DOC_MAX_BYTES is cut at blank lines first, so no chunk spa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ...errors import LmforgeError
-from ...tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,12 @@ class Piece:
     tokens: int
 
 
-def cut(text: str, tokenizer: Tokenizer, chunking: Chunking) -> list[Piece]:
-    """The chunks of one document, in order (chunks of nothing but whitespace are dropped)."""
-    offsets = tokenizer.hf.encode(text, add_special_tokens=False).offsets
+def cut(text: str, offsets: Sequence[tuple[int, int]], chunking: Chunking) -> list[Piece]:
+    """The chunks of one document, in order (chunks of nothing but whitespace are dropped), from
+    its tokens' character offsets (`tokenizers`' Encoding.offsets with the model's tokenizer)."""
     n = len(offsets)
-    closes_line = [end > 0 and text[end - 1] == "\n" for _, end in offsets]
+    # a token that holds a line break ends a line (byte-level BPE glues "\n" to the next line's indentation)
+    closes_line = ["\n" in text[a:b] for a, b in offsets]
     pieces: list[Piece] = []
     start = 0
     while start < n:
@@ -82,13 +83,22 @@ def cut(text: str, tokenizer: Tokenizer, chunking: Chunking) -> list[Piece]:
             pieces.append(Piece(a, b, end - start))
         if end == n:
             break
-        nxt = max(end - chunking.overlap, start + 1)
-        for i in range(nxt, end):  # the first line start inside the overlap
-            if closes_line[i - 1]:
-                nxt = i
-                break
-        start = nxt
+        start = _next_start(closes_line, start, end, chunking)
     return pieces
+
+
+def _next_start(closes_line: list[bool], start: int, end: int, chunking: Chunking) -> int:
+    """Where the window after [start, end) starts: the first line start within the last `overlap`
+    tokens, else the nearest line start before them (at most half a window back), else
+    `overlap` tokens back; always after `start`."""
+    nxt = max(end - chunking.overlap, start + 1)
+    for i in range(nxt, end):
+        if closes_line[i - 1]:
+            return i
+    for i in range(nxt - 1, max(start + 1, end - chunking.size // 2) - 1, -1):
+        if closes_line[i - 1]:
+            return i
+    return nxt
 
 
 @dataclass(frozen=True)
@@ -113,8 +123,9 @@ def text_spans(data: bytes, doc_offset: int, text: str, pieces: list[Piece]) -> 
         done_lines += head.count("\n")
         done_chars = p.start
         body = text[p.start:p.end]
-        last = body[:-1] if body.endswith("\n") else body  # a closing newline belongs to the line it ends
-        yield Span(done_lines, done_lines + last.count("\n"), done_bytes, done_bytes + len(body.encode("utf-8")))
+        lead = len(body) - len(body.lstrip())  # lines are those of the first and last visible characters
+        first = done_lines + body.count("\n", 0, lead)
+        yield Span(first, done_lines + body.rstrip().count("\n"), done_bytes, done_bytes + len(body.encode("utf-8")))
 
 
 def record_span(data: bytes, line_offset: int, record: str | None) -> Span:

@@ -32,18 +32,22 @@ a hybrid query pays for both searches.
 from __future__ import annotations
 
 import functools
+import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ...errors import LmforgeError
+from . import DEFAULT_MODE, MODES
 from .store import ANN_FILE, BM25_DIR, Hit, Index, normalize
 
-MODES = ("dense", "bm25", "hybrid")
-DEFAULT_MODE = "hybrid"
+if TYPE_CHECKING:
+    from ..embed import Embedder
+
 RRF_K = 60
 CANDIDATES = 100  # per ranking fused by hybrid search, and at least this many from the ANN index
 ANN_MIN_ROWS = 200_000  # exact search below, an ANN index at and above (docs/search.md)
@@ -231,18 +235,28 @@ def rrf(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[tuple[int, fl
 
 
 def check_embedder(index: Index, embedder: Embeds) -> None:
-    """Refuse a query embedder whose fingerprint is not the one the index was built with."""
-    mine, theirs = index.fingerprint, embedder.fingerprint()
-    if mine == theirs:
-        return
-    if mine.get("model_sha256") != theirs.get("model_sha256"):
-        raise LmforgeError(
-            f"{index.path} was built by model sha256 {mine.get('model_sha256')}, the query model is sha256 "
-            f"{theirs.get('model_sha256')}: search it with the model it was built by ({index.model}) or rebuild it")
-    raise LmforgeError(
-        f"{index.path} was built with pooling {mine.get('pooling')} (dim {mine.get('dim')}), the query embedder "
-        f"(model sha256 {theirs.get('model_sha256')}) has pooling {theirs.get('pooling')} (dim {theirs.get('dim')}): "
-        "use the pooling the index records or rebuild it")
+    """Refuse a query embedder whose fingerprint (model and tokenizer sha256, pooling, dim) is not
+    the one the index was built with, in one line naming both checksums."""
+    from ..embed import fingerprint_mismatch
+
+    why = fingerprint_mismatch(index.fingerprint, embedder.fingerprint())
+    if why is not None:
+        raise LmforgeError(f"{index.path} was built by another model or pooling ({why}); use the model it was built "
+                           f"by ({index.model}) or rebuild the index")
+
+
+def load_embedder(index: Index, model: str | os.PathLike | None = None, *, batch_size: int = 32) -> Embedder:
+    """The index's embedder: its recorded model (or `model`), with its recorded pooling; refused
+    when the fingerprint differs from the one the index was built with."""
+    from ..embed import Embedder, Pooling
+
+    path = Path(model) if model is not None else Path(index.model)
+    if model is None and not path.exists():
+        raise LmforgeError(f"{index.path} was built by the model {path}, which is not there any more; "
+                           f"pass that model with --model PATH")
+    embedder = Embedder.load(path, pooling=Pooling.from_dict(index.fields["pooling"]), batch_size=batch_size)
+    check_embedder(index, embedder)
+    return embedder
 
 
 class Searcher:
@@ -309,5 +323,40 @@ class Searcher:
         return self.index.hits(rows.tolist(), scores.tolist())
 
 
-__all__ = ["MODES", "DEFAULT_MODE", "RRF_K", "CANDIDATES", "ANN_MIN_ROWS", "ANN_KIND", "Embeds", "exact_search",
+# ---- `lmforge search` ----------------------------------------------------------------------------
+
+
+def search_command(path: str | os.PathLike, query: str, *, k: int = 5, mode: str = DEFAULT_MODE,
+                   model: str | None = None, as_json: bool = False) -> int:
+    """Print the k best chunks: rank, score, file:lines and the start of the text (or JSON)."""
+    from rich.markup import escape
+
+    from ...tokenizer import lone_surrogate
+    from ...util import out
+
+    if mode not in MODES:
+        raise LmforgeError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
+    if lone_surrogate(query) is not None:
+        raise LmforgeError("the query is not valid UTF-8 text; pass it as UTF-8")
+    with Index.open(path) as index:
+        embedder = load_embedder(index, model) if mode != "bm25" else None
+        hits = Searcher(index, embedder).search(query, k=k, mode=mode)
+    if as_json:
+        print(json.dumps({"index": str(path), "query": query, "mode": mode, "k": k,
+                          "results": [{"rank": i, "where": h.where(), **h.to_dict()} for i, h in enumerate(hits, 1)]},
+                         indent=2, ensure_ascii=False))
+        return 0
+    if not hits:
+        out.print(f"no results for {query!r} ({mode})", markup=False)
+    for i, h in enumerate(hits, 1):
+        out.print(f"[bold]{i}.[/] {h.score:.4f}  [cyan]{escape(h.where())}[/]")
+        lines = h.text.strip("\n").splitlines()
+        for line in lines[:4]:
+            out.print(f"    {line[:120]}", markup=False, highlight=False)
+        if len(lines) > 4:
+            out.print(f"    ... ({len(lines) - 4} more lines)", style="dim", markup=False)
+    return 0
+
+
+__all__ = ["load_embedder", "search_command", "MODES", "DEFAULT_MODE", "RRF_K", "CANDIDATES", "ANN_MIN_ROWS", "ANN_KIND", "Embeds", "exact_search",
            "rescore", "Ann", "words", "Bm25", "rrf", "check_embedder", "Searcher"]

@@ -120,7 +120,7 @@ class Writer:
     """Fills a new index directory (a temporary one that the caller publishes)."""
 
     def __init__(self, root: Path, dim: int) -> None:
-        self.root, self.dim, self.rows = root, dim, 0
+        self.root, self.dim, self.rows, self.written = root, dim, 0, 0  # rows in the database, vectors in the file
         self.db = sqlite3.connect(root / CHUNKS)
         self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + SCHEMA)  # the directory is the journal
         self._vectors = open(root / VECTORS, "wb")  # noqa: SIM115 - closed in finish()
@@ -130,18 +130,22 @@ class Writer:
                               (path, sha256, nbytes, kind))
         return int(cur.lastrowid)
 
-    def add_chunks(self, file_id: int, rows: list[tuple[int, int, int, int, str | None, int, str]],
-                   vectors: np.ndarray) -> None:
-        """rows: (line_start, line_end, byte_start, byte_end, record, tokens, text), one per vector."""
-        if len(rows) != len(vectors) or (len(rows) and vectors.shape[1] != self.dim):
-            raise AssertionError(f"{len(rows)} chunks, vectors {vectors.shape}, dim {self.dim}")
-        self._vectors.write(normalize(vectors).astype("<f2").tobytes())
+    def add_chunks(self, file_id: int, rows: list[tuple[int, int, int, int, str | None, int, str]]) -> None:
+        """rows: (line_start, line_end, byte_start, byte_end, record, tokens, text); their vectors
+        follow through `add_vectors`, in the same order."""
         self.db.executemany(
             "INSERT INTO chunks(id, file, line_start, line_end, byte_start, byte_end, record, tokens, text) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(self.rows + i, file_id, *r) for i, r in enumerate(rows)])
         self.db.execute("UPDATE files SET chunks = chunks + ? WHERE id = ?", (len(rows), file_id))
         self.rows += len(rows)
+
+    def add_vectors(self, vectors: np.ndarray) -> None:
+        """The next rows' vectors (N, dim), normalised and stored as float16."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim or self.written + len(vectors) > self.rows:
+            raise AssertionError(f"vectors {vectors.shape} after {self.written} of {self.rows} rows, dim {self.dim}")
+        self._vectors.write(normalize(vectors).astype("<f2").tobytes())
+        self.written += len(vectors)
 
     def copy_file(self, old: Index, path: str) -> None:
         """A file of an older index, its chunks and vectors as they were (`index add`)."""
@@ -155,6 +159,7 @@ class Writer:
             ids = np.array([r[0] for r in block], dtype=np.int64)
             # unit rows already: written as read, never through float32 and back
             self._vectors.write(np.ascontiguousarray(old.vectors[ids]).astype("<f2").tobytes())
+            self.written += len(block)
             self.db.executemany(
                 "INSERT INTO chunks(id, file, line_start, line_end, byte_start, byte_end, record, tokens, text) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -171,6 +176,8 @@ class Writer:
 
     def close(self) -> None:
         """Flush and close the vectors and the database (before the manifest hashes them)."""
+        if self.written != self.rows:
+            raise AssertionError(f"{self.rows} chunks but {self.written} vectors")
         self._vectors.close()
         self.db.commit()
         self.db.close()
@@ -183,7 +190,9 @@ class Writer:
 def memmap_vectors(path: Path, rows: int, dim: int) -> np.ndarray:
     if rows == 0:
         return np.zeros((0, dim), dtype="<f2")
-    return np.memmap(path, dtype="<f2", mode="r", shape=(rows, dim))
+    # copy-on-write ("c"): reads like "r" and nothing is ever written back, but the array is writable,
+    # which torch.from_numpy wants (it warns about read-only arrays)
+    return np.memmap(path, dtype="<f2", mode="c", shape=(rows, dim))
 
 
 # ---- reading -------------------------------------------------------------------------------------
