@@ -102,8 +102,8 @@ def fit(prompter: Prompter, question: str, hits: list[Hit], budget: int) -> tupl
         ids = prompter.encode(question, hits[:n])
         if len(ids) <= budget:
             return ids, hits[:n]
-    raise LmforgeError(f"the question alone takes {len(ids)} tokens, more than the {budget} the model's context leaves "
-                       "beside the answer; shorten it or lower --max-tokens")
+    raise LmforgeError(f"the prompt without sources (instruction and question) takes {len(ids)} tokens, more than the "
+                       f"{budget} the model's context leaves beside the answer; shorten the question or lower --max-tokens")
 
 
 def cited(text: str, n_sources: int) -> list[int]:

@@ -96,7 +96,7 @@ class Reader:
         except NotUtf8 as e:
             if self.strict:
                 raise DataError(f"{e} (--strict: every input must be UTF-8 text)") from None
-            self.skipped.append({"path": str(src.path), "reason": "not UTF-8"})
+            self.skipped.append({"path": str(src.path), "reason": "not UTF-8", "sha256": sha256})
             return None
         # offsets (character ranges of each token) are what cut() needs: encode_batch, not the _fast one
         encodings = self.embedder.tokenizer.hf.encode_batch([d.text for d in docs], add_special_tokens=False)
@@ -288,11 +288,12 @@ def add_to_index(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
             fresh: list[tuple[Source, bytes, str]] = []
             replaced: set[str] = set()
             unchanged = 0
+            skipped_before = {s["path"]: s.get("sha256") for s in old.fields.get("skipped", [])}
             for src in sources:
                 data, sha = reader.read(src)
                 known = old.file(str(src.path))
-                if known is not None and known["sha256"] == sha:
-                    unchanged += 1
+                if (known is not None and known["sha256"] == sha) or skipped_before.get(str(src.path)) == sha:
+                    unchanged += 1  # as indexed, or as skipped (not UTF-8) last time
                     continue
                 if known is not None:
                     replaced.add(str(src.path))

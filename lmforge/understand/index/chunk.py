@@ -10,7 +10,7 @@ in the neighbouring chunk. Two refinements keep chunks readable and their citati
   break within its second half (a chunk is whole lines whenever a line break is near);
 - the next window starts at a line start: the first one inside the overlap, else the nearest one
   before it (up to half a window back: a longer overlap rather than a chunk that starts mid-line),
-  else mid-line `overlap` tokens back.
+  else right after the window when it ended a line (no overlap), else mid-line `overlap` back.
 
 Spans: for a text file, the 1-based line range of the chunk's first and last visible (non-space)
 characters, and the byte range [start, end) of the whole chunk within the file. For a JSONL record, the chunk lies inside a JSON string, so its span is the
@@ -89,8 +89,9 @@ def cut(text: str, offsets: Sequence[tuple[int, int]], chunking: Chunking) -> li
 
 def _next_start(closes_line: list[bool], start: int, end: int, chunking: Chunking) -> int:
     """Where the window after [start, end) starts: the first line start within the last `overlap`
-    tokens, else the nearest line start before them (at most half a window back), else
-    `overlap` tokens back; always after `start`."""
+    tokens, else the nearest line start before them (at most half a window back), else `end`
+    itself when the window ended a line (no overlap rather than a chunk that starts mid-line),
+    else `overlap` tokens back; always after `start`."""
     nxt = max(end - chunking.overlap, start + 1)
     for i in range(nxt, end):
         if closes_line[i - 1]:
@@ -98,7 +99,7 @@ def _next_start(closes_line: list[bool], start: int, end: int, chunking: Chunkin
     for i in range(nxt - 1, max(start + 1, end - chunking.size // 2) - 1, -1):
         if closes_line[i - 1]:
             return i
-    return nxt
+    return end if closes_line[end - 1] else nxt
 
 
 @dataclass(frozen=True)
