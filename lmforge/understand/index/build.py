@@ -145,7 +145,7 @@ def _finish(writer: Writer, tmp: Path, *, embedder: Embedder, model: str, chunki
         else:
             ann = Ann.build(writer.vectors())
         ann.save(tmp / ANN_FILE)
-        ann_info = Ann.describe()
+        ann_info = ann.describe()
         console.print(f"approximate index ({ann_info['library']} {ann_info['kind']}) in {time.perf_counter() - t:.1f} s")
     import bm25s
     import torch

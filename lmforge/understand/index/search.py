@@ -5,10 +5,11 @@ Dense
 A query is embedded by the index's own model and pooling (`check_embedder` refuses any other,
 naming both checksums) and L2-normalised like the stored rows, so a score is a cosine similarity.
 
-- Exact (`exact_search`): one matrix product over the float16 memmap, in blocks of rows, each
-  block's best candidates kept; the candidates are then rescored in float32 and sorted. float16
-  products (torch) are many times faster than converting the rows to float32 first, and the
-  rescoring makes the final order that of float32 arithmetic. Used below `ANN_MIN_ROWS` rows.
+- Exact (`exact_search`): a matrix-vector product per query over the float16 memmap, in blocks
+  of rows, each block's best candidates kept; the candidates are then rescored in float32 and
+  sorted. A float16 product (torch) reads half the bytes and is ~10x faster than converting the
+  rows to float32 first; the rescoring makes the final order that of float32 arithmetic. Used
+  below `ANN_MIN_ROWS` rows.
 - Approximate (`Ann`): from `ANN_MIN_ROWS` rows on, an index built by FAISS (`faiss-cpu`)
   proposes candidates, rescored exactly from the memmap like the exact ones.
 
@@ -51,9 +52,8 @@ if TYPE_CHECKING:
 RRF_K = 60
 CANDIDATES = 100  # per ranking fused by hybrid search, and at least this many from the ANN index
 ANN_MIN_ROWS = 200_000  # exact search below, an ANN index at and above (docs/search.md)
-ANN_KIND = "HNSW32"  # faiss index factory string (docs/search.md)
-ANN_EF_CONSTRUCTION = 80
-ANN_EF_SEARCH = 128
+ANN_NPROBE = 32  # inverted lists scanned per query (docs/search.md: recall@10 >= 0.95 at 1M)
+ANN_TRAIN_PER_CELL = 50  # k-means training vectors per inverted list (FAISS warns below 39)
 _BLOCK = 262_144  # rows per block of the exact scan (~128 MB of float16 at dim 256)
 
 
@@ -77,11 +77,13 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
     if k == 0:
         return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
     keep = min(n, max(4 * k, k + 16))  # candidates kept from the float16 scores for float32 rescoring
-    q16 = torch.from_numpy(queries).to(torch.float16).T.contiguous()  # (d, Q)
+    q16 = torch.from_numpy(queries).to(torch.float16)  # (Q, d)
     cand_rows, cand_scores = [], []
     for start in range(0, n, _BLOCK):
         block = torch.from_numpy(np.asarray(vectors[start:start + _BLOCK]))  # (B, d) float16, no copy
-        scores = (block @ q16).T.float()  # (Q, B)
+        # one matrix-vector product per query: on CPUs without float16 GEMM kernels (AVX2) a (B, d) x (d, Q)
+        # float16 product is many times slower than Q products with a vector (measured: docs/search.md)
+        scores = torch.stack([block @ q for q in q16]).float()  # (Q, B)
         top = torch.topk(scores, min(keep, scores.shape[1]), dim=1)
         cand_rows.append(top.indices + start)
         cand_scores.append(top.values)
@@ -108,7 +110,9 @@ def rescore(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k:
 
 
 class Ann:
-    """The approximate index (FAISS, inner product over the unit rows), stored as ann.faiss."""
+    """The approximate index: FAISS IVF (inverted lists over k-means cells, vectors stored as
+    float16) with inner product over the unit rows, stored as ann.faiss. A query scans the
+    `ANN_NPROBE` nearest cells; its candidates are rescored exactly by the caller."""
 
     def __init__(self, index: Any) -> None:
         self.index = index
@@ -117,13 +121,20 @@ class Ann:
     def wanted(rows: int) -> bool:
         return rows >= ANN_MIN_ROWS
 
+    @staticmethod
+    def cells(rows: int) -> int:
+        """Inverted lists for `rows` vectors: ~4 sqrt(N) (FAISS's guideline is 4-16 sqrt(N))."""
+        return max(1, min(rows // 40, int(4 * rows ** 0.5)))
+
     @classmethod
     def build(cls, vectors: np.ndarray) -> Ann:
         import faiss
 
-        index = faiss.index_factory(vectors.shape[1], ANN_KIND, faiss.METRIC_INNER_PRODUCT)
-        if hasattr(index, "hnsw"):
-            index.hnsw.efConstruction = ANN_EF_CONSTRUCTION
+        n, dim = vectors.shape
+        nlist = cls.cells(n)
+        index = faiss.index_factory(dim, f"IVF{nlist},SQfp16", faiss.METRIC_INNER_PRODUCT)
+        sample = np.sort(np.random.default_rng(0).choice(n, min(n, ANN_TRAIN_PER_CELL * nlist), replace=False))
+        index.train(np.asarray(vectors[sample], dtype=np.float32))  # k-means on a fixed sample: deterministic
         ann = cls(index)
         ann.add(vectors)
         return ann
@@ -147,16 +158,15 @@ class Ann:
         """Candidate rows (Q, n); -1 where the index found fewer."""
         import faiss
 
-        params = faiss.SearchParametersHNSW(efSearch=max(ANN_EF_SEARCH, n)) if hasattr(self.index, "hnsw") else None
+        params = faiss.SearchParametersIVF(nprobe=ANN_NPROBE)
         _, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), n, params=params)
         return rows
 
-    @staticmethod
-    def describe() -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         import faiss
 
-        return {"library": "faiss", "version": faiss.__version__, "kind": ANN_KIND, "file": ANN_FILE,
-                "ef_construction": ANN_EF_CONSTRUCTION, "ef_search": ANN_EF_SEARCH, "min_rows": ANN_MIN_ROWS}
+        return {"library": "faiss", "version": faiss.__version__, "kind": f"IVF{self.index.nlist},SQfp16",
+                "file": ANN_FILE, "nprobe": ANN_NPROBE, "min_rows": ANN_MIN_ROWS}
 
 
 # ---- BM25 ----------------------------------------------------------------------------------------
@@ -358,5 +368,5 @@ def search_command(path: str | os.PathLike, query: str, *, k: int = 5, mode: str
     return 0
 
 
-__all__ = ["load_embedder", "search_command", "MODES", "DEFAULT_MODE", "RRF_K", "CANDIDATES", "ANN_MIN_ROWS", "ANN_KIND", "Embeds", "exact_search",
+__all__ = ["load_embedder", "search_command", "MODES", "DEFAULT_MODE", "RRF_K", "CANDIDATES", "ANN_MIN_ROWS", "ANN_NPROBE", "Embeds", "exact_search",
            "rescore", "Ann", "words", "Bm25", "rrf", "check_embedder", "Searcher"]
