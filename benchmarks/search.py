@@ -82,7 +82,10 @@ def measure(label: str, build_s: float, vecs: np.ndarray, queries: np.ndarray, e
 
 
 def vectors_section(sizes: list[int], noise: float) -> None:
-    import usearch.index as ui
+    try:
+        import usearch.index as ui  # the alternative measured against FAISS; not an lmforge dependency
+    except ImportError:
+        ui = None
 
     from lmforge.understand.index import search as S
 
@@ -111,6 +114,9 @@ def vectors_section(sizes: list[int], noise: float) -> None:
             measure(f"FAISS IVF{ann.index.nlist},SQfp16 nprobe {S.ANN_NPROBE}", time.perf_counter() - t, vecs, queries,
                     exact, lambda q, ann=ann: ann.search(q[None], S.CANDIDATES))
             del ann
+            if ui is None:
+                print(f"| {n:,} | usearch: not installed (pip install usearch) | - | - | - | - |")
+                continue
             t = time.perf_counter()
             u = ui.Index(ndim=DIM, metric="ip", dtype="f16", connectivity=16, expansion_add=64, expansion_search=128)
             for s in range(0, n, 262_144):
