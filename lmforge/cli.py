@@ -283,11 +283,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return watch(args.path, tasks=args.tasks, data=args.data, text=args.text, batch_size=args.batch_size,
                      threads=args.threads, max_batches=args.max_batches,
                      interval=10.0 if args.interval is None else args.interval,
-                     once=args.once, follow=args.follow, scorer=args.scorer)
+                     once=args.once, follow=args.follow, scorer=args.scorer, retrieval=args.retrieval)
     from .evaluate.harness import eval_command
 
     return eval_command(args.path, tasks=args.tasks, data=args.data, text=args.text, batch_size=args.batch_size,
-                        threads=args.threads, max_batches=args.max_batches, as_json=args.json, scorer=args.scorer)
+                        threads=args.threads, max_batches=args.max_batches, as_json=args.json, scorer=args.scorer,
+                        retrieval=args.retrieval)
+
+
+# ---- embed -----------------------------------------------------------------------------------
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .understand.embed import embed_command
+
+    return embed_command(args.model, args.inputs, args.out, kind=args.kind, dtype=args.dtype, batch_size=args.batch_size,
+                         threads=args.threads, max_len=args.max_len, text_field=args.text_field, id_field=args.id_field,
+                         strict=args.strict, overwrite=args.overwrite)
 
 
 # ---- import / export ------------------------------------------------------------------------
@@ -540,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory (newest intact checkpoint; with --watch: every one) or checkpoint directory")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="task files (docs/eval.md) or bundled tasks by name, "
                    "e.g. python-mc")
+    p.add_argument("--retrieval", nargs="+", metavar="TASK", help="retrieval tasks (docs and queries, docs/eval.md) or "
+                   "bundled ones by name, e.g. stdlib-doc2code: nDCG@10, recall@1/10/100, MRR@10 of the model's "
+                   "embeddings (alone, no loss on the run's data)")
     p.add_argument("--data", help="prepared dataset whose val split to score (default: the run's data.path)")
     p.add_argument("--text", help="score a UTF-8 text file instead of a dataset")
     p.add_argument("--batch-size", type=int, help="rows per forward (default: eval.batch_size)")
@@ -553,6 +568,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "(not with --follow)")
     p.add_argument("--follow", action="store_true", help="--watch: keep watching after the run completed (not with --once)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("embed", help="texts -> vectors from your own model (pooling recorded with the model)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "inputs: a .jsonl file gives one text per record (--text-field, id from --id-field or FILE:LINE);\n"
+                           "any other file one text per non-blank line (id FILE:LINE); a directory one text per file\n"
+                           "in it (id: its path; .jsonl files in it as above). Details: docs/embeddings.md"))
+    p.add_argument("model", help="run directory (newest checkpoint), checkpoint directory or model directory")
+    p.add_argument("inputs", nargs="+", help="text files (one text per line), .jsonl files or directories")
+    p.add_argument("--out", required=True, help="vectors: OUT.npy (+ ids in OUT.ids.jsonl) or OUT.parquet (needs pyarrow)")
+    p.add_argument("--kind", choices=["document", "query"], default="document",
+                   help="which of the model's prefixes goes before each text (embed.document_prefix / query_prefix)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="dtype of the written vectors")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward (sorted by length)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--max-len", type=int, help="cut texts to this many tokens (default: the model's max_seq_len)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--id-field", default="id", help="JSONL field holding the id (default id; else FILE:LINE)")
+    p.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and its ids file) if they exist")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("import", help="a Hugging Face Llama dir or a GGUF file -> an lmforge model directory")
     p.add_argument("source", help="local Hugging Face model directory (config.json + safetensors) or a .gguf file")

@@ -3,6 +3,7 @@ determinism, bidirectional attention, prefixes, the fingerprint, and clear error
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,70 @@ def test_bad_inputs_are_clear_errors(embedder, tmp_path) -> None:
         Embedder.load(tmp_path / "nothing")
     with pytest.raises(ConfigError, match="embedding dtype must be one of auto, fp32, bf16"):
         Embedder(embedder.loaded, dtype="fp16")
+
+
+# ---- lmforge embed -----------------------------------------------------------------------------
+
+
+def test_embed_command_reads_lines_jsonl_and_directories(model_dir, embedder, tmp_path, capsys) -> None:
+    from lmforge.cli import main
+
+    (tmp_path / "a.txt").write_text("first line\n\nsecond line\r\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"id": "x1", "body": "json text"}\n{"body": "no id"}\n{"id": 3, "body": ""}\n')
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "one.md").write_text("a whole file\nis one text\n", encoding="utf-8")
+    (docs / "sub" / "bin.dat").write_bytes(b"\xff\xfe not utf-8")
+    (docs / ".hidden").write_text("skipped", encoding="utf-8")
+    out = tmp_path / "out" / "emb.npy"
+    inputs = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), str(docs)]
+    assert main(["embed", str(model_dir), *inputs, "--out", str(out), "--text-field", "body", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "2 empty skipped; 1 non-UTF-8 file(s) skipped" in captured.out and "bin.dat" in captured.err
+    ids = [json.loads(line)["id"] for line in (tmp_path / "out" / "emb.ids.jsonl").read_text().splitlines()]
+    assert ids == [f"{tmp_path}/a.txt:1", f"{tmp_path}/a.txt:3", "x1", f"{tmp_path}/b.jsonl:2", f"{docs}/one.md"]
+    vectors = np.load(out)
+    want = embedder.embed(["first line", "second line", "json text", "no id", "a whole file\nis one text\n"])
+    assert vectors.dtype == np.float32 and np.abs(vectors - want).max() < 1e-5
+    half = tmp_path / "half.npy"
+    assert main(["embed", str(model_dir), str(tmp_path / "a.txt"), "--out", str(half), "--dtype", "float16"]) == 0
+    assert np.load(half).dtype == np.float16 and np.allclose(np.load(half), want[:2], atol=1e-3)
+    pq = pytest.importorskip("pyarrow.parquet")
+    assert main(["embed", str(model_dir), str(tmp_path / "a.txt"), "--out", str(tmp_path / "v.parquet")]) == 0
+    table = pq.read_table(tmp_path / "v.parquet")
+    assert table.column("id").to_pylist() == [f"{tmp_path}/a.txt:1", f"{tmp_path}/a.txt:3"]
+    assert np.allclose(np.array(table.column("embedding").to_pylist()), want[:2], atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{model}", "{empty}", "--out", "{out}"], "no text to embed in"),
+    (["{model}", "{bad}", "--out", "{out}", "--strict"], "not UTF-8 (byte 0) (--strict: every input must be UTF-8 text)"),
+    (["{text}", "{text}", "--out", "{out}"], "is a file; expected a run, checkpoint or model directory"),
+    (["{root}", "{text}", "--out", "{out}"], "is not a run, checkpoint or model directory"),
+    (["{model}", "{text}", "--out", "{root}/v.csv"], "name a .npy file"),
+    (["{model}", "{text}", "--out", "{text}.npy", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["{model}", "{root}/missing.txt", "--out", "{out}"], "input not found"),
+])
+def test_embed_command_bad_input_is_one_line_exit_2(model_dir, tmp_path, capsys, args, message) -> None:
+    from lmforge.cli import main
+
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe")
+    (tmp_path / "t.txt").write_text("hello\n", encoding="utf-8")
+    names = {"model": model_dir, "empty": tmp_path / "empty.txt", "bad": tmp_path / "bad.txt", "text": tmp_path / "t.txt",
+             "out": tmp_path / "o.npy", "root": tmp_path}
+    assert main(["embed", *[a.format(**names) for a in args]]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_embed_refuses_to_overwrite_without_the_flag(model_dir, tmp_path, capsys) -> None:
+    from lmforge.cli import main
+
+    (tmp_path / "t.txt").write_text("hello\n", encoding="utf-8")
+    out = tmp_path / "o.npy"
+    assert main(["embed", str(model_dir), str(tmp_path / "t.txt"), "--out", str(out)]) == 0
+    assert main(["embed", str(model_dir), str(tmp_path / "t.txt"), "--out", str(out)]) == 2
+    assert "already exists; choose another --out or pass --overwrite" in capsys.readouterr().err
+    assert main(["embed", str(model_dir), str(tmp_path / "t.txt"), "--out", str(out), "--overwrite", "--kind", "query"]) == 0

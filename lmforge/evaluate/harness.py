@@ -36,11 +36,19 @@ from .tasks import Task, context_ids, encode_request, load_task
 
 
 def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batch_size: int,
-               scorer: str = "packed") -> dict[str, float]:
-    """Metrics of one task: mc -> acc, acc_norm; cloze -> acc, logprob; gen -> exact_match."""
+               scorer: str = "packed", config: Config | None = None) -> dict[str, float]:
+    """Metrics of one task: mc -> acc, acc_norm; cloze -> acc, logprob; gen -> exact_match;
+    retrieval -> ndcg@10, recall@1/10/100, mrr@10 (the pooling of `config`, fp32)."""
     max_len = model.cfg.max_seq_len
     if task.kind == "gen":
         return _generate_task(model, tokenizer, task)
+    if task.kind == "retrieval":
+        from ..understand.embed import Embedder
+        from .retrieval import score_retrieval
+
+        if config is None:
+            raise LmforgeError(f"task {task.name}: a retrieval task needs the model's config (its embed: pooling)")
+        return score_retrieval(Embedder.from_model(model, tokenizer, config, batch_size=batch_size, dtype="fp32"), task)
     requests = []
     for item in task.items:
         conts = item.choices if task.kind == "mc" else (item.target,)
@@ -132,8 +140,9 @@ def evaluate_model(
             nll, tokens, nbytes = nll_totals(model, _counted(batches, progress, bar), tokenizer.token_nbytes())
             out.update(M.loss_metrics(nll, tokens, nbytes))
         for task in tasks:
-            bar = progress.add_task(f"{task.name} ({len(task.items)} {task.kind})", total=1)
-            for k, v in score_task(model, tokenizer, task, batch_size=batch_size, scorer=scorer).items():
+            size = f"{len(task.queries)} queries, {len(task.docs)} docs" if task.kind == "retrieval" else len(task.items)
+            bar = progress.add_task(f"{task.name} ({size} {task.kind})", total=1)
+            for k, v in score_task(model, tokenizer, task, batch_size=batch_size, scorer=scorer, config=cfg).items():
                 out[f"{task.name}/{k}"] = v
             progress.advance(bar)
     return out
@@ -151,8 +160,15 @@ def _progress(show: bool) -> Progress:
     return bar
 
 
-def load_tasks(paths: list[str]) -> list[Task]:
+def load_tasks(paths: list[str], retrieval: list[str] | None = None) -> list[Task]:
+    """Task files (any kind) and `--retrieval` files (which must be retrieval tasks), validated."""
     tasks = [load_task(p) for p in paths]
+    for p in retrieval or []:
+        task = load_task(p)
+        if task.kind != "retrieval":
+            raise DataError(f"--retrieval {p}: a {task.kind} task, not a retrieval task (doc and query lines, "
+                            "docs/eval.md); give it to --tasks")
+        tasks.append(task)
     names = [t.name for t in tasks]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -181,18 +197,19 @@ def eval_command(
     max_batches: int,
     as_json: bool,
     scorer: str = "packed",
+    retrieval: list[str] | None = None,
 ) -> int:
     """`lmforge eval RUN_OR_CKPT`: print the metrics of one checkpoint (newest intact of a run)."""
     from ..artifacts import load_model
 
     check_eval_options(data, text, batch_size, max_batches)
-    task_list = load_tasks(list(tasks or []))  # validate task files before loading any model
+    task_list = load_tasks(list(tasks or []), retrieval)  # validate task files before loading any model
     loaded = load_model(path)
     model, tokenizer, cfg, origin = loaded.model, loaded.tokenizer, loaded.config, loaded.origin
     if threads:  # default: every core (eval.threads is the sidecar's budget, beside training)
         torch.set_num_threads(threads)
     bs = batch_size or cfg.eval.batch_size
-    source = text_source(cfg, tokenizer, data=data, text=text)
+    source = None if retrieval and not (data or text or tasks) else text_source(cfg, tokenizer, data=data, text=text)
     if source is None and not task_list:
         raise DataError(
             f"nothing to evaluate: the run's data.path ({cfg.data.path or 'unset'}) is not a prepared dataset here "

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from pathlib import Path
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -219,8 +220,20 @@ class Embedder:
 
         return cls(load_model(path, device=device), pooling, batch_size=batch_size, dtype=dtype, max_len=max_len)
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer: Any, config: Any, pooling: Pooling | None = None,
+                   **kwargs: Any) -> Embedder:
+        """An embedder over a model in memory (evaluation, training). It was not loaded from disk,
+        so it has no checksum and no `fingerprint()`."""
+        from ..artifacts import Loaded
+
+        return cls(Loaded(model, tokenizer, config, None), pooling, **kwargs)  # type: ignore[arg-type]
+
     def fingerprint(self) -> dict[str, Any]:
         """What index and classifier directories record and compare to refuse another model."""
+        if self.loaded.origin is None:
+            raise ConfigError("this embedder's model was not loaded from a run, checkpoint or model directory, "
+                              "so there is no checksum to record; load it with Embedder.load(path)")
         return {"model_sha256": self.loaded.origin.model_sha256, "tokenizer_sha256": self.tokenizer.sha256,
                 "pooling": self.pooling.to_dict(), "dim": self.dim}
 
@@ -241,6 +254,16 @@ class Embedder:
 
     def embed_ids(self, ids: Sequence[Sequence[int]], *, progress: bool = False) -> np.ndarray:
         """Token-id lists (no prefix added; each cut to max_len) -> (N, dim) float32 in input order."""
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        for chosen, hidden, mask in self.hidden_batches(ids, progress=progress):
+            out[chosen] = finish(pool(hidden, mask, self.pooling.method), self.pooling).cpu().numpy()
+        return out
+
+    def hidden_batches(self, ids: Sequence[Sequence[int]], *,
+                       progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Per length-sorted batch: (the inputs' indices, hidden states (B, T, C), real-token mask
+        (B, T)), computed without gradients under this embedder's precision and attention. Each
+        input is cut to max_len; an empty one or a token id outside the vocabulary is a DataError."""
         import torch
 
         from ..model import autocast
@@ -253,7 +276,6 @@ class Embedder:
                 raise DataError(f"input {i}: token ids must be integers within 0..{vocab - 1}")
         rows = [list(r[: self.max_len]) for r in ids]
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))  # longest first; stable
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
         bar = _Bar(len(rows)) if progress else None
         try:
             for start in range(0, len(order), self.batch_size):
@@ -264,17 +286,14 @@ class Embedder:
                 for b, i in enumerate(chosen):
                     idx[b, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
                 mask, attn = padding_masks(lengths, T, self.pooling.bidirectional)
-                with torch.inference_mode():
-                    with autocast(self.dtype, self.device.type):
-                        hidden = self.model.hidden_states(idx.to(self.device), attn_mask=attn)  # (B, T, C)
-                    vectors = finish(pool(hidden, mask, self.pooling.method), self.pooling)  # (B, C) fp32
-                out[chosen] = vectors.float().cpu().numpy()
+                with torch.inference_mode(), autocast(self.dtype, self.device.type):
+                    hidden = self.model.hidden_states(idx.to(self.device), attn_mask=attn)  # (B, T, C)
+                yield chosen, hidden, mask
                 if bar is not None:
                     bar.advance(len(chosen), int(lengths.sum()))
         finally:
             if bar is not None:
                 bar.close()
-        return out
 
 
 class _Bar:
@@ -302,5 +321,101 @@ class _Bar:
         self.progress.stop()
 
 
+
+
+# ---- `lmforge embed` ---------------------------------------------------------------------------
+
+OUT_DTYPES = ("float32", "float16")
+
+
+def ids_path(out: Path) -> Path:
+    """The ids that go beside vectors.npy: vectors.ids.jsonl, one {"id": ...} per row, in row order."""
+    return out.with_name(out.name.removesuffix(".npy") + ".ids.jsonl")
+
+
+def write_vectors(out: Path, ids: Sequence[str], vectors: np.ndarray, *, overwrite: bool = False) -> list[Path]:
+    """Vectors and their ids, each file written atomically: OUT.npy + OUT.ids.jsonl, or one
+    OUT.parquet (columns id, embedding) when pyarrow is importable. Returns the files written."""
+    import io
+    import json
+
+    from ..util import atomic_write_bytes
+
+    if out.suffix not in (".npy", ".parquet"):
+        raise ConfigError(f"--out {out}: name a .npy file (vectors, plus ids in .ids.jsonl beside it) or a .parquet file")
+    targets = [out, ids_path(out)] if out.suffix == ".npy" else [out]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{existing[0]} already exists; choose another --out or pass --overwrite")
+    if out.suffix == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ConfigError(f"--out {out}: parquet needs pyarrow (pip install pyarrow); or write a .npy file") from None
+        flat = pa.array(vectors.reshape(-1))
+        table = pa.table({"id": pa.array(list(ids), pa.string()),
+                          "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        atomic_write_bytes(out, buf.getvalue())
+        return targets
+    atomic_write_bytes(targets[1], "".join(json.dumps({"id": i}, ensure_ascii=False) + "\n" for i in ids).encode("utf-8"))
+    buf = io.BytesIO()
+    np.save(buf, vectors, allow_pickle=False)
+    atomic_write_bytes(out, buf.getvalue())
+    return targets
+
+
+def embed_command(model: str, inputs: Sequence[str], out: str, *, kind: str = "document", dtype: str = "float32",
+                  batch_size: int = 32, threads: int = 0, max_len: int | None = None, text_field: str = "text",
+                  id_field: str = "id", strict: bool = False, overwrite: bool = False) -> int:
+    """`lmforge embed MODEL INPUTS... --out vectors.npy`: texts (understand/texts.py) -> vectors."""
+    import torch
+
+    from ..util import console, out as results_out, warn
+    from .texts import read_texts
+
+    if dtype not in OUT_DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(OUT_DTYPES)}; got {dtype!r}")
+    if kind not in KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    if threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: all cores), got {threads}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    target = Path(out)
+    if target.suffix not in (".npy", ".parquet"):
+        raise ConfigError(f"--out {out}: name a .npy file (vectors, plus ids in .ids.jsonl beside it) or a .parquet file")
+    if not overwrite and target.exists():
+        raise ConfigError(f"{target} already exists; choose another --out or pass --overwrite")
+    found = read_texts(inputs, text_field=text_field, id_field=id_field, strict=strict)  # before loading a model
+    if found.not_utf8:
+        names = ", ".join(found.not_utf8[:5]) + (" ..." if len(found.not_utf8) > 5 else "")
+        warn(f"skipped {len(found.not_utf8)} file(s) that are not UTF-8: {names} (--strict refuses them)")
+    if threads:
+        torch.set_num_threads(threads)
+    emb = Embedder.load(model, batch_size=batch_size, max_len=max_len)
+    ids = emb.tokenize(found.texts, kind=kind)  # type: ignore[arg-type]
+    cut = sum(len(r) > emb.max_len for r in ids)
+    console.print(f"embedding {len(ids)} texts from {found.files} file(s) with {model} "
+                  f"({emb.pooling.method} pooling, {emb.dtype}, {torch.get_num_threads()} threads)", markup=False)
+    start = time.perf_counter()
+    vectors = emb.embed_ids(ids, progress=True)
+    seconds = time.perf_counter() - start
+    written = write_vectors(target, found.ids, vectors.astype(np.float16 if dtype == "float16" else np.float32),
+                            overwrite=overwrite)
+    tokens = sum(min(len(r), emb.max_len) for r in ids)
+    notes = [f"{cut} cut to {emb.max_len} tokens" if cut else "",
+             f"{found.empty} empty skipped" if found.empty else "",
+             f"{len(found.not_utf8)} non-UTF-8 file(s) skipped" if found.not_utf8 else ""]
+    notes_text = "; ".join(n for n in notes if n)
+    results_out.print(f"embedded {len(ids)} texts ({tokens} tokens) in {seconds:.1f}s "
+                      f"({len(ids) / max(seconds, 1e-9):.1f} texts/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s) -> "
+                      f"{', '.join(map(str, written))}: {len(ids)} x {emb.dim} {dtype}"
+                      + (f" ({notes_text})" if notes_text else ""), markup=False)
+    return 0
+
+
 __all__ = ["Pooling", "Embedder", "pool", "finish", "padding_masks", "native_bf16", "resolve_dtype",
-           "fingerprint_mismatch", "KINDS", "DTYPES"]
+           "fingerprint_mismatch", "embed_command", "write_vectors", "ids_path", "KINDS", "DTYPES", "OUT_DTYPES"]
