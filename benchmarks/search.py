@@ -176,30 +176,17 @@ def build_section(work: Path, model: str | None, n: int, batch_size: int) -> Non
     print(f"{s:.1f} s ({c['chunks'] / s:,.0f} chunks/s, {c['tokens'] / s:,.0f} tokens/s); goal <= 300 s")
 
 
-def retrieval_metrics(ranked: list[list[str]], relevant: list[list[str]]) -> dict[str, float]:
-    """nDCG@10 (binary gains), recall@10 and MRR@10 averaged over queries."""
-    ndcg, recall, mrr = [], [], []
-    for ids, rel in zip(ranked, relevant):
-        hits = [1.0 if d in rel else 0.0 for d in ids[:10]]
-        ideal = sum(1 / math.log2(i + 2) for i in range(min(len(rel), 10)))
-        ndcg.append(sum(h / math.log2(i + 2) for i, h in enumerate(hits)) / ideal)
-        recall.append(sum(hits) / len(rel))
-        mrr.append(next((1 / (i + 1) for i, h in enumerate(hits) if h), 0.0))
-    return {"ndcg@10": statistics.mean(ndcg), "recall@10": statistics.mean(recall), "mrr@10": statistics.mean(mrr)}
-
-
-def quality_section(work: Path, models: list[str], task_path: Path) -> None:
+def quality_section(work: Path, models: list[str], task_path: str) -> None:
+    from lmforge.evaluate.metrics import retrieval_metrics
+    from lmforge.evaluate.tasks import load_task
     from lmforge.understand.index.build import build_index
     from lmforge.understand.index.search import Searcher, load_embedder
     from lmforge.understand.index.store import Index
 
-    docs, queries = [], []
-    for line in task_path.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        (docs if r["type"] == "doc" else queries).append(r)
+    task = load_task(task_path)
     corpus = work / "task-docs.jsonl"
-    corpus.write_text("".join(json.dumps({"id": d["id"], "text": d["text"]}) + "\n" for d in docs))
-    print(f"\n## quality: {task_path.name}, {len(docs)} docs, {len(queries)} queries")
+    corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in task.docs))
+    print(f"\n## quality: {task.name}, {len(task.docs)} docs, {len(task.queries)} queries")
     print("| model | mode | nDCG@10 | recall@10 | MRR@10 |")
     print("|---|---|---:|---:|---:|")
     for model in models:
@@ -209,13 +196,13 @@ def quality_section(work: Path, models: list[str], task_path: Path) -> None:
             searcher = Searcher(index, load_embedder(index))
             for mode in ("bm25", "dense", "hybrid"):
                 ranked = []
-                for q in queries:
+                for q in task.queries:
                     ids: list[str] = []
-                    for h in searcher.search(q["text"], k=30, mode=mode):  # chunks -> their record, first hit counts
+                    for h in searcher.search(q.text, k=30, mode=mode):  # chunks -> their record: its best chunk counts
                         if h.record not in ids:
                             ids.append(h.record)
                     ranked.append(ids[:10])
-                m = retrieval_metrics(ranked, [q["relevant"] for q in queries])
+                m = retrieval_metrics(ranked, [q.relevant for q in task.queries])
                 print(f"| {model} | {mode} | {m['ndcg@10']:.3f} | {m['recall@10']:.3f} | {m['mrr@10']:.3f} |", flush=True)
 
 
@@ -227,7 +214,7 @@ def main() -> None:
     p.add_argument("--texts", type=int, default=100_000, help="short texts for the build section")
     p.add_argument("--batch-size", type=int, default=64, help="build: chunks per embedding forward")
     p.add_argument("--model", action="append", default=[], help="build / quality: a trained model (repeatable)")
-    p.add_argument("--task", default=str(Path(__file__).resolve().parents[1] / "lmforge" / "tasks" / "stdlib-doc2code.jsonl"))
+    p.add_argument("--task", default="stdlib-doc2code", help="retrieval task file or bundled name (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch and FAISS threads (0: all cores)")
     p.add_argument("--work", help="working directory (default: a temporary one)")
     args = p.parse_args()
@@ -250,7 +237,7 @@ def main() -> None:
             if not args.model:
                 print("\n## quality: skipped (give --model, a trained model: a random one ranks at random)")
             else:
-                quality_section(work, args.model, Path(args.task))
+                quality_section(work, args.model, args.task)
     load = os.getloadavg()
     print(f"\nload average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

@@ -367,7 +367,10 @@ def info_command(path: str | os.PathLike, as_json: bool = False) -> int:
         return 0
     table = Table(title=f"index {path}", show_header=False)
     for key, value in summary.items():
-        table.add_row(key, human_bytes(value) if key == "bytes" else str(value))
+        if key == "pooling" and isinstance(value, dict):  # mean, normalized, prefixes when set
+            value = ", ".join([value.get("method", "?")] + [k for k in ("normalize", "bidirectional") if value.get(k)]
+                              + [f"{k} {value[k]!r}" for k in ("query_prefix", "document_prefix") if value.get(k)])
+        table.add_row(key, human_bytes(value) if key == "bytes" else escape(str(value)))
     results_out.print(table)
     return 0
 
