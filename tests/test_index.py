@@ -326,6 +326,34 @@ def test_add_skips_unchanged_replaces_changed_adds_new(models, tmp_path, capsys)
     assert not list(tmp_path.glob(".idx.*.tmp"))
 
 
+def test_an_index_above_the_ann_threshold(models, tmp_path, monkeypatch) -> None:
+    from lmforge.understand.embed import Embedder
+    from lmforge.understand.index.build import add_to_index, build_index
+
+    monkeypatch.setattr(S, "ANN_MIN_ROWS", 5)  # what 200,000 chunks do, on a few
+    corpus = write_corpus(tmp_path)
+    idx = tmp_path / "idx"
+    manifest = build_index(models[0], [corpus / "printer.md", corpus / "vpn.md"], idx, chunk_size=16)
+    assert manifest["ann"]["library"] == "faiss" and "ann.faiss" in manifest["files"]
+    emb = Embedder.load(models[0], device="cpu")
+
+    def agree() -> None:  # an IVF index this small scans every cell: the ANN answers exactly
+        with Index.open(idx) as index:
+            searcher = S.Searcher(index, emb)
+            assert searcher.ann() is not None
+            q = searcher.embed_query("green light")
+            exact, _ = S.exact_search(index.vectors, q, index.rows)
+            assert searcher.dense(q, index.rows)[0].tolist() == exact[0].tolist()
+            assert index.rows == S.Ann.load(idx / "ann.faiss").index.ntotal
+
+    agree()
+    add_to_index(idx, [corpus / "code"])  # only new rows: the graph is extended
+    agree()
+    (corpus / "vpn.md").write_text("# VPN\n\nThe gateway moved.\n")
+    add_to_index(idx, [corpus / "vpn.md"])  # a replaced file: rebuilt
+    agree()
+
+
 KILL_DRIVER = textwrap.dedent("""
     import os, signal, sys
     import lmforge.understand.index.build as b
