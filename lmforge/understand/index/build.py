@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import platform
@@ -197,8 +198,11 @@ def writing(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LmforgeError(f"another lmforge is writing {path} (it holds {lock}); wait for it to finish") from None
-        for stale in list(path.parent.glob(f".{path.name}.*.tmp")) + list(path.parent.glob(f".{path.name}.*.old")):
-            shutil.rmtree(stale, ignore_errors=True)  # a killed writer's half-written or swapped-out version
+        # a killed writer's half-written or swapped-out version: atomic_dir's `.NAME.<8 random>.tmp`, replace_path's
+        # `.NAME.<8 hex>.old`; exactly 8 characters, so `.NAME.b.<8>.tmp` (the index NAME.b's) never matches
+        for stale in [*path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}.tmp"),
+                      *path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}.old")]:
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             yield
         finally:
@@ -208,9 +212,9 @@ def writing(path: Path) -> Iterator[None]:
 def build_index(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
           chunk_size: int | None = None, chunk_overlap: int | None = None, include: Sequence[str] = (),
           exclude: Sequence[str] = (), text_field: str = "text", strict: bool = False, overwrite: bool = False,
-          batch_size: int = 32, max_files: int | None = None, embedder: Embedder | None = None) -> dict[str, Any]:
-    """Build an index at `out` (see the module docstring); returns its manifest.
-    max_files: index only the first N files found (the quickstart's bounded demo)."""
+          batch_size: int = 32, embedder: Embedder | None = None) -> dict[str, Any]:
+    """Build an index at `out` (see the module docstring); returns its manifest. `embedder`: an
+    Embedder of `model` already loaded (the quickstart's, sharing the weights it trained)."""
     out = Path(out)
     if not inputs:
         raise DataError("no inputs given: pass files, directories or .jsonl files to index")
@@ -222,7 +226,7 @@ def build_index(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     size = chunk_size if chunk_size is not None else min(256, embedder.max_len - reserved)
     chunking = Chunking(size, chunk_overlap if chunk_overlap is not None else size // 8)
     check_size(chunking, embedder.max_len, reserved)
-    sources = collect_sources(inputs, include, exclude)[:max_files]
+    sources = collect_sources(inputs, include, exclude)
     reader = Reader(embedder, chunking, text_field, strict)
     t0 = time.perf_counter()
     with writing(out):

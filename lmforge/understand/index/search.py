@@ -13,9 +13,16 @@ naming both checksums) and L2-normalised like the stored rows, so a score is a c
 - Approximate (`Ann`): from `ANN_MIN_ROWS` rows on, an index built by FAISS (`faiss-cpu`)
   proposes candidates, rescored exactly from the memmap like the exact ones.
 
-Why FAISS, and which index: see docs/search.md for the figures (benchmarks/search.py measures
-FAISS and usearch side by side at 100k and 1M synthetic vectors: build time, p50/p99 latency,
-recall@10 against exact search). ANN_KIND and ANN_MIN_ROWS below are set from those figures.
+Why FAISS IVF (figures and commands: docs/search.md; benchmarks/search.py measures FAISS and
+usearch side by side at 100k and 1M synthetic vectors): on this project's 2-core CPUs the index
+must be cheap to build, since it is rebuilt whenever `index add` replaces a file. An IVF index is
+k-means on a fixed sample plus one assignment pass, minutes at 1M rows, where an HNSW graph
+(usearch, or FAISS's own) takes many times longer to build for a latency gain that does not show
+behind the embedding of the query (milliseconds against tens of milliseconds). IVF's recall is set
+by how many cells a query scans (ANN_NPROBE), and the 100 candidates it proposes are rescored
+exactly, so its recall@10 is measured on the final ranking. Vectors are stored as float16 in the
+cells (SQfp16): the ANN file is as large as vectors.f16, not twice it. ANN_MIN_ROWS is where the
+exact scan's latency passes the query's embedding time (docs/search.md).
 
 BM25 and hybrid
 ---------------
