@@ -12,15 +12,15 @@ Sections (all by default, or name some):
             sentence embeddings); --noise 1.5 makes neighbours barely closer than strangers.
 - build     `index build` of 100,000 short texts (stdlib source lines, 40-120 characters, JSONL)
             with a small-cpu-shaped model (configs/small-cpu.yaml: 4 layers, d_model 256, an 8k BPE
-            trained here; random weights unless --model names a trained one: speed does not depend
-            on the weights), end to end: chunking, embedding, vectors, SQLite, BM25.
+            trained here; random weights unless --build-model names a trained one: speed does not
+            depend on the weights), end to end: chunking, embedding, vectors, SQLite, BM25.
 - quality   the bundled retrieval task (docstring -> function, lmforge/tasks/stdlib-doc2code.jsonl)
             indexed with each --model (one record per function, its id the doc id) and searched in
             every mode: nDCG@10, recall@10, MRR@10 of dense, bm25 and hybrid. Decides DEFAULT_MODE.
 
     python benchmarks/search.py --threads 2
     python benchmarks/search.py vectors --sizes 100000 1000000
-    python benchmarks/search.py quality --model runs/stdlib --task tasks/stdlib-doc2code.jsonl
+    python benchmarks/search.py quality --model models/smol --model runs/embed1
 
 Run it alone: it measures the whole machine.
 """
@@ -213,7 +213,8 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=1.0)
     p.add_argument("--texts", type=int, default=100_000, help="short texts for the build section")
     p.add_argument("--batch-size", type=int, default=64, help="build: chunks per embedding forward")
-    p.add_argument("--model", action="append", default=[], help="build / quality: a trained model (repeatable)")
+    p.add_argument("--model", action="append", default=[], help="quality: a model to index the task with (repeatable)")
+    p.add_argument("--build-model", help="build: this model instead of a random-initialised small-cpu-shaped one")
     p.add_argument("--task", default="stdlib-doc2code", help="retrieval task file or bundled name (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch and FAISS threads (0: all cores)")
     p.add_argument("--work", help="working directory (default: a temporary one)")
@@ -232,7 +233,7 @@ def main() -> None:
         if "vectors" in args.sections:
             vectors_section(args.sizes, args.noise)
         if "build" in args.sections:
-            build_section(work, args.model[0] if args.model else None, args.texts, args.batch_size)
+            build_section(work, args.build_model, args.texts, args.batch_size)
         if "quality" in args.sections:
             if not args.model:
                 print("\n## quality: skipped (give --model, a trained model: a random one ranks at random)")
