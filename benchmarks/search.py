@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 DIM = 256
+SECTIONS = ("vectors", "build", "quality")
 QUERIES = 200
 
 
@@ -208,7 +209,7 @@ def quality_section(work: Path, models: list[str], task_path: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sections", nargs="*", default=["vectors", "build", "quality"], choices=["vectors", "build", "quality"])
+    p.add_argument("sections", nargs="*", choices=SECTIONS, help=f"default: all ({', '.join(SECTIONS)})")
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--noise", type=float, default=1.0)
     p.add_argument("--texts", type=int, default=100_000, help="short texts for the build section")
@@ -219,6 +220,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch and FAISS threads (0: all cores)")
     p.add_argument("--work", help="working directory (default: a temporary one)")
     args = p.parse_args()
+    args.sections = args.sections or list(SECTIONS)
     if args.threads:
         torch.set_num_threads(args.threads)
         import faiss
