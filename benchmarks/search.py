@@ -82,7 +82,7 @@ def measure(label: str, build_s: float, vecs: np.ndarray, queries: np.ndarray, e
           f"{statistics.mean(recall):.3f} |", flush=True)
 
 
-def vectors_section(sizes: list[int], noise: float) -> None:
+def vectors_section(sizes: list[int], noise: float, methods: list[str]) -> None:
     try:
         import usearch.index as ui  # the alternative measured against FAISS; not an lmforge dependency
     except ImportError:
@@ -109,12 +109,14 @@ def vectors_section(sizes: list[int], noise: float) -> None:
                 exact.append(set(rows[0].tolist()))
             print(f"| {n:,} | exact (float16 scan + float32 rescore) | - | {pct(times, 50):.1f} | {pct(times, 99):.1f} | "
                   "1.000 |", flush=True)
-
-            t = time.perf_counter()
-            ann = S.Ann.build(vecs)
-            measure(f"FAISS IVF{ann.index.nlist},SQfp16 nprobe {S.ANN_NPROBE}", time.perf_counter() - t, vecs, queries,
-                    exact, lambda q, ann=ann: ann.search(q[None], S.CANDIDATES))
-            del ann
+            if "faiss" in methods:
+                t = time.perf_counter()
+                ann = S.Ann.build(vecs)
+                measure(f"FAISS IVF{ann.index.nlist},SQfp16 nprobe {S.ANN_NPROBE}", time.perf_counter() - t, vecs,
+                        queries, exact, lambda q, ann=ann: ann.search(q[None], S.CANDIDATES))
+                del ann
+            if "usearch" not in methods:
+                continue
             if ui is None:
                 print(f"| {n:,} | usearch: not installed (pip install usearch) | - | - | - | - |")
                 continue
@@ -212,6 +214,7 @@ def main() -> None:
     p.add_argument("sections", nargs="*", help=f"some of {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--noise", type=float, default=1.0)
+    p.add_argument("--ann", nargs="+", default=["faiss", "usearch"], help="vectors: the ANN libraries to measure")
     p.add_argument("--texts", type=int, default=100_000, help="short texts for the build section")
     p.add_argument("--batch-size", type=int, default=64, help="build: chunks per embedding forward")
     p.add_argument("--model", action="append", default=[], help="quality: a model to index the task with (repeatable)")
@@ -235,7 +238,7 @@ def main() -> None:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if "vectors" in args.sections:
-            vectors_section(args.sizes, args.noise)
+            vectors_section(args.sizes, args.noise, args.ann)
         if "build" in args.sections:
             build_section(work, args.build_model, args.texts, args.batch_size)
         if "quality" in args.sections:
