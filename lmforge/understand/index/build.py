@@ -53,7 +53,7 @@ from ...errors import DataError, LmforgeError
 from ...util import atomic_dir, console, human_bytes, sha256_bytes
 from ...util import out as results_out
 from ..embed import Embedder
-from .chunk import Chunking, Span, check_size, cut, record_span, text_spans
+from .chunk import Chunking, Lines, Span, check_size, cut, record_span, text_spans
 from .search import Ann, Bm25, load_embedder
 from .store import ANN_FILE, BM25_DIR, CHUNKS, INDEX_FORMAT, KIND, VECTORS, Index, Writer, is_index_dir, verify_index
 
@@ -102,14 +102,15 @@ class Reader:
         # offsets (character ranges of each token) are what cut() needs: encode_batch, not the _fast one
         encodings = self.embedder.tokenizer.hf.encode_batch([d.text for d in docs], add_special_tokens=False)
         out = Chunked(src, sha256, [])
+        lines = Lines(data)  # documents come in file order: one running line count for the file
         for doc, enc in zip(docs, encodings):
             pieces = cut(doc.text, enc.offsets, self.chunking)
             spans: Iterator[Span]
             if src.kind == "jsonl":
-                span = record_span(data, doc.byte_offset, doc.record_id)
+                span = record_span(data, doc.byte_offset, doc.record_id, lines)
                 spans = iter([span] * len(pieces))
             else:
-                spans = text_spans(data, doc.byte_offset, doc.text, pieces)
+                spans = text_spans(data, doc.byte_offset, doc.text, pieces, lines)
             for p, s in zip(pieces, spans):
                 out.rows.append((s.line_start, s.line_end, s.byte_start, s.byte_end, s.record, p.tokens,
                                  doc.text[p.start:p.end]))

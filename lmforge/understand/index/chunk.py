@@ -114,9 +114,26 @@ class Span:
     record: str | None = None
 
 
-def text_spans(data: bytes, doc_offset: int, text: str, pieces: list[Piece]) -> Iterator[Span]:
-    """Spans of the pieces of a text document that starts at byte `doc_offset` of the file `data`."""
-    base_line = data.count(b"\n", 0, doc_offset) + 1
+class Lines:
+    """Line numbers of byte offsets into one file, asked in increasing order: a running count,
+    so a file of N records costs one pass, not N (a count from the start for each is quadratic)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.offset, self.line = data, 0, 1
+
+    def at(self, offset: int) -> int:
+        """The 1-based line holding byte `offset` (offsets must not decrease)."""
+        if offset < self.offset:
+            raise ValueError(f"offset {offset} before {self.offset}: ask in increasing order")
+        self.line += self.data.count(b"\n", self.offset, offset)
+        self.offset = offset
+        return self.line
+
+
+def text_spans(data: bytes, doc_offset: int, text: str, pieces: list[Piece], lines: Lines | None = None) -> Iterator[Span]:
+    """Spans of the pieces of a text document that starts at byte `doc_offset` of the file `data`
+    (`lines`: the file's running line count, when several documents of it are asked in order)."""
+    base_line = (lines or Lines(data)).at(doc_offset)
     done_chars, done_bytes, done_lines = 0, doc_offset, base_line  # a running position: linear in the text
     for p in pieces:
         head = text[done_chars:p.start]
@@ -129,12 +146,12 @@ def text_spans(data: bytes, doc_offset: int, text: str, pieces: list[Piece]) -> 
         yield Span(first, done_lines + body.rstrip().count("\n"), done_bytes, done_bytes + len(body.encode("utf-8")))
 
 
-def record_span(data: bytes, line_offset: int, record: str | None) -> Span:
+def record_span(data: bytes, line_offset: int, record: str | None, lines: Lines | None = None) -> Span:
     """The span of every chunk of the JSONL record whose line starts at byte `line_offset`."""
     end = data.find(b"\n", line_offset)
     end = len(data) if end < 0 else end
-    line = data.count(b"\n", 0, line_offset) + 1
+    line = (lines or Lines(data)).at(line_offset)
     return Span(line, line, line_offset, end, record)
 
 
-__all__ = ["Chunking", "check_size", "Piece", "cut", "Span", "text_spans", "record_span"]
+__all__ = ["Chunking", "check_size", "Piece", "cut", "Span", "Lines", "text_spans", "record_span"]

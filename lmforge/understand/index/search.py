@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 RRF_K = 60
 CANDIDATES = 100  # per ranking fused by hybrid search, and at least this many from the ANN index
-ANN_MIN_ROWS = 200_000  # exact search below, an ANN index at and above (docs/search.md)
+ANN_MIN_ROWS = 100_000  # exact search below, an ANN index at and above (docs/search.md)
 ANN_NPROBE = 32  # inverted lists scanned per query (docs/search.md: recall@10 >= 0.95 at 1M)
 ANN_TRAIN_PER_CELL = 50  # k-means training vectors per inverted list (FAISS warns below 39)
 _BLOCK = 262_144  # rows per block of the exact scan (~128 MB of float16 at dim 256)
