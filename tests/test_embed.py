@@ -151,7 +151,7 @@ def test_fingerprint_names_model_tokenizer_pooling_and_dim(embedder, tok, tmp_pa
     other = Embedder.load(tiny_model_dir(tok, tmp_path, seed=1), device="cpu").fingerprint()
     assert "model sha256" in fingerprint_mismatch(fp, other)
     last = Embedder(embedder.loaded, Pooling("last")).fingerprint()
-    assert fingerprint_mismatch(fp, last) == "pooling.method 'last' here, 'mean' recorded"
+    assert fingerprint_mismatch(fp, last) == "pooling.method 'last' here, 'weighted_mean' recorded"
 
 
 # ---- bad input ---------------------------------------------------------------------------------

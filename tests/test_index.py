@@ -490,10 +490,11 @@ def test_server_search_route(built, models) -> None:
     from fastapi.testclient import TestClient
 
     from lmforge.serve.api import create_app, open_index
+    from lmforge.serve.protocol import ApiError
 
     loaded = artifacts.load_model(models[0], device="cpu")
     searcher = open_index(built, loaded)
-    app = create_app(loaded.model, loaded.tokenizer, api_key="k", max_queue=0, searcher=searcher)
+    app = create_app(loaded.model, loaded.tokenizer, api_key="k", max_queue=1, searcher=searcher)
     auth = {"Authorization": "Bearer k"}
     with TestClient(app) as c:
         r = c.post("/v1/search", json={"query": "reset the printer", "k": 2, "mode": "bm25"}, headers=auth)
@@ -506,20 +507,19 @@ def test_server_search_route(built, models) -> None:
         r = c.post("/v1/search", json={"query": "printer", "k": 3}, headers=auth)
         assert r.status_code == 200 and r.json()["mode"] == "hybrid" and len(r.json()["data"]) == 3
 
-    # backpressure: one search running, max_queue 0 -> the next one is a 429 with Retry-After
-    from lmforge.serve.gate import Gate
-    from lmforge.serve.protocol import ApiError
+        # backpressure: a search runs on the embedding worker, whose queue is bounded by --max-queue
+        worker = app.state.embed_worker
+        assert worker.max_queue == 1
 
-    async def crowd() -> list[object]:
-        gate = Gate(1, 0, 60.0, lambda: False)
-        return await asyncio.gather(gate.run(time.sleep, 0.3), gate.run(time.sleep, 0.0), return_exceptions=True)
+        async def crowd() -> list[object]:
+            return await asyncio.gather(worker.run(time.sleep, 0.5), worker.run(time.sleep, 0.0), return_exceptions=True)
 
-    first, second = asyncio.run(crowd())
-    assert first is None and isinstance(second, ApiError) and second.status == 429 and second.headers["Retry-After"] == "1"
-    closing = Gate(1, 4, 60.0, lambda: True)
-    with pytest.raises(ApiError) as e:
-        asyncio.run(closing.run(time.sleep, 0))
-    assert e.value.status == 503
+        first, second = asyncio.run(crowd())
+        assert first is None and isinstance(second, ApiError) and second.status == 429
+        assert second.headers["Retry-After"] == "1"
+        app.state.bridge.closing = True  # what a SIGTERM does first
+        r = c.post("/v1/search", json={"query": "printer"}, headers=auth)
+        assert r.status_code == 503
 
 
 def test_index_cli_help_lists_the_verbs(capsys) -> None:

@@ -110,3 +110,29 @@ def test_eval_retrieval_end_to_end(tmp_path, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["metrics"]["rolled/recall@1"] == 0.0
     assert main(["eval", str(model), "--retrieval", "python-mc"]) == 2
     assert "--retrieval python-mc: a mc task, not a retrieval task" in capsys.readouterr().err
+
+
+def test_the_sidecar_scores_a_retrieval_task_named_in_the_runs_config(tmp_path) -> None:
+    import torch
+
+    from lmforge.artifacts import EVAL_RESULTS_FILE
+    from lmforge.config import load_config
+    from lmforge.evaluate.watch import read_results, watch
+    from lmforge.model import Transformer
+    from lmforge.train.checkpoint import save_checkpoint
+
+    texts = ["open a file and read it", "sum a list of numbers", "parse a date string"]
+    tok = Tokenizer.train(texts * 3, vocab_size=300, min_frequency=1)
+    tok.save(tmp_path / "tokenizer.json")
+    task = write(tmp_path / "mine.jsonl", [{"type": "doc", "id": f"d{i}", "text": t} for i, t in enumerate(texts)]
+                 + [{"type": "query", "id": f"q{i}", "text": t, "relevant": [f"d{i}"]} for i, t in enumerate(texts)])
+    cfg = load_config("tiny-cpu", [f"model.vocab_size={tok.vocab_size}", f"eval.tasks=[{task}]"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    run = tmp_path / "run"
+    save_checkpoint(run, 10, model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg,
+                    trainer_state={}, tokenizer_path=tmp_path / "tokenizer.json")
+    assert watch(run, once=True, threads=1, nice=0) == 0
+    (row,) = read_results(run)
+    assert (run / EVAL_RESULTS_FILE).is_file() and row["step"] == 10
+    assert row["metrics"] == {f"mine/{k}": 1.0 for k in M.RETRIEVAL_METRICS}

@@ -9,6 +9,7 @@ the same app under uvicorn. The app is assembled from pieces that each do one jo
     engine.py    continuous batching on its own thread
     bridge.py    engine thread <-> event loop: submit, events, deadlines, cancel on disconnect
     routes.py    one method per route: body -> engine requests -> events -> JSON or SSE
+    embeddings.py  POST /v1/embeddings: a bounded worker beside the engine, vector encodings
     protocol.py  the wire format: strict request bodies, errors, log-probs, response shapes
     chat.py      chat templates (Jinja sandbox; control tokens only from the template)
     metrics.py   the Prometheus registry behind GET /metrics
@@ -54,13 +55,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 
+from ..config import Config, EmbedConfig
 from ..errors import LmforgeError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from ..understand.embed import Embedder
 from .bridge import Bridge
 from .chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
+from .embeddings import EmbedWorker
 from .engine import Engine
-from .gate import Gate
 from .metrics import Metrics
 from .protocol import ApiError, error_body
 from .routes import Routes
@@ -107,9 +110,12 @@ def create_app(
     chat_template: str | None = None,
     request_timeout: float = 600.0,
     max_body_bytes: int = 1 << 20,
+    embed: EmbedConfig | None = None,
+    max_embed_inputs: int = 256,
     searcher: Searcher | None = None,
 ) -> FastAPI:
     """The API over a loaded model (eval mode). The engine thread runs while the app does.
+    `embed`: how /v1/embeddings pools (the model's config `embed:` section; default: its defaults).
     searcher: an index opened for this model (`open_index`); adds POST /v1/search."""
     if max_tokens < 1 or not (math.isfinite(request_timeout) and request_timeout > 0) or max_body_bytes < 1:
         raise LmforgeError(f"--max-tokens, --request-timeout and --max-body-bytes must be positive, got "
@@ -118,10 +124,13 @@ def create_app(
     chat = ChatTemplate(tokenizer, chat_template)
     metrics = Metrics(engine)
     bridge = Bridge(engine, metrics, request_timeout)
-    gate = Gate(1, max_queue, request_timeout, lambda: bridge.closing) if searcher is not None else None
+    if max_embed_inputs < 1:
+        raise LmforgeError(f"--max-embed-inputs must be >= 1, got {max_embed_inputs}")
+    embedder = Embedder.from_model(model, tokenizer, Config(model=model.cfg, embed=embed or EmbedConfig()))
+    embed_worker = EmbedWorker(embedder, max_queue, request_timeout)
     routes = Routes(bridge, tokenizer, chat, metrics, model_name=model_name,
                     context=model.cfg.max_seq_len, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
-                    searcher=searcher, gate=gate)
+                    embed_worker=embed_worker, max_embed_inputs=max_embed_inputs, searcher=searcher)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -130,6 +139,7 @@ def create_app(
             yield
         finally:
             await asyncio.to_thread(engine.stop)
+            await asyncio.to_thread(embed_worker.close)
 
     async def api_error(_request: HttpRequest, e: ApiError) -> JSONResponse:
         metrics.reject(e.status)
@@ -137,6 +147,7 @@ def create_app(
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.bridge = engine, bridge  # bridge.close(grace): the server's shutdown
+    app.state.embed_worker = embed_worker
     if api_key:
         app.add_middleware(ApiKeyAuth, key=api_key, metrics=metrics)
     app.add_exception_handler(ApiError, api_error)
@@ -144,6 +155,7 @@ def create_app(
     for method, path, endpoint in (
         ("POST", "/v1/completions", routes.completions),
         ("POST", "/v1/chat/completions", routes.chat_completions),
+        ("POST", "/v1/embeddings", routes.embeddings),
         ("GET", "/health", routes.health),
         ("GET", "/v1/models", routes.models),
         ("POST", "/tokenize", routes.tokenize),
@@ -232,6 +244,7 @@ def serve_command(
     max_queue: int | None,
     max_tokens: int | None,
     model_name: str | None,
+    max_embed_inputs: int | None = None,
     chat_template: str | None,
     request_timeout: float,
     max_body_bytes: int,
@@ -272,6 +285,8 @@ def serve_command(
                          max_queue=cfg.serve.max_queue if max_queue is None else max_queue,
                          max_tokens=cfg.serve.max_tokens if max_tokens is None else max_tokens, api_key=key,
                          chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
+                         embed=cfg.embed,
+                         max_embed_inputs=cfg.serve.max_embed_inputs if max_embed_inputs is None else max_embed_inputs,
                          searcher=searcher)
         auth = "API key required" if key else "no API key"
         where = f"[{host}]" if ":" in host else host

@@ -141,6 +141,15 @@ class DetokenizeBody(BaseModel):
     model: str | None = None
 
 
+class EmbeddingBody(BaseModel):
+    model_config = STRICT
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    input_type: Literal["document", "query"] = "document"  # an extension: which of the model's prefixes strings get
+
+
 MAX_SEARCH_K = 100
 
 
@@ -353,6 +362,6 @@ SSE_DONE = "data: [DONE]\n\n"  # OpenAI's end of a stream
 
 
 __all__ = ["GenerationBody", "CompletionBody", "ChatBody", "ChatMessage", "ContentPart", "TokenizeBody",
-           "DetokenizeBody", "SearchBody", "MAX_SEARCH_K", "ApiError", "error_body", "read_body", "check_json", "MAX_JSON_DEPTH", "stop_strings", "Scored", "prompt_scores",
+           "DetokenizeBody", "EmbeddingBody", "SearchBody", "MAX_SEARCH_K", "ApiError", "error_body", "read_body", "check_json", "MAX_JSON_DEPTH", "stop_strings", "Scored", "prompt_scores",
            "legacy_logprobs", "chat_logprobs", "usage", "reply", "sse", "SSE_DONE", "DEFAULT_COMPLETION_TOKENS",
            "MAX_STOP_STRINGS", "MAX_N"]
