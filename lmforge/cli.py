@@ -326,7 +326,102 @@ def cmd_serve(args: argparse.Namespace) -> int:
         insecure=args.insecure, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         model_name=args.model_name, max_embed_inputs=args.max_embed_inputs, chat_template=args.chat_template, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, threads=args.threads, shutdown_grace=args.shutdown_grace,
+        index=args.index,
     )
+
+
+# ---- index / search / ask --------------------------------------------------------------------
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .understand.index import build as b
+
+    if args.index_cmd == "build":
+        b.build_index(args.model, args.inputs, args.out, chunk_size=args.chunk_size, chunk_overlap=args.chunk_overlap,
+                include=args.include, exclude=args.exclude, text_field=args.text_field, strict=args.strict,
+                overwrite=args.overwrite, batch_size=args.batch_size)
+        return 0
+    if args.index_cmd == "add":
+        b.add_to_index(args.path, args.inputs, include=args.include or None, exclude=args.exclude or None, strict=args.strict,
+              model=args.model, batch_size=args.batch_size)
+        return 0
+    if args.index_cmd == "info":
+        return b.info_command(args.path, as_json=args.json)
+    if args.index_cmd == "verify":
+        return b.verify_command(args.path)
+    raise AssertionError(args.index_cmd)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .understand.index.search import search_command
+
+    return search_command(args.index, args.query, k=args.k, mode=args.mode, model=args.model, as_json=args.json)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .understand.ask import ask_command
+
+    return ask_command(args.index, args.question, model=args.model, k=args.k, mode=args.mode,
+                       max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                       embed_model=args.embed_model, chat_template=args.chat_template, as_json=args.json)
+
+
+def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
+    """`index build|add|info|verify`, `search`, `ask` (docs/search.md)."""
+    from .understand.index import DEFAULT_MODE, MODES  # names only: no numpy, no model code
+
+    p = sub.add_parser("index", help="your documents -> a local search index (build, add, info, verify)")
+    isub = p.add_subparsers(dest="index_cmd", metavar="ACTION", required=True)
+    i = isub.add_parser("build", help="chunk, embed and store documents: lmforge index build MODEL INPUTS... --out idx/NAME")
+    i.add_argument("model", help="the embedding model: a run directory (newest checkpoint), checkpoint or model directory")
+    i.add_argument("inputs", nargs="+", help="files, directories (recursive) or .jsonl files (a text field, optional id)")
+    i.add_argument("--out", required=True, help="index directory to write, e.g. idx/company")
+    i.add_argument("--chunk-size", type=R.positive_int(), help="tokens per chunk (default: 256, or the model's context if smaller)")
+    i.add_argument("--chunk-overlap", type=R.nonneg_int(), help="tokens shared by neighbouring chunks (default: chunk size / 8)")
+    i.add_argument("--include", type=R.Text(), action="append", default=[], help="glob of files to take from directories (repeatable)")
+    i.add_argument("--exclude", type=R.Text(), action="append", default=[], help="glob of files to skip (repeatable)")
+    i.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text (default: %(default)s)")
+    i.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
+    i.add_argument("--batch-size", type=R.positive_int(), default=32, help="chunks per embedding forward (default: %(default)s)")
+    i.add_argument("--overwrite", action="store_true", help="replace the index at --out (never anything else)")
+    i = isub.add_parser("add", help="add new and changed files (unchanged ones skipped), atomically")
+    i.add_argument("path", help="index directory")
+    i.add_argument("inputs", nargs="+", help="files or directories; the index's chunking and text field are used")
+    i.add_argument("--include", type=R.Text(), action="append", default=[], help="glob of files to take (default: the index's)")
+    i.add_argument("--exclude", type=R.Text(), action="append", default=[], help="glob of files to skip (default: the index's)")
+    i.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
+    i.add_argument("--model", help="the index's model, if it moved since the build (its checksum must match)")
+    i.add_argument("--batch-size", type=R.positive_int(), default=32, help="chunks per embedding forward (default: %(default)s)")
+    i = isub.add_parser("info", help="model, pooling, chunking, counts and size")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i = isub.add_parser("verify", help="re-check every checksum; names any bad file")
+    i.add_argument("path")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="ranked chunks of an index for a query, with file:lines")
+    p.add_argument("index", help="index directory (lmforge index build)")
+    p.add_argument("query")
+    p.add_argument("-k", type=R.positive_int(), default=5, help="results to show (default: %(default)s)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="dense (the model), bm25 (words) or hybrid "
+                   "(both, fused by reciprocal rank; default: %(default)s)")
+    p.add_argument("--model", help="the index's model, if it moved since the build (its checksum must match)")
+    p.add_argument("--json", action="store_true", help="print JSON (every result's span and text)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("ask", help="answer a question from an index's documents, citing its sources")
+    p.add_argument("index", help="index directory (lmforge index build)")
+    p.add_argument("question")
+    p.add_argument("--model", required=True, help="the generating model: run, checkpoint or model directory")
+    p.add_argument("-k", type=R.positive_int(), default=5, help="chunks retrieved (default: %(default)s)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="retrieval mode (default: %(default)s)")
+    p.add_argument("--max-tokens", type=R.MAX_TOKENS, default=256, help="longest answer in tokens (default: %(default)s)")
+    p.add_argument("--temperature", type=R.TEMPERATURE, default=0.0, help="0 (the default) means greedy")
+    p.add_argument("--seed", type=R.SEED, default=0)
+    p.add_argument("--embed-model", help="the index's embedding model, if it moved since the build")
+    p.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else a plain prompt)")
+    p.add_argument("--json", action="store_true", help="print JSON: the answer, cited and all retrieved sources")
+    p.set_defaults(func=cmd_ask)
 
 
 # ---- parser ----------------------------------------------------------------------------------
@@ -551,8 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace", type=R.seconds(positive=False), default=5.0, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C: how long requests in flight may finish before they are cut short "
                         "(503, an error event in a stream); default %(default)g")
+    p.add_argument("--index", metavar="IDX", help="also serve POST /v1/search over this index (built by the served model)")
     p.set_defaults(func=cmd_serve)
 
+    add_understand_parsers(sub)
     return parser
 
 

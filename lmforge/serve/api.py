@@ -48,7 +48,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -68,6 +68,10 @@ from .engine import Engine
 from .metrics import Metrics
 from .protocol import ApiError, error_body
 from .routes import Routes
+
+if TYPE_CHECKING:
+    from ..artifacts import Loaded
+    from ..understand.index.search import Searcher
 
 
 class ApiKeyAuth:
@@ -109,9 +113,11 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     embed: EmbedConfig | None = None,
     max_embed_inputs: int = 256,
+    searcher: Searcher | None = None,
 ) -> FastAPI:
     """The API over a loaded model (eval mode). The engine thread runs while the app does.
-    `embed`: how /v1/embeddings pools (the model's config `embed:` section; default: its defaults)."""
+    `embed`: how /v1/embeddings pools (the model's config `embed:` section; default: its defaults).
+    searcher: an index opened for this model (`open_index`); adds POST /v1/search."""
     if max_tokens < 1 or not (math.isfinite(request_timeout) and request_timeout > 0) or max_body_bytes < 1:
         raise LmforgeError(f"--max-tokens, --request-timeout and --max-body-bytes must be positive, got "
                            f"{max_tokens}, {request_timeout} and {max_body_bytes}")
@@ -125,7 +131,7 @@ def create_app(
     embed_worker = EmbedWorker(embedder, max_queue, request_timeout)
     routes = Routes(bridge, tokenizer, chat, metrics, model_name=model_name,
                     context=model.cfg.max_seq_len, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
-                    embed_worker=embed_worker, max_embed_inputs=max_embed_inputs)
+                    embed_worker=embed_worker, max_embed_inputs=max_embed_inputs, searcher=searcher)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -159,7 +165,21 @@ def create_app(
         ("GET", "/metrics", routes.metrics_page),
     ):
         app.add_api_route(path, endpoint, methods=[method])
+    if searcher is not None:
+        app.add_api_route("/v1/search", routes.search, methods=["POST"])
     return app
+
+
+def open_index(path: str | os.PathLike, loaded: Loaded) -> Searcher:
+    """The index `lmforge serve --index` searches, verified, with the served weights as its
+    embedder (its recorded pooling); refused when the index was built by another model."""
+    from ..understand.embed import Embedder, Pooling
+    from ..understand.index.search import Searcher
+    from ..understand.index.store import Index
+
+    index = Index.open(path)
+    embedder = Embedder(loaded, Pooling.from_dict(index.fields["pooling"]))
+    return Searcher(index, embedder).warm()  # check_embedder refuses another model, naming both checksums
 
 
 # ---- `lmforge serve` ---------------------------------------------------------------------
@@ -228,6 +248,7 @@ def serve_command(
     max_body_bytes: int,
     threads: int,
     shutdown_grace: float = 5.0,
+    index: str | None = None,
 ) -> int:
     """Load a run or checkpoint and serve it until interrupted. Unset limits come from the
     checkpoint's `serve:` config section."""
@@ -248,6 +269,7 @@ def serve_command(
     # engine from waiting up to 5 ms for it each time the loop handles a token (docs/serve.md).
     sys.setswitchinterval(0.0005)
     loaded = load_model(path)
+    searcher = open_index(index, loaded) if index is not None else None  # before the port: a wrong index fails at once
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
     template = template or tokenizer.chat_template  # a model directory's (or a fine-tune's origin's) recorded one
     host = host or cfg.serve.host
@@ -262,13 +284,15 @@ def serve_command(
                          max_tokens=cfg.serve.max_tokens if max_tokens is None else max_tokens, api_key=key,
                          chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
                          embed=cfg.embed,
-                         max_embed_inputs=cfg.serve.max_embed_inputs if max_embed_inputs is None else max_embed_inputs)
+                         max_embed_inputs=cfg.serve.max_embed_inputs if max_embed_inputs is None else max_embed_inputs,
+                         searcher=searcher)
         auth = "API key required" if key else "no API key"
         where = f"[{host}]" if ":" in host else host
         # Listening already (connections wait in the backlog until uvicorn accepts them), so the
         # URL works as soon as it is printed; its port is the real one, also for --port 0.
-        console.print(f"serving {name} ({loaded.origin.describe()}) at http://{where}:{sock.getsockname()[1]}/v1 ({auth}); "
-                      "Ctrl-C stops", markup=False)
+        searching = f", searching {index}" if index is not None else ""
+        console.print(f"serving {name} ({loaded.origin.describe()}{searching}) at http://{where}:{sock.getsockname()[1]}/v1 "
+                      f"({auth}); Ctrl-C stops", markup=False)
         server = _server(app, shutdown_grace)
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends like Ctrl-C, exit 0
         try:
@@ -313,4 +337,4 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-__all__ = ["create_app", "serve_command", "resolve_api_key", "is_loopback", "listen", "DEFAULT_CHAT_TEMPLATE"]
+__all__ = ["create_app", "open_index", "serve_command", "resolve_api_key", "is_loopback", "listen", "DEFAULT_CHAT_TEMPLATE"]

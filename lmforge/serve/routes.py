@@ -13,6 +13,9 @@ as OpenAI JSON or as server-sent events (`protocol`). `create_app` (api.py) regi
 - POST /v1/chat/completions: the conversation through the chat template; chat log-probs.
 - POST /v1/embeddings: strings or token ids -> the model's vectors (serve/embeddings.py: a bounded
   worker beside the engine; float or base64; `dimensions`; 400 for what cannot be embedded).
+- POST /v1/search (with --index): the index's best chunks for a query, with their spans; the
+  search runs on the embedding worker (serve/embeddings.py), so it gets the same 429 / 503 as
+  a generation when the server is full or closing.
 - GET /v1/models, POST /tokenize (a text or a conversation), POST /detokenize, GET
   /tokenizer_info, GET /health, GET /metrics (Prometheus).
 - A stream is its chunks, then `data: [DONE]`; an error after the 200 went out (a timeout, an
@@ -32,7 +35,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request as HttpRequest
@@ -45,8 +48,11 @@ from .embeddings import EmbedWorker, encode_vector, shorten
 from .engine import Finished, Prompt, Request, Token
 from .metrics import Metrics
 from .protocol import (DEFAULT_COMPLETION_TOKENS, SSE_DONE, ApiError, ChatBody, CompletionBody, DetokenizeBody,
-                       EmbeddingBody, GenerationBody, Scored, TokenizeBody, chat_logprobs, error_body, legacy_logprobs,
+                       EmbeddingBody, GenerationBody, Scored, SearchBody, TokenizeBody, chat_logprobs, error_body, legacy_logprobs,
                        prompt_scores, read_body, reply, sse, stop_strings, usage)
+
+if TYPE_CHECKING:
+    from ..understand.index.search import Searcher
 
 
 @dataclass
@@ -73,8 +79,10 @@ class Routes:
 
     def __init__(self, bridge: Bridge, tokenizer: Tokenizer, chat: ChatTemplate, metrics: Metrics, *,
                  model_name: str, context: int, max_tokens: int, max_body_bytes: int,
-                 embed_worker: EmbedWorker | None = None, max_embed_inputs: int = 256) -> None:
+                 embed_worker: EmbedWorker | None = None, max_embed_inputs: int = 256,
+                 searcher: Searcher | None = None) -> None:
         self.bridge, self.tokenizer, self.chat, self.metrics = bridge, tokenizer, chat, metrics
+        self.searcher = searcher
         self.model_name, self.context, self.max_tokens, self.max_body_bytes = model_name, context, max_tokens, max_body_bytes
         self.embed_worker, self.max_embed_inputs = embed_worker, max_embed_inputs
         self.created = int(time.time())
@@ -251,6 +259,23 @@ class Routes:
                                     "shorten or split it", param=where)
             out.append(ids)
         return out
+
+    # ---- /v1/search ----------------------------------------------------------------------------
+
+    async def search(self, http: HttpRequest) -> dict[str, Any]:
+        body = await read_body(http, SearchBody, self.max_body_bytes)
+        assert self.searcher is not None and self.embed_worker is not None  # the route exists only with an index
+        if self.bridge.closing:
+            raise ApiError(503, "the server is shutting down; send the request to another server or retry after "
+                                "it restarts", kind="server_error")
+        start = time.monotonic()
+        # on the embedding worker: searches and embeddings share its one thread beside the engine, its bounded
+        # queue (429 beyond it) and its timeout (504)
+        hits = await self.embed_worker.run(self.searcher.search, body.query, body.k, body.mode)
+        self.metrics.requests.labels("search").inc()
+        self.metrics.latency.labels("search").observe(time.monotonic() - start)
+        return {"object": "list", "index": self.searcher.index.path.name, "query": body.query, "mode": body.mode,
+                "data": [{"rank": i, "where": h.where(), **h.to_dict()} for i, h in enumerate(hits, 1)]}
 
     # ---- small routes --------------------------------------------------------------------------
 
