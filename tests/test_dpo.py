@@ -275,7 +275,10 @@ def test_a_dpo_run_from_the_cli_resumes_bit_for_bit_with_its_reference(base_run:
     logged = [m for m in metrics if "reward_accuracy" in m]
     assert len(logged) == 12 and {"reward_margin", "chosen_reward", "rejected_reward"} <= set(logged[0])
     assert logged[0]["reward_accuracy"] == 0.0 and logged[-1]["reward_accuracy"] > 0.5  # it learns the preference
-    assert logged[-1]["loss"] < math.log(2) and any("val_loss" in m for m in metrics)
+    assert logged[-1]["loss"] < math.log(2)
+    held_out_metrics = [m for m in metrics if "val_loss" in m]  # at steps 6 and 12: the held-out pairs' loss and rewards
+    assert [m["step"] for m in held_out_metrics] == [6, 12] and held_out_metrics[-1]["val_reward_accuracy"] > 0.5
+    assert held_out_metrics[-1]["val_loss"] < math.log(2) and held_out_metrics[-1]["val_reward_margin"] > 0
     record = json.loads((tmp_path / "straight" / "checkpoints" / "step-000012" / "trainer.json").read_text())["reference"]
     init = base / "checkpoints" / "step-000004"
     assert record["path"] == str(init.resolve()) and record["model_sha256"] == read_manifest_sha(init)

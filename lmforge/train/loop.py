@@ -61,7 +61,7 @@ from ..util import console, default_device, warn
 from . import checkpoint as ckpt_io
 from . import distributed, guard, records
 from .distributed import SINGLE, Dist
-from .objectives import FrozenCopy, NextToken, Objective, make_objective, validation_loss
+from .objectives import FrozenCopy, NextToken, Objective, make_objective, validation
 from .optim import build_optimizer, lr_at
 from .records import failure_recorded, finish, log_event, log_metrics
 
@@ -340,9 +340,11 @@ def train(run: Run) -> int:
     records.open_store(run)
     records.record_start(run)
     accum = distributed.micro_batches_per_rank(t.global_batch, t.micro_batch, d.world)
-    tokens_per_step = t.global_batch * cfg.data.seq_len
+    # DPO: a sample is two sequences, and each also goes through the reference's forward (a third of a step's FLOPs)
+    dpo = t.objective == "dpo"
+    tokens_per_step = t.global_batch * cfg.data.seq_len * (2 if dpo else 1)
     dev = device()
-    flops_per_token, peak = model_flops(cfg.model, cfg.data.seq_len), peak_flops(dev, t.dtype)
+    flops_per_token, peak = model_flops(cfg.model, cfg.data.seq_len) * (4 / 3 if dpo else 1), peak_flops(dev, t.dtype)
     if peak:
         log_event(run, "mfu_peak", {"peak_flops": peak, "device": str(dev), "dtype": t.dtype,
                                     "source": "datasheet" if dev.type == "cuda" else "measured matmul rate"})
@@ -387,9 +389,9 @@ def train(run: Run) -> int:
                                   **perf, **result.metrics})
                 progress.update(run.step, result.loss, rate)
             if t.eval_every and (run.step % t.eval_every == 0 or run.step == t.max_steps):
-                vl = validation_loss(run.model, run.objective, val_batches(cfg, t.micro_batch, t.eval_batches), dtype=t.dtype)
-                log_metrics(run, {"val_loss": vl})
-                progress.note(f"step {run.step}: val_loss {vl:.4f}")
+                val = validation(run.model, run.objective, val_batches(cfg, t.micro_batch, t.eval_batches), dtype=t.dtype)
+                log_metrics(run, {f"val_{k}": v for k, v in val.items()})  # val_loss, and the objective's metrics
+                progress.note(f"step {run.step}: " + ", ".join(f"val_{k} {v:.4f}" for k, v in val.items()))
             due = (t.ckpt_every_steps and run.step % t.ckpt_every_steps == 0) or (
                 t.ckpt_every_minutes and time.monotonic() - last_ckpt_time >= 60 * t.ckpt_every_minutes
             )

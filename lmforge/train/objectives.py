@@ -32,6 +32,7 @@ The interface (for a new objective, e.g. contrastive, classification, DPO):
 
 `validation_loss` is the objective's mean loss over batches of held-out data (the trainer's
 `val_loss`): for next-token with a loss mask that is the loss on trained (completion) tokens only.
+`validation` adds the mean of each of the objective's metrics (the trainer logs them as `val_<name>`).
 
 DPO (Rafailov et al. 2023) trains on (chosen, rejected) completion pairs of one prompt
 (data/loader.py `PreferencePairs`: `inputs`, `targets`, `loss_mask` of shape (B, 2, T)). Each
@@ -196,11 +197,13 @@ def make_objective(cfg: TrainConfig, *, reference: Reference | None = None) -> O
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, objective: Objective, batches: Iterable[Batch], *, dtype: str = "fp32") -> float:
-    """The objective's mean loss per unit over `batches` (NaN when they hold no unit)."""
+def validation(model: torch.nn.Module, objective: Objective, batches: Iterable[Batch], *, dtype: str = "fp32") -> dict[str, float]:
+    """The objective's mean loss per unit over `batches` (`loss`; NaN when they hold no unit) and
+    the mean per unit of each of its metrics (DPO: held-out reward accuracy and margins)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    metrics: dict[str, float] = {}
     dev = next(model.parameters()).device
     try:
         for batch in batches:
@@ -209,10 +212,17 @@ def validation_loss(model: torch.nn.Module, objective: Objective, batches: Itera
                 out = objective.loss(model, batch)
             total += float(out.loss) * (out.count if out.averaged else 1)
             count += out.count
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v)
     finally:
         model.train(was_training)
-    return total / count if count else math.nan
+    return {"loss": total / count if count else math.nan} | {k: v / count for k, v in metrics.items() if count}
+
+
+def validation_loss(model: torch.nn.Module, objective: Objective, batches: Iterable[Batch], *, dtype: str = "fp32") -> float:
+    """The objective's mean loss per unit over `batches` (NaN when they hold no unit)."""
+    return validation(model, objective, batches, dtype=dtype)["loss"]
 
 
 __all__ = ["LossOut", "Objective", "NextToken", "DPO", "FrozenCopy", "Reference", "REGISTRY", "make_objective",
-           "validation_loss", "model_inputs", "sequence_logps", "dpo_loss"]
+           "validation", "validation_loss", "model_inputs", "sequence_logps", "dpo_loss"]
