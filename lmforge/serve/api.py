@@ -10,6 +10,7 @@ the same app under uvicorn. The app is assembled from pieces that each do one jo
     bridge.py    engine thread <-> event loop: submit, events, deadlines, cancel on disconnect
     routes.py    one method per route: body -> engine requests -> events -> JSON or SSE
     embeddings.py  POST /v1/embeddings: a bounded worker beside the engine, vector encodings
+                 (POST /v1/classify runs on the same worker: `lmforge serve clf/NAME`)
     protocol.py  the wire format: strict request bodies, errors, log-probs, response shapes
     chat.py      chat templates (Jinja sandbox; control tokens only from the template)
     metrics.py   the Prometheus registry behind GET /metrics
@@ -108,9 +109,11 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     embed: EmbedConfig | None = None,
     max_embed_inputs: int = 256,
+    classifier: Any = None,
 ) -> FastAPI:
     """The API over a loaded model (eval mode). The engine thread runs while the app does.
-    `embed`: how /v1/embeddings pools (the model's config `embed:` section; default: its defaults)."""
+    `embed`: how /v1/embeddings pools (the model's config `embed:` section; default: its defaults).
+    `classifier`: an understand.classify.Classifier over this same model, for POST /v1/classify."""
     if max_tokens < 1 or not (math.isfinite(request_timeout) and request_timeout > 0) or max_body_bytes < 1:
         raise LmforgeError(f"--max-tokens, --request-timeout and --max-body-bytes must be positive, got "
                            f"{max_tokens}, {request_timeout} and {max_body_bytes}")
@@ -124,7 +127,7 @@ def create_app(
     embed_worker = EmbedWorker(embedder, max_queue, request_timeout)
     routes = Routes(bridge, tokenizer, chat, metrics, model_name=model_name,
                     context=model.cfg.max_seq_len, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
-                    embed_worker=embed_worker, max_embed_inputs=max_embed_inputs)
+                    embed_worker=embed_worker, max_embed_inputs=max_embed_inputs, classifier=classifier)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -150,6 +153,7 @@ def create_app(
         ("POST", "/v1/completions", routes.completions),
         ("POST", "/v1/chat/completions", routes.chat_completions),
         ("POST", "/v1/embeddings", routes.embeddings),
+        ("POST", "/v1/classify", routes.classify),
         ("GET", "/health", routes.health),
         ("GET", "/v1/models", routes.models),
         ("POST", "/tokenize", routes.tokenize),
@@ -249,7 +253,8 @@ def serve_command(
     # The engine thread and the event loop share the GIL; a shorter switch interval keeps the
     # engine from waiting up to 5 ms for it each time the loop handles a token (docs/serve.md).
     sys.setswitchinterval(0.0005)
-    loaded = load_model(path)
+    classifier = load_classifier(path)
+    loaded = classifier.embedder.loaded if classifier is not None else load_model(path)
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
     template = template or tokenizer.chat_template  # a model directory's (or a fine-tune's origin's) recorded one
     host = host or cfg.serve.host
@@ -263,13 +268,14 @@ def serve_command(
                          max_queue=cfg.serve.max_queue if max_queue is None else max_queue,
                          max_tokens=cfg.serve.max_tokens if max_tokens is None else max_tokens, api_key=key,
                          chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
-                         embed=cfg.embed,
+                         embed=cfg.embed, classifier=classifier,
                          max_embed_inputs=cfg.serve.max_embed_inputs if max_embed_inputs is None else max_embed_inputs)
         auth = "API key required" if key else "no API key"
         where = f"[{host}]" if ":" in host else host
         # Listening already (connections wait in the backlog until uvicorn accepts them), so the
         # URL works as soon as it is printed; its port is the real one, also for --port 0.
-        console.print(f"serving {name} ({loaded.origin.describe()}) at http://{where}:{sock.getsockname()[1]}/v1 ({auth}); "
+        what = f"classifier {path} on {loaded.origin.path}, " if classifier is not None else ""
+        console.print(f"serving {name} ({what}{loaded.origin.describe()}) at http://{where}:{sock.getsockname()[1]}/v1 ({auth}); "
                       "Ctrl-C stops", markup=False)
         server = _server(app, shutdown_grace)
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends like Ctrl-C, exit 0
@@ -283,6 +289,21 @@ def serve_command(
     if not server.started:  # uvicorn logged why (the lifespan failed)
         raise LmforgeError("the server did not start; see the error above")
     return 0
+
+
+def load_classifier(path: str) -> Any:
+    """The classifier of a classifier directory (clf/NAME), with its embedding model; None for any
+    other path. One whose scores need the evaluation scorer (zero-shot with --zero-shot-scorer lm)
+    is refused: the server does not import evaluate/."""
+    from ..understand.classify import Classifier, is_classifier_dir
+
+    if not is_classifier_dir(path):
+        return None
+    clf = Classifier.load(path)
+    if clf.spec.scorer == "lm":
+        raise LmforgeError(f"{path} is a zero-shot classifier with the lm scorer, which the server does not run; "
+                           "classify with `lmforge classify predict`, or train one with --zero-shot-scorer embedding")
+    return clf
 
 
 def _server(app: FastAPI, shutdown_grace: float) -> Any:

@@ -33,6 +33,8 @@ import asyncio
 import base64
 import concurrent.futures
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,12 +55,17 @@ class EmbedWorker:
         self.admitted = 0  # calls waiting or running
 
     async def embed(self, ids: list[list[int]]) -> np.ndarray:
+        return await self.run(self.embedder.embed_ids, ids)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the worker thread, admitted like an embedding call (POST /v1/classify uses it:
+        classifying is embedding plus a small head, so both share one queue and one thread)."""
         with self.lock:
             if self.admitted >= self.max_queue:
                 raise ApiError(429, f"server busy: {self.admitted} embedding calls are waiting or running (the limit, "
                                     "--max-queue); retry later", kind="rate_limit_error", headers={"Retry-After": "1"})
             self.admitted += 1
-        future = self.pool.submit(self.embedder.embed_ids, ids)
+        future = self.pool.submit(fn, *args)
         future.add_done_callback(self._release)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
