@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import subprocess
 import threading
 import time
@@ -346,7 +347,9 @@ def test_v1_classify_through_a_real_server_with_auth(clf_dir: Path, tmp_path: Pa
     key_file.write_text(KEY + "\n")
     proc = subprocess.Popen(lmforge_cmd("serve", str(clf_dir), "--port", "0", "--api-key-file", str(key_file),
                                         "--threads", "1", "--max-embed-inputs", "4"),
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            # "auto": an in-process main(["--progress", "quiet", ...]) above set the env var
+                            env=subprocess_env(LMFORGE_PROGRESS="auto"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     watchdog = threading.Timer(120, proc.kill)
     watchdog.start()
     try:
@@ -416,7 +419,9 @@ def test_report_html_in_headless_chromium(work: Path, tmp_path: Path) -> None:
     assert main(["--progress", "quiet", "classify", "eval", str(tmp_path / "clf"), str(train), "--report",
                  str(report)]) == 0
     page = report.read_text()
-    assert "<script src" not in page and "cdn" not in page.lower() and "Plotly" in page  # self-contained
+    # self-contained: no script loaded from anywhere; outside the inlined plotly.js no URL at all
+    assert not re.search(r"<script\b[^>]*\bsrc=", page) and "Plotly.newPlot" in page
+    assert "http" not in re.sub(r"<script>.*?</script>", "", page, flags=re.S)
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     dom, console = chromium_dom(report.as_uri(), tmp_path / "profile")
