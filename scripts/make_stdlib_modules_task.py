@@ -2,7 +2,7 @@
 """Build the bundled classification task `stdlib-modules`: a Python standard-library function ->
 the top-level package it lives in (asyncio, email, tkinter, ...), split by FILE.
 
-    python3 scripts/make_stdlib_modules_task.py     # writes lmforge/tasks/stdlib-modules-{train,test,labels}.jsonl
+    python3 scripts/make_stdlib_modules_task.py     # writes lmforge/datasets/stdlib-modules-{train,test,labels}.jsonl
 
 Labels: the 12 packages of LABELS (each has 3+ files with functions in CPython 3.10-3.13; distutils
 is left out because 3.12 removed it). Examples: every function or method (code as written, with its
@@ -31,7 +31,7 @@ import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "lmforge" / "tasks"
+OUT = REPO / "lmforge" / "datasets"
 LABELS = {
     "asyncio": "asynchronous I/O: event loops, coroutines, tasks, futures, streams, transports",
     "ctypes": "calling C functions in shared libraries: C data types, structures, pointers",
