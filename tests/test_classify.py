@@ -440,3 +440,92 @@ def test_a_held_out_split_with_every_item_right_does_not_sharpen() -> None:
     assert calibrate.fit_temperature(logits / 10, y, False) >= 1.0  # underconfident, still not sharpened
     y_wrong = np.array([0, 1, 1])
     assert calibrate.fit_temperature(logits, y_wrong, False) > 1.0  # a confident mistake: softened
+
+
+# ---- the CLI end to end on CSV files, and on the bundled data set by name ------------------------------
+
+
+def test_cli_train_eval_predict_on_csv_single_and_multi_label(work: Path, tmp_path: Path, capsys) -> None:
+    import csv
+
+    def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([header, *rows])
+        return path
+
+    train, test = planted(16, 11), planted(6, 12)
+    single = write_csv(tmp_path / "train.csv", ["id", "text", "label"], [[r["id"], r["text"], r["label"]] for r in train])
+    single_test = write_csv(tmp_path / "test.csv", ["text", "label"], [[r["text"], r["label"]] for r in test])
+    model = str(work / "model0")
+    assert main(["--progress", "quiet", "classify", "train", model, str(single), "--out", str(tmp_path / "c1"),
+                 "--min-confidence", "0.5", "--fallback", "people"]) == 0
+    capsys.readouterr()
+    assert main(["--progress", "quiet", "classify", "eval", str(tmp_path / "c1"), str(single_test), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["items"] == 18 and r["accuracy"] >= 0.9 and set(r["per_class"]) == set(WORDS)
+    assert {"ece", "ece_uncalibrated", "nll", "coverage", "confusion", "reliability"} <= set(r)
+    assert r["routing"]["fallback"] == "people" and r["routing"]["threshold"] == 0.5
+    # the text report: per-class table, confusion matrix, coverage table
+    assert main(["--progress", "quiet", "classify", "eval", str(tmp_path / "c1"), str(single_test)]) == 0
+    text = capsys.readouterr().out
+    assert "precision  recall" in text and "confusion (rows gold" in text and "threshold  coverage  accuracy" in text
+    # predict a plain text file (one text per line); --min-confidence 1.0 routes every item to the fallback
+    plain = tmp_path / "new.txt"
+    plain.write_text("plum apple peach\n\nviolin harp\n")
+    out = tmp_path / "preds.jsonl"
+    assert main(["--progress", "quiet", "classify", "predict", str(tmp_path / "c1"), str(plain), "--out", str(out),
+                 "--min-confidence", "1.0"]) == 0
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(p["id"], p["label"], p["predicted"]) for p in preds] == [
+        (f"{plain}:1", "people", "fruit"), (f"{plain}:3", "people", "music")]
+
+    # multi-label CSV: a "labels" column, labels separated by "|"
+    multi_rows = [[r["text"], "|".join([r["label"]] + (["loud"] if r["label"] == "music" else []))] for r in train]
+    multi = write_csv(tmp_path / "multi.csv", ["text", "labels"], multi_rows)
+    assert main(["--progress", "quiet", "classify", "train", model, str(multi), "--out", str(tmp_path / "c2")]) == 0
+    capsys.readouterr()
+    assert main(["--progress", "quiet", "classify", "eval", str(tmp_path / "c2"), str(multi), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["multi_label"] and r["subset_accuracy"] >= 0.9 and r["per_class"]["loud"]["support"] == 16
+    # a single-label test file against a multi-label classifier: one line
+    code, text = run_cli(capsys, "eval", str(tmp_path / "c2"), str(single_test))
+    assert code == 2 and "multi-label" in text and len(text.splitlines()) == 1
+
+
+def test_bundled_data_set_by_name_and_examples_per_class(work: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the bundled stdlib-modules files by name, from anywhere
+    spec = train_command(str(work / "model0"), "stdlib-modules-train", str(tmp_path / "std"), examples_per_class=4)
+    assert len(spec["labels"]) == 12 and spec["training"]["examples"] + spec["training"]["held_out"] == 48
+    clf = Classifier.load(tmp_path / "std", device="cpu")
+    r = evaluate(clf, read_examples("stdlib-modules-test"))
+    assert r["items"] == 286 and len(r["confusion"]) == 12  # a random tiny model: the numbers are not the point
+
+
+def test_classify_shares_the_embedding_workers_queue(clf_dir: Path, monkeypatch) -> None:
+    import asyncio
+
+    from lmforge.serve.api import create_app
+
+    clf = Classifier.load(clf_dir, device="cpu")
+    app = create_app(clf.embedder.model, clf.embedder.tokenizer, max_queue=1, classifier=clf)
+    worker = app.state.embed_worker
+    gate = threading.Event()
+    real = worker.embedder.embed_ids
+    monkeypatch.setattr(worker.embedder, "embed_ids", lambda ids: (gate.wait(30), real(ids))[1])
+
+    async def two() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+            first = asyncio.create_task(c.post("/v1/embeddings", json={"input": "apple"}))
+            while worker.admitted == 0:
+                await asyncio.sleep(0.01)
+            second = await c.post("/v1/classify", json={"input": "plum apple"})  # the same queue: full
+            gate.set()
+            first_r = await first
+            third = await c.post("/v1/classify", json={"input": "plum apple"})  # free again
+            return [first_r, second, third]
+
+    first, second, third = asyncio.run(two())
+    assert first.status_code == 200 and second.status_code == 429 and second.headers["retry-after"] == "1"
+    assert third.status_code == 200 and third.json()["data"][0]["predicted"] == "fruit"
+    worker.close()

@@ -62,7 +62,7 @@ class EmbedWorker:
         classifying is embedding plus a small head, so both share one queue and one thread)."""
         with self.lock:
             if self.admitted >= self.max_queue:
-                raise ApiError(429, f"server busy: {self.admitted} embedding calls are waiting or running (the limit, "
+                raise ApiError(429, f"server busy: {self.admitted} embedding or classify calls are waiting or running (the limit, "
                                     "--max-queue); retry later", kind="rate_limit_error", headers={"Retry-After": "1"})
             self.admitted += 1
         future = self.pool.submit(fn, *args)
