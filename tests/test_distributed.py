@@ -245,7 +245,7 @@ def test_nproc_per_node_checks_a_resumed_runs_saved_config(tmp_path):
 def test_nproc_per_node_below_one_is_refused(tmp_path, n):
     proc = cli("train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run"), "--nproc-per-node", n,
                "--set", f"data.path={tmp_path / 'none'}")
-    assert_one_line_error(proc, f"--nproc-per-node {n}: give a number of processes >= 1")
+    assert_one_line_error(proc, f"argument --nproc-per-node: must be within 1..1024, got {n}")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -372,7 +372,8 @@ def test_deterministic_step_in_one_process_equals_plain_accumulation(tiny_datase
         if ckpt:
             _checkpoint_blocks(model)
         opt = build_optimizer(model, cfg.train)
-        r = train_step(model, opt, list(zip(x.split(2), y.split(2))), lr=1e-3, grad_clip=1.0, dtype="fp32",
+        micro = [{"inputs": a, "targets": b} for a, b in zip(x.split(2), y.split(2))]
+        r = train_step(model, opt, micro, lr=1e-3, grad_clip=1.0, dtype="fp32",
                        deterministic_reduce=det)
         out.append((r, [p.detach().clone() for p in model.parameters()]))
     (r0, w0) = out[0]

@@ -49,7 +49,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -60,6 +60,7 @@ from ..config import Config, EmbedConfig
 from ..errors import LmforgeError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from ..util import read_text_file
 from ..understand.embed import Embedder
 from .bridge import Bridge
 from .chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
@@ -68,6 +69,11 @@ from .engine import Engine
 from .metrics import Metrics
 from .protocol import ApiError, error_body
 from .routes import Routes
+
+if TYPE_CHECKING:
+    from ..artifacts import Loaded
+    from ..understand.classify import Classifier
+    from ..understand.index.search import Searcher
 
 
 class ApiKeyAuth:
@@ -109,11 +115,13 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     embed: EmbedConfig | None = None,
     max_embed_inputs: int = 256,
-    classifier: Any = None,
+    searcher: Searcher | None = None,
+    classifier: Classifier | None = None,
 ) -> FastAPI:
     """The API over a loaded model (eval mode). The engine thread runs while the app does.
     `embed`: how /v1/embeddings pools (the model's config `embed:` section; default: its defaults).
-    `classifier`: an understand.classify.Classifier over this same model, for POST /v1/classify."""
+    searcher: an index opened for this model (`open_index`); adds POST /v1/search.
+    classifier: a classifier over this same model (`load_classifier`), for POST /v1/classify."""
     if max_tokens < 1 or not (math.isfinite(request_timeout) and request_timeout > 0) or max_body_bytes < 1:
         raise LmforgeError(f"--max-tokens, --request-timeout and --max-body-bytes must be positive, got "
                            f"{max_tokens}, {request_timeout} and {max_body_bytes}")
@@ -127,7 +135,8 @@ def create_app(
     embed_worker = EmbedWorker(embedder, max_queue, request_timeout)
     routes = Routes(bridge, tokenizer, chat, metrics, model_name=model_name,
                     context=model.cfg.max_seq_len, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
-                    embed_worker=embed_worker, max_embed_inputs=max_embed_inputs, classifier=classifier)
+                    embed_worker=embed_worker, max_embed_inputs=max_embed_inputs, searcher=searcher,
+                    classifier=classifier)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -162,7 +171,21 @@ def create_app(
         ("GET", "/metrics", routes.metrics_page),
     ):
         app.add_api_route(path, endpoint, methods=[method])
+    if searcher is not None:
+        app.add_api_route("/v1/search", routes.search, methods=["POST"])
     return app
+
+
+def open_index(path: str | os.PathLike, loaded: Loaded) -> Searcher:
+    """The index `lmforge serve --index` searches, verified, with the served weights as its
+    embedder (its recorded pooling); refused when the index was built by another model."""
+    from ..understand.embed import Embedder, Pooling
+    from ..understand.index.search import Searcher
+    from ..understand.index.store import Index
+
+    index = Index.open(path)
+    embedder = Embedder(loaded, Pooling.from_dict(index.fields["pooling"]))
+    return Searcher(index, embedder).warm()  # check_embedder refuses another model, naming both checksums
 
 
 # ---- `lmforge serve` ---------------------------------------------------------------------
@@ -183,10 +206,7 @@ def resolve_api_key(api_key: str | None, api_key_file: str | None) -> str | None
         key = api_key.strip()
         source = "--api-key"
     elif api_key_file is not None:
-        try:
-            key = Path(api_key_file).read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise LmforgeError(f"cannot read the API key file {api_key_file}: {e.strerror}") from None
+        key = read_text_file(api_key_file, "the API key file", max_bytes=64 << 10).strip()
         source = f"the API key file {api_key_file}"
     elif os.environ.get("LMFORGE_API_KEY") is not None:
         key, source = os.environ["LMFORGE_API_KEY"].strip(), "LMFORGE_API_KEY"
@@ -194,6 +214,9 @@ def resolve_api_key(api_key: str | None, api_key_file: str | None) -> str | None
         return None
     if not key:
         raise LmforgeError(f"{source} is empty; put a non-empty key there (e.g. `openssl rand -hex 32`)")
+    if not key.isascii() or not key.isprintable():  # it is compared with an HTTP header's bytes
+        raise LmforgeError(f"{source} holds characters an HTTP header cannot carry; use printable ASCII "
+                           "(e.g. `openssl rand -hex 32`)")
     return key
 
 
@@ -201,10 +224,7 @@ def read_chat_template(path: str | None) -> str | None:
     """The text of --chat-template's file (None: not given)."""
     if path is None:
         return None
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise LmforgeError(f"cannot read the chat template {path}: {e.strerror}") from None
+    return read_text_file(path, "the chat template", max_bytes=1 << 20)
 
 
 def check_exposure(host: str, key: str | None, insecure: bool) -> None:
@@ -234,6 +254,7 @@ def serve_command(
     max_body_bytes: int,
     threads: int,
     shutdown_grace: float = 5.0,
+    index: str | None = None,
 ) -> int:
     """Load a run or checkpoint and serve it until interrupted. Unset limits come from the
     checkpoint's `serve:` config section."""
@@ -255,6 +276,7 @@ def serve_command(
     sys.setswitchinterval(0.0005)
     classifier = load_classifier(path)
     loaded = classifier.embedder.loaded if classifier is not None else load_model(path)
+    searcher = open_index(index, loaded) if index is not None else None  # before the port: a wrong index fails at once
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
     template = template or tokenizer.chat_template  # a model directory's (or a fine-tune's origin's) recorded one
     host = host or cfg.serve.host
@@ -268,15 +290,17 @@ def serve_command(
                          max_queue=cfg.serve.max_queue if max_queue is None else max_queue,
                          max_tokens=cfg.serve.max_tokens if max_tokens is None else max_tokens, api_key=key,
                          chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
-                         embed=cfg.embed, classifier=classifier,
-                         max_embed_inputs=cfg.serve.max_embed_inputs if max_embed_inputs is None else max_embed_inputs)
+                         embed=cfg.embed,
+                         max_embed_inputs=cfg.serve.max_embed_inputs if max_embed_inputs is None else max_embed_inputs,
+                         searcher=searcher, classifier=classifier)
         auth = "API key required" if key else "no API key"
         where = f"[{host}]" if ":" in host else host
         # Listening already (connections wait in the backlog until uvicorn accepts them), so the
         # URL works as soon as it is printed; its port is the real one, also for --port 0.
         what = f"classifier {path} on {loaded.origin.path}, " if classifier is not None else ""
-        console.print(f"serving {name} ({what}{loaded.origin.describe()}) at http://{where}:{sock.getsockname()[1]}/v1 ({auth}); "
-                      "Ctrl-C stops", markup=False)
+        searching = f", searching {index}" if index is not None else ""
+        console.print(f"serving {name} ({what}{loaded.origin.describe()}{searching}) at "
+                      f"http://{where}:{sock.getsockname()[1]}/v1 ({auth}); Ctrl-C stops", markup=False)
         server = _server(app, shutdown_grace)
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends like Ctrl-C, exit 0
         try:
@@ -291,7 +315,7 @@ def serve_command(
     return 0
 
 
-def load_classifier(path: str) -> Any:
+def load_classifier(path: str) -> Classifier | None:
     """The classifier of a classifier directory (clf/NAME), with its embedding model; None for any
     other path. One whose scores need the evaluation scorer (zero-shot with --zero-shot-scorer lm)
     is refused: the server does not import evaluate/."""
@@ -336,4 +360,4 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-__all__ = ["create_app", "serve_command", "resolve_api_key", "is_loopback", "listen", "DEFAULT_CHAT_TEMPLATE"]
+__all__ = ["create_app", "open_index", "serve_command", "resolve_api_key", "is_loopback", "listen", "DEFAULT_CHAT_TEMPLATE"]

@@ -13,6 +13,9 @@ as OpenAI JSON or as server-sent events (`protocol`). `create_app` (api.py) regi
 - POST /v1/chat/completions: the conversation through the chat template; chat log-probs.
 - POST /v1/embeddings: strings or token ids -> the model's vectors (serve/embeddings.py: a bounded
   worker beside the engine; float or base64; `dimensions`; 400 for what cannot be embedded).
+- POST /v1/search (with --index): the index's best chunks for a query, with their spans; the
+  search runs on the embedding worker (serve/embeddings.py), so it gets the same 429 / 503 as
+  a generation when the server is full or closing.
 - POST /v1/classify: texts -> label, scores, confidence and routed flag from the classifier the
   server was started with (`lmforge serve clf/NAME`; understand/classify.py), run on the embedding
   worker's thread and queue (its backpressure: 429 beyond --max-queue), 404 on a plain model.
@@ -35,7 +38,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request as HttpRequest
@@ -47,9 +50,14 @@ from .chat import ChatTemplate, special_token
 from .embeddings import EmbedWorker, encode_vector, shorten
 from .engine import Finished, Prompt, Request, Token
 from .metrics import Metrics
-from .protocol import (DEFAULT_COMPLETION_TOKENS, SSE_DONE, ApiError, ChatBody, ClassifyBody, CompletionBody, DetokenizeBody,
-                       EmbeddingBody, GenerationBody, Scored, TokenizeBody, chat_logprobs, error_body, legacy_logprobs,
+from .protocol import (DEFAULT_COMPLETION_TOKENS, SSE_DONE, ApiError, ChatBody, ClassifyBody, CompletionBody,
+                       DetokenizeBody, EmbeddingBody, GenerationBody, Scored, SearchBody, TokenizeBody, chat_logprobs,
+                       error_body, legacy_logprobs,
                        prompt_scores, read_body, reply, sse, stop_strings, usage)
+
+if TYPE_CHECKING:
+    from ..understand.classify import Classifier
+    from ..understand.index.search import Searcher
 
 
 @dataclass
@@ -77,11 +85,12 @@ class Routes:
     def __init__(self, bridge: Bridge, tokenizer: Tokenizer, chat: ChatTemplate, metrics: Metrics, *,
                  model_name: str, context: int, max_tokens: int, max_body_bytes: int,
                  embed_worker: EmbedWorker | None = None, max_embed_inputs: int = 256,
-                 classifier: Any = None) -> None:
+                 searcher: Searcher | None = None, classifier: Classifier | None = None) -> None:
         self.bridge, self.tokenizer, self.chat, self.metrics = bridge, tokenizer, chat, metrics
+        self.searcher = searcher
         self.model_name, self.context, self.max_tokens, self.max_body_bytes = model_name, context, max_tokens, max_body_bytes
         self.embed_worker, self.max_embed_inputs = embed_worker, max_embed_inputs
-        self.classifier = classifier  # understand.classify.Classifier, or None
+        self.classifier = classifier
         self.created = int(time.time())
         self.end_ids = tokenizer.end_ids  # EOS, and an instruct model's recorded end of turn (<|im_end|>)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: tokenizer.decode([i]))
@@ -285,6 +294,23 @@ class Routes:
         return JSONResponse({"object": "list", "model": self.model_name,
                              "data": [{"object": "classification", "index": i, **r} for i, r in enumerate(records)],
                              "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    # ---- /v1/search ----------------------------------------------------------------------------
+
+    async def search(self, http: HttpRequest) -> dict[str, Any]:
+        body = await read_body(http, SearchBody, self.max_body_bytes)
+        assert self.searcher is not None and self.embed_worker is not None  # the route exists only with an index
+        if self.bridge.closing:
+            raise ApiError(503, "the server is shutting down; send the request to another server or retry after "
+                                "it restarts", kind="server_error")
+        start = time.monotonic()
+        # on the embedding worker: searches and embeddings share its one thread beside the engine, its bounded
+        # queue (429 beyond it) and its timeout (504)
+        hits = await self.embed_worker.run(self.searcher.search, body.query, body.k, body.mode)
+        self.metrics.requests.labels("search").inc()
+        self.metrics.latency.labels("search").observe(time.monotonic() - start)
+        return {"object": "list", "index": self.searcher.index.path.name, "query": body.query, "mode": body.mode,
+                "data": [{"rank": i, "where": h.where(), **h.to_dict()} for i, h in enumerate(hits, 1)]}
 
     # ---- small routes --------------------------------------------------------------------------
 

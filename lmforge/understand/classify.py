@@ -47,7 +47,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..artifacts import CLASSIFIER_HEAD, MANIFEST, read_manifest, verify_manifest
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
+from ..ranges import CONFIDENCE
 from . import calibrate
 from .head import Head
 
@@ -124,8 +125,7 @@ def is_classifier_dir(path: str | os.PathLike) -> bool:
 
 
 def check_threshold(value: float, flag: str = "--min-confidence") -> float:
-    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-        raise ConfigError(f"{flag} must be within 0..1 (a calibrated probability), got {value}")
+    CONFIDENCE.check(flag, value)
     return float(value)
 
 

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import ranges as R
 from ..errors import ConfigError, DataError
 from ..evaluate import classification as M
 from ..jsonl import dumps_record
@@ -303,8 +304,7 @@ def predict_command(clf_path: str, inputs: str, out: str, *, min_confidence: flo
 
     if min_confidence is not None:
         check_threshold(min_confidence)
-    if chunk < 1:
-        raise ConfigError(f"--chunk must be >= 1, got {chunk}")
+    R.positive_int().check("--chunk", chunk)
     target = Path(out)
     if target.exists() and not overwrite:
         raise ConfigError(f"{target} already exists; choose another --out or pass --overwrite")

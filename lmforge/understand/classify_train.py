@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import CLASSIFIER_HEAD, write_manifest
+from .. import ranges as R
 from ..errors import ConfigError, DataError
 from ..util import atomic_dir, console
 from ..util import out as results_out
@@ -58,8 +59,7 @@ def _rank(seed: int, key: str) -> int:
 
 def per_class(ex: Examples, n: int, seed: int = 0) -> Examples:
     """The first n examples of each label (by its first label) in hash order (module docstring), kept in file order."""
-    if n < 1:
-        raise ConfigError(f"--examples-per-class must be >= 1, got {n}")
+    R.positive_int().check("--examples-per-class", n)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, labs in enumerate(ex.labels):
         groups[labs[0] if labs else ""].append(i)
@@ -69,8 +69,7 @@ def per_class(ex: Examples, n: int, seed: int = 0) -> Examples:
 
 def split(ex: Examples, held_out: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """(fit indices, held-out indices), stratified and deterministic (module docstring)."""
-    if not 0.0 <= held_out < 1.0:
-        raise ConfigError(f"--held-out must be within 0..1 (a share of the examples, e.g. 0.2), got {held_out}")
+    R.HELD_OUT.check("--held-out", held_out)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, labs in enumerate(ex.labels):
         groups[labs[0] if labs else ""].append(i)
@@ -130,13 +129,13 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
         raise ConfigError(PENDING[method])
     if scorer not in SCORERS:
         raise ConfigError(f"--zero-shot-scorer must be one of {', '.join(SCORERS)}; got {scorer!r}")
-    if not (c > 0):
-        raise ConfigError(f"--c must be > 0 (inverse regularisation strength, as scikit-learn's C), got {c}")
+    R.positive_float().check("--c", c)
+    R.HELD_OUT.check("--held-out", held_out)
     check_threshold(min_confidence)
     if not fallback.strip():
         raise ConfigError("--fallback must be a non-empty label name (where unsure items go), e.g. review")
-    if threads < 0:
-        raise ConfigError(f"--threads must be >= 0 (0: all cores), got {threads}")
+    R.thread_count().check("--threads", threads)
+    R.positive_int().check("--batch-size", batch_size)
     target = Path(out)
     if target.exists() and not overwrite:
         raise ConfigError(f"{target} already exists; choose another --out or pass --overwrite")

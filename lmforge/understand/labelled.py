@@ -232,7 +232,7 @@ def read_examples(path: str | os.PathLike, *, text_field: str = "text", label_fi
     """Every labelled example of a train or test file (module docstring: an empty text is refused)."""
     from ..bundled import resolve_bundled
 
-    path = resolve_bundled(path, "dataset")  # a bundled data set by name: stdlib-modules-train
+    path = resolve_bundled(path, "data")  # a bundled data set by name: stdlib-modules-train
     out: Examples | None = None
     for rec in stream_records(path, text_field=text_field, label_field=label_field, labelled=True):
         assert rec.labels is not None
@@ -252,7 +252,7 @@ def read_label_file(path: str | os.PathLike) -> list[Label]:
     """The labels (and descriptions) of a label file (module docstring)."""
     from ..bundled import resolve_bundled
 
-    p = resolve_bundled(path, "dataset")
+    p = resolve_bundled(path, "data")
     labels: list[Label] = []
     if is_jsonl(p):
         from ..jsonl import read_jsonl
