@@ -88,6 +88,8 @@ EVAL_RESULTS_FILE = "eval-results.jsonl"  # the eval sidecar's results (evaluate
 FAULTS_FIRED_FILE = "faults-fired.json"  # LMFORGE_FAULTS already fired in a run
 QUICKSTART_FILE = "quickstart.json"  # what a quickstart run was planned for
 LAST_ERROR_FILE = "last-error.json"  # a training process's user error, for its supervisor
+CLASSIFIER_HEAD = "head.safetensors"  # a classifier directory's head (understand/classify.py)
+CLASSIFIER_MODEL = "model"  # a classifier directory's own fine-tuned model directory (setfit, finetune)
 
 FORMAT_VERSION = 2
 Kind = Literal["checkpoint", "model"]
@@ -688,7 +690,7 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 __all__ = [
     "MANIFEST", "MODEL_FILE", "CONFIG_FILE", "TOKENIZER_FILE", "TOKENIZER_CONFIG", "SOURCE_FILE", "TRAINER_FILE",
     "TRAIN_STATE", "CHECKPOINTS", "LATEST", "METRICS_FILE", "EVENTS_FILE", "EVAL_RESULTS_FILE", "FAULTS_FIRED_FILE",
-    "QUICKSTART_FILE", "LAST_ERROR_FILE", "FORMAT_VERSION", "REQUIRED_FILES",
+    "QUICKSTART_FILE", "LAST_ERROR_FILE", "CLASSIFIER_HEAD", "CLASSIFIER_MODEL", "FORMAT_VERSION", "REQUIRED_FILES",
     "Manifest", "manifest_checksum", "write_manifest", "read_manifest", "verify_manifest",
     "checkpoint_name", "checkpoints_dir", "list_checkpoints", "checkpoint_step", "is_checkpoint_dir",
     "verify_checkpoint", "scan_checkpoints", "find_resume_checkpoint", "resolve_checkpoint", "read_config",
