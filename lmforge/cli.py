@@ -312,7 +312,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .convert import export_command
 
-    return export_command(args.source, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    return export_command(args.source, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite, merge=args.merge)
 
 
 # ---- serve -----------------------------------------------------------------------------------
@@ -618,10 +618,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("export", help="a run, checkpoint or model directory -> Hugging Face dir or GGUF file")
+    p = sub.add_parser("export", help="a run, checkpoint or model directory -> Hugging Face dir, GGUF file or PEFT adapter")
     p.add_argument("source", help="run directory (newest checkpoint), checkpoint directory or model directory")
-    p.add_argument("--format", required=True, choices=["hf", "gguf"])
-    p.add_argument("--out", required=True, help="directory (hf) or .gguf file (gguf) to write")
+    p.add_argument("--format", required=True, choices=["hf", "gguf", "peft"],
+                   help="hf: a transformers model directory; gguf: a llama.cpp file; peft: a LoRA run's adapter alone")
+    p.add_argument("--out", required=True, help="directory (hf, peft) or .gguf file (gguf) to write")
+    p.add_argument("--merge", action="store_true", help="a LoRA run: fold its adapter into the base's weights (hf, gguf)")
     p.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="GGUF tensor type (hf: always f32)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
