@@ -326,7 +326,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         insecure=args.insecure, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         model_name=args.model_name, max_embed_inputs=args.max_embed_inputs, chat_template=args.chat_template, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, threads=args.threads, shutdown_grace=args.shutdown_grace,
-        index=args.index,
+        index=args.index, adapters=args.adapter, max_adapters=args.max_adapters,
     )
 
 
@@ -649,6 +649,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM / Ctrl-C: how long requests in flight may finish before they are cut short "
                         "(503, an error event in a stream); default %(default)g")
     p.add_argument("--index", metavar="IDX", help="also serve POST /v1/search over this index (built by the served model)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                   help="also serve a LoRA adapter of this base (a LoRA run, checkpoint or adapter directory), picked by a "
+                        "request's \"model\": NAME; repeatable; a bare DIR serves each of its subdirectories by name")
+    p.add_argument("--max-adapters", type=rule_of("serve.max_adapters"), metavar="N",
+                   help="adapters held in memory at once, least recently used unloaded first (default: serve.max_adapters)")
     p.set_defaults(func=cmd_serve)
 
     add_understand_parsers(sub)

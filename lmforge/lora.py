@@ -344,8 +344,9 @@ class AdapterSet:
         self.pins = [0] * (self.capacity + 1)  # requests holding each slot (slot 0, the base, is never replaced)
         self.loads = 0  # adapters loaded so far (a reload after an eviction counts again)
 
-    def acquire(self, name: str) -> int:
-        """The slot holding adapter `name`, loaded now if it is not, pinned until `release`."""
+    def acquire(self, name: str, count: int = 1) -> int:
+        """The slot holding adapter `name`, loaded now if it is not, pinned `count` times (one per
+        request; each `release`s once when it ends)."""
         with self.lock:
             slot = self.slot_of.get(name)
             if slot is None:
@@ -353,7 +354,7 @@ class AdapterSet:
                 self._fill(slot, name)
                 self.slot_of[name] = slot
             self.slot_of.move_to_end(name)
-            self.pins[slot] += 1
+            self.pins[slot] += count
             return slot
 
     def release(self, slot: int) -> None:

@@ -52,6 +52,7 @@ import random
 import shutil
 import warnings
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -286,7 +287,10 @@ def load_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.opt
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=str(ckpt / TRAIN_STATE))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_STATE_OPTIONS)
+    # DCP loaded every key asked for (a missing one raised); the frozen base is left out of the set, not missing
+    frozen = any(not p.requires_grad for p in model.parameters())
+    options = replace(_STATE_OPTIONS, strict=False) if frozen else _STATE_OPTIONS
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     trainer = read_trainer_state(ckpt)
     set_rng_state(trainer["rng"])
     return trainer
