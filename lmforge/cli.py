@@ -406,7 +406,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .convert import export_command
 
-    return export_command(args.source, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    return export_command(args.source, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite, merge=args.merge)
 
 
 # ---- serve -----------------------------------------------------------------------------------
@@ -420,7 +420,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         insecure=args.insecure, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         model_name=args.model_name, max_embed_inputs=args.max_embed_inputs, chat_template=args.chat_template, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, threads=args.threads, shutdown_grace=args.shutdown_grace,
-        index=args.index,
+        index=args.index, adapters=args.adapter, max_adapters=args.max_adapters,
     )
 
 
@@ -715,10 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("export", help="a run, checkpoint or model directory -> Hugging Face dir or GGUF file")
+    p = sub.add_parser("export", help="a run, checkpoint or model directory -> Hugging Face dir, GGUF file or PEFT adapter")
     p.add_argument("source", help="run directory (newest checkpoint), checkpoint directory or model directory")
-    p.add_argument("--format", required=True, choices=["hf", "gguf"])
-    p.add_argument("--out", required=True, help="directory (hf) or .gguf file (gguf) to write")
+    p.add_argument("--format", required=True, choices=["hf", "gguf", "peft"],
+                   help="hf: a transformers model directory; gguf: a llama.cpp file; peft: a LoRA run's adapter alone")
+    p.add_argument("--out", required=True, help="directory (hf, peft) or .gguf file (gguf) to write")
+    p.add_argument("--merge", action="store_true", help="a LoRA run: fold its adapter into the base's weights (hf, gguf)")
     p.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="GGUF tensor type (hf: always f32)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
@@ -745,6 +747,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM / Ctrl-C: how long requests in flight may finish before they are cut short "
                         "(503, an error event in a stream); default %(default)g")
     p.add_argument("--index", metavar="IDX", help="also serve POST /v1/search over this index (built by the served model)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                   help="also serve a LoRA adapter of this base (a LoRA run, checkpoint or adapter directory), picked by a "
+                        "request's \"model\": NAME; repeatable; a bare DIR serves each of its subdirectories by name")
+    p.add_argument("--max-adapters", type=rule_of("serve.max_adapters"), metavar="N",
+                   help="adapters held in memory at once, least recently used unloaded first (default: serve.max_adapters)")
     p.set_defaults(func=cmd_serve)
 
     add_understand_parsers(sub)

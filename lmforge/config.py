@@ -63,6 +63,9 @@ def valid(default: Any, rule: Rule) -> Any:
 # the two equal). Named here because config sits below train/ and validates at load time.
 OBJECTIVES = ("next_token",)
 POOLINGS = ("mean", "last", "weighted_mean")  # embed.pooling values (lmforge/understand/embed.py)
+# lora.target_modules values: the Linear layers of a block, by their Hugging Face Llama names (so a
+# PEFT adapter's target_modules mean the same layers; lmforge/lora.py)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -191,6 +194,8 @@ class ServeConfig:
     max_tokens: int = valid(256, positive_int())  # the largest max_tokens a request may ask for
     # the most inputs (texts or token lists) one /v1/embeddings request may carry
     max_embed_inputs: int = valid(256, positive_int())
+    # LoRA adapters (serve --adapter) held in memory at once; the least recently used one is unloaded to load another
+    max_adapters: int = valid(16, positive_int(hi=4096))
 
 
 @dataclass
@@ -202,6 +207,22 @@ class EmbedConfig:
     bidirectional: bool = False  # embedding passes attend both ways (only for a model trained so; no sentence-transformers export)
     query_prefix: str = ""  # text put before every query (`embed --kind query`, search), e.g. "query: "
     document_prefix: str = ""  # text put before every document (`embed`, index), e.g. "passage: "
+
+
+@dataclass
+class LoraConfig:
+    # LoRA rank r: train a low-rank adapter (B A, r x in and out x r per target layer) on a frozen base model
+    # (init.from) instead of every weight; 0 = off, a full fine-tune (lmforge/lora.py, docs/finetune.md)
+    rank: int = valid(0, nonneg_int(hi=4096, note="0 = off: every weight trains"))
+    alpha: float = valid(16.0, positive_float())  # the adapter's output is scaled by alpha / rank (PEFT's lora_alpha)
+    dropout: float = valid(0.0, fraction(hi_open=True))  # dropout on the adapter's input while training (PEFT's lora_dropout)
+    # the layers that get an adapter, by name, in every block (PEFT's target_modules)
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={"valid": Choice(LORA_TARGETS)})
+
+    @property
+    def scaling(self) -> float:
+        """What the adapter's output is multiplied by: alpha / rank (0 when off)."""
+        return self.alpha / self.rank if self.rank else 0.0
 
 
 @dataclass
@@ -219,6 +240,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)  # defaults of `lmforge serve`
     init: InitConfig = field(default_factory=InitConfig)  # where a new run's weights come from
     embed: EmbedConfig = field(default_factory=EmbedConfig)  # how the model turns a text into a vector (pooling, prefixes)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # train a LoRA adapter on a frozen base instead of every weight
 
     # ---- conversion ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -305,6 +327,12 @@ class Config:
                 f"({t.micro_batch}); e.g. set train.micro_batch to a divisor such as "
                 f"{_largest_divisor_at_most(t.global_batch, t.micro_batch)}"
             )
+        if self.lora.rank and not self.lora.target_modules:
+            raise ConfigError("lora.target_modules is empty, so lora.rank > 0 would train nothing; name layers, e.g. "
+                              f"[{', '.join(LORA_TARGETS)}], or set lora.rank=0 for a full fine-tune")
+        if self.lora.rank and t.parallel == "fsdp":
+            raise ConfigError("LoRA (lora.rank > 0) trains a few small matrices on a frozen base: use train.parallel=ddp "
+                              "(or none); FSDP shards weights that LoRA never updates")
         if t.deterministic_reduce and t.parallel == "fsdp":
             raise ConfigError(
                 "train.deterministic_reduce needs replicated weights (train.parallel=none or ddp); FSDP reduces "
@@ -598,7 +626,8 @@ def _valid_text(cls: type, name: str) -> str:
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")  # a literal | inside a Markdown table cell
 
-for _cls in (Config, ModelConfig, DataConfig, TrainConfig, GuardConfig, EvalConfig, ServeConfig, InitConfig, EmbedConfig):
+for _cls in (Config, ModelConfig, DataConfig, TrainConfig, GuardConfig, EvalConfig, ServeConfig, InitConfig, EmbedConfig,
+             LoraConfig):
     _hints(_cls)
 
 __all__ = [
@@ -611,6 +640,8 @@ __all__ = [
     "ServeConfig",
     "InitConfig",
     "EmbedConfig",
+    "LoraConfig",
+    "LORA_TARGETS",
     "POOLINGS",
     "load_config",
     "apply_overrides",

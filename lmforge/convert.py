@@ -798,9 +798,10 @@ def _field_value(f: Any) -> Any:
 # ---- any source ------------------------------------------------------------------------------
 
 
-def read_any(path: str | os.PathLike) -> Bundle:
+def read_any(path: str | os.PathLike, *, merge: bool = False) -> Bundle:
     """Whatever `lmforge import` and `export` accept: a .gguf file, a Hugging Face directory, or
-    what `artifacts.load_model` accepts (a run, checkpoint or model directory, verified)."""
+    what `artifacts.load_model` accepts (a run, checkpoint or model directory, verified; a LoRA
+    adapter folded into its base with `merge`)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"no such file or directory: {p}")
@@ -809,8 +810,10 @@ def read_any(path: str | os.PathLike) -> Bundle:
             return read_gguf(p)
         raise CheckpointError(f"{p}: expected a .gguf file or a directory (Hugging Face model, lmforge run or checkpoint)")
     if (p / "config.json").is_file() and not is_model_dir(p):
+        if merge:
+            raise CheckpointError(f"--merge: {p} is a Hugging Face model, with no LoRA adapter to fold in; leave out --merge")
         return read_hf_dir(p)
-    return read_bundle(p)
+    return read_bundle(p, merge=merge)
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -866,10 +869,15 @@ def import_command(source: str, out: str, overwrite: bool = False) -> int:
     return 0
 
 
-def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrite: bool = False) -> int:
-    """`lmforge export`: a run, checkpoint or model directory -> Hugging Face dir or GGUF file."""
+def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrite: bool = False,
+                   merge: bool = False) -> int:
+    """`lmforge export`: a run, checkpoint or model directory -> Hugging Face dir or GGUF file; a
+    LoRA run -> a PEFT adapter directory (`peft`), or with `merge` its adapter folded into the base
+    for hf and gguf."""
     _check_out(source, out, overwrite)
-    bundle = read_any(source)
+    if fmt == "peft":
+        return export_adapter(source, out, overwrite=overwrite, merge=merge, dtype=dtype)
+    bundle = read_any(source, merge=merge)
     weights = sum(t.numel() for t in bundle.tensors.values()) * (2 if fmt == "gguf" and dtype == "f16" else 4)
     with _writing(out, needed=weights):
         if fmt == "hf":
@@ -880,7 +888,28 @@ def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrit
             write_gguf(bundle, Path(out), dtype=dtype, overwrite=overwrite)
         else:
             raise ConfigError(f"--format must be hf or gguf, got {fmt!r}")
-    results_out.print(f"exported {source} -> {out} ({fmt}{'' if fmt == 'hf' else ' ' + dtype.upper()})")
+    merged = ", adapter merged into its base" if merge else ""
+    results_out.print(f"exported {source} -> {out} ({fmt}{'' if fmt == 'hf' else ' ' + dtype.upper()}{merged})")
+    return 0
+
+
+def export_adapter(source: str, out: str, *, overwrite: bool = False, merge: bool = False, dtype: str = "f32") -> int:
+    """`lmforge export RUN --format peft`: a LoRA run, checkpoint or adapter directory -> an adapter
+    directory that `peft.PeftModel.from_pretrained(model, out)` loads (the base's path in
+    base_model_name_or_path, its sha256 in the manifest)."""
+    from .artifacts import ADAPTER_FILE, lora_parts, resolve_origin, write_adapter_dir
+
+    if merge or dtype != "f32":
+        raise ConfigError("--format peft writes the adapter alone, in fp32: --merge and --dtype apply to hf and gguf")
+    origin = resolve_origin(source)
+    if not origin.is_adapter:
+        raise CheckpointError(f"{source} holds whole weights (a run with lora.rank 0, or a model): there is no LoRA "
+                              "adapter to export; use --format hf or gguf")
+    parts = lora_parts(origin)  # the base verified, the adapter's names and shapes checked
+    with _writing(out, needed=(origin.path / ADAPTER_FILE).stat().st_size):
+        write_adapter_dir(out, parts.adapter, parts.lora, parts.base, overwrite=overwrite)
+    results_out.print(f"exported {source} -> {out} (PEFT LoRA adapter, rank {parts.lora.rank}, on {parts.base.path}, "
+                      f"sha256 {origin.base_sha256[:12]}...)")
     return 0
 
 
@@ -918,4 +947,5 @@ def _token_id(tok: Tokenizer, text: str | None) -> int | None:
 __all__ = [
     "bundle_from_model", "read_hf_dir", "write_hf_dir", "write_sentence_transformers", "read_sentence_transformers", "read_gguf", "write_gguf", "read_any", "hf_config",
     "model_config_from_hf", "permute_for_gguf", "unpermute_from_gguf", "import_command", "export_command",
+    "export_adapter",
 ]

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from ..artifacts import (
-    CHECKPOINTS, CONFIG_FILE, EVAL_RESULTS_FILE, EVENTS_FILE, MODEL_FILE, is_checkpoint_dir, is_model_dir,
+    CHECKPOINTS, CONFIG_FILE, EVAL_RESULTS_FILE, EVENTS_FILE, is_checkpoint_dir, is_model_dir,
     list_checkpoints, load_model, read_manifest,
 )
 from ..errors import CheckpointError, LmforgeError
@@ -55,9 +55,9 @@ from .harness import check_eval_options, evaluate_model, load_tasks, text_source
 
 
 def checkpoint_key(ckpt: Path) -> str | None:
-    """"step-000030:<sha256 of model.safetensors>" from the MANIFEST, or None if unreadable."""
+    """"step-000030:<sha256 of model.safetensors>" (a LoRA run's: of its adapter) from the MANIFEST, or None if unreadable."""
     try:
-        return f"{ckpt.name}:{read_manifest(ckpt).sha256(MODEL_FILE)}"
+        return f"{ckpt.name}:{read_manifest(ckpt).weights_sha256}"
     except (CheckpointError, KeyError):
         return None
 

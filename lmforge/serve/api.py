@@ -11,6 +11,7 @@ the same app under uvicorn. The app is assembled from pieces that each do one jo
     routes.py    one method per route: body -> engine requests -> events -> JSON or SSE
     embeddings.py  POST /v1/embeddings: a bounded worker beside the engine, vector encodings
                  (POST /v1/classify runs on the same worker: `lmforge serve clf/NAME`)
+    adapters.py  --adapter: many LoRA adapters on the one base, picked by the request's `model`
     protocol.py  the wire format: strict request bodies, errors, log-probs, response shapes
     chat.py      chat templates (Jinja sandbox; control tokens only from the template)
     metrics.py   the Prometheus registry behind GET /metrics
@@ -31,7 +32,7 @@ status and is counted as refused; unknown routes and methods get the same shape)
 - Log-probs are the model's own (log-softmax of the raw logits; temperature and top-k/top-p do
   not reshape them), so scoring does not depend on sampling settings.
 
-Trade-offs: one model per server; the engine is created with the app, so its cache is allocated
+Trade-offs: one base model per server (with any number of LoRA adapters on it); the engine is created with the app, so its cache is allocated
 even when the app never starts (tests create apps freely; `lmforge serve` binds the port first).
 """
 
@@ -58,6 +59,7 @@ from starlette.requests import Request as HttpRequest
 
 from ..config import Config, EmbedConfig
 from ..errors import LmforgeError
+from ..lora import AdapterSet
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..util import read_text_file
@@ -117,15 +119,17 @@ def create_app(
     max_embed_inputs: int = 256,
     searcher: Searcher | None = None,
     classifier: Classifier | None = None,
+    adapters: AdapterSet | None = None,
 ) -> FastAPI:
     """The API over a loaded model (eval mode). The engine thread runs while the app does.
     `embed`: how /v1/embeddings pools (the model's config `embed:` section; default: its defaults).
     searcher: an index opened for this model (`open_index`); adds POST /v1/search.
-    classifier: a classifier over this same model (`load_classifier`), for POST /v1/classify."""
+    classifier: a classifier over this same model (`load_classifier`), for POST /v1/classify.
+    adapters: LoRA adapters installed in `model` (serve/adapters.py `open_adapters`), picked by name."""
     if max_tokens < 1 or not (math.isfinite(request_timeout) and request_timeout > 0) or max_body_bytes < 1:
         raise LmforgeError(f"--max-tokens, --request-timeout and --max-body-bytes must be positive, got "
                            f"{max_tokens}, {request_timeout} and {max_body_bytes}")
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, adapters=adapters)
     chat = ChatTemplate(tokenizer, chat_template)
     metrics = Metrics(engine)
     bridge = Bridge(engine, metrics, request_timeout)
@@ -136,7 +140,7 @@ def create_app(
     routes = Routes(bridge, tokenizer, chat, metrics, model_name=model_name,
                     context=model.cfg.max_seq_len, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
                     embed_worker=embed_worker, max_embed_inputs=max_embed_inputs, searcher=searcher,
-                    classifier=classifier)
+                    classifier=classifier, adapters=adapters)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -255,9 +259,12 @@ def serve_command(
     threads: int,
     shutdown_grace: float = 5.0,
     index: str | None = None,
+    adapters: list[str] | None = None,
+    max_adapters: int | None = None,
 ) -> int:
     """Load a run or checkpoint and serve it until interrupted. Unset limits come from the
-    checkpoint's `serve:` config section."""
+    checkpoint's `serve:` config section. `adapters`: --adapter NAME=PATH or DIR values (LoRA
+    adapters on this base, picked by a request's `model`)."""
     import torch
 
     from ..artifacts import load_model
@@ -282,8 +289,13 @@ def serve_command(
     host = host or cfg.serve.host
     check_exposure(host, key, insecure)
     port = port if port is not None else cfg.serve.port
-    sock = listen(host, port)  # before create_app allocates the cache: a taken port fails at once
     name = model_name or Path(path).resolve().name
+    adapter_set = None
+    if adapters:  # every adapter checked against this base before the port opens
+        from .adapters import open_adapters
+
+        adapter_set = open_adapters(loaded, name, adapters, cfg.serve.max_adapters if max_adapters is None else max_adapters)
+    sock = listen(host, port)  # before create_app allocates the cache: a taken port fails at once
     try:
         app = create_app(model, tokenizer, model_name=name,
                          max_batch=cfg.serve.max_batch if max_batch is None else max_batch,
@@ -292,13 +304,16 @@ def serve_command(
                          chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
                          embed=cfg.embed,
                          max_embed_inputs=cfg.serve.max_embed_inputs if max_embed_inputs is None else max_embed_inputs,
-                         searcher=searcher, classifier=classifier)
+                         searcher=searcher, classifier=classifier, adapters=adapter_set)
         auth = "API key required" if key else "no API key"
         where = f"[{host}]" if ":" in host else host
         # Listening already (connections wait in the backlog until uvicorn accepts them), so the
         # URL works as soon as it is printed; its port is the real one, also for --port 0.
         what = f"classifier {path} on {loaded.origin.path}, " if classifier is not None else ""
         searching = f", searching {index}" if index is not None else ""
+        if adapter_set is not None:
+            searching += (f", {len(adapter_set.entries)} LoRA adapter(s): {', '.join(list(adapter_set.entries)[:8])}"
+                          f"{' ...' if len(adapter_set.entries) > 8 else ''} (up to {adapter_set.capacity} in memory)")
         console.print(f"serving {name} ({what}{loaded.origin.describe()}{searching}) at "
                       f"http://{where}:{sock.getsockname()[1]}/v1 ({auth}); Ctrl-C stops", markup=False)
         server = _server(app, shutdown_grace)

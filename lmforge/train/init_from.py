@@ -13,15 +13,22 @@ checkpoint, and `init.from` is then only checked (its config and tokenizer must 
 A run directory given as the source is resolved twice, once by the check and once by the load (each
 verifies the checksums): a source run that checkpoints meanwhile gives the newer weights, which the
 check's shape and tokenizer rules still fit.
+
+LoRA (lora.rank > 0): init.from is the frozen base, loaded on every start (fresh or resumed: the
+run's checkpoints hold the adapter alone), and the adapter is attached to it (lmforge/lora.py).
+init.from may also be a LoRA run or adapter directory: then its base is the base, and a fresh run
+starts from its adapter (with the same rank and layers), e.g. preference tuning after a LoRA SFT.
+A full fine-tune from a LoRA source starts from the adapter folded into its base.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..artifacts import TOKENIZER_FILE, Loaded, load_model, read_config, resolve_origin
+from ..artifacts import TOKENIZER_FILE, Loaded, Origin, find_base, load_model, load_weights, lora_parts, read_config, resolve_origin
 from ..config import Config, ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..tokenizer import Tokenizer
@@ -41,7 +48,8 @@ def resolve_init(cfg: Config) -> Config:
         origin = resolve_origin(src)
     except CheckpointError as e:
         raise ConfigError(f"init.from = {src}: {e}") from None
-    source = read_config(origin.path).model
+    shaped_by = find_base(origin).path if origin.kind == "adapter" else origin.path  # an adapter directory holds no config
+    source = read_config(shaped_by).model
     default = ModelConfig()
     for key in ARCH_KEYS:
         mine, theirs = getattr(cfg.model, key), getattr(source, key)
@@ -56,7 +64,7 @@ def resolve_init(cfg: Config) -> Config:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) is longer than model.max_seq_len ({cfg.model.max_seq_len})")
     ds = TokenDataset(cfg.data.path)
-    model_sha = Tokenizer.load(origin.path / TOKENIZER_FILE).sha256
+    model_sha = Tokenizer.load(shaped_by / TOKENIZER_FILE).sha256
     data_sha = ds.manifest.get("tokenizer_sha256")
     if data_sha != model_sha:
         raise ConfigError(
@@ -76,5 +84,35 @@ def load_init(model: torch.nn.Module, cfg: Config) -> Loaded:
 
 def origin_record(loaded: Loaded) -> dict[str, Any]:
     """What a run records about the weights it started from (its start event)."""
-    o = loaded.origin
-    return {"path": str(o.path), "kind": o.kind, "step": o.step, "model_sha256": o.model_sha256}
+    return _record(loaded.origin)
+
+
+def _record(o: Origin) -> dict[str, Any]:
+    out = {"path": str(o.path), "kind": o.kind, "step": o.step, "model_sha256": o.model_sha256}
+    return out | ({"base_model_sha256": o.base_sha256} if o.is_adapter else {})
+
+
+def load_lora_init(model: torch.nn.Module, cfg: Config) -> tuple[Origin, Path, dict[str, Any]]:
+    """A LoRA run's start: init.from's weights (the base of a LoRA source) into the built model,
+    every weight frozen, an adapter attached (a LoRA source's own adapter, else a fresh one).
+    Returns the base, the directory whose tokenizer facts the run carries on, and the start record."""
+    from ..lora import attach, load_adapter
+
+    origin = resolve_origin(cfg.init.from_)
+    if not origin.is_adapter:
+        loaded = load_model(cfg.init.from_, into=model)
+        attach(model, cfg.lora)
+        console.print(f"LoRA rank {cfg.lora.rank} on {loaded.origin.path} ({loaded.origin.describe()}), frozen")
+        return loaded.origin, loaded.origin.path, origin_record(loaded)
+    parts = lora_parts(origin)
+    mine, theirs = cfg.lora, parts.lora
+    if (mine.rank, sorted(mine.target_modules)) != (theirs.rank, sorted(theirs.target_modules)):
+        raise ConfigError(f"init.from {cfg.init.from_} is a rank-{theirs.rank} LoRA adapter of {sorted(theirs.target_modules)}; "
+                          f"this run's is rank {mine.rank} of {sorted(mine.target_modules)}: set lora.rank and "
+                          "lora.target_modules to the adapter's to continue it")
+    load_weights(model, parts.base_tensors, str(parts.base.path))
+    attach(model, cfg.lora)
+    load_adapter(model, parts.adapter, str(origin.path))
+    console.print(f"LoRA rank {cfg.lora.rank} on {parts.base.path}, frozen; adapter from {origin.path} ({origin.describe()})")
+    facts = origin.path if origin.kind == "checkpoint" else parts.base.path
+    return parts.base, facts, _record(origin)

@@ -177,6 +177,7 @@ class Run:
     init_origin: dict[str, Any] | None = None  # init.from's weights, as loaded by a fresh run (its start event)
     non_finite_step: int | None = None  # guard off: the first step of this start whose loss or grad norm was not finite
     objective: Objective = field(default_factory=NextToken)  # train.objective (train/objectives.py)
+    lora_base: dict[str, str] | None = None  # a LoRA run: its frozen base (artifacts.base_record), in every checkpoint
 
     @property
     def resumed(self) -> bool:
@@ -200,8 +201,9 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
 
     if cfg.train.dtype not in ("fp32", "bf16"):
         raise ValueError(f"build() needs a resolved train.dtype, got {cfg.train.dtype!r}: start.plan_start resolves auto")
-    # before anything is allocated: weights, gradients, AdamW state and logits on the training device
-    check_memory(cfg.model, device(), micro_batch=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
+    # before anything is allocated: weights, gradients, AdamW state and logits on the training device (LoRA: the
+    # weights alone; its adapter and optimizer state are small)
+    check_memory(cfg.model, device(), micro_batch=0 if cfg.lora.rank else cfg.train.micro_batch, seq_len=cfg.data.seq_len,
                  shards=d.world if cfg.train.parallel == "fsdp" else 1,
                  fix="model.n_layer, model.d_model, model.d_ff, model.vocab_size or train.micro_batch")
     if cfg.train.threads:
@@ -211,15 +213,24 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     model = Transformer(cfg.model).to(device())  # init on CPU first: the same weights on any device
     facts_from = None  # the directory whose tokenizer facts (chat template, end of turn) the run carries on
     init_origin = None
-    if cfg.init.from_ and from_checkpoint is None and not artifacts.list_checkpoints(run_dir):  # fresh run only
-        from .init_from import load_init, origin_record  # pretrained weights (step 0, fresh optimizer)
+    fresh = from_checkpoint is None and not artifacts.list_checkpoints(run_dir)
+    lora_base = None
+    if cfg.lora.rank:  # the frozen base on every start (checkpoints hold the adapter alone), then the adapter
+        from .init_from import load_lora_init
+
+        base, facts_dir, record = load_lora_init(model, cfg)
+        lora_base = artifacts.base_record(base)
+        if fresh:
+            facts_from, init_origin = facts_dir, record
+    elif cfg.init.from_ and fresh:  # pretrained weights (step 0, fresh optimizer)
+        from .init_from import load_init, origin_record
 
         loaded = load_init(model, cfg)
         facts_from, init_origin = loaded.origin.path, origin_record(loaded)
     forward_model = distributed.wrap(model, cfg.train, d)  # DDP wrapper, or model itself (FSDP2 shards in place)
     optimizer = build_optimizer(model, cfg.train)  # after FSDP: over the sharded parameters
     run = Run(cfg, run_dir, model, optimizer, loader, Path(loader.source.dataset.tokenizer_path), dist=d,
-              init_origin=init_origin, objective=get_objective(cfg.train.objective))
+              init_origin=init_origin, objective=get_objective(cfg.train.objective), lora_base=lora_base)
     # rank 0 verifies (hashes) the checkpoints; every rank resumes from the one it chose
     ckpt, damaged = d.broadcast_object(artifacts.scan_checkpoints(run_dir) if d.is_main else None)
     for path, problems in damaged:  # one warning and one event per damaged checkpoint
@@ -233,6 +244,7 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
         raise ConfigError(f"--from starts a new run, but {run_dir} already has checkpoints; choose a new --run-dir")
     source = ckpt or from_checkpoint
     if source is not None:
+        _check_lora_base(run, source)
         state = _load_state(run, source, branch=ckpt is None)
         run.step, run.tokens, run.resumed_from = state["step"], state["tokens"], source
         run.guard = guard.GuardState.from_dict(state.get("guard"))
@@ -260,6 +272,23 @@ def make_loader(cfg: Config, d: Dist = SINGLE) -> Any:
              f"{cfg.data.seq_len + 1} tokens (the longest: {src.longest}) and are left out, never cut; raise "
              "data.seq_len to train on them")
     return loader
+
+
+def _check_lora_base(run: Run, ckpt: Path) -> None:
+    """A LoRA run resumes (or branches) on the base its checkpoint was trained on, and only a LoRA
+    checkpoint continues a LoRA run: refused otherwise, naming both checksums."""
+    recorded = artifacts.read_manifest(ckpt).base
+    mine = run.lora_base
+    if recorded is None and mine is None:
+        return
+    if recorded is None or mine is None:
+        what = "a LoRA adapter's" if recorded else "whole weights'"
+        raise ConfigError(f"{ckpt} holds {what} training state, but this run has lora.rank={run.cfg.lora.rank}; "
+                          "keep the checkpoint's lora settings, or start a new --run-dir")
+    if recorded["sha256"] != mine["sha256"]:
+        raise CheckpointError(f"{ckpt} trained its LoRA adapter on the base model with sha256 {recorded['sha256']} "
+                              f"({recorded['path']}), but init.from {run.cfg.init.from_} has sha256 {mine['sha256']}: "
+                              f"resume on the same base (--set init.from={recorded['path']})")
 
 
 def _tokenizer_facts(source: Path, tokenizer_path: Path) -> dict[str, Any]:
@@ -446,7 +475,7 @@ def save(run: Run) -> Path:
         path = ckpt_io.save_checkpoint(
             run.run_dir, run.step, model=run.model, optimizer=run.optimizer, config=run.cfg,
             trainer_state=run.trainer_state(), tokenizer_path=run.tokenizer_path,
-            tokenizer_facts=run.tokenizer_facts, d=run.dist,
+            tokenizer_facts=run.tokenizer_facts, base=run.lora_base, d=run.dist,
         )
     except (OSError, SafetensorError, CheckpointException, RuntimeError) as e:
         if isinstance(e, RuntimeError) and run.dist.active and distributed.lost_peer(e):

@@ -67,7 +67,8 @@ SAFE_TO_CHANGE = {
         "threads", "compile", "dtype", "micro_batch", "parallel", "deterministic_reduce",
         "activation_checkpointing",
     },
-    "guard": "*", "eval": "*", "serve": "*", "init": "*",
+    "guard": "*", "eval": "*", "serve": "*", "init": "*",  # a LoRA run's init.from: its base, checked by checksum
+    "lora": {"dropout"},
 }
 
 
@@ -213,6 +214,9 @@ def resolve_config(cfg: Config) -> Config:
 
     if not cfg.data.path:
         raise ConfigError("data.path is empty: set it to a prepared dataset, e.g. --set data.path=data/mycorp")
+    if cfg.lora.rank and not cfg.init.from_:
+        raise ConfigError(f"lora.rank={cfg.lora.rank} trains an adapter on a pretrained base model, and init.from is empty: "
+                          "set it to the base, e.g. --set init.from=models/smol (lmforge import), or set lora.rank=0")
     if cfg.init.from_:  # the imported model decides the model section; its tokenizer must be the data's
         from .init_from import resolve_init
 
@@ -271,8 +275,13 @@ def model_shape(m: Any) -> dict[str, Any]:
 
 def check_branch_model(cfg: Config, ckpt: Path) -> None:
     """`--from` continues the checkpoint's weights and optimizer state: the model must have its shape."""
-    theirs, mine = model_shape(artifacts.read_config(ckpt).model), model_shape(cfg.model)
+    saved = artifacts.read_config(ckpt)
+    theirs, mine = model_shape(saved.model), model_shape(cfg.model)
     differ = [f"model.{k}: checkpoint {theirs[k]!r}, now {mine[k]!r}" for k in theirs if theirs[k] != mine[k]]
+    for key in ("rank", "target_modules"):  # the adapter's shapes (its optimizer state fits no other)
+        a, b = getattr(saved.lora, key), getattr(cfg.lora, key)
+        if (sorted(a) if isinstance(a, list) else a) != (sorted(b) if isinstance(b, list) else b):
+            differ.append(f"lora.{key}: checkpoint {a!r}, now {b!r}")
     if differ:
         raise ConfigError(
             f"--from {ckpt}: the model must keep the checkpoint's shape (its weights and optimizer state fit no "
