@@ -26,8 +26,7 @@ Sections (all by default, or name some):
     python benchmarks/classify.py --threads 2
     python benchmarks/classify.py quality --model smol=/path/to/smollm2 --model adapted=runs/embed1
 
-Run it alone: it measures the whole machine (`/work/notes/cpu /work/notes/cpu python ...` holds both
-slots of the shared 2-core box).
+Run it alone: it measures the machine.
 """
 
 from __future__ import annotations
