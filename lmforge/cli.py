@@ -26,7 +26,9 @@ from .util import PROGRESS_MODES, console, out, progress_mode, set_progress_mode
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare
+    from .threads import check_threads, cores, default_threads, measure_others
 
+    threads = check_threads(args.threads) or default_threads(cores(), measure_others())
     prepare(
         args.inputs,
         args.out,
@@ -39,7 +41,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         shard_tokens=args.shard_tokens,
         strict=args.strict,
-        workers=args.workers,
+        workers=threads,
         overwrite=args.overwrite,
     )
     return 0
@@ -74,6 +76,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.threads is not None:  # the config's train.threads, recorded in the run like any override
+        from .threads import check_threads
+
+        args.set = [*(args.set or []), f"train.threads={check_threads(args.threads)}"]
     if args.supervise or args.nproc_per_node is not None:  # a parent process: the supervisor and/or torchrun
         from .train.distributed import LaunchError, check_not_nested
         from .train.supervise import check_job, launch_command, supervise
@@ -140,13 +146,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         num_samples=args.num_samples,
+        threads=args.threads,
+        quantize=args.quantize,
     )
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import quickstart
 
-    return quickstart(workdir=args.workdir, minutes=args.minutes, source=args.source)
+    return quickstart(workdir=args.workdir, minutes=args.minutes, source=args.source, threads=args.threads)
 
 
 # ---- plan ------------------------------------------------------------------------------------
@@ -265,6 +273,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .threads import check_threads
+
+    check_threads(args.threads)
     # Flags that would be silently ignored are mistakes: say so rather than do something else.
     if not args.watch:
         given = [flag for flag, value in (("--once", args.once), ("--follow", args.follow),
@@ -296,7 +307,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from .convert import import_command
 
-    return import_command(args.source, args.out, overwrite=args.overwrite)
+    return import_command(args.source, args.out, overwrite=args.overwrite, keep_quantized=args.keep_quantized)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -316,10 +327,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         insecure=args.insecure, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         model_name=args.model_name, chat_template=args.chat_template, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, threads=args.threads, shutdown_grace=args.shutdown_grace,
+        quantize=args.quantize,
     )
 
 
 # ---- parser ----------------------------------------------------------------------------------
+
+THREADS_DEFAULT = "the cores other processes leave free, at least 1; fewer while they take more (docs/inference.md)"
+WEIGHTS_CHOICES = ("fp32", "f16", "int8")  # lmforge/quant.py WEIGHTS (not imported: it loads torch)
+QUANTIZE_HELP = ("weights for inference: fp32, f16 (half the bytes) or int8 (a quarter; docs/inference.md); "
+                 "default: as stored")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for validation")
     p.add_argument("--shard-tokens", type=int, default=50_000_000, help="max tokens per shard")
     p.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
-    p.add_argument("--workers", type=int, default=0, help="tokenizer threads (0: all cores)")
+    p.add_argument("--threads", "--workers", dest="threads", type=int, metavar="N",
+                   help=f"tokenizer threads (default: {THREADS_DEFAULT})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.set_defaults(func=cmd_prepare)
 
@@ -381,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="run N (>= 1) processes on this machine under torchrun (--standalone), checked before launch; "
                    "with --supervise the whole job is restarted. Not inside torchrun: it launches the processes there")
+    p.add_argument("--threads", type=int, metavar="N", help=f"torch threads per process, recorded as train.threads "
+                   f"(default: the config's; 0 there: {THREADS_DEFAULT}); fewer while other processes hold cores")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("ckpt", help="checkpoint tools")
@@ -398,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--threads", type=int, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    p.add_argument("--quantize", choices=WEIGHTS_CHOICES, help=QUANTIZE_HELP)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("quickstart", help="the whole life of a model on local data, in minutes on a CPU")
@@ -408,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)g)")
     p.add_argument("--source", help="corpus directory of .py files; <name> is its base name + a hash of its path "
                                     "(default: this Python's standard library, <name> = stdlib)")
+    p.add_argument("--threads", type=int, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("plan", help="size a model for its inference budget")
@@ -448,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared dataset whose val split to score (default: the run's data.path)")
     p.add_argument("--text", help="score a UTF-8 text file instead of a dataset")
     p.add_argument("--batch-size", type=int, help="rows per forward (default: eval.batch_size)")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores; with --watch: the run's eval.threads)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help=f"torch threads (default: {THREADS_DEFAULT}; with --watch: the run's eval.threads)")
     p.add_argument("--max-batches", type=int, default=0, help="score at most this many val batches (0: all)")
     p.add_argument("--scorer", choices=["packed", "naive"], default="packed", help="naive: one forward per choice (reference)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -463,13 +487,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="local Hugging Face model directory (config.json + safetensors) or a .gguf file")
     p.add_argument("--out", required=True, help="model directory to write (model.safetensors, config.yaml, tokenizer.json)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--keep-quantized", action="store_true", help="a quantized GGUF: store its matrices as int8 "
+                   "(Q8_0 exactly; other types re-quantized to int8 groups of 32) instead of fp32; sample and serve "
+                   "then run them as int8")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="a run, checkpoint or model directory -> Hugging Face dir or GGUF file")
     p.add_argument("source", help="run directory (newest checkpoint), checkpoint directory or model directory")
     p.add_argument("--format", required=True, choices=["hf", "gguf"])
     p.add_argument("--out", required=True, help="directory (hf) or .gguf file (gguf) to write")
-    p.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="GGUF tensor type (hf: always f32)")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF tensor type (hf: always f32)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
 
@@ -487,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", help="Jinja chat template file (default: tokenizer_config.json's, else a plain one)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is dropped (504)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    p.add_argument("--quantize", choices=WEIGHTS_CHOICES, help=QUANTIZE_HELP)
     p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C: how long requests in flight may finish before they are cut short "
                         "(503, an error event in a stream); default %(default)g")

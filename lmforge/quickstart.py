@@ -47,7 +47,8 @@ STDLIB_EXCLUDE = [
 PROMPTS = ["def read_config(path):\n", "class Cache:\n    def __init__(self", "import os\n\n"]
 
 
-def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source: str | None = None) -> int:
+def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source: str | None = None,
+               threads: int | None = None) -> int:
     from .data.manifest import MANIFEST_FILE, read_manifest, verify_dataset
     from .data.prepare import prepare
     from .generate import generate
@@ -55,8 +56,11 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
     from .train.loop import build, resolve_config, train
     from .model import Transformer, num_params
 
+    from .threads import choose
+
     if minutes <= 0:
         raise LmforgeError(f"--minutes must be > 0, got {minutes}")
+    n_threads = choose(threads)  # chosen before the step-time calibration, so the plan uses it
     work = Path(workdir)
     src = Path(source) if source else Path(sysconfig.get_paths()["stdlib"])
     name = source_name(source)
@@ -73,7 +77,7 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
         prepare(
             [str(src)], str(data_dir), vocab_size=4096, tokenizer=None, include=["*.py"],
             exclude=STDLIB_EXCLUDE if not source else [], text_field="text", val_fraction=0.02,
-            shard_tokens=50_000_000, strict=False, workers=0, overwrite=True,
+            shard_tokens=50_000_000, strict=False, workers=n_threads, overwrite=True,
         )
     manifest = read_manifest(data_dir)
 
@@ -92,7 +96,7 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
                 f"for a {minutes:g}-minute run use another --workdir or delete {run_dir}"
             )
     else:
-        cfg = resolve_config(load_config(RECIPE, [f"data.path={data_dir}"]))
+        cfg = resolve_config(load_config(RECIPE, [f"data.path={data_dir}"] + ([f"train.threads={threads}"] if threads else [])))
         step_s = _seconds_per_step(cfg)
         cfg.train.max_steps = max(20, int(minutes * 60 / step_s))
         cfg.train.warmup_steps = min(cfg.train.warmup_steps, cfg.train.max_steps // 10)

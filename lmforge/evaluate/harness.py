@@ -15,6 +15,7 @@ tokenizer (sha256 compared), otherwise its token ids mean nothing to the model.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from ..config import Config
 from ..data.manifest import MANIFEST_FILE, read_manifest
 from ..errors import DataError, LmforgeError
 from ..jsonl import dumps_record
+from ..threads import Governor, choose
 from ..tokenizer import Tokenizer
 from ..util import out as results_out  # command results: stdout, every progress mode
 from ..util import progress_bar
@@ -36,11 +38,11 @@ from .tasks import Task, context_ids, encode_request, load_task
 
 
 def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batch_size: int,
-               scorer: str = "packed") -> dict[str, float]:
+               scorer: str = "packed", governor: Governor | None = None) -> dict[str, float]:
     """Metrics of one task: mc -> acc, acc_norm; cloze -> acc, logprob; gen -> exact_match."""
     max_len = model.cfg.max_seq_len
     if task.kind == "gen":
-        return _generate_task(model, tokenizer, task)
+        return _generate_task(model, tokenizer, task, governor)
     requests = []
     for item in task.items:
         conts = item.choices if task.kind == "mc" else (item.target,)
@@ -58,13 +60,14 @@ def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batc
     return M.cloze_metrics([row[0].greedy for row in scores], [row[0].logprob for row in scores])
 
 
-def _generate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task) -> dict[str, float]:
+def _generate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, governor: Governor | None) -> dict[str, float]:
     from ..generate import generate
 
     stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     predictions = []
     for item in task.items:
-        new = generate(model, context_ids(tokenizer, item.context), max_tokens=item.max_tokens, stop_ids=stop_ids)
+        new = generate(model, context_ids(tokenizer, item.context), max_tokens=item.max_tokens, stop_ids=stop_ids,
+                       governor=governor)
         predictions.append(M.cut_at_stop(tokenizer.decode(new), item.stop))
     return M.exact_match(predictions, [i.target for i in task.items])
 
@@ -102,8 +105,10 @@ def evaluate_model(
     max_batches: int = 0,
     scorer: str = "packed",
     show_progress: bool = True,
+    governor: Governor | None = None,
 ) -> dict[str, float]:
-    """Flat {name: value}: loss/perplexity/bits_per_byte on `source`, then `<task>/<metric>`."""
+    """Flat {name: value}: loss/perplexity/bits_per_byte on `source`, then `<task>/<metric>`.
+    governor: told each batch's time (lmforge/threads.py: fewer threads while the machine is busy)."""
     model.eval()
     out: dict[str, float] = {}
     seq_len = min(cfg.data.seq_len, model.cfg.max_seq_len)
@@ -129,19 +134,22 @@ def evaluate_model(
             if max_batches:
                 total = min(total, max_batches)
             bar = progress.add_task(f"loss on {Path(path).name}", total=total)
-            nll, tokens, nbytes = nll_totals(model, _counted(batches, progress, bar), tokenizer.token_nbytes())
+            nll, tokens, nbytes = nll_totals(model, _counted(batches, progress, bar, governor), tokenizer.token_nbytes())
             out.update(M.loss_metrics(nll, tokens, nbytes))
         for task in tasks:
             bar = progress.add_task(f"{task.name} ({len(task.items)} {task.kind})", total=1)
-            for k, v in score_task(model, tokenizer, task, batch_size=batch_size, scorer=scorer).items():
+            for k, v in score_task(model, tokenizer, task, batch_size=batch_size, scorer=scorer, governor=governor).items():
                 out[f"{task.name}/{k}"] = v
             progress.advance(bar)
     return out
 
 
-def _counted(batches, progress: Progress, bar) -> Any:
+def _counted(batches, progress: Progress, bar, governor: Governor | None = None) -> Any:
     for b in batches:
-        yield b
+        start = time.perf_counter()
+        yield b  # the caller scores the batch before asking for the next
+        if governor is not None:
+            governor.step(time.perf_counter() - start, work=b[0].numel())
         progress.advance(bar)
 
 
@@ -183,14 +191,13 @@ def eval_command(
     scorer: str = "packed",
 ) -> int:
     """`lmforge eval RUN_OR_CKPT`: print the metrics of one checkpoint (newest intact of a run)."""
-    from ..artifacts import load_model
+    from ..generate import load_for_decoding
 
     check_eval_options(data, text, batch_size, max_batches)
     task_list = load_tasks(list(tasks or []))  # validate task files before loading any model
-    loaded = load_model(path)
+    governor = Governor(choose(threads))  # eval.threads is the sidecar's budget, beside training
+    loaded = load_for_decoding(path)  # generation tasks decode; scoring is the same on any layout
     model, tokenizer, cfg, origin = loaded.model, loaded.tokenizer, loaded.config, loaded.origin
-    if threads:  # default: every core (eval.threads is the sidecar's budget, beside training)
-        torch.set_num_threads(threads)
     bs = batch_size or cfg.eval.batch_size
     source = text_source(cfg, tokenizer, data=data, text=text)
     if source is None and not task_list:
@@ -199,7 +206,7 @@ def eval_command(
             "and no --tasks were given; pass --data DIR, --text FILE or --tasks FILE.jsonl (or a bundled task, e.g. python-mc)"
         )
     results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source, batch_size=bs,
-                             max_batches=max_batches, scorer=scorer, show_progress=not as_json)
+                             max_batches=max_batches, scorer=scorer, show_progress=not as_json, governor=governor)
     if as_json:
         print(dumps_record({"checkpoint": str(path), "step": origin.step, "metrics": results}, indent=2))
         return 0

@@ -50,6 +50,7 @@ from ..artifacts import (
 )
 from ..errors import CheckpointError, LmforgeError
 from ..jsonl import append_jsonl, read_records, restore_numbers
+from ..threads import cores
 from ..util import console, warn
 from .harness import check_eval_options, evaluate_model, load_tasks, text_source
 
@@ -179,7 +180,7 @@ def watch(
 
         cfg_path = run_dir / CONFIG_FILE
         threads = load_config(cfg_path).eval.threads if cfg_path.is_file() else 1
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(max(1, min(threads, cores())))
     store = _open_store()
     done = {row["key"] for row in read_results(run_dir)}
     reported: set[str] = set()  # damaged checkpoints already reported (once each)

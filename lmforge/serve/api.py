@@ -212,14 +212,15 @@ def serve_command(
     chat_template: str | None,
     request_timeout: float,
     max_body_bytes: int,
-    threads: int,
+    threads: int | None,
     shutdown_grace: float = 5.0,
+    quantize: str | None = None,
 ) -> int:
     """Load a run or checkpoint and serve it until interrupted. Unset limits come from the
     checkpoint's `serve:` config section."""
-    import torch
-
-    from ..artifacts import load_model
+    from ..generate import load_for_decoding
+    from ..quant import check_weights
+    from ..threads import choose
     from ..util import check_port, console
 
     if port is not None:
@@ -228,12 +229,13 @@ def serve_command(
         raise LmforgeError(f"--shutdown-grace must be a number of seconds >= 0, got {shutdown_grace}")
     key = resolve_api_key(api_key, api_key_file)
     template = read_chat_template(chat_template)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    if quantize is not None:
+        check_weights(quantize)
+    choose(threads)  # the engine thread takes this count over and adapts it (lmforge/threads.py)
     # The engine thread and the event loop share the GIL; a shorter switch interval keeps the
     # engine from waiting up to 5 ms for it each time the loop handles a token (docs/serve.md).
     sys.setswitchinterval(0.0005)
-    loaded = load_model(path)
+    loaded = load_for_decoding(path, quantize)
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
     template = template or tokenizer.chat_template  # a model directory's (or a fine-tune's origin's) recorded one
     host = host or cfg.serve.host

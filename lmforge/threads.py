@@ -1,0 +1,227 @@
+"""Threads on a shared machine: how many a computing verb starts with, and when it changes them.
+
+Why
+---
+torch's CPU kernels run on OpenMP threads that wait for each other at the end of every parallel
+region, spinning first. When another process holds one of the cores, the thread that lost its
+core holds up all the others, and every op waits for the slowest: on a 2-core machine with one
+busy core, two threads trained ~6x slower than one (issue 20; docs/inference.md has this
+machine's figures). "All cores" is therefore the wrong default wherever cores are shared.
+
+What
+----
+- `default_threads(cores, others)`: with `--threads` absent (or a config's 0), the cores that no
+  one else is using when the verb starts, at least 1: `cores - round(others)`. `others` is the CPU
+  time other processes (and the hypervisor's steal) took over a short sample, in cores.
+- `decide(...)`: a pure function of what a running verb sees (its cores, the threads it wants, the
+  threads it has, the other processes' share of the machine, and its step time against the time it
+  expects) -> the threads to use now. Fewer while others need cores; back up when they stop.
+  The step time is the verb's own evidence: a drop needs the machine to show other work *and* the
+  step to run slower than expected (or no expectation yet); a rise needs the machine to show idle
+  cores for `RISE_AFTER` seconds (hysteresis: no flapping on a one-second blip).
+- `Governor`: one per computing loop (training steps, serving steps, eval batches, sampled
+  tokens). `governor.step(seconds)` once per step: it times nothing itself and reads /proc at most
+  every `SAMPLE_EVERY` seconds, so its cost is a clock read per step. When it changes the thread
+  count it calls `on_change(old, new, reason)` (training records an event in the store).
+
+Threads do not change numbers: every op lmforge's training runs gives bit-identical fp32 results
+on 1 and 2 threads (tests/test_threads.py checks a training step), so dropping threads mid-run
+changes speed only.
+
+/proc is Linux; elsewhere `others` is unknown (None) and the thread count stays as chosen.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+SAMPLE_EVERY = 0.5  # seconds between /proc reads while running
+RISE_AFTER = 5.0  # seconds the machine must show idle cores before threads go back up
+SLOW = 1.3  # a step this much slower than expected is evidence of contention
+BUSY = 0.5  # another process's share (in cores) that counts as taking a core
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity mask; a cgroup CPU quota caps it)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def check_threads(threads: int | None, flag: str = "--threads") -> int | None:
+    """A --threads value: None (choose), or 1 .. cores(); anything else is a ConfigError."""
+    if threads is None:
+        return None
+    limit = cores()
+    if not 1 <= threads <= limit:
+        raise ConfigError(f"{flag} must be between 1 and {limit} (this machine's cores), got {threads}; "
+                          "leave it out to let lmforge choose")
+    return threads
+
+
+# ---- what the machine shows ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    wall: float  # time.monotonic()
+    busy_all: float  # seconds of CPU time all processes took (user+nice+system+irq+softirq), from /proc/stat
+    steal: float  # seconds the hypervisor gave our virtual CPUs to others
+    busy_self: float  # seconds of CPU time this process took
+
+
+def _read_sample() -> Sample | None:
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        tick = os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        me = os.times()
+        return Sample(time.monotonic(), (user + nice + system + irq + softirq) / tick, steal / tick,
+                      me.user + me.system)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def others_between(a: Sample, b: Sample) -> float:
+    """Cores' worth of CPU that other processes (and steal) took between two samples."""
+    dt = b.wall - a.wall
+    if dt <= 0:
+        return 0.0
+    return max(0.0, ((b.busy_all - a.busy_all) - (b.busy_self - a.busy_self) + (b.steal - a.steal)) / dt)
+
+
+def measure_others(seconds: float = 0.2) -> float | None:
+    """Other processes' share of the machine right now, in cores (None where /proc is missing)."""
+    a = _read_sample()
+    if a is None:
+        return None
+    time.sleep(seconds)
+    b = _read_sample()
+    return None if b is None else others_between(a, b)
+
+
+# ---- decisions (pure) ------------------------------------------------------------------------
+
+
+def default_threads(n_cores: int, others: float | None) -> int:
+    """The threads a verb starts with when none are asked for: the cores nobody else uses, >= 1."""
+    if others is None:
+        return n_cores
+    return max(1, min(n_cores, n_cores - round(others)))
+
+
+def decide(*, n_cores: int, wanted: int, current: int, others: float | None, slowdown: float | None,
+           idle_for: float) -> int:
+    """The threads to run with now.
+
+    n_cores   cores this process may use
+    wanted    the most threads it should use (--threads, or the default chosen at start)
+    current   threads it runs with now
+    others    other processes' CPU share over the last sample, in cores (None: unknown)
+    slowdown  recent step time / expected step time at `current` threads (None: no expectation yet)
+    idle_for  seconds the machine has shown enough idle cores for more threads (hysteresis)
+    """
+    if others is None:
+        return current
+    free = max(1, min(wanted, n_cores - round(others)))  # cores nobody else uses (BUSY rounds at 0.5)
+    if free < current:
+        # Others hold cores we run on. Drop when our own steps show it (or we cannot tell yet).
+        return free if slowdown is None or slowdown >= SLOW else current
+    if free > current and idle_for >= RISE_AFTER:
+        return free
+    return current
+
+
+# ---- the running side ------------------------------------------------------------------------
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def choose(requested: int | None) -> int:
+    """The thread count a verb starts with: `requested` (checked) or the default, and applies it."""
+    n = check_threads(requested) or default_threads(cores(), measure_others())
+    set_threads(n)
+    return n
+
+
+class Governor:
+    """Adapts a loop's torch thread count to the machine (see the module doc). Not thread-safe:
+    one per loop, called from the thread that runs the loop's torch ops."""
+
+    def __init__(self, wanted: int, *, on_change: Callable[[int, int, str], None] | None = None,
+                 adapt: bool = True, window: int = 5) -> None:
+        self.n_cores = cores()
+        self.wanted = max(1, wanted)
+        self.current = self.wanted
+        self.on_change = on_change
+        self.adapt = adapt
+        self.expected: dict[int, float] = {}  # threads -> seconds per unit of work, measured when quiet
+        self.recent: deque[float] = deque(maxlen=window)
+        self.last = _read_sample()
+        self.others: float | None = None
+        self.idle_since: float | None = None
+        set_threads(self.current)
+
+    def step(self, seconds: float, work: float = 1.0) -> int:
+        """Record one step (its wall time, and its size in any unit the loop keeps fixed, e.g.
+        tokens); maybe change the thread count. Returns the thread count for the next step."""
+        if not self.adapt or seconds <= 0 or work <= 0:
+            return self.current
+        per = seconds / work
+        self.recent.append(per)
+        now = time.monotonic()
+        if self.last is None or now - self.last.wall < SAMPLE_EVERY:
+            return self.current
+        sample = _read_sample()
+        if sample is None:
+            return self.current
+        self.others = others_between(self.last, sample)
+        self.last = sample
+        typical = sorted(self.recent)[len(self.recent) // 2]
+        if self.others < BUSY / 2 and len(self.recent) == self.recent.maxlen:  # quiet: calibrate
+            self.expected[self.current] = min(self.expected.get(self.current, typical), typical)
+        free = self.n_cores - round(self.others)
+        if free > self.current:
+            self.idle_since = self.idle_since or now
+        else:
+            self.idle_since = None
+        expected = self.expected.get(self.current)
+        slowdown = typical / expected if expected else None
+        new = decide(n_cores=self.n_cores, wanted=self.wanted, current=self.current, others=self.others,
+                     slowdown=slowdown, idle_for=now - self.idle_since if self.idle_since else 0.0)
+        if new != self.current:
+            old, self.current = self.current, new
+            set_threads(new)
+            self.recent.clear()
+            self.idle_since = None
+            why = (f"other processes use {self.others:.1f} of {self.n_cores} cores" if new < old
+                   else f"cores free again (others use {self.others:.1f} of {self.n_cores})")
+            if slowdown is not None and new < old:
+                why += f"; steps ran {slowdown:.1f}x slower than expected"
+            if self.on_change is not None:
+                self.on_change(old, new, why)
+        return self.current
+
+
+__all__ = ["SAMPLE_EVERY", "RISE_AFTER", "SLOW", "BUSY", "cores", "check_threads", "Sample", "others_between",
+           "measure_others", "default_threads", "decide", "set_threads", "choose", "Governor"]
