@@ -57,7 +57,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_cmd == "inspect":
         path, step, seq_len, global_batch, seed = args.path, args.step, args.seq_len, args.global_batch, args.seed
         if (Path(args.path) / CONFIG_FILE).is_file():  # a run directory: its data, its step mapping
-            from .train.loop import data_step_of_run
+            from .train.records import data_step_of_run
 
             if args.step < 1:  # mapped to data step step - 1: a clear message before a negative one appears
                 raise LmforgeError(f"--step with a run directory is a training step as logged (1, 2, ...), got {args.step}")
@@ -80,31 +80,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .threads import check_threads
 
         args.set = [*(args.set or []), f"train.threads={check_threads(args.threads)}"]
+    from .train.start import StartRequest
+
+    request = StartRequest.from_args(args)  # every flag the training process gets (one field each)
     if args.supervise or args.nproc_per_node is not None:  # a parent process: the supervisor and/or torchrun
-        from .train.distributed import LaunchError, check_not_nested
-        from .train.supervise import check_job, launch_command, supervise
+        from .train.supervise import launch
 
-        check_not_nested(nproc_per_node=args.nproc_per_node, supervise=args.supervise)
-        if args.nproc_per_node is not None and args.nproc_per_node < 1:
-            raise LaunchError(f"--nproc-per-node {args.nproc_per_node}: give a number of processes >= 1 "
-                              "(or leave it out to train in this one process)")
-        nproc = args.nproc_per_node or 0  # 0: no torchrun (supervise/launch_command's meaning)
-        if nproc:  # fail here, in one line, on what every rank would refuse under torchrun's report
-            check_job(args.config, run_dir=args.run_dir, overrides=args.set or [], from_=args.from_, nproc_per_node=nproc)
-        child = ["train"] + ([args.config] if args.config else []) + (["--run-dir", args.run_dir] if args.run_dir else [])
-        child += [a for kv in (args.set or []) for a in ("--set", kv)] + (["--from", args.from_] if args.from_ else [])
-        if not args.supervise:  # one machine, N processes: the same command under torchrun
-            import subprocess
+        return launch(request, supervise=args.supervise, nproc_per_node=args.nproc_per_node,
+                      max_restarts=args.max_restarts, restart_delay=args.restart_delay)
+    from .train.start import train_command
 
-            return subprocess.call(launch_command(child, nproc))
-        from .train.loop import run_dir_of
-
-        run_dir = run_dir_of(args.config, args.run_dir) or Path("runs") / "run"  # the child explains a missing one
-        return supervise(child, run_dir, max_restarts=args.max_restarts, delay=args.restart_delay,
-                         nproc_per_node=nproc)
-    from .train.loop import train_command
-
-    return train_command(args.config, run_dir=args.run_dir, overrides=args.set or [], from_=args.from_)
+    return train_command(request)
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
@@ -390,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config, or a bundled recipe by name, e.g. small-cpu "
                    "(optional when resuming a run directory)")
     p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
     p.add_argument("--from", dest="from_", metavar="CHECKPOINT", help="branch a new run from this checkpoint (weights, optimizer, step)")
     p.add_argument("--supervise", action="store_true", help="restart the training process after a crash or kill "
                    "(not inside torchrun: use its --max-restarts there)")

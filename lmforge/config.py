@@ -94,7 +94,10 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
-    dtype: str = "bf16"  # compute precision: fp32 | bf16 (autocast; master weights stay fp32)
+    # compute precision: auto | fp32 | bf16 (bf16: autocast; master weights stay fp32). auto: bf16 where the
+    # device multiplies bf16 natively (CUDA with bf16 support; a CPU with AMX-BF16 or AVX512-BF16), else fp32,
+    # decided once when a run starts and written into its config (a resume keeps the run's dtype)
+    dtype: str = "auto"
     compile: bool = False  # run the forward pass through torch.compile
     threads: int = 0  # torch intra-op threads; 0 -> all cores
     seed: int = 0  # seeds weight init
@@ -265,7 +268,7 @@ class Config:
         _positive("train.eps", t.eps)
         if t.grad_clip < 0:
             raise ConfigError(f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}")
-        _choice("train.dtype", t.dtype, ("fp32", "bf16"))
+        _choice("train.dtype", t.dtype, ("auto", "fp32", "bf16"))
         _choice("train.parallel", t.parallel, ("none", "ddp", "fsdp"))
         if t.deterministic_reduce and t.parallel == "fsdp":
             raise ConfigError(

@@ -57,9 +57,11 @@ from .artifacts import (
     read_bundle, read_json, write_model_dir,
 )
 from .config import Config, ModelConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, WriteError
 from .tokenizer import TOKENIZER_FILE, Tokenizer
-from .util import FILE_MODE, atomic_dir, atomic_write_json, fsync_dir, progress_bar, replace_path
+from .util import (
+    FILE_MODE, atomic_dir, atomic_write_json, fsync_dir, progress_bar, replace_path, write_failure,
+)
 from .util import out as results_out  # command results: stdout, every progress mode
 
 # ---- names and shapes ------------------------------------------------------------------------
@@ -755,12 +757,21 @@ def _check_out(source: str, out: str, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def _writing(out: str) -> Iterator[None]:
-    """Turn an OS error while writing --out (no permission, no space, a path that cannot exist)
-    into a CheckpointError naming it; the writers leave nothing half-written behind."""
+def _writing(out: str, needed: int | None = None) -> Iterator[None]:
+    """Turn a failed write of --out into one line naming it: "disk full at OUT, N bytes free" (also
+    from safetensors, which reports ENOSPC as its own SafetensorError, and from a short write that
+    names no errno, when fewer bytes are free than the output `needed`), else "cannot write OUT:
+    REASON" (no permission, a path that cannot exist); the writers leave nothing half-written."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
+        line = write_failure(e, out, needed)
+        if line is not None and line.startswith("disk full"):
+            raise WriteError(f"{line}; nothing was written to {out}. Free space, or choose another --out") from None
+        if not isinstance(e, OSError):
+            raise
         # name the path that failed unless it is --out itself or its temporary sibling
         named = e.filename and Path(os.fsdecode(e.filename)).parent != Path(out).parent
         where = f" ({e.filename})" if named else ""
@@ -797,7 +808,8 @@ def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrit
     """`lmforge export`: a run, checkpoint or model directory -> Hugging Face dir or GGUF file."""
     _check_out(source, out, overwrite)
     bundle = read_any(source)
-    with _writing(out):
+    weights = sum(t.numel() for t in bundle.tensors.values()) * (2 if fmt == "gguf" and dtype == "f16" else 4)
+    with _writing(out, needed=weights):
         if fmt == "hf":
             if dtype != "f32":
                 raise ConfigError("--dtype applies to GGUF export only (Hugging Face export writes fp32 safetensors)")

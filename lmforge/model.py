@@ -175,7 +175,10 @@ def autocast(dtype: str, device_type: str) -> contextlib.AbstractContextManager:
     enter it, so a loss is computed the same way in each."""
     if dtype == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"autocast needs a resolved dtype (bf16 or fp32), got {dtype!r}; a run resolves "
+                     "train.dtype=auto when it starts (hardware.auto_dtype)")
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:

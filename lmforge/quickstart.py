@@ -4,9 +4,11 @@ The stand-in for "your company's code base" is the Python standard library of th
 interpreter (its .py files, without the test suites and site-packages). The quickstart:
 
 1. prepares it (tokenizer + shards) into <workdir>/data/<name>, or reuses a verified copy;
-2. writes a training config from the bundled small-cpu recipe whose max_steps fits the time budget,
-   calibrated by timing two training steps of that very model on this machine;
-3. trains it into <workdir>/runs/<name> (resuming if a previous quickstart was interrupted);
+2. plans a run of the bundled small-cpu recipe whose max_steps fits the time budget, calibrated by
+   timing two training steps of that very model on this machine, in the dtype the run will use
+   (`train.dtype: auto`: fp32 on a CPU without native bf16, where bf16 is many times slower);
+3. trains it into <workdir>/runs/<name> (resuming if a previous quickstart was interrupted),
+   started like any `lmforge train` (train/start.py: the run directory's lock, the resume checks);
 4. reports validation loss and perplexity before (step 0) and after training, prints samples,
    and says what to do next.
 
@@ -29,13 +31,14 @@ import math
 import re
 import sysconfig
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .config import Config, load_config
 from .errors import LmforgeError
-from .util import console
+from .util import atomic_write_text, console
 from .util import out as results_out  # the report (step 4): stdout, every progress mode
 
 RECIPE = "small-cpu"  # a bundled recipe (lmforge/configs/small-cpu.yaml), found by name from any directory
@@ -53,9 +56,9 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
     from .data.prepare import prepare
     from .generate import generate
     from .artifacts import CONFIG_FILE, QUICKSTART_FILE, checkpoint_step, find_resume_checkpoint, load_model
-    from .train.loop import build, resolve_config, train
+    from .train.loop import device
+    from .train.start import StartRequest, plan_start, start
     from .model import Transformer, num_params
-
     from .threads import choose
 
     if minutes <= 0:
@@ -85,6 +88,7 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
     console.rule("[bold]2/4 plan the run")
     saved = run_dir / CONFIG_FILE
     plan_file = run_dir / QUICKSTART_FILE  # what the run was planned for (source, minutes)
+    request = StartRequest(run_dir=str(run_dir))  # a reused run: its saved config
     if saved.is_file():
         cfg = load_config(saved)
         planned = _planned_minutes(plan_file)
@@ -96,16 +100,17 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
                 f"for a {minutes:g}-minute run use another --workdir or delete {run_dir}"
             )
     else:
-        cfg = resolve_config(load_config(RECIPE, [f"data.path={data_dir}"] + ([f"train.threads={threads}"] if threads else [])))
-        step_s = _seconds_per_step(cfg)
-        cfg.train.max_steps = max(20, int(minutes * 60 / step_s))
-        cfg.train.warmup_steps = min(cfg.train.warmup_steps, cfg.train.max_steps // 10)
-        cfg.train.eval_every = max(1, cfg.train.max_steps // 4)
-        cfg.train.ckpt_every_steps = max(1, cfg.train.max_steps // 4)
-        cfg.validate()
+        request = StartRequest(config=RECIPE, run_dir=str(run_dir), overrides=(f"data.path={data_dir}",)
+                               + ((f"train.threads={threads}",) if threads else ()))
+        recipe = plan_start(request, device=device()).cfg  # checked and resolved: train.dtype as the run will use it
+        step_s = _seconds_per_step(recipe)
+        steps = max(20, int(minutes * 60 / step_s))
+        request = replace(request, overrides=request.overrides + (
+            f"train.max_steps={steps}", f"train.warmup_steps={min(recipe.train.warmup_steps, steps // 10)}",
+            f"train.eval_every={max(1, steps // 4)}", f"train.ckpt_every_steps={max(1, steps // 4)}"))
+        cfg = plan_start(request, device=device()).cfg
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(saved)
-        plan_file.write_text(json.dumps({"source": str(src.resolve()), "minutes": minutes}) + "\n")
+        atomic_write_text(plan_file, json.dumps({"source": str(src.resolve()), "minutes": minutes}) + "\n")
         console.print(
             f"model: {num_params(cfg.model) / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, "
             f"d_model {cfg.model.d_model}; {step_s:.2f} s/step measured -> {cfg.train.max_steps} steps "
@@ -121,7 +126,7 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
     if done:
         console.print(f"the run in {run_dir} is already complete ({ckpt.name}); not retraining it")
     else:
-        code = train(build(cfg, run_dir))
+        code = start(request)  # the run directory's lock, the resume checks: like any `lmforge train`
         if code != 0:
             return code
     loaded = load_model(run_dir)

@@ -8,6 +8,7 @@ Directories (datasets, checkpoints) follow the same rule via `atomic_dir`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -293,6 +294,63 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---- write failures --------------------------------------------------------------------------
+# A full disk reaches lmforge in many shapes: an OSError with errno ENOSPC from Python, a
+# SafetensorError whose text says "No space left on device (os error 28)", SQLite's "database or
+# disk is full", and torch's zip writer inside DCP, which only says "unexpected pos 704 vs 598"
+# (a short write it did not check). `write_failure` turns any of them into one line a user can act on.
+
+_DISK_FULL_TEXT = ("no space left on device", "os error 28", "errno 28", "database or disk is full")
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes on the filesystem of `path` (or of its nearest existing parent); None if unknown."""
+    p = Path(path).absolute()
+    for q in (p, *p.parents):
+        if q.exists():
+            try:
+                return shutil.disk_usage(q).free
+            except OSError:
+                return None
+    return None
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` says the disk is full: ENOSPC, or its text, anywhere in `e`, its causes and (a
+    DCP CheckpointException) the failures of its ranks."""
+    todo: list[Any] = [e]
+    seen: set[int] = set()
+    while todo:
+        x = todo.pop()
+        if not isinstance(x, BaseException) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return True
+        text = str(x.args[0]) if x.args else ""  # not str(x): a CheckpointException formats whole tracebacks
+        if any(marker in text.lower() for marker in _DISK_FULL_TEXT):
+            return True
+        todo += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return False
+
+
+def write_failure(e: BaseException, path: str | os.PathLike, needed: int | None = None) -> str | None:
+    """One line for a failed write to `path`: "disk full at PATH, N bytes free" when the disk is
+    full (`is_disk_full`, or fewer bytes free than the write `needed`: a writer that hides ENOSPC),
+    "cannot write PATH: REASON" for any other OSError, None for anything else (not a write
+    failure: a bug, which should keep its traceback)."""
+    free = free_bytes(path)
+    if is_disk_full(e) or (needed is not None and free is not None and free < needed):
+        return f"disk full at {path}, {'an unknown number of' if free is None else f'{free:,}'} bytes free"
+    if isinstance(e, OSError):
+        where = f" ({os.fsdecode(e.filename)})" if e.filename and Path(os.fsdecode(e.filename)) != Path(path) else ""
+        return f"cannot write {path}: {e.strerror or e}{where}"
+    return None
 
 
 def check_port(port: int, flag: str = "--port") -> int:
