@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads is not None:  # the config's train.threads, recorded in the run like any override
         from .threads import check_threads
 
-        args.set = [*(args.set or []), f"train.threads={check_threads(args.threads)}"]
+        args.overrides = [*(args.overrides or []), f"train.threads={check_threads(args.threads)}"]
     from .train.start import StartRequest
 
     request = StartRequest.from_args(args)  # every flag the training process gets (one field each)

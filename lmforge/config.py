@@ -99,7 +99,7 @@ class TrainConfig:
     # decided once when a run starts and written into its config (a resume keeps the run's dtype)
     dtype: str = "auto"
     compile: bool = False  # run the forward pass through torch.compile
-    threads: int = 0  # torch intra-op threads; 0 -> all cores
+    threads: int = 0  # torch intra-op threads; 0 -> the cores other processes leave free (lmforge/threads.py)
     seed: int = 0  # seeds weight init
     log_every: int = 10  # write a metrics line (loss, lr, grad norm, throughput) every N steps
     eval_every: int = 200  # validation loss every N steps; 0 disables

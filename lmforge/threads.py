@@ -23,6 +23,7 @@ What
   tokens). `governor.step(seconds)` once per step: it times nothing itself and reads /proc at most
   every `SAMPLE_EVERY` seconds, so its cost is a clock read per step. When it changes the thread
   count it calls `on_change(old, new, reason)` (training records an event in the store).
+  LMFORGE_ADAPT_THREADS=0 turns adaptation off (the start count stays).
 
 Threads do not change numbers: every op lmforge's training runs gives bit-identical fp32 results
 on 1 and 2 threads (tests/test_threads.py checks a training step), so dropping threads mid-run
@@ -46,6 +47,7 @@ SAMPLE_EVERY = 0.5  # seconds between /proc reads while running
 RISE_AFTER = 5.0  # seconds the machine must show idle cores before threads go back up
 SLOW = 1.3  # a step this much slower than expected is evidence of contention
 BUSY = 0.5  # another process's share (in cores) that counts as taking a core
+ADAPT_ENV = "LMFORGE_ADAPT_THREADS"  # "0": keep the thread count a verb starts with (benchmarks, pinning)
 
 
 def cores() -> int:
@@ -166,18 +168,23 @@ def choose(requested: int | None) -> int:
 
 class Governor:
     """Adapts a loop's torch thread count to the machine (see the module doc). Not thread-safe:
-    one per loop, called from the thread that runs the loop's torch ops."""
+    one per loop, called from the thread that runs the loop's torch ops.
+
+    read, clock: where samples of the machine and the time come from (tests script both; a
+    sample's `wall` is on `clock`); n_cores: the cores this process may use (default `cores()`)."""
 
     def __init__(self, wanted: int, *, on_change: Callable[[int, int, str], None] | None = None,
-                 adapt: bool = True, window: int = 5) -> None:
-        self.n_cores = cores()
-        self.wanted = max(1, wanted)
+                 adapt: bool = True, window: int = 5, read: Callable[[], Sample | None] | None = None,
+                 clock: Callable[[], float] = time.monotonic, n_cores: int | None = None) -> None:
+        self.n_cores = n_cores or cores()
+        self.wanted = max(1, min(wanted, self.n_cores))
         self.current = self.wanted
         self.on_change = on_change
-        self.adapt = adapt
+        self.adapt = adapt and os.environ.get(ADAPT_ENV, "1") != "0"
+        self.read, self.clock = read or _read_sample, clock
         self.expected: dict[int, float] = {}  # threads -> seconds per unit of work, measured when quiet
         self.recent: deque[float] = deque(maxlen=window)
-        self.last = _read_sample()
+        self.last = self.read() if self.adapt else None
         self.others: float | None = None
         self.idle_since: float | None = None
         set_threads(self.current)
@@ -185,14 +192,12 @@ class Governor:
     def step(self, seconds: float, work: float = 1.0) -> int:
         """Record one step (its wall time, and its size in any unit the loop keeps fixed, e.g.
         tokens); maybe change the thread count. Returns the thread count for the next step."""
-        if not self.adapt or seconds <= 0 or work <= 0:
+        if not self.adapt or self.last is None or seconds <= 0 or work <= 0:
             return self.current
-        per = seconds / work
-        self.recent.append(per)
-        now = time.monotonic()
-        if self.last is None or now - self.last.wall < SAMPLE_EVERY:
+        self.recent.append(seconds / work)
+        if self.clock() - self.last.wall < SAMPLE_EVERY:  # a clock read per step; /proc twice a second
             return self.current
-        sample = _read_sample()
+        sample = self.read()
         if sample is None:
             return self.current
         self.others = others_between(self.last, sample)
@@ -200,15 +205,14 @@ class Governor:
         typical = sorted(self.recent)[len(self.recent) // 2]
         if self.others < BUSY / 2 and len(self.recent) == self.recent.maxlen:  # quiet: calibrate
             self.expected[self.current] = min(self.expected.get(self.current, typical), typical)
-        free = self.n_cores - round(self.others)
-        if free > self.current:
-            self.idle_since = self.idle_since or now
+        if self.n_cores - round(self.others) > self.current:  # idle cores: how long for (hysteresis)
+            self.idle_since = self.idle_since if self.idle_since is not None else sample.wall
         else:
             self.idle_since = None
         expected = self.expected.get(self.current)
         slowdown = typical / expected if expected else None
         new = decide(n_cores=self.n_cores, wanted=self.wanted, current=self.current, others=self.others,
-                     slowdown=slowdown, idle_for=now - self.idle_since if self.idle_since else 0.0)
+                     slowdown=slowdown, idle_for=sample.wall - self.idle_since if self.idle_since is not None else 0.0)
         if new != self.current:
             old, self.current = self.current, new
             set_threads(new)
@@ -223,5 +227,5 @@ class Governor:
         return self.current
 
 
-__all__ = ["SAMPLE_EVERY", "RISE_AFTER", "SLOW", "BUSY", "cores", "check_threads", "Sample", "others_between",
+__all__ = ["SAMPLE_EVERY", "RISE_AFTER", "SLOW", "BUSY", "ADAPT_ENV", "cores", "check_threads", "Sample", "others_between",
            "measure_others", "default_threads", "decide", "set_threads", "choose", "Governor"]

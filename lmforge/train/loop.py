@@ -56,6 +56,7 @@ from ..evaluate.loss import validation_loss
 from ..hardware import peak_flops
 from ..model import autocast
 from ..model import flops_per_token as model_flops
+from ..threads import Governor, choose, cores
 from ..util import console, default_device, warn
 from . import checkpoint as ckpt_io
 from . import distributed, guard, records
@@ -164,7 +165,9 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
 
     if cfg.train.dtype not in ("fp32", "bf16"):
         raise ValueError(f"build() needs a resolved train.dtype, got {cfg.train.dtype!r}: start.plan_start resolves auto")
-    if cfg.train.threads:
+    if d.world == 1:  # train.threads (at most this machine's cores), or 0: the cores others leave free
+        choose(min(cfg.train.threads, cores()) or None)
+    elif cfg.train.threads:  # several processes: torchrun's one thread each unless the config says
         torch.set_num_threads(cfg.train.threads)
     dataset = TokenDataset(cfg.data.path)
     seed_everything(cfg.train.seed)  # the RNG states a checkpoint records are then a function of the run
@@ -261,6 +264,10 @@ def train(run: Run) -> int:
         log_event(run, "mfu_peak", {"peak_flops": peak, "device": str(dev), "dtype": t.dtype,
                                     "source": "datasheet" if dev.type == "cuda" else "measured matmul rate"})
     stop = _StopFlag()
+    # Fewer threads while other processes hold cores, back when they leave (lmforge/threads.py;
+    # threads do not change the numbers). One process on the CPU only: ranks keep torchrun's count.
+    governor = Governor(torch.get_num_threads(), adapt=d.world == 1 and dev.type == "cpu", on_change=lambda old, new, why: log_event(
+        run, "threads", {"from": old, "to": new, "reason": why}))
     last_ckpt_time = time.monotonic()
     window_start, window_tokens = time.perf_counter(), 0
     if d.world > 1:
@@ -277,9 +284,11 @@ def train(run: Run) -> int:
             micro = list(zip(x.split(t.micro_batch), y.split(t.micro_batch)))
             assert len(micro) == accum
             lr = lr_at(run.step, t) * run.lr_scale
+            step_start = time.perf_counter()
             result = train_step(run.forward_model, run.optimizer, micro, lr=lr, grad_clip=t.grad_clip,
                                 dtype=t.dtype, loss_multiplier=_fault_multiplier(run, run.step + 1),
                                 d=d, deterministic_reduce=t.deterministic_reduce)
+            governor.step(time.perf_counter() - step_start)
             if d.active:  # one set of numbers for the guard and the logs: rank 0's, bit for bit
                 result = StepResult(*d.broadcast_floats([result.loss, result.grad_norm]))
             run.step += 1
