@@ -71,8 +71,8 @@ def main() -> None:
     from lmforge.artifacts import is_model_dir
     from lmforge.convert import import_command
     from lmforge.data.prepare import prepare
-    from lmforge.evaluate.loss import validation_loss
-    from lmforge.train.loop import build, device, train_step
+    from lmforge.train.loop import build, device, split_micro, train_step, val_batches
+    from lmforge.train.objectives import validation_loss
     from lmforge.train.start import StartRequest, plan_start
     from lmforge.train.optim import lr_at
 
@@ -101,15 +101,13 @@ def main() -> None:
           f"dtype {t.dtype}; seq {cfg.data.seq_len} x global batch {t.global_batch} (micro {t.micro_batch}); lr {t.lr}")
 
     def val() -> float:
-        return validation_loss(run.model, str(data_dir), seq_len=cfg.data.seq_len, batch_size=t.micro_batch,
-                               max_batches=args.val_batches, dtype=t.dtype)
+        return validation_loss(run.model, run.objective, val_batches(cfg, t.micro_batch, args.val_batches), dtype=t.dtype)
 
     before = val()
     print(f"val loss before: {before:.4f}")
     times, losses = [], []
     for step in range(t.max_steps):
-        x, y = run.loader.next()
-        micro = list(zip(x.split(t.micro_batch), y.split(t.micro_batch)))
+        micro = split_micro(run.loader.next(), t.micro_batch, torch.device("cpu"))
         start = time.perf_counter()
         result = train_step(run.model, run.optimizer, micro, lr=lr_at(step, t), grad_clip=t.grad_clip, dtype=t.dtype)
         times.append(time.perf_counter() - start)

@@ -12,11 +12,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from rich.markup import escape
 
 from . import __version__
+from . import ranges as R
 from .artifacts import CONFIG_FILE
+from .config import VOCAB_SIZE, rule_of
 from .errors import LmforgeError
 from .util import PROGRESS_MODES, console, out, progress_mode, set_progress_mode
 
@@ -28,7 +31,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare
     from .threads import check_threads, cores, default_threads, measure_others
 
-    threads = check_threads(args.threads) or default_threads(cores(), measure_others())
+    workers = check_threads(args.workers) or default_threads(cores(), measure_others())
+    if args.sft:
+        from .data.sft import prepare_sft
+
+        if not args.tokenizer:
+            raise LmforgeError("prepare --sft needs --tokenizer: the model directory (or run) to fine-tune, whose "
+                               "tokenizer and chat template render the examples, e.g. --tokenizer models/smol")
+        prepare_sft(args.inputs, args.out, tokenizer=args.tokenizer, train_on_prompt=args.train_on_prompt,
+                    include=args.include, exclude=args.exclude, val_fraction=args.val_fraction,
+                    shard_tokens=args.shard_tokens, workers=workers, overwrite=args.overwrite)
+        return 0
+    if args.train_on_prompt:
+        raise LmforgeError("--train-on-prompt goes with --sft (a text corpus trains on every token already)")
     prepare(
         args.inputs,
         args.out,
@@ -41,7 +56,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         shard_tokens=args.shard_tokens,
         strict=args.strict,
-        workers=threads,
+        workers=workers,
         overwrite=args.overwrite,
     )
     return 0
@@ -56,8 +71,12 @@ def cmd_data(args: argparse.Namespace) -> int:
         return p.cmd_verify(args.path)
     if args.data_cmd == "inspect":
         path, step, seq_len, global_batch, seed = args.path, args.step, args.seq_len, args.global_batch, args.seed
+        packing = not args.no_packing
         if (Path(args.path) / CONFIG_FILE).is_file():  # a run directory: its data, its step mapping
+            from .config import load_config
             from .train.records import data_step_of_run
+
+            packing = load_config(Path(args.path) / CONFIG_FILE).data.packing  # how the run cut its samples
 
             if args.step < 1:  # mapped to data step step - 1: a clear message before a negative one appears
                 raise LmforgeError(f"--step with a run directory is a training step as logged (1, 2, ...), got {args.step}")
@@ -68,7 +87,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         elif seq_len is None or global_batch is None:
             raise LmforgeError("data inspect on a dataset needs --seq-len and --global-batch (or give a run directory)")
         return p.cmd_inspect(path, step=step, seq_len=seq_len, global_batch=global_batch, seed=seed,
-                             as_json=args.json, max_chars=args.max_chars)
+                             as_json=args.json, max_chars=args.max_chars, max_samples=args.max_samples,
+                             show_mask=args.show_mask, packing=packing)
     raise AssertionError(args.data_cmd)
 
 
@@ -162,16 +182,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
 
 
-def parse_count(text: str) -> float:
-    """'7e9', '7B', '1.5T', '300M', '2k' -> float (argparse type)."""
-    s = text.strip().replace("_", "").replace(",", "")
-    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
-    try:
-        if s and s[-1].lower() in scale:
-            return float(s[:-1]) * scale[s[-1].lower()]
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (e.g. 7e9, 7B, 300M, 2T)") from None
+# '7e9', '7B', '1.5T', '300M', '2k' -> float (argparse type): a count of parameters, tokens, FLOP/s, bytes
+parse_count = R.Count(lo=0.0, lo_open=True)
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -192,10 +204,10 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         "details: docs/plan.md"
     )
     g = p.add_argument_group("target (one of)")
-    g.add_argument("--target-loss", type=float, metavar="LOSS", help="final loss (nats/token) the model must reach")
+    g.add_argument("--target-loss", type=R.positive_float(), metavar="LOSS", help="final loss (nats/token) the model must reach")
     g.add_argument("--quality-of", type=parse_count, metavar="N",
                    help="the loss of a Chinchilla-optimal model with N parameters (e.g. 7e9, 7B)")
-    p.add_argument("--inference-tokens", type=parse_count, default=0.0, metavar="TOKENS",
+    p.add_argument("--inference-tokens", type=R.Count(lo=0.0), default=0.0, metavar="TOKENS",
                    help="tokens the model will process over its life (prompt + generated)")
     p.add_argument("--unique-tokens", type=parse_count, metavar="TOKENS", help="unique training tokens available (enables the repetition correction)")
     p.add_argument("--law", default="besiroglu", metavar="NAME|PATH",
@@ -206,24 +218,24 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--hardware", default="h100", metavar="NAME", help=f"{', '.join(HARDWARE)}, cpu (measured now) or custom")
     h.add_argument("--peak-flops", type=parse_count, metavar="FLOP/S", help="override: dense bf16 FLOP/s per device")
     h.add_argument("--mem-bandwidth", type=parse_count, metavar="BYTES/S", help="override: memory bandwidth, bytes/s")
-    h.add_argument("--gpu-memory", type=float, metavar="GB", help="override: memory per device, GB")
-    h.add_argument("--price-per-gpu-hour", type=float, metavar="DOLLARS", help="dollars per device-hour")
-    h.add_argument("--train-mfu", type=float, default=0.4, metavar="F", help="achieved utilisation in training (default 0.4)")
-    h.add_argument("--prefill-mfu", type=float, default=0.5, metavar="F", help="utilisation on prompt tokens (default 0.5)")
-    h.add_argument("--decode-mfu", type=float, default=0.1, metavar="F", help="utilisation on generated tokens (default 0.1, memory-bound)")
-    h.add_argument("--prefill-fraction", type=float, default=0.5, metavar="F", help="share of inference tokens that are prompt (default 0.5)")
+    h.add_argument("--gpu-memory", type=R.positive_float(), metavar="GB", help="override: memory per device, GB")
+    h.add_argument("--price-per-gpu-hour", type=R.nonneg_float(), metavar="DOLLARS", help="dollars per device-hour")
+    h.add_argument("--train-mfu", type=R.fraction(lo_open=True), default=0.4, metavar="F", help="achieved utilisation in training (default 0.4)")
+    h.add_argument("--prefill-mfu", type=R.fraction(lo_open=True), default=0.5, metavar="F", help="utilisation on prompt tokens (default 0.5)")
+    h.add_argument("--decode-mfu", type=R.fraction(lo_open=True), default=0.1, metavar="F", help="utilisation on generated tokens (default 0.1, memory-bound)")
+    h.add_argument("--prefill-fraction", type=R.fraction(), default=0.5, metavar="F", help="share of inference tokens that are prompt (default 0.5)")
     a = p.add_argument_group("architecture and config")
-    a.add_argument("--vocab-size", type=int, default=32000, metavar="V", help="tokenizer vocabulary (match lmforge prepare --vocab-size)")
-    a.add_argument("--seq-len", type=int, default=2048, metavar="T", help="training context and deployment context")
-    a.add_argument("--batch", type=int, default=1, metavar="B", help="concurrent sequences for the KV-cache estimate")
+    a.add_argument("--vocab-size", type=VOCAB_SIZE, default=32000, metavar="V", help="tokenizer vocabulary (match lmforge prepare --vocab-size)")
+    a.add_argument("--seq-len", type=R.positive_int(), default=2048, metavar="T", help="training context and deployment context")
+    a.add_argument("--batch", type=R.positive_int(), default=1, metavar="B", help="concurrent sequences for the KV-cache estimate")
     a.add_argument("--write-config", metavar="PATH", help="write a training YAML for the recommended model")
     a.add_argument("--overwrite", action="store_true", help="replace the --write-config file if it exists")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     sub = p.add_subparsers(dest="plan_action", metavar="ACTION")
     f = sub.add_parser("fit", help="fit the loss law to your own runs (run directories)")
     f.add_argument("runs", nargs="+", help="run directories holding config.yaml and metrics.jsonl (globs allowed)")
-    f.add_argument("--bootstrap", type=int, default=100, metavar="R", help="bootstrap resamples for the uncertainty (0: none)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--bootstrap", type=R.BOOTSTRAP, default=100, metavar="R", help="bootstrap resamples for the uncertainty (0: none)")
+    f.add_argument("--seed", type=R.any_int(), default=0)
     f.add_argument("--save", metavar="PATH", help="write the fitted law as JSON (use with plan --law PATH)")
     f.add_argument("--json", action="store_true", help="print the fit as JSON")
 
@@ -323,10 +335,22 @@ THREADS_DEFAULT = "the cores other processes leave free, at least 1; fewer while
 WEIGHTS_CHOICES = ("fp32", "f16", "int8")  # lmforge/quant.py WEIGHTS (not imported: it loads torch)
 QUANTIZE_HELP = ("weights for inference: fp32, f16 (half the bytes) or int8 (a quarter; docs/inference.md); "
                  "default: as stored")
+THREADS = R.thread_count(note="0 = lmforge chooses")  # every --threads; above this machine's cores: threads.check_threads
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line reported like every other lmforge error: one line
+    `error: ...` naming the command and the flag, exit 2 (argparse's own form is a usage block and a
+    second line; the usage is one `--help` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        console.quiet = False  # errors print in every progress mode
+        console.print(f"[bold red]error:[/] {escape(self.prog)}: {escape(' '.join(message.split()))}", soft_wrap=True)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lmforge",
         description="Train your own language model on your own data, inside your own walls.",
     )
@@ -339,17 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="corpus -> tokenizer + checksummed token shards")
     p.add_argument("inputs", nargs="+", help="files, directories (recursive) or .jsonl files")
     p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size to train")
-    p.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one)")
-    p.add_argument("--special-tokens", default="<|bos|>,<|eos|>,<|pad|>",
+    p.add_argument("--vocab-size", type=VOCAB_SIZE, default=8192, help="BPE vocabulary size to train")
+    p.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one); with --sft a model "
+                   "directory or run, whose chat template renders the examples")
+    p.add_argument("--sft", action="store_true", help="fine-tuning examples (.jsonl: {text}, {messages} or {prompt, "
+                   "completion}) with a loss mask: assistant turns trained, prompts not (docs/finetune.md)")
+    p.add_argument("--train-on-prompt", action="store_true", help="with --sft: train on every token, prompts included")
+    p.add_argument("--special-tokens", type=R.Text(), default="<|bos|>,<|eos|>,<|pad|>",
                    help="comma-separated special tokens of a trained tokenizer (must include <|bos|>, <|eos|>, <|pad|>)")
-    p.add_argument("--include", action="append", default=[], help="glob of files to take from directories (repeatable)")
-    p.add_argument("--exclude", action="append", default=[], help="glob of files to skip (repeatable)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for validation")
-    p.add_argument("--shard-tokens", type=int, default=50_000_000, help="max tokens per shard")
+    p.add_argument("--include", type=R.Text(), action="append", default=[], help="glob of files to take from directories (repeatable)")
+    p.add_argument("--exclude", type=R.Text(), action="append", default=[], help="glob of files to skip (repeatable)")
+    p.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text")
+    p.add_argument("--val-fraction", type=R.VAL_FRACTION, default=0.01, help="fraction of documents for validation")
+    p.add_argument("--shard-tokens", type=R.positive_int(), default=50_000_000, help="max tokens per shard")
     p.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
-    p.add_argument("--threads", "--workers", dest="threads", type=int, metavar="N",
+    p.add_argument("--threads", "--workers", dest="workers", type=THREADS, default=0, metavar="N",
                    help=f"tokenizer threads (default: {THREADS_DEFAULT})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.set_defaults(func=cmd_prepare)
@@ -364,11 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("inspect", help="which documents and text were in a training step")
     d.add_argument("path", help="a dataset (then --step is the data step), or a run directory (then --step is the "
                    "training step as logged, mapped through the run's rollbacks and skips)")
-    d.add_argument("--step", type=int, required=True)
-    d.add_argument("--seq-len", type=int, help="required with a dataset path")
-    d.add_argument("--global-batch", type=int, help="required with a dataset path")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-chars", type=int, default=200, help="text shown per sample")
+    d.add_argument("--step", type=R.nonneg_int(note="data steps count from 0; a run's training steps from 1"), required=True)
+    d.add_argument("--seq-len", type=rule_of("data.seq_len"), help="required with a dataset path")
+    d.add_argument("--global-batch", type=rule_of("train.global_batch"), help="required with a dataset path")
+    d.add_argument("--seed", type=rule_of("data.seed"), default=0)
+    d.add_argument("--max-chars", type=R.nonneg_int(), default=200, help="text shown per sample (without --show-mask)")
+    d.add_argument("--max-samples", type=R.INSPECT_SAMPLES, metavar="N",
+                   help=f"show the first N samples of the step (default: all; a step of more than "
+                        f"{R.INSPECT_SAMPLES.hi:,} samples needs it)")
+    d.add_argument("--show-mask", action="store_true", help="each sample whole, its trained tokens marked (SFT data): "
+                   "trained text bold, untrained dim between ⟦ ⟧; --json gives the mask per token")
+    d.add_argument("--no-packing", action="store_true", help="SFT data read one example per row (data.packing=false)")
     d.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data)
 
@@ -376,17 +410,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config, or a bundled recipe by name, e.g. small-cpu "
                    "(optional when resuming a run directory)")
     p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
-    p.add_argument("--set", dest="overrides", action="append", metavar="SECTION.KEY=VALUE",
+    p.add_argument("--set", dest="overrides", type=R.Text(), action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--from", dest="from_", metavar="CHECKPOINT", help="branch a new run from this checkpoint (weights, optimizer, step)")
     p.add_argument("--supervise", action="store_true", help="restart the training process after a crash or kill "
                    "(not inside torchrun: use its --max-restarts there)")
-    p.add_argument("--max-restarts", type=int, default=10, help="with --supervise: restarts before giving up")
-    p.add_argument("--restart-delay", type=float, default=5.0, help="with --supervise: first backoff in seconds (doubles)")
-    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+    p.add_argument("--max-restarts", type=R.nonneg_int(note="0 = never restart"), default=10,
+                   help="with --supervise: restarts before giving up")
+    p.add_argument("--restart-delay", type=R.seconds(positive=False), default=5.0,
+                   help="with --supervise: first backoff in seconds (doubles)")
+    p.add_argument("--nproc-per-node", type=R.positive_int(hi=R.MAX_THREADS), default=None, metavar="N",
                    help="run N (>= 1) processes on this machine under torchrun (--standalone), checked before launch; "
                    "with --supervise the whole job is restarted. Not inside torchrun: it launches the processes there")
-    p.add_argument("--threads", type=int, metavar="N", help=f"torch threads per process, recorded as train.threads "
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads per process, recorded as train.threads "
                    f"(default: the config's; 0 there: {THREADS_DEFAULT}); fewer while other processes hold cores")
     p.set_defaults(func=cmd_train)
 
@@ -398,26 +434,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate text from a run or checkpoint")
     p.add_argument("path", help="run directory (newest checkpoint) or checkpoint directory")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--threads", type=int, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    p.add_argument("--prompt", type=R.Text(), default="", help="text to continue")
+    p.add_argument("--max-tokens", type=R.MAX_TOKENS, default=100)
+    p.add_argument("--temperature", type=R.TEMPERATURE, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=R.TOP_K, default=0)
+    p.add_argument("--top-p", type=R.TOP_P, default=1.0)
+    p.add_argument("--seed", type=R.SEED, default=0)
+    p.add_argument("--num-samples", type=R.positive_int(), default=1)
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
     p.add_argument("--quantize", choices=WEIGHTS_CHOICES, help=QUANTIZE_HELP)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("quickstart", help="the whole life of a model on local data, in minutes on a CPU")
     p.add_argument("--workdir", default="lmforge-quickstart",
                    help="where data and runs go: <workdir>/data/<name>, <workdir>/runs/<name> (default: %(default)s)")
-    p.add_argument("--minutes", type=float, default=3.0,
+    p.add_argument("--minutes", type=R.QUICKSTART_MINUTES, default=3.0,
                    help="training time budget in minutes; sizes a new run only, a reused run keeps its steps "
                         "(default: %(default)g)")
     p.add_argument("--source", help="corpus directory of .py files; <name> is its base name + a hash of its path "
                                     "(default: this Python's standard library, <name> = stdlib)")
-    p.add_argument("--threads", type=int, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("plan", help="size a model for its inference budget")
@@ -426,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # `--db`/`--json` are accepted before or after the action: `lmforge runs --json` and
     # `lmforge runs show exp1 --json`. SUPPRESS keeps a sub-level default from hiding the other.
-    store_opts = argparse.ArgumentParser(add_help=False)
+    store_opts = Parser(add_help=False)
     store_opts.add_argument("--db", default=argparse.SUPPRESS, help="experiment store (default: $LMFORGE_DB or ./lmforge.db)")
     store_opts.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     p = sub.add_parser("runs", parents=[store_opts], help="the experiment store: list, show, compare, delete runs")
@@ -447,8 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dashboard", help="web page with runs, curves, events and comparisons")
     p.add_argument("--db", help="experiment store (default: $LMFORGE_DB or ./lmforge.db)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--host", type=R.Text(), default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=R.port(), default=8765)
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("eval", help="metrics of a checkpoint (loss, perplexity, bits/byte, tasks); --watch beside training")
@@ -457,14 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. python-mc")
     p.add_argument("--data", help="prepared dataset whose val split to score (default: the run's data.path)")
     p.add_argument("--text", help="score a UTF-8 text file instead of a dataset")
-    p.add_argument("--batch-size", type=int, help="rows per forward (default: eval.batch_size)")
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--batch-size", type=rule_of("eval.batch_size"), help="rows per forward (default: eval.batch_size)")
+    p.add_argument("--threads", type=THREADS, metavar="N",
                    help=f"torch threads (default: {THREADS_DEFAULT}; with --watch: the run's eval.threads)")
-    p.add_argument("--max-batches", type=int, default=0, help="score at most this many val batches (0: all)")
+    p.add_argument("--max-batches", type=R.nonneg_int(note="0 = all"), default=0, help="score at most this many val batches (0: all)")
     p.add_argument("--scorer", choices=["packed", "naive"], default="packed", help="naive: one forward per choice (reference)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--watch", action="store_true", help="sidecar: evaluate each new checkpoint of the run once")
-    p.add_argument("--interval", type=float, help="--watch: seconds between looks at the run (default 10)")
+    p.add_argument("--interval", type=R.seconds(), help="--watch: seconds between looks at the run (default 10)")
     p.add_argument("--once", action="store_true", help="--watch: one pass over the checkpoints present, then exit "
                    "(not with --follow)")
     p.add_argument("--follow", action="store_true", help="--watch: keep watching after the run completed (not with --once)")
@@ -489,21 +525,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     p.add_argument("path", help="run directory (newest checkpoint) or checkpoint directory")
-    p.add_argument("--host", help="address to bind (default: serve.host of the run's config, 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")
-    p.add_argument("--api-key", help="required bearer key (visible in `ps`; prefer --api-key-file or $LMFORGE_API_KEY)")
+    p.add_argument("--host", type=R.Text(), help="address to bind (default: serve.host of the run's config, 127.0.0.1)")
+    p.add_argument("--port", type=R.port(), help="port (default: serve.port, 8000)")
+    p.add_argument("--api-key", type=R.Text(), help="required bearer key (visible in `ps`; prefer --api-key-file or $LMFORGE_API_KEY)")
     p.add_argument("--api-key-file", help="file holding the required bearer key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
-    p.add_argument("--max-batch", type=int, help="requests decoded together (default: serve.max_batch)")
-    p.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429s (default: serve.max_queue)")
-    p.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask for (default: serve.max_tokens)")
-    p.add_argument("--model-name", help="model id in the API (default: the directory name)")
+    p.add_argument("--max-batch", type=rule_of("serve.max_batch"), help="requests decoded together (default: serve.max_batch)")
+    p.add_argument("--max-queue", type=rule_of("serve.max_queue"), help="requests waiting for a slot before 429s (default: serve.max_queue)")
+    p.add_argument("--max-tokens", type=rule_of("serve.max_tokens"), help="largest max_tokens a request may ask for (default: serve.max_tokens)")
+    p.add_argument("--model-name", type=R.Text(), help="model id in the API (default: the directory name)")
     p.add_argument("--chat-template", help="Jinja chat template file (default: tokenizer_config.json's, else a plain one)")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is dropped (504)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
-    p.add_argument("--threads", type=int, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    p.add_argument("--request-timeout", type=R.seconds(), default=600.0, help="seconds before a request is dropped (504)")
+    p.add_argument("--max-body-bytes", type=R.positive_int(), default=1 << 20, help="largest request body (413 above)")
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
     p.add_argument("--quantize", choices=WEIGHTS_CHOICES, help=QUANTIZE_HELP)
-    p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--shutdown-grace", type=R.seconds(positive=False), default=5.0, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C: how long requests in flight may finish before they are cut short "
                         "(503, an error event in a stream); default %(default)g")
     p.set_defaults(func=cmd_serve)

@@ -132,16 +132,37 @@ def measure_cpu(seconds: float = 0.25) -> Hardware:
 
 
 def _mem_total() -> float:
+    """This machine's RAM in bytes, or the cgroup (container) limit when that is lower; 0.0 if unknown."""
+    total = 0.0
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
-                return float(line.split()[1]) * 1024  # kB
+                total = float(line.split()[1]) * 1024  # kB
+                break
     except OSError:
         pass
+    if not total:
+        try:
+            total = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            return 0.0
     try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 0.0
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # cgroup v2; "max" = no limit
+        if limit.isdigit():
+            total = min(total, float(limit))
+    except OSError:
+        pass
+    return total
+
+
+def memory_total(device: Any = None) -> float:
+    """Bytes of memory `device` has: a CUDA device's total memory, else this machine's RAM (see
+    `_mem_total`); 0.0 when unknown."""
+    if device is not None and getattr(device, "type", device) == "cuda":
+        import torch
+
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return _mem_total()
 
 
 def get_hardware(

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, load_config
-from .errors import LmforgeError
+from .ranges import QUICKSTART_MINUTES
 from .util import atomic_write_text, console
 from .util import out as results_out  # the report (step 4): stdout, every progress mode
 
@@ -61,9 +61,8 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
     from .model import Transformer, num_params
     from .threads import choose
 
-    if minutes <= 0:
-        raise LmforgeError(f"--minutes must be > 0, got {minutes}")
-    n_threads = choose(threads)  # chosen before the step-time calibration, so the plan uses it
+    QUICKSTART_MINUTES.check("--minutes", minutes)
+    n_threads = choose(threads, exact=True)  # as training will (powers of two), before the step-time calibration
     work = Path(workdir)
     src = Path(source) if source else Path(sysconfig.get_paths()["stdlib"])
     name = source_name(source)
@@ -176,10 +175,11 @@ def _planned_minutes(plan_file: Path) -> float | None:
 
 
 def _val_loss(model: torch.nn.Module, cfg: Config) -> float:
-    from .evaluate.loss import validation_loss
+    from .train.loop import val_batches
+    from .train.objectives import get_objective, validation_loss
 
-    return validation_loss(model, cfg.data.path, seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch,
-                           max_batches=cfg.train.eval_batches, dtype=cfg.train.dtype)
+    return validation_loss(model, get_objective(cfg.train.objective), val_batches(cfg, cfg.train.micro_batch,
+                           cfg.train.eval_batches), dtype=cfg.train.dtype)
 
 
 def _seconds_per_step(cfg: Config) -> float:
@@ -195,7 +195,8 @@ def _seconds_per_step(cfg: Config) -> float:
     g = torch.Generator().manual_seed(0)
     shape = (cfg.train.micro_batch, cfg.data.seq_len)
     micro = [
-        (torch.randint(0, cfg.model.vocab_size, shape, generator=g), torch.randint(0, cfg.model.vocab_size, shape, generator=g))
+        {"inputs": torch.randint(0, cfg.model.vocab_size, shape, generator=g),
+         "targets": torch.randint(0, cfg.model.vocab_size, shape, generator=g)}
         for _ in range(cfg.train.global_batch // cfg.train.micro_batch)
     ]
     train_step(model, opt, micro, lr=1e-4, grad_clip=1.0, dtype=cfg.train.dtype)

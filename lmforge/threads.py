@@ -25,9 +25,23 @@ What
   count it calls `on_change(old, new, reason)` (training records an event in the store).
   LMFORGE_ADAPT_THREADS=0 turns adaptation off (the start count stays).
 
-Threads do not change numbers: every op lmforge's training runs gives bit-identical fp32 results
-on 1 and 2 threads (tests/test_threads.py checks a training step), so dropping threads mid-run
-changes speed only.
+Threads and numbers
+-------------------
+Matrix products, attention, norms and their gradients give bit-identical fp32 results on any
+thread count here (MKL and oneDNN split rows, not sums). Two kinds of op do not:
+- elementwise ops with a vectorised path (SiLU's exp in the MLP): ATen splits a tensor into one
+  contiguous range per thread and runs whole 8-float vectors vectorised and each range's
+  leftover with scalar code, whose exp rounds differently. When numel / threads is not a multiple
+  of the vector width, some elements change path: on the small-cpu shape 1, 2, 4 and 8 threads
+  give the same weights after a training step, 3 and 6 do not.
+- sums over a whole tensor (`t.sum()`): each thread sums its range, then the partial sums are
+  added; even 1 and 2 threads differ in the last bit. Training's numbers use none (the loss is a
+  cross entropy, reduced serially; the gradient norm is a norm per tensor).
+So training (and the validation it records) uses power-of-two thread counts (`exact=True`:
+`power_of_two`), and then threads change its speed only: the same run with 1, 2 or 4 threads,
+or with the governor moving between them mid-run, gives bit-identical weights
+(tests/test_threads.py). Inference (sample, serve, eval) takes any count: its logits may differ
+in the last bit between counts, as between batch sizes (serve/engine.py).
 
 /proc is Linux; elsewhere `others` is unknown (None) and the thread count stays as chosen.
 """
@@ -66,13 +80,14 @@ def cores() -> int:
 
 
 def check_threads(threads: int | None, flag: str = "--threads") -> int | None:
-    """A --threads value: None (choose), or 1 .. cores(); anything else is a ConfigError."""
-    if threads is None:
+    """A --threads value: None or 0 (lmforge chooses: returns None), or 1 .. cores(); anything else
+    is a ConfigError. (The command line's type, ranges.thread_count, has refused what no machine
+    allows already; this is the bound of this machine.)"""
+    if not threads:
         return None
     limit = cores()
     if not 1 <= threads <= limit:
-        raise ConfigError(f"{flag} must be between 1 and {limit} (this machine's cores), got {threads}; "
-                          "leave it out to let lmforge choose")
+        raise ConfigError(f"{flag} must be within 0..{limit} (this machine's cores; 0 = lmforge chooses), got {threads}")
     return threads
 
 
@@ -88,13 +103,26 @@ class Sample:
 
 
 def _read_sample() -> Sample | None:
+    """The CPU time spent on the cores this process may run on (its affinity mask: others' work on
+    cores it cannot use does not slow it), from /proc/stat's per-CPU lines."""
     try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        mine = os.sched_getaffinity(0)
+    except AttributeError:
+        mine = None
+    try:
         tick = os.sysconf("SC_CLK_TCK")
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        busy = steal = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *fields = line.split()
+            if not (name.startswith("cpu") and name[3:].isdigit()):
+                continue  # the "cpu" total, intr, ctxt, ...
+            if mine is not None and int(name[3:]) not in mine:
+                continue
+            user, nice, system, _idle, _iowait, irq, softirq, st = (int(v) for v in fields[:8])
+            busy += user + nice + system + irq + softirq
+            steal += st
         me = os.times()
-        return Sample(time.monotonic(), (user + nice + system + irq + softirq) / tick, steal / tick,
-                      me.user + me.system)
+        return Sample(time.monotonic(), busy / tick, steal / tick, me.user + me.system)
     except (OSError, ValueError, IndexError):
         return None
 
@@ -120,6 +148,11 @@ def measure_others(seconds: float = 0.2) -> float | None:
 # ---- decisions (pure) ------------------------------------------------------------------------
 
 
+def power_of_two(n: int) -> int:
+    """The largest power of two <= n (n >= 1): a thread count that keeps training's numbers."""
+    return 1 << (max(1, n).bit_length() - 1)
+
+
 def default_threads(n_cores: int, others: float | None) -> int:
     """The threads a verb starts with when none are asked for: the cores nobody else uses, >= 1."""
     if others is None:
@@ -128,7 +161,7 @@ def default_threads(n_cores: int, others: float | None) -> int:
 
 
 def decide(*, n_cores: int, wanted: int, current: int, others: float | None, slowdown: float | None,
-           idle_for: float) -> int:
+           idle_for: float, exact: bool = False) -> int:
     """The threads to run with now.
 
     n_cores   cores this process may use
@@ -137,10 +170,13 @@ def decide(*, n_cores: int, wanted: int, current: int, others: float | None, slo
     others    other processes' CPU share over the last sample, in cores (None: unknown)
     slowdown  recent step time / expected step time at `current` threads (None: no expectation yet)
     idle_for  seconds the machine has shown enough idle cores for more threads (hysteresis)
+    exact     only powers of two (training: the counts that keep its numbers, module doc)
     """
     if others is None:
         return current
     free = max(1, min(wanted, n_cores - round(others)))  # cores nobody else uses (BUSY rounds at 0.5)
+    if exact:
+        free = power_of_two(free)
     if free < current:
         # Others hold cores we run on. Drop when our own steps show it (or we cannot tell yet).
         return free if slowdown is None or slowdown >= SLOW else current
@@ -159,26 +195,42 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def choose(requested: int | None) -> int:
-    """The thread count a verb starts with: `requested` (checked) or the default, and applies it."""
+def choose(requested: int | None, *, exact: bool = False) -> int:
+    """The thread count a verb starts with: `requested` (checked; None or 0: the default), rounded
+    down to a power of two when `exact`, and applies it."""
     n = check_threads(requested) or default_threads(cores(), measure_others())
+    n = power_of_two(n) if exact else n
     set_threads(n)
     return n
+
+
+def govern(requested: int | None, *, exact: bool = False, on_change: Callable[[int, int, str], None] | None = None,
+           adapt: bool = True) -> Governor:
+    """The threads of a computing loop: start with `choose(requested)` and adapt from there, up to
+    `requested` (None or 0: all this process's cores) while the machine has them free."""
+    start = choose(requested, exact=exact)
+    return Governor(requested or cores(), start=start, exact=exact, on_change=on_change, adapt=adapt)
 
 
 class Governor:
     """Adapts a loop's torch thread count to the machine (see the module doc). Not thread-safe:
     one per loop, called from the thread that runs the loop's torch ops.
 
-    read, clock: where samples of the machine and the time come from (tests script both; a
-    sample's `wall` is on `clock`); n_cores: the cores this process may use (default `cores()`)."""
+    wanted: the most threads to use; start: the threads to use first (default `wanted`, e.g. fewer
+    because the machine was busy when the verb started); exact: powers of two only (both counts are
+    rounded down too); read, clock: where samples of the machine and the time come from (tests
+    script both; a sample's `wall` is on `clock`); n_cores: the cores this process may use
+    (default `cores()`)."""
 
-    def __init__(self, wanted: int, *, on_change: Callable[[int, int, str], None] | None = None,
-                 adapt: bool = True, window: int = 5, read: Callable[[], Sample | None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, n_cores: int | None = None) -> None:
+    def __init__(self, wanted: int, *, start: int | None = None, exact: bool = False,
+                 on_change: Callable[[int, int, str], None] | None = None, adapt: bool = True, window: int = 5,
+                 read: Callable[[], Sample | None] | None = None, clock: Callable[[], float] = time.monotonic,
+                 n_cores: int | None = None) -> None:
         self.n_cores = n_cores or cores()
-        self.wanted = max(1, min(wanted, self.n_cores))
-        self.current = self.wanted
+        self.exact = exact
+        fit = power_of_two if exact else (lambda n: n)
+        self.wanted = fit(max(1, min(wanted, self.n_cores)))
+        self.current = fit(max(1, min(start or self.wanted, self.wanted)))
         self.on_change = on_change
         self.adapt = adapt and os.environ.get(ADAPT_ENV, "1") != "0"
         self.read, self.clock = read or _read_sample, clock
@@ -205,14 +257,15 @@ class Governor:
         typical = sorted(self.recent)[len(self.recent) // 2]
         if self.others < BUSY / 2 and len(self.recent) == self.recent.maxlen:  # quiet: calibrate
             self.expected[self.current] = min(self.expected.get(self.current, typical), typical)
-        if self.n_cores - round(self.others) > self.current:  # idle cores: how long for (hysteresis)
+        if min(self.wanted, self.n_cores - round(self.others)) > self.current:  # room to rise: for how long (hysteresis)
             self.idle_since = self.idle_since if self.idle_since is not None else sample.wall
         else:
             self.idle_since = None
         expected = self.expected.get(self.current)
         slowdown = typical / expected if expected else None
         new = decide(n_cores=self.n_cores, wanted=self.wanted, current=self.current, others=self.others,
-                     slowdown=slowdown, idle_for=sample.wall - self.idle_since if self.idle_since is not None else 0.0)
+                     slowdown=slowdown, idle_for=sample.wall - self.idle_since if self.idle_since is not None else 0.0,
+                     exact=self.exact)
         if new != self.current:
             old, self.current = self.current, new
             set_threads(new)
@@ -228,4 +281,4 @@ class Governor:
 
 
 __all__ = ["SAMPLE_EVERY", "RISE_AFTER", "SLOW", "BUSY", "ADAPT_ENV", "cores", "check_threads", "Sample", "others_between",
-           "measure_others", "default_threads", "decide", "set_threads", "choose", "Governor"]
+           "measure_others", "power_of_two", "default_threads", "decide", "set_threads", "choose", "govern", "Governor"]

@@ -370,6 +370,27 @@ def human_count(n: float) -> str:
     return f"{n:.3g}P"
 
 
+def read_text_file(path: str | os.PathLike, what: str, *, max_bytes: int = 16 << 20) -> str:
+    """The UTF-8 text of a small file a user named (`what` says which, e.g. "--chat-template"), or an
+    LmforgeError naming it in one line: missing, unreadable, a directory, over max_bytes (another file
+    given by mistake, a model or a dataset), not UTF-8 (a binary file)."""
+    from .errors import LmforgeError
+
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if p.is_dir():
+            raise LmforgeError(f"{what} {p} is a directory; give a file")
+        if size > max_bytes:
+            raise LmforgeError(f"{what} {p}: {size:,} bytes is not what {what} takes (at most {max_bytes:,}); "
+                               "is it the right file?")
+        return p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise LmforgeError(f"cannot read {what} {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"{what} {p}: not a text file (byte {e.start} is not UTF-8)") from None
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024:

@@ -372,7 +372,8 @@ def test_deterministic_step_in_one_process_equals_plain_accumulation(tiny_datase
         if ckpt:
             _checkpoint_blocks(model)
         opt = build_optimizer(model, cfg.train)
-        r = train_step(model, opt, list(zip(x.split(2), y.split(2))), lr=1e-3, grad_clip=1.0, dtype="fp32",
+        micro = [{"inputs": a, "targets": b} for a, b in zip(x.split(2), y.split(2))]
+        r = train_step(model, opt, micro, lr=1e-3, grad_clip=1.0, dtype="fp32",
                        deterministic_reduce=det)
         out.append((r, [p.detach().clone() for p in model.parameters()]))
     (r0, w0) = out[0]

@@ -14,8 +14,11 @@ tokenizer (sha256 compared), otherwise its token ids mean nothing to the model.
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +30,12 @@ from ..config import Config
 from ..data.manifest import MANIFEST_FILE, read_manifest
 from ..errors import DataError, LmforgeError
 from ..jsonl import dumps_record
-from ..threads import Governor, choose
+from ..threads import Governor, govern
 from ..tokenizer import Tokenizer
 from ..util import out as results_out  # command results: stdout, every progress mode
 from ..util import progress_bar
 from . import metrics as M
-from .loss import dataset_batches, nll_totals, text_batches
+from .loss import dataset_batches, nll_totals, stream_batches
 from .score import make_request, score_naive, score_packed
 from .tasks import Task, context_ids, encode_request, load_task
 
@@ -61,14 +64,24 @@ def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batc
 
 
 def _generate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, governor: Governor | None) -> dict[str, float]:
+    """Greedy generation per item; a `chat` item's context is a user message in the model's chat
+    template (lmforge/chat.py: the prompt `serve` would build), its reply ending at the model's end
+    of turn (or the plain template's next turn)."""
+    from ..chat import ChatTemplate
     from ..generate import generate
 
-    stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    template = ChatTemplate(tokenizer, tokenizer.chat_template) if any(i.chat for i in task.items) else None
     predictions = []
     for item in task.items:
-        new = generate(model, context_ids(tokenizer, item.context), max_tokens=item.max_tokens, stop_ids=stop_ids,
+        if item.chat and template is not None:
+            prompt = tokenizer.encode_template(template.parts([{"role": "user", "content": item.context}]))
+            stop_ids, stops = list(tokenizer.end_ids), item.stop + template.stop
+        else:
+            prompt = context_ids(tokenizer, item.context)
+            stop_ids, stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else [], item.stop
+        new = generate(model, prompt, max_tokens=item.max_tokens, stop_ids=stop_ids,
                        governor=governor)
-        predictions.append(M.cut_at_stop(tokenizer.decode(new), item.stop))
+        predictions.append(M.cut_at_stop(tokenizer.decode(new), stops))
     return M.exact_match(predictions, [i.target for i in task.items])
 
 
@@ -116,23 +129,28 @@ def evaluate_model(
         if source is not None:
             kind, path = source
             if kind == "text":
-                try:
-                    ids = tokenizer.encode(Path(path).read_text(encoding="utf-8"))
-                except UnicodeDecodeError as e:
-                    raise DataError(f"--text {path}: not UTF-8 text ({e})") from None
-                if not ids:
+                if Path(path).stat().st_size == 0:
                     raise DataError(f"--text {path}: the file is empty")
-                start = tokenizer.eos_id if tokenizer.eos_id is not None else ids[0]
-                n_windows = -(-len(ids) // seq_len)
-                batches = text_batches(ids, start_id=start, seq_len=seq_len, batch_size=batch_size)
+                pieces = encoded(tokenizer, text_pieces(path))
+                if tokenizer.eos_id is None:  # no document separator: the text's first token starts it
+                    first = next(pieces)
+                    pieces, start = itertools.chain([first[1:]], pieces), first[0]
+                else:
+                    start = tokenizer.eos_id
+                batches = stream_batches(pieces, start_id=start, seq_len=seq_len, batch_size=batch_size)
+                if max_batches:
+                    batches = itertools.islice(batches, max_batches)
+                total = max_batches or None  # the number of windows is known only at the end of a streamed text
             else:
-                from ..data.loader import TokenDataset
+                from ..data.loader import open_source
 
-                n_windows = TokenDataset(path, "val").num_samples(seq_len)
-                batches = dataset_batches(path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
-            total = -(-n_windows // batch_size)
-            if max_batches:
-                total = min(total, max_batches)
+                d = cfg.data  # the val split read as the run read its data (SFT rows, document masking)
+                n_windows = open_source(path, "val", seq_len=seq_len, document_mask=d.document_mask, packing=d.packing).n_samples
+                batches = dataset_batches(path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
+                                          document_mask=d.document_mask, packing=d.packing)
+                total = -(-n_windows // batch_size)
+                if max_batches:
+                    total = min(total, max_batches)
             bar = progress.add_task(f"loss on {Path(path).name}", total=total)
             nll, tokens, nbytes = nll_totals(model, _counted(batches, progress, bar, governor), tokenizer.token_nbytes())
             out.update(M.loss_metrics(nll, tokens, nbytes))
@@ -142,6 +160,64 @@ def evaluate_model(
                 out[f"{task.name}/{k}"] = v
             progress.advance(bar)
     return out
+
+
+# `eval --text` reads and tokenizes its file in pieces of at most this many characters, TEXT_PIECES of
+# them per encode_batch call (the tokenizer's threads share them), so memory is bounded by
+# TEXT_PIECE_CHARS * TEXT_PIECES whatever the file (a 50 MB file of one line passed 8.9 GB read whole).
+TEXT_PIECE_CHARS = 1 << 16
+TEXT_PIECES = 16
+
+
+def encoded(tokenizer: Tokenizer, pieces: Iterator[str]) -> Iterator[list[int]]:
+    """The token ids of each text piece, encoded TEXT_PIECES at a time."""
+    group: list[str] = []
+    for piece in itertools.chain(pieces, [None]):
+        if piece is not None:
+            group.append(piece)
+        if group and (piece is None or len(group) == TEXT_PIECES):
+            yield from tokenizer.encode_batch(group)
+            group = []
+
+
+def text_pieces(path: str | os.PathLike, piece_chars: int = TEXT_PIECE_CHARS) -> Iterator[str]:
+    """The text of a UTF-8 file in pieces of at most `piece_chars` characters, read as it goes.
+
+    The cut rule: after the last newline within the piece's last half; else before the last space
+    there (byte-level BPE starts a word's token with its space, so the word stays whole); else at
+    the character limit (a code point boundary: a UTF-8 character is never split). No token spans
+    a cut, so the tokens equal those of the whole text except at cuts, where a run of whitespace or
+    a word longer than half a piece may be split into more tokens (one cut per ~64K characters).
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry, offset = "", 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(piece_chars)
+            pending = len(decoder.getstate()[0])  # bytes of an unfinished character from the previous chunk
+            try:
+                carry += decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise DataError(f"--text {path}: not UTF-8 text (byte {offset - pending + e.start} is not valid UTF-8)") from None
+            offset += len(chunk)
+            while len(carry) > piece_chars or (not chunk and carry):  # more than a piece: one can be cut by the rule
+                cut = _cut(carry, piece_chars)
+                yield carry[:cut]
+                carry = carry[cut:]
+            if not chunk:
+                return
+
+
+def _cut(text: str, limit: int) -> int:
+    """Where a piece of `text` ends (see text_pieces): all of it when it is within the limit."""
+    if len(text) <= limit:
+        return len(text)
+    half = limit // 2
+    newline = text.rfind("\n", half, limit)
+    if newline >= 0:
+        return newline + 1
+    space = text.rfind(" ", half, limit)
+    return space if space > 0 else limit
 
 
 def _counted(batches, progress: Progress, bar, governor: Governor | None = None) -> Any:
@@ -195,7 +271,7 @@ def eval_command(
 
     check_eval_options(data, text, batch_size, max_batches)
     task_list = load_tasks(list(tasks or []))  # validate task files before loading any model
-    governor = Governor(choose(threads))  # eval.threads is the sidecar's budget, beside training
+    governor = govern(threads)  # up to --threads (or all cores); the --watch sidecar passes eval.threads
     loaded = load_for_decoding(path)  # generation tasks decode; scoring is the same on any layout
     model, tokenizer, cfg, origin = loaded.model, loaded.tokenizer, loaded.config, loaded.origin
     bs = batch_size or cfg.eval.batch_size

@@ -57,6 +57,7 @@ from starlette.requests import Request as HttpRequest
 from ..errors import LmforgeError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from ..util import read_text_file
 from .bridge import Bridge
 from .chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from .engine import Engine
@@ -102,12 +103,13 @@ def create_app(
     chat_template: str | None = None,
     request_timeout: float = 600.0,
     max_body_bytes: int = 1 << 20,
+    max_threads: int | None = None,
 ) -> FastAPI:
     """The API over a loaded model (eval mode). The engine thread runs while the app does."""
     if max_tokens < 1 or not (math.isfinite(request_timeout) and request_timeout > 0) or max_body_bytes < 1:
         raise LmforgeError(f"--max-tokens, --request-timeout and --max-body-bytes must be positive, got "
                            f"{max_tokens}, {request_timeout} and {max_body_bytes}")
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_threads=max_threads)
     chat = ChatTemplate(tokenizer, chat_template)
     metrics = Metrics(engine)
     bridge = Bridge(engine, metrics, request_timeout)
@@ -164,10 +166,7 @@ def resolve_api_key(api_key: str | None, api_key_file: str | None) -> str | None
         key = api_key.strip()
         source = "--api-key"
     elif api_key_file is not None:
-        try:
-            key = Path(api_key_file).read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise LmforgeError(f"cannot read the API key file {api_key_file}: {e.strerror}") from None
+        key = read_text_file(api_key_file, "the API key file", max_bytes=64 << 10).strip()
         source = f"the API key file {api_key_file}"
     elif os.environ.get("LMFORGE_API_KEY") is not None:
         key, source = os.environ["LMFORGE_API_KEY"].strip(), "LMFORGE_API_KEY"
@@ -175,6 +174,9 @@ def resolve_api_key(api_key: str | None, api_key_file: str | None) -> str | None
         return None
     if not key:
         raise LmforgeError(f"{source} is empty; put a non-empty key there (e.g. `openssl rand -hex 32`)")
+    if not key.isascii() or not key.isprintable():  # it is compared with an HTTP header's bytes
+        raise LmforgeError(f"{source} holds characters an HTTP header cannot carry; use printable ASCII "
+                           "(e.g. `openssl rand -hex 32`)")
     return key
 
 
@@ -182,10 +184,7 @@ def read_chat_template(path: str | None) -> str | None:
     """The text of --chat-template's file (None: not given)."""
     if path is None:
         return None
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise LmforgeError(f"cannot read the chat template {path}: {e.strerror}") from None
+    return read_text_file(path, "the chat template", max_bytes=1 << 20)
 
 
 def check_exposure(host: str, key: str | None, insecure: bool) -> None:
@@ -220,7 +219,7 @@ def serve_command(
     checkpoint's `serve:` config section."""
     from ..generate import load_for_decoding
     from ..quant import check_weights
-    from ..threads import choose
+    from ..threads import choose, cores
     from ..util import check_port, console
 
     if port is not None:
@@ -231,7 +230,7 @@ def serve_command(
     template = read_chat_template(chat_template)
     if quantize is not None:
         check_weights(quantize)
-    choose(threads)  # the engine thread takes this count over and adapts it (lmforge/threads.py)
+    choose(threads)  # the engine thread starts with this count and adapts it (lmforge/threads.py) ...
     # The engine thread and the event loop share the GIL; a shorter switch interval keeps the
     # engine from waiting up to 5 ms for it each time the loop handles a token (docs/serve.md).
     sys.setswitchinterval(0.0005)
@@ -248,7 +247,8 @@ def serve_command(
                          max_batch=cfg.serve.max_batch if max_batch is None else max_batch,
                          max_queue=cfg.serve.max_queue if max_queue is None else max_queue,
                          max_tokens=cfg.serve.max_tokens if max_tokens is None else max_tokens, api_key=key,
-                         chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes)
+                         chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
+                         max_threads=threads or cores())  # ... up to --threads (or all cores) while they are free
         auth = "API key required" if key else "no API key"
         where = f"[{host}]" if ":" in host else host
         # Listening already (connections wait in the backlog until uvicorn accepts them), so the

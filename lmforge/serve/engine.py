@@ -68,7 +68,7 @@ import torch
 
 from ..errors import LmforgeError
 from ..generate import check_sampling, pick_token
-from ..model import Transformer
+from ..model import Transformer, check_memory
 from ..threads import Governor
 from ..tokenizer import StreamDecoder, Tokenizer
 
@@ -192,13 +192,18 @@ class SlotView:
 class Engine:
     """Continuous batching over `max_batch` slots with a bounded waiting queue."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64) -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
+                 max_threads: int | None = None) -> None:
+        """max_threads: the most torch threads the engine's governor may use while cores are free
+        (None: the count of the thread that calls start())."""
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.max_threads = max_batch, max_queue, max_threads
         self.max_seq_len, self.vocab_size = model.cfg.max_seq_len, model.cfg.vocab_size
-        self.device = model.model.embed_tokens.weight.device
+        p = model.model.embed_tokens.weight  # fp32 whatever the projections hold (lmforge/quant.py)
+        self.device = p.device
+        check_memory(model.cfg, p.device, kv_batch=max_batch, kv_bytes=p.element_size(), fix="--max-batch (serve.max_batch)")
         self.cache = SlotCache(model, max_batch)
         self.waiting: collections.deque[Request] = collections.deque()
         self.active: list[_Slot] = []  # index = cache row
@@ -304,7 +309,7 @@ class Engine:
 
     def _run(self, threads: int) -> None:
         # Made here: OpenMP's thread count is per thread, so the governor must set it on this one.
-        governor = Governor(threads)
+        governor = Governor(self.max_threads or threads, start=threads)
         with torch.inference_mode():
             while True:
                 with self.wake:

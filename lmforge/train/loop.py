@@ -52,15 +52,16 @@ import torch
 from .. import artifacts
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, LmforgeError
-from ..evaluate.loss import validation_loss
+from ..data.loader import Batch
 from ..hardware import peak_flops
 from ..model import autocast
 from ..model import flops_per_token as model_flops
-from ..threads import Governor, choose, cores
+from ..threads import Governor, choose, cores, power_of_two
 from ..util import console, default_device, warn
 from . import checkpoint as ckpt_io
 from . import distributed, guard, records
 from .distributed import SINGLE, Dist
+from .objectives import NextToken, Objective, get_objective, validation_loss
 from .optim import build_optimizer, lr_at
 from .records import failure_recorded, finish, log_event, log_metrics
 
@@ -71,51 +72,86 @@ EXIT_NON_FINITE = 3  # the run reached its end, but its loss or weights went non
 class StepResult:
     loss: float
     grad_norm: float
+    metrics: dict[str, float] = field(default_factory=dict)  # an objective's extra figures, mean per unit
+    units: int = 0  # the step's units over all ranks (tokens, trained tokens, pairs: the objective's)
+
+
+NEXT_TOKEN = NextToken()
 
 
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: list[Batch],
     *,
     lr: float,
     grad_clip: float,
     dtype: str,
+    objective: Objective = NEXT_TOKEN,
     loss_multiplier: float = 1.0,
     d: Dist = SINGLE,
     deterministic_reduce: bool = False,
 ) -> StepResult:
     """One optimizer step: accumulate gradients over micro batches, clip, update.
 
-    Under many processes `micro_batches` are this rank's share; the returned loss is the global
-    mean and the gradient norm that of the global gradient (identical on every rank).
+    `micro_batches` are dicts of tensors (data/loader.py), already on the device; under many
+    processes they are this rank's share. The loss is normalised by the global number of units
+    (`objective.units` summed over every micro batch of every rank, one all-reduce before any
+    backward: train/objectives.py), so the returned loss is the global mean per unit and the
+    gradient that of the global batch, identical on every rank and on any world size.
     `loss_multiplier` exists for fault injection only (NaN or a large factor)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
+    n_local, n_total = len(micro_batches), len(micro_batches) * d.world
+    local_units = float(sum(objective.units(mb) for mb in micro_batches))
+    units = d.sum_floats([local_units])[0] if d.active else local_units  # before any backward: every share's divisor
+    # DDP/FSDP average gradients over ranks; deterministic_reduce (and one process) sums them
+    averaging = d.world if d.active and not deterministic_reduce else 1
+    legacy: list[bool] = []  # per micro batch: the averaged arithmetic (objectives.py)
+    metrics: dict[str, float] = {}
 
-    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # x, y: (micro_batch, seq_len)
-        with autocast(dtype, x.device.type):
-            _, loss = model(x, y)
-        return loss * loss_multiplier if loss_multiplier != 1.0 else loss
+    def forward(mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:  # -> (what backward sees, what the loss sums)
+        with autocast(dtype, next(iter(mb.values())).device.type):
+            out = objective.loss(model, mb)
+        loss = out.loss * loss_multiplier if loss_multiplier != 1.0 else out.loss
+        for k, v in out.metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v)
+        legacy.append(out.averaged and out.count * n_total == units)
+        if legacy[-1]:  # the mean of equal shares: mean per micro batch / number of micro batches, as always
+            return loss / (n_total // averaging), loss.detach()
+        summed = loss * out.count if out.averaged else loss
+        scaled = summed / max(units, 1.0)
+        return (scaled * averaging if averaging != 1 else scaled), summed.detach()
 
     if deterministic_reduce:  # gradients gathered and summed in canonical order (distributed.py)
-        mean_loss = distributed.deterministic_step(model, micro_batches, n_micro_total=len(micro_batches) * d.world,
-                                                   d=d, forward_loss=forward_loss)
+        total = distributed.deterministic_step(model, micro_batches, d=d, forward=forward)  # the global sum
     else:
-        total = torch.zeros((), device=micro_batches[0][0].device)  # summed on the device: one sync per step
-        for i, (x, y) in enumerate(micro_batches):
+        acc = torch.zeros((), device=next(iter(micro_batches[0].values())).device)  # summed on the device: one sync per step
+        for i, mb in enumerate(micro_batches):
             with distributed.no_sync(model, last=i == len(micro_batches) - 1):  # DDP/FSDP reduce once per step
-                loss = forward_loss(x, y)
-                (loss / len(micro_batches)).backward()
-            total += loss.detach().float()
-        mean_loss = float(total) / len(micro_batches)
-        if d.active:  # the wrapper averaged gradients over ranks; average the loss the same way
-            mean_loss = d.sum_floats([mean_loss])[0] / d.world
+                back, value = forward(mb)
+                back.backward()
+            acc += value.float()
+        total = float(acc)
+    if len(set(legacy)) > 1:
+        raise RuntimeError(f"objective {objective.name!r} returned averaged and summed losses in one step")
+    if deterministic_reduce:
+        loss = total / n_total if all(legacy) else total / max(units, 1.0)
+    elif all(legacy):  # the mean of this rank's means; the wrapper averaged gradients over ranks, so average it too
+        loss = total / n_local
+        if d.active:
+            loss = d.sum_floats([loss])[0] / d.world
+    else:
+        loss = (d.sum_floats([total])[0] if d.active else total) / max(units, 1.0)
+    if d.active and metrics:
+        names = sorted(metrics)
+        metrics = dict(zip(names, d.sum_floats([metrics[k] for k in names])))
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
-    return StepResult(loss=mean_loss, grad_norm=distributed.full_norm(grad_norm))
+    return StepResult(loss=loss, grad_norm=distributed.full_norm(grad_norm),
+                      metrics={k: v / max(units, 1.0) for k, v in metrics.items()}, units=int(units))
 
 
 @dataclass
@@ -141,6 +177,7 @@ class Run:
     tokenizer_facts: dict[str, Any] | None = None  # bos/eos token, chat template of its origin: into every checkpoint
     init_origin: dict[str, Any] | None = None  # init.from's weights, as loaded by a fresh run (its start event)
     non_finite_step: int | None = None  # guard off: the first step of this start whose loss or grad norm was not finite
+    objective: Objective = field(default_factory=NextToken)  # train.objective (train/objectives.py)
 
     @property
     def resumed(self) -> bool:
@@ -160,16 +197,20 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     nothing into a new run directory (so a refused start leaves none); resuming, it records the
     damaged checkpoints it skips. Under many processes every rank builds the same run, wrapped
     for `train.parallel`, reading its own share of each batch."""
-    from ..data.loader import Loader, TokenDataset
-    from ..model import Transformer
+    from ..model import Transformer, check_memory
 
     if cfg.train.dtype not in ("fp32", "bf16"):
         raise ValueError(f"build() needs a resolved train.dtype, got {cfg.train.dtype!r}: start.plan_start resolves auto")
+    # before anything is allocated: weights, gradients, AdamW state and logits on the training device
+    check_memory(cfg.model, device(), micro_batch=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
+                 shards=d.world if cfg.train.parallel == "fsdp" else 1,
+                 fix="model.n_layer, model.d_model, model.d_ff, model.vocab_size or train.micro_batch")
+    # Powers of two only: other thread counts change the numbers (lmforge/threads.py)
     if d.world == 1:  # train.threads (at most this machine's cores), or 0: the cores others leave free
-        choose(min(cfg.train.threads, cores()) or None)
+        choose(min(cfg.train.threads, cores()) or None, exact=True)
     elif cfg.train.threads:  # several processes: torchrun's one thread each unless the config says
-        torch.set_num_threads(cfg.train.threads)
-    dataset = TokenDataset(cfg.data.path)
+        torch.set_num_threads(power_of_two(cfg.train.threads))
+    loader = make_loader(cfg, d)
     seed_everything(cfg.train.seed)  # the RNG states a checkpoint records are then a function of the run
     model = Transformer(cfg.model).to(device())  # init on CPU first: the same weights on any device
     facts_from = None  # the directory whose tokenizer facts (chat template, end of turn) the run carries on
@@ -181,9 +222,8 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
         facts_from, init_origin = loaded.origin.path, origin_record(loaded)
     forward_model = distributed.wrap(model, cfg.train, d)  # DDP wrapper, or model itself (FSDP2 shards in place)
     optimizer = build_optimizer(model, cfg.train)  # after FSDP: over the sharded parameters
-    loader = Loader(cfg.data.path, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch, seed=cfg.data.seed,
-                    rank=d.rank, world=d.world)
-    run = Run(cfg, run_dir, model, optimizer, loader, Path(dataset.tokenizer_path), dist=d, init_origin=init_origin)
+    run = Run(cfg, run_dir, model, optimizer, loader, Path(loader.source.dataset.tokenizer_path), dist=d,
+              init_origin=init_origin, objective=get_objective(cfg.train.objective))
     # rank 0 verifies (hashes) the checkpoints; every rank resumes from the one it chose
     ckpt, damaged = d.broadcast_object(artifacts.scan_checkpoints(run_dir) if d.is_main else None)
     for path, problems in damaged:  # one warning and one event per damaged checkpoint
@@ -209,6 +249,21 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     run.forward_model = torch.compile(forward_model) if cfg.train.compile else forward_model
     run.fired_faults = records.read_fired_faults(run_dir)
     return run
+
+
+def make_loader(cfg: Config, d: Dist = SINGLE) -> Any:
+    """This rank's loader of the run's data (data/loader.py chooses the source: token windows, or
+    rows of whole conversations for SFT data); says once what the rows leave out."""
+    from ..data.loader import DocumentRows, Loader
+
+    loader = Loader(cfg.data.path, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch, seed=cfg.data.seed,
+                    rank=d.rank, world=d.world, document_mask=cfg.data.document_mask, packing=cfg.data.packing)
+    src = loader.source
+    if isinstance(src, DocumentRows) and src.dropped and d.is_main:
+        warn(f"{src.dropped} of {src.n_documents} examples in {cfg.data.path} are longer than data.seq_len + 1 = "
+             f"{cfg.data.seq_len + 1} tokens (the longest: {src.longest}) and are left out, never cut; raise "
+             "data.seq_len to train on them")
+    return loader
 
 
 def _tokenizer_facts(source: Path, tokenizer_path: Path) -> dict[str, Any]:
@@ -264,10 +319,12 @@ def train(run: Run) -> int:
         log_event(run, "mfu_peak", {"peak_flops": peak, "device": str(dev), "dtype": t.dtype,
                                     "source": "datasheet" if dev.type == "cuda" else "measured matmul rate"})
     stop = _StopFlag()
-    # Fewer threads while other processes hold cores, back when they leave (lmforge/threads.py;
-    # threads do not change the numbers). One process on the CPU only: ranks keep torchrun's count.
-    governor = Governor(torch.get_num_threads(), adapt=d.world == 1 and dev.type == "cpu", on_change=lambda old, new, why: log_event(
-        run, "threads", {"from": old, "to": new, "reason": why}))
+    # Fewer threads while other processes hold cores, back up to train.threads (0: all cores) when
+    # they leave; powers of two, which do not change the numbers (lmforge/threads.py). One process
+    # on the CPU only: ranks keep torchrun's count.
+    governor = Governor(min(t.threads, cores()) or cores(), start=torch.get_num_threads(), exact=True,
+                        adapt=d.world == 1 and dev.type == "cpu",
+                        on_change=lambda old, new, why: log_event(run, "threads", {"from": old, "to": new, "reason": why}))
     last_ckpt_time = time.monotonic()
     window_start, window_tokens = time.perf_counter(), 0
     if d.world > 1:
@@ -279,18 +336,16 @@ def train(run: Run) -> int:
     with stop, progress, failure_recorded(run):
         while run.step < t.max_steps:
             data_step = run.loader.step
-            x, y = run.loader.next()  # this rank's share: (global_batch // world, seq_len) each
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            micro = list(zip(x.split(t.micro_batch), y.split(t.micro_batch)))
+            micro = split_micro(run.loader.next(), t.micro_batch, dev)  # this rank's share, global_batch // world rows
             assert len(micro) == accum
             lr = lr_at(run.step, t) * run.lr_scale
             step_start = time.perf_counter()
             result = train_step(run.forward_model, run.optimizer, micro, lr=lr, grad_clip=t.grad_clip,
-                                dtype=t.dtype, loss_multiplier=_fault_multiplier(run, run.step + 1),
+                                dtype=t.dtype, objective=run.objective, loss_multiplier=_fault_multiplier(run, run.step + 1),
                                 d=d, deterministic_reduce=t.deterministic_reduce)
             governor.step(time.perf_counter() - step_start)
             if d.active:  # one set of numbers for the guard and the logs: rank 0's, bit for bit
-                result = StepResult(*d.broadcast_floats([result.loss, result.grad_norm]))
+                result.loss, result.grad_norm = d.broadcast_floats([result.loss, result.grad_norm])
             run.step += 1
             run.tokens += tokens_per_step
             window_tokens += tokens_per_step
@@ -308,10 +363,11 @@ def train(run: Run) -> int:
                 rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 window_start, window_tokens = time.perf_counter(), 0
                 perf = {"tflops": rate * flops_per_token / 1e12} | ({"mfu": rate * flops_per_token / peak} if peak else {})
-                log_metrics(run, {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": run.tokens, "tokens_per_s": rate, **perf})
+                log_metrics(run, {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": run.tokens, "tokens_per_s": rate,
+                                  **perf, **result.metrics})
                 progress.update(run.step, result.loss, rate)
             if t.eval_every and (run.step % t.eval_every == 0 or run.step == t.max_steps):
-                vl = validation_loss(run.model, cfg.data.path, seq_len=cfg.data.seq_len, batch_size=t.micro_batch, max_batches=t.eval_batches, dtype=t.dtype)
+                vl = validation_loss(run.model, run.objective, val_batches(cfg, t.micro_batch, t.eval_batches), dtype=t.dtype)
                 log_metrics(run, {"val_loss": vl})
                 progress.note(f"step {run.step}: val_loss {vl:.4f}")
             due = (t.ckpt_every_steps and run.step % t.ckpt_every_steps == 0) or (
@@ -357,6 +413,21 @@ def _weights_finite(run: Run) -> bool:
     """Every parameter finite on every rank (a sharded parameter: this rank's shard)."""
     local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in run.model.parameters())
     return not run.dist.any_flags([not local])[0]
+
+
+def split_micro(batch: Batch, micro_batch: int, dev: torch.device) -> list[Batch]:
+    """A rank's batch -> micro batches of `micro_batch` rows on `dev` (every tensor sliced along dim 0)."""
+    parts = {k: v.to(dev, non_blocking=True).split(micro_batch) for k, v in batch.items()}
+    return [{k: chunks[i] for k, chunks in parts.items()} for i in range(len(next(iter(parts.values()))))]
+
+
+def val_batches(cfg: Config, batch_size: int, max_batches: int | None) -> Any:
+    """The run's validation batches: the val split read as the train split is (same source kind,
+    document masking and packing), in order."""
+    from ..data.loader import val_batches as batches
+
+    return batches(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=batch_size, max_batches=max_batches,
+                   document_mask=cfg.data.document_mask, packing=cfg.data.packing)
 
 
 def seed_everything(seed: int) -> None:

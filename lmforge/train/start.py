@@ -55,7 +55,7 @@ from ..util import atomic_write_text, console, write_failure
 from . import checkpoint as ckpt_io
 from . import distributed
 from .distributed import SINGLE, Dist
-from .loop import build, check_faults, device, train
+from .loop import build, check_faults, device, train, val_batches
 from .records import last_cwd, log_event
 
 # Keys that may change when a run resumes: they change how the run continues, not what it is.
@@ -226,8 +226,12 @@ def resolve_config(cfg: Config) -> Config:
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the dataset's tokenizer ({vocab} tokens); "
             f"set model.vocab_size to 0 (automatic) or >= {vocab}"
         )
-    n = ds.num_samples(cfg.data.seq_len)
-    if n < 1:
+    from ..data.loader import open_source
+
+    if open_source(ds, seq_len=cfg.data.seq_len, document_mask=cfg.data.document_mask, packing=cfg.data.packing).n_samples < 1:
+        if ds.kind == "sft":
+            raise DataError(f"{cfg.data.path}: no example of the train split fits data.seq_len + 1 = {cfg.data.seq_len + 1} "
+                            "tokens; raise data.seq_len")
         raise DataError(f"{cfg.data.path}: the train split has {ds.n_tokens} tokens, fewer than one sample of data.seq_len+1")
     if cfg.train.eval_every:
         check_val_split(cfg)
@@ -237,10 +241,8 @@ def resolve_config(cfg: Config) -> Config:
 def check_val_split(cfg: Config) -> None:
     """Validation (train.eval_every > 0) needs a val window of data.seq_len + 1 tokens: found now,
     before any step, rather than at the first validation after steps of work."""
-    from ..data.loader import val_batches
-
     try:
-        next(val_batches(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=1, max_batches=1))
+        next(val_batches(cfg, 1, 1))
     except DataError as e:
         raise DataError(f"{e}; or train without validation: --set train.eval_every=0") from None
 
