@@ -96,10 +96,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.threads is not None:  # the config's train.threads, recorded in the run like any override
+    if args.threads:  # train.threads (StartRequest.threads), recorded in the run like an override
         from .threads import check_threads
 
-        args.overrides = [*(args.overrides or []), f"train.threads={check_threads(args.threads)}"]
+        check_threads(args.threads)
     from .train.start import StartRequest
 
     request = StartRequest.from_args(args)  # every flag the training process gets (one field each)

@@ -225,7 +225,7 @@ def _counted(batches, progress: Progress, bar, governor: Governor | None = None)
         start = time.perf_counter()
         yield b  # the caller scores the batch before asking for the next
         if governor is not None:
-            governor.step(time.perf_counter() - start, work=b[0].numel())
+            governor.step(time.perf_counter() - start, work=b["inputs"].numel())
         progress.advance(bar)
 
 
