@@ -61,7 +61,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import __version__
-from .config import Config, ModelConfig, load_config
+from .config import Config, EmbedConfig, ModelConfig, load_config
 from .errors import CheckpointError
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 from .util import atomic_dir, atomic_write_json, sha256_bytes, sha256_file, warn
@@ -88,6 +88,8 @@ EVAL_RESULTS_FILE = "eval-results.jsonl"  # the eval sidecar's results (evaluate
 FAULTS_FIRED_FILE = "faults-fired.json"  # LMFORGE_FAULTS already fired in a run
 QUICKSTART_FILE = "quickstart.json"  # what a quickstart run was planned for
 LAST_ERROR_FILE = "last-error.json"  # a training process's user error, for its supervisor
+CLASSIFIER_HEAD = "head.safetensors"  # a classifier directory's head (understand/classify.py)
+CLASSIFIER_MODEL = "model"  # a classifier directory's own fine-tuned model directory (setfit, finetune)
 
 FORMAT_VERSION = 2
 Kind = Literal["checkpoint", "model"]
@@ -403,14 +405,15 @@ def read_config(directory: str | os.PathLike) -> Config:
 class Bundle:
     """A model in transit between formats (convert.py): an lmforge `ModelConfig`, fp32 CPU
     tensors under lmforge's parameter names (= Hugging Face Llama keys; a tied head stored once,
-    as `model.embed_tokens.weight`), its tokenizer, and the tokenizer facts a tokenizers JSON
-    cannot hold (bos/eos/pad token, chat template)."""
+    as `model.embed_tokens.weight`), its tokenizer, the tokenizer facts a tokenizers JSON
+    cannot hold (bos/eos/pad token, chat template), and how it embeds text (pooling, prefixes)."""
 
     cfg: ModelConfig
     tensors: dict[str, torch.Tensor]
     tokenizer: Tokenizer
     special: dict[str, Any] = field(default_factory=dict)  # bos_token, eos_token, pad_token, chat_template
     source: dict[str, Any] = field(default_factory=dict)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)  # the config's `embed:` section
     # Matrices held as int8 as well (lmforge/quant.py): name -> (q int8 (N, K), scale fp32 (N, K / G)),
     # `tensors[name]` being exactly q * scale. A model directory stores these as int8.
     quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -444,7 +447,7 @@ def write_model_dir(bundle: Bundle, out: Path, overwrite: bool = False) -> Path:
     """A Bundle -> a model directory with its manifest (atomically)."""
     from safetensors.torch import save_file
 
-    cfg = Config(model=bundle.cfg, data=replace(Config().data, seq_len=min(256, bundle.cfg.max_seq_len)))
+    cfg = Config(model=bundle.cfg, data=replace(Config().data, seq_len=min(256, bundle.cfg.max_seq_len)), embed=bundle.embed)
     cfg.validate()
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -509,7 +512,7 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     else:
         source = {"format": "lmforge", "path": str(origin.path), "name": origin.name}
     return Bundle(cfg.model, check_tensors(cfg.model, tensors, str(origin.path)), tok,
-                  tokenizer_facts(origin.path, cfg, tok), source, quantized)
+                  tokenizer_facts(origin.path, cfg, tok), source, cfg.embed, quantized)
 
 
 def origin_facts(cfg: Config, tok: Tokenizer) -> dict[str, Any]:
@@ -732,7 +735,7 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 __all__ = [
     "MANIFEST", "MODEL_FILE", "CONFIG_FILE", "TOKENIZER_FILE", "TOKENIZER_CONFIG", "SOURCE_FILE", "TRAINER_FILE",
     "TRAIN_STATE", "CHECKPOINTS", "LATEST", "METRICS_FILE", "EVENTS_FILE", "EVAL_RESULTS_FILE", "FAULTS_FIRED_FILE",
-    "QUICKSTART_FILE", "LAST_ERROR_FILE", "FORMAT_VERSION", "REQUIRED_FILES",
+    "QUICKSTART_FILE", "LAST_ERROR_FILE", "CLASSIFIER_HEAD", "CLASSIFIER_MODEL", "FORMAT_VERSION", "REQUIRED_FILES",
     "Manifest", "manifest_checksum", "write_manifest", "read_manifest", "verify_manifest",
     "checkpoint_name", "checkpoints_dir", "list_checkpoints", "checkpoint_step", "is_checkpoint_dir",
     "verify_checkpoint", "scan_checkpoints", "find_resume_checkpoint", "resolve_checkpoint", "read_config",

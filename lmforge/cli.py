@@ -292,11 +292,117 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return watch(args.path, tasks=args.tasks, data=args.data, text=args.text, batch_size=args.batch_size,
                      threads=args.threads, max_batches=args.max_batches,
                      interval=10.0 if args.interval is None else args.interval,
-                     once=args.once, follow=args.follow, scorer=args.scorer)
+                     once=args.once, follow=args.follow, scorer=args.scorer, retrieval=args.retrieval)
     from .evaluate.harness import eval_command
 
     return eval_command(args.path, tasks=args.tasks, data=args.data, text=args.text, batch_size=args.batch_size,
-                        threads=args.threads, max_batches=args.max_batches, as_json=args.json, scorer=args.scorer)
+                        threads=args.threads, max_batches=args.max_batches, as_json=args.json, scorer=args.scorer,
+                        retrieval=args.retrieval)
+
+
+# ---- embed -----------------------------------------------------------------------------------
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .understand.embed import embed_command
+
+    return embed_command(args.model, args.inputs, args.out, kind=args.kind, dtype=args.dtype, batch_size=args.batch_size,
+                         threads=args.threads, max_len=args.max_len, text_field=args.text_field, id_field=args.id_field,
+                         strict=args.strict, overwrite=args.overwrite)
+
+
+# ---- classify ---------------------------------------------------------------------------------
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    if args.classify_cmd == "train":
+        from .understand.classify_train import train_command
+
+        train_command(args.model, args.examples, args.out, method=args.method, labels_file=args.labels,
+                      scorer=args.zero_shot_scorer, template=args.template, held_out=args.held_out,
+                      examples_per_class=args.examples_per_class, seed=args.seed, c=args.c,
+                      min_confidence=args.min_confidence, fallback=args.fallback, text_field=args.text_field,
+                      label_field=args.label_field, batch_size=args.batch_size, threads=args.threads,
+                      overwrite=args.overwrite)
+        return 0
+    if args.classify_cmd == "eval":
+        from .understand.classify_report import eval_command
+
+        eval_command(args.classifier, args.test, min_confidence=args.min_confidence, as_json=args.json,
+                     report=args.report, allow_unknown=args.allow_unknown_labels, model=args.model,
+                     text_field=args.text_field, label_field=args.label_field, batch_size=args.batch_size,
+                     threads=args.threads, overwrite=args.overwrite)
+        return 0
+    if args.classify_cmd == "predict":
+        from .understand.classify_report import predict_command
+
+        predict_command(args.classifier, args.input, args.out, min_confidence=args.min_confidence, model=args.model,
+                        text_field=args.text_field, id_field=args.id_field, batch_size=args.batch_size,
+                        chunk=args.chunk, threads=args.threads, overwrite=args.overwrite)
+        return 0
+    raise AssertionError(args.classify_cmd)
+
+
+def add_classify_arguments(p: argparse.ArgumentParser) -> None:
+    from .understand.classify import DEFAULT_FALLBACK, DEFAULT_TEMPLATE, METHODS, SCORERS
+
+    sub = p.add_subparsers(dest="classify_cmd", metavar="ACTION", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field / CSV column holding the text")
+    common.add_argument("--batch-size", type=R.positive_int(), default=32, help="texts per forward (sorted by length)")
+    common.add_argument("--threads", type=THREADS, default=0, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    common.add_argument("--overwrite", action="store_true", help="replace --out / --report if it exists")
+
+    t = sub.add_parser("train", parents=[common], help="labelled examples -> a classifier directory (clf/NAME)")
+    t.add_argument("model", help="embedding model: run directory (newest checkpoint), checkpoint or model directory")
+    t.add_argument("examples", nargs="?", help="labelled examples: .jsonl ({text, label} or {text, labels: [...]}) or "
+                   ".csv with a header (text,label); zero-shot: optional, then used only to calibrate")
+    t.add_argument("--out", required=True, help="classifier directory to write, e.g. clf/tickets")
+    t.add_argument("--method", choices=METHODS, default="head", help="head: logistic regression on frozen embeddings "
+                   "(default); zero-shot: label names only; setfit, finetune: train the model (docs/classify.md)")
+    t.add_argument("--labels", help="zero-shot: label file (.jsonl {label, description} or one 'name: description' "
+                   "per line)")
+    t.add_argument("--zero-shot-scorer", choices=SCORERS, default="embedding",
+                   help="zero-shot: embedding similarity (default) or the LM's likelihood of each label name")
+    t.add_argument("--template", type=R.Text(), default=DEFAULT_TEMPLATE, help="zero-shot lm scorer: the context, "
+                   "{text} for the text (default %(default)r)")
+    t.add_argument("--held-out", type=R.HELD_OUT, default=0.2, help="share of the examples held out to fit the "
+                   "temperature (default %(default)g)")
+    t.add_argument("--examples-per-class", type=R.positive_int(), help="keep only N examples of each label (fixed "
+                   "order by --seed)")
+    t.add_argument("--seed", type=R.any_int(), default=0, help="the held-out split and --examples-per-class choice")
+    t.add_argument("--c", type=R.positive_float(), default=1.0, help="head: inverse L2 strength, as scikit-learn's C "
+                   "(default 1)")
+    t.add_argument("--min-confidence", type=R.CONFIDENCE, default=0.0, help="recorded threshold: below it predict and "
+                   "serve route to --fallback (default 0: route nothing)")
+    t.add_argument("--fallback", type=R.Text(), default=DEFAULT_FALLBACK, help="where low-confidence items go "
+                   "(default %(default)s)")
+    t.add_argument("--label-field", type=R.Text(), default="label", help="JSONL field / CSV column of the label (its "
+                   "plural, e.g. labels, for multi-label)")
+    t.set_defaults(func=cmd_classify)
+
+    e = sub.add_parser("eval", parents=[common], help="accuracy, macro-F1, per class, confusion, ECE, coverage curve")
+    e.add_argument("classifier", help="classifier directory (clf/NAME)")
+    e.add_argument("test", help="labelled test file (.jsonl or .csv, as for train)")
+    e.add_argument("--min-confidence", type=R.CONFIDENCE, help="routing threshold to report (default: the recorded one)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--report", help="write a self-contained HTML report (charts, tables) here")
+    e.add_argument("--allow-unknown-labels", action="store_true", help="count test items whose label the classifier "
+                   "does not know as wrong instead of refusing the file")
+    e.add_argument("--model", help="the classifier's embedding model, when it moved (checked by checksum)")
+    e.add_argument("--label-field", type=R.Text(), default="label", help="JSONL field / CSV column of the label")
+    e.set_defaults(func=cmd_classify)
+
+    r = sub.add_parser("predict", parents=[common], help="texts -> labels, scores and routing, as JSONL (streamed)")
+    r.add_argument("classifier", help="classifier directory (clf/NAME)")
+    r.add_argument("input", help=".jsonl ({text, id?}), .csv (header with text) or a text file (one text per line)")
+    r.add_argument("--out", required=True, help="predictions JSONL to write")
+    r.add_argument("--min-confidence", type=R.CONFIDENCE, help="route below this confidence (default: the recorded one)")
+    r.add_argument("--model", help="the classifier's embedding model, when it moved (checked by checksum)")
+    r.add_argument("--id-field", type=R.Text(), default="id", help="JSONL field / CSV column of the id (else FILE:LINE)")
+    r.add_argument("--chunk", type=R.positive_int(), default=1024, help="texts read, scored and written at a time "
+                   "(bounds memory)")
+    r.set_defaults(func=cmd_classify)
 
 
 # ---- import / export ------------------------------------------------------------------------
@@ -323,10 +429,105 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_command(
         args.path, host=args.host, port=args.port, api_key=args.api_key, api_key_file=args.api_key_file,
         insecure=args.insecure, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
-        model_name=args.model_name, chat_template=args.chat_template, request_timeout=args.request_timeout,
+        model_name=args.model_name, max_embed_inputs=args.max_embed_inputs, chat_template=args.chat_template, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, threads=args.threads, shutdown_grace=args.shutdown_grace,
         quantize=args.quantize,
+        index=args.index,
     )
+
+
+# ---- index / search / ask --------------------------------------------------------------------
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .understand.index import build as b
+
+    if args.index_cmd == "build":
+        b.build_index(args.model, args.inputs, args.out, chunk_size=args.chunk_size, chunk_overlap=args.chunk_overlap,
+                include=args.include, exclude=args.exclude, text_field=args.text_field, strict=args.strict,
+                overwrite=args.overwrite, batch_size=args.batch_size)
+        return 0
+    if args.index_cmd == "add":
+        b.add_to_index(args.path, args.inputs, include=args.include or None, exclude=args.exclude or None, strict=args.strict,
+              model=args.model, batch_size=args.batch_size)
+        return 0
+    if args.index_cmd == "info":
+        return b.info_command(args.path, as_json=args.json)
+    if args.index_cmd == "verify":
+        return b.verify_command(args.path)
+    raise AssertionError(args.index_cmd)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .understand.index.search import search_command
+
+    return search_command(args.index, args.query, k=args.k, mode=args.mode, model=args.model, as_json=args.json)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .understand.ask import ask_command
+
+    return ask_command(args.index, args.question, model=args.model, k=args.k, mode=args.mode,
+                       max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                       embed_model=args.embed_model, chat_template=args.chat_template, as_json=args.json)
+
+
+def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
+    """`index build|add|info|verify`, `search`, `ask` (docs/search.md)."""
+    from .understand.index import DEFAULT_MODE, MODES  # names only: no numpy, no model code
+
+    p = sub.add_parser("index", help="your documents -> a local search index (build, add, info, verify)")
+    isub = p.add_subparsers(dest="index_cmd", metavar="ACTION", required=True)
+    i = isub.add_parser("build", help="chunk, embed and store documents: lmforge index build MODEL INPUTS... --out idx/NAME")
+    i.add_argument("model", help="the embedding model: a run directory (newest checkpoint), checkpoint or model directory")
+    i.add_argument("inputs", nargs="+", help="files, directories (recursive) or .jsonl files (a text field, optional id)")
+    i.add_argument("--out", required=True, help="index directory to write, e.g. idx/company")
+    i.add_argument("--chunk-size", type=R.positive_int(), help="tokens per chunk (default: 256, or the model's context if smaller)")
+    i.add_argument("--chunk-overlap", type=R.nonneg_int(), help="tokens shared by neighbouring chunks (default: chunk size / 8)")
+    i.add_argument("--include", type=R.Text(), action="append", default=[], help="glob of files to take from directories (repeatable)")
+    i.add_argument("--exclude", type=R.Text(), action="append", default=[], help="glob of files to skip (repeatable)")
+    i.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text (default: %(default)s)")
+    i.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
+    i.add_argument("--batch-size", type=R.positive_int(), default=32, help="chunks per embedding forward (default: %(default)s)")
+    i.add_argument("--overwrite", action="store_true", help="replace the index at --out (never anything else)")
+    i = isub.add_parser("add", help="add new and changed files (unchanged ones skipped), atomically")
+    i.add_argument("path", help="index directory")
+    i.add_argument("inputs", nargs="+", help="files or directories; the index's chunking and text field are used")
+    i.add_argument("--include", type=R.Text(), action="append", default=[], help="glob of files to take (default: the index's)")
+    i.add_argument("--exclude", type=R.Text(), action="append", default=[], help="glob of files to skip (default: the index's)")
+    i.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
+    i.add_argument("--model", help="the index's model, if it moved since the build (its checksum must match)")
+    i.add_argument("--batch-size", type=R.positive_int(), default=32, help="chunks per embedding forward (default: %(default)s)")
+    i = isub.add_parser("info", help="model, pooling, chunking, counts and size")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i = isub.add_parser("verify", help="re-check every checksum; names any bad file")
+    i.add_argument("path")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="ranked chunks of an index for a query, with file:lines")
+    p.add_argument("index", help="index directory (lmforge index build)")
+    p.add_argument("query")
+    p.add_argument("-k", type=R.positive_int(), default=5, help="results to show (default: %(default)s)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="dense (the model), bm25 (words) or hybrid "
+                   "(both, fused by reciprocal rank; default: %(default)s)")
+    p.add_argument("--model", help="the index's model, if it moved since the build (its checksum must match)")
+    p.add_argument("--json", action="store_true", help="print JSON (every result's span and text)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("ask", help="answer a question from an index's documents, citing its sources")
+    p.add_argument("index", help="index directory (lmforge index build)")
+    p.add_argument("question")
+    p.add_argument("--model", required=True, help="the generating model: run, checkpoint or model directory")
+    p.add_argument("-k", type=R.positive_int(), default=5, help="chunks retrieved (default: %(default)s)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="retrieval mode (default: %(default)s)")
+    p.add_argument("--max-tokens", type=R.MAX_TOKENS, default=256, help="longest answer in tokens (default: %(default)s)")
+    p.add_argument("--temperature", type=R.TEMPERATURE, default=0.0, help="0 (the default) means greedy")
+    p.add_argument("--seed", type=R.SEED, default=0)
+    p.add_argument("--embed-model", help="the index's embedding model, if it moved since the build")
+    p.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else a plain prompt)")
+    p.add_argument("--json", action="store_true", help="print JSON: the answer, cited and all retrieved sources")
+    p.set_defaults(func=cmd_ask)
 
 
 # ---- parser ----------------------------------------------------------------------------------
@@ -491,6 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory (newest intact checkpoint; with --watch: every one) or checkpoint directory")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="task files (docs/eval.md) or bundled tasks by name, "
                    "e.g. python-mc")
+    p.add_argument("--retrieval", nargs="+", metavar="TASK", help="retrieval tasks (docs and queries, docs/eval.md) or "
+                   "bundled ones by name, e.g. stdlib-doc2code: nDCG@10, recall@1/10/100, MRR@10 of the model's "
+                   "embeddings (alone, no loss on the run's data)")
     p.add_argument("--data", help="prepared dataset whose val split to score (default: the run's data.path)")
     p.add_argument("--text", help="score a UTF-8 text file instead of a dataset")
     p.add_argument("--batch-size", type=rule_of("eval.batch_size"), help="rows per forward (default: eval.batch_size)")
@@ -505,6 +709,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "(not with --follow)")
     p.add_argument("--follow", action="store_true", help="--watch: keep watching after the run completed (not with --once)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("embed", help="texts -> vectors from your own model (pooling recorded with the model)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "inputs: a .jsonl file gives one text per record (--text-field, id from --id-field or FILE:LINE);\n"
+                           "any other file one text per non-blank line (id FILE:LINE); a directory one text per file\n"
+                           "in it (id: its path; .jsonl files in it as above). Details: docs/embeddings.md"))
+    p.add_argument("model", help="run directory (newest checkpoint), checkpoint directory or model directory")
+    p.add_argument("inputs", nargs="+", help="text files (one text per line), .jsonl files or directories")
+    p.add_argument("--out", required=True, help="vectors: OUT.npy (+ ids in OUT.ids.jsonl) or OUT.parquet (needs pyarrow)")
+    p.add_argument("--kind", choices=["document", "query"], default="document",
+                   help="which of the model's prefixes goes before each text (embed.document_prefix / query_prefix)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="dtype of the written vectors")
+    p.add_argument("--batch-size", type=R.positive_int(), default=32, help="texts per forward (sorted by length)")
+    p.add_argument("--threads", type=THREADS, default=0, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    p.add_argument("--max-len", type=R.positive_int(), help="cut texts to this many tokens (default: the model's max_seq_len)")
+    p.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text")
+    p.add_argument("--id-field", type=R.Text(), default="id", help="JSONL field holding the id (default id; else FILE:LINE)")
+    p.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and its ids file) if they exist")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("classify", help="train / eval / predict: labels with calibrated confidence; unsure -> review")
+    add_classify_arguments(p)
 
     p = sub.add_parser("import", help="a Hugging Face Llama dir or a GGUF file -> an lmforge model directory")
     p.add_argument("source", help="local Hugging Face model directory (config.json + safetensors) or a .gguf file")
@@ -524,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    p.add_argument("path", help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("path", help="run directory (newest checkpoint), checkpoint or model directory, or a classifier "
+                   "directory (clf/NAME: its embedding model, plus POST /v1/classify)")
     p.add_argument("--host", type=R.Text(), help="address to bind (default: serve.host of the run's config, 127.0.0.1)")
     p.add_argument("--port", type=R.port(), help="port (default: serve.port, 8000)")
     p.add_argument("--api-key", type=R.Text(), help="required bearer key (visible in `ps`; prefer --api-key-file or $LMFORGE_API_KEY)")
@@ -533,6 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=rule_of("serve.max_batch"), help="requests decoded together (default: serve.max_batch)")
     p.add_argument("--max-queue", type=rule_of("serve.max_queue"), help="requests waiting for a slot before 429s (default: serve.max_queue)")
     p.add_argument("--max-tokens", type=rule_of("serve.max_tokens"), help="largest max_tokens a request may ask for (default: serve.max_tokens)")
+    p.add_argument("--max-embed-inputs", type=rule_of("serve.max_embed_inputs"), help="most inputs one /v1/embeddings "
+                   "request may carry (default: serve.max_embed_inputs, 256)")
     p.add_argument("--model-name", type=R.Text(), help="model id in the API (default: the directory name)")
     p.add_argument("--chat-template", help="Jinja chat template file (default: tokenizer_config.json's, else a plain one)")
     p.add_argument("--request-timeout", type=R.seconds(), default=600.0, help="seconds before a request is dropped (504)")
@@ -542,8 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace", type=R.seconds(positive=False), default=5.0, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C: how long requests in flight may finish before they are cut short "
                         "(503, an error event in a stream); default %(default)g")
+    p.add_argument("--index", metavar="IDX", help="also serve POST /v1/search over this index (built by the served model)")
     p.set_defaults(func=cmd_serve)
 
+    add_understand_parsers(sub)
     return parser
 
 

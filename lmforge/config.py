@@ -62,6 +62,7 @@ def valid(default: Any, rule: Rule) -> Any:
 # train.objective values: the objectives registered in train/objectives.py (REGISTRY; a test keeps
 # the two equal). Named here because config sits below train/ and validates at load time.
 OBJECTIVES = ("next_token",)
+POOLINGS = ("mean", "last", "weighted_mean")  # embed.pooling values (lmforge/understand/embed.py)
 
 
 @dataclass
@@ -111,7 +112,7 @@ class DataConfig:
     seed: int = valid(0, any_int())  # seeds the sample order (data/order.py)
     # attention stays inside each document of a row, and RoPE positions restart at each: packed
     # conversations never see each other. auto: on for SFT data (prepare --sft), off for pretraining
-    document_mask: Literal["auto", "true", "false"] = "auto"
+    document_mask: Literal["auto", "true", "false"] = valid("auto", Choice(("auto", "true", "false")))
     packing: bool = True  # SFT data: several whole conversations per row; false: one per row, padded
 
 
@@ -188,6 +189,19 @@ class ServeConfig:
     # requests waiting for a slot before new ones get HTTP 429 (0: none wait, a busy server answers 429 at once)
     max_queue: int = valid(64, nonneg_int())
     max_tokens: int = valid(256, positive_int())  # the largest max_tokens a request may ask for
+    # the most inputs (texts or token lists) one /v1/embeddings request may carry
+    max_embed_inputs: int = valid(256, positive_int())
+
+
+@dataclass
+class EmbedConfig:
+    # How token states become one vector (docs/embeddings.md): mean | last (the last token's state) |
+    # weighted_mean (position-weighted mean, later tokens weigh more; the best raw pooling measured).
+    pooling: str = valid("weighted_mean", Choice(POOLINGS))
+    normalize: bool = True  # L2-normalise each vector, so a dot product is the cosine similarity
+    bidirectional: bool = False  # embedding passes attend both ways (only for a model trained so; no sentence-transformers export)
+    query_prefix: str = ""  # text put before every query (`embed --kind query`, search), e.g. "query: "
+    document_prefix: str = ""  # text put before every document (`embed`, index), e.g. "passage: "
 
 
 @dataclass
@@ -204,6 +218,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)  # `lmforge eval` and its --watch sidecar
     serve: ServeConfig = field(default_factory=ServeConfig)  # defaults of `lmforge serve`
     init: InitConfig = field(default_factory=InitConfig)  # where a new run's weights come from
+    embed: EmbedConfig = field(default_factory=EmbedConfig)  # how the model turns a text into a vector (pooling, prefixes)
 
     # ---- conversion ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -583,7 +598,7 @@ def _valid_text(cls: type, name: str) -> str:
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")  # a literal | inside a Markdown table cell
 
-for _cls in (Config, ModelConfig, DataConfig, TrainConfig, GuardConfig, EvalConfig, ServeConfig, InitConfig):
+for _cls in (Config, ModelConfig, DataConfig, TrainConfig, GuardConfig, EvalConfig, ServeConfig, InitConfig, EmbedConfig):
     _hints(_cls)
 
 __all__ = [
@@ -595,6 +610,8 @@ __all__ = [
     "EvalConfig",
     "ServeConfig",
     "InitConfig",
+    "EmbedConfig",
+    "POOLINGS",
     "load_config",
     "apply_overrides",
     "reference_markdown",

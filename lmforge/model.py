@@ -354,6 +354,27 @@ class Transformer(nn.Module):
         position (continuous batching, serve/engine.py); the cache decides where K/V go.
         """
         B, T = idx.shape
+        logits = self.lm_head(self.hidden_states(idx, cache=cache, positions=positions, attn_mask=attn_mask))  # (B, T, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(
+            logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100
+        )
+        return logits, loss
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        *,
+        cache: KVCacheLike | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """idx (B, T) -> the final-normed hidden states (B, T, C) that lm_head reads (HF's
+        `last_hidden_state`); arguments as in `forward`. Embeddings pool these (understand/embed.py):
+        causally with no mask (right padding never reaches the real tokens before it), or
+        bidirectionally with attn_mask (B, T, T) True where the key is a real token."""
+        B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if positions is not None:  # a packed row may be longer than any one sequence in it
             T_max = int(positions.max()) + 1 if positions.numel() else 0
@@ -374,13 +395,7 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache, attn_mask)
         if cache is not None:
             cache.advance(T)
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(
-            logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100
-        )
-        return logits, loss
+        return self.model.norm(x)  # (B, T, C)
 
 
 # ---- analytic size and cost -----------------------------------------------------------------

@@ -44,7 +44,9 @@ measured slower than fp32 on this kind of CPU, so they would not pay for themsel
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -212,6 +214,28 @@ def prepare(model: nn.Module, weights: str = "fp32", stored: dict[str, tuple[tor
     return model
 
 
+@contextlib.contextmanager
+def decoding_layout(model: nn.Module) -> Iterator[nn.Module]:
+    """The fp32 decoding layout for the duration of a block, then the row-major layout back (the
+    same bytes: a transpose copies exactly). For a verb that decodes between computations whose
+    numbers must stay as trained (eval: a few-row product differs in the last bit between the two
+    layouts). A model already prepared (`model.weights` set) is left as it is."""
+    if hasattr(model, "weights"):
+        yield model
+        return
+    prepare(model, "fp32")
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for parent, attr in projections(model):
+                lin = getattr(parent, attr)
+                lin.weight.data = lin.weight.data.contiguous()
+            if getattr(model.cfg, "tie_embeddings", False):
+                model.lm_head.weight = model.model.embed_tokens.weight
+        del model.weights
+
+
 def _param_name(model: nn.Module, parent: nn.Module, attr: str) -> str:
     """The stored tensor a projection's weight comes from (a tied head: the embedding)."""
     if parent is model and attr == "lm_head":
@@ -278,4 +302,4 @@ def read_stored(raw: dict[str, torch.Tensor], info: dict[str, Any] | None, sourc
 
 
 __all__ = ["WEIGHTS", "SCALE_SUFFIX", "QUANT_KEY", "check_weights", "quantize_int8", "dequantize_int8", "per_row",
-           "Int8Linear", "F16Linear", "projections", "prepare", "quantizable", "stored_tensors", "read_stored"]
+           "Int8Linear", "F16Linear", "projections", "prepare", "decoding_layout", "quantizable", "stored_tensors", "read_stored"]

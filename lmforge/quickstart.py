@@ -10,7 +10,9 @@ interpreter (its .py files, without the test suites and site-packages). The quic
 3. trains it into <workdir>/runs/<name> (resuming if a previous quickstart was interrupted),
    started like any `lmforge train` (train/start.py: the run directory's lock, the resume checks);
 4. reports validation loss and perplexity before (step 0) and after training, prints samples,
-   and says what to do next.
+   indexes a few of the corpus's files (at most SEARCH_BYTES of them) with the model it trained
+   (raw mean pooling, no contrastive stage) into <workdir>/idx/<name>, shows one search whose
+   query is a docstring line of one of them, and says what to do next.
 
 <name> is `stdlib` for the default corpus; for `--source DIR` it is DIR's base name plus a short
 hash of its resolved path (e.g. `mycode-1a2b3c4d`), so a different source never reuses another
@@ -29,6 +31,7 @@ import hashlib
 import json
 import math
 import re
+import shlex
 import sysconfig
 import time
 from dataclasses import replace
@@ -48,6 +51,8 @@ STDLIB_EXCLUDE = [
     "__pycache__/*", "*/__pycache__/*",
 ]
 PROMPTS = ["def read_config(path):\n", "class Cache:\n    def __init__(self", "import os\n\n"]
+SEARCH_BYTES = 40_000  # source bytes the closing search demo indexes: a few seconds of embedding
+SEARCH_FILE_BYTES = 20_000  # files larger than this are left out of the demo (they would take its whole budget)
 
 
 def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source: str | None = None,
@@ -146,16 +151,62 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
                        stop_ids=[tok.eos_id] if tok.eos_id is not None else [])
         results_out.rule(f"sample {i + 1}", style="dim")
         results_out.print(prompt + tok.decode(ids), markup=False, highlight=False)
+    idx_dir, query = _search_demo(loaded, run_dir, src, work / "idx" / name, exclude=STDLIB_EXCLUDE if not source else [])
     results_out.rule("[bold]next")
     results_out.print(
         f"finished in {time.perf_counter() - t0:.0f} s. Next:\n"
         f"  lmforge sample {run_dir} --prompt 'def main(' --max-tokens 80\n"
+        f"  lmforge search {idx_dir} {shlex.quote(query)} -k 5   # docs/search.md: index, search, ask\n"
         f"  lmforge train {saved} --run-dir {run_dir} --set train.max_steps={cfg.train.max_steps * 2}   # train longer\n"
         f"  lmforge prepare ./your-code --out data/yours && "
         f"lmforge train {RECIPE} --set data.path=data/yours   # your own data",
         markup=False, highlight=False,
     )
     return 0
+
+
+def _search_demo(loaded, run_dir: Path, src: Path, idx_dir: Path, exclude: list[str]) -> tuple[Path, str]:  # noqa: ANN001
+    """Index a few of the corpus's files with the model just trained (its raw mean pooling), search
+    them once with a docstring line of one of them, and print the best chunks."""
+    from .data.prepare import collect_sources
+    from .understand.embed import Embedder
+    from .understand.index.build import build_index
+    from .understand.index.search import Searcher
+    from .understand.index.store import Index
+
+    console.rule("[bold]search: index a few files with the trained model")
+    found = collect_sources([src], include=["*.py"], exclude=exclude)
+    sources = [s for s in found if 0 < s.bytes <= SEARCH_FILE_BYTES] or sorted(found, key=lambda s: s.bytes)[:1]
+    step = max(1, len(sources) // 12)  # files spread over the corpus, not its first few
+    chosen, total = [], 0
+    for s in sources[::step]:
+        if total + s.bytes > SEARCH_BYTES and chosen:
+            break
+        chosen.append(s.path)
+        total += s.bytes
+    embedder = Embedder(loaded)  # the run's weights as loaded above; the pooling its config records (mean)
+    build_index(run_dir, chosen, idx_dir, overwrite=True, chunk_size=min(128, loaded.model.cfg.max_seq_len),
+                embedder=embedder)
+    query = _docstring_line(chosen) or "open a file and read it"
+    with Index.open(idx_dir) as index:
+        hits = Searcher(index, embedder).search(query, k=3)
+    results_out.rule(f"search {len(chosen)} files for: {query}", style="dim")
+    for i, h in enumerate(hits, 1):
+        first = next((line.strip() for line in h.text.splitlines() if line.strip()), "")
+        results_out.print(f"{i}. {h.where()}  {first[:80]}", markup=False, highlight=False)
+    return idx_dir, query
+
+
+def _docstring_line(paths: list[Path]) -> str | None:
+    """The first line of a function's docstring in the middle one of these files (a query whose
+    answer is in the index: docstring -> code, as the bundled retrieval task asks)."""
+    for path in paths[len(paths) // 2:] + paths[:len(paths) // 2]:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for m in re.finditer(r'\n\s+def \w+\(.*?\):\n\s+(?:"""|\'\'\')([^\n]+)', text):
+            line = m.group(1).strip().strip('"\'').strip()
+            if len(line.split()) >= 4:
+                return line
+    return None
 
 
 def source_name(source: str | None) -> str:

@@ -236,31 +236,64 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths in one step
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE, glibc >= 2.28 and a
+    filesystem that supports it: ext4, xfs, btrfs, tmpfs ...). False when this system cannot, and
+    nothing was changed; any other failure raises OSError."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # the filesystem (or kernel) has no exchange
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a))
+
+
 def replace_path(new: str | os.PathLike, final: str | os.PathLike) -> None:
     """Rename the finished file or directory `new` to `final`, replacing whatever `final` is.
 
-    A file over a file (or over a link) is one atomic rename. Anything else (a directory over
-    anything, a file over a directory) cannot be renamed over in one step: the old entry is first
-    renamed to a hidden sibling, `new` renamed into place, then the old entry removed. So `final`
-    always holds the complete old entry or the complete new one (or, between the two renames,
-    nothing); if the second rename fails the old entry is put back. Nothing is left behind on
-    success: a backup that cannot be removed is reported with a warning naming it.
+    A file over a file (or over a link) is one atomic rename. A directory over a directory is one
+    atomic exchange where the system has one (`exchange_paths`), then the old one, now at `new`'s
+    name, is removed: `final` always holds the complete old directory or the complete new one,
+    even across a kill -9 (which may leave the old one behind under the temporary name). Anything
+    else (or no exchange) cannot be renamed over in one step: the old entry is first renamed to a
+    hidden sibling, `new` renamed into place, then the old entry removed. So `final` always holds
+    the complete old entry or the complete new one (or, between the two renames, nothing); if the
+    second rename fails the old entry is put back. Nothing is left behind on success: a backup
+    that cannot be removed is reported with a warning naming it.
     """
     new, final = Path(new), Path(final)
     replaces_dir = final.is_dir() and not final.is_symlink()
     if not os.path.lexists(final) or (not replaces_dir and not new.is_dir()):
         os.replace(new, final)
         return
-    while True:
-        old = final.with_name(f".{final.name}.{os.urandom(4).hex()}.old")
-        if not os.path.lexists(old):
-            break
-    os.replace(final, old)
-    try:
-        os.replace(new, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
+    if replaces_dir and new.is_dir() and not new.is_symlink() and exchange_paths(new, final):
+        old = new  # the old directory now lives under the temporary name
+    else:
+        while True:
+            old = final.with_name(f".{final.name}.{os.urandom(4).hex()}.old")
+            if not os.path.lexists(old):
+                break
+        os.replace(final, old)
+        try:
+            os.replace(new, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
     try:
         _remove(old)
     except OSError as e:

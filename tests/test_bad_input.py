@@ -63,6 +63,16 @@ VERBS: dict[tuple[str, ...], list[str]] = {
     ("import",): [RUN, "--out", "<tmp>/imported"],
     ("export",): [RUN, "--format", "hf", "--out", "<tmp>/exported"],
     ("serve",): [RUN],
+    ("embed",): [RUN, CORPUS, "--out", "<tmp>/vectors.npy"],
+    ("index", "build"): [RUN, CORPUS, "--out", "<tmp>/index"],
+    ("index", "add"): ["<tmp>/index", CORPUS],
+    ("index", "info"): ["<tmp>/index"],
+    ("index", "verify"): ["<tmp>/index"],
+    ("search",): ["<tmp>/index", "a query"],
+    ("ask",): ["<tmp>/index", "a question", "--model", RUN],
+    ("classify", "train"): [RUN, CORPUS, "--out", "<tmp>/clf"],
+    ("classify", "eval"): ["<tmp>/clf", CORPUS],
+    ("classify", "predict"): ["<tmp>/clf", CORPUS, "--out", "<tmp>/preds.jsonl"],
 }
 BOOL_BAD = ["maybe", "2", "1.5", "[1]"]  # a bool key: anything but true/false (and yes/no/on/off)
 

@@ -245,7 +245,7 @@ def test_nproc_per_node_checks_a_resumed_runs_saved_config(tmp_path):
 def test_nproc_per_node_below_one_is_refused(tmp_path, n):
     proc = cli("train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run"), "--nproc-per-node", n,
                "--set", f"data.path={tmp_path / 'none'}")
-    assert_one_line_error(proc, f"--nproc-per-node {n}: give a number of processes >= 1")
+    assert_one_line_error(proc, f"argument --nproc-per-node: must be within 1..1024, got {n}")
 
 
 @pytest.mark.parametrize("flags, message", [

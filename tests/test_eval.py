@@ -232,7 +232,7 @@ def test_encode_request_follows_lm_eval(small_tokenizer: Tokenizer) -> None:
 def test_shipped_tasks_load() -> None:
     kinds = {p.name: load_task(p).kind for p in sorted((REPO / "tasks").glob("*.jsonl"))}
     assert kinds == {"python-cloze.jsonl": "cloze", "python-gen.jsonl": "gen", "python-mc.jsonl": "mc",
-                     "support-chat-gen.jsonl": "gen"}
+                     "support-chat-gen.jsonl": "gen", "stdlib-doc2code.jsonl": "retrieval"}
     assert all(i.chat for i in load_task("support-chat-gen").items)  # prompted with the model's chat template
     mc = load_task(REPO / "tasks" / "python-mc.jsonl")
     assert len(mc.items) >= 24 and all(len(i.choices) == 4 for i in mc.items)
@@ -248,7 +248,7 @@ def test_bundled_task_by_name_from_any_directory(tmp_path, monkeypatch) -> None:
     (tmp_path / "python-mc").write_text('{"context": "a", "target": "b"}\n')  # a path that exists wins
     assert load_task("python-mc").kind == "cloze"
     with pytest.raises(DataError, match=r"task file not found: python-mcq \(or give a bundled one by name: "
-                                        r"python-cloze, python-gen, python-mc, support-chat-gen\)"):
+                                        r"python-cloze, python-gen, python-mc, stdlib-doc2code, support-chat-gen\)"):
         load_task("python-mcq")
     with pytest.raises(DataError, match="task file not found: tasks/python-mc.jsonl"):
         load_task("tasks/python-mc.jsonl")  # a path with a directory part is never looked up by name

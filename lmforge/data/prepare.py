@@ -89,6 +89,7 @@ class Document:
     byte_offset: int  # where the document starts in its source file
     text: str
     u: float  # content hash mapped to [0, 1): decides the split
+    record_id: str | None = None  # a JSONL record's "id" field (a string or an integer), when it has one
 
 
 class NotUtf8(Exception):
@@ -196,7 +197,9 @@ def iter_documents(src: Source, index: int, text_field: str) -> Iterator[Documen
             raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, expected a string")
         if text.strip():
             encoded = text.encode("utf-8")
-            yield Document(index, start, text, _u(encoded))
+            rid = record.get("id")
+            rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+            yield Document(index, start, text, _u(encoded), rid)
 
 
 # ---- shard writing ---------------------------------------------------------------------------
@@ -298,20 +301,26 @@ def _check_writable(out: Path) -> None:
         raise DataError(f"cannot write dataset {out}: {e.strerror or e} ({e.filename or out.parent}); nothing was written") from None
 
 
-def _check_out(out: Path, inputs: Sequence[str | os.PathLike], overwrite: bool) -> None:
-    """Refuse, before any work, an --out that overlaps an input or that is not ours to replace."""
+def check_out_overlap(out: Path, inputs: Sequence[str | os.PathLike], what: str = "dataset") -> None:
+    """Refuse an --out that is an input, lies inside one (the next run would read it as corpus)
+    or contains one (`what`: the kind of directory written, for the message)."""
     target = _resolve(out, "--out")
     for raw in inputs:
         src = _resolve(Path(raw))
         if target == src:
-            raise DataError(f"--out {out} is also an input; write the dataset somewhere else (nothing was written)")
+            raise DataError(f"--out {out} is also an input; write the {what} somewhere else (nothing was written)")
         if src in target.parents:
             raise DataError(
-                f"--out {out} is inside the input {raw}: the dataset would be read as corpus by the next prepare; "
+                f"--out {out} is inside the input {raw}: the {what} would be read as corpus next time; "
                 f"choose an --out outside the inputs (nothing was written)"
             )
         if target in src.parents:
             raise DataError(f"--out {out} contains the input {raw}; choose an --out that holds no input (nothing was written)")
+
+
+def _check_out(out: Path, inputs: Sequence[str | os.PathLike], overwrite: bool) -> None:
+    """Refuse, before any work, an --out that overlaps an input or that is not ours to replace."""
+    check_out_overlap(out, inputs)
     _check_replaceable(out, overwrite)
 
 

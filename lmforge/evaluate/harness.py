@@ -41,11 +41,20 @@ from .tasks import Task, context_ids, encode_request, load_task
 
 
 def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batch_size: int,
-               scorer: str = "packed", governor: Governor | None = None) -> dict[str, float]:
-    """Metrics of one task: mc -> acc, acc_norm; cloze -> acc, logprob; gen -> exact_match."""
+               scorer: str = "packed", config: Config | None = None, governor: Governor | None = None
+               ) -> dict[str, float]:
+    """Metrics of one task: mc -> acc, acc_norm; cloze -> acc, logprob; gen -> exact_match;
+    retrieval -> ndcg@10, recall@1/10/100, mrr@10 (the pooling of `config`, fp32)."""
     max_len = model.cfg.max_seq_len
     if task.kind == "gen":
         return _generate_task(model, tokenizer, task, governor)
+    if task.kind == "retrieval":
+        from ..understand.embed import Embedder
+        from .retrieval import score_retrieval
+
+        if config is None:
+            raise LmforgeError(f"task {task.name}: a retrieval task needs the model's config (its embed: pooling)")
+        return score_retrieval(Embedder.from_model(model, tokenizer, config, batch_size=batch_size, dtype="fp32"), task)
     requests = []
     for item in task.items:
         conts = item.choices if task.kind == "mc" else (item.target,)
@@ -66,22 +75,24 @@ def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batc
 def _generate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, governor: Governor | None) -> dict[str, float]:
     """Greedy generation per item; a `chat` item's context is a user message in the model's chat
     template (lmforge/chat.py: the prompt `serve` would build), its reply ending at the model's end
-    of turn (or the plain template's next turn)."""
+    of turn (or the plain template's next turn). Decodes in the decoding layout (lmforge/quant.py),
+    only while it decodes: scoring keeps the numbers of the layout the model was trained in."""
     from ..chat import ChatTemplate
     from ..generate import generate
+    from ..quant import decoding_layout
 
     template = ChatTemplate(tokenizer, tokenizer.chat_template) if any(i.chat for i in task.items) else None
     predictions = []
-    for item in task.items:
-        if item.chat and template is not None:
-            prompt = tokenizer.encode_template(template.parts([{"role": "user", "content": item.context}]))
-            stop_ids, stops = list(tokenizer.end_ids), item.stop + template.stop
-        else:
-            prompt = context_ids(tokenizer, item.context)
-            stop_ids, stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else [], item.stop
-        new = generate(model, prompt, max_tokens=item.max_tokens, stop_ids=stop_ids,
-                       governor=governor)
-        predictions.append(M.cut_at_stop(tokenizer.decode(new), stops))
+    with decoding_layout(model):
+        for item in task.items:
+            if item.chat and template is not None:
+                prompt = tokenizer.encode_template(template.parts([{"role": "user", "content": item.context}]))
+                stop_ids, stops = list(tokenizer.end_ids), item.stop + template.stop
+            else:
+                prompt = context_ids(tokenizer, item.context)
+                stop_ids, stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else [], item.stop
+            new = generate(model, prompt, max_tokens=item.max_tokens, stop_ids=stop_ids, governor=governor)
+            predictions.append(M.cut_at_stop(tokenizer.decode(new), stops))
     return M.exact_match(predictions, [i.target for i in task.items])
 
 
@@ -155,8 +166,10 @@ def evaluate_model(
             nll, tokens, nbytes = nll_totals(model, _counted(batches, progress, bar, governor), tokenizer.token_nbytes())
             out.update(M.loss_metrics(nll, tokens, nbytes))
         for task in tasks:
-            bar = progress.add_task(f"{task.name} ({len(task.items)} {task.kind})", total=1)
-            for k, v in score_task(model, tokenizer, task, batch_size=batch_size, scorer=scorer, governor=governor).items():
+            size = f"{len(task.queries)} queries, {len(task.docs)} docs" if task.kind == "retrieval" else len(task.items)
+            bar = progress.add_task(f"{task.name} ({size} {task.kind})", total=1)
+            for k, v in score_task(model, tokenizer, task, batch_size=batch_size, scorer=scorer, config=cfg,
+                                   governor=governor).items():
                 out[f"{task.name}/{k}"] = v
             progress.advance(bar)
     return out
@@ -235,8 +248,15 @@ def _progress(show: bool) -> Progress:
     return bar
 
 
-def load_tasks(paths: list[str]) -> list[Task]:
+def load_tasks(paths: list[str], retrieval: list[str] | None = None) -> list[Task]:
+    """Task files (any kind) and `--retrieval` files (which must be retrieval tasks), validated."""
     tasks = [load_task(p) for p in paths]
+    for p in retrieval or []:
+        task = load_task(p)
+        if task.kind != "retrieval":
+            raise DataError(f"--retrieval {p}: a {task.kind} task, not a retrieval task (doc and query lines, "
+                            "docs/eval.md); give it to --tasks")
+        tasks.append(task)
     names = [t.name for t in tasks]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -265,17 +285,18 @@ def eval_command(
     max_batches: int,
     as_json: bool,
     scorer: str = "packed",
+    retrieval: list[str] | None = None,
 ) -> int:
     """`lmforge eval RUN_OR_CKPT`: print the metrics of one checkpoint (newest intact of a run)."""
-    from ..generate import load_for_decoding
+    from ..artifacts import load_model
 
     check_eval_options(data, text, batch_size, max_batches)
-    task_list = load_tasks(list(tasks or []))  # validate task files before loading any model
+    task_list = load_tasks(list(tasks or []), retrieval)  # validate task files before loading any model
     governor = govern(threads)  # up to --threads (or all cores); the --watch sidecar passes eval.threads
-    loaded = load_for_decoding(path)  # generation tasks decode; scoring is the same on any layout
+    loaded = load_model(path)  # as trained: generation tasks decode in the decoding layout (_generate_task)
     model, tokenizer, cfg, origin = loaded.model, loaded.tokenizer, loaded.config, loaded.origin
     bs = batch_size or cfg.eval.batch_size
-    source = text_source(cfg, tokenizer, data=data, text=text)
+    source = None if retrieval and not (data or text or tasks) else text_source(cfg, tokenizer, data=data, text=text)
     if source is None and not task_list:
         raise DataError(
             f"nothing to evaluate: the run's data.path ({cfg.data.path or 'unset'}) is not a prepared dataset here "

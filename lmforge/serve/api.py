@@ -9,6 +9,8 @@ the same app under uvicorn. The app is assembled from pieces that each do one jo
     engine.py    continuous batching on its own thread
     bridge.py    engine thread <-> event loop: submit, events, deadlines, cancel on disconnect
     routes.py    one method per route: body -> engine requests -> events -> JSON or SSE
+    embeddings.py  POST /v1/embeddings: a bounded worker beside the engine, vector encodings
+                 (POST /v1/classify runs on the same worker: `lmforge serve clf/NAME`)
     protocol.py  the wire format: strict request bodies, errors, log-probs, response shapes
     chat.py      chat templates (Jinja sandbox; control tokens only from the template)
     metrics.py   the Prometheus registry behind GET /metrics
@@ -47,23 +49,31 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 
-from ..errors import LmforgeError
+from ..config import Config, EmbedConfig
+from ..errors import ConfigError, LmforgeError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..util import read_text_file
+from ..understand.embed import Embedder
 from .bridge import Bridge
 from .chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
+from .embeddings import EmbedWorker
 from .engine import Engine
 from .metrics import Metrics
 from .protocol import ApiError, error_body
 from .routes import Routes
+
+if TYPE_CHECKING:
+    from ..artifacts import Loaded
+    from ..understand.classify import Classifier
+    from ..understand.index.search import Searcher
 
 
 class ApiKeyAuth:
@@ -104,8 +114,15 @@ def create_app(
     request_timeout: float = 600.0,
     max_body_bytes: int = 1 << 20,
     max_threads: int | None = None,
+    embed: EmbedConfig | None = None,
+    max_embed_inputs: int = 256,
+    searcher: Searcher | None = None,
+    classifier: Classifier | None = None,
 ) -> FastAPI:
-    """The API over a loaded model (eval mode). The engine thread runs while the app does."""
+    """The API over a loaded model (eval mode). The engine thread runs while the app does.
+    `embed`: how /v1/embeddings pools (the model's config `embed:` section; default: its defaults).
+    searcher: an index opened for this model (`open_index`); adds POST /v1/search.
+    classifier: a classifier over this same model (`load_classifier`), for POST /v1/classify."""
     if max_tokens < 1 or not (math.isfinite(request_timeout) and request_timeout > 0) or max_body_bytes < 1:
         raise LmforgeError(f"--max-tokens, --request-timeout and --max-body-bytes must be positive, got "
                            f"{max_tokens}, {request_timeout} and {max_body_bytes}")
@@ -113,8 +130,14 @@ def create_app(
     chat = ChatTemplate(tokenizer, chat_template)
     metrics = Metrics(engine)
     bridge = Bridge(engine, metrics, request_timeout)
+    if max_embed_inputs < 1:
+        raise LmforgeError(f"--max-embed-inputs must be >= 1, got {max_embed_inputs}")
+    embedder = Embedder.from_model(model, tokenizer, Config(model=model.cfg, embed=embed or EmbedConfig()))
+    embed_worker = EmbedWorker(embedder, max_queue, request_timeout)
     routes = Routes(bridge, tokenizer, chat, metrics, model_name=model_name,
-                    context=model.cfg.max_seq_len, max_tokens=max_tokens, max_body_bytes=max_body_bytes)
+                    context=model.cfg.max_seq_len, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
+                    embed_worker=embed_worker, max_embed_inputs=max_embed_inputs, searcher=searcher,
+                    classifier=classifier)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -123,6 +146,7 @@ def create_app(
             yield
         finally:
             await asyncio.to_thread(engine.stop)
+            await asyncio.to_thread(embed_worker.close)
 
     async def api_error(_request: HttpRequest, e: ApiError) -> JSONResponse:
         metrics.reject(e.status)
@@ -130,6 +154,7 @@ def create_app(
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.bridge = engine, bridge  # bridge.close(grace): the server's shutdown
+    app.state.embed_worker = embed_worker
     if api_key:
         app.add_middleware(ApiKeyAuth, key=api_key, metrics=metrics)
     app.add_exception_handler(ApiError, api_error)
@@ -137,6 +162,8 @@ def create_app(
     for method, path, endpoint in (
         ("POST", "/v1/completions", routes.completions),
         ("POST", "/v1/chat/completions", routes.chat_completions),
+        ("POST", "/v1/embeddings", routes.embeddings),
+        ("POST", "/v1/classify", routes.classify),
         ("GET", "/health", routes.health),
         ("GET", "/v1/models", routes.models),
         ("POST", "/tokenize", routes.tokenize),
@@ -145,7 +172,21 @@ def create_app(
         ("GET", "/metrics", routes.metrics_page),
     ):
         app.add_api_route(path, endpoint, methods=[method])
+    if searcher is not None:
+        app.add_api_route("/v1/search", routes.search, methods=["POST"])
     return app
+
+
+def open_index(path: str | os.PathLike, loaded: Loaded) -> Searcher:
+    """The index `lmforge serve --index` searches, verified, with the served weights as its
+    embedder (its recorded pooling); refused when the index was built by another model."""
+    from ..understand.embed import Embedder, Pooling
+    from ..understand.index.search import Searcher
+    from ..understand.index.store import Index
+
+    index = Index.open(path)
+    embedder = Embedder(loaded, Pooling.from_dict(index.fields["pooling"]))
+    return Searcher(index, embedder).warm()  # check_embedder refuses another model, naming both checksums
 
 
 # ---- `lmforge serve` ---------------------------------------------------------------------
@@ -208,12 +249,14 @@ def serve_command(
     max_queue: int | None,
     max_tokens: int | None,
     model_name: str | None,
+    max_embed_inputs: int | None = None,
     chat_template: str | None,
     request_timeout: float,
     max_body_bytes: int,
     threads: int | None,
     shutdown_grace: float = 5.0,
     quantize: str | None = None,
+    index: str | None = None,
 ) -> int:
     """Load a run or checkpoint and serve it until interrupted. Unset limits come from the
     checkpoint's `serve:` config section."""
@@ -234,7 +277,12 @@ def serve_command(
     # The engine thread and the event loop share the GIL; a shorter switch interval keeps the
     # engine from waiting up to 5 ms for it each time the loop handles a token (docs/serve.md).
     sys.setswitchinterval(0.0005)
-    loaded = load_for_decoding(path, quantize)
+    classifier = load_classifier(path)
+    if classifier is not None and quantize not in (None, "fp32"):
+        raise ConfigError(f"--quantize {quantize}: {path} is a classifier, whose head was fitted to its model's fp32 "
+                          "vectors; serve it without --quantize")
+    loaded = classifier.embedder.loaded if classifier is not None else load_for_decoding(path, quantize)
+    searcher = open_index(index, loaded) if index is not None else None  # before the port: a wrong index fails at once
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
     template = template or tokenizer.chat_template  # a model directory's (or a fine-tune's origin's) recorded one
     host = host or cfg.serve.host
@@ -248,13 +296,18 @@ def serve_command(
                          max_queue=cfg.serve.max_queue if max_queue is None else max_queue,
                          max_tokens=cfg.serve.max_tokens if max_tokens is None else max_tokens, api_key=key,
                          chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
+                         embed=cfg.embed,
+                         max_embed_inputs=cfg.serve.max_embed_inputs if max_embed_inputs is None else max_embed_inputs,
+                         searcher=searcher, classifier=classifier,
                          max_threads=threads or cores())  # ... up to --threads (or all cores) while they are free
         auth = "API key required" if key else "no API key"
         where = f"[{host}]" if ":" in host else host
         # Listening already (connections wait in the backlog until uvicorn accepts them), so the
         # URL works as soon as it is printed; its port is the real one, also for --port 0.
-        console.print(f"serving {name} ({loaded.origin.describe()}) at http://{where}:{sock.getsockname()[1]}/v1 ({auth}); "
-                      "Ctrl-C stops", markup=False)
+        what = f"classifier {path} on {loaded.origin.path}, " if classifier is not None else ""
+        searching = f", searching {index}" if index is not None else ""
+        console.print(f"serving {name} ({what}{loaded.origin.describe()}{searching}) at "
+                      f"http://{where}:{sock.getsockname()[1]}/v1 ({auth}); Ctrl-C stops", markup=False)
         server = _server(app, shutdown_grace)
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends like Ctrl-C, exit 0
         try:
@@ -267,6 +320,21 @@ def serve_command(
     if not server.started:  # uvicorn logged why (the lifespan failed)
         raise LmforgeError("the server did not start; see the error above")
     return 0
+
+
+def load_classifier(path: str) -> Classifier | None:
+    """The classifier of a classifier directory (clf/NAME), with its embedding model; None for any
+    other path. One whose scores need the evaluation scorer (zero-shot with --zero-shot-scorer lm)
+    is refused: the server does not import evaluate/."""
+    from ..understand.classify import Classifier, is_classifier_dir
+
+    if not is_classifier_dir(path):
+        return None
+    clf = Classifier.load(path)
+    if clf.spec.scorer == "lm":
+        raise LmforgeError(f"{path} is a zero-shot classifier with the lm scorer, which the server does not run; "
+                           "classify with `lmforge classify predict`, or train one with --zero-shot-scorer embedding")
+    return clf
 
 
 def _server(app: FastAPI, shutdown_grace: float) -> Any:
@@ -299,4 +367,4 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-__all__ = ["create_app", "serve_command", "resolve_api_key", "is_loopback", "listen", "DEFAULT_CHAT_TEMPLATE"]
+__all__ = ["create_app", "open_index", "serve_command", "resolve_api_key", "is_loopback", "listen", "DEFAULT_CHAT_TEMPLATE"]

@@ -423,10 +423,11 @@ def split_micro(batch: Batch, micro_batch: int, dev: torch.device) -> list[Batch
 
 def val_batches(cfg: Config, batch_size: int, max_batches: int | None) -> Any:
     """The run's validation batches: the val split read as the train split is (same source kind,
-    document masking and packing), in order."""
+    document masking and packing), in order; max_batches None or 0 reads them all (as
+    train.eval_batches 0 and `lmforge eval --max-batches 0` mean)."""
     from ..data.loader import val_batches as batches
 
-    return batches(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=batch_size, max_batches=max_batches,
+    return batches(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=batch_size, max_batches=max_batches or None,
                    document_mask=cfg.data.document_mask, packing=cfg.data.packing)
 
 
