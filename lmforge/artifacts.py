@@ -448,6 +448,9 @@ class Bundle:
     special: dict[str, Any] = field(default_factory=dict)  # bos_token, eos_token, pad_token, chat_template
     source: dict[str, Any] = field(default_factory=dict)
     embed: EmbedConfig = field(default_factory=EmbedConfig)  # the config's `embed:` section
+    # Matrices held as int8 as well (lmforge/quant.py): name -> (q int8 (N, K), scale fp32 (N, K / G)),
+    # `tensors[name]` being exactly q * scale. A model directory stores these as int8.
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def _has_model_files(p: Path) -> bool:
@@ -482,14 +485,45 @@ def write_model_dir(bundle: Bundle, out: Path, overwrite: bool = False) -> Path:
     cfg.validate()
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    extra: dict[str, Any] = {}
+    tensors = bundle.tensors
+    if bundle.quantized:  # int8 + scales (lmforge/quant.py), recorded in the manifest
+        from .quant import QUANT_KEY, stored_tensors
+
+        tensors = stored_tensors(bundle.tensors, bundle.quantized)
+        extra[QUANT_KEY] = quantization_record(bundle.quantized)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_file(bundle.tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
         bundle.tokenizer.save(tmp / TOKENIZER_FILE)
         atomic_write_json(tmp / TOKENIZER_CONFIG, {k: v for k, v in bundle.special.items() if v is not None})
         atomic_write_json(tmp / SOURCE_FILE, bundle.source)
-        write_manifest(tmp, kind="model")
+        write_manifest(tmp, kind="model", extra=extra)
     return out
+
+
+def quantization_record(quantized: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """The manifest's record of a directory's int8 matrices: {"format": "int8", "group_size": G}
+    (G = 0: one scale per row). One group size per directory."""
+    sizes = {q.shape[1] // scale.shape[1] if scale.shape[1] > 1 else 0 for q, scale in quantized.values()}
+    if len(sizes) != 1:
+        raise CheckpointError(f"int8 matrices with different group sizes {sorted(sizes)} cannot share one directory")
+    return {"format": "int8", "group_size": sizes.pop()}
+
+
+def stored_quantization(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The quantization record of a model directory's manifest (None: fp32 weights)."""
+    p = Path(directory)
+    if not (p / MANIFEST).exists():
+        return None
+    return read_manifest(p).fields.get("quantization")
+
+
+def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """model.safetensors of a checkpoint or model directory -> (fp32-dequantised tensors, int8 ones)."""
+    from .quant import read_stored
+
+    return read_stored(load_safetensors(directory / MODEL_FILE), stored_quantization(directory), str(directory / MODEL_FILE))
 
 
 def read_model_dir(path: str | os.PathLike) -> Bundle:
@@ -521,13 +555,13 @@ def read_bundle(path: str | os.PathLike, *, merge: bool = False) -> Bundle:
         raise CheckpointError(f"--merge: {path} holds whole weights, no LoRA adapter to fold in; leave out --merge")
     cfg = read_config(origin.path)
     tok = Tokenizer.load(origin.path / TOKENIZER_FILE)
-    tensors = load_safetensors(origin.path / MODEL_FILE)
+    tensors, quantized = read_weights(origin.path)
     if origin.kind == "model":
         source = read_json(origin.path / SOURCE_FILE) if (origin.path / SOURCE_FILE).is_file() else {}
     else:
         source = {"format": "lmforge", "path": str(origin.path), "name": origin.name}
     return Bundle(cfg.model, check_tensors(cfg.model, tensors, str(origin.path)), tok,
-                  tokenizer_facts(origin.path, cfg, tok), source, cfg.embed)
+                  tokenizer_facts(origin.path, cfg, tok), source, cfg.embed, quantized)
 
 
 def origin_facts(cfg: Config, tok: Tokenizer) -> dict[str, Any]:
@@ -711,22 +745,26 @@ def _base_fields(m: Manifest) -> dict[str, str]:
 
 
 def load_model(path: str | os.PathLike, *, device: Any = None, dtype: torch.dtype | None = None,
-               into: torch.nn.Module | None = None) -> Loaded:
+               into: torch.nn.Module | None = None, quantize: str | None = None) -> Loaded:
     """The one way lmforge loads weights: a run directory (its newest intact checkpoint), a
     checkpoint directory, a model directory or an adapter directory, verified, into a new model in
     eval mode on `device` (default: `util.default_device()`), fp32 as stored unless `dtype` casts
     it. A LoRA run's checkpoint (or an adapter directory) gives its base with the adapter attached.
 
+    quantize: None loads the weights as stored (a directory with int8 weights gives an int8
+    model, lmforge/quant.py); "fp32", "f16" or "int8" gives a model prepared for inference with
+    its weights held that way (`quant.prepare`; "fp32" dequantises stored int8 exactly).
+
     into: copy the weights into this existing model instead (its names and shapes must fit; it
     keeps its device, dtype and mode): `init.from` loads a model it has already built; a LoRA's
-    adapter is folded into the base's weights there."""
+    adapter is folded into the base's weights there. Stored int8 weights are dequantised into it."""
     origin = resolve_origin(path)
     if origin.is_adapter:
         return _load_lora(origin, device=device, dtype=dtype, into=into)
     cfg = read_config(origin.path)
     tok = Tokenizer.load(origin.path / TOKENIZER_FILE)
     tok.use_model_facts(tokenizer_facts(origin.path, cfg, tok))  # a fine-tune keeps its origin's chat template
-    tensors = load_safetensors(origin.path / MODEL_FILE)
+    tensors, quantized = read_weights(origin.path)
     source = f"{origin.path / MODEL_FILE}"
     if into is not None:
         load_weights(into, tensors, source)
@@ -740,6 +778,12 @@ def load_model(path: str | os.PathLike, *, device: Any = None, dtype: torch.dtyp
     model = model.eval().to(device if device is not None else default_device())
     if dtype is not None:
         model = model.to(dtype)
+    if quantize is None and quantized:
+        quantize = "int8"
+    if quantize is not None:
+        from .quant import prepare
+
+        prepare(model, quantize, stored=quantized)
     return Loaded(model, tok, cfg, origin)
 
 
@@ -906,7 +950,7 @@ __all__ = [
     "checkpoint_name", "checkpoints_dir", "list_checkpoints", "checkpoint_step", "is_checkpoint_dir",
     "verify_checkpoint", "scan_checkpoints", "find_resume_checkpoint", "resolve_checkpoint", "read_config",
     "read_trainer_state", "Bundle", "is_model_dir", "verify_model_dir", "read_model_dir", "write_model_dir",
-    "read_bundle", "origin_facts", "tokenizer_facts", "expected_shapes", "check_tensors", "load_safetensors",
+    "read_bundle", "quantization_record", "stored_quantization", "read_weights", "origin_facts", "tokenizer_facts", "expected_shapes", "check_tensors", "load_safetensors",
     "load_weights", "Origin", "Loaded", "resolve_origin", "load_model", "read_json",
     "ADAPTER_FILE", "ADAPTER_CONFIG", "BASE_MODEL", "LoraParts", "find_base", "check_base", "read_adapter_config",
     "read_adapter_tensors", "lora_parts", "write_adapter_dir", "base_record",

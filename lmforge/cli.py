@@ -29,7 +29,9 @@ from .util import PROGRESS_MODES, console, out, progress_mode, set_progress_mode
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare
+    from .threads import check_threads, cores, default_threads, measure_others
 
+    workers = check_threads(args.workers) or default_threads(cores(), measure_others())
     if args.sft:
         from .data.sft import prepare_sft
 
@@ -38,7 +40,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                                "tokenizer and chat template render the examples, e.g. --tokenizer models/smol")
         prepare_sft(args.inputs, args.out, tokenizer=args.tokenizer, train_on_prompt=args.train_on_prompt,
                     include=args.include, exclude=args.exclude, val_fraction=args.val_fraction,
-                    shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite)
+                    shard_tokens=args.shard_tokens, workers=workers, overwrite=args.overwrite)
         return 0
     if args.train_on_prompt:
         raise LmforgeError("--train-on-prompt goes with --sft (a text corpus trains on every token already)")
@@ -54,7 +56,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         shard_tokens=args.shard_tokens,
         strict=args.strict,
-        workers=args.workers,
+        workers=workers,
         overwrite=args.overwrite,
     )
     return 0
@@ -94,6 +96,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.threads:  # train.threads (StartRequest.threads), recorded in the run like an override
+        from .threads import check_threads
+
+        check_threads(args.threads)
     from .train.start import StartRequest
 
     request = StartRequest.from_args(args)  # every flag the training process gets (one field each)
@@ -146,13 +152,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         num_samples=args.num_samples,
+        threads=args.threads,
+        quantize=args.quantize,
     )
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import quickstart
 
-    return quickstart(workdir=args.workdir, minutes=args.minutes, source=args.source)
+    return quickstart(workdir=args.workdir, minutes=args.minutes, source=args.source, threads=args.threads)
 
 
 # ---- plan ------------------------------------------------------------------------------------
@@ -263,6 +271,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .threads import check_threads
+
+    check_threads(args.threads)
     # Flags that would be silently ignored are mistakes: say so rather than do something else.
     if not args.watch:
         given = [flag for flag, value in (("--once", args.once), ("--follow", args.follow),
@@ -339,7 +350,7 @@ def add_classify_arguments(p: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field / CSV column holding the text")
     common.add_argument("--batch-size", type=R.positive_int(), default=32, help="texts per forward (sorted by length)")
-    common.add_argument("--threads", type=R.thread_count(), default=0, help="torch threads (0: all cores)")
+    common.add_argument("--threads", type=THREADS, default=0, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
     common.add_argument("--overwrite", action="store_true", help="replace --out / --report if it exists")
 
     t = sub.add_parser("train", parents=[common], help="labelled examples -> a classifier directory (clf/NAME)")
@@ -400,7 +411,7 @@ def add_classify_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_import(args: argparse.Namespace) -> int:
     from .convert import import_command
 
-    return import_command(args.source, args.out, overwrite=args.overwrite)
+    return import_command(args.source, args.out, overwrite=args.overwrite, keep_quantized=args.keep_quantized)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -420,6 +431,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         insecure=args.insecure, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         model_name=args.model_name, max_embed_inputs=args.max_embed_inputs, chat_template=args.chat_template, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, threads=args.threads, shutdown_grace=args.shutdown_grace,
+        quantize=args.quantize,
         index=args.index, adapters=args.adapter, max_adapters=args.max_adapters,
     )
 
@@ -520,6 +532,12 @@ def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
 
 # ---- parser ----------------------------------------------------------------------------------
 
+THREADS_DEFAULT = "the cores other processes leave free, at least 1; fewer while they take more (docs/inference.md)"
+WEIGHTS_CHOICES = ("fp32", "f16", "int8")  # lmforge/quant.py WEIGHTS (not imported: it loads torch)
+QUANTIZE_HELP = ("weights for inference: fp32, f16 (half the bytes) or int8 (a quarter; docs/inference.md); "
+                 "default: as stored")
+THREADS = R.thread_count(note="0 = lmforge chooses")  # every --threads; above this machine's cores: threads.check_threads
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, with a mistake on the command line reported like every other lmforge error: one line
@@ -560,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=R.VAL_FRACTION, default=0.01, help="fraction of documents for validation")
     p.add_argument("--shard-tokens", type=R.positive_int(), default=50_000_000, help="max tokens per shard")
     p.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
-    p.add_argument("--workers", type=R.thread_count(), default=0, help="tokenizer threads (0: all cores)")
+    p.add_argument("--threads", "--workers", dest="workers", type=THREADS, default=0, metavar="N",
+                   help=f"tokenizer threads (default: {THREADS_DEFAULT})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.set_defaults(func=cmd_prepare)
 
@@ -604,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=R.positive_int(hi=R.MAX_THREADS), default=None, metavar="N",
                    help="run N (>= 1) processes on this machine under torchrun (--standalone), checked before launch; "
                    "with --supervise the whole job is restarted. Not inside torchrun: it launches the processes there")
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads per process, recorded as train.threads "
+                   f"(default: the config's; 0 there: {THREADS_DEFAULT}); fewer while other processes hold cores")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("ckpt", help="checkpoint tools")
@@ -621,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=R.TOP_P, default=1.0)
     p.add_argument("--seed", type=R.SEED, default=0)
     p.add_argument("--num-samples", type=R.positive_int(), default=1)
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    p.add_argument("--quantize", choices=WEIGHTS_CHOICES, help=QUANTIZE_HELP)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("quickstart", help="the whole life of a model on local data, in minutes on a CPU")
@@ -631,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)g)")
     p.add_argument("--source", help="corpus directory of .py files; <name> is its base name + a hash of its path "
                                     "(default: this Python's standard library, <name> = stdlib)")
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("plan", help="size a model for its inference budget")
@@ -674,8 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared dataset whose val split to score (default: the run's data.path)")
     p.add_argument("--text", help="score a UTF-8 text file instead of a dataset")
     p.add_argument("--batch-size", type=rule_of("eval.batch_size"), help="rows per forward (default: eval.batch_size)")
-    p.add_argument("--threads", type=R.thread_count(note="0 = the default"),
-                   help="torch threads (default: all cores; with --watch: the run's eval.threads)")
+    p.add_argument("--threads", type=THREADS, metavar="N",
+                   help=f"torch threads (default: {THREADS_DEFAULT}; with --watch: the run's eval.threads)")
     p.add_argument("--max-batches", type=R.nonneg_int(note="0 = all"), default=0, help="score at most this many val batches (0: all)")
     p.add_argument("--scorer", choices=["packed", "naive"], default="packed", help="naive: one forward per choice (reference)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -698,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which of the model's prefixes goes before each text (embed.document_prefix / query_prefix)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="dtype of the written vectors")
     p.add_argument("--batch-size", type=R.positive_int(), default=32, help="texts per forward (sorted by length)")
-    p.add_argument("--threads", type=R.thread_count(), default=0, help="torch threads (0: all cores)")
+    p.add_argument("--threads", type=THREADS, default=0, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
     p.add_argument("--max-len", type=R.positive_int(), help="cut texts to this many tokens (default: the model's max_seq_len)")
     p.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text")
     p.add_argument("--id-field", type=R.Text(), default="id", help="JSONL field holding the id (default id; else FILE:LINE)")
@@ -713,6 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="local Hugging Face model directory (config.json + safetensors) or a .gguf file")
     p.add_argument("--out", required=True, help="model directory to write (model.safetensors, config.yaml, tokenizer.json)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--keep-quantized", action="store_true", help="a quantized GGUF: store its matrices as int8 "
+                   "(Q8_0 exactly; other types re-quantized to int8 groups of 32) instead of fp32; sample and serve "
+                   "then run them as int8")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="a run, checkpoint or model directory -> Hugging Face dir, GGUF file or PEFT adapter")
@@ -721,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: a transformers model directory; gguf: a llama.cpp file; peft: a LoRA run's adapter alone")
     p.add_argument("--out", required=True, help="directory (hf, peft) or .gguf file (gguf) to write")
     p.add_argument("--merge", action="store_true", help="a LoRA run: fold its adapter into the base's weights (hf, gguf)")
-    p.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="GGUF tensor type (hf: always f32)")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF tensor type (hf: always f32)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
 
@@ -742,7 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", help="Jinja chat template file (default: tokenizer_config.json's, else a plain one)")
     p.add_argument("--request-timeout", type=R.seconds(), default=600.0, help="seconds before a request is dropped (504)")
     p.add_argument("--max-body-bytes", type=R.positive_int(), default=1 << 20, help="largest request body (413 above)")
-    p.add_argument("--threads", type=R.thread_count(note="0 = torch's default"), default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    p.add_argument("--quantize", choices=WEIGHTS_CHOICES, help=QUANTIZE_HELP)
     p.add_argument("--shutdown-grace", type=R.seconds(positive=False), default=5.0, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C: how long requests in flight may finish before they are cut short "
                         "(503, an error event in a stream); default %(default)g")

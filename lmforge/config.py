@@ -142,7 +142,7 @@ class TrainConfig:
     # decided once when a run starts and written into its config (a resume keeps the run's dtype)
     dtype: str = valid("auto", Choice(DTYPES))
     compile: bool = False  # run the forward pass through torch.compile
-    threads: int = valid(0, thread_count())  # torch intra-op threads; 0 -> all cores
+    threads: int = valid(0, thread_count(note="0 = lmforge chooses"))  # torch intra-op threads; 0 -> the cores other processes leave free (lmforge/threads.py)
     seed: int = valid(0, any_int())  # seeds weight init
     log_every: int = valid(10, positive_int())  # write a metrics line (loss, lr, grad norm, throughput) every N steps
     eval_every: int = valid(200, nonneg_int(note="0 disables"))  # validation loss every N steps; 0 disables

@@ -50,6 +50,7 @@ from ..artifacts import (
 )
 from ..errors import CheckpointError, LmforgeError
 from ..jsonl import append_jsonl, read_records, restore_numbers
+from ..threads import Governor, cores
 from ..util import console, warn
 from .harness import check_eval_options, evaluate_model, load_tasks, text_source
 
@@ -180,7 +181,7 @@ def watch(
 
         cfg_path = run_dir / CONFIG_FILE
         threads = load_config(cfg_path).eval.threads if cfg_path.is_file() else 1
-    torch.set_num_threads(max(1, threads))
+    governor = Governor(max(1, min(threads, cores())))  # sets them; fewer while the machine is oversubscribed
     store = _open_store()
     done = {row["key"] for row in read_results(run_dir)}
     reported: set[str] = set()  # damaged checkpoints already reported (once each)
@@ -214,7 +215,7 @@ def watch(
                     )
                 results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source,
                                          batch_size=batch_size or cfg.eval.batch_size, max_batches=max_batches,
-                                         scorer=scorer, show_progress=False)
+                                         scorer=scorer, show_progress=False, governor=governor)
                 seconds = time.perf_counter() - t0
                 _record(run_dir, store, ckpt, key, step, results, seconds)
                 done.add(key)

@@ -58,7 +58,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 
 from ..config import Config, EmbedConfig
-from ..errors import LmforgeError
+from ..errors import ConfigError, LmforgeError
 from ..lora import AdapterSet
 from ..model import Transformer
 from ..tokenizer import Tokenizer
@@ -115,6 +115,7 @@ def create_app(
     chat_template: str | None = None,
     request_timeout: float = 600.0,
     max_body_bytes: int = 1 << 20,
+    max_threads: int | None = None,
     embed: EmbedConfig | None = None,
     max_embed_inputs: int = 256,
     searcher: Searcher | None = None,
@@ -129,7 +130,7 @@ def create_app(
     if max_tokens < 1 or not (math.isfinite(request_timeout) and request_timeout > 0) or max_body_bytes < 1:
         raise LmforgeError(f"--max-tokens, --request-timeout and --max-body-bytes must be positive, got "
                            f"{max_tokens}, {request_timeout} and {max_body_bytes}")
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, adapters=adapters)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, adapters=adapters, max_threads=max_threads)
     chat = ChatTemplate(tokenizer, chat_template)
     metrics = Metrics(engine)
     bridge = Bridge(engine, metrics, request_timeout)
@@ -256,8 +257,9 @@ def serve_command(
     chat_template: str | None,
     request_timeout: float,
     max_body_bytes: int,
-    threads: int,
+    threads: int | None,
     shutdown_grace: float = 5.0,
+    quantize: str | None = None,
     index: str | None = None,
     adapters: list[str] | None = None,
     max_adapters: int | None = None,
@@ -265,9 +267,9 @@ def serve_command(
     """Load a run or checkpoint and serve it until interrupted. Unset limits come from the
     checkpoint's `serve:` config section. `adapters`: --adapter NAME=PATH or DIR values (LoRA
     adapters on this base, picked by a request's `model`)."""
-    import torch
-
-    from ..artifacts import load_model
+    from ..generate import load_for_decoding
+    from ..quant import check_weights
+    from ..threads import choose, cores
     from ..util import check_port, console
 
     if port is not None:
@@ -276,13 +278,20 @@ def serve_command(
         raise LmforgeError(f"--shutdown-grace must be a number of seconds >= 0, got {shutdown_grace}")
     key = resolve_api_key(api_key, api_key_file)
     template = read_chat_template(chat_template)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    if quantize is not None:
+        check_weights(quantize)
+    choose(threads)  # the engine thread starts with this count and adapts it (lmforge/threads.py) ...
     # The engine thread and the event loop share the GIL; a shorter switch interval keeps the
     # engine from waiting up to 5 ms for it each time the loop handles a token (docs/serve.md).
     sys.setswitchinterval(0.0005)
     classifier = load_classifier(path)
-    loaded = classifier.embedder.loaded if classifier is not None else load_model(path)
+    if classifier is not None and quantize not in (None, "fp32"):
+        raise ConfigError(f"--quantize {quantize}: {path} is a classifier, whose head was fitted to its model's fp32 "
+                          "vectors; serve it without --quantize")
+    if adapters and quantize not in (None, "fp32"):
+        raise ConfigError(f"--quantize {quantize} with --adapter: LoRA adapters are served on fp32 base weights; "
+                          "leave out --quantize, or export each adapter merged (export --merge) and serve that")
+    loaded = classifier.embedder.loaded if classifier is not None else load_for_decoding(path, quantize)
     searcher = open_index(index, loaded) if index is not None else None  # before the port: a wrong index fails at once
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
     template = template or tokenizer.chat_template  # a model directory's (or a fine-tune's origin's) recorded one
@@ -304,7 +313,8 @@ def serve_command(
                          chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
                          embed=cfg.embed,
                          max_embed_inputs=cfg.serve.max_embed_inputs if max_embed_inputs is None else max_embed_inputs,
-                         searcher=searcher, classifier=classifier, adapters=adapter_set)
+                         searcher=searcher, classifier=classifier, adapters=adapter_set,
+                         max_threads=threads or cores())  # ... up to --threads (or all cores) while they are free
         auth = "API key required" if key else "no API key"
         where = f"[{host}]" if ":" in host else host
         # Listening already (connections wait in the backlog until uvicorn accepts them), so the

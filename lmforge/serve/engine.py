@@ -76,6 +76,7 @@ from ..errors import LmforgeError
 from ..generate import check_sampling, pick_token
 from ..lora import AdapterSet
 from ..model import Transformer, check_memory
+from ..threads import Governor
 from ..tokenizer import StreamDecoder, Tokenizer
 
 MAX_LOGPROBS = 20  # the most alternatives per position a request may ask for (OpenAI allows 5..20)
@@ -155,7 +156,7 @@ class SlotCache:
     """K/V for max_batch independent sequences: per layer (S, kv_heads, max_len, head_dim)."""
 
     def __init__(self, model: Transformer, slots: int) -> None:
-        cfg, p = model.cfg, next(model.parameters())
+        cfg, p = model.cfg, model.model.embed_tokens.weight  # fp32 also when the projections are int8
         shape = (slots, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
@@ -201,15 +202,17 @@ class Engine:
     """Continuous batching over `max_batch` slots with a bounded waiting queue."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 adapters: AdapterSet | None = None) -> None:
+                 adapters: AdapterSet | None = None, max_threads: int | None = None) -> None:
+        """max_threads: the most torch threads the engine's governor may use while cores are free
+        (None: the count of the thread that calls start())."""
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.adapters = adapters  # installed in the model's layers: forwards select each row's slot
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.max_threads = max_batch, max_queue, max_threads
         self.max_seq_len, self.vocab_size = model.cfg.max_seq_len, model.cfg.vocab_size
-        self.device = next(model.parameters()).device
-        p = next(model.parameters())
+        p = model.model.embed_tokens.weight  # fp32 whatever the projections hold (lmforge/quant.py)
+        self.device = p.device
         check_memory(model.cfg, p.device, kv_batch=max_batch, kv_bytes=p.element_size(), fix="--max-batch (serve.max_batch)")
         self.cache = SlotCache(model, max_batch)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -317,7 +320,8 @@ class Engine:
     # ---- the engine thread -------------------------------------------------------------------
 
     def _run(self, threads: int) -> None:
-        torch.set_num_threads(threads)
+        # Made here: OpenMP's thread count is per thread, so the governor must set it on this one.
+        governor = Governor(self.max_threads or threads, start=threads)
         with torch.inference_mode():
             while True:
                 with self.wake:
@@ -326,15 +330,18 @@ class Engine:
                     if not self.running:
                         return
                 try:
-                    self.step()
+                    start = time.perf_counter()
+                    tokens = self.step()
+                    governor.step(time.perf_counter() - start, work=tokens)
                 except Exception as e:  # a bug outside the per-row guards must not hang every client
                     log.exception("engine step failed; failing the %d running requests", len(self.active))
                     for slot in self.active:
                         self._finish(slot, Finished("error", message=f"engine error: {e!r}"))
                     self.active.clear()
 
-    def step(self) -> None:
-        """Drop, admit + prefill, decode: one turn of the scheduling loop."""
+    def step(self) -> int:
+        """Drop, admit + prefill, decode: one turn of the scheduling loop. Returns the tokens it ran
+        through the model (prompt tokens prefilled + rows decoded)."""
         now = time.monotonic()
         new: list[Request] = []
         with self.wake:
@@ -354,15 +361,19 @@ class Engine:
             if reason:
                 self._finish(slot, Finished(reason))
         self._pack()
+        tokens = 0
         if new:
             try:
                 self._prefill(new)
             finally:
                 self.admitting = 0  # also when the prefill failed before they joined `active`
+            tokens += sum(len(r.prompt_ids) for r in new)
             self._pack()
         if self.active:
+            tokens += len(self.active)
             self._decode()
             self._pack()
+        return tokens
 
     def _prefill(self, requests: list[Request]) -> None:
         lo = len(self.active)

@@ -56,6 +56,7 @@ from ..data.loader import Batch
 from ..hardware import peak_flops
 from ..model import autocast
 from ..model import flops_per_token as model_flops
+from ..threads import Governor, choose, cores, power_of_two
 from ..util import console, default_device, warn
 from . import checkpoint as ckpt_io
 from . import distributed, guard, records
@@ -206,8 +207,11 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     check_memory(cfg.model, device(), micro_batch=0 if cfg.lora.rank else cfg.train.micro_batch, seq_len=cfg.data.seq_len,
                  shards=d.world if cfg.train.parallel == "fsdp" else 1,
                  fix="model.n_layer, model.d_model, model.d_ff, model.vocab_size or train.micro_batch")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    # Powers of two only: other thread counts change the numbers (lmforge/threads.py)
+    if d.world == 1:  # train.threads (at most this machine's cores), or 0: the cores others leave free
+        choose(min(cfg.train.threads, cores()) or None, exact=True)
+    elif cfg.train.threads:  # several processes: torchrun's one thread each unless the config says
+        torch.set_num_threads(power_of_two(cfg.train.threads))
     loader = make_loader(cfg, d)
     seed_everything(cfg.train.seed)  # the RNG states a checkpoint records are then a function of the run
     model = Transformer(cfg.model).to(device())  # init on CPU first: the same weights on any device
@@ -344,6 +348,12 @@ def train(run: Run) -> int:
         log_event(run, "mfu_peak", {"peak_flops": peak, "device": str(dev), "dtype": t.dtype,
                                     "source": "datasheet" if dev.type == "cuda" else "measured matmul rate"})
     stop = _StopFlag()
+    # Fewer threads while other processes hold cores, back up to train.threads (0: all cores) when
+    # they leave; powers of two, which do not change the numbers (lmforge/threads.py). One process
+    # on the CPU only: ranks keep torchrun's count.
+    governor = Governor(min(t.threads, cores()) or cores(), start=torch.get_num_threads(), exact=True,
+                        adapt=d.world == 1 and dev.type == "cpu",
+                        on_change=lambda old, new, why: log_event(run, "threads", {"from": old, "to": new, "reason": why}))
     last_ckpt_time = time.monotonic()
     window_start, window_tokens = time.perf_counter(), 0
     if d.world > 1:
@@ -358,9 +368,11 @@ def train(run: Run) -> int:
             micro = split_micro(run.loader.next(), t.micro_batch, dev)  # this rank's share, global_batch // world rows
             assert len(micro) == accum
             lr = lr_at(run.step, t) * run.lr_scale
+            step_start = time.perf_counter()
             result = train_step(run.forward_model, run.optimizer, micro, lr=lr, grad_clip=t.grad_clip,
                                 dtype=t.dtype, objective=run.objective, loss_multiplier=_fault_multiplier(run, run.step + 1),
                                 d=d, deterministic_reduce=t.deterministic_reduce)
+            governor.step(time.perf_counter() - step_start)
             if d.active:  # one set of numbers for the guard and the logs: rank 0's, bit for bit
                 result.loss, result.grad_norm = d.broadcast_floats([result.loss, result.grad_norm])
             run.step += 1

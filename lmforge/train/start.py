@@ -89,6 +89,7 @@ class StartRequest:
     run_dir: str | None = _flag("--run-dir")
     overrides: tuple[str, ...] = _flag("--set", ())  # section.key=value, in order
     from_: str | None = _flag("--from")  # the checkpoint a new run branches from
+    threads: int | None = _flag("--threads")  # train.threads, after the overrides (cli.py checks it)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> StartRequest:
@@ -158,7 +159,8 @@ def plan_start(request: StartRequest, d: Dist = SINGLE, *, device: torch.device 
     base = start_config(request.config, rd, branch)
     if base is None:
         raise ConfigError(f"{rd} holds no run (no config.yaml); give a config file to start one")
-    cfg = load_config(base, list(request.overrides))
+    threads = () if request.threads is None else (f"train.threads={request.threads}",)
+    cfg = load_config(base, [*request.overrides, *threads])
     check_faults(d, max_steps=cfg.train.max_steps)
     distributed.check_parallel(cfg.train, d)
     distributed.micro_batches_per_rank(cfg.train.global_batch, cfg.train.micro_batch, d.world)

@@ -47,6 +47,7 @@ from .. import ranges as R
 from ..errors import ConfigError, DataError
 from ..evaluate import classification as M
 from ..jsonl import dumps_record
+from ..threads import choose
 from ..util import FILE_MODE, atomic_write_text, console, fsync_dir
 from ..util import out as results_out
 from . import calibrate
@@ -252,15 +253,13 @@ def eval_command(clf_path: str, test: str, *, min_confidence: float | None = Non
                  text_field: str = "text", label_field: str = "label", batch_size: int = 32, threads: int = 0,
                  overwrite: bool = False) -> dict[str, Any]:
     """`lmforge classify eval CLF TEST`: prints the text report (or --json) and writes --report."""
-    import torch
 
     if min_confidence is not None:
         check_threshold(min_confidence)
     if report is not None and Path(report).exists() and not overwrite:
         raise ConfigError(f"{report} already exists; choose another --report or pass --overwrite")
     ex = read_examples(test, text_field=text_field, label_field=label_field)  # before a model loads
-    if threads:
-        torch.set_num_threads(threads)
+    choose(threads or None, exact=True)  # powers of two: the vectors do not depend on the count (lmforge/threads.py)
     clf = Classifier.load(clf_path, model=model, batch_size=batch_size)
     r = evaluate(clf, ex, min_confidence=min_confidence, allow_unknown=allow_unknown, progress=not as_json)
     if report is not None:
@@ -300,7 +299,6 @@ def predict_command(clf_path: str, inputs: str, out: str, *, min_confidence: flo
                     model: str | None = None, text_field: str = "text", id_field: str = "id", batch_size: int = 32,
                     chunk: int = DEFAULT_CHUNK, threads: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """`lmforge classify predict CLF INPUT --out preds.jsonl` (module docstring); returns the summary."""
-    import torch
 
     if min_confidence is not None:
         check_threshold(min_confidence)
@@ -310,8 +308,7 @@ def predict_command(clf_path: str, inputs: str, out: str, *, min_confidence: flo
         raise ConfigError(f"{target} already exists; choose another --out or pass --overwrite")
     if not Path(inputs).is_file():
         raise DataError(f"input not found: {inputs}" if not Path(inputs).exists() else f"{inputs} is not a file")
-    if threads:
-        torch.set_num_threads(threads)
+    choose(threads or None, exact=True)  # powers of two: the vectors do not depend on the count (lmforge/threads.py)
     clf = Classifier.load(clf_path, model=model, batch_size=batch_size)
     counts: Counter[str] = Counter()
     n = routed = empty = 0

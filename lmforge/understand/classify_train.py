@@ -36,6 +36,7 @@ import numpy as np
 from ..artifacts import CLASSIFIER_HEAD, write_manifest
 from .. import ranges as R
 from ..errors import ConfigError, DataError
+from ..threads import choose
 from ..util import atomic_dir, console
 from ..util import out as results_out
 from . import calibrate
@@ -119,7 +120,6 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
                   fallback: str = DEFAULT_FALLBACK, text_field: str = "text", label_field: str = "label",
                   batch_size: int = 32, threads: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """`lmforge classify train` (module docstring); returns the spec it wrote, as a dict."""
-    import torch
 
     from .embed import Embedder
 
@@ -184,8 +184,7 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
         raise ConfigError("zero-shot multi-label needs labelled examples to fit each label's threshold")
 
     # 4: embed and fit
-    if threads:
-        torch.set_num_threads(threads)
+    choose(threads or None, exact=True)  # powers of two: the vectors do not depend on the count (lmforge/threads.py)
     start = time.perf_counter()
     emb = Embedder.load(model, batch_size=batch_size)
     console.print(f"classify train: {method} on {model} ({len(labels)} labels, "
