@@ -250,9 +250,10 @@ def adapters(base: Path, chat_tokenizer_dir: Path, tmp_path_factory) -> dict[str
 
 
 def chat_ids(tok: Tokenizer, text: str) -> list[int]:
-    from lmforge.serve.chat import ChatTemplate
+    """The prompt the server builds for one user message (the chat template, generation prompt)."""
+    from lmforge.chat import ChatTemplate
 
-    return ChatTemplate(tok, tok.chat_template).encode([{"role": "user", "content": text}])
+    return tok.encode_template(ChatTemplate(tok, tok.chat_template).parts([{"role": "user", "content": text}]))
 
 
 QUESTIONS = ["What is 12 plus 7?", "What is 3 plus 40?", "And plus 4?", "What is 99 plus 1?"]
