@@ -104,6 +104,8 @@ LAST_ERROR_FILE = "last-error.json"  # a training process's user error, for its 
 ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA adapter's weights, under PEFT's names (lmforge/lora.py)
 ADAPTER_CONFIG = "adapter_config.json"  # its settings, as PEFT writes them
 BASE_MODEL = "base_model"  # the manifest key of a LoRA checkpoint or adapter directory: {"sha256", "path"} of its base
+CLASSIFIER_HEAD = "head.safetensors"  # a classifier directory's head (understand/classify.py)
+CLASSIFIER_MODEL = "model"  # a classifier directory's own fine-tuned model directory (setfit, finetune)
 
 FORMAT_VERSION = 2
 Kind = Literal["checkpoint", "model", "adapter"]
@@ -899,7 +901,7 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 __all__ = [
     "MANIFEST", "MODEL_FILE", "CONFIG_FILE", "TOKENIZER_FILE", "TOKENIZER_CONFIG", "SOURCE_FILE", "TRAINER_FILE",
     "TRAIN_STATE", "CHECKPOINTS", "LATEST", "METRICS_FILE", "EVENTS_FILE", "EVAL_RESULTS_FILE", "FAULTS_FIRED_FILE",
-    "QUICKSTART_FILE", "LAST_ERROR_FILE", "FORMAT_VERSION", "REQUIRED_FILES",
+    "QUICKSTART_FILE", "LAST_ERROR_FILE", "CLASSIFIER_HEAD", "CLASSIFIER_MODEL", "FORMAT_VERSION", "REQUIRED_FILES",
     "Manifest", "manifest_checksum", "write_manifest", "read_manifest", "verify_manifest",
     "checkpoint_name", "checkpoints_dir", "list_checkpoints", "checkpoint_step", "is_checkpoint_dir",
     "verify_checkpoint", "scan_checkpoints", "find_resume_checkpoint", "resolve_checkpoint", "read_config",

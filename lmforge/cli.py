@@ -300,6 +300,100 @@ def cmd_embed(args: argparse.Namespace) -> int:
                          strict=args.strict, overwrite=args.overwrite)
 
 
+# ---- classify ---------------------------------------------------------------------------------
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    if args.classify_cmd == "train":
+        from .understand.classify_train import train_command
+
+        train_command(args.model, args.examples, args.out, method=args.method, labels_file=args.labels,
+                      scorer=args.zero_shot_scorer, template=args.template, held_out=args.held_out,
+                      examples_per_class=args.examples_per_class, seed=args.seed, c=args.c,
+                      min_confidence=args.min_confidence, fallback=args.fallback, text_field=args.text_field,
+                      label_field=args.label_field, batch_size=args.batch_size, threads=args.threads,
+                      overwrite=args.overwrite)
+        return 0
+    if args.classify_cmd == "eval":
+        from .understand.classify_report import eval_command
+
+        eval_command(args.classifier, args.test, min_confidence=args.min_confidence, as_json=args.json,
+                     report=args.report, allow_unknown=args.allow_unknown_labels, model=args.model,
+                     text_field=args.text_field, label_field=args.label_field, batch_size=args.batch_size,
+                     threads=args.threads, overwrite=args.overwrite)
+        return 0
+    if args.classify_cmd == "predict":
+        from .understand.classify_report import predict_command
+
+        predict_command(args.classifier, args.input, args.out, min_confidence=args.min_confidence, model=args.model,
+                        text_field=args.text_field, id_field=args.id_field, batch_size=args.batch_size,
+                        chunk=args.chunk, threads=args.threads, overwrite=args.overwrite)
+        return 0
+    raise AssertionError(args.classify_cmd)
+
+
+def add_classify_arguments(p: argparse.ArgumentParser) -> None:
+    from .understand.classify import DEFAULT_FALLBACK, DEFAULT_TEMPLATE, METHODS, SCORERS
+
+    sub = p.add_subparsers(dest="classify_cmd", metavar="ACTION", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field / CSV column holding the text")
+    common.add_argument("--batch-size", type=R.positive_int(), default=32, help="texts per forward (sorted by length)")
+    common.add_argument("--threads", type=R.thread_count(), default=0, help="torch threads (0: all cores)")
+    common.add_argument("--overwrite", action="store_true", help="replace --out / --report if it exists")
+
+    t = sub.add_parser("train", parents=[common], help="labelled examples -> a classifier directory (clf/NAME)")
+    t.add_argument("model", help="embedding model: run directory (newest checkpoint), checkpoint or model directory")
+    t.add_argument("examples", nargs="?", help="labelled examples: .jsonl ({text, label} or {text, labels: [...]}) or "
+                   ".csv with a header (text,label); zero-shot: optional, then used only to calibrate")
+    t.add_argument("--out", required=True, help="classifier directory to write, e.g. clf/tickets")
+    t.add_argument("--method", choices=METHODS, default="head", help="head: logistic regression on frozen embeddings "
+                   "(default); zero-shot: label names only; setfit, finetune: train the model (docs/classify.md)")
+    t.add_argument("--labels", help="zero-shot: label file (.jsonl {label, description} or one 'name: description' "
+                   "per line)")
+    t.add_argument("--zero-shot-scorer", choices=SCORERS, default="embedding",
+                   help="zero-shot: embedding similarity (default) or the LM's likelihood of each label name")
+    t.add_argument("--template", type=R.Text(), default=DEFAULT_TEMPLATE, help="zero-shot lm scorer: the context, "
+                   "{text} for the text (default %(default)r)")
+    t.add_argument("--held-out", type=R.HELD_OUT, default=0.2, help="share of the examples held out to fit the "
+                   "temperature (default %(default)g)")
+    t.add_argument("--examples-per-class", type=R.positive_int(), help="keep only N examples of each label (fixed "
+                   "order by --seed)")
+    t.add_argument("--seed", type=R.any_int(), default=0, help="the held-out split and --examples-per-class choice")
+    t.add_argument("--c", type=R.positive_float(), default=1.0, help="head: inverse L2 strength, as scikit-learn's C "
+                   "(default 1)")
+    t.add_argument("--min-confidence", type=R.CONFIDENCE, default=0.0, help="recorded threshold: below it predict and "
+                   "serve route to --fallback (default 0: route nothing)")
+    t.add_argument("--fallback", type=R.Text(), default=DEFAULT_FALLBACK, help="where low-confidence items go "
+                   "(default %(default)s)")
+    t.add_argument("--label-field", type=R.Text(), default="label", help="JSONL field / CSV column of the label (its "
+                   "plural, e.g. labels, for multi-label)")
+    t.set_defaults(func=cmd_classify)
+
+    e = sub.add_parser("eval", parents=[common], help="accuracy, macro-F1, per class, confusion, ECE, coverage curve")
+    e.add_argument("classifier", help="classifier directory (clf/NAME)")
+    e.add_argument("test", help="labelled test file (.jsonl or .csv, as for train)")
+    e.add_argument("--min-confidence", type=R.CONFIDENCE, help="routing threshold to report (default: the recorded one)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--report", help="write a self-contained HTML report (charts, tables) here")
+    e.add_argument("--allow-unknown-labels", action="store_true", help="count test items whose label the classifier "
+                   "does not know as wrong instead of refusing the file")
+    e.add_argument("--model", help="the classifier's embedding model, when it moved (checked by checksum)")
+    e.add_argument("--label-field", type=R.Text(), default="label", help="JSONL field / CSV column of the label")
+    e.set_defaults(func=cmd_classify)
+
+    r = sub.add_parser("predict", parents=[common], help="texts -> labels, scores and routing, as JSONL (streamed)")
+    r.add_argument("classifier", help="classifier directory (clf/NAME)")
+    r.add_argument("input", help=".jsonl ({text, id?}), .csv (header with text) or a text file (one text per line)")
+    r.add_argument("--out", required=True, help="predictions JSONL to write")
+    r.add_argument("--min-confidence", type=R.CONFIDENCE, help="route below this confidence (default: the recorded one)")
+    r.add_argument("--model", help="the classifier's embedding model, when it moved (checked by checksum)")
+    r.add_argument("--id-field", type=R.Text(), default="id", help="JSONL field / CSV column of the id (else FILE:LINE)")
+    r.add_argument("--chunk", type=R.positive_int(), default=1024, help="texts read, scored and written at a time "
+                   "(bounds memory)")
+    r.set_defaults(func=cmd_classify)
+
+
 # ---- import / export ------------------------------------------------------------------------
 
 
@@ -612,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out (and its ids file) if they exist")
     p.set_defaults(func=cmd_embed)
 
+    p = sub.add_parser("classify", help="train / eval / predict: labels with calibrated confidence; unsure -> review")
+    add_classify_arguments(p)
+
     p = sub.add_parser("import", help="a Hugging Face Llama dir or a GGUF file -> an lmforge model directory")
     p.add_argument("source", help="local Hugging Face model directory (config.json + safetensors) or a .gguf file")
     p.add_argument("--out", required=True, help="model directory to write (model.safetensors, config.yaml, tokenizer.json)")
@@ -629,7 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    p.add_argument("path", help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("path", help="run directory (newest checkpoint), checkpoint or model directory, or a classifier "
+                   "directory (clf/NAME: its embedding model, plus POST /v1/classify)")
     p.add_argument("--host", type=R.Text(), help="address to bind (default: serve.host of the run's config, 127.0.0.1)")
     p.add_argument("--port", type=R.port(), help="port (default: serve.port, 8000)")
     p.add_argument("--api-key", type=R.Text(), help="required bearer key (visible in `ps`; prefer --api-key-file or $LMFORGE_API_KEY)")

@@ -10,6 +10,7 @@ the same app under uvicorn. The app is assembled from pieces that each do one jo
     bridge.py    engine thread <-> event loop: submit, events, deadlines, cancel on disconnect
     routes.py    one method per route: body -> engine requests -> events -> JSON or SSE
     embeddings.py  POST /v1/embeddings: a bounded worker beside the engine, vector encodings
+                 (POST /v1/classify runs on the same worker: `lmforge serve clf/NAME`)
     adapters.py  --adapter: many LoRA adapters on the one base, picked by the request's `model`
     protocol.py  the wire format: strict request bodies, errors, log-probs, response shapes
     chat.py      chat templates (Jinja sandbox; control tokens only from the template)
@@ -73,6 +74,7 @@ from .routes import Routes
 
 if TYPE_CHECKING:
     from ..artifacts import Loaded
+    from ..understand.classify import Classifier
     from ..understand.index.search import Searcher
 
 
@@ -117,10 +119,12 @@ def create_app(
     max_embed_inputs: int = 256,
     searcher: Searcher | None = None,
     adapters: AdapterSet | None = None,
+    classifier: Classifier | None = None,
 ) -> FastAPI:
     """The API over a loaded model (eval mode). The engine thread runs while the app does.
     `embed`: how /v1/embeddings pools (the model's config `embed:` section; default: its defaults).
     searcher: an index opened for this model (`open_index`); adds POST /v1/search.
+    classifier: a classifier over this same model (`load_classifier`), for POST /v1/classify.
     adapters: LoRA adapters installed in `model` (serve/adapters.py `open_adapters`), picked by name."""
     if max_tokens < 1 or not (math.isfinite(request_timeout) and request_timeout > 0) or max_body_bytes < 1:
         raise LmforgeError(f"--max-tokens, --request-timeout and --max-body-bytes must be positive, got "
@@ -135,7 +139,8 @@ def create_app(
     embed_worker = EmbedWorker(embedder, max_queue, request_timeout)
     routes = Routes(bridge, tokenizer, chat, metrics, model_name=model_name,
                     context=model.cfg.max_seq_len, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
-                    embed_worker=embed_worker, max_embed_inputs=max_embed_inputs, searcher=searcher, adapters=adapters)
+                    embed_worker=embed_worker, max_embed_inputs=max_embed_inputs, searcher=searcher,
+                    classifier=classifier, adapters=adapters)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -161,6 +166,7 @@ def create_app(
         ("POST", "/v1/completions", routes.completions),
         ("POST", "/v1/chat/completions", routes.chat_completions),
         ("POST", "/v1/embeddings", routes.embeddings),
+        ("POST", "/v1/classify", routes.classify),
         ("GET", "/health", routes.health),
         ("GET", "/v1/models", routes.models),
         ("POST", "/tokenize", routes.tokenize),
@@ -275,7 +281,8 @@ def serve_command(
     # The engine thread and the event loop share the GIL; a shorter switch interval keeps the
     # engine from waiting up to 5 ms for it each time the loop handles a token (docs/serve.md).
     sys.setswitchinterval(0.0005)
-    loaded = load_model(path)
+    classifier = load_classifier(path)
+    loaded = classifier.embedder.loaded if classifier is not None else load_model(path)
     searcher = open_index(index, loaded) if index is not None else None  # before the port: a wrong index fails at once
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
     template = template or tokenizer.chat_template  # a model directory's (or a fine-tune's origin's) recorded one
@@ -297,17 +304,18 @@ def serve_command(
                          chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
                          embed=cfg.embed,
                          max_embed_inputs=cfg.serve.max_embed_inputs if max_embed_inputs is None else max_embed_inputs,
-                         searcher=searcher, adapters=adapter_set)
+                         searcher=searcher, classifier=classifier, adapters=adapter_set)
         auth = "API key required" if key else "no API key"
         where = f"[{host}]" if ":" in host else host
         # Listening already (connections wait in the backlog until uvicorn accepts them), so the
         # URL works as soon as it is printed; its port is the real one, also for --port 0.
+        what = f"classifier {path} on {loaded.origin.path}, " if classifier is not None else ""
         searching = f", searching {index}" if index is not None else ""
         if adapter_set is not None:
             searching += (f", {len(adapter_set.entries)} LoRA adapter(s): {', '.join(list(adapter_set.entries)[:8])}"
                           f"{' ...' if len(adapter_set.entries) > 8 else ''} (up to {adapter_set.capacity} in memory)")
-        console.print(f"serving {name} ({loaded.origin.describe()}{searching}) at http://{where}:{sock.getsockname()[1]}/v1 "
-                      f"({auth}); Ctrl-C stops", markup=False)
+        console.print(f"serving {name} ({what}{loaded.origin.describe()}{searching}) at "
+                      f"http://{where}:{sock.getsockname()[1]}/v1 ({auth}); Ctrl-C stops", markup=False)
         server = _server(app, shutdown_grace)
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends like Ctrl-C, exit 0
         try:
@@ -320,6 +328,21 @@ def serve_command(
     if not server.started:  # uvicorn logged why (the lifespan failed)
         raise LmforgeError("the server did not start; see the error above")
     return 0
+
+
+def load_classifier(path: str) -> Classifier | None:
+    """The classifier of a classifier directory (clf/NAME), with its embedding model; None for any
+    other path. One whose scores need the evaluation scorer (zero-shot with --zero-shot-scorer lm)
+    is refused: the server does not import evaluate/."""
+    from ..understand.classify import Classifier, is_classifier_dir
+
+    if not is_classifier_dir(path):
+        return None
+    clf = Classifier.load(path)
+    if clf.spec.scorer == "lm":
+        raise LmforgeError(f"{path} is a zero-shot classifier with the lm scorer, which the server does not run; "
+                           "classify with `lmforge classify predict`, or train one with --zero-shot-scorer embedding")
+    return clf
 
 
 def _server(app: FastAPI, shutdown_grace: float) -> Any:

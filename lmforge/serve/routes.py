@@ -16,6 +16,9 @@ as OpenAI JSON or as server-sent events (`protocol`). `create_app` (api.py) regi
 - POST /v1/search (with --index): the index's best chunks for a query, with their spans; the
   search runs on the embedding worker (serve/embeddings.py), so it gets the same 429 / 503 as
   a generation when the server is full or closing.
+- POST /v1/classify: texts -> label, scores, confidence and routed flag from the classifier the
+  server was started with (`lmforge serve clf/NAME`; understand/classify.py), run on the embedding
+  worker's thread and queue (its backpressure: 429 beyond --max-queue), 404 on a plain model.
 - GET /v1/models, POST /tokenize (a text or a conversation), POST /detokenize, GET
   /tokenizer_info, GET /health, GET /metrics (Prometheus).
 - A stream is its chunks, then `data: [DONE]`; an error after the 200 went out (a timeout, an
@@ -54,11 +57,13 @@ from .chat import ChatTemplate, special_token
 from .embeddings import EmbedWorker, encode_vector, shorten
 from .engine import Finished, Prompt, Request, Token
 from .metrics import Metrics
-from .protocol import (DEFAULT_COMPLETION_TOKENS, SSE_DONE, ApiError, ChatBody, CompletionBody, DetokenizeBody,
-                       EmbeddingBody, GenerationBody, Scored, SearchBody, TokenizeBody, chat_logprobs, error_body, legacy_logprobs,
+from .protocol import (DEFAULT_COMPLETION_TOKENS, SSE_DONE, ApiError, ChatBody, ClassifyBody, CompletionBody,
+                       DetokenizeBody, EmbeddingBody, GenerationBody, Scored, SearchBody, TokenizeBody, chat_logprobs,
+                       error_body, legacy_logprobs,
                        prompt_scores, read_body, reply, sse, stop_strings, usage)
 
 if TYPE_CHECKING:
+    from ..understand.classify import Classifier
     from ..understand.index.search import Searcher
 
 
@@ -88,12 +93,14 @@ class Routes:
     def __init__(self, bridge: Bridge, tokenizer: Tokenizer, chat: ChatTemplate, metrics: Metrics, *,
                  model_name: str, context: int, max_tokens: int, max_body_bytes: int,
                  embed_worker: EmbedWorker | None = None, max_embed_inputs: int = 256,
-                 searcher: Searcher | None = None, adapters: AdapterSet | None = None) -> None:
+                 searcher: Searcher | None = None, classifier: Classifier | None = None,
+                 adapters: AdapterSet | None = None) -> None:
         self.bridge, self.tokenizer, self.chat, self.metrics = bridge, tokenizer, chat, metrics
         self.adapters = adapters
         self.searcher = searcher
         self.model_name, self.context, self.max_tokens, self.max_body_bytes = model_name, context, max_tokens, max_body_bytes
         self.embed_worker, self.max_embed_inputs = embed_worker, max_embed_inputs
+        self.classifier = classifier
         self.created = int(time.time())
         self.end_ids = tokenizer.end_ids  # EOS, and an instruct model's recorded end of turn (<|im_end|>)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: tokenizer.decode([i]))
@@ -272,6 +279,35 @@ class Routes:
                                     "shorten or split it", param=where)
             out.append(ids)
         return out
+
+    # ---- /v1/classify ----------------------------------------------------------------------------
+
+    async def classify(self, http: HttpRequest) -> Response:
+        body = await read_body(http, ClassifyBody, self.max_body_bytes)
+        clf, worker = self.classifier, self.embed_worker
+        if clf is None or worker is None:
+            raise ApiError(404, "this server has no classifier; start it on a classifier directory: lmforge serve clf/NAME")
+        if self.bridge.closing:
+            raise ApiError(503, "the server is shutting down; send the request to another server or retry after "
+                                "it restarts", kind="server_error")
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not texts:
+            raise ApiError(400, "input: empty; send a string or a list of strings", param="input")
+        if len(texts) > self.max_embed_inputs:
+            raise ApiError(400, f"input: {len(texts)} inputs is above this server's limit of {self.max_embed_inputs} "
+                                "per request (--max-embed-inputs); split the request", param="input")
+        for i, t in enumerate(texts):
+            if not t.strip():
+                where = "input" if isinstance(body.input, str) else f"input.{i}"
+                raise ApiError(400, f"{where}: empty text; there is nothing to classify", param=where)
+        start = time.monotonic()
+        self.metrics.requests.labels("classify").inc()
+        records = await worker.run(functools.partial(clf.predict, texts, min_confidence=body.min_confidence))
+        self.metrics.latency.labels("classify").observe(time.monotonic() - start)
+        n = sum(len(ids) for ids in self.tokenizer.encode_batch(texts))
+        return JSONResponse({"object": "list", "model": self.model_name,
+                             "data": [{"object": "classification", "index": i, **r} for i, r in enumerate(records)],
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
 
     # ---- /v1/search ----------------------------------------------------------------------------
 
