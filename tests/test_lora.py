@@ -189,6 +189,31 @@ def test_another_base_is_refused_naming_both_checksums(lora_run: Path, base: Pat
                                    overrides=(f"data.path={tiny_sft_dataset}", "data.seq_len=128")))
 
 
+def test_init_from_a_lora_run_continues_its_adapter_or_starts_from_it_merged(lora_run: Path, tiny_sft_dataset: Path,
+                                                                               tmp_path: Path) -> None:
+    from lmforge.config import load_config
+    from lmforge.train.loop import build
+    from lmforge.train.start import resolve_config
+
+    x = torch.tensor([[3, 17, 40, 2, 99, 5]])
+    with torch.no_grad():
+        expected = load_model(lora_run, device="cpu").model(x)
+
+    def built(*extra: str):
+        cfg = resolve_config(load_config("sft-lora-cpu", [f"init.from={lora_run}", f"data.path={tiny_sft_dataset}",
+                                                          "data.seq_len=128", "train.dtype=fp32", *extra]))
+        return build(cfg, tmp_path / f"run{len(list(tmp_path.iterdir()))}")
+
+    run = built("lora.rank=4")  # e.g. preference tuning after a LoRA SFT: the same adapter goes on training
+    assert run.lora_base["sha256"] == load_model(lora_run).origin.base_sha256
+    full = built("lora.rank=0")  # a full fine-tune starts from the adapter folded into the base
+    with torch.no_grad():
+        assert torch.allclose(run.model.eval()(x), expected, atol=1e-5)
+        assert torch.allclose(full.model.eval()(x), expected, atol=1e-4)
+    with pytest.raises(ConfigError, match="is a rank-4 LoRA adapter .* this run's is rank 8"):
+        built("lora.rank=8")
+
+
 # ---- export ------------------------------------------------------------------------------------------------
 
 
