@@ -189,6 +189,31 @@ def test_another_base_is_refused_naming_both_checksums(lora_run: Path, base: Pat
                                    overrides=(f"data.path={tiny_sft_dataset}", "data.seq_len=128")))
 
 
+def test_init_from_a_lora_run_continues_its_adapter_or_starts_from_it_merged(lora_run: Path, tiny_sft_dataset: Path,
+                                                                               tmp_path: Path) -> None:
+    from lmforge.config import load_config
+    from lmforge.train.loop import build
+    from lmforge.train.start import resolve_config
+
+    x = torch.tensor([[3, 17, 40, 2, 99, 5]])
+    with torch.no_grad():
+        expected = load_model(lora_run, device="cpu").model(x)
+
+    def built(*extra: str):
+        cfg = resolve_config(load_config("sft-lora-cpu", [f"init.from={lora_run}", f"data.path={tiny_sft_dataset}",
+                                                          "data.seq_len=128", "train.dtype=fp32", *extra]))
+        return build(cfg, tmp_path / f"run{len(list(tmp_path.iterdir()))}")
+
+    run = built("lora.rank=4")  # e.g. preference tuning after a LoRA SFT: the same adapter goes on training
+    assert run.lora_base["sha256"] == load_model(lora_run).origin.base_sha256
+    full = built("lora.rank=0")  # a full fine-tune starts from the adapter folded into the base
+    with torch.no_grad():
+        assert torch.allclose(run.model.eval()(x), expected, atol=1e-5)
+        assert torch.allclose(full.model.eval()(x), expected, atol=1e-4)
+    with pytest.raises(ConfigError, match="is a rank-4 LoRA adapter .* this run's is rank 8"):
+        built("lora.rank=8")
+
+
 # ---- export ------------------------------------------------------------------------------------------------
 
 
@@ -250,10 +275,10 @@ def adapters(base: Path, chat_tokenizer_dir: Path, tmp_path_factory) -> dict[str
 
 
 def chat_ids(tok: Tokenizer, text: str) -> list[int]:
-    from lmforge.serve.chat import ChatTemplate
-    from lmforge.serve.protocol import ChatMessage
+    """The prompt the server builds for one user message (the chat template, generation prompt)."""
+    from lmforge.chat import ChatTemplate
 
-    return ChatTemplate(tok, tok.chat_template).encode([ChatMessage(role="user", content=text)])
+    return tok.encode_template(ChatTemplate(tok, tok.chat_template).parts([{"role": "user", "content": text}]))
 
 
 QUESTIONS = ["What is 12 plus 7?", "What is 3 plus 40?", "And plus 4?", "What is 99 plus 1?"]
