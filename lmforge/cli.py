@@ -31,7 +31,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare
     from .threads import check_threads, cores, default_threads, measure_others
 
+    if args.sft and args.dpo:
+        raise LmforgeError("give --sft (examples) or --dpo (preference pairs), not both")
     workers = check_threads(args.workers) or default_threads(cores(), measure_others())
+    if args.dpo:
+        from .data.preferences import prepare_dpo
+
+        if not args.tokenizer:
+            raise LmforgeError("prepare --dpo needs --tokenizer: the model directory (or run) to tune, whose "
+                               "tokenizer and chat template render the pairs, e.g. --tokenizer runs/support")
+        if args.train_on_prompt:
+            raise LmforgeError("--train-on-prompt goes with --sft: DPO compares the completions, the prompt is their condition")
+        prepare_dpo(args.inputs, args.out, tokenizer=args.tokenizer, include=args.include, exclude=args.exclude,
+                    val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, workers=workers,
+                    overwrite=args.overwrite)
+        return 0
     if args.sft:
         from .data.sft import prepare_sft
 
@@ -565,10 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="files, directories (recursive) or .jsonl files")
     p.add_argument("--out", required=True, help="output dataset directory")
     p.add_argument("--vocab-size", type=VOCAB_SIZE, default=8192, help="BPE vocabulary size to train")
-    p.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one); with --sft a model "
+    p.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one); with --sft or --dpo a model "
                    "directory or run, whose chat template renders the examples")
     p.add_argument("--sft", action="store_true", help="fine-tuning examples (.jsonl: {text}, {messages} or {prompt, "
                    "completion}) with a loss mask: assistant turns trained, prompts not (docs/finetune.md)")
+    p.add_argument("--dpo", action="store_true", help="preference pairs (.jsonl: {prompt, chosen, rejected}) for "
+                   "train.objective dpo, rendered as --sft renders prompt/completion (docs/finetune.md)")
     p.add_argument("--train-on-prompt", action="store_true", help="with --sft: train on every token, prompts included")
     p.add_argument("--special-tokens", type=R.Text(), default="<|bos|>,<|eos|>,<|pad|>",
                    help="comma-separated special tokens of a trained tokenizer (must include <|bos|>, <|eos|>, <|pad|>)")

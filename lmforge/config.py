@@ -61,7 +61,7 @@ def valid(default: Any, rule: Rule) -> Any:
     return field(default=default, metadata={"valid": rule})
 # train.objective values: the objectives registered in train/objectives.py (REGISTRY; a test keeps
 # the two equal). Named here because config sits below train/ and validates at load time.
-OBJECTIVES = ("next_token",)
+OBJECTIVES = ("next_token", "dpo")
 POOLINGS = ("mean", "last", "weighted_mean")  # embed.pooling values (lmforge/understand/embed.py)
 # lora.target_modules values: the Linear layers of a block, by their Hugging Face Llama names (so a
 # PEFT adapter's target_modules mean the same layers; lmforge/lora.py)
@@ -159,7 +159,11 @@ class TrainConfig:
     parallel: str = valid("none", Choice(PARALLELS))
     deterministic_reduce: bool = False  # sum micro-batch gradients in a fixed order: bit-identical on any world size
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
-    objective: str = valid("next_token", Choice(OBJECTIVES))  # what the loss is (train/objectives.py): next_token (with the data's loss mask)
+    # what the loss is (train/objectives.py): next_token (with the data's loss mask), or dpo (preference pairs
+    # from `prepare --dpo`, against the frozen init.from weights as the reference)
+    objective: str = valid("next_token", Choice(OBJECTIVES))
+    # dpo: how far the policy may move from the reference (the beta of DPO's loss): larger keeps it closer
+    dpo_beta: float = valid(0.1, positive_float())
 
 
 @dataclass

@@ -227,9 +227,9 @@ def _planned_minutes(plan_file: Path) -> float | None:
 
 def _val_loss(model: torch.nn.Module, cfg: Config) -> float:
     from .train.loop import val_batches
-    from .train.objectives import get_objective, validation_loss
+    from .train.objectives import make_objective, validation_loss
 
-    return validation_loss(model, get_objective(cfg.train.objective), val_batches(cfg, cfg.train.micro_batch,
+    return validation_loss(model, make_objective(cfg.train), val_batches(cfg, cfg.train.micro_batch,
                            cfg.train.eval_batches), dtype=cfg.train.dtype)
 
 

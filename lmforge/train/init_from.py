@@ -10,6 +10,14 @@ different words.
 
 Only a fresh run loads the weights (step 0, a fresh optimizer); a run that resumes loads its own
 checkpoint, and `init.from` is then only checked (its config and tokenizer must still be readable).
+
+The DPO reference (train/objectives.py) is the weights a run started from. A fresh run copies them
+as it loads them; every checkpoint records where they came from (`reference_record`: the resolved
+directory, absolute, and the sha256 of its model.safetensors), and a resume re-derives them
+(`load_reference`): from `init.from` as configured now when its weights still have that sha256
+(a model directory; a source run that has not moved on), else from the exact checkpoint or model
+directory recorded. The sha256 makes the reference of a resumed run the one it started with, bit
+for bit, or the resume is refused: a reference that changed would make a different run.
 A run directory given as the source is resolved twice, once by the check and once by the load (each
 verifies the checksums): a source run that checkpoints meanwhile gives the newer weights, which the
 check's shape and tokenizer rules still fit.
@@ -116,3 +124,32 @@ def load_lora_init(model: torch.nn.Module, cfg: Config) -> tuple[Origin, Path, d
     console.print(f"LoRA rank {cfg.lora.rank} on {parts.base.path}, frozen; adapter from {origin.path} ({origin.describe()})")
     facts = origin.path if origin.kind == "checkpoint" else parts.base.path
     return parts.base, facts, _record(origin)
+
+
+def reference_record(origin: Origin) -> dict[str, Any]:
+    """What a checkpoint records about a DPO run's reference weights (module docstring)."""
+    return {"path": str(origin.path.resolve()), "model_sha256": origin.model_sha256}
+
+
+def load_reference(record: dict[str, Any], cfg: Config) -> torch.nn.Module:
+    """A DPO run's reference weights, re-derived from `init.from` or the recorded directory,
+    whichever has the recorded sha256 (module docstring), as a new model on the CPU."""
+    from ..model import Transformer
+
+    want, tried = record["model_sha256"], []
+    for path in dict.fromkeys(p for p in (cfg.init.from_, record["path"]) if p):
+        try:
+            origin = resolve_origin(path)
+        except CheckpointError as e:
+            tried.append(str(e))
+            continue
+        if origin.model_sha256 == want:
+            reference = Transformer(cfg.model)
+            load_model(origin.path, into=reference)
+            console.print(f"DPO reference: the weights of {origin.path} ({origin.describe()})")
+            return reference
+        tried.append(f"{origin.path} now holds other weights (sha256 {origin.model_sha256[:12]}…)")
+    raise CheckpointError(
+        f"cannot resume: this DPO run's reference, the weights it started from (model.safetensors sha256 {want[:12]}…, "
+        f"from {record['path']}), is not found ({'; '.join(tried)}); restore that directory, or start a new run"
+    )

@@ -38,6 +38,7 @@ rollback and broadcasts the plan.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -61,7 +62,7 @@ from ..util import console, default_device, warn
 from . import checkpoint as ckpt_io
 from . import distributed, guard, records
 from .distributed import SINGLE, Dist
-from .objectives import NextToken, Objective, get_objective, validation_loss
+from .objectives import AdaptersOff, FrozenCopy, NextToken, Objective, make_objective, validation
 from .optim import build_optimizer, lr_at
 from .records import failure_recorded, finish, log_event, log_metrics
 
@@ -179,6 +180,7 @@ class Run:
     non_finite_step: int | None = None  # guard off: the first step of this start whose loss or grad norm was not finite
     objective: Objective = field(default_factory=NextToken)  # train.objective (train/objectives.py)
     lora_base: dict[str, str] | None = None  # a LoRA run: its frozen base (artifacts.base_record), in every checkpoint
+    reference: dict[str, Any] | None = None  # DPO: where the reference weights came from (init_from.reference_record)
 
     @property
     def resumed(self) -> bool:
@@ -188,7 +190,7 @@ class Run:
     def trainer_state(self) -> dict[str, Any]:
         """What trainer.json records besides weights and optimizer (see checkpoint.py)."""
         return {"tokens": self.tokens, "loader": self.loader.state_dict(), "guard": self.guard.to_dict(),
-                "lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
+                "lr_scale": self.lr_scale, "rollbacks": self.rollbacks} | ({"reference": self.reference} if self.reference else {})
 
 
 def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Dist = SINGLE) -> Run:
@@ -202,10 +204,12 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
 
     if cfg.train.dtype not in ("fp32", "bf16"):
         raise ValueError(f"build() needs a resolved train.dtype, got {cfg.train.dtype!r}: start.plan_start resolves auto")
+    dpo = cfg.train.objective == "dpo"  # a reference, and two sequences (chosen, rejected) per sample
     # before anything is allocated: weights, gradients, AdamW state and logits on the training device (LoRA: the
-    # weights alone; its adapter and optimizer state are small)
-    check_memory(cfg.model, device(), micro_batch=0 if cfg.lora.rank else cfg.train.micro_batch, seq_len=cfg.data.seq_len,
-                 shards=d.world if cfg.train.parallel == "fsdp" else 1,
+    # weights alone; its adapter and optimizer state are small; DPO without LoRA: a frozen reference copy too)
+    check_memory(cfg.model, device(), micro_batch=0 if cfg.lora.rank else cfg.train.micro_batch * (2 if dpo else 1),
+                 seq_len=cfg.data.seq_len, shards=d.world if cfg.train.parallel == "fsdp" else 1,
+                 reference=dpo and not cfg.lora.rank,
                  fix="model.n_layer, model.d_model, model.d_ff, model.vocab_size or train.micro_batch")
     # Powers of two only: other thread counts change the numbers (lmforge/threads.py)
     if d.world == 1:  # train.threads (at most this machine's cores), or 0: the cores others leave free
@@ -219,6 +223,7 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     init_origin = None
     fresh = from_checkpoint is None and not artifacts.list_checkpoints(run_dir)
     lora_base = None
+    reference, reference_model = None, None  # DPO on full weights: where the reference came from, and the weights
     if cfg.lora.rank:  # the frozen base on every start (checkpoints hold the adapter alone), then the adapter
         from .init_from import load_lora_init
 
@@ -227,14 +232,18 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
         if fresh:
             facts_from, init_origin = facts_dir, record
     elif cfg.init.from_ and fresh:  # pretrained weights (step 0, fresh optimizer)
-        from .init_from import load_init, origin_record
+        from .init_from import load_init, origin_record, reference_record
 
         loaded = load_init(model, cfg)
         facts_from, init_origin = loaded.origin.path, origin_record(loaded)
+        if dpo:  # the starting weights, copied before any step (and before FSDP shards them)
+            reference, reference_model = reference_record(loaded.origin), copy.deepcopy(model)
+            console.print("DPO reference: the same weights, frozen")
     forward_model = distributed.wrap(model, cfg.train, d)  # DDP wrapper, or model itself (FSDP2 shards in place)
     optimizer = build_optimizer(model, cfg.train)  # after FSDP: over the sharded parameters
     run = Run(cfg, run_dir, model, optimizer, loader, Path(loader.source.dataset.tokenizer_path), dist=d,
-              init_origin=init_origin, objective=get_objective(cfg.train.objective), lora_base=lora_base)
+              init_origin=init_origin, objective=make_objective(cfg.train) if not dpo else NEXT_TOKEN,  # DPO's: below
+              lora_base=lora_base)
     # rank 0 verifies (hashes) the checkpoints; every rank resumes from the one it chose
     ckpt, damaged = d.broadcast_object(artifacts.scan_checkpoints(run_dir) if d.is_main else None)
     for path, problems in damaged:  # one warning and one event per damaged checkpoint
@@ -247,6 +256,15 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     if ckpt is not None and from_checkpoint is not None:
         raise ConfigError(f"--from starts a new run, but {run_dir} already has checkpoints; choose a new --run-dir")
     source = ckpt or from_checkpoint
+    if dpo and cfg.lora.rank:  # the reference is the frozen base: the policy with its adapters off, no second copy
+        run.objective = make_objective(cfg.train, reference=AdaptersOff())
+    elif dpo:
+        if source is not None:  # before _load_state, which restores the RNG states (building a model draws from them)
+            reference, reference_model = _recorded_reference(cfg, source, branch=ckpt is None)
+        if reference_model is None:
+            raise ConfigError("train.objective=dpo needs the model to tune: set init.from (its weights are also the frozen reference)")
+        run.reference = reference
+        run.objective = make_objective(cfg.train, reference=FrozenCopy(reference_model.to(device())))
     if source is not None:
         _check_lora_base(run, source)
         state = _load_state(run, source, branch=ckpt is None)
@@ -263,16 +281,34 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     return run
 
 
+def _recorded_reference(cfg: Config, source: Path, branch: bool) -> tuple[dict[str, Any], torch.nn.Module]:
+    """The DPO reference of a run that resumes from (or branches off) checkpoint `source`: the one
+    its trainer.json records (init_from.load_reference re-derives the weights), or for a branch off
+    a run that had none (e.g. an SFT run), the branched checkpoint's own weights."""
+    from .init_from import load_reference, reference_record
+
+    record = artifacts.read_trainer_state(source).get("reference")
+    if record is None:
+        if not branch:
+            raise CheckpointError(f"{source} records no DPO reference (was the run trained with train.objective=dpo?)")
+        record = reference_record(artifacts.resolve_origin(source))
+    return record, load_reference(record, cfg)
+
+
 def make_loader(cfg: Config, d: Dist = SINGLE) -> Any:
     """This rank's loader of the run's data (data/loader.py chooses the source: token windows, or
     rows of whole conversations for SFT data); says once what the rows leave out."""
-    from ..data.loader import DocumentRows, Loader
+    from ..data.loader import DocumentRows, Loader, PreferencePairs
 
     loader = Loader(cfg.data.path, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch, seed=cfg.data.seed,
                     rank=d.rank, world=d.world, document_mask=cfg.data.document_mask, packing=cfg.data.packing)
     src = loader.source
     if isinstance(src, DocumentRows) and src.dropped and d.is_main:
         warn(f"{src.dropped} of {src.n_documents} examples in {cfg.data.path} are longer than data.seq_len + 1 = "
+             f"{cfg.data.seq_len + 1} tokens (the longest: {src.longest}) and are left out, never cut; raise "
+             "data.seq_len to train on them")
+    if isinstance(src, PreferencePairs) and src.dropped and d.is_main:
+        warn(f"{src.dropped} of {src.n_pairs} pairs in {cfg.data.path} have a sequence longer than data.seq_len + 1 = "
              f"{cfg.data.seq_len + 1} tokens (the longest: {src.longest}) and are left out, never cut; raise "
              "data.seq_len to train on them")
     return loader
@@ -341,9 +377,11 @@ def train(run: Run) -> int:
     records.open_store(run)
     records.record_start(run)
     accum = distributed.micro_batches_per_rank(t.global_batch, t.micro_batch, d.world)
-    tokens_per_step = t.global_batch * cfg.data.seq_len
+    # DPO: a sample is two sequences, and each also goes through the reference's forward (a third of a step's FLOPs)
+    dpo = t.objective == "dpo"
+    tokens_per_step = t.global_batch * cfg.data.seq_len * (2 if dpo else 1)
     dev = device()
-    flops_per_token, peak = model_flops(cfg.model, cfg.data.seq_len), peak_flops(dev, t.dtype)
+    flops_per_token, peak = model_flops(cfg.model, cfg.data.seq_len) * (4 / 3 if dpo else 1), peak_flops(dev, t.dtype)
     if peak:
         log_event(run, "mfu_peak", {"peak_flops": peak, "device": str(dev), "dtype": t.dtype,
                                     "source": "datasheet" if dev.type == "cuda" else "measured matmul rate"})
@@ -396,9 +434,9 @@ def train(run: Run) -> int:
                                   **perf, **result.metrics})
                 progress.update(run.step, result.loss, rate)
             if t.eval_every and (run.step % t.eval_every == 0 or run.step == t.max_steps):
-                vl = validation_loss(run.model, run.objective, val_batches(cfg, t.micro_batch, t.eval_batches), dtype=t.dtype)
-                log_metrics(run, {"val_loss": vl})
-                progress.note(f"step {run.step}: val_loss {vl:.4f}")
+                val = validation(run.model, run.objective, val_batches(cfg, t.micro_batch, t.eval_batches), dtype=t.dtype)
+                log_metrics(run, {f"val_{k}": v for k, v in val.items()})  # val_loss, and the objective's metrics
+                progress.note(f"step {run.step}: " + ", ".join(f"val_{k} {v:.4f}" for k, v in val.items()))
             due = (t.ckpt_every_steps and run.step % t.ckpt_every_steps == 0) or (
                 t.ckpt_every_minutes and time.monotonic() - last_ckpt_time >= 60 * t.ckpt_every_minutes
             )

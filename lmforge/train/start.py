@@ -167,6 +167,9 @@ def plan_start(request: StartRequest, d: Dist = SINGLE, *, device: torch.device 
     if resume:
         _check_data_path_on_resume(cfg, rd)
     cfg = resolve_config(cfg)
+    if cfg.train.objective == "dpo" and not (cfg.init.from_ or resume or branch):
+        raise ConfigError("train.objective=dpo needs the model to tune: set init.from (its weights are also the frozen "
+                          "reference), e.g. --set init.from=runs/support")
     if branch is not None:
         check_branch_model(cfg, branch)
     before = load_config(saved) if resume and saved.is_file() else None
@@ -232,9 +235,13 @@ def resolve_config(cfg: Config) -> Config:
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the dataset's tokenizer ({vocab} tokens); "
             f"set model.vocab_size to 0 (automatic) or >= {vocab}"
         )
+    check_objective_data(cfg, ds.kind)
     from ..data.loader import open_source
 
     if open_source(ds, seq_len=cfg.data.seq_len, document_mask=cfg.data.document_mask, packing=cfg.data.packing).n_samples < 1:
+        if ds.kind == "dpo":
+            raise DataError(f"{cfg.data.path}: no pair of the train split fits data.seq_len + 1 = {cfg.data.seq_len + 1} "
+                            "tokens; raise data.seq_len")
         if ds.kind == "sft":
             raise DataError(f"{cfg.data.path}: no example of the train split fits data.seq_len + 1 = {cfg.data.seq_len + 1} "
                             "tokens; raise data.seq_len")
@@ -242,6 +249,18 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.train.eval_every:
         check_val_split(cfg)
     return cfg
+
+
+def check_objective_data(cfg: Config, kind: str) -> None:
+    """Preference pairs (`prepare --dpo`) go with train.objective dpo, and only they."""
+    if (cfg.train.objective == "dpo") == (kind == "dpo"):
+        return
+    if kind == "dpo":
+        raise ConfigError(f"data.path {cfg.data.path} holds preference pairs (prepare --dpo): train them with "
+                          f"train.objective=dpo (configs/dpo-cpu.yaml), not {cfg.train.objective}")
+    raise ConfigError(f"train.objective=dpo trains on preference pairs, but data.path {cfg.data.path} holds "
+                      f"{'SFT examples' if kind == 'sft' else 'a text corpus'}; prepare pairs with "
+                      "`lmforge prepare PAIRS.jsonl --dpo --tokenizer MODEL --out DATA`")
 
 
 def check_val_split(cfg: Config) -> None:
