@@ -51,7 +51,7 @@ import torch
 
 from .. import artifacts
 from ..config import Config
-from ..errors import CheckpointError, ConfigError, LmforgeError
+from ..errors import CheckpointError, ConfigError, DataError, LmforgeError
 from ..data.loader import Batch
 from ..hardware import peak_flops
 from ..model import autocast
@@ -218,8 +218,8 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
         facts_from, init_origin = loaded.origin.path, origin_record(loaded)
     forward_model = distributed.wrap(model, cfg.train, d)  # DDP wrapper, or model itself (FSDP2 shards in place)
     optimizer = build_optimizer(model, cfg.train)  # after FSDP: over the sharded parameters
-    run = Run(cfg, run_dir, model, optimizer, loader, Path(loader.source.dataset.tokenizer_path), dist=d,
-              init_origin=init_origin, objective=get_objective(cfg.train.objective))
+    run = Run(cfg, run_dir, model, optimizer, loader, tokenizer_path(cfg), dist=d,
+              init_origin=init_origin, objective=get_objective(cfg.train.objective, cfg))
     # rank 0 verifies (hashes) the checkpoints; every rank resumes from the one it chose
     ckpt, damaged = d.broadcast_object(artifacts.scan_checkpoints(run_dir) if d.is_main else None)
     for path, problems in damaged:  # one warning and one event per damaged checkpoint
@@ -248,18 +248,59 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
 
 
 def make_loader(cfg: Config, d: Dist = SINGLE) -> Any:
-    """This rank's loader of the run's data (data/loader.py chooses the source: token windows, or
-    rows of whole conversations for SFT data); says once what the rows leave out."""
+    """This rank's loader of the run's data (`data_source`: token windows, rows of whole
+    conversations for SFT data, pairs for the contrastive objective); says once what it leaves out."""
     from ..data.loader import DocumentRows, Loader
+    from ..data.pairs import DocumentSpans, PairRecords
 
-    loader = Loader(cfg.data.path, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch, seed=cfg.data.seed,
-                    rank=d.rank, world=d.world, document_mask=cfg.data.document_mask, packing=cfg.data.packing)
-    src = loader.source
-    if isinstance(src, DocumentRows) and src.dropped and d.is_main:
+    src = data_source(cfg)
+    loader = Loader(src, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch, seed=cfg.data.seed,
+                    rank=d.rank, world=d.world)
+    if d.is_main and isinstance(src, DocumentRows) and src.dropped:
         warn(f"{src.dropped} of {src.n_documents} examples in {cfg.data.path} are longer than data.seq_len + 1 = "
              f"{cfg.data.seq_len + 1} tokens (the longest: {src.longest}) and are left out, never cut; raise "
              "data.seq_len to train on them")
+    if d.is_main and isinstance(src, PairRecords) and src.cut:
+        console.print(f"note: {src.cut} text(s) of {cfg.data.pairs} reach data.seq_len = {cfg.data.seq_len} tokens "
+                      "and may be cut to it")
+    if d.is_main and isinstance(src, DocumentSpans) and src.dropped:
+        console.print(f"note: {src.dropped} of {src.n_documents} documents of {cfg.data.path} are too short for two "
+                      "spans and are left out")
     return loader
+
+
+def data_source(cfg: Config, split: str = "train") -> Any:
+    """The samples of the run's `split` (a data/loader.py Source): for the contrastive objective,
+    pairs (data/pairs.py: the JSONL data.pairs, else two spans of each document of data.path, with
+    the embed prefixes); otherwise the prepared dataset's windows or rows (`open_source`)."""
+    from ..data.loader import open_source
+
+    if cfg.train.objective != "contrastive":
+        return open_source(cfg.data.path, split, seq_len=cfg.data.seq_len, document_mask=cfg.data.document_mask,
+                           packing=cfg.data.packing)
+    from ..data.pairs import DocumentSpans, PairRecords
+    from ..tokenizer import Tokenizer
+
+    tok, e = Tokenizer.load(tokenizer_path(cfg)), cfg.embed
+    if cfg.data.pairs:
+        return PairRecords(cfg.data.pairs, tok, max_len=cfg.data.seq_len, split=split,
+                           val_fraction=cfg.data.pairs_val_fraction, fields=cfg.data.pair_fields,
+                           query_prefix=e.query_prefix, document_prefix=e.document_prefix)
+    return DocumentSpans(cfg.data.path, split, max_len=cfg.data.seq_len, seed=cfg.data.seed, tokenizer=tok,
+                         query_prefix=e.query_prefix, document_prefix=e.document_prefix)
+
+
+def tokenizer_path(cfg: Config) -> Path:
+    """The run's tokenizer.json: its prepared dataset's (data.path), else (pairs from data.pairs)
+    init.from's, which tokenizes them."""
+    if cfg.data.path:
+        from ..data.manifest import read_manifest
+
+        return Path(cfg.data.path) / read_manifest(cfg.data.path)["tokenizer"]
+    if not cfg.init.from_:
+        raise ConfigError("data.pairs are tokenized with the model's tokenizer: set init.from to the model to train "
+                          "(a run, checkpoint or model directory)")
+    return artifacts.resolve_origin(cfg.init.from_).path / artifacts.TOKENIZER_FILE
 
 
 def _tokenizer_facts(source: Path, tokenizer_path: Path) -> dict[str, Any]:
@@ -308,7 +349,6 @@ def train(run: Run) -> int:
     records.open_store(run)
     records.record_start(run)
     accum = distributed.micro_batches_per_rank(t.global_batch, t.micro_batch, d.world)
-    tokens_per_step = t.global_batch * cfg.data.seq_len
     dev = device()
     flops_per_token, peak = model_flops(cfg.model, cfg.data.seq_len), peak_flops(dev, t.dtype)
     if peak:
@@ -326,6 +366,7 @@ def train(run: Run) -> int:
     with stop, progress, failure_recorded(run):
         while run.step < t.max_steps:
             data_step = run.loader.step
+            tokens_per_step = run.loader.tokens(data_step)  # of the global batch: global_batch x seq_len for windows
             micro = split_micro(run.loader.next(), t.micro_batch, dev)  # this rank's share, global_batch // world rows
             assert len(micro) == accum
             lr = lr_at(run.step, t) * run.lr_scale
@@ -411,12 +452,21 @@ def split_micro(batch: Batch, micro_batch: int, dev: torch.device) -> list[Batch
 
 def val_batches(cfg: Config, batch_size: int, max_batches: int | None) -> Any:
     """The run's validation batches: the val split read as the train split is (same source kind,
-    document masking and packing), in order; max_batches None or 0 reads them all (as
-    train.eval_batches 0 and `lmforge eval --max-batches 0` mean)."""
+    document masking and packing; pairs for the contrastive objective), in order; max_batches None
+    or 0 reads them all (as train.eval_batches 0 and `lmforge eval --max-batches 0` mean)."""
+    from ..data.loader import in_order
     from ..data.loader import val_batches as batches
 
-    return batches(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=batch_size, max_batches=max_batches or None,
-                   document_mask=cfg.data.document_mask, packing=cfg.data.packing)
+    if cfg.train.objective != "contrastive":
+        return batches(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=batch_size, max_batches=max_batches or None,
+                       document_mask=cfg.data.document_mask, packing=cfg.data.packing)
+    source = data_source(cfg, "val")
+    if source.n_samples < 1:
+        where = (f"no pair of {cfg.data.pairs} falls in the val split (data.pairs_val_fraction = "
+                 f"{cfg.data.pairs_val_fraction}); raise it" if cfg.data.pairs else
+                 f"the val split of {cfg.data.path} has no document long enough for two spans; prepare with a larger --val-fraction")
+        raise DataError(f"{where}, or train without validation: --set train.eval_every=0")
+    return in_order(source, batch_size, max_batches or None)
 
 
 def seed_everything(seed: int) -> None:

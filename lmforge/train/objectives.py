@@ -6,6 +6,8 @@ The interface (for a new objective, e.g. contrastive, classification, DPO):
 
     class MyObjective:
         name = "my_objective"                               # train.objective (config.OBJECTIVES too)
+        @classmethod
+        def from_config(cls, cfg: Config) -> MyObjective: ...  # its settings from the run's config
         def units(self, batch: Batch) -> int: ...           # what the loss averages over, before forward
         def loss(self, model, batch: Batch) -> LossOut: ...
 
@@ -30,6 +32,18 @@ The interface (for a new objective, e.g. contrastive, classification, DPO):
 
 `validation_loss` is the objective's mean loss over batches of held-out data (the trainer's
 `val_loss`): for next-token with a loss mask that is the loss on trained (completion) tokens only.
+
+Contrastive (embeddings; docs/embeddings.md): a batch of pairs (data/pairs.py) is embedded with the
+pooling of the run's `embed:` section (`understand/embed.pool`, the function inference uses, so
+training and `lmforge embed` cannot drift apart), and each query is scored against every positive
+(and hard negative) of its micro batch: InfoNCE / multiple-negatives ranking loss, cross-entropy
+over cosine similarities / temperature with the query's own positive as the target. The in-batch
+negatives are those of the micro batch, so `train.micro_batch` decides how many negatives a query
+sees (micro_batch - 1 positives of others, plus micro_batch hard negatives when the data has them);
+a global batch of several micro batches (and ranks) averages their losses per pair. The micro
+batches of a global batch are the same on any world size, so deterministic_reduce stays
+bit-identical to one process. Units are pairs; `in_batch_accuracy` is the share of queries whose
+own positive scores highest.
 """
 
 from __future__ import annotations
@@ -42,9 +56,11 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from ..config import Config
 from ..data.loader import IGNORE, Batch, scored_targets
 from ..errors import ConfigError
 from ..model import autocast, document_attention
+from ..understand.embed import Pooling, padding_masks, pool
 
 
 @dataclass
@@ -85,6 +101,10 @@ class NextToken:
 
     name = "next_token"
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> NextToken:
+        return cls()
+
     def units(self, batch: Batch) -> int:
         if "loss_mask" in batch:
             return int(batch["loss_mask"].sum())
@@ -101,14 +121,52 @@ class NextToken:
         return LossOut(total, int(batch["loss_mask"].sum()))
 
 
-REGISTRY: dict[str, type] = {NextToken.name: NextToken}
+class Contrastive:
+    """In-batch negatives InfoNCE over (query, positive[, negative]) batches (module docstring)."""
+
+    name = "contrastive"
+
+    def __init__(self, temperature: float = 0.05, pooling: Pooling | None = None) -> None:
+        self.temperature = temperature
+        self.pooling = pooling or Pooling()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Contrastive:
+        return cls(cfg.train.contrastive_temperature, Pooling.from_config(cfg.embed))
+
+    def units(self, batch: Batch) -> int:
+        return int(batch["query"].shape[0])
+
+    def embed(self, model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, W) right-padded ids, (B,) lengths -> (B, C) unit vectors, as the Embedder pools them."""
+        T = int(lengths.max())
+        mask, attn = padding_masks(lengths, T, self.pooling.bidirectional)
+        hidden = model(ids[:, :T], attn_mask=attn, hidden=True)  # (B, T, C); through a DDP wrapper's forward
+        return F.normalize(pool(hidden, mask, self.pooling.method), dim=-1)  # (B, C) fp32
+
+    def scores(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """(B, B) or (B, 2B) fp32 logits: query i against every positive (then every negative) / temperature."""
+        q = self.embed(model, batch["query"], batch["query_lengths"])
+        docs = [self.embed(model, batch[part], batch[f"{part}_lengths"]) for part in ("positive", "negative") if part in batch]
+        return q @ torch.cat(docs).T / self.temperature
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> LossOut:
+        logits = self.scores(model, batch)
+        target = torch.arange(logits.shape[0], device=logits.device)  # query i's positive is column i
+        total = F.cross_entropy(logits, target, reduction="sum")
+        hits = (logits.argmax(dim=1) == target).sum().float()
+        return LossOut(total, logits.shape[0], {"in_batch_accuracy": hits.detach()})
 
 
-def get_objective(name: str) -> Objective:
-    """The registered objective `name` (config validation names the nearest one for a typo)."""
+REGISTRY: dict[str, type] = {NextToken.name: NextToken, Contrastive.name: Contrastive}
+
+
+def get_objective(name: str, cfg: Config | None = None) -> Objective:
+    """The registered objective `name`, set up from `cfg` (its temperature, pooling, ...; the
+    defaults without one). Config validation names the nearest objective for a typo."""
     if name not in REGISTRY:
         raise ConfigError(f"train.objective: unknown objective {name!r} (valid: {', '.join(REGISTRY)})")
-    return REGISTRY[name]()
+    return REGISTRY[name].from_config(cfg if cfg is not None else Config())
 
 
 @torch.no_grad()
@@ -130,4 +188,4 @@ def validation_loss(model: torch.nn.Module, objective: Objective, batches: Itera
     return total / count if count else math.nan
 
 
-__all__ = ["LossOut", "Objective", "NextToken", "REGISTRY", "get_objective", "validation_loss", "model_inputs"]
+__all__ = ["LossOut", "Objective", "NextToken", "Contrastive", "REGISTRY", "get_objective", "validation_loss", "model_inputs"]
