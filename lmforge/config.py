@@ -61,7 +61,7 @@ def valid(default: Any, rule: Rule) -> Any:
     return field(default=default, metadata={"valid": rule})
 # train.objective values: the objectives registered in train/objectives.py (REGISTRY; a test keeps
 # the two equal). Named here because config sits below train/ and validates at load time.
-OBJECTIVES = ("next_token", "dpo")
+OBJECTIVES = ("next_token", "dpo", "contrastive")
 POOLINGS = ("mean", "last", "weighted_mean")  # embed.pooling values (lmforge/understand/embed.py)
 # lora.target_modules values: the Linear layers of a block, by their Hugging Face Llama names (so a
 # PEFT adapter's target_modules mean the same layers; lmforge/lora.py)
@@ -117,6 +117,13 @@ class DataConfig:
     # conversations never see each other. auto: on for SFT data (prepare --sft), off for pretraining
     document_mask: Literal["auto", "true", "false"] = valid("auto", Choice(("auto", "true", "false")))
     packing: bool = True  # SFT data: several whole conversations per row; false: one per row, padded
+    # train.objective contrastive: a JSONL of pairs (docs/embeddings.md), tokenized with init.from's tokenizer and
+    # cut to data.seq_len tokens each; empty: the pairs are two random spans of each document of data.path
+    pairs: str = ""
+    # data.pairs: the record fields of the query, its positive and (optional, in every record or none) a hard negative
+    pair_fields: list[str] = field(default_factory=lambda: ["query", "positive", "negative"])
+    # data.pairs: the share of pairs held out for val_loss (chosen by a hash of each pair's text)
+    pairs_val_fraction: float = valid(0.05, fraction(hi_open=True))
 
 
 @dataclass
@@ -159,11 +166,14 @@ class TrainConfig:
     parallel: str = valid("none", Choice(PARALLELS))
     deterministic_reduce: bool = False  # sum micro-batch gradients in a fixed order: bit-identical on any world size
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
-    # what the loss is (train/objectives.py): next_token (with the data's loss mask), or dpo (preference pairs
-    # from `prepare --dpo`, against the frozen init.from weights as the reference)
+    # what the loss is (train/objectives.py): next_token (with the data's loss mask) | dpo (preference pairs
+    # from `prepare --dpo`, against the frozen init.from weights as the reference) | contrastive (embeddings:
+    # in-batch negatives, docs/embeddings.md)
     objective: str = valid("next_token", Choice(OBJECTIVES))
     # dpo: how far the policy may move from the reference (the beta of DPO's loss): larger keeps it closer
     dpo_beta: float = valid(0.1, positive_float())
+    # contrastive: similarities (cosines) are divided by this before the softmax; lower is sharper
+    contrastive_temperature: float = valid(0.05, positive_float(hi=10.0))
 
 
 @dataclass
@@ -337,6 +347,18 @@ class Config:
         if self.lora.rank and t.parallel == "fsdp":
             raise ConfigError("LoRA (lora.rank > 0) trains a few small matrices on a frozen base: use train.parallel=ddp "
                               "(or none); FSDP shards weights that LoRA never updates")
+        if d.pairs and t.objective != "contrastive":
+            raise ConfigError(f"data.pairs ({d.pairs}) is read by train.objective=contrastive only (it is {t.objective}); "
+                              "set train.objective=contrastive, or data.pairs to ''")
+        if t.objective == "contrastive":
+            if d.pairs and d.path:
+                raise ConfigError(f"data.pairs ({d.pairs}) and data.path ({d.path}) are both set: the contrastive stage "
+                                  "reads one (a JSONL of pairs, or the documents of a prepared dataset); set the other to ''")
+            if not self.embed.normalize:
+                raise ConfigError("train.objective=contrastive trains cosine similarities: set embed.normalize=true")
+        if not 2 <= len(d.pair_fields) <= 3 or len(set(d.pair_fields)) != len(d.pair_fields) or not all(d.pair_fields):
+            raise ConfigError(f"data.pair_fields must name 2 or 3 different fields (query, positive[, negative]), "
+                              f"got {d.pair_fields!r}")
         if t.deterministic_reduce and t.parallel == "fsdp":
             raise ConfigError(
                 "train.deterministic_reduce needs replicated weights (train.parallel=none or ddp); FSDP reduces "

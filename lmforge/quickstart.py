@@ -229,7 +229,7 @@ def _val_loss(model: torch.nn.Module, cfg: Config) -> float:
     from .train.loop import val_batches
     from .train.objectives import make_objective, validation_loss
 
-    return validation_loss(model, make_objective(cfg.train), val_batches(cfg, cfg.train.micro_batch,
+    return validation_loss(model, make_objective(cfg), val_batches(cfg, cfg.train.micro_batch,
                            cfg.train.eval_batches), dtype=cfg.train.dtype)
 
 

@@ -264,6 +264,14 @@ def load_tasks(paths: list[str], retrieval: list[str] | None = None) -> list[Tas
     return tasks
 
 
+def own_tasks(cfg: Config) -> list[Task]:
+    """The tasks a run brings itself: a contrastive run's val pairs as a retrieval task (retrieval.pairs_task)."""
+    from .retrieval import pairs_task
+
+    task = pairs_task(cfg)
+    return [task] if task is not None else []
+
+
 def check_eval_options(data: str | None, text: str | None, batch_size: int | None, max_batches: int) -> None:
     """The argument checks `lmforge eval` and its --watch sidecar share (before any model loads)."""
     if data and text:
@@ -297,6 +305,8 @@ def eval_command(
     model, tokenizer, cfg, origin = loaded.model, loaded.tokenizer, loaded.config, loaded.origin
     bs = batch_size or cfg.eval.batch_size
     source = None if retrieval and not (data or text or tasks) else text_source(cfg, tokenizer, data=data, text=text)
+    if not (tasks or retrieval or data or text):
+        task_list = own_tasks(cfg)  # a contrastive run: its val pairs as a retrieval task
     if source is None and not task_list:
         raise DataError(
             f"nothing to evaluate: the run's data.path ({cfg.data.path or 'unset'}) is not a prepared dataset here "
@@ -316,4 +326,4 @@ def eval_command(
     return 0
 
 
-__all__ = ["evaluate_model", "score_task", "text_source", "load_tasks", "eval_command"]
+__all__ = ["evaluate_model", "score_task", "text_source", "load_tasks", "own_tasks", "eval_command"]

@@ -52,7 +52,7 @@ from ..errors import CheckpointError, LmforgeError
 from ..jsonl import append_jsonl, read_records, restore_numbers
 from ..threads import Governor, cores
 from ..util import console, warn
-from .harness import check_eval_options, evaluate_model, load_tasks, text_source
+from .harness import check_eval_options, evaluate_model, load_tasks, own_tasks, text_source
 
 
 def checkpoint_key(ckpt: Path) -> str | None:
@@ -206,7 +206,7 @@ def watch(
                                       "(retention deleted it? raise train.keep_last)")
                     continue
                 model, tokenizer, cfg, step = loaded.model, loaded.tokenizer, loaded.config, loaded.origin.step
-                task_list = cli_tasks if (tasks or retrieval) else load_tasks(list(cfg.eval.tasks))
+                task_list = cli_tasks if (tasks or retrieval) else load_tasks(list(cfg.eval.tasks)) + own_tasks(cfg)
                 source = text_source(cfg, tokenizer, data=data, text=text)
                 if source is None and not task_list:
                     raise LmforgeError(

@@ -3,10 +3,12 @@
 The source is whatever `artifacts.load_model` accepts (`--set init.from=runs/exp1`, a checkpoint
 directory, `models/smol` from `lmforge import`), verified the same way. Policy: the source decides
 its architecture. A model key the user left at its default is filled from the source's config; one
-the user set to a different value is an error (it would not fit the weights). `max_seq_len` and
+the user set to a different value is an error (it would not fit the weights). The `embed:` section
+(pooling, prefixes) follows the same fill-in rule, but a key set here (to another value than its
+default) simply wins. `max_seq_len` and
 `init_std` may be set freely (RoPE tables and the init of nothing, respectively). The dataset must
 have been prepared with the source's own tokenizer (same sha256), or token ids would mean
-different words.
+different words; contrastive pairs from `data.pairs` are tokenized with that tokenizer itself.
 
 Only a fresh run loads the weights (step 0, a fresh optimizer); a run that resumes loads its own
 checkpoint, and `init.from` is then only checked (its config and tokenizer must still be readable).
@@ -31,13 +33,14 @@ A full fine-tune from a LoRA source starts from the adapter folded into its base
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..artifacts import TOKENIZER_FILE, Loaded, Origin, find_base, load_model, load_weights, lora_parts, read_config, resolve_origin
-from ..config import Config, ModelConfig
+from ..config import Config, EmbedConfig, ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..tokenizer import Tokenizer
 from ..util import console
@@ -57,7 +60,8 @@ def resolve_init(cfg: Config) -> Config:
     except CheckpointError as e:
         raise ConfigError(f"init.from = {src}: {e}") from None
     shaped_by = find_base(origin).path if origin.kind == "adapter" else origin.path  # an adapter directory holds no config
-    source = read_config(shaped_by).model
+    source_cfg = read_config(shaped_by)
+    source = source_cfg.model
     default = ModelConfig()
     for key in ARCH_KEYS:
         mine, theirs = getattr(cfg.model, key), getattr(source, key)
@@ -71,6 +75,9 @@ def resolve_init(cfg: Config) -> Config:
         cfg.model.max_seq_len = source.max_seq_len
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) is longer than model.max_seq_len ({cfg.model.max_seq_len})")
+    inherit_embed(cfg, source_cfg.embed)
+    if not cfg.data.path:  # contrastive pairs from data.pairs: tokenized with the source's own tokenizer
+        return cfg
     ds = TokenDataset(cfg.data.path)
     model_sha = Tokenizer.load(shaped_by / TOKENIZER_FILE).sha256
     data_sha = ds.manifest.get("tokenizer_sha256")
@@ -81,6 +88,16 @@ def resolve_init(cfg: Config) -> Config:
             f"lmforge prepare CORPUS --tokenizer {origin.path} --out DATA"
         )
     return cfg
+
+
+def inherit_embed(cfg: Config, source: EmbedConfig) -> None:
+    """The `embed:` keys (pooling, prefixes) the user left at their defaults take init.from's values,
+    so a model keeps how it embeds through further training; a key set to another value wins (no weights
+    depend on it)."""
+    default = EmbedConfig()
+    for f in fields(EmbedConfig):
+        if getattr(cfg.embed, f.name) == getattr(default, f.name):
+            setattr(cfg.embed, f.name, getattr(source, f.name))
 
 
 def load_init(model: torch.nn.Module, cfg: Config) -> Loaded:

@@ -52,7 +52,7 @@ import torch
 
 from .. import artifacts
 from ..config import Config
-from ..errors import CheckpointError, ConfigError, LmforgeError
+from ..errors import CheckpointError, ConfigError, DataError, LmforgeError
 from ..data.loader import Batch
 from ..hardware import peak_flops
 from ..model import autocast
@@ -241,8 +241,8 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
             console.print("DPO reference: the same weights, frozen")
     forward_model = distributed.wrap(model, cfg.train, d)  # DDP wrapper, or model itself (FSDP2 shards in place)
     optimizer = build_optimizer(model, cfg.train)  # after FSDP: over the sharded parameters
-    run = Run(cfg, run_dir, model, optimizer, loader, Path(loader.source.dataset.tokenizer_path), dist=d,
-              init_origin=init_origin, objective=make_objective(cfg.train) if not dpo else NEXT_TOKEN,  # DPO's: below
+    run = Run(cfg, run_dir, model, optimizer, loader, tokenizer_path(cfg), dist=d,
+              init_origin=init_origin, objective=make_objective(cfg) if not dpo else NEXT_TOKEN,  # DPO's: below
               lora_base=lora_base)
     # rank 0 verifies (hashes) the checkpoints; every rank resumes from the one it chose
     ckpt, damaged = d.broadcast_object(artifacts.scan_checkpoints(run_dir) if d.is_main else None)
@@ -257,14 +257,14 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
         raise ConfigError(f"--from starts a new run, but {run_dir} already has checkpoints; choose a new --run-dir")
     source = ckpt or from_checkpoint
     if dpo and cfg.lora.rank:  # the reference is the frozen base: the policy with its adapters off, no second copy
-        run.objective = make_objective(cfg.train, reference=AdaptersOff())
+        run.objective = make_objective(cfg, reference=AdaptersOff())
     elif dpo:
         if source is not None:  # before _load_state, which restores the RNG states (building a model draws from them)
             reference, reference_model = _recorded_reference(cfg, source, branch=ckpt is None)
         if reference_model is None:
             raise ConfigError("train.objective=dpo needs the model to tune: set init.from (its weights are also the frozen reference)")
         run.reference = reference
-        run.objective = make_objective(cfg.train, reference=FrozenCopy(reference_model.to(device())))
+        run.objective = make_objective(cfg, reference=FrozenCopy(reference_model.to(device())))
     if source is not None:
         _check_lora_base(run, source)
         state = _load_state(run, source, branch=ckpt is None)
@@ -296,14 +296,16 @@ def _recorded_reference(cfg: Config, source: Path, branch: bool) -> tuple[dict[s
 
 
 def make_loader(cfg: Config, d: Dist = SINGLE) -> Any:
-    """This rank's loader of the run's data (data/loader.py chooses the source: token windows, or
-    rows of whole conversations for SFT data); says once what the rows leave out."""
+    """This rank's loader of the run's data (`data_source`: token windows, rows of whole
+    conversations for SFT data, preference pairs for DPO, pairs for the contrastive objective);
+    says once what it leaves out."""
     from ..data.loader import DocumentRows, Loader, PreferencePairs
+    from ..data.pairs import DocumentSpans, PairRecords
 
-    loader = Loader(cfg.data.path, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch, seed=cfg.data.seed,
-                    rank=d.rank, world=d.world, document_mask=cfg.data.document_mask, packing=cfg.data.packing)
-    src = loader.source
-    if isinstance(src, DocumentRows) and src.dropped and d.is_main:
+    src = data_source(cfg)
+    loader = Loader(src, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch, seed=cfg.data.seed,
+                    rank=d.rank, world=d.world)
+    if d.is_main and isinstance(src, DocumentRows) and src.dropped:
         warn(f"{src.dropped} of {src.n_documents} examples in {cfg.data.path} are longer than data.seq_len + 1 = "
              f"{cfg.data.seq_len + 1} tokens (the longest: {src.longest}) and are left out, never cut; raise "
              "data.seq_len to train on them")
@@ -311,6 +313,12 @@ def make_loader(cfg: Config, d: Dist = SINGLE) -> Any:
         warn(f"{src.dropped} of {src.n_pairs} pairs in {cfg.data.path} have a sequence longer than data.seq_len + 1 = "
              f"{cfg.data.seq_len + 1} tokens (the longest: {src.longest}) and are left out, never cut; raise "
              "data.seq_len to train on them")
+    if d.is_main and isinstance(src, PairRecords) and src.cut:
+        console.print(f"note: {src.cut} text(s) of {cfg.data.pairs} reach data.seq_len = {cfg.data.seq_len} tokens "
+                      "and may be cut to it")
+    if d.is_main and isinstance(src, DocumentSpans) and src.dropped:
+        console.print(f"note: {src.dropped} of {src.n_documents} documents of {cfg.data.path} are too short for two "
+                      "spans and are left out")
     return loader
 
 
@@ -329,6 +337,40 @@ def _check_lora_base(run: Run, ckpt: Path) -> None:
         raise CheckpointError(f"{ckpt} trained its LoRA adapter on the base model with sha256 {recorded['sha256']} "
                               f"({recorded['path']}), but init.from {run.cfg.init.from_} has sha256 {mine['sha256']}: "
                               f"resume on the same base (--set init.from={recorded['path']})")
+
+
+def data_source(cfg: Config, split: str = "train") -> Any:
+    """The samples of the run's `split` (a data/loader.py Source): for the contrastive objective,
+    pairs (data/pairs.py: the JSONL data.pairs, else two spans of each document of data.path, with
+    the embed prefixes); otherwise the prepared dataset's windows or rows (`open_source`)."""
+    from ..data.loader import open_source
+
+    if cfg.train.objective != "contrastive":
+        return open_source(cfg.data.path, split, seq_len=cfg.data.seq_len, document_mask=cfg.data.document_mask,
+                           packing=cfg.data.packing)
+    from ..data.pairs import DocumentSpans, PairRecords
+    from ..tokenizer import Tokenizer
+
+    tok, e = Tokenizer.load(tokenizer_path(cfg)), cfg.embed
+    if cfg.data.pairs:
+        return PairRecords(cfg.data.pairs, tok, max_len=cfg.data.seq_len, split=split,
+                           val_fraction=cfg.data.pairs_val_fraction, fields=cfg.data.pair_fields,
+                           query_prefix=e.query_prefix, document_prefix=e.document_prefix)
+    return DocumentSpans(cfg.data.path, split, max_len=cfg.data.seq_len, seed=cfg.data.seed, tokenizer=tok,
+                         query_prefix=e.query_prefix, document_prefix=e.document_prefix)
+
+
+def tokenizer_path(cfg: Config) -> Path:
+    """The run's tokenizer.json: its prepared dataset's (data.path), else (pairs from data.pairs)
+    init.from's, which tokenizes them."""
+    if cfg.data.path:
+        from ..data.manifest import read_manifest
+
+        return Path(cfg.data.path) / read_manifest(cfg.data.path)["tokenizer"]
+    if not cfg.init.from_:
+        raise ConfigError("data.pairs are tokenized with the model's tokenizer: set init.from to the model to train "
+                          "(a run, checkpoint or model directory)")
+    return artifacts.resolve_origin(cfg.init.from_).path / artifacts.TOKENIZER_FILE
 
 
 def _tokenizer_facts(source: Path, tokenizer_path: Path) -> dict[str, Any]:
@@ -379,7 +421,6 @@ def train(run: Run) -> int:
     accum = distributed.micro_batches_per_rank(t.global_batch, t.micro_batch, d.world)
     # DPO: a sample is two sequences, and each also goes through the reference's forward (a third of a step's FLOPs)
     dpo = t.objective == "dpo"
-    tokens_per_step = t.global_batch * cfg.data.seq_len * (2 if dpo else 1)
     dev = device()
     flops_per_token, peak = model_flops(cfg.model, cfg.data.seq_len) * (4 / 3 if dpo else 1), peak_flops(dev, t.dtype)
     if peak:
@@ -403,6 +444,8 @@ def train(run: Run) -> int:
     with stop, progress, failure_recorded(run):
         while run.step < t.max_steps:
             data_step = run.loader.step
+            # of the global batch: global_batch x seq_len for windows (DPO: two sequences a sample), real tokens for pairs
+            tokens_per_step = run.loader.tokens(data_step) * (2 if dpo else 1)
             micro = split_micro(run.loader.next(), t.micro_batch, dev)  # this rank's share, global_batch // world rows
             assert len(micro) == accum
             lr = lr_at(run.step, t) * run.lr_scale
@@ -490,12 +533,21 @@ def split_micro(batch: Batch, micro_batch: int, dev: torch.device) -> list[Batch
 
 def val_batches(cfg: Config, batch_size: int, max_batches: int | None) -> Any:
     """The run's validation batches: the val split read as the train split is (same source kind,
-    document masking and packing), in order; max_batches None or 0 reads them all (as
-    train.eval_batches 0 and `lmforge eval --max-batches 0` mean)."""
+    document masking and packing; pairs for the contrastive objective), in order; max_batches None
+    or 0 reads them all (as train.eval_batches 0 and `lmforge eval --max-batches 0` mean)."""
+    from ..data.loader import in_order
     from ..data.loader import val_batches as batches
 
-    return batches(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=batch_size, max_batches=max_batches or None,
-                   document_mask=cfg.data.document_mask, packing=cfg.data.packing)
+    if cfg.train.objective != "contrastive":
+        return batches(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=batch_size, max_batches=max_batches or None,
+                       document_mask=cfg.data.document_mask, packing=cfg.data.packing)
+    source = data_source(cfg, "val")
+    if source.n_samples < 1:
+        where = (f"no pair of {cfg.data.pairs} falls in the val split (data.pairs_val_fraction = "
+                 f"{cfg.data.pairs_val_fraction}); raise it" if cfg.data.pairs else
+                 f"the val split of {cfg.data.path} has no document long enough for two spans; prepare with a larger --val-fraction")
+        raise DataError(f"{where}, or train without validation: --set train.eval_every=0")
+    return in_order(source, batch_size, max_batches or None)
 
 
 def seed_everything(seed: int) -> None:

@@ -65,7 +65,7 @@ SAFE_TO_CHANGE = {
         "beta1", "beta2", "eps", "grad_clip", "max_steps", "log_every", "eval_every",
         "eval_batches", "ckpt_every_steps", "ckpt_every_minutes", "keep_last", "keep_every",
         "threads", "compile", "dtype", "micro_batch", "parallel", "deterministic_reduce",
-        "activation_checkpointing",
+        "activation_checkpointing", "contrastive_temperature",
     },
     "guard": "*", "eval": "*", "serve": "*", "init": "*",  # a LoRA run's init.from: its base, checked by checksum
     "lora": {"dropout"},
@@ -217,6 +217,8 @@ def resolve_config(cfg: Config) -> Config:
     """Fill in what depends on the data (vocab size) and check the config against the dataset."""
     from ..data.loader import TokenDataset
 
+    if cfg.train.objective == "contrastive":
+        return resolve_contrastive(cfg)
     if not cfg.data.path:
         raise ConfigError("data.path is empty: set it to a prepared dataset, e.g. --set data.path=data/mycorp")
     if cfg.lora.rank and not cfg.init.from_:
@@ -227,14 +229,7 @@ def resolve_config(cfg: Config) -> Config:
 
         cfg = resolve_init(cfg)
     ds = TokenDataset(cfg.data.path)
-    vocab = int(ds.manifest["vocab_size"])
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = vocab
-    elif cfg.model.vocab_size < vocab:
-        raise ConfigError(
-            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the dataset's tokenizer ({vocab} tokens); "
-            f"set model.vocab_size to 0 (automatic) or >= {vocab}"
-        )
+    _resolve_vocab(cfg, ds)
     check_objective_data(cfg, ds.kind)
     from ..data.loader import open_source
 
@@ -261,6 +256,47 @@ def check_objective_data(cfg: Config, kind: str) -> None:
     raise ConfigError(f"train.objective=dpo trains on preference pairs, but data.path {cfg.data.path} holds "
                       f"{'SFT examples' if kind == 'sft' else 'a text corpus'}; prepare pairs with "
                       "`lmforge prepare PAIRS.jsonl --dpo --tokenizer MODEL --out DATA`")
+
+
+def resolve_contrastive(cfg: Config) -> Config:
+    """resolve_config for the contrastive stage: pairs from data.pairs (tokenized with init.from's
+    tokenizer) or spans of data.path's documents; at least two pairs (in-batch negatives)."""
+    from ..data.loader import TokenDataset
+    from .loop import data_source
+
+    d = cfg.data
+    if not (d.pairs or d.path):
+        raise ConfigError("train.objective=contrastive trains on pairs: set data.pairs to a JSONL of pairs "
+                          "(docs/embeddings.md), or data.path to a prepared dataset (two spans of each document)")
+    if d.pairs and not cfg.init.from_:
+        raise ConfigError("data.pairs are tokenized with the model's tokenizer: set init.from to the model to train "
+                          "(a run, checkpoint or model directory)")
+    if cfg.init.from_:
+        from .init_from import resolve_init
+
+        cfg = resolve_init(cfg)
+    if d.path:
+        _resolve_vocab(cfg, TokenDataset(d.path))
+    n = data_source(cfg).n_samples
+    if n < 2:
+        what = f"data.pairs {d.pairs}" if d.pairs else f"data.path {d.path} (documents of at least a few tokens)"
+        raise DataError(f"{what}: {n} pair(s) in the train split; the contrastive stage needs at least 2 "
+                        "(each query is told apart from the other pairs' positives)")
+    if cfg.train.eval_every:
+        check_val_split(cfg)
+    return cfg
+
+
+def _resolve_vocab(cfg: Config, ds: Any) -> None:
+    """model.vocab_size 0 -> the dataset's tokenizer size; a smaller one is an error."""
+    vocab = int(ds.manifest["vocab_size"])
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = vocab
+    elif cfg.model.vocab_size < vocab:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the dataset's tokenizer ({vocab} tokens); "
+            f"set model.vocab_size to 0 (automatic) or >= {vocab}"
+        )
 
 
 def check_val_split(cfg: Config) -> None:
