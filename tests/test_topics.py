@@ -1,4 +1,4 @@
-"""`lmforge topics` (lmforge/understand/topics.py, topics_report.py): c-TF-IDF golden values, the
+"""`lmforge topics` (lmforge/understand/topics.py, topics_stages.py, topics_report.py): c-TF-IDF golden values, the
 outlier reassignment golden case, planted topics recovered (NMI/ARI), determinism, the report in
 headless Chromium with hostile text, and one-line refusals of bad input.
 
@@ -28,6 +28,7 @@ from lmforge.errors import DataError
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.understand import topics as T
+from lmforge.understand import topics_stages as S
 from test_dashboard import CHROMIUM, chromium_dom
 
 VOCAB = {
@@ -98,7 +99,7 @@ def read_lines(path: Path) -> list[dict]:
 def test_ctfidf_golden_values() -> None:
     # 2 classes, terms (a, b, c). f = (2, 2, 3); A = (3 + 4) / 2 = 3.5 words per class.
     # W[c, t] = tf[c, t] * log(1 + A / f[t]): log(2.75) = 1.0116009, log(1 + 3.5/3) = 0.7731899
-    w = T.ctfidf(np.array([[2, 1, 0], [0, 1, 3]])).toarray()
+    w = S.ctfidf(np.array([[2, 1, 0], [0, 1, 3]])).toarray()
     want = np.array([[2 / 3 * 1.0116009, 1 / 3 * 1.0116009, 0.0],
                      [0.0, 1 / 4 * 1.0116009, 3 / 4 * 0.7731899]])
     assert np.allclose(w, want, atol=1e-6)
@@ -108,21 +109,21 @@ def test_ctfidf_golden_values() -> None:
 def test_term_counter_and_keywords_on_a_toy_corpus() -> None:
     docs = ["the cat sat", "cat and dog", "stocks fell", "stocks rose today", "the cat", "bonds fell"]
     classes = np.array([0, 0, 1, 1, 0, 2])  # class 2: the outliers' row
-    c = T.TermCounter(3, stop_words="english", ngram_range=(1, 1))
+    c = S.TermCounter(3, stop_words="english", ngram_range=(1, 1))
     for s in range(0, len(docs), 4):  # two batches: the vocabulary grows across them
         c.add(docs[s : s + 4], classes[s : s + 4])
     counts, vocab = c.counts(min_df=1)
     table = {(r, vocab[j]): int(v) for r, row in enumerate(counts.toarray()) for j, v in enumerate(row) if v}
     assert table == {(0, "cat"): 3, (0, "sat"): 1, (0, "dog"): 1, (1, "stocks"): 2, (1, "fell"): 1, (1, "rose"): 1,
                      (1, "today"): 1, (2, "bonds"): 1, (2, "fell"): 1}  # "the", "and": stop words
-    kw = T.top_terms(T.ctfidf(counts), vocab, 2)
+    kw = S.top_terms(S.ctfidf(counts), vocab, 2)
     assert [w for w, _ in kw[0]] == ["cat", "dog"] and [w for w, _ in kw[1]] == ["stocks", "rose"]
     counts2, vocab2 = c.counts(min_df=2)  # terms in at least 2 documents
     assert sorted(vocab2) == ["cat", "fell", "stocks"]
-    pairs = T.TermCounter(1, stop_words=None, ngram_range=(1, 2))
+    pairs = S.TermCounter(1, stop_words=None, ngram_range=(1, 2))
     pairs.add(["new york city"], np.array([0]))
     assert sorted(pairs.counts()[1]) == ["city", "new", "new york", "york", "york city"]
-    assert T.diversity([[("a", 1.0), ("b", 1.0)], [("a", 1.0), ("c", 1.0)]]) == 0.75
+    assert S.diversity([[("a", 1.0), ("b", 1.0)], [("a", 1.0), ("c", 1.0)]]) == 0.75
 
 
 # ---- outliers ----------------------------------------------------------------------------------
@@ -136,21 +137,21 @@ def test_outlier_reassignment_golden_case() -> None:
     # topic 0 at 0 deg (members -10, 0, 10), topic 1 at 90 deg (80, 90, 100); outliers at 5, 30, 84.
     vec = np.array([unit(d) for d in (-10, 0, 10, 80, 90, 100, 5, 30, 84)], dtype=np.float32)
     labels = np.array([0, 0, 0, 1, 1, 1, -1, -1, -1])
-    cents = T.centroids(vec, labels, 2)
+    cents = S.centroids(vec, labels, 2)
     assert np.allclose(cents, [unit(0), unit(90)], atol=1e-6)
     radius = 1 - math.cos(math.radians(10))  # auto: each topic's farthest member
-    r = T.reassign_outliers(vec, labels, cents)
+    r = S.reassign_outliers(vec, labels, cents)
     assert np.allclose(r.caps, [radius, radius], atol=1e-6)
     assert r.labels.tolist() == [0, 0, 0, 1, 1, 1, 0, -1, 1]  # 30 deg is farther than any member of topic 0
     assert r.reassigned.tolist() == [False] * 6 + [True, False, True]
     assert r.nearest.tolist()[6:] == [0, 0, 1]
     assert np.allclose(r.distance[6:], [1 - math.cos(math.radians(a)) for a in (5, 30, 6)], atol=1e-6)
-    assert T.reassign_outliers(vec, labels, cents, 0.2).labels.tolist()[6:] == [0, 0, 1]  # a fixed cap of 0.2
-    assert T.reassign_outliers(vec, labels, cents, 0.001).labels.tolist()[6:] == [-1, -1, -1]
+    assert S.reassign_outliers(vec, labels, cents, 0.2).labels.tolist()[6:] == [0, 0, 1]  # a fixed cap of 0.2
+    assert S.reassign_outliers(vec, labels, cents, 0.001).labels.tolist()[6:] == [-1, -1, -1]
 
 
 def test_canonical_labels_number_topics_by_size() -> None:
-    assert T.canonical_labels(np.array([5, 5, -1, 2, 2, 2, 7, 7])).tolist() == [1, 1, -1, 0, 0, 0, 2, 2]
+    assert S.canonical_labels(np.array([5, 5, -1, 2, 2, 2, 7, 7])).tolist() == [1, 1, -1, 0, 0, 0, 2, 2]
 
 
 # ---- planted topics, through the library ------------------------------------------------------
