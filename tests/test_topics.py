@@ -186,7 +186,10 @@ def test_planted_topics_are_found_and_reassignment_lowers_outliers_without_hurti
     off = T.fit_topics(planted_vectors()[0], lambda: iter(texts), T.Settings(reduce="pca", reassign_outliers=False),
                        gold=gold)
     assert off.quality["outlier_share"] == off.quality["outlier_share_before"] == q["outlier_share_before"]
-    assert np.array_equal(off.labels, r.cluster_labels)
+    pairs = set(zip(off.labels.tolist(), r.cluster_labels.tolist()))  # the same clusters, numbered by their final size
+    assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs}) and (-1, -1) in pairs
+    sizes = [t.size for t in r.topics if t.id >= 0]
+    assert sizes == sorted(sizes, reverse=True) and sizes == np.bincount(r.labels[r.labels >= 0]).tolist()
 
 
 def test_beyond_fit_max_the_rest_take_their_nearest_fitted_documents_topic() -> None:
@@ -366,8 +369,12 @@ def test_overwrite_replaces_only_a_topics_directory(corpus: Path, bow_model: Pat
     first = (out / T.ASSIGNMENTS_FILE).read_bytes()
     assert main(base) == 2
     assert "already exists; choose another --out or pass --overwrite" in capsys.readouterr().err
-    assert main(base + ["--overwrite", "--no-reassign-outliers"]) == 0
-    assert json.loads((out / "MANIFEST.json").read_text())["pipeline"]["outliers"]["reassign"] is False
+    assert main(base + ["--overwrite", "--no-reassign-outliers", "--namer", str(bow_model)]) == 0  # a real chat model
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert manifest["pipeline"]["outliers"]["reassign"] is False
+    assert manifest["pipeline"]["names"]["method"] == "chat model" and manifest["pipeline"]["names"]["decoding"] == "greedy"
+    assert manifest["stages"]["names"]["seconds"] >= 0
+    assert all(isinstance(t["name"], str) and t["name"] for t in read_lines(out / T.TOPICS_FILE))
     assert artifacts.verify_manifest(out, "topics") == [] and len(first) > 0
     other = tmp_path / "not-topics"
     other.mkdir()
@@ -450,6 +457,43 @@ def test_timestamps_and_topics_over_time() -> None:
     assert t["counts"] == {"0": [1, 1, 1], "1": [0, 0, 1]} and t["with_time"] == 4  # bins [0,10) [10,20) [20,30]
     assert t["edges"][0] == "1970-01-01T00:00:00Z" and len(t["edges"]) == 4
     assert T.over_time(np.array([np.nan, 5.0]), np.array([0, 0]), [0], 3) is None
+
+
+def test_time_field_auto_finds_a_timestamp_and_none_turns_it_off(tmp_path: Path) -> None:
+    recs = [{"id": f"r{i}", "text": "x", "created_at": f"2024-0{1 + i % 3}-01"} for i in range(6)]
+    f = write_jsonl(tmp_path / "t.jsonl", recs)
+    lines = tmp_path / "l.txt"
+    lines.write_text("one\ntwo\n")
+    c = T.scan([lines, f])  # default auto: the first record names the field; the plain lines have no time
+    assert c.time_field == "created_at" and c.without_time == 2 and np.isnan(c.times[:2]).all()
+    assert c.times[2] == T.parse_time("2024-01-01", "", "")
+    assert T.scan([f], time_field=None).times is None
+    assert T.scan([write_jsonl(tmp_path / "n.jsonl", [{"text": "x", "when": "2024-01-01"}])]).time_field is None
+    recs[3]["created_at"] = "soon"
+    with pytest.raises(DataError, match=r"t.jsonl:4: field 'created_at' is not a timestamp: 'soon'; found by "
+                                        r"--time-field auto: pass --time-field none to ignore it"):
+        T.scan([write_jsonl(tmp_path / "t.jsonl", recs)])
+
+
+def test_text_head_cuts_at_a_word_end() -> None:
+    assert T.text_head("ab  cd ef", 5) == "ab"  # not between the two spaces: a piece may span them
+    assert T.text_head("ab cd", 5) == "ab cd" and T.text_head("abcdefgh ij", 4) == "abcdefgh ij"  # no word end in it
+
+
+@pytest.mark.parametrize("head_chars_per_token", [24, 1])  # 1: every head is too short in tokens, the whole is read
+def test_long_texts_embed_from_their_head_exactly(bow_model: Path, monkeypatch, head_chars_per_token: int) -> None:
+    from lmforge.understand.embed import Embedder
+
+    monkeypatch.setattr(T, "HEAD_CHARS_PER_TOKEN", head_chars_per_token)
+    rng = random.Random(1)
+    words = [w for v in VOCAB.values() for w in v] + COMMON
+    texts = [" ".join(rng.choice(words) for _ in range(600)), "rocket orbit", "x" * 4000,
+             "  ".join(rng.choice(words) for _ in range(600)) + " "]
+    emb = Embedder.load(bow_model, max_len=32)
+    whole = emb.tokenize(texts)
+    got, cut_count = T.embed_stream(emb, iter(texts), len(texts))
+    assert cut_count == sum(len(r) > 32 for r in whole) == 3
+    assert np.array_equal(got, emb.embed_ids([r[:32] for r in whole]))  # the whole texts tokenized, then cut
 
 
 def test_the_utf8_check_streams_across_block_boundaries(tmp_path: Path, monkeypatch) -> None:

@@ -23,8 +23,9 @@ Pipeline (each stage chosen by a flag and recorded in the output's MANIFEST.json
              reused: a 5-D layout read as 2-D misleads, and a sample keeps this stage cheap; the
              report shows the sample, the files hold every document.
 
-Topic ids: 0, 1, ... by size, largest first (ties: the topic whose first document comes first), so
-they do not depend on the clusterer's internal numbering; -1 is "no topic".
+Topic ids: 0, 1, ... by size after outlier reassignment, largest first (ties: the topic whose
+first document comes first), so they do not depend on the clusterer's internal numbering; -1 is
+"no topic". The labels before reassignment (NMI "before", the manifest) use the same ids.
 
 Memory and passes. The input is read three times as a stream (understand/texts.py): a scan (ids,
 timestamps, counts; every bad input is refused here, before a model loads), the embedding (batches
@@ -49,6 +50,7 @@ own, so it charges for leaving documents unassigned (before and after reassignme
 
 from __future__ import annotations
 
+import array
 import datetime as dt
 import json
 import math
@@ -69,8 +71,10 @@ from .topics_stages import (TermCounter, agreement, canonical_labels, centroids,
 
 REDUCERS = ("umap", "pca", "none")
 CLUSTERERS = ("hdbscan", "kmeans")
-EMBED_CHUNK = 4096  # texts tokenized and embedded at a time (the embedder sorts each chunk by length)
-COUNT_CHUNK = 8192  # texts counted at a time by the keyword pass
+EMBED_CHUNK = 4096  # texts tokenized and embedded at a time (the embedder sorts each chunk by length) ...
+EMBED_CHARS = 4_000_000  # ... or fewer, when they reach this many characters
+COUNT_CHUNK = 8192  # texts counted at a time by the keyword pass ...
+COUNT_CHARS = 16_000_000  # ... or fewer, when they reach this many characters
 REPRESENTATIVE_CHARS = 1000  # a representative document is cut to this many characters in the outputs
 HOVER_CHARS = 200  # a map point's hover text
 TOPICS_FILE, ASSIGNMENTS_FILE, REPORT_FILE = "topics.jsonl", "assignments.jsonl", "report.html"
@@ -189,9 +193,10 @@ class Corpus:
         raise DataError(f"the inputs changed while they were read ({', '.join(self.inputs)}); run topics again")
 
 
-def parse_time(value: Any, where: str, name: str) -> float:
+def parse_time(value: Any, where: str, name: str, *, found: bool = False) -> float:
     """A record's timestamp -> seconds since 1970 UTC: a number (seconds) or an ISO 8601 string
-    (a date, or a date and time; no zone: UTC)."""
+    (a date, or a date and time; no zone: UTC). found: the field was chosen by --time-field auto
+    (the error then says how to turn that off)."""
     if isinstance(value, bool):
         pass  # a bool is not a time: the error below
     elif isinstance(value, (int, float)) and math.isfinite(value):
@@ -203,35 +208,72 @@ def parse_time(value: Any, where: str, name: str) -> float:
             pass
         else:
             return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
-    raise DataError(f"{where}: field {name!r} is not a timestamp: {value!r} (give an ISO 8601 date or date-time, "
-                    "e.g. 2024-05-01T12:00:00Z, or seconds since 1970)")
+    how = ("; found by --time-field auto: pass --time-field none to ignore it, or fix the value" if found else
+           " (give an ISO 8601 date or date-time, e.g. 2024-05-01T12:00:00Z, or seconds since 1970)")
+    raise DataError(f"{where}: field {name!r} is not a timestamp: {value!r}{how}")
+
+
+TIME_FIELDS = ("timestamp", "time", "date", "datetime", "created_at", "created", "ts")  # --time-field auto looks for these
 
 
 def scan(inputs: Sequence[str | os.PathLike], *, text_field: str = "text", id_field: str = "id",
-         time_field: str | None = None, strict: bool = False) -> Corpus:
-    """Ids (unique: a repeated one is refused naming both places) and timestamps of every text."""
+         time_field: str | None = "auto", strict: bool = False) -> Corpus:
+    """Ids (unique: a repeated one is refused naming both places) and timestamps of every text.
+
+    time_field: a JSONL field holding each record's timestamp; None: no timestamps; "auto": the
+    first of TIME_FIELDS that the first JSONL record has with a value that parses as a time (then
+    every record's value must parse, as with a field named by the user). Memory: one id string per
+    text (and a dict from id to index, for the uniqueness check), 8 bytes of time; no text."""
     from .texts import Texts, iter_texts
 
     counts = Texts()
     ids: list[str] = []
-    first: dict[str, str] = {}
-    times: list[float] = []
+    first: dict[str, int] = {}
+    times: array.array[float] = array.array("d")
     without = 0
+    auto = time_field == "auto"
+    field_name = None if auto else time_field
     for t in iter_texts(inputs, text_field=text_field, id_field=id_field, strict=strict, counts=counts):
         if t.id in first:
-            raise DataError(f"{t.where}: id {t.id!r} was already used at {first[t.id]}; every document needs its own "
-                            f"id (fix the {id_field!r} field, or drop it to use FILE:LINE)")
-        first[t.id] = t.where
+            raise DataError(f"{t.where}: id {t.id!r} was already used at {where_of(inputs, first[t.id], text_field, id_field)}"
+                            f"; every document needs its own id (fix the {id_field!r} field, or drop it to use FILE:LINE)")
+        first[t.id] = len(ids)
         ids.append(t.id)
-        if time_field is not None:
-            if t.record is None or t.record.get(time_field) is None:
+        if auto and t.record is not None:  # the first record decides (records without one count as without)
+            auto = False
+            field_name = next((k for k in TIME_FIELDS if _is_time(t.record.get(k))), None)
+            if field_name is not None:  # the texts before it (plain lines) have no time
+                times.extend([math.nan] * (len(ids) - 1))
+                without = len(ids) - 1
+        if field_name is not None:
+            value = t.record.get(field_name) if t.record is not None else None
+            if value is None:
                 times.append(math.nan)
                 without += 1
             else:
-                times.append(parse_time(t.record[time_field], t.where, time_field))
+                times.append(parse_time(value, t.where, field_name, found=time_field == "auto"))
+    del first
     return Corpus([str(p) for p in inputs], text_field, id_field, strict, ids,
-                  np.array(times, dtype=np.float64) if time_field is not None else None,
-                  counts.files, counts.not_utf8, counts.empty, time_field, without)
+                  np.frombuffer(times, dtype=np.float64).copy() if field_name is not None else None,
+                  counts.files, counts.not_utf8, counts.empty, field_name, without)
+
+
+def _is_time(value: Any) -> bool:
+    try:
+        parse_time(value, "", "")
+    except DataError:
+        return False
+    return True
+
+
+def where_of(inputs: Sequence[str | os.PathLike], index: int, text_field: str, id_field: str) -> str:
+    """FILE:LINE of the index-th text (read again: only an error message needs it)."""
+    from .texts import iter_texts
+
+    for i, t in enumerate(iter_texts(inputs, text_field=text_field, id_field=id_field)):
+        if i == index:
+            return t.where
+    return f"text {index + 1}"
 
 
 def read_labels(path: str | os.PathLike, ids: Sequence[str]) -> dict[int, str]:
@@ -448,6 +490,11 @@ def fit_topics(vectors: np.ndarray, texts: Callable[[], Iterable[str]], s: Setti
     re = reassign_outliers(vectors, labels, cents, s.outlier_max_distance) if s.reassign_outliers and n_topics else None
     final = re.labels if re is not None else labels
     if re is not None:
+        # ids by size again, after the joins (the same renumbering of the labels before them)
+        inside, renumber = final >= 0, np.zeros(n_topics, dtype=np.int64)  # old id -> new id
+        renumber[final[inside]] = canonical_labels(final)[inside]
+        labels = np.where(labels >= 0, renumber[np.maximum(labels, 0)], -1)
+        final = np.where(final >= 0, renumber[np.maximum(final, 0)], -1)
         cents = centroids(vectors, final, n_topics)  # the joined documents move the centroids
         notes["outlier_caps"] = {"min": float(re.caps.min()), "median": float(np.median(re.caps)),
                                  "max": float(re.caps.max())}
@@ -465,17 +512,18 @@ def fit_topics(vectors: np.ndarray, texts: Callable[[], Iterable[str]], s: Setti
     classes = np.where(final >= 0, final, n_topics)  # outliers are one more class (their keywords too)
     counter = TermCounter(n_topics + 1, stop_words=stop_words_of(s.stop_words), ngram_range=s.ngram_range)
     batch: list[str] = []
-    seen = 0
+    seen = chars = 0
     for i, text in enumerate(texts()):
         if i in wanted_full:
             shown[i] = cut(text, REPRESENTATIVE_CHARS)
         elif i in wanted_hover:
             shown[i] = cut(text, HOVER_CHARS)
         batch.append(text)
-        if len(batch) == COUNT_CHUNK:
+        chars += len(text)
+        if len(batch) == COUNT_CHUNK or chars >= COUNT_CHARS:
             counter.add(batch, classes[seen : seen + len(batch)])
             seen += len(batch)
-            batch = []
+            batch, chars = [], 0
     if batch:
         counter.add(batch, classes[seen : seen + len(batch)])
         seen += len(batch)
@@ -719,7 +767,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def topics_command(model: str, inputs: Sequence[str], out: str, *, settings: Settings, text_field: str = "text",
-                   id_field: str = "id", time_field: str | None = None, labels: str | None = None,
+                   id_field: str = "id", time_field: str | None = "auto", labels: str | None = None,
                    namer: str | None = None, batch_size: int = 32, threads: int = 0, max_len: int | None = None,
                    strict: bool = False, overwrite: bool = False, as_json: bool = False) -> int:
     """`lmforge topics MODEL INPUTS... --out DIR`: see the module docstring and docs/topics.md."""
@@ -745,7 +793,7 @@ def topics_command(model: str, inputs: Sequence[str], out: str, *, settings: Set
         raise DataError(f"{n} document(s) in {', '.join(inputs)} is fewer than --min-cluster-size "
                         f"{settings.min_cluster_size}: no topic can form; give more documents or lower --min-cluster-size")
     gold = read_labels(labels, corpus.ids) if labels else None
-    if time_field is not None and corpus.without_time == n:
+    if time_field not in (None, "auto") and corpus.without_time == n:
         raise DataError(f"no document has the field {time_field!r} given by --time-field (timestamps come from JSONL "
                         "records); check the field's name")
     st.done("scan", f"{n:,} documents in {corpus.files} file(s)")
@@ -787,32 +835,67 @@ def topics_command(model: str, inputs: Sequence[str], out: str, *, settings: Set
     return 0
 
 
+HEAD_CHARS_PER_TOKEN = 24  # a long text is tokenized from a head of max_len x this many characters
+
+
+def text_head(text: str, chars: int) -> str:
+    """The text up to its last word end at or before `chars` characters (the whole text when it is
+    shorter, or when no word ends in that head). The cut is where a non-space character meets a
+    space, where every pre-tokenizer lmforge loads (byte-level BPE's regex, Llama 3's, SentencePiece's
+    Metaspace) ends a piece in the whole text too, so the head's tokens are the whole text's first
+    tokens."""
+    if len(text) <= chars:
+        return text
+    k = chars
+    while k > 0 and not (text[k].isspace() and not text[k - 1].isspace()):
+        k -= 1
+    return text[:k] if k > 0 else text
+
+
 def embed_stream(emb: Any, texts: Iterable[str], n: int) -> tuple[np.ndarray, int]:
-    """(N, dim) float32 document vectors of a stream of N texts, EMBED_CHUNK texts at a time
-    (the texts are never all in memory), and how many were cut to the model's max_len."""
+    """(N, dim) float32 document vectors of a stream of N texts, and how many were cut to the
+    model's max_len. Bounded memory whatever the texts' lengths: texts go in chunks of at most
+    EMBED_CHUNK texts and EMBED_CHARS characters, and a long text is tokenized from its head
+    (`text_head`, max_len x HEAD_CHARS_PER_TOKEN characters), not whole: the first max_len tokens
+    are the same, and a 1 GB file is not tokenized in full for 256 tokens of each text. A head with
+    fewer than max_len tokens (very long tokens) falls back to the whole text."""
     from ..util import progress_bar
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     vectors = np.empty((n, emb.dim), dtype=np.float32)
+    head_chars = emb.max_len * HEAD_CHARS_PER_TOKEN
     done = cut_count = 0
     bar = progress_bar(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
     with bar:
         task = bar.add_task("embedding", total=n)
         chunk: list[str] = []
+        heads: list[bool] = []  # the text in chunk is a head of a longer one
+        chars = 0
 
         def flush() -> None:
             nonlocal done, cut_count
-            ids = emb.tokenize(chunk, kind="document")
-            cut_count += sum(len(r) > emb.max_len for r in ids)
-            vectors[done : done + len(ids)] = emb.embed_ids(ids)
-            done += len(ids)
-            bar.advance(task, len(ids))
+            rows = emb.tokenize(chunk, kind="document")
+            for i, row in enumerate(rows):
+                if heads[i] and len(row) < emb.max_len:  # the head was too short in tokens: the whole text
+                    rows[i] = row = emb.tokenize([whole[i]], kind="document")[0]
+                if heads[i] or len(row) > emb.max_len:
+                    cut_count += 1
+                    rows[i] = row[: emb.max_len]
+            vectors[done : done + len(rows)] = emb.embed_ids(rows)
+            done += len(rows)
+            bar.advance(task, len(rows))
 
+        whole: dict[int, str] = {}  # the long texts of this chunk, in case their head is not enough
         for text in texts:
-            chunk.append(text)
-            if len(chunk) == EMBED_CHUNK:
+            head = text_head(text, head_chars)
+            if len(head) < len(text):
+                whole[len(chunk)] = text
+            chunk.append(head)
+            heads.append(len(head) < len(text))
+            chars += len(head)
+            if len(chunk) == EMBED_CHUNK or chars >= EMBED_CHARS:
                 flush()
-                chunk = []
+                chunk, heads, whole, chars = [], [], {}, 0
         if chunk:
             flush()
     if done != n:
@@ -822,4 +905,5 @@ def embed_stream(emb: Any, texts: Iterable[str], n: int) -> tuple[np.ndarray, in
 
 __all__ = ["Settings", "Corpus", "scan", "read_labels", "parse_time", "stop_words_of", "reduce_fit", "reduce_rest", "cluster_fit", "Topic", "Result", "Stages",
            "fit_topics", "representatives", "keyword_name", "naming_prompt", "clean_name", "Namer", "over_time",
-           "check_out", "report_data", "write_topics", "topics_command", "embed_stream"]
+           "check_out", "report_data", "write_topics", "topics_command", "embed_stream", "text_head", "where_of",
+           "TIME_FIELDS"]

@@ -142,7 +142,8 @@ def top_terms(weights: Any, vocab: Sequence[str], k: int) -> list[list[tuple[str
 
 class TermCounter:
     """Term counts per class over batches of texts (bounded memory: one batch of texts at a time;
-    the counts themselves are a sparse (classes x vocabulary) matrix). CountVectorizer is fitted
+    the counts themselves are one sparse (classes x vocabulary) matrix, summed batch by batch; the
+    vocabulary grows with the distinct terms of the input). CountVectorizer is fitted
     per batch for its analyzer (lowercase, token pattern, stop words, n-grams) and its batch
     vocabulary is mapped onto one growing vocabulary."""
 
@@ -150,7 +151,7 @@ class TermCounter:
         self.n_classes = n_classes
         self.stop_words, self.ngram_range = stop_words, ngram_range
         self.vocab: dict[str, int] = {}
-        self.parts: list[Any] = []
+        self.total: Any = None  # (classes, len(vocab)) CSR counts so far
         self.df = np.zeros(0, dtype=np.int64)  # documents containing each term
 
     def add(self, texts: Sequence[str], classes: np.ndarray) -> None:
@@ -168,7 +169,11 @@ class TermCounter:
         x = sp.csr_matrix((x.data, to_global[x.indices], x.indptr), shape=(x.shape[0], len(self.vocab)))
         onehot = sp.csr_matrix((np.ones(len(classes)), (classes, np.arange(len(classes)))),
                                shape=(self.n_classes, len(classes)))
-        self.parts.append(sp.csr_matrix(onehot @ x))
+        part = sp.csr_matrix(onehot @ x, dtype=np.float64)
+        if self.total is not None:  # summed as it goes: one matrix, not one per batch
+            self.total.resize((self.n_classes, len(self.vocab)))
+            part = part + self.total
+        self.total = part
         df = np.bincount(x.indices, minlength=len(self.vocab))
         df[: len(self.df)] += self.df
         self.df = df
@@ -177,11 +182,7 @@ class TermCounter:
         """(classes x terms) counts of the terms in at least min_df documents, and those terms."""
         import scipy.sparse as sp
 
-        total = sp.csr_matrix((self.n_classes, len(self.vocab)), dtype=np.float64)
-        for p in self.parts:
-            p = p.copy()
-            p.resize((self.n_classes, len(self.vocab)))
-            total = total + p
+        total = self.total if self.total is not None else sp.csr_matrix((self.n_classes, 0), dtype=np.float64)
         keep = np.flatnonzero(self.df >= min_df)
         names = np.empty(len(self.vocab), dtype=object)
         for t, i in self.vocab.items():
