@@ -343,8 +343,11 @@ class Transformer(nn.Module):
         cache: KVCacheLike | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """idx (B, T) int64 -> logits (B, T, V); with targets (B, T) -> (logits, mean fp32 loss).
+        """idx (B, T) int64 -> logits (B, T, V); with targets (B, T) -> (logits, mean fp32 loss);
+        with hidden=True -> the hidden states (B, T, C) instead of logits (`hidden_states`; the
+        contrastive objective embeds through forward, which a DDP wrapper must see called).
 
         With a cache, idx holds the tokens after the cache.pos already cached ones; RoPE positions
         continue from there. positions (B, T) int64 and attn_mask (B, T, T) bool (True: may
@@ -354,6 +357,8 @@ class Transformer(nn.Module):
         position (continuous batching, serve/engine.py); the cache decides where K/V go.
         """
         B, T = idx.shape
+        if hidden:
+            return self.hidden_states(idx, cache=cache, positions=positions, attn_mask=attn_mask)
         logits = self.lm_head(self.hidden_states(idx, cache=cache, positions=positions, attn_mask=attn_mask))  # (B, T, V)
         if targets is None:
             return logits

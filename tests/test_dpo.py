@@ -124,6 +124,30 @@ def test_a_step_weighs_every_pair_alike_whatever_the_micro_batch(prefs: Path) ->
     assert all(torch.allclose(x, y, atol=1e-7) for x, y in zip(ga, gb))
 
 
+def test_with_lora_the_reference_is_the_base_with_adapters_off(prefs: Path) -> None:
+    """AdaptersOff: the loss equals DPO against a frozen copy of the base, with no second copy of
+    the weights; afterwards the adapters are on again."""
+    from lmforge.config import LoraConfig
+    from lmforge.lora import attach
+    from lmforge.train.objectives import AdaptersOff
+
+    batch = Loader(prefs, seq_len=SEQ, global_batch=4, seed=0).peek(0)
+    base = tiny_model(seed=0)
+    policy = copy.deepcopy(base)
+    torch.manual_seed(3)
+    attach(policy, LoraConfig(rank=4, alpha=8.0))
+    with torch.no_grad():  # B = 0 at init: give the adapters weights, so the policy differs from its base
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.05)
+    off = DPO(beta=0.2, reference=AdaptersOff()).loss(policy, batch)
+    frozen = DPO(beta=0.2, reference=FrozenCopy(base)).loss(policy, batch)
+    assert float(off.loss.detach()) == pytest.approx(float(frozen.loss.detach()), rel=1e-5)
+    assert float(off.loss.detach()) != pytest.approx(DPO(beta=0.2, reference=FrozenCopy(policy)).loss(policy, batch).loss.item())
+    with torch.no_grad():  # adapters back on: the policy is not its base
+        assert not torch.allclose(policy(batch["inputs"][:, 0]), base(batch["inputs"][:, 0]))
+
+
 # ---- data: rendering, masks, identical pairs, bad input -----------------------------------------------
 
 

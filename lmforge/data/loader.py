@@ -433,6 +433,8 @@ class Loader:
         if isinstance(data, (str, os.PathLike)):
             self.source: Source = open_source(data, split, seq_len=seq_len, document_mask=document_mask, packing=packing)
             self.n_samples = require_samples(self.source)  # type: ignore[arg-type]
+        elif isinstance(data, (TokenWindows, DocumentRows)):
+            self.source, self.n_samples = data, require_samples(data)
         else:
             self.source, self.n_samples = data, data.n_samples
             if self.n_samples < 1:
@@ -470,6 +472,14 @@ class Loader:
     def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self.next()
+
+    def tokens(self, step: int) -> int:
+        """The tokens of data step `step`'s global batch: the source's count of real tokens when it
+        keeps one (`tokens(sample_ids)`: pairs), else global_batch x seq_len."""
+        count = getattr(self.source, "tokens", None)
+        if count is None:
+            return self.global_batch * self.seq_len
+        return int(count(order.global_batch(step, seed=self.seed, n_samples=self.n_samples, global_batch=self.global_batch)))
 
     def skip(self, n_steps: int) -> None:
         """Advance the cursor without reading (e.g. past a data window that made the loss spike)."""
@@ -532,6 +542,13 @@ def val_batches(
             f"{path}: the val split has {source.dataset.n_tokens} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}; "
             f"re-run prepare with a larger --val-fraction, or evaluate with a smaller seq_len"
         )
+    yield from in_order(source, batch_size, max_batches)
+
+
+def in_order(source: Source, batch_size: int, max_batches: int | None = None) -> Iterator[Batch]:
+    """A source's samples 0, 1, 2, ... in batches of up to batch_size (the last may be smaller),
+    at most max_batches of them (None: all)."""
+    n = source.n_samples
     n_batches = -(-n // batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)

@@ -6,6 +6,8 @@ The interface (for a new objective, e.g. contrastive, classification, DPO):
 
     class MyObjective:
         name = "my_objective"                               # train.objective (config.OBJECTIVES too)
+        @classmethod
+        def from_config(cls, cfg: Config) -> MyObjective: ...  # its settings from the run's config
         def units(self, batch: Batch) -> int: ...           # what the loss averages over, before forward
         def loss(self, model, batch: Batch) -> LossOut: ...
 
@@ -53,23 +55,37 @@ fine-tuning: one more copy of the weights in memory, no gradients, no optimizer 
 adapters the reference is the policy itself with its adapters switched off (no second copy). The
 trainer builds it (train/loop.py), and records where its weights came from so a resume re-derives
 it (train/init_from.py `load_reference`).
+
+
+Contrastive (embeddings; docs/embeddings.md): a batch of pairs (data/pairs.py) is embedded with the
+pooling of the run's `embed:` section (`understand/embed.pool`, the function inference uses, so
+training and `lmforge embed` cannot drift apart), and each query is scored against every positive
+(and hard negative) of its micro batch: InfoNCE / multiple-negatives ranking loss, cross-entropy
+over cosine similarities / temperature with the query's own positive as the target. The in-batch
+negatives are those of the micro batch, so `train.micro_batch` decides how many negatives a query
+sees (micro_batch - 1 positives of others, plus micro_batch hard negatives when the data has them);
+a global batch of several micro batches (and ranks) averages their losses per pair. The micro
+batches of a global batch are the same on any world size, so deterministic_reduce stays
+bit-identical to one process. Units are pairs; `in_batch_accuracy` is the share of queries whose
+own positive scores highest.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from ..config import Config
 from ..data.loader import IGNORE, Batch, scored_targets
-from ..config import TrainConfig
 from ..errors import ConfigError
 from ..model import autocast, document_attention
+from ..understand.embed import Pooling, padding_masks, pool
 
 
 @dataclass
@@ -110,6 +126,10 @@ class NextToken:
 
     name = "next_token"
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> NextToken:
+        return cls()
+
     def units(self, batch: Batch) -> int:
         if "loss_mask" in batch:
             return int(batch["loss_mask"].sum())
@@ -139,6 +159,18 @@ class FrozenCopy:
 
     def __call__(self, policy: torch.nn.Module) -> AbstractContextManager[torch.nn.Module]:
         return nullcontext(self.module)
+
+
+class AdaptersOff:
+    """The reference as the policy itself with its LoRA adapters off (lora.adapters_disabled): with
+    LoRA the frozen base is the starting model, so no second copy of the weights is needed."""
+
+    @contextmanager
+    def __call__(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        from ..lora import adapters_disabled
+
+        with adapters_disabled(policy):
+            yield policy
 
 
 def sequence_logps(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -181,19 +213,58 @@ class DPO:
         return dpo_loss(policy, reference, self.beta)
 
 
-REGISTRY: dict[str, type] = {NextToken.name: NextToken, DPO.name: DPO}
+class Contrastive:
+    """In-batch negatives InfoNCE over (query, positive[, negative]) batches (module docstring)."""
+
+    name = "contrastive"
+
+    def __init__(self, temperature: float = 0.05, pooling: Pooling | None = None) -> None:
+        self.temperature = temperature
+        self.pooling = pooling or Pooling()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Contrastive:
+        return cls(cfg.train.contrastive_temperature, Pooling.from_config(cfg.embed))
+
+    def units(self, batch: Batch) -> int:
+        return int(batch["query"].shape[0])
+
+    def embed(self, model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, W) right-padded ids, (B,) lengths -> (B, C) unit vectors, as the Embedder pools them."""
+        T = int(lengths.max())
+        mask, attn = padding_masks(lengths, T, self.pooling.bidirectional)
+        hidden = model(ids[:, :T], attn_mask=attn, hidden=True)  # (B, T, C); through a DDP wrapper's forward
+        return F.normalize(pool(hidden, mask, self.pooling.method), dim=-1)  # (B, C) fp32
+
+    def scores(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """(B, B) or (B, 2B) fp32 logits: query i against every positive (then every negative) / temperature."""
+        q = self.embed(model, batch["query"], batch["query_lengths"])
+        docs = [self.embed(model, batch[part], batch[f"{part}_lengths"]) for part in ("positive", "negative") if part in batch]
+        return q @ torch.cat(docs).T / self.temperature
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> LossOut:
+        logits = self.scores(model, batch)
+        target = torch.arange(logits.shape[0], device=logits.device)  # query i's positive is column i
+        total = F.cross_entropy(logits, target, reduction="sum")
+        hits = (logits.argmax(dim=1) == target).sum().float()
+        return LossOut(total, logits.shape[0], {"in_batch_accuracy": hits.detach()})
 
 
-def make_objective(cfg: TrainConfig, *, reference: Reference | None = None) -> Objective:
-    """The run's objective: `train.objective` with its settings (train.dpo_beta) and the parts the
-    trainer gives it (DPO's reference). Config validation names the nearest objective for a typo."""
-    if cfg.objective not in REGISTRY:
-        raise ConfigError(f"train.objective: unknown objective {cfg.objective!r} (valid: {', '.join(REGISTRY)})")
-    if cfg.objective == DPO.name:
+REGISTRY: dict[str, type] = {NextToken.name: NextToken, DPO.name: DPO, Contrastive.name: Contrastive}
+
+
+def make_objective(cfg: Config, *, reference: Reference | None = None) -> Objective:
+    """The run's objective: `train.objective` set up from the run's config (train.dpo_beta,
+    train.contrastive_temperature, the embed: pooling) and the parts the trainer gives it (DPO's
+    reference). Config validation names the nearest objective for a typo."""
+    name = cfg.train.objective
+    if name not in REGISTRY:
+        raise ConfigError(f"train.objective: unknown objective {name!r} (valid: {', '.join(REGISTRY)})")
+    if name == DPO.name:
         if reference is None:
             raise ValueError("the dpo objective needs a reference (train/loop.py builds it)")
-        return DPO(cfg.dpo_beta, reference)
-    return REGISTRY[cfg.objective]()
+        return DPO(cfg.train.dpo_beta, reference)
+    return REGISTRY[name].from_config(cfg)
 
 
 @torch.no_grad()
@@ -224,5 +295,5 @@ def validation_loss(model: torch.nn.Module, objective: Objective, batches: Itera
     return validation(model, objective, batches, dtype=dtype)["loss"]
 
 
-__all__ = ["LossOut", "Objective", "NextToken", "DPO", "FrozenCopy", "Reference", "REGISTRY", "make_objective",
+__all__ = ["LossOut", "Objective", "NextToken", "DPO", "Contrastive", "FrozenCopy", "AdaptersOff", "Reference", "REGISTRY", "make_objective",
            "validation", "validation_loss", "model_inputs", "sequence_logps", "dpo_loss"]
