@@ -210,7 +210,6 @@ def test_embed_command_reads_lines_jsonl_and_directories(model_dir, embedder, tm
     (["{text}", "{text}", "--out", "{out}"], "is a file; expected a run, checkpoint or model directory"),
     (["{root}", "{text}", "--out", "{out}"], "is not a run, checkpoint or model directory"),
     (["{model}", "{text}", "--out", "{root}/v.csv"], "name a .npy file"),
-    (["{model}", "{text}", "--out", "{text}.npy", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["{model}", "{root}/missing.txt", "--out", "{out}"], "input not found"),
 ])
 def test_embed_command_bad_input_is_one_line_exit_2(model_dir, tmp_path, capsys, args, message) -> None:
