@@ -25,8 +25,12 @@ from .util import PROGRESS_MODES, console, out, progress_mode, set_progress_mode
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.hygiene import settings_from_switches
     from .data.prepare import prepare
 
+    hygiene = settings_from_switches(no_dedup=args.no_dedup, near_dup_threshold=args.near_dup_threshold,
+                                     quality=args.quality, skip_rules=args.skip_rule, pii=args.pii,
+                                     allow_empty=args.allow_empty)
     prepare(
         args.inputs,
         args.out,
@@ -41,6 +45,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         strict=args.strict,
         workers=args.workers,
         overwrite=args.overwrite,
+        hygiene=hygiene,
+        allow_empty=args.allow_empty,
+        mix=args.mix,
+        mix_max_repeat=args.mix_max_repeat,
     )
     return 0
 
@@ -52,6 +60,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         return p.cmd_info(args.path, as_json=args.json)
     if args.data_cmd == "verify":
         return p.cmd_verify(args.path)
+    if args.data_cmd == "report":
+        return p.cmd_report(args.path, as_json=args.json, examples=args.examples)
     if args.data_cmd == "inspect":
         path, step, seq_len, global_batch, seed = args.path, args.step, args.seq_len, args.global_batch, args.seed
         if (Path(args.path) / CONFIG_FILE).is_file():  # a run directory: its data, its step mapping
@@ -346,8 +356,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for validation")
     p.add_argument("--shard-tokens", type=int, default=50_000_000, help="max tokens per shard")
     p.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
-    p.add_argument("--workers", type=int, default=0, help="tokenizer threads (0: all cores)")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer threads and hygiene processes (0: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    h = p.add_argument_group("hygiene (on by default; docs/data.md: Hygiene)")
+    h.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
+    h.add_argument("--near-dup-threshold", type=float, metavar="J",
+                   help="estimated Jaccard similarity of word 5-grams at which a later document is a near duplicate "
+                        "(default 0.8, Lee et al. 2022)")
+    h.add_argument("--quality", default="on", metavar="on|off", help="quality filters (default on)")
+    h.add_argument("--skip-rule", action="append", default=[], metavar="RULE",
+                   help="switch one quality rule off (repeatable; names: lmforge data report, docs/data.md)")
+    h.add_argument("--pii", default="redact", choices=["redact", "drop", "keep"],
+                   help="PII and secrets: redact (typed placeholders, default), drop the document, keep")
+    h.add_argument("--allow-empty", action="store_true", help="warn instead of failing when hygiene empties an input")
+    h.add_argument("--mix", metavar="NAME=W,...", help="weighted mixing of the inputs' train text; NAME is an input's "
+                   "base name without extension, e.g. --mix wiki=0.5,tickets=0.3,code=0.2")
+    h.add_argument("--mix-max-repeat", type=float, metavar="R",
+                   help="with --mix: most times an input is repeated before the mixture stops (default 4)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("data", help="inspect a prepared dataset")
@@ -357,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d = dsub.add_parser("verify", help="re-check every checksum; names any bad shard")
     d.add_argument("path")
+    d = dsub.add_parser("report", help="what hygiene removed and redacted, per rule and input; the mixture")
+    d.add_argument("path")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--examples", type=int, default=0, metavar="N",
+                   help="show up to N recorded examples per rule (redacted; at most 10 are recorded)")
     d = dsub.add_parser("inspect", help="which documents and text were in a training step")
     d.add_argument("path", help="a dataset (then --step is the data step), or a run directory (then --step is the "
                    "training step as logged, mapped through the run's rollbacks and skips)")

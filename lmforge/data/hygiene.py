@@ -99,7 +99,12 @@ CODEX = "Codex (Chen et al. 2021) and StarCoder (Li et al. 2023)"
 
 @dataclass(frozen=True)
 class Rule:
-    """A document fails when `feature` is below `low` or above `high` (either may be None)."""
+    """A document fails when `feature` is below `low` or above `high` (either may be None).
+
+    min_words: the rule judges only documents of at least this many words. Gopher's ratio and
+    repetition rules were made for documents of >= 50 words (its own length rule); on a
+    ten-word ticket one number or one repeated line swings a ratio past any threshold, so they
+    apply from 50 words on, and shorter documents face only the length and binary rules."""
 
     name: str
     genre: str  # "prose" | "code" | "any"
@@ -108,16 +113,20 @@ class Rule:
     high: float | None
     source: str
     what: str
+    min_words: int = 0
 
     def fails(self, value: float) -> bool:
         return (self.low is not None and value < self.low) or (self.high is not None and value > self.high)
 
 
+RATIO_MIN_WORDS = 50  # Gopher's minimum document length: where its ratio rules start to judge
+
+
 def _ngram_rules() -> list[Rule]:
     top = [Rule(f"top_{n}gram", "prose", f"top_{n}gram", None, t, GOPHER_REP,
-                f"characters in the most frequent word {n}-gram > {t:.0%}") for n, t in ((2, 0.20), (3, 0.18), (4, 0.16))]
+                f"characters in the most frequent word {n}-gram > {t:.0%}", RATIO_MIN_WORDS) for n, t in ((2, 0.20), (3, 0.18), (4, 0.16))]
     dup = [Rule(f"dup_{n}gram", "prose", f"dup_{n}gram", None, t, GOPHER_REP,
-                f"characters in duplicated word {n}-grams > {t:.0%}")
+                f"characters in duplicated word {n}-grams > {t:.0%}", RATIO_MIN_WORDS)
            for n, t in ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))]
     return top + dup
 
@@ -129,19 +138,19 @@ RULES: tuple[Rule, ...] = (
     Rule("min_words", "prose", "words", 5, None, "Gopher (>= 50 words), lowered to 5: a ticket or a chat message is short but whole",
          "fewer than 5 words"),
     Rule("max_words", "prose", "words", None, 100_000, GOPHER, "more than 100,000 words"),
-    Rule("mean_word_length", "prose", "mean_word_length", 3, 10, GOPHER, "mean word length outside 3..10 characters"),
-    Rule("symbol_ratio", "prose", "symbol_ratio", None, 0.1, GOPHER, "'#' and '...' per word > 0.1"),
-    Rule("bullet_lines", "prose", "bullet_lines", None, 0.9, GOPHER, "more than 90% of lines start with a bullet"),
-    Rule("ellipsis_lines", "prose", "ellipsis_lines", None, 0.3, GOPHER, "more than 30% of lines end with an ellipsis"),
-    Rule("alpha_words", "prose", "alpha_words", 0.8, None, GOPHER, "fewer than 80% of words contain a letter"),
+    Rule("mean_word_length", "prose", "mean_word_length", 3, 10, GOPHER, "mean word length outside 3..10 characters", RATIO_MIN_WORDS),
+    Rule("symbol_ratio", "prose", "symbol_ratio", None, 0.1, GOPHER, "'#' and '...' per word > 0.1", RATIO_MIN_WORDS),
+    Rule("bullet_lines", "prose", "bullet_lines", None, 0.9, GOPHER, "more than 90% of lines start with a bullet", RATIO_MIN_WORDS),
+    Rule("ellipsis_lines", "prose", "ellipsis_lines", None, 0.3, GOPHER, "more than 30% of lines end with an ellipsis", RATIO_MIN_WORDS),
+    Rule("alpha_words", "prose", "alpha_words", 0.8, None, GOPHER, "fewer than 80% of words contain a letter", RATIO_MIN_WORDS),
     Rule("punctuation_lines", "prose", "punctuation_lines", 0.12, None,
          "FineWeb (Penedo et al. 2024), after C4's terminal-punctuation rule (Raffel et al. 2020)",
-         "12% or fewer of the lines end in punctuation"),
-    Rule("dup_lines", "prose", "dup_lines", None, 0.30, GOPHER_REP, "more than 30% of lines are repeats"),
-    Rule("dup_paragraphs", "prose", "dup_paragraphs", None, 0.30, GOPHER_REP, "more than 30% of paragraphs are repeats"),
-    Rule("dup_line_chars", "prose", "dup_line_chars", None, 0.20, GOPHER_REP, "more than 20% of characters in repeated lines"),
+         "12% or fewer of the lines end in punctuation", RATIO_MIN_WORDS),
+    Rule("dup_lines", "prose", "dup_lines", None, 0.30, GOPHER_REP, "more than 30% of lines are repeats", RATIO_MIN_WORDS),
+    Rule("dup_paragraphs", "prose", "dup_paragraphs", None, 0.30, GOPHER_REP, "more than 30% of paragraphs are repeats", RATIO_MIN_WORDS),
+    Rule("dup_line_chars", "prose", "dup_line_chars", None, 0.20, GOPHER_REP, "more than 20% of characters in repeated lines", RATIO_MIN_WORDS),
     Rule("dup_paragraph_chars", "prose", "dup_paragraph_chars", None, 0.20, GOPHER_REP,
-         "more than 20% of characters in repeated paragraphs"),
+         "more than 20% of characters in repeated paragraphs", RATIO_MIN_WORDS),
     *_ngram_rules(),
     Rule("generated", "code", "generated", None, 0.5, "StarCoder (Li et al. 2023): auto-generated files",
          "a generated-file marker in the first 5 lines ('auto-generated', 'do not edit', ...)"),
@@ -366,8 +375,9 @@ class Features:
 def failed_rule(text: str, genre: str, rules: Sequence[Rule], w: Words | None = None) -> str | None:
     """The name of the first rule of `rules` (for this genre) that the document fails, or None."""
     f = Features(text, w if w is not None else words(text))
+    n_words = len(f.w.hashes)
     for rule in rules:
-        if rule.genre in (genre, "any") and rule.fails(f[rule.feature]):
+        if rule.genre in (genre, "any") and n_words >= rule.min_words and rule.fails(f[rule.feature]):
             return rule.name
     return None
 
@@ -467,7 +477,7 @@ def settings_from_switches(
 def versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour decides what hygiene does (recorded in the manifest)."""
     out = {}
-    for dist in ("datasketch", "detect-secrets", "numpy"):
+    for dist in ("datasketch", "phonenumbers", "numpy"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -678,7 +688,8 @@ class Hygiene:
         return {
             "settings": self.settings.record(),
             "versions": versions(),
-            "rules": {r.name: {"genre": r.genre, "low": r.low, "high": r.high, "source": r.source, "what": r.what}
+            "rules": {r.name: {"genre": r.genre, "low": r.low, "high": r.high, "min_words": r.min_words, "source": r.source,
+                                "what": r.what}
                       for r in self.settings.active_rules},
             "inputs": {n: {"documents": self.read[n].documents, "bytes": self.read[n].bytes,
                            "kept_documents": self.kept[n].documents, "kept_bytes": self.kept[n].bytes} for n in self.inputs},
