@@ -112,7 +112,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
-    """`lmforge ckpt verify`: one line per checkpoint on stdout (the result); exit 1 when any is damaged."""
+    """`lmforge ckpt verify`: one line per checkpoint on stdout (the result); exit 1 when any is damaged.
+    `lmforge ckpt average`: average.py."""
+    if args.ckpt_cmd == "average":
+        from .average import average_command
+
+        return average_command(args.path, args.out, last=args.last, steps=args.steps, ema=args.ema, overwrite=args.overwrite)
     from .errors import CheckpointError
     from .artifacts import is_checkpoint_dir, is_model_dir, list_checkpoints, verify_checkpoint, verify_model_dir
 
@@ -417,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="ckpt_cmd", metavar="ACTION", required=True)
     c = csub.add_parser("verify", help="check every checkpoint of a run: ok / corrupt (which file) / incomplete")
     c.add_argument("path", help="run directory or checkpoint directory")
+    c = csub.add_parser("average", help="weighted mean of a run's checkpoints -> a model directory")
+    c.add_argument("path", help="run directory")
+    c.add_argument("--last", type=int, metavar="N", help="the newest N checkpoints (N >= 2)")
+    c.add_argument("--steps", metavar="S1,S2,...", help="these steps (instead of --last)")
+    c.add_argument("--ema", type=float, metavar="DECAY", help="weights proportional to DECAY ** (last step - step) "
+                   "instead of uniform")
+    c.add_argument("--out", required=True, help="model directory to write")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_ckpt)
 
     p = sub.add_parser("sample", help="generate text from a run or checkpoint")
