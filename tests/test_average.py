@@ -70,7 +70,7 @@ def test_sample_and_eval_accept_the_averaged_model(run: Path, tmp_path: Path) ->
     p = subprocess.run(lmforge_cmd("eval", str(out), "--json", "--max-batches", "2"),
                        capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["loss"] > 0
+    assert json.loads(p.stdout)["metrics"]["loss"] > 0
 
 
 def test_bad_requests_are_refused(run: Path, tmp_path: Path) -> None:
