@@ -87,6 +87,7 @@ def test_exact_and_near_duplicates_keep_the_first_occurrence(tmp_path) -> None:
     assert h["removed"] == {"exact_dup": {"corpus": {"documents": 1, "bytes": (corpus / "b.txt").stat().st_size}},
                             "near_dup": {"corpus": {"documents": 1, "bytes": (corpus / "c.txt").stat().st_size}}}
     assert [e["source"] for e in h["examples"]["near_dup"]] == [str(corpus / "c.txt")]
+    assert h["examples"]["near_dup"][0]["copy_of"] == {"source": str(corpus / "a.txt"), "byte_offset": 0}
     # The first occurrence in corpus order is the one kept: rename the copy so that it comes first.
     (corpus / "a.txt").rename(corpus / "z.txt")
     out2 = prep.prepare([corpus], tmp_path / "ds2", vocab_size=300, val_fraction=0.0, hygiene=Settings(quality=False))

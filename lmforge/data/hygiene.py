@@ -620,6 +620,7 @@ class Hygiene:
         self.read = {n: _Count() for n in self.inputs}
         self._exact: dict[bytes, int] = {}  # key -> id of the kept document
         self._u: list[float] = []  # id -> u of kept documents (dedup only)
+        self._where: list[tuple[str, int]] = []  # id -> (source, byte offset): named in a copy's example
         self._sigs: list[np.ndarray] = []
         self._lsh = None
         if self.settings.dedup:
@@ -653,6 +654,7 @@ class Hygiene:
                     doc_id = len(self._u)
                     self._exact[a.exact] = doc_id
                     self._u.append(u)
+                    self._where.append((source, byte_offset))
                     self._sigs.append(a.signature)
                     self._lsh.insert(doc_id, sig, check_duplication=False)
         if reason is None:
@@ -662,14 +664,16 @@ class Hygiene:
         if of is not None:
             self.cross.append((u, self._u[of]))
         # PII-dropped documents are shown redacted (their original text may be the secret).
-        self._example(reason, input_name, source, byte_offset, original)
+        self._example(reason, input_name, source, byte_offset, original,
+                      copy_of=None if of is None else {"source": self._where[of][0], "byte_offset": self._where[of][1]})
         return False
 
-    def _example(self, key: str, input_name: str, source: str, byte_offset: int, text: str, around: str | None = None) -> None:
+    def _example(self, key: str, input_name: str, source: str, byte_offset: int, text: str, around: str | None = None,
+                 copy_of: dict[str, Any] | None = None) -> None:
         bucket = self.examples.setdefault(key, [])
         if len(bucket) < self.settings.examples:
             bucket.append({"input": input_name, "source": source, "byte_offset": byte_offset,
-                           "text": _snippet(text, around)})
+                           "text": _snippet(text, around)} | ({"copy_of": copy_of} if copy_of else {}))
 
     def empty_inputs(self) -> list[str]:
         """Inputs that had documents and have none left."""

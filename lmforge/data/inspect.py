@@ -219,5 +219,6 @@ def cmd_report(path: str | os.PathLike, as_json: bool = False, examples: int = 0
         for rule, items in h["examples"].items():
             o.print(Text(f"examples: {rule}", style="bold"))
             for e in items:
-                o.print(Text(f"  {e['source']} @ {e['byte_offset']} ({e['input']}): {e['text']!r}"), soft_wrap=True)
+                of = f" copy of {e['copy_of']['source']} @ {e['copy_of']['byte_offset']}" if "copy_of" in e else ""
+                o.print(Text(f"  {e['source']} @ {e['byte_offset']} ({e['input']}){of}: {e['text']!r}"), soft_wrap=True)
     return 0

@@ -269,7 +269,8 @@ function renderData(ids) {
           h.redacted.map((r) => [r.kind, r.documents, r.items, ...names.map((n) => (r.by_input[n] || { items: 0 }).items)])));
       }
       const ex = Object.entries(h.examples || {}).flatMap(([rule, items]) =>
-        items.map((e) => [rule, `${e.source} @ ${e.byte_offset}`, e.text]));
+        items.map((e) => [rule, `${e.source} @ ${e.byte_offset}` +
+                               (e.copy_of ? ` (copy of ${e.copy_of.source} @ ${e.copy_of.byte_offset})` : ""), e.text]));
       if (ex.length) {
         const t = table("examples", ["example of", "where", "text (redacted)"], ex);
         for (const tr of t.querySelectorAll("tr")) if (tr.cells[2]) tr.cells[2].className = "example";
