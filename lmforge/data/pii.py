@@ -42,7 +42,7 @@ Kinds and placeholders (`KINDS`; each finding becomes `<KIND>` in upper case):
 Placeholders are the same for every value of a kind (`<EMAIL>` for all addresses, no numbering): a
 placeholder carries the shape and nothing of the value, not even whether two findings were equal,
 and scrubbing is idempotent (a placeholder contains nothing detectable). Overlapping findings are
-resolved by a fixed priority (secret, credit_card, iban, email, ip, phone), then by position, so a
+resolved by a fixed priority (secret, iban, credit_card, email, ip, phone), then by position, so a
 URL's password wins over the `password@host` that looks like an e-mail address.
 
 Modes: `redact` replaces findings; `drop` leaves the text as it is and sets `drop=True` when the
@@ -65,6 +65,8 @@ which services are covered here; the patterns are written from the services' doc
 
 from __future__ import annotations
 
+import bisect
+import importlib.metadata
 import ipaddress
 import math
 import re
@@ -73,6 +75,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import phonenumbers
+import re2
 
 from lmforge.errors import ConfigError
 
@@ -82,7 +85,7 @@ MODES: tuple[str, ...] = ("redact", "drop", "keep")
 # dataset says which detectors scrubbed it.
 DETECTOR_VERSIONS: dict[str, int] = {kind: 1 for kind in KINDS}
 # Overlaps between kinds are resolved in this order (the first kind wins).
-_PRIORITY: tuple[str, ...] = ("secret", "credit_card", "iban", "email", "ip", "phone")
+_PRIORITY: tuple[str, ...] = ("secret", "iban", "credit_card", "email", "ip", "phone")
 # Countries whose national (trunk prefix 0) numbers are recognised without a `+` country code.
 NATIONAL_REGIONS: tuple[str, ...] = (
     "GB", "DE", "FR", "NL", "BE", "CH", "AT", "IT", "SE", "AU", "IN", "JP", "BR", "ZA", "NZ",
@@ -107,13 +110,79 @@ class ScrubResult:
     drop: bool  # mode "drop" and at least one finding
 
 
+# --------------------------------------------------------------------------------------- triggers
+# Python's `re` scans text at 5-50 MB/s (a leading lookbehind or a long alternation of words is at
+# the slow end), so the detailed patterns never run over a whole document. One pass of RE2 (Google's
+# linear-time engine: a DFA, so no pattern can backtrack catastrophically) over the UTF-8 bytes finds
+# where a kind *could* be: a digit cluster (every IPv4, phone, card number and IBAN contains one), a
+# run of hex and colons (IPv6), a credential word, the literal start of a service token. The detailed
+# `re` patterns then run only in small windows around those places, or anchored at them; each is
+# bounded (no nested unbounded quantifier), so a failing candidate costs a bounded number of steps.
+# `@`, `://`, `PRIVATE KEY` and `Q~` are found with str.find, which is faster still.
+
+_TRIGGER = re2.compile(
+    rb"(\d[\d .\-()/]{5,}\d)"  # 1: digit cluster, seven characters or more
+    rb"|(::|:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:)"  # 2: IPv6
+    rb"|((?i:pass|pwd|secret|token|key|credential|sig))"  # 3: credential word
+    rb"|(AKIA|ASIA|ABIA|ACCA|A3T|AIza|ya29\.|GOCSPX-|gh[pousr]_|github_pat_|glpat-|xox[abposr]-|[sr]k_live_"
+    rb"|[sr]k_test_|whsec_|sk-|hf_|npm_|pypi-|SG\.|shp(?:at|ca|pa|ss)_|do[opr]_v1_|eyJ|hooks\.slack\.com/)"  # 4
+)
+_MARGIN = 36  # chars around a digit cluster: an IBAN's letters, a `+` or `(`, lookbehind context
+
+
+def _windows(spans: Iterable[tuple[int, int]], before: int, after: int, n: int) -> list[tuple[int, int]]:
+    """Merged windows [start - before, end + after) around sorted spans, clipped to [0, n)."""
+    out: list[tuple[int, int]] = []
+    for s, e in spans:
+        s, e = max(0, s - before), min(n, e + after)
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+class _Doc:
+    """A document and the places its detectors look at (one trigger pass per document)."""
+
+    __slots__ = ("text", "digit_windows", "v6_windows", "words", "tokens")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        data = text.encode("utf-8", "surrogatepass")
+        groups: list[list[tuple[int, int]]] = [[], [], [], []]
+        for m in _TRIGGER.finditer(data):
+            i = m.lastindex
+            groups[i - 1].append(m.span(i))
+        if not text.isascii():  # byte offsets -> str offsets (every trigger match is ASCII)
+            groups = _char_offsets(data, groups)
+        n = len(text)
+        self.digit_windows = _windows(groups[0], _MARGIN, _MARGIN, n)
+        self.v6_windows = _windows(groups[1], 45, 45, n)
+        self.words = groups[2]
+        self.tokens = groups[3]
+
+    def finditer(self, pattern: re.Pattern[str], windows: list[tuple[int, int]]) -> Iterable[re.Match[str]]:
+        for start, end in windows:
+            yield from pattern.finditer(self.text, start, end)
+
+
+def _char_offsets(data: bytes, groups: list[list[tuple[int, int]]]) -> list[list[tuple[int, int]]]:
+    """Map byte offsets into `data` (UTF-8) to offsets in the decoded str, in one pass."""
+    points = sorted({o for spans in groups for span in spans for o in span})
+    mapping, chars, prev = {}, 0, 0
+    for o in points:
+        chars += len(data[prev:o].decode("utf-8", "surrogatepass"))
+        mapping[o], prev = chars, o
+    return [[(mapping[s], mapping[e]) for s, e in spans] for spans in groups]
+
+
 # ----------------------------------------------------------------------------------------- email
 
-# Local part at most 64 characters (RFC 5321) and starting where a run of local characters starts,
-# so a long run without `@` is scanned once, not once per position.
-_EMAIL = re.compile(
-    r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9][A-Za-z0-9._%+\-]{0,63}@"
-    r"((?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.){1,8}([A-Za-z]{2,24}))(?![A-Za-z0-9\-])"
+_LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
+# The domain after `@`: labels of at most 63 characters, then a top-level domain of letters.
+_EMAIL_DOMAIN = re.compile(
+    r"@((?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.){1,8}([A-Za-z]{2,24}))(?![A-Za-z0-9\-])"
 )
 _GENERIC_TLDS = frozenset(
     """com org net edu gov mil int info biz name pro aero coop museum mobi asia tel travel jobs
@@ -129,24 +198,43 @@ _RESERVED_DOMAINS = ("example.com", "example.net", "example.org")
 _RESERVED_TLDS = frozenset(("example", "test", "invalid", "localhost"))
 
 
-def _emails(text: str) -> Iterable[tuple[int, int]]:
-    if "@" not in text:
-        return
-    for m in _EMAIL.finditer(text):
-        domain, tld = m.group(1).lower(), m.group(2).lower()
-        if len(tld) != 2 and tld not in _GENERIC_TLDS:
-            continue
-        if tld in _RESERVED_TLDS or any(domain == d or domain.endswith("." + d) for d in _RESERVED_DOMAINS):
-            continue
-        yield m.start(), m.end()
+def _emails(doc: _Doc) -> Iterable[tuple[int, int]]:
+    text = doc.text
+    at = text.find("@")
+    while at != -1:
+        m = _EMAIL_DOMAIN.match(text, at)
+        if m is not None:
+            # The local part: up to 64 local characters back from `@` (RFC 5321), starting with a
+            # letter or digit; a longer run is not an address.
+            start = at
+            while start > at - 65 and start > 0 and text[start - 1] in _LOCAL_CHARS:
+                start -= 1
+            while start < at and not text[start].isalnum():
+                start += 1
+            domain, tld = m.group(1).lower(), m.group(2).lower()
+            if (
+                start < at
+                and at - start <= 64
+                and (start == 0 or text[start - 1] not in _LOCAL_CHARS)
+                and (len(tld) == 2 or tld in _GENERIC_TLDS)
+                and tld not in _RESERVED_TLDS
+                and not any(domain == d or domain.endswith("." + d) for d in _RESERVED_DOMAINS)
+                # user:password@host in a URL is a password (secret), not an address
+                and not (start > 0 and text[start - 1] == ":" and "://" in text[max(0, start - 80):start])
+            ):
+                yield start, m.end()
+        at = text.find("@", at + 1)
 
 
 # -------------------------------------------------------------------------------------------- ip
 
-_IPV4 = re.compile(r"(?<![\w.])(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?!\w|\.\d)")
-# What precedes an IPv4-shaped version: "version 1.2.3.4", "v 1.2.3.4", "==1.2.3.4", "Python 3.11.0.1".
+# (not inside a longer dotted number, and not a reverse-DNS name: 1.0.0.127.in-addr.arpa)
+_IPV4 = re.compile(r"(?<![\w.])(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?!\w|\.\d|\.in-addr\.)")
+# What precedes an IPv4-shaped version or section number: "version 1.2.3.4", "==1.2.3.4",
+# "section 8.2.4.44", "Python 3.11.0.1", "prior to 1.2.5.3".
 _VERSION_CONTEXT = re.compile(
-    r"(?i)(?:\b(?:version|ver|release|rel|rev|revision|build|python|firmware|v)\s*[:=]?|[=<>~!]=|\bv)\s*$"
+    r"(?i)(?:\b(?:version|ver|release|rel|rev|revision|build|python|firmware|v|sections?|chapter|rfc|prior to"
+    r"|since|before|after|until)\W{0,3}|[=<>~!]=\s*|§\s*|section-)$"
 )
 # Hex groups with at least two colons; bounded everywhere, so failing candidates cost O(1) each.
 _IPV6 = re.compile(
@@ -166,29 +254,33 @@ def _v4_redacted(addr: ipaddress.IPv4Address) -> bool:
     return not any(addr in net for net in _V4_KEPT)
 
 
-def _ips(text: str) -> Iterable[tuple[int, int]]:
-    if "." in text:
-        for m in _IPV4.finditer(text):
-            if any(int(g) > 255 or (len(g) > 1 and g[0] == "0") for g in m.groups()):
-                continue
-            if not _v4_redacted(ipaddress.IPv4Address(m.group(0))):
-                continue
-            if _VERSION_CONTEXT.search(text, max(0, m.start() - 24), m.start()):
-                continue
-            yield m.start(), m.end()
-    if "::" in text or text.count(":") >= 7:
-        for m in _IPV6.finditer(text):
-            try:
-                addr = ipaddress.IPv6Address(m.group(0))
-            except ValueError:
-                continue
-            if addr.ipv4_mapped is not None:
-                if _v4_redacted(addr.ipv4_mapped):
-                    yield m.start(), m.end()
-                continue
-            if addr in _V6_DOC or not any(addr in net for net in _V6_REDACTED):
-                continue
-            yield m.start(), m.end()
+def _ips(doc: _Doc) -> Iterable[tuple[int, int]]:
+    text = doc.text
+    for m in doc.finditer(_IPV4, doc.digit_windows):
+        octets = m.groups()
+        if any(int(g) > 255 or (len(g) > 1 and g[0] == "0") for g in octets):
+            continue
+        # Every octet a single digit (1.2.3.4, 2.7.2.2, 8.8.8.8): far more often a version, a
+        # section or an OID than a person's address.
+        if all(len(g) == 1 for g in octets):
+            continue
+        if not _v4_redacted(ipaddress.IPv4Address(m.group(0))):
+            continue
+        if _VERSION_CONTEXT.search(text, max(0, m.start() - 24), m.start()):
+            continue
+        yield m.start(), m.end()
+    for m in doc.finditer(_IPV6, doc.v6_windows):
+        try:
+            addr = ipaddress.IPv6Address(m.group(0))
+        except ValueError:
+            continue
+        if addr.ipv4_mapped is not None:
+            if _v4_redacted(addr.ipv4_mapped):
+                yield m.start(), m.end()
+            continue
+        if addr in _V6_DOC or not any(addr in net for net in _V6_REDACTED):
+            continue
+        yield m.start(), m.end()
 
 
 # ----------------------------------------------------------------------------------------- phone
@@ -196,15 +288,17 @@ def _ips(text: str) -> Iterable[tuple[int, int]]:
 # International: `+` country code, then a run of digits and separators (one character class, so
 # linear); trimmed and validated in Python.
 _PHONE_INTL = re.compile(r"(?<![\w+])\+\d[\d ().\-/]{6,24}\d")
+_SIGNED_DECIMAL = re.compile(r"\+\d+\.\d+")
 # North American: (415) 555-2671, 415-555-2671, 415.555.2671, 415 555 2671, 1-415-555-2671.
 _PHONE_NANP = re.compile(
-    r"(?<![\w.+\-/(])(?:1[ .\-])?(?:\(\d{3}\) ?|\d{3}([ .\-]))\d{3}[ .\-]\d{4}(?![\w]|[.\-/]\d)"
+    r"(?<![\w.+\-/(])(?<!\d )(?:1[ .\-])?(?:\(\d{3}\) ?|\d{3}[ .\-])\d{3}[ .\-]\d{4}(?![\w]|[.\-/]\d| \d)"
 )
 # Trunk prefix 0 with at least one separator: 020 7946 0958, 030 1234567, 089/1234567, (030) 1234567,
 # 01 23 45 67 89, 01.23.45.67.89, 06-12345678.
 _PHONE_NATIONAL = re.compile(
-    r"(?<![\w.+\-/(:])(?:\(0\d{1,4}\) ?|0\d{1,4}[ \-/.])\d{2,8}(?:[ \-.]\d{2,4}){0,3}(?![\w]|[.\-/:]\d)"
+    r"(?<![\w.+\-/(:])(?<!\d )(?:\(0\d{1,4}\) ?|0\d{1,5}[ \-/.])\d{2,8}(?:[ \-.]\d{2,4}){0,3}(?![\w]|[.\-/:]\d| \d)"
 )
+_FRENCH_DOTTED = re.compile(r"0\d(?:\.\d\d){4}")
 _DATE_LIKE = re.compile(r"\d{1,4}([./\-])\d{1,2}\1\d{1,4}")
 _PHONE_SEPARATORS = re.compile(r"[ ().\-/]+")
 
@@ -217,12 +311,15 @@ def _valid_phone(candidate: str, region: str | None) -> bool:
     return phonenumbers.is_valid_number(number)
 
 
-def _phones(text: str) -> Iterable[tuple[int, int]]:
-    if "+" in text:
-        for m in _PHONE_INTL.finditer(text):
+def _phones(doc: _Doc) -> Iterable[tuple[int, int]]:
+    windows = doc.digit_windows
+    if "+" in doc.text:
+        for m in doc.finditer(_PHONE_INTL, windows):
             # The run may have swallowed a following number ("+1 415 555 2671 12 items"): drop
             # trailing groups until the number is valid.
             cand, start = m.group(0), m.start()
+            if _SIGNED_DECIMAL.fullmatch(cand):
+                continue  # +35236450.6 is a number, not a phone
             for _ in range(4):
                 digits = sum(c.isdigit() for c in cand)
                 if digits < 8:
@@ -234,17 +331,14 @@ def _phones(text: str) -> Iterable[tuple[int, int]]:
                 if cut <= 2:
                     break
                 cand = cand[:cut].rstrip(" ().-/")
-    for m in _PHONE_NANP.finditer(text):
-        if _DATE_LIKE.fullmatch(m.group(0)):
-            continue
-        if _valid_phone(m.group(0), "US"):
+    for m in doc.finditer(_PHONE_NANP, windows):
+        if not _DATE_LIKE.fullmatch(m.group(0)) and _valid_phone(m.group(0), "US"):
             yield m.start(), m.end()
-    for m in _PHONE_NATIONAL.finditer(text):
+    for m in doc.finditer(_PHONE_NATIONAL, windows):
         cand = m.group(0)
-        if _DATE_LIKE.fullmatch(cand) or ("." in cand and not re.fullmatch(r"0\d(?:\.\d\d){4}", cand)):
+        if _DATE_LIKE.fullmatch(cand) or ("." in cand and not _FRENCH_DOTTED.fullmatch(cand)):
             continue  # dots only in the French 01.23.45.67.89 shape; else versions and dates
-        digits = len(_PHONE_SEPARATORS.sub("", cand))
-        if not 9 <= digits <= 12:
+        if not 9 <= len(_PHONE_SEPARATORS.sub("", cand)) <= 12:
             continue
         if any(_valid_phone(cand, region) for region in NATIONAL_REGIONS):
             yield m.start(), m.end()
@@ -252,13 +346,14 @@ def _phones(text: str) -> Iterable[tuple[int, int]]:
 
 # ----------------------------------------------------------------------------------- credit_card
 
-_CARD = re.compile(r"(?<![\d.\-])\d(?:[ \-]?\d){12,18}(?![\d]|[.\-]\d)")
+_CARD = re.compile(r"(?<![\w.\-])\d(?:[ \-]?\d){12,18}(?![\d]|[.\-]\d)")
 # Groupings cards are printed with (digits per group).
 _CARD_GROUPS = {(4, 4, 4, 4), (4, 6, 5), (4, 6, 4), (4, 4, 4, 4, 3), (4, 4, 4, 4, 2), (4, 4, 4, 4, 1), (4, 4, 4, 1),
                 (4, 4, 4, 2), (4, 4, 4, 3), (4, 4, 5), (6, 13)}
 _CARD_PREFIX = re.compile(
     r"4|5[1-5]|2(?:2[2-9]|[3-6]\d|7[01]|720)|3[47]|30[0-5]|3[689]|35(?:2[89]|[3-8]\d)|6(?:011|5|4[4-9]|2)|5[06-9]"
 )
+_AMEX, _DINERS = re.compile(r"3[47]"), re.compile(r"3(?:0[0-5]|[689])")
 
 
 def luhn_ok(digits: str) -> bool:
@@ -272,17 +367,25 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _cards(text: str) -> Iterable[tuple[int, int]]:
-    for m in _CARD.finditer(text):
+def _plain_card_length_ok(digits: str) -> bool:
+    """Lengths of card numbers written without separators (a long bare integer is rarely a card)."""
+    n = len(digits)
+    return n == 16 or (n == 15 and _AMEX.match(digits) is not None) or (
+        n == 14 and _DINERS.match(digits) is not None) or (n == 13 and digits[0] == "4")
+
+
+def _cards(doc: _Doc) -> Iterable[tuple[int, int]]:
+    for m in doc.finditer(_CARD, doc.digit_windows):
         cand = m.group(0)
         seps = {c for c in cand if not c.isdigit()}
         if len(seps) > 1:
             continue
-        if seps:
-            groups = tuple(len(g) for g in re.split(r"[ \-]", cand))
-            if groups not in _CARD_GROUPS:
-                continue
         digits = cand.replace(" ", "").replace("-", "")
+        if seps:
+            if tuple(len(g) for g in re.split(r"[ \-]", cand)) not in _CARD_GROUPS:
+                continue
+        elif not _plain_card_length_ok(digits):
+            continue
         if len(set(digits)) < 2 or not _CARD_PREFIX.match(digits) or not luhn_ok(digits):
             continue
         yield m.start(), m.end()
@@ -313,8 +416,8 @@ def iban_ok(iban: str) -> bool:
     return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
 
 
-def _ibans(text: str) -> Iterable[tuple[int, int]]:
-    for m in _IBAN.finditer(text):
+def _ibans(doc: _Doc) -> Iterable[tuple[int, int]]:
+    for m in doc.finditer(_IBAN, doc.digit_windows):
         cand = m.group(0)
         compact = cand.replace(" ", "")
         want = IBAN_LENGTHS.get(compact[:2])
@@ -335,23 +438,22 @@ def _ibans(text: str) -> Iterable[tuple[int, int]]:
 
 # ---------------------------------------------------------------------------------------- secret
 
-_B = r"(?<![A-Za-z0-9_\-])"  # a token starts here
-_E = r"(?![A-Za-z0-9_\-])"  # and ends here
+# Tokens of well-known services, each starting with a literal (so the scan is fast) and bounded by
+# non-token characters (checked in Python: a leading lookbehind would make the scan slow).
 _TOKEN_PATTERNS = {
     "aws_access_key_id": r"(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}",
     "google_api_key": r"AIza[0-9A-Za-z_\-]{35}",
     "google_oauth_token": r"ya29\.[0-9A-Za-z_\-]{20,}",
     "google_oauth_secret": r"GOCSPX-[0-9A-Za-z_\-]{28}",
-    "azure_client_secret": r"[A-Za-z0-9_~.\-]{3}\dQ~[A-Za-z0-9_~.\-]{31,34}",
     "github_token": r"gh[pousr]_[A-Za-z0-9]{36,255}",
     "github_pat": r"github_pat_[A-Za-z0-9_]{22,255}",
     "gitlab_token": r"glpat-[A-Za-z0-9_\-]{20,}",
     "slack_token": r"xox[abposr]-[A-Za-z0-9\-]{10,}",
-    "slack_webhook": r"(?<=hooks\.slack\.com/services/)T[A-Z0-9]+/B[A-Z0-9]+/[A-Za-z0-9]+",
-    "stripe_key": r"(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,}",
+    "slack_webhook": r"hooks\.slack\.com/services/T[A-Z0-9]+/B[A-Z0-9]+/[A-Za-z0-9]+",
+    "stripe_key": r"[sr]k_(?:live|test)_[A-Za-z0-9]{16,}",
     "stripe_webhook_secret": r"whsec_[A-Za-z0-9]{24,}",
     "anthropic_key": r"sk-ant-[a-z0-9]+-[A-Za-z0-9_\-]{40,}",
-    "openai_key": r"sk-(?:proj-|svcacct-|admin-|None-)?[A-Za-z0-9_\-]{32,}",
+    "openai_key": r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{32,}",
     "huggingface_token": r"hf_[A-Za-z0-9]{30,}",
     "npm_token": r"npm_[A-Za-z0-9]{36}",
     "pypi_token": r"pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_\-]{50,}",
@@ -360,33 +462,41 @@ _TOKEN_PATTERNS = {
     "digitalocean_token": r"do[opr]_v1_[a-f0-9]{64}",
     "jwt": r"eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*",
 }
-_TOKENS = re.compile(_B + "(?:" + "|".join(_TOKEN_PATTERNS.values()) + ")" + _E)
+_TOKENS = re.compile("|".join(_TOKEN_PATTERNS.values()))
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+# Azure AD client secrets (3 characters, a digit, `Q~`, 31-34 more) have no literal prefix: found
+# from their `Q~`.
+_AZURE_SECRET = re.compile(r"(?<![A-Za-z0-9_~.\-])[A-Za-z0-9_~.\-]{3}\dQ~[A-Za-z0-9_~.\-]{31,34}(?![A-Za-z0-9_~.\-])")
 _PRIVATE_KEY_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----")
 _PRIVATE_KEY_END = re.compile(r"-----END (?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----")
-_KEY_BODY = re.compile(r"(?:[A-Za-z0-9+/=:, \t\r\n\-]|\\n)*")  # when END is missing: the key text
+# When END is missing (a truncated paste): the lines of base64 (or PEM headers) after BEGIN, real or
+# escaped (\\n in JSON) newlines, up to the first line that is neither.
+_KEY_BODY = re.compile(r"(?:(?:\r?\n|\\n)(?:[A-Za-z0-9+/=]{1,128}|[A-Za-z\-]{1,30}: [^\n\\]{0,128}))*")
 _MAX_KEY_BLOCK = 65536
 
-_URL_PASSWORD = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]{1,15}://[^\s:/@\"'<>]{1,64}:([^\s:/@\"'<>]{1,128})@[A-Za-z0-9\[]")
-# A credential key (possibly inside a longer identifier: DB_PASSWORD, dbPassword, "api-key"), an
-# assignment (= : := => == and quotes around the key), then a quoted or bare value.
-_CRED_KEY = (
-    r"(?:pass(?:word|wd|phrase)?|pwd|secret|token|api[_\-]?key|apikey|access[_\-]?key|auth[_\-]?key"
-    r"|private[_\-]?key|account[_\-]?key|client[_\-]?secret|credentials?|sig)"
+# scheme://user:password@host (the `://` is found first; this matches from there).
+_URL_PASSWORD = re.compile(r"://[^\s:/@\"'<>]{1,64}:([^\s:/@\"'<>]{1,128})@[A-Za-z0-9\[]")
+_URL_PASSWORD_PLACEHOLDERS = frozenset(
+    ("password", "pass", "passwd", "pwd", "secret", "pw", "p", "x", "xxx", "***", "****", "token")
 )
+
+
+# A credential word (inside a longer identifier too: DB_PASSWORD, dbPassword, "api-key"), an optional
+# suffix, an assignment (= : := => == and quotes around the key), then a quoted or a bare value.
+# Matched anchored at the word the trigger pass found.
 _KEY_VALUE = re.compile(
-    r"(?:(?<![A-Za-z0-9])|(?<=[a-z])(?=[A-Z]))(?i:" + _CRED_KEY + r")"
-    r"(?i:[_\-]?(?:key|value|str|string|hash))?(?![A-Za-z0-9])[\"']?[ \t]*(?::=|=>|==?|:)[ \t]*"
-    r"(?:[bru]?([\"'])(?P<q>[^\"'\n]{1,256})\1|(?P<bare>[^\s\"'`,;]{1,256}))"
+    r"(?i:password|passwd|passphrase|pass|pwd|secret|token|key|credentials?|sig)"
+    r"(?i:[_\-]?(?:key|value|str|string|hash))?(?![A-Za-z0-9])[\"']?[ \t]*(?P<op>:=|=>|==?|:)[ \t]*"
+    r"(?:[bru]?(?P<quote>[\"'])(?P<q>[^\"'\n]{1,256})(?P=quote)|(?P<bare>[^\s\"'`,;()\[\]{}<>]{1,256})(?P<after>.?))"
 )
+# `key` alone is not a credential word (dict keys are everywhere); api_key, accessKey, ... are.
+_KEY_PREFIX = re.compile(r"(?i:api|access|auth|private|account|secret|signing|encryption|master|client)[_\-]?$")
 # Values that are code, templates or placeholders, not secrets.
 _NOT_A_VALUE = re.compile(
     r"(?i)^(?:none|null|nil|true|false|undefined|required|optional|string|str|bytes|int)$|\$\{|\{\{|%\(|%s"
     r"|^<.*>$|xxx|\*\*\*|\.\.\.|example|placeholder|your[_\-]|changeme|dummy"
 )
-_CODE_EXPRESSION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*(?:\(.*|\[.*)?$")
-_URL_PASSWORD_PLACEHOLDERS = frozenset(
-    ("password", "pass", "passwd", "pwd", "secret", "pw", "p", "x", "xxx", "***", "****", "token")
-)
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def entropy(s: str) -> float:
@@ -395,19 +505,20 @@ def entropy(s: str) -> float:
     return -sum(c / n * math.log2(c / n) for c in Counter(s).values())
 
 
-def _secret_value(value: str, quoted: bool) -> bool:
+def _secret_value(value: str, bare: bool) -> bool:
     """A value next to a credential key that looks like a real secret (not code, not a dummy)."""
-    if len(value) < 8 or _NOT_A_VALUE.search(value) or len(set(value)) < 5:
+    if len(value) < 8 or len(set(value)) < 5 or _NOT_A_VALUE.search(value):
         return False
-    if not quoted:
-        if "(" in value or _CODE_EXPRESSION.match(value) and not any(c.isdigit() for c in value):
-            return False
-        if value.startswith(("/", "./", "~", "http://", "https://")):
-            return False
-    return entropy(value) >= 3.0 and (any(c.isdigit() for c in value) or not value.isalpha() or len(value) >= 16)
+    if bare and _IDENTIFIER.fullmatch(value) and ("_" in value or "." in value or not any(c.isdigit() for c in value)):
+        return False  # a name in code (self.password, KEY_PASSWORD, getpass_bytes), not a value
+    if bare and value.startswith(("/", "./", "~", "http://", "https://")):
+        return False
+    # 3 bits per character, or less for short values (a 10-character password cannot reach 3.3)
+    return entropy(value) >= min(3.0, 0.85 * math.log2(len(value))) and (any(c.isdigit() for c in value) or not value.isalpha() or len(value) >= 16)
 
 
-def _secrets(text: str) -> Iterable[tuple[int, int]]:
+def _secrets(doc: _Doc) -> Iterable[tuple[int, int]]:
+    text = doc.text
     pos = 0
     if "PRIVATE KEY" in text:
         while (m := _PRIVATE_KEY_BEGIN.search(text, pos)) is not None:
@@ -415,22 +526,47 @@ def _secrets(text: str) -> Iterable[tuple[int, int]]:
             end = end_m.end() if end_m else _KEY_BODY.match(text, m.end(), m.end() + _MAX_KEY_BLOCK).end()
             yield m.start(), end
             pos = end
-    for m in _TOKENS.finditer(text):
+    for start, _ in doc.tokens:
+        m = _TOKENS.match(text, start)
+        if m is None:
+            continue
+        end = m.end()
+        if (start > 0 and text[start - 1] in _TOKEN_CHARS) or (end < len(text) and text[end] in _TOKEN_CHARS):
+            continue
         token = m.group(0)
         if token.startswith("sk-") and not (any(c.isdigit() for c in token) and any(c.isupper() for c in token)):
             continue  # OpenAI keys mix digits and upper case; sk-some-long-identifier-name does not
-        yield m.start(), m.end()
-    if "://" in text:
-        for m in _URL_PASSWORD.finditer(text):
+        if token.startswith("hooks."):
+            start += len("hooks.slack.com/services/")
+        yield start, end
+    if "Q~" in text:
+        yield from (m.span() for m in _AZURE_SECRET.finditer(text))
+    at = text.find("://")
+    while at != -1:
+        m = _URL_PASSWORD.match(text, at)
+        if m is not None:
             pw = m.group(1)
-            if pw.lower() in _URL_PASSWORD_PLACEHOLDERS or _NOT_A_VALUE.search(pw) or pw.startswith(("$", "%", "{")):
+            if not (pw.lower() in _URL_PASSWORD_PLACEHOLDERS or _NOT_A_VALUE.search(pw) or pw[0] in "$%{"):
+                yield m.span(1)
+        at = text.find("://", at + 3)
+    for start, word_end in doc.words:
+        m = _KEY_VALUE.match(text, start)
+        if m is None:
+            continue
+        if word_end - start == 3 and text[start:word_end].lower() == "key":
+            prefix = _KEY_PREFIX.search(text, max(0, start - 12), start)
+            if prefix is None:
                 continue
-            yield m.start(1), m.end(1)
-    for m in _KEY_VALUE.finditer(text):
-        quoted = m.group("q") is not None
-        group = "q" if quoted else "bare"
-        if _secret_value(m.group(group), quoted):
-            yield m.start(group), m.end(group)
+            start = prefix.start()
+        # The key starts an identifier part: after a non-letter (DB_PASSWORD, "password") or at a
+        # camelCase boundary (dbPassword); not inside a word (bypass, mysig).
+        if start > 0 and text[start - 1].isalnum() and not (text[start - 1].islower() and text[start].isupper()):
+            continue
+        if m.group("q") is not None:
+            if _secret_value(m.group("q"), bare=False):
+                yield m.span("q")
+        elif m.group("op") != "==" and m.group("after") not in ("(", "[") and _secret_value(m.group("bare"), bare=True):
+            yield m.span("bare")
 
 
 _DETECTORS = {
@@ -461,12 +597,19 @@ class Scrubber:
 
     def find(self, text: str) -> list[Finding]:
         """Non-overlapping findings sorted by start; overlaps resolved by kind priority, then position."""
-        taken: list[Finding] = []
+        starts: list[int] = []  # accepted spans, sorted and disjoint
+        ends: list[int] = []
+        kinds: list[str] = []
+        doc = _Doc(text)
         for kind in self.kinds:
-            for start, end in _DETECTORS[kind](text):
-                if start < end and not any(start < f.end and f.start < end for f in taken):
-                    taken.append(Finding(start, end, kind))
-        return sorted(taken, key=lambda f: f.start)
+            for start, end in _DETECTORS[kind](doc):
+                i = bisect.bisect_right(starts, start)
+                # disjoint from the accepted span before (i - 1) and the one after (i)
+                if start < end and (i == 0 or ends[i - 1] <= start) and (i == len(starts) or end <= starts[i]):
+                    starts.insert(i, start)
+                    ends.insert(i, end)
+                    kinds.insert(i, kind)
+        return [Finding(s, e, k) for s, e, k in zip(starts, ends, kinds)]
 
     def scrub(self, text: str) -> ScrubResult:
         findings = self.find(text)
@@ -489,5 +632,44 @@ class Scrubber:
             "placeholders": {k: placeholder(k) for k in sorted(self.kinds)},
             "detector_versions": {k: DETECTOR_VERSIONS[k] for k in sorted(self.kinds)},
             "national_phone_regions": list(NATIONAL_REGIONS),
-            "libraries": {"phonenumbers": phonenumbers.__version__},
+            "libraries": {"phonenumbers": phonenumbers.__version__, "google-re2": importlib.metadata.version("google-re2")},
         }
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate(docs: Iterable[dict], scrubber: Scrubber | None = None) -> dict:
+    """Score a scrubber on labelled documents ({"id", "text", "planted": [{"start", "end", "kind"}]},
+    the format of tests/data/pii/*.jsonl).
+
+    A planted span is *recalled* when a finding of its kind covers it; a finding is *true* when it
+    overlaps a planted span of its kind, else it is a false positive (listed in "false_positives").
+    Returns {"kinds": {kind: {"planted", "recalled", "recall", "findings", "true", "precision"}},
+    "documents", "documents_with_false_positive", "false_positives"}.
+    """
+    scrubber = scrubber or Scrubber()
+    per = {k: {"planted": 0, "recalled": 0, "findings": 0, "true": 0} for k in scrubber.kinds}
+    false: list[dict] = []
+    n_docs, docs_false = 0, set()
+    for doc in docs:
+        n_docs += 1
+        text, planted = doc["text"], [p for p in doc["planted"] if p["kind"] in per]
+        findings = scrubber.find(text)
+        for p in planted:
+            per[p["kind"]]["planted"] += 1
+            per[p["kind"]]["recalled"] += any(
+                f.kind == p["kind"] and f.start <= p["start"] and p["end"] <= f.end for f in findings)
+        for f in findings:
+            per[f.kind]["findings"] += 1
+            if any(p["kind"] == f.kind and f.start < p["end"] and p["start"] < f.end for p in planted):
+                per[f.kind]["true"] += 1
+            else:
+                docs_false.add(doc["id"])
+                false.append({"id": doc["id"], "kind": f.kind, "text": text[f.start:f.end],
+                              "context": text[max(0, f.start - 30):f.end + 30]})
+    for row in per.values():
+        row["recall"] = row["recalled"] / row["planted"] if row["planted"] else None
+        row["precision"] = row["true"] / row["findings"] if row["findings"] else None
+    return {"kinds": per, "documents": n_docs, "documents_with_false_positive": len(docs_false),
+            "false_positives": false}
