@@ -477,7 +477,7 @@ def settings_from_switches(
 def versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour decides what hygiene does (recorded in the manifest)."""
     out = {}
-    for dist in ("datasketch", "phonenumbers", "numpy"):
+    for dist in ("datasketch", "phonenumbers", "google-re2", "numpy"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
