@@ -4,6 +4,7 @@ cross-split copies, the record and `lmforge data report`, mixing, and one-line r
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 import random
@@ -167,7 +168,12 @@ PARAGRAPH = prose(8, 60)
 
 
 def failing(rule: str) -> tuple[str, str]:
-    """(text, genre) that fails `rule` and no rule checked before it."""
+    """(text, genre) crafted to fail `rule`."""
+    return crafted()[rule]
+
+
+@functools.lru_cache(maxsize=1)
+def crafted() -> dict[str, tuple[str, str]]:
     code_ok = "def f(x):\n    return x + 1\n\n\nclass Point:\n    x: int = 0\n"
     cases = {
         "binary": ("hello world this is text\x00\x01\x02\x03 " * 3, "prose"),
@@ -194,7 +200,7 @@ def failing(rule: str) -> tuple[str, str]:
     block = " ".join(prose(20, 60).split()[:40])  # a 40-word passage said twice: > 15% of the words
     for n in range(5, 11):
         cases[f"dup_{n}gram"] = (prose(30 + n, 300) + block + ".\n" + prose(50 + n, 30) + block + ".\n", "prose")
-    return cases[rule]
+    return cases
 
 
 def test_every_rule_has_a_crafted_failure() -> None:
@@ -246,7 +252,7 @@ def test_clean_documents_pass_and_short_ones_face_only_length_rules() -> None:
     assert H.genre_of("Makefile", "text") == "code" and H.genre_of("code.jsonl", "jsonl") == "prose"
 
 
-def stdlib_sample(every: int = 8) -> list[Path]:
+def stdlib_sample(every: int = 10) -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = ["site-packages/*", "dist-packages/*", "__pycache__/*", "*/__pycache__/*"]
     files = sorted(p for p in root.rglob("*.py") if not any(fnmatch.fnmatch(p.relative_to(root).as_posix(), s) for s in skip))
@@ -254,7 +260,7 @@ def stdlib_sample(every: int = 8) -> list[Path]:
 
 
 def test_clean_code_and_prose_lose_under_one_percent() -> None:
-    """The defaults on a sample of this Python's standard library (every 8th .py file, ~4 MB) and on
+    """The defaults on a sample of this Python's standard library (every 10th .py file, ~3 MB) and on
     tinyshakespeare, cut into documents the way prepare cuts them: < 1 % of documents and bytes."""
     docs: list[tuple[str, str]] = []
     for p in stdlib_sample():
@@ -432,19 +438,36 @@ def test_mix_plan_rule() -> None:
     (["--mix-max-repeat", "3"], "--mix-max-repeat without --mix"),
     (["--mix", "wiki=1,tickets=1", "--mix-max-repeat", "0.5"], "--mix-max-repeat must be a number >= 1"),
 ])
-def test_nonsense_switches_are_refused_in_one_line(args: list[str], message: str, tmp_path) -> None:
+def test_nonsense_switches_are_refused_in_one_line(args: list[str], message: str, tmp_path, capsys) -> None:
+    """Through the CLI's main() in this process (the same code path as the command, minus interpreter start)."""
+    from lmforge.cli import main
+
     root = hygiene_corpus(tmp_path / "c")
-    r = lmforge("prepare", root / "wiki", root / "tickets.jsonl", "--out", tmp_path / "ds", *args)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "ds").exists()
+    argv = ["prepare", str(root / "wiki"), str(root / "tickets.jsonl"), "--out", str(tmp_path / "ds"), *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and "Traceback" not in err, err
+    assert err.startswith("error: ") and not (tmp_path / "ds").exists()
 
 
-def test_cli_prepare_with_switches_and_empty_input(tmp_path) -> None:
+def test_refusals_through_the_real_command(tmp_path) -> None:
+    root = hygiene_corpus(tmp_path / "c")
+    for args, message in ((["--no-dedup", "--near-dup-threshold", "0.7"], "--near-dup-threshold with --no-dedup"),
+                          (["--mix", "wiki=0.5,code=0.5"], "--mix names 'code', which is not an input")):
+        r = lmforge("prepare", root / "wiki", root / "tickets.jsonl", "--out", tmp_path / "ds", *args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "ds").exists()
+
+
+def test_cli_prepare_with_switches_and_empty_input(tmp_path, capsys) -> None:
+    from lmforge.cli import main
+
     root = hygiene_corpus(tmp_path / "c")
     junk = tmp_path / "junk.jsonl"
     junk.write_text(json.dumps({"text": "ok"}) + "\n")
-    r = lmforge("prepare", root / "wiki", junk, "--out", tmp_path / "ds", "--vocab-size", "300")
-    assert r.returncode == 2 and "input junk" in r.stderr and "(min_words 1)" in r.stderr and "--allow-empty" in r.stderr
+    assert main(["prepare", str(root / "wiki"), str(junk), "--out", str(tmp_path / "ds"), "--vocab-size", "300"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "input junk" in err and "(min_words 1)" in err and "--allow-empty" in err and not (tmp_path / "ds").exists()
     r = lmforge("prepare", root / "wiki", junk, "--out", tmp_path / "ds", "--vocab-size", "300", "--allow-empty",
                 "--near-dup-threshold", "0.9", "--skip-rule", "bullet_lines", "--pii", "keep")
     assert r.returncode == 0, r.stderr

@@ -18,7 +18,7 @@ import bisect
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.table import Table
@@ -29,9 +29,11 @@ from ..tokenizer import Tokenizer
 from ..util import human_bytes
 from ..util import out as results_out  # command results: stdout, every progress mode
 from .hygiene import report
-from .loader import TokenDataset
 from .manifest import SPLITS, read_manifest, verify_dataset
 from .order import global_batch as batch_ids
+
+if TYPE_CHECKING:  # the loader imports torch: only `inspect` needs it, not info/verify/report
+    from .loader import TokenDataset
 
 
 def cmd_verify(path: str | os.PathLike) -> int:
@@ -125,6 +127,8 @@ def cmd_inspect(
     max_chars: int = 200,
 ) -> int:
     """Show which documents (source file + byte offset) and text a data step reads."""
+    from .loader import TokenDataset
+
     ds = TokenDataset(path)
     n = ds.require_samples(seq_len)
     ids = batch_ids(step, seed=seed, n_samples=n, global_batch=global_batch)
