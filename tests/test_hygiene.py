@@ -344,6 +344,7 @@ def test_pii_drop_and_keep(tmp_path) -> None:
     drop = prep.prepare([root / "wiki"], tmp_path / "drop", vocab_size=300, val_fraction=0.0, hygiene=Settings(pii="drop"))
     h = manifest(drop)["hygiene"]
     assert h["removed"]["pii"]["wiki"]["documents"] == 1 and "contact.md" not in kept_sources(drop)
+    assert h["redacted"] == {}  # dropped, not redacted
     assert "jane.doe" not in json.dumps(h["examples"])  # the dropped document's example is redacted too
     keep = prep.prepare([root / "wiki"], tmp_path / "keep", vocab_size=300, val_fraction=0.0, hygiene=Settings(pii="keep"))
     assert "jane.doe@acme-corp.com" in train_text(keep) and manifest(keep)["hygiene"]["redacted"] == {}

@@ -517,9 +517,9 @@ def analyse(text: str, genre: str, settings: Settings) -> Analysis:
     redactions: dict[str, int] = {}
     if settings.pii != "keep":
         result = scrubber(settings.pii).scrub(text)
+        if result.drop:  # nothing was redacted: the whole document goes
+            return Analysis(text, PII_DROP, {}, None, None)
         redactions = {k: int(v) for k, v in result.counts.items() if v}
-        if result.drop:
-            return Analysis(text, PII_DROP, redactions, None, None)
         text = result.text
     w = words(text) if settings.quality or settings.dedup else None
     rules = settings.active_rules
