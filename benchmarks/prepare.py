@@ -105,10 +105,14 @@ def run_prepare(args: list[str]) -> dict[str, float]:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    peak = 0
+    peak, last = 0, t0
     while proc.poll() is None:
         peak = max(peak, tree_rss(proc.pid))
         time.sleep(0.1)
+        if time.perf_counter() - last > 60:  # a long run says where it is (the 1 GB memory run takes a while)
+            last = time.perf_counter()
+            print(json.dumps({"running_s": round(last - t0), "peak_rss_mb_so_far": round(peak / 2**20),
+                              "load_average": os.getloadavg()}), flush=True)
     out, err = proc.communicate()
     seconds = time.perf_counter() - t0
     if proc.returncode:
