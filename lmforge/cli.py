@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0.8, Lee et al. 2022)")
     h.add_argument("--quality", default="on", metavar="on|off", help="quality filters (default on)")
     h.add_argument("--skip-rule", action="append", default=[], metavar="RULE",
-                   help="switch one quality rule off (repeatable; names: lmforge data report, docs/data.md)")
+                   help="switch one quality rule off (repeatable), e.g. dup_lines; the rules: docs/data.md (Quality rules)")
     h.add_argument("--pii", default="redact", choices=["redact", "drop", "keep"],
                    help="PII and secrets: redact (typed placeholders, default), drop the document, keep")
     h.add_argument("--allow-empty", action="store_true", help="warn instead of failing when hygiene empties an input")
