@@ -9,6 +9,10 @@ are not near duplicates of each other (every word of 4+ letters gets a per-copy 
 5-grams all differ, it still looks like code), plus planted duplicates: --exact-dup of the files
 get an exact copy (re-indented), --near-dup a near copy (two lines changed).
 
+Wall time on a shared machine swings with the other jobs' load, so the CPU time of prepare's
+process tree (user + system, workers included) is printed too: on a busy machine the ratio of CPU
+times is the meaningful one.
+
 Each prepare runs as its own process (`python -m lmforge prepare`) with a tokenizer trained once
 beforehand (`--tokenizer`), so "off" is scan + tokenize alone and "on" adds the hygiene stages; the
 peak RSS is the largest sum over prepare's process tree (main + hygiene workers), sampled from
@@ -22,6 +26,7 @@ import fnmatch
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -102,6 +107,7 @@ def tree_rss(pid: int) -> int:
 
 def run_prepare(args: list[str]) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "LMFORGE_PROGRESS": "quiet"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -115,9 +121,11 @@ def run_prepare(args: list[str]) -> dict[str, float]:
                               "load_average": os.getloadavg()}), flush=True)
     out, err = proc.communicate()
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # prepare and its joined workers
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode:
         sys.exit(f"prepare failed ({proc.returncode}): {err[-2000:]}")
-    return {"seconds": seconds, "peak_rss_mb": peak / 2**20, "stdout": out.strip()}
+    return {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": peak / 2**20, "stdout": out.strip()}
 
 
 def main() -> None:
@@ -161,8 +169,10 @@ def main() -> None:
                               "redacted": {k: sum(c["items"] for c in v.values()) for k, v in m["redacted"].items()}}))
         if len(results) == 2:
             on, off = results["on"]["seconds"], results["off"]["seconds"]
+            con, coff = results["on"]["cpu_s"], results["off"]["cpu_s"]
             print(f"hygiene on: {on:.1f} s ({mb / on:.2f} MB/s), off: {off:.1f} s ({mb / off:.2f} MB/s): "
-                  f"on / off = {on / off:.2f} (goal <= 2); peak RSS on {results['on']['peak_rss_mb']:.0f} MB, "
+                  f"on / off = {on / off:.2f} (goal <= 2); CPU time on {con:.0f} s, off {coff:.0f} s: {con / coff:.2f}; "
+                  f"peak RSS on {results['on']['peak_rss_mb']:.0f} MB, "
                   f"off {results['off']['peak_rss_mb']:.0f} MB; load average {os.getloadavg()}")
     finally:
         if not a.keep:
