@@ -61,7 +61,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import __version__
-from .config import Config, ModelConfig, load_config
+from .config import Config, EmbedConfig, ModelConfig, load_config
 from .errors import CheckpointError
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 from .util import atomic_dir, atomic_write_json, sha256_bytes, sha256_file, warn
@@ -403,14 +403,15 @@ def read_config(directory: str | os.PathLike) -> Config:
 class Bundle:
     """A model in transit between formats (convert.py): an lmforge `ModelConfig`, fp32 CPU
     tensors under lmforge's parameter names (= Hugging Face Llama keys; a tied head stored once,
-    as `model.embed_tokens.weight`), its tokenizer, and the tokenizer facts a tokenizers JSON
-    cannot hold (bos/eos/pad token, chat template)."""
+    as `model.embed_tokens.weight`), its tokenizer, the tokenizer facts a tokenizers JSON
+    cannot hold (bos/eos/pad token, chat template), and how it embeds text (pooling, prefixes)."""
 
     cfg: ModelConfig
     tensors: dict[str, torch.Tensor]
     tokenizer: Tokenizer
     special: dict[str, Any] = field(default_factory=dict)  # bos_token, eos_token, pad_token, chat_template
     source: dict[str, Any] = field(default_factory=dict)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)  # the config's `embed:` section
 
 
 def _has_model_files(p: Path) -> bool:
@@ -441,7 +442,7 @@ def write_model_dir(bundle: Bundle, out: Path, overwrite: bool = False) -> Path:
     """A Bundle -> a model directory with its manifest (atomically)."""
     from safetensors.torch import save_file
 
-    cfg = Config(model=bundle.cfg, data=replace(Config().data, seq_len=min(256, bundle.cfg.max_seq_len)))
+    cfg = Config(model=bundle.cfg, data=replace(Config().data, seq_len=min(256, bundle.cfg.max_seq_len)), embed=bundle.embed)
     cfg.validate()
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -475,7 +476,7 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     else:
         source = {"format": "lmforge", "path": str(origin.path), "name": origin.name}
     return Bundle(cfg.model, check_tensors(cfg.model, tensors, str(origin.path)), tok,
-                  tokenizer_facts(origin.path, cfg, tok), source)
+                  tokenizer_facts(origin.path, cfg, tok), source, cfg.embed)
 
 
 def origin_facts(cfg: Config, tok: Tokenizer) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from .artifacts import (
     is_checkpoint_dir, list_checkpoints, read_config, read_manifest, verify_checkpoint, write_manifest,
 )
 from .errors import CheckpointError
+from .ranges import AVERAGE_LAST, EMA_DECAY
 from .tokenizer import Tokenizer
 from .util import atomic_dir, atomic_write_json, out as results_out
 
@@ -52,8 +53,7 @@ def select(run_dir: Path, last: int | None, steps: list[int] | None) -> list[Pat
     if not found:
         raise CheckpointError(f"{run_dir} holds no checkpoints (expected {run_dir}/{CHECKPOINTS}/step-NNNNNN)")
     if last is not None:
-        if last < 2:
-            raise CheckpointError(f"--last must be >= 2 (averaging one checkpoint is a copy of it), got {last}")
+        AVERAGE_LAST.check("--last", last)
         if last > len(found):
             raise CheckpointError(f"--last {last}: {run_dir} has only {len(found)} checkpoint(s) "
                                   f"({', '.join(str(checkpoint_step(c)) for c in found)}); keep more with train.keep_last")
@@ -72,8 +72,7 @@ def select(run_dir: Path, last: int | None, steps: list[int] | None) -> list[Pat
 def weights_for(steps: list[int], ema: float | None) -> list[float]:
     if ema is None:
         return [1.0 / len(steps)] * len(steps)
-    if not 0.0 < ema < 1.0:
-        raise CheckpointError(f"--ema must be a decay in (0, 1) per step, e.g. 0.999, got {ema}")
+    EMA_DECAY.check("--ema", ema)
     raw = [ema ** (steps[-1] - s) for s in steps]
     total = sum(raw)
     return [w / total for w in raw]

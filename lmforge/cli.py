@@ -12,11 +12,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from rich.markup import escape
 
 from . import __version__
+from . import ranges as R
 from .artifacts import CONFIG_FILE
+from .config import VOCAB_SIZE, rule_of
 from .errors import LmforgeError
 from .util import PROGRESS_MODES, console, out, progress_mode, set_progress_mode
 
@@ -28,6 +31,26 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.hygiene import settings_from_switches
     from .data.prepare import prepare
 
+    if args.sft:
+        from .data.sft import prepare_sft
+
+        if not args.tokenizer:
+            raise LmforgeError("prepare --sft needs --tokenizer: the model directory (or run) to fine-tune, whose "
+                               "tokenizer and chat template render the examples, e.g. --tokenizer models/smol")
+        given = [flag for flag, value in (("--near-dup-threshold", args.near_dup_threshold is not None),
+                                          ("--quality", args.quality != "on"), ("--skip-rule", args.skip_rule),
+                                          ("--mix", args.mix is not None),
+                                          ("--mix-max-repeat", args.mix_max_repeat is not None)) if value]
+        if given:
+            raise LmforgeError(f"{', '.join(given)} with --sft: fine-tuning examples get exact dedup and PII scrubbing "
+                               "only (--no-dedup, --pii; docs/finetune.md); drop " + ("it" if len(given) == 1 else "them"))
+        prepare_sft(args.inputs, args.out, tokenizer=args.tokenizer, train_on_prompt=args.train_on_prompt,
+                    include=args.include, exclude=args.exclude, val_fraction=args.val_fraction,
+                    shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite,
+                    dedup=not args.no_dedup, pii=args.pii, allow_empty=args.allow_empty)
+        return 0
+    if args.train_on_prompt:
+        raise LmforgeError("--train-on-prompt goes with --sft (a text corpus trains on every token already)")
     hygiene = settings_from_switches(no_dedup=args.no_dedup, near_dup_threshold=args.near_dup_threshold,
                                      quality=args.quality, skip_rules=args.skip_rule, pii=args.pii,
                                      allow_empty=args.allow_empty)
@@ -64,8 +87,12 @@ def cmd_data(args: argparse.Namespace) -> int:
         return p.cmd_report(args.path, as_json=args.json, examples=args.examples)
     if args.data_cmd == "inspect":
         path, step, seq_len, global_batch, seed = args.path, args.step, args.seq_len, args.global_batch, args.seed
+        packing = not args.no_packing
         if (Path(args.path) / CONFIG_FILE).is_file():  # a run directory: its data, its step mapping
-            from .train.loop import data_step_of_run
+            from .config import load_config
+            from .train.records import data_step_of_run
+
+            packing = load_config(Path(args.path) / CONFIG_FILE).data.packing  # how the run cut its samples
 
             if args.step < 1:  # mapped to data step step - 1: a clear message before a negative one appears
                 raise LmforgeError(f"--step with a run directory is a training step as logged (1, 2, ...), got {args.step}")
@@ -76,7 +103,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         elif seq_len is None or global_batch is None:
             raise LmforgeError("data inspect on a dataset needs --seq-len and --global-batch (or give a run directory)")
         return p.cmd_inspect(path, step=step, seq_len=seq_len, global_batch=global_batch, seed=seed,
-                             as_json=args.json, max_chars=args.max_chars)
+                             as_json=args.json, max_chars=args.max_chars, max_samples=args.max_samples,
+                             show_mask=args.show_mask, packing=packing)
     raise AssertionError(args.data_cmd)
 
 
@@ -84,31 +112,17 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .train.start import StartRequest
+
+    request = StartRequest.from_args(args)  # every flag the training process gets (one field each)
     if args.supervise or args.nproc_per_node is not None:  # a parent process: the supervisor and/or torchrun
-        from .train.distributed import LaunchError, check_not_nested
-        from .train.supervise import check_job, launch_command, supervise
+        from .train.supervise import launch
 
-        check_not_nested(nproc_per_node=args.nproc_per_node, supervise=args.supervise)
-        if args.nproc_per_node is not None and args.nproc_per_node < 1:
-            raise LaunchError(f"--nproc-per-node {args.nproc_per_node}: give a number of processes >= 1 "
-                              "(or leave it out to train in this one process)")
-        nproc = args.nproc_per_node or 0  # 0: no torchrun (supervise/launch_command's meaning)
-        if nproc:  # fail here, in one line, on what every rank would refuse under torchrun's report
-            check_job(args.config, run_dir=args.run_dir, overrides=args.set or [], from_=args.from_, nproc_per_node=nproc)
-        child = ["train"] + ([args.config] if args.config else []) + (["--run-dir", args.run_dir] if args.run_dir else [])
-        child += [a for kv in (args.set or []) for a in ("--set", kv)] + (["--from", args.from_] if args.from_ else [])
-        if not args.supervise:  # one machine, N processes: the same command under torchrun
-            import subprocess
+        return launch(request, supervise=args.supervise, nproc_per_node=args.nproc_per_node,
+                      max_restarts=args.max_restarts, restart_delay=args.restart_delay)
+    from .train.start import train_command
 
-            return subprocess.call(launch_command(child, nproc))
-        from .train.loop import run_dir_of
-
-        run_dir = run_dir_of(args.config, args.run_dir) or Path("runs") / "run"  # the child explains a missing one
-        return supervise(child, run_dir, max_restarts=args.max_restarts, delay=args.restart_delay,
-                         nproc_per_node=nproc)
-    from .train.loop import train_command
-
-    return train_command(args.config, run_dir=args.run_dir, overrides=args.set or [], from_=args.from_)
+    return train_command(request)
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
@@ -183,16 +197,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
 
 
-def parse_count(text: str) -> float:
-    """'7e9', '7B', '1.5T', '300M', '2k' -> float (argparse type)."""
-    s = text.strip().replace("_", "").replace(",", "")
-    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
-    try:
-        if s and s[-1].lower() in scale:
-            return float(s[:-1]) * scale[s[-1].lower()]
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (e.g. 7e9, 7B, 300M, 2T)") from None
+# '7e9', '7B', '1.5T', '300M', '2k' -> float (argparse type): a count of parameters, tokens, FLOP/s, bytes
+parse_count = R.Count(lo=0.0, lo_open=True)
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -213,10 +219,10 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         "details: docs/plan.md"
     )
     g = p.add_argument_group("target (one of)")
-    g.add_argument("--target-loss", type=float, metavar="LOSS", help="final loss (nats/token) the model must reach")
+    g.add_argument("--target-loss", type=R.positive_float(), metavar="LOSS", help="final loss (nats/token) the model must reach")
     g.add_argument("--quality-of", type=parse_count, metavar="N",
                    help="the loss of a Chinchilla-optimal model with N parameters (e.g. 7e9, 7B)")
-    p.add_argument("--inference-tokens", type=parse_count, default=0.0, metavar="TOKENS",
+    p.add_argument("--inference-tokens", type=R.Count(lo=0.0), default=0.0, metavar="TOKENS",
                    help="tokens the model will process over its life (prompt + generated)")
     p.add_argument("--unique-tokens", type=parse_count, metavar="TOKENS", help="unique training tokens available (enables the repetition correction)")
     p.add_argument("--law", default="besiroglu", metavar="NAME|PATH",
@@ -227,24 +233,24 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--hardware", default="h100", metavar="NAME", help=f"{', '.join(HARDWARE)}, cpu (measured now) or custom")
     h.add_argument("--peak-flops", type=parse_count, metavar="FLOP/S", help="override: dense bf16 FLOP/s per device")
     h.add_argument("--mem-bandwidth", type=parse_count, metavar="BYTES/S", help="override: memory bandwidth, bytes/s")
-    h.add_argument("--gpu-memory", type=float, metavar="GB", help="override: memory per device, GB")
-    h.add_argument("--price-per-gpu-hour", type=float, metavar="DOLLARS", help="dollars per device-hour")
-    h.add_argument("--train-mfu", type=float, default=0.4, metavar="F", help="achieved utilisation in training (default 0.4)")
-    h.add_argument("--prefill-mfu", type=float, default=0.5, metavar="F", help="utilisation on prompt tokens (default 0.5)")
-    h.add_argument("--decode-mfu", type=float, default=0.1, metavar="F", help="utilisation on generated tokens (default 0.1, memory-bound)")
-    h.add_argument("--prefill-fraction", type=float, default=0.5, metavar="F", help="share of inference tokens that are prompt (default 0.5)")
+    h.add_argument("--gpu-memory", type=R.positive_float(), metavar="GB", help="override: memory per device, GB")
+    h.add_argument("--price-per-gpu-hour", type=R.nonneg_float(), metavar="DOLLARS", help="dollars per device-hour")
+    h.add_argument("--train-mfu", type=R.fraction(lo_open=True), default=0.4, metavar="F", help="achieved utilisation in training (default 0.4)")
+    h.add_argument("--prefill-mfu", type=R.fraction(lo_open=True), default=0.5, metavar="F", help="utilisation on prompt tokens (default 0.5)")
+    h.add_argument("--decode-mfu", type=R.fraction(lo_open=True), default=0.1, metavar="F", help="utilisation on generated tokens (default 0.1, memory-bound)")
+    h.add_argument("--prefill-fraction", type=R.fraction(), default=0.5, metavar="F", help="share of inference tokens that are prompt (default 0.5)")
     a = p.add_argument_group("architecture and config")
-    a.add_argument("--vocab-size", type=int, default=32000, metavar="V", help="tokenizer vocabulary (match lmforge prepare --vocab-size)")
-    a.add_argument("--seq-len", type=int, default=2048, metavar="T", help="training context and deployment context")
-    a.add_argument("--batch", type=int, default=1, metavar="B", help="concurrent sequences for the KV-cache estimate")
+    a.add_argument("--vocab-size", type=VOCAB_SIZE, default=32000, metavar="V", help="tokenizer vocabulary (match lmforge prepare --vocab-size)")
+    a.add_argument("--seq-len", type=R.positive_int(), default=2048, metavar="T", help="training context and deployment context")
+    a.add_argument("--batch", type=R.positive_int(), default=1, metavar="B", help="concurrent sequences for the KV-cache estimate")
     a.add_argument("--write-config", metavar="PATH", help="write a training YAML for the recommended model")
     a.add_argument("--overwrite", action="store_true", help="replace the --write-config file if it exists")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     sub = p.add_subparsers(dest="plan_action", metavar="ACTION")
     f = sub.add_parser("fit", help="fit the loss law to your own runs (run directories)")
     f.add_argument("runs", nargs="+", help="run directories holding config.yaml and metrics.jsonl (globs allowed)")
-    f.add_argument("--bootstrap", type=int, default=100, metavar="R", help="bootstrap resamples for the uncertainty (0: none)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--bootstrap", type=R.BOOTSTRAP, default=100, metavar="R", help="bootstrap resamples for the uncertainty (0: none)")
+    f.add_argument("--seed", type=R.any_int(), default=0)
     f.add_argument("--save", metavar="PATH", help="write the fitted law as JSON (use with plan --law PATH)")
     f.add_argument("--json", action="store_true", help="print the fit as JSON")
 
@@ -298,11 +304,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return watch(args.path, tasks=args.tasks, data=args.data, text=args.text, batch_size=args.batch_size,
                      threads=args.threads, max_batches=args.max_batches,
                      interval=10.0 if args.interval is None else args.interval,
-                     once=args.once, follow=args.follow, scorer=args.scorer)
+                     once=args.once, follow=args.follow, scorer=args.scorer, retrieval=args.retrieval)
     from .evaluate.harness import eval_command
 
     return eval_command(args.path, tasks=args.tasks, data=args.data, text=args.text, batch_size=args.batch_size,
-                        threads=args.threads, max_batches=args.max_batches, as_json=args.json, scorer=args.scorer)
+                        threads=args.threads, max_batches=args.max_batches, as_json=args.json, scorer=args.scorer,
+                        retrieval=args.retrieval)
+
+
+# ---- embed -----------------------------------------------------------------------------------
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .understand.embed import embed_command
+
+    return embed_command(args.model, args.inputs, args.out, kind=args.kind, dtype=args.dtype, batch_size=args.batch_size,
+                         threads=args.threads, max_len=args.max_len, text_field=args.text_field, id_field=args.id_field,
+                         strict=args.strict, overwrite=args.overwrite)
 
 
 # ---- import / export ------------------------------------------------------------------------
@@ -329,16 +347,122 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_command(
         args.path, host=args.host, port=args.port, api_key=args.api_key, api_key_file=args.api_key_file,
         insecure=args.insecure, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
-        model_name=args.model_name, chat_template=args.chat_template, request_timeout=args.request_timeout,
+        model_name=args.model_name, max_embed_inputs=args.max_embed_inputs, chat_template=args.chat_template, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, threads=args.threads, shutdown_grace=args.shutdown_grace,
+        index=args.index,
     )
+
+
+# ---- index / search / ask --------------------------------------------------------------------
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .understand.index import build as b
+
+    if args.index_cmd == "build":
+        b.build_index(args.model, args.inputs, args.out, chunk_size=args.chunk_size, chunk_overlap=args.chunk_overlap,
+                include=args.include, exclude=args.exclude, text_field=args.text_field, strict=args.strict,
+                overwrite=args.overwrite, batch_size=args.batch_size)
+        return 0
+    if args.index_cmd == "add":
+        b.add_to_index(args.path, args.inputs, include=args.include or None, exclude=args.exclude or None, strict=args.strict,
+              model=args.model, batch_size=args.batch_size)
+        return 0
+    if args.index_cmd == "info":
+        return b.info_command(args.path, as_json=args.json)
+    if args.index_cmd == "verify":
+        return b.verify_command(args.path)
+    raise AssertionError(args.index_cmd)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .understand.index.search import search_command
+
+    return search_command(args.index, args.query, k=args.k, mode=args.mode, model=args.model, as_json=args.json)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .understand.ask import ask_command
+
+    return ask_command(args.index, args.question, model=args.model, k=args.k, mode=args.mode,
+                       max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                       embed_model=args.embed_model, chat_template=args.chat_template, as_json=args.json)
+
+
+def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
+    """`index build|add|info|verify`, `search`, `ask` (docs/search.md)."""
+    from .understand.index import DEFAULT_MODE, MODES  # names only: no numpy, no model code
+
+    p = sub.add_parser("index", help="your documents -> a local search index (build, add, info, verify)")
+    isub = p.add_subparsers(dest="index_cmd", metavar="ACTION", required=True)
+    i = isub.add_parser("build", help="chunk, embed and store documents: lmforge index build MODEL INPUTS... --out idx/NAME")
+    i.add_argument("model", help="the embedding model: a run directory (newest checkpoint), checkpoint or model directory")
+    i.add_argument("inputs", nargs="+", help="files, directories (recursive) or .jsonl files (a text field, optional id)")
+    i.add_argument("--out", required=True, help="index directory to write, e.g. idx/company")
+    i.add_argument("--chunk-size", type=R.positive_int(), help="tokens per chunk (default: 256, or the model's context if smaller)")
+    i.add_argument("--chunk-overlap", type=R.nonneg_int(), help="tokens shared by neighbouring chunks (default: chunk size / 8)")
+    i.add_argument("--include", type=R.Text(), action="append", default=[], help="glob of files to take from directories (repeatable)")
+    i.add_argument("--exclude", type=R.Text(), action="append", default=[], help="glob of files to skip (repeatable)")
+    i.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text (default: %(default)s)")
+    i.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
+    i.add_argument("--batch-size", type=R.positive_int(), default=32, help="chunks per embedding forward (default: %(default)s)")
+    i.add_argument("--overwrite", action="store_true", help="replace the index at --out (never anything else)")
+    i = isub.add_parser("add", help="add new and changed files (unchanged ones skipped), atomically")
+    i.add_argument("path", help="index directory")
+    i.add_argument("inputs", nargs="+", help="files or directories; the index's chunking and text field are used")
+    i.add_argument("--include", type=R.Text(), action="append", default=[], help="glob of files to take (default: the index's)")
+    i.add_argument("--exclude", type=R.Text(), action="append", default=[], help="glob of files to skip (default: the index's)")
+    i.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
+    i.add_argument("--model", help="the index's model, if it moved since the build (its checksum must match)")
+    i.add_argument("--batch-size", type=R.positive_int(), default=32, help="chunks per embedding forward (default: %(default)s)")
+    i = isub.add_parser("info", help="model, pooling, chunking, counts and size")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i = isub.add_parser("verify", help="re-check every checksum; names any bad file")
+    i.add_argument("path")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="ranked chunks of an index for a query, with file:lines")
+    p.add_argument("index", help="index directory (lmforge index build)")
+    p.add_argument("query")
+    p.add_argument("-k", type=R.positive_int(), default=5, help="results to show (default: %(default)s)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="dense (the model), bm25 (words) or hybrid "
+                   "(both, fused by reciprocal rank; default: %(default)s)")
+    p.add_argument("--model", help="the index's model, if it moved since the build (its checksum must match)")
+    p.add_argument("--json", action="store_true", help="print JSON (every result's span and text)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("ask", help="answer a question from an index's documents, citing its sources")
+    p.add_argument("index", help="index directory (lmforge index build)")
+    p.add_argument("question")
+    p.add_argument("--model", required=True, help="the generating model: run, checkpoint or model directory")
+    p.add_argument("-k", type=R.positive_int(), default=5, help="chunks retrieved (default: %(default)s)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="retrieval mode (default: %(default)s)")
+    p.add_argument("--max-tokens", type=R.MAX_TOKENS, default=256, help="longest answer in tokens (default: %(default)s)")
+    p.add_argument("--temperature", type=R.TEMPERATURE, default=0.0, help="0 (the default) means greedy")
+    p.add_argument("--seed", type=R.SEED, default=0)
+    p.add_argument("--embed-model", help="the index's embedding model, if it moved since the build")
+    p.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else a plain prompt)")
+    p.add_argument("--json", action="store_true", help="print JSON: the answer, cited and all retrieved sources")
+    p.set_defaults(func=cmd_ask)
 
 
 # ---- parser ----------------------------------------------------------------------------------
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line reported like every other lmforge error: one line
+    `error: ...` naming the command and the flag, exit 2 (argparse's own form is a usage block and a
+    second line; the usage is one `--help` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        console.quiet = False  # errors print in every progress mode
+        console.print(f"[bold red]error:[/] {escape(self.prog)}: {escape(' '.join(message.split()))}", soft_wrap=True)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lmforge",
         description="Train your own language model on your own data, inside your own walls.",
     )
@@ -351,32 +475,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="corpus -> tokenizer + checksummed token shards")
     p.add_argument("inputs", nargs="+", help="files, directories (recursive) or .jsonl files")
     p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size to train")
-    p.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one)")
-    p.add_argument("--special-tokens", default="<|bos|>,<|eos|>,<|pad|>",
+    p.add_argument("--vocab-size", type=VOCAB_SIZE, default=8192, help="BPE vocabulary size to train")
+    p.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one); with --sft a model "
+                   "directory or run, whose chat template renders the examples")
+    p.add_argument("--sft", action="store_true", help="fine-tuning examples (.jsonl: {text}, {messages} or {prompt, "
+                   "completion}) with a loss mask: assistant turns trained, prompts not (docs/finetune.md)")
+    p.add_argument("--train-on-prompt", action="store_true", help="with --sft: train on every token, prompts included")
+    p.add_argument("--special-tokens", type=R.Text(), default="<|bos|>,<|eos|>,<|pad|>",
                    help="comma-separated special tokens of a trained tokenizer (must include <|bos|>, <|eos|>, <|pad|>)")
-    p.add_argument("--include", action="append", default=[], help="glob of files to take from directories (repeatable)")
-    p.add_argument("--exclude", action="append", default=[], help="glob of files to skip (repeatable)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for validation")
-    p.add_argument("--shard-tokens", type=int, default=50_000_000, help="max tokens per shard")
+    p.add_argument("--include", type=R.Text(), action="append", default=[], help="glob of files to take from directories (repeatable)")
+    p.add_argument("--exclude", type=R.Text(), action="append", default=[], help="glob of files to skip (repeatable)")
+    p.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text")
+    p.add_argument("--val-fraction", type=R.VAL_FRACTION, default=0.01, help="fraction of documents for validation")
+    p.add_argument("--shard-tokens", type=R.positive_int(), default=50_000_000, help="max tokens per shard")
     p.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
-    p.add_argument("--workers", type=int, default=0, help="tokenizer threads and hygiene processes (0: all cores)")
+    p.add_argument("--workers", type=R.thread_count(), default=0, help="tokenizer threads and hygiene processes (0: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     h = p.add_argument_group("hygiene (on by default; docs/data.md: Hygiene)")
     h.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
-    h.add_argument("--near-dup-threshold", type=float, metavar="J",
+    h.add_argument("--near-dup-threshold", type=R.NEAR_DUP_THRESHOLD, metavar="J",
                    help="estimated Jaccard similarity of word 5-grams at which a later document is a near duplicate "
                         "(default 0.8, Lee et al. 2022)")
-    h.add_argument("--quality", default="on", metavar="on|off", help="quality filters (default on)")
-    h.add_argument("--skip-rule", action="append", default=[], metavar="RULE",
+    h.add_argument("--quality", type=R.Text(), default="on", metavar="on|off", help="quality filters (default on)")
+    h.add_argument("--skip-rule", type=R.Text(), action="append", default=[], metavar="RULE",
                    help="switch one quality rule off (repeatable), e.g. dup_lines; the rules: docs/data.md (Quality rules)")
     h.add_argument("--pii", default="redact", choices=["redact", "drop", "keep"],
                    help="PII and secrets: redact (typed placeholders, default), drop the document, keep")
     h.add_argument("--allow-empty", action="store_true", help="warn instead of failing when hygiene empties an input")
-    h.add_argument("--mix", metavar="NAME=W,...", help="weighted mixing of the inputs' train text; NAME is an input's "
+    h.add_argument("--mix", type=R.Text(), metavar="NAME=W,...", help="weighted mixing of the inputs' train text; NAME is an input's "
                    "base name without extension, e.g. --mix wiki=0.5,tickets=0.3,code=0.2")
-    h.add_argument("--mix-max-repeat", type=float, metavar="R",
+    h.add_argument("--mix-max-repeat", type=R.MIX_MAX_REPEAT, metavar="R",
                    help="with --mix: most times an input is repeated before the mixture stops (default 4)")
     p.set_defaults(func=cmd_prepare)
 
@@ -390,16 +518,22 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("report", help="what hygiene removed and redacted, per rule and input; the mixture")
     d.add_argument("path")
     d.add_argument("--json", action="store_true")
-    d.add_argument("--examples", type=int, default=0, metavar="N",
+    d.add_argument("--examples", type=R.EXAMPLES, default=0, metavar="N",
                    help="show up to N recorded examples per rule (redacted; at most 10 are recorded)")
     d = dsub.add_parser("inspect", help="which documents and text were in a training step")
     d.add_argument("path", help="a dataset (then --step is the data step), or a run directory (then --step is the "
                    "training step as logged, mapped through the run's rollbacks and skips)")
-    d.add_argument("--step", type=int, required=True)
-    d.add_argument("--seq-len", type=int, help="required with a dataset path")
-    d.add_argument("--global-batch", type=int, help="required with a dataset path")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-chars", type=int, default=200, help="text shown per sample")
+    d.add_argument("--step", type=R.nonneg_int(note="data steps count from 0; a run's training steps from 1"), required=True)
+    d.add_argument("--seq-len", type=rule_of("data.seq_len"), help="required with a dataset path")
+    d.add_argument("--global-batch", type=rule_of("train.global_batch"), help="required with a dataset path")
+    d.add_argument("--seed", type=rule_of("data.seed"), default=0)
+    d.add_argument("--max-chars", type=R.nonneg_int(), default=200, help="text shown per sample (without --show-mask)")
+    d.add_argument("--max-samples", type=R.INSPECT_SAMPLES, metavar="N",
+                   help=f"show the first N samples of the step (default: all; a step of more than "
+                        f"{R.INSPECT_SAMPLES.hi:,} samples needs it)")
+    d.add_argument("--show-mask", action="store_true", help="each sample whole, its trained tokens marked (SFT data): "
+                   "trained text bold, untrained dim between ⟦ ⟧; --json gives the mask per token")
+    d.add_argument("--no-packing", action="store_true", help="SFT data read one example per row (data.packing=false)")
     d.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data)
 
@@ -407,13 +541,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config, or a bundled recipe by name, e.g. small-cpu "
                    "(optional when resuming a run directory)")
     p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--set", dest="overrides", type=R.Text(), action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
     p.add_argument("--from", dest="from_", metavar="CHECKPOINT", help="branch a new run from this checkpoint (weights, optimizer, step)")
     p.add_argument("--supervise", action="store_true", help="restart the training process after a crash or kill "
                    "(not inside torchrun: use its --max-restarts there)")
-    p.add_argument("--max-restarts", type=int, default=10, help="with --supervise: restarts before giving up")
-    p.add_argument("--restart-delay", type=float, default=5.0, help="with --supervise: first backoff in seconds (doubles)")
-    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+    p.add_argument("--max-restarts", type=R.nonneg_int(note="0 = never restart"), default=10,
+                   help="with --supervise: restarts before giving up")
+    p.add_argument("--restart-delay", type=R.seconds(positive=False), default=5.0,
+                   help="with --supervise: first backoff in seconds (doubles)")
+    p.add_argument("--nproc-per-node", type=R.positive_int(hi=R.MAX_THREADS), default=None, metavar="N",
                    help="run N (>= 1) processes on this machine under torchrun (--standalone), checked before launch; "
                    "with --supervise the whole job is restarted. Not inside torchrun: it launches the processes there")
     p.set_defaults(func=cmd_train)
@@ -424,9 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path", help="run directory or checkpoint directory")
     c = csub.add_parser("average", help="weighted mean of a run's checkpoints -> a model directory")
     c.add_argument("path", help="run directory")
-    c.add_argument("--last", type=int, metavar="N", help="the newest N checkpoints (N >= 2)")
-    c.add_argument("--steps", metavar="S1,S2,...", help="these steps (instead of --last)")
-    c.add_argument("--ema", type=float, metavar="DECAY", help="weights proportional to DECAY ** (last step - step) "
+    c.add_argument("--last", type=R.AVERAGE_LAST, metavar="N", help="the newest N checkpoints (N >= 2)")
+    c.add_argument("--steps", type=R.Text(), metavar="S1,S2,...", help="these steps (instead of --last)")
+    c.add_argument("--ema", type=R.EMA_DECAY, metavar="DECAY", help="weights proportional to DECAY ** (last step - step) "
                    "instead of uniform")
     c.add_argument("--out", required=True, help="model directory to write")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -434,19 +571,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate text from a run or checkpoint")
     p.add_argument("path", help="run directory (newest checkpoint) or checkpoint directory")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--prompt", type=R.Text(), default="", help="text to continue")
+    p.add_argument("--max-tokens", type=R.MAX_TOKENS, default=100)
+    p.add_argument("--temperature", type=R.TEMPERATURE, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=R.TOP_K, default=0)
+    p.add_argument("--top-p", type=R.TOP_P, default=1.0)
+    p.add_argument("--seed", type=R.SEED, default=0)
+    p.add_argument("--num-samples", type=R.positive_int(), default=1)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("quickstart", help="the whole life of a model on local data, in minutes on a CPU")
     p.add_argument("--workdir", default="lmforge-quickstart",
                    help="where data and runs go: <workdir>/data/<name>, <workdir>/runs/<name> (default: %(default)s)")
-    p.add_argument("--minutes", type=float, default=3.0,
+    p.add_argument("--minutes", type=R.QUICKSTART_MINUTES, default=3.0,
                    help="training time budget in minutes; sizes a new run only, a reused run keeps its steps "
                         "(default: %(default)g)")
     p.add_argument("--source", help="corpus directory of .py files; <name> is its base name + a hash of its path "
@@ -459,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # `--db`/`--json` are accepted before or after the action: `lmforge runs --json` and
     # `lmforge runs show exp1 --json`. SUPPRESS keeps a sub-level default from hiding the other.
-    store_opts = argparse.ArgumentParser(add_help=False)
+    store_opts = Parser(add_help=False)
     store_opts.add_argument("--db", default=argparse.SUPPRESS, help="experiment store (default: $LMFORGE_DB or ./lmforge.db)")
     store_opts.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     p = sub.add_parser("runs", parents=[store_opts], help="the experiment store: list, show, compare, delete runs")
@@ -480,27 +617,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dashboard", help="web page with runs, curves, events and comparisons")
     p.add_argument("--db", help="experiment store (default: $LMFORGE_DB or ./lmforge.db)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--host", type=R.Text(), default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=R.port(), default=8765)
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("eval", help="metrics of a checkpoint (loss, perplexity, bits/byte, tasks); --watch beside training")
     p.add_argument("path", help="run directory (newest intact checkpoint; with --watch: every one) or checkpoint directory")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="task files (docs/eval.md) or bundled tasks by name, "
                    "e.g. python-mc")
+    p.add_argument("--retrieval", nargs="+", metavar="TASK", help="retrieval tasks (docs and queries, docs/eval.md) or "
+                   "bundled ones by name, e.g. stdlib-doc2code: nDCG@10, recall@1/10/100, MRR@10 of the model's "
+                   "embeddings (alone, no loss on the run's data)")
     p.add_argument("--data", help="prepared dataset whose val split to score (default: the run's data.path)")
     p.add_argument("--text", help="score a UTF-8 text file instead of a dataset")
-    p.add_argument("--batch-size", type=int, help="rows per forward (default: eval.batch_size)")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores; with --watch: the run's eval.threads)")
-    p.add_argument("--max-batches", type=int, default=0, help="score at most this many val batches (0: all)")
+    p.add_argument("--batch-size", type=rule_of("eval.batch_size"), help="rows per forward (default: eval.batch_size)")
+    p.add_argument("--threads", type=R.thread_count(note="0 = the default"),
+                   help="torch threads (default: all cores; with --watch: the run's eval.threads)")
+    p.add_argument("--max-batches", type=R.nonneg_int(note="0 = all"), default=0, help="score at most this many val batches (0: all)")
     p.add_argument("--scorer", choices=["packed", "naive"], default="packed", help="naive: one forward per choice (reference)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--watch", action="store_true", help="sidecar: evaluate each new checkpoint of the run once")
-    p.add_argument("--interval", type=float, help="--watch: seconds between looks at the run (default 10)")
+    p.add_argument("--interval", type=R.seconds(), help="--watch: seconds between looks at the run (default 10)")
     p.add_argument("--once", action="store_true", help="--watch: one pass over the checkpoints present, then exit "
                    "(not with --follow)")
     p.add_argument("--follow", action="store_true", help="--watch: keep watching after the run completed (not with --once)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("embed", help="texts -> vectors from your own model (pooling recorded with the model)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "inputs: a .jsonl file gives one text per record (--text-field, id from --id-field or FILE:LINE);\n"
+                           "any other file one text per non-blank line (id FILE:LINE); a directory one text per file\n"
+                           "in it (id: its path; .jsonl files in it as above). Details: docs/embeddings.md"))
+    p.add_argument("model", help="run directory (newest checkpoint), checkpoint directory or model directory")
+    p.add_argument("inputs", nargs="+", help="text files (one text per line), .jsonl files or directories")
+    p.add_argument("--out", required=True, help="vectors: OUT.npy (+ ids in OUT.ids.jsonl) or OUT.parquet (needs pyarrow)")
+    p.add_argument("--kind", choices=["document", "query"], default="document",
+                   help="which of the model's prefixes goes before each text (embed.document_prefix / query_prefix)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="dtype of the written vectors")
+    p.add_argument("--batch-size", type=R.positive_int(), default=32, help="texts per forward (sorted by length)")
+    p.add_argument("--threads", type=R.thread_count(), default=0, help="torch threads (0: all cores)")
+    p.add_argument("--max-len", type=R.positive_int(), help="cut texts to this many tokens (default: the model's max_seq_len)")
+    p.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text")
+    p.add_argument("--id-field", type=R.Text(), default="id", help="JSONL field holding the id (default id; else FILE:LINE)")
+    p.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and its ids file) if they exist")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("import", help="a Hugging Face Llama dir or a GGUF file -> an lmforge model directory")
     p.add_argument("source", help="local Hugging Face model directory (config.json + safetensors) or a .gguf file")
@@ -518,24 +679,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     p.add_argument("path", help="run directory (newest checkpoint) or checkpoint directory")
-    p.add_argument("--host", help="address to bind (default: serve.host of the run's config, 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")
-    p.add_argument("--api-key", help="required bearer key (visible in `ps`; prefer --api-key-file or $LMFORGE_API_KEY)")
+    p.add_argument("--host", type=R.Text(), help="address to bind (default: serve.host of the run's config, 127.0.0.1)")
+    p.add_argument("--port", type=R.port(), help="port (default: serve.port, 8000)")
+    p.add_argument("--api-key", type=R.Text(), help="required bearer key (visible in `ps`; prefer --api-key-file or $LMFORGE_API_KEY)")
     p.add_argument("--api-key-file", help="file holding the required bearer key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
-    p.add_argument("--max-batch", type=int, help="requests decoded together (default: serve.max_batch)")
-    p.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429s (default: serve.max_queue)")
-    p.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask for (default: serve.max_tokens)")
-    p.add_argument("--model-name", help="model id in the API (default: the directory name)")
+    p.add_argument("--max-batch", type=rule_of("serve.max_batch"), help="requests decoded together (default: serve.max_batch)")
+    p.add_argument("--max-queue", type=rule_of("serve.max_queue"), help="requests waiting for a slot before 429s (default: serve.max_queue)")
+    p.add_argument("--max-tokens", type=rule_of("serve.max_tokens"), help="largest max_tokens a request may ask for (default: serve.max_tokens)")
+    p.add_argument("--max-embed-inputs", type=rule_of("serve.max_embed_inputs"), help="most inputs one /v1/embeddings "
+                   "request may carry (default: serve.max_embed_inputs, 256)")
+    p.add_argument("--model-name", type=R.Text(), help="model id in the API (default: the directory name)")
     p.add_argument("--chat-template", help="Jinja chat template file (default: tokenizer_config.json's, else a plain one)")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is dropped (504)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--request-timeout", type=R.seconds(), default=600.0, help="seconds before a request is dropped (504)")
+    p.add_argument("--max-body-bytes", type=R.positive_int(), default=1 << 20, help="largest request body (413 above)")
+    p.add_argument("--threads", type=R.thread_count(note="0 = torch's default"), default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--shutdown-grace", type=R.seconds(positive=False), default=5.0, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C: how long requests in flight may finish before they are cut short "
                         "(503, an error event in a stream); default %(default)g")
+    p.add_argument("--index", metavar="IDX", help="also serve POST /v1/search over this index (built by the served model)")
     p.set_defaults(func=cmd_serve)
 
+    add_understand_parsers(sub)
     return parser
 
 

@@ -56,19 +56,23 @@ from .artifacts import (
     MODEL_FILE, TOKENIZER_CONFIG, Bundle, check_tensors, expected_shapes, is_model_dir, load_safetensors,
     read_bundle, read_json, write_model_dir,
 )
-from .config import Config, ModelConfig
-from .errors import CheckpointError, ConfigError
+from .config import Config, EmbedConfig, ModelConfig
+from .errors import CheckpointError, ConfigError, WriteError
 from .tokenizer import TOKENIZER_FILE, Tokenizer
-from .util import FILE_MODE, atomic_dir, atomic_write_json, fsync_dir, progress_bar, replace_path
+from .util import (
+    FILE_MODE, atomic_dir, atomic_write_json, fsync_dir, progress_bar, replace_path, warn, write_failure,
+)
 from .util import out as results_out  # command results: stdout, every progress mode
 
 # ---- names and shapes ------------------------------------------------------------------------
 
 
-def bundle_from_model(model: torch.nn.Module, tokenizer: Tokenizer, special: dict[str, Any] | None = None) -> Bundle:
+def bundle_from_model(model: torch.nn.Module, tokenizer: Tokenizer, special: dict[str, Any] | None = None,
+                      embed: EmbedConfig | None = None) -> Bundle:
     """A Bundle of a live lmforge `Transformer` (its weights copied to fp32 CPU tensors)."""
     params = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.named_parameters()}
-    return Bundle(model.cfg, check_tensors(model.cfg, params, "model"), tokenizer, dict(special or {}), {"format": "lmforge"})
+    return Bundle(model.cfg, check_tensors(model.cfg, params, "model"), tokenizer, dict(special or {}), {"format": "lmforge"},
+                  embed or EmbedConfig())
 
 
 # ---- Hugging Face config ---------------------------------------------------------------------
@@ -226,7 +230,8 @@ def read_hf_dir(path: Path) -> Bundle:
     special: dict[str, Any] = {}
     if (path / TOKENIZER_CONFIG).is_file():
         special = _special_from_tokenizer_config(read_json(path / TOKENIZER_CONFIG))
-    return Bundle(cfg, check_tensors(cfg, tensors, str(path)), tok, special, {"format": "hf", "path": str(path)})
+    embed = read_sentence_transformers(path) or EmbedConfig()
+    return Bundle(cfg, check_tensors(cfg, tensors, str(path)), tok, special, {"format": "hf", "path": str(path)}, embed)
 
 
 def write_hf_dir(bundle: Bundle, out: Path, overwrite: bool = False) -> Path:
@@ -254,7 +259,85 @@ def write_hf_dir(bundle: Bundle, out: Path, overwrite: bool = False) -> Path:
                           {k: special[k] for k in ("bos_token", "eos_token", "pad_token") if special.get(k)})
         gen = {k: v for k, v in ids.items() if v is not None}
         atomic_write_json(tmp / "generation_config.json", dict(gen, _from_model_config=False))
+        if bundle.embed.bidirectional:
+            warn("embed.bidirectional is true: this model embeds with bidirectional attention, which Hugging Face Llama "
+                 "(always causal) cannot express, so no sentence-transformers files were written; embed with lmforge "
+                 "(`lmforge embed`, `lmforge serve` /v1/embeddings) to get its vectors", label="note:")
+        else:
+            write_sentence_transformers(tmp, bundle.embed, bundle.cfg, pad=None if special.get("pad_token") else
+                                        special.get("eos_token"))
     return out
+
+
+# ---- sentence-transformers -------------------------------------------------------------------
+
+ST_POOLING = {"mean": "pooling_mode_mean_tokens", "last": "pooling_mode_lasttoken",
+              "weighted_mean": "pooling_mode_weightedmean_tokens"}
+_ST_MODES = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
+             "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+
+
+def write_sentence_transformers(directory: Path, embed: EmbedConfig, cfg: ModelConfig, pad: str | None = None) -> None:
+    """The sentence-transformers layout beside a Hugging Face model directory, so
+    `SentenceTransformer(directory)` embeds as lmforge does: Transformer (this directory) ->
+    Pooling (1_Pooling/config.json: the legacy `pooling_mode_*` keys every version reads) ->
+    Normalize (2_Normalize, when embed.normalize), max_seq_length = the model's context, and the
+    query/document prefixes as its prompts "query" and "document" (`encode_query`, `encode_document`,
+    `encode(..., prompt_name=...)`). The prompt's tokens are pooled too (include_prompt), as in
+    lmforge. `pad`: a pad token to name when the tokenizer has none (sentence-transformers pads
+    batches; padding is masked out of pooling, so which token it is does not matter)."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if embed.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (directory / "2_Normalize").mkdir()
+    atomic_write_json(directory / "modules.json", modules)
+    atomic_write_json(directory / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": cfg.d_model, **{k: k == ST_POOLING[embed.pooling] for k in _ST_MODES},
+        "include_prompt": True})
+    atomic_write_json(directory / "sentence_bert_config.json", {"max_seq_length": cfg.max_seq_len, "do_lower_case": False})
+    atomic_write_json(directory / "config_sentence_transformers.json", {
+        "model_type": "SentenceTransformer",
+        "prompts": {"query": embed.query_prefix, "document": embed.document_prefix},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine" if embed.normalize else "dot",
+    })
+    if pad is not None:
+        tc = read_json(directory / TOKENIZER_CONFIG)
+        atomic_write_json(directory / TOKENIZER_CONFIG, dict(tc, pad_token=pad))
+
+
+def read_sentence_transformers(directory: Path) -> EmbedConfig | None:
+    """The pooling of a sentence-transformers layout that lmforge can reproduce (Transformer ->
+    Pooling mean / lasttoken / weightedmean -> optional Normalize), or None when the directory has
+    none; a layout lmforge cannot reproduce is refused naming what."""
+    if not (directory / "modules.json").is_file():
+        return None
+    try:
+        modules = json.loads((directory / "modules.json").read_text(encoding="utf-8"))
+        kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{directory / 'modules.json'}: not a sentence-transformers modules list ({e})") from None
+    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        raise CheckpointError(f"{directory}: sentence-transformers modules {kinds} cannot be reproduced by lmforge "
+                              "(it reads Transformer -> Pooling [-> Normalize])")
+    pool_cfg = read_json(directory / modules[1]["path"] / "config.json")
+    legacy = [k for k in _ST_MODES if pool_cfg.get(k)]
+    modes = {"mean": "mean", "lasttoken": "last", "weightedmean": "weighted_mean"}
+    mode = pool_cfg.get("pooling_mode")
+    if legacy:
+        method = next((m for m, key in ST_POOLING.items() if [key] == legacy), None)
+    else:
+        method = modes.get(mode) if isinstance(mode, str) else None
+    if method is None or pool_cfg.get("include_prompt", True) is not True:
+        raise CheckpointError(f"{directory}: sentence-transformers pooling {legacy or mode!r} "
+                              f"(include_prompt {pool_cfg.get('include_prompt', True)}) has no lmforge equivalent "
+                              "(mean, lasttoken or weightedmean, prompt included)")
+    prompts: dict[str, Any] = {}
+    if (directory / "config_sentence_transformers.json").is_file():
+        prompts = read_json(directory / "config_sentence_transformers.json").get("prompts") or {}
+    return EmbedConfig(pooling=method, normalize=kinds[-1] == "Normalize", bidirectional=False,
+                       query_prefix=str(prompts.get("query") or ""), document_prefix=str(prompts.get("document") or ""))
 
 
 # ---- GGUF ------------------------------------------------------------------------------------
@@ -462,7 +545,8 @@ def read_gguf(path: Path) -> Bundle:
     tok, special = _tokenizer_from_gguf(meta, path)
     types = sorted({by_name[gguf_name(n)].tensor_type.name for n in names})
     return Bundle(cfg, tensors, tok, special,
-                  {"format": "gguf", "path": str(path), "tensor_types": types, "name": meta.get("general.name")})
+                  {"format": "gguf", "path": str(path), "tensor_types": types, "name": meta.get("general.name")},
+                  _read_gguf_embed(meta, path))
 
 
 def _gguf_tensor(t: Any, path: Path) -> torch.Tensor:
@@ -616,6 +700,7 @@ def write_gguf(bundle: Bundle, out: Path, dtype: str = "f32", overwrite: bool = 
             w.add_float32(_GGUF_LLAMA3 + "low_freq_factor", cfg.rope_low_freq_factor)
             w.add_float32(_GGUF_LLAMA3 + "high_freq_factor", cfg.rope_high_freq_factor)
             w.add_uint32(_GGUF_LLAMA3 + "original_max_len", cfg.rope_original_max_len)
+        _write_gguf_embed(w, bundle.embed)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -628,6 +713,51 @@ def write_gguf(bundle: Bundle, out: Path, dtype: str = "f32", overwrite: bool = 
         raise
     fsync_dir(out.parent)
     return out
+
+
+_GGUF_EMBED = "lmforge.embed."  # lmforge's own keys: the whole embed section (llama.cpp ignores them)
+_GGUF_POOLING = {"mean": 1, "last": 3}  # llama.cpp's enum llama_pooling_type: none 0, mean 1, cls 2, last 3, rank 4
+
+
+def _write_gguf_embed(w: Any, embed: EmbedConfig) -> None:
+    """`llama.pooling_type` where llama.cpp has the pooling (mean, last; not weighted_mean), and the
+    whole embed section under lmforge's keys, so an import gives the same vectors back. llama.cpp
+    embeds causally and normalises on its own (its --embd-normalize), so a bidirectional model's
+    GGUF embeds differently there (a note says so)."""
+    import gguf
+
+    if embed.pooling in _GGUF_POOLING:
+        w.add_pooling_type(gguf.PoolingType(_GGUF_POOLING[embed.pooling]))
+    w.add_string(_GGUF_EMBED + "pooling", embed.pooling)
+    w.add_bool(_GGUF_EMBED + "normalize", embed.normalize)
+    w.add_bool(_GGUF_EMBED + "bidirectional", embed.bidirectional)
+    w.add_string(_GGUF_EMBED + "query_prefix", embed.query_prefix)
+    w.add_string(_GGUF_EMBED + "document_prefix", embed.document_prefix)
+    if embed.bidirectional:
+        warn("embed.bidirectional is true: llama.cpp embeds with causal attention, so its vectors of this GGUF "
+             "differ from lmforge's; the setting is recorded under lmforge.embed.* for `lmforge import`", label="note:")
+
+
+def _read_gguf_embed(meta: dict[str, Any], path: Path) -> EmbedConfig:
+    """The embed section of lmforge's own keys, else llama.cpp's pooling_type where it is mean or
+    last, else the defaults."""
+    if _GGUF_EMBED + "pooling" in meta:
+        try:
+            embed = EmbedConfig(pooling=str(meta[_GGUF_EMBED + "pooling"]), normalize=bool(meta[_GGUF_EMBED + "normalize"]),
+                                bidirectional=bool(meta[_GGUF_EMBED + "bidirectional"]),
+                                # the gguf writer leaves an empty string out
+                                query_prefix=str(meta.get(_GGUF_EMBED + "query_prefix") or ""),
+                                document_prefix=str(meta.get(_GGUF_EMBED + "document_prefix") or ""))
+        except KeyError as e:
+            raise CheckpointError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from None
+        try:
+            Config(embed=embed).validate()
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: GGUF metadata {_GGUF_EMBED}*: {e}") from None
+        return embed
+    by_enum = {v: k for k, v in _GGUF_POOLING.items()}
+    pooling = meta.get("llama.pooling_type")
+    return EmbedConfig(pooling=by_enum[pooling]) if pooling in by_enum else EmbedConfig()
 
 
 def _gguf_pre_name(tok: Tokenizer) -> str:
@@ -697,12 +827,21 @@ def _check_out(source: str, out: str, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def _writing(out: str) -> Iterator[None]:
-    """Turn an OS error while writing --out (no permission, no space, a path that cannot exist)
-    into a CheckpointError naming it; the writers leave nothing half-written behind."""
+def _writing(out: str, needed: int | None = None) -> Iterator[None]:
+    """Turn a failed write of --out into one line naming it: "disk full at OUT, N bytes free" (also
+    from safetensors, which reports ENOSPC as its own SafetensorError, and from a short write that
+    names no errno, when fewer bytes are free than the output `needed`), else "cannot write OUT:
+    REASON" (no permission, a path that cannot exist); the writers leave nothing half-written."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
+        line = write_failure(e, out, needed)
+        if line is not None and line.startswith("disk full"):
+            raise WriteError(f"{line}; nothing was written to {out}. Free space, or choose another --out") from None
+        if not isinstance(e, OSError):
+            raise
         # name the path that failed unless it is --out itself or its temporary sibling
         named = e.filename and Path(os.fsdecode(e.filename)).parent != Path(out).parent
         where = f" ({e.filename})" if named else ""
@@ -731,7 +870,8 @@ def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrit
     """`lmforge export`: a run, checkpoint or model directory -> Hugging Face dir or GGUF file."""
     _check_out(source, out, overwrite)
     bundle = read_any(source)
-    with _writing(out):
+    weights = sum(t.numel() for t in bundle.tensors.values()) * (2 if fmt == "gguf" and dtype == "f16" else 4)
+    with _writing(out, needed=weights):
         if fmt == "hf":
             if dtype != "f32":
                 raise ConfigError("--dtype applies to GGUF export only (Hugging Face export writes fp32 safetensors)")
@@ -776,6 +916,6 @@ def _token_id(tok: Tokenizer, text: str | None) -> int | None:
 
 
 __all__ = [
-    "bundle_from_model", "read_hf_dir", "write_hf_dir", "read_gguf", "write_gguf", "read_any", "hf_config",
+    "bundle_from_model", "read_hf_dir", "write_hf_dir", "write_sentence_transformers", "read_sentence_transformers", "read_gguf", "write_gguf", "read_any", "hf_config",
     "model_config_from_hf", "permute_for_gguf", "unpermute_from_gguf", "import_command", "export_command",
 ]

@@ -30,7 +30,6 @@ seed, seed + 1, ...); batched decoding with per-sequence positions belongs to th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -41,9 +40,10 @@ from .artifacts import load_model
 from .config import ModelConfig
 from .errors import LmforgeError
 from .model import Transformer
+from .ranges import INT64_MAX, INT64_MIN, MAX_TOKENS, SEED, TEMPERATURE, TOP_K, TOP_P
 from .tokenizer import StreamDecoder, lone_surrogate
 
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a seed is a 64-bit signed integer, as OpenAI's `seed`
+SEED_MIN, SEED_MAX = INT64_MIN, INT64_MAX  # a seed is a 64-bit signed integer, as OpenAI's `seed`
 
 
 class KVCache:
@@ -124,15 +124,13 @@ def pick_token(
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | None = None) -> None:
-    """LmforgeError naming the first sampling setting out of range (for `sample` and the server)."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise LmforgeError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise LmforgeError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:  # also refuses NaN
-        raise LmforgeError(f"top_p must be within (0, 1], got {top_p}")
-    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
-        raise LmforgeError(f"seed must be a 64-bit signed integer ({SEED_MIN}..{SEED_MAX}), got {seed}")
+    """LmforgeError naming the first sampling setting out of range (for `sample` and the server; the
+    rules are ranges.py's, which `sample`'s flags also use)."""
+    TEMPERATURE.check("temperature", temperature)
+    TOP_K.check("top_k", min(top_k, INT64_MAX))  # any top_k >= the vocabulary is "off", however large (an API client's 1e30)
+    TOP_P.check("top_p", top_p)
+    if seed is not None:
+        SEED.check("seed", seed)
 
 
 def nth_seed(seed: int, i: int) -> int:
@@ -142,8 +140,7 @@ def nth_seed(seed: int, i: int) -> int:
 
 
 def _check(max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None = None) -> None:
-    if max_tokens < 0:
-        raise LmforgeError(f"max_tokens must be >= 0, got {max_tokens}")
+    MAX_TOKENS.check("max_tokens", max_tokens)
     check_sampling(temperature, top_k, top_p, seed)
 
 

@@ -13,7 +13,7 @@ from conftest import TINY_CONFIG, lmforge_cmd, subprocess_env
 from lmforge import artifacts as A
 from lmforge.average import average
 from lmforge.config import load_config
-from lmforge.errors import CheckpointError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.train.loop import build, train
 
 
@@ -80,7 +80,7 @@ def test_bad_requests_are_refused(run: Path, tmp_path: Path) -> None:
         average(run, tmp_path / "x", last=50)
     with pytest.raises(CheckpointError, match=r"no checkpoint at step\(s\) 15"):
         average(run, tmp_path / "x", steps=[10, 15])
-    with pytest.raises(CheckpointError, match="--ema must be a decay in"):
+    with pytest.raises(ConfigError, match=r"--ema must be within \(0, 1\) \(a decay per step"):
         average(run, tmp_path / "x", last=2, ema=1.5)
     with pytest.raises(CheckpointError, match="inside a run's checkpoints/"):
         average(run, run / "checkpoints" / "avg", last=2)

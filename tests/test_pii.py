@@ -58,6 +58,15 @@ POSITIVES = [
     ("secret", "  \"client_secret\": \"f3a9c1d27be84e6a90d4c5b8e7f6a1d2\",", "f3a9c1d27be84e6a90d4c5b8e7f6a1d2"),
     ("secret", "dbPassword: Wx7-plQ_93kd", "Wx7-plQ_93kd"),
     ("secret", "url = postgres://app:hunter2xyz@db.internal:5432/prod", "hunter2xyz"),
+    ("secret", "aws_secret_access_key = q8Vw3+Jt/2mXyZ0aBcDeFgHiJkLmNoPqRsTuVwXy", "q8Vw3+Jt/2mXyZ0aBcDeFgHiJkLmNoPqRsTuVwXy"),
+    ("secret", "SECRET_KEY=django-insecure-7h#x2!k9q@m4", "django-insecure-7h#x2!k9q@m4"),
+    ("secret", "Authorization: Bearer 9f8a7Bc6D5e4F3a2b1C0d9e8", "9f8a7Bc6D5e4F3a2b1C0d9e8"),
+    ("secret", "-H 'Authorization: Basic YWxhZGRpbjpvcGVuc2VzYW1l'", "YWxhZGRpbjpvcGVuc2VzYW1l"),
+    ("secret", "AccountName=acme;AccountKey=Xk2lP9qZ8vR4tY7uW1sA3dF6gH0jK5lZ8xC2vB4nM7qW9eR1tY3u==;EndpointSuffix=x",
+     "Xk2lP9qZ8vR4tY7uW1sA3dF6gH0jK5lZ8xC2vB4nM7qW9eR1tY3u=="),
+    ("secret", "f.txt?sv=2021-08-06&sr=b&sig=Zk8%2FqP3xL9vT2mN7wR4yB6cD1fG5hJ0kL8pQ3sV9xZ2%3D",
+     "Zk8%2FqP3xL9vT2mN7wR4yB6cD1fG5hJ0kL8pQ3sV9xZ2%3D"),
+    ("secret", "use Xy18Q~aBcDeFgHiJkLmNoPqRsTuVwXyZ01234567 now", "Xy18Q~aBcDeFgHiJkLmNoPqRsTuVwXyZ01234567"),
 ]
 
 
@@ -99,7 +108,9 @@ NEGATIVES = [
     "4111 1111 1111 1112 and DE00 1234 5678 9012 3456 78 and GB83WEST12345698765432",
     # credential keys bound to code, empty or dummy values, public material
     "password = getpass.getpass()\ntoken = tokens[i]\napi_key = os.environ['API_KEY']\npassword: str | None = None\n"
-    "if token == TOKEN_END:\nsecret = self._secret\npassword = ''\npasswd = 'password'\ntokenizer = 'bpe-32000-v2x'",
+    "if token == TOKEN_END:\nsecret = self._secret\npassword = ''\npasswd = 'password'\ntokenizer = 'bpe-32000-v2x'\n"
+    "a basic understanding of bearer bonds; Basic authentication; Bearer tokens; basic customization.\n"
+    "Basic sub-classing; basic line-wrapping",
     "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n-----BEGIN PUBLIC KEY-----",
     "http://user:password@host/ and ftp://anonymous:${PASSWORD}@mirror/",
     # phone look-alikes: lists of numbers, hex dumps, bare numeric ids

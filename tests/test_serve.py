@@ -876,3 +876,107 @@ def test_request_timeout_is_a_504_and_an_error_event_in_a_stream(loaded) -> None
             lines = [line for line in r.iter_lines() if line]
         assert json.loads(lines[0][len("data: "):])["error"]["code"] == "504" and lines[-1] == "data: [DONE]"
         assert c.get("/health").status_code == 200
+
+
+# ---- /v1/embeddings ------------------------------------------------------------------------
+
+EMBED_TEXTS = ["ROMEO:", "First Citizen:\nBefore we proceed any further, hear me speak.", "O", "To be, or not to be"]
+
+
+def our_vectors(loaded, texts: list[str]):
+    from lmforge.understand.embed import Embedder
+
+    model, tok = loaded
+    from lmforge.config import Config
+
+    return Embedder.from_model(model, tok, Config(model=model.cfg)).embed(texts)
+
+
+def test_embeddings_in_every_input_form_and_encoding(client, loaded) -> None:
+    import base64
+
+    import numpy as np
+
+    model, tok = loaded
+    want = our_vectors(loaded, EMBED_TEXTS)
+    r = client.post("/v1/embeddings", json={"input": EMBED_TEXTS, "model": "anything"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and body["model"] == "tiny"
+    assert [d["index"] for d in body["data"]] == [0, 1, 2, 3] and {d["object"] for d in body["data"]} == {"embedding"}
+    n_tokens = sum(len(tok.encode(t)) for t in EMBED_TEXTS)
+    assert body["usage"] == {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
+    got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+    assert np.array_equal(got, want)  # the same batch through the same Embedder: bit for bit
+    b64 = client.post("/v1/embeddings", json={"input": EMBED_TEXTS, "encoding_format": "base64"}, headers=AUTH).json()
+    decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in b64["data"]])
+    assert np.array_equal(decoded, want)
+    one = client.post("/v1/embeddings", json={"input": EMBED_TEXTS[1]}, headers=AUTH).json()["data"]
+    ids = client.post("/v1/embeddings", json={"input": tok.encode(EMBED_TEXTS[1])}, headers=AUTH).json()["data"]
+    lists = client.post("/v1/embeddings", json={"input": [tok.encode(t) for t in EMBED_TEXTS[:2]]}, headers=AUTH).json()["data"]
+    assert len(one) == len(ids) == 1 and len(lists) == 2
+    assert np.allclose(one[0]["embedding"], want[1], atol=1e-5) and one[0]["embedding"] == ids[0]["embedding"]
+    assert np.allclose(lists[1]["embedding"], want[1], atol=1e-5)
+    short = client.post("/v1/embeddings", json={"input": EMBED_TEXTS, "dimensions": 16}, headers=AUTH).json()["data"]
+    cut = want[:, :16] / np.linalg.norm(want[:, :16], axis=1, keepdims=True)
+    assert np.allclose(np.array([d["embedding"] for d in short]), cut, atol=1e-6)
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"input": []}, "input", "empty"),
+    ({"input": ""}, "input", "empty string"),
+    ({"input": ["a", ""]}, "input.1", "empty string"),
+    ({"input": [[1, 2], []]}, "input.1", "empty list of token ids"),
+    ({"input": [5, 9999]}, "input.0", "within 0..511"),
+    ({"input": ["a"] * 9}, "input", "above this server's limit of 8 per request (--max-embed-inputs)"),
+    ({"input": [1] * (CONTEXT + 1)}, "input.0", f"{CONTEXT + 1} tokens is more than this model's {CONTEXT}"),
+    ({"input": "a", "dimensions": 10**6}, "dimensions", "above this model's"),
+    ({"input": "a", "dimensions": 0}, "dimensions", "greater than or equal to 1"),
+    ({"input": "a", "encoding_format": "int8"}, "encoding_format", "float"),
+    ({"input": ["a", 1]}, "input", ""),
+    ({"input": "a", "input_type": "passage"}, "input_type", "document"),
+])
+def test_embeddings_refuse_what_cannot_be_embedded_with_a_400(loaded, body, param, words) -> None:
+    model, tok = loaded
+    app = create_app(model, tok, max_tokens=64, max_embed_inputs=8)
+    with TestClient(app) as c:
+        r = c.post("/v1/embeddings", json=body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and words in err["message"], err
+
+
+def test_embeddings_have_backpressure_429_when_the_worker_is_full(loaded, monkeypatch) -> None:
+    model, tok = loaded
+    app = create_app(model, tok, max_tokens=64, max_queue=1)
+    worker = app.state.embed_worker
+    gate = threading.Event()
+    real = worker.embedder.embed_ids
+    monkeypatch.setattr(worker.embedder, "embed_ids", lambda ids: (gate.wait(30), real(ids))[1])
+
+    async def two() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+            first = asyncio.create_task(c.post("/v1/embeddings", json={"input": "ROMEO:"}))
+            while worker.admitted == 0:
+                await asyncio.sleep(0.01)
+            second = await c.post("/v1/embeddings", json={"input": "O"})
+            gate.set()
+            return [await first, second]
+
+    first, second = asyncio.run(two())
+    assert first.status_code == 200 and second.status_code == 429
+    assert second.headers["retry-after"] == "1" and "busy" in second.json()["error"]["message"]
+    worker.close()
+
+
+def test_openai_client_embeddings_with_its_defaults_equal_ours(openai_client, loaded) -> None:
+    import numpy as np
+
+    want = our_vectors(loaded, EMBED_TEXTS)
+    got = openai_client.embeddings.create(model="tiny", input=EMBED_TEXTS)  # the client's default: base64
+    assert [d.index for d in got.data] == [0, 1, 2, 3] and got.usage.prompt_tokens > 0
+    assert np.abs(np.array([d.embedding for d in got.data]) - want).max() < 1e-6
+    floats = openai_client.embeddings.create(model="tiny", input="ROMEO:", encoding_format="float", dimensions=8)
+    cut = want[0, :8] / np.linalg.norm(want[0, :8])
+    assert np.allclose(floats.data[0].embedding, cut, atol=1e-6)

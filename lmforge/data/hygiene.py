@@ -68,6 +68,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import DataError
+from ..ranges import EXAMPLES, NEAR_DUP_THRESHOLD, Choice
 
 # ---- genres ----------------------------------------------------------------------------------
 
@@ -401,7 +402,8 @@ class Settings:
     """What hygiene does; recorded in the manifest. `Settings()` is the default of `lmforge prepare`."""
 
     dedup: bool = True  # exact and near-duplicate removal
-    near_dup_threshold: float = DEFAULT_THRESHOLD  # estimated Jaccard of word 5-gram sets
+    # estimated Jaccard of word 5-gram sets; None: exact dedup only (SFT examples: sft.py)
+    near_dup_threshold: float | None = DEFAULT_THRESHOLD
     quality: bool = True
     skip_rules: tuple[str, ...] = ()  # quality rules switched off one by one
     pii: str = "redact"  # redact | drop | keep
@@ -421,25 +423,27 @@ class Settings:
         """Whether any stage can remove a document (else --allow-empty has nothing to allow)."""
         return self.dedup or bool(self.active_rules) or self.pii == "drop"
 
+    @property
+    def near_dup(self) -> bool:
+        return self.dedup and self.near_dup_threshold is not None
+
     def validate(self) -> "Settings":
-        if self.pii not in PII_MODES:
-            raise DataError(f"--pii must be one of {', '.join(PII_MODES)}, got {self.pii!r}")
-        if not 0.0 < self.near_dup_threshold <= 1.0:
-            raise DataError(f"--near-dup-threshold must be in (0, 1] (an estimated Jaccard similarity), got {self.near_dup_threshold}")
+        Choice(PII_MODES).check("--pii", self.pii)
+        if self.near_dup_threshold is not None:
+            NEAR_DUP_THRESHOLD.check("--near-dup-threshold", self.near_dup_threshold)
         for name in self.skip_rules:
             if name not in RULE_NAMES:
                 near = get_close_matches(name, RULE_NAMES, n=1)
                 hint = f" (did you mean {near[0]!r}?)" if near else f" (rules: {', '.join(RULE_NAMES)})"
                 raise DataError(f"--skip-rule {name!r} is not a quality rule{hint}")
-        if self.examples < 0:
-            raise DataError(f"examples per rule must be >= 0, got {self.examples}")
+        EXAMPLES.check("examples per rule", self.examples)
         return self
 
     def record(self) -> dict[str, Any]:
         d = asdict(self)
         d["skip_rules"] = list(self.skip_rules)
         d["near_dup"] = {"shingle": f"word {SHINGLE}-grams (lower-cased)", "num_perm": NUM_PERM,
-                         "normalise_exact": "whitespace runs -> one space, stripped; case kept"} if self.dedup else None
+                         "normalise_exact": "whitespace runs -> one space, stripped; case kept"} if self.near_dup else None
         if not self.dedup:
             d["near_dup_threshold"] = None
         return d
@@ -495,7 +499,7 @@ class Analysis(NamedTuple):
     reason: str | None  # a quality rule or PII_DROP: the document is removed; None: it goes on to dedup
     redactions: dict[str, int]  # PII items redacted, by kind
     exact: bytes | None  # exact-dup key (None with dedup off)
-    signature: np.ndarray | None  # MinHash signature (None with dedup off)
+    signature: np.ndarray | None  # MinHash signature (None with dedup off or exact only)
 
 
 _scrubbers: dict[str, Any] = {}
@@ -527,7 +531,7 @@ def analyse(text: str, genre: str, settings: Settings) -> Analysis:
     if reason is not None or not settings.dedup:
         return Analysis(text, reason, redactions, None, None)
     assert w is not None
-    return Analysis(text, None, redactions, exact_key(text), signature(w.hashes))
+    return Analysis(text, None, redactions, exact_key(text), signature(w.hashes) if settings.near_dup else None)
 
 
 def analyse_batch(batch: list[tuple[str, str]], settings: Settings) -> list[Analysis]:
@@ -623,7 +627,7 @@ class Hygiene:
         self._where: list[tuple[str, int]] = []  # id -> (source, byte offset): named in a copy's example
         self._sigs: list[np.ndarray] = []
         self._lsh = None
-        if self.settings.dedup:
+        if self.settings.near_dup:
             from datasketch import MinHashLSH
 
             self._lsh = MinHashLSH(threshold=self.settings.near_dup_threshold, num_perm=NUM_PERM)
@@ -640,14 +644,16 @@ class Hygiene:
                 self._example(f"pii:{kind}", input_name, source, byte_offset, a.text, around=f"<{kind.upper()}")
         reason, of = a.reason, None
         if reason is None and self.settings.dedup:
-            assert a.exact is not None and a.signature is not None and self._lsh is not None
+            assert a.exact is not None
             of = self._exact.get(a.exact)
             if of is not None:
                 reason = EXACT_DUP
             else:
-                sig = _Sig(a.signature)
-                near = [k for k in self._lsh.query(sig)
-                        if float(np.mean(self._sigs[k] == a.signature)) >= self.settings.near_dup_threshold]
+                near: list[int] = []
+                if self._lsh is not None:
+                    assert a.signature is not None and self.settings.near_dup_threshold is not None
+                    near = [k for k in self._lsh.query(_Sig(a.signature))
+                            if float(np.mean(self._sigs[k] == a.signature)) >= self.settings.near_dup_threshold]
                 if near:
                     reason, of = NEAR_DUP, min(near)  # the earliest kept match: deterministic
                 else:
@@ -655,8 +661,9 @@ class Hygiene:
                     self._exact[a.exact] = doc_id
                     self._u.append(u)
                     self._where.append((source, byte_offset))
-                    self._sigs.append(a.signature)
-                    self._lsh.insert(doc_id, sig, check_duplication=False)
+                    if self._lsh is not None:
+                        self._sigs.append(a.signature)
+                        self._lsh.insert(doc_id, _Sig(a.signature), check_duplication=False)
         if reason is None:
             self.kept[input_name].add(nbytes)
             return True
@@ -701,6 +708,7 @@ class Hygiene:
             "redacted": {kind: dict(per) for kind, per in sorted(self.redacted.items())},
             "cross_split": cross,
             "examples": self.examples,
+            "pii_scrubber": None if self.settings.pii == "keep" else scrubber(self.settings.pii).settings(),
         }
 
 

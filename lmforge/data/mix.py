@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..ranges import MIX_MAX_REPEAT
 
 DEFAULT_MAX_REPEAT = 4.0
 RULE = ("T = min(kept train bytes, min over inputs of max_repeat * bytes / weight); input i is written "
@@ -44,7 +45,7 @@ RULE = ("T = min(kept train bytes, min over inputs of max_repeat * bytes / weigh
 def base_name(raw: str | os.PathLike) -> str:
     """An input's base name: a directory's name, a file's name without its last extension."""
     p = Path(raw)
-    name = p.resolve().name
+    name = Path(os.path.abspath(p)).name  # as given ("." is the current directory's name); links not followed
     return (name if p.is_dir() else (Path(name).stem or name)) or "input"
 
 
@@ -109,8 +110,7 @@ def check_names(weights: dict[str, float], names: Sequence[str], inputs: Sequenc
 
 def plan(weights: dict[str, float], train_bytes: dict[str, int], max_repeat: float) -> dict[str, Any]:
     """The repeat factor of each input and the mixture's target size (the rule in the module docstring)."""
-    if not (max_repeat >= 1 and math.isfinite(max_repeat)):
-        raise DataError(f"--mix-max-repeat must be a number >= 1, got {max_repeat}")
+    MIX_MAX_REPEAT.check("--mix-max-repeat", max_repeat)
     empty = [n for n, w in weights.items() if w > 0 and train_bytes.get(n, 0) == 0]
     if empty:
         raise DataError(f"--mix gives weight to input(s) with no train text left: {', '.join(empty)}; "

@@ -24,6 +24,12 @@ The manifest records what hygiene did (settings, library versions, removals per 
 redactions per kind and input, bounded redacted examples) and the mixture; the dataset stays a pure
 function of (inputs, settings): preparing twice gives the same checksums.
 
+Shared with `prepare --sft` (sft.py): the checks of `--out`, `collect_sources`, `token_dtype`,
+`write_dataset` (step 4: `fill(writers)` writes the documents, with loss masks for SFT, and returns
+the manifest keys only writing tells, such as the tokens per input and the hygiene record), `report`
+and `hygiene_summary` (the lines printed at the end), `check_empty_inputs`. SFT examples get two of
+the hygiene stages (exact dedup and PII, decided by the same `Hygiene`); sft.py says why not all.
+
 `--out` is checked before any work (`_check_out`): it may not be an input, lie inside one or
 contain one (even without `--overwrite`), and `--overwrite` only ever replaces a prepared dataset
 (a directory holding manifest.json and nothing but dataset files) or an empty directory; a file, a
@@ -61,7 +67,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from rich.progress import (
@@ -76,18 +82,19 @@ from rich.progress import (
 from .. import __version__
 from ..config import DataConfig
 from ..errors import DataError
-from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
+from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, check_training
 from ..jsonl import parse_jsonl
+from ..ranges import VAL_FRACTION, positive_int, thread_count
 from ..util import atomic_dir, atomic_write_json, console, human_count, progress_bar, warn
 from . import mix as mixing
 from .hygiene import Analyser, Hygiene, Settings, genre_of
-from .manifest import FORMAT_VERSION, INDEX_COLUMNS, MANIFEST_FILE, SPLITS, fingerprint
+from .manifest import FORMAT_VERSION, INDEX_COLUMNS, MANIFEST_FILE, MASK_SUFFIX, SPLITS, fingerprint
 
 DOC_MAX_BYTES = 64 * 1024  # text files larger than this are cut into documents at blank lines
 BATCH_BYTES = 4 << 20  # text per encode_batch call: large enough to keep every thread busy
 HYGIENE_BATCH_CHARS = 1 << 20  # text per hygiene batch sent to a worker process
 POOL_MIN_BYTES = 8 << 20  # smaller corpora are analysed in this process (starting workers costs more)
-_DATASET_ENTRY = re.compile(r"(manifest\.json|tokenizer\.json|(train|val)-\d{5,}\.bin)")  # all a dataset holds
+_DATASET_ENTRY = re.compile(r"(manifest\.json|tokenizer\.json|(train|val)-\d{5,}(\.mask)?\.bin)")  # all a dataset holds
 
 
 # ---- sources and documents -------------------------------------------------------------------
@@ -109,10 +116,20 @@ class Document:
     byte_offset: int  # where the document starts in its source file
     text: str
     u: float  # content hash mapped to [0, 1): decides the split
+    record_id: str | None = None  # a JSONL record's "id" field (a string or an integer), when it has one
 
 
 class NotUtf8(Exception):
     """A source file that does not decode as UTF-8 (skipped, or fatal with --strict)."""
+
+
+def _resolve(path: Path, what: str = "input") -> Path:
+    """path.resolve(), with a symbolic link loop (or a path the system refuses) as a DataError."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # RuntimeError "Symlink loop" up to Python 3.12, OSError ELOOP after
+        why = "a symbolic link loop" if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP else str(e)
+        raise DataError(f"{what} {path}: cannot resolve it ({why}); give a real file or directory") from None
 
 
 def _matches(rel: str, name: str, patterns: Sequence[str]) -> bool:
@@ -127,7 +144,7 @@ def collect_sources(inputs: Sequence[str | os.PathLike], include: Sequence[str] 
     sources: list[Source] = []
 
     def add(path: Path, which: int) -> None:
-        resolved = path.resolve()
+        resolved = _resolve(path)
         if resolved not in seen:
             seen.add(resolved)
             kind = "jsonl" if path.name.lower().endswith(".jsonl") else "text"
@@ -207,7 +224,9 @@ def iter_documents(src: Source, index: int, text_field: str) -> Iterator[Documen
             raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, expected a string")
         if text.strip():
             encoded = text.encode("utf-8")
-            yield Document(index, start, text, _u(encoded))
+            rid = record.get("id")
+            rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+            yield Document(index, start, text, _u(encoded), rid)
 
 
 # ---- shard writing ---------------------------------------------------------------------------
@@ -215,49 +234,62 @@ def iter_documents(src: Source, index: int, text_field: str) -> Iterator[Documen
 
 @dataclass
 class _SplitWriter:
-    """Appends token arrays to bounded shard files `<split>-NNNNN.bin`, hashing as it writes."""
+    """Appends token arrays to bounded shard files `<split>-NNNNN.bin`, hashing as it writes; with
+    `masks`, each token's loss-mask byte (1: trained) goes to `<split>-NNNNN.mask.bin` beside it."""
 
     root: Path
     split: str
     dtype: np.dtype
     shard_tokens: int
+    masks: bool = False
     shards: list[dict[str, Any]] = field(default_factory=list)
     rows: list[list[int]] = field(default_factory=list)  # document index rows of this split
-    _file: Any = None
-    _hash: Any = None
+    _files: list[Any] = field(default_factory=list)  # the open shard (and mask) file
+    _hashes: list[Any] = field(default_factory=list)
     _in_shard: int = 0
 
     def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):05d}.bin"
-        self.shards.append({"file": name, "sha256": "", "tokens": 0, "documents": 0})
-        self._file = open(self.root / name, "wb")
-        self._hash = hashlib.sha256()
+        name = f"{self.split}-{len(self.shards):05d}"
+        self.shards.append({"file": f"{name}.bin", "sha256": "", "tokens": 0, "documents": 0})
+        names = [f"{name}.bin"] + ([f"{name}{MASK_SUFFIX}"] if self.masks else [])
+        if self.masks:
+            self.shards[-1]["mask"] = {"file": names[1], "sha256": ""}
+        self._files = [open(self.root / n, "wb") for n in names]
+        self._hashes = [hashlib.sha256() for _ in names]
         self._in_shard = 0
 
     def _close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self.shards[-1]["sha256"] = self._hash.hexdigest()
+        if self._files:
+            for f in self._files:
+                f.close()
+            self.shards[-1]["sha256"] = self._hashes[0].hexdigest()
+            if self.masks:
+                self.shards[-1]["mask"]["sha256"] = self._hashes[1].hexdigest()
             self.shards[-1]["tokens"] = self._in_shard
-            self._file = None
+            self._files = []
 
-    def add(self, tokens: np.ndarray, source: int, byte_offset: int, split_id: int) -> None:
-        """Write one document's tokens (eos included); a document may continue in the next shard."""
-        if self._file is None or self._in_shard == self.shard_tokens:
+    def add(self, tokens: np.ndarray, source: int, byte_offset: int, split_id: int, mask: np.ndarray | None = None) -> None:
+        """Write one document's tokens (eos included; `mask` (len(tokens),) uint8 when the writer
+        has masks); a document may continue in the next shard."""
+        if (mask is not None) != self.masks or (mask is not None and len(mask) != len(tokens)):
+            raise ValueError("a loss mask per token goes with every document of a writer with masks, and only there")
+        if not self._files or self._in_shard == self.shard_tokens:
             self._close()
             self._open()
         self.rows.append([split_id, len(self.shards) - 1, self._in_shard, source, byte_offset])
         self.shards[-1]["documents"] += 1
-        while len(tokens):
+        columns = [tokens] + ([mask.astype(np.uint8)] if mask is not None else [])
+        while len(columns[0]):
             if self._in_shard == self.shard_tokens:
                 self._close()
                 self._open()
-            take = tokens[: self.shard_tokens - self._in_shard]
-            data = take.tobytes()  # native little-endian on every platform torch supports
-            self._file.write(data)
-            self._hash.update(data)
-            self._in_shard += len(take)
-            tokens = tokens[len(take):]
+            n = min(len(columns[0]), self.shard_tokens - self._in_shard)
+            for f, h, col in zip(self._files, self._hashes, columns):
+                data = col[:n].tobytes()  # native little-endian on every platform torch supports
+                f.write(data)
+                h.update(data)
+            self._in_shard += n
+            columns = [col[n:] for col in columns]
 
     def finish(self) -> dict[str, Any]:
         self._close()
@@ -280,8 +312,7 @@ def _progress() -> Progress:
 
 def _set_threads(workers: int) -> None:
     """Tokenizer threads: RAYON_NUM_THREADS must be set before the Rust thread pool starts."""
-    if workers < 0:
-        raise DataError(f"--workers must be >= 0 (0: all cores), got {workers}")
+    thread_count().check("--workers", workers)
     if workers:
         os.environ["RAYON_NUM_THREADS"] = str(workers)
     # Force parallelism on even after a fork (pytest, multiprocessing), off for one worker.
@@ -297,20 +328,26 @@ def _check_writable(out: Path) -> None:
         raise DataError(f"cannot write dataset {out}: {e.strerror or e} ({e.filename or out.parent}); nothing was written") from None
 
 
-def _check_out(out: Path, inputs: Sequence[str | os.PathLike], overwrite: bool) -> None:
-    """Refuse, before any work, an --out that overlaps an input or that is not ours to replace."""
-    target = out.resolve()
+def check_out_overlap(out: Path, inputs: Sequence[str | os.PathLike], what: str = "dataset") -> None:
+    """Refuse an --out that is an input, lies inside one (the next run would read it as corpus)
+    or contains one (`what`: the kind of directory written, for the message)."""
+    target = _resolve(out, "--out")
     for raw in inputs:
-        src = Path(raw).resolve()
+        src = _resolve(Path(raw))
         if target == src:
-            raise DataError(f"--out {out} is also an input; write the dataset somewhere else (nothing was written)")
+            raise DataError(f"--out {out} is also an input; write the {what} somewhere else (nothing was written)")
         if src in target.parents:
             raise DataError(
-                f"--out {out} is inside the input {raw}: the dataset would be read as corpus by the next prepare; "
+                f"--out {out} is inside the input {raw}: the {what} would be read as corpus next time; "
                 f"choose an --out outside the inputs (nothing was written)"
             )
         if target in src.parents:
             raise DataError(f"--out {out} contains the input {raw}; choose an --out that holds no input (nothing was written)")
+
+
+def _check_out(out: Path, inputs: Sequence[str | os.PathLike], overwrite: bool) -> None:
+    """Refuse, before any work, an --out that overlaps an input or that is not ours to replace."""
+    check_out_overlap(out, inputs)
     _check_replaceable(out, overwrite)
 
 
@@ -401,10 +438,10 @@ def prepare(
     is a warning instead of an error. mix / mix_max_repeat: weighted mixing of the inputs (mix.py)."""
     out = Path(out)
     settings = (hygiene if hygiene is not None else Settings()).validate()
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if shard_tokens < 1:
-        raise DataError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+    VAL_FRACTION.check("--val-fraction", val_fraction)
+    positive_int().check("--shard-tokens", shard_tokens)
+    if tokenizer is None:  # before the pass over the corpus that trains it
+        check_training(vocab_size, special_tokens)
     names = mixing.input_names(inputs)
     weights: dict[str, float] | None = None
     if mix is not None:
@@ -434,60 +471,63 @@ def prepare(
     try:
         # Pass 1: decode, cut, hash, hygiene; kept documents go to the spill file, and the train
         # ones into the BPE trainer as they stream by.
-        with open(spill_path, "wb", buffering=1 << 20) as spill:
+        try:
+            with open(spill_path, "wb", buffering=1 << 20) as spill:
 
-            def documents() -> Iterator[Document]:
-                for i, src in enumerate(sources):
-                    try:
-                        yield from iter_documents(src, i, text_field)
-                    except NotUtf8 as e:
-                        if strict:
-                            raise DataError(f"{e} (--strict: every input must be UTF-8 text)") from None
-                        bad.add(i)
-                        skipped.append({"path": str(src.path), "reason": "not UTF-8"})
+                def documents() -> Iterator[Document]:
+                    for i, src in enumerate(sources):
+                        try:
+                            yield from iter_documents(src, i, text_field)
+                        except NotUtf8 as e:
+                            if strict:
+                                raise DataError(f"{e} (--strict: every input must be UTF-8 text)") from None
+                            bad.add(i)
+                            skipped.append({"path": str(src.path), "reason": "not UTF-8"})
 
-            def batches() -> Iterator[tuple[list[Document], list[tuple[str, str]]]]:
-                batch: list[Document] = []
-                size = 0
-                for doc in documents():
-                    batch.append(doc)
-                    size += len(doc.text)
-                    if size >= HYGIENE_BATCH_CHARS:
+                def batches() -> Iterator[tuple[list[Document], list[tuple[str, str]]]]:
+                    batch: list[Document] = []
+                    size = 0
+                    for doc in documents():
+                        batch.append(doc)
+                        size += len(doc.text)
+                        if size >= HYGIENE_BATCH_CHARS:
+                            yield batch, [(d.text, sources[d.source].genre) for d in batch]
+                            batch, size = [], 0
+                    if batch:
                         yield batch, [(d.text, sources[d.source].genre) for d in batch]
-                        batch, size = [], 0
-                if batch:
-                    yield batch, [(d.text, sources[d.source].genre) for d in batch]
 
-            def scan() -> Iterator[str]:
-                with _progress() as progress:
-                    task = progress.add_task("scan" if tok else "train tokenizer", total=total_bytes)
-                    for docs, analyses in analyser.map(batches()):
-                        for doc, a in zip(docs, analyses):
-                            src = sources[doc.source]
-                            name = names[src.input]
-                            nbytes = len(doc.text.encode("utf-8"))
-                            keep = hyg.decide(a, input_name=name, source=str(src.path), byte_offset=doc.byte_offset,
-                                              nbytes=nbytes, u=doc.u, original=doc.text)
-                            progress.advance(task, nbytes)
-                            if not keep:
-                                continue
-                            data = a.text.encode("utf-8")
-                            spill.write(_SPILL.pack(doc.source, doc.byte_offset, doc.u, len(data)))
-                            spill.write(data)
-                            stats["documents"] += 1
-                            stats["min_u"] = min(stats["min_u"], doc.u)
-                            if doc.u < val_fraction:
-                                stats["val"] += 1
-                            else:
-                                train_bytes[name] += len(data)
-                                yield a.text
-                    progress.update(task, completed=total_bytes)
+                def scan() -> Iterator[str]:
+                    with _progress() as progress:
+                        task = progress.add_task("scan" if tok else "train tokenizer", total=total_bytes)
+                        for docs, analyses in analyser.map(batches()):
+                            for doc, a in zip(docs, analyses):
+                                src = sources[doc.source]
+                                name = names[src.input]
+                                nbytes = len(doc.text.encode("utf-8"))
+                                keep = hyg.decide(a, input_name=name, source=str(src.path), byte_offset=doc.byte_offset,
+                                                  nbytes=nbytes, u=doc.u, original=doc.text)
+                                progress.advance(task, nbytes)
+                                if not keep:
+                                    continue
+                                data = a.text.encode("utf-8")
+                                spill.write(_SPILL.pack(doc.source, doc.byte_offset, doc.u, len(data)))
+                                spill.write(data)
+                                stats["documents"] += 1
+                                stats["min_u"] = min(stats["min_u"], doc.u)
+                                if doc.u < val_fraction:
+                                    stats["val"] += 1
+                                else:
+                                    train_bytes[name] += len(data)
+                                    yield a.text
+                        progress.update(task, completed=total_bytes)
 
-            if tok is None:
-                tok = Tokenizer.train(scan(), vocab_size, special_tokens=special_tokens)
-            else:
-                for _ in scan():
-                    pass
+                if tok is None:
+                    tok = Tokenizer.train(scan(), vocab_size, special_tokens=special_tokens)
+                else:
+                    for _ in scan():
+                        pass
+        except OSError as e:  # the spill: a full disk beside --out
+            raise _write_error(out, e) from None
         analyser.close()
         if skipped:
             shown = ", ".join(s["path"] for s in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
@@ -498,13 +538,7 @@ def prepare(
                 raise DataError(f"no documents left after hygiene: all {read} were removed ({_reasons(hyg, None)}); "
                                 f"see which stage with --no-dedup / --quality off / --pii keep")
             raise DataError(f"empty corpus: no text found in {len(sources)} file(s) under {', '.join(map(str, inputs))}")
-        empty = hyg.empty_inputs()
-        for name in empty:
-            what = f"input {name} ({inputs[names.index(name)]}) has no documents left after hygiene ({_reasons(hyg, name)})"
-            if not allow_empty:
-                raise DataError(f"{what}; switch the stage or rule off (--no-dedup, --skip-rule NAME, --quality off, "
-                                f"--pii keep) or pass --allow-empty")
-            warn(what)
+        check_empty_inputs(hyg, inputs, allow_empty)
         force_val = stats["val"] == 0 and val_fraction > 0 and stats["documents"] >= 2
         forced_u = stats["min_u"] if force_val else None
         if forced_u is not None:
@@ -514,12 +548,63 @@ def prepare(
         if tok.eos_id is None:
             raise DataError(f"tokenizer {tokenizer} has no {'<|eos|>'!r} token; prepare separates documents with it")
         mix_plan = mixing.plan(weights, train_bytes, max_repeat) if weights is not None else None
+        dtype = token_dtype(tok)
 
-        dtype = np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")
+        def fill(writers: dict[str, _SplitWriter]) -> dict[str, Any]:
+            tokens = _tokenize(spill_path, sources, names, tok, writers, val_fraction, forced_u, dtype, mix_plan)
+            return {
+                "inputs": [
+                    {"name": name, "path": str(Path(raw).resolve()), "files": sum(1 for s in sources if s.input == i),
+                     "bytes": sum(s.bytes for s in sources if s.input == i),
+                     **{f"{split}_tokens": tokens[split][name] for split in SPLITS}}
+                    for i, (name, raw) in enumerate(zip(names, inputs))
+                ],
+                "hygiene": hyg.record(val_fraction, forced_u),
+                "mix": _mix_record(weights, max_repeat, mix_plan, train_bytes, tokens) if mix_plan is not None else None,
+            }
+
+        splits = write_dataset(out, overwrite=overwrite, tok=tok, dtype=dtype, sources=sources, skipped=skipped,
+                               val_fraction=val_fraction, shard_tokens=shard_tokens, fill=fill)
+    finally:
+        analyser.close()
+        shutil.rmtree(spill_dir, ignore_errors=True)
+    report(out, splits, tok, dtype)
+    if settings != Settings.off():
+        hygiene_summary(hyg, out)
+    _check_val(splits["val"], val_fraction)
+    return out
+
+
+def token_dtype(tok: Tokenizer) -> np.dtype:
+    """The smallest shard dtype that holds every id of the tokenizer."""
+    return np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def write_dataset(
+    out: Path,
+    *,
+    overwrite: bool,
+    tok: Tokenizer,
+    dtype: np.dtype,
+    sources: list[Source],
+    skipped: list[dict[str, str]],
+    val_fraction: float,
+    shard_tokens: int,
+    fill: Callable[[dict[str, _SplitWriter]], dict[str, Any] | None],
+    masks: bool = False,
+    extra: dict[str, Any] | None = None,
+    format_version: int = FORMAT_VERSION,
+) -> dict[str, Any]:
+    """Write a dataset atomically: `fill(writers)` adds the documents to the split writers and
+    returns the manifest keys that only writing them tells (the tokens per input, the hygiene
+    record; or None), then the manifest (with those and the `extra` keys) is written and the
+    directory renamed to `out`. Returns the splits' summaries; a failure (a DataError from `fill`,
+    a full disk) leaves nothing at `out`."""
+    try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             tok.save(tmp / TOKENIZER_FILE)
-            writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
-            tokens = _tokenize(spill_path, sources, names, tok, writers, val_fraction, forced_u, dtype, mix_plan)
+            writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens, masks) for s in SPLITS}
+            filled = fill(writers)
             splits = {s: w.finish() for s, w in writers.items()}
             if splits["train"]["tokens"] == 0:
                 raise DataError("no documents left for training: every document fell into the validation split; lower --val-fraction")
@@ -529,7 +614,7 @@ def prepare(
             for row in rows:
                 sources[row[3]].documents += 1
             manifest = {
-                "format_version": FORMAT_VERSION,
+                "format_version": format_version,
                 "created_by": f"lmforge {__version__}",
                 "tokenizer": TOKENIZER_FILE,
                 "tokenizer_sha256": tok.sha256,
@@ -542,18 +627,12 @@ def prepare(
                 "shard_tokens": shard_tokens,
                 "fingerprint": fingerprint(tok.sha256, dtype.name, splits["train"]["shards"]),
                 "splits": splits,
-                "inputs": [
-                    {"name": name, "path": str(Path(raw).resolve()), "files": sum(1 for s in sources if s.input == i),
-                     "bytes": sum(s.bytes for s in sources if s.input == i),
-                     **{f"{split}_tokens": tokens[split][name] for split in SPLITS}}
-                    for i, (name, raw) in enumerate(zip(names, inputs))
-                ],
                 "sources": [{"path": str(s.path), "kind": s.kind, "bytes": s.bytes, "documents": s.documents,
                              "input": s.input, "genre": s.genre} for s in sources],
                 "skipped": skipped,
-                "hygiene": {**hyg.record(val_fraction, forced_u), "pii_scrubber": _scrubber_settings(settings)},
-                "mix": _mix_record(weights, max_repeat, mix_plan, train_bytes, tokens) if mix_plan is not None else None,
                 "document_index": {"columns": INDEX_COLUMNS, "splits": list(SPLITS), "rows": rows},
+                **(extra or {}),
+                **(filled or {}),
             }
             atomic_write_json(tmp / MANIFEST_FILE, manifest)
             _readable(tmp)
@@ -563,25 +642,42 @@ def prepare(
             raise DataError(f"output already exists: {out} (pass --overwrite to replace it)") from None
         raise DataError(f"cannot write dataset {out}: {e.strerror or e} ({e.filename or out}); nothing was written") from None
     except OSError as e:
-        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise DataError(f"cannot write dataset {out}: {what} ({e.filename or out}); nothing was written") from None
-    finally:
-        analyser.close()
-        shutil.rmtree(spill_dir, ignore_errors=True)
+        raise _write_error(out, e) from None
+    return splits
+
+
+def _write_error(out: Path, e: OSError) -> DataError:
+    what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return DataError(f"cannot write dataset {out}: {what} ({e.filename or out}); nothing was written")
+
+
+def report(out: Path, splits: dict[str, Any], tok: Tokenizer, dtype: np.dtype, note: str = "") -> None:
+    """The one-line summary of a prepared dataset."""
     t, v = splits["train"], splits["val"]
     console.print(
         f"[green]prepared[/] {out}: train {human_count(t['tokens'])} tokens / {t['documents']} docs / "
         f"{len(t['shards'])} shard(s), val {human_count(v['tokens'])} tokens / {v['documents']} docs, "
-        f"vocab {tok.vocab_size} ({dtype.name})"
+        f"vocab {tok.vocab_size} ({dtype.name}){note}"
     )
+
+
+def hygiene_summary(hyg: Hygiene, out: Path, what: str = "documents") -> None:
+    """The one line after it that says what hygiene did, and where the details are."""
     removed = sum(c.documents for per in hyg.removed.values() for c in per.values())
     redacted = sum(c["items"] for per in hyg.redacted.values() for c in per.values())
-    if settings != Settings.off():
-        console.print(f"hygiene: removed {removed} of {stats['documents'] + removed} documents"
-                      + (f" ({_reasons(hyg, None)})" if removed else "")
-                      + f", redacted {redacted} PII item(s); details: lmforge data report {out}", markup=False)
-    _check_val(v, val_fraction)
-    return out
+    read = sum(c.documents for c in hyg.read.values())
+    console.print(f"hygiene: removed {removed} of {read} {what}" + (f" ({_reasons(hyg, None)})" if removed else "")
+                  + f", redacted {redacted} PII item(s); details: lmforge data report {out}", markup=False)
+
+
+def check_empty_inputs(hyg: Hygiene, inputs: Sequence[str | os.PathLike], allow_empty: bool,
+                       switches: str = "--no-dedup, --skip-rule NAME, --quality off, --pii keep") -> None:
+    """Refuse (or with allow_empty, warn about) an input that had documents and has none left."""
+    for name in hyg.empty_inputs():
+        what = f"input {name} ({inputs[hyg.inputs.index(name)]}) has no documents left after hygiene ({_reasons(hyg, name)})"
+        if not allow_empty:
+            raise DataError(f"{what}; switch the stage or rule off ({switches}) or pass --allow-empty")
+        warn(what)
 
 
 def _reasons(hyg: Hygiene, name: str | None) -> str:
@@ -589,14 +685,6 @@ def _reasons(hyg: Hygiene, name: str | None) -> str:
     counts = {reason: sum(c.documents for n, c in per.items() if name is None or n == name)
               for reason, per in hyg.removed.items()}
     return ", ".join(f"{r} {c}" for r, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c)
-
-
-def _scrubber_settings(settings: Settings) -> dict[str, Any] | None:
-    if settings.pii == "keep":
-        return None
-    from .hygiene import scrubber
-
-    return scrubber(settings.pii).settings()
 
 
 def _mix_record(weights: dict[str, float] | None, max_repeat: float, plan: dict[str, Any], train_bytes: dict[str, int],

@@ -13,12 +13,20 @@
                   of surrounding whitespace, equals the target (also stripped)
 
 Ties go to the first choice (numpy argmax), as in the harness.
+
+Retrieval (BEIR / pytrec_eval definitions; a query's ranking is a list of doc ids, best first, and
+its relevant docs map doc id -> gain, 1 for plain relevance):
+- ndcg@k          DCG@k / IDCG@k with DCG = sum over ranks r = 1..k of gain(doc at r) / log2(r + 1);
+                  IDCG is the DCG of the best possible order of the relevant docs
+- recall@k        |relevant docs in the top k| / |relevant docs|
+- mrr@k           1 / the rank of the first relevant doc within the top k, else 0
+Each is averaged over queries.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -67,4 +75,36 @@ def exact_match(predictions: Sequence[str], targets: Sequence[str]) -> dict[str,
     return {"exact_match": hits / n if n else math.nan}
 
 
-__all__ = ["loss_metrics", "mc_metrics", "cloze_metrics", "cut_at_stop", "exact_match"]
+def ndcg_at_k(ranking: Sequence[str], relevant: Mapping[str, float], k: int) -> float:
+    dcg = sum(relevant.get(d, 0.0) / math.log2(r + 2) for r, d in enumerate(ranking[:k]))
+    ideal = sorted(relevant.values(), reverse=True)[:k]
+    idcg = sum(g / math.log2(r + 2) for r, g in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def recall_at_k(ranking: Sequence[str], relevant: Mapping[str, float], k: int) -> float:
+    wanted = {d for d, g in relevant.items() if g > 0}
+    return len(wanted.intersection(ranking[:k])) / len(wanted) if wanted else 0.0
+
+
+def mrr_at_k(ranking: Sequence[str], relevant: Mapping[str, float], k: int) -> float:
+    return next((1.0 / (r + 1) for r, d in enumerate(ranking[:k]) if relevant.get(d, 0.0) > 0), 0.0)
+
+
+RETRIEVAL_METRICS = ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10")
+
+
+def retrieval_metrics(rankings: Sequence[Sequence[str]], relevant: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """ndcg@10, recall@1/10/100 and mrr@10 averaged over queries (rankings[i] answers relevant[i])."""
+    n = len(relevant)
+    if n != len(rankings):
+        raise ValueError(f"{len(rankings)} rankings for {n} queries")
+    if not n:
+        return {m: math.nan for m in RETRIEVAL_METRICS}
+    pairs = list(zip(rankings, relevant))
+    return {"ndcg@10": sum(ndcg_at_k(r, g, 10) for r, g in pairs) / n,
+            **{f"recall@{k}": sum(recall_at_k(r, g, k) for r, g in pairs) / n for k in (1, 10, 100)},
+            "mrr@10": sum(mrr_at_k(r, g, 10) for r, g in pairs) / n}
+
+
+__all__ = ["ndcg_at_k", "recall_at_k", "mrr_at_k", "retrieval_metrics", "RETRIEVAL_METRICS", "loss_metrics", "mc_metrics", "cloze_metrics", "cut_at_stop", "exact_match"]

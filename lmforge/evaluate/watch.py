@@ -149,6 +149,7 @@ def watch(
     follow: bool = False,
     scorer: str = "packed",
     nice: int = 10,
+    retrieval: list[str] | None = None,
 ) -> int:
     """Evaluate every checkpoint of `run_dir` once, as it appears; returns 0 when done."""
     run_dir = Path(run_dir)
@@ -165,7 +166,7 @@ def watch(
     elif once:
         raise CheckpointError(f"--watch --once makes one pass over the checkpoints present, and there is no "
                               f"directory {run_dir}; drop --once to wait for the run to start")
-    cli_tasks = load_tasks(list(tasks or []))  # a bad task file fails now, not at the first checkpoint
+    cli_tasks = load_tasks(list(tasks or []), retrieval)  # a bad task file fails now, not at the first checkpoint
     if not run_dir.exists():
         _wait_for(run_dir, interval)
         _check_run_dir(run_dir)
@@ -204,7 +205,7 @@ def watch(
                                       "(retention deleted it? raise train.keep_last)")
                     continue
                 model, tokenizer, cfg, step = loaded.model, loaded.tokenizer, loaded.config, loaded.origin.step
-                task_list = cli_tasks if tasks else load_tasks(list(cfg.eval.tasks))
+                task_list = cli_tasks if (tasks or retrieval) else load_tasks(list(cfg.eval.tasks))
                 source = text_source(cfg, tokenizer, data=data, text=text)
                 if source is None and not task_list:
                     raise LmforgeError(

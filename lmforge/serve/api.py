@@ -9,6 +9,7 @@ the same app under uvicorn. The app is assembled from pieces that each do one jo
     engine.py    continuous batching on its own thread
     bridge.py    engine thread <-> event loop: submit, events, deadlines, cancel on disconnect
     routes.py    one method per route: body -> engine requests -> events -> JSON or SSE
+    embeddings.py  POST /v1/embeddings: a bounded worker beside the engine, vector encodings
     protocol.py  the wire format: strict request bodies, errors, log-probs, response shapes
     chat.py      chat templates (Jinja sandbox; control tokens only from the template)
     metrics.py   the Prometheus registry behind GET /metrics
@@ -47,22 +48,30 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 
+from ..config import Config, EmbedConfig
 from ..errors import LmforgeError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from ..util import read_text_file
+from ..understand.embed import Embedder
 from .bridge import Bridge
 from .chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
+from .embeddings import EmbedWorker
 from .engine import Engine
 from .metrics import Metrics
 from .protocol import ApiError, error_body
 from .routes import Routes
+
+if TYPE_CHECKING:
+    from ..artifacts import Loaded
+    from ..understand.index.search import Searcher
 
 
 class ApiKeyAuth:
@@ -102,8 +111,13 @@ def create_app(
     chat_template: str | None = None,
     request_timeout: float = 600.0,
     max_body_bytes: int = 1 << 20,
+    embed: EmbedConfig | None = None,
+    max_embed_inputs: int = 256,
+    searcher: Searcher | None = None,
 ) -> FastAPI:
-    """The API over a loaded model (eval mode). The engine thread runs while the app does."""
+    """The API over a loaded model (eval mode). The engine thread runs while the app does.
+    `embed`: how /v1/embeddings pools (the model's config `embed:` section; default: its defaults).
+    searcher: an index opened for this model (`open_index`); adds POST /v1/search."""
     if max_tokens < 1 or not (math.isfinite(request_timeout) and request_timeout > 0) or max_body_bytes < 1:
         raise LmforgeError(f"--max-tokens, --request-timeout and --max-body-bytes must be positive, got "
                            f"{max_tokens}, {request_timeout} and {max_body_bytes}")
@@ -111,8 +125,13 @@ def create_app(
     chat = ChatTemplate(tokenizer, chat_template)
     metrics = Metrics(engine)
     bridge = Bridge(engine, metrics, request_timeout)
+    if max_embed_inputs < 1:
+        raise LmforgeError(f"--max-embed-inputs must be >= 1, got {max_embed_inputs}")
+    embedder = Embedder.from_model(model, tokenizer, Config(model=model.cfg, embed=embed or EmbedConfig()))
+    embed_worker = EmbedWorker(embedder, max_queue, request_timeout)
     routes = Routes(bridge, tokenizer, chat, metrics, model_name=model_name,
-                    context=model.cfg.max_seq_len, max_tokens=max_tokens, max_body_bytes=max_body_bytes)
+                    context=model.cfg.max_seq_len, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
+                    embed_worker=embed_worker, max_embed_inputs=max_embed_inputs, searcher=searcher)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -121,6 +140,7 @@ def create_app(
             yield
         finally:
             await asyncio.to_thread(engine.stop)
+            await asyncio.to_thread(embed_worker.close)
 
     async def api_error(_request: HttpRequest, e: ApiError) -> JSONResponse:
         metrics.reject(e.status)
@@ -128,6 +148,7 @@ def create_app(
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.bridge = engine, bridge  # bridge.close(grace): the server's shutdown
+    app.state.embed_worker = embed_worker
     if api_key:
         app.add_middleware(ApiKeyAuth, key=api_key, metrics=metrics)
     app.add_exception_handler(ApiError, api_error)
@@ -135,6 +156,7 @@ def create_app(
     for method, path, endpoint in (
         ("POST", "/v1/completions", routes.completions),
         ("POST", "/v1/chat/completions", routes.chat_completions),
+        ("POST", "/v1/embeddings", routes.embeddings),
         ("GET", "/health", routes.health),
         ("GET", "/v1/models", routes.models),
         ("POST", "/tokenize", routes.tokenize),
@@ -143,7 +165,21 @@ def create_app(
         ("GET", "/metrics", routes.metrics_page),
     ):
         app.add_api_route(path, endpoint, methods=[method])
+    if searcher is not None:
+        app.add_api_route("/v1/search", routes.search, methods=["POST"])
     return app
+
+
+def open_index(path: str | os.PathLike, loaded: Loaded) -> Searcher:
+    """The index `lmforge serve --index` searches, verified, with the served weights as its
+    embedder (its recorded pooling); refused when the index was built by another model."""
+    from ..understand.embed import Embedder, Pooling
+    from ..understand.index.search import Searcher
+    from ..understand.index.store import Index
+
+    index = Index.open(path)
+    embedder = Embedder(loaded, Pooling.from_dict(index.fields["pooling"]))
+    return Searcher(index, embedder).warm()  # check_embedder refuses another model, naming both checksums
 
 
 # ---- `lmforge serve` ---------------------------------------------------------------------
@@ -164,10 +200,7 @@ def resolve_api_key(api_key: str | None, api_key_file: str | None) -> str | None
         key = api_key.strip()
         source = "--api-key"
     elif api_key_file is not None:
-        try:
-            key = Path(api_key_file).read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise LmforgeError(f"cannot read the API key file {api_key_file}: {e.strerror}") from None
+        key = read_text_file(api_key_file, "the API key file", max_bytes=64 << 10).strip()
         source = f"the API key file {api_key_file}"
     elif os.environ.get("LMFORGE_API_KEY") is not None:
         key, source = os.environ["LMFORGE_API_KEY"].strip(), "LMFORGE_API_KEY"
@@ -175,6 +208,9 @@ def resolve_api_key(api_key: str | None, api_key_file: str | None) -> str | None
         return None
     if not key:
         raise LmforgeError(f"{source} is empty; put a non-empty key there (e.g. `openssl rand -hex 32`)")
+    if not key.isascii() or not key.isprintable():  # it is compared with an HTTP header's bytes
+        raise LmforgeError(f"{source} holds characters an HTTP header cannot carry; use printable ASCII "
+                           "(e.g. `openssl rand -hex 32`)")
     return key
 
 
@@ -182,10 +218,7 @@ def read_chat_template(path: str | None) -> str | None:
     """The text of --chat-template's file (None: not given)."""
     if path is None:
         return None
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise LmforgeError(f"cannot read the chat template {path}: {e.strerror}") from None
+    return read_text_file(path, "the chat template", max_bytes=1 << 20)
 
 
 def check_exposure(host: str, key: str | None, insecure: bool) -> None:
@@ -209,11 +242,13 @@ def serve_command(
     max_queue: int | None,
     max_tokens: int | None,
     model_name: str | None,
+    max_embed_inputs: int | None = None,
     chat_template: str | None,
     request_timeout: float,
     max_body_bytes: int,
     threads: int,
     shutdown_grace: float = 5.0,
+    index: str | None = None,
 ) -> int:
     """Load a run or checkpoint and serve it until interrupted. Unset limits come from the
     checkpoint's `serve:` config section."""
@@ -234,6 +269,7 @@ def serve_command(
     # engine from waiting up to 5 ms for it each time the loop handles a token (docs/serve.md).
     sys.setswitchinterval(0.0005)
     loaded = load_model(path)
+    searcher = open_index(index, loaded) if index is not None else None  # before the port: a wrong index fails at once
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
     template = template or tokenizer.chat_template  # a model directory's (or a fine-tune's origin's) recorded one
     host = host or cfg.serve.host
@@ -246,13 +282,17 @@ def serve_command(
                          max_batch=cfg.serve.max_batch if max_batch is None else max_batch,
                          max_queue=cfg.serve.max_queue if max_queue is None else max_queue,
                          max_tokens=cfg.serve.max_tokens if max_tokens is None else max_tokens, api_key=key,
-                         chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes)
+                         chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
+                         embed=cfg.embed,
+                         max_embed_inputs=cfg.serve.max_embed_inputs if max_embed_inputs is None else max_embed_inputs,
+                         searcher=searcher)
         auth = "API key required" if key else "no API key"
         where = f"[{host}]" if ":" in host else host
         # Listening already (connections wait in the backlog until uvicorn accepts them), so the
         # URL works as soon as it is printed; its port is the real one, also for --port 0.
-        console.print(f"serving {name} ({loaded.origin.describe()}) at http://{where}:{sock.getsockname()[1]}/v1 ({auth}); "
-                      "Ctrl-C stops", markup=False)
+        searching = f", searching {index}" if index is not None else ""
+        console.print(f"serving {name} ({loaded.origin.describe()}{searching}) at http://{where}:{sock.getsockname()[1]}/v1 "
+                      f"({auth}); Ctrl-C stops", markup=False)
         server = _server(app, shutdown_grace)
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends like Ctrl-C, exit 0
         try:
@@ -297,4 +337,4 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-__all__ = ["create_app", "serve_command", "resolve_api_key", "is_loopback", "listen", "DEFAULT_CHAT_TEMPLATE"]
+__all__ = ["create_app", "open_index", "serve_command", "resolve_api_key", "is_loopback", "listen", "DEFAULT_CHAT_TEMPLATE"]

@@ -68,7 +68,7 @@ import torch
 
 from ..errors import LmforgeError
 from ..generate import check_sampling, pick_token
-from ..model import Transformer
+from ..model import Transformer, check_memory
 from ..tokenizer import StreamDecoder, Tokenizer
 
 MAX_LOGPROBS = 20  # the most alternatives per position a request may ask for (OpenAI allows 5..20)
@@ -198,6 +198,8 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_seq_len, self.vocab_size = model.cfg.max_seq_len, model.cfg.vocab_size
         self.device = next(model.parameters()).device
+        p = next(model.parameters())
+        check_memory(model.cfg, p.device, kv_batch=max_batch, kv_bytes=p.element_size(), fix="--max-batch (serve.max_batch)")
         self.cache = SlotCache(model, max_batch)
         self.waiting: collections.deque[Request] = collections.deque()
         self.active: list[_Slot] = []  # index = cache row

@@ -42,6 +42,8 @@ from starlette.requests import Request as HttpRequest
 
 from ..generate import SEED_MAX, SEED_MIN
 from ..tokenizer import lone_surrogate
+from ..understand.index import DEFAULT_MODE as DEFAULT_SEARCH_MODE
+from ..understand.index import MODES as SEARCH_MODES
 from .engine import MAX_LOGPROBS, Prompt
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -137,6 +139,27 @@ class DetokenizeBody(BaseModel):
     model_config = STRICT
     tokens: list[int]
     model: str | None = None
+
+
+class EmbeddingBody(BaseModel):
+    model_config = STRICT
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    input_type: Literal["document", "query"] = "document"  # an extension: which of the model's prefixes strings get
+
+
+MAX_SEARCH_K = 100
+
+
+class SearchBody(BaseModel):
+    """POST /v1/search: the index the server was started with (--index)."""
+
+    model_config = STRICT
+    query: str = Field(min_length=1)
+    k: int = Field(5, ge=1, le=MAX_SEARCH_K)
+    mode: Literal[SEARCH_MODES] = DEFAULT_SEARCH_MODE  # type: ignore[valid-type]
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -339,6 +362,6 @@ SSE_DONE = "data: [DONE]\n\n"  # OpenAI's end of a stream
 
 
 __all__ = ["GenerationBody", "CompletionBody", "ChatBody", "ChatMessage", "ContentPart", "TokenizeBody",
-           "DetokenizeBody", "ApiError", "error_body", "read_body", "check_json", "MAX_JSON_DEPTH", "stop_strings", "Scored", "prompt_scores",
+           "DetokenizeBody", "EmbeddingBody", "SearchBody", "MAX_SEARCH_K", "ApiError", "error_body", "read_body", "check_json", "MAX_JSON_DEPTH", "stop_strings", "Scored", "prompt_scores",
            "legacy_logprobs", "chat_logprobs", "usage", "reply", "sse", "SSE_DONE", "DEFAULT_COMPLETION_TOKENS",
            "MAX_STOP_STRINGS", "MAX_N"]

@@ -11,6 +11,11 @@ as OpenAI JSON or as server-sent events (`protocol`). `create_app` (api.py) regi
   (what lm-evaluation-harness `local-completions` sends). Choice i of prompt p is request
   p * n + i.
 - POST /v1/chat/completions: the conversation through the chat template; chat log-probs.
+- POST /v1/embeddings: strings or token ids -> the model's vectors (serve/embeddings.py: a bounded
+  worker beside the engine; float or base64; `dimensions`; 400 for what cannot be embedded).
+- POST /v1/search (with --index): the index's best chunks for a query, with their spans; the
+  search runs on the embedding worker (serve/embeddings.py), so it gets the same 429 / 503 as
+  a generation when the server is full or closing.
 - GET /v1/models, POST /tokenize (a text or a conversation), POST /detokenize, GET
   /tokenizer_info, GET /health, GET /metrics (Prometheus).
 - A stream is its chunks, then `data: [DONE]`; an error after the 200 went out (a timeout, an
@@ -30,7 +35,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request as HttpRequest
@@ -39,11 +44,15 @@ from ..generate import nth_seed
 from ..tokenizer import Tokenizer
 from .bridge import Bridge
 from .chat import ChatTemplate, special_token
+from .embeddings import EmbedWorker, encode_vector, shorten
 from .engine import Finished, Prompt, Request, Token
 from .metrics import Metrics
 from .protocol import (DEFAULT_COMPLETION_TOKENS, SSE_DONE, ApiError, ChatBody, CompletionBody, DetokenizeBody,
-                       GenerationBody, Scored, TokenizeBody, chat_logprobs, error_body, legacy_logprobs,
+                       EmbeddingBody, GenerationBody, Scored, SearchBody, TokenizeBody, chat_logprobs, error_body, legacy_logprobs,
                        prompt_scores, read_body, reply, sse, stop_strings, usage)
+
+if TYPE_CHECKING:
+    from ..understand.index.search import Searcher
 
 
 @dataclass
@@ -69,9 +78,13 @@ class Routes:
     """The endpoints of one app; `max_tokens` is the server's limit per request (--max-tokens)."""
 
     def __init__(self, bridge: Bridge, tokenizer: Tokenizer, chat: ChatTemplate, metrics: Metrics, *,
-                 model_name: str, context: int, max_tokens: int, max_body_bytes: int) -> None:
+                 model_name: str, context: int, max_tokens: int, max_body_bytes: int,
+                 embed_worker: EmbedWorker | None = None, max_embed_inputs: int = 256,
+                 searcher: Searcher | None = None) -> None:
         self.bridge, self.tokenizer, self.chat, self.metrics = bridge, tokenizer, chat, metrics
+        self.searcher = searcher
         self.model_name, self.context, self.max_tokens, self.max_body_bytes = model_name, context, max_tokens, max_body_bytes
+        self.embed_worker, self.max_embed_inputs = embed_worker, max_embed_inputs
         self.created = int(time.time())
         self.end_ids = tokenizer.end_ids  # EOS, and an instruct model's recorded end of turn (<|im_end|>)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: tokenizer.decode([i]))
@@ -191,6 +204,78 @@ class Routes:
                 yield chunk(i, {}, event.reason)
         if body.include_usage:
             yield sse(reply(call.id, "chat.completion.chunk", self.model_name, [], usage(call.prompt_tokens, generated)))
+
+    # ---- /v1/embeddings --------------------------------------------------------------------------
+
+    async def embeddings(self, http: HttpRequest) -> Response:
+        body = await read_body(http, EmbeddingBody, self.max_body_bytes)
+        worker = self.embed_worker
+        if worker is None:
+            raise ApiError(404, "this server does not embed (started without an embedder)")
+        if self.bridge.closing:
+            raise ApiError(503, "the server is shutting down; send the request to another server or retry after "
+                                "it restarts", kind="server_error")
+        emb = worker.embedder
+        if body.dimensions is not None and body.dimensions > emb.dim:
+            raise ApiError(400, f"dimensions: {body.dimensions} is above this model's {emb.dim}", param="dimensions")
+        ids = self._embedding_inputs(body, emb)
+        start = time.monotonic()
+        self.metrics.requests.labels("embeddings").inc()
+        vectors = shorten(await worker.embed(ids), body.dimensions, emb.pooling.normalize)
+        self.metrics.latency.labels("embeddings").observe(time.monotonic() - start)
+        n = sum(len(r) for r in ids)
+        data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
+                for i, v in enumerate(vectors)]
+        return JSONResponse({"object": "list", "data": data, "model": self.model_name,
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    def _embedding_inputs(self, body: EmbeddingBody, emb: Any) -> list[list[int]]:
+        """Each input as token ids (strings with the model's prefix for body.input_type); 400 for
+        an input that cannot be embedded (see serve/embeddings.py)."""
+        raw = body.input
+        items: list[str | list[int]] = [raw] if isinstance(raw, str) else list(raw)
+        if items and isinstance(items[0], int):
+            items = [list(raw)]  # type: ignore[arg-type]  # one input given as token ids
+        if not items:
+            raise ApiError(400, "input: empty; send a string, a list of strings or token ids", param="input")
+        if len(items) > self.max_embed_inputs:
+            raise ApiError(400, f"input: {len(items)} inputs is above this server's limit of {self.max_embed_inputs} "
+                                "per request (--max-embed-inputs); split the request", param="input")
+        prefix, vocab, out = emb.pooling.prefix(body.input_type), self.tokenizer.vocab_size, []
+        for i, item in enumerate(items):
+            where = "input" if len(items) == 1 and not isinstance(raw, list) else f"input.{i}"
+            if isinstance(item, str):
+                if not item:
+                    raise ApiError(400, f"{where}: empty string; there is nothing to embed", param=where)
+                ids = self.tokenizer.encode(prefix + item)
+            else:
+                if not item:
+                    raise ApiError(400, f"{where}: empty list of token ids; there is nothing to embed", param=where)
+                if any(not 0 <= t < vocab for t in item):
+                    raise ApiError(400, f"{where}: token ids must be within 0..{vocab - 1}", param=where)
+                ids = list(item)
+            if len(ids) > emb.max_len:
+                raise ApiError(400, f"{where}: {len(ids)} tokens is more than this model's {emb.max_len}; "
+                                    "shorten or split it", param=where)
+            out.append(ids)
+        return out
+
+    # ---- /v1/search ----------------------------------------------------------------------------
+
+    async def search(self, http: HttpRequest) -> dict[str, Any]:
+        body = await read_body(http, SearchBody, self.max_body_bytes)
+        assert self.searcher is not None and self.embed_worker is not None  # the route exists only with an index
+        if self.bridge.closing:
+            raise ApiError(503, "the server is shutting down; send the request to another server or retry after "
+                                "it restarts", kind="server_error")
+        start = time.monotonic()
+        # on the embedding worker: searches and embeddings share its one thread beside the engine, its bounded
+        # queue (429 beyond it) and its timeout (504)
+        hits = await self.embed_worker.run(self.searcher.search, body.query, body.k, body.mode)
+        self.metrics.requests.labels("search").inc()
+        self.metrics.latency.labels("search").observe(time.monotonic() - start)
+        return {"object": "list", "index": self.searcher.index.path.name, "query": body.query, "mode": body.mode,
+                "data": [{"rank": i, "where": h.where(), **h.to_dict()} for i, h in enumerate(hits, 1)]}
 
     # ---- small routes --------------------------------------------------------------------------
 

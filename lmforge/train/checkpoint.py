@@ -172,6 +172,15 @@ def save_checkpoint(
     return final
 
 
+def checkpoint_bytes(run_dir: str | os.PathLike, model: torch.nn.Module) -> int:
+    """About what the next checkpoint of a run takes on disk: the newest one's size, or (none yet)
+    16 bytes per parameter (fp32 weights twice, safetensors and DCP, and two AdamW moments)."""
+    ckpts = list_checkpoints(run_dir)
+    if ckpts:
+        return sum(f.stat().st_size for f in ckpts[-1].rglob("*") if f.is_file())
+    return 16 * sum(p.numel() for p in model.parameters())
+
+
 def apply_retention(run_dir: str | os.PathLike, keep_last: int, keep_every: int) -> list[Path]:
     """Delete checkpoints that are neither among the newest `keep_last` nor a multiple of
     `keep_every`. Returns the deleted paths. The newest checkpoint is always kept."""
@@ -198,6 +207,28 @@ def remove_checkpoint(ckpt: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(ckpt, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted writers left in a run directory and its checkpoints/: a checkpoint's
+    temporary directory (`.step-NNNNNN.XXXX.tmp`, a kill during `save_checkpoint`), a checkpoint
+    being deleted (`.deleting-step-NNNNNN`), the old version of a replaced checkpoint
+    (`.step-NNNNNN.XXXX.old`) and atomic writes' temporary files (`.latest.XXXX.tmp`,
+    `.metrics.jsonl.XXXX.tmp`, ...). Only for the holder of the run directory's lock: then no live
+    process owns any of them. Returns the removed paths."""
+    removed = []
+    for folder in (Path(run_dir), checkpoints_dir(run_dir)):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            name = p.name
+            if name.startswith(".") and (name.endswith((".tmp", ".old")) or name.startswith(".deleting-")):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def discard_after(run_dir: str | os.PathLike, step: int) -> list[Path]:

