@@ -343,8 +343,11 @@ class Transformer(nn.Module):
         cache: KVCacheLike | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """idx (B, T) int64 -> logits (B, T, V); with targets (B, T) -> (logits, mean fp32 loss).
+        """idx (B, T) int64 -> logits (B, T, V); with targets (B, T) -> (logits, mean fp32 loss);
+        with hidden=True -> the hidden states (B, T, C) instead of logits (`hidden_states`; the
+        contrastive objective embeds through forward, which a DDP wrapper must see called).
 
         With a cache, idx holds the tokens after the cache.pos already cached ones; RoPE positions
         continue from there. positions (B, T) int64 and attn_mask (B, T, T) bool (True: may
@@ -354,6 +357,8 @@ class Transformer(nn.Module):
         position (continuous batching, serve/engine.py); the cache decides where K/V go.
         """
         B, T = idx.shape
+        if hidden:
+            return self.hidden_states(idx, cache=cache, positions=positions, attn_mask=attn_mask)
         logits = self.lm_head(self.hidden_states(idx, cache=cache, positions=positions, attn_mask=attn_mask))  # (B, T, V)
         if targets is None:
             return logits
@@ -436,11 +441,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def memory_needed(cfg: ModelConfig, *, micro_batch: int = 0, seq_len: int = 0, shards: int = 1,
-                  kv_batch: int = 0, kv_bytes: int = 4) -> dict[str, int]:
+                  kv_batch: int = 0, kv_bytes: int = 4, reference: bool = False) -> dict[str, int]:
     """The bytes a model needs at least, from its config alone (nothing is allocated), by part:
     its fp32 weights (4 bytes per parameter) and RoPE tables; to train (micro_batch > 0) also the
     gradients and AdamW's two moments (12 more bytes per parameter; both divided over `shards`
-    under FSDP) and a micro batch's fp32 logits with their gradient; to serve (kv_batch > 0) a KV
+    under FSDP) and a micro batch's fp32 logits with their gradient; with `reference`, a frozen
+    fp32 copy of the weights (DPO's reference, never sharded); to serve (kv_batch > 0) a KV
     cache of kv_batch full-length sequences of kv_bytes per value. Activations are not counted
     (they depend on checkpointing and kernels), so what this refuses certainly does not fit."""
     n = num_params(cfg)
@@ -448,6 +454,8 @@ def memory_needed(cfg: ModelConfig, *, micro_batch: int = 0, seq_len: int = 0, s
     if micro_batch:
         parts["gradients and AdamW moments"] = 12 * n // shards
         parts["logits"] = 2 * 4 * micro_batch * seq_len * cfg.vocab_size
+    if reference:
+        parts["reference copy"] = 4 * n
     if kv_batch:
         parts["KV cache"] = 2 * cfg.n_layer * kv_batch * cfg.kv_heads * cfg.max_seq_len * cfg.head_dim * kv_bytes
     return parts

@@ -278,7 +278,9 @@ def wrap(model: torch.nn.Module, t: TrainConfig, d: Dist) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [d.local_rank] if next(model.parameters()).is_cuda else None
-        return DDP(model, device_ids=ids)
+        # an embedding objective never reads an untied lm_head: DDP must be told, or it waits for its gradient
+        unused = t.objective == "contrastive" and not getattr(getattr(model, "cfg", None), "tie_embeddings", True)
+        return DDP(model, device_ids=ids, find_unused_parameters=unused)
     return model
 
 
