@@ -453,6 +453,52 @@ def add_classify_arguments(p: argparse.ArgumentParser) -> None:
     r.set_defaults(func=cmd_classify)
 
 
+# ---- topics -----------------------------------------------------------------------------------
+
+
+def parse_ngram_range(text: str) -> tuple[int, int]:
+    """'1,2' -> (1, 2); '2' -> (2, 2) (argparse type)."""
+    try:
+        lo, _, hi = text.partition(",")
+        lo_n, hi_n = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not MIN,MAX: {text!r} (e.g. 1,2 for words and word pairs)") from None
+    if not 1 <= lo_n <= hi_n <= 5:
+        raise argparse.ArgumentTypeError(f"MIN,MAX must satisfy 1 <= MIN <= MAX <= 5, got {text!r}")
+    return lo_n, hi_n
+
+
+def parse_distance_or_auto(text: str) -> float | None:
+    """'auto' -> None; else a float (argparse type)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a cosine distance or auto: {text!r} (e.g. 0.3)") from None
+    if not 0.0 <= value <= 2.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"a cosine distance is within 0..2, got {text!r}")
+    return value
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from .understand.topics import Settings, topics_command
+
+    settings = Settings(
+        reduce=args.reduce, n_components=args.n_components, n_neighbors=args.n_neighbors, min_dist=args.min_dist,
+        cluster=args.cluster, min_cluster_size=args.min_cluster_size, min_samples=args.min_samples,
+        n_topics=args.n_topics, fit_max=args.fit_max, top_words=args.top_words, stop_words=args.stop_words,
+        ngram_range=args.ngram_range, min_df=args.min_df, representative_docs=args.representative_docs,
+        reassign_outliers=args.reassign_outliers, outlier_max_distance=args.outlier_max_distance, seed=args.seed,
+        map_points=args.map_points, time_bins=args.time_bins,
+    )
+    return topics_command(args.model, args.inputs, args.out, settings=settings, text_field=args.text_field,
+                          id_field=args.id_field, time_field=None if args.time_field == "none" else args.time_field,
+                          labels=args.labels, namer=args.namer,
+                          batch_size=args.batch_size, threads=args.threads, max_len=args.max_len, strict=args.strict,
+                          overwrite=args.overwrite, as_json=args.json)
+
+
 # ---- import / export ------------------------------------------------------------------------
 
 
@@ -810,6 +856,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="train / eval / predict: labels with calibrated confidence; unsure -> review")
     add_classify_arguments(p)
+
+
+    p = sub.add_parser("topics", help="a pile of text -> topics, keywords, names and an offline HTML report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "pipeline: embed (MODEL) -> reduce (UMAP) -> cluster (HDBSCAN) -> outliers reassigned to the\n"
+                           "nearest topic -> keywords (c-TF-IDF) -> names; inputs as `lmforge embed` reads them.\n"
+                           "writes OUT/topics.jsonl, assignments.jsonl, report.html, MANIFEST.json. Details: docs/topics.md"))
+    p.add_argument("model", help="run directory (newest checkpoint), checkpoint directory or model directory")
+    p.add_argument("inputs", nargs="+", help="text files (one text per line), .jsonl files or directories")
+    p.add_argument("--out", required=True, help="topics directory to write, e.g. topics/brand")
+    p.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text")
+    p.add_argument("--id-field", type=R.Text(), default="id", help="JSONL field holding the id (default id; else FILE:LINE)")
+    p.add_argument("--time-field", type=R.Text(), default="auto", help="JSONL field holding a timestamp (ISO 8601 or seconds): topics "
+                   "over time; auto (default): the first record's timestamp, time, date, datetime, created_at, created "
+                   "or ts field, if any; none: no timestamps")
+    p.add_argument("--labels", metavar="GOLD.jsonl", help='known labels ({"id": ..., "label": ...} per line): NMI and ARI')
+    p.add_argument("--seed", type=R.any_int(), default=0, help="seed of UMAP, samples and k-means (same seed, same topics)")
+    g = p.add_argument_group("reduce")
+    g.add_argument("--reduce", choices=["umap", "pca", "none"], default="umap")
+    g.add_argument("--n-components", type=R.positive_int(hi=1000), default=5, help="dimensions after reduction (default %(default)s)")
+    g.add_argument("--n-neighbors", type=R.Range(int, lo=2, hi=1000), default=15, help="UMAP neighbours (default %(default)s)")
+    g.add_argument("--min-dist", type=R.nonneg_float(), default=0.0, help="UMAP min_dist (default %(default)s)")
+    g = p.add_argument_group("cluster")
+    g.add_argument("--cluster", choices=["hdbscan", "kmeans"], default="hdbscan")
+    g.add_argument("--min-cluster-size", type=R.Range(int, lo=2), default=10, help="HDBSCAN: smallest topic (default %(default)s)")
+    g.add_argument("--min-samples", type=R.positive_int(), help="HDBSCAN min_samples (default: --min-cluster-size)")
+    g.add_argument("--n-topics", type=R.positive_int(), help="k-means: the number of topics")
+    g.add_argument("--fit-max", type=R.positive_int(), default=100_000, help="fit reduce and cluster on at most this many documents "
+                   "(a seeded sample; the rest are projected and take their nearest fitted document's topic)")
+    g = p.add_argument_group("outliers")
+    g.add_argument("--reassign-outliers", action=argparse.BooleanOptionalAction, default=True,
+                   help="give each outlier the topic with the nearest centroid, within --outlier-max-distance (default: on)")
+    g.add_argument("--outlier-max-distance", type=parse_distance_or_auto, default=None, metavar="DISTANCE|auto",
+                   help="largest cosine distance to a topic's centroid an outlier may join from; auto (default): "
+                   "the topic's own radius (its farthest member)")
+    g = p.add_argument_group("keywords, names, report")
+    g.add_argument("--top-words", type=R.positive_int(hi=1000), default=10, help="keywords per topic (default %(default)s)")
+    g.add_argument("--stop-words", type=R.Text(), default="english", help="english (default), none, or a file of words (one per line)")
+    g.add_argument("--ngram-range", type=parse_ngram_range, default=(1, 1), metavar="MIN,MAX",
+                   help="keyword lengths in words (default 1,1; 1,2 adds word pairs)")
+    g.add_argument("--min-df", type=R.positive_int(), default=1, help="keep terms found in at least this many documents")
+    g.add_argument("--representative-docs", type=R.nonneg_int(hi=1000), default=3, help="documents shown per topic (default %(default)s)")
+    g.add_argument("--namer", metavar="RUN_OR_MODEL_DIR", help="an lmforge chat model that names each topic "
+                   "(default: the top keywords)")
+    g.add_argument("--map-points", type=R.nonneg_int(), default=10_000, help="documents on the report's map (default %(default)s)")
+    g.add_argument("--time-bins", type=R.positive_int(hi=10000), default=20, help="bins of the topics-over-time chart (default %(default)s)")
+    g = p.add_argument_group("embedding and output")
+    g.add_argument("--batch-size", type=R.positive_int(), default=32, help="texts per forward (sorted by length)")
+    g.add_argument("--threads", type=THREADS, default=0, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    g.add_argument("--max-len", type=R.positive_int(), help="cut texts to this many tokens (default: the model's max_seq_len)")
+    g.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
+    g.add_argument("--overwrite", action="store_true", help="replace --out if it is a topics directory")
+    g.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_topics)
 
     p = sub.add_parser("import", help="a Hugging Face Llama dir or a GGUF file -> an lmforge model directory")
     p.add_argument("source", help="local Hugging Face model directory (config.json + safetensors) or a .gguf file")

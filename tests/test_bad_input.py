@@ -72,6 +72,7 @@ VERBS: dict[tuple[str, ...], list[str]] = {
     ("index", "verify"): ["<tmp>/index"],
     ("search",): ["<tmp>/index", "a query"],
     ("ask",): ["<tmp>/index", "a question", "--model", RUN],
+    ("topics",): [RUN, CORPUS, "--out", "<tmp>/topics"],
     ("classify", "train"): [RUN, CORPUS, "--out", "<tmp>/clf"],
     ("classify", "eval"): ["<tmp>/clf", CORPUS],
     ("classify", "predict"): ["<tmp>/clf", CORPUS, "--out", "<tmp>/preds.jsonl"],

@@ -303,6 +303,11 @@ def test_a_dpo_run_from_the_cli_resumes_bit_for_bit_with_its_reference(base_run:
     held_out_metrics = [m for m in metrics if "val_loss" in m]  # at steps 6 and 12: the held-out pairs' loss and rewards
     assert [m["step"] for m in held_out_metrics] == [6, 12] and held_out_metrics[-1]["val_reward_accuracy"] > 0.5
     assert held_out_metrics[-1]["val_loss"] < math.log(2) and held_out_metrics[-1]["val_reward_margin"] > 0
+    from lmforge.track.store import Store
+
+    with Store.open(readonly=True) as store:  # the experiment store has them too (the test session's)
+        keys = store.metric_keys(store.run_id(str(tmp_path / "straight")))
+    assert {"reward_accuracy", "reward_margin", "val_reward_accuracy", "val_chosen_reward"} <= set(keys)
     record = json.loads((tmp_path / "straight" / "checkpoints" / "step-000012" / "trainer.json").read_text())["reference"]
     init = base / "checkpoints" / "step-000004"
     assert record["path"] == str(init.resolve()) and record["model_sha256"] == read_manifest_sha(init)
