@@ -27,7 +27,18 @@ from .util import PROGRESS_MODES, console, out, progress_mode, set_progress_mode
 # ---- prepare / data --------------------------------------------------------------------------
 
 
+def hygiene_flags(args: argparse.Namespace, *more: str) -> list[str]:
+    """The hygiene flags given (those of a text corpus only, and `more`), for refusing them where they do not apply."""
+    given = {"--near-dup-threshold": args.near_dup_threshold is not None, "--quality": args.quality is not None,
+             "--skip-rule": bool(args.skip_rule), "--mix": args.mix is not None,
+             "--mix-max-repeat": args.mix_max_repeat is not None, "--no-dedup": args.no_dedup,
+             "--pii": args.pii is not None, "--allow-empty": args.allow_empty}
+    text_only = ("--near-dup-threshold", "--quality", "--skip-rule", "--mix", "--mix-max-repeat")
+    return [flag for flag in (*text_only, *more) if given[flag]]
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.hygiene import settings_from_switches
     from .data.prepare import prepare
     from .threads import check_threads, cores, default_threads, measure_others
 
@@ -42,6 +53,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                                "tokenizer and chat template render the pairs, e.g. --tokenizer runs/support")
         if args.train_on_prompt:
             raise LmforgeError("--train-on-prompt goes with --sft: DPO compares the completions, the prompt is their condition")
+        given = hygiene_flags(args, "--no-dedup", "--pii", "--allow-empty")
+        if given:
+            raise LmforgeError(f"{', '.join(given)} with --dpo: preference pairs are not cleaned by prepare (hygiene runs on "
+                               "text corpora and --sft examples); drop " + ("it" if len(given) == 1 else "them"))
         prepare_dpo(args.inputs, args.out, tokenizer=args.tokenizer, include=args.include, exclude=args.exclude,
                     val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, workers=workers,
                     overwrite=args.overwrite)
@@ -52,12 +67,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         if not args.tokenizer:
             raise LmforgeError("prepare --sft needs --tokenizer: the model directory (or run) to fine-tune, whose "
                                "tokenizer and chat template render the examples, e.g. --tokenizer models/smol")
+        given = hygiene_flags(args)
+        if given:
+            raise LmforgeError(f"{', '.join(given)} with --sft: fine-tuning examples get exact dedup and PII scrubbing "
+                               "only (--no-dedup, --pii; docs/finetune.md); drop " + ("it" if len(given) == 1 else "them"))
         prepare_sft(args.inputs, args.out, tokenizer=args.tokenizer, train_on_prompt=args.train_on_prompt,
                     include=args.include, exclude=args.exclude, val_fraction=args.val_fraction,
-                    shard_tokens=args.shard_tokens, workers=workers, overwrite=args.overwrite)
+                    shard_tokens=args.shard_tokens, workers=workers, overwrite=args.overwrite,
+                    dedup=not args.no_dedup, pii="redact" if args.pii is None else args.pii, allow_empty=args.allow_empty)
         return 0
     if args.train_on_prompt:
         raise LmforgeError("--train-on-prompt goes with --sft (a text corpus trains on every token already)")
+    hygiene = settings_from_switches(no_dedup=args.no_dedup, near_dup_threshold=args.near_dup_threshold,
+                                     quality="on" if args.quality is None else args.quality, skip_rules=args.skip_rule, pii="redact" if args.pii is None else args.pii,
+                                     allow_empty=args.allow_empty)
     prepare(
         args.inputs,
         args.out,
@@ -72,6 +95,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         strict=args.strict,
         workers=workers,
         overwrite=args.overwrite,
+        hygiene=hygiene,
+        allow_empty=args.allow_empty,
+        mix=args.mix,
+        mix_max_repeat=args.mix_max_repeat,
     )
     return 0
 
@@ -83,6 +110,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         return p.cmd_info(args.path, as_json=args.json)
     if args.data_cmd == "verify":
         return p.cmd_verify(args.path)
+    if args.data_cmd == "report":
+        return p.cmd_report(args.path, as_json=args.json, examples=args.examples)
     if args.data_cmd == "inspect":
         path, step, seq_len, global_batch, seed = args.path, args.step, args.seq_len, args.global_batch, args.seed
         packing = not args.no_packing
@@ -128,7 +157,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
-    """`lmforge ckpt verify`: one line per checkpoint on stdout (the result); exit 1 when any is damaged."""
+    """`lmforge ckpt verify`: one line per checkpoint on stdout (the result); exit 1 when any is damaged.
+    `lmforge ckpt average`: average.py."""
+    if args.ckpt_cmd == "average":
+        from .average import average_command
+
+        return average_command(args.path, args.out, last=args.last, steps=args.steps, ema=args.ema, overwrite=args.overwrite)
     from .errors import CheckpointError
     from .artifacts import is_checkpoint_dir, is_model_dir, list_checkpoints, verify_checkpoint, verify_model_dir
 
@@ -641,8 +675,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=R.positive_int(), default=50_000_000, help="max tokens per shard")
     p.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
     p.add_argument("--threads", "--workers", dest="workers", type=THREADS, default=0, metavar="N",
-                   help=f"tokenizer threads (default: {THREADS_DEFAULT})")
+                   help=f"tokenizer threads and hygiene processes (default: {THREADS_DEFAULT})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    h = p.add_argument_group("hygiene (on by default; docs/data.md: Hygiene)")
+    h.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
+    h.add_argument("--near-dup-threshold", type=R.NEAR_DUP_THRESHOLD, metavar="J",
+                   help="estimated Jaccard similarity of word 5-grams at which a later document is a near duplicate "
+                        "(default 0.8, Lee et al. 2022)")
+    h.add_argument("--quality", type=R.Text(), metavar="on|off", help="quality filters (default on)")
+    h.add_argument("--skip-rule", type=R.Text(), action="append", default=[], metavar="RULE",
+                   help="switch one quality rule off (repeatable), e.g. dup_lines; the rules: docs/data.md (Quality rules)")
+    h.add_argument("--pii", choices=["redact", "drop", "keep"],
+                   help="PII and secrets: redact (typed placeholders, default), drop the document, keep")
+    h.add_argument("--allow-empty", action="store_true", help="warn instead of failing when hygiene empties an input")
+    h.add_argument("--mix", type=R.Text(), metavar="NAME=W,...", help="weighted mixing of the inputs' train text; NAME is an input's "
+                   "base name without extension, e.g. --mix wiki=0.5,tickets=0.3,code=0.2")
+    h.add_argument("--mix-max-repeat", type=R.MIX_MAX_REPEAT, metavar="R",
+                   help="with --mix: most times an input is repeated before the mixture stops (default 4)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("data", help="inspect a prepared dataset")
@@ -652,6 +701,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d = dsub.add_parser("verify", help="re-check every checksum; names any bad shard")
     d.add_argument("path")
+    d = dsub.add_parser("report", help="what hygiene removed and redacted, per rule and input; the mixture")
+    d.add_argument("path")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--examples", type=R.EXAMPLES, default=0, metavar="N",
+                   help="show up to N recorded examples per rule (redacted; at most 10 are recorded)")
     d = dsub.add_parser("inspect", help="which documents and text were in a training step")
     d.add_argument("path", help="a dataset (then --step is the data step), or a run directory (then --step is the "
                    "training step as logged, mapped through the run's rollbacks and skips)")
@@ -693,6 +747,14 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="ckpt_cmd", metavar="ACTION", required=True)
     c = csub.add_parser("verify", help="check every checkpoint of a run: ok / corrupt (which file) / incomplete")
     c.add_argument("path", help="run directory or checkpoint directory")
+    c = csub.add_parser("average", help="weighted mean of a run's checkpoints -> a model directory")
+    c.add_argument("path", help="run directory")
+    c.add_argument("--last", type=R.AVERAGE_LAST, metavar="N", help="the newest N checkpoints (N >= 2)")
+    c.add_argument("--steps", type=R.Text(), metavar="S1,S2,...", help="these steps (instead of --last)")
+    c.add_argument("--ema", type=R.EMA_DECAY, metavar="DECAY", help="weights proportional to DECAY ** (last step - step) "
+                   "instead of uniform")
+    c.add_argument("--out", required=True, help="model directory to write")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_ckpt)
 
     p = sub.add_parser("sample", help="generate text from a run or checkpoint")

@@ -321,6 +321,13 @@ INSPECT_SAMPLES = positive_int(hi=65_536)
 BOOTSTRAP = nonneg_int(hi=100_000, note="0 = none; each resample refits the law")  # plan fit --bootstrap
 CONFIDENCE = fraction(note="a calibrated probability; 0 = route nothing")  # classify --min-confidence, /v1/classify
 HELD_OUT = fraction(hi_open=True, note="the share of the examples held out for calibration; 0 = none")
+NEAR_DUP_THRESHOLD = fraction(lo_open=True, note="an estimated Jaccard similarity")  # prepare --near-dup-threshold
+# prepare --mix-max-repeat: each repeat is a pass over the kept text; past ~16 repeats data is worth
+# nothing more (Muennighoff et al. 2023), so 100 is far beyond any sensible cap
+MIX_MAX_REPEAT = Range(float, lo=1.0, hi=100.0, note="times an input's train text may be repeated")
+EXAMPLES = nonneg_int(note="0 = none")  # data report --examples
+AVERAGE_LAST = Range(int, lo=2, note="averaging one checkpoint is a copy of it")  # ckpt average --last
+EMA_DECAY = fraction(lo_open=True, hi_open=True, note="a decay per step, e.g. 0.999")  # ckpt average --ema
 
 
 def default_rule(hint: Any) -> Rule | None:
@@ -338,4 +345,5 @@ __all__ = ["Range", "Count", "Choice", "Text", "Rule", "INT64_MIN", "INT64_MAX",
            "nonneg_int", "any_int", "positive_float", "nonneg_float", "finite_float", "fraction", "seconds", "thread_count",
            "port", "default_rule", "TEMPERATURE", "TOP_K", "TOP_P", "SEED", "MAX_TOKENS",
            "QUICKSTART_MINUTES", "BOOTSTRAP", "INSPECT_SAMPLES",
-           "VAL_FRACTION", "CONFIDENCE", "HELD_OUT"]
+           "VAL_FRACTION", "CONFIDENCE", "HELD_OUT", "NEAR_DUP_THRESHOLD", "MIX_MAX_REPEAT", "EXAMPLES", "AVERAGE_LAST",
+           "EMA_DECAY"]

@@ -26,13 +26,44 @@ IMG_NAME = '<img src=x onerror="document.body.dataset.pwned=1">'
 CHROMIUM = os.environ.get("LMFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def write_dataset(root: Path) -> Path:
+    """A dataset's manifest with a hygiene record (the fields data.hygiene.report reads), a hostile
+    input name and a hostile example text: the page must show them as text."""
+    root.mkdir(parents=True)
+    count = lambda d, b: {"documents": d, "bytes": b}  # noqa: E731
+    manifest = {
+        "format_version": 1, "fingerprint": "0123456789abcdef",
+        "hygiene": {
+            "settings": {"dedup": True, "near_dup_threshold": 0.8, "quality": True, "skip_rules": [], "pii": "redact"},
+            "versions": {"datasketch": "2.0.0"},
+            "rules": {"bullet_lines": {"what": "more than 90% of lines start with a bullet"}},
+            "inputs": {"wiki": {"documents": 10, "bytes": 1000, "kept_documents": 7, "kept_bytes": 700},
+                       IMG_NAME: {"documents": 5, "bytes": 500, "kept_documents": 5, "kept_bytes": 500}},
+            "removed": {"near_dup": {"wiki": count(2, 200)}, "bullet_lines": {"wiki": count(1, 100)}},
+            "redacted": {"email": {IMG_NAME: {"documents": 2, "items": 3}}},
+            "cross_split": {"val_dropped_as_copy_of_train": 1, "train_dropped_as_copy_of_val": 0},
+            "examples": {"near_dup": [{"input": "wiki", "source": "/c/wiki/a.md", "byte_offset": 0,
+                                       "text": SCRIPT_NAME + " mail <EMAIL>"}]},
+        },
+        "mix": None,
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
 @pytest.fixture()
 def db(tmp_path: Path) -> Path:
-    """Three finished runs (two with hostile names) with curves and events, and one still running."""
+    """Three finished runs (two with hostile names) with curves and events, and one still running;
+    the newest finished run's dataset has a hygiene report (its data.path is relative, resolved
+    against the working directory of its start event)."""
     path = tmp_path / "lmforge.db"
+    write_dataset(tmp_path / "work" / "data" / "corp")
     s = Store.open(path)
     for i, name in enumerate(["exp1", SCRIPT_NAME, IMG_NAME]):
-        rid = s.start_run(name, str(tmp_path / "runs" / f"r{i}"), {"train": {"lr": 1e-3 * (i + 1)}})
+        config = {"train": {"lr": 1e-3 * (i + 1)}} | ({"data": {"path": "data/corp"}} if name == IMG_NAME else {})
+        rid = s.start_run(name, str(tmp_path / "runs" / f"r{i}"), config)
+        if name == IMG_NAME:
+            s.log_event(rid, "start", 0, {"world": 1, "cwd": str(tmp_path / "work")})
         for step in range(0, 200, 10):
             s.log_metrics(rid, step, {"loss": 5 * math.exp(-step / 100) + i, "lr": 1e-3 * (i + 1),
                                       "grad_norm": 1.0 / (1 + step), "tokens_per_s": 1e4, "tokens": step * 1024})
@@ -84,7 +115,13 @@ def test_api_runs_detail_and_metrics(server) -> None:
     exp1 = runs[-1]["id"]
     detail = json.loads(get(server, f"/api/runs/{exp1}")[2])
     assert detail["config"] == {"train": {"lr": 1e-3}}
-    assert [e["kind"] for e in detail["events"]] == ["checkpoint_saved", "eval", "spike"]
+    assert json.loads(get(server, f"/api/runs/{exp1}/data")[2]) == {"path": None, "error": "the run's config names no data.path"}
+    data = json.loads(get(server, f"/api/runs/{runs[1]['id']}/data")[2])
+    assert data["path"].endswith("work/data/corp")  # resolved against the start event's cwd
+    h = data["report"]["hygiene"]
+    assert [r["rule"] for r in h["removed"]] == ["near_dup", "bullet_lines"] and h["total"]["kept_documents"] == 12
+    assert h["removed"][0]["stage"] == "dedup" and h["redacted"][0]["items"] == 3
+    assert [e["kind"] for e in detail["events"]] == ["checkpoint_saved", "eval", "spike"]  # exp1: no start event
     m = json.loads(get(server, f"/api/runs/{exp1}/metrics?keys=loss,lr&max_points=5")[2])
     assert sorted(m) == ["loss", "lr"]
     assert m["loss"]["step"] == [0, 50, 100, 150, 190]  # thinned to at most 5 points, first and last kept
@@ -238,6 +275,12 @@ def test_dashboard_in_headless_chromium(db: Path, tmp_path: Path) -> None:
     # several layers, so count distinct shape indices).
     assert len(set(re.findall(r'class="shape-group" data-index="(\d+)"', loss_chart))) == 4
     assert "checkpoint_saved" in loss_chart and "spike" in loss_chart  # legend of event markers
+    # The data section: the IMG_NAME run's dataset report, with its hostile input name and example as text.
+    data = dom.split('id="data"', 1)[1].split("<h2>", 1)[0]
+    assert "near_dup" in data and "bullet_lines" in data and "more than 90% of lines start with a bullet" in data
+    assert "kept 12 of 15 documents" in data and "cross-split copies removed: 1 val, 0 train" in data
+    assert "&lt;img src=x onerror" in data and "&lt;script&gt;alert(1)&lt;/script&gt; mail &lt;EMAIL&gt;" in data
+    assert "the run's config names no data.path" in data  # the other selected runs say why there is nothing
 
 
 def test_clear_errors_for_a_missing_store_and_a_busy_port(db: Path, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from lmforge.data import prepare as prep
+from lmforge.data.hygiene import Settings
 from lmforge.data.inspect import DocumentIndex
 from lmforge.data.manifest import verify_dataset
 from lmforge.data.loader import TokenDataset
@@ -52,7 +53,10 @@ def write_corpus(root: Path) -> Path:
 def built(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("prep")
     corpus = write_corpus(root)
-    out = prep.prepare([corpus], root / "ds", vocab_size=300, exclude=["*.log"], val_fraction=0.2, shard_tokens=200)
+    # Hygiene off: these tests are about the format (tests/test_hygiene.py covers the stages); the
+    # corpus repeats one sentence on purpose, which the quality filters would rightly remove.
+    out = prep.prepare([corpus], root / "ds", vocab_size=300, exclude=["*.log"], val_fraction=0.2, shard_tokens=200,
+                       hygiene=Settings.off())
     return corpus, out
 
 
@@ -116,7 +120,8 @@ def test_split_is_by_content_and_stable_when_the_corpus_grows(built, tmp_path) -
     shutil.copytree(corpus, grown)
     for i in range(30):
         (grown / f"new{i:02d}.txt").write_text(f"A new document number {i} about something else entirely.\n")
-    out2 = prep.prepare([grown], tmp_path / "ds2", tokenizer=out / "tokenizer.json", exclude=["*.log"], val_fraction=0.2)
+    out2 = prep.prepare([grown], tmp_path / "ds2", tokenizer=out / "tokenizer.json", exclude=["*.log"], val_fraction=0.2,
+                        hygiene=Settings.off())
     after = {(p.replace(str(grown), str(corpus)), o): s for (p, o), s in splits(out2).items()}
     assert before.items() <= after.items()  # every old document kept its split
     assert 0 < sum(after.values()) < len(after)  # both splits used
@@ -145,7 +150,8 @@ def test_uint32_shards_for_large_vocabularies(tmp_path) -> None:
     tok.hf.add_tokens([f"zq{i}x" for i in range(65_600)])  # pushes ids past 65535
     tok.save(tmp_path / "big.json")
     (tmp_path / "c.txt").write_text("hello zq65500x world\n")
-    out = prep.prepare([tmp_path / "c.txt"], tmp_path / "ds", tokenizer=tmp_path / "big.json", val_fraction=0.0)
+    out = prep.prepare([tmp_path / "c.txt"], tmp_path / "ds", tokenizer=tmp_path / "big.json", val_fraction=0.0,
+                       hygiene=Settings.off())  # a three-word document
     m = json.loads((out / "manifest.json").read_text())
     assert m["dtype"] == "uint32"
     stream = read_split(out, "train")

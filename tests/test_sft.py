@@ -130,12 +130,12 @@ def test_prepared_masks_sit_beside_the_shards_checksummed(chat_tokenizer_dir: Pa
 
 
 def test_bad_input_is_named_by_file_and_line(chat_tokenizer_dir: Path, tmp_path: Path, capsys) -> None:
-    def prep(records: list, name: str) -> Path:
+    def prep(records: list, name: str, **kw) -> Path:
         return prepare_sft([write_jsonl(tmp_path / f"{name}.jsonl", records)], tmp_path / name,
-                           tokenizer=chat_tokenizer_dir, val_fraction=0.0, workers=1)
+                           tokenizer=chat_tokenizer_dir, val_fraction=0.0, workers=1, **kw)
 
     no_answer = {"messages": [{"role": "user", "content": "hello?"}]}
-    prep([CONVERSATION, no_answer, CONVERSATION, no_answer], "skips")
+    prep([CONVERSATION, no_answer, CONVERSATION, no_answer], "skips", dedup=False)  # the same conversation twice: kept
     err = capsys.readouterr().err
     assert "skipped 2 conversation(s) with no assistant turn" in err and "skips.jsonl:2" in err
     assert read_manifest(tmp_path / "skips")["splits"]["train"]["documents"] == 2
@@ -153,6 +153,49 @@ def test_bad_input_is_named_by_file_and_line(chat_tokenizer_dir: Path, tmp_path:
     with pytest.raises(DataError, match=r"no examples to train on in .*only.jsonl \(none has an assistant turn\)"):
         prep([no_answer], "only")
     assert not (tmp_path / "roles").exists() and not (tmp_path / "mixed").exists()  # nothing written
+
+
+def test_hygiene_of_examples_exact_dedup_and_pii(chat_tokenizer_dir: Path, tmp_path: Path, capsys) -> None:
+    """SFT examples get exact dedup (rendered ids + mask) and PII scrubbing of every string, recorded
+    like a text corpus's hygiene; near-dup and the quality rules do not apply (refused with --sft)."""
+    from lmforge.cli import main
+
+    mail = {"messages": [{"role": "user", "content": "My address is jane.doe@northwind-corp.de, please reset it."},
+                         {"role": "assistant", "content": "Done: a reset link went to jane.doe@northwind-corp.de."}]}
+    spaced = {"messages": [{**m, "content": m["content"] + " "} for m in CONVERSATION["messages"]]}  # other ids: kept
+    src = write_jsonl(tmp_path / "chats.jsonl", [CONVERSATION, mail, CONVERSATION, {**CONVERSATION, "id": 7}, spaced])
+    out = prepare_sft([src], tmp_path / "ds", tokenizer=chat_tokenizer_dir, val_fraction=0.0, workers=1)
+    m = read_manifest(out)
+    h = m["hygiene"]
+    assert m["splits"]["train"]["documents"] == 3  # CONVERSATION, mail, spaced: the two copies go (extra keys ignored)
+    assert h["removed"] == {"exact_dup": {"chats": {"documents": 2, "bytes": h["removed"]["exact_dup"]["chats"]["bytes"]}}}
+    assert h["redacted"]["email"]["chats"] == {"documents": 1, "items": 2}
+    assert h["settings"]["near_dup_threshold"] is None and h["settings"]["quality"] is False
+    assert "jane.doe" not in json.dumps(h["examples"]) and h["examples"]["exact_dup"][0]["copy_of"]["byte_offset"] == 0
+    ds = TokenDataset(out, "train")
+    tok = load_tokenizer(chat_tokenizer_dir)
+    text = tok.decode(ds.window(0, ds.n_tokens).tolist())
+    assert "jane.doe" not in text and text.count("<EMAIL>") == 2
+    assert "hygiene: removed 2 of 5 examples (exact_dup 2), redacted 2 PII item(s)" in " ".join(capsys.readouterr().err.split())
+    # --no-dedup --pii keep: the examples as they are; --pii drop: the example with the address goes
+    kept = read_manifest(prepare_sft([src], tmp_path / "all", tokenizer=chat_tokenizer_dir, val_fraction=0.0, workers=1,
+                                     dedup=False, pii="keep"))
+    assert kept["splits"]["train"]["documents"] == 5 and kept["hygiene"]["removed"] == {}
+    dropped = read_manifest(prepare_sft([src], tmp_path / "drop", tokenizer=chat_tokenizer_dir, val_fraction=0.0, workers=1,
+                                        pii="drop"))
+    assert dropped["splits"]["train"]["documents"] == 2 and dropped["hygiene"]["removed"]["pii"]["chats"]["documents"] == 1
+    # the report reads it like any dataset's
+    capsys.readouterr()
+    assert main(["data", "report", str(out), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["hygiene"]["total"]["kept_documents"] == 3 and rep["hygiene"]["removed"][0]["rule"] == "exact_dup"
+    # switches that only mean something for a text corpus are refused with --sft, in one line
+    argv = ["prepare", str(src), "--sft", "--tokenizer", str(chat_tokenizer_dir), "--out", str(tmp_path / "no")]
+    for extra in (["--near-dup-threshold", "0.9"], ["--quality", "off"], ["--mix", "chats=1"]):
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{extra[0]} with --sft" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "no").exists()
 
 
 def test_cli_prepare_and_inspect_show_the_mask(chat_tokenizer_dir: Path, tmp_path: Path) -> None:

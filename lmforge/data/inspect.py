@@ -1,7 +1,9 @@
-"""`lmforge data info / verify / inspect`: a prepared dataset, read back for a person.
+"""`lmforge data info / verify / report / inspect`: a prepared dataset, read back for a person.
 
 - info: the manifest's figures (tokens, documents, shards, tokenizer, sources).
 - verify: every checksum re-checked (manifest.py `verify_dataset`); each bad file named; exit 1.
+- report: what hygiene removed and redacted, per rule and input, and the mixture (`hygiene.report`
+  reads the manifest's record; `--examples N` shows the redacted examples recorded at prepare time).
 - inspect: which documents (source file + byte offset) and text a data step reads. The step's
   sample ids come from the same pure function the loader uses (order.py), each sample's tokens from
   the same source (a window of the stream, a row of whole SFT examples, or a preference pair: loader.py
@@ -19,20 +21,23 @@ import bisect
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.table import Table
 from rich.text import Text
 
 from ..errors import DataError
-from ..ranges import INSPECT_SAMPLES
+from ..ranges import EXAMPLES, INSPECT_SAMPLES
 from ..tokenizer import Tokenizer
 from ..util import human_bytes
 from ..util import out as results_out  # command results: stdout, every progress mode
-from .loader import TokenDataset, open_source, require_samples
+from .hygiene import report
 from .manifest import SPLITS, document_starts, read_manifest, verify_dataset
 from .order import global_batch as batch_ids
+
+if TYPE_CHECKING:  # the loader imports torch: only `inspect` needs it, not info/verify/report
+    from .loader import TokenDataset
 
 
 def cmd_verify(path: str | os.PathLike) -> int:
@@ -131,6 +136,8 @@ def cmd_inspect(
     samples, or the first `max_samples`; a step of more than INSPECT_SAMPLES.hi needs max_samples
     (each sample is traced, so the work is bounded by it, not by the global batch). With
     `show_mask`, each sample whole with its trained tokens marked."""
+    from .loader import TokenDataset, open_source, require_samples
+
     limit = int(INSPECT_SAMPLES.hi or 0)
     if max_samples is None and global_batch > limit:
         raise DataError(f"a step of global batch {global_batch:,} reads {global_batch:,} samples; data inspect traces at "
@@ -173,6 +180,79 @@ def cmd_inspect(
     results_out.print(table)
     if show_mask:
         results_out.print("trained tokens: [bold]bold[/]; not trained: [dim]⟦dim, in brackets⟧[/]")
+    return 0
+
+
+def cmd_report(path: str | os.PathLike, as_json: bool = False, examples: int = 0) -> int:
+    """What hygiene removed and redacted, per rule and input, and the mixture (hygiene.report)."""
+    EXAMPLES.check("--examples", examples)
+    manifest = read_manifest(path)
+    rep = report(manifest)
+    h = rep["hygiene"]
+    if h is not None:
+        h["examples"] = {k: v[:examples] for k, v in h["examples"].items()} if examples else {}
+    if as_json:
+        print(json.dumps({"path": str(path), **rep}, indent=2, ensure_ascii=False))
+        return 0
+    o = results_out
+    if h is None:
+        o.print(Text(f"{path}: prepared without hygiene (an lmforge before it existed); re-run prepare to clean it"))
+    else:
+        s = h["settings"]
+        dedup = ("off" if not s["dedup"] else "on (exact only)" if s["near_dup_threshold"] is None
+                 else f"on (near-dup threshold {s['near_dup_threshold']})")
+        quality = ("on" + (f" (skipping {', '.join(s['skip_rules'])})" if s["skip_rules"] else "")) if s["quality"] else "off"
+        libs = ", ".join(f"{k} {v}" for k, v in h["versions"].items())
+        o.print(Text(f"dataset {path}: dedup {dedup}, quality {quality}, pii {s['pii']}  ({libs})"))
+        t = Table(title="inputs", title_justify="left", header_style="bold")
+        for col in ("input", "documents", "bytes", "kept documents", "kept bytes", "removed"):
+            t.add_column(col, justify="left" if col == "input" else "right", no_wrap=col == "input")
+        for name, c in list(h["inputs"].items()) + [("total", h["total"])]:
+            gone = c["documents"] - c["kept_documents"]
+            t.add_row(Text(name), str(c["documents"]), human_bytes(c["bytes"]), str(c["kept_documents"]),
+                      human_bytes(c["kept_bytes"]), f"{gone} ({gone / max(c['documents'], 1):.1%})")
+        o.print(t)
+        names = list(h["inputs"])
+        if h["removed"]:
+            t = Table(title="removed, per rule (documents)", title_justify="left", header_style="bold")
+            for col in ("rule", "stage", "documents", "bytes", *names, "what"):
+                t.add_column(Text(col), justify="right" if col in ("documents", "bytes", *names) else "left")
+            for r in h["removed"]:
+                t.add_row(r["rule"], r["stage"], str(r["documents"]), human_bytes(r["bytes"]),
+                          *[str(r["by_input"].get(n, {}).get("documents", 0)) for n in names], Text(r["what"]))
+            o.print(t)
+        else:
+            o.print("removed: nothing")
+        if h["redacted"]:
+            t = Table(title="redacted PII (documents / items)", title_justify="left", header_style="bold")
+            for col in ("kind", "documents", "items", *names):
+                t.add_column(Text(col), justify="left" if col == "kind" else "right")
+            for r in h["redacted"]:
+                per = [f"{r['by_input'][n]['documents']} / {r['by_input'][n]['items']}" if n in r["by_input"] else "0"
+                       for n in names]
+                t.add_row(r["kind"], str(r["documents"]), str(r["items"]), *per)
+            o.print(t)
+        elif s["pii"] != "keep":
+            o.print("redacted: nothing")
+        c = h["cross_split"]
+        o.print(f"cross-split copies removed: {c['val_dropped_as_copy_of_train']} val document(s) were copies of train "
+                f"documents, {c['train_dropped_as_copy_of_val']} train document(s) copies of val documents")
+    if rep["mix"]:
+        m = rep["mix"]
+        t = Table(title=f"mixture (max repeat {m['max_repeat']:g}" + (f", capped by {m['capped_by']}" if m["capped_by"] else "")
+                  + ")", title_justify="left", header_style="bold")
+        for col in ("input", "weight", "kept train bytes", "repeat", "written bytes", "tokens", "token share"):
+            t.add_column(col, justify="left" if col == "input" else "right")
+        for name, r in m["inputs"].items():
+            t.add_row(Text(name), f"{r['weight']:.3f}", human_bytes(r["kept_train_bytes"]), f"{r['repeat']:.3f}",
+                      human_bytes(r["written_bytes"]), str(r["tokens"]), f"{r['token_share']:.3f}")
+        o.print(t)
+    if h is not None and examples:
+        for rule, items in h["examples"].items():
+            o.print(Text(f"examples: {rule}", style="bold"))
+            for e in items:
+                of = f" copy of {e['copy_of']['source']} @ {e['copy_of']['byte_offset']}" if "copy_of" in e else ""
+                o.print(Text(f"  {e['source']} @ {e['byte_offset']} ({e['input']}){of}: {e['text']!r}"), soft_wrap=True)
     return 0
 
 

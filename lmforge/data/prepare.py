@@ -1,17 +1,34 @@
 """`lmforge prepare`: a user's corpus -> tokenizer.json + token shards + manifest.json.
 
-Pipeline (two streaming passes over the files; one file is in memory at a time):
+Pipeline (two streaming passes; one file is in memory at a time):
 1. *Collect* sources: files as given, directories walked recursively in sorted order (hidden files
    and directories skipped; `--include` / `--exclude` globs match the path relative to the
    directory or the file name), `.jsonl` files read one document per line from `--text-field`.
-2. *Scan* (pass 1): read and decode every file (not UTF-8: skip and report, or fail with
-   `--strict`), cut it into documents, hash each document, decide its split. When no tokenizer is
-   given, the train documents of this pass feed the BPE trainer directly.
-3. *Tokenize* (pass 2): documents in batches of ~4 MiB through `encode_batch` (Rust threads: both
-   cores), an eos token after every document, written into bounded shards per split with a
-   running sha256; a document index row per document.
+   Each source remembers the *input* (command-line argument) it came from; inputs are named by
+   mix.input_names (base name without extension) in reports and in `--mix`.
+2. *Scan and clean* (pass 1): read and decode every file (not UTF-8: skip and report, or fail with
+   `--strict`), cut it into documents, hash each document (its split), and put it through the
+   hygiene stages (hygiene.py: PII, quality, exact and near dedup; the per-document work in
+   `--workers` processes, the decisions here, in corpus order). Kept documents are appended to a
+   spill file beside `--out` (scrubbed text + where it came from); when no tokenizer is given, the
+   kept train documents feed the BPE trainer as they stream by.
+3. *Tokenize* (pass 2): the spill, read back in order (once per mixing round with `--mix`:
+   mix.py), in batches of ~4 MiB through `encode_batch` (Rust threads: all cores), an eos token
+   after every document, written into bounded shards per split with a running sha256; a document
+   index row per document.
 4. Everything is written into a temporary directory that is renamed to `--out` at the end
-   (`util.atomic_dir`), so a failure (bad JSONL line, full disk) leaves no partial dataset.
+   (`util.atomic_dir`), so a failure (bad JSONL line, full disk, an input emptied by hygiene)
+   leaves no partial dataset; the spill is removed in every case.
+
+The manifest records what hygiene did (settings, library versions, removals per rule and input,
+redactions per kind and input, bounded redacted examples) and the mixture; the dataset stays a pure
+function of (inputs, settings): preparing twice gives the same checksums.
+
+Shared with `prepare --sft` (sft.py): the checks of `--out`, `collect_sources`, `token_dtype`,
+`write_dataset` (step 4: `fill(writers)` writes the documents, with loss masks for SFT, and returns
+the manifest keys only writing tells, such as the tokens per input and the hygiene record), `report`
+and `hygiene_summary` (the lines printed at the end), `check_empty_inputs`. SFT examples get two of
+the hygiene stages (exact dedup and PII, decided by the same `Hygiene`); sft.py says why not all.
 
 `--out` is checked before any work (`_check_out`): it may not be an input, lie inside one or
 contain one (even without `--overwrite`), and `--overwrite` only ever replaces a prepared dataset
@@ -32,7 +49,8 @@ manifest.py; the `data info / verify / inspect` commands that read a dataset bac
 
 Trade-offs: the document index lives inside manifest.json as compact rows of ints (about 30 bytes
 per document), which is simple to read and fine up to a few million documents; a file is read
-whole, so a single file must fit in memory.
+whole, so a single file must fit in memory; the spill costs disk space the size of the kept text
+for the duration of the run, and saves running the scrubber twice.
 """
 
 from __future__ import annotations
@@ -40,8 +58,11 @@ from __future__ import annotations
 import errno
 import fnmatch
 import hashlib
+import math
 import os
 import re
+import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,10 +86,14 @@ from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, check
 from ..jsonl import parse_jsonl
 from ..ranges import VAL_FRACTION, positive_int, thread_count
 from ..util import atomic_dir, atomic_write_json, console, human_count, progress_bar, warn
+from . import mix as mixing
+from .hygiene import Analyser, Hygiene, Settings, genre_of
 from .manifest import FORMAT_VERSION, INDEX_COLUMNS, MANIFEST_FILE, MASK_SUFFIX, SPLITS, fingerprint
 
 DOC_MAX_BYTES = 64 * 1024  # text files larger than this are cut into documents at blank lines
 BATCH_BYTES = 4 << 20  # text per encode_batch call: large enough to keep every thread busy
+HYGIENE_BATCH_CHARS = 1 << 20  # text per hygiene batch sent to a worker process
+POOL_MIN_BYTES = 8 << 20  # smaller corpora are analysed in this process (starting workers costs more)
 _DATASET_ENTRY = re.compile(r"(manifest\.json|tokenizer\.json|(train|val)-\d{5,}(\.mask)?\.bin)")  # all a dataset holds
 
 
@@ -81,6 +106,8 @@ class Source:
     kind: str  # "text" | "jsonl"
     bytes: int = 0
     documents: int = 0
+    input: int = 0  # which input (command-line argument) it was found under
+    genre: str = "prose"  # "code" | "prose": which quality rules apply (hygiene.genre_of)
 
 
 @dataclass
@@ -116,19 +143,19 @@ def collect_sources(inputs: Sequence[str | os.PathLike], include: Sequence[str] 
     seen: set[Path] = set()
     sources: list[Source] = []
 
-    def add(path: Path) -> None:
+    def add(path: Path, which: int) -> None:
         resolved = _resolve(path)
         if resolved not in seen:
             seen.add(resolved)
             kind = "jsonl" if path.name.lower().endswith(".jsonl") else "text"
-            sources.append(Source(resolved, kind, bytes=resolved.stat().st_size))
+            sources.append(Source(resolved, kind, bytes=resolved.stat().st_size, input=which, genre=genre_of(path, kind)))
 
-    for raw in inputs:
+    for which, raw in enumerate(inputs):
         p = Path(raw)
         if not p.exists():
             raise DataError(f"input not found: {p}")
         if p.is_file():
-            add(p)
+            add(p, which)
             continue
         for dirpath, dirnames, filenames in os.walk(p):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -142,7 +169,7 @@ def collect_sources(inputs: Sequence[str | os.PathLike], include: Sequence[str] 
                 if exclude and _matches(rel, name, exclude):
                     continue
                 if full.is_file():
-                    add(full)
+                    add(full, which)
     if not sources:
         raise DataError(f"empty corpus: no files found in {', '.join(map(str, inputs))} (check --include/--exclude)")
     return sources
@@ -399,66 +426,151 @@ def prepare(
     strict: bool = False,
     workers: int = 0,
     overwrite: bool = False,
+    hygiene: Settings | None = None,
+    allow_empty: bool = False,
+    mix: str | dict[str, float] | None = None,
+    mix_max_repeat: float | None = None,
 ) -> Path:
-    """Build a dataset directory at `out` (see the module docstring); returns its path."""
+    """Build a dataset directory at `out` (see the module docstring); returns its path.
+
+    hygiene: what the hygiene stages do (hygiene.Settings; None: the defaults, everything on;
+    `Settings.off()`: the corpus as it is). allow_empty: an input left without documents by hygiene
+    is a warning instead of an error. mix / mix_max_repeat: weighted mixing of the inputs (mix.py)."""
     out = Path(out)
+    settings = (hygiene if hygiene is not None else Settings()).validate()
     VAL_FRACTION.check("--val-fraction", val_fraction)
     positive_int().check("--shard-tokens", shard_tokens)
     if tokenizer is None:  # before the pass over the corpus that trains it
         check_training(vocab_size, special_tokens)
+    names = mixing.input_names(inputs)
+    weights: dict[str, float] | None = None
+    if mix is not None:
+        weights = mixing.parse_mix(mix) if isinstance(mix, str) else mixing.parse_mix(",".join(f"{k}={v}" for k, v in mix.items()))
+        mixing.check_names(weights, names, inputs)
+    elif mix_max_repeat is not None:
+        raise DataError("--mix-max-repeat without --mix: there is no mixture to cap; drop it or add --mix")
+    max_repeat = mixing.DEFAULT_MAX_REPEAT if mix_max_repeat is None else mix_max_repeat
+    if weights is not None:
+        mixing.plan(weights, {n: 1 for n in names}, max_repeat)  # refuse a bad cap before the slow passes
     _check_out(out, inputs, overwrite)
     _set_threads(workers)
     sources = collect_sources(inputs, include, exclude)
     _check_writable(out)
     tok = Tokenizer.load(tokenizer) if tokenizer else None
     total_bytes = sum(s.bytes for s in sources)
+    processes = (workers or os.cpu_count() or 1) if total_bytes >= POOL_MIN_BYTES and settings != Settings.off() else 1
 
-    # Pass 1: decode, cut, hash; train the tokenizer on the train documents as they stream by.
     skipped: list[dict[str, str]] = []
     bad: set[int] = set()
     stats = {"documents": 0, "min_u": 2.0, "val": 0}
+    train_bytes = dict.fromkeys(names, 0)  # kept train text per input, for the mixture
+    hyg = Hygiene(settings, names)
+    spill_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.spill-", dir=out.parent))
+    spill_path = spill_dir / "kept.bin"
+    analyser = Analyser(settings, processes)  # before any tokenizer work: workers are forked
+    try:
+        # Pass 1: decode, cut, hash, hygiene; kept documents go to the spill file, and the train
+        # ones into the BPE trainer as they stream by.
+        try:
+            with open(spill_path, "wb", buffering=1 << 20) as spill:
 
-    def scan() -> Iterator[str]:
-        with _progress() as progress:
-            task = progress.add_task("scan" if tok else "train tokenizer", total=total_bytes)
-            for i, src in enumerate(sources):
-                try:
-                    for doc in iter_documents(src, i, text_field):
-                        stats["documents"] += 1
-                        stats["min_u"] = min(stats["min_u"], doc.u)
-                        if doc.u < val_fraction:
-                            stats["val"] += 1
-                        else:
-                            yield doc.text
-                except NotUtf8 as e:
-                    if strict:
-                        raise DataError(f"{e} (--strict: every input must be UTF-8 text)") from None
-                    bad.add(i)
-                    skipped.append({"path": str(src.path), "reason": "not UTF-8"})
-                progress.advance(task, src.bytes)
+                def documents() -> Iterator[Document]:
+                    for i, src in enumerate(sources):
+                        try:
+                            yield from iter_documents(src, i, text_field)
+                        except NotUtf8 as e:
+                            if strict:
+                                raise DataError(f"{e} (--strict: every input must be UTF-8 text)") from None
+                            bad.add(i)
+                            skipped.append({"path": str(src.path), "reason": "not UTF-8"})
 
-    if tok is None:
-        tok = Tokenizer.train(scan(), vocab_size, special_tokens=special_tokens)
-    else:
-        for _ in scan():
-            pass
-    if skipped:
-        names = ", ".join(s["path"] for s in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        warn(f"skipped {len(skipped)} file(s) that are not UTF-8: {names}")
-    if stats["documents"] == 0:
-        raise DataError(f"empty corpus: no text found in {len(sources)} file(s) under {', '.join(map(str, inputs))}")
-    force_val = stats["val"] == 0 and val_fraction > 0 and stats["documents"] >= 2
-    if tok.eos_id is None:
-        raise DataError(f"tokenizer {tokenizer} has no {'<|eos|>'!r} token; prepare separates documents with it")
+                def batches() -> Iterator[tuple[list[Document], list[tuple[str, str]]]]:
+                    batch: list[Document] = []
+                    size = 0
+                    for doc in documents():
+                        batch.append(doc)
+                        size += len(doc.text)
+                        if size >= HYGIENE_BATCH_CHARS:
+                            yield batch, [(d.text, sources[d.source].genre) for d in batch]
+                            batch, size = [], 0
+                    if batch:
+                        yield batch, [(d.text, sources[d.source].genre) for d in batch]
 
-    dtype = token_dtype(tok)
+                def scan() -> Iterator[str]:
+                    with _progress() as progress:
+                        task = progress.add_task("scan" if tok else "train tokenizer", total=total_bytes)
+                        for docs, analyses in analyser.map(batches()):
+                            for doc, a in zip(docs, analyses):
+                                src = sources[doc.source]
+                                name = names[src.input]
+                                nbytes = len(doc.text.encode("utf-8"))
+                                keep = hyg.decide(a, input_name=name, source=str(src.path), byte_offset=doc.byte_offset,
+                                                  nbytes=nbytes, u=doc.u, original=doc.text)
+                                progress.advance(task, nbytes)
+                                if not keep:
+                                    continue
+                                data = a.text.encode("utf-8")
+                                spill.write(_SPILL.pack(doc.source, doc.byte_offset, doc.u, len(data)))
+                                spill.write(data)
+                                stats["documents"] += 1
+                                stats["min_u"] = min(stats["min_u"], doc.u)
+                                if doc.u < val_fraction:
+                                    stats["val"] += 1
+                                else:
+                                    train_bytes[name] += len(data)
+                                    yield a.text
+                        progress.update(task, completed=total_bytes)
 
-    def fill(writers: dict[str, _SplitWriter]) -> None:
-        _tokenize(sources, bad, text_field, tok, writers, val_fraction, stats["min_u"] if force_val else None, dtype, total_bytes)
+                if tok is None:
+                    tok = Tokenizer.train(scan(), vocab_size, special_tokens=special_tokens)
+                else:
+                    for _ in scan():
+                        pass
+        except OSError as e:  # the spill: a full disk beside --out
+            raise _write_error(out, e) from None
+        analyser.close()
+        if skipped:
+            shown = ", ".join(s["path"] for s in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+            warn(f"skipped {len(skipped)} file(s) that are not UTF-8: {shown}")
+        if stats["documents"] == 0:
+            read = sum(c.documents for c in hyg.read.values())
+            if read:
+                raise DataError(f"no documents left after hygiene: all {read} were removed ({_reasons(hyg, None)}); "
+                                f"see which stage with --no-dedup / --quality off / --pii keep")
+            raise DataError(f"empty corpus: no text found in {len(sources)} file(s) under {', '.join(map(str, inputs))}")
+        check_empty_inputs(hyg, inputs, allow_empty)
+        force_val = stats["val"] == 0 and val_fraction > 0 and stats["documents"] >= 2
+        forced_u = stats["min_u"] if force_val else None
+        if forced_u is not None:
+            for src_i, _, u, text in _spill_records(spill_path):  # that document moves from train to val
+                if u == forced_u:
+                    train_bytes[names[sources[src_i].input]] -= len(text.encode("utf-8"))
+        if tok.eos_id is None:
+            raise DataError(f"tokenizer {tokenizer} has no {'<|eos|>'!r} token; prepare separates documents with it")
+        mix_plan = mixing.plan(weights, train_bytes, max_repeat) if weights is not None else None
+        dtype = token_dtype(tok)
 
-    splits = write_dataset(out, overwrite=overwrite, tok=tok, dtype=dtype, sources=sources, skipped=skipped,
-                           val_fraction=val_fraction, shard_tokens=shard_tokens, fill=fill)
+        def fill(writers: dict[str, _SplitWriter]) -> dict[str, Any]:
+            tokens = _tokenize(spill_path, sources, names, tok, writers, val_fraction, forced_u, dtype, mix_plan)
+            return {
+                "inputs": [
+                    {"name": name, "path": str(Path(raw).resolve()), "files": sum(1 for s in sources if s.input == i),
+                     "bytes": sum(s.bytes for s in sources if s.input == i),
+                     **{f"{split}_tokens": tokens[split][name] for split in SPLITS}}
+                    for i, (name, raw) in enumerate(zip(names, inputs))
+                ],
+                "hygiene": hyg.record(val_fraction, forced_u),
+                "mix": _mix_record(weights, max_repeat, mix_plan, train_bytes, tokens) if mix_plan is not None else None,
+            }
+
+        splits = write_dataset(out, overwrite=overwrite, tok=tok, dtype=dtype, sources=sources, skipped=skipped,
+                               val_fraction=val_fraction, shard_tokens=shard_tokens, fill=fill)
+    finally:
+        analyser.close()
+        shutil.rmtree(spill_dir, ignore_errors=True)
     report(out, splits, tok, dtype)
+    if settings != Settings.off():
+        hygiene_summary(hyg, out)
     _check_val(splits["val"], val_fraction)
     return out
 
@@ -478,19 +590,21 @@ def write_dataset(
     skipped: list[dict[str, str]],
     val_fraction: float,
     shard_tokens: int,
-    fill: Callable[[dict[str, _SplitWriter]], None],
+    fill: Callable[[dict[str, _SplitWriter]], dict[str, Any] | None],
     masks: bool = False,
     extra: dict[str, Any] | None = None,
     format_version: int = FORMAT_VERSION,
 ) -> dict[str, Any]:
-    """Write a dataset atomically: `fill(writers)` adds the documents to the split writers, then
-    the manifest (with `extra` keys) is written and the directory renamed to `out`. Returns the
-    splits' summaries; a failure (a DataError from `fill`, a full disk) leaves nothing at `out`."""
+    """Write a dataset atomically: `fill(writers)` adds the documents to the split writers and
+    returns the manifest keys that only writing them tells (the tokens per input, the hygiene
+    record; or None), then the manifest (with those and the `extra` keys) is written and the
+    directory renamed to `out`. Returns the splits' summaries; a failure (a DataError from `fill`,
+    a full disk) leaves nothing at `out`."""
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             tok.save(tmp / TOKENIZER_FILE)
             writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens, masks) for s in SPLITS}
-            fill(writers)
+            filled = fill(writers)
             splits = {s: w.finish() for s, w in writers.items()}
             if splits["train"]["tokens"] == 0:
                 raise DataError("no documents left for training: every document fell into the validation split; lower --val-fraction")
@@ -513,10 +627,12 @@ def write_dataset(
                 "shard_tokens": shard_tokens,
                 "fingerprint": fingerprint(tok.sha256, dtype.name, splits["train"]["shards"]),
                 "splits": splits,
-                "sources": [{"path": str(s.path), "kind": s.kind, "bytes": s.bytes, "documents": s.documents} for s in sources],
+                "sources": [{"path": str(s.path), "kind": s.kind, "bytes": s.bytes, "documents": s.documents,
+                             "input": s.input, "genre": s.genre} for s in sources],
                 "skipped": skipped,
                 "document_index": {"columns": INDEX_COLUMNS, "splits": list(SPLITS), "rows": rows},
                 **(extra or {}),
+                **(filled or {}),
             }
             atomic_write_json(tmp / MANIFEST_FILE, manifest)
             _readable(tmp)
@@ -526,9 +642,13 @@ def write_dataset(
             raise DataError(f"output already exists: {out} (pass --overwrite to replace it)") from None
         raise DataError(f"cannot write dataset {out}: {e.strerror or e} ({e.filename or out}); nothing was written") from None
     except OSError as e:
-        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise DataError(f"cannot write dataset {out}: {what} ({e.filename or out}); nothing was written") from None
+        raise _write_error(out, e) from None
     return splits
+
+
+def _write_error(out: Path, e: OSError) -> DataError:
+    what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return DataError(f"cannot write dataset {out}: {what} ({e.filename or out}); nothing was written")
 
 
 def report(out: Path, splits: dict[str, Any], tok: Tokenizer, dtype: np.dtype, note: str = "") -> None:
@@ -541,38 +661,111 @@ def report(out: Path, splits: dict[str, Any], tok: Tokenizer, dtype: np.dtype, n
     )
 
 
+def hygiene_summary(hyg: Hygiene, out: Path, what: str = "documents") -> None:
+    """The one line after it that says what hygiene did, and where the details are."""
+    removed = sum(c.documents for per in hyg.removed.values() for c in per.values())
+    redacted = sum(c["items"] for per in hyg.redacted.values() for c in per.values())
+    read = sum(c.documents for c in hyg.read.values())
+    console.print(f"hygiene: removed {removed} of {read} {what}" + (f" ({_reasons(hyg, None)})" if removed else "")
+                  + f", redacted {redacted} PII item(s); details: lmforge data report {out}", markup=False)
+
+
+def check_empty_inputs(hyg: Hygiene, inputs: Sequence[str | os.PathLike], allow_empty: bool,
+                       switches: str = "--no-dedup, --skip-rule NAME, --quality off, --pii keep") -> None:
+    """Refuse (or with allow_empty, warn about) an input that had documents and has none left."""
+    for name in hyg.empty_inputs():
+        what = f"input {name} ({inputs[hyg.inputs.index(name)]}) has no documents left after hygiene ({_reasons(hyg, name)})"
+        if not allow_empty:
+            raise DataError(f"{what}; switch the stage or rule off ({switches}) or pass --allow-empty")
+        warn(what)
+
+
+def _reasons(hyg: Hygiene, name: str | None) -> str:
+    """'near_dup 12, min_words 3' for one input (or all when name is None), most frequent first."""
+    counts = {reason: sum(c.documents for n, c in per.items() if name is None or n == name)
+              for reason, per in hyg.removed.items()}
+    return ", ".join(f"{r} {c}" for r, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c)
+
+
+def _mix_record(weights: dict[str, float] | None, max_repeat: float, plan: dict[str, Any], train_bytes: dict[str, int],
+                tokens: dict[str, dict[str, int]]) -> dict[str, Any]:
+    assert weights is not None
+    total_tokens = sum(tokens["train"].values()) or 1
+    return {
+        "weights": weights,
+        "max_repeat": max_repeat,
+        "rule": mixing.RULE,
+        "target_bytes": plan["target_bytes"],
+        "capped_by": plan["capped_by"],
+        "inputs": {n: {"weight": w, "kept_train_bytes": train_bytes[n], "repeat": plan["repeat"][n],
+                       "written_bytes": plan["written"][n], "written_documents": plan["documents"][n],
+                       "tokens": tokens["train"][n], "token_share": tokens["train"][n] / total_tokens}
+                   for n, w in weights.items()},
+    }
+
+
+_SPILL = struct.Struct("<IQdQ")  # source index, byte offset, u, text bytes; then the UTF-8 text
+
+
+def _spill_records(path: Path) -> Iterator[tuple[int, int, float, str]]:
+    with open(path, "rb", buffering=1 << 20) as f:
+        while head := f.read(_SPILL.size):
+            src, offset, u, n = _SPILL.unpack(head)
+            yield src, offset, u, f.read(n).decode("utf-8")
+
+
 def _tokenize(
+    spill_path: Path,
     sources: list[Source],
-    bad: set[int],
-    text_field: str,
+    names: list[str],
     tok: Tokenizer,
     writers: dict[str, _SplitWriter],
     val_fraction: float,
     forced_u: float | None,
     dtype: np.dtype,
-    total_bytes: int,
-) -> None:
-    """Pass 2: documents -> encode_batch -> eos appended -> shards of their split."""
+    plan: dict[str, Any] | None,
+) -> dict[str, dict[str, int]]:
+    """Pass 2: kept documents -> encode_batch -> eos appended -> shards of their split.
+
+    With a mixture, the spill is read once per round: round k writes the train documents whose
+    input's repeat factor gives them more than k copies (mix.copies); val documents go in round 0
+    only. Returns the tokens written per split and input."""
     eos = np.array([tok.eos_id], dtype=dtype)
-    batch: list[Document] = []
+    tokens = {s: dict.fromkeys(names, 0) for s in SPLITS}
+    batch: list[tuple[int, int, int, str]] = []  # split id, source, byte offset, text
+    rounds = 1 if plan is None else max(1, max(math.ceil(r) for r in plan["repeat"].values()))
+    if plan is not None:
+        plan["written"] = dict.fromkeys(names, 0)
+        plan["documents"] = dict.fromkeys(names, 0)
 
     def flush() -> None:
-        for doc, ids in zip(batch, tok.encode_batch([d.text for d in batch])):
-            split_id = 1 if (doc.u < val_fraction or doc.u == forced_u) else 0
-            tokens = np.concatenate([np.asarray(ids, dtype=dtype), eos])
-            writers[SPLITS[split_id]].add(tokens, doc.source, doc.byte_offset, split_id)
+        for (split_id, src, offset, _), ids in zip(batch, tok.encode_batch([b[3] for b in batch])):
+            doc_tokens = np.concatenate([np.asarray(ids, dtype=dtype), eos])
+            writers[SPLITS[split_id]].add(doc_tokens, src, offset, split_id)
+            tokens[SPLITS[split_id]][names[sources[src].input]] += len(doc_tokens)
         batch.clear()
 
+    spill_bytes = spill_path.stat().st_size
     with _progress() as progress:
-        task = progress.add_task("tokenize", total=total_bytes)
+        task = progress.add_task("tokenize", total=spill_bytes * rounds)
         size = 0
-        for i, src in enumerate(sources):
-            if i not in bad:
-                for doc in iter_documents(src, i, text_field):
-                    batch.append(doc)
-                    size += len(doc.text)
-                    if size >= BATCH_BYTES:
-                        flush()
-                        size = 0
-            progress.advance(task, src.bytes)
+        for k in range(rounds):
+            for src, offset, u, text in _spill_records(spill_path):
+                progress.advance(task, _SPILL.size + len(text))
+                split_id = 1 if (u < val_fraction or u == forced_u) else 0
+                if split_id == 1 and k > 0:
+                    continue
+                if split_id == 0 and plan is not None:
+                    name = names[sources[src].input]
+                    if mixing.copies(plan["repeat"][name], mixing.mix_key(u)) <= k:
+                        continue
+                    plan["written"][name] += len(text.encode("utf-8"))
+                    plan["documents"][name] += 1
+                batch.append((split_id, src, offset, text))
+                size += len(text)
+                if size >= BATCH_BYTES:
+                    flush()
+                    size = 0
         flush()
+        progress.update(task, completed=spill_bytes * rounds)
+    return tokens

@@ -36,10 +36,25 @@ assistant turn is counted and skipped, with one warning naming the first (file:l
 
 Splits: as in prepare, from a hash of the record's line, so an example keeps its split when the
 file grows.
+
+Hygiene (hygiene.py, recorded in the manifest like a text corpus's, so `lmforge data report`
+shows it): two of prepare's stages apply, in corpus order, on by default.
+- PII (`--pii redact|drop|keep`): every string of a record (text, prompt, completion, each
+  message's content) is scrubbed before rendering; with `drop` an example with a finding goes.
+  A model fine-tuned on support tickets must not learn the customers' addresses any more than a
+  pretrained one.
+- Exact dedup (`--no-dedup` switches it off): an example whose rendered ids AND loss mask equal
+  an earlier kept one's is dropped (also across the split: a val example never repeats a train
+  one). The same conversation twice is weight on one answer and a leak into the held-out loss.
+Left out on purpose: the quality rules (Gopher-style ratios are made for documents of 50+ words; a
+chat turn of five words is fine) and near-dup (a support desk's answers share their format by
+design: near-dup would remove what is being taught). `prepare` refuses those switches with --sft.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,10 +68,14 @@ from .. import artifacts
 from ..chat import ChatTemplate
 from ..errors import CheckpointError, DataError
 from ..jsonl import parse_jsonl
+from ..ranges import VAL_FRACTION, positive_int
 from ..tokenizer import TOKENIZER_FILE, Tokenizer
 from ..util import human_count, warn
+from .hygiene import PII_DROP, Analysis, Hygiene, Settings, scrubber
 from .manifest import SFT_FORMAT_VERSION
-from .prepare import _SplitWriter, _check_out, _check_val, _check_writable, _set_threads, _u, collect_sources, report, token_dtype, write_dataset
+from .mix import input_names
+from .prepare import (_SplitWriter, _check_out, _check_val, _check_writable, _set_threads, _u, check_empty_inputs,
+                      collect_sources, hygiene_summary, report, token_dtype, write_dataset)
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("text", "messages", "prompt-completion")
@@ -192,9 +211,44 @@ def _messages(raw: Any, where: str, key: str) -> list[dict[str, str]]:
     return out
 
 
-def read_examples(sources: Sequence[Any], encoder: Encoder, stats: Stats) -> list[Example]:
-    """Every example of the JSONL sources, encoded (validated in full before anything is written)."""
+FIELDS = {"text": ("text",), "messages": ("messages",), "prompt-completion": ("prompt", "completion")}
+
+
+def scrub_record(record: dict[str, Any], fmt: str, mode: str) -> tuple[dict[str, Any], dict[str, int], bool]:
+    """(the record with every string of its format's fields scrubbed, PII items found by kind, drop?).
+    Values of the wrong type are left for the encoder to refuse."""
+    scrub = scrubber(mode)
+    counts: dict[str, int] = {}
+    drop = False
+
+    def clean(value: Any) -> Any:
+        nonlocal drop
+        if not isinstance(value, str):
+            return value
+        r = scrub.scrub(value)
+        drop = drop or r.drop
+        for kind, n in r.counts.items():
+            counts[kind] = counts.get(kind, 0) + int(n)
+        return r.text
+
+    def field_of(value: Any) -> Any:
+        if isinstance(value, list):  # messages: their contents
+            return [{**m, "content": clean(m["content"])} if isinstance(m, dict) and "content" in m else m for m in value]
+        return clean(value)
+
+    return {**record, **{k: field_of(record[k]) for k in FIELDS[fmt]}}, {k: n for k, n in counts.items() if n}, drop
+
+
+def example_key(ids: list[int], mask: list[int]) -> bytes:
+    """What exact dedup compares for an example: its rendered ids and its loss mask."""
+    return hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes() + b"|" + np.asarray(mask, dtype=np.uint8).tobytes()).digest()[:16]
+
+
+def read_examples(sources: Sequence[Any], encoder: Encoder, stats: Stats, hyg: Hygiene | None = None) -> list[Example]:
+    """Every example of the JSONL sources, encoded (validated in full before anything is written);
+    with `hyg`, scrubbed and deduplicated (module docstring), its decisions recorded there."""
     examples: list[Example] = []
+    names = hyg.inputs if hyg is not None else []
     for index, src in enumerate(sources):
         if src.kind != "jsonl":
             raise DataError(f"{src.path}: prepare --sft reads .jsonl files (one example per line), not {src.path.suffix or 'this file'}")
@@ -210,17 +264,28 @@ def read_examples(sources: Sequence[Any], encoder: Encoder, stats: Stats) -> lis
             elif fmt != first[0]:
                 raise DataError(f"{line.where}: a {fmt} record in a file whose first record ({first[1]}) is {first[0]}; "
                                 "one format per file (different files may differ)")
-            encoded = encoder.encode(line.value, fmt, line.where)
+            record, redactions, drop = line.value, {}, False
+            if hyg is not None and hyg.settings.pii != "keep":
+                record, redactions, drop = scrub_record(record, fmt, hyg.settings.pii)
+            encoded = encoder.encode(record, fmt, line.where)  # validates, also an example PII drops
             if encoded is None:
                 stats.no_assistant += 1
                 stats.first_no_assistant = stats.first_no_assistant or line.where
                 continue
             ids, mask = encoded
-            stats.formats[fmt] += 1
-            stats.longest = max(stats.longest, len(ids))
             end = data.find(b"\n", line.offset)
             raw = data[line.offset : end if end >= 0 else len(data)]
-            examples.append(Example(np.asarray(ids), np.asarray(mask, dtype=np.uint8), index, line.offset, _u(raw), fmt))
+            u = _u(raw)
+            if hyg is not None:
+                text = json.dumps({k: record[k] for k in FIELDS[fmt]}, ensure_ascii=False)  # what examples show
+                a = Analysis(text, PII_DROP if drop else None, {} if drop else redactions,
+                             example_key(ids, mask) if hyg.settings.dedup else None, None)
+                if not hyg.decide(a, input_name=names[src.input], source=str(src.path), byte_offset=line.offset,
+                                  nbytes=len(raw), u=u, original=raw.decode("utf-8")):
+                    continue
+            stats.formats[fmt] += 1
+            stats.longest = max(stats.longest, len(ids))
+            examples.append(Example(np.asarray(ids), np.asarray(mask, dtype=np.uint8), index, line.offset, u, fmt))
     return examples
 
 
@@ -236,16 +301,23 @@ def prepare_sft(
     shard_tokens: int = 50_000_000,
     workers: int = 0,
     overwrite: bool = False,
+    dedup: bool = True,
+    pii: str = "redact",
+    allow_empty: bool = False,
 ) -> Path:
-    """Build an SFT dataset at `out` (see the module docstring); returns its path."""
+    """Build an SFT dataset at `out` (see the module docstring); returns its path. dedup / pii: the
+    hygiene stages (module docstring); allow_empty: an input they empty is a warning, not an error."""
     out = Path(out)
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if shard_tokens < 1:
-        raise DataError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+    VAL_FRACTION.check("--val-fraction", val_fraction)
+    positive_int().check("--shard-tokens", shard_tokens)
+    settings = Settings(dedup=dedup, near_dup_threshold=None, quality=False, pii=pii).validate()
+    if allow_empty and not settings.can_drop:
+        raise DataError("--allow-empty with --no-dedup and --pii keep|redact: no stage removes examples, so no input "
+                        "can become empty; drop --allow-empty")
     _check_out(out, inputs, overwrite)
     _set_threads(workers)
-    sources = collect_sources([_bundled(i) for i in inputs], include, exclude)
+    resolved = [_bundled(i) for i in inputs]
+    sources = collect_sources(resolved, include, exclude)
     _check_writable(out)
     tok = load_tokenizer(tokenizer)
     encoder = Encoder(tok, train_on_prompt=train_on_prompt)
@@ -253,16 +325,22 @@ def prepare_sft(
         warn(f"the tokenizer {tokenizer} has no chat template: conversations are rendered with the plain template "
              "(`Role: content` lines); prepare with a model directory (--tokenizer models/NAME) to use its own")
     stats = Stats()
-    examples = read_examples(sources, encoder, stats)
+    hyg = Hygiene(settings, input_names(resolved))
+    examples = read_examples(sources, encoder, stats, hyg)
     if stats.no_assistant:
         warn(f"skipped {stats.no_assistant} conversation(s) with no assistant turn (nothing to train on; "
              f"the first at {stats.first_no_assistant})")
     if not examples:
-        why = " (none has an assistant turn)" if stats.no_assistant else ""
+        removed = sum(c.documents for per in hyg.removed.values() for c in per.values())
+        why = (" (none has an assistant turn)" if stats.no_assistant and not removed
+               else f" (hygiene removed all {removed}: see --no-dedup, --pii keep)" if removed else "")
         raise DataError(f"no examples to train on in {', '.join(map(str, inputs))}{why}")
+    check_empty_inputs(hyg, inputs, allow_empty, switches="--no-dedup, --pii keep")
     val = [e.u < val_fraction for e in examples]
+    forced_u = None
     if not any(val) and val_fraction > 0 and len(examples) >= 2:  # as prepare: the smallest hash goes to val
-        val[min(range(len(examples)), key=lambda i: examples[i].u)] = True
+        first = min(range(len(examples)), key=lambda i: examples[i].u)
+        val[first], forced_u = True, examples[first].u
     dtype = token_dtype(tok)
 
     def fill(writers: dict[str, _SplitWriter]) -> None:
@@ -275,9 +353,12 @@ def prepare_sft(
            "trained_tokens": int(sum(int(e.mask.sum()) for e in examples))}
     splits = write_dataset(out, overwrite=overwrite, tok=tok, dtype=dtype, sources=sources, skipped=[],
                            val_fraction=val_fraction, shard_tokens=shard_tokens, fill=fill, masks=True,
-                           extra={"kind": "sft", "sft": sft}, format_version=SFT_FORMAT_VERSION)
+                           extra={"kind": "sft", "sft": sft, "hygiene": hyg.record(val_fraction, forced_u)},
+                           format_version=SFT_FORMAT_VERSION)
     report(out, splits, tok, dtype, note=f"; {len(examples)} examples ({', '.join(f'{n} {f}' for f, n in stats.formats.items() if n)}), "
            f"{human_count(sft['trained_tokens'])} trained tokens, the longest {stats.longest} tokens")
+    if settings != Settings(dedup=False, near_dup_threshold=None, quality=False, pii="keep"):
+        hygiene_summary(hyg, out, what="examples")
     _check_val(splits["val"], val_fraction)
     return out
 

@@ -8,6 +8,8 @@ prem), and four JSON endpoints:
     GET /api/runs/<id>               config, metrics summary, events, checkpoints
     GET /api/runs/<id>/metrics       {key: {"step": [...], "value": [...]}}  ?keys=a,b&max_points=N
                                      (N >= 0: at most N points per curve; 0 or absent: all; else 400)
+    GET /api/runs/<id>/data          the hygiene report of the run's dataset (data.hygiene.report):
+                                     {"path", "report"} or {"path", "error"} when it cannot be read
     GET /api/health                  {"ok": true}
 
 Every JSON answer follows lmforge/jsonl.py's rule: a NaN or infinite value is the string "nan",
@@ -95,9 +97,11 @@ class _Handler(BaseHTTPRequestHandler):
             store = self.server.store
             if url.path == "/api/runs":
                 return self._json({"db": str(store.path), "runs": store.list_runs()})
-            m = re.fullmatch(r"/api/runs/(\d+)(/metrics)?", url.path)
+            m = re.fullmatch(r"/api/runs/(\d+)(/metrics|/data)?", url.path)
             if m:
                 run_id = int(m.group(1))
+                if m.group(2) == "/data":
+                    return self._json(data_report(store, run_id))
                 if m.group(2):
                     keys = query["keys"][0].split(",") if "keys" in query else None
                     max_points = _max_points(query)
@@ -127,6 +131,34 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+
+EXAMPLES_SHOWN = 3  # per rule on the page (the manifest holds up to 10, all redacted)
+
+
+def data_report(store: Store, run_id: int) -> dict[str, Any]:
+    """The hygiene report of a run's dataset. A relative data.path is resolved against the working
+    directory the run last started in (its start/resume event), then against the dashboard's."""
+    from ..data.hygiene import report
+    from ..data.manifest import read_manifest
+    from ..errors import DataError
+
+    run = store.get_run(run_id)
+    raw = str((run["config"].get("data") or {}).get("path") or "")
+    if not raw:
+        return {"path": None, "error": "the run's config names no data.path"}
+    path = Path(raw)
+    if not path.is_absolute():
+        cwds = [e["data"]["cwd"] for e in run["events"] if isinstance(e.get("data"), dict) and e["data"].get("cwd")]
+        candidates = [Path(c) / path for c in reversed(cwds)] + [path]
+        path = next((p for p in candidates if p.exists()), candidates[0])
+    try:
+        rep = report(read_manifest(path))
+    except DataError as e:
+        return {"path": str(path), "error": str(e)}
+    if rep["hygiene"]:
+        rep["hygiene"]["examples"] = {k: v[:EXAMPLES_SHOWN] for k, v in rep["hygiene"]["examples"].items()}
+    return {"path": str(path), "report": rep}
 
 
 class DashboardServer(ThreadingHTTPServer):
