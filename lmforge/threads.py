@@ -37,11 +37,11 @@ thread count here (MKL and oneDNN split rows, not sums). Two kinds of op do not:
 - sums over a whole tensor (`t.sum()`): each thread sums its range, then the partial sums are
   added; even 1 and 2 threads differ in the last bit. Training's numbers use none (the loss is a
   cross entropy, reduced serially; the gradient norm is a norm per tensor).
-So training (and the validation it records) uses power-of-two thread counts (`exact=True`:
-`power_of_two`), and then threads change its speed only: the same run with 1, 2 or 4 threads,
-or with the governor moving between them mid-run, gives bit-identical weights
-(tests/test_threads.py). Inference (sample, serve, eval) takes any count: its logits may differ
-in the last bit between counts, as between batch sizes (serve/engine.py).
+So the verbs whose numbers are recorded (train, eval, embed, classify) use power-of-two thread
+counts (`exact=True`: `power_of_two`), and then threads change their speed only: the same run
+with 1, 2 or 4 threads, or with the governor moving between them mid-run, gives bit-identical
+weights (tests/test_threads.py). sample and serve take any count: their logits may differ in the
+last bit between counts, as between batch sizes (serve/engine.py).
 
 /proc is Linux; elsewhere `others` is unknown (None) and the thread count stays as chosen.
 """

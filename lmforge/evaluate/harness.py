@@ -300,7 +300,8 @@ def eval_command(
 
     check_eval_options(data, text, batch_size, max_batches)
     task_list = load_tasks(list(tasks or []), retrieval)  # validate task files before loading any model
-    governor = govern(threads)  # up to --threads (or all cores); the --watch sidecar passes eval.threads
+    # up to --threads (or all cores), powers of two: a checkpoint's metrics do not depend on the count (lmforge/threads.py)
+    governor = govern(threads, exact=True)
     loaded = load_model(path)  # as trained: generation tasks decode in the decoding layout (_generate_task)
     model, tokenizer, cfg, origin = loaded.model, loaded.tokenizer, loaded.config, loaded.origin
     bs = batch_size or cfg.eval.batch_size

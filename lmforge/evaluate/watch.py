@@ -181,7 +181,8 @@ def watch(
 
         cfg_path = run_dir / CONFIG_FILE
         threads = load_config(cfg_path).eval.threads if cfg_path.is_file() else 1
-    governor = Governor(max(1, min(threads, cores())))  # sets them; fewer while the machine is oversubscribed
+    # sets them (powers of two, as training: the metrics do not depend on the count); fewer while the machine is oversubscribed
+    governor = Governor(max(1, min(threads, cores())), exact=True)
     store = _open_store()
     done = {row["key"] for row in read_results(run_dir)}
     reported: set[str] = set()  # damaged checkpoints already reported (once each)
