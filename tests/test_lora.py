@@ -137,6 +137,17 @@ def test_a_lora_checkpoint_holds_the_adapter_and_records_its_base(lora_run: Path
     assert values <= 3 * n_adapter + 2 * len(adapter)  # the adapter and its two AdamW moments (and step counters)
 
 
+def test_the_training_state_of_a_tied_model_holds_the_adapter_alone() -> None:
+    """A tied head is one frozen Parameter under two names: neither is training state."""
+    from lmforge.train.checkpoint import training_state
+
+    model = Transformer(ModelConfig(vocab_size=300, n_layer=1, n_head=4, d_model=64, tie_embeddings=True))
+    attach(model, LoraConfig(rank=2, target_modules=["v_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model_sd, _ = training_state(model, opt)
+    assert sorted(model_sd) == ["model.layers.0.self_attn.v_proj.lora_A.weight", "model.layers.0.self_attn.v_proj.lora_B.weight"]
+
+
 def test_load_model_gives_the_base_with_the_adapter(lora_run: Path, base: Path) -> None:
     loaded = load_model(lora_run, device="cpu")
     assert loaded.origin.is_adapter and loaded.base is not None and loaded.base.path == base
@@ -462,7 +473,9 @@ def test_lora_sft_of_smollm2_lowers_held_out_loss_and_peft_gives_our_logits(smol
         run.step += 1
     after = held_out()
     assert after < before - 0.3, (before, after)
-    save(run)
+    ckpt = save(run)
+    state = sum(f.stat().st_size for f in (ckpt / "train_state").rglob("*") if f.is_file())
+    assert state < 4 * (ckpt / artifacts.ADAPTER_FILE).stat().st_size  # the adapter and its moments, not the tied embedding
     export_command(str(smollm2_dir), "hf", str(tmp_path / "hf"))
     export_command(str(tmp_path / "run"), "peft", str(tmp_path / "adapter"))
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32),

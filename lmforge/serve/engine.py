@@ -555,15 +555,17 @@ def _top(lp: torch.Tensor, n: int) -> list[tuple[int, float]]:
 
 def _deliver(req: Request, event: Finished) -> None:
     """A request's last event; a sink that fails on it is logged (nothing more can reach its client).
-    Then `on_end`: the request holds no row any more, so its adapter slot may be reused."""
+    First `on_end`: the request computes in no forward any more, so its adapter slot is free before
+    its client hears the end (and sends its next request, which may need that slot)."""
+    end, req.on_end = req.on_end, None
     try:
-        req.sink(event)
-    except Exception as e:
-        log.error("a request's sink failed on its end (%s): %r", event.reason, e)
-    finally:
-        end, req.on_end = req.on_end, None
         if end is not None:
             end()
+    finally:
+        try:
+            req.sink(event)
+        except Exception as e:
+            log.error("a request's sink failed on its end (%s): %r", event.reason, e)
 
 
 def _dropped(req: Request, now: float) -> str:

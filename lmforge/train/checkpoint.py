@@ -83,6 +83,17 @@ def _state_options() -> Any:
 _STATE_OPTIONS = _state_options()
 
 
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model, optimizer) state dicts as DCP saves and loads them: the trained parameters only.
+    A frozen weight is dropped under every name it has (DCP's `ignore_frozen_params` kept a tied
+    head's second name, `lm_head.weight`: the embedding matrix in every LoRA checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_STATE_OPTIONS)
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd
+
+
 def rng_state() -> dict[str, Any]:
     """Python, numpy and torch RNG states (and every visible GPU's) as JSON-able values (no pickle
     on disk)."""
@@ -165,13 +176,12 @@ def save_checkpoint(
     owns the temporary directory, the small files, the manifest and the rename."""
     from safetensors.torch import save_file
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final = checkpoints_dir(run_dir) / checkpoint_name(step)
     with ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(final, overwrite=True)) if d.is_main else None
         tmp = Path(d.broadcast_object(str(tmp) if tmp else ""))  # every rank writes into rank 0's temp dir
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=_STATE_OPTIONS)
+        model_sd, optim_sd = training_state(model, optimizer)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / TRAIN_STATE))
@@ -280,9 +290,9 @@ def load_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.opt
     wrote them. Every rank restores rank 0's RNG states.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_STATE_OPTIONS)
+    model_sd, optim_sd = training_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
