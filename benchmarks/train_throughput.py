@@ -79,7 +79,8 @@ def lmforge_step(cfg: ModelConfig, batches: list, dtype: str, compile: bool) -> 
     model.train()
     optimizer = build_optimizer(model, TrainConfig())  # fused AdamW, the trainer's groups
     run_model = torch.compile(model) if compile else model
-    return lambda: train_step(run_model, optimizer, batches, lr=3e-4, grad_clip=1.0, dtype=dtype)
+    micro = [{"inputs": x, "targets": y} for x, y in batches]  # the trainer's micro batches are dicts (data/loader.py)
+    return lambda: train_step(run_model, optimizer, micro, lr=3e-4, grad_clip=1.0, dtype=dtype)
 
 
 def breakdown(cfg: ModelConfig, batch: tuple, dtype: str, compile: bool, n: int = 30) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Recipes and tasks that ship inside the package, usable by name from anywhere.
 
-The shipped training recipes (`lmforge/configs/*.yaml`) and evaluation tasks (`lmforge/tasks/*.jsonl`)
+The shipped training recipes (`lmforge/configs/*.yaml`), evaluation tasks (`lmforge/tasks/*.jsonl`)
+and data sets (`lmforge/datasets/*.jsonl`: `prepare --sft`'s `support-chat`, `classify`'s `stdlib-modules-*`)
 are package data, so `pip install .` carries them. In a checkout, `configs` and `tasks` at the
 repository root are symlinks to these directories, so the documented paths (`configs/small-cpu.yaml`)
 keep working there; anywhere else the bundled file is reached by its name (`small-cpu`, `python-mc`).
@@ -25,12 +26,13 @@ from typing import Literal
 
 from .errors import ConfigError, DataError, LmforgeError
 
-Kind = Literal["config", "task"]
+Kind = Literal["config", "task", "data"]
 HOME = Path(__file__).resolve().parent
 # kind -> (directory in the package, file suffix, error class, what the message calls it)
 _KINDS: dict[str, tuple[str, str, type[LmforgeError], str]] = {
     "config": ("configs", ".yaml", ConfigError, "config file"),
     "task": ("tasks", ".jsonl", DataError, "task file"),
+    "data": ("datasets", ".jsonl", DataError, "input"),
 }
 
 

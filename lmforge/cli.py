@@ -12,11 +12,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from rich.markup import escape
 
 from . import __version__
+from . import ranges as R
 from .artifacts import CONFIG_FILE
+from .config import VOCAB_SIZE, rule_of
 from .errors import LmforgeError
 from .util import PROGRESS_MODES, console, out, progress_mode, set_progress_mode
 
@@ -26,7 +29,35 @@ from .util import PROGRESS_MODES, console, out, progress_mode, set_progress_mode
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare
+    from .threads import check_threads, cores, default_threads, measure_others
 
+    if args.sft and args.dpo:
+        raise LmforgeError("give --sft (examples) or --dpo (preference pairs), not both")
+    workers = check_threads(args.workers) or default_threads(cores(), measure_others())
+    if args.dpo:
+        from .data.preferences import prepare_dpo
+
+        if not args.tokenizer:
+            raise LmforgeError("prepare --dpo needs --tokenizer: the model directory (or run) to tune, whose "
+                               "tokenizer and chat template render the pairs, e.g. --tokenizer runs/support")
+        if args.train_on_prompt:
+            raise LmforgeError("--train-on-prompt goes with --sft: DPO compares the completions, the prompt is their condition")
+        prepare_dpo(args.inputs, args.out, tokenizer=args.tokenizer, include=args.include, exclude=args.exclude,
+                    val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, workers=workers,
+                    overwrite=args.overwrite)
+        return 0
+    if args.sft:
+        from .data.sft import prepare_sft
+
+        if not args.tokenizer:
+            raise LmforgeError("prepare --sft needs --tokenizer: the model directory (or run) to fine-tune, whose "
+                               "tokenizer and chat template render the examples, e.g. --tokenizer models/smol")
+        prepare_sft(args.inputs, args.out, tokenizer=args.tokenizer, train_on_prompt=args.train_on_prompt,
+                    include=args.include, exclude=args.exclude, val_fraction=args.val_fraction,
+                    shard_tokens=args.shard_tokens, workers=workers, overwrite=args.overwrite)
+        return 0
+    if args.train_on_prompt:
+        raise LmforgeError("--train-on-prompt goes with --sft (a text corpus trains on every token already)")
     prepare(
         args.inputs,
         args.out,
@@ -39,7 +70,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         shard_tokens=args.shard_tokens,
         strict=args.strict,
-        workers=args.workers,
+        workers=workers,
         overwrite=args.overwrite,
     )
     return 0
@@ -54,8 +85,12 @@ def cmd_data(args: argparse.Namespace) -> int:
         return p.cmd_verify(args.path)
     if args.data_cmd == "inspect":
         path, step, seq_len, global_batch, seed = args.path, args.step, args.seq_len, args.global_batch, args.seed
+        packing = not args.no_packing
         if (Path(args.path) / CONFIG_FILE).is_file():  # a run directory: its data, its step mapping
-            from .train.loop import data_step_of_run
+            from .config import load_config
+            from .train.records import data_step_of_run
+
+            packing = load_config(Path(args.path) / CONFIG_FILE).data.packing  # how the run cut its samples
 
             if args.step < 1:  # mapped to data step step - 1: a clear message before a negative one appears
                 raise LmforgeError(f"--step with a run directory is a training step as logged (1, 2, ...), got {args.step}")
@@ -66,7 +101,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         elif seq_len is None or global_batch is None:
             raise LmforgeError("data inspect on a dataset needs --seq-len and --global-batch (or give a run directory)")
         return p.cmd_inspect(path, step=step, seq_len=seq_len, global_batch=global_batch, seed=seed,
-                             as_json=args.json, max_chars=args.max_chars)
+                             as_json=args.json, max_chars=args.max_chars, max_samples=args.max_samples,
+                             show_mask=args.show_mask, packing=packing)
     raise AssertionError(args.data_cmd)
 
 
@@ -74,31 +110,21 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.threads:  # train.threads (StartRequest.threads), recorded in the run like an override
+        from .threads import check_threads
+
+        check_threads(args.threads)
+    from .train.start import StartRequest
+
+    request = StartRequest.from_args(args)  # every flag the training process gets (one field each)
     if args.supervise or args.nproc_per_node is not None:  # a parent process: the supervisor and/or torchrun
-        from .train.distributed import LaunchError, check_not_nested
-        from .train.supervise import check_job, launch_command, supervise
+        from .train.supervise import launch
 
-        check_not_nested(nproc_per_node=args.nproc_per_node, supervise=args.supervise)
-        if args.nproc_per_node is not None and args.nproc_per_node < 1:
-            raise LaunchError(f"--nproc-per-node {args.nproc_per_node}: give a number of processes >= 1 "
-                              "(or leave it out to train in this one process)")
-        nproc = args.nproc_per_node or 0  # 0: no torchrun (supervise/launch_command's meaning)
-        if nproc:  # fail here, in one line, on what every rank would refuse under torchrun's report
-            check_job(args.config, run_dir=args.run_dir, overrides=args.set or [], from_=args.from_, nproc_per_node=nproc)
-        child = ["train"] + ([args.config] if args.config else []) + (["--run-dir", args.run_dir] if args.run_dir else [])
-        child += [a for kv in (args.set or []) for a in ("--set", kv)] + (["--from", args.from_] if args.from_ else [])
-        if not args.supervise:  # one machine, N processes: the same command under torchrun
-            import subprocess
+        return launch(request, supervise=args.supervise, nproc_per_node=args.nproc_per_node,
+                      max_restarts=args.max_restarts, restart_delay=args.restart_delay)
+    from .train.start import train_command
 
-            return subprocess.call(launch_command(child, nproc))
-        from .train.loop import run_dir_of
-
-        run_dir = run_dir_of(args.config, args.run_dir) or Path("runs") / "run"  # the child explains a missing one
-        return supervise(child, run_dir, max_restarts=args.max_restarts, delay=args.restart_delay,
-                         nproc_per_node=nproc)
-    from .train.loop import train_command
-
-    return train_command(args.config, run_dir=args.run_dir, overrides=args.set or [], from_=args.from_)
+    return train_command(request)
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
@@ -140,13 +166,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         num_samples=args.num_samples,
+        threads=args.threads,
+        quantize=args.quantize,
     )
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import quickstart
 
-    return quickstart(workdir=args.workdir, minutes=args.minutes, source=args.source)
+    return quickstart(workdir=args.workdir, minutes=args.minutes, source=args.source, threads=args.threads)
 
 
 # ---- plan ------------------------------------------------------------------------------------
@@ -168,16 +196,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
 
 
-def parse_count(text: str) -> float:
-    """'7e9', '7B', '1.5T', '300M', '2k' -> float (argparse type)."""
-    s = text.strip().replace("_", "").replace(",", "")
-    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
-    try:
-        if s and s[-1].lower() in scale:
-            return float(s[:-1]) * scale[s[-1].lower()]
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (e.g. 7e9, 7B, 300M, 2T)") from None
+# '7e9', '7B', '1.5T', '300M', '2k' -> float (argparse type): a count of parameters, tokens, FLOP/s, bytes
+parse_count = R.Count(lo=0.0, lo_open=True)
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -198,10 +218,10 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         "details: docs/plan.md"
     )
     g = p.add_argument_group("target (one of)")
-    g.add_argument("--target-loss", type=float, metavar="LOSS", help="final loss (nats/token) the model must reach")
+    g.add_argument("--target-loss", type=R.positive_float(), metavar="LOSS", help="final loss (nats/token) the model must reach")
     g.add_argument("--quality-of", type=parse_count, metavar="N",
                    help="the loss of a Chinchilla-optimal model with N parameters (e.g. 7e9, 7B)")
-    p.add_argument("--inference-tokens", type=parse_count, default=0.0, metavar="TOKENS",
+    p.add_argument("--inference-tokens", type=R.Count(lo=0.0), default=0.0, metavar="TOKENS",
                    help="tokens the model will process over its life (prompt + generated)")
     p.add_argument("--unique-tokens", type=parse_count, metavar="TOKENS", help="unique training tokens available (enables the repetition correction)")
     p.add_argument("--law", default="besiroglu", metavar="NAME|PATH",
@@ -212,24 +232,24 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--hardware", default="h100", metavar="NAME", help=f"{', '.join(HARDWARE)}, cpu (measured now) or custom")
     h.add_argument("--peak-flops", type=parse_count, metavar="FLOP/S", help="override: dense bf16 FLOP/s per device")
     h.add_argument("--mem-bandwidth", type=parse_count, metavar="BYTES/S", help="override: memory bandwidth, bytes/s")
-    h.add_argument("--gpu-memory", type=float, metavar="GB", help="override: memory per device, GB")
-    h.add_argument("--price-per-gpu-hour", type=float, metavar="DOLLARS", help="dollars per device-hour")
-    h.add_argument("--train-mfu", type=float, default=0.4, metavar="F", help="achieved utilisation in training (default 0.4)")
-    h.add_argument("--prefill-mfu", type=float, default=0.5, metavar="F", help="utilisation on prompt tokens (default 0.5)")
-    h.add_argument("--decode-mfu", type=float, default=0.1, metavar="F", help="utilisation on generated tokens (default 0.1, memory-bound)")
-    h.add_argument("--prefill-fraction", type=float, default=0.5, metavar="F", help="share of inference tokens that are prompt (default 0.5)")
+    h.add_argument("--gpu-memory", type=R.positive_float(), metavar="GB", help="override: memory per device, GB")
+    h.add_argument("--price-per-gpu-hour", type=R.nonneg_float(), metavar="DOLLARS", help="dollars per device-hour")
+    h.add_argument("--train-mfu", type=R.fraction(lo_open=True), default=0.4, metavar="F", help="achieved utilisation in training (default 0.4)")
+    h.add_argument("--prefill-mfu", type=R.fraction(lo_open=True), default=0.5, metavar="F", help="utilisation on prompt tokens (default 0.5)")
+    h.add_argument("--decode-mfu", type=R.fraction(lo_open=True), default=0.1, metavar="F", help="utilisation on generated tokens (default 0.1, memory-bound)")
+    h.add_argument("--prefill-fraction", type=R.fraction(), default=0.5, metavar="F", help="share of inference tokens that are prompt (default 0.5)")
     a = p.add_argument_group("architecture and config")
-    a.add_argument("--vocab-size", type=int, default=32000, metavar="V", help="tokenizer vocabulary (match lmforge prepare --vocab-size)")
-    a.add_argument("--seq-len", type=int, default=2048, metavar="T", help="training context and deployment context")
-    a.add_argument("--batch", type=int, default=1, metavar="B", help="concurrent sequences for the KV-cache estimate")
+    a.add_argument("--vocab-size", type=VOCAB_SIZE, default=32000, metavar="V", help="tokenizer vocabulary (match lmforge prepare --vocab-size)")
+    a.add_argument("--seq-len", type=R.positive_int(), default=2048, metavar="T", help="training context and deployment context")
+    a.add_argument("--batch", type=R.positive_int(), default=1, metavar="B", help="concurrent sequences for the KV-cache estimate")
     a.add_argument("--write-config", metavar="PATH", help="write a training YAML for the recommended model")
     a.add_argument("--overwrite", action="store_true", help="replace the --write-config file if it exists")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     sub = p.add_subparsers(dest="plan_action", metavar="ACTION")
     f = sub.add_parser("fit", help="fit the loss law to your own runs (run directories)")
     f.add_argument("runs", nargs="+", help="run directories holding config.yaml and metrics.jsonl (globs allowed)")
-    f.add_argument("--bootstrap", type=int, default=100, metavar="R", help="bootstrap resamples for the uncertainty (0: none)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--bootstrap", type=R.BOOTSTRAP, default=100, metavar="R", help="bootstrap resamples for the uncertainty (0: none)")
+    f.add_argument("--seed", type=R.any_int(), default=0)
     f.add_argument("--save", metavar="PATH", help="write the fitted law as JSON (use with plan --law PATH)")
     f.add_argument("--json", action="store_true", help="print the fit as JSON")
 
@@ -265,6 +285,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .threads import check_threads
+
+    check_threads(args.threads)
     # Flags that would be silently ignored are mistakes: say so rather than do something else.
     if not args.watch:
         given = [flag for flag, value in (("--once", args.once), ("--follow", args.follow),
@@ -302,6 +325,100 @@ def cmd_embed(args: argparse.Namespace) -> int:
                          strict=args.strict, overwrite=args.overwrite)
 
 
+# ---- classify ---------------------------------------------------------------------------------
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    if args.classify_cmd == "train":
+        from .understand.classify_train import train_command
+
+        train_command(args.model, args.examples, args.out, method=args.method, labels_file=args.labels,
+                      scorer=args.zero_shot_scorer, template=args.template, held_out=args.held_out,
+                      examples_per_class=args.examples_per_class, seed=args.seed, c=args.c,
+                      min_confidence=args.min_confidence, fallback=args.fallback, text_field=args.text_field,
+                      label_field=args.label_field, batch_size=args.batch_size, threads=args.threads,
+                      overwrite=args.overwrite)
+        return 0
+    if args.classify_cmd == "eval":
+        from .understand.classify_report import eval_command
+
+        eval_command(args.classifier, args.test, min_confidence=args.min_confidence, as_json=args.json,
+                     report=args.report, allow_unknown=args.allow_unknown_labels, model=args.model,
+                     text_field=args.text_field, label_field=args.label_field, batch_size=args.batch_size,
+                     threads=args.threads, overwrite=args.overwrite)
+        return 0
+    if args.classify_cmd == "predict":
+        from .understand.classify_report import predict_command
+
+        predict_command(args.classifier, args.input, args.out, min_confidence=args.min_confidence, model=args.model,
+                        text_field=args.text_field, id_field=args.id_field, batch_size=args.batch_size,
+                        chunk=args.chunk, threads=args.threads, overwrite=args.overwrite)
+        return 0
+    raise AssertionError(args.classify_cmd)
+
+
+def add_classify_arguments(p: argparse.ArgumentParser) -> None:
+    from .understand.classify import DEFAULT_FALLBACK, DEFAULT_TEMPLATE, METHODS, SCORERS
+
+    sub = p.add_subparsers(dest="classify_cmd", metavar="ACTION", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field / CSV column holding the text")
+    common.add_argument("--batch-size", type=R.positive_int(), default=32, help="texts per forward (sorted by length)")
+    common.add_argument("--threads", type=THREADS, default=0, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    common.add_argument("--overwrite", action="store_true", help="replace --out / --report if it exists")
+
+    t = sub.add_parser("train", parents=[common], help="labelled examples -> a classifier directory (clf/NAME)")
+    t.add_argument("model", help="embedding model: run directory (newest checkpoint), checkpoint or model directory")
+    t.add_argument("examples", nargs="?", help="labelled examples: .jsonl ({text, label} or {text, labels: [...]}) or "
+                   ".csv with a header (text,label); zero-shot: optional, then used only to calibrate")
+    t.add_argument("--out", required=True, help="classifier directory to write, e.g. clf/tickets")
+    t.add_argument("--method", choices=METHODS, default="head", help="head: logistic regression on frozen embeddings "
+                   "(default); zero-shot: label names only; setfit, finetune: train the model (docs/classify.md)")
+    t.add_argument("--labels", help="zero-shot: label file (.jsonl {label, description} or one 'name: description' "
+                   "per line)")
+    t.add_argument("--zero-shot-scorer", choices=SCORERS, default="embedding",
+                   help="zero-shot: embedding similarity (default) or the LM's likelihood of each label name")
+    t.add_argument("--template", type=R.Text(), default=DEFAULT_TEMPLATE, help="zero-shot lm scorer: the context, "
+                   "{text} for the text (default %(default)r)")
+    t.add_argument("--held-out", type=R.HELD_OUT, default=0.2, help="share of the examples held out to fit the "
+                   "temperature (default %(default)g)")
+    t.add_argument("--examples-per-class", type=R.positive_int(), help="keep only N examples of each label (fixed "
+                   "order by --seed)")
+    t.add_argument("--seed", type=R.any_int(), default=0, help="the held-out split and --examples-per-class choice")
+    t.add_argument("--c", type=R.positive_float(), default=1.0, help="head: inverse L2 strength, as scikit-learn's C "
+                   "(default 1)")
+    t.add_argument("--min-confidence", type=R.CONFIDENCE, default=0.0, help="recorded threshold: below it predict and "
+                   "serve route to --fallback (default 0: route nothing)")
+    t.add_argument("--fallback", type=R.Text(), default=DEFAULT_FALLBACK, help="where low-confidence items go "
+                   "(default %(default)s)")
+    t.add_argument("--label-field", type=R.Text(), default="label", help="JSONL field / CSV column of the label (its "
+                   "plural, e.g. labels, for multi-label)")
+    t.set_defaults(func=cmd_classify)
+
+    e = sub.add_parser("eval", parents=[common], help="accuracy, macro-F1, per class, confusion, ECE, coverage curve")
+    e.add_argument("classifier", help="classifier directory (clf/NAME)")
+    e.add_argument("test", help="labelled test file (.jsonl or .csv, as for train)")
+    e.add_argument("--min-confidence", type=R.CONFIDENCE, help="routing threshold to report (default: the recorded one)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--report", help="write a self-contained HTML report (charts, tables) here")
+    e.add_argument("--allow-unknown-labels", action="store_true", help="count test items whose label the classifier "
+                   "does not know as wrong instead of refusing the file")
+    e.add_argument("--model", help="the classifier's embedding model, when it moved (checked by checksum)")
+    e.add_argument("--label-field", type=R.Text(), default="label", help="JSONL field / CSV column of the label")
+    e.set_defaults(func=cmd_classify)
+
+    r = sub.add_parser("predict", parents=[common], help="texts -> labels, scores and routing, as JSONL (streamed)")
+    r.add_argument("classifier", help="classifier directory (clf/NAME)")
+    r.add_argument("input", help=".jsonl ({text, id?}), .csv (header with text) or a text file (one text per line)")
+    r.add_argument("--out", required=True, help="predictions JSONL to write")
+    r.add_argument("--min-confidence", type=R.CONFIDENCE, help="route below this confidence (default: the recorded one)")
+    r.add_argument("--model", help="the classifier's embedding model, when it moved (checked by checksum)")
+    r.add_argument("--id-field", type=R.Text(), default="id", help="JSONL field / CSV column of the id (else FILE:LINE)")
+    r.add_argument("--chunk", type=R.positive_int(), default=1024, help="texts read, scored and written at a time "
+                   "(bounds memory)")
+    r.set_defaults(func=cmd_classify)
+
+
 # ---- topics -----------------------------------------------------------------------------------
 
 
@@ -309,9 +426,12 @@ def parse_ngram_range(text: str) -> tuple[int, int]:
     """'1,2' -> (1, 2); '2' -> (2, 2) (argparse type)."""
     try:
         lo, _, hi = text.partition(",")
-        return int(lo), int(hi or lo)
+        lo_n, hi_n = int(lo), int(hi or lo)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not MIN,MAX: {text!r} (e.g. 1,2 for words and word pairs)") from None
+    if not 1 <= lo_n <= hi_n <= 5:
+        raise argparse.ArgumentTypeError(f"MIN,MAX must satisfy 1 <= MIN <= MAX <= 5, got {text!r}")
+    return lo_n, hi_n
 
 
 def parse_distance_or_auto(text: str) -> float | None:
@@ -319,9 +439,12 @@ def parse_distance_or_auto(text: str) -> float | None:
     if text.strip().lower() == "auto":
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a cosine distance or auto: {text!r} (e.g. 0.3)") from None
+    if not 0.0 <= value <= 2.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"a cosine distance is within 0..2, got {text!r}")
+    return value
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
@@ -348,13 +471,13 @@ def cmd_topics(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from .convert import import_command
 
-    return import_command(args.source, args.out, overwrite=args.overwrite)
+    return import_command(args.source, args.out, overwrite=args.overwrite, keep_quantized=args.keep_quantized)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .convert import export_command
 
-    return export_command(args.source, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    return export_command(args.source, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite, merge=args.merge)
 
 
 # ---- serve -----------------------------------------------------------------------------------
@@ -368,14 +491,127 @@ def cmd_serve(args: argparse.Namespace) -> int:
         insecure=args.insecure, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         model_name=args.model_name, max_embed_inputs=args.max_embed_inputs, chat_template=args.chat_template, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, threads=args.threads, shutdown_grace=args.shutdown_grace,
+        quantize=args.quantize,
+        index=args.index, adapters=args.adapter, max_adapters=args.max_adapters,
     )
+
+
+# ---- index / search / ask --------------------------------------------------------------------
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .understand.index import build as b
+
+    if args.index_cmd == "build":
+        b.build_index(args.model, args.inputs, args.out, chunk_size=args.chunk_size, chunk_overlap=args.chunk_overlap,
+                include=args.include, exclude=args.exclude, text_field=args.text_field, strict=args.strict,
+                overwrite=args.overwrite, batch_size=args.batch_size)
+        return 0
+    if args.index_cmd == "add":
+        b.add_to_index(args.path, args.inputs, include=args.include or None, exclude=args.exclude or None, strict=args.strict,
+              model=args.model, batch_size=args.batch_size)
+        return 0
+    if args.index_cmd == "info":
+        return b.info_command(args.path, as_json=args.json)
+    if args.index_cmd == "verify":
+        return b.verify_command(args.path)
+    raise AssertionError(args.index_cmd)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .understand.index.search import search_command
+
+    return search_command(args.index, args.query, k=args.k, mode=args.mode, model=args.model, as_json=args.json)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .understand.ask import ask_command
+
+    return ask_command(args.index, args.question, model=args.model, k=args.k, mode=args.mode,
+                       max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                       embed_model=args.embed_model, chat_template=args.chat_template, as_json=args.json)
+
+
+def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
+    """`index build|add|info|verify`, `search`, `ask` (docs/search.md)."""
+    from .understand.index import DEFAULT_MODE, MODES  # names only: no numpy, no model code
+
+    p = sub.add_parser("index", help="your documents -> a local search index (build, add, info, verify)")
+    isub = p.add_subparsers(dest="index_cmd", metavar="ACTION", required=True)
+    i = isub.add_parser("build", help="chunk, embed and store documents: lmforge index build MODEL INPUTS... --out idx/NAME")
+    i.add_argument("model", help="the embedding model: a run directory (newest checkpoint), checkpoint or model directory")
+    i.add_argument("inputs", nargs="+", help="files, directories (recursive) or .jsonl files (a text field, optional id)")
+    i.add_argument("--out", required=True, help="index directory to write, e.g. idx/company")
+    i.add_argument("--chunk-size", type=R.positive_int(), help="tokens per chunk (default: 256, or the model's context if smaller)")
+    i.add_argument("--chunk-overlap", type=R.nonneg_int(), help="tokens shared by neighbouring chunks (default: chunk size / 8)")
+    i.add_argument("--include", type=R.Text(), action="append", default=[], help="glob of files to take from directories (repeatable)")
+    i.add_argument("--exclude", type=R.Text(), action="append", default=[], help="glob of files to skip (repeatable)")
+    i.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text (default: %(default)s)")
+    i.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
+    i.add_argument("--batch-size", type=R.positive_int(), default=32, help="chunks per embedding forward (default: %(default)s)")
+    i.add_argument("--overwrite", action="store_true", help="replace the index at --out (never anything else)")
+    i = isub.add_parser("add", help="add new and changed files (unchanged ones skipped), atomically")
+    i.add_argument("path", help="index directory")
+    i.add_argument("inputs", nargs="+", help="files or directories; the index's chunking and text field are used")
+    i.add_argument("--include", type=R.Text(), action="append", default=[], help="glob of files to take (default: the index's)")
+    i.add_argument("--exclude", type=R.Text(), action="append", default=[], help="glob of files to skip (default: the index's)")
+    i.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
+    i.add_argument("--model", help="the index's model, if it moved since the build (its checksum must match)")
+    i.add_argument("--batch-size", type=R.positive_int(), default=32, help="chunks per embedding forward (default: %(default)s)")
+    i = isub.add_parser("info", help="model, pooling, chunking, counts and size")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i = isub.add_parser("verify", help="re-check every checksum; names any bad file")
+    i.add_argument("path")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="ranked chunks of an index for a query, with file:lines")
+    p.add_argument("index", help="index directory (lmforge index build)")
+    p.add_argument("query")
+    p.add_argument("-k", type=R.positive_int(), default=5, help="results to show (default: %(default)s)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="dense (the model), bm25 (words) or hybrid "
+                   "(both, fused by reciprocal rank; default: %(default)s)")
+    p.add_argument("--model", help="the index's model, if it moved since the build (its checksum must match)")
+    p.add_argument("--json", action="store_true", help="print JSON (every result's span and text)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("ask", help="answer a question from an index's documents, citing its sources")
+    p.add_argument("index", help="index directory (lmforge index build)")
+    p.add_argument("question")
+    p.add_argument("--model", required=True, help="the generating model: run, checkpoint or model directory")
+    p.add_argument("-k", type=R.positive_int(), default=5, help="chunks retrieved (default: %(default)s)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="retrieval mode (default: %(default)s)")
+    p.add_argument("--max-tokens", type=R.MAX_TOKENS, default=256, help="longest answer in tokens (default: %(default)s)")
+    p.add_argument("--temperature", type=R.TEMPERATURE, default=0.0, help="0 (the default) means greedy")
+    p.add_argument("--seed", type=R.SEED, default=0)
+    p.add_argument("--embed-model", help="the index's embedding model, if it moved since the build")
+    p.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else a plain prompt)")
+    p.add_argument("--json", action="store_true", help="print JSON: the answer, cited and all retrieved sources")
+    p.set_defaults(func=cmd_ask)
 
 
 # ---- parser ----------------------------------------------------------------------------------
 
+THREADS_DEFAULT = "the cores other processes leave free, at least 1; fewer while they take more (docs/inference.md)"
+WEIGHTS_CHOICES = ("fp32", "f16", "int8")  # lmforge/quant.py WEIGHTS (not imported: it loads torch)
+QUANTIZE_HELP = ("weights for inference: fp32, f16 (half the bytes) or int8 (a quarter; docs/inference.md); "
+                 "default: as stored")
+THREADS = R.thread_count(note="0 = lmforge chooses")  # every --threads; above this machine's cores: threads.check_threads
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line reported like every other lmforge error: one line
+    `error: ...` naming the command and the flag, exit 2 (argparse's own form is a usage block and a
+    second line; the usage is one `--help` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        console.quiet = False  # errors print in every progress mode
+        console.print(f"[bold red]error:[/] {escape(self.prog)}: {escape(' '.join(message.split()))}", soft_wrap=True)
+        sys.exit(2)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lmforge",
         description="Train your own language model on your own data, inside your own walls.",
     )
@@ -388,17 +624,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="corpus -> tokenizer + checksummed token shards")
     p.add_argument("inputs", nargs="+", help="files, directories (recursive) or .jsonl files")
     p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size to train")
-    p.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one)")
-    p.add_argument("--special-tokens", default="<|bos|>,<|eos|>,<|pad|>",
+    p.add_argument("--vocab-size", type=VOCAB_SIZE, default=8192, help="BPE vocabulary size to train")
+    p.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one); with --sft or --dpo a model "
+                   "directory or run, whose chat template renders the examples")
+    p.add_argument("--sft", action="store_true", help="fine-tuning examples (.jsonl: {text}, {messages} or {prompt, "
+                   "completion}) with a loss mask: assistant turns trained, prompts not (docs/finetune.md)")
+    p.add_argument("--dpo", action="store_true", help="preference pairs (.jsonl: {prompt, chosen, rejected}) for "
+                   "train.objective dpo, rendered as --sft renders prompt/completion (docs/finetune.md)")
+    p.add_argument("--train-on-prompt", action="store_true", help="with --sft: train on every token, prompts included")
+    p.add_argument("--special-tokens", type=R.Text(), default="<|bos|>,<|eos|>,<|pad|>",
                    help="comma-separated special tokens of a trained tokenizer (must include <|bos|>, <|eos|>, <|pad|>)")
-    p.add_argument("--include", action="append", default=[], help="glob of files to take from directories (repeatable)")
-    p.add_argument("--exclude", action="append", default=[], help="glob of files to skip (repeatable)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for validation")
-    p.add_argument("--shard-tokens", type=int, default=50_000_000, help="max tokens per shard")
+    p.add_argument("--include", type=R.Text(), action="append", default=[], help="glob of files to take from directories (repeatable)")
+    p.add_argument("--exclude", type=R.Text(), action="append", default=[], help="glob of files to skip (repeatable)")
+    p.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text")
+    p.add_argument("--val-fraction", type=R.VAL_FRACTION, default=0.01, help="fraction of documents for validation")
+    p.add_argument("--shard-tokens", type=R.positive_int(), default=50_000_000, help="max tokens per shard")
     p.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
-    p.add_argument("--workers", type=int, default=0, help="tokenizer threads (0: all cores)")
+    p.add_argument("--threads", "--workers", dest="workers", type=THREADS, default=0, metavar="N",
+                   help=f"tokenizer threads (default: {THREADS_DEFAULT})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.set_defaults(func=cmd_prepare)
 
@@ -412,11 +655,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("inspect", help="which documents and text were in a training step")
     d.add_argument("path", help="a dataset (then --step is the data step), or a run directory (then --step is the "
                    "training step as logged, mapped through the run's rollbacks and skips)")
-    d.add_argument("--step", type=int, required=True)
-    d.add_argument("--seq-len", type=int, help="required with a dataset path")
-    d.add_argument("--global-batch", type=int, help="required with a dataset path")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-chars", type=int, default=200, help="text shown per sample")
+    d.add_argument("--step", type=R.nonneg_int(note="data steps count from 0; a run's training steps from 1"), required=True)
+    d.add_argument("--seq-len", type=rule_of("data.seq_len"), help="required with a dataset path")
+    d.add_argument("--global-batch", type=rule_of("train.global_batch"), help="required with a dataset path")
+    d.add_argument("--seed", type=rule_of("data.seed"), default=0)
+    d.add_argument("--max-chars", type=R.nonneg_int(), default=200, help="text shown per sample (without --show-mask)")
+    d.add_argument("--max-samples", type=R.INSPECT_SAMPLES, metavar="N",
+                   help=f"show the first N samples of the step (default: all; a step of more than "
+                        f"{R.INSPECT_SAMPLES.hi:,} samples needs it)")
+    d.add_argument("--show-mask", action="store_true", help="each sample whole, its trained tokens marked (SFT data): "
+                   "trained text bold, untrained dim between ⟦ ⟧; --json gives the mask per token")
+    d.add_argument("--no-packing", action="store_true", help="SFT data read one example per row (data.packing=false)")
     d.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data)
 
@@ -424,15 +673,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config, or a bundled recipe by name, e.g. small-cpu "
                    "(optional when resuming a run directory)")
     p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--set", dest="overrides", type=R.Text(), action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
     p.add_argument("--from", dest="from_", metavar="CHECKPOINT", help="branch a new run from this checkpoint (weights, optimizer, step)")
     p.add_argument("--supervise", action="store_true", help="restart the training process after a crash or kill "
                    "(not inside torchrun: use its --max-restarts there)")
-    p.add_argument("--max-restarts", type=int, default=10, help="with --supervise: restarts before giving up")
-    p.add_argument("--restart-delay", type=float, default=5.0, help="with --supervise: first backoff in seconds (doubles)")
-    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+    p.add_argument("--max-restarts", type=R.nonneg_int(note="0 = never restart"), default=10,
+                   help="with --supervise: restarts before giving up")
+    p.add_argument("--restart-delay", type=R.seconds(positive=False), default=5.0,
+                   help="with --supervise: first backoff in seconds (doubles)")
+    p.add_argument("--nproc-per-node", type=R.positive_int(hi=R.MAX_THREADS), default=None, metavar="N",
                    help="run N (>= 1) processes on this machine under torchrun (--standalone), checked before launch; "
                    "with --supervise the whole job is restarted. Not inside torchrun: it launches the processes there")
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads per process, recorded as train.threads "
+                   f"(default: the config's; 0 there: {THREADS_DEFAULT}); fewer while other processes hold cores")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("ckpt", help="checkpoint tools")
@@ -443,23 +697,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate text from a run or checkpoint")
     p.add_argument("path", help="run directory (newest checkpoint) or checkpoint directory")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--prompt", type=R.Text(), default="", help="text to continue")
+    p.add_argument("--max-tokens", type=R.MAX_TOKENS, default=100)
+    p.add_argument("--temperature", type=R.TEMPERATURE, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=R.TOP_K, default=0)
+    p.add_argument("--top-p", type=R.TOP_P, default=1.0)
+    p.add_argument("--seed", type=R.SEED, default=0)
+    p.add_argument("--num-samples", type=R.positive_int(), default=1)
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    p.add_argument("--quantize", choices=WEIGHTS_CHOICES, help=QUANTIZE_HELP)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("quickstart", help="the whole life of a model on local data, in minutes on a CPU")
     p.add_argument("--workdir", default="lmforge-quickstart",
                    help="where data and runs go: <workdir>/data/<name>, <workdir>/runs/<name> (default: %(default)s)")
-    p.add_argument("--minutes", type=float, default=3.0,
+    p.add_argument("--minutes", type=R.QUICKSTART_MINUTES, default=3.0,
                    help="training time budget in minutes; sizes a new run only, a reused run keeps its steps "
                         "(default: %(default)g)")
     p.add_argument("--source", help="corpus directory of .py files; <name> is its base name + a hash of its path "
                                     "(default: this Python's standard library, <name> = stdlib)")
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("plan", help="size a model for its inference budget")
@@ -468,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # `--db`/`--json` are accepted before or after the action: `lmforge runs --json` and
     # `lmforge runs show exp1 --json`. SUPPRESS keeps a sub-level default from hiding the other.
-    store_opts = argparse.ArgumentParser(add_help=False)
+    store_opts = Parser(add_help=False)
     store_opts.add_argument("--db", default=argparse.SUPPRESS, help="experiment store (default: $LMFORGE_DB or ./lmforge.db)")
     store_opts.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     p = sub.add_parser("runs", parents=[store_opts], help="the experiment store: list, show, compare, delete runs")
@@ -489,8 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dashboard", help="web page with runs, curves, events and comparisons")
     p.add_argument("--db", help="experiment store (default: $LMFORGE_DB or ./lmforge.db)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--host", type=R.Text(), default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=R.port(), default=8765)
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("eval", help="metrics of a checkpoint (loss, perplexity, bits/byte, tasks); --watch beside training")
@@ -502,13 +759,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "embeddings (alone, no loss on the run's data)")
     p.add_argument("--data", help="prepared dataset whose val split to score (default: the run's data.path)")
     p.add_argument("--text", help="score a UTF-8 text file instead of a dataset")
-    p.add_argument("--batch-size", type=int, help="rows per forward (default: eval.batch_size)")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores; with --watch: the run's eval.threads)")
-    p.add_argument("--max-batches", type=int, default=0, help="score at most this many val batches (0: all)")
+    p.add_argument("--batch-size", type=rule_of("eval.batch_size"), help="rows per forward (default: eval.batch_size)")
+    p.add_argument("--threads", type=THREADS, metavar="N",
+                   help=f"torch threads (default: {THREADS_DEFAULT}; with --watch: the run's eval.threads)")
+    p.add_argument("--max-batches", type=R.nonneg_int(note="0 = all"), default=0, help="score at most this many val batches (0: all)")
     p.add_argument("--scorer", choices=["packed", "naive"], default="packed", help="naive: one forward per choice (reference)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--watch", action="store_true", help="sidecar: evaluate each new checkpoint of the run once")
-    p.add_argument("--interval", type=float, help="--watch: seconds between looks at the run (default 10)")
+    p.add_argument("--interval", type=R.seconds(), help="--watch: seconds between looks at the run (default 10)")
     p.add_argument("--once", action="store_true", help="--watch: one pass over the checkpoints present, then exit "
                    "(not with --follow)")
     p.add_argument("--follow", action="store_true", help="--watch: keep watching after the run completed (not with --once)")
@@ -525,14 +783,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["document", "query"], default="document",
                    help="which of the model's prefixes goes before each text (embed.document_prefix / query_prefix)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="dtype of the written vectors")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per forward (sorted by length)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    p.add_argument("--max-len", type=int, help="cut texts to this many tokens (default: the model's max_seq_len)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    p.add_argument("--id-field", default="id", help="JSONL field holding the id (default id; else FILE:LINE)")
+    p.add_argument("--batch-size", type=R.positive_int(), default=32, help="texts per forward (sorted by length)")
+    p.add_argument("--threads", type=THREADS, default=0, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    p.add_argument("--max-len", type=R.positive_int(), help="cut texts to this many tokens (default: the model's max_seq_len)")
+    p.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text")
+    p.add_argument("--id-field", type=R.Text(), default="id", help="JSONL field holding the id (default id; else FILE:LINE)")
     p.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and its ids file) if they exist")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("classify", help="train / eval / predict: labels with calibrated confidence; unsure -> review")
+    add_classify_arguments(p)
+
 
     p = sub.add_parser("topics", help="a pile of text -> topics, keywords, names and an offline HTML report",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
@@ -542,24 +804,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run directory (newest checkpoint), checkpoint directory or model directory")
     p.add_argument("inputs", nargs="+", help="text files (one text per line), .jsonl files or directories")
     p.add_argument("--out", required=True, help="topics directory to write, e.g. topics/brand")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    p.add_argument("--id-field", default="id", help="JSONL field holding the id (default id; else FILE:LINE)")
-    p.add_argument("--time-field", default="auto", help="JSONL field holding a timestamp (ISO 8601 or seconds): topics "
+    p.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text")
+    p.add_argument("--id-field", type=R.Text(), default="id", help="JSONL field holding the id (default id; else FILE:LINE)")
+    p.add_argument("--time-field", type=R.Text(), default="auto", help="JSONL field holding a timestamp (ISO 8601 or seconds): topics "
                    "over time; auto (default): the first record's timestamp, time, date, datetime, created_at, created "
                    "or ts field, if any; none: no timestamps")
     p.add_argument("--labels", metavar="GOLD.jsonl", help='known labels ({"id": ..., "label": ...} per line): NMI and ARI')
-    p.add_argument("--seed", type=int, default=0, help="seed of UMAP, samples and k-means (same seed, same topics)")
+    p.add_argument("--seed", type=R.any_int(), default=0, help="seed of UMAP, samples and k-means (same seed, same topics)")
     g = p.add_argument_group("reduce")
     g.add_argument("--reduce", choices=["umap", "pca", "none"], default="umap")
-    g.add_argument("--n-components", type=int, default=5, help="dimensions after reduction (default %(default)s)")
-    g.add_argument("--n-neighbors", type=int, default=15, help="UMAP neighbours (default %(default)s)")
-    g.add_argument("--min-dist", type=float, default=0.0, help="UMAP min_dist (default %(default)s)")
+    g.add_argument("--n-components", type=R.positive_int(hi=1000), default=5, help="dimensions after reduction (default %(default)s)")
+    g.add_argument("--n-neighbors", type=R.Range(int, lo=2, hi=1000), default=15, help="UMAP neighbours (default %(default)s)")
+    g.add_argument("--min-dist", type=R.nonneg_float(), default=0.0, help="UMAP min_dist (default %(default)s)")
     g = p.add_argument_group("cluster")
     g.add_argument("--cluster", choices=["hdbscan", "kmeans"], default="hdbscan")
-    g.add_argument("--min-cluster-size", type=int, default=10, help="HDBSCAN: smallest topic (default %(default)s)")
-    g.add_argument("--min-samples", type=int, help="HDBSCAN min_samples (default: --min-cluster-size)")
-    g.add_argument("--n-topics", type=int, help="k-means: the number of topics")
-    g.add_argument("--fit-max", type=int, default=100_000, help="fit reduce and cluster on at most this many documents "
+    g.add_argument("--min-cluster-size", type=R.Range(int, lo=2), default=10, help="HDBSCAN: smallest topic (default %(default)s)")
+    g.add_argument("--min-samples", type=R.positive_int(), help="HDBSCAN min_samples (default: --min-cluster-size)")
+    g.add_argument("--n-topics", type=R.positive_int(), help="k-means: the number of topics")
+    g.add_argument("--fit-max", type=R.positive_int(), default=100_000, help="fit reduce and cluster on at most this many documents "
                    "(a seeded sample; the rest are projected and take their nearest fitted document's topic)")
     g = p.add_argument_group("outliers")
     g.add_argument("--reassign-outliers", action=argparse.BooleanOptionalAction, default=True,
@@ -568,20 +830,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest cosine distance to a topic's centroid an outlier may join from; auto (default): "
                    "the topic's own radius (its farthest member)")
     g = p.add_argument_group("keywords, names, report")
-    g.add_argument("--top-words", type=int, default=10, help="keywords per topic (default %(default)s)")
-    g.add_argument("--stop-words", default="english", help="english (default), none, or a file of words (one per line)")
+    g.add_argument("--top-words", type=R.positive_int(hi=1000), default=10, help="keywords per topic (default %(default)s)")
+    g.add_argument("--stop-words", type=R.Text(), default="english", help="english (default), none, or a file of words (one per line)")
     g.add_argument("--ngram-range", type=parse_ngram_range, default=(1, 1), metavar="MIN,MAX",
                    help="keyword lengths in words (default 1,1; 1,2 adds word pairs)")
-    g.add_argument("--min-df", type=int, default=1, help="keep terms found in at least this many documents")
-    g.add_argument("--representative-docs", type=int, default=3, help="documents shown per topic (default %(default)s)")
+    g.add_argument("--min-df", type=R.positive_int(), default=1, help="keep terms found in at least this many documents")
+    g.add_argument("--representative-docs", type=R.nonneg_int(hi=1000), default=3, help="documents shown per topic (default %(default)s)")
     g.add_argument("--namer", metavar="RUN_OR_MODEL_DIR", help="an lmforge chat model that names each topic "
                    "(default: the top keywords)")
-    g.add_argument("--map-points", type=int, default=10_000, help="documents on the report's map (default %(default)s)")
-    g.add_argument("--time-bins", type=int, default=20, help="bins of the topics-over-time chart (default %(default)s)")
+    g.add_argument("--map-points", type=R.nonneg_int(), default=10_000, help="documents on the report's map (default %(default)s)")
+    g.add_argument("--time-bins", type=R.positive_int(hi=10000), default=20, help="bins of the topics-over-time chart (default %(default)s)")
     g = p.add_argument_group("embedding and output")
-    g.add_argument("--batch-size", type=int, default=32, help="texts per forward (sorted by length)")
-    g.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    g.add_argument("--max-len", type=int, help="cut texts to this many tokens (default: the model's max_seq_len)")
+    g.add_argument("--batch-size", type=R.positive_int(), default=32, help="texts per forward (sorted by length)")
+    g.add_argument("--threads", type=THREADS, default=0, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    g.add_argument("--max-len", type=R.positive_int(), help="cut texts to this many tokens (default: the model's max_seq_len)")
     g.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it is a topics directory")
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -591,38 +853,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="local Hugging Face model directory (config.json + safetensors) or a .gguf file")
     p.add_argument("--out", required=True, help="model directory to write (model.safetensors, config.yaml, tokenizer.json)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--keep-quantized", action="store_true", help="a quantized GGUF: store its matrices as int8 "
+                   "(Q8_0 exactly; other types re-quantized to int8 groups of 32) instead of fp32; sample and serve "
+                   "then run them as int8")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("export", help="a run, checkpoint or model directory -> Hugging Face dir or GGUF file")
+    p = sub.add_parser("export", help="a run, checkpoint or model directory -> Hugging Face dir, GGUF file or PEFT adapter")
     p.add_argument("source", help="run directory (newest checkpoint), checkpoint directory or model directory")
-    p.add_argument("--format", required=True, choices=["hf", "gguf"])
-    p.add_argument("--out", required=True, help="directory (hf) or .gguf file (gguf) to write")
-    p.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="GGUF tensor type (hf: always f32)")
+    p.add_argument("--format", required=True, choices=["hf", "gguf", "peft"],
+                   help="hf: a transformers model directory; gguf: a llama.cpp file; peft: a LoRA run's adapter alone")
+    p.add_argument("--out", required=True, help="directory (hf, peft) or .gguf file (gguf) to write")
+    p.add_argument("--merge", action="store_true", help="a LoRA run: fold its adapter into the base's weights (hf, gguf)")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF tensor type (hf: always f32)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    p.add_argument("path", help="run directory (newest checkpoint) or checkpoint directory")
-    p.add_argument("--host", help="address to bind (default: serve.host of the run's config, 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")
-    p.add_argument("--api-key", help="required bearer key (visible in `ps`; prefer --api-key-file or $LMFORGE_API_KEY)")
+    p.add_argument("path", help="run directory (newest checkpoint), checkpoint or model directory, or a classifier "
+                   "directory (clf/NAME: its embedding model, plus POST /v1/classify)")
+    p.add_argument("--host", type=R.Text(), help="address to bind (default: serve.host of the run's config, 127.0.0.1)")
+    p.add_argument("--port", type=R.port(), help="port (default: serve.port, 8000)")
+    p.add_argument("--api-key", type=R.Text(), help="required bearer key (visible in `ps`; prefer --api-key-file or $LMFORGE_API_KEY)")
     p.add_argument("--api-key-file", help="file holding the required bearer key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
-    p.add_argument("--max-batch", type=int, help="requests decoded together (default: serve.max_batch)")
-    p.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429s (default: serve.max_queue)")
-    p.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask for (default: serve.max_tokens)")
-    p.add_argument("--max-embed-inputs", type=int, help="most inputs one /v1/embeddings request may carry "
-                   "(default: serve.max_embed_inputs, 256)")
-    p.add_argument("--model-name", help="model id in the API (default: the directory name)")
+    p.add_argument("--max-batch", type=rule_of("serve.max_batch"), help="requests decoded together (default: serve.max_batch)")
+    p.add_argument("--max-queue", type=rule_of("serve.max_queue"), help="requests waiting for a slot before 429s (default: serve.max_queue)")
+    p.add_argument("--max-tokens", type=rule_of("serve.max_tokens"), help="largest max_tokens a request may ask for (default: serve.max_tokens)")
+    p.add_argument("--max-embed-inputs", type=rule_of("serve.max_embed_inputs"), help="most inputs one /v1/embeddings "
+                   "request may carry (default: serve.max_embed_inputs, 256)")
+    p.add_argument("--model-name", type=R.Text(), help="model id in the API (default: the directory name)")
     p.add_argument("--chat-template", help="Jinja chat template file (default: tokenizer_config.json's, else a plain one)")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is dropped (504)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--request-timeout", type=R.seconds(), default=600.0, help="seconds before a request is dropped (504)")
+    p.add_argument("--max-body-bytes", type=R.positive_int(), default=1 << 20, help="largest request body (413 above)")
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    p.add_argument("--quantize", choices=WEIGHTS_CHOICES, help=QUANTIZE_HELP)
+    p.add_argument("--shutdown-grace", type=R.seconds(positive=False), default=5.0, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C: how long requests in flight may finish before they are cut short "
                         "(503, an error event in a stream); default %(default)g")
+    p.add_argument("--index", metavar="IDX", help="also serve POST /v1/search over this index (built by the served model)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                   help="also serve a LoRA adapter of this base (a LoRA run, checkpoint or adapter directory), picked by a "
+                        "request's \"model\": NAME; repeatable; a bare DIR serves each of its subdirectories by name")
+    p.add_argument("--max-adapters", type=rule_of("serve.max_adapters"), metavar="N",
+                   help="adapters held in memory at once, least recently used unloaded first (default: serve.max_adapters)")
     p.set_defaults(func=cmd_serve)
 
+    add_understand_parsers(sub)
     return parser
 
 

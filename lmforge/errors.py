@@ -20,3 +20,9 @@ class DataError(LmforgeError):
 
 class CheckpointError(LmforgeError):
     """Missing, incomplete or corrupt checkpoint, or one that does not fit the run."""
+
+
+class WriteError(LmforgeError):
+    """A write failed (a full disk, no permission, an I/O error); what was written before is intact.
+    The message starts with `util.write_failure`'s line: "disk full at PATH, N bytes free" or
+    "cannot write PATH: REASON"."""

@@ -1,13 +1,20 @@
 """Accelerators: a table of datasheet figures, and this machine's CPU measured on the spot.
 
 Who uses it: `lmforge plan` (cost and deployment figures), the trainer (the peak its MFU is
-measured against: a GPU's datasheet bf16 peak, or on a CPU the matmul rate measured now) and
-benchmarks/train_throughput.py (the same measurement, run longer).
+measured against: a GPU's datasheet bf16 peak, or on a CPU the matmul rate measured now; and the
+answer to `train.dtype: auto`, `auto_dtype`) and benchmarks/train_throughput.py (the same
+measurement, run longer).
 
 Trade-offs. Peaks are nominal datasheet numbers (dense bf16), not measurements: a run's MFU is
 against what the vendor promises. A CPU has no datasheet figure that means anything for torch, so
 `matmul_rate` times repeated square matmuls instead; it uses a private RNG so measuring never moves
 a trainer's checkpointed global RNG state.
+
+`auto_dtype` is a rule, not a measurement: bf16 where the device multiplies bf16 natively (a CUDA
+GPU with bf16 tensor cores; a CPU with AMX-BF16 or AVX512-BF16), else fp32. Timing would make the
+answer depend on the load of the moment, and a run's dtype must be the same on every rank and at
+every start. On a CPU without those instructions bf16 matmuls are emulated and run many times
+slower than fp32 (docs/benchmarks.md), so fp32 is the faster choice there, not only the exact one.
 """
 
 from __future__ import annotations
@@ -67,6 +74,40 @@ def matmul_rate(dtype: Any, size: int, seconds: float) -> float:
     return 2.0 * size**3 * steps / elapsed
 
 
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matrix instructions
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports in /proc/cpuinfo (empty elsewhere, or when unreadable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def auto_dtype(device: Any) -> str:
+    """What `dtype: auto` means on `device` (a torch.device or its type name): "bf16" where bf16
+    matmuls run natively, else "fp32". CUDA: bf16 when the GPU supports it without emulation
+    (compute capability 8.0 and up: A100, H100, L4, ...); CPU: bf16 when Linux lists AMX-BF16 or
+    AVX512-BF16 among its flags; anything else: fp32. Deterministic: no timing. Training resolves
+    it once when a run starts (the run's config records the answer); inference may use it too."""
+    import torch
+
+    kind = device if isinstance(device, str) else device.type
+    if kind == "cuda":
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # an older torch without the keyword: it did not count emulation then
+            native = torch.cuda.is_bf16_supported()
+        return "bf16" if native else "fp32"
+    if kind == "cpu":
+        return "bf16" if cpu_flags() & set(CPU_BF16_FLAGS) else "fp32"
+    return "fp32"
+
+
 def measure_cpu(seconds: float = 0.25) -> Hardware:
     """This machine's CPU, measured now: best of bf16/fp32 matmul FLOP/s, copy bandwidth, RAM.
 
@@ -91,16 +132,37 @@ def measure_cpu(seconds: float = 0.25) -> Hardware:
 
 
 def _mem_total() -> float:
+    """This machine's RAM in bytes, or the cgroup (container) limit when that is lower; 0.0 if unknown."""
+    total = 0.0
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
-                return float(line.split()[1]) * 1024  # kB
+                total = float(line.split()[1]) * 1024  # kB
+                break
     except OSError:
         pass
+    if not total:
+        try:
+            total = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            return 0.0
     try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 0.0
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # cgroup v2; "max" = no limit
+        if limit.isdigit():
+            total = min(total, float(limit))
+    except OSError:
+        pass
+    return total
+
+
+def memory_total(device: Any = None) -> float:
+    """Bytes of memory `device` has: a CUDA device's total memory, else this machine's RAM (see
+    `_mem_total`); 0.0 when unknown."""
+    if device is not None and getattr(device, "type", device) == "cuda":
+        import torch
+
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return _mem_total()
 
 
 def get_hardware(
@@ -157,3 +219,15 @@ def gpu_peak_flops(device_name: str) -> float | None:
         if model in words and (not variant or variant in words) and (best is None or len(key) > len(best[0])):
             best = (key, hw)
     return best[1].peak_flops if best else None
+
+
+def peak_flops(device: Any, dtype: str = "bf16") -> float | None:
+    """The peak a trainer's MFU is measured against: a known GPU's datasheet bf16 peak (the table),
+    None for an unknown GPU; on the CPU, this machine's matmul rate in the run's dtype, measured now
+    with the current threads (512^3 products for ~0.1 s: an estimate, since a CPU's peak depends on
+    its vector units and on what else runs; benchmarks/train_throughput.py measures it longer)."""
+    import torch
+
+    if device.type != "cuda":
+        return matmul_rate(torch.bfloat16 if dtype == "bf16" else torch.float32, 512, 0.1)
+    return gpu_peak_flops(torch.cuda.get_device_name(device))

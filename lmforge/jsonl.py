@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 from collections.abc import Iterable, Iterator
@@ -137,6 +138,9 @@ def iter_jsonl(lines: Iterable[bytes], source: str | os.PathLike, *, what: str) 
             raise DataError(f"{where}: not UTF-8 (byte {e.start} of the line); expected {what}") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected {what}") from None
+        except RecursionError:  # json's parser recurses per level: 100,000 nested [ exhaust the stack
+            raise DataError(f"{where}: JSON nested too deeply (more than Python's recursion limit of "
+                            f"{sys.getrecursionlimit()} levels); expected {what}") from None
         yield JsonLine(where, number, start, value)
 
 
@@ -162,7 +166,7 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
             continue
         try:
             value = json.loads(raw)
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError both
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError both; nested too deeply
             continue
         if isinstance(value, dict):
             out.append(value)

@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .errors import LmforgeError
+from .errors import ConfigError, LmforgeError
 
 
 class KVCacheLike(Protocol):
@@ -175,7 +175,10 @@ def autocast(dtype: str, device_type: str) -> contextlib.AbstractContextManager:
     enter it, so a loss is computed the same way in each."""
     if dtype == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"autocast needs a resolved dtype (bf16 or fp32), got {dtype!r}; a run resolves "
+                     "train.dtype=auto when it starts (hardware.auto_dtype)")
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
@@ -185,6 +188,24 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(device):
         return x.to(torch.get_autocast_dtype(device))
     return x
+
+
+def document_attention(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows of several documents -> (positions, attn_mask) for `Transformer.forward`.
+
+    documents (B, T) int64: the document of each position (equal ids = one document; any value,
+    e.g. -1 for padding). positions (B, T) restart at 0 where a document starts, so RoPE sees each
+    one from its beginning; attn_mask (B, T, T) bool lets a position see the earlier positions of
+    its own document only (block-diagonal causal), so a row's logits equal each document's alone.
+    """
+    B, T = documents.shape
+    idx = torch.arange(T, device=documents.device).expand(B, T)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T): where my document began
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    same = documents[:, :, None] == documents[:, None, :]  # (B, T, T)
+    return idx - first, same & causal
 
 
 # ---- blocks ---------------------------------------------------------------------------------
@@ -282,6 +303,9 @@ class Decoder(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        built_on = torch.get_default_device()  # the CPU, unless a `with torch.device(...)` says otherwise
+        if built_on.type != "meta":  # a model of shapes only allocates nothing
+            check_memory(cfg, built_on, fix="model.n_layer, model.d_model, model.d_ff or model.vocab_size")
         self.cfg = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -319,8 +343,11 @@ class Transformer(nn.Module):
         cache: KVCacheLike | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """idx (B, T) int64 -> logits (B, T, V); with targets (B, T) -> (logits, mean fp32 loss).
+        """idx (B, T) int64 -> logits (B, T, V); with targets (B, T) -> (logits, mean fp32 loss);
+        with hidden=True -> the hidden states (B, T, C) instead of logits (`hidden_states`; the
+        contrastive objective embeds through forward, which a DDP wrapper must see called).
 
         With a cache, idx holds the tokens after the cache.pos already cached ones; RoPE positions
         continue from there. positions (B, T) int64 and attn_mask (B, T, T) bool (True: may
@@ -330,6 +357,8 @@ class Transformer(nn.Module):
         position (continuous batching, serve/engine.py); the cache decides where K/V go.
         """
         B, T = idx.shape
+        if hidden:
+            return self.hidden_states(idx, cache=cache, positions=positions, attn_mask=attn_mask)
         logits = self.lm_head(self.hidden_states(idx, cache=cache, positions=positions, attn_mask=attn_mask))  # (B, T, V)
         if targets is None:
             return logits
@@ -411,4 +440,45 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * n + 12.0 * cfg.n_layer * cfg.d_model * seq_len
 
 
-__all__ = ["Transformer", "num_params", "flops_per_token", "rope_tables", "llama3_inv_freq", "rotate_half", "apply_rope"]
+def memory_needed(cfg: ModelConfig, *, micro_batch: int = 0, seq_len: int = 0, shards: int = 1,
+                  kv_batch: int = 0, kv_bytes: int = 4, reference: bool = False) -> dict[str, int]:
+    """The bytes a model needs at least, from its config alone (nothing is allocated), by part:
+    its fp32 weights (4 bytes per parameter) and RoPE tables; to train (micro_batch > 0) also the
+    gradients and AdamW's two moments (12 more bytes per parameter; both divided over `shards`
+    under FSDP) and a micro batch's fp32 logits with their gradient; with `reference`, a frozen
+    fp32 copy of the weights (DPO's reference, never sharded); to serve (kv_batch > 0) a KV
+    cache of kv_batch full-length sequences of kv_bytes per value. Activations are not counted
+    (they depend on checkpointing and kernels), so what this refuses certainly does not fit."""
+    n = num_params(cfg)
+    parts = {"weights": 4 * n // shards, "RoPE tables": 2 * 4 * cfg.max_seq_len * cfg.head_dim}
+    if micro_batch:
+        parts["gradients and AdamW moments"] = 12 * n // shards
+        parts["logits"] = 2 * 4 * micro_batch * seq_len * cfg.vocab_size
+    if reference:
+        parts["reference copy"] = 4 * n
+    if kv_batch:
+        parts["KV cache"] = 2 * cfg.n_layer * kv_batch * cfg.kv_heads * cfg.max_seq_len * cfg.head_dim * kv_bytes
+    return parts
+
+
+def check_memory(cfg: ModelConfig, device: torch.device, *, fix: str, **need: int) -> None:
+    """ConfigError with the numbers when `memory_needed(cfg, **need)` exceeds what `device` has (a
+    GPU's memory; RAM for the CPU); `fix` names what to lower. Called before anything is allocated:
+    `model.n_layer=100000000` was an hour of building modules before an out-of-memory crash."""
+    from .hardware import memory_total
+    from .util import human_bytes
+
+    have = memory_total(device)
+    parts = memory_needed(cfg, **need)
+    total = sum(parts.values())
+    if have and total > have:
+        what = "the GPU" if device.type == "cuda" else "this machine's RAM"
+        detail = " + ".join(f"{human_bytes(v)} {k}" for k, v in parts.items() if v)
+        raise ConfigError(
+            f"not enough memory: a model of {num_params(cfg):,} parameters (model.n_layer {cfg.n_layer}, d_model "
+            f"{cfg.d_model}, vocab_size {cfg.vocab_size}, max_seq_len {cfg.max_seq_len}) needs at least {human_bytes(total)} "
+            f"here ({detail}), but {what} has {human_bytes(have)}; lower {fix}"
+        )
+
+
+__all__ = ["Transformer", "document_attention", "num_params", "flops_per_token", "memory_needed", "check_memory", "rope_tables", "llama3_inv_freq", "rotate_half", "apply_rope"]

@@ -40,6 +40,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .config import VOCAB_SIZE
 from .errors import DataError
 from .util import atomic_write_text, sha256_bytes
 
@@ -98,17 +99,8 @@ class Tokenizer:
         min_frequency: int = 2,
     ) -> "Tokenizer":
         """Train a byte-level BPE on `texts`; special tokens get the first ids (0, 1, 2, ...)."""
-        special_tokens = list(dict.fromkeys(special_tokens))  # keep order, drop duplicates
-        for required in (BOS, EOS, PAD):
-            if required not in special_tokens:
-                raise DataError(f"special tokens must include {required!r}; got {special_tokens}")
+        special_tokens = check_training(vocab_size, special_tokens)
         alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 byte symbols
-        minimum = len(alphabet) + len(special_tokens)
-        if vocab_size < minimum:
-            raise DataError(
-                f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
-                f"{minimum} (256 bytes + {len(special_tokens)} special tokens)"
-            )
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()
@@ -147,15 +139,27 @@ class Tokenizer:
         special-token strings this equals encoding the whole rendered string with special tokens
         parsed (what `transformers`' apply_chat_template(tokenize=True) does).
         """
+        return self.encode_template_spans(parts)[0]
+
+    def encode_template_spans(self, parts: Sequence[tuple[str, bool]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode_template`'s ids, and for each id the [start, end) characters of the joined parts'
+        text it stands for (how SFT data finds the tokens of an assistant turn: data/sft.py)."""
         special = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
         pattern = re.compile("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True))) if special else None
         ids: list[int] = []
+        spans: list[tuple[int, int]] = []
         plain: list[str] = []
+        at = 0  # characters of the joined text before `plain`
 
         def flush() -> None:
-            if plain:
-                ids.extend(self.encode("".join(plain)))
-                plain.clear()
+            nonlocal at
+            text = "".join(plain)
+            if text:
+                enc = self.hf.encode(text, add_special_tokens=False)
+                ids.extend(enc.ids)
+                spans.extend((at + a, at + b) for a, b in enc.offsets)
+                at += len(text)
+            plain.clear()
 
         for text, is_template in parts:
             if not is_template or pattern is None:
@@ -166,10 +170,12 @@ class Tokenizer:
                 plain.append(text[pos:m.start()])
                 flush()
                 ids.append(special[m.group()])
+                spans.append((at, at + len(m.group())))
+                at += len(m.group())
                 pos = m.end()
             plain.append(text[pos:])
         flush()
-        return ids
+        return ids, spans
 
     def use_model_facts(self, facts: dict) -> None:
         """Apply a model's recorded tokenizer facts (tokenizer_config.json's keys): its chat
@@ -220,6 +226,24 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+
+
+def check_training(vocab_size: int, special_tokens: Sequence[str]) -> list[str]:
+    """The special tokens of a tokenizer to train (in order, without duplicates), or DataError when
+    they lack BOS/EOS/PAD or vocab_size is outside 256 bytes + the special tokens .. MAX_VOCAB_SIZE
+    (checked before any text is read: `prepare` trains after a pass over the corpus)."""
+    special = list(dict.fromkeys(special_tokens))  # keep order, drop duplicates
+    for required in (BOS, EOS, PAD):
+        if required not in special:
+            raise DataError(f"special tokens must include {required!r}; got {special}")
+    minimum = 256 + len(special)
+    if vocab_size < minimum:
+        raise DataError(
+            f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
+            f"{minimum} (256 bytes + {len(special)} special tokens)"
+        )
+    VOCAB_SIZE.check("--vocab-size", vocab_size)
+    return special
 
 
 def lone_surrogate(text: str) -> int | None:

@@ -8,6 +8,7 @@ Directories (datasets, checkpoints) follow the same rule via `atomic_dir`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -235,31 +236,64 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths in one step
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE, glibc >= 2.28 and a
+    filesystem that supports it: ext4, xfs, btrfs, tmpfs ...). False when this system cannot, and
+    nothing was changed; any other failure raises OSError."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # the filesystem (or kernel) has no exchange
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a))
+
+
 def replace_path(new: str | os.PathLike, final: str | os.PathLike) -> None:
     """Rename the finished file or directory `new` to `final`, replacing whatever `final` is.
 
-    A file over a file (or over a link) is one atomic rename. Anything else (a directory over
-    anything, a file over a directory) cannot be renamed over in one step: the old entry is first
-    renamed to a hidden sibling, `new` renamed into place, then the old entry removed. So `final`
-    always holds the complete old entry or the complete new one (or, between the two renames,
-    nothing); if the second rename fails the old entry is put back. Nothing is left behind on
-    success: a backup that cannot be removed is reported with a warning naming it.
+    A file over a file (or over a link) is one atomic rename. A directory over a directory is one
+    atomic exchange where the system has one (`exchange_paths`), then the old one, now at `new`'s
+    name, is removed: `final` always holds the complete old directory or the complete new one,
+    even across a kill -9 (which may leave the old one behind under the temporary name). Anything
+    else (or no exchange) cannot be renamed over in one step: the old entry is first renamed to a
+    hidden sibling, `new` renamed into place, then the old entry removed. So `final` always holds
+    the complete old entry or the complete new one (or, between the two renames, nothing); if the
+    second rename fails the old entry is put back. Nothing is left behind on success: a backup
+    that cannot be removed is reported with a warning naming it.
     """
     new, final = Path(new), Path(final)
     replaces_dir = final.is_dir() and not final.is_symlink()
     if not os.path.lexists(final) or (not replaces_dir and not new.is_dir()):
         os.replace(new, final)
         return
-    while True:
-        old = final.with_name(f".{final.name}.{os.urandom(4).hex()}.old")
-        if not os.path.lexists(old):
-            break
-    os.replace(final, old)
-    try:
-        os.replace(new, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
+    if replaces_dir and new.is_dir() and not new.is_symlink() and exchange_paths(new, final):
+        old = new  # the old directory now lives under the temporary name
+    else:
+        while True:
+            old = final.with_name(f".{final.name}.{os.urandom(4).hex()}.old")
+            if not os.path.lexists(old):
+                break
+        os.replace(final, old)
+        try:
+            os.replace(new, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
     try:
         _remove(old)
     except OSError as e:
@@ -295,6 +329,63 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         raise
 
 
+# ---- write failures --------------------------------------------------------------------------
+# A full disk reaches lmforge in many shapes: an OSError with errno ENOSPC from Python, a
+# SafetensorError whose text says "No space left on device (os error 28)", SQLite's "database or
+# disk is full", and torch's zip writer inside DCP, which only says "unexpected pos 704 vs 598"
+# (a short write it did not check). `write_failure` turns any of them into one line a user can act on.
+
+_DISK_FULL_TEXT = ("no space left on device", "os error 28", "errno 28", "database or disk is full")
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes on the filesystem of `path` (or of its nearest existing parent); None if unknown."""
+    p = Path(path).absolute()
+    for q in (p, *p.parents):
+        if q.exists():
+            try:
+                return shutil.disk_usage(q).free
+            except OSError:
+                return None
+    return None
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` says the disk is full: ENOSPC, or its text, anywhere in `e`, its causes and (a
+    DCP CheckpointException) the failures of its ranks."""
+    todo: list[Any] = [e]
+    seen: set[int] = set()
+    while todo:
+        x = todo.pop()
+        if not isinstance(x, BaseException) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return True
+        text = str(x.args[0]) if x.args else ""  # not str(x): a CheckpointException formats whole tracebacks
+        if any(marker in text.lower() for marker in _DISK_FULL_TEXT):
+            return True
+        todo += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return False
+
+
+def write_failure(e: BaseException, path: str | os.PathLike, needed: int | None = None) -> str | None:
+    """One line for a failed write to `path`: "disk full at PATH, N bytes free" when the disk is
+    full (`is_disk_full`, or fewer bytes free than the write `needed`: a writer that hides ENOSPC),
+    "cannot write PATH: REASON" for any other OSError, None for anything else (not a write
+    failure: a bug, which should keep its traceback)."""
+    free = free_bytes(path)
+    if is_disk_full(e) or (needed is not None and free is not None and free < needed):
+        return f"disk full at {path}, {'an unknown number of' if free is None else f'{free:,}'} bytes free"
+    if isinstance(e, OSError):
+        where = f" ({os.fsdecode(e.filename)})" if e.filename and Path(os.fsdecode(e.filename)) != Path(path) else ""
+        return f"cannot write {path}: {e.strerror or e}{where}"
+    return None
+
+
 def check_port(port: int, flag: str = "--port") -> int:
     """A TCP port to listen on, 0-65535 (0: any free port), or a ConfigError naming the flag."""
     from .errors import ConfigError
@@ -310,6 +401,27 @@ def human_count(n: float) -> str:
             return f"{n:.3g}{unit}"
         n /= 1000
     return f"{n:.3g}P"
+
+
+def read_text_file(path: str | os.PathLike, what: str, *, max_bytes: int = 16 << 20) -> str:
+    """The UTF-8 text of a small file a user named (`what` says which, e.g. "--chat-template"), or an
+    LmforgeError naming it in one line: missing, unreadable, a directory, over max_bytes (another file
+    given by mistake, a model or a dataset), not UTF-8 (a binary file)."""
+    from .errors import LmforgeError
+
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if p.is_dir():
+            raise LmforgeError(f"{what} {p} is a directory; give a file")
+        if size > max_bytes:
+            raise LmforgeError(f"{what} {p}: {size:,} bytes is not what {what} takes (at most {max_bytes:,}); "
+                               "is it the right file?")
+        return p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise LmforgeError(f"cannot read {what} {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"{what} {p}: not a text file (byte {e.start} is not UTF-8)") from None
 
 
 def human_bytes(n: float) -> str:

@@ -4,6 +4,7 @@ standard library, and the training pairs of the other files.
 
     python3 scripts/make_stdlib_doc2code.py                       # writes lmforge/tasks/stdlib-doc2code.jsonl
     python3 scripts/make_stdlib_doc2code.py --pairs pairs.jsonl   # also the train-side pairs (contrastive stage)
+    python3 scripts/make_stdlib_doc2code.py --corpus stdlib-train  # also the train-side files (pretraining corpus)
 
 Every function or method with a docstring becomes a pair: the query is the docstring's first
 paragraph (whitespace collapsed), the document is the function's code with the docstring removed
@@ -26,6 +27,7 @@ import ast
 import hashlib
 import json
 import re
+import shutil
 import sys
 import sysconfig
 import textwrap
@@ -133,6 +135,7 @@ def main() -> int:
     ap.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"], help="standard library directory")
     ap.add_argument("--task", default=str(TASK), help="where the task goes (default: the bundled file)")
     ap.add_argument("--pairs", help="also write the train-side pairs {query, positive} here (JSONL)")
+    ap.add_argument("--corpus", help="also copy the train-side .py files into this directory (to pretrain on)")
     args = ap.parse_args()
     test, train = collect(Path(args.stdlib))
     records = build_task(test)
@@ -144,6 +147,16 @@ def main() -> int:
     if args.pairs:
         write_jsonl(Path(args.pairs), [{"query": it["query"], "positive": it["code"]} for it in train])
         print(f"wrote {args.pairs}: {len(train)} train-side pairs")
+    if args.corpus:
+        stdlib, n = Path(args.stdlib), 0
+        for path in sorted(stdlib.rglob("*.py")):
+            rel = path.relative_to(stdlib).as_posix()
+            if not (SKIP_DIRS & set(rel.split("/")[:-1])) and not is_test_file(rel):
+                dest = Path(args.corpus) / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, dest)
+                n += 1
+        print(f"copied {n} train-side files into {args.corpus}")
     return 0
 
 

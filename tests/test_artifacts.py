@@ -246,3 +246,78 @@ def test_write_manifest_covers_extra_keys_of_other_kinds(tmp_path: Path) -> None
     assert "corrupt: MANIFEST.json" in A.verify_manifest(d, "index")[0]
     with pytest.raises(ValueError, match="core field"):
         A.write_manifest(d, kind="index", extra={"step": 3})
+
+
+# ---- every file of a checkpoint deleted or flipped, through every verb that loads one ----------------
+
+
+def _checkpoint_files(run: Path) -> list[str]:
+    ckpt = run / "checkpoints" / "step-000020"
+    return [A.MANIFEST, *sorted(A.read_manifest(ckpt).files)]  # model, config, tokenizer, trainer, train_state/*
+
+
+DAMAGES = [(name, kind) for name in ("MANIFEST.json", "model.safetensors", "config.yaml", "tokenizer.json", "trainer.json",
+                                     "train_state/.metadata", "train_state/<shard>") for kind in ("delete", "flip")]
+
+
+@pytest.mark.parametrize("name, kind", DAMAGES, ids=[f"{k}-{n}" for n, k in DAMAGES])
+def test_a_damaged_checkpoint_file_is_refused_by_every_verb_naming_it(name: str, kind: str, tiny_run: Path, tiny_dataset: Path,
+                                                                       tmp_path: Path, capsys, monkeypatch) -> None:
+    """Each file of the newest checkpoint of a trained run, deleted or with one byte flipped: every verb
+    given that checkpoint refuses it in one line naming the file (exit 2; `ckpt verify`: exit 1 and the
+    file named in its report); `serve` refuses before it listens; given the run, the loaders and
+    `train` (resume) fall back to the previous checkpoint with a warning naming the file."""
+    from lmforge.cli import main
+    import lmforge.serve.api as api
+
+    monkeypatch.setenv("LMFORGE_PROGRESS", "quiet")  # main() sets it; monkeypatch puts it back
+    monkeypatch.setattr(api, "listen", lambda *a: pytest.fail("serve listened with a damaged checkpoint"))
+    monkeypatch.setattr(sys, "setswitchinterval", lambda _: None)  # serve_command's, process-wide
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    ckpt = run / "checkpoints" / "step-000020"
+    if name == "train_state/<shard>":
+        (name,) = [f for f in _checkpoint_files(run) if f.startswith("train_state/") and f != "train_state/.metadata"]
+    assert name in _checkpoint_files(run)
+    target = ckpt / name
+    if kind == "delete":
+        target.unlink()
+    else:
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x20
+        target.write_bytes(bytes(data))
+    text = tmp_path / "text.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n", encoding="utf-8")
+
+    def cli(*argv: str) -> tuple[int, str, list[str]]:
+        capsys.readouterr()
+        try:
+            code = main(list(argv))
+        except SystemExit as e:
+            code = int(e.code or 0)
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err, (argv, captured.err)
+        return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+
+    for argv in (["sample", str(ckpt), "--max-tokens", "2"], ["eval", str(ckpt), "--text", str(text)],
+                 ["serve", str(ckpt), "--port", "0"],
+                 ["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")],
+                 ["export", str(ckpt), "--format", "gguf", "--out", str(tmp_path / "m.gguf")],
+                 ["train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "branch"), "--set", f"data.path={tiny_dataset}",
+                  "--set", f"init.from={ckpt}"]):
+        code, out, err = cli(*argv)
+        assert code == 2 and len(err) == 1 and err[0].startswith("error:"), (argv, code, err)
+        assert name in err[0] and "step-000020" in err[0], (argv, err)
+        assert out == "" or argv[0] == "sample" and not out.strip(), (argv, out)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "m.gguf").exists() and not (tmp_path / "branch").exists()
+
+    code, out, err = cli("ckpt", "verify", str(run))  # the report names the file; the older checkpoint is ok
+    assert code == 1 and name in out and "1 ok, 1 damaged" in out, out
+
+    code, out, err = cli("sample", str(run), "--max-tokens", "2")  # a run: its newest intact checkpoint
+    assert code == 0 and "(step 10)" in out and any("skipping" in line and name in line for line in err), (out, err)
+    code, out, err = cli("data", "inspect", str(run), "--step", "3", "--json")  # reads no checkpoint
+    assert code == 0 and json.loads(out)["step"] == 2, out
+
+    code, out, err = cli("train", "--run-dir", str(run), "--set", "train.max_steps=11")  # resume: from step 10
+    assert code == 0 and any("skipping a damaged checkpoint" in line and name in line for line in err), err
+    assert A.checkpoint_step(A.find_resume_checkpoint(run)[0]) == 11

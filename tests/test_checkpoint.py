@@ -13,7 +13,7 @@ from conftest import TINY_CONFIG
 from lmforge import artifacts as A
 from lmforge.artifacts import load_model
 from lmforge.config import load_config
-from lmforge.errors import CheckpointError
+from lmforge.errors import CheckpointError, WriteError
 from lmforge.train import checkpoint as ck
 from lmforge.train.loop import build, save, train
 
@@ -188,7 +188,8 @@ def test_failed_write_leaves_previous_checkpoint_intact(run, monkeypatch):
 
     monkeypatch.setattr(ck, "write_manifest", disk_full)
     r.step = 30
-    with pytest.raises(CheckpointError, match="writing the checkpoint of step 30 failed: .*No space left on device.*step-000020.* is intact"):
+    with pytest.raises(WriteError, match=r"^disk full at .*checkpoints, [\d,]+ bytes free; training stopped at step 30 "
+                       r"before its checkpoint was published; the newest checkpoint \(.*step-000020\) is intact"):
         save(r)
     assert [p.name for p in A.list_checkpoints(run_dir)] == ["step-000000", "step-000010", "step-000020"]
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp left

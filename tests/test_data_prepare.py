@@ -258,7 +258,7 @@ def test_verify_names_a_changed_tokenizer_and_a_malformed_manifest(built, tmp_pa
                       "expected one JSON object per line with a 'text' field"),
         ("exists", "output already exists and is not a prepared dataset: {tmp}/out (no manifest.json: keep.txt)"),
         ("unwritable", "cannot write dataset {tmp}/afile/out"),
-        ("val_fraction", "--val-fraction must be in [0, 1), got 1.5"),
+        ("val_fraction", "argument --val-fraction: must be within [0, 1), got 1.5"),
         ("tokenizer", "tokenizer not found: {tmp}/tok.json"),
         ("not_dataset", "not a prepared dataset: {tmp} has no manifest.json"),
         ("specials", "special tokens must include '<|pad|>'"),
@@ -419,7 +419,7 @@ def test_inspect_bad_step_and_seq_len_are_clean_errors(built, tmp_path) -> None:
     _, ds = built
     r = lmforge("data", "inspect", ds, "--step", -1, "--seq-len", 16, "--global-batch", 2)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "error: step must be >= 0 (data steps count from 0), got -1" in r.stderr
+    assert "argument --step: must be >= 0 (data steps count from 0; a run's training steps from 1), got -1" in r.stderr
     r = lmforge("data", "inspect", ds, "--step", 0, "--seq-len", 10_000_000, "--global-batch", 2)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     n = json.loads((ds / "manifest.json").read_text())["splits"]["train"]["tokens"]

@@ -188,17 +188,21 @@ def test_sigkill_of_one_rank_under_supervisor_restarts_to_a_bit_identical_finish
 
 
 def test_user_error_under_supervised_torchrun_is_not_retried(tiny_dataset, tmp_path):
-    # a dataset that is not there: found by every rank at start (the parent's check_job looks at the
-    # config and world size only), written to the error file, so torchrun's "exit 1" is not retried
-    missing = tmp_path / "no-such-data"
-    cmd = lmforge_cmd("train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "bad"),
-                      *sets(tiny_dataset, "train.parallel=ddp", f"data.path={missing}"),
+    # LMFORGE_DEVICE=gpu: the parent never looks at the device (it trains nowhere), so every rank finds it
+    # when it joins the job; written to the error file, torchrun's "exit 1" is not retried
+    cmd = lmforge_cmd("train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "bad"), *sets(tiny_dataset, "train.parallel=ddp"),
                       "--supervise", "--nproc-per-node", "2", "--restart-delay", "0")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(LMFORGE_DEVICE="gpu"), timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert str(missing) in proc.stderr
+    assert "LMFORGE_DEVICE='gpu'" in proc.stderr
     assert "restart 1/" not in proc.stderr and "not restarting" in proc.stderr
     assert not (tmp_path / "bad" / "checkpoints").exists()
+    # a dataset that is not there: what every rank would refuse, the parent refuses in one line before launching
+    missing = tmp_path / "no-such-data"
+    proc = subprocess.run([*cmd, "--set", f"data.path={missing}"], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=600)
+    assert_one_line_error(proc, str(missing))
+    assert not (tmp_path / "bad").exists()
 
 
 # ---- launching: mistakes refused in one line, exit 2, before any process is started --------------
@@ -241,7 +245,7 @@ def test_nproc_per_node_checks_a_resumed_runs_saved_config(tmp_path):
 def test_nproc_per_node_below_one_is_refused(tmp_path, n):
     proc = cli("train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run"), "--nproc-per-node", n,
                "--set", f"data.path={tmp_path / 'none'}")
-    assert_one_line_error(proc, f"--nproc-per-node {n}: give a number of processes >= 1")
+    assert_one_line_error(proc, f"argument --nproc-per-node: must be within 1..1024, got {n}")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -368,7 +372,8 @@ def test_deterministic_step_in_one_process_equals_plain_accumulation(tiny_datase
         if ckpt:
             _checkpoint_blocks(model)
         opt = build_optimizer(model, cfg.train)
-        r = train_step(model, opt, list(zip(x.split(2), y.split(2))), lr=1e-3, grad_clip=1.0, dtype="fp32",
+        micro = [{"inputs": a, "targets": b} for a, b in zip(x.split(2), y.split(2))]
+        r = train_step(model, opt, micro, lr=1e-3, grad_clip=1.0, dtype="fp32",
                        deterministic_reduce=det)
         out.append((r, [p.detach().clone() for p in model.parameters()]))
     (r0, w0) = out[0]

@@ -20,7 +20,7 @@ from test_train import run_train
 from lmforge.config import ModelConfig
 from lmforge.errors import DataError
 from lmforge.evaluate import metrics as M
-from lmforge.evaluate.loss import nll_totals, text_batches
+from lmforge.evaluate.loss import nll_totals, stream_batches, text_batches
 from lmforge.evaluate.score import Request, make_request, score_naive, score_packed
 from lmforge.evaluate.tasks import encode_request, load_task
 from lmforge.artifacts import EVAL_RESULTS_FILE
@@ -78,7 +78,7 @@ def test_bits_per_byte_counts_utf8_bytes_of_multibyte_text(small_tokenizer: Toke
     ids = tok.encode(text)
     batches = list(text_batches(ids, start_id=tok.eos_id, seq_len=5, batch_size=2))
     # every token of the text is a target exactly once, in order; padding is -100
-    targets = torch.cat([y.flatten() for _, y in batches])
+    targets = torch.cat([b["targets"].flatten() for b in batches])
     assert targets[targets != -100].tolist() == ids
     nll, n_tokens, n_bytes = nll_totals(Uniform(tok.vocab_size), batches, tok.token_nbytes())
     assert n_tokens == len(ids)
@@ -86,6 +86,71 @@ def test_bits_per_byte_counts_utf8_bytes_of_multibyte_text(small_tokenizer: Toke
     assert nll == pytest.approx(len(ids) * math.log(tok.vocab_size), rel=1e-6)
     bpb = M.loss_metrics(nll, n_tokens, n_bytes)["bits_per_byte"]
     assert bpb == pytest.approx(len(ids) * math.log2(tok.vocab_size) / len(text.encode("utf-8")), rel=1e-6)
+
+
+# ---- eval --text streams its file (issue 21.4) ------------------------------------------------------
+
+
+def test_streamed_batches_equal_the_whole_texts(small_tokenizer: Tokenizer) -> None:
+    """Tokens arriving piece by piece make exactly the windows of the whole token list, for any split."""
+    rnd = random.Random(0)
+    for _ in range(50):
+        ids = [rnd.randrange(300) for _ in range(rnd.randrange(1, 60))]
+        cuts = sorted(rnd.sample(range(len(ids) + 1), rnd.randrange(0, min(6, len(ids) + 1))))
+        pieces = [ids[a:b] for a, b in zip([0, *cuts], [*cuts, len(ids)])]
+        seq_len, batch = rnd.randrange(1, 9), rnd.randrange(1, 4)
+        whole = list(text_batches(ids, start_id=1, seq_len=seq_len, batch_size=batch))
+        streamed = list(stream_batches(pieces, start_id=1, seq_len=seq_len, batch_size=batch))
+        assert len(whole) == len(streamed) and all(torch.equal(a["inputs"], c["inputs"]) and torch.equal(a["targets"], c["targets"])
+                                                   for a, c in zip(whole, streamed))
+        assert torch.cat([b["targets"].flatten() for b in streamed]).tolist().count(-100) < seq_len * batch
+
+
+def test_text_pieces_cut_at_newlines_then_spaces_then_characters(tmp_path: Path) -> None:
+    from lmforge.evaluate.harness import text_pieces
+
+    for text in ("ab\ncd " * 30 + "é" * 50 + "日本語" * 40, "x" * 250, "word " * 100, "日" * 301, "a"):
+        pieces = text_pieces_of(text, tmp_path)
+        assert "".join(pieces) == text and all(0 < len(p) <= 64 for p in pieces)
+    assert all(p.endswith("\n") for p in text_pieces_of("ab\ncd " * 30, tmp_path)[:-1])  # after a newline
+    pieces = text_pieces_of("word " * 100, tmp_path)  # no newline: before a space (the word keeps its space)
+    assert all(p.endswith("word") for p in pieces[:-1]) and all(p.startswith(" ") for p in pieces[1:])
+    assert [len(p) for p in text_pieces_of("x" * 150, tmp_path)] == [64, 64, 22]  # neither: at the limit
+    f = tmp_path / "bad.txt"
+    f.write_bytes("abcé".encode() + b"\xff" + b"def")  # é's two bytes arrive in two reads of 4 bytes
+    with pytest.raises(DataError, match=r"not UTF-8 text \(byte 5 is not valid UTF-8\)"):
+        list(text_pieces(f, piece_chars=4))
+
+
+def text_pieces_of(text: str, tmp_path: Path) -> list[str]:
+    """The pieces of `text` written to a file, at 64 characters a piece."""
+    from lmforge.evaluate.harness import text_pieces
+
+    f = tmp_path / "p.txt"
+    f.write_text(text, encoding="utf-8")
+    return list(text_pieces(f, piece_chars=64))
+
+
+def test_eval_text_memory_is_bounded_by_the_piece_not_the_file(small_tokenizer: Tokenizer, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """A 1 MB text of one line, streamed in 4,096-character pieces: Python's peak allocation stays near
+    the pieces, far below the file's size (read whole and encoded at once, the ids list alone is ~16 MB)."""
+    import tracemalloc
+
+    import lmforge.evaluate.harness as H
+
+    f = tmp_path / "line.txt"
+    f.write_text(("def main(): return os.path.join(a, b) " * 30_000)[:1_000_000], encoding="utf-8")
+    monkeypatch.setattr(H, "TEXT_PIECE_CHARS", 4096)
+    tracemalloc.start()
+    try:
+        batches = stream_batches(H.encoded(small_tokenizer, H.text_pieces(f, H.TEXT_PIECE_CHARS)), start_id=0,
+                                 seq_len=64, batch_size=8)
+        n = sum(int((b["targets"] != -100).sum()) for b in batches)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n > 100_000 and peak < 2_000_000, (n, peak)
 
 
 # ---- a model whose answers are known -------------------------------------------------------------
@@ -167,7 +232,8 @@ def test_encode_request_follows_lm_eval(small_tokenizer: Tokenizer) -> None:
 def test_shipped_tasks_load() -> None:
     kinds = {p.name: load_task(p).kind for p in sorted((REPO / "tasks").glob("*.jsonl"))}
     assert kinds == {"python-cloze.jsonl": "cloze", "python-gen.jsonl": "gen", "python-mc.jsonl": "mc",
-                     "stdlib-doc2code.jsonl": "retrieval"}
+                     "support-chat-gen.jsonl": "gen", "stdlib-doc2code.jsonl": "retrieval"}
+    assert all(i.chat for i in load_task("support-chat-gen").items)  # prompted with the model's chat template
     mc = load_task(REPO / "tasks" / "python-mc.jsonl")
     assert len(mc.items) >= 24 and all(len(i.choices) == 4 for i in mc.items)
     assert len({i.gold for i in mc.items}) == 4  # "always pick A" is not a strategy
@@ -182,7 +248,7 @@ def test_bundled_task_by_name_from_any_directory(tmp_path, monkeypatch) -> None:
     (tmp_path / "python-mc").write_text('{"context": "a", "target": "b"}\n')  # a path that exists wins
     assert load_task("python-mc").kind == "cloze"
     with pytest.raises(DataError, match=r"task file not found: python-mcq \(or give a bundled one by name: "
-                                        r"python-cloze, python-gen, python-mc, stdlib-doc2code\)"):
+                                        r"python-cloze, python-gen, python-mc, stdlib-doc2code, support-chat-gen\)"):
         load_task("python-mcq")
     with pytest.raises(DataError, match="task file not found: tasks/python-mc.jsonl"):
         load_task("tasks/python-mc.jsonl")  # a path with a directory part is never looked up by name

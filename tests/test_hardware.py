@@ -38,8 +38,50 @@ def test_matmul_rate_leaves_the_global_rng_alone() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_this_gpu_is_in_the_table() -> None:
-    from lmforge.train.loop import peak_flops
+    from lmforge.hardware import peak_flops
 
     name = torch.cuda.get_device_name(0)
     assert peak_flops(torch.device("cuda", 0)) == gpu_peak_flops(name), name
     assert gpu_peak_flops(name) is not None, f"{name}: add it to lmforge/hardware.py's table"
+
+
+# ---- train.dtype: auto -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, dtype", [
+    ({"avx2", "fma"}, "fp32"),  # AVX2 only (an AMD EPYC): bf16 matmuls are emulated, many times slower
+    ({"avx2", "avx512f", "avx512_bf16"}, "bf16"),
+    ({"avx2", "amx_tile", "amx_bf16"}, "bf16"),
+    (set(), "fp32"),  # not Linux, or /proc/cpuinfo unreadable
+])
+def test_auto_dtype_on_a_cpu_follows_its_bf16_instructions(monkeypatch, flags, dtype) -> None:
+    import lmforge.hardware as hw
+
+    monkeypatch.setattr(hw, "cpu_flags", lambda: flags)
+    assert hw.auto_dtype(torch.device("cpu")) == dtype
+    assert hw.auto_dtype("cpu") == dtype
+
+
+def test_auto_dtype_on_cuda_asks_for_native_bf16(monkeypatch) -> None:
+    import lmforge.hardware as hw
+
+    asked = []
+
+    def supported(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return True  # a GPU with native bf16 (A100, H100, ...)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    assert hw.auto_dtype("cuda") == "bf16" and asked == [False]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert hw.auto_dtype("cuda") == "fp32"  # bf16 by emulation only (a pre-Ampere GPU): fp32
+
+
+def test_this_cpu_reads_its_flags() -> None:
+    from pathlib import Path
+
+    from lmforge.hardware import cpu_flags
+
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no /proc/cpuinfo here")
+    assert cpu_flags(), "a Linux CPU lists its flags"

@@ -124,17 +124,22 @@ def _run_dir(tmp_path: Path) -> Path:
 def test_metrics_and_events_jsonl_from_the_trainer(tmp_path: Path) -> None:
     from lmforge.evaluate.watch import run_completed
     from lmforge.plan.fit import read_run
-    from lmforge.train.loop import _append_jsonl, data_step_of_run
+    from types import SimpleNamespace
+
+    from lmforge.train import records
+    from lmforge.train.distributed import SINGLE
+    from lmforge.train.records import data_step_of_run
 
     run = _run_dir(tmp_path)
-    _append_jsonl(run / "metrics.jsonl", {"step": 1, "loss": 3.5, "tokens": 512, "val_loss": 3.25})
-    _append_jsonl(run / "metrics.jsonl", {"step": 2, "loss": math.nan, "grad_norm": math.inf, "x": -math.inf,
-                                          "val_loss": math.nan, "tokens": 1024})
-    _append_jsonl(run / "events.jsonl", {"step": 2, "kind": "non_finite", "loss": math.nan, "grad_norm": math.inf,
-                                         "delta": -math.inf, "data_step": 1})
-    _append_jsonl(run / "events.jsonl", {"step": 2, "kind": "rollback", "from_step": 2, "to_step": 1, "reason": "non_finite",
-                                         "skipped_data_steps": [1, 2], "lr_scale": 1.0, "loss": math.nan})
-    _append_jsonl(run / "events.jsonl", {"step": 3, "kind": "completed"})
+    trainer = SimpleNamespace(run_dir=run, dist=SINGLE, step=1, store=None, run_id=0)  # what records need of a Run
+    records.log_metrics(trainer, {"loss": 3.5, "tokens": 512, "val_loss": 3.25})
+    trainer.step = 2
+    records.log_metrics(trainer, {"loss": math.nan, "grad_norm": math.inf, "x": -math.inf, "val_loss": math.nan,
+                                  "tokens": 1024})
+    records.log_event(trainer, "non_finite", {"loss": math.nan, "grad_norm": math.inf, "delta": -math.inf, "data_step": 1})
+    records.log_event(trainer, "rollback", {"from_step": 2, "to_step": 1, "reason": "non_finite",
+                                            "skipped_data_steps": [1, 2], "lr_scale": 1.0, "loss": math.nan})
+    records.log_event(trainer, "completed", {}, step=3)
     for name in ("metrics.jsonl", "events.jsonl"):  # every line is standard JSON
         for line in (run / name).read_text().splitlines():
             strict(line)

@@ -37,6 +37,12 @@ def ds(tmp_path_factory) -> Path:
     return prepare([write_corpus(root)], root / "ds", vocab_size=300, val_fraction=0.25, shard_tokens=97)
 
 
+def xy(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token-window batch's (inputs, targets), the only keys a text stream's batch has."""
+    assert set(batch) == {"inputs", "targets"}
+    return batch["inputs"], batch["targets"]
+
+
 def stream(path: Path, split: str) -> np.ndarray:
     m = json.loads((path / "manifest.json").read_text())
     return np.concatenate([np.fromfile(path / s["file"], dtype=m["dtype"]) for s in m["splits"][split]["shards"]]).astype(np.int64)
@@ -56,7 +62,7 @@ def test_dataset_windows_cross_shards(ds: Path) -> None:
 def test_batches_are_the_ordered_windows(ds: Path) -> None:
     loader = Loader(ds, seq_len=SEQ, global_batch=GB, seed=3)
     ref = stream(ds, "train")
-    x, y = loader.next()
+    x, y = xy(loader.next())
     assert x.shape == y.shape == (GB, SEQ) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
     ids = rank_batch(0, 0, 1, seed=3, n_samples=loader.n_samples, global_batch=GB)
@@ -72,32 +78,32 @@ def test_resume_at_any_step_gives_the_same_batches(ds: Path, k: int, world: int,
     rank %= world
     total = k + 4
     straight = Loader(ds, seq_len=SEQ, global_batch=GB, seed=11, rank=rank, world=world)
-    want = [straight.next() for _ in range(total)]
+    want = [xy(straight.next()) for _ in range(total)]
     first = Loader(ds, seq_len=SEQ, global_batch=GB, seed=11, rank=rank, world=world)
     first.skip(k)  # skip == having read k steps: the cursor is the whole state
     sd = json.loads(json.dumps(first.state_dict()))  # must survive JSON
     resumed = Loader(ds, seq_len=SEQ, global_batch=GB, seed=11, rank=rank, world=world)
     resumed.load_state_dict(sd)
     for step in range(k, total):
-        x, y = resumed.next()
+        x, y = xy(resumed.next())
         assert torch.equal(x, want[step][0]) and torch.equal(y, want[step][1])
 
 
 def test_ranks_partition_the_global_batch(ds: Path) -> None:
     whole = Loader(ds, seq_len=SEQ, global_batch=GB, seed=5)
     for step in (0, 3, 50):  # 50 steps is past one epoch of this small set
-        x_all, y_all = whole.peek(step)
+        x_all, y_all = xy(whole.peek(step))
         for world in (2, 4, 8):
-            xs = [Loader(ds, seq_len=SEQ, global_batch=GB, seed=5, rank=r, world=world).peek(step) for r in range(world)]
+            xs = [xy(Loader(ds, seq_len=SEQ, global_batch=GB, seed=5, rank=r, world=world).peek(step)) for r in range(world)]
             assert torch.equal(torch.cat([x for x, _ in xs]), x_all)
             assert torch.equal(torch.cat([y for _, y in xs]), y_all)
 
 
 def test_skip_and_state_dict(ds: Path) -> None:
     loader = Loader(ds, seq_len=SEQ, global_batch=GB, seed=0)
-    want = loader.peek(3)
+    want = xy(loader.peek(3))
     loader.skip(3)
-    assert torch.equal(loader.next()[0], want[0])
+    assert torch.equal(xy(loader.next())[0], want[0])
     sd = loader.state_dict()
     n = loader.n_samples
     assert sd == {"step": 4, "epoch": 4 * GB // n, "seed": 0, "seq_len": SEQ, "global_batch": GB, "fingerprint": loader.fingerprint}
@@ -140,13 +146,13 @@ def test_loader_argument_errors(ds: Path) -> None:
 def test_val_batches_read_the_val_stream_in_order(ds: Path) -> None:
     ref = stream(ds, "val")
     n = (len(ref) - 1) // SEQ
-    batches = list(val_batches(ds, seq_len=SEQ, batch_size=4, max_batches=None))
+    batches = [xy(b) for b in val_batches(ds, seq_len=SEQ, batch_size=4, max_batches=None)]
     assert len(batches) == -(-n // 4) and batches[-1][0].shape[0] == n - 4 * (len(batches) - 1)
     xs = torch.cat([x for x, _ in batches]).reshape(-1)
     ys = torch.cat([y for _, y in batches]).reshape(-1)
     assert xs.tolist() == ref[: n * SEQ].tolist()  # non-overlapping windows, in order
     assert ys.tolist() == ref[1 : n * SEQ + 1].tolist()
-    again = list(val_batches(ds, seq_len=SEQ, batch_size=4, max_batches=2))
+    again = [xy(b) for b in val_batches(ds, seq_len=SEQ, batch_size=4, max_batches=2)]
     assert len(again) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(again, batches))
     with pytest.raises(DataError, match="val split has .* fewer than one window .*--val-fraction"):
         next(val_batches(ds, seq_len=len(ref), batch_size=4))

@@ -19,6 +19,9 @@ def test_quickstart_runs_and_reuses(installed_quickstart, tmp_path):
     out = first.stdout  # the report (results) goes to stdout; stages and training logs to stderr
     assert "validation loss before training" in out and "validation loss after" in out
     assert "sample 3" in out and "lmforge sample" in out
+    # it closes with a search over a few of the files, indexed with the model it trained
+    assert "files for:" in out and "1. " in out and ".py:" in out and "lmforge search" in out
+    assert (work / "idx" / source_name(str(src)) / "MANIFEST.json").is_file()
     before = float(out.split("validation loss before training: ")[1].split()[0])
     after = float(out.split("validation loss after ")[1].split(": ")[1].split()[0])
     assert after < before  # it learned something

@@ -96,8 +96,13 @@ def test_supervisor_stops_a_failure_that_repeats(tiny_dataset, tmp_path):
 
 
 def test_supervisor_does_not_restart_user_errors(tiny_dataset, tmp_path):
+    # a start every child would refuse: refused by the supervisor itself (the children's own check), nothing launched
     proc = supervised(tiny_dataset, tmp_path / "run", "", "--set", "train.lrr=1")
-    assert proc.returncode == 2 and "did you mean 'train.lr'" in proc.stderr
+    assert proc.returncode == 2 and "did you mean 'train.lr'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "supervisor:" not in proc.stderr and not (tmp_path / "run").exists()
+    # a user error that only training meets (the guard gives up: exit 2) is not restarted either
+    proc = supervised(tiny_dataset, tmp_path / "run", "nan@12,nan@14", "--set", "guard.max_rollbacks=1")
+    assert proc.returncode == 2 and "giving up" in proc.stderr, proc.stderr[-3000:]
     assert "not restarting" in proc.stderr and "supervisor: restart 1" not in proc.stderr
 
 

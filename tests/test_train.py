@@ -54,7 +54,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_dataset):
         torch.manual_seed(0)
         model = Transformer(cfg.model)
         opt = build_optimizer(model, cfg.train)
-        batches = list(zip(x.split(micro), y.split(micro)))
+        batches = [{"inputs": a, "targets": b} for a, b in zip(x.split(micro), y.split(micro))]
         r = train_step(model, opt, batches, lr=1e-3, grad_clip=1.0, dtype="fp32")
         results.append((r, [p.grad.clone() for p in model.parameters()]))  # clipped, averaged grads
     (r0, w0) = results[0]
@@ -72,10 +72,11 @@ def test_train_step_learns_a_fixed_batch_and_clips(tiny_dataset):
     opt = build_optimizer(model, cfg.train)
     x = torch.randint(0, 512, (4, 64))
     y = torch.roll(x, -1, dims=1)
-    losses = [train_step(model, opt, [(x, y)], lr=3e-3, grad_clip=0.5, dtype="fp32").loss for _ in range(30)]
+    batch = [{"inputs": x, "targets": y}]
+    losses = [train_step(model, opt, batch, lr=3e-3, grad_clip=0.5, dtype="fp32").loss for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0]
     before = [p.detach().clone() for p in model.parameters()]
-    r = train_step(model, opt, [(x, y)], lr=0.0, grad_clip=0.5, dtype="fp32")
+    r = train_step(model, opt, batch, lr=0.0, grad_clip=0.5, dtype="fp32")
     assert r.grad_norm > 0
     # lr 0 with decoupled weight decay 0 at lr 0: nothing moves
     for a, b in zip(before, model.parameters()):
@@ -87,7 +88,7 @@ def test_bf16_step_runs_and_keeps_fp32_master_weights(tiny_dataset):
     model = Transformer(cfg.model)
     opt = build_optimizer(model, cfg.train)
     x = torch.randint(0, 512, (2, 64))
-    r = train_step(model, opt, [(x, x)], lr=1e-3, grad_clip=1.0, dtype="bf16")
+    r = train_step(model, opt, [{"inputs": x, "targets": x}], lr=1e-3, grad_clip=1.0, dtype="bf16")
     assert torch.isfinite(torch.tensor(r.loss))
     assert all(p.dtype == torch.float32 for p in model.parameters())
 

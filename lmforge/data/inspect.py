@@ -3,8 +3,11 @@
 - info: the manifest's figures (tokens, documents, shards, tokenizer, sources).
 - verify: every checksum re-checked (manifest.py `verify_dataset`); each bad file named; exit 1.
 - inspect: which documents (source file + byte offset) and text a data step reads. The step's
-  sample ids come from the same pure function the loader uses (order.py), and each sample's token
-  window is traced through the document index back to its sources (`DocumentIndex`, `trace`).
+  sample ids come from the same pure function the loader uses (order.py), each sample's tokens from
+  the same source (a window of the stream, a row of whole SFT examples, or a preference pair: loader.py
+  `open_source`), traced through the document index back to its sources (`DocumentIndex`,
+  `trace`). `--show-mask` shows each sample whole with the tokens it trains on marked (the loss
+  mask exactly as the loader applies it: `TokenDataset.trained_targets`).
 
 This module sits above the loader (it opens the token stream) and the manifest; nothing below it
 imports it, which is what keeps loader.py and prepare.py free of each other.
@@ -20,12 +23,15 @@ from typing import Any
 
 import numpy as np
 from rich.table import Table
+from rich.text import Text
 
+from ..errors import DataError
+from ..ranges import INSPECT_SAMPLES
 from ..tokenizer import Tokenizer
 from ..util import human_bytes
 from ..util import out as results_out  # command results: stdout, every progress mode
-from .loader import TokenDataset
-from .manifest import SPLITS, read_manifest, verify_dataset
+from .loader import TokenDataset, open_source, require_samples
+from .manifest import SPLITS, document_starts, read_manifest, verify_dataset
 from .order import global_batch as batch_ids
 
 
@@ -83,8 +89,7 @@ class DocumentIndex:
     def from_manifest(cls, manifest: dict[str, Any], split: str) -> "DocumentIndex":
         split_id = manifest["document_index"]["splits"].index(split)
         rows = np.array([r for r in manifest["document_index"]["rows"] if r[0] == split_id], dtype=np.int64).reshape(-1, 5)
-        shard_starts = np.cumsum([0] + [s["tokens"] for s in manifest["splits"][split]["shards"]])
-        return cls(shard_starts[rows[:, 1]] + rows[:, 2], rows[:, 3], rows[:, 4])
+        return cls(document_starts(manifest, split), rows[:, 3], rows[:, 4])
 
     def document_at(self, position: int) -> int:
         return bisect.bisect_right(self.starts, position) - 1
@@ -118,29 +123,76 @@ def cmd_inspect(
     seed: int = 0,
     as_json: bool = False,
     max_chars: int = 200,
+    max_samples: int | None = None,
+    show_mask: bool = False,
+    packing: bool = True,
 ) -> int:
-    """Show which documents (source file + byte offset) and text a data step reads."""
+    """Show which documents (source file + byte offset) and text a data step reads: all of its
+    samples, or the first `max_samples`; a step of more than INSPECT_SAMPLES.hi needs max_samples
+    (each sample is traced, so the work is bounded by it, not by the global batch). With
+    `show_mask`, each sample whole with its trained tokens marked."""
+    limit = int(INSPECT_SAMPLES.hi or 0)
+    if max_samples is None and global_batch > limit:
+        raise DataError(f"a step of global batch {global_batch:,} reads {global_batch:,} samples; data inspect traces at "
+                        f"most {limit:,} at once: pass --max-samples N (up to {limit:,}) to see the first N")
+    if max_samples is not None:
+        INSPECT_SAMPLES.check("--max-samples", max_samples)
     ds = TokenDataset(path)
-    n = ds.require_samples(seq_len)
-    ids = batch_ids(step, seed=seed, n_samples=n, global_batch=global_batch)
+    source = open_source(ds, seq_len=seq_len, document_mask="false", packing=packing)
+    n = require_samples(source)
+    ids = batch_ids(step, seed=seed, n_samples=n, global_batch=global_batch)[:max_samples]
     tok = Tokenizer.load(ds.tokenizer_path)
     index = DocumentIndex.from_manifest(ds.manifest, "train")
     nbytes = tok.token_nbytes()
     samples = []
-    for sample in ids.tolist():
-        start = sample * seq_len
-        window = ds.window(start, seq_len + 1)
-        docs = trace(ds, index, nbytes, start, seq_len + 1)
-        samples.append({"sample": sample, "token_start": start, "documents": docs, "text": tok.decode(window)[:max_chars]})
+    for sample, (start, length) in zip(ids.tolist(), source.spans(ids)):
+        window = ds.window(start, length)
+        docs = trace(ds, index, nbytes, start, length)
+        record: dict[str, Any] = {"sample": sample, "token_start": start, "documents": docs}
+        if show_mask:
+            trained = [False] + ds.trained_targets(start, length).tolist()  # the first token is no one's target
+            record |= {"tokens": window.tolist(), "mask": [int(t) for t in trained],
+                       "segments": mask_segments(tok, window, trained)}
+        else:
+            record["text"] = tok.decode(window)[:max_chars]
+        samples.append(record)
     epoch = step * global_batch // n
+    what = {"sft": f"rows of whole examples, at most {seq_len + 1} tokens",
+            "dpo": f"preference pairs, each its chosen then its rejected sequence of at most {seq_len + 1} tokens"}.get(
+                ds.kind, f"samples of {seq_len + 1} tokens")
     if as_json:
         print(json.dumps({"step": step, "epoch": epoch, "n_samples": n, "samples": samples}, indent=2, ensure_ascii=False))
         return 0
-    table = Table(title=f"step {step} (epoch {epoch}, {n} samples of {seq_len + 1} tokens)")
+    shown = f"; the first {len(samples):,} of its {global_batch:,}" if len(samples) < global_batch else ""
+    table = Table(title=f"step {step} (epoch {epoch}, {n} {what}{shown})")
     for col in ("sample", "source @ byte offset", "text"):
         table.add_column(col, overflow="fold")
     for s in samples:
         where = "\n".join(f"{d['source']} @ {d['byte_offset']}" for d in s["documents"])
-        table.add_row(str(s["sample"]), where, repr(s["text"]))
+        table.add_row(str(s["sample"]), where, marked_text(s["segments"]) if show_mask else repr(s["text"]))
     results_out.print(table)
+    if show_mask:
+        results_out.print("trained tokens: [bold]bold[/]; not trained: [dim]⟦dim, in brackets⟧[/]")
     return 0
+
+
+def mask_segments(tok: Tokenizer, tokens: np.ndarray, trained: list[bool]) -> list[dict[str, Any]]:
+    """Runs of consecutive tokens with the same flag, decoded: [{"text", "trained"}, ...]."""
+    out: list[dict[str, Any]] = []
+    start = 0
+    for i in range(1, len(trained) + 1):
+        if i == len(trained) or trained[i] != trained[start]:
+            out.append({"text": tok.decode(tokens[start:i]), "trained": bool(trained[start])})
+            start = i
+    return out
+
+
+def marked_text(segments: list[dict[str, Any]]) -> Text:
+    """Trained text bold, untrained dim between ⟦ ⟧ (visible without colours too)."""
+    text = Text()
+    for seg in segments:
+        if seg["trained"]:
+            text.append(seg["text"], style="bold")
+        else:
+            text.append(f"⟦{seg['text']}⟧", style="dim")
+    return text

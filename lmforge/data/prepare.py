@@ -46,7 +46,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from rich.progress import (
@@ -61,14 +61,15 @@ from rich.progress import (
 from .. import __version__
 from ..config import DataConfig
 from ..errors import DataError
-from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
+from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, check_training
 from ..jsonl import parse_jsonl
+from ..ranges import VAL_FRACTION, positive_int, thread_count
 from ..util import atomic_dir, atomic_write_json, console, human_count, progress_bar, warn
-from .manifest import FORMAT_VERSION, INDEX_COLUMNS, MANIFEST_FILE, SPLITS, fingerprint
+from .manifest import FORMAT_VERSION, INDEX_COLUMNS, MANIFEST_FILE, MASK_SUFFIX, SPLITS, fingerprint
 
 DOC_MAX_BYTES = 64 * 1024  # text files larger than this are cut into documents at blank lines
 BATCH_BYTES = 4 << 20  # text per encode_batch call: large enough to keep every thread busy
-_DATASET_ENTRY = re.compile(r"(manifest\.json|tokenizer\.json|(train|val)-\d{5,}\.bin)")  # all a dataset holds
+_DATASET_ENTRY = re.compile(r"(manifest\.json|tokenizer\.json|(train|val)-\d{5,}(\.mask)?\.bin)")  # all a dataset holds
 
 
 # ---- sources and documents -------------------------------------------------------------------
@@ -88,10 +89,20 @@ class Document:
     byte_offset: int  # where the document starts in its source file
     text: str
     u: float  # content hash mapped to [0, 1): decides the split
+    record_id: str | None = None  # a JSONL record's "id" field (a string or an integer), when it has one
 
 
 class NotUtf8(Exception):
     """A source file that does not decode as UTF-8 (skipped, or fatal with --strict)."""
+
+
+def _resolve(path: Path, what: str = "input") -> Path:
+    """path.resolve(), with a symbolic link loop (or a path the system refuses) as a DataError."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # RuntimeError "Symlink loop" up to Python 3.12, OSError ELOOP after
+        why = "a symbolic link loop" if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP else str(e)
+        raise DataError(f"{what} {path}: cannot resolve it ({why}); give a real file or directory") from None
 
 
 def _matches(rel: str, name: str, patterns: Sequence[str]) -> bool:
@@ -106,7 +117,7 @@ def collect_sources(inputs: Sequence[str | os.PathLike], include: Sequence[str] 
     sources: list[Source] = []
 
     def add(path: Path) -> None:
-        resolved = path.resolve()
+        resolved = _resolve(path)
         if resolved not in seen:
             seen.add(resolved)
             kind = "jsonl" if path.name.lower().endswith(".jsonl") else "text"
@@ -186,7 +197,9 @@ def iter_documents(src: Source, index: int, text_field: str) -> Iterator[Documen
             raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, expected a string")
         if text.strip():
             encoded = text.encode("utf-8")
-            yield Document(index, start, text, _u(encoded))
+            rid = record.get("id")
+            rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+            yield Document(index, start, text, _u(encoded), rid)
 
 
 # ---- shard writing ---------------------------------------------------------------------------
@@ -194,49 +207,62 @@ def iter_documents(src: Source, index: int, text_field: str) -> Iterator[Documen
 
 @dataclass
 class _SplitWriter:
-    """Appends token arrays to bounded shard files `<split>-NNNNN.bin`, hashing as it writes."""
+    """Appends token arrays to bounded shard files `<split>-NNNNN.bin`, hashing as it writes; with
+    `masks`, each token's loss-mask byte (1: trained) goes to `<split>-NNNNN.mask.bin` beside it."""
 
     root: Path
     split: str
     dtype: np.dtype
     shard_tokens: int
+    masks: bool = False
     shards: list[dict[str, Any]] = field(default_factory=list)
     rows: list[list[int]] = field(default_factory=list)  # document index rows of this split
-    _file: Any = None
-    _hash: Any = None
+    _files: list[Any] = field(default_factory=list)  # the open shard (and mask) file
+    _hashes: list[Any] = field(default_factory=list)
     _in_shard: int = 0
 
     def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):05d}.bin"
-        self.shards.append({"file": name, "sha256": "", "tokens": 0, "documents": 0})
-        self._file = open(self.root / name, "wb")
-        self._hash = hashlib.sha256()
+        name = f"{self.split}-{len(self.shards):05d}"
+        self.shards.append({"file": f"{name}.bin", "sha256": "", "tokens": 0, "documents": 0})
+        names = [f"{name}.bin"] + ([f"{name}{MASK_SUFFIX}"] if self.masks else [])
+        if self.masks:
+            self.shards[-1]["mask"] = {"file": names[1], "sha256": ""}
+        self._files = [open(self.root / n, "wb") for n in names]
+        self._hashes = [hashlib.sha256() for _ in names]
         self._in_shard = 0
 
     def _close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self.shards[-1]["sha256"] = self._hash.hexdigest()
+        if self._files:
+            for f in self._files:
+                f.close()
+            self.shards[-1]["sha256"] = self._hashes[0].hexdigest()
+            if self.masks:
+                self.shards[-1]["mask"]["sha256"] = self._hashes[1].hexdigest()
             self.shards[-1]["tokens"] = self._in_shard
-            self._file = None
+            self._files = []
 
-    def add(self, tokens: np.ndarray, source: int, byte_offset: int, split_id: int) -> None:
-        """Write one document's tokens (eos included); a document may continue in the next shard."""
-        if self._file is None or self._in_shard == self.shard_tokens:
+    def add(self, tokens: np.ndarray, source: int, byte_offset: int, split_id: int, mask: np.ndarray | None = None) -> None:
+        """Write one document's tokens (eos included; `mask` (len(tokens),) uint8 when the writer
+        has masks); a document may continue in the next shard."""
+        if (mask is not None) != self.masks or (mask is not None and len(mask) != len(tokens)):
+            raise ValueError("a loss mask per token goes with every document of a writer with masks, and only there")
+        if not self._files or self._in_shard == self.shard_tokens:
             self._close()
             self._open()
         self.rows.append([split_id, len(self.shards) - 1, self._in_shard, source, byte_offset])
         self.shards[-1]["documents"] += 1
-        while len(tokens):
+        columns = [tokens] + ([mask.astype(np.uint8)] if mask is not None else [])
+        while len(columns[0]):
             if self._in_shard == self.shard_tokens:
                 self._close()
                 self._open()
-            take = tokens[: self.shard_tokens - self._in_shard]
-            data = take.tobytes()  # native little-endian on every platform torch supports
-            self._file.write(data)
-            self._hash.update(data)
-            self._in_shard += len(take)
-            tokens = tokens[len(take):]
+            n = min(len(columns[0]), self.shard_tokens - self._in_shard)
+            for f, h, col in zip(self._files, self._hashes, columns):
+                data = col[:n].tobytes()  # native little-endian on every platform torch supports
+                f.write(data)
+                h.update(data)
+            self._in_shard += n
+            columns = [col[n:] for col in columns]
 
     def finish(self) -> dict[str, Any]:
         self._close()
@@ -259,8 +285,7 @@ def _progress() -> Progress:
 
 def _set_threads(workers: int) -> None:
     """Tokenizer threads: RAYON_NUM_THREADS must be set before the Rust thread pool starts."""
-    if workers < 0:
-        raise DataError(f"--workers must be >= 0 (0: all cores), got {workers}")
+    thread_count().check("--workers", workers)
     if workers:
         os.environ["RAYON_NUM_THREADS"] = str(workers)
     # Force parallelism on even after a fork (pytest, multiprocessing), off for one worker.
@@ -276,20 +301,26 @@ def _check_writable(out: Path) -> None:
         raise DataError(f"cannot write dataset {out}: {e.strerror or e} ({e.filename or out.parent}); nothing was written") from None
 
 
-def _check_out(out: Path, inputs: Sequence[str | os.PathLike], overwrite: bool) -> None:
-    """Refuse, before any work, an --out that overlaps an input or that is not ours to replace."""
-    target = out.resolve()
+def check_out_overlap(out: Path, inputs: Sequence[str | os.PathLike], what: str = "dataset") -> None:
+    """Refuse an --out that is an input, lies inside one (the next run would read it as corpus)
+    or contains one (`what`: the kind of directory written, for the message)."""
+    target = _resolve(out, "--out")
     for raw in inputs:
-        src = Path(raw).resolve()
+        src = _resolve(Path(raw))
         if target == src:
-            raise DataError(f"--out {out} is also an input; write the dataset somewhere else (nothing was written)")
+            raise DataError(f"--out {out} is also an input; write the {what} somewhere else (nothing was written)")
         if src in target.parents:
             raise DataError(
-                f"--out {out} is inside the input {raw}: the dataset would be read as corpus by the next prepare; "
+                f"--out {out} is inside the input {raw}: the {what} would be read as corpus next time; "
                 f"choose an --out outside the inputs (nothing was written)"
             )
         if target in src.parents:
             raise DataError(f"--out {out} contains the input {raw}; choose an --out that holds no input (nothing was written)")
+
+
+def _check_out(out: Path, inputs: Sequence[str | os.PathLike], overwrite: bool) -> None:
+    """Refuse, before any work, an --out that overlaps an input or that is not ours to replace."""
+    check_out_overlap(out, inputs)
     _check_replaceable(out, overwrite)
 
 
@@ -371,10 +402,10 @@ def prepare(
 ) -> Path:
     """Build a dataset directory at `out` (see the module docstring); returns its path."""
     out = Path(out)
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if shard_tokens < 1:
-        raise DataError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+    VAL_FRACTION.check("--val-fraction", val_fraction)
+    positive_int().check("--shard-tokens", shard_tokens)
+    if tokenizer is None:  # before the pass over the corpus that trains it
+        check_training(vocab_size, special_tokens)
     _check_out(out, inputs, overwrite)
     _set_threads(workers)
     sources = collect_sources(inputs, include, exclude)
@@ -420,12 +451,46 @@ def prepare(
     if tok.eos_id is None:
         raise DataError(f"tokenizer {tokenizer} has no {'<|eos|>'!r} token; prepare separates documents with it")
 
-    dtype = np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")
+    dtype = token_dtype(tok)
+
+    def fill(writers: dict[str, _SplitWriter]) -> None:
+        _tokenize(sources, bad, text_field, tok, writers, val_fraction, stats["min_u"] if force_val else None, dtype, total_bytes)
+
+    splits = write_dataset(out, overwrite=overwrite, tok=tok, dtype=dtype, sources=sources, skipped=skipped,
+                           val_fraction=val_fraction, shard_tokens=shard_tokens, fill=fill)
+    report(out, splits, tok, dtype)
+    _check_val(splits["val"], val_fraction)
+    return out
+
+
+def token_dtype(tok: Tokenizer) -> np.dtype:
+    """The smallest shard dtype that holds every id of the tokenizer."""
+    return np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def write_dataset(
+    out: Path,
+    *,
+    overwrite: bool,
+    tok: Tokenizer,
+    dtype: np.dtype,
+    sources: list[Source],
+    skipped: list[dict[str, str]],
+    val_fraction: float,
+    shard_tokens: int,
+    fill: Callable[[dict[str, _SplitWriter]], None],
+    masks: bool = False,
+    extra: dict[str, Any] | None = None,
+    format_version: int = FORMAT_VERSION,
+) -> dict[str, Any]:
+    """Write a dataset atomically: `fill(writers)` adds the documents to the split writers, then
+    the manifest (with `extra` keys) is written and the directory renamed to `out`. Returns the
+    splits' summaries; a failure (a DataError from `fill`, a full disk) leaves nothing at `out`."""
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             tok.save(tmp / TOKENIZER_FILE)
-            writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
-            _tokenize(sources, bad, text_field, tok, writers, val_fraction, stats["min_u"] if force_val else None, dtype, total_bytes)
+            writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens, masks) for s in SPLITS}
+            fill(writers)
             splits = {s: w.finish() for s, w in writers.items()}
             if splits["train"]["tokens"] == 0:
                 raise DataError("no documents left for training: every document fell into the validation split; lower --val-fraction")
@@ -435,7 +500,7 @@ def prepare(
             for row in rows:
                 sources[row[3]].documents += 1
             manifest = {
-                "format_version": FORMAT_VERSION,
+                "format_version": format_version,
                 "created_by": f"lmforge {__version__}",
                 "tokenizer": TOKENIZER_FILE,
                 "tokenizer_sha256": tok.sha256,
@@ -451,6 +516,7 @@ def prepare(
                 "sources": [{"path": str(s.path), "kind": s.kind, "bytes": s.bytes, "documents": s.documents} for s in sources],
                 "skipped": skipped,
                 "document_index": {"columns": INDEX_COLUMNS, "splits": list(SPLITS), "rows": rows},
+                **(extra or {}),
             }
             atomic_write_json(tmp / MANIFEST_FILE, manifest)
             _readable(tmp)
@@ -462,14 +528,17 @@ def prepare(
     except OSError as e:
         what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise DataError(f"cannot write dataset {out}: {what} ({e.filename or out}); nothing was written") from None
+    return splits
+
+
+def report(out: Path, splits: dict[str, Any], tok: Tokenizer, dtype: np.dtype, note: str = "") -> None:
+    """The one-line summary of a prepared dataset."""
     t, v = splits["train"], splits["val"]
     console.print(
         f"[green]prepared[/] {out}: train {human_count(t['tokens'])} tokens / {t['documents']} docs / "
         f"{len(t['shards'])} shard(s), val {human_count(v['tokens'])} tokens / {v['documents']} docs, "
-        f"vocab {tok.vocab_size} ({dtype.name})"
+        f"vocab {tok.vocab_size} ({dtype.name}){note}"
     )
-    _check_val(v, val_fraction)
-    return out
 
 
 def _tokenize(

@@ -14,7 +14,11 @@ tokenizer (sha256 compared), otherwise its token ids mean nothing to the model.
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +30,24 @@ from ..config import Config
 from ..data.manifest import MANIFEST_FILE, read_manifest
 from ..errors import DataError, LmforgeError
 from ..jsonl import dumps_record
+from ..threads import Governor, govern
 from ..tokenizer import Tokenizer
 from ..util import out as results_out  # command results: stdout, every progress mode
 from ..util import progress_bar
 from . import metrics as M
-from .loss import dataset_batches, nll_totals, text_batches
+from .loss import dataset_batches, nll_totals, stream_batches
 from .score import make_request, score_naive, score_packed
 from .tasks import Task, context_ids, encode_request, load_task
 
 
 def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batch_size: int,
-               scorer: str = "packed", config: Config | None = None) -> dict[str, float]:
+               scorer: str = "packed", config: Config | None = None, governor: Governor | None = None
+               ) -> dict[str, float]:
     """Metrics of one task: mc -> acc, acc_norm; cloze -> acc, logprob; gen -> exact_match;
     retrieval -> ndcg@10, recall@1/10/100, mrr@10 (the pooling of `config`, fp32)."""
     max_len = model.cfg.max_seq_len
     if task.kind == "gen":
-        return _generate_task(model, tokenizer, task)
+        return _generate_task(model, tokenizer, task, governor)
     if task.kind == "retrieval":
         from ..understand.embed import Embedder
         from .retrieval import score_retrieval
@@ -66,14 +72,27 @@ def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batc
     return M.cloze_metrics([row[0].greedy for row in scores], [row[0].logprob for row in scores])
 
 
-def _generate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task) -> dict[str, float]:
+def _generate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, governor: Governor | None) -> dict[str, float]:
+    """Greedy generation per item; a `chat` item's context is a user message in the model's chat
+    template (lmforge/chat.py: the prompt `serve` would build), its reply ending at the model's end
+    of turn (or the plain template's next turn). Decodes in the decoding layout (lmforge/quant.py),
+    only while it decodes: scoring keeps the numbers of the layout the model was trained in."""
+    from ..chat import ChatTemplate
     from ..generate import generate
+    from ..quant import decoding_layout
 
-    stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    template = ChatTemplate(tokenizer, tokenizer.chat_template) if any(i.chat for i in task.items) else None
     predictions = []
-    for item in task.items:
-        new = generate(model, context_ids(tokenizer, item.context), max_tokens=item.max_tokens, stop_ids=stop_ids)
-        predictions.append(M.cut_at_stop(tokenizer.decode(new), item.stop))
+    with decoding_layout(model):
+        for item in task.items:
+            if item.chat and template is not None:
+                prompt = tokenizer.encode_template(template.parts([{"role": "user", "content": item.context}]))
+                stop_ids, stops = list(tokenizer.end_ids), item.stop + template.stop
+            else:
+                prompt = context_ids(tokenizer, item.context)
+                stop_ids, stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else [], item.stop
+            new = generate(model, prompt, max_tokens=item.max_tokens, stop_ids=stop_ids, governor=governor)
+            predictions.append(M.cut_at_stop(tokenizer.decode(new), stops))
     return M.exact_match(predictions, [i.target for i in task.items])
 
 
@@ -110,8 +129,10 @@ def evaluate_model(
     max_batches: int = 0,
     scorer: str = "packed",
     show_progress: bool = True,
+    governor: Governor | None = None,
 ) -> dict[str, float]:
-    """Flat {name: value}: loss/perplexity/bits_per_byte on `source`, then `<task>/<metric>`."""
+    """Flat {name: value}: loss/perplexity/bits_per_byte on `source`, then `<task>/<metric>`.
+    governor: told each batch's time (lmforge/threads.py: fewer threads while the machine is busy)."""
     model.eval()
     out: dict[str, float] = {}
     seq_len = min(cfg.data.seq_len, model.cfg.max_seq_len)
@@ -119,38 +140,105 @@ def evaluate_model(
         if source is not None:
             kind, path = source
             if kind == "text":
-                try:
-                    ids = tokenizer.encode(Path(path).read_text(encoding="utf-8"))
-                except UnicodeDecodeError as e:
-                    raise DataError(f"--text {path}: not UTF-8 text ({e})") from None
-                if not ids:
+                if Path(path).stat().st_size == 0:
                     raise DataError(f"--text {path}: the file is empty")
-                start = tokenizer.eos_id if tokenizer.eos_id is not None else ids[0]
-                n_windows = -(-len(ids) // seq_len)
-                batches = text_batches(ids, start_id=start, seq_len=seq_len, batch_size=batch_size)
+                pieces = encoded(tokenizer, text_pieces(path))
+                if tokenizer.eos_id is None:  # no document separator: the text's first token starts it
+                    first = next(pieces)
+                    pieces, start = itertools.chain([first[1:]], pieces), first[0]
+                else:
+                    start = tokenizer.eos_id
+                batches = stream_batches(pieces, start_id=start, seq_len=seq_len, batch_size=batch_size)
+                if max_batches:
+                    batches = itertools.islice(batches, max_batches)
+                total = max_batches or None  # the number of windows is known only at the end of a streamed text
             else:
-                from ..data.loader import TokenDataset
+                from ..data.loader import open_source
 
-                n_windows = TokenDataset(path, "val").num_samples(seq_len)
-                batches = dataset_batches(path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
-            total = -(-n_windows // batch_size)
-            if max_batches:
-                total = min(total, max_batches)
+                d = cfg.data  # the val split read as the run read its data (SFT rows, document masking)
+                n_windows = open_source(path, "val", seq_len=seq_len, document_mask=d.document_mask, packing=d.packing).n_samples
+                batches = dataset_batches(path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
+                                          document_mask=d.document_mask, packing=d.packing)
+                total = -(-n_windows // batch_size)
+                if max_batches:
+                    total = min(total, max_batches)
             bar = progress.add_task(f"loss on {Path(path).name}", total=total)
-            nll, tokens, nbytes = nll_totals(model, _counted(batches, progress, bar), tokenizer.token_nbytes())
+            nll, tokens, nbytes = nll_totals(model, _counted(batches, progress, bar, governor), tokenizer.token_nbytes())
             out.update(M.loss_metrics(nll, tokens, nbytes))
         for task in tasks:
             size = f"{len(task.queries)} queries, {len(task.docs)} docs" if task.kind == "retrieval" else len(task.items)
             bar = progress.add_task(f"{task.name} ({size} {task.kind})", total=1)
-            for k, v in score_task(model, tokenizer, task, batch_size=batch_size, scorer=scorer, config=cfg).items():
+            for k, v in score_task(model, tokenizer, task, batch_size=batch_size, scorer=scorer, config=cfg,
+                                   governor=governor).items():
                 out[f"{task.name}/{k}"] = v
             progress.advance(bar)
     return out
 
 
-def _counted(batches, progress: Progress, bar) -> Any:
+# `eval --text` reads and tokenizes its file in pieces of at most this many characters, TEXT_PIECES of
+# them per encode_batch call (the tokenizer's threads share them), so memory is bounded by
+# TEXT_PIECE_CHARS * TEXT_PIECES whatever the file (a 50 MB file of one line passed 8.9 GB read whole).
+TEXT_PIECE_CHARS = 1 << 16
+TEXT_PIECES = 16
+
+
+def encoded(tokenizer: Tokenizer, pieces: Iterator[str]) -> Iterator[list[int]]:
+    """The token ids of each text piece, encoded TEXT_PIECES at a time."""
+    group: list[str] = []
+    for piece in itertools.chain(pieces, [None]):
+        if piece is not None:
+            group.append(piece)
+        if group and (piece is None or len(group) == TEXT_PIECES):
+            yield from tokenizer.encode_batch(group)
+            group = []
+
+
+def text_pieces(path: str | os.PathLike, piece_chars: int = TEXT_PIECE_CHARS) -> Iterator[str]:
+    """The text of a UTF-8 file in pieces of at most `piece_chars` characters, read as it goes.
+
+    The cut rule: after the last newline within the piece's last half; else before the last space
+    there (byte-level BPE starts a word's token with its space, so the word stays whole); else at
+    the character limit (a code point boundary: a UTF-8 character is never split). No token spans
+    a cut, so the tokens equal those of the whole text except at cuts, where a run of whitespace or
+    a word longer than half a piece may be split into more tokens (one cut per ~64K characters).
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry, offset = "", 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(piece_chars)
+            pending = len(decoder.getstate()[0])  # bytes of an unfinished character from the previous chunk
+            try:
+                carry += decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise DataError(f"--text {path}: not UTF-8 text (byte {offset - pending + e.start} is not valid UTF-8)") from None
+            offset += len(chunk)
+            while len(carry) > piece_chars or (not chunk and carry):  # more than a piece: one can be cut by the rule
+                cut = _cut(carry, piece_chars)
+                yield carry[:cut]
+                carry = carry[cut:]
+            if not chunk:
+                return
+
+
+def _cut(text: str, limit: int) -> int:
+    """Where a piece of `text` ends (see text_pieces): all of it when it is within the limit."""
+    if len(text) <= limit:
+        return len(text)
+    half = limit // 2
+    newline = text.rfind("\n", half, limit)
+    if newline >= 0:
+        return newline + 1
+    space = text.rfind(" ", half, limit)
+    return space if space > 0 else limit
+
+
+def _counted(batches, progress: Progress, bar, governor: Governor | None = None) -> Any:
     for b in batches:
-        yield b
+        start = time.perf_counter()
+        yield b  # the caller scores the batch before asking for the next
+        if governor is not None:
+            governor.step(time.perf_counter() - start, work=b["inputs"].numel())
         progress.advance(bar)
 
 
@@ -174,6 +262,14 @@ def load_tasks(paths: list[str], retrieval: list[str] | None = None) -> list[Tas
     if dup:
         raise DataError(f"two task files share the name {sorted(dup)[0]!r} (the file stem names the task); rename one")
     return tasks
+
+
+def own_tasks(cfg: Config) -> list[Task]:
+    """The tasks a run brings itself: a contrastive run's val pairs as a retrieval task (retrieval.pairs_task)."""
+    from .retrieval import pairs_task
+
+    task = pairs_task(cfg)
+    return [task] if task is not None else []
 
 
 def check_eval_options(data: str | None, text: str | None, batch_size: int | None, max_batches: int) -> None:
@@ -204,19 +300,20 @@ def eval_command(
 
     check_eval_options(data, text, batch_size, max_batches)
     task_list = load_tasks(list(tasks or []), retrieval)  # validate task files before loading any model
-    loaded = load_model(path)
+    governor = govern(threads)  # up to --threads (or all cores); the --watch sidecar passes eval.threads
+    loaded = load_model(path)  # as trained: generation tasks decode in the decoding layout (_generate_task)
     model, tokenizer, cfg, origin = loaded.model, loaded.tokenizer, loaded.config, loaded.origin
-    if threads:  # default: every core (eval.threads is the sidecar's budget, beside training)
-        torch.set_num_threads(threads)
     bs = batch_size or cfg.eval.batch_size
     source = None if retrieval and not (data or text or tasks) else text_source(cfg, tokenizer, data=data, text=text)
+    if not (tasks or retrieval or data or text):
+        task_list = own_tasks(cfg)  # a contrastive run: its val pairs as a retrieval task
     if source is None and not task_list:
         raise DataError(
             f"nothing to evaluate: the run's data.path ({cfg.data.path or 'unset'}) is not a prepared dataset here "
             "and no --tasks were given; pass --data DIR, --text FILE or --tasks FILE.jsonl (or a bundled task, e.g. python-mc)"
         )
     results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source, batch_size=bs,
-                             max_batches=max_batches, scorer=scorer, show_progress=not as_json)
+                             max_batches=max_batches, scorer=scorer, show_progress=not as_json, governor=governor)
     if as_json:
         print(dumps_record({"checkpoint": str(path), "step": origin.step, "metrics": results}, indent=2))
         return 0
@@ -229,4 +326,4 @@ def eval_command(
     return 0
 
 
-__all__ = ["evaluate_model", "score_task", "text_source", "load_tasks", "eval_command"]
+__all__ = ["evaluate_model", "score_task", "text_source", "load_tasks", "own_tasks", "eval_command"]

@@ -1,74 +1,57 @@
-"""Validation loss on a prepared dataset's held-out split.
+"""Loss metrics of a checkpoint on held-out text: a prepared dataset's val split, or a text file.
 
-Deterministic by construction: the validation windows are the val split's non-overlapping
-windows read in order (data/loader.py `val_batches`), so the same checkpoint always gets the same
-number, before and after a resume, in training and in `lmforge eval`.
+Deterministic by construction: the validation samples are the val split's read in order
+(data/loader.py `val_batches`: non-overlapping windows of a text stream, or the rows of an SFT
+dataset), so the same checkpoint always gets the same number, before and after a resume. (The
+trainer's own `val_loss` is the objective's: train/objectives.py `validation_loss`.)
 
 `nll_totals` sums the token NLL and the UTF-8 bytes the targets stand for (the tokenizer's
 `token_nbytes`; special tokens such as the EOS between documents are scored as tokens and count 0
-bytes), from which evaluate/metrics.py derives loss, perplexity and bits per byte. `text_batches`
-cuts any text file into the same kind of windows: [EOS] + the text's tokens, consecutive windows
-overlapping by one token, so every token of the text is a target exactly once.
+bytes), from which evaluate/metrics.py derives loss, perplexity and bits per byte. Only trained
+targets are scored: an SFT dataset's loss mask leaves out the prompts (held-out loss on completion
+tokens only), and its packed rows are scored with document masking as they were trained; for a
+preference dataset (`prepare --dpo`) the scored text is each pair's chosen completion (DPO's own
+val_loss needs the reference, which only the trainer has). `text_batches`
+cuts any text into the same kind of windows: [EOS] + the text's tokens, consecutive windows
+overlapping by one token, so every token of the text is a target exactly once; `stream_batches`
+does it for tokens that arrive piece by piece (`lmforge eval --text` on a file of any size).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.loader import val_batches
-from ..model import autocast
-
-
-@torch.no_grad()
-def validation_loss(
-    model: torch.nn.Module,
-    data_path: str,
-    *,
-    seq_len: int,
-    batch_size: int,
-    max_batches: int,
-    dtype: str = "fp32",
-) -> float:
-    """Mean token cross-entropy over the first `max_batches` validation batches."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    dev = next(model.parameters()).device
-    try:
-        for x, y in val_batches(data_path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches):
-            x, y = x.to(dev), y.to(dev)
-            with autocast(dtype, dev.type):
-                _, loss = model(x, y)
-            n = y.numel()
-            total += float(loss) * n
-            count += n
-    finally:
-        model.train(was_training)
-    return total / count if count else math.nan
+from ..data.loader import IGNORE, Batch, scored_targets, val_batches
+from ..data.manifest import read_manifest
+from ..model import document_attention
 
 
 @torch.no_grad()
 def nll_totals(
-    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], token_nbytes: np.ndarray
+    model: torch.nn.Module, batches: Iterable[Batch], token_nbytes: np.ndarray
 ) -> tuple[float, int, int]:
-    """(summed NLL in nats, scored tokens, UTF-8 bytes of the scored targets) over (x, y) batches;
-    targets equal to -100 are padding and not scored. fp32 throughout, so numbers compare."""
+    """(summed NLL in nats, scored tokens, UTF-8 bytes of the scored targets) over batches (dicts
+    with `inputs`, `targets`, optionally `loss_mask` and `documents`); targets equal to -100, or
+    outside a batch's loss mask, are not scored. fp32 throughout, so numbers compare."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
     nbytes = torch.from_numpy(token_nbytes)
     total, tokens, nbyte = 0.0, 0, 0
     try:
-        for x, y in batches:
-            logits = model(x.to(dev))  # (B, T, V)
-            y = y.to(dev)
-            total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"))
-            real = y[y != -100].cpu()
+        for batch in batches:
+            b = {k: v.to(dev) for k, v in batch.items()}
+            kwargs = {}
+            if "documents" in b:  # packed rows: each document attends to itself only, as in training
+                kwargs["positions"], kwargs["attn_mask"] = document_attention(b["documents"])
+            logits = model(b["inputs"], **kwargs)  # (B, T, V)
+            y = scored_targets(b)
+            total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"))
+            real = y[y != IGNORE].cpu()
             tokens += real.numel()
             nbyte += int(nbytes[real].sum())
     finally:
@@ -76,22 +59,49 @@ def nll_totals(
     return total, tokens, nbyte
 
 
-def text_batches(ids: list[int], *, start_id: int, seq_len: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) batches over [start_id] + ids: windows of seq_len targets, the last one padded with -100."""
-    stream = [start_id] + list(ids)
-    starts = list(range(0, len(stream) - 1, seq_len))
-    for b in range(0, len(starts), batch_size):
-        chunk = starts[b : b + batch_size]
-        x = torch.zeros(len(chunk), seq_len, dtype=torch.long)
-        y = torch.full((len(chunk), seq_len), -100, dtype=torch.long)
-        for i, s in enumerate(chunk):
-            window = stream[s : s + seq_len + 1]
-            n = len(window) - 1
-            x[i, :n] = torch.tensor(window[:-1])
-            y[i, :n] = torch.tensor(window[1:])
-        yield x, y
+def text_batches(ids: Sequence[int], *, start_id: int, seq_len: int, batch_size: int) -> Iterator[Batch]:
+    """Batches over [start_id] + ids: windows of seq_len targets, the last one padded with -100."""
+    return stream_batches([ids], start_id=start_id, seq_len=seq_len, batch_size=batch_size)
 
 
-def dataset_batches(data_path: str, *, seq_len: int, batch_size: int, max_batches: int | None):
-    """The val split's windows (data/loader.py `val_batches`); max_batches None or 0 reads them all."""
-    return val_batches(data_path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches or None)
+def stream_batches(pieces: Iterable[Sequence[int]], *, start_id: int, seq_len: int, batch_size: int) -> Iterator[Batch]:
+    """`text_batches` over the concatenation of `pieces` (token ids arriving piece by piece), holding
+    at most one piece and one batch of windows: memory is bounded by the piece, not the text."""
+    buf = np.array([start_id], dtype=np.int64)  # tokens not yet the start of a full window
+    rows: list[np.ndarray] = []
+    for ids in pieces:
+        buf = np.concatenate([buf, np.asarray(ids, dtype=np.int64)])
+        at = 0
+        while len(buf) - at >= seq_len + 1:  # a full window: seq_len inputs and seq_len targets
+            rows.append(buf[at : at + seq_len + 1])
+            at += seq_len  # the next window starts at this one's last token: its first input is our last target
+            if len(rows) == batch_size:
+                yield _batch(rows, seq_len)
+                rows = []
+        buf = buf[at:].copy()  # consecutive windows overlap by one token
+    if len(buf) > 1:
+        rows.append(buf)  # the last window: fewer than seq_len targets, padded
+    if rows:
+        yield _batch(rows, seq_len)
+
+
+def _batch(rows: list[np.ndarray], seq_len: int) -> Batch:
+    """Windows of up to seq_len + 1 tokens -> inputs (B, seq_len) zero-padded, targets (B, seq_len) padded with -100."""
+    x = torch.zeros(len(rows), seq_len, dtype=torch.long)
+    y = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
+    for i, window in enumerate(rows):
+        n = len(window) - 1
+        x[i, :n] = torch.from_numpy(window[:-1])
+        y[i, :n] = torch.from_numpy(window[1:])
+    return {"inputs": x, "targets": y}
+
+
+def dataset_batches(data_path: str, *, seq_len: int, batch_size: int, max_batches: int | None,
+                    document_mask: str = "auto", packing: bool = True) -> Iterator[Batch]:
+    """The val split's samples (data/loader.py `val_batches`; of preference pairs, the chosen
+    sequences); max_batches None or 0 reads them all."""
+    batches = val_batches(data_path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches or None,
+                          document_mask=document_mask, packing=packing)
+    if read_manifest(data_path).get("kind") == "dpo":
+        return ({k: v[:, 0] for k, v in b.items()} for b in batches)  # (B, 2, T) -> the chosen rows (B, T)
+    return batches

@@ -7,6 +7,11 @@ with the doc vectors (the cosine similarity when the pooling normalises), and th
 recall@1/10/100, MRR@10). `rank` is shared by anything else that produces (queries x docs)
 scores, e.g. BM25 in benchmarks/embed.py, so every method is ranked and scored the same way.
 
+`pairs_task` turns a contrastive run's held-out pairs (data.pairs, its val split) into a retrieval
+task, `pairs-val`: each val query against all val positives (and negatives), its own positive the
+one relevant doc. `lmforge eval RUN` and the `--watch` sidecar score it by default, so the stage's
+retrieval quality is measured on the user's own data without a task file.
+
 Trade-offs: exact search (every query against every doc), which is what a task of a few thousand
 docs needs; a doc longer than the model's context is cut to it (the Embedder's rule), as a task
 file holds what it holds. Ties rank in corpus order (a stable sort), so results are reproducible.
@@ -15,12 +20,14 @@ file holds what it holds. Ties rank in corpus order (a stable sort), so results 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
+from ..config import Config
 from ..understand.embed import Embedder
 from . import metrics as M
-from .tasks import Task
+from .tasks import Query, Task
 
 RANK_DEPTH = 100  # the deepest cut-off a metric looks at (recall@100)
 
@@ -40,4 +47,24 @@ def score_retrieval(embedder: Embedder, task: Task, *, progress: bool = False) -
     return M.retrieval_metrics(rank(queries @ docs.T, doc_ids), [q.relevant for q in task.queries])
 
 
-__all__ = ["rank", "score_retrieval", "RANK_DEPTH"]
+PAIRS_TASK = "pairs-val"
+
+
+def pairs_task(cfg: Config) -> Task | None:
+    """The val pairs of a contrastive run as a retrieval task (module docstring); None when the run
+    is not one, has no val pairs, or its data.pairs file is not here."""
+    from ..data.pairs import read_pairs
+
+    d = cfg.data
+    if cfg.train.objective != "contrastive" or not d.pairs or not d.pairs_val_fraction or not Path(d.pairs).is_file():
+        return None
+    texts = read_pairs(d.pairs, fields=d.pair_fields, split="val", val_fraction=d.pairs_val_fraction)
+    if not texts.query:
+        return None
+    docs = [(f"positive-{i}", t) for i, t in enumerate(texts.positive)]
+    docs += [(f"negative-{i}", t) for i, t in enumerate(texts.negative)]
+    queries = [Query(f"query-{i}", t, {f"positive-{i}": 1.0}) for i, t in enumerate(texts.query)]
+    return Task(name=PAIRS_TASK, kind="retrieval", items=(), path=d.pairs, docs=tuple(docs), queries=tuple(queries))
+
+
+__all__ = ["rank", "score_retrieval", "pairs_task", "RANK_DEPTH", "PAIRS_TASK"]

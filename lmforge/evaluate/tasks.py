@@ -6,6 +6,8 @@ file's stem, and every line of a file is the same kind of item:
   multiple choice  {"context": "...", "choices": ["...", "...", ...], "gold": 0}
   cloze            {"context": "...", "target": "..."}
   generation       {"type": "gen", "context": "...", "target": "...", "stop": ["\\n"], "max_tokens": 32}
+                   (+ "chat": true: the context is a user message, rendered with the model's chat
+                   template as `serve` renders it; the reply ends at the model's end of turn)
   retrieval        a corpus and queries in one file (evaluate/retrieval.py scores it):
                    {"type": "doc", "id": "d1", "text": "..."}
                    {"type": "query", "id": "q1", "text": "...", "relevant": ["d1", ...]}
@@ -43,7 +45,7 @@ KINDS = ("mc", "cloze", "gen", "retrieval")
 _FIELDS = {
     "mc": {"id", "type", "context", "choices", "gold"},
     "cloze": {"id", "type", "context", "target"},
-    "gen": {"id", "type", "context", "target", "stop", "max_tokens"},
+    "gen": {"id", "type", "context", "target", "stop", "max_tokens", "chat"},
     "doc": {"type", "id", "text"},
     "query": {"type", "id", "text", "relevant"},
 }
@@ -58,6 +60,7 @@ class Item:
     target: str = ""  # cloze, gen
     stop: tuple[str, ...] = ("\n",)  # gen: generation ends at the first of these strings
     max_tokens: int = 32  # gen
+    chat: bool = False  # gen: the context is a user message in the model's chat template
     id: str = ""
     where: str = ""  # "file:line", for messages
 
@@ -187,7 +190,10 @@ def parse_item(raw: Any, where: str) -> Item:
     max_tokens = raw.get("max_tokens", 32)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise DataError(f"{where}: \"max_tokens\" must be a positive integer, got {max_tokens!r}")
-    return Item("gen", context, target=target, stop=tuple(stop), max_tokens=max_tokens, id=item_id, where=where)
+    chat = raw.get("chat", False)
+    if not isinstance(chat, bool):
+        raise DataError(f"{where}: \"chat\" must be true or false, got {chat!r}")
+    return Item("gen", context, target=target, stop=tuple(stop), max_tokens=max_tokens, chat=chat, id=item_id, where=where)
 
 
 def _string(raw: dict[str, Any], key: str, where: str, *, allow_empty: bool) -> str:

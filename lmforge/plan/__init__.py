@@ -28,6 +28,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..hardware import get_hardware
 from ..jsonl import dumps_record
+from ..ranges import BOOTSTRAP
 from ..util import atomic_write_text
 from .fit import expand_runs, fit_law, read_run
 from .laws import load_law
@@ -89,8 +90,7 @@ def plan_command(
 def fit_command(runs: list[str], *, bootstrap: int = 100, seed: int = 0, save: str | None = None,
                 as_json: bool = False) -> int:
     """`lmforge plan fit`: fit the law to run directories (paths or globs); print it, optionally save it."""
-    if bootstrap < 0:
-        raise ConfigError(f"--bootstrap must be >= 0, got {bootstrap}")
+    BOOTSTRAP.check("--bootstrap", bootstrap)
     if save:  # `plan fit --save` replaces an earlier fit (a law file is refitted in place)
         check_output(save, "--save", overwrite=True)
     points = [read_run(r) for r in expand_runs(runs)]

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..ranges import positive_float
 
 
 @dataclass(frozen=True)
@@ -99,14 +100,17 @@ def load_law(spec: str) -> LossLaw:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         raw = raw.get("law", raw)
-        return LossLaw(
+        law = LossLaw(
             name=str(raw.get("name", path.stem)),
             E=float(raw["E"]), A=float(raw["A"]), B=float(raw["B"]),
             alpha=float(raw["alpha"]), beta=float(raw["beta"]),
             source=str(raw.get("source", str(path))),
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ConfigError(f"{path}: not a loss-law JSON with E, A, B, alpha, beta ({e})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError) as e:
+        raise ConfigError(f"{path}: not a loss-law JSON with E, A, B, alpha, beta ({e or 'nested too deeply'})") from None
+    for k in ("E", "A", "B", "alpha", "beta"):  # L(N, D) = E + A / N^alpha + B / D^beta: each a number > 0
+        positive_float().check(f"{path}: {k}", getattr(law, k))
+    return law
 
 
 # ---- data-constrained correction (Muennighoff et al. 2023) ---------------------------------------

@@ -33,12 +33,16 @@ import asyncio
 import base64
 import concurrent.futures
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from ..understand.embed import Embedder
 from .protocol import ApiError
+
+T = TypeVar("T")
 
 
 class EmbedWorker:
@@ -53,12 +57,18 @@ class EmbedWorker:
         self.admitted = 0  # calls waiting or running
 
     async def embed(self, ids: list[list[int]]) -> np.ndarray:
+        return await self.run(self.embedder.embed_ids, ids)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on the worker's thread under its admission limit and timeout: an embedding, a
+        search of the server's index (POST /v1/search embeds its query the same way), or a
+        classification (POST /v1/classify: embedding plus a small head). One queue, one thread."""
         with self.lock:
             if self.admitted >= self.max_queue:
-                raise ApiError(429, f"server busy: {self.admitted} embedding calls are waiting or running (the limit, "
+                raise ApiError(429, f"server busy: {self.admitted} embedding, search or classify calls are waiting or running (the limit, "
                                     "--max-queue); retry later", kind="rate_limit_error", headers={"Retry-After": "1"})
             self.admitted += 1
-        future = self.pool.submit(self.embedder.embed_ids, ids)
+        future = self.pool.submit(fn, *args)
         future.add_done_callback(self._release)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)

@@ -42,6 +42,8 @@ from starlette.requests import Request as HttpRequest
 
 from ..generate import SEED_MAX, SEED_MIN
 from ..tokenizer import lone_surrogate
+from ..understand.index import DEFAULT_MODE as DEFAULT_SEARCH_MODE
+from ..understand.index import MODES as SEARCH_MODES
 from .engine import MAX_LOGPROBS, Prompt
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -146,6 +148,27 @@ class EmbeddingBody(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     input_type: Literal["document", "query"] = "document"  # an extension: which of the model's prefixes strings get
+
+
+class ClassifyBody(BaseModel):
+    """POST /v1/classify (an lmforge route: `lmforge serve clf/NAME`)."""
+
+    model_config = STRICT
+    input: str | list[str]
+    model: str | None = None
+    min_confidence: float | None = Field(None, ge=0.0, le=1.0)  # overrides the classifier's recorded threshold
+
+
+MAX_SEARCH_K = 100
+
+
+class SearchBody(BaseModel):
+    """POST /v1/search: the index the server was started with (--index)."""
+
+    model_config = STRICT
+    query: str = Field(min_length=1)
+    k: int = Field(5, ge=1, le=MAX_SEARCH_K)
+    mode: Literal[SEARCH_MODES] = DEFAULT_SEARCH_MODE  # type: ignore[valid-type]
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -348,6 +371,7 @@ SSE_DONE = "data: [DONE]\n\n"  # OpenAI's end of a stream
 
 
 __all__ = ["GenerationBody", "CompletionBody", "ChatBody", "ChatMessage", "ContentPart", "TokenizeBody",
-           "DetokenizeBody", "EmbeddingBody", "ApiError", "error_body", "read_body", "check_json", "MAX_JSON_DEPTH", "stop_strings", "Scored", "prompt_scores",
+           "DetokenizeBody", "EmbeddingBody", "ClassifyBody", "SearchBody", "MAX_SEARCH_K", "ApiError", "error_body",
+           "read_body", "check_json", "MAX_JSON_DEPTH", "stop_strings", "Scored", "prompt_scores",
            "legacy_logprobs", "chat_logprobs", "usage", "reply", "sse", "SSE_DONE", "DEFAULT_COMPLETION_TOKENS",
            "MAX_STOP_STRINGS", "MAX_N"]

@@ -25,6 +25,14 @@ logs a warning (at most one per `WARN_EVERY_S`), keeps the batch for the next tr
 is synchronous, because the trainer needs the run id; if it fails the store is disabled for
 the run (id 0) with a warning rather than stopping the trainer.
 
+A full disk (SQLite's "database or disk is full") is one warning per store, "experiment store:
+disk full at PATH, N bytes free", and training goes on. SQLite has then already rolled the
+transaction back itself, so a failed write only rolls back a transaction that is still open (an
+unconditional ROLLBACK would fail with "cannot rollback - no transaction is active" and hide the
+cause). The store marks what it can: when the whole batch cannot be written, it tries the run's
+status, heartbeat and events alone (a few rows), so a finished run is not left looking crashed
+while there is room for them.
+
 Crashes. A run killed with SIGKILL never calls `finish_run`, so its row still says `running`.
 Readers derive the shown status: `crashed` when the run's pid on this host no longer exists, or
 when its heartbeat is older than `STALE_S` (another host, or a hung process). The writer thread
@@ -60,6 +68,7 @@ from collections.abc import Callable, Iterable
 
 from ..errors import LmforgeError
 from ..jsonl import dumps_record
+from ..util import write_failure
 
 DEFAULT_DB = "lmforge.db"
 FLUSH_S = 0.5  # how often the writer thread drains the queue
@@ -68,6 +77,7 @@ STALE_S = 300.0  # a running run whose heartbeat is older than this is shown as 
 BUSY_TIMEOUT_MS = 5000  # how long one write waits for another process's write lock
 MAX_PENDING = 200_000  # rows kept in memory while the database is unavailable
 WARN_EVERY_S = 60.0
+DISK_FULL_MARGIN = 64 * 1024  # fewer free bytes than this at a failed write: the disk is full
 
 EVENT_KINDS = (
     "resume", "config_change", "spike", "rollback", "checkpoint_saved", "checkpoint_corrupt",
@@ -161,7 +171,7 @@ def migrate(conn: sqlite3.Connection) -> int:
         conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
     return before
 
@@ -282,6 +292,20 @@ class _Op:
 # ---- the store ---------------------------------------------------------------------------------
 
 
+def _disk_full(e: BaseException, path: Path) -> str | None:
+    """"disk full at PATH, N bytes free" when `e` comes from a full disk, else None. SQLite says
+    "database or disk is full" for its own files, but "disk I/O error" when it cannot grow its
+    shared-memory file: fewer free bytes than a few pages tell that case apart."""
+    line = write_failure(e, path, needed=DISK_FULL_MARGIN)
+    return line if line is not None and line.startswith("disk full") else None
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back a failed transaction, if SQLite has not already (it does on a full disk)."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
 class Store:
     """Writer and reader of one experiment store file. Thread-safe; one per process is enough."""
 
@@ -295,6 +319,7 @@ class Store:
         self._owned: dict[int, int] = {}  # run_id -> last step, for the runs this process started
         self._wake = threading.Event()  # flush() / close(): write now instead of at the next tick
         self._last_warn = 0.0
+        self._disk_full_warned = False
         self.dropped = 0  # queued writes given up on while the database was unavailable
         self.failures = 0  # failed write attempts (each one retried later)
         self.warnings: list[str] = []  # what was printed, for callers and tests
@@ -333,6 +358,9 @@ class Store:
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across app crashes
             migrate(conn)
         except sqlite3.DatabaseError as e:
+            full = _disk_full(e, p)
+            if full:
+                raise LmforgeError(f"cannot open experiment store: {full}") from None
             raise LmforgeError(f"cannot open experiment store {p}: {e}") from e
         return cls(p, conn, readonly=False)
 
@@ -406,10 +434,12 @@ class Store:
                         )
                     c.execute("COMMIT")
                 except BaseException:
-                    c.execute("ROLLBACK")
+                    _rollback(c)
                     raise
         except sqlite3.Error as e:
-            self._warn(f"experiment store {self.path} unavailable ({e}); this run is not recorded")
+            full = _disk_full(e, self.path)
+            self._warn(f"experiment store: {full}; this run is not recorded there" if full else
+                       f"experiment store {self.path} unavailable ({e}); this run is not recorded")
             return 0
         self._owned[run_id] = 0
         self._ensure_thread()
@@ -468,6 +498,11 @@ class Store:
                 self._thread.start()
 
     def _warn(self, message: str) -> None:
+        if "disk full at" in message:  # one warning per store: it stays full until someone frees space
+            if self._disk_full_warned:
+                return
+            self._disk_full_warned = True
+            self._last_warn = 0.0
         now = time.monotonic()
         if now - self._last_warn >= WARN_EVERY_S or self._last_warn == 0.0:
             self._last_warn = now
@@ -516,7 +551,11 @@ class Store:
                     pending = []
                 except sqlite3.Error as e:
                     self.failures += 1
-                    self._warn(f"experiment store {self.path}: write failed ({e}); will retry")
+                    full = _disk_full(e, self.path)
+                    self._warn(f"experiment store: {full}; training goes on (its run directory has every record), "
+                               "the store keeps what it can" if full else
+                               f"experiment store {self.path}: write failed ({e}); will retry")
+                    pending = self._write_essentials(conn, pending)
                     if len(pending) > MAX_PENDING:
                         self.dropped += len(pending) - MAX_PENDING
                         pending = pending[-MAX_PENDING:]
@@ -536,6 +575,18 @@ class Store:
             barriers = []
         if conn is not None:
             conn.close()
+
+    def _write_essentials(self, conn: sqlite3.Connection | None, ops: list[_Op]) -> list[_Op]:
+        """After a failed batch: write the ops that mark a run (status, heartbeat, events) alone, a
+        few rows that may fit where the batch did not; return what is still pending."""
+        essential = [op for op in ops if op.kind != "metrics"]
+        if conn is None or not essential or len(essential) == len(ops):
+            return ops
+        try:
+            self._write_batch(conn, essential)
+        except sqlite3.Error:
+            return ops
+        return [op for op in ops if op.kind == "metrics"]
 
     def _write_batch(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
         metric_rows: list[tuple[int, str, int, float | None, float]] = []
@@ -571,7 +622,7 @@ class Store:
                 self._owned.pop(op.run_id, None)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
 
     @staticmethod
@@ -747,5 +798,5 @@ class Store:
                 self._conn.execute("DELETE FROM runs WHERE id=?", (run_id,))
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                _rollback(self._conn)
                 raise

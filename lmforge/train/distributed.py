@@ -34,6 +34,7 @@ import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -277,7 +278,9 @@ def wrap(model: torch.nn.Module, t: TrainConfig, d: Dist) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [d.local_rank] if next(model.parameters()).is_cuda else None
-        return DDP(model, device_ids=ids)
+        # an embedding objective never reads an untied lm_head: DDP must be told, or it waits for its gradient
+        unused = t.objective == "contrastive" and not getattr(getattr(model, "cfg", None), "tie_embeddings", True)
+        return DDP(model, device_ids=ids, find_unused_parameters=unused)
     return model
 
 
@@ -322,31 +325,31 @@ def full_norm(norm: torch.Tensor) -> float:
 
 def deterministic_step(
     model: torch.nn.Module,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: list[Any],
     *,
-    n_micro_total: int,
     d: Dist,
-    forward_loss,
+    forward: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
 ) -> float:
     """Backward each micro batch on its own, gather every rank's micro-batch gradients, and sum all
     of them in canonical order on every rank; leaves the summed gradients in `p.grad` and returns
-    the global mean loss. `forward_loss(x, y)` returns one micro batch's (scaled) loss.
+    the canonical sum of the micro batches' values. `forward(micro_batch)` returns (the tensor to
+    backward, already scaled by train_step; the value its loss adds).
 
-    Bit-identical to one process accumulating `(loss_i / n_micro_total).backward()` in order:
-    each micro-batch gradient is computed by the same kernels on the same weights, and both sides
-    add them left to right (autograd's accumulation is `grad += new`)."""
+    Bit-identical to one process accumulating `forward(mb)[0].backward()` in order: each
+    micro-batch gradient is computed by the same kernels on the same weights, and both sides add
+    them left to right (autograd's accumulation is `grad += new`)."""
     params = [p for p in model.parameters() if p.requires_grad]  # a tied weight appears once
     sizes = [p.numel() for p in params]
     n = sum(sizes)
     rows = torch.empty(len(micro_batches), n + 1, dtype=torch.float32, device=params[0].device)  # (local micro, grads + loss)
-    for j, (x, y) in enumerate(micro_batches):
+    for j, mb in enumerate(micro_batches):
         for p in params:
             p.grad = None
-        loss = forward_loss(x, y)
-        (loss / n_micro_total).backward()
+        back, value = forward(mb)
+        back.backward()
         flat = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device) for p in params]
         rows[j, :n] = torch.cat(flat).float()
-        rows[j, n] = loss.detach().float()
+        rows[j, n] = value.float()
     if d.active:
         parts = [torch.empty_like(rows) for _ in range(d.world)]
         dist.all_gather(parts, rows)
@@ -358,5 +361,5 @@ def deterministic_step(
     for p, size in zip(params, sizes):
         p.grad = total[offset:offset + size].view_as(p).to(p.dtype).clone()
         offset += size
-    # the loss sum starts from 0 like train_step's `total`, then adds in the same order
-    return float(total[n]) / n_micro_total
+    # the loss sum starts from 0 like train_step's, then adds in the same order
+    return float(total[n])

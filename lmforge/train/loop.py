@@ -1,6 +1,7 @@
-"""The training loop: build(), train(), train_step().
+"""The training loop: build(), train(), train_step(), save() and the guard's rollback. Deciding a
+start (config, run directory, lock, resume checks) is start.py's job; the run's records
+(metrics.jsonl, events.jsonl, the experiment store) are records.py's.
 
-Design:
 - `train_step` is one optimizer step over a list of micro batches (gradient accumulation), a pure
   function of (model, optimizer, batches, lr) that tests call on its own.
 - `build` turns a resolved config and a run directory into a `Run`: model, optimizer, loader and
@@ -8,34 +9,24 @@ Design:
   exact because everything that decides the future is restored: weights and optimizer moments
   (DCP), the data cursor (a step number: the order itself is a pure function), RNG states, the
   step counter that drives the learning-rate schedule.
-- `train` reads top to bottom: fetch the global batch, split it into micro batches, step, log,
-  validate, checkpoint, stop on a signal. SIGINT/SIGTERM are turned into a flag checked between
-  steps, so a stop writes a checkpoint at a step boundary and never tears one.
-
-Files written into the run directory: config.yaml (resolved config), metrics.jsonl (one JSON
-object per logged step; validation lines carry `val_loss`), events.jsonl (start, resume, branch,
-config change, checkpoint, interrupt, completion), checkpoints/.
-
-A start is checked in full before anything is written: config and `--set` values, the run
-directory path, LMFORGE_FAULTS, the data (train split, and the val split when validation is on),
-the device, the checkpoint to resume or branch from (for `--from`, the model shape too). Only then
-is the run directory committed (config.yaml written), so a failed start leaves nothing behind. A
-run has started once it has a checkpoint (a fresh run writes one at step 0); a config.yaml
-without one is a start that never trained, and the next start replaces it instead of resuming it.
+- `train` reads top to bottom: fetch the global batch, split it into micro batches, step, judge,
+  log, validate, checkpoint, stop on a signal. SIGINT/SIGTERM are turned into a flag checked
+  between steps, so a stop writes a checkpoint at a step boundary and never tears one.
 
 Self-healing: after every step the guard (guard.py) judges loss and gradient norm; a non-finite
-value or a spike rolls the run back to an earlier intact checkpoint, skips the data window that led
-into it, optionally lowers the learning rate, and records the event with its evidence. A fresh
-run writes a step-0 checkpoint so that even the first steps have somewhere to go back to.
+value or a spike rolls the run back to an earlier intact checkpoint (a fresh run writes one at
+step 0), skips the data window that led into it, optionally lowers the learning rate, and records
+the event. With the guard off a non-finite loss is still loud: a warning and a `non_finite` event
+at its first step, and a run whose loss or final weights went non-finite ends with a `diverged`
+event and exit status 3 (EXIT_NON_FINITE). A write that fails (a full disk: a checkpoint, a
+record) stops training with one line naming the newest checkpoint, which is intact.
 
-Fault injection for drills and tests (off unless the variable is set): LMFORGE_FAULTS is a comma
-list of `kind@step` with kind `kill` (SIGKILL right after that step's update, before its
-checkpoint), `nan` (that step's loss becomes NaN) or `spike` (that step's loss and gradients are
-scaled by 100). Each fault fires once per run directory (recorded in faults-fired.json), so a
-supervised restart or a rollback does not loop on it; `kind@step!` fires every time instead (a
-failure that repeats, to drill the supervisor's loop protection). Under many processes `nan` and
-`spike` hit every rank, and `kill@step/R` kills rank R alone (`kill@step`: rank 0). A malformed
-item is refused when training starts (`check_faults`): a typo must not drill nothing.
+Fault injection for drills (off unless set): LMFORGE_FAULTS is a comma list of `kind@step`, kind
+`kill` (SIGKILL after that step's update, before its checkpoint), `nan` (that step's loss becomes
+NaN) or `spike` (loss and gradients x 100). Each fires once per run directory (faults-fired.json),
+so a restart or a rollback does not loop on it; `kind@step!` fires every time (to drill the
+supervisor's loop protection). Under many processes `nan`/`spike` hit every rank and `kill@step/R`
+kills rank R alone. A malformed item, or a step after train.max_steps, is refused at the start.
 
 Many processes (torchrun; distributed.py): every rank runs this same loop on its share of each
 global batch (`Loader(rank=, world=)`), with global_batch / (world * micro_batch) micro batches.
@@ -47,12 +38,11 @@ rollback and broadcasts the plan.
 
 from __future__ import annotations
 
-import json
+import copy
 import math
 import os
 import re
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,80 +51,108 @@ from typing import Any
 import torch
 
 from .. import artifacts
-from ..artifacts import CONFIG_FILE, EVENTS_FILE, FAULTS_FIRED_FILE, METRICS_FILE
-from ..config import Config, load_config
+from ..config import Config
 from ..errors import CheckpointError, ConfigError, DataError, LmforgeError
-from ..evaluate.loss import validation_loss
-from ..jsonl import append_jsonl
+from ..data.loader import Batch
+from ..hardware import peak_flops
 from ..model import autocast
-from ..util import atomic_write_text, console, default_device, warn
+from ..model import flops_per_token as model_flops
+from ..threads import Governor, choose, cores, power_of_two
+from ..util import console, default_device, warn
 from . import checkpoint as ckpt_io
-from . import distributed, guard
+from . import distributed, guard, records
 from .distributed import SINGLE, Dist
+from .objectives import AdaptersOff, FrozenCopy, NextToken, Objective, make_objective, validation
 from .optim import build_optimizer, lr_at
+from .records import failure_recorded, finish, log_event, log_metrics
 
-# Keys that may change when a run resumes: they change how the run continues, not what it is.
-SAFE_TO_CHANGE = {
-    "train": {
-        "lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction", "weight_decay",
-        "beta1", "beta2", "eps", "grad_clip", "max_steps", "log_every", "eval_every",
-        "eval_batches", "ckpt_every_steps", "ckpt_every_minutes", "keep_last", "keep_every",
-        "threads", "compile", "dtype", "micro_batch", "parallel", "deterministic_reduce",
-        "activation_checkpointing",
-    },
-    "guard": "*", "eval": "*", "serve": "*", "init": "*",
-}
+EXIT_NON_FINITE = 3  # the run reached its end, but its loss or weights went non-finite (guard off)
 
 
 @dataclass
 class StepResult:
     loss: float
     grad_norm: float
+    metrics: dict[str, float] = field(default_factory=dict)  # an objective's extra figures, mean per unit
+    units: int = 0  # the step's units over all ranks (tokens, trained tokens, pairs: the objective's)
+
+
+NEXT_TOKEN = NextToken()
 
 
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: list[Batch],
     *,
     lr: float,
     grad_clip: float,
     dtype: str,
+    objective: Objective = NEXT_TOKEN,
     loss_multiplier: float = 1.0,
     d: Dist = SINGLE,
     deterministic_reduce: bool = False,
 ) -> StepResult:
     """One optimizer step: accumulate gradients over micro batches, clip, update.
 
-    Under many processes `micro_batches` are this rank's share; the returned loss is the global
-    mean and the gradient norm that of the global gradient (identical on every rank).
+    `micro_batches` are dicts of tensors (data/loader.py), already on the device; under many
+    processes they are this rank's share. The loss is normalised by the global number of units
+    (`objective.units` summed over every micro batch of every rank, one all-reduce before any
+    backward: train/objectives.py), so the returned loss is the global mean per unit and the
+    gradient that of the global batch, identical on every rank and on any world size.
     `loss_multiplier` exists for fault injection only (NaN or a large factor)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
+    n_local, n_total = len(micro_batches), len(micro_batches) * d.world
+    local_units = float(sum(objective.units(mb) for mb in micro_batches))
+    units = d.sum_floats([local_units])[0] if d.active else local_units  # before any backward: every share's divisor
+    # DDP/FSDP average gradients over ranks; deterministic_reduce (and one process) sums them
+    averaging = d.world if d.active and not deterministic_reduce else 1
+    legacy: list[bool] = []  # per micro batch: the averaged arithmetic (objectives.py)
+    metrics: dict[str, float] = {}
 
-    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # x, y: (micro_batch, seq_len)
-        with autocast(dtype, x.device.type):
-            _, loss = model(x, y)
-        return loss * loss_multiplier if loss_multiplier != 1.0 else loss
+    def forward(mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:  # -> (what backward sees, what the loss sums)
+        with autocast(dtype, next(iter(mb.values())).device.type):
+            out = objective.loss(model, mb)
+        loss = out.loss * loss_multiplier if loss_multiplier != 1.0 else out.loss
+        for k, v in out.metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v)
+        legacy.append(out.averaged and out.count * n_total == units)
+        if legacy[-1]:  # the mean of equal shares: mean per micro batch / number of micro batches, as always
+            return loss / (n_total // averaging), loss.detach()
+        summed = loss * out.count if out.averaged else loss
+        scaled = summed / max(units, 1.0)
+        return (scaled * averaging if averaging != 1 else scaled), summed.detach()
 
     if deterministic_reduce:  # gradients gathered and summed in canonical order (distributed.py)
-        mean_loss = distributed.deterministic_step(model, micro_batches, n_micro_total=len(micro_batches) * d.world,
-                                                   d=d, forward_loss=forward_loss)
+        total = distributed.deterministic_step(model, micro_batches, d=d, forward=forward)  # the global sum
     else:
-        total = torch.zeros((), device=micro_batches[0][0].device)  # summed on the device: one sync per step
-        for i, (x, y) in enumerate(micro_batches):
+        acc = torch.zeros((), device=next(iter(micro_batches[0].values())).device)  # summed on the device: one sync per step
+        for i, mb in enumerate(micro_batches):
             with distributed.no_sync(model, last=i == len(micro_batches) - 1):  # DDP/FSDP reduce once per step
-                loss = forward_loss(x, y)
-                (loss / len(micro_batches)).backward()
-            total += loss.detach().float()
-        mean_loss = float(total) / len(micro_batches)
-        if d.active:  # the wrapper averaged gradients over ranks; average the loss the same way
-            mean_loss = d.sum_floats([mean_loss])[0] / d.world
+                back, value = forward(mb)
+                back.backward()
+            acc += value.float()
+        total = float(acc)
+    if len(set(legacy)) > 1:
+        raise RuntimeError(f"objective {objective.name!r} returned averaged and summed losses in one step")
+    if deterministic_reduce:
+        loss = total / n_total if all(legacy) else total / max(units, 1.0)
+    elif all(legacy):  # the mean of this rank's means; the wrapper averaged gradients over ranks, so average it too
+        loss = total / n_local
+        if d.active:
+            loss = d.sum_floats([loss])[0] / d.world
+    else:
+        loss = (d.sum_floats([total])[0] if d.active else total) / max(units, 1.0)
+    if d.active and metrics:
+        names = sorted(metrics)
+        metrics = dict(zip(names, d.sum_floats([metrics[k] for k in names])))
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
-    return StepResult(loss=mean_loss, grad_norm=distributed.full_norm(grad_norm))
+    return StepResult(loss=loss, grad_norm=distributed.full_norm(grad_norm),
+                      metrics={k: v / max(units, 1.0) for k, v in metrics.items()}, units=int(units))
 
 
 @dataclass
@@ -159,6 +177,10 @@ class Run:
     fresh_data_order: str = ""  # --from: why the checkpoint's data cursor could not carry over ("": it did)
     tokenizer_facts: dict[str, Any] | None = None  # bos/eos token, chat template of its origin: into every checkpoint
     init_origin: dict[str, Any] | None = None  # init.from's weights, as loaded by a fresh run (its start event)
+    non_finite_step: int | None = None  # guard off: the first step of this start whose loss or grad norm was not finite
+    objective: Objective = field(default_factory=NextToken)  # train.objective (train/objectives.py)
+    lora_base: dict[str, str] | None = None  # a LoRA run: its frozen base (artifacts.base_record), in every checkpoint
+    reference: dict[str, Any] | None = None  # DPO: where the reference weights came from (init_from.reference_record)
 
     @property
     def resumed(self) -> bool:
@@ -168,7 +190,7 @@ class Run:
     def trainer_state(self) -> dict[str, Any]:
         """What trainer.json records besides weights and optimizer (see checkpoint.py)."""
         return {"tokens": self.tokens, "loader": self.loader.state_dict(), "guard": self.guard.to_dict(),
-                "lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
+                "lr_scale": self.lr_scale, "rollbacks": self.rollbacks} | ({"reference": self.reference} if self.reference else {})
 
 
 def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Dist = SINGLE) -> Run:
@@ -178,28 +200,50 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     nothing into a new run directory (so a refused start leaves none); resuming, it records the
     damaged checkpoints it skips. Under many processes every rank builds the same run, wrapped
     for `train.parallel`, reading its own share of each batch."""
-    from ..data.loader import Loader, TokenDataset
-    from ..model import Transformer
+    from ..model import Transformer, check_memory
 
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    distributed.check_parallel(cfg.train, d)
-    distributed.micro_batches_per_rank(cfg.train.global_batch, cfg.train.micro_batch, d.world)
-    dataset = TokenDataset(cfg.data.path)
+    if cfg.train.dtype not in ("fp32", "bf16"):
+        raise ValueError(f"build() needs a resolved train.dtype, got {cfg.train.dtype!r}: start.plan_start resolves auto")
+    dpo = cfg.train.objective == "dpo"  # a reference, and two sequences (chosen, rejected) per sample
+    # before anything is allocated: weights, gradients, AdamW state and logits on the training device (LoRA: the
+    # weights alone; its adapter and optimizer state are small; DPO without LoRA: a frozen reference copy too)
+    check_memory(cfg.model, device(), micro_batch=0 if cfg.lora.rank else cfg.train.micro_batch * (2 if dpo else 1),
+                 seq_len=cfg.data.seq_len, shards=d.world if cfg.train.parallel == "fsdp" else 1,
+                 reference=dpo and not cfg.lora.rank,
+                 fix="model.n_layer, model.d_model, model.d_ff, model.vocab_size or train.micro_batch")
+    # Powers of two only: other thread counts change the numbers (lmforge/threads.py)
+    if d.world == 1:  # train.threads (at most this machine's cores), or 0: the cores others leave free
+        choose(min(cfg.train.threads, cores()) or None, exact=True)
+    elif cfg.train.threads:  # several processes: torchrun's one thread each unless the config says
+        torch.set_num_threads(power_of_two(cfg.train.threads))
+    loader = make_loader(cfg, d)
     seed_everything(cfg.train.seed)  # the RNG states a checkpoint records are then a function of the run
     model = Transformer(cfg.model).to(device())  # init on CPU first: the same weights on any device
     facts_from = None  # the directory whose tokenizer facts (chat template, end of turn) the run carries on
     init_origin = None
-    if cfg.init.from_ and from_checkpoint is None and not artifacts.list_checkpoints(run_dir):  # fresh run only
-        from .init_from import load_init, origin_record  # pretrained weights (step 0, fresh optimizer)
+    fresh = from_checkpoint is None and not artifacts.list_checkpoints(run_dir)
+    lora_base = None
+    reference, reference_model = None, None  # DPO on full weights: where the reference came from, and the weights
+    if cfg.lora.rank:  # the frozen base on every start (checkpoints hold the adapter alone), then the adapter
+        from .init_from import load_lora_init
+
+        base, facts_dir, record = load_lora_init(model, cfg)
+        lora_base = artifacts.base_record(base)
+        if fresh:
+            facts_from, init_origin = facts_dir, record
+    elif cfg.init.from_ and fresh:  # pretrained weights (step 0, fresh optimizer)
+        from .init_from import load_init, origin_record, reference_record
 
         loaded = load_init(model, cfg)
         facts_from, init_origin = loaded.origin.path, origin_record(loaded)
+        if dpo:  # the starting weights, copied before any step (and before FSDP shards them)
+            reference, reference_model = reference_record(loaded.origin), copy.deepcopy(model)
+            console.print("DPO reference: the same weights, frozen")
     forward_model = distributed.wrap(model, cfg.train, d)  # DDP wrapper, or model itself (FSDP2 shards in place)
     optimizer = build_optimizer(model, cfg.train)  # after FSDP: over the sharded parameters
-    loader = Loader(cfg.data.path, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch, seed=cfg.data.seed,
-                    rank=d.rank, world=d.world)
-    run = Run(cfg, run_dir, model, optimizer, loader, Path(dataset.tokenizer_path), dist=d, init_origin=init_origin)
+    run = Run(cfg, run_dir, model, optimizer, loader, tokenizer_path(cfg), dist=d,
+              init_origin=init_origin, objective=make_objective(cfg) if not dpo else NEXT_TOKEN,  # DPO's: below
+              lora_base=lora_base)
     # rank 0 verifies (hashes) the checkpoints; every rank resumes from the one it chose
     ckpt, damaged = d.broadcast_object(artifacts.scan_checkpoints(run_dir) if d.is_main else None)
     for path, problems in damaged:  # one warning and one event per damaged checkpoint
@@ -212,19 +256,121 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     if ckpt is not None and from_checkpoint is not None:
         raise ConfigError(f"--from starts a new run, but {run_dir} already has checkpoints; choose a new --run-dir")
     source = ckpt or from_checkpoint
+    if dpo and cfg.lora.rank:  # the reference is the frozen base: the policy with its adapters off, no second copy
+        run.objective = make_objective(cfg, reference=AdaptersOff())
+    elif dpo:
+        if source is not None:  # before _load_state, which restores the RNG states (building a model draws from them)
+            reference, reference_model = _recorded_reference(cfg, source, branch=ckpt is None)
+        if reference_model is None:
+            raise ConfigError("train.objective=dpo needs the model to tune: set init.from (its weights are also the frozen reference)")
+        run.reference = reference
+        run.objective = make_objective(cfg, reference=FrozenCopy(reference_model.to(device())))
     if source is not None:
+        _check_lora_base(run, source)
         state = _load_state(run, source, branch=ckpt is None)
         run.step, run.tokens, run.resumed_from = state["step"], state["tokens"], source
         run.guard = guard.GuardState.from_dict(state.get("guard"))
         run.lr_scale, run.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", [])
         if ckpt is not None and d.is_main:
-            _drop_records_after(run_dir / METRICS_FILE, run.step)  # they are about to be redone
+            records.drop_records_after(run, run.step)  # they are about to be redone
         facts_from = source
     if facts_from is not None and (cfg.init.from_ or (facts_from / artifacts.TOKENIZER_CONFIG).is_file()):
         run.tokenizer_facts = _tokenizer_facts(facts_from, run.tokenizer_path)  # {} too: a reader needs no chain
     run.forward_model = torch.compile(forward_model) if cfg.train.compile else forward_model
-    run.fired_faults = _read_fired_faults(run_dir)
+    run.fired_faults = records.read_fired_faults(run_dir)
     return run
+
+
+def _recorded_reference(cfg: Config, source: Path, branch: bool) -> tuple[dict[str, Any], torch.nn.Module]:
+    """The DPO reference of a run that resumes from (or branches off) checkpoint `source`: the one
+    its trainer.json records (init_from.load_reference re-derives the weights), or for a branch off
+    a run that had none (e.g. an SFT run), the branched checkpoint's own weights."""
+    from .init_from import load_reference, reference_record
+
+    record = artifacts.read_trainer_state(source).get("reference")
+    if record is None:
+        if not branch:
+            raise CheckpointError(f"{source} records no DPO reference (was the run trained with train.objective=dpo?)")
+        record = reference_record(artifacts.resolve_origin(source))
+    return record, load_reference(record, cfg)
+
+
+def make_loader(cfg: Config, d: Dist = SINGLE) -> Any:
+    """This rank's loader of the run's data (`data_source`: token windows, rows of whole
+    conversations for SFT data, preference pairs for DPO, pairs for the contrastive objective);
+    says once what it leaves out."""
+    from ..data.loader import DocumentRows, Loader, PreferencePairs
+    from ..data.pairs import DocumentSpans, PairRecords
+
+    src = data_source(cfg)
+    loader = Loader(src, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch, seed=cfg.data.seed,
+                    rank=d.rank, world=d.world)
+    if d.is_main and isinstance(src, DocumentRows) and src.dropped:
+        warn(f"{src.dropped} of {src.n_documents} examples in {cfg.data.path} are longer than data.seq_len + 1 = "
+             f"{cfg.data.seq_len + 1} tokens (the longest: {src.longest}) and are left out, never cut; raise "
+             "data.seq_len to train on them")
+    if isinstance(src, PreferencePairs) and src.dropped and d.is_main:
+        warn(f"{src.dropped} of {src.n_pairs} pairs in {cfg.data.path} have a sequence longer than data.seq_len + 1 = "
+             f"{cfg.data.seq_len + 1} tokens (the longest: {src.longest}) and are left out, never cut; raise "
+             "data.seq_len to train on them")
+    if d.is_main and isinstance(src, PairRecords) and src.cut:
+        console.print(f"note: {src.cut} text(s) of {cfg.data.pairs} reach data.seq_len = {cfg.data.seq_len} tokens "
+                      "and may be cut to it")
+    if d.is_main and isinstance(src, DocumentSpans) and src.dropped:
+        console.print(f"note: {src.dropped} of {src.n_documents} documents of {cfg.data.path} are too short for two "
+                      "spans and are left out")
+    return loader
+
+
+def _check_lora_base(run: Run, ckpt: Path) -> None:
+    """A LoRA run resumes (or branches) on the base its checkpoint was trained on, and only a LoRA
+    checkpoint continues a LoRA run: refused otherwise, naming both checksums."""
+    recorded = artifacts.read_manifest(ckpt).base
+    mine = run.lora_base
+    if recorded is None and mine is None:
+        return
+    if recorded is None or mine is None:
+        what = "a LoRA adapter's" if recorded else "whole weights'"
+        raise ConfigError(f"{ckpt} holds {what} training state, but this run has lora.rank={run.cfg.lora.rank}; "
+                          "keep the checkpoint's lora settings, or start a new --run-dir")
+    if recorded["sha256"] != mine["sha256"]:
+        raise CheckpointError(f"{ckpt} trained its LoRA adapter on the base model with sha256 {recorded['sha256']} "
+                              f"({recorded['path']}), but init.from {run.cfg.init.from_} has sha256 {mine['sha256']}: "
+                              f"resume on the same base (--set init.from={recorded['path']})")
+
+
+def data_source(cfg: Config, split: str = "train") -> Any:
+    """The samples of the run's `split` (a data/loader.py Source): for the contrastive objective,
+    pairs (data/pairs.py: the JSONL data.pairs, else two spans of each document of data.path, with
+    the embed prefixes); otherwise the prepared dataset's windows or rows (`open_source`)."""
+    from ..data.loader import open_source
+
+    if cfg.train.objective != "contrastive":
+        return open_source(cfg.data.path, split, seq_len=cfg.data.seq_len, document_mask=cfg.data.document_mask,
+                           packing=cfg.data.packing)
+    from ..data.pairs import DocumentSpans, PairRecords
+    from ..tokenizer import Tokenizer
+
+    tok, e = Tokenizer.load(tokenizer_path(cfg)), cfg.embed
+    if cfg.data.pairs:
+        return PairRecords(cfg.data.pairs, tok, max_len=cfg.data.seq_len, split=split,
+                           val_fraction=cfg.data.pairs_val_fraction, fields=cfg.data.pair_fields,
+                           query_prefix=e.query_prefix, document_prefix=e.document_prefix)
+    return DocumentSpans(cfg.data.path, split, max_len=cfg.data.seq_len, seed=cfg.data.seed, tokenizer=tok,
+                         query_prefix=e.query_prefix, document_prefix=e.document_prefix)
+
+
+def tokenizer_path(cfg: Config) -> Path:
+    """The run's tokenizer.json: its prepared dataset's (data.path), else (pairs from data.pairs)
+    init.from's, which tokenizes them."""
+    if cfg.data.path:
+        from ..data.manifest import read_manifest
+
+        return Path(cfg.data.path) / read_manifest(cfg.data.path)["tokenizer"]
+    if not cfg.init.from_:
+        raise ConfigError("data.pairs are tokenized with the model's tokenizer: set init.from to the model to train "
+                          "(a run, checkpoint or model directory)")
+    return artifacts.resolve_origin(cfg.init.from_).path / artifacts.TOKENIZER_FILE
 
 
 def _tokenizer_facts(source: Path, tokenizer_path: Path) -> dict[str, Any]:
@@ -235,20 +381,6 @@ def _tokenizer_facts(source: Path, tokenizer_path: Path) -> dict[str, Any]:
     if Tokenizer.load(source / artifacts.TOKENIZER_FILE).sha256 != Tokenizer.load(tokenizer_path).sha256:
         return {}
     return artifacts.tokenizer_facts(source)
-
-
-def _open_store(run: Run) -> None:
-    """Register the run in the experiment store; training goes on without it if it fails."""
-    from ..track.store import Store
-
-    if not run.dist.is_main:  # one writer: rank 0 records the run
-        return
-    try:
-        run.store = Store.open()
-        run.run_id = run.store.start_run(name=run.run_dir.name, run_dir=str(run.run_dir), config=run.cfg.to_dict(), resumed=run.resumed)
-    except (LmforgeError, OSError) as e:
-        warn(f"experiment store unavailable ({e}); this run is recorded in its directory only")
-        run.store = None
 
 
 def _load_state(run: Run, ckpt: Path, branch: bool = False) -> dict[str, Any]:
@@ -281,18 +413,26 @@ def _cursor_changes(saved: dict[str, Any], loader: Any) -> list[str]:
 
 
 def train(run: Run) -> int:
-    """Train until max_steps or a stop signal; returns the process exit code."""
+    """Train until max_steps or a stop signal; returns the process exit code: 0 done,
+    EXIT_NON_FINITE (3) done with a non-finite loss or weights, 128 + signal number when stopped."""
     cfg, t, d = run.cfg, run.cfg.train, run.dist
-    _open_store(run)
-    _record_start(run)
+    records.open_store(run)
+    records.record_start(run)
     accum = distributed.micro_batches_per_rank(t.global_batch, t.micro_batch, d.world)
-    tokens_per_step = t.global_batch * cfg.data.seq_len
+    # DPO: a sample is two sequences, and each also goes through the reference's forward (a third of a step's FLOPs)
+    dpo = t.objective == "dpo"
     dev = device()
-    flops_per_token, peak = model_flops_per_token(cfg), peak_flops(dev, t.dtype)
+    flops_per_token, peak = model_flops(cfg.model, cfg.data.seq_len) * (4 / 3 if dpo else 1), peak_flops(dev, t.dtype)
     if peak:
         log_event(run, "mfu_peak", {"peak_flops": peak, "device": str(dev), "dtype": t.dtype,
                                     "source": "datasheet" if dev.type == "cuda" else "measured matmul rate"})
     stop = _StopFlag()
+    # Fewer threads while other processes hold cores, back up to train.threads (0: all cores) when
+    # they leave; powers of two, which do not change the numbers (lmforge/threads.py). One process
+    # on the CPU only: ranks keep torchrun's count.
+    governor = Governor(min(t.threads, cores()) or cores(), start=torch.get_num_threads(), exact=True,
+                        adapt=d.world == 1 and dev.type == "cpu",
+                        on_change=lambda old, new, why: log_event(run, "threads", {"from": old, "to": new, "reason": why}))
     last_ckpt_time = time.monotonic()
     window_start, window_tokens = time.perf_counter(), 0
     if d.world > 1:
@@ -301,19 +441,21 @@ def train(run: Run) -> int:
     if run.step == 0 and not d.broadcast_object(bool(artifacts.list_checkpoints(run.run_dir))):
         save(run)  # step 0: somewhere for the guard to roll back to, even from the first steps
     progress = _progress(t.max_steps, run.step)
-    with stop, progress, _failure_recorded(run):
+    with stop, progress, failure_recorded(run):
         while run.step < t.max_steps:
             data_step = run.loader.step
-            x, y = run.loader.next()  # this rank's share: (global_batch // world, seq_len) each
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            micro = list(zip(x.split(t.micro_batch), y.split(t.micro_batch)))
+            # of the global batch: global_batch x seq_len for windows (DPO: two sequences a sample), real tokens for pairs
+            tokens_per_step = run.loader.tokens(data_step) * (2 if dpo else 1)
+            micro = split_micro(run.loader.next(), t.micro_batch, dev)  # this rank's share, global_batch // world rows
             assert len(micro) == accum
             lr = lr_at(run.step, t) * run.lr_scale
+            step_start = time.perf_counter()
             result = train_step(run.forward_model, run.optimizer, micro, lr=lr, grad_clip=t.grad_clip,
-                                dtype=t.dtype, loss_multiplier=_fault_multiplier(run, run.step + 1),
+                                dtype=t.dtype, objective=run.objective, loss_multiplier=_fault_multiplier(run, run.step + 1),
                                 d=d, deterministic_reduce=t.deterministic_reduce)
+            governor.step(time.perf_counter() - step_start)
             if d.active:  # one set of numbers for the guard and the logs: rank 0's, bit for bit
-                result = StepResult(*d.broadcast_floats([result.loss, result.grad_norm]))
+                result.loss, result.grad_norm = d.broadcast_floats([result.loss, result.grad_norm])
             run.step += 1
             run.tokens += tokens_per_step
             window_tokens += tokens_per_step
@@ -325,16 +467,19 @@ def train(run: Run) -> int:
                         rollback(run, verdict, data_step)
                         progress.update(run.step, result.loss, 0.0)
                         continue
+            elif not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
+                _on_unguarded_non_finite(run, result, data_step)
             if run.step % t.log_every == 0 or run.step == t.max_steps:
                 rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 window_start, window_tokens = time.perf_counter(), 0
                 perf = {"tflops": rate * flops_per_token / 1e12} | ({"mfu": rate * flops_per_token / peak} if peak else {})
-                log_metrics(run, {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": run.tokens, "tokens_per_s": rate, **perf})
+                log_metrics(run, {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": run.tokens, "tokens_per_s": rate,
+                                  **perf, **result.metrics})
                 progress.update(run.step, result.loss, rate)
             if t.eval_every and (run.step % t.eval_every == 0 or run.step == t.max_steps):
-                vl = validation_loss(run.model, cfg.data.path, seq_len=cfg.data.seq_len, batch_size=t.micro_batch, max_batches=t.eval_batches, dtype=t.dtype)
-                log_metrics(run, {"val_loss": vl})
-                progress.note(f"step {run.step}: val_loss {vl:.4f}")
+                val = validation(run.model, run.objective, val_batches(cfg, t.micro_batch, t.eval_batches), dtype=t.dtype)
+                log_metrics(run, {f"val_{k}": v for k, v in val.items()})  # val_loss, and the objective's metrics
+                progress.note(f"step {run.step}: " + ", ".join(f"val_{k} {v:.4f}" for k, v in val.items()))
             due = (t.ckpt_every_steps and run.step % t.ckpt_every_steps == 0) or (
                 t.ckpt_every_minutes and time.monotonic() - last_ckpt_time >= 60 * t.ckpt_every_minutes
             )
@@ -347,30 +492,62 @@ def train(run: Run) -> int:
             if stopping:
                 name = signal.Signals(stop.signum or signal.SIGTERM).name
                 log_event(run, "interrupted", {"signal": name})
-                _finish(run, "interrupted")
+                finish(run, "interrupted")
                 console.print(
                     f"{name}: stopped at step {run.step} with a checkpoint. Run the same command again to resume."
                 )
                 return 128 + (stop.signum or signal.SIGTERM)
-    log_event(run, "completed", {"tokens": run.tokens})
-    _finish(run, "completed")
-    console.print(f"done: {run.step} steps, {run.tokens:,} tokens; checkpoints in {artifacts.checkpoints_dir(run.run_dir)}")
-    return 0
+    return _completed(run)
 
 
-def _record_start(run: Run) -> None:
-    """Say how this start began (fresh, resumed or branched) and record it, with the directory it
-    runs in (relative paths in the config are read from there)."""
-    d, cwd = run.dist, os.getcwd()
-    if run.resumed:
-        console.print(f"resumed from {run.resumed_from} at step {run.step} ({d.describe()})")
-        log_event(run, "resume", {"checkpoint": str(run.resumed_from), "world": d.world, "cwd": cwd})
-    elif run.resumed_from is not None:
-        console.print(f"branched from {run.resumed_from} at step {run.step} into {run.run_dir}")
-        cursor = {"data_order": "fresh", "data_order_reason": run.fresh_data_order} if run.fresh_data_order else {"data_order": "continued"}
-        log_event(run, "branch", {"from": str(run.resumed_from), "world": d.world, "cwd": cwd, **cursor})
-    else:
-        log_event(run, "start", {"world": d.world, "cwd": cwd} | ({"init_from": run.init_origin} if run.init_origin else {}))
+def _completed(run: Run) -> int:
+    """Record the end of a run that reached train.max_steps: `completed` and 0, or, when its loss
+    (guard off) or its final weights went non-finite, `diverged`, a loud line and EXIT_NON_FINITE."""
+    weights_finite = _weights_finite(run)
+    if run.non_finite_step is None and weights_finite:
+        log_event(run, "completed", {"tokens": run.tokens})
+        finish(run, "completed")
+        console.print(f"done: {run.step} steps, {run.tokens:,} tokens; checkpoints in {artifacts.checkpoints_dir(run.run_dir)}")
+        return 0
+    log_event(run, "diverged", {"first_non_finite_step": run.non_finite_step, "weights_finite": weights_finite})
+    finish(run, "failed")
+    since = f"since step {run.non_finite_step}" if run.non_finite_step is not None else "at the end"
+    warn(f"the run reached step {run.step}, but its loss or weights are not finite ({since}; the guard is "
+         f"{'on' if run.cfg.guard.enabled else 'off'}): the newest checkpoints hold no usable model. Exit status "
+         f"{EXIT_NON_FINITE}. Branch a new run from a checkpoint before it (--from) with guard.enabled=true, or a lower train.lr",
+         label="error:")
+    return EXIT_NON_FINITE
+
+
+def _weights_finite(run: Run) -> bool:
+    """Every parameter finite on every rank (a sharded parameter: this rank's shard)."""
+    local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in run.model.parameters())
+    return not run.dist.any_flags([not local])[0]
+
+
+def split_micro(batch: Batch, micro_batch: int, dev: torch.device) -> list[Batch]:
+    """A rank's batch -> micro batches of `micro_batch` rows on `dev` (every tensor sliced along dim 0)."""
+    parts = {k: v.to(dev, non_blocking=True).split(micro_batch) for k, v in batch.items()}
+    return [{k: chunks[i] for k, chunks in parts.items()} for i in range(len(next(iter(parts.values()))))]
+
+
+def val_batches(cfg: Config, batch_size: int, max_batches: int | None) -> Any:
+    """The run's validation batches: the val split read as the train split is (same source kind,
+    document masking and packing; pairs for the contrastive objective), in order; max_batches None
+    or 0 reads them all (as train.eval_batches 0 and `lmforge eval --max-batches 0` mean)."""
+    from ..data.loader import in_order
+    from ..data.loader import val_batches as batches
+
+    if cfg.train.objective != "contrastive":
+        return batches(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=batch_size, max_batches=max_batches or None,
+                       document_mask=cfg.data.document_mask, packing=cfg.data.packing)
+    source = data_source(cfg, "val")
+    if source.n_samples < 1:
+        where = (f"no pair of {cfg.data.pairs} falls in the val split (data.pairs_val_fraction = "
+                 f"{cfg.data.pairs_val_fraction}); raise it" if cfg.data.pairs else
+                 f"the val split of {cfg.data.path} has no document long enough for two spans; prepare with a larger --val-fraction")
+        raise DataError(f"{where}, or train without validation: --set train.eval_every=0")
+    return in_order(source, batch_size, max_batches or None)
 
 
 def seed_everything(seed: int) -> None:
@@ -390,40 +567,27 @@ def device() -> torch.device:
     return default_device()  # under torchrun with nccl, distributed.init() made this rank's GPU the current one
 
 
-def model_flops_per_token(cfg: Config) -> float:
-    from ..model import flops_per_token
-
-    return flops_per_token(cfg.model, cfg.data.seq_len)
-
-
-def peak_flops(dev: torch.device, dtype: str = "bf16") -> float | None:
-    """The peak that MFU is measured against: a known GPU's datasheet bf16 peak (hardware.py's
-    table), None for an unknown GPU; on the CPU, this machine's matmul rate in the run's dtype,
-    measured now with the run's threads (512^3 products for ~0.1 s: an estimate, since a CPU's peak
-    depends on its vector units and on what else runs; benchmarks/train_throughput.py measures it longer)."""
-    from ..hardware import gpu_peak_flops, matmul_rate
-
-    if dev.type != "cuda":
-        return matmul_rate(torch.bfloat16 if dtype == "bf16" else torch.float32, 512, 0.1)
-    return gpu_peak_flops(torch.cuda.get_device_name(dev))
-
-
 def save(run: Run) -> Path:
-    """Checkpoint the run at its current step; a failed write (full disk, I/O error) stops training
-    with the previous checkpoint intact (the new one was never published)."""
+    """Checkpoint the run at its current step. A failed write (a full disk, an I/O error) publishes
+    nothing and stops training with one line (records.stopped_by): the previous checkpoint is intact."""
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
+
     try:
         path = ckpt_io.save_checkpoint(
             run.run_dir, run.step, model=run.model, optimizer=run.optimizer, config=run.cfg,
             trainer_state=run.trainer_state(), tokenizer_path=run.tokenizer_path,
-            tokenizer_facts=run.tokenizer_facts, d=run.dist,
+            tokenizer_facts=run.tokenizer_facts, base=run.lora_base, d=run.dist,
         )
-    except OSError as e:
-        previous, _ = artifacts.find_resume_checkpoint(run.run_dir)
-        log_event(run, "checkpoint_failed", {"error": str(e)})
-        raise CheckpointError(
-            f"writing the checkpoint of step {run.step} failed: {e}. Nothing was published; the previous "
-            f"checkpoint ({previous or 'none'}) is intact. Free space or fix the path, then run the same command to resume."
-        ) from None
+    except (OSError, SafetensorError, CheckpointException, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and run.dist.active and distributed.lost_peer(e):
+            raise  # another rank died: not a write failure (train_command says so)
+        # torch's zip writer under DCP reports a short write as "unexpected pos ...", without ENOSPC:
+        # a checkpoint's size (the newest one's) against the free space tells a full disk apart
+        error = records.stopped_by(run, e, artifacts.checkpoints_dir(run.run_dir), needed=ckpt_io.checkpoint_bytes(run.run_dir, run.model),
+                                   what=" before its checkpoint was published")
+        log_event(run, "checkpoint_failed", {"error": str(error)}, best_effort=True)
+        raise error from None
     if run.dist.is_main:
         ckpt_io.apply_retention(run.run_dir, run.cfg.train.keep_last, run.cfg.train.keep_every)
     run.dist.barrier()  # retention is done before any rank looks at the checkpoints again
@@ -443,6 +607,19 @@ def _on_verdict(run: Run, verdict: guard.Verdict, result: StepResult, data_step:
     warn(f"step {run.step}: {verdict.describe()} (loss {result.loss:.4g}, grad norm {result.grad_norm:.4g})", label="guard:")
 
 
+def _on_unguarded_non_finite(run: Run, result: StepResult, data_step: int) -> None:
+    """guard.enabled=false: nothing rolls back, but a non-finite loss is never silent. The first
+    such step of a start is a warning and a `non_finite` event; the run ends with EXIT_NON_FINITE."""
+    if run.non_finite_step is not None:
+        return
+    run.non_finite_step = run.step
+    log_event(run, "non_finite", {"loss": result.loss, "grad_norm": result.grad_norm, "data_step": data_step,
+                                  "acting": False, "guard": "off"})
+    warn(f"step {run.step}: non-finite loss or gradient norm (loss {result.loss:.4g}, grad norm {result.grad_norm:.4g}), "
+         "and the guard is off (guard.enabled=false), so nothing rolls back: the weights are likely NaN from here on, and "
+         f"the run will end with exit status {EXIT_NON_FINITE}. Stop it, or turn the guard on: --set guard.enabled=true")
+
+
 def rollback(run: Run, verdict: guard.Verdict, data_step: int) -> None:
     """Go back to an earlier intact checkpoint, skip the data window, scale the lr, record it all."""
     g = run.cfg.guard
@@ -450,7 +627,7 @@ def rollback(run: Run, verdict: guard.Verdict, data_step: int) -> None:
     if len(recent) >= g.max_rollbacks:
         raise TrainingUnstable(
             f"the guard rolled back {len(recent)} times within {10 * g.window} steps (steps {recent}) and "
-            f"step {run.step} failed again ({verdict.describe()}); giving up. See {run.run_dir / EVENTS_FILE}. "
+            f"step {run.step} failed again ({verdict.describe()}); giving up. See {run.run_dir / artifacts.EVENTS_FILE}. "
             "Lower train.lr, raise guard.skip_steps or guard.rollback_margin, then resume with --set."
         )
     intact, plan = [], None
@@ -478,7 +655,7 @@ def rollback(run: Run, verdict: guard.Verdict, data_step: int) -> None:
     run.loader.skip(plan.skip_to - run.loader.step)
     run.lr_scale, run.rollbacks = plan.lr_scale, rollbacks
     if run.dist.is_main:
-        _drop_records_after(run.run_dir / METRICS_FILE, run.step)
+        records.drop_records_after(run, run.step)
     save(run)  # rewrite that checkpoint with the skip and lr scale: a crash now resumes identically
     log_event(run, "rollback", {"from_step": spike_step, "to_step": run.step, "skipped_data_steps": [plan.skip_from, plan.skip_to],
                                 "lr_scale": run.lr_scale, "reason": verdict.describe()})
@@ -486,170 +663,13 @@ def rollback(run: Run, verdict: guard.Verdict, data_step: int) -> None:
          f"lr x {run.lr_scale:g}", label="guard:")
 
 
-# ---- command ---------------------------------------------------------------------------------
-
-
-def train_command(config_path: str | None, *, run_dir: str | None, overrides: list[str], from_: str | None = None) -> int:
-    """`lmforge train`: start a run, resume it (with safe changes) when run_dir has one, or branch a
-    new run from a checkpoint of another (`from_`). Under torchrun: one rank of a process group."""
-    d = distributed.init()
-    try:
-        return _train_command(config_path, run_dir=run_dir, overrides=overrides, from_=from_, d=d)
-    except LmforgeError as e:
-        if d.world > 1:  # rank 0 prints through the CLI; the others are quiet, so say it here
-            if not d.is_main:
-                print(f"rank {d.rank}/{d.world}: error: {e}", file=sys.stderr, flush=True)
-            _record_error(e)
-        raise
-    except RuntimeError as e:
-        if d.world > 1 and distributed.lost_peer(e):  # another rank died: say so, without a traceback
-            print(f"rank {d.rank}/{d.world}: stopped: a collective failed ({str(e).splitlines()[0][:200]}); usually "
-                  "another rank died first, see torchrun's report for the root cause", file=sys.stderr, flush=True)
-            return 1
-        raise
-    finally:
-        distributed.shutdown()
-
-
-def _record_error(e: LmforgeError) -> None:
-    """For `--supervise --nproc-per-node`: torchrun reports any worker failure as exit 1, so a user
-    error (exit 2, never worth a restart) is written where the supervisor looks for it."""
-    target = os.environ.get("LMFORGE_ERROR_FILE")
-    if target:
-        try:
-            atomic_write_text(target, json.dumps({"exit": 2, "error": str(e), "time": time.time()}))
-        except OSError:
-            pass
-
-
-def _train_command(config_path: str | None, *, run_dir: str | None, overrides: list[str], from_: str | None, d: Dist) -> int:
-    check_faults(d)
-    if config_path is not None and Path(config_path).is_dir():
-        hint = (f"it is a run directory: resume it with `lmforge train --run-dir {config_path}`"
-                if (Path(config_path) / CONFIG_FILE).is_file() else "give a YAML config file")
-        raise ConfigError(f"config file {config_path} is a directory; {hint}")
-    rd = run_dir_of(config_path, run_dir)
-    if rd is None:
-        raise ConfigError("give a config file, a --run-dir to resume, or both")
-    check_run_dir(rd)
-    lock = RunDirLock(rd, active=d.is_main)
-    try:
-        lock.take()  # an existing run directory: locked before anything in it is read
-        return _start_and_train(config_path, rd, overrides, from_, d, lock)
-    finally:
-        lock.release()
-
-
-def _start_and_train(config_path: str | None, rd: Path, overrides: list[str], from_: str | None, d: Dist,
-                     lock: "RunDirLock") -> int:
-    saved_path = rd / CONFIG_FILE
-    started = bool(artifacts.list_checkpoints(rd))  # a run has started once it has a checkpoint (step 0 at least)
-    branch = artifacts.resolve_checkpoint(from_) if from_ else None
-    if branch is not None and started:
-        raise ConfigError(f"--from starts a new run, but {rd} already has checkpoints; choose a new --run-dir")
-    base = start_config(config_path, rd, branch)
-    if base is None:
-        raise ConfigError(f"{rd} holds no run (no config.yaml); give a config file to start one")
-    cfg = load_config(base, overrides)
-    if started:
-        _check_data_path_on_resume(cfg, rd)
-    cfg = resolve_config(cfg)
-    if branch is not None:
-        check_branch_model(cfg, branch)
-    changes: dict[str, tuple[Any, Any]] = {}
-    if started and saved_path.is_file():
-        changes = load_config(saved_path).diff(cfg)
-        check_resume_changes(changes)
-        for key, (old, new) in changes.items():
-            console.print(f"config change on resume: {key}: {old!r} -> {new!r}")
-    elif saved_path.is_file() and base != saved_path:
-        console.print(f"note: {saved_path} is from an earlier start that never trained (no checkpoint); replacing it")
-    run = build(cfg, rd, from_checkpoint=branch, d=d)  # the last check: nothing of a new run is written before it
-    d.barrier()  # every rank has read the saved config before rank 0 replaces it
-    if d.is_main:
-        _commit_run_dir(rd, cfg, lock)
-    d.barrier()
-    if changes:
-        log_event(run, "config_change", {k: list(v) for k, v in changes.items()})
-    return train(run)
-
-
-def run_dir_of(config_path: str | None, run_dir: str | None) -> Path | None:
-    """The run directory a start uses: --run-dir, else runs/<config name>; None if neither is given."""
-    if run_dir is not None:
-        return Path(run_dir)
-    return Path("runs") / Path(config_path).stem if config_path is not None else None
-
-
-def start_config(config_path: str | None, rd: Path, branch: Path | None) -> str | Path | None:
-    """The config a start loads: the given file, else the run's saved config.yaml (not for a
-    branch, which starts from its checkpoint's), else the --from checkpoint's; None if none."""
-    saved = rd / CONFIG_FILE
-    if config_path:
-        return config_path
-    if branch is None and saved.is_file():
-        return saved
-    return branch / CONFIG_FILE if branch is not None else None
-
-
-def check_run_dir(rd: Path) -> None:
-    """Refuse a run directory path that cannot be a directory (a file, or under one)."""
-    if rd.exists() and not rd.is_dir():
-        raise ConfigError(f"--run-dir {rd}: exists and is not a directory; give a new path or a run's directory")
-    parent = next((p for p in rd.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ConfigError(f"--run-dir {rd}: {parent} is a file, not a directory; choose another path")
-
-
-class RunDirLock:
-    """One training job per run directory. Rank 0 holds an exclusive flock on the directory from
-    before it reads the run (or, for a new run, from its creation) until training ends; a second
-    `lmforge train` or torchrun job on the same directory is refused instead of both writing
-    checkpoints and metrics into it. The kernel drops the lock when the process dies (kill -9
-    included), so a crash never leaves a stale lock behind and a resume simply takes it again.
-    (No-op where fcntl is missing.)"""
-
-    def __init__(self, rd: Path, active: bool) -> None:
-        self.rd, self.active, self.fd = rd, active, None
-
-    def take(self) -> None:
-        if not self.active or self.fd is not None or not self.rd.is_dir():
-            return
-        try:
-            import fcntl
-        except ImportError:  # not POSIX
-            return
-        fd = os.open(self.rd, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(f"--run-dir {self.rd} is in use by another `lmforge train` (it holds the run directory's "
-                              "lock); wait for it to finish or stop it, or choose another --run-dir") from None
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def _commit_run_dir(rd: Path, cfg: Config, lock: RunDirLock) -> None:
-    """The start was accepted: create the run directory, lock it, and write its config (atomically)."""
-    try:
-        rd.mkdir(parents=True, exist_ok=True)
-        lock.take()  # a new run: before its config is written (a second start racing it fails here)
-        cfg.save(rd / CONFIG_FILE)
-    except OSError as e:
-        raise ConfigError(f"--run-dir {rd}: cannot write the run directory ({e.strerror or e}); choose another path") from None
-
-
 FAULT_FORMS = ("kill@N, nan@N, spike@N (N: a step >= 1), kill@N/R (under torchrun: rank R only), each optionally "
                "ending in ! to fire every time; e.g. LMFORGE_FAULTS=nan@15,kill@20")
 
 
-def check_faults(d: Dist = SINGLE) -> None:
-    """Refuse a malformed LMFORGE_FAULTS when training starts (a typo would silently drill nothing)."""
+def check_faults(d: Dist = SINGLE, max_steps: int | None = None) -> None:
+    """Refuse a malformed LMFORGE_FAULTS when training starts (a typo would silently drill
+    nothing), a rank outside this job, and (given the run's max_steps) a step it never reaches."""
     spec = os.environ.get("LMFORGE_FAULTS", "")
     for item in (f.strip() for f in spec.split(",")):
         if not item:
@@ -660,197 +680,9 @@ def check_faults(d: Dist = SINGLE) -> None:
         if m[3] is not None and int(m[3]) >= d.world:
             raise ConfigError(f"LMFORGE_FAULTS={spec!r}: {item!r} names rank {m[3]}, but this job has "
                               f"{d.world} process(es) (ranks 0..{d.world - 1})")
-
-
-def model_shape(m: Any) -> dict[str, Any]:
-    """The model keys that decide its parameters (their shapes and meaning), with automatic values
-    (0) resolved; the others (RoPE settings, max_seq_len, norm_eps, init_std) may change under --from."""
-    return {"vocab_size": m.vocab_size, "n_layer": m.n_layer, "n_head": m.n_head, "n_kv_head": m.kv_heads,
-            "d_model": m.d_model, "d_ff": m.ff_dim, "tie_embeddings": m.tie_embeddings}
-
-
-def check_branch_model(cfg: Config, ckpt: Path) -> None:
-    """`--from` continues the checkpoint's weights and optimizer state: the model must have its shape."""
-    theirs, mine = model_shape(artifacts.read_config(ckpt).model), model_shape(cfg.model)
-    differ = [f"model.{k}: checkpoint {theirs[k]!r}, now {mine[k]!r}" for k in theirs if theirs[k] != mine[k]]
-    if differ:
-        raise ConfigError(
-            f"--from {ckpt}: the model must keep the checkpoint's shape (its weights and optimizer state fit no "
-            f"other), but {'; '.join(differ)}. Undo the change, or train the new shape from scratch in a new run "
-            "(without --from)."
-        )
-
-
-def _check_data_path_on_resume(cfg: Config, rd: Path) -> None:
-    """A relative data.path is read from the current directory: say so when resuming from another one."""
-    path = Path(cfg.data.path)
-    if not cfg.data.path or path.is_absolute() or path.exists():
-        return
-    where = _last_cwd(rd)
-    then = f"this run last ran in {where}: run the command from there" if where else "run the command from where the run was started"
-    raise DataError(f"data.path {path} of {rd} is not found from the current directory ({Path.cwd()}): a relative "
-                    f"data.path is read from the directory lmforge runs in; {then}")
-
-
-def _last_cwd(rd: Path) -> str | None:
-    """The working directory of the run's latest recorded start (events.jsonl), if recorded."""
-    path = rd / EVENTS_FILE
-    cwd = None
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                cwd = json.loads(line).get("cwd", cwd)
-            except (ValueError, AttributeError):
-                continue
-    return cwd
-
-
-def resolve_config(cfg: Config) -> Config:
-    """Fill in what depends on the data (vocab size) and check the config against the dataset."""
-    from ..data.loader import TokenDataset
-
-    if not cfg.data.path:
-        raise ConfigError("data.path is empty: set it to a prepared dataset, e.g. --set data.path=data/mycorp")
-    if cfg.init.from_:  # the imported model decides the model section; its tokenizer must be the data's
-        from .init_from import resolve_init
-
-        cfg = resolve_init(cfg)
-    ds = TokenDataset(cfg.data.path)
-    vocab = int(ds.manifest["vocab_size"])
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = vocab
-    elif cfg.model.vocab_size < vocab:
-        raise ConfigError(
-            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the dataset's tokenizer ({vocab} tokens); "
-            f"set model.vocab_size to 0 (automatic) or >= {vocab}"
-        )
-    n = ds.num_samples(cfg.data.seq_len)
-    if n < 1:
-        raise DataError(f"{cfg.data.path}: the train split has {ds.n_tokens} tokens, fewer than one sample of data.seq_len+1")
-    if cfg.train.eval_every:
-        check_val_split(cfg)
-    return cfg
-
-
-def check_val_split(cfg: Config) -> None:
-    """Validation (train.eval_every > 0) needs a val window of data.seq_len + 1 tokens: found now,
-    before any step, rather than at the first validation after steps of work."""
-    from ..data.loader import val_batches
-
-    try:
-        next(val_batches(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=1, max_batches=1))
-    except DataError as e:
-        raise DataError(f"{e}; or train without validation: --set train.eval_every=0") from None
-
-
-def check_resume_changes(changes: dict[str, tuple[Any, Any]]) -> None:
-    unsafe = []
-    for key in changes:
-        section, name = key.split(".")
-        allowed = SAFE_TO_CHANGE.get(section, set())
-        if allowed != "*" and name not in allowed:
-            unsafe.append(key)
-    if unsafe:
-        detail = ", ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in unsafe)
-        raise ConfigError(
-            f"cannot resume with a changed {detail}: it would make a different run. "
-            "Start a new run directory instead (--run-dir), or undo the change."
-        )
-
-
-def data_step_of_run(run_dir: str | Path, step: int) -> dict[str, Any]:
-    """Which data step training step `step` (1-based, as logged) of a run read, through its rollbacks.
-
-    A step that raised a guard verdict is shown as it was read (the evidence in its event); any
-    other step as it is on the run's final trajectory: after the chronologically last rollback to a
-    checkpoint c < step, the data cursor is (step - 1) - c + the cursor it skipped to."""
-    rd = Path(run_dir)
-    cfg = load_config(rd / CONFIG_FILE)
-    events_path = rd / EVENTS_FILE
-    events = [json.loads(line) for line in events_path.read_text(encoding="utf-8").splitlines() if line.strip()] if events_path.is_file() else []
-    rollbacks = [e for e in events if e.get("kind") == "rollback"]
-    notes = [f"run {rd}: {len(rollbacks)} rollback(s)"]
-    for e in rollbacks:
-        a, b = e["skipped_data_steps"]
-        notes.append(f"  step {e['from_step']} -> {e['to_step']} ({e['reason']}): skipped data steps {a}..{b - 1}, lr x {e['lr_scale']:g}")
-    verdict = [e for e in events if e.get("kind") in ("spike", "non_finite") and e.get("step") == step]
-    if verdict:
-        data_step = int(verdict[-1]["data_step"])
-        notes.append(f"step {step} raised a guard verdict ({verdict[-1]['kind']}); it read data step {data_step}:")
-    else:
-        data_step = step - 1
-        for e in rollbacks:  # chronological: a later rollback overrides what it abandoned
-            if e["to_step"] < step:
-                data_step = (step - 1) - e["to_step"] + e["skipped_data_steps"][1]
-        notes.append(f"step {step} read data step {data_step}:")
-    return {"data_path": cfg.data.path, "seq_len": cfg.data.seq_len, "global_batch": cfg.train.global_batch,
-            "seed": cfg.data.seed, "data_step": data_step, "notes": notes}
-
-
-# ---- records ---------------------------------------------------------------------------------
-
-
-def log_metrics(run: Run, values: dict[str, float]) -> None:
-    if not run.dist.is_main:
-        return
-    _append_jsonl(run.run_dir / METRICS_FILE, {"step": run.step, **values, "time": time.time()})
-    if run.store is not None:  # queued; a background thread writes (never slows the step)
-        run.store.log_metrics(run.run_id, run.step, values)
-        run.store.heartbeat(run.run_id, run.step)
-
-
-def log_event(run: Run, kind: str, data: dict[str, Any], step: int | None = None) -> None:
-    """Append an event at the run's step (or `step`: e.g. the step of a damaged checkpoint)."""
-    if not run.dist.is_main:
-        return
-    step = run.step if step is None else step
-    _append_jsonl(run.run_dir / EVENTS_FILE, {"step": step, "kind": kind, "time": time.time(), **data})
-    if run.store is not None and kind not in ("resume", "config_change", "mfu_peak", "start"):  # the store records the first two itself; the others are bookkeeping
-        run.store.log_event(run.run_id, kind, step, data)
-
-
-def _finish(run: Run, status: str) -> None:
-    if run.store is not None:
-        run.store.finish_run(run.run_id, status, run.step)
-        run.store.close()
-        run.store = None
-
-
-class _failure_recorded:
-    """Mark the run failed in the store when training stops on an exception (not on SIGKILL:
-    readers show a run whose process is gone as crashed)."""
-
-    def __init__(self, run: Run) -> None:
-        self.run = run
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: Any, _tb: Any) -> None:
-        if exc_type is not None:
-            log_event(self.run, "crash", {"error": f"{exc_type.__name__}: {exc}"})
-            _finish(self.run, "failed")
-
-
-def _drop_records_after(path: Path, step: int) -> None:
-    """Remove metric lines newer than `step` (written after the checkpoint we resume from)."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if 0 <= _record_step(line) <= step]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(kept))
-
-
-def _record_step(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return -1  # a torn last line from a kill: drop it
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    append_jsonl(path, record)  # NaN/inf as "nan"/"inf"/"-inf": lmforge/jsonl.py's rule
+        if max_steps is not None and int(m[2]) > max_steps:
+            raise ConfigError(f"LMFORGE_FAULTS={spec!r}: {item!r} names step {m[2]}, after train.max_steps ({max_steps}): "
+                              "it would never fire; name a step the run reaches")
 
 
 # ---- signals, faults, progress ---------------------------------------------------------------
@@ -879,11 +711,6 @@ class _StopFlag:
             signal.signal(s, old)
 
 
-def _read_fired_faults(run_dir: Path) -> list[str]:
-    p = run_dir / FAULTS_FIRED_FILE
-    return json.loads(p.read_text()) if p.is_file() else []
-
-
 def _faults(run: Run, kind: str, step: int, suffix: str = "") -> bool:
     """True once if LMFORGE_FAULTS holds kind@step<suffix> for this run (then recorded as fired;
     every rank decides the same from the same file, rank 0 writes it)."""
@@ -896,7 +723,7 @@ def _faults(run: Run, kind: str, step: int, suffix: str = "") -> bool:
         return False
     run.fired_faults.append(spec)
     if run.dist.is_main:
-        atomic_write_text(run.run_dir / FAULTS_FIRED_FILE, json.dumps(run.fired_faults))
+        records.write_fired_faults(run, run.fired_faults)
     console.print(f"fault injection: {spec}")
     return True
 

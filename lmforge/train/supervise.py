@@ -9,8 +9,10 @@ nothing about training.
 It refuses to loop: when the last `same_failure_limit` failures ended with the same exit status at
 the same step (read from the run's newest checkpoint), restarting again would only repeat them,
 so it stops with a report. Exit statuses that are never restarted: 0 (done), 2 (a user error such
-as a bad config, a full disk or a guard that gave up), 130/143 (the user pressed Ctrl-C or sent
-SIGTERM to the child; the supervisor forwards those signals to the child and stops after it).
+as a bad config, a full disk or a guard that gave up: a restart would meet it again), 3 (the run
+reached its end with a non-finite loss or weights: a restart would resume at the end and say
+nothing), 130/143 (the user pressed Ctrl-C or sent SIGTERM to the child; the supervisor forwards
+those signals to the child and stops after it).
 
 Many processes on one machine (`--supervise --nproc-per-node N`): the child is the whole torchrun
 job (`python -m torch.distributed.run --standalone --nproc-per-node N -m lmforge train ...`).
@@ -21,10 +23,12 @@ the file named by LMFORGE_ERROR_FILE (in a temporary directory of the supervisor
 refused before its run directory exists can report too) and the supervisor treats that attempt as
 exit 2 (no restart). Multi-node jobs use torchrun's own `--max-restarts` instead (docs/distributed.md).
 
-Before anything is launched with `--nproc-per-node N`, `check_job` refuses what every rank would
-refuse because of the world size (the config and `--set` values, train.parallel, the batch split,
-LMFORGE_FAULTS ranks), with the workers' own checks: one line and exit 2 from the parent instead of
-the same error under torchrun's report of N failed workers.
+`launch` is what `lmforge train --supervise` / `--nproc-per-node N` run in the parent. Before
+anything is launched it plans the child's start with the children's own function
+(start.plan_start, for the world size it will launch; without a device, so the parent never
+touches the GPU the children train on): what every child would refuse is one line and exit 2 from
+the parent, instead of the same error from a child (or under torchrun's report of N failed
+workers). The child's command line is the request's own (`StartRequest.to_argv`).
 """
 
 from __future__ import annotations
@@ -41,9 +45,43 @@ from pathlib import Path
 from typing import Any
 
 from .. import artifacts
+from ..errors import ConfigError
 from ..util import console
+from .distributed import Dist, LaunchError, check_not_nested
+from .loop import EXIT_NON_FINITE
+from .start import StartRequest, plan_start
 
-NO_RESTART = {0: "finished", 2: "stopped on an error that a restart cannot fix", 130: "interrupted (SIGINT)", 143: "stopped (SIGTERM)"}
+NO_RESTART = {0: "finished", 2: "stopped on an error that a restart cannot fix",
+              EXIT_NON_FINITE: "finished with a non-finite loss or weights", 130: "interrupted (SIGINT)",
+              143: "stopped (SIGTERM)"}
+
+
+def launch(request: StartRequest, *, supervise: bool, nproc_per_node: int | None, max_restarts: int = 10,
+           restart_delay: float = 5.0) -> int:
+    """The parent of `lmforge train --supervise` and/or `--nproc-per-node N`: plan the start the
+    child will make, then run the child (under torchrun with N processes) once, or supervised."""
+    check_not_nested(nproc_per_node=nproc_per_node, supervise=supervise)
+    if nproc_per_node is not None and nproc_per_node < 1:
+        raise LaunchError(f"--nproc-per-node {nproc_per_node}: give a number of processes >= 1 "
+                          "(or leave it out to train in this one process)")
+    if supervise:
+        check_supervision(max_restarts, restart_delay)
+    nproc = nproc_per_node or 0  # 0: no torchrun (supervise/launch_command's meaning)
+    planned = plan_start(request, Dist(rank=0, world=max(1, nproc)))  # device=None: the children resolve the dtype
+    child = request.to_argv()
+    if not supervise:  # one machine, N processes: the same command under torchrun
+        return subprocess.call(launch_command(child, nproc))
+    return supervise_child(child, planned.run_dir, max_restarts=max_restarts, delay=restart_delay,
+                           nproc_per_node=nproc)
+
+
+def check_supervision(max_restarts: int, restart_delay: float) -> None:
+    """--max-restarts: a whole number >= 0; --restart-delay: finite seconds >= 0."""
+    if max_restarts < 0:
+        raise ConfigError(f"--max-restarts {max_restarts}: give a number of restarts >= 0 (0: never restart)")
+    if not (restart_delay >= 0 and restart_delay != float("inf")):  # NaN fails both comparisons
+        raise ConfigError(f"--restart-delay {restart_delay}: give seconds >= 0 (the first backoff; it doubles, "
+                          "at most 300 s)")
 
 
 def describe_exit(code: int) -> str:
@@ -60,7 +98,7 @@ def newest_step(run_dir: Path) -> int:
     return artifacts.checkpoint_step(ckpts[-1]) if ckpts else -1
 
 
-def supervise(
+def supervise_child(
     child_args: list[str],
     run_dir: Path,
     *,
@@ -71,9 +109,7 @@ def supervise(
 ) -> int:
     """Run `python -m lmforge <child_args>` (under torchrun when nproc_per_node > 0) until it
     succeeds or restarting is pointless."""
-    from .loop import check_run_dir
-
-    check_run_dir(run_dir)  # a file is no run directory: say so here, not in a traceback about .last-error.json
+    check_supervision(max_restarts, delay)
     cmd = launch_command(child_args, nproc_per_node)
     error_dir = Path(tempfile.mkdtemp(prefix="lmforge-supervise-"))  # not in the run directory: a refused start writes nothing there
     error_file = error_dir / artifacts.LAST_ERROR_FILE
@@ -123,32 +159,6 @@ def supervise(
         for s, handler in old.items():
             signal.signal(s, handler)
         shutil.rmtree(error_dir, ignore_errors=True)
-
-
-def check_job(config: str | None, *, run_dir: str | None, overrides: list[str], from_: str | None,
-              nproc_per_node: int) -> None:
-    """Refuse, in the parent, a start every rank of an `nproc_per_node`-process job would refuse:
-    the same checks the workers make (`_train_command`/`build` in loop.py, distributed.py), on the
-    config they would load (the config file, else the run's saved config.yaml, else the --from
-    checkpoint's). A start that does not name a config is left to the workers to judge."""
-    from ..config import load_config
-    from .distributed import Dist, check_parallel, micro_batches_per_rank
-    from .loop import check_faults, check_run_dir, run_dir_of, start_config
-
-    d = Dist(rank=0, world=nproc_per_node)
-    check_faults(d)  # kill@STEP/R must name a rank of this job
-    rd = run_dir_of(config, run_dir)
-    if rd is None:
-        return  # the workers say that a config or a --run-dir is needed
-    check_run_dir(rd)
-    if config is not None and Path(config).is_dir():
-        return  # the workers explain a directory given as the config (perhaps a run to resume)
-    base = start_config(config, rd, artifacts.resolve_checkpoint(from_) if from_ else None)
-    if base is None:
-        return
-    cfg = load_config(base, overrides)  # a bad --set value, deterministic_reduce with fsdp, ...
-    check_parallel(cfg.train, d)
-    micro_batches_per_rank(cfg.train.global_batch, cfg.train.micro_batch, d.world)
 
 
 def launch_command(child_args: list[str], nproc_per_node: int = 0) -> list[str]:

@@ -33,7 +33,8 @@ embedding, and an exported model gives the same vectors in sentence-transformers
   batch shape); tests check a text alone against the same text in a padded batch to 1e-5.
 - Precision: bf16 autocast only where bf16 is native (CUDA; a CPU with AMX or AVX512-BF16).
   On an AVX2-only CPU bf16 is emulated and measured ~20x slower than fp32, so "auto" is fp32 there.
-  Pooling and normalisation run in fp32 either way; the output is float32.
+  Pooling and normalisation run in fp32 either way; the output is float32. The rule is
+  `hardware.auto_dtype`, the one `train.dtype: auto` follows.
 
 Trade-offs: one forward per batch holds (B, T, C) hidden states and, bidirectionally, a (B, T, T)
 mask, both small next to the model; `fingerprint()` identifies the model by its weights' sha256
@@ -54,6 +55,7 @@ import numpy as np
 
 from ..config import POOLINGS, EmbedConfig
 from ..errors import ConfigError, DataError
+from ..threads import Governor, govern
 
 if TYPE_CHECKING:
     import torch
@@ -146,32 +148,15 @@ def padding_masks(lengths: torch.Tensor, T: int, bidirectional: bool) -> tuple[t
     return mask, mask[:, None, :].expand(-1, T, -1)  # (B, T, T)
 
 
-def native_bf16(device: torch.device) -> bool:
-    """bf16 runs natively here: a CUDA device that supports it, or a CPU with AMX or AVX512-BF16.
-    (A shared rule for `train.dtype: auto` is coming to lmforge/hardware.py; this is the local one.)"""
-    import torch
-
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"amx_bf16", "avx512_bf16"} & flags)
-    except OSError:
-        pass
-    return False
-
-
 def resolve_dtype(dtype: str | None, device: torch.device) -> str:
-    """"fp32" or "bf16" for a requested dtype (None or "auto": bf16 where native, else fp32)."""
+    """"fp32" or "bf16" for a requested dtype (None or "auto": `hardware.auto_dtype`, the rule
+    `train.dtype: auto` follows: bf16 where the device multiplies bf16 natively, else fp32)."""
+    from ..hardware import auto_dtype
+
     dtype = dtype or "auto"
     if dtype not in DTYPES:
         raise ConfigError(f"embedding dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if dtype == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return dtype
+    return auto_dtype(device) if dtype == "auto" else dtype
 
 
 def fingerprint_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
@@ -255,18 +240,20 @@ class Embedder:
         """Texts -> (N, dim) float32 vectors in input order; the kind's prefix is put before each."""
         return self.embed_ids(self.tokenize(texts, kind=kind), progress=progress)
 
-    def embed_ids(self, ids: Sequence[Sequence[int]], *, progress: bool = False) -> np.ndarray:
+    def embed_ids(self, ids: Sequence[Sequence[int]], *, progress: bool = False, governor: Governor | None = None) -> np.ndarray:
         """Token-id lists (no prefix added; each cut to max_len) -> (N, dim) float32 in input order."""
         out = np.empty((len(ids), self.dim), dtype=np.float32)
-        for chosen, hidden, mask in self.hidden_batches(ids, progress=progress):
+        for chosen, hidden, mask in self.hidden_batches(ids, progress=progress, governor=governor):
             out[chosen] = finish(pool(hidden, mask, self.pooling.method), self.pooling).cpu().numpy()
         return out
 
-    def hidden_batches(self, ids: Sequence[Sequence[int]], *,
-                       progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    def hidden_batches(self, ids: Sequence[Sequence[int]], *, progress: bool = False, governor: Governor | None = None
+                       ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """Per length-sorted batch: (the inputs' indices, hidden states (B, T, C), real-token mask
         (B, T)), computed without gradients under this embedder's precision and attention. Each
-        input is cut to max_len; an empty one or a token id outside the vocabulary is a DataError."""
+        input is cut to max_len; an empty one or a token id outside the vocabulary is a DataError.
+        governor: told each batch's time and tokens (lmforge/threads.py: fewer threads while the
+        machine is busy; an exact one keeps the vectors those of any other power-of-two count)."""
         import torch
 
         from ..model import autocast
@@ -289,9 +276,12 @@ class Embedder:
                 for b, i in enumerate(chosen):
                     idx[b, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
                 mask, attn = padding_masks(lengths, T, self.pooling.bidirectional)
+                t0 = time.perf_counter()
                 with torch.inference_mode(), autocast(self.dtype, self.device.type):
                     hidden = self.model.hidden_states(idx.to(self.device), attn_mask=attn)  # (B, T, C)
                 yield chosen, hidden, mask
+                if governor is not None:
+                    governor.step(time.perf_counter() - t0, work=int(lengths.sum()))
                 if bar is not None:
                     bar.advance(len(chosen), int(lengths.sum()))
         finally:
@@ -308,17 +298,18 @@ class _Bar:
         from ..util import progress_bar
 
         self.progress = progress_bar(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=True)
+                                     TextColumn("{task.fields[texts_per_s]:,.1f} texts/s, {task.fields[tokens_per_s]:,.0f} tokens/s"),
+                                     TimeRemainingColumn(), transient=True)
         self.progress.start()
-        self.task = self.progress.add_task("embedding", total=total, rate="", tokens=0)
+        self.task = self.progress.add_task("embedding", total=total, texts_per_s=0.0, tokens_per_s=0.0, tokens=0)
         self.start, self.tokens, self.texts = time.perf_counter(), 0, 0
 
     def advance(self, texts: int, tokens: int) -> None:
         self.texts += texts
         self.tokens += tokens
         s = max(time.perf_counter() - self.start, 1e-9)
-        self.progress.update(self.task, advance=texts, tokens=self.tokens,
-                             rate=f"{self.texts / s:,.1f} texts/s, {self.tokens / s:,.0f} tokens/s")
+        self.progress.update(self.task, advance=texts, tokens=self.tokens, texts_per_s=self.texts / s,
+                             tokens_per_s=self.tokens / s)
 
     def close(self) -> None:
         self.progress.stop()
@@ -384,7 +375,7 @@ def embed_command(model: str, inputs: Sequence[str], out: str, *, kind: str = "d
     if kind not in KINDS:
         raise ConfigError(f"--kind must be one of {', '.join(KINDS)}; got {kind!r}")
     if threads < 0:
-        raise ConfigError(f"--threads must be >= 0 (0: all cores), got {threads}")
+        raise ConfigError(f"--threads must be >= 0 (0: lmforge chooses), got {threads}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     target = Path(out)
@@ -396,15 +387,15 @@ def embed_command(model: str, inputs: Sequence[str], out: str, *, kind: str = "d
     if found.not_utf8:
         names = ", ".join(found.not_utf8[:5]) + (" ..." if len(found.not_utf8) > 5 else "")
         warn(f"skipped {len(found.not_utf8)} file(s) that are not UTF-8: {names} (--strict refuses them)")
-    if threads:
-        torch.set_num_threads(threads)
+    # Powers of two, like training: the vectors do not depend on the count (lmforge/threads.py)
+    governor = govern(threads or None, exact=True)
     emb = Embedder.load(model, batch_size=batch_size, max_len=max_len)
     ids = emb.tokenize(found.texts, kind=kind)  # type: ignore[arg-type]
     cut = sum(len(r) > emb.max_len for r in ids)
     console.print(f"embedding {len(ids)} texts from {found.files} file(s) with {model} "
                   f"({emb.pooling.method} pooling, {emb.dtype}, {torch.get_num_threads()} threads)", markup=False)
     start = time.perf_counter()
-    vectors = emb.embed_ids(ids, progress=True)
+    vectors = emb.embed_ids(ids, progress=True, governor=governor)
     seconds = time.perf_counter() - start
     written = write_vectors(target, found.ids, vectors.astype(np.float16 if dtype == "float16" else np.float32),
                             overwrite=overwrite)
@@ -420,5 +411,5 @@ def embed_command(model: str, inputs: Sequence[str], out: str, *, kind: str = "d
     return 0
 
 
-__all__ = ["Pooling", "Embedder", "pool", "finish", "padding_masks", "native_bf16", "resolve_dtype",
+__all__ = ["Pooling", "Embedder", "pool", "finish", "padding_masks", "resolve_dtype",
            "fingerprint_mismatch", "embed_command", "write_vectors", "ids_path", "KINDS", "DTYPES", "OUT_DTYPES"]

@@ -1,0 +1,380 @@
+"""Search an index: exact or approximate dense search, BM25, and both fused by reciprocal rank.
+
+Dense
+-----
+A query is embedded by the index's own model and pooling (`check_embedder` refuses any other,
+naming both checksums) and L2-normalised like the stored rows, so a score is a cosine similarity.
+
+- Exact (`exact_search`): a matrix-vector product per query over the float16 memmap, in blocks
+  of rows, each block's best candidates kept; the candidates are then rescored in float32 and
+  sorted. A float16 product (torch) reads half the bytes and is ~10x faster than converting the
+  rows to float32 first; the rescoring makes the final order that of float32 arithmetic. Used
+  below `ANN_MIN_ROWS` rows.
+- Approximate (`Ann`): from `ANN_MIN_ROWS` rows on, an index built by FAISS (`faiss-cpu`)
+  proposes candidates, rescored exactly from the memmap like the exact ones.
+
+Why FAISS IVF (figures and commands: docs/search.md; benchmarks/search.py measures FAISS and
+usearch side by side at 100k and 1M synthetic vectors): on this project's 2-core CPUs the index
+must be cheap to build, since it is rebuilt whenever `index add` replaces a file. An IVF index is
+k-means on a fixed sample plus one assignment pass, minutes at 1M rows, where an HNSW graph
+(usearch, or FAISS's own) takes many times longer to build for a latency gain that does not show
+behind the embedding of the query (milliseconds against tens of milliseconds). IVF's recall is set
+by how many cells a query scans (ANN_NPROBE), and the 100 candidates it proposes are rescored
+exactly, so its recall@10 is measured on the final ranking. Vectors are stored as float16 in the
+cells (SQfp16): the ANN file is as large as vectors.f16, not twice it. ANN_MIN_ROWS is where the
+exact scan's latency passes the query's embedding time (docs/search.md).
+
+BM25 and hybrid
+---------------
+`Bm25` is `bm25s` (Lucene's BM25 variant, sparse matrices, saved without pickle) over words:
+lower-cased letter and digit runs, identifiers split at `_` and camelCase (`read_config`,
+`readConfig` -> `read`, `config`), English stop words dropped. Hybrid fuses the dense and BM25
+rankings (top `CANDIDATES` of each) by reciprocal rank fusion, score(d) = sum 1 / (RRF_K + rank),
+rank starting at 1, RRF_K = 60 (Cormack et al. 2009); it needs no calibration between the two
+kinds of score. DEFAULT_MODE (hybrid) measured far better than dense search alone on the bundled
+retrieval task; BM25 alone beats both while the model is a raw language model (docs/search.md).
+
+Trade-offs: the BM25 index and the ANN index are loaded whole on first use (the vectors are not);
+a hybrid query pays for both searches.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from ...errors import LmforgeError
+from . import DEFAULT_MODE, MODES
+from .store import ANN_FILE, BM25_DIR, Hit, Index, normalize
+
+if TYPE_CHECKING:
+    from ..embed import Embedder
+
+RRF_K = 60
+CANDIDATES = 100  # per ranking fused by hybrid search, and at least this many from the ANN index
+ANN_MIN_ROWS = 100_000  # exact search below, an ANN index at and above (docs/search.md)
+ANN_NPROBE = 32  # inverted lists scanned per query (docs/search.md: recall@10 >= 0.95 at 1M)
+ANN_TRAIN_PER_CELL = 50  # k-means training vectors per inverted list (FAISS warns below 39)
+_BLOCK = 262_144  # rows per block of the exact scan (~128 MB of float16 at dim 256)
+
+
+class Embeds(Protocol):
+    """What search needs of an embedder (lmforge.understand.embed.Embedder)."""
+
+    def fingerprint(self) -> dict[str, Any]: ...
+    def embed(self, texts: Sequence[str], *, kind: str = "document", progress: bool = False) -> np.ndarray: ...
+
+
+# ---- exact ---------------------------------------------------------------------------------------
+
+
+def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best rows of `vectors` (N, d) float16 for each of `queries` (Q, d) by dot product:
+    rows (Q, k) int64 and scores (Q, k) float32, best first (fewer than k columns when N < k)."""
+    import torch
+
+    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    n, k = len(vectors), min(k, len(vectors))
+    if k == 0:
+        return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+    keep = min(n, max(4 * k, k + 16))  # candidates kept from the float16 scores for float32 rescoring
+    q16 = torch.from_numpy(queries).to(torch.float16)  # (Q, d)
+    cand_rows, cand_scores = [], []
+    for start in range(0, n, _BLOCK):
+        block = torch.from_numpy(np.asarray(vectors[start:start + _BLOCK]))  # (B, d) float16, no copy
+        # one matrix-vector product per query: on CPUs without float16 GEMM kernels (AVX2) a (B, d) x (d, Q)
+        # float16 product is many times slower than Q products with a vector (measured: docs/search.md)
+        scores = torch.stack([block @ q for q in q16]).float()  # (Q, B)
+        top = torch.topk(scores, min(keep, scores.shape[1]), dim=1)
+        cand_rows.append(top.indices + start)
+        cand_scores.append(top.values)
+    rows = torch.cat(cand_rows, dim=1)
+    if rows.shape[1] > keep:  # the best `keep` over all blocks
+        rows = torch.gather(rows, 1, torch.topk(torch.cat(cand_scores, dim=1), keep, dim=1).indices)
+    return rescore(vectors, queries, rows.numpy(), k)
+
+
+def rescore(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates (Q, C) (-1: none) rescored in float32, ties broken by the lower row: the k best
+    of each query, (Q, k) rows and scores (fewer columns when C < k)."""
+    width = min(k, candidates.shape[1])
+    out_rows, out_scores = np.full((len(queries), width), -1, np.int64), np.zeros((len(queries), width), np.float32)
+    for i, (q, cand) in enumerate(zip(queries, candidates)):
+        cand = np.unique(cand[cand >= 0])  # sorted: the lower row first among equal scores
+        scores = np.asarray(vectors[cand], dtype=np.float32) @ q
+        order = np.argsort(-scores, kind="stable")[:width]
+        out_rows[i, :len(order)], out_scores[i, :len(order)] = cand[order], scores[order]
+    return out_rows, out_scores
+
+
+# ---- approximate ---------------------------------------------------------------------------------
+
+
+class Ann:
+    """The approximate index: FAISS IVF (inverted lists over k-means cells, vectors stored as
+    float16) with inner product over the unit rows, stored as ann.faiss. A query scans the
+    `ANN_NPROBE` nearest cells; its candidates are rescored exactly by the caller."""
+
+    def __init__(self, index: Any) -> None:
+        self.index = index
+
+    @staticmethod
+    def wanted(rows: int) -> bool:
+        return rows >= ANN_MIN_ROWS
+
+    @staticmethod
+    def cells(rows: int) -> int:
+        """Inverted lists for `rows` vectors: ~4 sqrt(N) (FAISS's guideline is 4-16 sqrt(N))."""
+        return max(1, min(rows // 40, int(4 * rows ** 0.5)))
+
+    @classmethod
+    def build(cls, vectors: np.ndarray) -> Ann:
+        import faiss
+
+        n, dim = vectors.shape
+        nlist = cls.cells(n)
+        index = faiss.index_factory(dim, f"IVF{nlist},SQfp16", faiss.METRIC_INNER_PRODUCT)
+        sample = np.sort(np.random.default_rng(0).choice(n, min(n, ANN_TRAIN_PER_CELL * nlist), replace=False))
+        index.train(np.asarray(vectors[sample], dtype=np.float32))  # k-means on a fixed sample: deterministic
+        ann = cls(index)
+        ann.add(vectors)
+        return ann
+
+    def add(self, vectors: np.ndarray) -> None:
+        for start in range(0, len(vectors), _BLOCK):  # float32 a block at a time, never the whole file
+            self.index.add(np.asarray(vectors[start:start + _BLOCK], dtype=np.float32))
+
+    def save(self, path: Path) -> None:
+        import faiss
+
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> Ann:
+        import faiss
+
+        return cls(faiss.read_index(str(path)))
+
+    def search(self, queries: np.ndarray, n: int) -> np.ndarray:
+        """Candidate rows (Q, n); -1 where the index found fewer."""
+        import faiss
+
+        params = faiss.SearchParametersIVF(nprobe=ANN_NPROBE)
+        _, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), n, params=params)
+        return rows
+
+    def describe(self) -> dict[str, Any]:
+        import faiss
+
+        return {"library": "faiss", "version": faiss.__version__, "kind": f"IVF{self.index.nlist},SQfp16",
+                "file": ANN_FILE, "nprobe": ANN_NPROBE, "min_rows": ANN_MIN_ROWS}
+
+
+# ---- BM25 ----------------------------------------------------------------------------------------
+
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")  # HTTPServer -> HTTP, Server; read_config -> read, config
+
+
+@functools.cache
+def _stopwords() -> frozenset[str]:
+    from bm25s.stopwords import STOPWORDS_EN
+
+    return frozenset(STOPWORDS_EN)
+
+
+def words(text: str) -> list[str]:
+    """The BM25 terms of a text (see the module docstring)."""
+    stop = _stopwords()
+    return [w for w in (m.lower() for m in _WORD.findall(text)) if len(w) > 1 and w not in stop]
+
+
+class Bm25:
+    """A bm25s index over the chunk texts, row i = chunk i."""
+
+    def __init__(self, retriever: Any, rows: int) -> None:
+        self.retriever, self.rows = retriever, rows
+
+    @classmethod
+    def build(cls, texts: Sequence[str]) -> Bm25:
+        import bm25s
+
+        retriever = bm25s.BM25()
+        retriever.index([words(t) for t in texts], show_progress=False)
+        return cls(retriever, len(texts))
+
+    def save(self, directory: Path) -> None:
+        self.retriever.save(str(directory), show_progress=False)
+
+    @classmethod
+    def load(cls, directory: Path, rows: int) -> Bm25:
+        import bm25s
+
+        return cls(bm25s.BM25.load(str(directory), mmap=False, show_progress=False), rows)
+
+    def search(self, query: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and scores of the best n chunks with a positive score (no shared term: none)."""
+        terms = words(query)
+        n = min(n, self.rows)
+        if not terms or n == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        rows, scores = self.retriever.retrieve([terms], k=n, show_progress=False, n_threads=1)
+        keep = scores[0] > 0
+        return rows[0][keep].astype(np.int64), scores[0][keep].astype(np.float32)
+
+    @staticmethod
+    def describe() -> dict[str, Any]:
+        import bm25s
+
+        return {"library": "bm25s", "version": bm25s.__version__, "method": "lucene", "k1": 1.5, "b": 0.75,
+                "terms": "words-v1", "directory": BM25_DIR}
+
+
+# ---- fusion --------------------------------------------------------------------------------------
+
+
+def rrf(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion: (row, sum over rankings of 1 / (k + rank)), best first; rank
+    starts at 1; equal scores keep the order of first appearance (the first ranking's first)."""
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, row in enumerate(ranking, start=1):
+            scores[int(row)] = scores.get(int(row), 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda item: -item[1])  # sorted() is stable
+
+
+# ---- the searcher --------------------------------------------------------------------------------
+
+
+def check_embedder(index: Index, embedder: Embeds) -> None:
+    """Refuse a query embedder whose fingerprint (model and tokenizer sha256, pooling, dim) is not
+    the one the index was built with, in one line naming both checksums."""
+    from ..embed import fingerprint_mismatch
+
+    why = fingerprint_mismatch(index.fingerprint, embedder.fingerprint())
+    if why is not None:
+        raise LmforgeError(f"{index.path} was built by another model or pooling ({why}); use the model it was built "
+                           f"by ({index.model}) or rebuild the index")
+
+
+def load_embedder(index: Index, model: str | os.PathLike | None = None, *, batch_size: int = 32) -> Embedder:
+    """The index's embedder: its recorded model (or `model`), with its recorded pooling; refused
+    when the fingerprint differs from the one the index was built with."""
+    from ..embed import Embedder, Pooling
+
+    path = Path(model) if model is not None else Path(index.model)
+    if model is None and not path.exists():
+        raise LmforgeError(f"{index.path} was built by the model {path}, which is not there any more; "
+                           f"pass that model with --model PATH")
+    embedder = Embedder.load(path, pooling=Pooling.from_dict(index.fields["pooling"]), batch_size=batch_size)
+    check_embedder(index, embedder)
+    return embedder
+
+
+class Searcher:
+    """Searches one opened index; `embedder` (its own model and pooling) is needed for dense and
+    hybrid modes only. Safe for concurrent searches once `warm()` has loaded the side indexes."""
+
+    def __init__(self, index: Index, embedder: Embeds | None = None) -> None:
+        if embedder is not None:
+            check_embedder(index, embedder)
+        self.index, self.embedder = index, embedder
+        self._bm25: Bm25 | None = None
+        self._ann: Ann | None = None
+
+    def warm(self) -> Searcher:
+        """Load the BM25 and ANN indexes now (a server does, before its first request)."""
+        self.bm25()
+        self.ann()
+        return self
+
+    def bm25(self) -> Bm25:
+        if self._bm25 is None:
+            self._bm25 = Bm25.load(self.index.path / BM25_DIR, self.index.rows)
+        return self._bm25
+
+    def ann(self) -> Ann | None:
+        if self._ann is None and (self.index.path / ANN_FILE).is_file():
+            self._ann = Ann.load(self.index.path / ANN_FILE)
+        return self._ann
+
+    def embed_query(self, query: str) -> np.ndarray:
+        if self.embedder is None:
+            raise LmforgeError("dense and hybrid search need the index's model; use --mode bm25 to search without it")
+        return normalize(self.embedder.embed([query], kind="query"))  # (1, d)
+
+    def dense(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Best n rows and scores for one normalised query vector (1, d): ANN candidates when the
+        index has an ANN index, exact otherwise; scores exact either way."""
+        ann = self.ann()
+        if ann is None:
+            rows, scores = exact_search(self.index.vectors, query, n)
+        else:
+            rows, scores = rescore(self.index.vectors, query, ann.search(query, max(n, CANDIDATES)), n)
+        keep = rows[0] >= 0
+        return rows[0][keep], scores[0][keep]
+
+    def search(self, query: str, k: int = 5, mode: str = DEFAULT_MODE) -> list[Hit]:
+        """The k best chunks for a query, best first (BM25 returns only chunks sharing a term)."""
+        if mode not in MODES:
+            raise LmforgeError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
+        if k < 1:
+            raise LmforgeError(f"-k must be >= 1, got {k}")
+        if not query.strip():
+            raise LmforgeError("the query is empty; pass the text to search for")
+        if mode == "dense":
+            rows, scores = self.dense(self.embed_query(query), k)
+        elif mode == "bm25":
+            rows, scores = self.bm25().search(query, k)
+        else:
+            n = max(k, CANDIDATES)
+            dense_rows, _ = self.dense(self.embed_query(query), n)
+            bm25_rows, _ = self.bm25().search(query, n)
+            fused = rrf([dense_rows.tolist(), bm25_rows.tolist()])[:k]
+            return self.index.hits([r for r, _ in fused], [s for _, s in fused])
+        return self.index.hits(rows.tolist(), scores.tolist())
+
+
+# ---- `lmforge search` ----------------------------------------------------------------------------
+
+
+def search_command(path: str | os.PathLike, query: str, *, k: int = 5, mode: str = DEFAULT_MODE,
+                   model: str | None = None, as_json: bool = False) -> int:
+    """Print the k best chunks: rank, score, file:lines and the start of the text (or JSON)."""
+    from rich.markup import escape
+
+    from ...tokenizer import lone_surrogate
+    from ...util import out
+
+    if mode not in MODES:
+        raise LmforgeError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
+    if lone_surrogate(query) is not None:
+        raise LmforgeError("the query is not valid UTF-8 text; pass it as UTF-8")
+    with Index.open(path) as index:
+        embedder = load_embedder(index, model) if mode != "bm25" else None
+        hits = Searcher(index, embedder).search(query, k=k, mode=mode)
+    if as_json:
+        print(json.dumps({"index": str(path), "query": query, "mode": mode, "k": k,
+                          "results": [{"rank": i, "where": h.where(), **h.to_dict()} for i, h in enumerate(hits, 1)]},
+                         indent=2, ensure_ascii=False))
+        return 0
+    if not hits:
+        out.print(f"no results for {query!r} ({mode})", markup=False)
+    for i, h in enumerate(hits, 1):
+        out.print(f"[bold]{i}.[/] {h.score:.4f}  [cyan]{escape(h.where())}[/]")
+        lines = h.text.strip("\n").splitlines()
+        for line in lines[:4]:
+            out.print(f"    {line[:120]}", markup=False, highlight=False)
+        if len(lines) > 4:
+            out.print(f"    ... ({len(lines) - 4} more lines)", style="dim", markup=False)
+    return 0
+
+
+__all__ = ["load_embedder", "search_command", "MODES", "DEFAULT_MODE", "RRF_K", "CANDIDATES", "ANN_MIN_ROWS", "ANN_NPROBE", "Embeds", "exact_search",
+           "rescore", "Ann", "words", "Bm25", "rrf", "check_embedder", "Searcher"]
