@@ -150,6 +150,15 @@ def test_outlier_reassignment_golden_case() -> None:
     assert S.reassign_outliers(vec, labels, cents, 0.001).labels.tolist()[6:] == [-1, -1, -1]
 
 
+def test_knn_vote_golden_case() -> None:
+    # fitted documents 0..4: topics 0, 0, 1, 1 and an outlier; membership 1, 0.5, 1, 1, 0
+    labels, prob = np.array([0, 0, 1, 1, -1]), np.array([1.0, 0.5, 1.0, 1.0, 0.0])
+    nb = np.array([[0, 1, 2, 3], [3, 0, 1, 2], [4, 4, 4, 2], [2, 0, 3, 1], [0, 1, 0, 2]])  # nearest first
+    got, p = S.knn_vote(nb, labels, prob, chunk=2)
+    assert got.tolist() == [0, 1, -1, 1, 0]  # 2-2 ties go to the nearer neighbour's topic; 3 outliers of 4 win
+    assert np.allclose(p, [2 / 4 * 0.75, 2 / 4 * 1.0, 0.0, 2 / 4 * 1.0, 3 / 4 * (1 + 0.5 + 1) / 3])
+
+
 def test_canonical_labels_number_topics_by_size() -> None:
     assert S.canonical_labels(np.array([5, 5, -1, 2, 2, 2, 7, 7])).tolist() == [1, 1, -1, 0, 0, 0, 2, 2]
 
@@ -196,8 +205,12 @@ def test_beyond_fit_max_the_rest_take_their_nearest_fitted_documents_topic() -> 
     vec, texts, labels = planted_vectors(noise=0.3)
     gold = {i: str(t) for i, t in enumerate(labels)}
     r = T.fit_topics(vec, lambda: iter(texts), T.Settings(reduce="pca", fit_max=200), gold=gold)
-    assert r.notes["fitted_on"] == 200 and len(r.labels) == len(texts)
+    assert r.notes["fitted_on"] == 200 and r.notes["rest"]["documents"] == 280 and len(r.labels) == len(texts)
+    assert r.quality["labels"]["before_reassignment"]["nmi_in_topics"] > 0.95  # the rest agree with the fitted
     assert r.quality["labels"]["final"]["nmi"] > 0.9
+    again = T.fit_topics(planted_vectors(noise=0.3)[0], lambda: iter(texts), T.Settings(reduce="pca", fit_max=200),
+                         gold=gold)  # fresh vectors: fit_topics normalises its input in place
+    assert np.array_equal(again.labels, r.labels) and np.array_equal(again.probability, r.probability)
 
 
 def test_fewer_documents_than_the_minimum_cluster_size_is_refused() -> None:

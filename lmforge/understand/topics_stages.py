@@ -3,6 +3,7 @@
 - `canonical_labels`: topic ids by size (0 the largest), -1 for no topic;
 - `centroids`, `own_similarity`: topic centroids in the embedding space (normalised means of the
   members' unit vectors) and each document's cosine to its own;
+- `knn_vote`: a document beyond the fitted sample takes its nearest fitted documents' topic;
 - `reassign_outliers`: an outlier joins the nearest centroid within a cap (auto: the topic's
   radius, the farthest of its own members);
 - `TermCounter`, `ctfidf`, `top_terms`: class-based TF-IDF keywords over CountVectorizer counts,
@@ -105,6 +106,30 @@ def reassign_outliers(vectors: np.ndarray, labels: np.ndarray, cents: np.ndarray
     reassigned = np.zeros(len(labels), dtype=bool)
     reassigned[out[joins]] = True
     return Reassignment(new, reassigned, caps, nearest, distance)
+
+
+def knn_vote(neighbours: np.ndarray, labels: np.ndarray, prob: np.ndarray,
+             chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Topics of documents from their neighbours among the clustered ones. neighbours: (M, k)
+    indices into labels/prob, nearest first. Each takes the label most of its k neighbours have
+    (-1 included: a document among outliers stays one; ties: the label of the nearer neighbour),
+    with probability = the share of neighbours voting for it x their mean membership probability
+    (0 for -1). Returns ((M,) labels, (M,) probabilities)."""
+    out = np.empty(len(neighbours), dtype=np.int64)
+    p = np.zeros(len(neighbours), dtype=np.float32)
+    for s in range(0, len(neighbours), chunk):
+        nb = neighbours[s : s + chunk]
+        votes = labels[nb]  # (m, k)
+        counts = (votes[:, :, None] == votes[:, None, :]).sum(axis=2)  # (m, k): votes for each voter's label
+        winner = counts.argmax(axis=1)  # the first voter with the most votes: ties go to the nearer
+        rows = np.arange(len(nb))
+        chosen = votes[rows, winner]
+        mine = votes == chosen[:, None]
+        share = counts[rows, winner] / votes.shape[1]
+        mean_prob = (prob[nb] * mine).sum(axis=1) / mine.sum(axis=1)
+        out[s : s + chunk] = chosen
+        p[s : s + chunk] = np.where(chosen >= 0, share * mean_prob, 0.0)
+    return out, p
 
 
 def ctfidf(counts: Any) -> Any:
@@ -211,4 +236,5 @@ def agreement(gold: dict[int, str], labels: np.ndarray) -> dict[str, float]:
             if inside.any() else math.nan, "labelled": int(len(idx))}
 
 
-__all__ = ["canonical_labels", "normalise", "centroids", "own_similarity", "Reassignment", "reassign_outliers", "ctfidf", "top_terms", "TermCounter", "diversity", "agreement"]
+__all__ = ["canonical_labels", "normalise", "centroids", "own_similarity", "Reassignment", "reassign_outliers",
+           "knn_vote", "ctfidf", "top_terms", "TermCounter", "diversity", "agreement"]
