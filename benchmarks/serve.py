@@ -75,8 +75,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def run_level(base: str, prompts: list[list[int]], max_tokens: int, clients: int) -> tuple[float, list[float], list[list[int]]]:
-    """(wall seconds, per-request latencies, generated texts) with `clients` concurrent workers."""
+async def run_level(base: str, prompts: list[list[int]], max_tokens: int, clients: int,
+                    models: list[str | None] | None = None) -> tuple[float, list[float], list[list[int]]]:
+    """(wall seconds, per-request latencies, generated texts) with `clients` concurrent workers;
+    request i asks for models[i] (an adapter's name; None or no list: the served model)."""
     latencies: list[float] = [0.0] * len(prompts)
     texts: list = [None] * len(prompts)
     next_index = iter(range(len(prompts)))
@@ -84,8 +86,9 @@ async def run_level(base: str, prompts: list[list[int]], max_tokens: int, client
     async def worker(c: httpx.AsyncClient) -> None:
         for i in next_index:
             start = time.perf_counter()
+            model = {"model": models[i]} if models is not None and models[i] is not None else {}
             r = await c.post(base + "/v1/completions", json={"prompt": prompts[i], "max_tokens": max_tokens,
-                                                            "temperature": 0, "ignore_eos": True})
+                                                            "temperature": 0, "ignore_eos": True, **model})
             r.raise_for_status()
             latencies[i] = time.perf_counter() - start
             texts[i] = r.json()["choices"][0]["text"]

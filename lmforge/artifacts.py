@@ -10,6 +10,11 @@ Directories
                               has recorded tokenizer facts (train/checkpoint.py writes it)
   a model directory           MANIFEST.json ("kind": "model"), model.safetensors, config.yaml,
                               tokenizer.json, tokenizer_config.json, source.json (`lmforge import`)
+  a LoRA checkpoint           as a checkpoint, with adapter_model.safetensors + adapter_config.json
+                              (PEFT's files, lmforge/lora.py) in place of model.safetensors, and
+                              its manifest's `base_model` recording the base's sha256 and path
+  an adapter directory        MANIFEST.json ("kind": "adapter", `base_model` as above),
+                              adapter_model.safetensors, adapter_config.json (`export --format peft`)
 
 Every file name is a constant here; no other module spells one.
 
@@ -44,6 +49,13 @@ It reads safetensors, YAML and JSON only (nothing is unpickled), and `load_safet
 call of safetensors' `load_file` for model weights in lmforge. `into=` copies the weights into an
 existing model instead of building one (init.from: a 3B model is not held twice).
 
+LoRA. A LoRA run's checkpoints hold the adapter, not the base weights. `load_model` on one (or
+on an adapter directory) finds the base by the path its manifest records (else the run's
+`init.from`), refuses a base whose sha256 is not the recorded one naming both checksums, and
+returns the base with the adapter attached (lmforge/lora.py): sample, eval and serve use it as
+any model. `into=` (init.from of a new run) gets the adapter folded into the base's weights;
+`read_bundle(merge=True)` too (export --merge).
+
 Trade-offs: verification hashes every file, so loading a checkpoint reads it twice (a second or two
 per GB); a wrong answer from damaged weights costs more. torch and the model are imported only by
 the functions that need them, so the store and the dashboard can use the file names cheaply.
@@ -51,6 +63,7 @@ the functions that need them, so the store and the dashboard can use the file na
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -88,13 +101,20 @@ EVAL_RESULTS_FILE = "eval-results.jsonl"  # the eval sidecar's results (evaluate
 FAULTS_FIRED_FILE = "faults-fired.json"  # LMFORGE_FAULTS already fired in a run
 QUICKSTART_FILE = "quickstart.json"  # what a quickstart run was planned for
 LAST_ERROR_FILE = "last-error.json"  # a training process's user error, for its supervisor
+CLASSIFIER_HEAD = "head.safetensors"  # a classifier directory's head (understand/classify.py)
+CLASSIFIER_MODEL = "model"  # a classifier directory's own fine-tuned model directory (setfit, finetune)
+ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA adapter's weights, under PEFT's names (lmforge/lora.py)
+ADAPTER_CONFIG = "adapter_config.json"  # its settings, as PEFT writes them
+BASE_MODEL = "base_model"  # the manifest key of a LoRA checkpoint or adapter directory: {"sha256", "path"} of its base
 
 FORMAT_VERSION = 2
-Kind = Literal["checkpoint", "model"]
+Kind = Literal["checkpoint", "model", "adapter"]
 # The files a manifest of each kind must list.
 REQUIRED_FILES: dict[str, tuple[str, ...]] = {
     "checkpoint": (MODEL_FILE, TRAINER_FILE, CONFIG_FILE, TOKENIZER_FILE),
+    "lora checkpoint": (ADAPTER_FILE, ADAPTER_CONFIG, TRAINER_FILE, CONFIG_FILE, TOKENIZER_FILE),
     "model": (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE),
+    "adapter": (ADAPTER_FILE, ADAPTER_CONFIG),
 }
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -116,6 +136,16 @@ class Manifest:
 
     def sha256(self, name: str) -> str:
         return self.files[name]["sha256"]
+
+    @property
+    def base(self) -> dict[str, str] | None:
+        """A LoRA checkpoint's or adapter's base model: {"sha256", "path"}; None for full weights."""
+        return self.fields.get(BASE_MODEL)
+
+    @property
+    def weights_sha256(self) -> str:
+        """sha256 of the weights this directory adds: model.safetensors, or a LoRA's adapter file."""
+        return self.sha256(ADAPTER_FILE if self.base is not None else MODEL_FILE)
 
 
 def manifest_checksum(manifest: dict[str, Any]) -> str:
@@ -237,6 +267,10 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     for key in ("lmforge_version", "torch_version", "created"):
         if key in obj and not isinstance(obj[key], str):
             raise corrupt(f"{key} must be a string, got {obj[key]!r}")
+    base = obj.get(BASE_MODEL)
+    if base is not None and not (isinstance(base, dict) and isinstance(base.get("sha256"), str)
+                                 and _HEX64.match(base["sha256"]) and isinstance(base.get("path"), str)):
+        raise corrupt(f"{BASE_MODEL} must be an object with a 64-hex sha256 and a path, got {base!r}")
     return Manifest(version, kind, step, files, obj)
 
 
@@ -261,6 +295,8 @@ def verify_manifest(directory: str | os.PathLike, kind: str, required: tuple[str
             problems.append(f"{directory}: {rel} has {p.stat().st_size} bytes, manifest says {meta['bytes']} (truncated?)")
         elif sha256_file(p) != meta["sha256"]:
             problems.append(f"{directory}: {rel} fails its sha256 check (corrupt)")
+    if kind == "checkpoint" and m.base is not None and required == REQUIRED_FILES["checkpoint"]:
+        required = REQUIRED_FILES["lora checkpoint"]  # a LoRA run's checkpoint holds its adapter, not the base
     for name in required:
         if name not in m.files:
             problems.append(f"{directory}: manifest lists no {name}")
@@ -412,6 +448,9 @@ class Bundle:
     special: dict[str, Any] = field(default_factory=dict)  # bos_token, eos_token, pad_token, chat_template
     source: dict[str, Any] = field(default_factory=dict)
     embed: EmbedConfig = field(default_factory=EmbedConfig)  # the config's `embed:` section
+    # Matrices held as int8 as well (lmforge/quant.py): name -> (q int8 (N, K), scale fp32 (N, K / G)),
+    # `tensors[name]` being exactly q * scale. A model directory stores these as int8.
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def _has_model_files(p: Path) -> bool:
@@ -446,14 +485,45 @@ def write_model_dir(bundle: Bundle, out: Path, overwrite: bool = False) -> Path:
     cfg.validate()
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    extra: dict[str, Any] = {}
+    tensors = bundle.tensors
+    if bundle.quantized:  # int8 + scales (lmforge/quant.py), recorded in the manifest
+        from .quant import QUANT_KEY, stored_tensors
+
+        tensors = stored_tensors(bundle.tensors, bundle.quantized)
+        extra[QUANT_KEY] = quantization_record(bundle.quantized)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_file(bundle.tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
         bundle.tokenizer.save(tmp / TOKENIZER_FILE)
         atomic_write_json(tmp / TOKENIZER_CONFIG, {k: v for k, v in bundle.special.items() if v is not None})
         atomic_write_json(tmp / SOURCE_FILE, bundle.source)
-        write_manifest(tmp, kind="model")
+        write_manifest(tmp, kind="model", extra=extra)
     return out
+
+
+def quantization_record(quantized: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """The manifest's record of a directory's int8 matrices: {"format": "int8", "group_size": G}
+    (G = 0: one scale per row). One group size per directory."""
+    sizes = {q.shape[1] // scale.shape[1] if scale.shape[1] > 1 else 0 for q, scale in quantized.values()}
+    if len(sizes) != 1:
+        raise CheckpointError(f"int8 matrices with different group sizes {sorted(sizes)} cannot share one directory")
+    return {"format": "int8", "group_size": sizes.pop()}
+
+
+def stored_quantization(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The quantization record of a model directory's manifest (None: fp32 weights)."""
+    p = Path(directory)
+    if not (p / MANIFEST).exists():
+        return None
+    return read_manifest(p).fields.get("quantization")
+
+
+def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """model.safetensors of a checkpoint or model directory -> (fp32-dequantised tensors, int8 ones)."""
+    from .quant import read_stored
+
+    return read_stored(load_safetensors(directory / MODEL_FILE), stored_quantization(directory), str(directory / MODEL_FILE))
 
 
 def read_model_dir(path: str | os.PathLike) -> Bundle:
@@ -464,19 +534,34 @@ def read_model_dir(path: str | os.PathLike) -> Bundle:
     return read_bundle(p)
 
 
-def read_bundle(path: str | os.PathLike) -> Bundle:
+def read_bundle(path: str | os.PathLike, *, merge: bool = False) -> Bundle:
     """Whatever `load_model` accepts (a run, checkpoint or model directory) -> a verified Bundle
-    (export's reader: the tensors without a model built around them)."""
+    (export's reader: the tensors without a model built around them). A LoRA's adapter is folded
+    into its base's weights when `merge` (export --merge) and refused otherwise."""
     origin = resolve_origin(path)
+    if origin.is_adapter:
+        if not merge:
+            raise CheckpointError(f"{path} is a LoRA adapter on {origin.base_path}, not a whole model: export the adapter "
+                                  "with --format peft, or fold it into its base's weights with --merge")
+        parts = lora_parts(origin)
+        from .lora import merge as fold
+
+        tensors = fold(parts.base_tensors, parts.lora, parts.adapter, str(origin.path / ADAPTER_FILE))
+        source = {"format": "lmforge", "path": str(origin.path), "name": origin.name, "merged_adapter": origin.model_sha256,
+                  "base_model_sha256": origin.base_sha256}
+        return Bundle(parts.cfg.model, check_tensors(parts.cfg.model, tensors, str(origin.path)), parts.tokenizer,
+                      parts.facts, source, parts.cfg.embed)
+    if merge:
+        raise CheckpointError(f"--merge: {path} holds whole weights, no LoRA adapter to fold in; leave out --merge")
     cfg = read_config(origin.path)
     tok = Tokenizer.load(origin.path / TOKENIZER_FILE)
-    tensors = load_safetensors(origin.path / MODEL_FILE)
+    tensors, quantized = read_weights(origin.path)
     if origin.kind == "model":
         source = read_json(origin.path / SOURCE_FILE) if (origin.path / SOURCE_FILE).is_file() else {}
     else:
         source = {"format": "lmforge", "path": str(origin.path), "name": origin.name}
     return Bundle(cfg.model, check_tensors(cfg.model, tensors, str(origin.path)), tok,
-                  tokenizer_facts(origin.path, cfg, tok), source, cfg.embed)
+                  tokenizer_facts(origin.path, cfg, tok), source, cfg.embed, quantized)
 
 
 def origin_facts(cfg: Config, tok: Tokenizer) -> dict[str, Any]:
@@ -587,14 +672,22 @@ class Origin:
     """Where loaded weights came from."""
 
     kind: Kind
-    path: Path  # the checkpoint directory (a run resolved to its newest intact one) or model directory
-    step: int | None  # a checkpoint's step; None for a model directory
-    name: str  # the run's name for a checkpoint, the directory's for a model
-    model_sha256: str  # of model.safetensors: from the manifest, computed for a legacy model directory
+    path: Path  # the checkpoint directory (a run resolved to its newest intact one), model or adapter directory
+    step: int | None  # a checkpoint's step; None for a model or adapter directory
+    name: str  # the run's name for a checkpoint, the directory's for a model or adapter
+    # of model.safetensors (from the manifest; computed for a legacy model directory), or of a LoRA's adapter file
+    model_sha256: str
+    base_sha256: str = ""  # a LoRA checkpoint's or adapter's base model (its model_sha256); "" for full weights
+    base_path: str = ""  # where that base was when the adapter was made
+
+    @property
+    def is_adapter(self) -> bool:
+        return bool(self.base_sha256)
 
     def describe(self) -> str:
-        """"step 200" or "model directory": what `sample`, `eval` and `serve` print beside the path."""
-        return f"step {self.step}" if self.kind == "checkpoint" else "model directory"
+        """"step 200", "model directory" or "adapter directory": what `sample`, `eval` and `serve` print beside the path."""
+        where = f"step {self.step}" if self.kind == "checkpoint" else f"{self.kind} directory"
+        return f"{where}, LoRA adapter on {self.base_path}" if self.is_adapter else where
 
 
 @dataclass
@@ -603,8 +696,9 @@ class Loaded:
 
     model: Transformer
     tokenizer: Tokenizer  # with its recorded facts applied (chat template, end of turn)
-    config: Config  # the resolved config recorded beside the weights
+    config: Config  # the resolved config recorded beside the weights (a LoRA's: its `lora` section set)
     origin: Origin
+    base: Origin | None = None  # a LoRA's base model, verified against the checksum the adapter recorded
 
 
 def resolve_origin(path: str | os.PathLike) -> Origin:
@@ -619,6 +713,14 @@ def resolve_origin(path: str | os.PathLike) -> Origin:
         if problems:
             raise _refused("checkpoint", problems)
         return _checkpoint_origin(p)
+    if (p / MANIFEST).exists() and _manifest_kind(p) == "adapter":
+        problems = verify_manifest(p, "adapter", REQUIRED_FILES["adapter"])
+        if problems:
+            raise _refused("adapter directory", problems)
+        m = read_manifest(p)
+        if m.base is None:
+            raise _refused("adapter directory", [f"{p}: its {MANIFEST} records no {BASE_MODEL}"])
+        return Origin("adapter", p, None, p.resolve().name, m.weights_sha256, **_base_fields(m))
     if (p / MANIFEST).exists() or _has_model_files(p):
         problems = verify_model_dir(p)
         if problems:
@@ -635,22 +737,34 @@ def _checkpoint_origin(ckpt: Path) -> Origin:
     m = read_manifest(ckpt)
     parent = ckpt.resolve().parent
     name = parent.parent.name if parent.name == CHECKPOINTS else ckpt.resolve().name
-    return Origin("checkpoint", ckpt, m.step, name, m.sha256(MODEL_FILE))
+    return Origin("checkpoint", ckpt, m.step, name, m.weights_sha256, **_base_fields(m))
+
+
+def _base_fields(m: Manifest) -> dict[str, str]:
+    return {"base_sha256": m.base["sha256"], "base_path": m.base["path"]} if m.base else {}
 
 
 def load_model(path: str | os.PathLike, *, device: Any = None, dtype: torch.dtype | None = None,
-               into: torch.nn.Module | None = None) -> Loaded:
+               into: torch.nn.Module | None = None, quantize: str | None = None) -> Loaded:
     """The one way lmforge loads weights: a run directory (its newest intact checkpoint), a
-    checkpoint directory or a model directory, verified, into a new model in eval mode on
-    `device` (default: `util.default_device()`), fp32 as stored unless `dtype` casts it.
+    checkpoint directory, a model directory or an adapter directory, verified, into a new model in
+    eval mode on `device` (default: `util.default_device()`), fp32 as stored unless `dtype` casts
+    it. A LoRA run's checkpoint (or an adapter directory) gives its base with the adapter attached.
+
+    quantize: None loads the weights as stored (a directory with int8 weights gives an int8
+    model, lmforge/quant.py); "fp32", "f16" or "int8" gives a model prepared for inference with
+    its weights held that way (`quant.prepare`; "fp32" dequantises stored int8 exactly).
 
     into: copy the weights into this existing model instead (its names and shapes must fit; it
-    keeps its device, dtype and mode): `init.from` loads a model it has already built."""
+    keeps its device, dtype and mode): `init.from` loads a model it has already built; a LoRA's
+    adapter is folded into the base's weights there. Stored int8 weights are dequantised into it."""
     origin = resolve_origin(path)
+    if origin.is_adapter:
+        return _load_lora(origin, device=device, dtype=dtype, into=into)
     cfg = read_config(origin.path)
     tok = Tokenizer.load(origin.path / TOKENIZER_FILE)
     tok.use_model_facts(tokenizer_facts(origin.path, cfg, tok))  # a fine-tune keeps its origin's chat template
-    tensors = load_safetensors(origin.path / MODEL_FILE)
+    tensors, quantized = read_weights(origin.path)
     source = f"{origin.path / MODEL_FILE}"
     if into is not None:
         load_weights(into, tensors, source)
@@ -664,7 +778,150 @@ def load_model(path: str | os.PathLike, *, device: Any = None, dtype: torch.dtyp
     model = model.eval().to(device if device is not None else default_device())
     if dtype is not None:
         model = model.to(dtype)
+    if quantize is None and quantized:
+        quantize = "int8"
+    if quantize is not None:
+        from .quant import prepare
+
+        prepare(model, quantize, stored=quantized)
     return Loaded(model, tok, cfg, origin)
+
+
+# ---- LoRA adapters -----------------------------------------------------------------------------
+
+
+@dataclass
+class LoraParts:
+    """What a LoRA checkpoint or adapter directory loads into: its verified base and the adapter."""
+
+    base: Origin
+    cfg: Config  # the base's model section, the adapter's lora section
+    tokenizer: Tokenizer
+    facts: dict[str, Any]  # tokenizer facts (chat template, end of turn)
+    base_tensors: dict[str, torch.Tensor]
+    lora: Any  # config.LoraConfig of adapter_config.json
+    adapter: dict[str, torch.Tensor]  # PEFT-named A and B
+
+
+def find_base(origin: Origin) -> Origin:
+    """The verified base model of a LoRA checkpoint or adapter directory: the path its manifest
+    recorded, else (a checkpoint) its run's init.from. A base whose weights' sha256 is not the
+    recorded one is refused naming both checksums: an adapter only means something on its own base."""
+    candidates = [origin.base_path]
+    if origin.kind == "checkpoint":
+        init = read_config(origin.path).init.from_
+        if init and init not in candidates:
+            candidates.append(init)
+    found = [c for c in candidates if c and Path(c).exists()]
+    if not found:
+        raise CheckpointError(f"the base model of the LoRA adapter {origin.path} is not found (looked for "
+                              f"{' and '.join(c for c in candidates if c)}); it was the model with sha256 {origin.base_sha256}: "
+                              "put it back there, or serve the adapter on it: lmforge serve BASE --adapter NAME=" + str(origin.path))
+    for where in found:  # the recorded path may hold another model by now: the run's init.from may still fit
+        with contextlib.suppress(CheckpointError):
+            base = resolve_origin(where)
+            if base.model_sha256 == origin.base_sha256 and not base.is_adapter:
+                return base
+    base = resolve_origin(found[0])  # none fits: refused, naming the first one's checksum
+    check_base(origin, base, found[0])
+    return base
+
+
+def check_base(adapter: Origin, base: Origin, where: str | os.PathLike) -> None:
+    """Refuse `base` for `adapter` unless it is the model the adapter was trained on (by sha256)."""
+    if base.is_adapter:
+        raise CheckpointError(f"{where} is itself a LoRA adapter (on {base.base_path}); an adapter's base must be whole "
+                              "weights: a model directory or a full fine-tune's checkpoint")
+    if base.model_sha256 != adapter.base_sha256:
+        raise CheckpointError(f"the LoRA adapter {adapter.path} was trained on the base model with sha256 "
+                              f"{adapter.base_sha256}, but {where} has sha256 {base.model_sha256}: another model; "
+                              f"use the adapter's own base ({adapter.base_path})")
+
+
+def read_adapter_config(directory: str | os.PathLike) -> Any:
+    """A LoRA checkpoint's or adapter directory's adapter_config.json as a config.LoraConfig."""
+    from .lora import config_from_peft
+
+    path = Path(directory) / ADAPTER_CONFIG
+    return config_from_peft(read_json(path), str(path))
+
+
+def read_adapter_tensors(origin: Origin) -> dict[str, torch.Tensor]:
+    """The adapter's PEFT-named tensors, checked against the sha256 its manifest recorded (the
+    server loads adapters long after it verified their directories)."""
+    path = origin.path / ADAPTER_FILE
+    if sha256_file(path) != origin.model_sha256:
+        raise CheckpointError(f"{path} fails its sha256 check (changed or corrupt since the server started)")
+    return load_safetensors(path)
+
+
+def lora_parts(origin: Origin, base: Origin | None = None) -> LoraParts:
+    """Everything a LoRA checkpoint or adapter directory loads: base (found and verified, or the
+    given one, checked), tensors, config, tokenizer."""
+    from .lora import check_adapter, split_tensors
+
+    base = base or find_base(origin)
+    lora = read_adapter_config(origin.path)
+    if origin.kind == "checkpoint":
+        cfg = read_config(origin.path)
+        tok = Tokenizer.load(origin.path / TOKENIZER_FILE)
+        facts = tokenizer_facts(origin.path, cfg, tok)
+    else:
+        cfg = read_config(base.path)
+        tok = Tokenizer.load(base.path / TOKENIZER_FILE)
+        facts = tokenizer_facts(base.path, cfg, tok)
+    cfg = replace(cfg, lora=lora)
+    base_tensors = check_tensors(cfg.model, load_safetensors(base.path / MODEL_FILE), str(base.path / MODEL_FILE))
+    adapter = load_safetensors(origin.path / ADAPTER_FILE)
+    check_adapter(lora, split_tensors(adapter, str(origin.path / ADAPTER_FILE)), expected_shapes(cfg.model),
+                  str(origin.path / ADAPTER_FILE))
+    return LoraParts(base, cfg, tok, facts, base_tensors, lora, adapter)
+
+
+def _load_lora(origin: Origin, *, device: Any, dtype: torch.dtype | None, into: torch.nn.Module | None) -> Loaded:
+    from .lora import attach, load_adapter, merge
+
+    parts = lora_parts(origin)
+    tok = parts.tokenizer
+    tok.use_model_facts(parts.facts)
+    source = str(origin.path / ADAPTER_FILE)
+    if into is not None:  # a new run starts from the merged weights
+        load_weights(into, merge(parts.base_tensors, parts.lora, parts.adapter, source), str(origin.path))
+        return Loaded(into, tok, parts.cfg, origin, parts.base)  # type: ignore[arg-type]
+    from .model import Transformer
+    from .util import default_device
+
+    model = Transformer(parts.cfg.model)
+    load_weights(model, parts.base_tensors, str(parts.base.path / MODEL_FILE))
+    attach(model, parts.lora, init=False)
+    load_adapter(model, parts.adapter, source)
+    model = model.eval().to(device if device is not None else default_device())
+    if dtype is not None:
+        model = model.to(dtype)
+    return Loaded(model, tok, parts.cfg, origin, parts.base)
+
+
+def write_adapter_dir(out: str | os.PathLike, tensors: dict[str, torch.Tensor], lora: Any, base: Origin,
+                      overwrite: bool = False) -> Path:
+    """An adapter directory (atomically): PEFT's adapter_model.safetensors and adapter_config.json
+    (base_model_name_or_path: the base's path) and a manifest recording the base's sha256."""
+    from safetensors.torch import save_file
+
+    from .lora import peft_config
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        atomic_write_json(tmp / ADAPTER_CONFIG, peft_config(lora, str(base.path)))
+        write_manifest(tmp, kind="adapter", extra={BASE_MODEL: base_record(base)})
+    return out
+
+
+def base_record(base: Origin) -> dict[str, str]:
+    """What a LoRA checkpoint's or adapter's manifest records about its base model."""
+    return {"sha256": base.model_sha256, "path": str(base.path.resolve())}
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -688,11 +945,13 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 __all__ = [
     "MANIFEST", "MODEL_FILE", "CONFIG_FILE", "TOKENIZER_FILE", "TOKENIZER_CONFIG", "SOURCE_FILE", "TRAINER_FILE",
     "TRAIN_STATE", "CHECKPOINTS", "LATEST", "METRICS_FILE", "EVENTS_FILE", "EVAL_RESULTS_FILE", "FAULTS_FIRED_FILE",
-    "QUICKSTART_FILE", "LAST_ERROR_FILE", "FORMAT_VERSION", "REQUIRED_FILES",
+    "QUICKSTART_FILE", "LAST_ERROR_FILE", "CLASSIFIER_HEAD", "CLASSIFIER_MODEL", "FORMAT_VERSION", "REQUIRED_FILES",
     "Manifest", "manifest_checksum", "write_manifest", "read_manifest", "verify_manifest",
     "checkpoint_name", "checkpoints_dir", "list_checkpoints", "checkpoint_step", "is_checkpoint_dir",
     "verify_checkpoint", "scan_checkpoints", "find_resume_checkpoint", "resolve_checkpoint", "read_config",
     "read_trainer_state", "Bundle", "is_model_dir", "verify_model_dir", "read_model_dir", "write_model_dir",
-    "read_bundle", "origin_facts", "tokenizer_facts", "expected_shapes", "check_tensors", "load_safetensors",
+    "read_bundle", "quantization_record", "stored_quantization", "read_weights", "origin_facts", "tokenizer_facts", "expected_shapes", "check_tensors", "load_safetensors",
     "load_weights", "Origin", "Loaded", "resolve_origin", "load_model", "read_json",
+    "ADAPTER_FILE", "ADAPTER_CONFIG", "BASE_MODEL", "LoraParts", "find_base", "check_base", "read_adapter_config",
+    "read_adapter_tensors", "lora_parts", "write_adapter_dir", "base_record",
 ]

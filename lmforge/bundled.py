@@ -1,7 +1,8 @@
 """Recipes and tasks that ship inside the package, usable by name from anywhere.
 
 The shipped training recipes (`lmforge/configs/*.yaml`), evaluation tasks (`lmforge/tasks/*.jsonl`)
-and example sets for `prepare --sft` (`lmforge/datasets/*.jsonl`, e.g. `support-chat`) are package data, so `pip install .` carries them. In a checkout, `configs` and `tasks` at the
+and data sets (`lmforge/datasets/*.jsonl`: `prepare --sft`'s `support-chat`, `classify`'s `stdlib-modules-*`)
+are package data, so `pip install .` carries them. In a checkout, `configs` and `tasks` at the
 repository root are symlinks to these directories, so the documented paths (`configs/small-cpu.yaml`)
 keep working there; anywhere else the bundled file is reached by its name (`small-cpu`, `python-mc`).
 

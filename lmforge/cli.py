@@ -29,7 +29,23 @@ from .util import PROGRESS_MODES, console, out, progress_mode, set_progress_mode
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare
+    from .threads import check_threads, cores, default_threads, measure_others
 
+    if args.sft and args.dpo:
+        raise LmforgeError("give --sft (examples) or --dpo (preference pairs), not both")
+    workers = check_threads(args.workers) or default_threads(cores(), measure_others())
+    if args.dpo:
+        from .data.preferences import prepare_dpo
+
+        if not args.tokenizer:
+            raise LmforgeError("prepare --dpo needs --tokenizer: the model directory (or run) to tune, whose "
+                               "tokenizer and chat template render the pairs, e.g. --tokenizer runs/support")
+        if args.train_on_prompt:
+            raise LmforgeError("--train-on-prompt goes with --sft: DPO compares the completions, the prompt is their condition")
+        prepare_dpo(args.inputs, args.out, tokenizer=args.tokenizer, include=args.include, exclude=args.exclude,
+                    val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, workers=workers,
+                    overwrite=args.overwrite)
+        return 0
     if args.sft:
         from .data.sft import prepare_sft
 
@@ -38,7 +54,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                                "tokenizer and chat template render the examples, e.g. --tokenizer models/smol")
         prepare_sft(args.inputs, args.out, tokenizer=args.tokenizer, train_on_prompt=args.train_on_prompt,
                     include=args.include, exclude=args.exclude, val_fraction=args.val_fraction,
-                    shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite)
+                    shard_tokens=args.shard_tokens, workers=workers, overwrite=args.overwrite)
         return 0
     if args.train_on_prompt:
         raise LmforgeError("--train-on-prompt goes with --sft (a text corpus trains on every token already)")
@@ -54,7 +70,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         shard_tokens=args.shard_tokens,
         strict=args.strict,
-        workers=args.workers,
+        workers=workers,
         overwrite=args.overwrite,
     )
     return 0
@@ -94,6 +110,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.threads:  # train.threads (StartRequest.threads), recorded in the run like an override
+        from .threads import check_threads
+
+        check_threads(args.threads)
     from .train.start import StartRequest
 
     request = StartRequest.from_args(args)  # every flag the training process gets (one field each)
@@ -146,13 +166,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         num_samples=args.num_samples,
+        threads=args.threads,
+        quantize=args.quantize,
     )
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import quickstart
 
-    return quickstart(workdir=args.workdir, minutes=args.minutes, source=args.source)
+    return quickstart(workdir=args.workdir, minutes=args.minutes, source=args.source, threads=args.threads)
 
 
 # ---- plan ------------------------------------------------------------------------------------
@@ -263,6 +285,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .threads import check_threads
+
+    check_threads(args.threads)
     # Flags that would be silently ignored are mistakes: say so rather than do something else.
     if not args.watch:
         given = [flag for flag, value in (("--once", args.once), ("--follow", args.follow),
@@ -300,19 +325,159 @@ def cmd_embed(args: argparse.Namespace) -> int:
                          strict=args.strict, overwrite=args.overwrite)
 
 
+# ---- classify ---------------------------------------------------------------------------------
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    if args.classify_cmd == "train":
+        from .understand.classify_train import train_command
+
+        train_command(args.model, args.examples, args.out, method=args.method, labels_file=args.labels,
+                      scorer=args.zero_shot_scorer, template=args.template, held_out=args.held_out,
+                      examples_per_class=args.examples_per_class, seed=args.seed, c=args.c,
+                      min_confidence=args.min_confidence, fallback=args.fallback, text_field=args.text_field,
+                      label_field=args.label_field, batch_size=args.batch_size, threads=args.threads,
+                      overwrite=args.overwrite)
+        return 0
+    if args.classify_cmd == "eval":
+        from .understand.classify_report import eval_command
+
+        eval_command(args.classifier, args.test, min_confidence=args.min_confidence, as_json=args.json,
+                     report=args.report, allow_unknown=args.allow_unknown_labels, model=args.model,
+                     text_field=args.text_field, label_field=args.label_field, batch_size=args.batch_size,
+                     threads=args.threads, overwrite=args.overwrite)
+        return 0
+    if args.classify_cmd == "predict":
+        from .understand.classify_report import predict_command
+
+        predict_command(args.classifier, args.input, args.out, min_confidence=args.min_confidence, model=args.model,
+                        text_field=args.text_field, id_field=args.id_field, batch_size=args.batch_size,
+                        chunk=args.chunk, threads=args.threads, overwrite=args.overwrite)
+        return 0
+    raise AssertionError(args.classify_cmd)
+
+
+def add_classify_arguments(p: argparse.ArgumentParser) -> None:
+    from .understand.classify import DEFAULT_FALLBACK, DEFAULT_TEMPLATE, METHODS, SCORERS
+
+    sub = p.add_subparsers(dest="classify_cmd", metavar="ACTION", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field / CSV column holding the text")
+    common.add_argument("--batch-size", type=R.positive_int(), default=32, help="texts per forward (sorted by length)")
+    common.add_argument("--threads", type=THREADS, default=0, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    common.add_argument("--overwrite", action="store_true", help="replace --out / --report if it exists")
+
+    t = sub.add_parser("train", parents=[common], help="labelled examples -> a classifier directory (clf/NAME)")
+    t.add_argument("model", help="embedding model: run directory (newest checkpoint), checkpoint or model directory")
+    t.add_argument("examples", nargs="?", help="labelled examples: .jsonl ({text, label} or {text, labels: [...]}) or "
+                   ".csv with a header (text,label); zero-shot: optional, then used only to calibrate")
+    t.add_argument("--out", required=True, help="classifier directory to write, e.g. clf/tickets")
+    t.add_argument("--method", choices=METHODS, default="head", help="head: logistic regression on frozen embeddings "
+                   "(default); zero-shot: label names only; setfit, finetune: train the model (docs/classify.md)")
+    t.add_argument("--labels", help="zero-shot: label file (.jsonl {label, description} or one 'name: description' "
+                   "per line)")
+    t.add_argument("--zero-shot-scorer", choices=SCORERS, default="embedding",
+                   help="zero-shot: embedding similarity (default) or the LM's likelihood of each label name")
+    t.add_argument("--template", type=R.Text(), default=DEFAULT_TEMPLATE, help="zero-shot lm scorer: the context, "
+                   "{text} for the text (default %(default)r)")
+    t.add_argument("--held-out", type=R.HELD_OUT, default=0.2, help="share of the examples held out to fit the "
+                   "temperature (default %(default)g)")
+    t.add_argument("--examples-per-class", type=R.positive_int(), help="keep only N examples of each label (fixed "
+                   "order by --seed)")
+    t.add_argument("--seed", type=R.any_int(), default=0, help="the held-out split and --examples-per-class choice")
+    t.add_argument("--c", type=R.positive_float(), default=1.0, help="head: inverse L2 strength, as scikit-learn's C "
+                   "(default 1)")
+    t.add_argument("--min-confidence", type=R.CONFIDENCE, default=0.0, help="recorded threshold: below it predict and "
+                   "serve route to --fallback (default 0: route nothing)")
+    t.add_argument("--fallback", type=R.Text(), default=DEFAULT_FALLBACK, help="where low-confidence items go "
+                   "(default %(default)s)")
+    t.add_argument("--label-field", type=R.Text(), default="label", help="JSONL field / CSV column of the label (its "
+                   "plural, e.g. labels, for multi-label)")
+    t.set_defaults(func=cmd_classify)
+
+    e = sub.add_parser("eval", parents=[common], help="accuracy, macro-F1, per class, confusion, ECE, coverage curve")
+    e.add_argument("classifier", help="classifier directory (clf/NAME)")
+    e.add_argument("test", help="labelled test file (.jsonl or .csv, as for train)")
+    e.add_argument("--min-confidence", type=R.CONFIDENCE, help="routing threshold to report (default: the recorded one)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--report", help="write a self-contained HTML report (charts, tables) here")
+    e.add_argument("--allow-unknown-labels", action="store_true", help="count test items whose label the classifier "
+                   "does not know as wrong instead of refusing the file")
+    e.add_argument("--model", help="the classifier's embedding model, when it moved (checked by checksum)")
+    e.add_argument("--label-field", type=R.Text(), default="label", help="JSONL field / CSV column of the label")
+    e.set_defaults(func=cmd_classify)
+
+    r = sub.add_parser("predict", parents=[common], help="texts -> labels, scores and routing, as JSONL (streamed)")
+    r.add_argument("classifier", help="classifier directory (clf/NAME)")
+    r.add_argument("input", help=".jsonl ({text, id?}), .csv (header with text) or a text file (one text per line)")
+    r.add_argument("--out", required=True, help="predictions JSONL to write")
+    r.add_argument("--min-confidence", type=R.CONFIDENCE, help="route below this confidence (default: the recorded one)")
+    r.add_argument("--model", help="the classifier's embedding model, when it moved (checked by checksum)")
+    r.add_argument("--id-field", type=R.Text(), default="id", help="JSONL field / CSV column of the id (else FILE:LINE)")
+    r.add_argument("--chunk", type=R.positive_int(), default=1024, help="texts read, scored and written at a time "
+                   "(bounds memory)")
+    r.set_defaults(func=cmd_classify)
+
+
+# ---- topics -----------------------------------------------------------------------------------
+
+
+def parse_ngram_range(text: str) -> tuple[int, int]:
+    """'1,2' -> (1, 2); '2' -> (2, 2) (argparse type)."""
+    try:
+        lo, _, hi = text.partition(",")
+        lo_n, hi_n = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not MIN,MAX: {text!r} (e.g. 1,2 for words and word pairs)") from None
+    if not 1 <= lo_n <= hi_n <= 5:
+        raise argparse.ArgumentTypeError(f"MIN,MAX must satisfy 1 <= MIN <= MAX <= 5, got {text!r}")
+    return lo_n, hi_n
+
+
+def parse_distance_or_auto(text: str) -> float | None:
+    """'auto' -> None; else a float (argparse type)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a cosine distance or auto: {text!r} (e.g. 0.3)") from None
+    if not 0.0 <= value <= 2.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"a cosine distance is within 0..2, got {text!r}")
+    return value
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from .understand.topics import Settings, topics_command
+
+    settings = Settings(
+        reduce=args.reduce, n_components=args.n_components, n_neighbors=args.n_neighbors, min_dist=args.min_dist,
+        cluster=args.cluster, min_cluster_size=args.min_cluster_size, min_samples=args.min_samples,
+        n_topics=args.n_topics, fit_max=args.fit_max, top_words=args.top_words, stop_words=args.stop_words,
+        ngram_range=args.ngram_range, min_df=args.min_df, representative_docs=args.representative_docs,
+        reassign_outliers=args.reassign_outliers, outlier_max_distance=args.outlier_max_distance, seed=args.seed,
+        map_points=args.map_points, time_bins=args.time_bins,
+    )
+    return topics_command(args.model, args.inputs, args.out, settings=settings, text_field=args.text_field,
+                          id_field=args.id_field, time_field=None if args.time_field == "none" else args.time_field,
+                          labels=args.labels, namer=args.namer,
+                          batch_size=args.batch_size, threads=args.threads, max_len=args.max_len, strict=args.strict,
+                          overwrite=args.overwrite, as_json=args.json)
+
+
 # ---- import / export ------------------------------------------------------------------------
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from .convert import import_command
 
-    return import_command(args.source, args.out, overwrite=args.overwrite)
+    return import_command(args.source, args.out, overwrite=args.overwrite, keep_quantized=args.keep_quantized)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .convert import export_command
 
-    return export_command(args.source, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    return export_command(args.source, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite, merge=args.merge)
 
 
 # ---- serve -----------------------------------------------------------------------------------
@@ -326,7 +491,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         insecure=args.insecure, max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
         model_name=args.model_name, max_embed_inputs=args.max_embed_inputs, chat_template=args.chat_template, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, threads=args.threads, shutdown_grace=args.shutdown_grace,
-        index=args.index,
+        quantize=args.quantize,
+        index=args.index, adapters=args.adapter, max_adapters=args.max_adapters,
     )
 
 
@@ -426,6 +592,12 @@ def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
 
 # ---- parser ----------------------------------------------------------------------------------
 
+THREADS_DEFAULT = "the cores other processes leave free, at least 1; fewer while they take more (docs/inference.md)"
+WEIGHTS_CHOICES = ("fp32", "f16", "int8")  # lmforge/quant.py WEIGHTS (not imported: it loads torch)
+QUANTIZE_HELP = ("weights for inference: fp32, f16 (half the bytes) or int8 (a quarter; docs/inference.md); "
+                 "default: as stored")
+THREADS = R.thread_count(note="0 = lmforge chooses")  # every --threads; above this machine's cores: threads.check_threads
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, with a mistake on the command line reported like every other lmforge error: one line
@@ -453,10 +625,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="files, directories (recursive) or .jsonl files")
     p.add_argument("--out", required=True, help="output dataset directory")
     p.add_argument("--vocab-size", type=VOCAB_SIZE, default=8192, help="BPE vocabulary size to train")
-    p.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one); with --sft a model "
+    p.add_argument("--tokenizer", help="reuse this tokenizer.json (or a directory holding one); with --sft or --dpo a model "
                    "directory or run, whose chat template renders the examples")
     p.add_argument("--sft", action="store_true", help="fine-tuning examples (.jsonl: {text}, {messages} or {prompt, "
                    "completion}) with a loss mask: assistant turns trained, prompts not (docs/finetune.md)")
+    p.add_argument("--dpo", action="store_true", help="preference pairs (.jsonl: {prompt, chosen, rejected}) for "
+                   "train.objective dpo, rendered as --sft renders prompt/completion (docs/finetune.md)")
     p.add_argument("--train-on-prompt", action="store_true", help="with --sft: train on every token, prompts included")
     p.add_argument("--special-tokens", type=R.Text(), default="<|bos|>,<|eos|>,<|pad|>",
                    help="comma-separated special tokens of a trained tokenizer (must include <|bos|>, <|eos|>, <|pad|>)")
@@ -466,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=R.VAL_FRACTION, default=0.01, help="fraction of documents for validation")
     p.add_argument("--shard-tokens", type=R.positive_int(), default=50_000_000, help="max tokens per shard")
     p.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
-    p.add_argument("--workers", type=R.thread_count(), default=0, help="tokenizer threads (0: all cores)")
+    p.add_argument("--threads", "--workers", dest="workers", type=THREADS, default=0, metavar="N",
+                   help=f"tokenizer threads (default: {THREADS_DEFAULT})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.set_defaults(func=cmd_prepare)
 
@@ -510,6 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=R.positive_int(hi=R.MAX_THREADS), default=None, metavar="N",
                    help="run N (>= 1) processes on this machine under torchrun (--standalone), checked before launch; "
                    "with --supervise the whole job is restarted. Not inside torchrun: it launches the processes there")
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads per process, recorded as train.threads "
+                   f"(default: the config's; 0 there: {THREADS_DEFAULT}); fewer while other processes hold cores")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("ckpt", help="checkpoint tools")
@@ -527,6 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=R.TOP_P, default=1.0)
     p.add_argument("--seed", type=R.SEED, default=0)
     p.add_argument("--num-samples", type=R.positive_int(), default=1)
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    p.add_argument("--quantize", choices=WEIGHTS_CHOICES, help=QUANTIZE_HELP)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("quickstart", help="the whole life of a model on local data, in minutes on a CPU")
@@ -537,6 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)g)")
     p.add_argument("--source", help="corpus directory of .py files; <name> is its base name + a hash of its path "
                                     "(default: this Python's standard library, <name> = stdlib)")
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("plan", help="size a model for its inference budget")
@@ -580,8 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared dataset whose val split to score (default: the run's data.path)")
     p.add_argument("--text", help="score a UTF-8 text file instead of a dataset")
     p.add_argument("--batch-size", type=rule_of("eval.batch_size"), help="rows per forward (default: eval.batch_size)")
-    p.add_argument("--threads", type=R.thread_count(note="0 = the default"),
-                   help="torch threads (default: all cores; with --watch: the run's eval.threads)")
+    p.add_argument("--threads", type=THREADS, metavar="N",
+                   help=f"torch threads (default: {THREADS_DEFAULT}; with --watch: the run's eval.threads)")
     p.add_argument("--max-batches", type=R.nonneg_int(note="0 = all"), default=0, help="score at most this many val batches (0: all)")
     p.add_argument("--scorer", choices=["packed", "naive"], default="packed", help="naive: one forward per choice (reference)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -604,7 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which of the model's prefixes goes before each text (embed.document_prefix / query_prefix)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="dtype of the written vectors")
     p.add_argument("--batch-size", type=R.positive_int(), default=32, help="texts per forward (sorted by length)")
-    p.add_argument("--threads", type=R.thread_count(), default=0, help="torch threads (0: all cores)")
+    p.add_argument("--threads", type=THREADS, default=0, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
     p.add_argument("--max-len", type=R.positive_int(), help="cut texts to this many tokens (default: the model's max_seq_len)")
     p.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text")
     p.add_argument("--id-field", type=R.Text(), default="id", help="JSONL field holding the id (default id; else FILE:LINE)")
@@ -612,22 +792,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out (and its ids file) if they exist")
     p.set_defaults(func=cmd_embed)
 
+    p = sub.add_parser("classify", help="train / eval / predict: labels with calibrated confidence; unsure -> review")
+    add_classify_arguments(p)
+
+
+    p = sub.add_parser("topics", help="a pile of text -> topics, keywords, names and an offline HTML report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "pipeline: embed (MODEL) -> reduce (UMAP) -> cluster (HDBSCAN) -> outliers reassigned to the\n"
+                           "nearest topic -> keywords (c-TF-IDF) -> names; inputs as `lmforge embed` reads them.\n"
+                           "writes OUT/topics.jsonl, assignments.jsonl, report.html, MANIFEST.json. Details: docs/topics.md"))
+    p.add_argument("model", help="run directory (newest checkpoint), checkpoint directory or model directory")
+    p.add_argument("inputs", nargs="+", help="text files (one text per line), .jsonl files or directories")
+    p.add_argument("--out", required=True, help="topics directory to write, e.g. topics/brand")
+    p.add_argument("--text-field", type=R.Text(), default="text", help="JSONL field holding the text")
+    p.add_argument("--id-field", type=R.Text(), default="id", help="JSONL field holding the id (default id; else FILE:LINE)")
+    p.add_argument("--time-field", type=R.Text(), default="auto", help="JSONL field holding a timestamp (ISO 8601 or seconds): topics "
+                   "over time; auto (default): the first record's timestamp, time, date, datetime, created_at, created "
+                   "or ts field, if any; none: no timestamps")
+    p.add_argument("--labels", metavar="GOLD.jsonl", help='known labels ({"id": ..., "label": ...} per line): NMI and ARI')
+    p.add_argument("--seed", type=R.any_int(), default=0, help="seed of UMAP, samples and k-means (same seed, same topics)")
+    g = p.add_argument_group("reduce")
+    g.add_argument("--reduce", choices=["umap", "pca", "none"], default="umap")
+    g.add_argument("--n-components", type=R.positive_int(hi=1000), default=5, help="dimensions after reduction (default %(default)s)")
+    g.add_argument("--n-neighbors", type=R.Range(int, lo=2, hi=1000), default=15, help="UMAP neighbours (default %(default)s)")
+    g.add_argument("--min-dist", type=R.nonneg_float(), default=0.0, help="UMAP min_dist (default %(default)s)")
+    g = p.add_argument_group("cluster")
+    g.add_argument("--cluster", choices=["hdbscan", "kmeans"], default="hdbscan")
+    g.add_argument("--min-cluster-size", type=R.Range(int, lo=2), default=10, help="HDBSCAN: smallest topic (default %(default)s)")
+    g.add_argument("--min-samples", type=R.positive_int(), help="HDBSCAN min_samples (default: --min-cluster-size)")
+    g.add_argument("--n-topics", type=R.positive_int(), help="k-means: the number of topics")
+    g.add_argument("--fit-max", type=R.positive_int(), default=100_000, help="fit reduce and cluster on at most this many documents "
+                   "(a seeded sample; the rest are projected and take their nearest fitted document's topic)")
+    g = p.add_argument_group("outliers")
+    g.add_argument("--reassign-outliers", action=argparse.BooleanOptionalAction, default=True,
+                   help="give each outlier the topic with the nearest centroid, within --outlier-max-distance (default: on)")
+    g.add_argument("--outlier-max-distance", type=parse_distance_or_auto, default=None, metavar="DISTANCE|auto",
+                   help="largest cosine distance to a topic's centroid an outlier may join from; auto (default): "
+                   "the topic's own radius (its farthest member)")
+    g = p.add_argument_group("keywords, names, report")
+    g.add_argument("--top-words", type=R.positive_int(hi=1000), default=10, help="keywords per topic (default %(default)s)")
+    g.add_argument("--stop-words", type=R.Text(), default="english", help="english (default), none, or a file of words (one per line)")
+    g.add_argument("--ngram-range", type=parse_ngram_range, default=(1, 1), metavar="MIN,MAX",
+                   help="keyword lengths in words (default 1,1; 1,2 adds word pairs)")
+    g.add_argument("--min-df", type=R.positive_int(), default=1, help="keep terms found in at least this many documents")
+    g.add_argument("--representative-docs", type=R.nonneg_int(hi=1000), default=3, help="documents shown per topic (default %(default)s)")
+    g.add_argument("--namer", metavar="RUN_OR_MODEL_DIR", help="an lmforge chat model that names each topic "
+                   "(default: the top keywords)")
+    g.add_argument("--map-points", type=R.nonneg_int(), default=10_000, help="documents on the report's map (default %(default)s)")
+    g.add_argument("--time-bins", type=R.positive_int(hi=10000), default=20, help="bins of the topics-over-time chart (default %(default)s)")
+    g = p.add_argument_group("embedding and output")
+    g.add_argument("--batch-size", type=R.positive_int(), default=32, help="texts per forward (sorted by length)")
+    g.add_argument("--threads", type=THREADS, default=0, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    g.add_argument("--max-len", type=R.positive_int(), help="cut texts to this many tokens (default: the model's max_seq_len)")
+    g.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
+    g.add_argument("--overwrite", action="store_true", help="replace --out if it is a topics directory")
+    g.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_topics)
+
     p = sub.add_parser("import", help="a Hugging Face Llama dir or a GGUF file -> an lmforge model directory")
     p.add_argument("source", help="local Hugging Face model directory (config.json + safetensors) or a .gguf file")
     p.add_argument("--out", required=True, help="model directory to write (model.safetensors, config.yaml, tokenizer.json)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--keep-quantized", action="store_true", help="a quantized GGUF: store its matrices as int8 "
+                   "(Q8_0 exactly; other types re-quantized to int8 groups of 32) instead of fp32; sample and serve "
+                   "then run them as int8")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("export", help="a run, checkpoint or model directory -> Hugging Face dir or GGUF file")
+    p = sub.add_parser("export", help="a run, checkpoint or model directory -> Hugging Face dir, GGUF file or PEFT adapter")
     p.add_argument("source", help="run directory (newest checkpoint), checkpoint directory or model directory")
-    p.add_argument("--format", required=True, choices=["hf", "gguf"])
-    p.add_argument("--out", required=True, help="directory (hf) or .gguf file (gguf) to write")
-    p.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="GGUF tensor type (hf: always f32)")
+    p.add_argument("--format", required=True, choices=["hf", "gguf", "peft"],
+                   help="hf: a transformers model directory; gguf: a llama.cpp file; peft: a LoRA run's adapter alone")
+    p.add_argument("--out", required=True, help="directory (hf, peft) or .gguf file (gguf) to write")
+    p.add_argument("--merge", action="store_true", help="a LoRA run: fold its adapter into the base's weights (hf, gguf)")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF tensor type (hf: always f32)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    p.add_argument("path", help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("path", help="run directory (newest checkpoint), checkpoint or model directory, or a classifier "
+                   "directory (clf/NAME: its embedding model, plus POST /v1/classify)")
     p.add_argument("--host", type=R.Text(), help="address to bind (default: serve.host of the run's config, 127.0.0.1)")
     p.add_argument("--port", type=R.port(), help="port (default: serve.port, 8000)")
     p.add_argument("--api-key", type=R.Text(), help="required bearer key (visible in `ps`; prefer --api-key-file or $LMFORGE_API_KEY)")
@@ -642,11 +885,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", help="Jinja chat template file (default: tokenizer_config.json's, else a plain one)")
     p.add_argument("--request-timeout", type=R.seconds(), default=600.0, help="seconds before a request is dropped (504)")
     p.add_argument("--max-body-bytes", type=R.positive_int(), default=1 << 20, help="largest request body (413 above)")
-    p.add_argument("--threads", type=R.thread_count(note="0 = torch's default"), default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    p.add_argument("--quantize", choices=WEIGHTS_CHOICES, help=QUANTIZE_HELP)
     p.add_argument("--shutdown-grace", type=R.seconds(positive=False), default=5.0, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C: how long requests in flight may finish before they are cut short "
                         "(503, an error event in a stream); default %(default)g")
     p.add_argument("--index", metavar="IDX", help="also serve POST /v1/search over this index (built by the served model)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                   help="also serve a LoRA adapter of this base (a LoRA run, checkpoint or adapter directory), picked by a "
+                        "request's \"model\": NAME; repeatable; a bare DIR serves each of its subdirectories by name")
+    p.add_argument("--max-adapters", type=rule_of("serve.max_adapters"), metavar="N",
+                   help="adapters held in memory at once, least recently used unloaded first (default: serve.max_adapters)")
     p.set_defaults(func=cmd_serve)
 
     add_understand_parsers(sub)

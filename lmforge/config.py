@@ -61,8 +61,11 @@ def valid(default: Any, rule: Rule) -> Any:
     return field(default=default, metadata={"valid": rule})
 # train.objective values: the objectives registered in train/objectives.py (REGISTRY; a test keeps
 # the two equal). Named here because config sits below train/ and validates at load time.
-OBJECTIVES = ("next_token", "contrastive")
+OBJECTIVES = ("next_token", "dpo", "contrastive")
 POOLINGS = ("mean", "last", "weighted_mean")  # embed.pooling values (lmforge/understand/embed.py)
+# lora.target_modules values: the Linear layers of a block, by their Hugging Face Llama names (so a
+# PEFT adapter's target_modules mean the same layers; lmforge/lora.py)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -146,7 +149,7 @@ class TrainConfig:
     # decided once when a run starts and written into its config (a resume keeps the run's dtype)
     dtype: str = valid("auto", Choice(DTYPES))
     compile: bool = False  # run the forward pass through torch.compile
-    threads: int = valid(0, thread_count())  # torch intra-op threads; 0 -> all cores
+    threads: int = valid(0, thread_count(note="0 = lmforge chooses"))  # torch intra-op threads; 0 -> the cores other processes leave free (lmforge/threads.py)
     seed: int = valid(0, any_int())  # seeds weight init
     log_every: int = valid(10, positive_int())  # write a metrics line (loss, lr, grad norm, throughput) every N steps
     eval_every: int = valid(200, nonneg_int(note="0 disables"))  # validation loss every N steps; 0 disables
@@ -163,9 +166,12 @@ class TrainConfig:
     parallel: str = valid("none", Choice(PARALLELS))
     deterministic_reduce: bool = False  # sum micro-batch gradients in a fixed order: bit-identical on any world size
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
-    # what the loss is (train/objectives.py): next_token (with the data's loss mask) | contrastive (embeddings:
+    # what the loss is (train/objectives.py): next_token (with the data's loss mask) | dpo (preference pairs
+    # from `prepare --dpo`, against the frozen init.from weights as the reference) | contrastive (embeddings:
     # in-batch negatives, docs/embeddings.md)
     objective: str = valid("next_token", Choice(OBJECTIVES))
+    # dpo: how far the policy may move from the reference (the beta of DPO's loss): larger keeps it closer
+    dpo_beta: float = valid(0.1, positive_float())
     # contrastive: similarities (cosines) are divided by this before the softmax; lower is sharper
     contrastive_temperature: float = valid(0.05, positive_float(hi=10.0))
 
@@ -202,6 +208,8 @@ class ServeConfig:
     max_tokens: int = valid(256, positive_int())  # the largest max_tokens a request may ask for
     # the most inputs (texts or token lists) one /v1/embeddings request may carry
     max_embed_inputs: int = valid(256, positive_int())
+    # LoRA adapters (serve --adapter) held in memory at once; the least recently used one is unloaded to load another
+    max_adapters: int = valid(16, positive_int(hi=4096))
 
 
 @dataclass
@@ -213,6 +221,22 @@ class EmbedConfig:
     bidirectional: bool = False  # embedding passes attend both ways (only for a model trained so; no sentence-transformers export)
     query_prefix: str = ""  # text put before every query (`embed --kind query`, search), e.g. "query: "
     document_prefix: str = ""  # text put before every document (`embed`, index), e.g. "passage: "
+
+
+@dataclass
+class LoraConfig:
+    # LoRA rank r: train a low-rank adapter (B A, r x in and out x r per target layer) on a frozen base model
+    # (init.from) instead of every weight; 0 = off, a full fine-tune (lmforge/lora.py, docs/finetune.md)
+    rank: int = valid(0, nonneg_int(hi=4096, note="0 = off: every weight trains"))
+    alpha: float = valid(16.0, positive_float())  # the adapter's output is scaled by alpha / rank (PEFT's lora_alpha)
+    dropout: float = valid(0.0, fraction(hi_open=True))  # dropout on the adapter's input while training (PEFT's lora_dropout)
+    # the layers that get an adapter, by name, in every block (PEFT's target_modules)
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={"valid": Choice(LORA_TARGETS)})
+
+    @property
+    def scaling(self) -> float:
+        """What the adapter's output is multiplied by: alpha / rank (0 when off)."""
+        return self.alpha / self.rank if self.rank else 0.0
 
 
 @dataclass
@@ -230,6 +254,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)  # defaults of `lmforge serve`
     init: InitConfig = field(default_factory=InitConfig)  # where a new run's weights come from
     embed: EmbedConfig = field(default_factory=EmbedConfig)  # how the model turns a text into a vector (pooling, prefixes)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # train a LoRA adapter on a frozen base instead of every weight
 
     # ---- conversion ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -316,6 +341,12 @@ class Config:
                 f"({t.micro_batch}); e.g. set train.micro_batch to a divisor such as "
                 f"{_largest_divisor_at_most(t.global_batch, t.micro_batch)}"
             )
+        if self.lora.rank and not self.lora.target_modules:
+            raise ConfigError("lora.target_modules is empty, so lora.rank > 0 would train nothing; name layers, e.g. "
+                              f"[{', '.join(LORA_TARGETS)}], or set lora.rank=0 for a full fine-tune")
+        if self.lora.rank and t.parallel == "fsdp":
+            raise ConfigError("LoRA (lora.rank > 0) trains a few small matrices on a frozen base: use train.parallel=ddp "
+                              "(or none); FSDP shards weights that LoRA never updates")
         if d.pairs and t.objective != "contrastive":
             raise ConfigError(f"data.pairs ({d.pairs}) is read by train.objective=contrastive only (it is {t.objective}); "
                               "set train.objective=contrastive, or data.pairs to ''")
@@ -621,7 +652,8 @@ def _valid_text(cls: type, name: str) -> str:
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")  # a literal | inside a Markdown table cell
 
-for _cls in (Config, ModelConfig, DataConfig, TrainConfig, GuardConfig, EvalConfig, ServeConfig, InitConfig, EmbedConfig):
+for _cls in (Config, ModelConfig, DataConfig, TrainConfig, GuardConfig, EvalConfig, ServeConfig, InitConfig, EmbedConfig,
+             LoraConfig):
     _hints(_cls)
 
 __all__ = [
@@ -634,6 +666,8 @@ __all__ = [
     "ServeConfig",
     "InitConfig",
     "EmbedConfig",
+    "LoraConfig",
+    "LORA_TARGETS",
     "POOLINGS",
     "load_config",
     "apply_overrides",

@@ -452,8 +452,13 @@ def llama3_from_rope_freqs(freqs: torch.Tensor, theta: float, head_dim: int) -> 
     return None
 
 
-def read_gguf(path: Path) -> Bundle:
-    """A llama-architecture GGUF file -> Bundle (tensors dequantized to fp32)."""
+def read_gguf(path: Path, keep_quantized: bool = False) -> Bundle:
+    """A llama-architecture GGUF file -> Bundle (tensors dequantized to fp32).
+
+    keep_quantized: the matrices also as int8 in groups of 32 (`Bundle.quantized`, written as
+    int8 by `write_model_dir`): Q8_0 blocks exactly as stored; other quantized types (Q4_0, Q4_1,
+    K-quants) re-quantized from their dequantized values (lmforge runs no 4-bit kernels); F32,
+    F16 and BF16 matrices stay fp32."""
     import gguf
 
     try:
@@ -528,6 +533,7 @@ def read_gguf(path: Path) -> Bundle:
     from rich.progress import Progress
 
     tensors: dict[str, torch.Tensor] = {}
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     names = list(expected_shapes(cfg))
     with progress_bar(*Progress.get_default_columns(), transient=True) as progress:
         task = progress.add_task("dequantize", total=len(names))
@@ -536,17 +542,50 @@ def read_gguf(path: Path) -> Bundle:
             if g not in by_name:
                 raise CheckpointError(f"{path}: tensor {g} (for {name}) is missing")
             tensors[name] = _gguf_tensor(by_name[g], path)
+            if keep_quantized and len(tensors[name].shape) == 2 and by_name[g].tensor_type.name not in _FLOAT_TYPES:
+                quantized[name] = _gguf_int8(by_name[g], tensors[name], path)
             progress.advance(task)
     tensors = check_tensors(cfg, tensors, str(path))  # shapes first: the unpermutation reshapes q/k
     for i in range(cfg.n_layer):
         p = f"model.layers.{i}.self_attn."
-        tensors[p + "q_proj.weight"] = unpermute_from_gguf(tensors[p + "q_proj.weight"], cfg.n_head)
-        tensors[p + "k_proj.weight"] = unpermute_from_gguf(tensors[p + "k_proj.weight"], cfg.kv_heads)
+        for name, heads in ((p + "q_proj.weight", cfg.n_head), (p + "k_proj.weight", cfg.kv_heads)):
+            tensors[name] = unpermute_from_gguf(tensors[name], heads)
+            if name in quantized:  # a row permutation: the rows' scales move with them
+                quantized[name] = tuple(unpermute_from_gguf(t, heads).contiguous() for t in quantized[name])  # type: ignore[assignment]
     tok, special = _tokenizer_from_gguf(meta, path)
     types = sorted({by_name[gguf_name(n)].tensor_type.name for n in names})
     return Bundle(cfg, tensors, tok, special,
                   {"format": "gguf", "path": str(path), "tensor_types": types, "name": meta.get("general.name")},
-                  _read_gguf_embed(meta, path))
+                  _read_gguf_embed(meta, path), quantized)
+
+
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+Q8_0_GROUP = 32  # weights per Q8_0 block: an fp16 scale, then 32 int8
+
+
+def _gguf_int8(t: Any, dequantized: torch.Tensor, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (N, K), scale fp32 (N, K / 32)) of a quantized GGUF matrix: a Q8_0 tensor's own
+    blocks, any other type re-quantized from its dequantized values."""
+    import gguf
+
+    from .quant import quantize_int8
+
+    N, K = dequantized.shape
+    if t.tensor_type != gguf.GGMLQuantizationType.Q8_0:
+        return quantize_int8(dequantized, Q8_0_GROUP)
+    blocks = np.asarray(t.data, dtype=np.uint8).reshape(N, K // Q8_0_GROUP, 2 + Q8_0_GROUP)
+    scale = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16)[:, :, 0].astype(np.float32)
+    q = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(N, K)
+    return torch.from_numpy(q.copy()), torch.from_numpy(scale)
+
+
+def _q8_0_blocks(q: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
+    """int8 (N, K) in groups of 32 with fp16-exact scales -> GGUF Q8_0 bytes (N, K / 32 * 34)."""
+    N, K = q.shape
+    out = np.empty((N, K // Q8_0_GROUP, 2 + Q8_0_GROUP), dtype=np.uint8)
+    out[:, :, :2] = scale.numpy().astype(np.float16)[:, :, None].view(np.uint8)
+    out[:, :, 2:] = q.numpy().reshape(N, K // Q8_0_GROUP, Q8_0_GROUP).view(np.uint8)
+    return out.reshape(N, -1)
 
 
 def _gguf_tensor(t: Any, path: Path) -> torch.Tensor:
@@ -623,13 +662,18 @@ def _tokenizer_from_gguf(meta: dict[str, Any], path: Path) -> tuple[Tokenizer, d
     return tok, {k: v for k, v in special.items() if v is not None}
 
 
+GGUF_DTYPES = ("f32", "f16", "q8_0")
+
+
 def write_gguf(bundle: Bundle, out: Path, dtype: str = "f32", overwrite: bool = False) -> Path:
-    """Bundle -> a llama.cpp GGUF (F32 or F16 matrices; 1-D norm weights stay F32 as llama.cpp's
-    converter writes them). Written to a temporary sibling and renamed into place."""
+    """Bundle -> a llama.cpp GGUF (F32, F16 or Q8_0 matrices; 1-D norm weights stay F32 as
+    llama.cpp's converter writes them). Q8_0: matrices the bundle holds as int8 in groups of 32
+    with fp16 scales (a kept Q8_0 import) are written as they are, the others quantized by the gguf
+    package (llama.cpp's reference Q8_0). Written to a temporary sibling and renamed into place."""
     import gguf
 
-    if dtype not in ("f32", "f16"):
-        raise ConfigError(f"GGUF export dtype must be f32 or f16, got {dtype!r}")
+    if dtype not in GGUF_DTYPES:
+        raise ConfigError(f"GGUF export dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
     cfg, tok = bundle.cfg, bundle.tokenizer
@@ -652,7 +696,8 @@ def write_gguf(bundle: Bundle, out: Path, dtype: str = "f32", overwrite: bool = 
         w.add_layer_norm_rms_eps(cfg.norm_eps)
         w.add_rope_dimension_count(cfg.head_dim)
         w.add_vocab_size(cfg.vocab_size)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
         # Tokenizer: tokens by id (padded to the embedding rows, as llama.cpp expects), merges.
         vocab = tok.hf.get_vocab(with_added_tokens=True)
         by_id = {i: t for t, i in vocab.items()}
@@ -682,13 +727,20 @@ def write_gguf(bundle: Bundle, out: Path, dtype: str = "f32", overwrite: bool = 
         if special.get("chat_template"):
             w.add_chat_template(special["chat_template"])
         for name, t in bundle.tensors.items():
-            if name.endswith("q_proj.weight"):
-                t = permute_for_gguf(t, cfg.n_head)
-            elif name.endswith("k_proj.weight"):
-                t = permute_for_gguf(t, cfg.kv_heads)
-            arr = t.numpy()
+            heads = cfg.n_head if name.endswith("q_proj.weight") else cfg.kv_heads if name.endswith("k_proj.weight") else 0
+            kept = bundle.quantized.get(name)
+            if dtype == "q8_0" and kept is not None and _is_q8_0(*kept):
+                q, scale = (permute_for_gguf(x, heads) for x in kept) if heads else kept
+                w.add_tensor(gguf_name(name), _q8_0_blocks(q.contiguous(), scale.contiguous()),
+                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                continue
+            arr = (permute_for_gguf(t, heads) if heads else t).numpy()
             if dtype == "f16" and arr.ndim > 1:
                 arr = arr.astype(np.float16)
+            elif dtype == "q8_0" and arr.ndim > 1 and arr.shape[1] % Q8_0_GROUP == 0:
+                w.add_tensor(gguf_name(name), gguf.quants.quantize(np.ascontiguousarray(arr), gguf.GGMLQuantizationType.Q8_0),
+                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                continue
             w.add_tensor(gguf_name(name), np.ascontiguousarray(arr))
         if cfg.rope_scaling == "llama3":
             # llama.cpp applies llama3 scaling through rope_freqs (it divides frequency i by entry i);
@@ -713,6 +765,11 @@ def write_gguf(bundle: Bundle, out: Path, dtype: str = "f32", overwrite: bool = 
         raise
     fsync_dir(out.parent)
     return out
+
+
+def _is_q8_0(q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """int8 in groups of 32 whose scales survive fp16: written to Q8_0 without a change."""
+    return scale.shape[1] * Q8_0_GROUP == q.shape[1] and bool((scale.half().float() == scale).all())
 
 
 _GGUF_EMBED = "lmforge.embed."  # lmforge's own keys: the whole embed section (llama.cpp ignores them)
@@ -798,19 +855,22 @@ def _field_value(f: Any) -> Any:
 # ---- any source ------------------------------------------------------------------------------
 
 
-def read_any(path: str | os.PathLike) -> Bundle:
+def read_any(path: str | os.PathLike, *, merge: bool = False, keep_quantized: bool = False) -> Bundle:
     """Whatever `lmforge import` and `export` accept: a .gguf file, a Hugging Face directory, or
-    what `artifacts.load_model` accepts (a run, checkpoint or model directory, verified)."""
+    what `artifacts.load_model` accepts (a run, checkpoint or model directory, verified; a LoRA
+    adapter folded into its base with `merge`). keep_quantized applies to GGUF files (`read_gguf`)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"no such file or directory: {p}")
     if p.is_file():
         if p.suffix.lower() == ".gguf":
-            return read_gguf(p)
+            return read_gguf(p, keep_quantized=keep_quantized)
         raise CheckpointError(f"{p}: expected a .gguf file or a directory (Hugging Face model, lmforge run or checkpoint)")
     if (p / "config.json").is_file() and not is_model_dir(p):
+        if merge:
+            raise CheckpointError(f"--merge: {p} is a Hugging Face model, with no LoRA adapter to fold in; leave out --merge")
         return read_hf_dir(p)
-    return read_bundle(p)
+    return read_bundle(p, merge=merge)
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -848,16 +908,24 @@ def _writing(out: str, needed: int | None = None) -> Iterator[None]:
         raise CheckpointError(f"cannot write {out}: {e.strerror or e}{where}") from None
 
 
-def import_command(source: str, out: str, overwrite: bool = False) -> int:
-    """`lmforge import`: a GGUF file or Hugging Face directory -> a model directory."""
+def import_command(source: str, out: str, overwrite: bool = False, keep_quantized: bool = False) -> int:
+    """`lmforge import`: a GGUF file or Hugging Face directory -> a model directory. keep_quantized:
+    a quantized GGUF's matrices are stored as int8 (lmforge/quant.py) instead of fp32."""
     _check_out(source, out, overwrite)
-    bundle = read_any(source)
+    if keep_quantized and not (Path(source).is_file() and Path(source).suffix.lower() == ".gguf"):
+        raise ConfigError("--keep-quantized applies to a quantized .gguf file; for any model, "
+                          "`lmforge sample/serve --quantize int8` quantizes at load")
+    bundle = read_any(source, keep_quantized=keep_quantized)
+    if keep_quantized and not bundle.quantized:
+        raise ConfigError(f"--keep-quantized: {source} holds no quantized matrices "
+                          f"(tensor types {', '.join(bundle.source.get('tensor_types', []))}); import it without the flag")
     with _writing(out):
         write_model_dir(bundle, Path(out), overwrite=overwrite)
     from .model import num_params
 
+    kept = f", {len(bundle.quantized)} matrices kept as int8" if bundle.quantized else ""
     results_out.print(
-        f"imported {source} -> {out}: {num_params(bundle.cfg) / 1e6:.1f}M parameters, {bundle.cfg.n_layer} layers, "
+        f"imported {source} -> {out}: {num_params(bundle.cfg) / 1e6:.1f}M parameters{kept}, {bundle.cfg.n_layer} layers, "
         f"d_model {bundle.cfg.d_model}, heads {bundle.cfg.n_head}/{bundle.cfg.kv_heads}, "
         f"vocab {bundle.cfg.vocab_size}, tokenizer {bundle.tokenizer.vocab_size} tokens"
     )
@@ -866,10 +934,15 @@ def import_command(source: str, out: str, overwrite: bool = False) -> int:
     return 0
 
 
-def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrite: bool = False) -> int:
-    """`lmforge export`: a run, checkpoint or model directory -> Hugging Face dir or GGUF file."""
+def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrite: bool = False,
+                   merge: bool = False) -> int:
+    """`lmforge export`: a run, checkpoint or model directory -> Hugging Face dir or GGUF file; a
+    LoRA run -> a PEFT adapter directory (`peft`), or with `merge` its adapter folded into the base
+    for hf and gguf."""
     _check_out(source, out, overwrite)
-    bundle = read_any(source)
+    if fmt == "peft":
+        return export_adapter(source, out, overwrite=overwrite, merge=merge, dtype=dtype)
+    bundle = read_any(source, merge=merge)
     weights = sum(t.numel() for t in bundle.tensors.values()) * (2 if fmt == "gguf" and dtype == "f16" else 4)
     with _writing(out, needed=weights):
         if fmt == "hf":
@@ -880,7 +953,28 @@ def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrit
             write_gguf(bundle, Path(out), dtype=dtype, overwrite=overwrite)
         else:
             raise ConfigError(f"--format must be hf or gguf, got {fmt!r}")
-    results_out.print(f"exported {source} -> {out} ({fmt}{'' if fmt == 'hf' else ' ' + dtype.upper()})")
+    merged = ", adapter merged into its base" if merge else ""
+    results_out.print(f"exported {source} -> {out} ({fmt}{'' if fmt == 'hf' else ' ' + dtype.upper()}{merged})")
+    return 0
+
+
+def export_adapter(source: str, out: str, *, overwrite: bool = False, merge: bool = False, dtype: str = "f32") -> int:
+    """`lmforge export RUN --format peft`: a LoRA run, checkpoint or adapter directory -> an adapter
+    directory that `peft.PeftModel.from_pretrained(model, out)` loads (the base's path in
+    base_model_name_or_path, its sha256 in the manifest)."""
+    from .artifacts import ADAPTER_FILE, lora_parts, resolve_origin, write_adapter_dir
+
+    if merge or dtype != "f32":
+        raise ConfigError("--format peft writes the adapter alone, in fp32: --merge and --dtype apply to hf and gguf")
+    origin = resolve_origin(source)
+    if not origin.is_adapter:
+        raise CheckpointError(f"{source} holds whole weights (a run with lora.rank 0, or a model): there is no LoRA "
+                              "adapter to export; use --format hf or gguf")
+    parts = lora_parts(origin)  # the base verified, the adapter's names and shapes checked
+    with _writing(out, needed=(origin.path / ADAPTER_FILE).stat().st_size):
+        write_adapter_dir(out, parts.adapter, parts.lora, parts.base, overwrite=overwrite)
+    results_out.print(f"exported {source} -> {out} (PEFT LoRA adapter, rank {parts.lora.rank}, on {parts.base.path}, "
+                      f"sha256 {origin.base_sha256[:12]}...)")
     return 0
 
 
@@ -918,4 +1012,5 @@ def _token_id(tok: Tokenizer, text: str | None) -> int | None:
 __all__ = [
     "bundle_from_model", "read_hf_dir", "write_hf_dir", "write_sentence_transformers", "read_sentence_transformers", "read_gguf", "write_gguf", "read_any", "hf_config",
     "model_config_from_hf", "permute_for_gguf", "unpermute_from_gguf", "import_command", "export_command",
+    "export_adapter",
 ]

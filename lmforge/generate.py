@@ -30,17 +30,20 @@ seed, seed + 1, ...); batched decoding with per-sequence positions belongs to th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .artifacts import load_model
+from .artifacts import Loaded, load_model
 from .config import ModelConfig
 from .errors import LmforgeError
 from .model import Transformer
+from .quant import check_weights, prepare
 from .ranges import INT64_MAX, INT64_MIN, MAX_TOKENS, SEED, TEMPERATURE, TOP_K, TOP_P
+from .threads import Governor, govern
 from .tokenizer import StreamDecoder, lone_surrogate
 
 SEED_MIN, SEED_MAX = INT64_MIN, INT64_MAX  # a seed is a 64-bit signed integer, as OpenAI's `seed`
@@ -66,9 +69,9 @@ class KVCache:
         self.pos = 0  # positions 0 .. pos-1 are filled in every layer
 
     @classmethod
-    def for_model(cls, model: Transformer, batch_size: int = 1) -> "KVCache":
-        p = next(model.parameters())
-        return cls(model.cfg, batch_size, dtype=p.dtype, device=p.device)
+    def for_model(cls, model: Transformer, batch_size: int = 1, max_len: int | None = None) -> "KVCache":
+        p = model.model.embed_tokens.weight  # fp32 also when the projections are int8 (lmforge/quant.py)
+        return cls(model.cfg, batch_size, max_len=max_len, dtype=p.dtype, device=p.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, kv, T, hd) at [pos, pos + T); return views of [0, pos + T)."""
@@ -155,15 +158,17 @@ def stream(
     top_p: float = 1.0,
     seed: int | None = None,
     stop_ids: Sequence[int] = (),
+    governor: Governor | None = None,
 ) -> Iterator[int]:
-    """Yield up to max_tokens new token ids after prompt_ids (see the module doc for the policy)."""
+    """Yield up to max_tokens new token ids after prompt_ids (see the module doc for the policy).
+    governor: told each token's time (lmforge/threads.py: fewer threads while the machine is busy)."""
     _check(max_tokens, temperature, top_k, top_p, seed)
     if len(prompt_ids) == 0:
         raise LmforgeError("the prompt is empty; pass at least one token id (e.g. the BOS id)")
     vocab, window = model.cfg.vocab_size, model.cfg.max_seq_len
     if any(not 0 <= t < vocab for t in prompt_ids):
         raise LmforgeError(f"prompt token ids must be within 0..{vocab - 1}")
-    device = next(model.parameters()).device
+    device = model.model.embed_tokens.weight.device
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()  # fresh entropy, still not the global RNG
@@ -176,16 +181,22 @@ def stream(
         cache.reset()
         return model(torch.tensor([ids], device=device), cache=cache)[0, -1]  # (V,)
 
-    cache = KVCache.for_model(model)
     context = list(prompt_ids)[-window:]
+    # Only as many positions as this call can fill (a model's window may be 8192 positions: a cache
+    # of that size is ~0.4 GB to allocate per call for a 135M model); a full window slides.
+    cache = KVCache.for_model(model, max_len=min(window, len(context) + max_tokens))
     logits = prefill(context)
+    start = 0.0
     for n in range(max_tokens):
         token = pick_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        if governor is not None and n > 0:  # a decode step's time (the prefill is another kind of step)
+            governor.step(time.perf_counter() - start)
         if token in stop:
             return
         yield token
         if n == max_tokens - 1:
             return  # no forward for a token nobody will read
+        start = time.perf_counter()  # the caller's time with the token is not the model's
         context.append(token)
         if cache.pos == window:  # full: slide to the last half window
             context = context[-keep:]
@@ -204,6 +215,7 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     stop_ids: Sequence[int] = (),
+    governor: Governor | None = None,
 ) -> list[int]:
     """The new token ids (not the prompt) that `stream` yields."""
     return list(
@@ -216,8 +228,18 @@ def generate(
             top_p=top_p,
             seed=seed,
             stop_ids=stop_ids,
+            governor=governor,
         )
     )
+
+
+def load_for_decoding(path: str | Path, quantize: str | None = None) -> Loaded:
+    """`artifacts.load_model` for the verbs that decode (sample, serve, eval's generation tasks):
+    weights held as `quantize` (None: as stored; fp32 weights laid out for decoding, lmforge/quant.py)."""
+    loaded = load_model(path, quantize=quantize)
+    if not hasattr(loaded.model, "weights"):  # stored fp32, nothing asked: the decoding layout
+        prepare(loaded.model, "fp32")
+    return loaded
 
 
 # ---- the CLI verb ----------------------------------------------------------------------------
@@ -233,6 +255,8 @@ def sample_command(
     top_p: float,
     seed: int,
     num_samples: int,
+    threads: int | None = None,
+    quantize: str | None = None,
 ) -> int:
     """`lmforge sample`: print prompt + continuation (streamed) for each of num_samples samples."""
     if num_samples < 1:
@@ -240,7 +264,10 @@ def sample_command(
     _check(max_tokens, temperature, top_k, top_p, seed)
     if lone_surrogate(prompt) is not None:  # bytes that were not UTF-8 in argv arrive as lone surrogates
         raise LmforgeError("--prompt is not valid UTF-8 text; pass it as UTF-8")
-    loaded = load_model(path)
+    if quantize is not None:
+        check_weights(quantize)
+    governor = govern(threads)
+    loaded = load_for_decoding(path, quantize)
     model, tokenizer = loaded.model, loaded.tokenizer
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:  # nothing to condition on: start from a document boundary
@@ -264,6 +291,7 @@ def sample_command(
             top_p=top_p,
             seed=nth_seed(seed, i),
             stop_ids=stop,
+            governor=governor,
         ):
             if text := decoder.push(token):
                 print(text, end="", flush=True)
@@ -272,4 +300,4 @@ def sample_command(
 
 
 __all__ = ["KVCache", "pick_token", "check_sampling", "nth_seed", "SEED_MIN", "SEED_MAX", "stream", "generate",
-           "sample_command"]
+           "load_for_decoding", "sample_command"]

@@ -32,7 +32,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from .errors import DataError
 
@@ -119,9 +119,16 @@ def parse_jsonl(data: bytes, source: str | os.PathLike, *, what: str) -> Iterato
     Raises DataError "SOURCE:LINE: invalid JSON (MESSAGE at column C); expected WHAT" at the
     first line that does not parse (the lines before it have been yielded).
     """
+    return iter_jsonl(data.split(b"\n"), source, what=what)
+
+
+def iter_jsonl(lines: Iterable[bytes], source: str | os.PathLike, *, what: str) -> Iterator[JsonLine]:
+    """`parse_jsonl` over lines that arrive one at a time (a file object opened "rb" iterates on
+    b"\\n": a file of any size is read with one line in memory); each line with or without its
+    b"\\n". Same values, same errors."""
     offset = 0
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        start, offset = offset, offset + len(raw) + 1
+    for number, raw in enumerate(lines, start=1):
+        start, offset = offset, offset + len(raw) + (0 if raw.endswith(b"\n") else 1)
         if not raw.strip():
             continue
         where = f"{source}:{number}"
@@ -167,4 +174,4 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 __all__ = ["NON_FINITE", "to_record", "dumps_record", "append_jsonl", "as_number", "restore_numbers",
-           "JsonLine", "parse_jsonl", "read_jsonl", "read_records"]
+           "JsonLine", "parse_jsonl", "iter_jsonl", "read_jsonl", "read_records"]

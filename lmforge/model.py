@@ -441,11 +441,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def memory_needed(cfg: ModelConfig, *, micro_batch: int = 0, seq_len: int = 0, shards: int = 1,
-                  kv_batch: int = 0, kv_bytes: int = 4) -> dict[str, int]:
+                  kv_batch: int = 0, kv_bytes: int = 4, reference: bool = False) -> dict[str, int]:
     """The bytes a model needs at least, from its config alone (nothing is allocated), by part:
     its fp32 weights (4 bytes per parameter) and RoPE tables; to train (micro_batch > 0) also the
     gradients and AdamW's two moments (12 more bytes per parameter; both divided over `shards`
-    under FSDP) and a micro batch's fp32 logits with their gradient; to serve (kv_batch > 0) a KV
+    under FSDP) and a micro batch's fp32 logits with their gradient; with `reference`, a frozen
+    fp32 copy of the weights (DPO's reference, never sharded); to serve (kv_batch > 0) a KV
     cache of kv_batch full-length sequences of kv_bytes per value. Activations are not counted
     (they depend on checkpointing and kernels), so what this refuses certainly does not fit."""
     n = num_params(cfg)
@@ -453,6 +454,8 @@ def memory_needed(cfg: ModelConfig, *, micro_batch: int = 0, seq_len: int = 0, s
     if micro_batch:
         parts["gradients and AdamW moments"] = 12 * n // shards
         parts["logits"] = 2 * 4 * micro_batch * seq_len * cfg.vocab_size
+    if reference:
+        parts["reference copy"] = 4 * n
     if kv_batch:
         parts["KV cache"] = 2 * cfg.n_layer * kv_batch * cfg.kv_heads * cfg.max_seq_len * cfg.head_dim * kv_bytes
     return parts

@@ -55,7 +55,8 @@ SEARCH_BYTES = 40_000  # source bytes the closing search demo indexes: a few sec
 SEARCH_FILE_BYTES = 20_000  # files larger than this are left out of the demo (they would take its whole budget)
 
 
-def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source: str | None = None) -> int:
+def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source: str | None = None,
+               threads: int | None = None) -> int:
     from .data.manifest import MANIFEST_FILE, read_manifest, verify_dataset
     from .data.prepare import prepare
     from .generate import generate
@@ -63,8 +64,10 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
     from .train.loop import device
     from .train.start import StartRequest, plan_start, start
     from .model import Transformer, num_params
+    from .threads import choose
 
     QUICKSTART_MINUTES.check("--minutes", minutes)
+    n_threads = choose(threads, exact=True)  # as training will (powers of two), before the step-time calibration
     work = Path(workdir)
     src = Path(source) if source else Path(sysconfig.get_paths()["stdlib"])
     name = source_name(source)
@@ -81,7 +84,7 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
         prepare(
             [str(src)], str(data_dir), vocab_size=4096, tokenizer=None, include=["*.py"],
             exclude=STDLIB_EXCLUDE if not source else [], text_field="text", val_fraction=0.02,
-            shard_tokens=50_000_000, strict=False, workers=0, overwrite=True,
+            shard_tokens=50_000_000, strict=False, workers=n_threads, overwrite=True,
         )
     manifest = read_manifest(data_dir)
 
@@ -101,7 +104,8 @@ def quickstart(workdir: str = "lmforge-quickstart", minutes: float = 3.0, source
                 f"for a {minutes:g}-minute run use another --workdir or delete {run_dir}"
             )
     else:
-        request = StartRequest(config=RECIPE, run_dir=str(run_dir), overrides=(f"data.path={data_dir}",))
+        request = StartRequest(config=RECIPE, run_dir=str(run_dir), overrides=(f"data.path={data_dir}",)
+                               + ((f"train.threads={threads}",) if threads else ()))
         recipe = plan_start(request, device=device()).cfg  # checked and resolved: train.dtype as the run will use it
         step_s = _seconds_per_step(recipe)
         steps = max(20, int(minutes * 60 / step_s))
@@ -223,9 +227,9 @@ def _planned_minutes(plan_file: Path) -> float | None:
 
 def _val_loss(model: torch.nn.Module, cfg: Config) -> float:
     from .train.loop import val_batches
-    from .train.objectives import get_objective, validation_loss
+    from .train.objectives import make_objective, validation_loss
 
-    return validation_loss(model, get_objective(cfg.train.objective), val_batches(cfg, cfg.train.micro_batch,
+    return validation_loss(model, make_objective(cfg), val_batches(cfg, cfg.train.micro_batch,
                            cfg.train.eval_batches), dtype=cfg.train.dtype)
 
 

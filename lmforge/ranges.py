@@ -319,6 +319,8 @@ VAL_FRACTION = fraction(hi_open=True)  # prepare --val-fraction: some documents 
 # data inspect traces each sample of a step to its sources (~0.4 ms each): 65,536 take about half a minute
 INSPECT_SAMPLES = positive_int(hi=65_536)
 BOOTSTRAP = nonneg_int(hi=100_000, note="0 = none; each resample refits the law")  # plan fit --bootstrap
+CONFIDENCE = fraction(note="a calibrated probability; 0 = route nothing")  # classify --min-confidence, /v1/classify
+HELD_OUT = fraction(hi_open=True, note="the share of the examples held out for calibration; 0 = none")
 
 
 def default_rule(hint: Any) -> Rule | None:
@@ -336,4 +338,4 @@ __all__ = ["Range", "Count", "Choice", "Text", "Rule", "INT64_MIN", "INT64_MAX",
            "nonneg_int", "any_int", "positive_float", "nonneg_float", "finite_float", "fraction", "seconds", "thread_count",
            "port", "default_rule", "TEMPERATURE", "TOP_K", "TOP_P", "SEED", "MAX_TOKENS",
            "QUICKSTART_MINUTES", "BOOTSTRAP", "INSPECT_SAMPLES",
-           "VAL_FRACTION"]
+           "VAL_FRACTION", "CONFIDENCE", "HELD_OUT"]

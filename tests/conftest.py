@@ -84,6 +84,22 @@ def lmforge_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmforge", *args]
 
 
+@pytest.fixture(autouse=True)
+def _progress_mode_restored():
+    """An in-process `main(["--progress", MODE, ...])` sets LMFORGE_PROGRESS (so its own child
+    processes follow it) and quiets the console: undo both after each test, or every later test's
+    `lmforge` subprocess inherits "quiet" and prints none of the lines the tests read."""
+    from lmforge.util import console
+
+    before, quiet = os.environ.get("LMFORGE_PROGRESS"), console.quiet
+    yield
+    if before is None:
+        os.environ.pop("LMFORGE_PROGRESS", None)
+    else:
+        os.environ["LMFORGE_PROGRESS"] = before
+    console.quiet = quiet
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("LMFORGE_FAULTS", None)

@@ -70,6 +70,10 @@ VERBS: dict[tuple[str, ...], list[str]] = {
     ("index", "verify"): ["<tmp>/index"],
     ("search",): ["<tmp>/index", "a query"],
     ("ask",): ["<tmp>/index", "a question", "--model", RUN],
+    ("topics",): [RUN, CORPUS, "--out", "<tmp>/topics"],
+    ("classify", "train"): [RUN, CORPUS, "--out", "<tmp>/clf"],
+    ("classify", "eval"): ["<tmp>/clf", CORPUS],
+    ("classify", "predict"): ["<tmp>/clf", CORPUS, "--out", "<tmp>/preds.jsonl"],
 }
 BOOL_BAD = ["maybe", "2", "1.5", "[1]"]  # a bool key: anything but true/false (and yes/no/on/off)
 

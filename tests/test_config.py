@@ -148,7 +148,7 @@ def test_config_reference_lists_every_key_with_its_meaning():
             assert f"\n| `{key}` | " in text  # `from` (the field from_) as the YAML key
     assert "| `lr` | float | `0.0003` | > 0 | peak learning rate (after warmup) |" in text
     assert "| `schedule` | str | `\"cosine\"` | one of cosine, wsd, constant | learning-rate schedule: cosine \\| wsd \\| constant" in text
-    assert "| `threads` | int | `0` | within 0..1024 (0 = all cores) |" in text  # the valid column: the rule of the field
+    assert "| `threads` | int | `0` | within 0..1024 (0 = lmforge chooses) |" in text  # the valid column: the rule of the field
     # a comment block right above a field is its meaning when its own line has none
     assert field_docs()[("ModelConfig", "rope_scaling")][1].startswith("RoPE frequency scaling (HF `rope_scaling`)")
 

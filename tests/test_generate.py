@@ -233,7 +233,7 @@ def test_sample_command_prints_prompt_and_continuation(monkeypatch, capsys) -> N
     cfg = replace(TINY, vocab_size=27)
     model = build(cfg)
     origin = Origin("checkpoint", Path("runs/x/checkpoints/step-000042"), 42, "x", "0" * 64)
-    monkeypatch.setattr(generate_module, "load_model", lambda path: Loaded(model, CharTokenizer(), None, origin))
+    monkeypatch.setattr(generate_module, "load_model", lambda path, **_: Loaded(model, CharTokenizer(), None, origin))
     tok = CharTokenizer()
     kwargs = dict(max_tokens=10, temperature=0.0, top_k=0, top_p=1.0, seed=0)
 
@@ -260,7 +260,7 @@ def test_sample_command_prints_prompt_and_continuation(monkeypatch, capsys) -> N
     ({"prompt": "ab\udcff"}, "--prompt is not valid UTF-8"),  # a non-UTF-8 byte in argv (surrogateescape)
 ])
 def test_sample_command_refuses_bad_settings_before_loading(monkeypatch, kwargs: dict, match: str) -> None:
-    monkeypatch.setattr(generate_module, "load_model", lambda path: pytest.fail("loaded a model for settings it must refuse"))
+    monkeypatch.setattr(generate_module, "load_model", lambda path, **_: pytest.fail("loaded a model for settings it must refuse"))
     settings = dict(prompt="abc", max_tokens=4, temperature=1.0, top_k=0, top_p=1.0, seed=0, num_samples=1)
     with pytest.raises(LmforgeError, match=match):
         sample_command("runs/x", **{**settings, **kwargs})
@@ -270,7 +270,7 @@ def test_sample_command_works_at_tiny_temperature_and_top_p(monkeypatch, capsys)
     """`lmforge sample --temperature 1e-300` / `--top-p 1e-300` printed a traceback; near 0 they are greedy."""
     model = build(replace(TINY, vocab_size=27))
     origin = Origin("checkpoint", Path("runs/x"), 1, "x", "0" * 64)
-    monkeypatch.setattr(generate_module, "load_model", lambda path: Loaded(model, CharTokenizer(), None, origin))
+    monkeypatch.setattr(generate_module, "load_model", lambda path, **_: Loaded(model, CharTokenizer(), None, origin))
     settings = dict(prompt="abc", max_tokens=8, top_k=0, num_samples=2, seed=SEED_MAX)
     assert sample_command("runs/x", temperature=0.0, top_p=1.0, **settings) == 0
     greedy = capsys.readouterr().out

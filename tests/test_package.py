@@ -24,9 +24,11 @@ def run(installed: Installed, args: list[str], cwd: Path, timeout: float = 300) 
 def test_wheel_carries_the_package_data(installed: Installed) -> None:
     (wheel,) = (installed.venv.parent / "dist").glob("lmforge-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for p in sorted((REPO / "lmforge" / "configs").glob("*.yaml")) + sorted((REPO / "lmforge" / "tasks").glob("*.jsonl")):
+    for p in sorted((REPO / "lmforge" / "configs").glob("*.yaml")) + sorted((REPO / "lmforge" / "tasks").glob("*.jsonl")) + \
+            sorted((REPO / "lmforge" / "datasets").glob("*.jsonl")):
         assert f"lmforge/{p.parent.name}/{p.name}" in names
-    assert {"lmforge/py.typed", "lmforge/track/static/dashboard.js", "lmforge/cli.py"} <= names
+    assert {"lmforge/py.typed", "lmforge/track/static/dashboard.js", "lmforge/cli.py",
+            "lmforge/understand/static/topics_report.html", "lmforge/understand/static/topics_report.js"} <= names
     assert not any(n.startswith(("tests/", "configs/", "tasks/", "docs/")) for n in names)
 
 

@@ -5,6 +5,8 @@ on completion tokens."""
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import shutil
 import subprocess
@@ -238,11 +240,12 @@ def test_chat_generation_items_are_prompted_with_the_chat_template(chat_tokenize
     tok = load_tokenizer(chat_tokenizer_dir)
     seen: list[tuple[list[int], list[int]]] = []
 
-    def fake_generate(model, prompt, *, max_tokens, stop_ids):  # the prompt and stops the harness builds
+    def fake_generate(model, prompt, *, max_tokens, stop_ids, governor=None):  # the prompt and stops the harness builds
         seen.append((list(prompt), list(stop_ids)))
         return tok.encode("2 + 3 = 5.")
 
     monkeypatch.setattr("lmforge.generate.generate", fake_generate)
+    monkeypatch.setattr("lmforge.quant.decoding_layout", lambda model: contextlib.nullcontext())  # no real weights here
     items = tuple(parse_item({"type": "gen", "chat": chat, "context": "What is 2 plus 3?", "target": "2 + 3 = 5."}, f"t:{i}")
                   for i, chat in enumerate((True, False)))
     model = SimpleNamespace(cfg=SimpleNamespace(max_seq_len=64))

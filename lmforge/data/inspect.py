@@ -4,7 +4,7 @@
 - verify: every checksum re-checked (manifest.py `verify_dataset`); each bad file named; exit 1.
 - inspect: which documents (source file + byte offset) and text a data step reads. The step's
   sample ids come from the same pure function the loader uses (order.py), each sample's tokens from
-  the same source (a window of the stream, or a row of whole SFT examples: loader.py
+  the same source (a window of the stream, a row of whole SFT examples, or a preference pair: loader.py
   `open_source`), traced through the document index back to its sources (`DocumentIndex`,
   `trace`). `--show-mask` shows each sample whole with the tokens it trains on marked (the loss
   mask exactly as the loader applies it: `TokenDataset.trained_targets`).
@@ -157,7 +157,9 @@ def cmd_inspect(
             record["text"] = tok.decode(window)[:max_chars]
         samples.append(record)
     epoch = step * global_batch // n
-    what = f"rows of whole examples, at most {seq_len + 1} tokens" if ds.kind == "sft" else f"samples of {seq_len + 1} tokens"
+    what = {"sft": f"rows of whole examples, at most {seq_len + 1} tokens",
+            "dpo": f"preference pairs, each its chosen then its rejected sequence of at most {seq_len + 1} tokens"}.get(
+                ds.kind, f"samples of {seq_len + 1} tokens")
     if as_json:
         print(json.dumps({"step": step, "epoch": epoch, "n_samples": n, "samples": samples}, indent=2, ensure_ascii=False))
         return 0

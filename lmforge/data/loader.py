@@ -17,6 +17,12 @@ Sources:
   document of each input position; -1 for padding) when document masking is on. A document longer
   than seq_len + 1 tokens fits no row: it is left out and counted (`dropped`, `longest`), never cut
   mid-answer; the trainer says so once when it starts.
+- `PreferencePairs` (preference data, `prepare --dpo`): sample i is the i-th (chosen, rejected)
+  pair, two consecutive documents of the stream (prompt + chosen completion, prompt + rejected
+  completion), each with its loss mask on the completion -> `inputs`, `targets` (pad: -100),
+  `loss_mask` (B, 2, T): [:, 0] the chosen sequences, [:, 1] the rejected ones, padded to the
+  longest sequence of the batch. A pair with a sequence longer than seq_len + 1 tokens is left out
+  and counted (`dropped`, `longest`), never cut.
 - `Records`: variable-length records held as flat per-token columns and offsets (e.g. tokenized
   JSONL rows), padded per (global) batch: `batch` gives each column as (B, L) plus `lengths` (B,). The base
   for objectives whose samples are not token streams (pairs, triples, labelled examples).
@@ -271,6 +277,49 @@ class DocumentRows:
         return out
 
 
+class PreferencePairs:
+    """DPO samples: (chosen, rejected) pairs of whole sequences, padded per batch (module docstring)."""
+
+    def __init__(self, dataset: TokenDataset, seq_len: int, *, pad_id: int | None = None) -> None:
+        self.dataset, self.seq_len = dataset, seq_len
+        self.pad_id = pad_id if pad_id is not None else int(dataset.manifest.get("pad_id") or dataset.manifest.get("eos_id") or 0)
+        starts = dataset.document_starts
+        if len(starts) % 2:
+            raise DataError(f"{dataset.path}: the {dataset.split} split has {len(starts)} documents, not (chosen, rejected) "
+                            "pairs; re-run `lmforge prepare --dpo`")
+        lengths = np.diff(np.append(starts, dataset.n_tokens))
+        pairs = np.stack([starts[0::2], lengths[0::2], starts[1::2], lengths[1::2]], 1)  # (P, 4) chosen, rejected spans
+        fits = np.maximum(pairs[:, 1], pairs[:, 3]) <= seq_len + 1
+        self.n_pairs = len(pairs)
+        self.dropped = int((~fits).sum())  # pairs with a sequence longer than a row: left out, never cut
+        self.longest = int(lengths.max()) if len(lengths) else 0
+        self.pairs = pairs[fits]
+        self.n_samples = len(self.pairs)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.dataset.fingerprint
+
+    def spans(self, sample_ids: np.ndarray) -> list[tuple[int, int]]:
+        """(start, length) of each pair in the stream: its chosen sequence, then its rejected one."""
+        return [(int(self.pairs[i, 0]), int(self.pairs[i, 1] + self.pairs[i, 3])) for i in np.asarray(sample_ids).tolist()]
+
+    def width(self, sample_ids: np.ndarray) -> int:
+        rows = self.pairs[np.asarray(sample_ids, dtype=np.int64)]
+        return int(max(rows[:, 1].max(), rows[:, 3].max())) - 1  # T: the longest sequence's inputs
+
+    def batch(self, sample_ids: np.ndarray, width: int | None = None) -> Batch:
+        width = self.width(sample_ids) if width is None else width
+        spans = [(int(r[0]), int(r[1])) if side == 0 else (int(r[2]), int(r[3]))
+                 for r in self.pairs[np.asarray(sample_ids, dtype=np.int64)] for side in (0, 1)]  # chosen, rejected, ...
+        tokens = [np.asarray(self.dataset.window(s, n), dtype=np.int64) for s, n in spans]
+        trained = [self.dataset.trained_targets(s, n) for s, n in spans]
+        out = {"inputs": pad_rows([t[:-1] for t in tokens], self.pad_id, width),
+               "targets": pad_rows([t[1:] for t in tokens], IGNORE, width),
+               "loss_mask": pad_rows(trained, 0, width).astype(bool)}
+        return {k: torch.from_numpy(v.reshape(-1, 2, width)) for k, v in out.items()}  # (B, 2, T)
+
+
 def _pack(starts: np.ndarray, lengths: np.ndarray, capacity: int) -> np.ndarray:
     """(R, 2) int64 [start, length] rows of consecutive documents, greedily in stream order: a row
     takes documents while they fit in `capacity` tokens. Consecutive kept documents are contiguous
@@ -329,22 +378,33 @@ def document_mask_on(setting: str, dataset: TokenDataset) -> bool:
     return dataset.kind == "sft" if setting == "auto" else setting == "true"
 
 
+DatasetSource = TokenWindows | DocumentRows | PreferencePairs  # what a prepared dataset's split is read as
+
+
 def open_source(dataset: str | os.PathLike | TokenDataset, split: str = "train", *, seq_len: int,
-                document_mask: str = "auto", packing: bool = True) -> TokenWindows | DocumentRows:
-    """The source of a prepared dataset's split: DocumentRows for SFT data, TokenWindows otherwise."""
+                document_mask: str = "auto", packing: bool = True) -> DatasetSource:
+    """The source of a prepared dataset's split: DocumentRows for SFT data, PreferencePairs for
+    preference data (one sequence per row: document masking and packing do not apply), TokenWindows
+    otherwise."""
     ds = dataset if isinstance(dataset, TokenDataset) else TokenDataset(dataset, split)
     if seq_len < 1:
         order.num_samples(0, seq_len)  # the one seq_len error
+    if ds.kind == "dpo":
+        return PreferencePairs(ds, seq_len)
     if ds.kind == "sft":
         return DocumentRows(ds, seq_len, document_mask=document_mask_on(document_mask, ds), packing=packing)
     return TokenWindows(ds, seq_len, document_mask=document_mask_on(document_mask, ds))
 
 
-def require_samples(source: TokenWindows | DocumentRows) -> int:
+def require_samples(source: DatasetSource) -> int:
     """The source's n_samples, or a DataError saying why it has none."""
     if source.n_samples >= 1:
         return source.n_samples
     ds = source.dataset
+    if isinstance(source, PreferencePairs):
+        raise DataError(
+            f"{ds.path}: the {ds.split} split has no pair whose sequences fit seq_len + 1 = {source.seq_len + 1} tokens "
+            f"({source.dropped} longer ones, the longest sequence {source.longest}); raise data.seq_len or add shorter pairs")
     if isinstance(source, DocumentRows):
         raise DataError(
             f"{ds.path}: the {ds.split} split has no document of at most seq_len + 1 = {source.seq_len + 1} tokens "
@@ -464,11 +524,16 @@ def val_batches(
     """The val split's samples in order, in batches of up to batch_size (the last may be smaller).
 
     For a text stream, window j covers val tokens [j*seq_len, j*seq_len + seq_len + 1): every
-    evaluation sees the same non-overlapping windows; for SFT data, the rows of the val split.
+    evaluation sees the same non-overlapping windows; for SFT data, the rows of the val split; for
+    preference data, its pairs.
     """
     source = open_source(path, "val", seq_len=seq_len, document_mask=document_mask, packing=packing)
     n = source.n_samples
     if n < 1:
+        if isinstance(source, PreferencePairs):
+            raise DataError(
+                f"{path}: the val split has no pair whose sequences fit seq_len + 1 = {seq_len + 1} tokens "
+                f"({source.dropped} longer ones); re-run prepare with a larger --val-fraction, or raise data.seq_len")
         if isinstance(source, DocumentRows):
             raise DataError(
                 f"{path}: the val split has no document of at most seq_len + 1 = {seq_len + 1} tokens "

@@ -5,7 +5,8 @@ A prepared dataset (data/<name>/) is tokenizer.json, token shards (train-00000.b
 per split the shards with their token counts and sha256, the sources, and a document index (rows of
 INDEX_COLUMNS). An SFT dataset (format 2, `"kind": "sft"`, written by data/sft.py) also has a loss
 mask per token: `<split>-NNNNN.mask.bin` beside each token shard, one byte per token (1: trained),
-with its sha256 in the shard's `mask` entry. prepare.py writes it; loader.py, inspect.py, quickstart and the trainer read it
+with its sha256 in the shard's `mask` entry. A preference dataset (format 3, `"kind": "dpo"`, written
+by data/preferences.py) has the same masks; its documents come in pairs, chosen then rejected. prepare.py writes it; loader.py, inspect.py, quickstart and the trainer read it
 through `read_manifest`, and `verify_dataset` re-checks every checksum it records.
 
 The `fingerprint` is a short hash of what decides the train token stream (tokenizer, dtype, train
@@ -29,7 +30,8 @@ from ..util import sha256_file
 
 FORMAT_VERSION = 1  # what prepare writes for text corpora
 SFT_FORMAT_VERSION = 2  # loss masks beside the shards: an older lmforge refuses it instead of ignoring them
-READABLE_VERSIONS = (FORMAT_VERSION, SFT_FORMAT_VERSION)
+DPO_FORMAT_VERSION = 3  # documents in (chosen, rejected) pairs: an older lmforge refuses it instead of reading a stream
+READABLE_VERSIONS = (FORMAT_VERSION, SFT_FORMAT_VERSION, DPO_FORMAT_VERSION)
 MASK_SUFFIX = ".mask.bin"
 MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "val")
@@ -62,7 +64,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version not in READABLE_VERSIONS:
         raise DataError(f"{mpath}: dataset format version {version!r}, this lmforge reads "
-                        f"{' and '.join(map(str, READABLE_VERSIONS))}; re-run prepare")
+                        f"{', '.join(map(str, READABLE_VERSIONS))}; re-run prepare")
     return manifest
 
 

@@ -124,6 +124,9 @@ class Encoder:
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         found = [f for f, keys in (("messages", ("messages",)), ("prompt-completion", ("prompt", "completion")),
                                    ("text", ("text",))) if all(k in record for k in keys)]
+        if "chosen" in record and "rejected" in record:
+            raise DataError(f"{where}: a preference pair (\"chosen\", \"rejected\"): prepare preference data with --dpo "
+                            "instead of --sft (docs/finetune.md#preference-tuning-dpo)")
         if len(found) != 1:
             what = "two formats at once" if found else f"none of the formats (keys: {sorted(record)})"
             raise DataError(f"{where}: a record holds {what}; give exactly one of {{\"text\"}}, {{\"messages\"}}, "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from ..config import Config
 from ..data.manifest import MANIFEST_FILE, read_manifest
 from ..errors import DataError, LmforgeError
 from ..jsonl import dumps_record
+from ..threads import Governor, govern
 from ..tokenizer import Tokenizer
 from ..util import out as results_out  # command results: stdout, every progress mode
 from ..util import progress_bar
@@ -39,12 +41,13 @@ from .tasks import Task, context_ids, encode_request, load_task
 
 
 def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batch_size: int,
-               scorer: str = "packed", config: Config | None = None) -> dict[str, float]:
+               scorer: str = "packed", config: Config | None = None, governor: Governor | None = None
+               ) -> dict[str, float]:
     """Metrics of one task: mc -> acc, acc_norm; cloze -> acc, logprob; gen -> exact_match;
     retrieval -> ndcg@10, recall@1/10/100, mrr@10 (the pooling of `config`, fp32)."""
     max_len = model.cfg.max_seq_len
     if task.kind == "gen":
-        return _generate_task(model, tokenizer, task)
+        return _generate_task(model, tokenizer, task, governor)
     if task.kind == "retrieval":
         from ..understand.embed import Embedder
         from .retrieval import score_retrieval
@@ -69,24 +72,27 @@ def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batc
     return M.cloze_metrics([row[0].greedy for row in scores], [row[0].logprob for row in scores])
 
 
-def _generate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task) -> dict[str, float]:
+def _generate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, governor: Governor | None) -> dict[str, float]:
     """Greedy generation per item; a `chat` item's context is a user message in the model's chat
     template (lmforge/chat.py: the prompt `serve` would build), its reply ending at the model's end
-    of turn (or the plain template's next turn)."""
+    of turn (or the plain template's next turn). Decodes in the decoding layout (lmforge/quant.py),
+    only while it decodes: scoring keeps the numbers of the layout the model was trained in."""
     from ..chat import ChatTemplate
     from ..generate import generate
+    from ..quant import decoding_layout
 
     template = ChatTemplate(tokenizer, tokenizer.chat_template) if any(i.chat for i in task.items) else None
     predictions = []
-    for item in task.items:
-        if item.chat and template is not None:
-            prompt = tokenizer.encode_template(template.parts([{"role": "user", "content": item.context}]))
-            stop_ids, stops = list(tokenizer.end_ids), item.stop + template.stop
-        else:
-            prompt = context_ids(tokenizer, item.context)
-            stop_ids, stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else [], item.stop
-        new = generate(model, prompt, max_tokens=item.max_tokens, stop_ids=stop_ids)
-        predictions.append(M.cut_at_stop(tokenizer.decode(new), stops))
+    with decoding_layout(model):
+        for item in task.items:
+            if item.chat and template is not None:
+                prompt = tokenizer.encode_template(template.parts([{"role": "user", "content": item.context}]))
+                stop_ids, stops = list(tokenizer.end_ids), item.stop + template.stop
+            else:
+                prompt = context_ids(tokenizer, item.context)
+                stop_ids, stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else [], item.stop
+            new = generate(model, prompt, max_tokens=item.max_tokens, stop_ids=stop_ids, governor=governor)
+            predictions.append(M.cut_at_stop(tokenizer.decode(new), stops))
     return M.exact_match(predictions, [i.target for i in task.items])
 
 
@@ -123,8 +129,10 @@ def evaluate_model(
     max_batches: int = 0,
     scorer: str = "packed",
     show_progress: bool = True,
+    governor: Governor | None = None,
 ) -> dict[str, float]:
-    """Flat {name: value}: loss/perplexity/bits_per_byte on `source`, then `<task>/<metric>`."""
+    """Flat {name: value}: loss/perplexity/bits_per_byte on `source`, then `<task>/<metric>`.
+    governor: told each batch's time (lmforge/threads.py: fewer threads while the machine is busy)."""
     model.eval()
     out: dict[str, float] = {}
     seq_len = min(cfg.data.seq_len, model.cfg.max_seq_len)
@@ -155,12 +163,13 @@ def evaluate_model(
                 if max_batches:
                     total = min(total, max_batches)
             bar = progress.add_task(f"loss on {Path(path).name}", total=total)
-            nll, tokens, nbytes = nll_totals(model, _counted(batches, progress, bar), tokenizer.token_nbytes())
+            nll, tokens, nbytes = nll_totals(model, _counted(batches, progress, bar, governor), tokenizer.token_nbytes())
             out.update(M.loss_metrics(nll, tokens, nbytes))
         for task in tasks:
             size = f"{len(task.queries)} queries, {len(task.docs)} docs" if task.kind == "retrieval" else len(task.items)
             bar = progress.add_task(f"{task.name} ({size} {task.kind})", total=1)
-            for k, v in score_task(model, tokenizer, task, batch_size=batch_size, scorer=scorer, config=cfg).items():
+            for k, v in score_task(model, tokenizer, task, batch_size=batch_size, scorer=scorer, config=cfg,
+                                   governor=governor).items():
                 out[f"{task.name}/{k}"] = v
             progress.advance(bar)
     return out
@@ -224,9 +233,12 @@ def _cut(text: str, limit: int) -> int:
     return space if space > 0 else limit
 
 
-def _counted(batches, progress: Progress, bar) -> Any:
+def _counted(batches, progress: Progress, bar, governor: Governor | None = None) -> Any:
     for b in batches:
-        yield b
+        start = time.perf_counter()
+        yield b  # the caller scores the batch before asking for the next
+        if governor is not None:
+            governor.step(time.perf_counter() - start, work=b["inputs"].numel())
         progress.advance(bar)
 
 
@@ -288,10 +300,9 @@ def eval_command(
 
     check_eval_options(data, text, batch_size, max_batches)
     task_list = load_tasks(list(tasks or []), retrieval)  # validate task files before loading any model
-    loaded = load_model(path)
+    governor = govern(threads)  # up to --threads (or all cores); the --watch sidecar passes eval.threads
+    loaded = load_model(path)  # as trained: generation tasks decode in the decoding layout (_generate_task)
     model, tokenizer, cfg, origin = loaded.model, loaded.tokenizer, loaded.config, loaded.origin
-    if threads:  # default: every core (eval.threads is the sidecar's budget, beside training)
-        torch.set_num_threads(threads)
     bs = batch_size or cfg.eval.batch_size
     source = None if retrieval and not (data or text or tasks) else text_source(cfg, tokenizer, data=data, text=text)
     if not (tasks or retrieval or data or text):
@@ -302,7 +313,7 @@ def eval_command(
             "and no --tasks were given; pass --data DIR, --text FILE or --tasks FILE.jsonl (or a bundled task, e.g. python-mc)"
         )
     results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source, batch_size=bs,
-                             max_batches=max_batches, scorer=scorer, show_progress=not as_json)
+                             max_batches=max_batches, scorer=scorer, show_progress=not as_json, governor=governor)
     if as_json:
         print(dumps_record({"checkpoint": str(path), "step": origin.step, "metrics": results}, indent=2))
         return 0

@@ -9,7 +9,9 @@ trainer's own `val_loss` is the objective's: train/objectives.py `validation_los
 `token_nbytes`; special tokens such as the EOS between documents are scored as tokens and count 0
 bytes), from which evaluate/metrics.py derives loss, perplexity and bits per byte. Only trained
 targets are scored: an SFT dataset's loss mask leaves out the prompts (held-out loss on completion
-tokens only), and its packed rows are scored with document masking as they were trained. `text_batches`
+tokens only), and its packed rows are scored with document masking as they were trained; for a
+preference dataset (`prepare --dpo`) the scored text is each pair's chosen completion (DPO's own
+val_loss needs the reference, which only the trainer has). `text_batches`
 cuts any text into the same kind of windows: [EOS] + the text's tokens, consecutive windows
 overlapping by one token, so every token of the text is a target exactly once; `stream_batches`
 does it for tokens that arrive piece by piece (`lmforge eval --text` on a file of any size).
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.loader import IGNORE, Batch, scored_targets, val_batches
+from ..data.manifest import read_manifest
 from ..model import document_attention
 
 
@@ -95,6 +98,10 @@ def _batch(rows: list[np.ndarray], seq_len: int) -> Batch:
 
 def dataset_batches(data_path: str, *, seq_len: int, batch_size: int, max_batches: int | None,
                     document_mask: str = "auto", packing: bool = True) -> Iterator[Batch]:
-    """The val split's samples (data/loader.py `val_batches`); max_batches None or 0 reads them all."""
-    return val_batches(data_path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches or None,
-                       document_mask=document_mask, packing=packing)
+    """The val split's samples (data/loader.py `val_batches`; of preference pairs, the chosen
+    sequences); max_batches None or 0 reads them all."""
+    batches = val_batches(data_path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches or None,
+                          document_mask=document_mask, packing=packing)
+    if read_manifest(data_path).get("kind") == "dpo":
+        return ({k: v[:, 0] for k, v in b.items()} for b in batches)  # (B, 2, T) -> the chosen rows (B, T)
+    return batches

@@ -45,19 +45,20 @@ from typing import Any
 import torch
 
 from ..artifacts import (
-    CHECKPOINTS, CONFIG_FILE, EVAL_RESULTS_FILE, EVENTS_FILE, MODEL_FILE, is_checkpoint_dir, is_model_dir,
+    CHECKPOINTS, CONFIG_FILE, EVAL_RESULTS_FILE, EVENTS_FILE, is_checkpoint_dir, is_model_dir,
     list_checkpoints, load_model, read_manifest,
 )
 from ..errors import CheckpointError, LmforgeError
 from ..jsonl import append_jsonl, read_records, restore_numbers
+from ..threads import Governor, cores
 from ..util import console, warn
 from .harness import check_eval_options, evaluate_model, load_tasks, own_tasks, text_source
 
 
 def checkpoint_key(ckpt: Path) -> str | None:
-    """"step-000030:<sha256 of model.safetensors>" from the MANIFEST, or None if unreadable."""
+    """"step-000030:<sha256 of model.safetensors>" (a LoRA run's: of its adapter) from the MANIFEST, or None if unreadable."""
     try:
-        return f"{ckpt.name}:{read_manifest(ckpt).sha256(MODEL_FILE)}"
+        return f"{ckpt.name}:{read_manifest(ckpt).weights_sha256}"
     except (CheckpointError, KeyError):
         return None
 
@@ -180,7 +181,7 @@ def watch(
 
         cfg_path = run_dir / CONFIG_FILE
         threads = load_config(cfg_path).eval.threads if cfg_path.is_file() else 1
-    torch.set_num_threads(max(1, threads))
+    governor = Governor(max(1, min(threads, cores())))  # sets them; fewer while the machine is oversubscribed
     store = _open_store()
     done = {row["key"] for row in read_results(run_dir)}
     reported: set[str] = set()  # damaged checkpoints already reported (once each)
@@ -214,7 +215,7 @@ def watch(
                     )
                 results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source,
                                          batch_size=batch_size or cfg.eval.batch_size, max_batches=max_batches,
-                                         scorer=scorer, show_progress=False)
+                                         scorer=scorer, show_progress=False, governor=governor)
                 seconds = time.perf_counter() - t0
                 _record(run_dir, store, ckpt, key, step, results, seconds)
                 done.add(key)

@@ -10,6 +10,8 @@ the same app under uvicorn. The app is assembled from pieces that each do one jo
     bridge.py    engine thread <-> event loop: submit, events, deadlines, cancel on disconnect
     routes.py    one method per route: body -> engine requests -> events -> JSON or SSE
     embeddings.py  POST /v1/embeddings: a bounded worker beside the engine, vector encodings
+                 (POST /v1/classify runs on the same worker: `lmforge serve clf/NAME`)
+    adapters.py  --adapter: many LoRA adapters on the one base, picked by the request's `model`
     protocol.py  the wire format: strict request bodies, errors, log-probs, response shapes
     chat.py      chat templates (Jinja sandbox; control tokens only from the template)
     metrics.py   the Prometheus registry behind GET /metrics
@@ -30,7 +32,7 @@ status and is counted as refused; unknown routes and methods get the same shape)
 - Log-probs are the model's own (log-softmax of the raw logits; temperature and top-k/top-p do
   not reshape them), so scoring does not depend on sampling settings.
 
-Trade-offs: one model per server; the engine is created with the app, so its cache is allocated
+Trade-offs: one base model per server (with any number of LoRA adapters on it); the engine is created with the app, so its cache is allocated
 even when the app never starts (tests create apps freely; `lmforge serve` binds the port first).
 """
 
@@ -56,7 +58,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 
 from ..config import Config, EmbedConfig
-from ..errors import LmforgeError
+from ..errors import ConfigError, LmforgeError
+from ..lora import AdapterSet
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..util import read_text_file
@@ -71,6 +74,7 @@ from .routes import Routes
 
 if TYPE_CHECKING:
     from ..artifacts import Loaded
+    from ..understand.classify import Classifier
     from ..understand.index.search import Searcher
 
 
@@ -111,17 +115,22 @@ def create_app(
     chat_template: str | None = None,
     request_timeout: float = 600.0,
     max_body_bytes: int = 1 << 20,
+    max_threads: int | None = None,
     embed: EmbedConfig | None = None,
     max_embed_inputs: int = 256,
     searcher: Searcher | None = None,
+    classifier: Classifier | None = None,
+    adapters: AdapterSet | None = None,
 ) -> FastAPI:
     """The API over a loaded model (eval mode). The engine thread runs while the app does.
     `embed`: how /v1/embeddings pools (the model's config `embed:` section; default: its defaults).
-    searcher: an index opened for this model (`open_index`); adds POST /v1/search."""
+    searcher: an index opened for this model (`open_index`); adds POST /v1/search.
+    classifier: a classifier over this same model (`load_classifier`), for POST /v1/classify.
+    adapters: LoRA adapters installed in `model` (serve/adapters.py `open_adapters`), picked by name."""
     if max_tokens < 1 or not (math.isfinite(request_timeout) and request_timeout > 0) or max_body_bytes < 1:
         raise LmforgeError(f"--max-tokens, --request-timeout and --max-body-bytes must be positive, got "
                            f"{max_tokens}, {request_timeout} and {max_body_bytes}")
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, adapters=adapters, max_threads=max_threads)
     chat = ChatTemplate(tokenizer, chat_template)
     metrics = Metrics(engine)
     bridge = Bridge(engine, metrics, request_timeout)
@@ -131,7 +140,8 @@ def create_app(
     embed_worker = EmbedWorker(embedder, max_queue, request_timeout)
     routes = Routes(bridge, tokenizer, chat, metrics, model_name=model_name,
                     context=model.cfg.max_seq_len, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
-                    embed_worker=embed_worker, max_embed_inputs=max_embed_inputs, searcher=searcher)
+                    embed_worker=embed_worker, max_embed_inputs=max_embed_inputs, searcher=searcher,
+                    classifier=classifier, adapters=adapters)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -157,6 +167,7 @@ def create_app(
         ("POST", "/v1/completions", routes.completions),
         ("POST", "/v1/chat/completions", routes.chat_completions),
         ("POST", "/v1/embeddings", routes.embeddings),
+        ("POST", "/v1/classify", routes.classify),
         ("GET", "/health", routes.health),
         ("GET", "/v1/models", routes.models),
         ("POST", "/tokenize", routes.tokenize),
@@ -246,15 +257,19 @@ def serve_command(
     chat_template: str | None,
     request_timeout: float,
     max_body_bytes: int,
-    threads: int,
+    threads: int | None,
     shutdown_grace: float = 5.0,
+    quantize: str | None = None,
     index: str | None = None,
+    adapters: list[str] | None = None,
+    max_adapters: int | None = None,
 ) -> int:
     """Load a run or checkpoint and serve it until interrupted. Unset limits come from the
-    checkpoint's `serve:` config section."""
-    import torch
-
-    from ..artifacts import load_model
+    checkpoint's `serve:` config section. `adapters`: --adapter NAME=PATH or DIR values (LoRA
+    adapters on this base, picked by a request's `model`)."""
+    from ..generate import load_for_decoding
+    from ..quant import check_weights
+    from ..threads import choose, cores
     from ..util import check_port, console
 
     if port is not None:
@@ -263,20 +278,33 @@ def serve_command(
         raise LmforgeError(f"--shutdown-grace must be a number of seconds >= 0, got {shutdown_grace}")
     key = resolve_api_key(api_key, api_key_file)
     template = read_chat_template(chat_template)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    if quantize is not None:
+        check_weights(quantize)
+    choose(threads)  # the engine thread starts with this count and adapts it (lmforge/threads.py) ...
     # The engine thread and the event loop share the GIL; a shorter switch interval keeps the
     # engine from waiting up to 5 ms for it each time the loop handles a token (docs/serve.md).
     sys.setswitchinterval(0.0005)
-    loaded = load_model(path)
+    classifier = load_classifier(path)
+    if classifier is not None and quantize not in (None, "fp32"):
+        raise ConfigError(f"--quantize {quantize}: {path} is a classifier, whose head was fitted to its model's fp32 "
+                          "vectors; serve it without --quantize")
+    if adapters and quantize not in (None, "fp32"):
+        raise ConfigError(f"--quantize {quantize} with --adapter: LoRA adapters are served on fp32 base weights; "
+                          "leave out --quantize, or export each adapter merged (export --merge) and serve that")
+    loaded = classifier.embedder.loaded if classifier is not None else load_for_decoding(path, quantize)
     searcher = open_index(index, loaded) if index is not None else None  # before the port: a wrong index fails at once
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
     template = template or tokenizer.chat_template  # a model directory's (or a fine-tune's origin's) recorded one
     host = host or cfg.serve.host
     check_exposure(host, key, insecure)
     port = port if port is not None else cfg.serve.port
-    sock = listen(host, port)  # before create_app allocates the cache: a taken port fails at once
     name = model_name or Path(path).resolve().name
+    adapter_set = None
+    if adapters:  # every adapter checked against this base before the port opens
+        from .adapters import open_adapters
+
+        adapter_set = open_adapters(loaded, name, adapters, cfg.serve.max_adapters if max_adapters is None else max_adapters)
+    sock = listen(host, port)  # before create_app allocates the cache: a taken port fails at once
     try:
         app = create_app(model, tokenizer, model_name=name,
                          max_batch=cfg.serve.max_batch if max_batch is None else max_batch,
@@ -285,14 +313,19 @@ def serve_command(
                          chat_template=template, request_timeout=request_timeout, max_body_bytes=max_body_bytes,
                          embed=cfg.embed,
                          max_embed_inputs=cfg.serve.max_embed_inputs if max_embed_inputs is None else max_embed_inputs,
-                         searcher=searcher)
+                         searcher=searcher, classifier=classifier, adapters=adapter_set,
+                         max_threads=threads or cores())  # ... up to --threads (or all cores) while they are free
         auth = "API key required" if key else "no API key"
         where = f"[{host}]" if ":" in host else host
         # Listening already (connections wait in the backlog until uvicorn accepts them), so the
         # URL works as soon as it is printed; its port is the real one, also for --port 0.
+        what = f"classifier {path} on {loaded.origin.path}, " if classifier is not None else ""
         searching = f", searching {index}" if index is not None else ""
-        console.print(f"serving {name} ({loaded.origin.describe()}{searching}) at http://{where}:{sock.getsockname()[1]}/v1 "
-                      f"({auth}); Ctrl-C stops", markup=False)
+        if adapter_set is not None:
+            searching += (f", {len(adapter_set.entries)} LoRA adapter(s): {', '.join(list(adapter_set.entries)[:8])}"
+                          f"{' ...' if len(adapter_set.entries) > 8 else ''} (up to {adapter_set.capacity} in memory)")
+        console.print(f"serving {name} ({what}{loaded.origin.describe()}{searching}) at "
+                      f"http://{where}:{sock.getsockname()[1]}/v1 ({auth}); Ctrl-C stops", markup=False)
         server = _server(app, shutdown_grace)
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends like Ctrl-C, exit 0
         try:
@@ -305,6 +338,21 @@ def serve_command(
     if not server.started:  # uvicorn logged why (the lifespan failed)
         raise LmforgeError("the server did not start; see the error above")
     return 0
+
+
+def load_classifier(path: str) -> Classifier | None:
+    """The classifier of a classifier directory (clf/NAME), with its embedding model; None for any
+    other path. One whose scores need the evaluation scorer (zero-shot with --zero-shot-scorer lm)
+    is refused: the server does not import evaluate/."""
+    from ..understand.classify import Classifier, is_classifier_dir
+
+    if not is_classifier_dir(path):
+        return None
+    clf = Classifier.load(path)
+    if clf.spec.scorer == "lm":
+        raise LmforgeError(f"{path} is a zero-shot classifier with the lm scorer, which the server does not run; "
+                           "classify with `lmforge classify predict`, or train one with --zero-shot-scorer embedding")
+    return clf
 
 
 def _server(app: FastAPI, shutdown_grace: float) -> Any:

@@ -60,11 +60,12 @@ class EmbedWorker:
         return await self.run(self.embedder.embed_ids, ids)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) on the worker's thread under its admission limit and timeout: an embedding,
-        or a search of the server's index (POST /v1/search embeds its query the same way)."""
+        """fn(*args) on the worker's thread under its admission limit and timeout: an embedding, a
+        search of the server's index (POST /v1/search embeds its query the same way), or a
+        classification (POST /v1/classify: embedding plus a small head). One queue, one thread."""
         with self.lock:
             if self.admitted >= self.max_queue:
-                raise ApiError(429, f"server busy: {self.admitted} embedding calls are waiting or running (the limit, "
+                raise ApiError(429, f"server busy: {self.admitted} embedding, search or classify calls are waiting or running (the limit, "
                                     "--max-queue); retry later", kind="rate_limit_error", headers={"Retry-After": "1"})
             self.admitted += 1
         future = self.pool.submit(fn, *args)

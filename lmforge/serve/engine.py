@@ -26,6 +26,11 @@ max_tokens (prompt + max_tokens <= max_seq_len): the server never slides the win
 `lmforge sample` does, so a result never depends on that policy, and within the window greedy
 serving gives the tokens of `lmforge.generate.generate`.
 
+Many adapters, one base (lmforge/lora.py `AdapterSet`): a request names an adapter slot
+(`Request.adapter`, 0 = the base alone), and every forward runs with each row's own slot selected,
+so requests for different adapters prefill and decode in the same batched forward; nothing is
+grouped or run one adapter at a time. A request holds its slot until it ends (`on_end` releases it).
+
 Results flow back through `Request.sink`, called on the engine thread with `Prompt` (echoed
 prompt log-probs), `Token` (id, stable text delta, log-probs) and finally `Finished` events. Text
 is decoded incrementally by each slot's `StreamDecoder` (lmforge/tokenizer.py), which holds back a
@@ -58,6 +63,7 @@ Trade-offs
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -68,7 +74,9 @@ import torch
 
 from ..errors import LmforgeError
 from ..generate import check_sampling, pick_token
+from ..lora import AdapterSet
 from ..model import Transformer, check_memory
+from ..threads import Governor
 from ..tokenizer import StreamDecoder, Tokenizer
 
 MAX_LOGPROBS = 20  # the most alternatives per position a request may ask for (OpenAI allows 5..20)
@@ -122,6 +130,8 @@ class Request:
     echo_logprobs: bool = False  # also the prompt tokens' log-probs (a `Prompt` event)
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     sink: Callable[[Event], None] = lambda event: None  # called on the engine thread
+    adapter: int = 0  # the AdapterSet slot its rows use (0: the base model alone)
+    on_end: Callable[[], None] | None = None  # called once after its Finished event (releases its adapter slot)
     cancelled: str = field(default="", init=False)  # why it was dropped (Engine.cancel's reason), "" while it runs
 
 
@@ -146,7 +156,7 @@ class SlotCache:
     """K/V for max_batch independent sequences: per layer (S, kv_heads, max_len, head_dim)."""
 
     def __init__(self, model: Transformer, slots: int) -> None:
-        cfg, p = model.cfg, next(model.parameters())
+        cfg, p = model.cfg, model.model.embed_tokens.weight  # fp32 also when the projections are int8
         shape = (slots, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(cfg.n_layer)]
@@ -191,14 +201,18 @@ class SlotView:
 class Engine:
     """Continuous batching over `max_batch` slots with a bounded waiting queue."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64) -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
+                 adapters: AdapterSet | None = None, max_threads: int | None = None) -> None:
+        """max_threads: the most torch threads the engine's governor may use while cores are free
+        (None: the count of the thread that calls start())."""
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.adapters = adapters  # installed in the model's layers: forwards select each row's slot
+        self.max_batch, self.max_queue, self.max_threads = max_batch, max_queue, max_threads
         self.max_seq_len, self.vocab_size = model.cfg.max_seq_len, model.cfg.vocab_size
-        self.device = next(model.parameters()).device
-        p = next(model.parameters())
+        p = model.model.embed_tokens.weight  # fp32 whatever the projections hold (lmforge/quant.py)
+        self.device = p.device
         check_memory(model.cfg, p.device, kv_batch=max_batch, kv_bytes=p.element_size(), fix="--max-batch (serve.max_batch)")
         self.cache = SlotCache(model, max_batch)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -231,6 +245,8 @@ class Engine:
         check_sampling(req.temperature, req.top_k, req.top_p, req.seed)
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
             raise LmforgeError(f"logprobs must be within 0..{MAX_LOGPROBS}, got {req.logprobs}")
+        if req.adapter and (self.adapters is None or not 0 < req.adapter <= self.adapters.capacity):
+            raise LmforgeError(f"adapter slot {req.adapter} does not exist on this engine")
 
     def submit(self, requests: list[Request]) -> None:
         """Queue requests (all or none): LmforgeError if one is invalid, QueueFull if no room."""
@@ -304,7 +320,8 @@ class Engine:
     # ---- the engine thread -------------------------------------------------------------------
 
     def _run(self, threads: int) -> None:
-        torch.set_num_threads(threads)
+        # Made here: OpenMP's thread count is per thread, so the governor must set it on this one.
+        governor = Governor(self.max_threads or threads, start=threads)
         with torch.inference_mode():
             while True:
                 with self.wake:
@@ -313,15 +330,18 @@ class Engine:
                     if not self.running:
                         return
                 try:
-                    self.step()
+                    start = time.perf_counter()
+                    tokens = self.step()
+                    governor.step(time.perf_counter() - start, work=tokens)
                 except Exception as e:  # a bug outside the per-row guards must not hang every client
                     log.exception("engine step failed; failing the %d running requests", len(self.active))
                     for slot in self.active:
                         self._finish(slot, Finished("error", message=f"engine error: {e!r}"))
                     self.active.clear()
 
-    def step(self) -> None:
-        """Drop, admit + prefill, decode: one turn of the scheduling loop."""
+    def step(self) -> int:
+        """Drop, admit + prefill, decode: one turn of the scheduling loop. Returns the tokens it ran
+        through the model (prompt tokens prefilled + rows decoded)."""
         now = time.monotonic()
         new: list[Request] = []
         with self.wake:
@@ -341,15 +361,19 @@ class Engine:
             if reason:
                 self._finish(slot, Finished(reason))
         self._pack()
+        tokens = 0
         if new:
             try:
                 self._prefill(new)
             finally:
                 self.admitting = 0  # also when the prefill failed before they joined `active`
+            tokens += sum(len(r.prompt_ids) for r in new)
             self._pack()
         if self.active:
+            tokens += len(self.active)
             self._decode()
             self._pack()
+        return tokens
 
     def _prefill(self, requests: list[Request]) -> None:
         lo = len(self.active)
@@ -373,7 +397,14 @@ class Engine:
         idx = torch.zeros((len(rows), max(s.length for s in rows)), dtype=torch.long)  # padded with token 0
         for i, s in enumerate(rows):
             idx[i, : s.length] = torch.tensor(s.req.prompt_ids)
-        return self.model(idx.to(self.device), cache=SlotView(self.cache, a, b))
+        with self._selected(rows):
+            return self.model(idx.to(self.device), cache=SlotView(self.cache, a, b))
+
+    def _selected(self, rows: list[_Slot]) -> contextlib.AbstractContextManager:
+        """Each row's adapter for the forward over `rows` (the base alone without adapters)."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        return self.adapters.selected([s.req.adapter for s in rows])
 
     def _start(self, slot: _Slot, logits: torch.Tensor) -> None:
         """A prefilled request's first steps, from its prompt's logits (n, V)."""
@@ -418,7 +449,8 @@ class Engine:
         L = int(positions.max()) + 1
         mask = torch.arange(L, device=self.device)[None, None, :] <= positions[:, :, None]  # (B, 1, L)
         view = SlotView(self.cache, a, b, positions, L)
-        return self.model(tokens, cache=view, positions=positions, attn_mask=mask)[:, 0]
+        with self._selected(rows):
+            return self.model(tokens, cache=view, positions=positions, attn_mask=mask)[:, 0]
 
     def _alone(self, lo: int, forward: Callable[[int, int], torch.Tensor], error: Exception) -> list[torch.Tensor | None]:
         """After `forward(lo, len(active))` over several rows raised `error`: each of those rows'
@@ -522,11 +554,16 @@ def _top(lp: torch.Tensor, n: int) -> list[tuple[int, float]]:
 
 
 def _deliver(req: Request, event: Finished) -> None:
-    """A request's last event; a sink that fails on it is logged (nothing more can reach its client)."""
+    """A request's last event; a sink that fails on it is logged (nothing more can reach its client).
+    Then `on_end`: the request holds no row any more, so its adapter slot may be reused."""
     try:
         req.sink(event)
     except Exception as e:
         log.error("a request's sink failed on its end (%s): %r", event.reason, e)
+    finally:
+        end, req.on_end = req.on_end, None
+        if end is not None:
+            end()
 
 
 def _dropped(req: Request, now: float) -> str:

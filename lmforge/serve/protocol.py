@@ -150,6 +150,15 @@ class EmbeddingBody(BaseModel):
     input_type: Literal["document", "query"] = "document"  # an extension: which of the model's prefixes strings get
 
 
+class ClassifyBody(BaseModel):
+    """POST /v1/classify (an lmforge route: `lmforge serve clf/NAME`)."""
+
+    model_config = STRICT
+    input: str | list[str]
+    model: str | None = None
+    min_confidence: float | None = Field(None, ge=0.0, le=1.0)  # overrides the classifier's recorded threshold
+
+
 MAX_SEARCH_K = 100
 
 
@@ -362,6 +371,7 @@ SSE_DONE = "data: [DONE]\n\n"  # OpenAI's end of a stream
 
 
 __all__ = ["GenerationBody", "CompletionBody", "ChatBody", "ChatMessage", "ContentPart", "TokenizeBody",
-           "DetokenizeBody", "EmbeddingBody", "SearchBody", "MAX_SEARCH_K", "ApiError", "error_body", "read_body", "check_json", "MAX_JSON_DEPTH", "stop_strings", "Scored", "prompt_scores",
+           "DetokenizeBody", "EmbeddingBody", "ClassifyBody", "SearchBody", "MAX_SEARCH_K", "ApiError", "error_body",
+           "read_body", "check_json", "MAX_JSON_DEPTH", "stop_strings", "Scored", "prompt_scores",
            "legacy_logprobs", "chat_logprobs", "usage", "reply", "sse", "SSE_DONE", "DEFAULT_COMPLETION_TOKENS",
            "MAX_STOP_STRINGS", "MAX_N"]

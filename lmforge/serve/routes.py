@@ -16,14 +16,22 @@ as OpenAI JSON or as server-sent events (`protocol`). `create_app` (api.py) regi
 - POST /v1/search (with --index): the index's best chunks for a query, with their spans; the
   search runs on the embedding worker (serve/embeddings.py), so it gets the same 429 / 503 as
   a generation when the server is full or closing.
+- POST /v1/classify: texts -> label, scores, confidence and routed flag from the classifier the
+  server was started with (`lmforge serve clf/NAME`; understand/classify.py), run on the embedding
+  worker's thread and queue (its backpressure: 429 beyond --max-queue), 404 on a plain model.
 - GET /v1/models, POST /tokenize (a text or a conversation), POST /detokenize, GET
   /tokenizer_info, GET /health, GET /metrics (Prometheus).
 - A stream is its chunks, then `data: [DONE]`; an error after the 200 went out (a timeout, an
   engine error) is sent as an error event before [DONE] and counted like the 504/500 it stands for.
 - A non-streaming call whose client left answers 499 (nobody reads it).
 
-Trade-offs: one model per server (the `model` field is not checked, so any client's default name
-works); `n > 1` runs n independent requests (seeds seed, seed + 1, ..., wrapped within 64 bits);
+Adapters (serve --adapter, serve/adapters.py): the `model` field picks one by name (the base's name
+or no name: the base alone); a name the server does not have is a 404 listing the names it has,
+and /v1/models lists the base and every adapter (`parent`: the base). A call's requests hold their
+adapter's slot from before they are queued until each ends; when every slot is held, 429.
+
+Trade-offs: one base model per server; without adapters the `model` field is not checked, so any
+client's default name works; `n > 1` runs n independent requests (seeds seed, seed + 1, ..., wrapped within 64 bits);
 presence/frequency penalties and logit_bias are refused rather than ignored.
 """
 
@@ -40,18 +48,22 @@ from typing import TYPE_CHECKING, Any
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request as HttpRequest
 
+from ..errors import LmforgeError
 from ..generate import nth_seed
+from ..lora import AdapterSet, AdaptersBusy
 from ..tokenizer import Tokenizer
 from .bridge import Bridge
 from .chat import ChatTemplate, special_token
 from .embeddings import EmbedWorker, encode_vector, shorten
 from .engine import Finished, Prompt, Request, Token
 from .metrics import Metrics
-from .protocol import (DEFAULT_COMPLETION_TOKENS, SSE_DONE, ApiError, ChatBody, CompletionBody, DetokenizeBody,
-                       EmbeddingBody, GenerationBody, Scored, SearchBody, TokenizeBody, chat_logprobs, error_body, legacy_logprobs,
+from .protocol import (DEFAULT_COMPLETION_TOKENS, SSE_DONE, ApiError, ChatBody, ClassifyBody, CompletionBody,
+                       DetokenizeBody, EmbeddingBody, GenerationBody, Scored, SearchBody, TokenizeBody, chat_logprobs,
+                       error_body, legacy_logprobs,
                        prompt_scores, read_body, reply, sse, stop_strings, usage)
 
 if TYPE_CHECKING:
+    from ..understand.classify import Classifier
     from ..understand.index.search import Searcher
 
 
@@ -63,6 +75,7 @@ class Call:
     requests: list[Request]
     queue: asyncio.Queue  # of (choice index, event)
     prompt_tokens: int
+    model: str  # the name replies carry: the base's or the adapter's
 
 
 @dataclass
@@ -80,11 +93,14 @@ class Routes:
     def __init__(self, bridge: Bridge, tokenizer: Tokenizer, chat: ChatTemplate, metrics: Metrics, *,
                  model_name: str, context: int, max_tokens: int, max_body_bytes: int,
                  embed_worker: EmbedWorker | None = None, max_embed_inputs: int = 256,
-                 searcher: Searcher | None = None) -> None:
+                 searcher: Searcher | None = None, classifier: Classifier | None = None,
+                 adapters: AdapterSet | None = None) -> None:
         self.bridge, self.tokenizer, self.chat, self.metrics = bridge, tokenizer, chat, metrics
+        self.adapters = adapters
         self.searcher = searcher
         self.model_name, self.context, self.max_tokens, self.max_body_bytes = model_name, context, max_tokens, max_body_bytes
         self.embed_worker, self.max_embed_inputs = embed_worker, max_embed_inputs
+        self.classifier = classifier
         self.created = int(time.time())
         self.end_ids = tokenizer.end_ids  # EOS, and an instruct model's recorded end of turn (<|im_end|>)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: tokenizer.decode([i]))
@@ -102,7 +118,7 @@ class Routes:
         prompts = self._encode_prompts(body.prompt)
         stop = stop_strings(body.stop)
         requests = [r for _text, ids in prompts for r in self._requests(ids, body, n_tokens, stop, body.logprobs, body.echo)]
-        call = self._submit("cmpl", requests, body.stream, sum(len(ids) for _text, ids in prompts))
+        call = await self._submit("cmpl", requests, body.stream, sum(len(ids) for _text, ids in prompts), body.model)
         prompt_of = [prompts[i // body.n] for i in range(len(requests))]  # choice index -> (text, ids)
         if body.stream:
             return self._stream(self._completion_chunks(call, body, prompt_of))
@@ -112,13 +128,13 @@ class Routes:
         out = [{"index": i, "text": (prompt_of[i][0] if body.echo else "") + c.text, "finish_reason": c.reason,
                 "logprobs": legacy_logprobs(c.scored, 0, self.token_text) if body.logprobs is not None else None}
                for i, c in enumerate(choices)]
-        return JSONResponse(reply(call.id, "text_completion", self.model_name, out, usage(call.prompt_tokens, generated)))
+        return JSONResponse(reply(call.id, "text_completion", call.model, out, usage(call.prompt_tokens, generated)))
 
     async def _completion_chunks(self, call: Call, body: CompletionBody,
                                  prompt_of: list[tuple[str, list[int]]]) -> AsyncIterator[str]:
         def chunk(i: int, text: str, logprobs: dict | None, reason: str | None) -> str:
             choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
-            return sse(reply(call.id, "text_completion", self.model_name, [choice]))
+            return sse(reply(call.id, "text_completion", call.model, [choice]))
 
         offsets, generated = [0] * len(call.requests), 0  # length of each choice's text so far (text_offset)
         if body.echo and body.logprobs is None:  # with log-probs, the echo comes with its Prompt event
@@ -140,7 +156,7 @@ class Routes:
             else:
                 yield chunk(i, event.text, None, event.reason)
         if body.include_usage:
-            yield sse(reply(call.id, "text_completion", self.model_name, [], usage(call.prompt_tokens, generated)))
+            yield sse(reply(call.id, "text_completion", call.model, [], usage(call.prompt_tokens, generated)))
 
     def _encode_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[str, list[int]]]:
         """Each prompt as (text, token ids), whichever of the two it came as."""
@@ -173,7 +189,8 @@ class Routes:
                                 "shorten the messages", param="messages")
         stop = stop_strings(body.stop) + self.chat.stop
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        call = self._submit("chatcmpl", self._requests(ids, body, n_tokens, stop, logprobs, False), body.stream, len(ids))
+        call = await self._submit("chatcmpl", self._requests(ids, body, n_tokens, stop, logprobs, False), body.stream, len(ids),
+                                  body.model)
         if body.stream:
             return self._stream(self._chat_chunks(call, body))
         choices, generated = await self._collect(call, http, "chat")
@@ -182,12 +199,12 @@ class Routes:
         out = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.reason,
                 "logprobs": chat_logprobs(c.scored, self.token_text) if body.logprobs else None}
                for i, c in enumerate(choices)]
-        return JSONResponse(reply(call.id, "chat.completion", self.model_name, out, usage(call.prompt_tokens, generated)))
+        return JSONResponse(reply(call.id, "chat.completion", call.model, out, usage(call.prompt_tokens, generated)))
 
     async def _chat_chunks(self, call: Call, body: ChatBody) -> AsyncIterator[str]:
         def chunk(i: int, delta: dict, reason: str | None, lp: dict | None = None) -> str:
             choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
-            return sse(reply(call.id, "chat.completion.chunk", self.model_name, [choice]))
+            return sse(reply(call.id, "chat.completion.chunk", call.model, [choice]))
 
         generated = 0
         for i in range(len(call.requests)):
@@ -203,7 +220,7 @@ class Routes:
                     yield chunk(i, {"content": event.text}, None)
                 yield chunk(i, {}, event.reason)
         if body.include_usage:
-            yield sse(reply(call.id, "chat.completion.chunk", self.model_name, [], usage(call.prompt_tokens, generated)))
+            yield sse(reply(call.id, "chat.completion.chunk", call.model, [], usage(call.prompt_tokens, generated)))
 
     # ---- /v1/embeddings --------------------------------------------------------------------------
 
@@ -215,6 +232,9 @@ class Routes:
         if self.bridge.closing:
             raise ApiError(503, "the server is shutting down; send the request to another server or retry after "
                                 "it restarts", kind="server_error")
+        if self.adapters is not None and body.model in self.adapters.entries:
+            raise ApiError(400, f"model: {body.model!r} is a LoRA adapter; embeddings come from the base model "
+                                f"{self.model_name!r}", param="model")
         emb = worker.embedder
         if body.dimensions is not None and body.dimensions > emb.dim:
             raise ApiError(400, f"dimensions: {body.dimensions} is above this model's {emb.dim}", param="dimensions")
@@ -260,6 +280,35 @@ class Routes:
             out.append(ids)
         return out
 
+    # ---- /v1/classify ----------------------------------------------------------------------------
+
+    async def classify(self, http: HttpRequest) -> Response:
+        body = await read_body(http, ClassifyBody, self.max_body_bytes)
+        clf, worker = self.classifier, self.embed_worker
+        if clf is None or worker is None:
+            raise ApiError(404, "this server has no classifier; start it on a classifier directory: lmforge serve clf/NAME")
+        if self.bridge.closing:
+            raise ApiError(503, "the server is shutting down; send the request to another server or retry after "
+                                "it restarts", kind="server_error")
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not texts:
+            raise ApiError(400, "input: empty; send a string or a list of strings", param="input")
+        if len(texts) > self.max_embed_inputs:
+            raise ApiError(400, f"input: {len(texts)} inputs is above this server's limit of {self.max_embed_inputs} "
+                                "per request (--max-embed-inputs); split the request", param="input")
+        for i, t in enumerate(texts):
+            if not t.strip():
+                where = "input" if isinstance(body.input, str) else f"input.{i}"
+                raise ApiError(400, f"{where}: empty text; there is nothing to classify", param=where)
+        start = time.monotonic()
+        self.metrics.requests.labels("classify").inc()
+        records = await worker.run(functools.partial(clf.predict, texts, min_confidence=body.min_confidence))
+        self.metrics.latency.labels("classify").observe(time.monotonic() - start)
+        n = sum(len(ids) for ids in self.tokenizer.encode_batch(texts))
+        return JSONResponse({"object": "list", "model": self.model_name,
+                             "data": [{"object": "classification", "index": i, **r} for i, r in enumerate(records)],
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
+
     # ---- /v1/search ----------------------------------------------------------------------------
 
     async def search(self, http: HttpRequest) -> dict[str, Any]:
@@ -283,8 +332,12 @@ class Routes:
         return {"status": "ok"}
 
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "lmforge", "max_model_len": self.context}]}
+        base = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "lmforge",
+                "max_model_len": self.context}
+        adapters = [{"id": name, "object": "model", "created": self.created, "owned_by": "lmforge", "root": e.path,
+                     "parent": self.model_name, "max_model_len": self.context, "lora_rank": e.cfg.rank}
+                    for name, e in (self.adapters.entries.items() if self.adapters is not None else ())]
+        return {"object": "list", "data": [base, *adapters]}
 
     async def tokenize(self, http: HttpRequest) -> dict[str, Any]:
         body = await read_body(http, TokenizeBody, self.max_body_bytes)
@@ -330,9 +383,48 @@ class Routes:
                         stop=stop, logprobs=logprobs, echo_logprobs=echo and logprobs is not None)
                 for j in range(body.n)]
 
-    def _submit(self, prefix: str, requests: list[Request], stream: bool, prompt_tokens: int) -> Call:
-        queue = self.bridge.submit(requests, stream=stream)
-        return Call(f"{prefix}-{uuid.uuid4().hex}", requests, queue, prompt_tokens)
+    async def _submit(self, prefix: str, requests: list[Request], stream: bool, prompt_tokens: int,
+                      model: str | None) -> Call:
+        """Queue a call's requests on the adapter `model` names (the base: none or its name)."""
+        name, slot = await self._adapter(model, len(requests))
+        if slot:
+            for req in requests:
+                req.adapter, req.on_end = slot, lambda: self.adapters.release(slot)  # type: ignore[union-attr]
+        try:
+            queue = self.bridge.submit(requests, stream=stream)
+        except BaseException:
+            for req in requests:  # never queued: nothing will end them
+                req.on_end = None
+            if slot:
+                for _ in requests:
+                    self.adapters.release(slot)  # type: ignore[union-attr]
+            raise
+        return Call(f"{prefix}-{uuid.uuid4().hex}", requests, queue, prompt_tokens, name)
+
+    async def _adapter(self, model: str | None, count: int) -> tuple[str, int]:
+        """(the name replies carry, the adapter slot) for a request's `model`, the slot pinned
+        `count` times; without adapters any name means the one model."""
+        if self.adapters is None or model is None or model == self.model_name:
+            return self.model_name, 0
+        if model not in self.adapters.entries:
+            names = ", ".join([self.model_name, *self.adapters.entries])
+            raise ApiError(404, f"model {model!r} not found; this server has: {names}", param="model")
+        adapters = self.adapters
+        acquiring = asyncio.ensure_future(asyncio.to_thread(adapters.acquire, model, count))  # may read its weights
+        try:
+            return model, await asyncio.shield(acquiring)
+        except asyncio.CancelledError:  # the client left while the adapter loaded: its pins must not leak
+            def undo(done: asyncio.Future) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    for _ in range(count):
+                        adapters.release(done.result())
+
+            acquiring.add_done_callback(undo)
+            raise
+        except AdaptersBusy as e:
+            raise ApiError(429, f"server busy: {e}", kind="rate_limit_error", headers={"Retry-After": "1"}) from None
+        except LmforgeError as e:  # its file changed or broke since startup
+            raise ApiError(500, f"adapter {model!r} could not be loaded: {e}", kind="server_error") from None
 
     async def _collect(self, call: Call, http: HttpRequest, route: str,
                        prompt_ids: list[list[int]] | None = None) -> tuple[list[Choice], int]:

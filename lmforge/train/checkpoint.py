@@ -17,6 +17,13 @@ Layout of one checkpoint (`runs/<run>/checkpoints/step-000200/`):
   train_state/         model + optimizer through torch.distributed.checkpoint (DCP), which also
                        works in one process today and reshards across world sizes later
 
+A LoRA run (lora.rank > 0) trains an adapter on a frozen base: its checkpoints hold
+adapter_model.safetensors + adapter_config.json (PEFT's files, lmforge/lora.py) instead of
+model.safetensors, train_state/ holds the adapter and its optimizer state only (DCP's
+`ignore_frozen_params`), and the manifest's `base_model` records the base's sha256 and path: a
+few MB per checkpoint instead of the model twice, and a resume or a load on another base is
+refused naming both checksums (train/loop.py, artifacts.py).
+
 Atomicity: everything is written into a hidden temporary sibling directory, fsynced, and renamed
 into place; `checkpoints/latest` (a one-line text file naming the directory) is then replaced
 atomically. A crash at any moment therefore leaves either the previous state or the new one.
@@ -45,6 +52,7 @@ import random
 import shutil
 import warnings
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +60,9 @@ import numpy as np
 import torch
 
 from ..artifacts import (
-    CONFIG_FILE, LATEST, MODEL_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE, TRAIN_STATE, TRAINER_FILE, checkpoint_name,
-    checkpoint_step, checkpoints_dir, list_checkpoints, read_trainer_state, write_manifest,
+    ADAPTER_CONFIG, ADAPTER_FILE, BASE_MODEL, CONFIG_FILE, LATEST, MODEL_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE,
+    TRAIN_STATE, TRAINER_FILE, checkpoint_name, checkpoint_step, checkpoints_dir, list_checkpoints, read_trainer_state,
+    write_manifest,
 )
 from ..config import Config
 from ..util import atomic_dir, atomic_write_text
@@ -61,6 +70,17 @@ from .distributed import SINGLE, Dist
 
 
 # ---- saving ----------------------------------------------------------------------------------
+
+
+def _state_options() -> Any:
+    """DCP's view of the training state: the parameters that train (all of them, but for a LoRA
+    run's frozen base, which its checkpoints do not hold) and their optimizer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)
+
+
+_STATE_OPTIONS = _state_options()
 
 
 def rng_state() -> dict[str, Any]:
@@ -133,11 +153,13 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer_path: str | os.PathLike,
     tokenizer_facts: dict[str, Any] | None = None,
+    base: dict[str, str] | None = None,
     d: Dist = SINGLE,
 ) -> Path:
     """Write a complete checkpoint for `step` atomically and point `latest` at it. `tokenizer_facts`
     (bos/eos token, chat template of the model the run started from; None: the run has no origin)
-    go into tokenizer_config.json.
+    go into tokenizer_config.json. `base` (a LoRA run: artifacts.base_record of its frozen base)
+    makes it a LoRA checkpoint: the adapter instead of the weights, the base recorded.
 
     Under many processes every rank calls this (DCP and the FSDP gather are collectives); rank 0
     owns the temporary directory, the small files, the manifest and the rename."""
@@ -149,13 +171,20 @@ def save_checkpoint(
     with ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(final, overwrite=True)) if d.is_main else None
         tmp = Path(d.broadcast_object(str(tmp) if tmp else ""))  # every rank writes into rank 0's temp dir
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_STATE_OPTIONS)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / TRAIN_STATE))
-        tensors = full_model_tensors(model, d)
+        tensors = full_model_tensors(model, d) if base is None else None  # a LoRA run: the adapter alone, below
         if d.is_main:
-            save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})  # one key: safetensors orders metadata arbitrarily, and files must be byte-stable
+            if base is not None:
+                from ..lora import adapter_tensors, peft_config
+
+                save_file(adapter_tensors(model), str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+                (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(config.lora, base["path"]), indent=2) + "\n",
+                                                  encoding="utf-8")
+            else:
+                save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})  # one key: safetensors orders metadata arbitrarily, and files must be byte-stable
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
             if tokenizer_facts is not None:
                 (tmp / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_facts, indent=2) + "\n", encoding="utf-8")
@@ -164,7 +193,7 @@ def save_checkpoint(
             (tmp / TRAINER_FILE).write_text(json.dumps(state), encoding="utf-8")
         d.barrier()  # every rank's shards are on disk before rank 0 hashes them
         if d.is_main:
-            write_manifest(tmp, kind="checkpoint", step=step)
+            write_manifest(tmp, kind="checkpoint", step=step, extra={BASE_MODEL: base} if base is not None else None)
     # leaving the stack fsynced and renamed the directory (rank 0)
     if d.is_main:
         atomic_write_text(checkpoints_dir(run_dir) / LATEST, final.name + "\n")
@@ -253,12 +282,15 @@ def load_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.opt
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_STATE_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=str(ckpt / TRAIN_STATE))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # DCP loaded every key asked for (a missing one raised); the frozen base is left out of the set, not missing
+    frozen = any(not p.requires_grad for p in model.parameters())
+    options = replace(_STATE_OPTIONS, strict=False) if frozen else _STATE_OPTIONS
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     trainer = read_trainer_state(ckpt)
     set_rng_state(trainer["rng"])
     return trainer

@@ -38,6 +38,7 @@ rollback and broadcasts the plan.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -56,11 +57,12 @@ from ..data.loader import Batch
 from ..hardware import peak_flops
 from ..model import autocast
 from ..model import flops_per_token as model_flops
+from ..threads import Governor, choose, cores, power_of_two
 from ..util import console, default_device, warn
 from . import checkpoint as ckpt_io
 from . import distributed, guard, records
 from .distributed import SINGLE, Dist
-from .objectives import NextToken, Objective, get_objective, validation_loss
+from .objectives import AdaptersOff, FrozenCopy, NextToken, Objective, make_objective, validation
 from .optim import build_optimizer, lr_at
 from .records import failure_recorded, finish, log_event, log_metrics
 
@@ -177,6 +179,8 @@ class Run:
     init_origin: dict[str, Any] | None = None  # init.from's weights, as loaded by a fresh run (its start event)
     non_finite_step: int | None = None  # guard off: the first step of this start whose loss or grad norm was not finite
     objective: Objective = field(default_factory=NextToken)  # train.objective (train/objectives.py)
+    lora_base: dict[str, str] | None = None  # a LoRA run: its frozen base (artifacts.base_record), in every checkpoint
+    reference: dict[str, Any] | None = None  # DPO: where the reference weights came from (init_from.reference_record)
 
     @property
     def resumed(self) -> bool:
@@ -186,7 +190,7 @@ class Run:
     def trainer_state(self) -> dict[str, Any]:
         """What trainer.json records besides weights and optimizer (see checkpoint.py)."""
         return {"tokens": self.tokens, "loader": self.loader.state_dict(), "guard": self.guard.to_dict(),
-                "lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
+                "lr_scale": self.lr_scale, "rollbacks": self.rollbacks} | ({"reference": self.reference} if self.reference else {})
 
 
 def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Dist = SINGLE) -> Run:
@@ -200,26 +204,46 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
 
     if cfg.train.dtype not in ("fp32", "bf16"):
         raise ValueError(f"build() needs a resolved train.dtype, got {cfg.train.dtype!r}: start.plan_start resolves auto")
-    # before anything is allocated: weights, gradients, AdamW state and logits on the training device
-    check_memory(cfg.model, device(), micro_batch=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
-                 shards=d.world if cfg.train.parallel == "fsdp" else 1,
+    dpo = cfg.train.objective == "dpo"  # a reference, and two sequences (chosen, rejected) per sample
+    # before anything is allocated: weights, gradients, AdamW state and logits on the training device (LoRA: the
+    # weights alone; its adapter and optimizer state are small; DPO without LoRA: a frozen reference copy too)
+    check_memory(cfg.model, device(), micro_batch=0 if cfg.lora.rank else cfg.train.micro_batch * (2 if dpo else 1),
+                 seq_len=cfg.data.seq_len, shards=d.world if cfg.train.parallel == "fsdp" else 1,
+                 reference=dpo and not cfg.lora.rank,
                  fix="model.n_layer, model.d_model, model.d_ff, model.vocab_size or train.micro_batch")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    # Powers of two only: other thread counts change the numbers (lmforge/threads.py)
+    if d.world == 1:  # train.threads (at most this machine's cores), or 0: the cores others leave free
+        choose(min(cfg.train.threads, cores()) or None, exact=True)
+    elif cfg.train.threads:  # several processes: torchrun's one thread each unless the config says
+        torch.set_num_threads(power_of_two(cfg.train.threads))
     loader = make_loader(cfg, d)
     seed_everything(cfg.train.seed)  # the RNG states a checkpoint records are then a function of the run
     model = Transformer(cfg.model).to(device())  # init on CPU first: the same weights on any device
     facts_from = None  # the directory whose tokenizer facts (chat template, end of turn) the run carries on
     init_origin = None
-    if cfg.init.from_ and from_checkpoint is None and not artifacts.list_checkpoints(run_dir):  # fresh run only
-        from .init_from import load_init, origin_record  # pretrained weights (step 0, fresh optimizer)
+    fresh = from_checkpoint is None and not artifacts.list_checkpoints(run_dir)
+    lora_base = None
+    reference, reference_model = None, None  # DPO on full weights: where the reference came from, and the weights
+    if cfg.lora.rank:  # the frozen base on every start (checkpoints hold the adapter alone), then the adapter
+        from .init_from import load_lora_init
+
+        base, facts_dir, record = load_lora_init(model, cfg)
+        lora_base = artifacts.base_record(base)
+        if fresh:
+            facts_from, init_origin = facts_dir, record
+    elif cfg.init.from_ and fresh:  # pretrained weights (step 0, fresh optimizer)
+        from .init_from import load_init, origin_record, reference_record
 
         loaded = load_init(model, cfg)
         facts_from, init_origin = loaded.origin.path, origin_record(loaded)
+        if dpo:  # the starting weights, copied before any step (and before FSDP shards them)
+            reference, reference_model = reference_record(loaded.origin), copy.deepcopy(model)
+            console.print("DPO reference: the same weights, frozen")
     forward_model = distributed.wrap(model, cfg.train, d)  # DDP wrapper, or model itself (FSDP2 shards in place)
     optimizer = build_optimizer(model, cfg.train)  # after FSDP: over the sharded parameters
     run = Run(cfg, run_dir, model, optimizer, loader, tokenizer_path(cfg), dist=d,
-              init_origin=init_origin, objective=get_objective(cfg.train.objective, cfg))
+              init_origin=init_origin, objective=make_objective(cfg) if not dpo else NEXT_TOKEN,  # DPO's: below
+              lora_base=lora_base)
     # rank 0 verifies (hashes) the checkpoints; every rank resumes from the one it chose
     ckpt, damaged = d.broadcast_object(artifacts.scan_checkpoints(run_dir) if d.is_main else None)
     for path, problems in damaged:  # one warning and one event per damaged checkpoint
@@ -232,7 +256,17 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     if ckpt is not None and from_checkpoint is not None:
         raise ConfigError(f"--from starts a new run, but {run_dir} already has checkpoints; choose a new --run-dir")
     source = ckpt or from_checkpoint
+    if dpo and cfg.lora.rank:  # the reference is the frozen base: the policy with its adapters off, no second copy
+        run.objective = make_objective(cfg, reference=AdaptersOff())
+    elif dpo:
+        if source is not None:  # before _load_state, which restores the RNG states (building a model draws from them)
+            reference, reference_model = _recorded_reference(cfg, source, branch=ckpt is None)
+        if reference_model is None:
+            raise ConfigError("train.objective=dpo needs the model to tune: set init.from (its weights are also the frozen reference)")
+        run.reference = reference
+        run.objective = make_objective(cfg, reference=FrozenCopy(reference_model.to(device())))
     if source is not None:
+        _check_lora_base(run, source)
         state = _load_state(run, source, branch=ckpt is None)
         run.step, run.tokens, run.resumed_from = state["step"], state["tokens"], source
         run.guard = guard.GuardState.from_dict(state.get("guard"))
@@ -247,10 +281,25 @@ def build(cfg: Config, run_dir: Path, from_checkpoint: Path | None = None, d: Di
     return run
 
 
+def _recorded_reference(cfg: Config, source: Path, branch: bool) -> tuple[dict[str, Any], torch.nn.Module]:
+    """The DPO reference of a run that resumes from (or branches off) checkpoint `source`: the one
+    its trainer.json records (init_from.load_reference re-derives the weights), or for a branch off
+    a run that had none (e.g. an SFT run), the branched checkpoint's own weights."""
+    from .init_from import load_reference, reference_record
+
+    record = artifacts.read_trainer_state(source).get("reference")
+    if record is None:
+        if not branch:
+            raise CheckpointError(f"{source} records no DPO reference (was the run trained with train.objective=dpo?)")
+        record = reference_record(artifacts.resolve_origin(source))
+    return record, load_reference(record, cfg)
+
+
 def make_loader(cfg: Config, d: Dist = SINGLE) -> Any:
     """This rank's loader of the run's data (`data_source`: token windows, rows of whole
-    conversations for SFT data, pairs for the contrastive objective); says once what it leaves out."""
-    from ..data.loader import DocumentRows, Loader
+    conversations for SFT data, preference pairs for DPO, pairs for the contrastive objective);
+    says once what it leaves out."""
+    from ..data.loader import DocumentRows, Loader, PreferencePairs
     from ..data.pairs import DocumentSpans, PairRecords
 
     src = data_source(cfg)
@@ -260,6 +309,10 @@ def make_loader(cfg: Config, d: Dist = SINGLE) -> Any:
         warn(f"{src.dropped} of {src.n_documents} examples in {cfg.data.path} are longer than data.seq_len + 1 = "
              f"{cfg.data.seq_len + 1} tokens (the longest: {src.longest}) and are left out, never cut; raise "
              "data.seq_len to train on them")
+    if isinstance(src, PreferencePairs) and src.dropped and d.is_main:
+        warn(f"{src.dropped} of {src.n_pairs} pairs in {cfg.data.path} have a sequence longer than data.seq_len + 1 = "
+             f"{cfg.data.seq_len + 1} tokens (the longest: {src.longest}) and are left out, never cut; raise "
+             "data.seq_len to train on them")
     if d.is_main and isinstance(src, PairRecords) and src.cut:
         console.print(f"note: {src.cut} text(s) of {cfg.data.pairs} reach data.seq_len = {cfg.data.seq_len} tokens "
                       "and may be cut to it")
@@ -267,6 +320,23 @@ def make_loader(cfg: Config, d: Dist = SINGLE) -> Any:
         console.print(f"note: {src.dropped} of {src.n_documents} documents of {cfg.data.path} are too short for two "
                       "spans and are left out")
     return loader
+
+
+def _check_lora_base(run: Run, ckpt: Path) -> None:
+    """A LoRA run resumes (or branches) on the base its checkpoint was trained on, and only a LoRA
+    checkpoint continues a LoRA run: refused otherwise, naming both checksums."""
+    recorded = artifacts.read_manifest(ckpt).base
+    mine = run.lora_base
+    if recorded is None and mine is None:
+        return
+    if recorded is None or mine is None:
+        what = "a LoRA adapter's" if recorded else "whole weights'"
+        raise ConfigError(f"{ckpt} holds {what} training state, but this run has lora.rank={run.cfg.lora.rank}; "
+                          "keep the checkpoint's lora settings, or start a new --run-dir")
+    if recorded["sha256"] != mine["sha256"]:
+        raise CheckpointError(f"{ckpt} trained its LoRA adapter on the base model with sha256 {recorded['sha256']} "
+                              f"({recorded['path']}), but init.from {run.cfg.init.from_} has sha256 {mine['sha256']}: "
+                              f"resume on the same base (--set init.from={recorded['path']})")
 
 
 def data_source(cfg: Config, split: str = "train") -> Any:
@@ -349,12 +419,20 @@ def train(run: Run) -> int:
     records.open_store(run)
     records.record_start(run)
     accum = distributed.micro_batches_per_rank(t.global_batch, t.micro_batch, d.world)
+    # DPO: a sample is two sequences, and each also goes through the reference's forward (a third of a step's FLOPs)
+    dpo = t.objective == "dpo"
     dev = device()
-    flops_per_token, peak = model_flops(cfg.model, cfg.data.seq_len), peak_flops(dev, t.dtype)
+    flops_per_token, peak = model_flops(cfg.model, cfg.data.seq_len) * (4 / 3 if dpo else 1), peak_flops(dev, t.dtype)
     if peak:
         log_event(run, "mfu_peak", {"peak_flops": peak, "device": str(dev), "dtype": t.dtype,
                                     "source": "datasheet" if dev.type == "cuda" else "measured matmul rate"})
     stop = _StopFlag()
+    # Fewer threads while other processes hold cores, back up to train.threads (0: all cores) when
+    # they leave; powers of two, which do not change the numbers (lmforge/threads.py). One process
+    # on the CPU only: ranks keep torchrun's count.
+    governor = Governor(min(t.threads, cores()) or cores(), start=torch.get_num_threads(), exact=True,
+                        adapt=d.world == 1 and dev.type == "cpu",
+                        on_change=lambda old, new, why: log_event(run, "threads", {"from": old, "to": new, "reason": why}))
     last_ckpt_time = time.monotonic()
     window_start, window_tokens = time.perf_counter(), 0
     if d.world > 1:
@@ -366,13 +444,16 @@ def train(run: Run) -> int:
     with stop, progress, failure_recorded(run):
         while run.step < t.max_steps:
             data_step = run.loader.step
-            tokens_per_step = run.loader.tokens(data_step)  # of the global batch: global_batch x seq_len for windows
+            # of the global batch: global_batch x seq_len for windows (DPO: two sequences a sample), real tokens for pairs
+            tokens_per_step = run.loader.tokens(data_step) * (2 if dpo else 1)
             micro = split_micro(run.loader.next(), t.micro_batch, dev)  # this rank's share, global_batch // world rows
             assert len(micro) == accum
             lr = lr_at(run.step, t) * run.lr_scale
+            step_start = time.perf_counter()
             result = train_step(run.forward_model, run.optimizer, micro, lr=lr, grad_clip=t.grad_clip,
                                 dtype=t.dtype, objective=run.objective, loss_multiplier=_fault_multiplier(run, run.step + 1),
                                 d=d, deterministic_reduce=t.deterministic_reduce)
+            governor.step(time.perf_counter() - step_start)
             if d.active:  # one set of numbers for the guard and the logs: rank 0's, bit for bit
                 result.loss, result.grad_norm = d.broadcast_floats([result.loss, result.grad_norm])
             run.step += 1
@@ -396,9 +477,9 @@ def train(run: Run) -> int:
                                   **perf, **result.metrics})
                 progress.update(run.step, result.loss, rate)
             if t.eval_every and (run.step % t.eval_every == 0 or run.step == t.max_steps):
-                vl = validation_loss(run.model, run.objective, val_batches(cfg, t.micro_batch, t.eval_batches), dtype=t.dtype)
-                log_metrics(run, {"val_loss": vl})
-                progress.note(f"step {run.step}: val_loss {vl:.4f}")
+                val = validation(run.model, run.objective, val_batches(cfg, t.micro_batch, t.eval_batches), dtype=t.dtype)
+                log_metrics(run, {f"val_{k}": v for k, v in val.items()})  # val_loss, and the objective's metrics
+                progress.note(f"step {run.step}: " + ", ".join(f"val_{k} {v:.4f}" for k, v in val.items()))
             due = (t.ckpt_every_steps and run.step % t.ckpt_every_steps == 0) or (
                 t.ckpt_every_minutes and time.monotonic() - last_ckpt_time >= 60 * t.ckpt_every_minutes
             )
@@ -496,7 +577,7 @@ def save(run: Run) -> Path:
         path = ckpt_io.save_checkpoint(
             run.run_dir, run.step, model=run.model, optimizer=run.optimizer, config=run.cfg,
             trainer_state=run.trainer_state(), tokenizer_path=run.tokenizer_path,
-            tokenizer_facts=run.tokenizer_facts, d=run.dist,
+            tokenizer_facts=run.tokenizer_facts, base=run.lora_base, d=run.dist,
         )
     except (OSError, SafetensorError, CheckpointException, RuntimeError) as e:
         if isinstance(e, RuntimeError) and run.dist.active and distributed.lost_peer(e):

@@ -28,10 +28,34 @@ The interface (for a new objective, e.g. contrastive, classification, DPO):
   mask), and keeps the trainer's arithmetic for them (mean per micro batch / number of micro
   batches) bit for bit what it was before objectives existed.
 - Register it in REGISTRY below and its name in config.OBJECTIVES (config sits below train/ and
-  validates names at load time; tests/test_objectives.py keeps the two equal).
+  validates names at load time; tests/test_objectives.py keeps the two equal). `make_objective`
+  builds the run's objective from its config (an objective with settings or parts, as DPO's beta
+  and reference, gets them there).
 
 `validation_loss` is the objective's mean loss over batches of held-out data (the trainer's
 `val_loss`): for next-token with a loss mask that is the loss on trained (completion) tokens only.
+`validation` adds the mean of each of the objective's metrics (the trainer logs them as `val_<name>`).
+
+DPO (Rafailov et al. 2023) trains on (chosen, rejected) completion pairs of one prompt
+(data/loader.py `PreferencePairs`: `inputs`, `targets`, `loss_mask` of shape (B, 2, T)). Each
+sequence's log-probability is the sum over its completion tokens (the loss mask); for the policy
+(the model being trained) and for the reference (the weights it started from, without gradients,
+under the same autocast dtype, so the two differ by training alone), the loss of a pair is
+
+    -log sigmoid(beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)))
+
+and its units are pairs. The metrics (mean per pair in metrics.jsonl and the store):
+`chosen_reward` and `rejected_reward` (beta * (policy - ref) of each completion: DPO's implicit
+rewards), `reward_margin` (their difference) and `reward_accuracy` (the fraction of pairs whose
+chosen reward is strictly above the rejected one: 0 at step 0, where policy == reference).
+
+The reference is a strategy (`Reference`): given the policy, a context in which a module computes
+the reference's log-probabilities. `FrozenCopy` holds a frozen copy of the starting weights (full
+fine-tuning: one more copy of the weights in memory, no gradients, no optimizer state); with LoRA
+adapters the reference is the policy itself with its adapters switched off (no second copy). The
+trainer builds it (train/loop.py), and records where its weights came from so a resume re-derives
+it (train/init_from.py `load_reference`).
+
 
 Contrastive (embeddings; docs/embeddings.md): a batch of pairs (data/pairs.py) is embedded with the
 pooling of the run's `embed:` section (`understand/embed.pool`, the function inference uses, so
@@ -49,7 +73,8 @@ own positive scores highest.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -121,6 +146,73 @@ class NextToken:
         return LossOut(total, int(batch["loss_mask"].sum()))
 
 
+# The DPO reference: given the policy being trained, a context in which a module computes the
+# reference's log-probabilities (module docstring).
+Reference = Callable[[torch.nn.Module], AbstractContextManager[torch.nn.Module]]
+
+
+class FrozenCopy:
+    """The reference as a frozen copy of the starting weights (eval mode, no gradients)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module.eval().requires_grad_(False)
+
+    def __call__(self, policy: torch.nn.Module) -> AbstractContextManager[torch.nn.Module]:
+        return nullcontext(self.module)
+
+
+class AdaptersOff:
+    """The reference as the policy itself with its LoRA adapters off (lora.adapters_disabled): with
+    LoRA the frozen base is the starting model, so no second copy of the weights is needed."""
+
+    @contextmanager
+    def __call__(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        from ..lora import adapters_disabled
+
+        with adapters_disabled(policy):
+            yield policy
+
+
+def sequence_logps(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) fp32: the log-probability of each row's scored targets (those not IGNORE), summed.
+    inputs, targets: (N, T); right padding never changes a real position (causal attention)."""
+    logits = model(inputs)  # (N, T, V)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    return -nll.view(targets.shape).sum(-1)
+
+
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> LossOut:
+    """DPO's loss and metrics from sequence log-probabilities, both (B, 2): [:, 0] chosen,
+    [:, 1] rejected; the loss summed over the B pairs (module docstring)."""
+    rewards = beta * (policy - reference.detach())  # (B, 2): the implicit rewards
+    margin = rewards[:, 0] - rewards[:, 1]  # (B,)
+    loss = -F.logsigmoid(margin).sum()
+    with torch.no_grad():
+        metrics = {"reward_accuracy": (margin > 0).float().sum(), "reward_margin": margin.sum(),
+                   "chosen_reward": rewards[:, 0].sum(), "rejected_reward": rewards[:, 1].sum()}
+    return LossOut(loss, int(policy.shape[0]), metrics)
+
+
+class DPO:
+    """Direct preference optimisation against a reference (module docstring). Units: pairs."""
+
+    name = "dpo"
+
+    def __init__(self, beta: float, reference: Reference) -> None:
+        self.beta, self.reference = beta, reference
+
+    def units(self, batch: Batch) -> int:
+        return int(batch["inputs"].shape[0])
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> LossOut:
+        n, _, t = batch["inputs"].shape  # (B, 2, T)
+        x, y = batch["inputs"].reshape(2 * n, t), scored_targets(batch).reshape(2 * n, t)  # rows: chosen, rejected, ...
+        policy = sequence_logps(model, x, y).view(n, 2)
+        with torch.no_grad(), self.reference(model) as ref:  # under the caller's autocast: the policy's dtype
+            reference = sequence_logps(ref, x, y).view(n, 2)
+        return dpo_loss(policy, reference, self.beta)
+
+
 class Contrastive:
     """In-batch negatives InfoNCE over (query, positive[, negative]) batches (module docstring)."""
 
@@ -158,23 +250,31 @@ class Contrastive:
         return LossOut(total, logits.shape[0], {"in_batch_accuracy": hits.detach()})
 
 
-REGISTRY: dict[str, type] = {NextToken.name: NextToken, Contrastive.name: Contrastive}
+REGISTRY: dict[str, type] = {NextToken.name: NextToken, DPO.name: DPO, Contrastive.name: Contrastive}
 
 
-def get_objective(name: str, cfg: Config | None = None) -> Objective:
-    """The registered objective `name`, set up from `cfg` (its temperature, pooling, ...; the
-    defaults without one). Config validation names the nearest objective for a typo."""
+def make_objective(cfg: Config, *, reference: Reference | None = None) -> Objective:
+    """The run's objective: `train.objective` set up from the run's config (train.dpo_beta,
+    train.contrastive_temperature, the embed: pooling) and the parts the trainer gives it (DPO's
+    reference). Config validation names the nearest objective for a typo."""
+    name = cfg.train.objective
     if name not in REGISTRY:
         raise ConfigError(f"train.objective: unknown objective {name!r} (valid: {', '.join(REGISTRY)})")
-    return REGISTRY[name].from_config(cfg if cfg is not None else Config())
+    if name == DPO.name:
+        if reference is None:
+            raise ValueError("the dpo objective needs a reference (train/loop.py builds it)")
+        return DPO(cfg.train.dpo_beta, reference)
+    return REGISTRY[name].from_config(cfg)
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, objective: Objective, batches: Iterable[Batch], *, dtype: str = "fp32") -> float:
-    """The objective's mean loss per unit over `batches` (NaN when they hold no unit)."""
+def validation(model: torch.nn.Module, objective: Objective, batches: Iterable[Batch], *, dtype: str = "fp32") -> dict[str, float]:
+    """The objective's mean loss per unit over `batches` (`loss`; NaN when they hold no unit) and
+    the mean per unit of each of its metrics (DPO: held-out reward accuracy and margins)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    metrics: dict[str, float] = {}
     dev = next(model.parameters()).device
     try:
         for batch in batches:
@@ -183,9 +283,17 @@ def validation_loss(model: torch.nn.Module, objective: Objective, batches: Itera
                 out = objective.loss(model, batch)
             total += float(out.loss) * (out.count if out.averaged else 1)
             count += out.count
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v)
     finally:
         model.train(was_training)
-    return total / count if count else math.nan
+    return {"loss": total / count if count else math.nan} | {k: v / count for k, v in metrics.items() if count}
 
 
-__all__ = ["LossOut", "Objective", "NextToken", "Contrastive", "REGISTRY", "get_objective", "validation_loss", "model_inputs"]
+def validation_loss(model: torch.nn.Module, objective: Objective, batches: Iterable[Batch], *, dtype: str = "fp32") -> float:
+    """The objective's mean loss per unit over `batches` (NaN when they hold no unit)."""
+    return validation(model, objective, batches, dtype=dtype)["loss"]
+
+
+__all__ = ["LossOut", "Objective", "NextToken", "DPO", "Contrastive", "FrozenCopy", "AdaptersOff", "Reference", "REGISTRY", "make_objective",
+           "validation", "validation_loss", "model_inputs", "sequence_logps", "dpo_loss"]

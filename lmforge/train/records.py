@@ -4,7 +4,8 @@ Files in the run directory (names from lmforge/artifacts.py):
   metrics.jsonl     one JSON object per logged step ({"step", "loss", "lr", ...}; validation lines
                     carry "val_loss"), appended by rank 0
   events.jsonl      start, resume, branch, config_change, checkpoint_saved/_corrupt/_failed, spike,
-                    non_finite, rollback, diverged, interrupted, crash, completed, mfu_peak
+                    non_finite, rollback, diverged, interrupted, crash, completed, mfu_peak, threads
+                    (the thread count changed: other processes took or freed cores, lmforge/threads.py)
   faults-fired.json the LMFORGE_FAULTS items already fired in this run (loop.py fires them)
 
 Every record follows lmforge/jsonl.py's rule: a non-finite float is written as the string "nan",

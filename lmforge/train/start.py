@@ -67,7 +67,8 @@ SAFE_TO_CHANGE = {
         "threads", "compile", "dtype", "micro_batch", "parallel", "deterministic_reduce",
         "activation_checkpointing", "contrastive_temperature",
     },
-    "guard": "*", "eval": "*", "serve": "*", "init": "*",
+    "guard": "*", "eval": "*", "serve": "*", "init": "*",  # a LoRA run's init.from: its base, checked by checksum
+    "lora": {"dropout"},
 }
 
 
@@ -88,6 +89,7 @@ class StartRequest:
     run_dir: str | None = _flag("--run-dir")
     overrides: tuple[str, ...] = _flag("--set", ())  # section.key=value, in order
     from_: str | None = _flag("--from")  # the checkpoint a new run branches from
+    threads: int | None = _flag("--threads")  # train.threads, after the overrides (cli.py checks it)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> StartRequest:
@@ -157,13 +159,17 @@ def plan_start(request: StartRequest, d: Dist = SINGLE, *, device: torch.device 
     base = start_config(request.config, rd, branch)
     if base is None:
         raise ConfigError(f"{rd} holds no run (no config.yaml); give a config file to start one")
-    cfg = load_config(base, list(request.overrides))
+    threads = () if request.threads is None else (f"train.threads={request.threads}",)
+    cfg = load_config(base, [*request.overrides, *threads])
     check_faults(d, max_steps=cfg.train.max_steps)
     distributed.check_parallel(cfg.train, d)
     distributed.micro_batches_per_rank(cfg.train.global_batch, cfg.train.micro_batch, d.world)
     if resume:
         _check_data_path_on_resume(cfg, rd)
     cfg = resolve_config(cfg)
+    if cfg.train.objective == "dpo" and not (cfg.init.from_ or resume or branch):
+        raise ConfigError("train.objective=dpo needs the model to tune: set init.from (its weights are also the frozen "
+                          "reference), e.g. --set init.from=runs/support")
     if branch is not None:
         check_branch_model(cfg, branch)
     before = load_config(saved) if resume and saved.is_file() else None
@@ -215,15 +221,22 @@ def resolve_config(cfg: Config) -> Config:
         return resolve_contrastive(cfg)
     if not cfg.data.path:
         raise ConfigError("data.path is empty: set it to a prepared dataset, e.g. --set data.path=data/mycorp")
+    if cfg.lora.rank and not cfg.init.from_:
+        raise ConfigError(f"lora.rank={cfg.lora.rank} trains an adapter on a pretrained base model, and init.from is empty: "
+                          "set it to the base, e.g. --set init.from=models/smol (lmforge import), or set lora.rank=0")
     if cfg.init.from_:  # the imported model decides the model section; its tokenizer must be the data's
         from .init_from import resolve_init
 
         cfg = resolve_init(cfg)
     ds = TokenDataset(cfg.data.path)
     _resolve_vocab(cfg, ds)
+    check_objective_data(cfg, ds.kind)
     from ..data.loader import open_source
 
     if open_source(ds, seq_len=cfg.data.seq_len, document_mask=cfg.data.document_mask, packing=cfg.data.packing).n_samples < 1:
+        if ds.kind == "dpo":
+            raise DataError(f"{cfg.data.path}: no pair of the train split fits data.seq_len + 1 = {cfg.data.seq_len + 1} "
+                            "tokens; raise data.seq_len")
         if ds.kind == "sft":
             raise DataError(f"{cfg.data.path}: no example of the train split fits data.seq_len + 1 = {cfg.data.seq_len + 1} "
                             "tokens; raise data.seq_len")
@@ -231,6 +244,18 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.train.eval_every:
         check_val_split(cfg)
     return cfg
+
+
+def check_objective_data(cfg: Config, kind: str) -> None:
+    """Preference pairs (`prepare --dpo`) go with train.objective dpo, and only they."""
+    if (cfg.train.objective == "dpo") == (kind == "dpo"):
+        return
+    if kind == "dpo":
+        raise ConfigError(f"data.path {cfg.data.path} holds preference pairs (prepare --dpo): train them with "
+                          f"train.objective=dpo (configs/dpo-cpu.yaml), not {cfg.train.objective}")
+    raise ConfigError(f"train.objective=dpo trains on preference pairs, but data.path {cfg.data.path} holds "
+                      f"{'SFT examples' if kind == 'sft' else 'a text corpus'}; prepare pairs with "
+                      "`lmforge prepare PAIRS.jsonl --dpo --tokenizer MODEL --out DATA`")
 
 
 def resolve_contrastive(cfg: Config) -> Config:
@@ -307,8 +332,13 @@ def model_shape(m: Any) -> dict[str, Any]:
 
 def check_branch_model(cfg: Config, ckpt: Path) -> None:
     """`--from` continues the checkpoint's weights and optimizer state: the model must have its shape."""
-    theirs, mine = model_shape(artifacts.read_config(ckpt).model), model_shape(cfg.model)
+    saved = artifacts.read_config(ckpt)
+    theirs, mine = model_shape(saved.model), model_shape(cfg.model)
     differ = [f"model.{k}: checkpoint {theirs[k]!r}, now {mine[k]!r}" for k in theirs if theirs[k] != mine[k]]
+    for key in ("rank", "target_modules"):  # the adapter's shapes (its optimizer state fits no other)
+        a, b = getattr(saved.lora, key), getattr(cfg.lora, key)
+        if (sorted(a) if isinstance(a, list) else a) != (sorted(b) if isinstance(b, list) else b):
+            differ.append(f"lora.{key}: checkpoint {a!r}, now {b!r}")
     if differ:
         raise ConfigError(
             f"--from {ckpt}: the model must keep the checkpoint's shape (its weights and optimizer state fit no "

@@ -55,6 +55,7 @@ import numpy as np
 
 from ..config import POOLINGS, EmbedConfig
 from ..errors import ConfigError, DataError
+from ..threads import Governor, govern
 
 if TYPE_CHECKING:
     import torch
@@ -239,18 +240,20 @@ class Embedder:
         """Texts -> (N, dim) float32 vectors in input order; the kind's prefix is put before each."""
         return self.embed_ids(self.tokenize(texts, kind=kind), progress=progress)
 
-    def embed_ids(self, ids: Sequence[Sequence[int]], *, progress: bool = False) -> np.ndarray:
+    def embed_ids(self, ids: Sequence[Sequence[int]], *, progress: bool = False, governor: Governor | None = None) -> np.ndarray:
         """Token-id lists (no prefix added; each cut to max_len) -> (N, dim) float32 in input order."""
         out = np.empty((len(ids), self.dim), dtype=np.float32)
-        for chosen, hidden, mask in self.hidden_batches(ids, progress=progress):
+        for chosen, hidden, mask in self.hidden_batches(ids, progress=progress, governor=governor):
             out[chosen] = finish(pool(hidden, mask, self.pooling.method), self.pooling).cpu().numpy()
         return out
 
-    def hidden_batches(self, ids: Sequence[Sequence[int]], *,
-                       progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    def hidden_batches(self, ids: Sequence[Sequence[int]], *, progress: bool = False, governor: Governor | None = None
+                       ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """Per length-sorted batch: (the inputs' indices, hidden states (B, T, C), real-token mask
         (B, T)), computed without gradients under this embedder's precision and attention. Each
-        input is cut to max_len; an empty one or a token id outside the vocabulary is a DataError."""
+        input is cut to max_len; an empty one or a token id outside the vocabulary is a DataError.
+        governor: told each batch's time and tokens (lmforge/threads.py: fewer threads while the
+        machine is busy; an exact one keeps the vectors those of any other power-of-two count)."""
         import torch
 
         from ..model import autocast
@@ -273,9 +276,12 @@ class Embedder:
                 for b, i in enumerate(chosen):
                     idx[b, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
                 mask, attn = padding_masks(lengths, T, self.pooling.bidirectional)
+                t0 = time.perf_counter()
                 with torch.inference_mode(), autocast(self.dtype, self.device.type):
                     hidden = self.model.hidden_states(idx.to(self.device), attn_mask=attn)  # (B, T, C)
                 yield chosen, hidden, mask
+                if governor is not None:
+                    governor.step(time.perf_counter() - t0, work=int(lengths.sum()))
                 if bar is not None:
                     bar.advance(len(chosen), int(lengths.sum()))
         finally:
@@ -369,7 +375,7 @@ def embed_command(model: str, inputs: Sequence[str], out: str, *, kind: str = "d
     if kind not in KINDS:
         raise ConfigError(f"--kind must be one of {', '.join(KINDS)}; got {kind!r}")
     if threads < 0:
-        raise ConfigError(f"--threads must be >= 0 (0: all cores), got {threads}")
+        raise ConfigError(f"--threads must be >= 0 (0: lmforge chooses), got {threads}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     target = Path(out)
@@ -381,15 +387,15 @@ def embed_command(model: str, inputs: Sequence[str], out: str, *, kind: str = "d
     if found.not_utf8:
         names = ", ".join(found.not_utf8[:5]) + (" ..." if len(found.not_utf8) > 5 else "")
         warn(f"skipped {len(found.not_utf8)} file(s) that are not UTF-8: {names} (--strict refuses them)")
-    if threads:
-        torch.set_num_threads(threads)
+    # Powers of two, like training: the vectors do not depend on the count (lmforge/threads.py)
+    governor = govern(threads or None, exact=True)
     emb = Embedder.load(model, batch_size=batch_size, max_len=max_len)
     ids = emb.tokenize(found.texts, kind=kind)  # type: ignore[arg-type]
     cut = sum(len(r) > emb.max_len for r in ids)
     console.print(f"embedding {len(ids)} texts from {found.files} file(s) with {model} "
                   f"({emb.pooling.method} pooling, {emb.dtype}, {torch.get_num_threads()} threads)", markup=False)
     start = time.perf_counter()
-    vectors = emb.embed_ids(ids, progress=True)
+    vectors = emb.embed_ids(ids, progress=True, governor=governor)
     seconds = time.perf_counter() - start
     written = write_vectors(target, found.ids, vectors.astype(np.float16 if dtype == "float16" else np.float32),
                             overwrite=overwrite)

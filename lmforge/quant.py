@@ -1,0 +1,305 @@
+"""How weights are held for inference: fp32 laid out for decoding, f16, or int8; and how a model
+directory stores int8 weights.
+
+Design
+------
+Decoding one token multiplies one activation row by every weight matrix, so its speed is the
+speed of a matrix-vector product, i.e. of reading the weights. `prepare(model, weights)` turns a
+loaded model into the form that reads fastest (in place; the model is for inference from then on):
+
+  "fp32"  the same numbers, each `nn.Linear` weight stored column-major (its transpose contiguous).
+          MKL's sgemm on an (N, K) row-major weight with one activation row takes a gemv path that
+          reads ~2x slower than the column-major layout (measured on AVX2: docs/inference.md);
+          for batches of rows the two are equal. No other change: the model's code runs as is.
+  "f16"   fbgemm's fp16 linear (weights packed in half precision, arithmetic in fp32): half the
+          bytes, no bf16 matmul (which is slow without AVX-512/AMX).
+  "int8"  every projection and the output head as `Int8Linear`: int8 weights with one fp32 scale
+          per output row (symmetric, scale = max|w| / 127), run by fbgemm's dynamic int8 linear
+          (the activation row is quantised to 8 bits at run time, as llama.cpp's Q8_0 dot
+          products do). The embedding table stays fp32 (one row is read per token).
+
+Where fbgemm is missing (not an x86 build, a GPU), `Int8Linear` and `F16Linear` fall back to
+dequantising into the activations' dtype per call: correct everywhere, fast only with fbgemm.
+
+Stored int8 (a model directory, `lmforge import --keep-quantized`)
+------------------------------------------------------------------
+model.safetensors holds, for each quantised matrix NAME (`...q_proj.weight`, the embedding, an
+untied head), NAME as int8 (N, K) and NAME_scale (`...q_proj.weight_scale`) as fp32 (N, K / G):
+one scale per group of G consecutive weights of a row, w = q * scale. G is 32 for a GGUF Q8_0
+import (its blocks, kept exactly) and K (one scale per row) for `--quantize int8`. Norm weights
+stay fp32. The directory's MANIFEST.json records `"quantization": {"format": "int8", "group_size":
+G}` (covered by its self-checksum), so a reader knows before opening the tensors; `read_stored`
+checks the tensors against it. Loading runs grouped scales as per-row int8 (the kernels take one
+scale per row): each row is re-quantised once at load, which adds at most half a step of the row's
+scale to each weight (measured effect: docs/inference.md); the stored numbers stay exact, and
+`--quantize none` dequantises them exactly.
+
+Trade-offs: fbgemm quantises the activations of a call with one scale (7-bit range on AVX2, to
+avoid the saturation of its 16-bit pair sums), which costs more accuracy than weight-only int8
+would; weight-only kernels (`torch.ops.aten._weight_int8pack_mm`, torchao's int8 weight-only)
+measured slower than fp32 on this kind of CPU, so they would not pay for themselves
+(docs/inference.md). torch marks its quantised tensor type deprecated; it is used only inside
+`_pack_int8`, and the fallback above keeps int8 working if it goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import CheckpointError, ConfigError
+
+WEIGHTS = ("fp32", "f16", "int8")  # `--quantize` choices (fp32: no quantisation, decoding layout)
+SCALE_SUFFIX = "_scale"  # NAME_scale: the scales of the int8 matrix NAME
+QUANT_KEY = "quantization"  # the MANIFEST.json field of a model directory with int8 weights
+
+
+def check_weights(weights: str) -> str:
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--quantize must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    return weights
+
+
+def _fbgemm() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+# ---- int8 numbers ---------------------------------------------------------------------------
+
+
+def quantize_int8(w: torch.Tensor, group_size: int = 0, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) -> (q int8 (N, K), scale fp32 (N, K / G)): symmetric, one scale per group of G
+    weights of a row (G = 0: the whole row), q = round(w / scale) in [-levels, levels]."""
+    N, K = w.shape
+    G = group_size or K
+    if K % G:
+        raise ValueError(f"group size {G} does not divide the row length {K}")
+    groups = w.detach().float().reshape(N, K // G, G)
+    amax = groups.abs().amax(dim=-1)  # (N, K / G)
+    scale = torch.where(amax > 0, amax / levels, torch.ones_like(amax))
+    q = torch.round(groups / scale[..., None]).clamp_(-levels, levels).to(torch.int8)
+    return q.reshape(N, K), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(q int8 (N, K), scale (N, K / G)) -> fp32 (N, K), exactly q * scale."""
+    N, K = q.shape
+    groups = scale.shape[1]
+    return (q.float().reshape(N, groups, K // groups) * scale.float()[..., None]).reshape(N, K)
+
+
+def per_row(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped int8 -> one scale per row (N, 1): unchanged when it already is, else re-quantised."""
+    if scale.shape[1] == 1:
+        return q, scale.float()
+    return quantize_int8(dequantize_int8(q, scale))
+
+
+# ---- modules --------------------------------------------------------------------------------
+
+
+def _pack_int8(q: torch.Tensor, scale: torch.Tensor) -> Any:
+    """fbgemm's packed form of int8 rows q (N, K) with scales (N,)."""
+    with warnings.catch_warnings():  # torch marks quantised tensors deprecated (see the module doc)
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W = q * scale: q int8 (N, K), scale fp32 (N, 1); no bias (lmforge has none).
+
+    One activation row (decoding one sequence): fbgemm's dynamic int8 linear on a 7-bit copy of
+    the weights, the row quantised to 8 bits at run time. Several rows (a prompt, a batch of
+    sequences): weight-only, `aten._weight_int8pack_mm` on bf16 activations. See the module doc.
+    """
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        q, scale = per_row(q, scale)
+        self.register_buffer("q", q.contiguous(), persistent=False)
+        self.register_buffer("scale", scale.reshape(-1, 1).contiguous(), persistent=False)
+        self.packed = None
+        if _fbgemm():
+            # 7-bit weights so that 8-bit activations never saturate fbgemm's 16-bit pair sums on
+            # AVX2 (2 * 255 * 63 < 2^15); the alternative, 7-bit activations, measured 3x the loss.
+            q7, s7 = quantize_int8(dequantize_int8(self.q, self.scale), levels=63)
+            self.packed = _pack_int8(q7, s7[:, 0])
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> "Int8Linear":
+        return cls(*quantize_int8(w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        K = self.in_features
+        if x.device.type == "cpu":
+            rows = x.numel() // K
+            if rows == 1 and self.packed is not None:
+                return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False).to(x.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, K).to(torch.bfloat16), self.q,
+                                                   self.scale[:, 0].to(torch.bfloat16))
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.q.to(x.dtype) * self.scale.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class F16Linear(nn.Module):
+    """y = x W^T with W held in fp16 (fbgemm: packed, fp32 arithmetic)."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = w.shape
+        self.register_buffer("weight", w.detach().half().contiguous(), persistent=False)
+        fp16 = _fbgemm() and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
+        self.packed = torch.ops.quantized.linear_prepack_fp16(w.detach().float(), None) if fp16 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.device.type == "cpu":
+            return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, f16"
+
+
+# ---- preparing a model ----------------------------------------------------------------------
+
+
+def projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every weight matrix a forward multiplies by: each block's q, k, v,
+    o, gate, up, down and the output head (tied or not)."""
+    out: list[tuple[nn.Module, str]] = []
+    for block in model.model.layers:
+        out += [(block.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        out += [(block.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+    out.append((model, "lm_head"))
+    return out
+
+
+@torch.no_grad()
+def prepare(model: nn.Module, weights: str = "fp32", stored: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
+    """The model (changed in place, for inference only) with its weights held as `weights`.
+
+    stored: int8 matrices read from a quantised model directory (name -> (q, scale)); with
+    weights "int8" they are used as they are instead of being quantised from the fp32 copy."""
+    check_weights(weights)
+    stored = stored or {}
+    for parent, attr in projections(model):
+        lin = getattr(parent, attr)
+        if not isinstance(lin, nn.Linear):
+            continue  # prepared already
+        name = _param_name(model, parent, attr)
+        if weights == "fp32":
+            # Column-major: weight.t() is contiguous, so x @ weight.t() reads it row by row. For a
+            # tied head this is the embedding's tensor too (a lookup reads one strided row).
+            lin.weight.data = lin.weight.data.t().contiguous().t()
+        elif weights == "f16":
+            setattr(parent, attr, F16Linear(lin.weight))
+        elif name in stored:
+            setattr(parent, attr, Int8Linear(*stored[name]))
+        else:
+            setattr(parent, attr, Int8Linear.from_float(lin.weight))
+    if weights == "fp32" and getattr(model.cfg, "tie_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight  # still one tensor
+    model.weights = weights  # what `generate` reports; read by nothing that computes
+    return model
+
+
+@contextlib.contextmanager
+def decoding_layout(model: nn.Module) -> Iterator[nn.Module]:
+    """The fp32 decoding layout for the duration of a block, then the row-major layout back (the
+    same bytes: a transpose copies exactly). For a verb that decodes between computations whose
+    numbers must stay as trained (eval: a few-row product differs in the last bit between the two
+    layouts). A model already prepared (`model.weights` set) is left as it is."""
+    if hasattr(model, "weights"):
+        yield model
+        return
+    prepare(model, "fp32")
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for parent, attr in projections(model):
+                lin = getattr(parent, attr)
+                lin.weight.data = lin.weight.data.contiguous()
+            if getattr(model.cfg, "tie_embeddings", False):
+                model.lm_head.weight = model.model.embed_tokens.weight
+        del model.weights
+
+
+def _param_name(model: nn.Module, parent: nn.Module, attr: str) -> str:
+    """The stored tensor a projection's weight comes from (a tied head: the embedding)."""
+    if parent is model and attr == "lm_head":
+        return "model.embed_tokens.weight" if model.cfg.tie_embeddings else "lm_head.weight"
+    for name, module in model.named_modules():
+        if module is parent:
+            return f"{name}.{attr}.weight"
+    raise AssertionError(attr)
+
+
+# ---- stored int8 ----------------------------------------------------------------------------
+
+
+def quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """The tensors a quantised model directory stores as int8: every matrix (norms stay fp32)."""
+    return len(shape) == 2
+
+
+def stored_tensors(tensors: dict[str, torch.Tensor], quantized: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """What model.safetensors holds: fp32 tensors, the quantised ones as NAME int8 + NAME_scale."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name in quantized:
+            q, scale = quantized[name]
+            out[name], out[name + SCALE_SUFFIX] = q.contiguous(), scale.float().contiguous()
+        else:
+            out[name] = t
+    return out
+
+
+def read_stored(raw: dict[str, torch.Tensor], info: dict[str, Any] | None, source: str
+                ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """model.safetensors' tensors -> (fp32 tensors, int8 ones as name -> (q, scale)), checked
+    against the manifest's quantization record `info` (None: a plain fp32 directory)."""
+    if info is None:
+        stray = sorted(n for n in raw if n.endswith(SCALE_SUFFIX) or raw[n].dtype == torch.int8)
+        if stray:
+            raise CheckpointError(f"{source}: holds int8 tensors ({stray[0]}, ...) but its manifest records no "
+                                  f"{QUANT_KEY}; the directory is damaged: import it again")
+        return raw, {}
+    if not (isinstance(info, dict) and info.get("format") == "int8" and isinstance(info.get("group_size"), int)
+            and info["group_size"] >= 0):
+        raise CheckpointError(f"{source}: unsupported {QUANT_KEY} record {info!r} (this lmforge reads "
+                              "{\"format\": \"int8\", \"group_size\": G})")
+    tensors: dict[str, torch.Tensor] = {}
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, t in raw.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        if t.dtype != torch.int8:
+            tensors[name] = t
+            continue
+        scale = raw.get(name + SCALE_SUFFIX)
+        G = info["group_size"] or t.shape[1]
+        if t.dim() != 2 or scale is None or tuple(scale.shape) != (t.shape[0], t.shape[1] // G) or t.shape[1] % G:
+            raise CheckpointError(f"{source}: int8 tensor {name} {tuple(t.shape)} lacks a matching {name + SCALE_SUFFIX} "
+                                  f"of shape (rows, row length / {G})")
+        quantized[name] = (t, scale.float())
+        tensors[name] = dequantize_int8(t, scale)
+    orphans = sorted(n for n in raw if n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] not in quantized)
+    if orphans:
+        raise CheckpointError(f"{source}: scale tensor {orphans[0]} has no int8 tensor beside it")
+    return tensors, quantized
+
+
+__all__ = ["WEIGHTS", "SCALE_SUFFIX", "QUANT_KEY", "check_weights", "quantize_int8", "dequantize_int8", "per_row",
+           "Int8Linear", "F16Linear", "projections", "prepare", "decoding_layout", "quantizable", "stored_tensors", "read_stored"]

@@ -1,0 +1,531 @@
+"""`lmforge classify` (understand/classify*.py, head.py, calibrate.py, labelled.py): the head,
+calibration, ECE and coverage golden values, routing, multi-label, zero-shot, eval metrics, the
+classifier directory, streamed predict, POST /v1/classify through a real server, the HTML report in
+headless Chromium, and one clear line for each bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from conftest import lmforge_cmd, subprocess_env
+from lmforge import artifacts, convert
+from lmforge.cli import main
+from lmforge.config import ModelConfig
+from lmforge.evaluate import classification as M
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+from lmforge.understand import calibrate
+from lmforge.understand.classify import Classifier, Spec
+from lmforge.understand.classify_report import evaluate
+from lmforge.understand.classify_train import split, train_command
+from lmforge.understand.head import Head, fit_head
+from lmforge.understand.labelled import read_examples
+
+WORDS = {"fruit": "apple banana cherry grape lemon mango peach plum".split(),
+         "music": "violin guitar piano drum flute cello harp trumpet".split(),
+         "animal": "tiger zebra lion wolf bear otter eagle shark".split()}
+KEY = "sk-classify-test"
+
+
+def planted(n_per_class: int, seed: int) -> list[dict]:
+    """Texts of six words of their class among shared filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_per_class):
+        for label, words in WORDS.items():
+            text = " ".join(rng.choice(words) if k % 2 == 0 else rng.choice(["the", "and", "a", "of"]) for k in range(12))
+            rows.append({"id": f"{label}-{seed}-{i}", "text": text, "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def tiny_model(root: Path, tok: Tokenizer, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                                    max_seq_len=64))
+    return artifacts.write_model_dir(convert.bundle_from_model(model, tok), root / f"model{seed}")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("classify")
+    texts = [r["text"] for r in planted(20, 0)] + [" ".join(WORDS[k]) for k in WORDS] + ["review other"]
+    tok = Tokenizer.train(texts * 2, vocab_size=300, min_frequency=1)
+    tiny_model(root, tok, 0)
+    tiny_model(root, tok, 1)
+    write_jsonl(root / "train.jsonl", planted(20, 1))
+    write_jsonl(root / "test.jsonl", planted(10, 2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def clf_dir(work: Path) -> Path:
+    torch.set_num_threads(1)
+    train_command(str(work / "model0"), str(work / "train.jsonl"), str(work / "clf" / "planted"), min_confidence=0.6)
+    return work / "clf" / "planted"
+
+
+# ---- the head ------------------------------------------------------------------------------------
+
+
+def blobs(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    centres = np.eye(3, 16) * 4.0
+    y = np.arange(n) % 3
+    return centres[y] + rng.normal(size=(n, 16)), y
+
+
+def test_head_learns_a_separable_toy_problem() -> None:
+    rng = np.random.default_rng(0)
+    x, y = blobs(300, rng)
+    head = fit_head(x, y, 3, multi_label=False)
+    assert (head.logits(x).argmax(axis=1) == y).mean() == 1.0
+    xt, yt = blobs(300, rng)
+    assert (head.logits(xt).argmax(axis=1) == yt).mean() > 0.97
+    # a stronger penalty (smaller C) gives smaller weights: the L2 term is there
+    assert np.linalg.norm(fit_head(x, y, 3, multi_label=False, c=0.01).weight) < np.linalg.norm(head.weight)
+    # multi-label: label k is on when the point is near centre k or centre (k + 1) % 3
+    ym = np.stack([(y == k) | (y == (k + 1) % 3) for k in range(3)], axis=1).astype(np.int64)
+    mh = fit_head(x, ym, 3, multi_label=True)
+    assert ((mh.logits(x) > 0) == ym.astype(bool)).all(axis=1).mean() > 0.97
+
+
+def test_head_round_trips_through_safetensors(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    x, y = blobs(60, rng)
+    head = fit_head(x, y, 3, multi_label=False)
+    head.save(tmp_path / "head.safetensors")
+    back = Head.load(tmp_path / "head.safetensors")
+    np.testing.assert_allclose(back.logits(x), head.logits(x), rtol=1e-6, atol=1e-6)
+
+
+# ---- calibration, ECE and coverage: golden values ----------------------------------------------------
+
+
+def test_temperature_scaling_lowers_nll_and_ece_on_a_miscalibrated_toy() -> None:
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=(4000, 5)) * 1.5
+    y = np.array([rng.choice(5, p=p) for p in calibrate.softmax(true)])
+    over = true * 4.0  # an overconfident model: the right ranking, logits 4x too large
+    t = calibrate.fit_temperature(over, y, multi_label=False)
+    assert 3.5 < t < 4.5
+    for before, after in ((calibrate.nll_at(over, y, 1.0, False), calibrate.nll_at(over, y, t, False)),
+                          (M.ece(calibrate.softmax(over).max(1), calibrate.softmax(over).argmax(1) == y),
+                           M.ece(calibrate.softmax(over, t).max(1), calibrate.softmax(over, t).argmax(1) == y))):
+        assert after < before * 0.7, (before, after)
+    # multi-label: one shared temperature on the sigmoids, fitted the same way
+    ym = (rng.random((4000, 5)) < calibrate.sigmoid(true)).astype(np.int64)
+    tm = calibrate.fit_temperature(over, ym, multi_label=True)
+    assert 3.5 < tm < 4.5
+    assert calibrate.nll_at(over, ym, tm, True) < calibrate.nll_at(over, ym, 1.0, True)
+
+
+def test_ece_golden_value() -> None:
+    # 15 bins (b/15, (b+1)/15]: 0.95 -> bin 14, 0.9 -> 13, 0.6 and 0.55 -> 8, 0.2 -> 2, 1/3 -> 4 (its upper edge)
+    conf = [0.95, 0.9, 0.6, 0.55, 0.2, 1 / 3]
+    correct = [1, 0, 1, 0, 0, 1]
+    expected = (0.05 + 0.9 + 2 * abs(0.5 - 0.575) + 0.2 + (1 - 1 / 3)) / 6
+    assert M.ece(conf, correct) == pytest.approx(expected, abs=1e-12)
+    assert [b["items"] for b in M.reliability(conf, correct)] == [1, 1, 2, 1, 1]
+    assert M.ece([0.0, 1.0], [0, 1]) == 0.0  # 0 goes to the first bin, 1 to the last
+
+
+def test_coverage_curve_golden() -> None:
+    conf, correct = [0.9, 0.8, 0.7, 0.6], [1, 1, 0, 1]
+    rows = M.coverage_curve(conf, correct, thresholds=(0.0, 0.75, 0.95))
+    assert [(r["coverage"], r["kept"], r["accuracy"]) for r in rows[:2]] == [(1.0, 4, 0.75), (0.5, 2, 1.0)]
+    assert rows[2]["kept"] == 0 and math.isnan(rows[2]["accuracy"])
+    assert M.coverage_points(conf, correct) == [(0.9, 0.25, 1.0), (0.8, 0.5, 1.0), (0.7, 0.75, 2 / 3), (0.6, 1.0, 0.75)]
+
+
+def test_eval_metrics_golden_against_a_hand_computed_confusion() -> None:
+    r = M.single_label_metrics([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], ["a", "b", "c"])
+    assert r["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert r["accuracy"] == pytest.approx(4 / 6)
+    pc = r["per_class"]
+    assert [pc[k]["precision"] for k in "abc"] == pytest.approx([1 / 2, 2 / 3, 1.0])
+    assert [pc[k]["recall"] for k in "abc"] == pytest.approx([1 / 2, 1.0, 1 / 2])
+    assert [pc[k]["f1"] for k in "abc"] == pytest.approx([0.5, 0.8, 2 / 3])
+    assert r["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    # a gold label the classifier does not know (index 3): its own row, always wrong
+    u = M.single_label_metrics([0, 3], [0, 1], ["a", "b", "c"])
+    assert u["confusion"] == [[1, 0, 0], [0, 0, 0], [0, 0, 0], [0, 1, 0]] and u["accuracy"] == 0.5
+    m = M.multi_label_metrics(np.array([[1, 0], [1, 1], [0, 0]]), np.array([[1, 1], [1, 0], [0, 0]]), ["x", "y"])
+    assert m["subset_accuracy"] == pytest.approx(1 / 3) and m["hamming_loss"] == pytest.approx(2 / 6)
+    assert m["per_class"]["x"]["f1"] == 1.0 and m["per_class"]["y"]["f1"] == 0.0 and m["micro_f1"] == pytest.approx(2 / 3)
+
+
+def test_routing_at_a_threshold() -> None:
+    spec = Spec(method="head", multi_label=False, labels=["a", "b", "c"], embedding={"fingerprint": {}},
+                threshold=0.7, fallback="review")
+    clf = Classifier(Path("x"), spec, None, None)  # type: ignore[arg-type]  # record() needs the spec only
+    sure, unsure = np.array([0.1, 0.8, 0.1]), np.array([0.5, 0.3, 0.2])
+    assert clf.record(sure) | {"scores": None} == {"label": "b", "predicted": "b", "confidence": 0.8, "routed": False,
+                                                   "scores": None}
+    r = clf.record(unsure)
+    assert (r["label"], r["predicted"], r["routed"]) == ("review", "a", True)
+    assert clf.record(unsure, min_confidence=0.5)["routed"] is False  # at the threshold: kept
+    assert clf.record(sure, min_confidence=0.9)["label"] == "review"
+    multi = Classifier(Path("x"), Spec(method="head", multi_label=True, labels=["a", "b"], embedding={"fingerprint": {}},
+                                       threshold=0.8, label_thresholds=[0.5, 0.3]), None, None)  # type: ignore[arg-type]
+    r = multi.record(np.array([0.95, 0.35]))  # b is on (>= 0.3) but unsure: max(0.35, 0.65) < 0.8
+    assert (r["predicted"], r["routed"], r["confidence"]) == (["a", "b"], True, 0.65)
+
+
+# ---- training, the directory, eval ----------------------------------------------------------------
+
+
+def test_split_is_stratified_and_deterministic(work: Path) -> None:
+    ex = read_examples(work / "train.jsonl")
+    fit, held = split(ex, 0.2, seed=0)
+    assert split(ex, 0.2, seed=0) == (fit, held) and split(ex, 0.2, seed=1) != (fit, held)
+    assert sorted(fit + held) == list(range(len(ex)))
+    assert [sum(ex.labels[i][0] == k for i in held) for k in WORDS] == [4, 4, 4]
+
+
+def test_head_classifier_end_to_end(clf_dir: Path, work: Path) -> None:
+    m = artifacts.read_manifest(clf_dir)
+    spec = m.fields["classifier"]
+    assert m.kind == "classifier" and set(m.files) == {"head.safetensors"}
+    assert spec["labels"] == sorted(WORDS) and spec["method"] == "head" and spec["threshold"] == 0.6
+    assert spec["embedding"]["fingerprint"]["model_sha256"] == artifacts.read_manifest(work / "model0").sha256(
+        "model.safetensors")
+    held = spec["metrics"]["held_out"]
+    assert held["items"] == 12 and held["nll_after"] <= held["nll_before"] and spec["calibrated"]
+    assert held["accuracy_before"] == 1.0 and spec["temperature"] >= 1.0  # all right: T not below 1
+    clf = Classifier.load(clf_dir, device="cpu")
+    r = evaluate(clf, read_examples(work / "test.jsonl"))
+    assert r["accuracy"] >= 0.9 and r["macro_f1"] >= 0.9
+    assert sum(map(sum, r["confusion"])) == 30 and r["coverage"][0]["coverage"] == 1.0
+
+
+def test_multi_label(work: Path, tmp_path: Path) -> None:
+    rows = []
+    for r in planted(16, 3):  # music items also carry "loud"; every item its class
+        rows.append({"text": r["text"], "labels": [r["label"]] + (["loud"] if r["label"] == "music" else [])})
+    write_jsonl(tmp_path / "multi.jsonl", rows)
+    train_command(str(work / "model0"), str(tmp_path / "multi.jsonl"), str(tmp_path / "clf"))
+    clf = Classifier.load(tmp_path / "clf", device="cpu")
+    assert clf.spec.multi_label and clf.labels == ["animal", "fruit", "loud", "music"]
+    assert len(clf.spec.label_thresholds) == 4
+    (music,) = clf.predict([" ".join(WORDS["music"][:6])])
+    assert sorted(music["predicted"]) == ["loud", "music"] and set(music["scores"]) == set(clf.labels)
+    r = evaluate(clf, read_examples(tmp_path / "multi.jsonl"))
+    assert r["subset_accuracy"] >= 0.9 and r["per_class"]["loud"]["support"] == 16
+
+
+def test_zero_shot_on_planted_label_names(work: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{k}: {' '.join(v)}\n" for k, v in WORDS.items()))
+    train_command(str(work / "model0"), None, str(tmp_path / "zs"), method="zero-shot", labels_file=str(labels))
+    clf = Classifier.load(tmp_path / "zs", device="cpu")
+    assert clf.spec.descriptions[0] == " ".join(WORDS["fruit"]) and not clf.spec.calibrated
+    r = evaluate(clf, read_examples(work / "test.jsonl"))
+    assert r["accuracy"] >= 0.9, r["confusion"]
+    # with examples they only calibrate: the temperature is fitted, the label vectors are the same
+    train_command(str(work / "model0"), str(work / "train.jsonl"), str(tmp_path / "zs2"), method="zero-shot",
+                  labels_file=str(labels))
+    cal = Classifier.load(tmp_path / "zs2", device="cpu")
+    assert cal.spec.calibrated and cal.spec.temperature != clf.spec.temperature
+    np.testing.assert_array_equal(cal.head.weight, clf.head.weight)
+
+
+def test_zero_shot_lm_scorer_is_evals_loglikelihood(work: Path, tmp_path: Path) -> None:
+    from lmforge.evaluate.score import make_request, score_naive
+    from lmforge.evaluate.tasks import encode_request
+    from lmforge.understand.zeroshot import lm_logits
+
+    clf_path = tmp_path / "lm"
+    train_command(str(work / "model0"), str(work / "test.jsonl"), str(clf_path), method="zero-shot", scorer="lm",
+                  template="Text: {text}\nTopic:")
+    clf = Classifier.load(clf_path, device="cpu")
+    texts = ["apple banana grape", "tiger and wolf"]
+    got = lm_logits(clf.embedder, texts, clf.labels, "Text: {text}\nTopic:")
+    tok, model = clf.embedder.tokenizer, clf.embedder.model
+    for i, text in enumerate(texts):
+        ctx, conts = encode_request(tok, f"Text: {text}\nTopic:", [" " + lab for lab in clf.labels])
+        (row,) = score_naive(model, [make_request(ctx, conts, model.cfg.max_seq_len)])
+        np.testing.assert_allclose(got[i], [s.logprob for s in row], rtol=1e-4, atol=1e-4)
+    assert clf.predict(texts)[0]["scores"]  # and the classifier runs it
+
+
+def test_predict_streams_in_chunks_and_routes_empty_texts(clf_dir: Path, work: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text('id,text\n1,apple and banana the plum\n2,"  "\n3,tiger wolf lion\n4,"violin,\nharp"\n5,drum\n')
+    out = tmp_path / "preds.jsonl"
+    assert main(["--progress", "quiet", "classify", "predict", str(clf_dir), str(src), "--out", str(out), "--chunk",
+                 "2", "--min-confidence", "0"]) == 0
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["id"] for p in preds] == ["1", "2", "3", "4", "5"]
+    assert preds[1] == {"id": "2", "label": "review", "predicted": None, "confidence": 0.0, "routed": True,
+                        "scores": {}, "empty": True}
+    assert [p["label"] for p in preds if p["id"] in "134"] == ["fruit", "animal", "music"]
+    assert not list(tmp_path.glob(".preds.jsonl.*"))  # no temporary left behind
+
+
+def test_a_tampered_head_is_refused(clf_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from lmforge.errors import CheckpointError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(clf_dir, bad)
+    with open(bad / "head.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x00\x80\x7f")
+    with pytest.raises(CheckpointError, match="head.safetensors fails its sha256 check"):
+        Classifier.load(bad)
+
+
+# ---- bad input: one line, exit 2, nothing written ---------------------------------------------------
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["--progress", "quiet", "classify", *args])
+    captured = capsys.readouterr()
+    return code, captured.err.strip() + captured.out.strip()
+
+
+def test_bad_inputs_are_one_line_each(work: Path, clf_dir: Path, tmp_path: Path, capsys) -> None:
+    model = str(work / "model0")
+    one = write_jsonl(tmp_path / "one.jsonl", [{"text": "apple", "label": "fruit"}, {"text": "plum", "label": "fruit"}])
+    no_label = write_jsonl(tmp_path / "nolabel.jsonl", [{"text": "apple", "label": "fruit"}, {"text": "plum"}])
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": "apple", "label": "fruit"}, {"text": "  ", "label": "x"}])
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("text,label\napple,fruit\n\"tiger, wolf\",animal\nplum,fruit,extra\n")
+    unknown = write_jsonl(tmp_path / "unknown.jsonl", planted(1, 5) + [{"text": "piano harp", "label": "instrument"}])
+    labels_one = tmp_path / "labels.txt"
+    labels_one.write_text("fruit: apples\n")
+    cases = [
+        (("train", model, str(one), "--out", str(tmp_path / "o1")), "at least two labels, found only 'fruit'"),
+        (("train", model, "--method", "zero-shot", "--labels", str(labels_one), "--out", str(tmp_path / "o2")),
+         "at least two labels, found only 'fruit'"),
+        (("train", model, str(no_label), "--out", str(tmp_path / "o3")), f"{no_label}:2: no field 'label'"),
+        (("train", model, str(empty), "--out", str(tmp_path / "o4")), f"{empty}:2: empty text"),
+        (("train", model, str(ragged), "--out", str(tmp_path / "o5")), f"{ragged}:4: ragged row: 3 fields"),
+        (("train", model, str(work / "train.jsonl"), "--out", str(clf_dir)), "already exists"),
+        (("eval", str(clf_dir), str(unknown)), f"{unknown}:4: label 'instrument' is not one of"),
+        (("predict", str(clf_dir), str(work / "test.jsonl"), "--out", str(work / "train.jsonl")), "already exists"),
+        (("eval", str(clf_dir), str(work / "test.jsonl"), "--model", str(work / "model1")),
+         "trained on another embedding model than"),
+    ]
+    for args, words in cases:
+        code, text = run_cli(capsys, *args)
+        assert code == 2 and words in text and len(text.splitlines()) == 1, (args, text)
+    # the other model is refused naming both checksums
+    sha = [artifacts.read_manifest(work / f"model{i}").sha256("model.safetensors")[:12] for i in (1, 0)]
+    assert f"model sha256 {sha[0]}... here, {sha[1]}... recorded" in text
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+    # a label seen only in test, when allowed: counted as wrong, reported
+    code, text = run_cli(capsys, "eval", str(clf_dir), str(unknown), "--allow-unknown-labels", "--json")
+    r = json.loads(text)
+    assert code == 0 and r["unknown_labels"] == {"instrument": 1} and r["confusion_rows"][-1] == "instrument"
+    assert r["confusion"][-1] != [0, 0, 0] and r["accuracy"] <= 3 / 4
+
+
+# ---- POST /v1/classify through a real server ---------------------------------------------------------
+
+
+def test_v1_classify_through_a_real_server_with_auth(clf_dir: Path, tmp_path: Path) -> None:
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(KEY + "\n")
+    proc = subprocess.Popen(lmforge_cmd("serve", str(clf_dir), "--port", "0", "--api-key-file", str(key_file),
+                                        "--threads", "1", "--max-embed-inputs", "4"),
+                            # "auto": an in-process main(["--progress", "quiet", ...]) above set the env var
+                            env=subprocess_env(LMFORGE_PROGRESS="auto"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
+    try:
+        lines = [""]
+        while not lines[-1].startswith("serving "):
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "lmforge serve exited: " + "".join(lines)
+        line = lines[-1]
+        watchdog.cancel()
+        assert f"classifier {clf_dir}" in line
+        base = line.split(" at ", 1)[1].split()[0]
+        auth = {"Authorization": f"Bearer {KEY}"}
+        with httpx.Client(base_url=base, timeout=60) as c:
+            for _ in range(300):
+                try:
+                    if c.get("/models", headers=auth).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            assert c.post("/classify", json={"input": "apple"}).status_code == 401  # auth
+            r = c.post("/classify", headers=auth, json={"input": ["plum apple peach", "violin harp drum"]})
+            assert r.status_code == 200, r.text
+            data = r.json()["data"]
+            assert [d["predicted"] for d in data] == ["fruit", "music"] and data[0]["object"] == "classification"
+            assert set(data[0]["scores"]) == {"animal", "fruit", "music"} and isinstance(data[0]["routed"], bool)
+            # a min_confidence above an item's confidence routes it to the fallback
+            conf = data[0]["confidence"]
+            assert 0.3 < conf < 0.999
+            r = c.post("/classify", headers=auth, json={"input": "plum apple peach", "min_confidence": conf + 1e-4})
+            assert (r.json()["data"][0]["label"], r.json()["data"][0]["routed"]) == ("review", True)
+            bad = [({"input": []}, "input"), ({"input": ["a", " "]}, "input.1"), ({"input": ["a"] * 5}, "input"),
+                   ({"input": "a", "min_confidence": 2}, "min_confidence")]
+            for body, param in bad:
+                resp = c.post("/classify", headers=auth, json=body)
+                assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+            # the embedding model is served too
+            e = c.post("/embeddings", headers=auth, json={"input": "apple"})
+            assert e.status_code == 200 and len(e.json()["data"][0]["embedding"]) == 32
+    finally:
+        watchdog.cancel()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_v1_classify_is_404_on_a_plain_model(work: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.api import create_app
+
+    loaded = artifacts.load_model(work / "model0", device="cpu")
+    with TestClient(create_app(loaded.model, loaded.tokenizer)) as c:
+        r = c.post("/v1/classify", json={"input": "apple"})
+        assert r.status_code == 404 and "lmforge serve clf/NAME" in r.json()["error"]["message"]
+
+
+# ---- the HTML report in headless Chromium -------------------------------------------------------------
+
+
+def test_report_html_in_headless_chromium(work: Path, tmp_path: Path) -> None:
+    from test_dashboard import CHROMIUM, chromium_dom
+
+    hostile = '<img src=x onerror="document.body.dataset.pwned=1">'
+    rows = [{**r, "label": hostile if r["label"] == "music" else r["label"]} for r in planted(12, 7)]
+    train = write_jsonl(tmp_path / "h.jsonl", rows)
+    train_command(str(work / "model0"), str(train), str(tmp_path / "clf"))
+    report = tmp_path / "report.html"
+    assert main(["--progress", "quiet", "classify", "eval", str(tmp_path / "clf"), str(train), "--report",
+                 str(report)]) == 0
+    page = report.read_text()
+    # self-contained: no script loaded from anywhere; outside the inlined plotly.js no URL at all
+    assert not re.search(r"<script\b[^>]*\bsrc=", page) and "Plotly.newPlot" in page
+    assert "http" not in re.sub(r"<script>.*?</script>", "", page, flags=re.S)
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    dom, console = chromium_dom(report.as_uri(), tmp_path / "profile")
+    assert console == [], "\n".join(console)
+    assert 'data-ready="1"' in dom and "data-pwned" not in dom
+    for chart in ("coverage", "confusion", "f1", "reliability"):
+        part = dom.split(f'id="chart-{chart}"', 1)[1]
+        assert "main-svg" in part.split('class="chart"', 1)[0], chart
+    assert "&lt;img src=x" in dom  # the hostile label is text in the tables
+
+
+def test_a_held_out_split_with_every_item_right_does_not_sharpen() -> None:
+    logits = np.array([[3.0, 0.0], [0.0, 2.0], [4.0, 1.0]])
+    y = np.array([0, 1, 0])
+    assert calibrate.all_right(logits, y, False) and calibrate.fit_temperature(logits, y, False) == 1.0
+    assert calibrate.fit_temperature(logits / 10, y, False) >= 1.0  # underconfident, still not sharpened
+    y_wrong = np.array([0, 1, 1])
+    assert calibrate.fit_temperature(logits, y_wrong, False) > 1.0  # a confident mistake: softened
+
+
+# ---- the CLI end to end on CSV files, and on the bundled data set by name ------------------------------
+
+
+def test_cli_train_eval_predict_on_csv_single_and_multi_label(work: Path, tmp_path: Path, capsys) -> None:
+    import csv
+
+    def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([header, *rows])
+        return path
+
+    train, test = planted(16, 11), planted(6, 12)
+    single = write_csv(tmp_path / "train.csv", ["id", "text", "label"], [[r["id"], r["text"], r["label"]] for r in train])
+    single_test = write_csv(tmp_path / "test.csv", ["text", "label"], [[r["text"], r["label"]] for r in test])
+    model = str(work / "model0")
+    assert main(["--progress", "quiet", "classify", "train", model, str(single), "--out", str(tmp_path / "c1"),
+                 "--min-confidence", "0.5", "--fallback", "people"]) == 0
+    capsys.readouterr()
+    assert main(["--progress", "quiet", "classify", "eval", str(tmp_path / "c1"), str(single_test), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["items"] == 18 and r["accuracy"] >= 0.9 and set(r["per_class"]) == set(WORDS)
+    assert {"ece", "ece_uncalibrated", "nll", "coverage", "confusion", "reliability"} <= set(r)
+    assert r["routing"]["fallback"] == "people" and r["routing"]["threshold"] == 0.5
+    # the text report: per-class table, confusion matrix, coverage table
+    assert main(["--progress", "quiet", "classify", "eval", str(tmp_path / "c1"), str(single_test)]) == 0
+    text = capsys.readouterr().out
+    assert "precision  recall" in text and "confusion (rows gold" in text and "threshold  coverage  accuracy" in text
+    # predict a plain text file (one text per line); --min-confidence 1.0 routes every item to the fallback
+    plain = tmp_path / "new.txt"
+    plain.write_text("plum apple peach\n\nviolin harp\n")
+    out = tmp_path / "preds.jsonl"
+    assert main(["--progress", "quiet", "classify", "predict", str(tmp_path / "c1"), str(plain), "--out", str(out),
+                 "--min-confidence", "1.0"]) == 0
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(p["id"], p["label"], p["predicted"]) for p in preds] == [
+        (f"{plain}:1", "people", "fruit"), (f"{plain}:3", "people", "music")]
+
+    # multi-label CSV: a "labels" column, labels separated by "|"
+    multi_rows = [[r["text"], "|".join([r["label"]] + (["loud"] if r["label"] == "music" else []))] for r in train]
+    multi = write_csv(tmp_path / "multi.csv", ["text", "labels"], multi_rows)
+    assert main(["--progress", "quiet", "classify", "train", model, str(multi), "--out", str(tmp_path / "c2")]) == 0
+    capsys.readouterr()
+    assert main(["--progress", "quiet", "classify", "eval", str(tmp_path / "c2"), str(multi), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["multi_label"] and r["subset_accuracy"] >= 0.9 and r["per_class"]["loud"]["support"] == 16
+    # a single-label test file against a multi-label classifier: one line
+    code, text = run_cli(capsys, "eval", str(tmp_path / "c2"), str(single_test))
+    assert code == 2 and "multi-label" in text and len(text.splitlines()) == 1
+
+
+def test_bundled_data_set_by_name_and_examples_per_class(work: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the bundled stdlib-modules files by name, from anywhere
+    spec = train_command(str(work / "model0"), "stdlib-modules-train", str(tmp_path / "std"), examples_per_class=4)
+    assert len(spec["labels"]) == 12 and spec["training"]["examples"] + spec["training"]["held_out"] == 48
+    clf = Classifier.load(tmp_path / "std", device="cpu")
+    r = evaluate(clf, read_examples("stdlib-modules-test"))
+    assert r["items"] == 286 and len(r["confusion"]) == 12  # a random tiny model: the numbers are not the point
+
+
+def test_classify_shares_the_embedding_workers_queue(clf_dir: Path, monkeypatch) -> None:
+    import asyncio
+
+    from lmforge.serve.api import create_app
+
+    clf = Classifier.load(clf_dir, device="cpu")
+    app = create_app(clf.embedder.model, clf.embedder.tokenizer, max_queue=1, classifier=clf)
+    worker = app.state.embed_worker
+    gate = threading.Event()
+    real = worker.embedder.embed_ids
+    monkeypatch.setattr(worker.embedder, "embed_ids", lambda ids: (gate.wait(30), real(ids))[1])
+
+    async def two() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+            first = asyncio.create_task(c.post("/v1/embeddings", json={"input": "apple"}))
+            while worker.admitted == 0:
+                await asyncio.sleep(0.01)
+            second = await c.post("/v1/classify", json={"input": "plum apple"})  # the same queue: full
+            gate.set()
+            first_r = await first
+            third = await c.post("/v1/classify", json={"input": "plum apple"})  # free again
+            return [first_r, second, third]
+
+    first, second, third = asyncio.run(two())
+    assert first.status_code == 200 and second.status_code == 429 and second.headers["retry-after"] == "1"
+    assert third.status_code == 200 and third.json()["data"][0]["predicted"] == "fruit"
+    worker.close()
