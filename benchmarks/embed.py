@@ -21,15 +21,14 @@ Sections (all by default, or name some):
               train side (scripts/make_stdlib_doc2code.py: the docstring -> function pairs of the
               standard library files NOT in the task) trains SmolLM2-135M for --smollm2-steps steps
               of 16 pairs through `lmforge train embed-cpu` (texts cut to 64 tokens); --raw adds the
-              raw SmolLM2 row (another ~10 minutes on one core: one evaluation of the task is ~10
-              minutes of SmolLM2 forward passes there). With --pretrain-steps N a small-cpu shaped
-              model is also pretrained N steps on the train-side files (8k BPE) and given two
-              contrastive stages, on the pairs and, without labels, on two spans of each document
-              (--stage-steps each).
+              raw SmolLM2 row (another ~4 minutes on one core: one evaluation of the task). With
+              --pretrain-steps N a small-cpu shaped model is also pretrained N steps on the
+              train-side files (8k BPE) and given two contrastive stages, on the pairs and, without
+              labels, on two spans of each document (--stage-steps each).
 
     python benchmarks/embed.py --threads 2
     python benchmarks/embed.py quality --model raw=models/smol --model trained=runs/embed-smol
-    python benchmarks/embed.py stage --threads 1 --work /tmp/embed-bench              # ~20 minutes on one core
+    python benchmarks/embed.py stage --threads 1 --work /tmp/embed-bench              # ~11 minutes on one core
 
 Run it alone: it measures the whole machine.
 """
@@ -289,7 +288,7 @@ def main() -> None:
     ap.add_argument("--work", help="where imported and extracted models go (default: a temporary directory)")
     ap.add_argument("--smollm2-steps", type=int, default=20, help="stage: SmolLM2-135M's contrastive steps of 16 pairs")
     ap.add_argument("--smollm2-lr", type=float, default=1e-4, help="stage: SmolLM2-135M's contrastive lr")
-    ap.add_argument("--raw", action="store_true", help="stage: also score raw SmolLM2-135M (~10 more minutes on one core)")
+    ap.add_argument("--raw", action="store_true", help="stage: also score raw SmolLM2-135M (~4 more minutes on one core)")
     ap.add_argument("--pretrain-steps", type=int, default=0, help="stage: also a small model, next-token steps of 8 x 128 tokens")
     ap.add_argument("--stage-steps", type=int, default=150, help="stage: the small model's contrastive steps of 32 pairs")
     ap.add_argument("--stage-lr", type=float, default=3e-4, help="stage: the small model's contrastive lr")
