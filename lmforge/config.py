@@ -61,7 +61,7 @@ def valid(default: Any, rule: Rule) -> Any:
     return field(default=default, metadata={"valid": rule})
 # train.objective values: the objectives registered in train/objectives.py (REGISTRY; a test keeps
 # the two equal). Named here because config sits below train/ and validates at load time.
-OBJECTIVES = ("next_token", "dpo", "contrastive")
+OBJECTIVES = ("next_token", "dpo", "contrastive", "classification")
 POOLINGS = ("mean", "last", "weighted_mean")  # embed.pooling values (lmforge/understand/embed.py)
 # lora.target_modules values: the Linear layers of a block, by their Hugging Face Llama names (so a
 # PEFT adapter's target_modules mean the same layers; lmforge/lora.py)
@@ -124,6 +124,9 @@ class DataConfig:
     pair_fields: list[str] = field(default_factory=lambda: ["query", "positive", "negative"])
     # data.pairs: the share of pairs held out for val_loss (chosen by a hash of each pair's text)
     pairs_val_fraction: float = valid(0.05, fraction(hi_open=True))
+    # train.objective classification: a JSONL of {text, label: class index | [0/1 per label]} (docs/classify.md),
+    # tokenized with init.from's tokenizer, cut to data.seq_len; split into train / val as data.pairs is
+    examples: str = ""
 
 
 @dataclass
@@ -174,6 +177,9 @@ class TrainConfig:
     dpo_beta: float = valid(0.1, positive_float())
     # contrastive: similarities (cosines) are divided by this before the softmax; lower is sharper
     contrastive_temperature: float = valid(0.05, positive_float(hi=10.0))
+    # classification: the frozen linear head (head.safetensors, understand/head.py) over the pooled embedding
+    # whose cross-entropy trains the model; `lmforge classify train --method finetune` fits and writes it
+    classification_head: str = ""
 
 
 @dataclass
@@ -350,6 +356,16 @@ class Config:
         if d.pairs and t.objective != "contrastive":
             raise ConfigError(f"data.pairs ({d.pairs}) is read by train.objective=contrastive only (it is {t.objective}); "
                               "set train.objective=contrastive, or data.pairs to ''")
+        if d.examples and t.objective != "classification":
+            raise ConfigError(f"data.examples ({d.examples}) is read by train.objective=classification only (it is "
+                              f"{t.objective}); set train.objective=classification, or data.examples to ''")
+        if t.objective == "classification" and not (d.examples and t.classification_head):
+            raise ConfigError("train.objective=classification trains on labelled examples through a head: set "
+                              "data.examples (JSONL {text, label}) and train.classification_head (head.safetensors); "
+                              "`lmforge classify train --method finetune` sets both")
+        if t.objective == "classification" and d.path:
+            raise ConfigError(f"train.objective=classification reads data.examples, not data.path ({d.path}); set "
+                              "data.path to ''")
         if t.objective == "contrastive":
             if d.pairs and d.path:
                 raise ConfigError(f"data.pairs ({d.pairs}) and data.path ({d.path}) are both set: the contrastive stage "
