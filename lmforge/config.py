@@ -92,6 +92,9 @@ class ModelConfig:
     norm_eps: float = valid(1e-5, positive_float())  # RMSNorm epsilon
     tie_embeddings: bool = True  # the output head shares the token embedding matrix
     init_std: float = valid(0.02, positive_float())  # std of the normal weight init (residual projections: / sqrt(2 n_layer))
+    # a classification head `score` (L, d_model) + bias over the pooled embedding (HF LlamaForSequenceClassification's
+    # name), trained by train.objective=classification (`classify train --method finetune`); 0 = none
+    num_labels: int = valid(0, nonneg_int(note="0 = no classification head"))
 
     @property
     def kv_heads(self) -> int:
@@ -177,8 +180,8 @@ class TrainConfig:
     dpo_beta: float = valid(0.1, positive_float())
     # contrastive: similarities (cosines) are divided by this before the softmax; lower is sharper
     contrastive_temperature: float = valid(0.05, positive_float(hi=10.0))
-    # classification: the frozen linear head (head.safetensors, understand/head.py) over the pooled embedding
-    # whose cross-entropy trains the model; `lmforge classify train --method finetune` fits and writes it
+    # classification: the linear probe (head.safetensors, understand/head.py) that initialises the model's `score`
+    # head on a fresh start; `lmforge classify train --method finetune` fits and writes it
     classification_head: str = ""
 
 
@@ -359,10 +362,12 @@ class Config:
         if d.examples and t.objective != "classification":
             raise ConfigError(f"data.examples ({d.examples}) is read by train.objective=classification only (it is "
                               f"{t.objective}); set train.objective=classification, or data.examples to ''")
-        if t.objective == "classification" and not (d.examples and t.classification_head):
-            raise ConfigError("train.objective=classification trains on labelled examples through a head: set "
-                              "data.examples (JSONL {text, label}) and train.classification_head (head.safetensors); "
-                              "`lmforge classify train --method finetune` sets both")
+        if t.objective == "classification" and not d.examples:
+            raise ConfigError("train.objective=classification trains on labelled examples: set data.examples (JSONL "
+                              "{text, label}); `lmforge classify train --method finetune` writes and sets it")
+        if t.objective == "classification" and not self.model.num_labels:
+            raise ConfigError("train.objective=classification trains the model's classification head: set "
+                              "model.num_labels to the number of labels")
         if t.objective == "classification" and d.path:
             raise ConfigError(f"train.objective=classification reads data.examples, not data.path ({d.path}); set "
                               "data.path to ''")

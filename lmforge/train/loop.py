@@ -345,13 +345,12 @@ def data_source(cfg: Config, split: str = "train") -> Any:
     the embed prefixes); for classification, the labelled texts of data.examples; otherwise the prepared dataset's windows or rows (`open_source`)."""
     from ..data.loader import open_source
 
-    if cfg.train.objective == "classification":  # labelled texts (data.examples) for the head of train.classification_head
+    if cfg.train.objective == "classification":  # labelled texts (data.examples) for the model's classification head
         from ..data.pairs import ExampleRecords
         from ..tokenizer import Tokenizer
-        from ..understand.head import Head
 
         return ExampleRecords(cfg.data.examples, Tokenizer.load(tokenizer_path(cfg)), max_len=cfg.data.seq_len,
-                              n_labels=Head.load(cfg.train.classification_head).weight.shape[0], split=split,
+                              n_labels=cfg.model.num_labels, split=split,
                               val_fraction=cfg.data.pairs_val_fraction, document_prefix=cfg.embed.document_prefix)
     if cfg.train.objective != "contrastive":
         return open_source(cfg.data.path, split, seq_len=cfg.data.seq_len, document_mask=cfg.data.document_mask,

@@ -73,16 +73,14 @@ own positive aside) is masked out of the softmax, so texts of one label are not 
 
 Classification (`lmforge classify train --method finetune`, docs/classify.md): a batch of labelled
 texts (data/pairs.py `ExampleRecords`) is embedded exactly as the Embedder does it (the run's
-`embed:` pooling, then its normalisation: `understand/embed.finish`), and the frozen linear head of
-`train.classification_head` (understand/head.py: standardise, then weight and bias; fitted by
-logistic regression on the starting model's embeddings) turns each vector into logits; the loss is
-cross-entropy (single-label) or binary cross-entropy summed over labels (multi-label). Units are
-examples; `accuracy` is the share classified right (multi-label: every label right at 0.5). The
-head stays frozen: the whole model moves its embeddings to fit it (LP-FT's order, linear probe then
-fine-tune, with the probe kept), so the model in the classifier directory and its head.safetensors
-are exactly what the loss trained, and serving needs no layer the model file does not have.
+`embed:` pooling, then its normalisation: `understand/embed.finish`), and the model's own
+classification head (`model.score`, model.num_labels; started from a linear probe, see
+train/init_from.py `init_score`) turns each vector into logits; the loss is cross-entropy
+(single-label) or binary cross-entropy summed over labels (multi-label). Units are examples;
+`accuracy` is the share classified right (multi-label: every label right at 0.5). Head and body
+train together (LP-FT's order: linear probe, then fine-tune everything), and both are saved in the
+model's weights, so a classifier serves exactly what the loss trained.
 """
-
 
 from __future__ import annotations
 
@@ -276,21 +274,16 @@ class Contrastive:
 
 
 class Classification:
-    """Cross-entropy of a frozen linear head on the pooled embedding (module docstring). Units: examples."""
+    """Cross-entropy of the model's classification head on the pooled embedding (module docstring). Units: examples."""
 
     name = "classification"
 
-    def __init__(self, head: dict[str, torch.Tensor], pooling: Pooling | None = None) -> None:
-        self.head = {k: v.float() for k, v in head.items()}  # weight (L, C), bias (L,), mean (C,), scale (C,)
+    def __init__(self, pooling: Pooling | None = None) -> None:
         self.pooling = pooling or Pooling()
 
     @classmethod
     def from_config(cls, cfg: Config) -> Classification:
-        from ..understand.head import Head
-
-        h = Head.load(cfg.train.classification_head)
-        return cls({k: torch.from_numpy(getattr(h, k)) for k in ("weight", "bias", "mean", "scale")},
-                   Pooling.from_config(cfg.embed))
+        return cls(Pooling.from_config(cfg.embed))
 
     def units(self, batch: Batch) -> int:
         return int(batch["text"].shape[0])
@@ -300,8 +293,8 @@ class Classification:
         from ..understand.embed import finish
 
         x = finish(pooled(model, batch["text"], batch["text_lengths"], self.pooling), self.pooling)  # (B, C)
-        h = {k: v.to(x.device) for k, v in self.head.items()}
-        return ((x - h["mean"]) / h["scale"]) @ h["weight"].T + h["bias"]
+        score = getattr(model, "module", model).score  # through a DDP wrapper: its module's head
+        return F.linear(x, score.weight.float(), score.bias.float())
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> LossOut:
         logits, y = self.logits(model, batch), batch["label"]

@@ -291,7 +291,8 @@ def resolve_contrastive(cfg: Config) -> Config:
 
 def resolve_classification(cfg: Config) -> Config:
     """resolve_config for the classification objective: labelled texts from data.examples (tokenized
-    with init.from's tokenizer), the head of train.classification_head, at least one example."""
+    with init.from's tokenizer; at least one), a head of model.num_labels rows (init.from's, or
+    started from the probe in train.classification_head: init_from.load_init)."""
     from .init_from import resolve_init
     from .loop import data_source
 
@@ -299,17 +300,10 @@ def resolve_classification(cfg: Config) -> Config:
         raise ConfigError("train.objective=classification fine-tunes a model: set init.from to it (a run, checkpoint "
                           "or model directory)")
     cfg = resolve_init(cfg)
-    if not Path(cfg.train.classification_head).is_file():
+    if cfg.train.classification_head and not Path(cfg.train.classification_head).is_file():
         raise ConfigError(f"train.classification_head: no such file: {cfg.train.classification_head}")
-    source = data_source(cfg)
-    if source.n_samples < 1:
+    if data_source(cfg).n_samples < 1:
         raise DataError(f"data.examples {cfg.data.examples}: no example in the train split")
-    from ..understand.head import Head
-
-    dim = Head.load(cfg.train.classification_head).dim
-    if dim != cfg.model.d_model:
-        raise ConfigError(f"train.classification_head {cfg.train.classification_head} takes {dim}-dim vectors; "
-                          f"init.from {cfg.init.from_} gives {cfg.model.d_model}")
     if cfg.train.eval_every:
         check_val_split(cfg)
     return cfg

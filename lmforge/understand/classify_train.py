@@ -112,6 +112,14 @@ def held_out_metrics(logits: np.ndarray, y: np.ndarray, temperature: float, mult
     return out
 
 
+def model_head(emb: Any) -> Head:
+    """A finetuned model's own classification head (model.py `score`) as a Head on its embeddings."""
+    score = emb.loaded.model.score
+    w = score.weight.detach().float().cpu().numpy()
+    return Head(w, score.bias.detach().float().cpu().numpy(), np.zeros(w.shape[1], np.float32),
+                np.ones(w.shape[1], np.float32))
+
+
 def train_command(model: str, examples: str | None, out: str, *, method: str = "head", labels_file: str | None = None,
                   scorer: str = "embedding", template: str = DEFAULT_TEMPLATE, held_out: float = DEFAULT_HELD_OUT,
                   examples_per_class: int | None = None, seed: int = 0, c: float = 1.0, min_confidence: float = 0.0,
@@ -220,17 +228,17 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
         head = fit_head(x[fit_idx], y[fit_idx], len(labels), multi_label=multi, c=c)
         spec.training = {"examples": len(fit_idx), "embed_seconds": round(embedded - start, 3),
                          "fit_seconds": round(time.perf_counter() - embedded, 3), "C": c}
-        if method == "finetune":  # the whole model, through the loop, against this head kept frozen
+        if method == "finetune":  # the whole model and its own head (started from this probe), through the loop
             del emb
             work.mkdir(parents=True, exist_ok=True)
-            head_file = work / CLASSIFIER_HEAD
-            if not head_file.is_file():  # a resumed stage keeps the head its run was started with
-                head.save(head_file)
-            head = Head.load(head_file)
-            run_dir, facts = run_finetune(model, [ex.texts[i] for i in fit_idx], y[fit_idx], head_file,  # type: ignore[union-attr]
+            probe = work / CLASSIFIER_HEAD
+            if not probe.is_file():  # a resumed stage keeps the probe its run was started with
+                head.save(probe)
+            run_dir, facts = run_finetune(model, [ex.texts[i] for i in fit_idx], y[fit_idx], probe,  # type: ignore[union-attr]
                                           work, tuning)
             tuned = write_tuned_model(run_dir, work)
             emb = Embedder.load(tuned, batch_size=batch_size)
+            head = model_head(emb)
             spec.training |= {"tune_seconds": round(time.perf_counter() - embedded, 3), **facts, **final_loss(run_dir)}
             x = emb.embed([ex.texts[i] for i in hold_idx], kind="document", progress=True) if hold_idx else \
                 np.zeros((0, head.dim), np.float32)  # type: ignore[union-attr]

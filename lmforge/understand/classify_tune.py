@@ -37,12 +37,14 @@ partly shared labels; use --method head or finetune).
 
 finetune
 --------
-The linear head is first fitted by logistic regression on the starting model's embeddings
-(head.py, as --method head does), then the whole model is trained through the loop's
-`classification` objective: cross-entropy of that head, kept frozen, on the pooled embedding
-(train/objectives.py; multi-label: binary cross-entropy). The classifier stores the tuned model
-and that same head, so predict, eval and serve compute exactly what was trained. Default length:
-FINETUNE_EPOCHS passes over the examples.
+A linear probe is first fitted by logistic regression on the starting model's embeddings (head.py,
+as --method head does); it starts the model's own classification head (`model.num_labels`, the
+`score` layer, with the probe's standardisation folded in: train/init_from.py `init_score`), and
+the whole model and that head are trained through the loop's `classification` objective
+(cross-entropy on the pooled, normalised embedding; multi-label: binary cross-entropy). The head
+is part of the tuned model's weights (model/model.safetensors: score.weight, score.bias) and is
+also written as the classifier's head.safetensors (mean 0, scale 1), so predict, eval and serve
+compute exactly what was trained. Default length: FINETUNE_EPOCHS passes over the examples.
 
 Trade-offs: the work directory holds one more copy of the model while it runs (the run's
 checkpoints); the tuned model is a full copy inside the classifier (no adapter), which is what
@@ -166,10 +168,11 @@ def run_setfit(model: str, texts: Sequence[str], labels: Sequence[str], keys: Se
                      "max_pairs": tuning.max_pairs, "steps": steps, "lr": tuning.lr, "batch": min(tuning.batch, len(triplets))}
 
 
-def run_finetune(model: str, texts: Sequence[str], y: np.ndarray, head_file: Path, work: Path, tuning: Tuning,
+def run_finetune(model: str, texts: Sequence[str], y: np.ndarray, probe: Path, work: Path, tuning: Tuning,
                  ) -> tuple[Path, dict[str, object]]:
-    """Train the whole `model` on (texts, y) through the classification objective with the frozen
-    head in `head_file` (module docstring); returns the run directory and the facts to record."""
+    """Train the whole `model` and a classification head started from the linear probe in `probe`
+    on (texts, y) through the classification objective (module docstring); returns the run
+    directory and the facts to record."""
     from ..train.start import StartRequest, train_command
 
     work.mkdir(parents=True, exist_ok=True)
@@ -180,7 +183,8 @@ def run_finetune(model: str, texts: Sequence[str], y: np.ndarray, head_file: Pat
     console.print(f"finetune: {len(texts)} examples, {steps} steps", markup=False)
     run_dir = work / "run"
     overrides = ["train.objective=classification", "data.pairs=", f"data.examples={examples.resolve()}",
-                 f"train.classification_head={head_file.resolve()}", f"init.from={model}",
+                 f"model.num_labels={int(probe_rows(probe))}", f"train.classification_head={probe.resolve()}",
+                 f"init.from={model}",
                  *_overrides(model, tuning, steps, len(texts))]
 
     def start() -> None:
@@ -194,6 +198,12 @@ def run_finetune(model: str, texts: Sequence[str], y: np.ndarray, head_file: Pat
     _train(run_dir, start)
     return run_dir, {"steps": steps, "lr": tuning.lr, "batch": min(tuning.batch, len(texts)), "epochs":
                      round(steps * min(tuning.batch, len(texts)) / len(texts), 2)}
+
+
+def probe_rows(probe: Path) -> int:
+    from .head import Head
+
+    return Head.load(probe).weight.shape[0]
 
 
 def _train(run_dir: Path, start: Callable[[], object]) -> None:
