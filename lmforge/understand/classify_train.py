@@ -213,7 +213,7 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
         fit_ex = ex.subset(fit_idx)  # type: ignore[union-attr]
         del emb  # the training run loads its own copy
         run_dir, facts = run_setfit(model, fit_ex.texts, [labs[0] for labs in fit_ex.labels], fit_ex.wheres, work,
-                                    tuning, seed)
+                                    tuning, seed, threads)
         tuned = write_tuned_model(run_dir, work)
         emb = Embedder.load(tuned, batch_size=batch_size)
         trained = time.perf_counter()
@@ -235,7 +235,7 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
             if not probe.is_file():  # a resumed stage keeps the probe its run was started with
                 head.save(probe)
             run_dir, facts = run_finetune(model, [ex.texts[i] for i in fit_idx], y[fit_idx], probe,  # type: ignore[union-attr]
-                                          work, tuning)
+                                          work, tuning, threads)
             tuned = write_tuned_model(run_dir, work)
             emb = Embedder.load(tuned, batch_size=batch_size)
             head = model_head(emb)

@@ -131,7 +131,7 @@ def tuning_dir(target: Path) -> Path:
     return target.parent / f"{target.name}{TUNING_SUFFIX}"
 
 
-def _overrides(model: str, tuning: Tuning, steps: int, n: int) -> list[str]:
+def _overrides(model: str, tuning: Tuning, steps: int, n: int, threads: int) -> list[str]:
     """The run's settings over the embed-cpu recipe. Texts are cut where the Embedder cuts them (the
     model's context; a batch is trimmed to its longest row, so this is a cap, not a cost)."""
     from ..artifacts import read_config, resolve_origin
@@ -141,11 +141,11 @@ def _overrides(model: str, tuning: Tuning, steps: int, n: int) -> list[str]:
     return [f"data.seq_len={context}", f"train.max_steps={steps}", f"train.lr={tuning.lr!r}", f"train.global_batch={batch}",
             f"train.micro_batch={batch}", f"train.warmup_steps={steps // 10}", "train.eval_every=0",
             "data.pairs_val_fraction=0", f"train.ckpt_every_steps={max(steps, 1)}", "train.keep_last=1",
-            "train.log_every=1", "guard.warmup=10"]
+            "train.log_every=1", "guard.warmup=10", f"train.threads={threads}"]
 
 
 def run_setfit(model: str, texts: Sequence[str], labels: Sequence[str], keys: Sequence[str], work: Path,
-               tuning: Tuning, seed: int) -> tuple[Path, dict[str, object]]:
+               tuning: Tuning, seed: int, threads: int = 0) -> tuple[Path, dict[str, object]]:
     """Train `model` on the bounded triplets of (texts, labels) (module docstring); returns the run
     directory and the facts to record."""
     from ..train.contrastive import train_pairs
@@ -162,14 +162,14 @@ def run_setfit(model: str, texts: Sequence[str], labels: Sequence[str], keys: Se
     work.mkdir(parents=True, exist_ok=True)
     run_dir = work / "run"
     _train(run_dir, lambda: train_pairs([(texts[a], texts[p], texts[n]) for a, p, n in triplets], init_from=model,
-                                        run_dir=run_dir, overrides=_overrides(model, tuning, steps, len(triplets)),
+                                        run_dir=run_dir, overrides=_overrides(model, tuning, steps, len(triplets), threads),
                                         pairs_file=work / "pairs.jsonl", groups=[label_id[labels[a]] for a, _, _ in triplets]))
     return run_dir, {"pairs": len(triplets), "pairs_per_example": tuning.pairs_per_example,
                      "max_pairs": tuning.max_pairs, "steps": steps, "lr": tuning.lr, "batch": min(tuning.batch, len(triplets))}
 
 
 def run_finetune(model: str, texts: Sequence[str], y: np.ndarray, probe: Path, work: Path, tuning: Tuning,
-                 ) -> tuple[Path, dict[str, object]]:
+                 threads: int = 0) -> tuple[Path, dict[str, object]]:
     """Train the whole `model` and a classification head started from the linear probe in `probe`
     on (texts, y) through the classification objective (module docstring); returns the run
     directory and the facts to record."""
@@ -185,7 +185,7 @@ def run_finetune(model: str, texts: Sequence[str], y: np.ndarray, probe: Path, w
     overrides = ["train.objective=classification", "data.pairs=", f"data.examples={examples.resolve()}",
                  f"model.num_labels={int(probe_rows(probe))}", f"train.classification_head={probe.resolve()}",
                  f"init.from={model}",
-                 *_overrides(model, tuning, steps, len(texts))]
+                 *_overrides(model, tuning, steps, len(texts), threads)]
 
     def start() -> None:
         code = train_command(StartRequest(config="embed-cpu", run_dir=str(run_dir), overrides=tuple(overrides)))
