@@ -208,7 +208,7 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
     tuned: Path | None = None  # setfit, finetune: the tuned model directory, copied into the classifier as model/
     work = tuning_dir(target)
     if method in ("setfit", "finetune"):
-        clear_work(work, overwrite)
+        clear_work(work, method, overwrite)
     if method == "setfit":
         fit_ex = ex.subset(fit_idx)  # type: ignore[union-attr]
         del emb  # the training run loads its own copy

@@ -3,7 +3,7 @@
 Both run lmforge's one training loop (train/loop.py: deterministic order, exact resume, guard,
 experiment store) as an ordinary run, started through `train/start.py` with the bundled
 `embed-cpu` recipe and a few overrides, in a work directory beside the classifier (`OUT.tuning/`:
-the run, its data file). The tuned model is then written into the classifier directory as a model
+the run `METHOD-NAME`, which `lmforge runs` lists, and its data file). The tuned model is then written into the classifier directory as a model
 directory (`model/`: model.safetensors, config.yaml with the pooling, tokenizer, manifest), the
 head is fitted on (setfit) or kept for (finetune) its embeddings, and the work directory is
 removed. A run that stops (Ctrl-C, a crash) leaves its work directory: the same command resumes
@@ -74,8 +74,9 @@ DEFAULT_MAX_PAIRS = 2000
 DEFAULT_LR = 5e-5  # embed-cpu's; a few steps of full fine-tuning
 DEFAULT_BATCH = 16  # texts (setfit: triplets) per step; the contrastive objective's in-batch candidates
 FINETUNE_EPOCHS = 3
+MAX_TRAIN_TOKENS = 512  # a training text is cut here (prediction reads up to the model's context)
 TUNING_SUFFIX = ".tuning"
-STAGED = ("run", "pairs.jsonl", "examples.jsonl", "head.safetensors", "model")  # what a work directory holds
+STAGED = ("pairs.jsonl", "examples.jsonl", "head.safetensors", "model")  # what a work directory holds besides its run
 
 
 @dataclass(frozen=True)
@@ -131,14 +132,19 @@ def tuning_dir(target: Path) -> Path:
     return target.parent / f"{target.name}{TUNING_SUFFIX}"
 
 
+def run_dir_of(work: Path, method: str) -> Path:
+    """The training run inside a work directory, METHOD-NAME: the name `lmforge runs` lists it under."""
+    return work / f"{method}-{work.name.removesuffix(TUNING_SUFFIX)}"
+
+
 def _overrides(model: str, tuning: Tuning, steps: int, n: int, threads: int) -> list[str]:
-    """The run's settings over the embed-cpu recipe. Texts are cut where the Embedder cuts them (the
-    model's context; a batch is trimmed to its longest row, so this is a cap, not a cost)."""
+    """The run's settings over the embed-cpu recipe. Texts are cut at MAX_TRAIN_TOKENS (or the model's
+    context if shorter; a batch is trimmed to its longest row, so this is a cap, not a cost)."""
     from ..artifacts import read_config, resolve_origin
 
     batch = max(1, min(tuning.batch, n))
     context = read_config(resolve_origin(model).path).model.max_seq_len
-    return [f"data.seq_len={context}", f"train.max_steps={steps}", f"train.lr={tuning.lr!r}", f"train.global_batch={batch}",
+    return [f"model.max_seq_len={context}", f"data.seq_len={min(context, MAX_TRAIN_TOKENS)}", f"train.max_steps={steps}", f"train.lr={tuning.lr!r}", f"train.global_batch={batch}",
             f"train.micro_batch={batch}", f"train.warmup_steps={steps // 10}", "train.eval_every=0",
             "data.pairs_val_fraction=0", f"train.ckpt_every_steps={max(steps, 1)}", "train.keep_last=1",
             "train.log_every=1", "guard.warmup=10", f"train.threads={threads}"]
@@ -160,7 +166,7 @@ def run_setfit(model: str, texts: Sequence[str], labels: Sequence[str], keys: Se
     console.print(f"setfit: {len(triplets)} triplets (<= {tuning.pairs_per_example} per example, cap "
                   f"{tuning.max_pairs}), {steps} steps", markup=False)
     work.mkdir(parents=True, exist_ok=True)
-    run_dir = work / "run"
+    run_dir = run_dir_of(work, "setfit")
     _train(run_dir, lambda: train_pairs([(texts[a], texts[p], texts[n]) for a, p, n in triplets], init_from=model,
                                         run_dir=run_dir, overrides=_overrides(model, tuning, steps, len(triplets), threads),
                                         pairs_file=work / "pairs.jsonl", groups=[label_id[labels[a]] for a, _, _ in triplets]))
@@ -181,7 +187,7 @@ def run_finetune(model: str, texts: Sequence[str], y: np.ndarray, probe: Path, w
                                                    ensure_ascii=False) + "\n" for t, row in zip(texts, y)))
     steps = tuning.steps or math.ceil(FINETUNE_EPOCHS * len(texts) / max(1, min(tuning.batch, len(texts))))
     console.print(f"finetune: {len(texts)} examples, {steps} steps", markup=False)
-    run_dir = work / "run"
+    run_dir = run_dir_of(work, "finetune")
     overrides = ["train.objective=classification", "data.pairs=", f"data.examples={examples.resolve()}",
                  f"model.num_labels={int(probe_rows(probe))}", f"train.classification_head={probe.resolve()}",
                  f"init.from={model}",
@@ -226,17 +232,19 @@ def write_tuned_model(run_dir: Path, work: Path) -> Path:
     return write_model_dir(read_bundle(run_dir), work / CLASSIFIER_MODEL, overwrite=True)
 
 
-def clear_work(work: Path, overwrite: bool) -> None:
+def clear_work(work: Path, method: str, overwrite: bool) -> None:
     """--overwrite starts the training stage over; without it an unfinished run is resumed. A work
-    directory without a run (a start that was refused) holds only files this module writes again."""
+    directory without a run of this method (a start that was refused, another method's) holds only
+    what this module writes again."""
     if not work.exists():
         return
-    if overwrite or not (work / "run").is_dir():
-        if not work.is_dir() or not {p.name for p in work.iterdir()} <= set(STAGED):
+    if overwrite or not run_dir_of(work, method).is_dir():
+        ours = set(STAGED) | {run_dir_of(work, m).name for m in ("setfit", "finetune")}
+        if not work.is_dir() or not {p.name for p in work.iterdir()} <= ours:
             raise ConfigError(f"{work} is the work directory of `classify train` but holds other files; move it away")
         shutil.rmtree(work)
 
 
-__all__ = ["Tuning", "setfit_pairs", "run_setfit", "run_finetune", "write_tuned_model", "tuning_dir", "clear_work",
+__all__ = ["Tuning", "setfit_pairs", "run_setfit", "run_finetune", "write_tuned_model", "tuning_dir", "run_dir_of", "clear_work",
            "final_loss", "DEFAULT_PAIRS_PER_EXAMPLE", "DEFAULT_MAX_PAIRS", "DEFAULT_LR", "DEFAULT_BATCH",
            "FINETUNE_EPOCHS"]
