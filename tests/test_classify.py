@@ -663,3 +663,25 @@ def test_setfit_and_finetune_bad_input_is_one_line(work: Path, tmp_path: Path, c
             train_command(model, str(singles), str(tmp_path / "o3"), method="finetune", tuning=tuning)
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 4))
     assert not (tmp_path / "o2.tuning").exists()  # a refused stage leaves no work directory behind
+
+
+def test_an_interrupted_training_stage_resumes_from_its_run(work: Path, tmp_path: Path, monkeypatch) -> None:
+    import lmforge.understand.classify_train as ct
+    from lmforge.understand.classify_tune import Tuning
+
+    real = ct.write_tuned_model
+
+    def stop(*args, **kwargs):  # the run finished, the process died before the classifier was written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ct, "write_tuned_model", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_command(str(work / "model0"), str(work / "train.jsonl"), str(tmp_path / "clf"), method="finetune",
+                      tuning=Tuning(steps=3))
+    run = tmp_path / "clf.tuning" / "finetune-clf"
+    assert artifacts.list_checkpoints(run) and not (tmp_path / "clf").exists()
+    monkeypatch.setattr(ct, "write_tuned_model", real)
+    spec = train_command(str(work / "model0"), str(work / "train.jsonl"), str(tmp_path / "clf"), method="finetune",
+                         tuning=Tuning(steps=3))
+    assert spec["training"]["resumed"] and spec["training"]["steps"] == 3 and not run.exists()
+    assert Classifier.load(tmp_path / "clf", device="cpu").spec.method == "finetune"

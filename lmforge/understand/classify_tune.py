@@ -167,10 +167,10 @@ def run_setfit(model: str, texts: Sequence[str], labels: Sequence[str], keys: Se
                   f"{tuning.max_pairs}), {steps} steps", markup=False)
     work.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir_of(work, "setfit")
-    _train(run_dir, lambda: train_pairs([(texts[a], texts[p], texts[n]) for a, p, n in triplets], init_from=model,
+    resumed = _train(run_dir, lambda: train_pairs([(texts[a], texts[p], texts[n]) for a, p, n in triplets], init_from=model,
                                         run_dir=run_dir, overrides=_overrides(model, tuning, steps, len(triplets), threads),
                                         pairs_file=work / "pairs.jsonl", groups=[label_id[labels[a]] for a, _, _ in triplets]))
-    return run_dir, {"pairs": len(triplets), "pairs_per_example": tuning.pairs_per_example,
+    return run_dir, {"resumed": resumed, "pairs": len(triplets), "pairs_per_example": tuning.pairs_per_example,
                      "max_pairs": tuning.max_pairs, "steps": steps, "lr": tuning.lr, "batch": min(tuning.batch, len(triplets))}
 
 
@@ -201,8 +201,8 @@ def run_finetune(model: str, texts: Sequence[str], y: np.ndarray, probe: Path, w
             raise LmforgeError(f"the finetune run {run_dir} stopped with exit status {code}; rerun the same command to "
                                f"resume it, or see {run_dir / 'events.jsonl'}")
 
-    _train(run_dir, start)
-    return run_dir, {"steps": steps, "lr": tuning.lr, "batch": min(tuning.batch, len(texts)), "epochs":
+    resumed = _train(run_dir, start)
+    return run_dir, {"resumed": resumed, "steps": steps, "lr": tuning.lr, "batch": min(tuning.batch, len(texts)), "epochs":
                      round(steps * min(tuning.batch, len(texts)) / len(texts), 2)}
 
 
@@ -212,10 +212,13 @@ def probe_rows(probe: Path) -> int:
     return Head.load(probe).weight.shape[0]
 
 
-def _train(run_dir: Path, start: Callable[[], object]) -> None:
-    if run_dir.exists():
+def _train(run_dir: Path, start: Callable[[], object]) -> bool:
+    """Start (or resume: the loop picks up the run's newest checkpoint) the run; whether it resumed."""
+    resumed = run_dir.exists()
+    if resumed:
         console.print(f"resuming the training stage in {run_dir}", markup=False)
     start()
+    return resumed
 
 
 def final_loss(run_dir: Path) -> dict[str, float]:
