@@ -23,6 +23,11 @@ Sources:
   `loss_mask` (B, 2, T): [:, 0] the chosen sequences, [:, 1] the rejected ones, padded to the
   longest sequence of the batch. A pair with a sequence longer than seq_len + 1 tokens is left out
   and counted (`dropped`, `longest`), never cut.
+- `Mixture` (`data.mix`): several prepared datasets' sources (of one kind, one tokenizer) with
+  weights; sample id `offsets[k] + i` is sample i of dataset k, and the order is order.py's mixed
+  order (`Mixture.sample_ids`), not the plain one. A dataset is read at most `max_repeat` passes
+  over its train split: a step that would read past that raises DataError naming the dataset
+  (the trainer checks the whole run against it when it starts).
 - `Records`: variable-length records held as flat per-token columns and offsets (e.g. tokenized
   JSONL rows), padded per (global) batch: `batch` gives each column as (B, L) plus `lengths` (B,). The base
   for objectives whose samples are not token streams (pairs, triples, labelled examples).
@@ -49,6 +54,9 @@ would (figures: benchmarks/finetune.py), but a row stays one contiguous span of 
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -373,6 +381,90 @@ class Records:
         return out
 
 
+class Mixture:
+    """Several datasets' samples read in the weighted mixed order (module docstring; order.py)."""
+
+    def __init__(self, sources: Sequence[Source], weights: Sequence[float], names: Sequence[str], *,
+                 max_repeat: float) -> None:
+        if not (len(sources) == len(weights) == len(names)) or not sources:
+            raise ValueError("a mixture needs one weight and one name per source, and at least one source")
+        self.sources, self.weights, self.names = list(sources), [float(w) for w in weights], list(names)
+        self.quotas = order.mix_quotas(self.weights)
+        self.sizes = [s.n_samples for s in self.sources]
+        self.offsets = np.cumsum([0] + self.sizes).astype(np.int64)  # dataset k's ids: [offsets[k], offsets[k + 1])
+        self.n_samples = int(self.offsets[-1])
+        self.max_repeat = max_repeat
+        # the most draws of dataset k a run may make: max_repeat passes over its samples
+        self.caps = [math.floor(max_repeat * n) for n in self.sizes]
+
+    @property
+    def fingerprint(self) -> str:
+        """What decides the order: each dataset's fingerprint and share (not max_repeat, a cap)."""
+        parts = [[s.fingerprint, q] for s, q in zip(self.sources, self.quotas)]
+        return "mix-" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+    def sample_ids(self, positions: np.ndarray, *, seed: int, global_batch: int = 0) -> np.ndarray:
+        """(N,) global sample ids read at `positions`; DataError when one would read a dataset past its
+        cap (naming the data step when `global_batch` is given)."""
+        which, draw, ids = order.mixed_indices(positions, seed=seed, quotas=self.quotas, sizes=self.sizes)
+        over = draw >= np.asarray(self.caps, dtype=np.int64)[which]
+        if over.any():
+            k = int(which[over][0])
+            raise DataError(self.ran_out(k, int(np.asarray(positions)[over][0]), global_batch))
+        return self.offsets[which] + ids
+
+    def record(self) -> dict[str, Any]:
+        """What the run's events record of the mixture: per dataset (by name) its path, weight,
+        share of every block of the order, fingerprint, train samples and cap (max_repeat passes)."""
+        return {name: {"path": str(getattr(src, "dataset", None) and src.dataset.path), "weight": w,  # type: ignore[attr-defined]
+                       "share": q / sum(self.quotas), "fingerprint": src.fingerprint, "samples": n, "max_draws": cap}
+                for name, src, w, q, n, cap in zip(self.names, self.sources, self.weights, self.quotas, self.sizes, self.caps)}
+
+    def ran_out(self, k: int, position: int, global_batch: int = 0) -> str:
+        """The message for dataset k running out (its cap reached) at `position`."""
+        where = f"data step {position // global_batch} (sample position {position})" if global_batch else f"sample position {position}"
+        return (f"data.mix: {self.names[k]} runs out at {where}: it has {self.sizes[k]} train samples and "
+                f"may be read at most data.mix_max_repeat = {self.max_repeat:g} times ({self.caps[k]} draws); lower "
+                f"its weight, raise data.mix_max_repeat, add data, or stop the run sooner (train.max_steps)")
+
+    def check_until(self, n_positions: int, *, seed: int, global_batch: int = 0) -> list[int]:
+        """Each dataset's draws over positions [0, n_positions); DataError (`ran_out`) if any passes its cap."""
+        counts = order.mixed_draw_counts(n_positions, seed=seed, quotas=self.quotas)
+        for k, c in enumerate(counts):
+            if c > self.caps[k]:
+                # the first position past the cap: found by bisection over the pure count function
+                lo, hi = 0, n_positions
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (mid, hi) if order.mixed_draw_counts(mid, seed=seed, quotas=self.quotas)[k] <= self.caps[k] else (lo, mid)
+                raise DataError(self.ran_out(k, lo, global_batch))
+        return counts
+
+    def _split(self, sample_ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """[(dataset k, rows of the batch, local ids)] for each dataset present."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        which = np.searchsorted(self.offsets, ids, side="right") - 1
+        return [(int(k), np.flatnonzero(which == k), ids[which == k] - self.offsets[k]) for k in np.unique(which)]
+
+    def width(self, sample_ids: np.ndarray) -> int:
+        return max(self.sources[k].width(local) for k, _, local in self._split(sample_ids))
+
+    def batch(self, sample_ids: np.ndarray, width: int | None = None) -> Batch:
+        width = self.width(sample_ids) if width is None else width
+        n = len(sample_ids)
+        out: Batch = {}
+        for k, rows, local in self._split(sample_ids):
+            part = self.sources[k].batch(local, width=width)
+            if out and set(part) != set(out):
+                raise DataError(f"data.mix: {self.names[k]} gives samples with {sorted(part)}, another dataset "
+                                f"{sorted(out)}; mix datasets of one kind")
+            for key, t in part.items():
+                if key not in out:
+                    out[key] = t.new_empty((n, *t.shape[1:]))
+                out[key][torch.from_numpy(rows)] = t
+        return out
+
+
 def document_mask_on(setting: str, dataset: TokenDataset) -> bool:
     """`data.document_mask` for this dataset: "auto" is on for SFT data, off for a text stream."""
     return dataset.kind == "sft" if setting == "auto" else setting == "true"
@@ -456,11 +548,20 @@ class Loader:
         """Epoch of the next sample to read."""
         return self.step * self.global_batch // self.n_samples
 
+    def global_ids(self, step: int) -> np.ndarray:
+        """(global_batch,) sample ids of data step `step`: the plain order, or a Mixture's mixed order."""
+        if not isinstance(self.source, Mixture):
+            return order.global_batch(step, seed=self.seed, n_samples=self.n_samples, global_batch=self.global_batch)
+        order._check_step(step)
+        start = step * self.global_batch
+        return self.source.sample_ids(np.arange(start, start + self.global_batch, dtype=np.int64), seed=self.seed,
+                                      global_batch=self.global_batch)
+
     def peek(self, step: int) -> Batch:
         """This rank's batch of data step `step`: global_batch // world samples, padded to the
         longest sample of the whole global batch, so that every rank on any world size computes
         with the same shapes (deterministic_reduce stays bit-identical to one process)."""
-        everyone = order.global_batch(step, seed=self.seed, n_samples=self.n_samples, global_batch=self.global_batch)
+        everyone = self.global_ids(step)
         per = self.global_batch // self.world
         return self.source.batch(everyone[self.rank * per : (self.rank + 1) * per], width=self.source.width(everyone))
 
@@ -479,7 +580,7 @@ class Loader:
         count = getattr(self.source, "tokens", None)
         if count is None:
             return self.global_batch * self.seq_len
-        return int(count(order.global_batch(step, seed=self.seed, n_samples=self.n_samples, global_batch=self.global_batch)))
+        return int(count(self.global_ids(step)))
 
     def skip(self, n_steps: int) -> None:
         """Advance the cursor without reading (e.g. past a data window that made the loss spike)."""

@@ -166,19 +166,21 @@ def open_store(run: Recorded) -> None:
         run.store = None
 
 
-def record_start(run: Recorded) -> None:
+def record_start(run: Recorded, mix: dict[str, Any] | None = None) -> None:
     """Say how this start began (fresh, resumed or branched) and record it, with the directory it
-    runs in (relative paths in the config are read from there)."""
+    runs in (relative paths in the config are read from there) and, for data.mix, what the mixture
+    reads (data/loader.py `Mixture.record`: datasets, shares, fingerprints)."""
     d, cwd = run.dist, os.getcwd()
+    mix = {"mix": mix} if mix else {}
     if run.resumed:
         console.print(f"resumed from {run.resumed_from} at step {run.step} ({d.describe()})")
-        log_event(run, "resume", {"checkpoint": str(run.resumed_from), "world": d.world, "cwd": cwd})
+        log_event(run, "resume", {"checkpoint": str(run.resumed_from), "world": d.world, "cwd": cwd, **mix})
     elif run.resumed_from is not None:
         console.print(f"branched from {run.resumed_from} at step {run.step} into {run.run_dir}")
         cursor = {"data_order": "fresh", "data_order_reason": run.fresh_data_order} if run.fresh_data_order else {"data_order": "continued"}
-        log_event(run, "branch", {"from": str(run.resumed_from), "world": d.world, "cwd": cwd, **cursor})
+        log_event(run, "branch", {"from": str(run.resumed_from), "world": d.world, "cwd": cwd, **cursor, **mix})
     else:
-        log_event(run, "start", {"world": d.world, "cwd": cwd} | ({"init_from": run.init_origin} if run.init_origin else {}))
+        log_event(run, "start", {"world": d.world, "cwd": cwd, **mix} | ({"init_from": run.init_origin} if run.init_origin else {}))
 
 
 def finish(run: Recorded, status: str) -> None:
