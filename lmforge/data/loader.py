@@ -68,7 +68,7 @@ import torch
 from ..errors import DataError
 from ..tokenizer import Tokenizer
 from . import order
-from .manifest import document_starts, read_manifest
+from .manifest import document_inputs, document_starts, read_manifest
 
 Batch = dict[str, torch.Tensor]  # tensors with a leading batch dimension
 IGNORE = -100  # a target that is not scored (padding, untrained tokens): model.py's ignore_index
@@ -620,9 +620,11 @@ class Loader:
 
 def val_batches(
     path: str | os.PathLike, *, seq_len: int, batch_size: int, max_batches: int | None = None,
-    document_mask: str = "auto", packing: bool = True,
+    document_mask: str = "auto", packing: bool = True, inputs: bool = False,
 ) -> Iterator[Batch]:
     """The val split's samples in order, in batches of up to batch_size (the last may be smaller).
+    inputs: each batch also has `input` (B, T) int64, the input (manifest.input_names) the document
+    of each target came from (-1: padding), for per-input loss.
 
     For a text stream, window j covers val tokens [j*seq_len, j*seq_len + seq_len + 1): every
     evaluation sees the same non-overlapping windows; for SFT data, the rows of the val split; for
@@ -643,18 +645,29 @@ def val_batches(
             f"{path}: the val split has {source.dataset.n_tokens} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}; "
             f"re-run prepare with a larger --val-fraction, or evaluate with a smaller seq_len"
         )
-    yield from in_order(source, batch_size, max_batches)
+    if not inputs:
+        yield from in_order(source, batch_size, max_batches)
+        return
+    if isinstance(source, PreferencePairs):
+        raise DataError(f"{path}: per-input loss is for text and SFT data, not preference pairs")
+    of_document = document_inputs(source.dataset.manifest, "val")
+    for ids, batch in in_order(source, batch_size, max_batches, with_ids=True):
+        width = batch["targets"].shape[1]
+        rows = [of_document[source.dataset.document_ids(s + 1, n - 1)] for s, n in source.spans(ids)]  # target -> input
+        batch["input"] = torch.from_numpy(pad_rows(rows, -1, width))
+        yield batch
 
 
-def in_order(source: Source, batch_size: int, max_batches: int | None = None) -> Iterator[Batch]:
+def in_order(source: Source, batch_size: int, max_batches: int | None = None, *, with_ids: bool = False) -> Iterator[Any]:
     """A source's samples 0, 1, 2, ... in batches of up to batch_size (the last may be smaller),
-    at most max_batches of them (None: all)."""
+    at most max_batches of them (None: all); with_ids: (sample ids, batch) pairs."""
     n = source.n_samples
     n_batches = -(-n // batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     for b in range(n_batches):
-        yield source.batch(np.arange(b * batch_size, min(n, (b + 1) * batch_size), dtype=np.int64))
+        ids = np.arange(b * batch_size, min(n, (b + 1) * batch_size), dtype=np.int64)
+        yield (ids, source.batch(ids)) if with_ids else source.batch(ids)
 
 
 def scored_targets(batch: Batch) -> torch.Tensor:
