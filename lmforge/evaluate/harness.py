@@ -8,8 +8,13 @@ pickle). Evaluation runs in fp32 whatever the training dtype, so a number does n
 autocast kernels of the machine that computed it.
 
 Text source, in order: `--text FILE`, `--data DIR` (a prepared dataset's val split), else the
-run config's `data.path`. A prepared dataset must have been tokenized with the checkpoint's
-tokenizer (sha256 compared), otherwise its token ids mean nothing to the model.
+run config's `data.mix` datasets or its `data.path`. A prepared dataset must have been tokenized
+with the checkpoint's tokenizer (sha256 compared), otherwise its token ids mean nothing to the model.
+
+Per-source loss (docs/eval.md): for a run's `data.mix`, each dataset's metrics as `loss/NAME` (...)
+and the overall ones as their means weighted by data.mix, as the trainer's val_loss; for a dataset
+prepared from several inputs, each target counted for its document's input (`loss/INPUT`), the
+overall loss unchanged (one reduction over all targets, as without inputs).
 """
 
 from __future__ import annotations
