@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from .. import artifacts
 from ..artifacts import CONFIG_FILE, EVENTS_FILE, FAULTS_FIRED_FILE, METRICS_FILE
 from ..config import Config, load_config
-from ..errors import LmforgeError, WriteError
+from ..errors import DataError, LmforgeError, WriteError
 from ..jsonl import append_jsonl, read_records
 from ..util import atomic_write_text, console, warn, write_failure
 from .distributed import Dist
@@ -226,6 +226,9 @@ def data_step_of_run(run_dir: str | Path, step: int) -> dict[str, Any]:
     checkpoint c < step, the data cursor is (step - 1) - c + the cursor it skipped to."""
     rd = Path(run_dir)
     cfg = load_config(rd / CONFIG_FILE)
+    if cfg.data.mix:
+        raise DataError(f"{rd} trains on data.mix ({', '.join(cfg.data.mix)}): data inspect traces the steps of a run on "
+                        "one dataset (data.path), not yet those of a mixed order (docs/data.md)")
     events = read_records(rd / EVENTS_FILE)
     rollbacks = [e for e in events if e.get("kind") == "rollback"]
     notes = [f"run {rd}: {len(rollbacks)} rollback(s)"]
