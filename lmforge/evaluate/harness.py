@@ -356,7 +356,7 @@ def eval_command(
         task_list = own_tasks(cfg)  # a contrastive run: its val pairs as a retrieval task
     if source is None and not task_list:
         raise DataError(
-            f"nothing to evaluate: the run's data.path ({cfg.data.path or 'unset'}) is not a prepared dataset here "
+            f"nothing to evaluate: the run's data ({', '.join(cfg.data.datasets) or 'data.path unset'}) is not a prepared dataset here "
             "and no --tasks were given; pass --data DIR, --text FILE or --tasks FILE.jsonl (or a bundled task, e.g. python-mc)"
         )
     results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source, batch_size=bs,
