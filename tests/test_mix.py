@@ -23,6 +23,7 @@ from lmforge.data import order
 from lmforge.data.loader import Loader, Mixture
 from lmforge.data.prepare import prepare
 from lmforge.errors import ConfigError, DataError
+from lmforge.track.store import Store
 
 from test_train import final_weights, run_train
 
@@ -225,6 +226,8 @@ def test_two_datasets_train_validate_resume_and_eval_per_source(sets, tmp_path, 
     assert len(val) == 2
     for m in val:  # the overall val_loss: the per-dataset ones weighted as the run mixes them
         assert m["val_loss"] == pytest.approx(0.75 * m["val_loss/wiki"] + 0.25 * m["val_loss/tickets"], rel=1e-12)
+    with Store.open(readonly=True) as store:  # the experiment store has them too (conftest: LMFORGE_DB)
+        assert {"val_loss", "val_loss/wiki", "val_loss/tickets"} <= set(store.metric_keys(store.run_id(str(straight))))
     start = json.loads((straight / "events.jsonl").read_text().splitlines()[0])
     assert start["kind"] == "start" and set(start["mix"]) == {"wiki", "tickets"}  # recorded for reproducibility
     assert start["mix"]["wiki"]["share"] == 3072 / 4096 and start["mix"]["tickets"]["fingerprint"]
