@@ -4,7 +4,8 @@ The mixed order (data/order.py) as tables: quotas, a golden order, shares within
 dataset read once per pass, the same global batches on 1, 2 and 4 processes, O(1) resume; the
 run-out rule (data.mix_max_repeat passes, then refused at the start or stopped at the step);
 config mistakes (one line each); a training run's per-dataset val_loss (a mix of one dataset is
-the plain run, bit for bit) and `lmforge eval`'s per-dataset and per-input loss.
+the plain run, bit for bit), its bit-exact resume and its bit-identical 2-process twin (torchrun,
+deterministic_reduce), and `lmforge eval`'s per-dataset and per-input loss.
 """
 
 from __future__ import annotations
@@ -250,3 +251,14 @@ def test_two_datasets_train_validate_resume_and_eval_per_source(sets, tmp_path, 
     assert {"loss/wiki", "loss/tickets"} <= set(both)
     lo, hi = sorted([both["loss/wiki"], both["loss/tickets"]])
     assert lo <= both["loss"] <= hi
+
+
+def test_two_processes_read_the_same_mixture_bit_for_bit(sets, tmp_path) -> None:
+    """Under torchrun with deterministic_reduce, 2 processes train a mixed run bit-identically to 1."""
+    from test_distributed import launch, weight_bytes
+
+    mix = mix_set({sets["wiki"]: 0.6, sets["tickets"]: 0.4})
+    extra = ("data.path=", mix, "data.seq_len=16", "model.vocab_size=0", "train.max_steps=6", "train.ckpt_every_steps=3")
+    launch(1, sets["wiki"], tmp_path / "one", *extra)
+    launch(2, sets["wiki"], tmp_path / "two", *extra, "train.parallel=ddp", "train.deterministic_reduce=true")
+    assert weight_bytes(tmp_path / "two", 6) == weight_bytes(tmp_path / "one", 6)
