@@ -262,3 +262,23 @@ def test_two_processes_read_the_same_mixture_bit_for_bit(sets, tmp_path) -> None
     launch(1, sets["wiki"], tmp_path / "one", *extra)
     launch(2, sets["wiki"], tmp_path / "two", *extra, "train.parallel=ddp", "train.deterministic_reduce=true")
     assert weight_bytes(tmp_path / "two", 6) == weight_bytes(tmp_path / "one", 6)
+
+
+def test_a_dataset_of_several_inputs_gets_per_input_val_loss(sets, tmp_path, capsys, monkeypatch) -> None:
+    """Training scores each input's val targets alone (masking the others); `lmforge eval` counts each
+    target for its document's input. Two ways to the same numbers, on the whole val split."""
+    rd = tmp_path / "both"
+    run_train(sets["both"], rd, "data.seq_len=16", "model.vocab_size=0", "train.max_steps=10", "train.eval_every=10",
+              "train.eval_batches=0")
+    val = [m for m in metrics(rd) if "val_loss" in m][-1]
+    assert {"val_loss/wiki", "val_loss/tickets"} <= set(val) and val["val_loss/wiki"] != val["val_loss/tickets"]
+    monkeypatch.setenv("LMFORGE_PROGRESS", "quiet")
+    capsys.readouterr()
+    assert main(["eval", str(rd), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["metrics"]
+    assert got["loss"] == pytest.approx(val["val_loss"], rel=1e-5)
+    for name in ("wiki", "tickets"):
+        assert got[f"loss/{name}"] == pytest.approx(val[f"val_loss/{name}"], rel=1e-5)
+    single = tmp_path / "single"  # a dataset of one input: no per-input keys
+    run_train(sets["wiki"], single, "data.seq_len=16", "model.vocab_size=0", "train.max_steps=10", "train.eval_every=10")
+    assert not any("/" in k for m in metrics(single) for k in m)

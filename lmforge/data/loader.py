@@ -652,9 +652,43 @@ def val_batches(
         raise DataError(f"{path}: per-input loss is for text and SFT data, not preference pairs")
     of_document = document_inputs(source.dataset.manifest, "val")
     for ids, batch in in_order(source, batch_size, max_batches, with_ids=True):
-        width = batch["targets"].shape[1]
-        rows = [of_document[source.dataset.document_ids(s + 1, n - 1)] for s, n in source.spans(ids)]  # target -> input
-        batch["input"] = torch.from_numpy(pad_rows(rows, -1, width))
+        batch["input"] = torch.from_numpy(_target_inputs(source, ids, of_document, batch["targets"].shape[1]))
+        yield batch
+
+
+def _target_inputs(source: TokenWindows | DocumentRows, ids: np.ndarray, of_document: np.ndarray, width: int) -> np.ndarray:
+    """(N, width) int64: the input (index into manifest.input_names) of each target's document; -1: padding."""
+    rows = [of_document[source.dataset.document_ids(s + 1, n - 1)] for s, n in source.spans(ids)]  # target -> input
+    return pad_rows(rows, -1, width)
+
+
+def input_val_batches(
+    path: str | os.PathLike, input_index: int, *, seq_len: int, batch_size: int, max_batches: int | None = None,
+    document_mask: str = "auto", packing: bool = True,
+) -> Iterator[Batch]:
+    """One input's share of the val split (a dataset prepared from several inputs): the val samples
+    that hold a target of a document of input `input_index`, in order, with every other input's
+    targets unscored (IGNORE, and out of the loss mask), so a loss over them is that input's alone.
+    max_batches caps the batches of this input (not of the split: the split is in input order)."""
+    source = open_source(path, "val", seq_len=seq_len, document_mask=document_mask, packing=packing)
+    if isinstance(source, PreferencePairs):
+        raise DataError(f"{path}: per-input loss is for text and SFT data, not preference pairs")
+    of_document = document_inputs(source.dataset.manifest, "val")
+    starts = source.dataset.document_starts
+    # sample i holds input g iff a document of g lies within its targets' first and last documents
+    spans = np.array(source.spans(np.arange(source.n_samples, dtype=np.int64)), dtype=np.int64).reshape(-1, 2)
+    first = np.searchsorted(starts, spans[:, 0] + 1, side="right") - 1
+    last = np.searchsorted(starts, spans[:, 0] + spans[:, 1] - 1, side="right") - 1
+    seen = np.concatenate([[0], np.cumsum(of_document == input_index)])  # documents of g before each document
+    ids = np.flatnonzero(seen[last + 1] - seen[first] > 0).astype(np.int64)
+    n_batches = -(-len(ids) // batch_size)
+    for b in range(n_batches if max_batches is None else min(n_batches, max_batches)):
+        chunk = ids[b * batch_size : (b + 1) * batch_size]
+        batch = source.batch(chunk)
+        other = torch.from_numpy(_target_inputs(source, chunk, of_document, batch["targets"].shape[1]) != input_index)
+        batch["targets"] = batch["targets"].masked_fill(other, IGNORE)
+        if "loss_mask" in batch:
+            batch["loss_mask"] = batch["loss_mask"] & ~other
         yield batch
 
 

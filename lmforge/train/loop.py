@@ -575,7 +575,8 @@ def validate(run: Run) -> dict[str, float]:
     estimate of the loss on the mixture the run trains on. With one dataset, `loss/NAME` == `loss`."""
     cfg, t = run.cfg, run.cfg.train
     if not cfg.data.mix:
-        return validation(run.model, run.objective, val_batches(cfg, t.micro_batch, t.eval_batches), dtype=t.dtype)
+        val = validation(run.model, run.objective, val_batches(cfg, t.micro_batch, t.eval_batches), dtype=t.dtype)
+        return val | per_input_validation(run)
     from ..data.mix import input_names
 
     paths = list(cfg.data.mix)
@@ -584,6 +585,27 @@ def validate(run: Run) -> dict[str, float]:
     weights = {name: cfg.data.mix[p] for name, p in zip(per, paths) if cfg.data.mix[p] > 0}
     overall = {k: sum(w * per[name][k] for name, w in weights.items()) / sum(weights.values()) for k in per[next(iter(weights))]}
     return overall | {f"{k}/{name}": v for name, values in per.items() for k, v in values.items()}
+
+
+def per_input_validation(run: Run) -> dict[str, float]:
+    """{"loss/INPUT": ...} for a data.path prepared from several inputs (next_token): each input's
+    val targets alone, up to train.eval_batches micro batches of them (data/loader.py
+    `input_val_batches`); {} otherwise."""
+    cfg, t = run.cfg, run.cfg.train
+    if t.objective != "next_token" or not cfg.data.path:
+        return {}
+    from ..data.loader import input_val_batches
+    from ..data.manifest import input_names, read_manifest
+
+    manifest = read_manifest(cfg.data.path)
+    names = input_names(manifest) if manifest.get("kind", "text") != "dpo" else []
+    if len(names) < 2:
+        return {}
+    d = cfg.data
+    return {f"loss/{name}": validation(run.model, run.objective, input_val_batches(
+                d.path, g, seq_len=d.seq_len, batch_size=t.micro_batch, max_batches=t.eval_batches or None,
+                document_mask=d.document_mask, packing=d.packing), dtype=t.dtype)["loss"]
+            for g, name in enumerate(names)}
 
 
 def seed_everything(seed: int) -> None:
