@@ -572,7 +572,8 @@ def validate(run: Run) -> dict[str, float]:
     """The run's validation: the objective's loss (and metrics) on the val split. With data.mix, on
     each dataset's val split (train.eval_batches micro batches each) as `loss/NAME`, and `loss` the
     mean of those weighted by data.mix (datasets of weight 0 are validated, not counted in it): an
-    estimate of the loss on the mixture the run trains on. With one dataset, `loss/NAME` == `loss`."""
+    estimate of the loss on the mixture the run trains on. With one dataset, `loss/NAME` == `loss`.
+    With one data.path prepared from several inputs, also `loss/INPUT` (`per_input_validation`)."""
     cfg, t = run.cfg, run.cfg.train
     if not cfg.data.mix:
         val = validation(run.model, run.objective, val_batches(cfg, t.micro_batch, t.eval_batches), dtype=t.dtype)
@@ -602,10 +603,11 @@ def per_input_validation(run: Run) -> dict[str, float]:
     if len(names) < 2:
         return {}
     d = cfg.data
-    return {f"loss/{name}": validation(run.model, run.objective, input_val_batches(
-                d.path, g, seq_len=d.seq_len, batch_size=t.micro_batch, max_batches=t.eval_batches or None,
-                document_mask=d.document_mask, packing=d.packing), dtype=t.dtype)["loss"]
-            for g, name in enumerate(names)}
+    out = {f"loss/{name}": validation(run.model, run.objective, input_val_batches(
+               d.path, g, seq_len=d.seq_len, batch_size=t.micro_batch, max_batches=t.eval_batches or None,
+               document_mask=d.document_mask, packing=d.packing), dtype=t.dtype)["loss"]
+           for g, name in enumerate(names)}
+    return {k: v for k, v in out.items() if not math.isnan(v)}  # an input with no val document has no figure
 
 
 def seed_everything(seed: int) -> None:
