@@ -627,6 +627,11 @@ def test_finetune_lowers_the_loss_and_predict_eval_serve_load_it(work: Path, tmp
     assert resp.status_code == 200, resp.text
     assert [d["predicted"] for d in resp.json()["data"]] == [p["predicted"] for p in clf.predict(
         ["plum apple peach", "violin harp drum"])] == ["fruit", "music"]
+    # export writes language models: a model with a classification head is refused in one line, nothing written
+    capsys.readouterr()
+    code = main(["--progress", "quiet", "export", str(out / "model"), "--format", "hf", "--out", str(tmp_path / "hf")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "classification head" in err and len(err.splitlines()) == 1 and not (tmp_path / "hf").exists()
 
 
 def test_finetune_multi_label(work: Path, tmp_path: Path) -> None:
