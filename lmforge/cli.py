@@ -365,13 +365,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     if args.classify_cmd == "train":
         from .understand.classify_train import train_command
+        from .understand.classify_tune import Tuning
 
         train_command(args.model, args.examples, args.out, method=args.method, labels_file=args.labels,
                       scorer=args.zero_shot_scorer, template=args.template, held_out=args.held_out,
                       examples_per_class=args.examples_per_class, seed=args.seed, c=args.c,
                       min_confidence=args.min_confidence, fallback=args.fallback, text_field=args.text_field,
                       label_field=args.label_field, batch_size=args.batch_size, threads=args.threads,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite,
+                      tuning=Tuning(steps=args.steps, lr=args.lr, batch=args.tune_batch,
+                                    pairs_per_example=args.pairs_per_example, max_pairs=args.max_pairs))
         return 0
     if args.classify_cmd == "eval":
         from .understand.classify_report import eval_command
@@ -393,6 +396,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def add_classify_arguments(p: argparse.ArgumentParser) -> None:
     from .understand.classify import DEFAULT_FALLBACK, DEFAULT_TEMPLATE, METHODS, SCORERS
+    from .understand.classify_tune import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_MAX_PAIRS, DEFAULT_PAIRS_PER_EXAMPLE, FINETUNE_EPOCHS
 
     sub = p.add_subparsers(dest="classify_cmd", metavar="ACTION", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -427,6 +431,16 @@ def add_classify_arguments(p: argparse.ArgumentParser) -> None:
                    "(default %(default)s)")
     t.add_argument("--label-field", type=R.Text(), default="label", help="JSONL field / CSV column of the label (its "
                    "plural, e.g. labels, for multi-label)")
+    t.add_argument("--steps", type=R.TUNE_STEPS, default=0, help="setfit, finetune: optimizer steps of the training "
+                   f"stage (default 0: setfit one pass over its pairs, finetune {FINETUNE_EPOCHS} passes over the examples)")
+    t.add_argument("--lr", type=R.positive_float(), default=DEFAULT_LR, help="setfit, finetune: peak learning rate "
+                   "(default %(default)g)")
+    t.add_argument("--tune-batch", type=R.positive_int(), default=DEFAULT_BATCH, help="setfit, finetune: texts (setfit: "
+                   "triplets, each the others' in-batch negatives) per step (default %(default)s)")
+    t.add_argument("--pairs-per-example", type=R.PAIRS_PER_EXAMPLE, default=DEFAULT_PAIRS_PER_EXAMPLE, help="setfit: "
+                   "triplets per example at most (default %(default)s)")
+    t.add_argument("--max-pairs", type=R.MAX_PAIRS, default=DEFAULT_MAX_PAIRS, help="setfit: triplets in all at most, "
+                   "whatever the number of classes (default %(default)s)")
     t.set_defaults(func=cmd_classify)
 
     e = sub.add_parser("eval", parents=[common], help="accuracy, macro-F1, per class, confusion, ECE, coverage curve")

@@ -61,7 +61,7 @@ def valid(default: Any, rule: Rule) -> Any:
     return field(default=default, metadata={"valid": rule})
 # train.objective values: the objectives registered in train/objectives.py (REGISTRY; a test keeps
 # the two equal). Named here because config sits below train/ and validates at load time.
-OBJECTIVES = ("next_token", "dpo", "contrastive")
+OBJECTIVES = ("next_token", "dpo", "contrastive", "classification")
 POOLINGS = ("mean", "last", "weighted_mean")  # embed.pooling values (lmforge/understand/embed.py)
 # lora.target_modules values: the Linear layers of a block, by their Hugging Face Llama names (so a
 # PEFT adapter's target_modules mean the same layers; lmforge/lora.py)
@@ -92,6 +92,9 @@ class ModelConfig:
     norm_eps: float = valid(1e-5, positive_float())  # RMSNorm epsilon
     tie_embeddings: bool = True  # the output head shares the token embedding matrix
     init_std: float = valid(0.02, positive_float())  # std of the normal weight init (residual projections: / sqrt(2 n_layer))
+    # a classification head `score` (L, d_model) + bias over the pooled embedding (HF LlamaForSequenceClassification's
+    # name), trained by train.objective=classification (`classify train --method finetune`); 0 = none
+    num_labels: int = valid(0, nonneg_int(note="0 = no classification head"))
 
     @property
     def kv_heads(self) -> int:
@@ -124,6 +127,9 @@ class DataConfig:
     pair_fields: list[str] = field(default_factory=lambda: ["query", "positive", "negative"])
     # data.pairs: the share of pairs held out for val_loss (chosen by a hash of each pair's text)
     pairs_val_fraction: float = valid(0.05, fraction(hi_open=True))
+    # train.objective classification: a JSONL of {text, label: class index | [0/1 per label]} (docs/classify.md),
+    # tokenized with init.from's tokenizer, cut to data.seq_len; split into train / val as data.pairs is
+    examples: str = ""
     # train on several prepared datasets instead of data.path: {dataset path: weight}; a weight is the share of
     # samples read from it (docs/data.md: the mixed order); weight 0: validated on (val_loss/NAME), never trained on
     mix: dict[str, float] = field(default_factory=dict, metadata={"valid": MIX_WEIGHTS})
@@ -184,6 +190,9 @@ class TrainConfig:
     dpo_beta: float = valid(0.1, positive_float())
     # contrastive: similarities (cosines) are divided by this before the softmax; lower is sharper
     contrastive_temperature: float = valid(0.05, positive_float(hi=10.0))
+    # classification: the linear probe (head.safetensors, understand/head.py) that initialises the model's `score`
+    # head on a fresh start; `lmforge classify train --method finetune` fits and writes it
+    classification_head: str = ""
 
 
 @dataclass
@@ -366,6 +375,18 @@ class Config:
         if d.pairs and t.objective != "contrastive":
             raise ConfigError(f"data.pairs ({d.pairs}) is read by train.objective=contrastive only (it is {t.objective}); "
                               "set train.objective=contrastive, or data.pairs to ''")
+        if d.examples and t.objective != "classification":
+            raise ConfigError(f"data.examples ({d.examples}) is read by train.objective=classification only (it is "
+                              f"{t.objective}); set train.objective=classification, or data.examples to ''")
+        if t.objective == "classification" and not d.examples:
+            raise ConfigError("train.objective=classification trains on labelled examples: set data.examples (JSONL "
+                              "{text, label}); `lmforge classify train --method finetune` writes and sets it")
+        if t.objective == "classification" and not self.model.num_labels:
+            raise ConfigError("train.objective=classification trains the model's classification head: set "
+                              "model.num_labels to the number of labels")
+        if t.objective == "classification" and d.path:
+            raise ConfigError(f"train.objective=classification reads data.examples, not data.path ({d.path}); set "
+                              "data.path to ''")
         if t.objective == "contrastive":
             if d.pairs and d.path:
                 raise ConfigError(f"data.pairs ({d.pairs}) and data.path ({d.path}) are both set: the contrastive stage "

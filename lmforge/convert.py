@@ -943,6 +943,10 @@ def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrit
     if fmt == "peft":
         return export_adapter(source, out, overwrite=overwrite, merge=merge, dtype=dtype)
     bundle = read_any(source, merge=merge)
+    if bundle.cfg.num_labels:  # HF's Llama and GGUF name no such layer; a silent drop would lose what was trained
+        raise ConfigError(f"{source} carries a classification head (model.num_labels = {bundle.cfg.num_labels}, from "
+                          "`classify train --method finetune`), which hf and gguf export do not write; serve it with "
+                          "`lmforge serve CLASSIFIER` or export the model it was tuned from")
     weights = sum(t.numel() for t in bundle.tensors.values()) * (2 if fmt == "gguf" and dtype == "f16" else 4)
     with _writing(out, needed=weights):
         if fmt == "hf":

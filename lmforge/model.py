@@ -311,6 +311,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # the classification head (model.num_labels): logits (B, L) of a pooled embedding (B, C), applied by the
+        # classification objective and the classifier (understand/), never by forward
+        self.score = nn.Linear(cfg.d_model, cfg.num_labels) if cfg.num_labels else None
         # Not parameters and not saved: they are a pure function of the config.
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -330,6 +333,8 @@ class Transformer(nn.Module):
                     continue  # same tensor as the embedding, initialised there
                 is_residual = name.endswith(("o_proj", "down_proj"))
                 nn.init.normal_(module.weight, 0.0, residual_std if is_residual else std)
+                if module.bias is not None:  # the classification head's
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
             elif isinstance(module, nn.RMSNorm):

@@ -375,6 +375,10 @@ INSPECT_SAMPLES = positive_int(hi=65_536)
 BOOTSTRAP = nonneg_int(hi=100_000, note="0 = none; each resample refits the law")  # plan fit --bootstrap
 CONFIDENCE = fraction(note="a calibrated probability; 0 = route nothing")  # classify --min-confidence, /v1/classify
 HELD_OUT = fraction(hi_open=True, note="the share of the examples held out for calibration; 0 = none")
+# classify train --method setfit: the cap on its triplets (understand/classify_tune.py); each is a training text triple
+MAX_PAIRS = positive_int(hi=10_000_000, note="setfit triplets in all")
+PAIRS_PER_EXAMPLE = positive_int(hi=1_000, note="setfit triplets per example")
+TUNE_STEPS = nonneg_int(note="0 = automatic")  # classify train --steps
 NEAR_DUP_THRESHOLD = fraction(lo_open=True, note="an estimated Jaccard similarity")  # prepare --near-dup-threshold
 # prepare --mix-max-repeat: each repeat is a pass over the kept text; past ~16 repeats data is worth
 # nothing more (Muennighoff et al. 2023), so 100 is far beyond any sensible cap

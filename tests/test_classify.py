@@ -529,3 +529,164 @@ def test_classify_shares_the_embedding_workers_queue(clf_dir: Path, monkeypatch)
     assert first.status_code == 200 and second.status_code == 429 and second.headers["retry-after"] == "1"
     assert third.status_code == 200 and third.json()["data"][0]["predicted"] == "fruit"
     worker.close()
+
+
+# ---- setfit and finetune: the embedding model itself is trained (understand/classify_tune.py) ----------
+
+
+@pytest.mark.parametrize("classes,per_class,per_example,cap", [
+    (2, 8, 4, 2000), (12, 8, 4, 2000), (12, 1, 4, 2000), (150, 4, 8, 2000), (150, 64, 20, 2000), (3, 64, 100, 50),
+])
+def test_setfit_pairs_are_bounded_and_deterministic(classes: int, per_class: int, per_example: int, cap: int) -> None:
+    from lmforge.understand.classify_tune import setfit_pairs
+
+    labels = [f"c{i % classes}" for i in range(classes * per_class)]
+    keys = [f"f.jsonl:{i + 1}" for i in range(len(labels))]
+    t0 = time.perf_counter()
+    pairs = setfit_pairs(labels, keys, pairs_per_example=per_example, max_pairs=cap, seed=0)
+    assert time.perf_counter() - t0 < 5  # no pass over all pairs of examples or classes
+    assert len(pairs) == min(len(labels) * min(per_example, per_class - 1), cap) <= min(len(labels) * per_example, cap)
+    assert all(a != p and labels[a] == labels[p] and labels[n] != labels[a] for a, p, n in pairs)
+    assert len(set(pairs)) == len(pairs)  # an anchor never repeats a positive
+    assert setfit_pairs(labels, keys, pairs_per_example=per_example, max_pairs=cap, seed=0) == pairs
+    if pairs:
+        assert setfit_pairs(labels, keys, pairs_per_example=per_example, max_pairs=cap, seed=1) != pairs
+    if len(pairs) == cap < len(labels) * min(per_example, per_class - 1):  # the cap keeps every anchor's first first
+        assert len({a for a, _, _ in pairs}) == min(cap, len(labels))
+
+
+def test_contrastive_masks_pairs_of_one_group_out_of_the_negatives() -> None:
+    from lmforge.train.objectives import Contrastive
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=16))
+    ids = torch.randint(1, 50, (4, 6))
+    lengths = torch.full((4,), 6)
+    batch = {"query": ids, "query_lengths": lengths, "positive": ids.flip(1), "positive_lengths": lengths,
+             "negative": ids.roll(1, 0), "negative_lengths": lengths}
+    plain = Contrastive().scores(model, batch)
+    masked = Contrastive().scores(model, batch | {"group": torch.tensor([0, 0, 1, 2])})
+    assert torch.isinf(masked[0, 1]) and torch.isinf(masked[1, 0]) and torch.isinf(masked[0, 4]) and torch.isinf(masked[1, 4])
+    assert torch.isfinite(masked.diagonal()).all() and torch.isfinite(masked[2, [0, 1, 3, 4, 5, 7]]).all()
+    assert torch.equal(masked[2:, :4][~torch.isinf(masked[2:, :4])], plain[2:, :4][~torch.isinf(masked[2:, :4])])
+
+
+def _vectors(path: Path, texts: list[str]) -> np.ndarray:
+    from lmforge.understand.embed import Embedder
+
+    return Embedder.load(path, device="cpu").embed(texts)
+
+
+def test_setfit_tunes_the_model_inside_the_classifier_and_round_trips(work: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "clf"
+    code, _ = run_cli(capsys, "train", str(work / "model0"), str(work / "train.jsonl"), "--out", str(out),
+                      "--method", "setfit", "--steps", "4", "--lr", "1e-3", "--pairs-per-example", "2")
+    assert code == 0 and not (tmp_path / "clf.tuning").exists()  # the work directory is gone
+    m = artifacts.read_manifest(out)
+    spec = m.fields["classifier"]
+    assert spec["method"] == "setfit" and spec["embedding"]["path"] == "model" and "model/model.safetensors" in m.files
+    t = spec["training"]
+    assert t["pairs"] == 48 * 2 and t["steps"] == 4 and "loss_last" in t  # 48 examples to fit, 2 triplets each
+    base_sha = artifacts.read_manifest(work / "model0").sha256("model.safetensors")
+    assert spec["embedding"]["base"]["fingerprint"]["model_sha256"] == base_sha
+    assert spec["embedding"]["fingerprint"]["model_sha256"] == artifacts.read_manifest(out / "model").sha256(
+        "model.safetensors") != base_sha
+    texts = [r["text"] for r in planted(2, 9)]
+    assert not np.allclose(_vectors(out / "model", texts), _vectors(work / "model0", texts), atol=1e-4)
+    # predict == eval: the same classifier loads from its own directory in both
+    code, text = run_cli(capsys, "eval", str(out), str(work / "test.jsonl"), "--json")
+    acc = json.loads(text)["accuracy"]
+    code2, _ = run_cli(capsys, "predict", str(out), str(work / "test.jsonl"), "--out", str(tmp_path / "p.jsonl"))
+    preds = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    gold = [r["label"] for r in planted(10, 2)]
+    assert code == code2 == 0 and acc == pytest.approx(sum(p["predicted"] == g for p, g in zip(preds, gold)) / len(gold))
+    assert acc >= 0.9
+
+
+def test_finetune_lowers_the_loss_and_predict_eval_serve_load_it(work: Path, tmp_path: Path, capsys) -> None:
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.api import create_app, load_classifier
+
+    out = tmp_path / "clf"
+    spec = train_command(str(work / "model0"), str(work / "train.jsonl"), str(out), method="finetune",
+                         tuning=__import__("lmforge.understand.classify_tune", fromlist=["Tuning"]).Tuning(steps=6, lr=1e-3))
+    t = spec["training"]
+    assert spec["method"] == "finetune" and t["steps"] == 6 and t["loss_last"] < t["loss_first"]
+    tuned = artifacts.load_model(out / "model", device="cpu").model
+    head = Head.load(out / "head.safetensors")  # the model's own head, as the classifier applies it
+    assert tuned.score is not None and np.array_equal(head.weight, tuned.score.weight.detach().numpy())
+    clf = Classifier.load(out, device="cpu")
+    r = evaluate(clf, read_examples(work / "test.jsonl"))
+    assert r["accuracy"] >= 0.9
+    code, text = run_cli(capsys, "eval", str(out), str(work / "test.jsonl"), "--json")
+    assert code == 0 and json.loads(text)["accuracy"] == r["accuracy"]
+    served = load_classifier(str(out))
+    with TestClient(create_app(served.embedder.model, served.embedder.tokenizer, classifier=served)) as c:
+        resp = c.post("/v1/classify", json={"input": ["plum apple peach", "violin harp drum"]})
+    assert resp.status_code == 200, resp.text
+    assert [d["predicted"] for d in resp.json()["data"]] == [p["predicted"] for p in clf.predict(
+        ["plum apple peach", "violin harp drum"])] == ["fruit", "music"]
+    # export writes language models: a model with a classification head is refused in one line, nothing written
+    capsys.readouterr()
+    code = main(["--progress", "quiet", "export", str(out / "model"), "--format", "hf", "--out", str(tmp_path / "hf")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "classification head" in err and len(err.splitlines()) == 1 and not (tmp_path / "hf").exists()
+
+
+def test_finetune_multi_label(work: Path, tmp_path: Path) -> None:
+    from lmforge.understand.classify_tune import Tuning
+
+    rows = [{"text": r["text"], "labels": [r["label"]] + (["loud"] if r["label"] == "music" else [])}
+            for r in planted(8, 3)]
+    write_jsonl(tmp_path / "multi.jsonl", rows)
+    spec = train_command(str(work / "model0"), str(tmp_path / "multi.jsonl"), str(tmp_path / "clf"), method="finetune",
+                         tuning=Tuning(steps=2))
+    clf = Classifier.load(tmp_path / "clf", device="cpu")
+    assert spec["multi_label"] and clf.labels == ["animal", "fruit", "loud", "music"]
+    assert artifacts.read_config(tmp_path / "clf" / "model").model.num_labels == 4
+
+
+def test_setfit_and_finetune_bad_input_is_one_line(work: Path, tmp_path: Path, capsys) -> None:
+    model = str(work / "model0")
+    multi = write_jsonl(tmp_path / "multi.jsonl", [{"text": r["text"], "labels": [r["label"]]} for r in planted(4, 3)])
+    singles = write_jsonl(tmp_path / "singles.jsonl", planted(1, 3))  # one example per label: no positive
+    cases = [
+        (("train", model, str(multi), "--out", str(tmp_path / "o1"), "--method", "setfit"),
+         "--method setfit builds pairs from single labels"),
+        (("train", model, str(singles), "--out", str(tmp_path / "o2"), "--method", "setfit", "--held-out", "0"),
+         "setfit built 0 pair(s)"),
+    ]
+    for args, words in cases:
+        code, text = run_cli(capsys, *args)
+        assert code == 2 and words in text and len(text.splitlines()) == 1, (args, text)
+    from lmforge.errors import ConfigError
+    from lmforge.understand.classify_tune import Tuning
+
+    for tuning, words in ((Tuning(max_pairs=0), "--max-pairs must be"), (Tuning(steps=-1), "--steps must be")):
+        with pytest.raises(ConfigError, match=words):  # the library checks what the flags' ranges check
+            train_command(model, str(singles), str(tmp_path / "o3"), method="finetune", tuning=tuning)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 4))
+    assert not (tmp_path / "o2.tuning").exists()  # a refused stage leaves no work directory behind
+
+
+def test_an_interrupted_training_stage_resumes_from_its_run(work: Path, tmp_path: Path, monkeypatch) -> None:
+    import lmforge.understand.classify_train as ct
+    from lmforge.understand.classify_tune import Tuning
+
+    real = ct.write_tuned_model
+
+    def stop(*args, **kwargs):  # the run finished, the process died before the classifier was written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ct, "write_tuned_model", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_command(str(work / "model0"), str(work / "train.jsonl"), str(tmp_path / "clf"), method="finetune",
+                      tuning=Tuning(steps=3))
+    run = tmp_path / "clf.tuning" / "finetune-clf"
+    assert artifacts.list_checkpoints(run) and not (tmp_path / "clf").exists()
+    monkeypatch.setattr(ct, "write_tuned_model", real)
+    spec = train_command(str(work / "model0"), str(work / "train.jsonl"), str(tmp_path / "clf"), method="finetune",
+                         tuning=Tuning(steps=3))
+    assert spec["training"]["resumed"] and spec["training"]["steps"] == 3 and not run.exists()
+    assert Classifier.load(tmp_path / "clf", device="cpu").spec.method == "finetune"

@@ -45,7 +45,7 @@ def sft_batch(ds: Path, n: int = 8, step: int = 0) -> dict[str, torch.Tensor]:
 def test_the_registry_and_the_config_name_the_same_objectives() -> None:
     assert set(REGISTRY) == set(OBJECTIVES)
     assert load_config(None, ["train.objective=next_token"]).train.objective == "next_token"
-    with pytest.raises(ConfigError, match=r"train.objective must be one of next_token, dpo, contrastive; got 'next_tokens'; did you mean 'next_token'"):
+    with pytest.raises(ConfigError, match=r"train.objective must be one of next_token, dpo, contrastive, classification; got 'next_tokens'; did you mean 'next_token'"):
         load_config(None, ["train.objective=next_tokens"])
 
 

@@ -25,6 +25,16 @@ real tokens of some samples (the trainer's tokens/s).
   MIN_SPAN_DOCUMENT tokens gives no two useful views and is left out (counted). The prefixes are
   tokenized alone and put before each span's tokens.
 
+- An optional integer `group` per pair record (SetFit-style pairs built from labels, understand/
+  classify_tune.py): pairs of one group are never each other's in-batch negatives (the batch
+  carries `group`: (B,) int64, and the contrastive objective masks those columns out), so two
+  texts of the same label are not pushed apart. Every record has one or none.
+- `ExampleRecords` (train.objective: classification): a JSONL file of {"text": str, "label": int}
+  (single-label: a class index) or {"text": str, "label": [0/1, ...]} (multi-label: one 0/1 per
+  label); its batches are {"text": (B, W), "text_lengths": (B,), "label": (B,) int64 or (B, L)
+  float32}. Texts get the document prefix and are cut to `max_len`; the split is by a hash of the
+  text as for pairs.
+
 Trade-off: pairs are tokenized once per source and held in memory (a few hundred bytes per pair),
 which is simple and fine up to millions of pairs; the fingerprint hashes the tokens, so a changed
 file, field or prefix is noticed on resume.
@@ -37,6 +47,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +58,7 @@ from ..tokenizer import Tokenizer
 from .order import _splitmix64
 
 PARTS = ("query", "positive", "negative")
+GROUP = "group"  # a pair record's optional group (module docstring)
 MIN_SPAN_DOCUMENT = 8  # tokens (its end-of-document token aside) a document needs to give two spans
 SPAN_FRACTION = (0.1, 0.5)  # a span's share of its document: uniform in this range (Contriever's)
 
@@ -70,6 +82,7 @@ class PairTexts:
     query: list[str] = field(default_factory=list)
     positive: list[str] = field(default_factory=list)
     negative: list[str] = field(default_factory=list)
+    group: list[int] = field(default_factory=list)  # empty when the file's records carry no "group"
 
 
 def read_pairs(path: str | os.PathLike, *, fields: Sequence[str] = PARTS, split: str = "train",
@@ -89,6 +102,7 @@ def read_pairs(path: str | os.PathLike, *, fields: Sequence[str] = PARTS, split:
     q_field, p_field = fields[0], fields[1]
     out = PairTexts()
     seen_negative: bool | None = None
+    seen_group: bool | None = None
     what = f"one JSON object per line with {q_field!r} and {p_field!r} fields"
     for where, _, _, rec in read_jsonl(path, what=what):
         if not isinstance(rec, dict):
@@ -106,10 +120,20 @@ def read_pairs(path: str | os.PathLike, *, fields: Sequence[str] = PARTS, split:
             raise DataError(f"{where}: {'has' if 'negative' in row else 'lacks'} a {fields[2]!r} field, unlike the "
                             "records before it; give every record a negative or none")
         seen_negative = "negative" in row
+        group = rec.get(GROUP)
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int)):
+            raise DataError(f"{where}: field {GROUP!r} must be an integer (pairs of one group are not each other's "
+                            f"negatives), got {group!r}")
+        if seen_group is not None and (group is not None) != seen_group:
+            raise DataError(f"{where}: {'has' if group is not None else 'lacks'} a {GROUP!r} field, unlike the records "
+                            "before it; give every record a group or none")
+        seen_group = group is not None
         if (_u(row["query"] + "\x00" + row["positive"]) < val_fraction) != (split == "val"):
             continue
         for part, text in row.items():
             getattr(out, part).append(text)
+        if group is not None:
+            out.group.append(group)
     if seen_negative is None:
         raise DataError(f"data.pairs: {path} holds no pair; {what}")
     return out
@@ -121,6 +145,7 @@ class _TokenRows:
     rows: dict[str, list[np.ndarray]]
     n_samples: int
     _fingerprint: str
+    groups: np.ndarray | None = None  # (n_samples,) int64: pair records' groups, else None
 
     @property
     def fingerprint(self) -> str:
@@ -145,6 +170,8 @@ class _TokenRows:
         for part, rows in self.rows.items():
             out[part] = _pad([rows[i] for i in ids], width)
             out[f"{part}_lengths"] = torch.tensor([len(rows[i]) for i in ids], dtype=torch.int64)
+        if self.groups is not None:
+            out[GROUP] = torch.from_numpy(self.groups[ids])
         return out
 
     def _hash(self, header: str) -> str:
@@ -153,6 +180,8 @@ class _TokenRows:
             for ids in self.rows.get(part, []):
                 h.update(len(ids).to_bytes(4, "little"))
                 h.update(ids.tobytes())
+        if self.groups is not None:
+            h.update(self.groups.tobytes())
         return h.hexdigest()
 
 
@@ -169,6 +198,7 @@ class PairRecords(_TokenRows):
                             tokenizer.encode_batch([prefix[part] + t for t in getattr(texts, part)])]
                      for part in PARTS if getattr(texts, part)}
         self.n_samples = len(texts.query)
+        self.groups = np.asarray(texts.group, dtype=np.int64) if texts.group else None
         self.cut = sum(len(ids) >= max_len for rows in self.rows.values() for ids in rows)  # at the limit: maybe cut
         self._fingerprint = self._hash(f"pairs:{tokenizer.sha256}:{max_len}:{split}:{val_fraction}")
 
@@ -228,4 +258,61 @@ class DocumentSpans(_TokenRows):
         self._fingerprint = self._hash(f"spans:{ds.fingerprint}:{split}:{max_len}:{seed}")
 
 
-__all__ = ["PairRecords", "DocumentSpans", "PairTexts", "read_pairs", "two_spans", "PARTS", "MIN_SPAN_DOCUMENT"]
+class ExampleRecords(_TokenRows):
+    """Labelled texts for the classification objective (module docstring): rows of the texts' tokens
+    and their targets. `n_labels`: the head's label count (class indices and 0/1 rows are checked against it)."""
+
+    def __init__(self, path: str | os.PathLike, tokenizer: Tokenizer, *, n_labels: int, max_len: int,
+                 split: str = "train", val_fraction: float = 0.0, document_prefix: str = "") -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"data.examples: no such file: {self.path} (a JSONL of {{text, label}}, docs/classify.md)")
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataError(f"the examples' val fraction must be in [0, 1), got {val_fraction}")
+        what = "one JSON object per line: {\"text\": str, \"label\": class index | [0/1 per label]}"
+        texts: list[str] = []
+        targets: list[Any] = []
+        multi: bool | None = None
+        for where, _, _, rec in read_jsonl(self.path, what=what):
+            text, label = (rec.get("text"), rec.get("label")) if isinstance(rec, dict) else (None, None)
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{where}: expected a non-empty \"text\"; {what}")
+            is_multi = isinstance(label, list)
+            ok = (all(v in (0, 1) and not isinstance(v, float) for v in label) and len(label) == n_labels) if is_multi \
+                else isinstance(label, int) and not isinstance(label, bool) and 0 <= label < n_labels
+            if not ok:
+                raise DataError(f"{where}: \"label\" must be a class index in [0, {n_labels}) or {n_labels} 0/1 values, "
+                                f"got {label!r}")
+            if multi is not None and is_multi != multi:
+                raise DataError(f"{where}: mixes single-label (an index) and multi-label (a 0/1 list) records")
+            multi = is_multi
+            if (_u(text) < val_fraction) != (split == "val"):
+                continue
+            texts.append(text)
+            targets.append(label)
+        if multi is None:
+            raise DataError(f"data.examples: {self.path} holds no example; {what}")
+        self.multi_label = multi
+        self.rows = {"text": [np.asarray(ids[:max_len], dtype=np.int64)
+                              for ids in tokenizer.encode_batch([document_prefix + t for t in texts])]}
+        self.targets = np.asarray(targets, dtype=np.float32 if multi else np.int64).reshape(len(texts), -1 if multi else 1)
+        self.n_samples = len(texts)
+        self.cut = sum(len(ids) >= max_len for ids in self.rows["text"])
+        h = self._hash(f"examples:{tokenizer.sha256}:{max_len}:{split}:{val_fraction}:{n_labels}:{multi}")
+        self._fingerprint = hashlib.sha256((h + ":").encode() + self.targets.tobytes()).hexdigest()
+
+    def _hash(self, header: str) -> str:
+        h = hashlib.sha256(header.encode())
+        for ids in self.rows["text"]:
+            h.update(len(ids).to_bytes(4, "little"))
+            h.update(ids.tobytes())
+        return h.hexdigest()
+
+    def batch(self, sample_ids: np.ndarray, width: int | None = None) -> dict[str, torch.Tensor]:
+        out = super().batch(sample_ids, width)
+        y = torch.from_numpy(self.targets[np.asarray(sample_ids, dtype=np.int64)])
+        out["label"] = y if self.multi_label else y[:, 0]  # (B, L) float32 | (B,) int64
+        return out
+
+
+__all__ = ["PairRecords", "ExampleRecords", "DocumentSpans", "PairTexts", "read_pairs", "two_spans", "PARTS", "MIN_SPAN_DOCUMENT"]

@@ -36,18 +36,25 @@ def pairs_file_for(run_dir: str | os.PathLike) -> Path:
     return rd.parent / f"{rd.name}.pairs.jsonl"
 
 
-def write_pairs(pairs: Iterable[Sequence[str]], path: str | os.PathLike) -> Path:
-    """(query, positive[, negative]) tuples -> a JSONL file of {"query", "positive"[, "negative"]}
-    (atomically); every tuple has 2 or 3 non-empty strings, all of one length."""
+def write_pairs(pairs: Iterable[Sequence[str]], path: str | os.PathLike, groups: Sequence[int] | None = None) -> Path:
+    """(query, positive[, negative]) tuples -> a JSONL file of {"query", "positive"[, "negative"][, "group"]}
+    (atomically); every tuple has 2 or 3 non-empty strings, all of one length. `groups`: one integer
+    per pair; pairs of one group are not each other's in-batch negatives (data/pairs.py)."""
     parts = ("query", "positive", "negative")
     lines, width = [], None
+    pairs = list(pairs)
+    if groups is not None and len(groups) != len(pairs):
+        raise ValueError(f"{len(groups)} groups for {len(pairs)} pairs")
     for i, pair in enumerate(pairs):
         if not 2 <= len(pair) <= 3 or not all(isinstance(t, str) and t.strip() for t in pair):
             raise DataError(f"pair {i}: expected 2 or 3 non-empty strings (query, positive[, negative]), got {pair!r}")
         if width is not None and len(pair) != width:
             raise DataError(f"pair {i} has {len(pair)} texts, the pairs before it {width}: give every pair a negative or none")
         width = len(pair)
-        lines.append(json.dumps(dict(zip(parts, pair)), ensure_ascii=False))
+        record: dict[str, object] = dict(zip(parts, pair))
+        if groups is not None:
+            record["group"] = int(groups[i])
+        lines.append(json.dumps(record, ensure_ascii=False))
     if len(lines) < 2:
         raise DataError(f"{len(lines)} pair(s): the contrastive stage needs at least 2")
     path = Path(path)
@@ -56,14 +63,16 @@ def write_pairs(pairs: Iterable[Sequence[str]], path: str | os.PathLike) -> Path
 
 
 def train_pairs(pairs: Iterable[Sequence[str]], *, init_from: str | os.PathLike, run_dir: str | os.PathLike,
-                config: str = "embed-cpu", overrides: Sequence[str] = (), pairs_file: str | os.PathLike | None = None) -> Path:
+                config: str = "embed-cpu", overrides: Sequence[str] = (), pairs_file: str | os.PathLike | None = None,
+                groups: Sequence[int] | None = None) -> Path:
     """Train (or resume) the embedding model `run_dir` from `init_from` (a run, checkpoint or model
     directory) on (query, positive[, negative]) text tuples through the training loop; returns
     `run_dir`. `overrides` are `section.key=value` settings as `--set` takes them (train.max_steps=...,
-    embed.pooling=mean). A run that does not complete raises LmforgeError naming its exit status."""
+    embed.pooling=mean). `groups`: see write_pairs (SetFit-style pairs from labels). A run that does
+    not complete raises LmforgeError naming its exit status."""
     from .start import StartRequest, train_command
 
-    path = write_pairs(pairs, pairs_file if pairs_file is not None else pairs_file_for(run_dir))
+    path = write_pairs(pairs, pairs_file if pairs_file is not None else pairs_file_for(run_dir), groups)
     request = StartRequest(config=config, run_dir=str(run_dir),
                            overrides=(f"init.from={init_from}", f"data.pairs={path}", *overrides))
     code = train_command(request)

@@ -101,10 +101,40 @@ def inherit_embed(cfg: Config, source: EmbedConfig) -> None:
 
 
 def load_init(model: torch.nn.Module, cfg: Config) -> Loaded:
-    """Load `init.from`'s weights into a freshly built model (its shape was set by `resolve_init`)."""
-    loaded = load_model(cfg.init.from_, into=model)
+    """Load `init.from`'s weights into a freshly built model (its shape was set by `resolve_init`).
+    A classification run (model.num_labels) whose init.from has no classification head gets it from
+    the linear probe in train.classification_head (`init_score`)."""
+    score = getattr(model, "score", None)
+    if score is not None and not read_config(resolve_origin(cfg.init.from_).path).model.num_labels:
+        model.score = None  # load the rest, then the head from the probe
+        try:
+            loaded = load_model(cfg.init.from_, into=model)
+        finally:
+            model.score = score
+        init_score(score, cfg.train.classification_head)
+        console.print(f"initialised the classification head from {cfg.train.classification_head}")
+    else:
+        loaded = load_model(cfg.init.from_, into=model)
     console.print(f"initialised weights from {loaded.origin.path} ({loaded.origin.describe()})")
     return loaded
+
+
+def init_score(score: torch.nn.Linear, head_file: str) -> None:
+    """The model's classification head <- a linear probe (understand/head.py), its standardisation
+    folded in: ((x - mean) / scale) @ W.T + b = x @ (W / scale).T + (b - (W / scale) @ mean)."""
+    from ..understand.head import Head
+
+    if not head_file:
+        raise ConfigError("model.num_labels > 0 and init.from has no classification head: set train.classification_head "
+                          "to a linear probe (head.safetensors) to start it from")
+    h = Head.load(head_file)
+    if h.weight.shape != tuple(score.weight.shape):
+        raise ConfigError(f"train.classification_head {head_file} is {h.weight.shape[0]} labels x {h.weight.shape[1]} "
+                          f"dims; the model's head is {tuple(score.weight.shape)}")
+    w = h.weight.astype("float64") / h.scale  # (L, C)
+    with torch.no_grad():
+        score.weight.copy_(torch.from_numpy(w))
+        score.bias.copy_(torch.from_numpy(h.bias - w @ h.mean))
 
 
 def origin_record(loaded: Loaded) -> dict[str, Any]:

@@ -342,9 +342,17 @@ def _check_lora_base(run: Run, ckpt: Path) -> None:
 def data_source(cfg: Config, split: str = "train") -> Any:
     """The samples of the run's `split` (a data/loader.py Source): for the contrastive objective,
     pairs (data/pairs.py: the JSONL data.pairs, else two spans of each document of data.path, with
-    the embed prefixes); otherwise the prepared dataset's windows or rows (`open_source`)."""
+    the embed prefixes); for classification, the labelled texts of data.examples; otherwise the
+    prepared dataset's windows or rows (`open_source`)."""
     from ..data.loader import open_source
 
+    if cfg.train.objective == "classification":  # labelled texts (data.examples) for the model's classification head
+        from ..data.pairs import ExampleRecords
+        from ..tokenizer import Tokenizer
+
+        return ExampleRecords(cfg.data.examples, Tokenizer.load(tokenizer_path(cfg)), max_len=cfg.data.seq_len,
+                              n_labels=cfg.model.num_labels, split=split,
+                              val_fraction=cfg.data.pairs_val_fraction, document_prefix=cfg.embed.document_prefix)
     if cfg.data.mix and split == "train":
         return mixture(cfg)
     if cfg.train.objective != "contrastive":
@@ -556,12 +564,14 @@ def val_batches(cfg: Config, batch_size: int, max_batches: int | None, path: str
     from ..data.loader import in_order
     from ..data.loader import val_batches as batches
 
-    if cfg.train.objective != "contrastive":
+    if cfg.train.objective not in ("contrastive", "classification"):
         return batches(path or cfg.data.path, seq_len=cfg.data.seq_len, batch_size=batch_size, max_batches=max_batches or None,
                        document_mask=cfg.data.document_mask, packing=cfg.data.packing)
     source = data_source(cfg, "val")
     if source.n_samples < 1:
-        where = (f"no pair of {cfg.data.pairs} falls in the val split (data.pairs_val_fraction = "
+        where = (f"no example of {cfg.data.examples} falls in the val split (data.pairs_val_fraction = "
+                 f"{cfg.data.pairs_val_fraction}); raise it" if cfg.data.examples else
+                 f"no pair of {cfg.data.pairs} falls in the val split (data.pairs_val_fraction = "
                  f"{cfg.data.pairs_val_fraction}); raise it" if cfg.data.pairs else
                  f"the val split of {cfg.data.path} has no document long enough for two spans; prepare with a larger --val-fraction")
         raise DataError(f"{where}, or train without validation: --set train.eval_every=0")

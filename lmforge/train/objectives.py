@@ -67,7 +67,19 @@ sees (micro_batch - 1 positives of others, plus micro_batch hard negatives when 
 a global batch of several micro batches (and ranks) averages their losses per pair. The micro
 batches of a global batch are the same on any world size, so deterministic_reduce stays
 bit-identical to one process. Units are pairs; `in_batch_accuracy` is the share of queries whose
-own positive scores highest.
+own positive scores highest. Pairs that carry a `group` (data/pairs.py: SetFit-style pairs built
+from labels) never serve as each other's negatives: a column of the same group as the query (its
+own positive aside) is masked out of the softmax, so texts of one label are not pushed apart.
+
+Classification (`lmforge classify train --method finetune`, docs/classify.md): a batch of labelled
+texts (data/pairs.py `ExampleRecords`) is embedded exactly as the Embedder does it (the run's
+`embed:` pooling, then its normalisation: `understand/embed.finish`), and the model's own
+classification head (`model.score`, model.num_labels; started from a linear probe, see
+train/init_from.py `init_score`) turns each vector into logits; the loss is cross-entropy
+(single-label) or binary cross-entropy summed over labels (multi-label). Units are examples;
+`accuracy` is the share classified right (multi-label: every label right at 0.5). Head and body
+train together (LP-FT's order: linear probe, then fine-tune everything), and both are saved in the
+model's weights, so a classifier serves exactly what the loss trained.
 """
 
 from __future__ import annotations
@@ -213,6 +225,14 @@ class DPO:
         return dpo_loss(policy, reference, self.beta)
 
 
+def pooled(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """(B, W) right-padded ids, (B,) lengths -> (B, C) fp32 pooled vectors (not normalised), as the Embedder pools them."""
+    T = int(lengths.max())
+    mask, attn = padding_masks(lengths, T, pooling.bidirectional)
+    hidden = model(ids[:, :T], attn_mask=attn, hidden=True)  # (B, T, C); through a DDP wrapper's forward
+    return pool(hidden, mask, pooling.method)
+
+
 class Contrastive:
     """In-batch negatives InfoNCE over (query, positive[, negative]) batches (module docstring)."""
 
@@ -231,16 +251,19 @@ class Contrastive:
 
     def embed(self, model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, W) right-padded ids, (B,) lengths -> (B, C) unit vectors, as the Embedder pools them."""
-        T = int(lengths.max())
-        mask, attn = padding_masks(lengths, T, self.pooling.bidirectional)
-        hidden = model(ids[:, :T], attn_mask=attn, hidden=True)  # (B, T, C); through a DDP wrapper's forward
-        return F.normalize(pool(hidden, mask, self.pooling.method), dim=-1)  # (B, C) fp32
+        return F.normalize(pooled(model, ids, lengths, self.pooling), dim=-1)  # (B, C) fp32
 
     def scores(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """(B, B) or (B, 2B) fp32 logits: query i against every positive (then every negative) / temperature."""
         q = self.embed(model, batch["query"], batch["query_lengths"])
         docs = [self.embed(model, batch[part], batch[f"{part}_lengths"]) for part in ("positive", "negative") if part in batch]
-        return q @ torch.cat(docs).T / self.temperature
+        logits = q @ torch.cat(docs).T / self.temperature
+        if "group" in batch:  # another pair of the query's group is no negative of it (module docstring)
+            g = batch["group"]
+            same = (g[:, None] == g[None, :]) & ~torch.eye(len(g), dtype=torch.bool, device=g.device)  # (B, B)
+            same = torch.cat([same, g[:, None] == g[None, :]] if "negative" in batch else [same], dim=1)  # (B, B or 2B)
+            logits = logits.masked_fill(same, float("-inf"))
+        return logits
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> LossOut:
         logits = self.scores(model, batch)
@@ -250,7 +273,42 @@ class Contrastive:
         return LossOut(total, logits.shape[0], {"in_batch_accuracy": hits.detach()})
 
 
-REGISTRY: dict[str, type] = {NextToken.name: NextToken, DPO.name: DPO, Contrastive.name: Contrastive}
+class Classification:
+    """Cross-entropy of the model's classification head on the pooled embedding (module docstring). Units: examples."""
+
+    name = "classification"
+
+    def __init__(self, pooling: Pooling | None = None) -> None:
+        self.pooling = pooling or Pooling()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Classification:
+        return cls(Pooling.from_config(cfg.embed))
+
+    def units(self, batch: Batch) -> int:
+        return int(batch["text"].shape[0])
+
+    def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """(B, L) fp32: the head on the batch's embeddings, as understand/classify.py scores them."""
+        from ..understand.embed import finish
+
+        x = finish(pooled(model, batch["text"], batch["text_lengths"], self.pooling), self.pooling)  # (B, C)
+        score = getattr(model, "module", model).score  # through a DDP wrapper: its module's head
+        return F.linear(x, score.weight.float(), score.bias.float())
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> LossOut:
+        logits, y = self.logits(model, batch), batch["label"]
+        if y.ndim == 2:  # multi-label: (B, L) 0/1
+            total = F.binary_cross_entropy_with_logits(logits, y.float(), reduction="sum")
+            hits = ((logits > 0) == (y > 0.5)).all(dim=1).sum().float()
+        else:
+            total = F.cross_entropy(logits, y, reduction="sum")
+            hits = (logits.argmax(dim=1) == y).sum().float()
+        return LossOut(total, logits.shape[0], {"accuracy": hits.detach()})
+
+
+REGISTRY: dict[str, type] = {NextToken.name: NextToken, DPO.name: DPO, Contrastive.name: Contrastive,
+                             Classification.name: Classification}
 
 
 def make_objective(cfg: Config, *, reference: Reference | None = None) -> Objective:
@@ -295,5 +353,5 @@ def validation_loss(model: torch.nn.Module, objective: Objective, batches: Itera
     return validation(model, objective, batches, dtype=dtype)["loss"]
 
 
-__all__ = ["LossOut", "Objective", "NextToken", "DPO", "Contrastive", "FrozenCopy", "AdaptersOff", "Reference", "REGISTRY", "make_objective",
+__all__ = ["LossOut", "Objective", "NextToken", "DPO", "Contrastive", "Classification", "pooled", "FrozenCopy", "AdaptersOff", "Reference", "REGISTRY", "make_objective",
            "validation", "validation_loss", "model_inputs", "sequence_logps", "dpo_loss"]

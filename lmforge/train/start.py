@@ -218,7 +218,7 @@ def resolve_config(cfg: Config) -> Config:
     """Fill in what depends on the data (vocab size) and check the config against the dataset."""
     from ..data.loader import TokenDataset
 
-    if cfg.train.objective == "contrastive":
+    if cfg.train.objective in ("contrastive", "classification"):
         return resolve_contrastive(cfg)
     if not cfg.data.datasets:
         raise ConfigError("data.path is empty: set it to a prepared dataset, e.g. --set data.path=data/mycorp")
@@ -306,6 +306,8 @@ def resolve_contrastive(cfg: Config) -> Config:
     from .loop import data_source
 
     d = cfg.data
+    if cfg.train.objective == "classification":
+        return resolve_classification(cfg)
     if not (d.pairs or d.path):
         raise ConfigError("train.objective=contrastive trains on pairs: set data.pairs to a JSONL of pairs "
                           "(docs/embeddings.md), or data.path to a prepared dataset (two spans of each document)")
@@ -323,6 +325,26 @@ def resolve_contrastive(cfg: Config) -> Config:
         what = f"data.pairs {d.pairs}" if d.pairs else f"data.path {d.path} (documents of at least a few tokens)"
         raise DataError(f"{what}: {n} pair(s) in the train split; the contrastive stage needs at least 2 "
                         "(each query is told apart from the other pairs' positives)")
+    if cfg.train.eval_every:
+        check_val_split(cfg)
+    return cfg
+
+
+def resolve_classification(cfg: Config) -> Config:
+    """resolve_config for the classification objective: labelled texts from data.examples (tokenized
+    with init.from's tokenizer; at least one), a head of model.num_labels rows (init.from's, or
+    started from the probe in train.classification_head: init_from.load_init)."""
+    from .init_from import resolve_init
+    from .loop import data_source
+
+    if not cfg.init.from_:
+        raise ConfigError("train.objective=classification fine-tunes a model: set init.from to it (a run, checkpoint "
+                          "or model directory)")
+    cfg = resolve_init(cfg)
+    if cfg.train.classification_head and not Path(cfg.train.classification_head).is_file():
+        raise ConfigError(f"train.classification_head: no such file: {cfg.train.classification_head}")
+    if data_source(cfg).n_samples < 1:
+        raise DataError(f"data.examples {cfg.data.examples}: no example in the train split")
     if cfg.train.eval_every:
         check_val_split(cfg)
     return cfg

@@ -12,7 +12,10 @@ The classifier directory (`clf/NAME/`, written atomically, verified like a check
                        label_thresholds (multi-label), scorer and template (zero-shot), the
                        embedding model (its path and `Embedder.fingerprint()`), training facts and
                        held-out metrics (accuracy, NLL and ECE before and after calibration)
-    head.safetensors   the head (head.py); a zero-shot classifier's label vectors
+    head.safetensors   the head (head.py); a zero-shot classifier's label vectors; finetune: the
+                       tuned model's own classification head (mean 0, scale 1)
+    model/             setfit, finetune: the tuned embedding model (classify_tune.py), recorded as
+                       the embedding path "model" (relative: inside the classifier)
 
 Loading checks the embedding model against the recorded fingerprint (weights sha256, tokenizer
 sha256, pooling, dimension): a classifier used with another model is refused, naming both

@@ -16,8 +16,10 @@ Steps, each a function a test can call:
 
 setfit and finetune train the embedding model itself through lmforge's training loop (deterministic
 order, exact resume, guard, store) on the `contrastive` and `classification` objectives of
-train/objectives.py. Until those objectives exist in this lmforge they are refused with one line
-(`PENDING`), never approximated by a second training loop.
+train/objectives.py (classify_tune.py: the bounded pair rule, the work directory, resume), on the
+examples that are not held out, then write the tuned model into the classifier as `model/`: its
+checksum is the one the classifier records, and the held-out split calibrates the tuned model's
+head exactly as it does for `head`.
 
 Trade-off: the head is fitted on the split that is not held out and is not refitted on all the
 examples afterwards (a refit on more data changes the logit scale the temperature was fitted for).
@@ -26,6 +28,7 @@ examples afterwards (a refit on more data changes the logit scale the temperatur
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -33,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import CLASSIFIER_HEAD, write_manifest
+from ..artifacts import CLASSIFIER_HEAD, CLASSIFIER_MODEL, write_manifest
 from .. import ranges as R
 from ..errors import ConfigError, DataError
 from ..threads import choose
@@ -42,16 +45,11 @@ from ..util import out as results_out
 from . import calibrate
 from .classify import (DEFAULT_FALLBACK, DEFAULT_TEMPLATE, DEFAULT_ZERO_SHOT_T, KIND, METHODS, SCORERS, Spec,
                        check_threshold)
+from .classify_tune import Tuning, clear_work, final_loss, run_finetune, run_setfit, tuning_dir, write_tuned_model
 from .head import Head, fit_head
 from .labelled import Examples, Label, check_label_count, read_examples, read_label_file
 
 DEFAULT_HELD_OUT = 0.2
-PENDING = {
-    "setfit": "--method setfit fine-tunes the embedding model on label pairs through the training loop's "
-              "`contrastive` objective, which this lmforge does not have yet; use --method head (or zero-shot) for now",
-    "finetune": "--method finetune trains the whole model through the training loop's `classification` objective, "
-                "which this lmforge does not have yet; use --method head (or zero-shot) for now",
-}
 
 
 def _rank(seed: int, key: str) -> int:
@@ -114,19 +112,29 @@ def held_out_metrics(logits: np.ndarray, y: np.ndarray, temperature: float, mult
     return out
 
 
+def model_head(emb: Any) -> Head:
+    """A finetuned model's own classification head (model.py `score`) as a Head on its embeddings."""
+    score = emb.loaded.model.score
+    w = score.weight.detach().float().cpu().numpy()
+    return Head(w, score.bias.detach().float().cpu().numpy(), np.zeros(w.shape[1], np.float32),
+                np.ones(w.shape[1], np.float32))
+
+
 def train_command(model: str, examples: str | None, out: str, *, method: str = "head", labels_file: str | None = None,
                   scorer: str = "embedding", template: str = DEFAULT_TEMPLATE, held_out: float = DEFAULT_HELD_OUT,
                   examples_per_class: int | None = None, seed: int = 0, c: float = 1.0, min_confidence: float = 0.0,
                   fallback: str = DEFAULT_FALLBACK, text_field: str = "text", label_field: str = "label",
-                  batch_size: int = 32, threads: int = 0, overwrite: bool = False) -> dict[str, Any]:
-    """`lmforge classify train` (module docstring); returns the spec it wrote, as a dict."""
+                  batch_size: int = 32, threads: int = 0, overwrite: bool = False,
+                  tuning: Tuning | None = None) -> dict[str, Any]:
+    """`lmforge classify train` (module docstring); returns the spec it wrote, as a dict. `tuning`:
+    the training stage's settings (setfit, finetune; classify_tune.Tuning)."""
 
     from .embed import Embedder
 
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
-    if method in PENDING:
-        raise ConfigError(PENDING[method])
+    tuning = tuning or Tuning()
+    tuning.check()
     if scorer not in SCORERS:
         raise ConfigError(f"--zero-shot-scorer must be one of {', '.join(SCORERS)}; got {scorer!r}")
     R.positive_float().check("--c", c)
@@ -180,6 +188,9 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
             lab in ex.labels[i] for i in fit_idx)]  # type: ignore[union-attr]
         if missing:
             raise DataError(f"{examples}: no example of {missing[0]!r} is left to fit on after the held-out split")
+    if multi and method == "setfit":
+        raise ConfigError(f"--method setfit builds pairs from single labels, and {examples} is multi-label; use "
+                          "--method finetune or head")
     if multi and method == "zero-shot" and not hold_idx:
         raise ConfigError("zero-shot multi-label needs labelled examples to fit each label's threshold")
 
@@ -194,14 +205,49 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
     spec = Spec(method=method, multi_label=multi, labels=labels, descriptions=[lab.description for lab in declared],
                 embedding={"path": str(Path(model).resolve()), "fingerprint": emb.fingerprint()},
                 threshold=float(min_confidence), fallback=fallback)
-    if method == "head":
+    tuned: Path | None = None  # setfit, finetune: the tuned model directory, copied into the classifier as model/
+    work = tuning_dir(target)
+    if method in ("setfit", "finetune"):
+        clear_work(work, method, overwrite)
+    if method == "setfit":
+        fit_ex = ex.subset(fit_idx)  # type: ignore[union-attr]
+        del emb  # the training run loads its own copy
+        run_dir, facts = run_setfit(model, fit_ex.texts, [labs[0] for labs in fit_ex.labels], fit_ex.wheres, work,
+                                    tuning, seed, threads)
+        tuned = write_tuned_model(run_dir, work)
+        emb = Embedder.load(tuned, batch_size=batch_size)
+        trained = time.perf_counter()
+        x = emb.embed(ex.texts, kind="document", progress=True)  # type: ignore[union-attr]
+        head = fit_head(x[fit_idx], y[fit_idx], len(labels), multi_label=multi, c=c)
+        spec.training = {"examples": len(fit_idx), "tune_seconds": round(trained - start, 3), "C": c, **facts,
+                         **final_loss(run_dir)}
+        hold_logits = head.logits(x[hold_idx])
+    elif method in ("head", "finetune"):
         x = emb.embed(ex.texts, kind="document", progress=True)  # type: ignore[union-attr]
         embedded = time.perf_counter()
         head = fit_head(x[fit_idx], y[fit_idx], len(labels), multi_label=multi, c=c)
         spec.training = {"examples": len(fit_idx), "embed_seconds": round(embedded - start, 3),
                          "fit_seconds": round(time.perf_counter() - embedded, 3), "C": c}
-        hold_logits = head.logits(x[hold_idx])
-    else:  # zero-shot
+        if method == "finetune":  # the whole model and its own head (started from this probe), through the loop
+            del emb
+            work.mkdir(parents=True, exist_ok=True)
+            probe = work / CLASSIFIER_HEAD
+            if not probe.is_file():  # a resumed stage keeps the probe its run was started with
+                head.save(probe)
+            run_dir, facts = run_finetune(model, [ex.texts[i] for i in fit_idx], y[fit_idx], probe,  # type: ignore[union-attr]
+                                          work, tuning, threads)
+            tuned = write_tuned_model(run_dir, work)
+            emb = Embedder.load(tuned, batch_size=batch_size)
+            head = model_head(emb)
+            spec.training |= {"tune_seconds": round(time.perf_counter() - embedded, 3), **facts, **final_loss(run_dir)}
+            x = emb.embed([ex.texts[i] for i in hold_idx], kind="document", progress=True) if hold_idx else \
+                np.zeros((0, head.dim), np.float32)  # type: ignore[union-attr]
+            hold_logits = head.logits(x)
+        else:
+            hold_logits = head.logits(x[hold_idx])
+    if tuned is not None:  # the classifier's embedding model is its own model/ (classify.embedding_model_path)
+        spec.embedding = {"path": CLASSIFIER_MODEL, "fingerprint": emb.fingerprint(), "base": spec.embedding}
+    if method == "zero-shot":
         from .zeroshot import label_vectors, lm_logits
 
         spec.scorer = scorer
@@ -243,7 +289,11 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
     # 6: write
     with atomic_dir(target, overwrite=overwrite) as tmp:
         head.save(tmp / CLASSIFIER_HEAD)
+        if tuned is not None:
+            shutil.copytree(tuned, tmp / CLASSIFIER_MODEL)
         write_manifest(tmp, kind=KIND, extra={"classifier": spec.to_dict()})
+    if tuned is not None:
+        shutil.rmtree(work, ignore_errors=True)  # the run, its data and the staged model: all inside the classifier now
     summary = spec.metrics.get("held_out")
     cal = (f"; held out {summary['items']}: accuracy {summary['accuracy_after']:.3f}, ECE {summary['ece_before']:.3f} "
            f"-> {summary['ece_after']:.3f}, NLL {summary['nll_before']:.3f} -> {summary['nll_after']:.3f} "
@@ -253,4 +303,4 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
     return spec.to_dict()
 
 
-__all__ = ["train_command", "per_class", "split", "targets", "held_out_metrics", "DEFAULT_HELD_OUT", "PENDING"]
+__all__ = ["train_command", "per_class", "split", "targets", "held_out_metrics", "DEFAULT_HELD_OUT"]
