@@ -36,8 +36,8 @@ import yaml
 
 from .bundled import bundled_names, resolve_bundled
 from .errors import ConfigError
-from .ranges import (Choice, Range, Rule, any_int, default_rule, fraction, nonneg_float, nonneg_int,
-                     positive_float, positive_int, thread_count)
+from .ranges import (MIX_MAX_REPEAT, MIX_WEIGHTS, Choice, Range, Rule, any_int, default_rule, fraction, nonneg_float,
+                     nonneg_int, positive_float, positive_int, thread_count)
 
 
 ROPE_SCALINGS = ("", "llama3")  # model.rope_scaling values lmforge implements
@@ -124,6 +124,16 @@ class DataConfig:
     pair_fields: list[str] = field(default_factory=lambda: ["query", "positive", "negative"])
     # data.pairs: the share of pairs held out for val_loss (chosen by a hash of each pair's text)
     pairs_val_fraction: float = valid(0.05, fraction(hi_open=True))
+    # train on several prepared datasets instead of data.path: {dataset path: weight}; a weight is the share of
+    # samples read from it (docs/data.md: the mixed order); weight 0: validated on (val_loss/NAME), never trained on
+    mix: dict[str, float] = field(default_factory=dict, metadata={"valid": MIX_WEIGHTS})
+    # data.mix: a dataset may be read at most this many passes over its train split; a run that needs more is refused
+    mix_max_repeat: float = valid(4.0, MIX_MAX_REPEAT)
+
+    @property
+    def datasets(self) -> list[str]:
+        """The prepared datasets the run reads: data.mix's paths, else data.path (none when unset)."""
+        return list(self.mix) if self.mix else [self.path] if self.path else []
 
 
 @dataclass
@@ -347,6 +357,12 @@ class Config:
         if self.lora.rank and t.parallel == "fsdp":
             raise ConfigError("LoRA (lora.rank > 0) trains a few small matrices on a frozen base: use train.parallel=ddp "
                               "(or none); FSDP shards weights that LoRA never updates")
+        if d.mix and d.path:
+            raise ConfigError(f"data.path ({d.path}) and data.mix are both set: data.mix names every dataset the run "
+                              "reads; set data.path to '' (or data.mix to {})")
+        if d.mix and t.objective != "next_token":
+            raise ConfigError(f"data.mix mixes datasets for train.objective=next_token (it is {t.objective}); "
+                              "train on one dataset with data.path")
         if d.pairs and t.objective != "contrastive":
             raise ConfigError(f"data.pairs ({d.pairs}) is read by train.objective=contrastive only (it is {t.objective}); "
                               "set train.objective=contrastive, or data.pairs to ''")
@@ -470,7 +486,7 @@ def _yaml_key(name: str) -> str:
 
 
 def _copy(v: Any) -> Any:
-    return list(v) if isinstance(v, list) else v
+    return list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
 
 
 def _override_items(overrides: list[str]) -> dict[str, str]:
@@ -506,6 +522,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if text not in allowed:
             raise ConfigError(f"{where}: expected one of {', '.join(allowed)}, got {value!r}")
         return text
+    if origin is dict:  # {text: number} (data.mix); its rule judges the mapping as a whole
+        key_hint, item = typing.get_args(hint)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, e.g. {{data/wiki: 0.7, data/tickets: 0.3}}, got {value!r}")
+        return {_coerce(k, key_hint, where): _coerce(v, item, f"{where}[{k}]") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(hint)
         if value is None:

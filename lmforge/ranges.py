@@ -243,7 +243,61 @@ class Count(Range):
         return [*super().bad_values(), "7X", "nanB"]
 
 
-Rule = Range | Choice | Text
+@dataclass(frozen=True)
+class Weights:
+    """A mapping of names (paths) to weights: each a finite number >= 0, their sum > 0, and each
+    positive weight at least `finest` of the sum (the resolution of whatever mixes by them). The
+    empty mapping means "none" (off)."""
+
+    finest: float = 0.0
+    what: str = "name"  # what a key is, in messages
+    note: str = ""
+
+    def problem(self, value: Any) -> str:
+        """Why `value` is not valid ("" when it is)."""
+        if not isinstance(value, dict):
+            return f"expected a mapping of {self.what} to weight, e.g. {{data/wiki: 0.7, data/tickets: 0.3}}, got {value!r}"
+        for name, w in value.items():
+            if not isinstance(name, str) or not Text().contains(name) or not name.strip():
+                return f"{name!r} is not a {self.what} (a non-empty text)"
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                return f"the weight of {name} must be a finite number >= 0, got {w!r}"
+        total = sum(value.values())
+        if value and not total > 0:
+            return "the weights sum to 0; give at least one a weight > 0"
+        small = [n for n, w in value.items() if 0 < w < self.finest * total]
+        if small:
+            return (f"the weight of {small[0]} is {value[small[0]] / total:.3g} of the sum, below the finest share "
+                    f"{self.finest:.3g}; raise it, or give it weight 0")
+        return ""
+
+    def contains(self, value: Any) -> bool:
+        return not self.problem(value)
+
+    def describe(self, value: Any = None) -> str:
+        return f"{{{self.what}: weight}}, weights >= 0 with a sum > 0" + (f", each > 0 at least {self.finest:.3g} of the sum"
+                                                                          if self.finest else "")
+
+    def message(self, name: str, value: Any) -> str:
+        return f"{name}: {self.problem(value)}"
+
+    def check(self, name: str, value: Any) -> None:
+        if not self.contains(value):
+            raise ConfigError(self.message(name, value))
+
+    def bad_values(self) -> list[str]:
+        """YAML values (for --set) that must be refused."""
+        out = ["abc", "nan", "[1, 2]", "{a: nan}", "{a: -1}", "{a: 0}", "{a: 0, b: 0}", "{a: abc}", "{a: 1e400}",
+               "{'': 1}", "{a: true}"]
+        if self.finest:
+            out.append(f"{{a: 1, b: {self.finest / 4}}}")
+        return out
+
+    def edge_values(self) -> list[dict[str, float]]:
+        return [{}, {"a": 1.0}, {"a": 1.0, "b": 0.0}] + ([{"a": 1.0, "b": 2 * self.finest}] if self.finest else [])
+
+
+Rule = Range | Choice | Text | Weights
 
 
 def _num(x: float) -> str:
@@ -325,6 +379,10 @@ NEAR_DUP_THRESHOLD = fraction(lo_open=True, note="an estimated Jaccard similarit
 # prepare --mix-max-repeat: each repeat is a pass over the kept text; past ~16 repeats data is worth
 # nothing more (Muennighoff et al. 2023), so 100 is far beyond any sensible cap
 MIX_MAX_REPEAT = Range(float, lo=1.0, hi=100.0, note="times an input's train text may be repeated")
+# data.mix: the mixed order (data/order.py) lays positions out in blocks of MIX_BLOCK, each holding every
+# dataset's exact quota, so a weight is resolved to 1/MIX_BLOCK of the sum; a smaller positive one is refused
+MIX_BLOCK = 4096
+MIX_WEIGHTS = Weights(finest=1 / MIX_BLOCK, what="dataset path")
 EXAMPLES = nonneg_int(note="0 = none")  # data report --examples
 AVERAGE_LAST = Range(int, lo=2, note="averaging one checkpoint is a copy of it")  # ckpt average --last
 EMA_DECAY = fraction(lo_open=True, hi_open=True, note="a decay per step, e.g. 0.999")  # ckpt average --ema
@@ -341,9 +399,9 @@ def default_rule(hint: Any) -> Rule | None:
     return None
 
 
-__all__ = ["Range", "Count", "Choice", "Text", "Rule", "INT64_MIN", "INT64_MAX", "MAX_THREADS", "MAX_SECONDS", "positive_int",
+__all__ = ["Range", "Count", "Choice", "Text", "Weights", "Rule", "INT64_MIN", "INT64_MAX", "MAX_THREADS", "MAX_SECONDS", "positive_int",
            "nonneg_int", "any_int", "positive_float", "nonneg_float", "finite_float", "fraction", "seconds", "thread_count",
            "port", "default_rule", "TEMPERATURE", "TOP_K", "TOP_P", "SEED", "MAX_TOKENS",
            "QUICKSTART_MINUTES", "BOOTSTRAP", "INSPECT_SAMPLES",
-           "VAL_FRACTION", "CONFIDENCE", "HELD_OUT", "NEAR_DUP_THRESHOLD", "MIX_MAX_REPEAT", "EXAMPLES", "AVERAGE_LAST",
+           "VAL_FRACTION", "CONFIDENCE", "HELD_OUT", "NEAR_DUP_THRESHOLD", "MIX_MAX_REPEAT", "MIX_BLOCK", "MIX_WEIGHTS", "EXAMPLES", "AVERAGE_LAST",
            "EMA_DECAY"]

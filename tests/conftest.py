@@ -24,6 +24,18 @@ def shakespeare_path() -> Path:
     return p
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (the README's test command runs two workers), each worker computes on one
+    thread: two processes with two OpenMP threads each on a 2-core machine run several times slower
+    than one, as threads wait for each other at every parallel region (docs/inference.md). The
+    environment variable reaches the subprocesses tests start (`lmforge train` etc.)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_store(tmp_path_factory):
     """Runs started by tests (in-process or as subprocesses) record into a temporary store."""

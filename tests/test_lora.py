@@ -382,6 +382,32 @@ def test_adapter_slots_are_lru_and_pinned_while_in_use(base: Path, adapters) -> 
     assert aset.acquire("b") == a and aset.loads == 2  # still loaded: no reload
 
 
+def test_a_finished_request_frees_its_adapter_slot_before_its_client_hears_the_end(base: Path, adapters) -> None:
+    """A client that sends its next request (for another adapter) the moment it reads the end of
+    the last must find the slot free: the engine releases it before the Finished event reaches the
+    client's sink, and still delivers the event when the release fails."""
+    from lmforge.serve.engine import Finished, Request, _deliver
+
+    _, aset = serving(base, [f"{n}={adapters[n]}" for n in "ab"], capacity=1)
+    slot = aset.acquire("a")
+    seen: list[object] = []
+
+    def sink(event) -> None:  # the client: reads the end, asks for adapter b at once
+        seen.append(event)
+        seen.append(aset.acquire("b"))
+
+    req = Request([1, 2], 1, sink=sink, adapter=slot, on_end=lambda: aset.release(slot))
+    _deliver(req, Finished("stop"))
+    assert seen == [Finished("stop"), slot] and req.on_end is None and aset.loaded() == ["b"]
+
+    def broken_release() -> None:
+        raise RuntimeError("release failed")
+
+    heard: list[object] = []
+    _deliver(Request([1], 1, sink=heard.append, on_end=broken_release), Finished("length"))  # logged, not raised
+    assert heard == [Finished("length")]  # the client hears its end all the same
+
+
 def test_serving_refuses_wrong_adapters_naming_them(base: Path, adapters, lora_run: Path) -> None:
     from lmforge.serve.adapters import parse_specs
 

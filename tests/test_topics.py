@@ -31,6 +31,9 @@ from lmforge.understand import topics as T
 from lmforge.understand import topics_stages as S
 from test_dashboard import CHROMIUM, chromium_dom
 
+# numba compiles UMAP's and pynndescent's kernels once per process (15 to 30 s): one xdist worker runs them all
+pytestmark = pytest.mark.xdist_group("numba")
+
 VOCAB = {
     "space": "rocket orbit planet moon astronaut launch galaxy telescope star comet".split(),
     "food": "pasta recipe oven garlic tomato cheese bread soup kitchen spice".split(),

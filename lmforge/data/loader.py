@@ -23,6 +23,11 @@ Sources:
   `loss_mask` (B, 2, T): [:, 0] the chosen sequences, [:, 1] the rejected ones, padded to the
   longest sequence of the batch. A pair with a sequence longer than seq_len + 1 tokens is left out
   and counted (`dropped`, `longest`), never cut.
+- `Mixture` (`data.mix`): several prepared datasets' sources (of one kind, one tokenizer) with
+  weights; sample id `offsets[k] + i` is sample i of dataset k, and the order is order.py's mixed
+  order (`Mixture.sample_ids`), not the plain one. A dataset is read at most `max_repeat` passes
+  over its train split: a step that would read past that raises DataError naming the dataset
+  (the trainer checks the whole run against it when it starts).
 - `Records`: variable-length records held as flat per-token columns and offsets (e.g. tokenized
   JSONL rows), padded per (global) batch: `batch` gives each column as (B, L) plus `lengths` (B,). The base
   for objectives whose samples are not token streams (pairs, triples, labelled examples).
@@ -49,6 +54,9 @@ would (figures: benchmarks/finetune.py), but a row stays one contiguous span of 
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -60,7 +68,7 @@ import torch
 from ..errors import DataError
 from ..tokenizer import Tokenizer
 from . import order
-from .manifest import document_starts, read_manifest
+from .manifest import document_inputs, document_starts, read_manifest
 
 Batch = dict[str, torch.Tensor]  # tensors with a leading batch dimension
 IGNORE = -100  # a target that is not scored (padding, untrained tokens): model.py's ignore_index
@@ -373,6 +381,90 @@ class Records:
         return out
 
 
+class Mixture:
+    """Several datasets' samples read in the weighted mixed order (module docstring; order.py)."""
+
+    def __init__(self, sources: Sequence[Source], weights: Sequence[float], names: Sequence[str], *,
+                 max_repeat: float) -> None:
+        if not (len(sources) == len(weights) == len(names)) or not sources:
+            raise ValueError("a mixture needs one weight and one name per source, and at least one source")
+        self.sources, self.weights, self.names = list(sources), [float(w) for w in weights], list(names)
+        self.quotas = order.mix_quotas(self.weights)
+        self.sizes = [s.n_samples for s in self.sources]
+        self.offsets = np.cumsum([0] + self.sizes).astype(np.int64)  # dataset k's ids: [offsets[k], offsets[k + 1])
+        self.n_samples = int(self.offsets[-1])
+        self.max_repeat = max_repeat
+        # the most draws of dataset k a run may make: max_repeat passes over its samples
+        self.caps = [math.floor(max_repeat * n) for n in self.sizes]
+
+    @property
+    def fingerprint(self) -> str:
+        """What decides the order: each dataset's fingerprint and share (not max_repeat, a cap)."""
+        parts = [[s.fingerprint, q] for s, q in zip(self.sources, self.quotas)]
+        return "mix-" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+    def sample_ids(self, positions: np.ndarray, *, seed: int, global_batch: int = 0) -> np.ndarray:
+        """(N,) global sample ids read at `positions`; DataError when one would read a dataset past its
+        cap (naming the data step when `global_batch` is given)."""
+        which, draw, ids = order.mixed_indices(positions, seed=seed, quotas=self.quotas, sizes=self.sizes)
+        over = draw >= np.asarray(self.caps, dtype=np.int64)[which]
+        if over.any():
+            k = int(which[over][0])
+            raise DataError(self.ran_out(k, int(np.asarray(positions)[over][0]), global_batch))
+        return self.offsets[which] + ids
+
+    def record(self) -> dict[str, Any]:
+        """What the run's events record of the mixture: per dataset (by name) its path, weight,
+        share of every block of the order, fingerprint, train samples and cap (max_repeat passes)."""
+        return {name: {"path": str(getattr(src, "dataset", None) and src.dataset.path), "weight": w,  # type: ignore[attr-defined]
+                       "share": q / sum(self.quotas), "fingerprint": src.fingerprint, "samples": n, "max_draws": cap}
+                for name, src, w, q, n, cap in zip(self.names, self.sources, self.weights, self.quotas, self.sizes, self.caps)}
+
+    def ran_out(self, k: int, position: int, global_batch: int = 0) -> str:
+        """The message for dataset k running out (its cap reached) at `position`."""
+        where = f"data step {position // global_batch} (sample position {position})" if global_batch else f"sample position {position}"
+        return (f"data.mix: {self.names[k]} runs out at {where}: it has {self.sizes[k]} train samples and "
+                f"may be read at most data.mix_max_repeat = {self.max_repeat:g} times ({self.caps[k]} draws); lower "
+                f"its weight, raise data.mix_max_repeat, add data, or stop the run sooner (train.max_steps)")
+
+    def check_until(self, n_positions: int, *, seed: int, global_batch: int = 0) -> list[int]:
+        """Each dataset's draws over positions [0, n_positions); DataError (`ran_out`) if any passes its cap."""
+        counts = order.mixed_draw_counts(n_positions, seed=seed, quotas=self.quotas)
+        for k, c in enumerate(counts):
+            if c > self.caps[k]:
+                # the first position past the cap: found by bisection over the pure count function
+                lo, hi = 0, n_positions
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (mid, hi) if order.mixed_draw_counts(mid, seed=seed, quotas=self.quotas)[k] <= self.caps[k] else (lo, mid)
+                raise DataError(self.ran_out(k, lo, global_batch))
+        return counts
+
+    def _split(self, sample_ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """[(dataset k, rows of the batch, local ids)] for each dataset present."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        which = np.searchsorted(self.offsets, ids, side="right") - 1
+        return [(int(k), np.flatnonzero(which == k), ids[which == k] - self.offsets[k]) for k in np.unique(which)]
+
+    def width(self, sample_ids: np.ndarray) -> int:
+        return max(self.sources[k].width(local) for k, _, local in self._split(sample_ids))
+
+    def batch(self, sample_ids: np.ndarray, width: int | None = None) -> Batch:
+        width = self.width(sample_ids) if width is None else width
+        n = len(sample_ids)
+        out: Batch = {}
+        for k, rows, local in self._split(sample_ids):
+            part = self.sources[k].batch(local, width=width)
+            if out and set(part) != set(out):
+                raise DataError(f"data.mix: {self.names[k]} gives samples with {sorted(part)}, another dataset "
+                                f"{sorted(out)}; mix datasets of one kind")
+            for key, t in part.items():
+                if key not in out:
+                    out[key] = t.new_empty((n, *t.shape[1:]))
+                out[key][torch.from_numpy(rows)] = t
+        return out
+
+
 def document_mask_on(setting: str, dataset: TokenDataset) -> bool:
     """`data.document_mask` for this dataset: "auto" is on for SFT data, off for a text stream."""
     return dataset.kind == "sft" if setting == "auto" else setting == "true"
@@ -456,11 +548,20 @@ class Loader:
         """Epoch of the next sample to read."""
         return self.step * self.global_batch // self.n_samples
 
+    def global_ids(self, step: int) -> np.ndarray:
+        """(global_batch,) sample ids of data step `step`: the plain order, or a Mixture's mixed order."""
+        if not isinstance(self.source, Mixture):
+            return order.global_batch(step, seed=self.seed, n_samples=self.n_samples, global_batch=self.global_batch)
+        order._check_step(step)
+        start = step * self.global_batch
+        return self.source.sample_ids(np.arange(start, start + self.global_batch, dtype=np.int64), seed=self.seed,
+                                      global_batch=self.global_batch)
+
     def peek(self, step: int) -> Batch:
         """This rank's batch of data step `step`: global_batch // world samples, padded to the
         longest sample of the whole global batch, so that every rank on any world size computes
         with the same shapes (deterministic_reduce stays bit-identical to one process)."""
-        everyone = order.global_batch(step, seed=self.seed, n_samples=self.n_samples, global_batch=self.global_batch)
+        everyone = self.global_ids(step)
         per = self.global_batch // self.world
         return self.source.batch(everyone[self.rank * per : (self.rank + 1) * per], width=self.source.width(everyone))
 
@@ -479,7 +580,7 @@ class Loader:
         count = getattr(self.source, "tokens", None)
         if count is None:
             return self.global_batch * self.seq_len
-        return int(count(order.global_batch(step, seed=self.seed, n_samples=self.n_samples, global_batch=self.global_batch)))
+        return int(count(self.global_ids(step)))
 
     def skip(self, n_steps: int) -> None:
         """Advance the cursor without reading (e.g. past a data window that made the loss spike)."""
@@ -519,9 +620,11 @@ class Loader:
 
 def val_batches(
     path: str | os.PathLike, *, seq_len: int, batch_size: int, max_batches: int | None = None,
-    document_mask: str = "auto", packing: bool = True,
+    document_mask: str = "auto", packing: bool = True, inputs: bool = False,
 ) -> Iterator[Batch]:
     """The val split's samples in order, in batches of up to batch_size (the last may be smaller).
+    inputs: each batch also has `input` (B, T) int64, the input (manifest.input_names) the document
+    of each target came from (-1: padding), for per-input loss.
 
     For a text stream, window j covers val tokens [j*seq_len, j*seq_len + seq_len + 1): every
     evaluation sees the same non-overlapping windows; for SFT data, the rows of the val split; for
@@ -542,18 +645,63 @@ def val_batches(
             f"{path}: the val split has {source.dataset.n_tokens} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}; "
             f"re-run prepare with a larger --val-fraction, or evaluate with a smaller seq_len"
         )
-    yield from in_order(source, batch_size, max_batches)
+    if not inputs:
+        yield from in_order(source, batch_size, max_batches)
+        return
+    if isinstance(source, PreferencePairs):
+        raise DataError(f"{path}: per-input loss is for text and SFT data, not preference pairs")
+    of_document = document_inputs(source.dataset.manifest, "val")
+    for ids, batch in in_order(source, batch_size, max_batches, with_ids=True):
+        batch["input"] = torch.from_numpy(_target_inputs(source, ids, of_document, batch["targets"].shape[1]))
+        yield batch
 
 
-def in_order(source: Source, batch_size: int, max_batches: int | None = None) -> Iterator[Batch]:
+def _target_inputs(source: TokenWindows | DocumentRows, ids: np.ndarray, of_document: np.ndarray, width: int) -> np.ndarray:
+    """(N, width) int64: the input (index into manifest.input_names) of each target's document; -1: padding."""
+    rows = [of_document[source.dataset.document_ids(s + 1, n - 1)] for s, n in source.spans(ids)]  # target -> input
+    return pad_rows(rows, -1, width)
+
+
+def input_val_batches(
+    path: str | os.PathLike, input_index: int, *, seq_len: int, batch_size: int, max_batches: int | None = None,
+    document_mask: str = "auto", packing: bool = True,
+) -> Iterator[Batch]:
+    """One input's share of the val split (a dataset prepared from several inputs): the val samples
+    that hold a target of a document of input `input_index`, in order, with every other input's
+    targets unscored (IGNORE, and out of the loss mask), so a loss over them is that input's alone.
+    max_batches caps the batches of this input (not of the split: the split is in input order)."""
+    source = open_source(path, "val", seq_len=seq_len, document_mask=document_mask, packing=packing)
+    if isinstance(source, PreferencePairs):
+        raise DataError(f"{path}: per-input loss is for text and SFT data, not preference pairs")
+    of_document = document_inputs(source.dataset.manifest, "val")
+    starts = source.dataset.document_starts
+    # sample i holds input g iff a document of g lies within its targets' first and last documents
+    spans = np.array(source.spans(np.arange(source.n_samples, dtype=np.int64)), dtype=np.int64).reshape(-1, 2)
+    first = np.searchsorted(starts, spans[:, 0] + 1, side="right") - 1
+    last = np.searchsorted(starts, spans[:, 0] + spans[:, 1] - 1, side="right") - 1
+    seen = np.concatenate([[0], np.cumsum(of_document == input_index)])  # documents of g before each document
+    ids = np.flatnonzero(seen[last + 1] - seen[first] > 0).astype(np.int64)
+    n_batches = -(-len(ids) // batch_size)
+    for b in range(n_batches if max_batches is None else min(n_batches, max_batches)):
+        chunk = ids[b * batch_size : (b + 1) * batch_size]
+        batch = source.batch(chunk)
+        other = torch.from_numpy(_target_inputs(source, chunk, of_document, batch["targets"].shape[1]) != input_index)
+        batch["targets"] = batch["targets"].masked_fill(other, IGNORE)
+        if "loss_mask" in batch:
+            batch["loss_mask"] = batch["loss_mask"] & ~other
+        yield batch
+
+
+def in_order(source: Source, batch_size: int, max_batches: int | None = None, *, with_ids: bool = False) -> Iterator[Any]:
     """A source's samples 0, 1, 2, ... in batches of up to batch_size (the last may be smaller),
-    at most max_batches of them (None: all)."""
+    at most max_batches of them (None: all); with_ids: (sample ids, batch) pairs."""
     n = source.n_samples
     n_batches = -(-n // batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     for b in range(n_batches):
-        yield source.batch(np.arange(b * batch_size, min(n, (b + 1) * batch_size), dtype=np.int64))
+        ids = np.arange(b * batch_size, min(n, (b + 1) * batch_size), dtype=np.int64)
+        yield (ids, source.batch(ids)) if with_ids else source.batch(ids)
 
 
 def scored_targets(batch: Batch) -> torch.Tensor:

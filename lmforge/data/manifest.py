@@ -77,6 +77,21 @@ def document_starts(manifest: dict[str, Any], split: str) -> np.ndarray:
     return shard_starts[rows[:, 0]] + rows[:, 1]
 
 
+def input_names(manifest: dict[str, Any]) -> list[str]:
+    """The names of the inputs a dataset was prepared from (`prepare A B C`: mix.input_names), in
+    order; [] for a dataset that does not record them (SFT and preference data)."""
+    return [str(i["name"]) for i in manifest.get("inputs") or []]
+
+
+def document_inputs(manifest: dict[str, Any], split: str) -> np.ndarray:
+    """(D,) int64: the input each document of `split` came from (an index into `input_names`), in
+    stream order, beside `document_starts` (the document index's source -> that source's input)."""
+    split_id = manifest["document_index"]["splits"].index(split)
+    of_source = np.array([int(s.get("input", 0)) for s in manifest["sources"]] or [0], dtype=np.int64)
+    rows = np.array([r[3] for r in manifest["document_index"]["rows"] if r[0] == split_id], dtype=np.int64)
+    return of_source[rows]
+
+
 def verify_dataset(path: str | os.PathLike) -> list[str]:
     """Re-check the tokenizer hash and every shard's size and sha256; returns the problems found."""
     root = Path(path)

@@ -22,13 +22,31 @@ until they land inside, which keeps the map a bijection on range(n). Memory is O
 O(n_samples); a batch of ids is computed vectorised in numpy (uint64 arithmetic wraps mod 2^64).
 Round keys come from splitmix64 over (seed, epoch, round). Six rounds: more than enough mixing for
 data order (this is not cryptography).
+
+Mixed order (`data.mix`: several prepared datasets, each with a weight). Positions are cut into
+blocks of MIX_BLOCK; block b holds exactly q_k positions of dataset k, the weights' shares of
+MIX_BLOCK rounded by largest remainder (`mix_quotas`), laid out by the keyed permutation of the
+block (`mix_seed(seed)`, epoch b): slot s of the block belongs to dataset k when
+`Q_{k-1} <= s < Q_k` (Q the cumulative quotas), and position i of the block reads the slot
+`perm[i]`. The j-th position that falls to dataset k (j counts over all earlier blocks, b*q_k, plus
+the earlier positions of its own block) reads that dataset's own order:
+`sample_indices(j, seed=source_seed(seed, k), n_samples=n_k)`, so every sample of a dataset is read
+once per pass over it. Everything is a pure function of (seed, position, quotas, sizes): a batch
+needs its one or two blocks (O(MIX_BLOCK), cached), any world size reads the same global batch, and
+a resume needs only the step. With one dataset the mixed order *is* the plain order (its quota is
+the whole block, and dataset 0 keeps the seed). Trade-off: a weight is resolved to 1/MIX_BLOCK
+(a positive share below that is refused, config.py), and within a block the layout is random, so a
+batch's shares vary around the weights while every block's are exact.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..ranges import MIX_BLOCK
 
 _ROUNDS = 6
 _M64 = (1 << 64) - 1
@@ -137,3 +155,92 @@ def rank_batch(step: int, rank: int, world: int, *, seed: int, n_samples: int, g
     per = global_batch // world
     start = step * global_batch + rank * per
     return sample_indices(np.arange(start, start + per, dtype=np.int64), seed=seed, n_samples=n_samples)
+
+
+# ---- mixed order (data.mix) -------------------------------------------------------------------
+
+_MIX_TAG = 0x6D6978  # "mix": keys the block layout apart from every dataset's own order
+
+
+def mix_quotas(weights: list[float], block: int = MIX_BLOCK) -> tuple[int, ...]:
+    """Each weight's share of `block` positions, rounded by largest remainder (ties: the earlier
+    dataset); the quotas sum to `block`. Weights must be finite, >= 0, with a positive sum."""
+    total = float(sum(weights))
+    if not weights or not total > 0 or any(not (w >= 0) for w in weights):
+        raise ConfigError(f"mix weights must be >= 0 with a positive sum, got {weights}")
+    exact = [w / total * block for w in weights]
+    quotas = [int(e) for e in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda k: (-(exact[k] - quotas[k]), k))
+    for k in by_remainder[: block - sum(quotas)]:
+        quotas[k] += 1
+    return tuple(quotas)
+
+
+def mix_seed(seed: int) -> int:
+    """The key of the block layout (derived from data.seed, independent of every dataset's order)."""
+    return _splitmix64((seed & _M64) ^ _MIX_TAG)
+
+
+def source_seed(seed: int, k: int) -> int:
+    """The seed of dataset k's own order: data.seed for the first (so a mix of one dataset is the
+    plain order), a derived one for the others (two datasets of one size are not read in step)."""
+    return seed if k == 0 else _splitmix64(_splitmix64(seed & _M64) ^ k)
+
+
+@functools.lru_cache(maxsize=8)
+def _mix_block(seed: int, block: int, quotas: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """((B,) dataset of each position of block `block`, (B,) its rank among that dataset's
+    positions of the block); B = sum(quotas)."""
+    size = sum(quotas)
+    slots = _permute(np.arange(size, dtype=np.uint64), mix_seed(seed), block, size).astype(np.int64)
+    which = np.searchsorted(np.cumsum(quotas), slots, side="right")  # slot -> dataset
+    rank = np.empty(size, dtype=np.int64)
+    for k in range(len(quotas)):
+        sel = which == k
+        rank[sel] = np.arange(int(sel.sum()), dtype=np.int64)
+    which.flags.writeable = rank.flags.writeable = False  # cached: shared by every caller
+    return which, rank
+
+
+def mixed_draws(positions: np.ndarray, *, seed: int, quotas: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) positions -> ((N,) dataset k of each, (N,) draw j: how many earlier positions fell to k)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if positions.size and positions.min() < 0:
+        raise ValueError("positions must be >= 0")
+    size = sum(quotas)
+    blocks, within = positions // size, positions % size
+    which = np.empty(positions.shape, dtype=np.int64)
+    draw = np.empty(positions.shape, dtype=np.int64)
+    q = np.asarray(quotas, dtype=np.int64)
+    for b in np.unique(blocks):
+        sel = blocks == b
+        kb, rb = _mix_block(seed, int(b), quotas)
+        which[sel] = kb[within[sel]]
+        draw[sel] = int(b) * q[which[sel]] + rb[within[sel]]
+    return which, draw
+
+
+def mixed_indices(positions: np.ndarray, *, seed: int, quotas: tuple[int, ...], sizes: list[int]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N,) positions -> ((N,) dataset k, (N,) draw j, (N,) sample id within dataset k): the j-th
+    sample of dataset k's own order (`sample_indices` with `source_seed(seed, k)`)."""
+    which, draw = mixed_draws(positions, seed=seed, quotas=quotas)
+    ids = np.empty(which.shape, dtype=np.int64)
+    for k in np.unique(which):
+        sel = which == k
+        ids[sel] = sample_indices(draw[sel], seed=source_seed(seed, int(k)), n_samples=sizes[int(k)])
+    return which, draw, ids
+
+
+def mixed_draw_counts(n_positions: int, *, seed: int, quotas: tuple[int, ...]) -> list[int]:
+    """How many of positions [0, n_positions) fall to each dataset (its draws so far)."""
+    if n_positions < 0:
+        raise ValueError("n_positions must be >= 0")
+    size = sum(quotas)
+    full, rest = divmod(n_positions, size)
+    counts = [full * q for q in quotas]
+    if rest:
+        which, _ = _mix_block(seed, full, quotas)
+        for k, c in enumerate(np.bincount(which[:rest], minlength=len(quotas)).tolist()):
+            counts[k] += c
+    return counts

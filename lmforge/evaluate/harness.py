@@ -8,14 +8,20 @@ pickle). Evaluation runs in fp32 whatever the training dtype, so a number does n
 autocast kernels of the machine that computed it.
 
 Text source, in order: `--text FILE`, `--data DIR` (a prepared dataset's val split), else the
-run config's `data.path`. A prepared dataset must have been tokenized with the checkpoint's
-tokenizer (sha256 compared), otherwise its token ids mean nothing to the model.
+run config's `data.mix` datasets or its `data.path`. A prepared dataset must have been tokenized
+with the checkpoint's tokenizer (sha256 compared), otherwise its token ids mean nothing to the model.
+
+Per-source loss (docs/eval.md): for a run's `data.mix`, each dataset's metrics as `loss/NAME` (...)
+and the overall ones as their means weighted by data.mix, as the trainer's val_loss; for a dataset
+prepared from several inputs, each target counted for its document's input (`loss/INPUT`), the
+overall loss unchanged (one reduction over all targets, as without inputs).
 """
 
 from __future__ import annotations
 
 import codecs
 import itertools
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -35,7 +41,7 @@ from ..tokenizer import Tokenizer
 from ..util import out as results_out  # command results: stdout, every progress mode
 from ..util import progress_bar
 from . import metrics as M
-from .loss import dataset_batches, nll_totals, stream_batches
+from .loss import dataset_batches, nll_by_input, nll_totals, stream_batches
 from .score import make_request, score_naive, score_packed
 from .tasks import Task, context_ids, encode_request, load_task
 
@@ -102,20 +108,55 @@ def text_source(cfg: Config, tokenizer: Tokenizer, *, data: str | None, text: st
         if not Path(text).is_file():
             raise DataError(f"--text: no such file: {text}")
         return "text", text
+    if not data and cfg.data.mix:  # the run's datasets, each scored (`loss/NAME`): all of them, or none when one is not here
+        here = [_dataset_here(p, tokenizer, given=False) for p in cfg.data.mix]
+        return ("mix", "") if all(here) else None
     path = data or cfg.data.path
     if not path:
         return None
+    return ("data", str(path)) if _dataset_here(path, tokenizer, given=bool(data)) else None
+
+
+def _dataset_here(path: str, tokenizer: Tokenizer, *, given: bool) -> bool:
+    """Whether `path` is a prepared dataset here (False for a run's dataset that is not: another
+    machine, moved; a DataError when the user gave it); refused when its tokenizer is not the model's."""
     if not (Path(path) / MANIFEST_FILE).is_file():
-        if data:
+        if given:
             raise DataError(f"--data: {path} is not a prepared dataset (no {MANIFEST_FILE}); run `lmforge prepare` or pass --text FILE")
-        return None  # the run's dataset is not here (another machine, moved); tasks can still run
+        return False  # the run's dataset is not here (another machine, moved); tasks can still run
     sha = read_manifest(path).get("tokenizer_sha256")
     if sha != tokenizer.sha256:
         raise DataError(
             f"{path} was prepared with another tokenizer (sha256 {str(sha)[:12]}…) than the checkpoint's "
             f"({tokenizer.sha256[:12]}…); its token ids mean nothing to this model. Pass --text FILE instead"
         )
-    return "data", str(path)
+    return True
+
+
+def _dataset_loss(model: torch.nn.Module, tokenizer: Tokenizer, cfg: Config, path: str, *, seq_len: int, batch_size: int,
+                  max_batches: int, progress: Progress, governor: Governor | None, by_input: bool = True) -> dict[str, float]:
+    """loss, perplexity, bits_per_byte on a prepared dataset's val split, read as the run read its
+    data (SFT rows, document masking); for a dataset prepared from several inputs (by_input), the
+    same per input as `loss/NAME` (each target counts for the input its document came from)."""
+    from ..data.loader import open_source
+    from ..data.manifest import input_names
+
+    d = cfg.data
+    manifest = read_manifest(path)
+    names = input_names(manifest) if by_input and manifest.get("kind", "text") != "dpo" else []
+    n_windows = open_source(path, "val", seq_len=seq_len, document_mask=d.document_mask, packing=d.packing).n_samples
+    batches = dataset_batches(path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
+                              document_mask=d.document_mask, packing=d.packing, inputs=len(names) > 1)
+    total = -(-n_windows // batch_size)
+    if max_batches:
+        total = min(total, max_batches)
+    bar = progress.add_task(f"loss on {Path(path).name}", total=total)
+    counted = _counted(batches, progress, bar, governor)
+    if len(names) < 2:
+        return M.loss_metrics(*nll_totals(model, counted, tokenizer.token_nbytes()))
+    overall, per = nll_by_input(model, counted, tokenizer.token_nbytes(), len(names))
+    return M.loss_metrics(*overall) | {f"{k}/{name}": v for name, totals in zip(names, per)
+                                       for k, v in M.loss_metrics(*totals).items()}
 
 
 def evaluate_model(
@@ -152,19 +193,24 @@ def evaluate_model(
                 if max_batches:
                     batches = itertools.islice(batches, max_batches)
                 total = max_batches or None  # the number of windows is known only at the end of a streamed text
-            else:
-                from ..data.loader import open_source
+                bar = progress.add_task(f"loss on {Path(path).name}", total=total)
+                nll, tokens, nbytes = nll_totals(model, _counted(batches, progress, bar, governor), tokenizer.token_nbytes())
+                out.update(M.loss_metrics(nll, tokens, nbytes))
+            elif kind == "data":
+                out.update(_dataset_loss(model, tokenizer, cfg, path, seq_len=seq_len, batch_size=batch_size,
+                                         max_batches=max_batches, progress=progress, governor=governor))
+            else:  # "mix": each of the run's data.mix datasets, and their mean weighted as the run mixed them
+                from ..data.mix import input_names
 
-                d = cfg.data  # the val split read as the run read its data (SFT rows, document masking)
-                n_windows = open_source(path, "val", seq_len=seq_len, document_mask=d.document_mask, packing=d.packing).n_samples
-                batches = dataset_batches(path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
-                                          document_mask=d.document_mask, packing=d.packing)
-                total = -(-n_windows // batch_size)
-                if max_batches:
-                    total = min(total, max_batches)
-            bar = progress.add_task(f"loss on {Path(path).name}", total=total)
-            nll, tokens, nbytes = nll_totals(model, _counted(batches, progress, bar, governor), tokenizer.token_nbytes())
-            out.update(M.loss_metrics(nll, tokens, nbytes))
+                paths = list(cfg.data.mix)
+                per = {name: _dataset_loss(model, tokenizer, cfg, p, seq_len=seq_len, batch_size=batch_size,
+                                           max_batches=max_batches, progress=progress, governor=governor, by_input=False)
+                       for name, p in zip(input_names(paths), paths)}
+                weights = {name: cfg.data.mix[p] for name, p in zip(per, paths) if cfg.data.mix[p] > 0}
+                loss = sum(w * per[n]["loss"] for n, w in weights.items()) / sum(weights.values())
+                bpb = sum(w * per[n]["bits_per_byte"] for n, w in weights.items()) / sum(weights.values())
+                out.update({"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "bits_per_byte": bpb})
+                out.update({f"{k}/{name}": v for name, values in per.items() for k, v in values.items()})
         for task in tasks:
             size = f"{len(task.queries)} queries, {len(task.docs)} docs" if task.kind == "retrieval" else len(task.items)
             bar = progress.add_task(f"{task.name} ({size} {task.kind})", total=1)
@@ -310,7 +356,7 @@ def eval_command(
         task_list = own_tasks(cfg)  # a contrastive run: its val pairs as a retrieval task
     if source is None and not task_list:
         raise DataError(
-            f"nothing to evaluate: the run's data.path ({cfg.data.path or 'unset'}) is not a prepared dataset here "
+            f"nothing to evaluate: the run's data ({', '.join(cfg.data.datasets) or 'data.path unset'}) is not a prepared dataset here "
             "and no --tasks were given; pass --data DIR, --text FILE or --tasks FILE.jsonl (or a bundled task, e.g. python-mc)"
         )
     results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source, batch_size=bs,

@@ -37,11 +37,22 @@ def nll_totals(
     """(summed NLL in nats, scored tokens, UTF-8 bytes of the scored targets) over batches (dicts
     with `inputs`, `targets`, optionally `loss_mask` and `documents`); targets equal to -100, or
     outside a batch's loss mask, are not scored. fp32 throughout, so numbers compare."""
+    return nll_by_input(model, batches, token_nbytes, 0)[0]
+
+
+@torch.no_grad()
+def nll_by_input(
+    model: torch.nn.Module, batches: Iterable[Batch], token_nbytes: np.ndarray, n_inputs: int
+) -> tuple[tuple[float, int, int], list[tuple[float, int, int]]]:
+    """`nll_totals` over all targets, and the same totals per input (batches carry `input`, (B, T):
+    the input of each target's document, data/loader.py `val_batches(inputs=True)`), n_inputs of
+    them; the overall sum is the same reduction as without inputs, so its number does not change."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
     nbytes = torch.from_numpy(token_nbytes)
     total, tokens, nbyte = 0.0, 0, 0
+    per = np.zeros((n_inputs, 3), dtype=np.float64)  # per input: NLL, tokens, bytes
     try:
         for batch in batches:
             b = {k: v.to(dev) for k, v in batch.items()}
@@ -54,9 +65,16 @@ def nll_totals(
             real = y[y != IGNORE].cpu()
             tokens += real.numel()
             nbyte += int(nbytes[real].sum())
+            if n_inputs:
+                nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none").cpu()
+                scored = (y.flatten() != IGNORE).cpu()
+                which = b["input"].flatten().cpu()[scored].numpy()
+                np.add.at(per[:, 0], which, nll[scored].double().numpy())
+                np.add.at(per[:, 1], which, 1)
+                np.add.at(per[:, 2], which, nbytes[real].numpy())
     finally:
         model.train(was_training)
-    return total, tokens, nbyte
+    return (total, tokens, nbyte), [(float(a), int(t), int(n)) for a, t, n in per]
 
 
 def text_batches(ids: Sequence[int], *, start_id: int, seq_len: int, batch_size: int) -> Iterator[Batch]:
@@ -97,11 +115,11 @@ def _batch(rows: list[np.ndarray], seq_len: int) -> Batch:
 
 
 def dataset_batches(data_path: str, *, seq_len: int, batch_size: int, max_batches: int | None,
-                    document_mask: str = "auto", packing: bool = True) -> Iterator[Batch]:
+                    document_mask: str = "auto", packing: bool = True, inputs: bool = False) -> Iterator[Batch]:
     """The val split's samples (data/loader.py `val_batches`; of preference pairs, the chosen
-    sequences); max_batches None or 0 reads them all."""
+    sequences); max_batches None or 0 reads them all. inputs: with each target's input (`input`)."""
     batches = val_batches(data_path, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches or None,
-                          document_mask=document_mask, packing=packing)
+                          document_mask=document_mask, packing=packing, inputs=inputs)
     if read_manifest(data_path).get("kind") == "dpo":
         return ({k: v[:, 0] for k, v in b.items()} for b in batches)  # (B, 2, T) -> the chosen rows (B, T)
     return batches

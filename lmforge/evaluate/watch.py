@@ -211,7 +211,7 @@ def watch(
                 source = text_source(cfg, tokenizer, data=data, text=text)
                 if source is None and not task_list:
                     raise LmforgeError(
-                        f"nothing to evaluate for {ckpt}: data.path ({cfg.data.path or 'unset'}) is not a prepared "
+                        f"nothing to evaluate for {ckpt}: its data ({', '.join(cfg.data.datasets) or 'data.path unset'}) is not a prepared "
                         "dataset here and no tasks are configured; pass --data, --text or --tasks"
                     )
                 results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source,

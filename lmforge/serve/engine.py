@@ -554,18 +554,20 @@ def _top(lp: torch.Tensor, n: int) -> list[tuple[int, float]]:
 
 
 def _deliver(req: Request, event: Finished) -> None:
-    """A request's last event; a sink that fails on it is logged (nothing more can reach its client).
-    First `on_end`: the request computes in no forward any more, so its adapter slot is free before
-    its client hears the end (and sends its next request, which may need that slot)."""
+    """A request's last event. First `on_end`: the request computes in no forward any more, so its
+    adapter slot is free before its client hears the end (and sends its next request, which may need
+    that slot). A hook or sink that fails is logged, not raised: it must not stop the engine's other
+    requests, and nothing more can reach this one's client."""
     end, req.on_end = req.on_end, None
-    try:
-        if end is not None:
-            end()
-    finally:
+    if end is not None:
         try:
-            req.sink(event)
+            end()
         except Exception as e:
-            log.error("a request's sink failed on its end (%s): %r", event.reason, e)
+            log.error("a request's end hook failed (%s): %r", event.reason, e)
+    try:
+        req.sink(event)
+    except Exception as e:
+        log.error("a request's sink failed on its end (%s): %r", event.reason, e)
 
 
 def _dropped(req: Request, now: float) -> str:

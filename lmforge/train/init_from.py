@@ -76,14 +76,14 @@ def resolve_init(cfg: Config) -> Config:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) is longer than model.max_seq_len ({cfg.model.max_seq_len})")
     inherit_embed(cfg, source_cfg.embed)
-    if not cfg.data.path:  # contrastive pairs from data.pairs: tokenized with the source's own tokenizer
+    if not cfg.data.datasets:  # contrastive pairs from data.pairs: tokenized with the source's own tokenizer
         return cfg
-    ds = TokenDataset(cfg.data.path)
+    ds = TokenDataset(cfg.data.datasets[0])  # data.mix: its datasets share one tokenizer (start.resolve_mix)
     model_sha = Tokenizer.load(shaped_by / TOKENIZER_FILE).sha256
     data_sha = ds.manifest.get("tokenizer_sha256")
     if data_sha != model_sha:
         raise ConfigError(
-            f"data.path {cfg.data.path} was prepared with another tokenizer (sha256 {str(data_sha)[:12]}...) than "
+            f"data.path {ds.path} was prepared with another tokenizer (sha256 {str(data_sha)[:12]}...) than "
             f"init.from {src} ({model_sha[:12]}...); prepare the corpus with the model's tokenizer: "
             f"lmforge prepare CORPUS --tokenizer {origin.path} --out DATA"
         )

@@ -345,6 +345,8 @@ def data_source(cfg: Config, split: str = "train") -> Any:
     the embed prefixes); otherwise the prepared dataset's windows or rows (`open_source`)."""
     from ..data.loader import open_source
 
+    if cfg.data.mix and split == "train":
+        return mixture(cfg)
     if cfg.train.objective != "contrastive":
         return open_source(cfg.data.path, split, seq_len=cfg.data.seq_len, document_mask=cfg.data.document_mask,
                            packing=cfg.data.packing)
@@ -360,13 +362,27 @@ def data_source(cfg: Config, split: str = "train") -> Any:
                          query_prefix=e.query_prefix, document_prefix=e.document_prefix)
 
 
+def mixture(cfg: Config) -> Any:
+    """data.mix: the train splits of its datasets as one data/loader.py Mixture (the mixed order),
+    each read as the run reads data (document masking, packing), named as `prepare --mix` names inputs."""
+    from ..data.loader import Mixture, open_source
+    from ..data.mix import input_names
+
+    d = cfg.data
+    paths = list(d.mix)
+    sources = [open_source(p, "train", seq_len=d.seq_len, document_mask=d.document_mask, packing=d.packing) for p in paths]
+    return Mixture(sources, [d.mix[p] for p in paths], input_names(paths), max_repeat=d.mix_max_repeat)
+
+
 def tokenizer_path(cfg: Config) -> Path:
-    """The run's tokenizer.json: its prepared dataset's (data.path), else (pairs from data.pairs)
-    init.from's, which tokenizes them."""
-    if cfg.data.path:
+    """The run's tokenizer.json: its prepared dataset's (data.path; with data.mix, the first
+    dataset's: a start checks that they all share it), else (pairs from data.pairs) init.from's,
+    which tokenizes them."""
+    if cfg.data.datasets:
         from ..data.manifest import read_manifest
 
-        return Path(cfg.data.path) / read_manifest(cfg.data.path)["tokenizer"]
+        first = cfg.data.datasets[0]
+        return Path(first) / read_manifest(first)["tokenizer"]
     if not cfg.init.from_:
         raise ConfigError("data.pairs are tokenized with the model's tokenizer: set init.from to the model to train "
                           "(a run, checkpoint or model directory)")
@@ -417,7 +433,8 @@ def train(run: Run) -> int:
     EXIT_NON_FINITE (3) done with a non-finite loss or weights, 128 + signal number when stopped."""
     cfg, t, d = run.cfg, run.cfg.train, run.dist
     records.open_store(run)
-    records.record_start(run)
+    mixed = getattr(run.loader.source, "record", None)  # data.mix: a Mixture says what it reads
+    records.record_start(run, mix=mixed() if mixed is not None else None)
     accum = distributed.micro_batches_per_rank(t.global_batch, t.micro_batch, d.world)
     # DPO: a sample is two sequences, and each also goes through the reference's forward (a third of a step's FLOPs)
     dpo = t.objective == "dpo"
@@ -477,8 +494,8 @@ def train(run: Run) -> int:
                                   **perf, **result.metrics})
                 progress.update(run.step, result.loss, rate)
             if t.eval_every and (run.step % t.eval_every == 0 or run.step == t.max_steps):
-                val = validation(run.model, run.objective, val_batches(cfg, t.micro_batch, t.eval_batches), dtype=t.dtype)
-                log_metrics(run, {f"val_{k}": v for k, v in val.items()})  # val_loss, and the objective's metrics
+                val = validate(run)
+                log_metrics(run, {f"val_{k}": v for k, v in val.items()})  # val_loss (val_loss/NAME: data.mix), the objective's metrics
                 progress.note(f"step {run.step}: " + ", ".join(f"val_{k} {v:.4f}" for k, v in val.items()))
             due = (t.ckpt_every_steps and run.step % t.ckpt_every_steps == 0) or (
                 t.ckpt_every_minutes and time.monotonic() - last_ckpt_time >= 60 * t.ckpt_every_minutes
@@ -531,15 +548,16 @@ def split_micro(batch: Batch, micro_batch: int, dev: torch.device) -> list[Batch
     return [{k: chunks[i] for k, chunks in parts.items()} for i in range(len(next(iter(parts.values()))))]
 
 
-def val_batches(cfg: Config, batch_size: int, max_batches: int | None) -> Any:
+def val_batches(cfg: Config, batch_size: int, max_batches: int | None, path: str | None = None) -> Any:
     """The run's validation batches: the val split read as the train split is (same source kind,
     document masking and packing; pairs for the contrastive objective), in order; max_batches None
-    or 0 reads them all (as train.eval_batches 0 and `lmforge eval --max-batches 0` mean)."""
+    or 0 reads them all (as train.eval_batches 0 and `lmforge eval --max-batches 0` mean).
+    `path`: another dataset's val split (one of data.mix), read the same way."""
     from ..data.loader import in_order
     from ..data.loader import val_batches as batches
 
     if cfg.train.objective != "contrastive":
-        return batches(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=batch_size, max_batches=max_batches or None,
+        return batches(path or cfg.data.path, seq_len=cfg.data.seq_len, batch_size=batch_size, max_batches=max_batches or None,
                        document_mask=cfg.data.document_mask, packing=cfg.data.packing)
     source = data_source(cfg, "val")
     if source.n_samples < 1:
@@ -548,6 +566,48 @@ def val_batches(cfg: Config, batch_size: int, max_batches: int | None) -> Any:
                  f"the val split of {cfg.data.path} has no document long enough for two spans; prepare with a larger --val-fraction")
         raise DataError(f"{where}, or train without validation: --set train.eval_every=0")
     return in_order(source, batch_size, max_batches or None)
+
+
+def validate(run: Run) -> dict[str, float]:
+    """The run's validation: the objective's loss (and metrics) on the val split. With data.mix, on
+    each dataset's val split (train.eval_batches micro batches each) as `loss/NAME`, and `loss` the
+    mean of those weighted by data.mix (datasets of weight 0 are validated, not counted in it): an
+    estimate of the loss on the mixture the run trains on. With one dataset, `loss/NAME` == `loss`.
+    With one data.path prepared from several inputs, also `loss/INPUT` (`per_input_validation`)."""
+    cfg, t = run.cfg, run.cfg.train
+    if not cfg.data.mix:
+        val = validation(run.model, run.objective, val_batches(cfg, t.micro_batch, t.eval_batches), dtype=t.dtype)
+        return val | per_input_validation(run)
+    from ..data.mix import input_names
+
+    paths = list(cfg.data.mix)
+    per = {name: validation(run.model, run.objective, val_batches(cfg, t.micro_batch, t.eval_batches, path=p), dtype=t.dtype)
+           for name, p in zip(input_names(paths), paths)}
+    weights = {name: cfg.data.mix[p] for name, p in zip(per, paths) if cfg.data.mix[p] > 0}
+    overall = {k: sum(w * per[name][k] for name, w in weights.items()) / sum(weights.values()) for k in per[next(iter(weights))]}
+    return overall | {f"{k}/{name}": v for name, values in per.items() for k, v in values.items()}
+
+
+def per_input_validation(run: Run) -> dict[str, float]:
+    """{"loss/INPUT": ...} for a data.path prepared from several inputs (next_token): each input's
+    val targets alone, up to train.eval_batches micro batches of them (data/loader.py
+    `input_val_batches`); {} otherwise."""
+    cfg, t = run.cfg, run.cfg.train
+    if t.objective != "next_token" or not cfg.data.path:
+        return {}
+    from ..data.loader import input_val_batches
+    from ..data.manifest import input_names, read_manifest
+
+    manifest = read_manifest(cfg.data.path)
+    names = input_names(manifest) if manifest.get("kind", "text") != "dpo" else []
+    if len(names) < 2:
+        return {}
+    d = cfg.data
+    out = {f"loss/{name}": validation(run.model, run.objective, input_val_batches(
+               d.path, g, seq_len=d.seq_len, batch_size=t.micro_batch, max_batches=t.eval_batches or None,
+               document_mask=d.document_mask, packing=d.packing), dtype=t.dtype)["loss"]
+           for g, name in enumerate(names)}
+    return {k: v for k, v in out.items() if not math.isnan(v)}  # an input with no val document has no figure
 
 
 def seed_everything(seed: int) -> None:

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from .. import artifacts
 from ..artifacts import CONFIG_FILE, EVENTS_FILE, FAULTS_FIRED_FILE, METRICS_FILE
 from ..config import Config, load_config
-from ..errors import LmforgeError, WriteError
+from ..errors import DataError, LmforgeError, WriteError
 from ..jsonl import append_jsonl, read_records
 from ..util import atomic_write_text, console, warn, write_failure
 from .distributed import Dist
@@ -166,19 +166,21 @@ def open_store(run: Recorded) -> None:
         run.store = None
 
 
-def record_start(run: Recorded) -> None:
+def record_start(run: Recorded, mix: dict[str, Any] | None = None) -> None:
     """Say how this start began (fresh, resumed or branched) and record it, with the directory it
-    runs in (relative paths in the config are read from there)."""
+    runs in (relative paths in the config are read from there) and, for data.mix, what the mixture
+    reads (data/loader.py `Mixture.record`: datasets, shares, fingerprints)."""
     d, cwd = run.dist, os.getcwd()
+    mix = {"mix": mix} if mix else {}
     if run.resumed:
         console.print(f"resumed from {run.resumed_from} at step {run.step} ({d.describe()})")
-        log_event(run, "resume", {"checkpoint": str(run.resumed_from), "world": d.world, "cwd": cwd})
+        log_event(run, "resume", {"checkpoint": str(run.resumed_from), "world": d.world, "cwd": cwd, **mix})
     elif run.resumed_from is not None:
         console.print(f"branched from {run.resumed_from} at step {run.step} into {run.run_dir}")
         cursor = {"data_order": "fresh", "data_order_reason": run.fresh_data_order} if run.fresh_data_order else {"data_order": "continued"}
-        log_event(run, "branch", {"from": str(run.resumed_from), "world": d.world, "cwd": cwd, **cursor})
+        log_event(run, "branch", {"from": str(run.resumed_from), "world": d.world, "cwd": cwd, **cursor, **mix})
     else:
-        log_event(run, "start", {"world": d.world, "cwd": cwd} | ({"init_from": run.init_origin} if run.init_origin else {}))
+        log_event(run, "start", {"world": d.world, "cwd": cwd, **mix} | ({"init_from": run.init_origin} if run.init_origin else {}))
 
 
 def finish(run: Recorded, status: str) -> None:
@@ -224,6 +226,9 @@ def data_step_of_run(run_dir: str | Path, step: int) -> dict[str, Any]:
     checkpoint c < step, the data cursor is (step - 1) - c + the cursor it skipped to."""
     rd = Path(run_dir)
     cfg = load_config(rd / CONFIG_FILE)
+    if cfg.data.mix:
+        raise DataError(f"{rd} trains on data.mix ({', '.join(cfg.data.mix)}): data inspect traces the steps of a run on "
+                        "one dataset (data.path), not yet those of a mixed order (docs/data.md)")
     events = read_records(rd / EVENTS_FILE)
     rollbacks = [e for e in events if e.get("kind") == "rollback"]
     notes = [f"run {rd}: {len(rollbacks)} rollback(s)"]

@@ -68,6 +68,7 @@ SAFE_TO_CHANGE = {
         "activation_checkpointing", "contrastive_temperature",
     },
     "guard": "*", "eval": "*", "serve": "*", "init": "*",  # a LoRA run's init.from: its base, checked by checksum
+    "data": {"mix_max_repeat"},  # a cap on the mixed order, not the order itself
     "lora": {"dropout"},
 }
 
@@ -219,7 +220,7 @@ def resolve_config(cfg: Config) -> Config:
 
     if cfg.train.objective == "contrastive":
         return resolve_contrastive(cfg)
-    if not cfg.data.path:
+    if not cfg.data.datasets:
         raise ConfigError("data.path is empty: set it to a prepared dataset, e.g. --set data.path=data/mycorp")
     if cfg.lora.rank and not cfg.init.from_:
         raise ConfigError(f"lora.rank={cfg.lora.rank} trains an adapter on a pretrained base model, and init.from is empty: "
@@ -228,6 +229,8 @@ def resolve_config(cfg: Config) -> Config:
         from .init_from import resolve_init
 
         cfg = resolve_init(cfg)
+    if cfg.data.mix:
+        return resolve_mix(cfg)
     ds = TokenDataset(cfg.data.path)
     _resolve_vocab(cfg, ds)
     check_objective_data(cfg, ds.kind)
@@ -243,6 +246,44 @@ def resolve_config(cfg: Config) -> Config:
         raise DataError(f"{cfg.data.path}: the train split has {ds.n_tokens} tokens, fewer than one sample of data.seq_len+1")
     if cfg.train.eval_every:
         check_val_split(cfg)
+    return cfg
+
+
+def resolve_mix(cfg: Config) -> Config:
+    """resolve_config for data.mix: every dataset is there, prepared with one tokenizer, of one kind
+    (text or SFT), with train samples where its weight is positive (and val samples when validation
+    is on), and no dataset runs out (data.mix_max_repeat passes) before train.max_steps."""
+    from ..data.loader import TokenDataset, open_source
+    from .loop import mixture
+
+    d = cfg.data
+    opened = []
+    for path in d.mix:
+        try:
+            opened.append(TokenDataset(path))
+        except DataError as e:
+            raise DataError(f"data.mix: {e}") from None
+    first = opened[0]
+    for ds in opened[1:]:
+        if ds.manifest["tokenizer_sha256"] != first.manifest["tokenizer_sha256"]:
+            raise DataError(f"data.mix: {first.path} and {ds.path} were prepared with different tokenizers (sha256 "
+                            f"{first.manifest['tokenizer_sha256'][:12]}…, {ds.manifest['tokenizer_sha256'][:12]}…, vocab "
+                            f"{first.manifest['vocab_size']} and {ds.manifest['vocab_size']}); prepare them with one: "
+                            f"lmforge prepare CORPUS --tokenizer {first.path / first.manifest['tokenizer']} --out DATA")
+        if ds.kind != first.kind:
+            raise DataError(f"data.mix: {first.path} holds {first.kind} data and {ds.path} {ds.kind} data; mix datasets "
+                            "of one kind (text corpora, or SFT examples)")
+    _resolve_vocab(cfg, first)
+    for ds, weight in zip(opened, d.mix.values()):
+        check_objective_data(cfg, ds.kind)
+        n = open_source(ds, seq_len=d.seq_len, document_mask=d.document_mask, packing=d.packing).n_samples
+        if n < 1 and weight > 0:
+            raise DataError(f"data.mix: {ds.path}: no sample of the train split fits data.seq_len + 1 = {d.seq_len + 1} "
+                            "tokens; raise data.seq_len, add data, or give it weight 0")
+    mixture(cfg).check_until(cfg.train.max_steps * cfg.train.global_batch, seed=d.seed, global_batch=cfg.train.global_batch)
+    if cfg.train.eval_every:
+        for path in d.mix:
+            check_val_split(cfg, path)
     return cfg
 
 
@@ -299,11 +340,11 @@ def _resolve_vocab(cfg: Config, ds: Any) -> None:
         )
 
 
-def check_val_split(cfg: Config) -> None:
+def check_val_split(cfg: Config, path: str | None = None) -> None:
     """Validation (train.eval_every > 0) needs a val window of data.seq_len + 1 tokens: found now,
-    before any step, rather than at the first validation after steps of work."""
+    before any step, rather than at the first validation after steps of work. `path`: one of data.mix."""
     try:
-        next(val_batches(cfg, 1, 1))
+        next(val_batches(cfg, 1, 1, path=path))
     except DataError as e:
         raise DataError(f"{e}; or train without validation: --set train.eval_every=0") from None
 
@@ -348,14 +389,16 @@ def check_branch_model(cfg: Config, ckpt: Path) -> None:
 
 
 def _check_data_path_on_resume(cfg: Config, rd: Path) -> None:
-    """A relative data.path is read from the current directory: say so when resuming from another one."""
-    path = Path(cfg.data.path)
-    if not cfg.data.path or path.is_absolute() or path.exists():
-        return
-    where = last_cwd(rd)
-    then = f"this run last ran in {where}: run the command from there" if where else "run the command from where the run was started"
-    raise DataError(f"data.path {path} of {rd} is not found from the current directory ({Path.cwd()}): a relative "
-                    f"data.path is read from the directory lmforge runs in; {then}")
+    """A relative data.path (or data.mix path) is read from the current directory: say so when
+    resuming from another one."""
+    key = "data.mix" if cfg.data.mix else "data.path"
+    for path in map(Path, cfg.data.datasets):
+        if path.is_absolute() or path.exists():
+            continue
+        where = last_cwd(rd)
+        then = f"this run last ran in {where}: run the command from there" if where else "run the command from where the run was started"
+        raise DataError(f"{key} {path} of {rd} is not found from the current directory ({Path.cwd()}): a relative "
+                        f"{key} path is read from the directory lmforge runs in; {then}")
 
 
 # ---- starting it -------------------------------------------------------------------------------
