@@ -106,6 +106,26 @@ def get(srv, path: str, method: str = "GET", host: str | None = None) -> tuple[i
 # ---- endpoints (in-process) --------------------------------------------------------------------
 
 
+def test_a_mixed_run_reports_each_of_its_datasets_with_its_weight(tmp_path: Path) -> None:
+    """A data.mix run: one report per dataset, in the config's order, each with its weight; a
+    relative path resolves against the run's start directory, and one that cannot be read says why
+    without hiding the others."""
+    from lmforge.track.dashboard import data_report
+
+    write_dataset(tmp_path / "work" / "data" / "corp")
+    s = Store.open(tmp_path / "lmforge.db")
+    rid = s.start_run("mixed", str(tmp_path / "runs" / "m"), {"data": {"path": "", "mix": {"data/corp": 0.75,
+                                                                                             "data/gone": 0.25}}})
+    s.log_event(rid, "start", 0, {"world": 1, "cwd": str(tmp_path / "work")})
+    s.flush()
+    rep = data_report(s, rid)
+    s.close()
+    assert [(d["path"], d["weight"]) for d in rep["mix"]] == [(str(tmp_path / "work/data/corp"), 0.75),
+                                                              (str(tmp_path / "work/data/gone"), 0.25)]
+    assert rep["mix"][0]["report"]["hygiene"]["total"]["kept_documents"] == 12
+    assert "report" not in rep["mix"][1] and "data/gone" in rep["mix"][1]["error"]
+
+
 def test_api_runs_detail_and_metrics(server) -> None:
     status, headers, body = get(server, "/api/runs")
     assert status == 200 and headers["Content-Type"] == "application/json"

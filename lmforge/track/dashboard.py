@@ -9,7 +9,8 @@ prem), and four JSON endpoints:
     GET /api/runs/<id>/metrics       {key: {"step": [...], "value": [...]}}  ?keys=a,b&max_points=N
                                      (N >= 0: at most N points per curve; 0 or absent: all; else 400)
     GET /api/runs/<id>/data          the hygiene report of the run's dataset (data.hygiene.report):
-                                     {"path", "report"} or {"path", "error"} when it cannot be read
+                                     {"path", "report"} or {"path", "error"} when it cannot be read;
+                                     a data.mix run: {"mix": [{"path", "weight", "report" | "error"}, ...]}
     GET /api/health                  {"ok": true}
 
 Every JSON answer follows lmforge/jsonl.py's rule: a NaN or infinite value is the string "nan",
@@ -137,19 +138,28 @@ EXAMPLES_SHOWN = 3  # per rule on the page (the manifest holds up to 10, all red
 
 
 def data_report(store: Store, run_id: int) -> dict[str, Any]:
-    """The hygiene report of a run's dataset. A relative data.path is resolved against the working
-    directory the run last started in (its start/resume event), then against the dashboard's."""
+    """The hygiene report of a run's dataset, or of each dataset of its data.mix ({"mix": [{path,
+    weight, report | error}, ...]}, in the config's order). A relative path is resolved against
+    the working directory the run last started in (its start/resume event), then the dashboard's."""
+    run = store.get_run(run_id)
+    data = run["config"].get("data") or {}
+    cwds = [e["data"]["cwd"] for e in run["events"] if isinstance(e.get("data"), dict) and e["data"].get("cwd")]
+    mix = data.get("mix") or {}
+    if isinstance(mix, dict) and mix:
+        return {"mix": [{"weight": weight, **_dataset_report(str(path), cwds)} for path, weight in mix.items()]}
+    raw = str(data.get("path") or "")
+    if not raw:
+        return {"path": None, "error": "the run's config names no data.path"}
+    return _dataset_report(raw, cwds)
+
+
+def _dataset_report(raw: str, cwds: list[str]) -> dict[str, Any]:
     from ..data.hygiene import report
     from ..data.manifest import read_manifest
     from ..errors import DataError
 
-    run = store.get_run(run_id)
-    raw = str((run["config"].get("data") or {}).get("path") or "")
-    if not raw:
-        return {"path": None, "error": "the run's config names no data.path"}
     path = Path(raw)
     if not path.is_absolute():
-        cwds = [e["data"]["cwd"] for e in run["events"] if isinstance(e.get("data"), dict) and e["data"].get("cwd")]
         candidates = [Path(c) / path for c in reversed(cwds)] + [path]
         path = next((p for p in candidates if p.exists()), candidates[0])
     try:

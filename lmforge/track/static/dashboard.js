@@ -239,51 +239,57 @@ function renderData(ids) {
   if (!ids.length) { box.append(el("p", "select a run to see its dataset's report", "muted")); return; }
   for (const id of ids) {
     const d = state.data[id] || {};
-    const sec = el("section");
-    sec.dataset.runId = id;
-    sec.append(el("h3", `${runName(id)}: ${d.path || "no dataset"}`));
-    if (d.error) { sec.append(el("p", d.error, "muted")); box.append(sec); continue; }
-    const h = d.report && d.report.hygiene;
-    if (!h) {
-      sec.append(el("p", "prepared without hygiene (an older lmforge)", "muted"));
-    } else {
-      const s = h.settings;
-      sec.append(el("p", `dedup ${!s.dedup ? "off" : s.near_dup_threshold === null ? "on (exact only)" : `on (near-dup threshold ${s.near_dup_threshold})`}, quality ` +
-        `${s.quality ? "on" : "off"}${(s.skip_rules || []).length ? ` (skipping ${s.skip_rules.join(", ")})` : ""}, ` +
-        `pii ${s.pii}; kept ${h.total.kept_documents} of ${h.total.documents} documents ` +
-        `(${bytes(h.total.kept_bytes)} of ${bytes(h.total.bytes)}); cross-split copies removed: ` +
-        `${h.cross_split.val_dropped_as_copy_of_train} val, ${h.cross_split.train_dropped_as_copy_of_val} train`));
-      const names = Object.keys(h.inputs);
-      sec.append(table("inputs", ["input", "documents", "kept", "bytes", "kept bytes"],
-        names.map((n) => [n, h.inputs[n].documents, h.inputs[n].kept_documents, bytes(h.inputs[n].bytes),
-                          bytes(h.inputs[n].kept_bytes)])));
-      if (h.removed.length) {
-        sec.append(table("removed", ["removed by", "stage", "documents", "bytes", ...names, "what"],
-          h.removed.map((r) => [r.rule, r.stage, r.documents, bytes(r.bytes),
-                                ...names.map((n) => (r.by_input[n] || { documents: 0 }).documents), r.what])));
-      } else {
-        sec.append(el("p", "removed: nothing", "muted"));
-      }
-      if (h.redacted.length) {
-        sec.append(table("redacted", ["redacted", "documents", "items", ...names],
-          h.redacted.map((r) => [r.kind, r.documents, r.items, ...names.map((n) => (r.by_input[n] || { items: 0 }).items)])));
-      }
-      const ex = Object.entries(h.examples || {}).flatMap(([rule, items]) =>
-        items.map((e) => [rule, `${e.source} @ ${e.byte_offset}` +
-                               (e.copy_of ? ` (copy of ${e.copy_of.source} @ ${e.copy_of.byte_offset})` : ""), e.text]));
-      if (ex.length) {
-        const t = table("examples", ["example of", "where", "text (redacted)"], ex);
-        for (const tr of t.querySelectorAll("tr")) if (tr.cells[2]) tr.cells[2].className = "example";
-        sec.append(t);
-      }
-    }
-    const mix = d.report && d.report.mix;
-    if (mix) {
-      sec.append(table("mix", ["mixed input", "weight", "repeat", "token share"],
-        Object.entries(mix.inputs).map(([n, r]) => [n, r.weight.toFixed(3), r.repeat.toFixed(3), r.token_share.toFixed(3)])));
-    }
-    box.append(sec);
+    // a data.mix run: one section per dataset, its weight in the title
+    for (const one of d.mix || [d]) box.append(renderDataset(id, one));
   }
+}
+
+// One dataset's hygiene report (settings, inputs, removed, redacted, examples, prepare-time mix).
+function renderDataset(id, d) {
+  const sec = el("section");
+  sec.dataset.runId = id;
+  sec.append(el("h3", `${runName(id)}: ${d.path || "no dataset"}` + ("weight" in d ? ` (data.mix weight ${d.weight})` : "")));
+  if (d.error) { sec.append(el("p", d.error, "muted")); return sec; }
+  const h = d.report && d.report.hygiene;
+  if (!h) {
+    sec.append(el("p", "prepared without hygiene (an older lmforge)", "muted"));
+  } else {
+    const s = h.settings;
+    sec.append(el("p", `dedup ${!s.dedup ? "off" : s.near_dup_threshold === null ? "on (exact only)" : `on (near-dup threshold ${s.near_dup_threshold})`}, quality ` +
+      `${s.quality ? "on" : "off"}${(s.skip_rules || []).length ? ` (skipping ${s.skip_rules.join(", ")})` : ""}, ` +
+      `pii ${s.pii}; kept ${h.total.kept_documents} of ${h.total.documents} documents ` +
+      `(${bytes(h.total.kept_bytes)} of ${bytes(h.total.bytes)}); cross-split copies removed: ` +
+      `${h.cross_split.val_dropped_as_copy_of_train} val, ${h.cross_split.train_dropped_as_copy_of_val} train`));
+    const names = Object.keys(h.inputs);
+    sec.append(table("inputs", ["input", "documents", "kept", "bytes", "kept bytes"],
+      names.map((n) => [n, h.inputs[n].documents, h.inputs[n].kept_documents, bytes(h.inputs[n].bytes),
+                        bytes(h.inputs[n].kept_bytes)])));
+    if (h.removed.length) {
+      sec.append(table("removed", ["removed by", "stage", "documents", "bytes", ...names, "what"],
+        h.removed.map((r) => [r.rule, r.stage, r.documents, bytes(r.bytes),
+                              ...names.map((n) => (r.by_input[n] || { documents: 0 }).documents), r.what])));
+    } else {
+      sec.append(el("p", "removed: nothing", "muted"));
+    }
+    if (h.redacted.length) {
+      sec.append(table("redacted", ["redacted", "documents", "items", ...names],
+        h.redacted.map((r) => [r.kind, r.documents, r.items, ...names.map((n) => (r.by_input[n] || { items: 0 }).items)])));
+    }
+    const ex = Object.entries(h.examples || {}).flatMap(([rule, items]) =>
+      items.map((e) => [rule, `${e.source} @ ${e.byte_offset}` +
+                             (e.copy_of ? ` (copy of ${e.copy_of.source} @ ${e.copy_of.byte_offset})` : ""), e.text]));
+    if (ex.length) {
+      const t = table("examples", ["example of", "where", "text (redacted)"], ex);
+      for (const tr of t.querySelectorAll("tr")) if (tr.cells[2]) tr.cells[2].className = "example";
+      sec.append(t);
+    }
+  }
+  const mix = d.report && d.report.mix;
+  if (mix) {
+    sec.append(table("mix", ["mixed input", "weight", "repeat", "token share"],
+      Object.entries(mix.inputs).map(([n, r]) => [n, r.weight.toFixed(3), r.repeat.toFixed(3), r.token_share.toFixed(3)])));
+  }
+  return sec;
 }
 
 // ---- refresh loop -----------------------------------------------------------------------------
