@@ -153,6 +153,18 @@ def read_jsonl(path: str | os.PathLike, *, what: str) -> Iterator[JsonLine]:
     return parse_jsonl(data, path, what=what)
 
 
+def record_text(record: Any, field: str, where: str) -> str:
+    """The text in `field` of a JSONL record; a record without it, or with a non-string there, is
+    a DataError naming the line and the fields it has (the user's fix: --text-field)."""
+    if not isinstance(record, dict) or field not in record:
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise DataError(f"{where}: no field {field!r} (found: {found}); choose the field with --text-field")
+    text = record[field]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field {field!r} is {type(text).__name__}, expected a string")
+    return text
+
+
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The JSON objects of a file lmforge appends to (run files); [] when it does not exist.
     Lines that do not parse (a torn last line) and values that are not objects are skipped."""
@@ -174,4 +186,4 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 __all__ = ["NON_FINITE", "to_record", "dumps_record", "append_jsonl", "as_number", "restore_numbers",
-           "JsonLine", "parse_jsonl", "iter_jsonl", "read_jsonl", "read_records"]
+           "JsonLine", "parse_jsonl", "iter_jsonl", "read_jsonl", "record_text", "read_records"]

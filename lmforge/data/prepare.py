@@ -83,7 +83,7 @@ from .. import __version__
 from ..config import DataConfig
 from ..errors import DataError
 from ..tokenizer import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, check_training
-from ..jsonl import parse_jsonl
+from ..jsonl import parse_jsonl, record_text
 from ..ranges import VAL_FRACTION, positive_int, thread_count
 from ..util import atomic_dir, atomic_write_json, console, human_count, progress_bar, warn
 from . import mix as mixing
@@ -216,12 +216,7 @@ def iter_documents(src: Source, index: int, text_field: str) -> Iterator[Documen
                 yield Document(index, start, piece.decode("utf-8"), _u(piece))
         return
     for where, _, start, record in parse_jsonl(data, src.path, what=f"one JSON object per line with a {text_field!r} field"):
-        if not isinstance(record, dict) or text_field not in record:
-            found = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{where}: no field {text_field!r} (found: {found}); choose the field with --text-field")
-        text = record[text_field]
-        if not isinstance(text, str):
-            raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, expected a string")
+        text = record_text(record, text_field, where)
         if text.strip():
             encoded = text.encode("utf-8")
             rid = record.get("id")

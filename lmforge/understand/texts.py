@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 
 from ..data.prepare import collect_sources
 from ..errors import DataError
-from ..jsonl import iter_jsonl
+from ..jsonl import iter_jsonl, record_text
 
 _BLOCK = 1 << 20  # bytes per read of the UTF-8 check
 
@@ -147,12 +147,7 @@ def _lines(path: Path, shown: str) -> Iterator[Text]:
 def _jsonl(path: Path, shown: str, text_field: str, id_field: str) -> Iterator[Text]:
     with _open(path) as f:
         for where, _, _, record in iter_jsonl(f, shown, what=f"one JSON object per line with a {text_field!r} field"):
-            if not isinstance(record, dict) or text_field not in record:
-                found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{where}: no field {text_field!r} (found: {found}); choose the field with --text-field")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, expected a string")
+            text = record_text(record, text_field, where)
             ident = record.get(id_field, where)
             if not isinstance(ident, (str, int)) or isinstance(ident, bool):
                 raise DataError(f"{where}: field {id_field!r} must be a string or an integer, got {ident!r}")
