@@ -314,7 +314,7 @@ def read_sentence_transformers(directory: Path) -> EmbedConfig | None:
     try:
         modules = json.loads((directory / "modules.json").read_text(encoding="utf-8"))
         kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"{directory / 'modules.json'}: not a sentence-transformers modules list ({e})") from None
     if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
         raise CheckpointError(f"{directory}: sentence-transformers modules {kinds} cannot be reproduced by lmforge "
