@@ -7,7 +7,6 @@ production converters in both directions; round trips must be bit-identical.
 from __future__ import annotations
 
 import json
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_CONFIG, lmforge_cmd, lmforge_in_process, subprocess_env
+from conftest import TINY_CONFIG, lmforge_in_process
 from lmforge import artifacts, convert
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError
@@ -309,12 +308,11 @@ def test_rope_scaling_config_is_validated_and_round_trips() -> None:
 def test_import_cli_refuses_cleanly_and_writes_nothing(tok, tmp_path) -> None:
     src = hf_dir_with(tmp_path, tok, mlp_bias=True)
     out = tmp_path / "models" / "x"
-    r = subprocess.run(lmforge_cmd("import", str(src), "--out", str(out)), env=subprocess_env(), capture_output=True, text=True)
+    r = lmforge_in_process(["import", str(src), "--out", str(out)])
     assert r.returncode == 2, r.stderr
     assert "mlp_bias" in r.stdout + r.stderr and "Traceback" not in r.stderr
     assert not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))  # no temp dir left
-    r = subprocess.run(lmforge_cmd("import", str(tmp_path / "nope.gguf"), "--out", str(out)), env=subprocess_env(),
-                       capture_output=True, text=True)
+    r = lmforge_in_process(["import", str(tmp_path / "nope.gguf"), "--out", str(out)])
     assert r.returncode == 2 and "nope.gguf" in r.stdout + r.stderr and "Traceback" not in r.stderr
 
 
@@ -525,7 +523,7 @@ def test_import_cli_refuses_a_truncated_safetensors_naming_it(tok, tmp_path) -> 
     weights = src / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1024])
     out = tmp_path / "models" / "y"
-    r = subprocess.run(lmforge_cmd("import", str(src), "--out", str(out)), env=subprocess_env(), capture_output=True, text=True)
+    r = lmforge_in_process(["import", str(src), "--out", str(out)])
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"not a valid safetensors file: {weights}" in r.stderr
     assert not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))
@@ -630,14 +628,12 @@ def test_export_overwrite_replaces_a_directory_or_a_file_and_leaves_nothing_behi
     with pytest.raises(CheckpointError, match="already exists; choose another --out or pass --overwrite"):
         convert.export_command(str(src), "gguf", str(ex / "t"))
     assert (ex / "t" / "config.json").is_file()
-    r = subprocess.run(lmforge_cmd("export", str(src), "--format", "gguf", "--out", str(ex / "t"), "--overwrite"),
-                       env=subprocess_env(), capture_output=True, text=True)
+    r = lmforge_in_process(["export", str(src), "--format", "gguf", "--out", str(ex / "t"), "--overwrite"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert (ex / "t").is_file() and convert.read_gguf(ex / "t").tensors.keys() == bundle.tensors.keys()
     assert sorted(p.name for p in ex.iterdir()) == ["t"]
     convert.write_gguf(bundle, ex / "m.gguf")  # an earlier GGUF: a file
-    r = subprocess.run(lmforge_cmd("export", str(src), "--format", "hf", "--out", str(ex / "m.gguf"), "--overwrite"),
-                       env=subprocess_env(), capture_output=True, text=True)
+    r = lmforge_in_process(["export", str(src), "--format", "hf", "--out", str(ex / "m.gguf"), "--overwrite"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert convert.read_hf_dir(ex / "m.gguf").tensors.keys() == bundle.tensors.keys()
     assert sorted(p.name for p in ex.iterdir()) == ["m.gguf", "t"] and _tree_leftovers(ex) == []
