@@ -375,10 +375,16 @@ def test_sidecar_beside_training_evaluates_every_checkpoint_once_and_records_in_
                                            "--tasks", str(REPO / "tasks" / "python-cloze.jsonl")),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
     try:
+        said = []
+        for line in sidecar.stdout:  # the sidecar is looking before the run exists (training starts after)
+            said.append(line)
+            if "waiting for" in line:
+                break
         run_train(tiny_dataset, run_dir, "train.keep_last=10")
-        out, _ = sidecar.communicate(timeout=240)  # exits by itself once training completed
+        rest, _ = sidecar.communicate(timeout=240)  # exits by itself once training completed
     finally:
         sidecar.kill()
+    out = "".join(said) + rest
     assert sidecar.returncode == 0, out
     results = read_results(run_dir)
     assert sorted(r["step"] for r in results) == [0, 10, 20, 30, 40], out
