@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import lmforge_cmd, subprocess_env
+from conftest import lmforge_cmd, lmforge_in_process, subprocess_env
 from lmforge import artifacts, convert
 from lmforge.cli import main
 from lmforge.config import EmbedConfig, ModelConfig, load_config
@@ -189,7 +189,8 @@ def toy_task(n: int = 100, seed: int = 7) -> Task:
 
 
 def train_embed(run_dir: Path, model: Path, pairs: Path, *sets: str, faults: str = "", nproc: int = 1) -> subprocess.CompletedProcess:
-    """`lmforge train embed-cpu --set init.from=MODEL --set data.pairs=PAIRS` in a subprocess (torchrun for nproc > 1)."""
+    """`lmforge train embed-cpu --set init.from=MODEL --set data.pairs=PAIRS` in this process (a subprocess for a
+    kill fault, torchrun for nproc > 1)."""
     args = ["train", "embed-cpu", "--run-dir", str(run_dir),
             *[a for kv in (f"init.from={model}", f"data.pairs={pairs}", *RUN_SETS, *sets) for a in ("--set", kv)]]
     if nproc > 1:
@@ -200,8 +201,10 @@ def train_embed(run_dir: Path, model: Path, pairs: Path, *sets: str, faults: str
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
                "--master-port", str(port), "-m", "lmforge", *args]
-    else:
+    elif "kill" in faults:  # it SIGKILLs the process
         cmd = lmforge_cmd(*args)
+    else:
+        return lmforge_in_process(args, env={"LMFORGE_FAULTS": faults} if faults else None)
     env = subprocess_env(LMFORGE_FAULTS=faults) if faults else subprocess_env()
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
