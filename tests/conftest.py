@@ -36,6 +36,31 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(1)
 
 
+# Session fixtures that cost tens of seconds, by the group whose tests share them (see below).
+SHARED_SESSION_FIXTURES = {"installed": "installed", "installed_quickstart": "installed", "smollm2_dir": "smollm2"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under `--dist loadgroup` a fixture is built once per worker that runs a test needing it: a
+    module's trained run or torchrun launches, the installed wheel's quickstart, the imported SmolLM2
+    were each built twice, once per worker. Tests that share such a fixture join one xdist group, so
+    one worker builds it: every test using an expensive session fixture (SHARED_SESSION_FIXTURES),
+    else every test of a module using one of the module's module-scoped fixtures. xdist starts the
+    largest groups first, so a big group does not become the run's tail. An explicit xdist_group
+    mark (the topics tests' numba warm-up) is kept."""
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        defs = item._fixtureinfo.name2fixturedefs  # name -> definitions, the one that applies last
+        names = sorted(item.fixturenames)
+        group = next((SHARED_SESSION_FIXTURES[n] for n in names if n in SHARED_SESSION_FIXTURES), None)
+        if group is None and any(defs.get(n) and defs[n][-1].scope == "module" for n in names):
+            group = item.nodeid.split("::")[0]
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_store(tmp_path_factory):
     """Runs started by tests (in-process or as subprocesses) record into a temporary store."""
@@ -117,6 +142,47 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.pop("LMFORGE_FAULTS", None)
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
     return env
+
+
+def lmforge_in_process(args: list[str], env: dict[str, str] | None = None,
+                       cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`lmforge ARGS` run by `lmforge.cli.main` in this process, returned as the CompletedProcess a
+    subprocess would give (exit code, stdout, stderr). A `python -m lmforge train` costs about 5 s
+    of CPU before its first step (importing torch and torch.distributed.checkpoint, building the
+    optimizer), a start in this process a fraction of that, so tests whose subject is what a verb
+    does, not the process it runs in, call this. The subprocess's environment (subprocess_env(**env)),
+    the working directory and torch's thread count are set for the call and restored after; an
+    exception other than SystemExit escapes (the traceback a user would have seen fails the test).
+    A process-killing fault (LMFORGE_FAULTS kill@...) needs a real process: refused here."""
+    import contextlib
+    import io
+
+    import torch
+
+    from lmforge.cli import main
+    from lmforge.util import console
+
+    environ = subprocess_env(**(env or {}))
+    assert "kill" not in environ.get("LMFORGE_FAULTS", ""), "a kill fault would kill this process: use a subprocess"
+    saved_env, saved_cwd, threads, quiet = dict(os.environ), os.getcwd(), torch.get_num_threads(), console.quiet
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(environ)
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:
+                code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(threads)
+        console.quiet = quiet
+    return subprocess.CompletedProcess(["lmforge", *args], code, out.getvalue(), err.getvalue())
 
 
 # ---- the installed package: a wheel of this checkout in a fresh virtual environment ------------

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, lmforge_cmd, subprocess_env
+from conftest import TINY_CONFIG, lmforge_in_process
 from lmforge import artifacts as A
 from lmforge.average import average
 from lmforge.config import load_config
@@ -61,14 +60,11 @@ def test_ema_weights_and_chosen_steps(run: Path, tmp_path: Path) -> None:
 
 def test_sample_and_eval_accept_the_averaged_model(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "avg"
-    p = subprocess.run(lmforge_cmd("ckpt", "average", str(run), "--last", "2", "--out", str(out)),
-                       capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    p = lmforge_in_process(["ckpt", "average", str(run), "--last", "2", "--out", str(out)])
     assert p.returncode == 0 and "averaged 2 checkpoints" in p.stdout, p.stderr
-    p = subprocess.run(lmforge_cmd("sample", str(out), "--prompt", "ROMEO:", "--max-tokens", "8", "--seed", "1"),
-                       capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    p = lmforge_in_process(["sample", str(out), "--prompt", "ROMEO:", "--max-tokens", "8", "--seed", "1"])
     assert p.returncode == 0 and "(model directory)\nROMEO:" in p.stdout, p.stderr
-    p = subprocess.run(lmforge_cmd("eval", str(out), "--json", "--max-batches", "2"),
-                       capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    p = lmforge_in_process(["eval", str(out), "--json", "--max-batches", "2"])
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["metrics"]["loss"] > 0
 
@@ -96,6 +92,5 @@ def test_bad_requests_are_refused(run: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"damaged: .*step-000020.*model.safetensors"):
         average(damaged, tmp_path / "x", last=3)
     assert not (tmp_path / "x").exists()
-    p = subprocess.run(lmforge_cmd("ckpt", "average", str(run), "--steps", "10,x", "--out", str(tmp_path / "y")),
-                       capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    p = lmforge_in_process(["ckpt", "average", str(run), "--steps", "10,x", "--out", str(tmp_path / "y")])
     assert p.returncode == 2 and "--steps must be comma-separated step numbers" in p.stderr and "Traceback" not in p.stderr

@@ -7,7 +7,6 @@ production converters in both directions; round trips must be bit-identical.
 from __future__ import annotations
 
 import json
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_CONFIG, lmforge_cmd, subprocess_env
+from conftest import TINY_CONFIG, lmforge_in_process
 from lmforge import artifacts, convert
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError
@@ -309,12 +308,11 @@ def test_rope_scaling_config_is_validated_and_round_trips() -> None:
 def test_import_cli_refuses_cleanly_and_writes_nothing(tok, tmp_path) -> None:
     src = hf_dir_with(tmp_path, tok, mlp_bias=True)
     out = tmp_path / "models" / "x"
-    r = subprocess.run(lmforge_cmd("import", str(src), "--out", str(out)), env=subprocess_env(), capture_output=True, text=True)
+    r = lmforge_in_process(["import", str(src), "--out", str(out)])
     assert r.returncode == 2, r.stderr
     assert "mlp_bias" in r.stdout + r.stderr and "Traceback" not in r.stderr
     assert not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))  # no temp dir left
-    r = subprocess.run(lmforge_cmd("import", str(tmp_path / "nope.gguf"), "--out", str(out)), env=subprocess_env(),
-                       capture_output=True, text=True)
+    r = lmforge_in_process(["import", str(tmp_path / "nope.gguf"), "--out", str(out)])
     assert r.returncode == 2 and "nope.gguf" in r.stdout + r.stderr and "Traceback" not in r.stderr
 
 
@@ -412,28 +410,23 @@ def test_gguf_export_loads_in_transformers_gguf_reader(tok, tmp_path) -> None:
 def test_export_cli_from_run_and_import_back(tiny_dataset, tmp_path) -> None:
     """A real run -> `lmforge export` hf and gguf -> `lmforge import` back: identical weights."""
     run = tmp_path / "run"
-    env = subprocess_env()
-    r = subprocess.run(lmforge_cmd("train", str(TINY_CONFIG), "--run-dir", str(run), "--set", f"data.path={tiny_dataset}",
-                                   "--set", "train.max_steps=2", "--set", "train.ckpt_every_steps=2"),
-                       env=env, capture_output=True, text=True)
+    r = lmforge_in_process(["train", str(TINY_CONFIG), "--run-dir", str(run), "--set", f"data.path={tiny_dataset}",
+                                   "--set", "train.max_steps=2", "--set", "train.ckpt_every_steps=2"])
     assert r.returncode == 0, r.stdout + r.stderr
     from safetensors.torch import load_file
 
     weights = load_file(str(run / "checkpoints" / "step-000002" / "model.safetensors"))
     for fmt, out in (("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf")):
-        r = subprocess.run(lmforge_cmd("export", str(run), "--format", fmt, "--out", str(out)), env=env,
-                           capture_output=True, text=True)
+        r = lmforge_in_process(["export", str(run), "--format", fmt, "--out", str(out)])
         assert r.returncode == 0, r.stdout + r.stderr
-        if fmt == "gguf":  # once through the CLI; in process otherwise (each interpreter start costs seconds)
-            r = subprocess.run(lmforge_cmd("import", str(out), "--out", str(tmp_path / f"back-{fmt}")), env=env,
-                               capture_output=True, text=True)
+        if fmt == "gguf":  # once through the CLI; the library call otherwise
+            r = lmforge_in_process(["import", str(out), "--out", str(tmp_path / f"back-{fmt}")])
             assert r.returncode == 0, r.stdout + r.stderr
         else:
             convert.import_command(str(out), str(tmp_path / f"back-{fmt}"))
         back = load_file(str(tmp_path / f"back-{fmt}" / "model.safetensors"))
         assert back.keys() == weights.keys() and all(torch.equal(back[k], weights[k]) for k in weights), fmt
-    r = subprocess.run(lmforge_cmd("export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")), env=env,
-                       capture_output=True, text=True)
+    r = lmforge_in_process(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")])
     assert r.returncode == 2 and "already exists" in r.stdout + r.stderr
 
 
@@ -445,22 +438,19 @@ def test_init_from_starts_from_the_model_and_checks_the_tokenizer(tiny_dataset, 
     model = tiny_model(data_tok, n_layer=2, n_head=2, n_kv_head=1, d_model=32, tie_embeddings=False)
     facts = {"eos_token": "<|eos|>", "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}
     mdir = artifacts.write_model_dir(convert.bundle_from_model(model, data_tok, facts), tmp_path / "models" / "tiny")
-    env = subprocess_env()
-    base = lmforge_cmd("train", str(TINY_CONFIG), "--set", f"data.path={tiny_dataset}", "--set", "data.seq_len=32",
-                       "--set", "train.max_steps=3", "--set", "train.eval_every=0")
+    base = ["train", str(TINY_CONFIG), "--set", f"data.path={tiny_dataset}", "--set", "data.seq_len=32",
+            "--set", "train.max_steps=3", "--set", "train.eval_every=0"]
 
     # tiny-cpu.yaml sets n_layer/n_head/d_model to other values than the model: named, refused
-    r = subprocess.run(base + ["--run-dir", str(tmp_path / "r0"), "--set", f"init.from={mdir}"], env=env,
-                       capture_output=True, text=True)
+    r = lmforge_in_process([*base, "--run-dir", str(tmp_path / "r0"), "--set", f"init.from={mdir}"])
     assert r.returncode == 2 and "model.d_model" in r.stdout + r.stderr and "Traceback" not in r.stderr
 
     cfg_path = tmp_path / "cfg.yaml"  # the same recipe without a model section
     raw = yaml.safe_load(TINY_CONFIG.read_text())
     raw.pop("model")
     cfg_path.write_text(yaml.safe_dump(raw))
-    base[4] = str(cfg_path)
-    r = subprocess.run(base + ["--run-dir", str(tmp_path / "r1"), "--set", f"init.from={mdir}"], env=env,
-                       capture_output=True, text=True)
+    base[1] = str(cfg_path)
+    r = lmforge_in_process([*base, "--run-dir", str(tmp_path / "r1"), "--set", f"init.from={mdir}"])
     assert r.returncode == 0, r.stdout + r.stderr
     from safetensors.torch import load_file
 
@@ -483,8 +473,7 @@ def test_init_from_starts_from_the_model_and_checks_the_tokenizer(tiny_dataset, 
     assert tok3.chat_template == facts["chat_template"] and tok3.eos_id in tok3.end_ids
 
     # a run directory is a source too (issues 16/18: --set init.from=runs/exp1): its newest intact checkpoint
-    r = subprocess.run(base + ["--run-dir", str(tmp_path / "r4"), "--set", f"init.from={tmp_path / 'r1'}"], env=env,
-                       capture_output=True, text=True)
+    r = lmforge_in_process([*base, "--run-dir", str(tmp_path / "r4"), "--set", f"init.from={tmp_path / 'r1'}"])
     assert r.returncode == 0, r.stdout + r.stderr
     step0 = load_file(str(tmp_path / "r4" / "checkpoints" / "step-000000" / "model.safetensors"))
     src = load_file(str(step3 / "model.safetensors"))
@@ -496,15 +485,12 @@ def test_init_from_starts_from_the_model_and_checks_the_tokenizer(tiny_dataset, 
     other_tok = Tokenizer.train(TEXTS, vocab_size=300, min_frequency=1)
     other = tiny_model(other_tok, n_layer=1, n_head=2, d_model=32)
     odir = artifacts.write_model_dir(convert.bundle_from_model(other, other_tok), tmp_path / "models" / "other")
-    r = subprocess.run(base + ["--run-dir", str(tmp_path / "r2"), "--set", f"init.from={odir}"], env=env,
-                       capture_output=True, text=True)
+    r = lmforge_in_process([*base, "--run-dir", str(tmp_path / "r2"), "--set", f"init.from={odir}"])
     assert r.returncode == 2 and "another tokenizer" in r.stdout + r.stderr and "--tokenizer" in r.stdout + r.stderr
-    r = subprocess.run(base + ["--run-dir", str(tmp_path / "r3"), "--set", f"init.from={tmp_path / 'models'}"], env=env,
-                       capture_output=True, text=True)
+    r = lmforge_in_process([*base, "--run-dir", str(tmp_path / "r3"), "--set", f"init.from={tmp_path / 'models'}"])
     assert r.returncode == 2 and "init.from" in r.stderr and "is not a run, checkpoint or model directory" in r.stderr
     (tmp_path / "r1" / "checkpoints" / "step-000003" / "MANIFEST.json").unlink()  # a damaged checkpoint is refused, named
-    r = subprocess.run(base + ["--run-dir", str(tmp_path / "r5"), "--set", f"init.from={tmp_path / 'r1' / 'checkpoints' / 'step-000003'}"],
-                       env=env, capture_output=True, text=True)
+    r = lmforge_in_process([*base, "--run-dir", str(tmp_path / "r5"), "--set", f"init.from={tmp_path / 'r1' / 'checkpoints' / 'step-000003'}"])
     assert r.returncode == 2 and "checkpoint refused" in r.stderr and "MANIFEST.json is missing" in r.stderr, r.stderr
 
 
@@ -537,7 +523,7 @@ def test_import_cli_refuses_a_truncated_safetensors_naming_it(tok, tmp_path) -> 
     weights = src / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1024])
     out = tmp_path / "models" / "y"
-    r = subprocess.run(lmforge_cmd("import", str(src), "--out", str(out)), env=subprocess_env(), capture_output=True, text=True)
+    r = lmforge_in_process(["import", str(src), "--out", str(out)])
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"not a valid safetensors file: {weights}" in r.stderr
     assert not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))
@@ -642,14 +628,12 @@ def test_export_overwrite_replaces_a_directory_or_a_file_and_leaves_nothing_behi
     with pytest.raises(CheckpointError, match="already exists; choose another --out or pass --overwrite"):
         convert.export_command(str(src), "gguf", str(ex / "t"))
     assert (ex / "t" / "config.json").is_file()
-    r = subprocess.run(lmforge_cmd("export", str(src), "--format", "gguf", "--out", str(ex / "t"), "--overwrite"),
-                       env=subprocess_env(), capture_output=True, text=True)
+    r = lmforge_in_process(["export", str(src), "--format", "gguf", "--out", str(ex / "t"), "--overwrite"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert (ex / "t").is_file() and convert.read_gguf(ex / "t").tensors.keys() == bundle.tensors.keys()
     assert sorted(p.name for p in ex.iterdir()) == ["t"]
     convert.write_gguf(bundle, ex / "m.gguf")  # an earlier GGUF: a file
-    r = subprocess.run(lmforge_cmd("export", str(src), "--format", "hf", "--out", str(ex / "m.gguf"), "--overwrite"),
-                       env=subprocess_env(), capture_output=True, text=True)
+    r = lmforge_in_process(["export", str(src), "--format", "hf", "--out", str(ex / "m.gguf"), "--overwrite"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert convert.read_hf_dir(ex / "m.gguf").tensors.keys() == bundle.tensors.keys()
     assert sorted(p.name for p in ex.iterdir()) == ["m.gguf", "t"] and _tree_leftovers(ex) == []

@@ -9,13 +9,12 @@ the whole fine-tuning path works: `prepare --tokenizer models/smol`, `train --se
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import lmforge_cmd, shakespeare_path, smollm2_gguf, subprocess_env
+from conftest import lmforge_in_process, shakespeare_path, smollm2_gguf
 from lmforge.artifacts import load_model
 from lmforge.generate import generate
 from lmforge.tokenizer import Tokenizer
@@ -111,23 +110,21 @@ def test_greedy_completions_are_coherent(loaded, prompt, expected) -> None:
 
 def test_prepare_train_from_init_and_sample(smol, tmp_path) -> None:
     """The issue's user story on SmolLM2: prepare with its tokenizer, continue pretraining 3 steps."""
-    env = subprocess_env()
     corpus = tmp_path / "shakespeare.txt"
     corpus.write_bytes(shakespeare_path().read_bytes()[:30_000])
     data = tmp_path / "data"
-    r = subprocess.run(lmforge_cmd("prepare", str(corpus), "--tokenizer", str(smol), "--out", str(data)),
-                       env=env, capture_output=True, text=True)
+    r = lmforge_in_process(["prepare", str(corpus), "--tokenizer", str(smol), "--out", str(data)])
     assert r.returncode == 0, r.stdout + r.stderr
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["tokenizer_sha256"] == Tokenizer.load(smol).sha256 and manifest["eos_id"] == 0
 
     run = tmp_path / "run"
-    r = subprocess.run(lmforge_cmd(
+    r = lmforge_in_process([
         "train", str(Path(__file__).parents[1] / "configs" / "finetune-cpu.yaml"), "--run-dir", str(run),
         "--set", f"init.from={smol}", "--set", f"data.path={data}", "--set", "data.seq_len=32",
         "--set", "train.global_batch=1", "--set", "train.micro_batch=1", "--set", "train.max_steps=3",
         "--set", "train.log_every=1", "--set", "train.eval_every=0", "--set", "train.ckpt_every_steps=0",
-        "--set", "train.warmup_steps=0"), env=env, capture_output=True, text=True)
+        "--set", "train.warmup_steps=0"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "initialised weights from" in r.stdout + r.stderr
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIG, lmforge_cmd, subprocess_env
+from conftest import TINY_CONFIG, lmforge_cmd, lmforge_in_process, subprocess_env
 from test_train import assert_user_error, run_train
 from lmforge import artifacts
 
@@ -141,8 +141,7 @@ def test_export_to_a_full_disk_is_one_line(tiny_dataset, small_fs, tmp_path) -> 
     fs = small_fs("256k")  # the weights alone are 560 kB
     for fmt in ("hf", "gguf"):
         out = fs / ("out" if fmt == "hf" else "m.gguf")
-        proc = subprocess.run(lmforge_cmd("export", str(run_dir), "--format", fmt, "--out", str(out)),
-                              capture_output=True, text=True, env=subprocess_env(), timeout=300)
+        proc = lmforge_in_process(["export", str(run_dir), "--format", fmt, "--out", str(out)])
         assert_user_error(proc, f"disk full at {out}, ", f"nothing was written to {out}")
         assert len(error_lines(proc.stderr)) == 1
         assert sorted(p.name for p in fs.iterdir()) == []  # no temporary left behind

@@ -32,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_CONFIG, lmforge_cmd, subprocess_env
+from conftest import TINY_CONFIG, lmforge_cmd, lmforge_in_process, subprocess_env
 
 STEPS = 9
 # micro_batch 2 divides global_batch 8 on 1, 2 and 4 processes (4, 2, 1 micro batches per rank)
@@ -55,15 +55,15 @@ def sets(data: Path, *extra: str) -> list[str]:
 
 def launch(nproc: int, data: Path, run_dir: Path, *extra: str, config: bool = True, check: bool = True,
            faults: str = "") -> subprocess.CompletedProcess:
-    """One training command: plain `python -m lmforge train` for 1 process, torchrun for more."""
+    """One training command: `lmforge train` in this process for 1 process, torchrun for more."""
     args = ["train", *([str(TINY_CONFIG)] if config else []), "--run-dir", str(run_dir), *sets(data, *extra)]
-    if nproc == 1:
-        cmd = lmforge_cmd(*args)
+    if nproc == 1:  # in this process (conftest.lmforge_in_process): the processes under test are torchrun's
+        proc = lmforge_in_process(args, env={"LMFORGE_FAULTS": faults} if faults else None)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "lmforge", *args]
-    env = subprocess_env(LMFORGE_FAULTS=faults) if faults else subprocess_env()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        env = subprocess_env(LMFORGE_FAULTS=faults) if faults else subprocess_env()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if check:
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
@@ -190,17 +190,17 @@ def test_sigkill_of_one_rank_under_supervisor_restarts_to_a_bit_identical_finish
 def test_user_error_under_supervised_torchrun_is_not_retried(tiny_dataset, tmp_path):
     # LMFORGE_DEVICE=gpu: the parent never looks at the device (it trains nowhere), so every rank finds it
     # when it joins the job; written to the error file, torchrun's "exit 1" is not retried
-    cmd = lmforge_cmd("train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "bad"), *sets(tiny_dataset, "train.parallel=ddp"),
-                      "--supervise", "--nproc-per-node", "2", "--restart-delay", "0")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(LMFORGE_DEVICE="gpu"), timeout=600)
+    args = ["train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "bad"), *sets(tiny_dataset, "train.parallel=ddp"),
+            "--supervise", "--nproc-per-node", "2", "--restart-delay", "0"]
+    proc = subprocess.run(lmforge_cmd(*args), capture_output=True, text=True, env=subprocess_env(LMFORGE_DEVICE="gpu"),
+                          timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "LMFORGE_DEVICE='gpu'" in proc.stderr
     assert "restart 1/" not in proc.stderr and "not restarting" in proc.stderr
     assert not (tmp_path / "bad" / "checkpoints").exists()
     # a dataset that is not there: what every rank would refuse, the parent refuses in one line before launching
     missing = tmp_path / "no-such-data"
-    proc = subprocess.run([*cmd, "--set", f"data.path={missing}"], capture_output=True, text=True, env=subprocess_env(),
-                          timeout=600)
+    proc = lmforge_in_process([*args, "--set", f"data.path={missing}"])
     assert_one_line_error(proc, str(missing))
     assert not (tmp_path / "bad").exists()
 
@@ -208,8 +208,10 @@ def test_user_error_under_supervised_torchrun_is_not_retried(tiny_dataset, tmp_p
 # ---- launching: mistakes refused in one line, exit 2, before any process is started --------------
 
 
-def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(lmforge_cmd(*args), capture_output=True, text=True, env=env or subprocess_env(), cwd=cwd, timeout=300)
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`lmforge ARGS` in this process, with `env` over the environment: the refusals below come before
+    any process group or child process exists (one real rendezvous failure runs as a process)."""
+    return lmforge_in_process(list(args), env=env)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -313,7 +315,8 @@ def test_failed_rendezvous_is_one_clear_line(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         env = subprocess_env(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        proc = cli("train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run"), env=env)
+        proc = subprocess.run(lmforge_cmd("train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run")), capture_output=True,
+                              text=True, env=env, timeout=300)
     assert_one_line_error(proc, f"rank 0/2: could not join the process group at MASTER_ADDR:MASTER_PORT = 127.0.0.1:{port}",
                           "address already in use")
 

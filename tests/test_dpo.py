@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, lmforge_cmd, subprocess_env
+from conftest import TINY_CONFIG, lmforge_cmd, lmforge_in_process, subprocess_env
 from lmforge.config import ModelConfig, load_config
 from lmforge.data.loader import Loader, TokenDataset, val_batches
 from lmforge.data.manifest import read_manifest, verify_dataset
@@ -224,7 +224,7 @@ def test_cli_bad_input_and_mismatched_data_are_one_line(chat_tokenizer_dir: Path
          "holds preference pairs (prepare --dpo): train them with train.objective=dpo"),
     ]
     for args, line in cases:
-        proc = subprocess.run(lmforge_cmd(*args), capture_output=True, text=True, env=subprocess_env(), timeout=300)
+        proc = lmforge_in_process(args)
         err = " ".join(proc.stderr.split())
         assert proc.returncode == 2 and line in err and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr  # one line (rich may wrap it once)
@@ -269,9 +269,11 @@ DPO_SETS = ["data.seq_len=96", "train.max_steps=12", "train.ckpt_every_steps=4",
 
 def train(run_dir: Path, base: Path, prefs: Path, *extra: str, faults: str = "", config: str = "dpo-cpu") -> subprocess.CompletedProcess:
     sets = (f"init.from={base}", f"data.path={prefs}", *DPO_SETS, *extra)
-    env = subprocess_env(LMFORGE_FAULTS=faults) if faults else subprocess_env()
-    return subprocess.run(lmforge_cmd("train", config, "--run-dir", str(run_dir), *[a for kv in sets for a in ("--set", kv)]),
-                          capture_output=True, text=True, env=env, timeout=600)
+    args = ["train", config, "--run-dir", str(run_dir), *[a for kv in sets for a in ("--set", kv)]]
+    if "kill" not in faults:  # a kill fault SIGKILLs the process: that one runs in a subprocess
+        return lmforge_in_process(args, env={"LMFORGE_FAULTS": faults} if faults else None)
+    return subprocess.run(lmforge_cmd(*args), capture_output=True, text=True, env=subprocess_env(LMFORGE_FAULTS=faults),
+                          timeout=600)
 
 
 def weights(run_dir: Path, step: int = 12) -> bytes:
@@ -317,8 +319,7 @@ def test_a_dpo_run_from_the_cli_resumes_bit_for_bit_with_its_reference(base_run:
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     shutil.copytree(killed, tmp_path / "killed-too")
     # the source run moves on: init.from now resolves to other weights; the resume must use the recorded ones
-    more = subprocess.run(lmforge_cmd("train", "--run-dir", str(base), "--set", "train.max_steps=8"), capture_output=True,
-                          text=True, env=subprocess_env(), timeout=300)
+    more = lmforge_in_process(["train", "--run-dir", str(base), "--set", "train.max_steps=8"])
     assert more.returncode == 0 and (base / "checkpoints" / "step-000008").is_dir(), more.stderr[-2000:]
     resumed = train(killed, base, prefs)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import REPO, lmforge_cmd, subprocess_env
+from conftest import REPO, lmforge_cmd, lmforge_in_process, subprocess_env
 from test_train import run_train
 from lmforge.config import ModelConfig
 from lmforge.errors import DataError
@@ -286,8 +286,8 @@ def run(tiny_dataset, tmp_path_factory) -> Path:
     return run_dir
 
 
-def lmforge(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(lmforge_cmd(*args), capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
+def lmforge(*args: str) -> subprocess.CompletedProcess:
+    return lmforge_in_process(list(args))  # the sidecar tests below start real processes
 
 
 def test_eval_cli_reports_val_metrics_that_match_the_library(run: Path, tiny_dataset: Path) -> None:
@@ -375,10 +375,16 @@ def test_sidecar_beside_training_evaluates_every_checkpoint_once_and_records_in_
                                            "--tasks", str(REPO / "tasks" / "python-cloze.jsonl")),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
     try:
+        said = []
+        for line in sidecar.stdout:  # the sidecar is looking before the run exists (training starts after)
+            said.append(line)
+            if "waiting for" in line:
+                break
         run_train(tiny_dataset, run_dir, "train.keep_last=10")
-        out, _ = sidecar.communicate(timeout=240)  # exits by itself once training completed
+        rest, _ = sidecar.communicate(timeout=240)  # exits by itself once training completed
     finally:
         sidecar.kill()
+    out = "".join(said) + rest
     assert sidecar.returncode == 0, out
     results = read_results(run_dir)
     assert sorted(r["step"] for r in results) == [0, 10, 20, 30, 40], out

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_CONFIG, lmforge_cmd, subprocess_env
+from conftest import TINY_CONFIG, lmforge_cmd, lmforge_in_process, subprocess_env
 from lmforge.config import OBJECTIVES, ModelConfig, load_config
 from lmforge.data.loader import IGNORE, DocumentRows, Loader, Records, TokenDataset, open_source, val_batches
 from lmforge.data.order import rank_batch
@@ -247,8 +247,10 @@ def train(data: Path, run_dir: Path, *extra: str, faults: str = "", nproc: int =
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
                "--master-port", str(port), "-m", "lmforge", *args]
-    else:
+    elif "kill" in faults:  # it SIGKILLs the process
         cmd = lmforge_cmd(*args)
+    else:
+        return lmforge_in_process(args, env={"LMFORGE_FAULTS": faults} if faults else None)
     env = subprocess_env(LMFORGE_FAULTS=faults) if faults else subprocess_env()
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import lmforge_cmd, subprocess_env
+from conftest import lmforge_in_process
 from lmforge.cli import parse_count
 from lmforge.hardware import HARDWARE, Hardware, get_hardware
 from lmforge.plan import check_output, write_output
@@ -314,8 +314,7 @@ def test_read_run_takes_val_loss_else_train_loss(tmp_path):
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(lmforge_cmd(*args), capture_output=True, text=True, env=subprocess_env(COLUMNS="120"),
-                          cwd=cwd, timeout=120)
+    return lmforge_in_process(list(args), env={"COLUMNS": "120"}, cwd=cwd)
 
 
 def test_cli_reproduces_figure1_in_a_table():

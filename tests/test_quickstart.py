@@ -3,11 +3,10 @@ package's, see conftest.installed_quickstart), and its reuse on a second run."""
 
 from __future__ import annotations
 
-import subprocess
 import sysconfig
 
 import pytest
-from conftest import lmforge_cmd, subprocess_env
+from conftest import lmforge_in_process
 
 from lmforge.quickstart import source_name
 
@@ -32,10 +31,9 @@ def test_quickstart_runs_and_reuses(installed_quickstart, tmp_path):
     assert (work / "data" / name / "manifest.json").is_file()
     assert not (work / "runs" / "stdlib").exists() and not (work / "data" / "stdlib").exists()
 
-    # the same source again (this checkout's lmforge), with a larger budget: everything is reused, and it
+    # the same source again (this checkout's lmforge, in this process), with a larger budget: everything is reused, and it
     # says --minutes does not apply
-    cmd2 = lmforge_cmd("quickstart", "--workdir", str(work), "--minutes", "0.1", "--source", str(src))
-    second = subprocess.run(cmd2, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    second = lmforge_in_process(["quickstart", "--workdir", str(work), "--minutes", "0.1", "--source", str(src)])
     assert second.returncode == 0, second.stderr[-3000:]
     err = " ".join(second.stderr.split())  # rich may wrap long lines
     assert f"reusing the verified dataset in {work / 'data' / name}" in err
@@ -45,10 +43,7 @@ def test_quickstart_runs_and_reuses(installed_quickstart, tmp_path):
 
     # another source in the same workdir never reuses this one's dataset or run: here it does not exist,
     # so it fails at the prepare step (exit 2, one line) instead of silently reporting the old run
-    third = subprocess.run(
-        lmforge_cmd("quickstart", "--workdir", str(work), "--minutes", "0.05", "--source", str(tmp_path / "nope")),
-        capture_output=True, text=True, env=subprocess_env(), timeout=600,
-    )
+    third = lmforge_in_process(["quickstart", "--workdir", str(work), "--minutes", "0.05", "--source", str(tmp_path / "nope")])
     assert third.returncode == 2, third.stderr[-3000:]
     assert "reusing" not in third.stderr and "input not found" in third.stderr
 

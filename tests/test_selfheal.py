@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIG, lmforge_cmd, subprocess_env
+from conftest import TINY_CONFIG, lmforge_cmd, lmforge_in_process, subprocess_env
 from test_train import final_weights, run_train
 
 
@@ -59,8 +59,7 @@ def test_crash_after_rollback_reproduces_the_same_skips(tiny_dataset, tmp_path):
     assert [e["skipped_data_steps"] for e in events(b) if e["kind"] == "rollback"] == [[10, 15]]
     # data inspect on the run maps training steps through the rollback
     for step, data_step in [(15, 14), (10, 9), (11, 15), (16, 20)]:  # 15: the NaN step as it was read
-        proc = subprocess.run(lmforge_cmd("data", "inspect", str(a), "--step", str(step), "--json"),
-                              capture_output=True, text=True, env=subprocess_env())
+        proc = lmforge_in_process(["data", "inspect", str(a), "--step", str(step), "--json"])
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["step"] == data_step
         assert "skipped data steps 10..14" in proc.stderr
@@ -97,7 +96,8 @@ def test_supervisor_stops_a_failure_that_repeats(tiny_dataset, tmp_path):
 
 def test_supervisor_does_not_restart_user_errors(tiny_dataset, tmp_path):
     # a start every child would refuse: refused by the supervisor itself (the children's own check), nothing launched
-    proc = supervised(tiny_dataset, tmp_path / "run", "", "--set", "train.lrr=1")
+    proc = lmforge_in_process(["train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run"), "--set",
+                               f"data.path={tiny_dataset}", "--supervise", "--set", "train.lrr=1"])
     assert proc.returncode == 2 and "did you mean 'train.lr'" in proc.stderr and "Traceback" not in proc.stderr
     assert "supervisor:" not in proc.stderr and not (tmp_path / "run").exists()
     # a user error that only training meets (the guard gives up: exit 2) is not restarted either

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import TINY_CONFIG, lmforge_cmd, subprocess_env
+from conftest import TINY_CONFIG, lmforge_cmd, lmforge_in_process, subprocess_env
 from test_train import assert_user_error, run_train
 from lmforge import artifacts
 from lmforge.cli import build_parser
@@ -91,7 +91,7 @@ def test_dtype_auto_is_decided_once_and_a_resume_keeps_it(tiny_dataset, tmp_path
     plan = plan_start(StartRequest(str(TINY_CONFIG), str(run_dir), sets), device=SimpleNamespace(type="cpu"))
     assert plan.cfg.train.dtype == "fp32" and not run_dir.exists()  # decided, nothing written
     assert plan_start(StartRequest(str(TINY_CONFIG), str(run_dir), sets)).cfg.train.dtype == "auto"  # a launcher: no device
-    run_train(tiny_dataset, run_dir, *sets)  # this CPU (AVX2 here: fp32) decides, in the subprocess
+    run_train(tiny_dataset, run_dir, *sets, process=True)  # this CPU (AVX2 here: fp32) decides, in the subprocess
     written = load_config(run_dir / "config.yaml").train.dtype
     assert written in ("fp32", "bf16")
     assert load_config(run_dir / "checkpoints" / "step-000002" / "config.yaml").train.dtype == written
@@ -218,8 +218,9 @@ def test_quickstart_takes_the_run_directory_lock(tmp_path) -> None:
     fd = os.open(run_dir, os.O_RDONLY)  # a `lmforge train` already training this run
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        proc = subprocess.run(lmforge_cmd("quickstart", "--workdir", str(work), "--minutes", "0.05", "--source", str(src)),
-                              capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=tmp_path)
+        # in this process: flock locks belong to an open file, so this one's own open of the run is refused too
+        proc = lmforge_in_process(["quickstart", "--workdir", str(work), "--minutes", "0.05", "--source", str(src)],
+                                  cwd=tmp_path)
     finally:
         os.close(fd)
     assert_user_error(proc, f"--run-dir {run_dir} is in use by another `lmforge train`")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, lmforge_cmd, subprocess_env
+from conftest import TINY_CONFIG, lmforge_cmd, lmforge_in_process, subprocess_env
 from lmforge.config import load_config
 from lmforge.model import Transformer
 from lmforge.train.loop import train_step
@@ -27,11 +27,18 @@ def tiny_cfg(data: Path, *extra: str):
 
 def run_train(data: Path, run_dir: Path, *extra: str, faults: str = "", check: bool = True,
               extra_args: list[str] = (), env: dict[str, str] | None = None, cwd: Path | None = None,
-              config: Path | None = TINY_CONFIG) -> subprocess.CompletedProcess:
+              config: Path | None = TINY_CONFIG, process: bool = False) -> subprocess.CompletedProcess:
+    """`lmforge train` on the tiny config. In this process (conftest.lmforge_in_process) unless the
+    test is about the process: `process=True`, a kill fault (it SIGKILLs the process) or --supervise
+    (the supervisor starts and watches its own children), which run `python -m lmforge`."""
     sets = [a for kv in (f"data.path={data}", *extra) for a in ("--set", kv)] + list(extra_args)
-    env = subprocess_env(**(env or {}), **({"LMFORGE_FAULTS": faults} if faults else {}))
-    proc = subprocess.run(lmforge_cmd("train", *([str(config)] if config else []), "--run-dir", str(run_dir), *sets),
-                          capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
+    args = ["train", *([str(config)] if config else []), "--run-dir", str(run_dir), *sets]
+    extra_env = {**(env or {}), **({"LMFORGE_FAULTS": faults} if faults else {})}
+    if process or "kill" in faults or "--supervise" in extra_args:
+        proc = subprocess.run(lmforge_cmd(*args), capture_output=True, text=True, env=subprocess_env(**extra_env),
+                              timeout=300, cwd=cwd)
+    else:
+        proc = lmforge_in_process(args, env=extra_env, cwd=cwd)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -170,8 +177,7 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_dataset, straig
     while time.monotonic() < deadline and not (metrics.exists() and '"step": 10' in metrics.read_text()):
         time.sleep(0.02)
     # one job per run directory: a second start while this one trains is refused, touching nothing
-    second = subprocess.run(lmforge_cmd("train", str(TINY_CONFIG), "--run-dir", str(run_dir), *sets),
-                            capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    second = lmforge_in_process(["train", str(TINY_CONFIG), "--run-dir", str(run_dir), *sets])  # another process
     assert second.returncode == 2 and "is in use by another `lmforge train`" in second.stderr, second.stderr[-2000:]
     assert "Traceback" not in second.stderr
     proc.send_signal(signal.SIGTERM)
@@ -258,7 +264,7 @@ def test_a_directory_given_as_the_config_points_to_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("{}\n")
-    proc = subprocess.run(lmforge_cmd("train", str(run_dir)), capture_output=True, text=True, env=subprocess_env())
+    proc = lmforge_in_process(["train", str(run_dir)])
     assert_user_error(proc, f"config file {run_dir} is a directory", f"lmforge train --run-dir {run_dir}")
 
 

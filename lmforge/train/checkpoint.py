@@ -46,6 +46,7 @@ file is pickled by PyTorch and is only ever read from a checkpoint whose checksu
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -72,15 +73,15 @@ from .distributed import SINGLE, Dist
 # ---- saving ----------------------------------------------------------------------------------
 
 
+@functools.cache
 def _state_options() -> Any:
     """DCP's view of the training state: the parameters that train (all of them, but for a LoRA
-    run's frozen base, which its checkpoints do not hold) and their optimizer state."""
+    run's frozen base, which its checkpoints do not hold) and their optimizer state. Built on first
+    use: importing torch.distributed.checkpoint takes about a second, which a process that never
+    saves or loads a checkpoint (a refused start, the supervisor's parent) should not pay."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(ignore_frozen_params=True)
-
-
-_STATE_OPTIONS = _state_options()
 
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -89,7 +90,7 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     head's second name, `lm_head.weight`: the embedding matrix in every LoRA checkpoint)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_STATE_OPTIONS)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
     frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd
 
@@ -299,7 +300,7 @@ def load_training_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.opt
         dcp.load(state, checkpoint_id=str(ckpt / TRAIN_STATE))
     # DCP loaded every key asked for (a missing one raised); the frozen base is left out of the set, not missing
     frozen = any(not p.requires_grad for p in model.parameters())
-    options = replace(_STATE_OPTIONS, strict=False) if frozen else _STATE_OPTIONS
+    options = replace(_state_options(), strict=False) if frozen else _state_options()
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     trainer = read_trainer_state(ckpt)
     set_rng_state(trainer["rng"])
