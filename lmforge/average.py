@@ -40,7 +40,7 @@ from .artifacts import (
 from .errors import CheckpointError
 from .ranges import AVERAGE_LAST, EMA_DECAY
 from .tokenizer import Tokenizer
-from .util import atomic_dir, atomic_write_json, out as results_out
+from .util import atomic_dir, atomic_write_json, writes_to, out as results_out
 
 
 def select(run_dir: Path, last: int | None, steps: list[int] | None) -> list[Path]:
@@ -138,7 +138,7 @@ def average(run_dir: str | os.PathLike, out: str | os.PathLike, *, last: int | N
         "checkpoints": [{"step": s, "weight": w, "path": str(c.resolve()), "model_sha256": read_manifest(c).sha256(MODEL_FILE)}
                         for s, w, c in zip(ckpt_steps, weights, ckpts)],
     }
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with writes_to(out), atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         shutil.copyfile(newest / CONFIG_FILE, tmp / CONFIG_FILE)
         shutil.copyfile(newest / TOKENIZER_FILE, tmp / TOKENIZER_FILE)

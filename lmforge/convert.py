@@ -39,7 +39,6 @@ Trade-offs
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -47,7 +46,6 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -57,10 +55,10 @@ from .artifacts import (
     read_bundle, read_json, write_model_dir,
 )
 from .config import Config, EmbedConfig, ModelConfig
-from .errors import CheckpointError, ConfigError, WriteError
+from .errors import CheckpointError, ConfigError
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 from .util import (
-    FILE_MODE, atomic_dir, atomic_write_json, fsync_dir, progress_bar, replace_path, warn, write_failure,
+    FILE_MODE, atomic_dir, atomic_write_json, fsync_dir, progress_bar, replace_path, warn, writes_to,
 )
 from .util import out as results_out  # command results: stdout, every progress mode
 
@@ -316,7 +314,7 @@ def read_sentence_transformers(directory: Path) -> EmbedConfig | None:
     try:
         modules = json.loads((directory / "modules.json").read_text(encoding="utf-8"))
         kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"{directory / 'modules.json'}: not a sentence-transformers modules list ({e})") from None
     if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
         raise CheckpointError(f"{directory}: sentence-transformers modules {kinds} cannot be reproduced by lmforge "
@@ -886,28 +884,6 @@ def _check_out(source: str, out: str, overwrite: bool) -> None:
         raise CheckpointError(f"--out {out} holds the source {source}; --overwrite would delete it: choose another --out")
 
 
-@contextlib.contextmanager
-def _writing(out: str, needed: int | None = None) -> Iterator[None]:
-    """Turn a failed write of --out into one line naming it: "disk full at OUT, N bytes free" (also
-    from safetensors, which reports ENOSPC as its own SafetensorError, and from a short write that
-    names no errno, when fewer bytes are free than the output `needed`), else "cannot write OUT:
-    REASON" (no permission, a path that cannot exist); the writers leave nothing half-written."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except (OSError, SafetensorError) as e:
-        line = write_failure(e, out, needed)
-        if line is not None and line.startswith("disk full"):
-            raise WriteError(f"{line}; nothing was written to {out}. Free space, or choose another --out") from None
-        if not isinstance(e, OSError):
-            raise
-        # name the path that failed unless it is --out itself or its temporary sibling
-        named = e.filename and Path(os.fsdecode(e.filename)).parent != Path(out).parent
-        where = f" ({e.filename})" if named else ""
-        raise CheckpointError(f"cannot write {out}: {e.strerror or e}{where}") from None
-
-
 def import_command(source: str, out: str, overwrite: bool = False, keep_quantized: bool = False) -> int:
     """`lmforge import`: a GGUF file or Hugging Face directory -> a model directory. keep_quantized:
     a quantized GGUF's matrices are stored as int8 (lmforge/quant.py) instead of fp32."""
@@ -919,7 +895,7 @@ def import_command(source: str, out: str, overwrite: bool = False, keep_quantize
     if keep_quantized and not bundle.quantized:
         raise ConfigError(f"--keep-quantized: {source} holds no quantized matrices "
                           f"(tensor types {', '.join(bundle.source.get('tensor_types', []))}); import it without the flag")
-    with _writing(out):
+    with writes_to(out):
         write_model_dir(bundle, Path(out), overwrite=overwrite)
     from .model import num_params
 
@@ -948,7 +924,7 @@ def export_command(source: str, fmt: str, out: str, dtype: str = "f32", overwrit
                           "`classify train --method finetune`), which hf and gguf export do not write; serve it with "
                           "`lmforge serve CLASSIFIER` or export the model it was tuned from")
     weights = sum(t.numel() for t in bundle.tensors.values()) * (2 if fmt == "gguf" and dtype == "f16" else 4)
-    with _writing(out, needed=weights):
+    with writes_to(out, needed=weights):
         if fmt == "hf":
             if dtype != "f32":
                 raise ConfigError("--dtype applies to GGUF export only (Hugging Face export writes fp32 safetensors)")
@@ -975,7 +951,7 @@ def export_adapter(source: str, out: str, *, overwrite: bool = False, merge: boo
         raise CheckpointError(f"{source} holds whole weights (a run with lora.rank 0, or a model): there is no LoRA "
                               "adapter to export; use --format hf or gguf")
     parts = lora_parts(origin)  # the base verified, the adapter's names and shapes checked
-    with _writing(out, needed=(origin.path / ADAPTER_FILE).stat().st_size):
+    with writes_to(out, needed=(origin.path / ADAPTER_FILE).stat().st_size):
         write_adapter_dir(out, parts.adapter, parts.lora, parts.base, overwrite=overwrite)
     results_out.print(f"exported {source} -> {out} (PEFT LoRA adapter, rank {parts.lora.rank}, on {parts.base.path}, "
                       f"sha256 {origin.base_sha256[:12]}...)")

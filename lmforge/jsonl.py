@@ -17,6 +17,9 @@ Two readers, for two kinds of file:
   should hold. Lines are split on b"\\n" (and "\\r\\n"), never on the other characters
   `str.splitlines` breaks at, which JSON allows raw inside strings; each line carries its byte
   offset, so a document can be traced back to where it starts.
+  A string holding a lone UTF-16 surrogate (a `"\\ud800"` escape without its pair: valid JSON, not
+  Unicode text, so no tokenizer, file or database can take it) stops the read the same way, naming
+  where in the record it is, for every reader of such files at once (issue 21.1's surrogate, in files).
 - `read_records(path)` reads a file lmforge appends to while a process may be killed mid-line:
   a line that does not parse (the torn last line of a kill) or is not an object is skipped.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -141,7 +145,37 @@ def iter_jsonl(lines: Iterable[bytes], source: str | os.PathLike, *, what: str) 
         except RecursionError:  # json's parser recurses per level: 100,000 nested [ exhaust the stack
             raise DataError(f"{where}: JSON nested too deeply (more than Python's recursion limit of "
                             f"{sys.getrecursionlimit()} levels); expected {what}") from None
+        if _MAY_HOLD_SURROGATE.search(raw) and (path := _lone_surrogate_at(value)) is not None:
+            raise DataError(f"{where}: the string at {path} holds a lone UTF-16 surrogate (a \\ud800-style escape "
+                            f"without its pair): not Unicode text; fix or remove that line")
         yield JsonLine(where, number, start, value)
+
+
+# A lone surrogate reaches a parsed string from a "\\udXXX" escape or from the UTF-8-like bytes ED A0..BF
+# (json decodes bytes with "surrogatepass"); only lines holding either are walked.
+_MAY_HOLD_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _lone_surrogate_at(value: Any) -> str | None:
+    """Where in a parsed JSON value (e.g. `$.messages[1].content`) the first string holding a lone
+    UTF-16 surrogate is, keys included; None when there is none. Iterative: any depth json parsed.
+    The path shows such a key with backslash escapes, so the message itself stays printable."""
+    stack: list[tuple[str, Any]] = [("$", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                shown = f"{path}.{k.encode('utf-8', 'backslashreplace').decode('utf-8')}"
+                stack += [(shown, item), (f"{shown} (its key)", k)]
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(v))
+    return None
 
 
 def read_jsonl(path: str | os.PathLike, *, what: str) -> Iterator[JsonLine]:

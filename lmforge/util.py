@@ -386,6 +386,32 @@ def write_failure(e: BaseException, path: str | os.PathLike, needed: int | None 
     return None
 
 
+@contextlib.contextmanager
+def writes_to(out: str | os.PathLike, needed: int | None = None) -> Iterator[None]:
+    """Around a verb's write of its --out (an `atomic_dir` or atomic file): a failed write becomes
+    one line naming it, a WriteError: "disk full at OUT, N bytes free; nothing was written to OUT"
+    (also from safetensors, which reports ENOSPC as its own SafetensorError, and from a short
+    write that names no errno, when fewer bytes are free than the output `needed`), else "cannot
+    write OUT: REASON" for any other OSError. Anything else (a bug) keeps its traceback. The
+    writers inside leave nothing half-written; this only says so."""
+    from safetensors import SafetensorError
+
+    from .errors import WriteError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        line = write_failure(e, out, needed)
+        if line is not None and line.startswith("disk full"):
+            raise WriteError(f"{line}; nothing was written to {out}. Free space, or choose another --out") from None
+        if not isinstance(e, OSError):
+            raise
+        # name the path that failed unless it is --out itself or its temporary sibling
+        named = e.filename and Path(os.fsdecode(e.filename)).parent != Path(out).parent
+        where = f" ({os.fsdecode(e.filename)})" if named else ""
+        raise WriteError(f"cannot write {out}: {e.strerror or e}{where}; nothing was written") from None
+
+
 def check_port(port: int, flag: str = "--port") -> int:
     """A TCP port to listen on, 0-65535 (0: any free port), or a ConfigError naming the flag."""
     from .errors import ConfigError

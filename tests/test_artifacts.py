@@ -289,6 +289,9 @@ def test_a_damaged_checkpoint_file_is_refused_by_every_verb_naming_it(name: str,
         target.write_bytes(bytes(data))
     text = tmp_path / "text.txt"
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n", encoding="utf-8")
+    labelled = tmp_path / "labelled.jsonl"  # what classify train reads: valid, so only the checkpoint is wrong
+    labelled.write_text("".join(json.dumps({"text": f"{w} speaks {i}", "label": w}) + "\n"
+                                for i in range(6) for w in ("ROMEO", "JULIET")), encoding="utf-8")
 
     def cli(*argv: str) -> tuple[int, str, list[str]]:
         capsys.readouterr()
@@ -305,12 +308,19 @@ def test_a_damaged_checkpoint_file_is_refused_by_every_verb_naming_it(name: str,
                  ["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")],
                  ["export", str(ckpt), "--format", "gguf", "--out", str(tmp_path / "m.gguf")],
                  ["train", str(TINY_CONFIG), "--run-dir", str(tmp_path / "branch"), "--set", f"data.path={tiny_dataset}",
-                  "--set", f"init.from={ckpt}"]):
+                  "--set", f"init.from={ckpt}"],
+                 # the understanding verbs load the same way (issue 21's "new verbs get the same treatment")
+                 ["embed", str(ckpt), str(text), "--out", str(tmp_path / "v.npy")],
+                 ["index", "build", str(ckpt), str(text), "--out", str(tmp_path / "idx")],
+                 ["topics", str(ckpt), str(labelled), "--out", str(tmp_path / "topics"), "--min-cluster-size", "2"],
+                 ["classify", "train", str(ckpt), str(labelled), "--out", str(tmp_path / "clf")],
+                 ["ckpt", "average", str(run), "--steps", "10,20", "--out", str(tmp_path / "avg")]):
         code, out, err = cli(*argv)
         assert code == 2 and len(err) == 1 and err[0].startswith("error:"), (argv, code, err)
         assert name in err[0] and "step-000020" in err[0], (argv, err)
         assert out == "" or argv[0] == "sample" and not out.strip(), (argv, out)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "m.gguf").exists() and not (tmp_path / "branch").exists()
+    assert not any((tmp_path / n).exists() for n in ("v.npy", "idx", "topics", "clf", "avg"))
 
     code, out, err = cli("ckpt", "verify", str(run))  # the report names the file; the older checkpoint is ok
     assert code == 1 and name in out and "1 ok, 1 damaged" in out, out

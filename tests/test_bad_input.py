@@ -139,8 +139,13 @@ def files(tiny_run: Path, tiny_dataset: Path, tmp_path_factory) -> dict[str, Pat
     (root / "deep_dataset" / "manifest.json").write_text("[" * 3000 + "]" * 3000)
     loop = root / "loop"
     loop.symlink_to(root / "loop")
+    surrogate = root / "surrogate.jsonl"  # valid JSON, not Unicode text: the "\ud800", in a file
+    surrogate.write_text('{"text": "fine", "label": "a"}\n{"text": "bad \\ud800", "label": "b"}\n')
+    (root / "deep_manifest").mkdir()
+    (root / "deep_manifest" / "MANIFEST.json").write_text("[" * 100_000 + "]" * 100_000)
     return {"root": root, "run": tiny_run, "data": tiny_dataset, "corpus": corpus, "binary": binary, "empty": empty,
-            "deep": deep, "deep_yaml": deep_yaml, "huge": huge, "loop": loop, "dir": root, "deep_dataset": root / "deep_dataset"}
+            "deep": deep, "deep_yaml": deep_yaml, "huge": huge, "loop": loop, "dir": root, "deep_dataset": root / "deep_dataset",
+            "surrogate": surrogate, "deep_manifest": root / "deep_manifest"}
 
 
 def fill(argv: list[str], files: dict[str, Path], tmp_path: Path) -> list[str]:
@@ -335,6 +340,22 @@ HAND = [
     (["import", "<dir>", "--out", "<tmp>/m"], "not a run, checkpoint or model directory"),
     (["ckpt", "verify", "<binary>"], "holds no checkpoints"),
     (["ckpt", "verify", "<tmp>/missing"], "no such run or checkpoint"),
+    # the understanding verbs: their input files (every JSONL goes through lmforge/jsonl.py's one reader)
+    (["prepare", "<surrogate>", "--out", "<tmp>/o"], "lone UTF-16 surrogate"),  # before: UnicodeEncodeError
+    (["embed", RUN, "<surrogate>", "--out", "<tmp>/o.npy"], "lone UTF-16 surrogate"),
+    (["index", "build", RUN, "<surrogate>", "--out", "<tmp>/o"], "lone UTF-16 surrogate"),
+    (["topics", RUN, "<surrogate>", "--out", "<tmp>/o"], "lone UTF-16 surrogate"),
+    (["classify", "train", RUN, "<surrogate>", "--out", "<tmp>/o"], "lone UTF-16 surrogate"),  # before: TypeError
+    (["classify", "train", RUN, "<deep>", "--out", "<tmp>/o"], "nested too deeply"),  # before: RecursionError
+    (["embed", RUN, "<deep>", "--out", "<tmp>/o.npy"], "nested too deeply"),
+    (["embed", RUN, "<binary>", "--out", "<tmp>/o.npy", "--strict"], "not UTF-8"),
+    (["embed", RUN, CORPUS, "--out", "<binary>"], "name a .npy file"),
+    (["classify", "predict", "<deep_manifest>", CORPUS, "--out", "<tmp>/o.jsonl"], "not a classifier directory"),  # RecursionError
+    (["classify", "predict", "<tmp>/missing", CORPUS, "--out", "<tmp>/o.jsonl"], "no such classifier"),
+    (["search", "<binary>", "a query"], "no such index"),
+    (["ask", "<binary>", "a question", "--model", RUN], "no such index"),
+    (["index", "add", "<binary>", CORPUS], "no such index"),
+    (["topics", RUN, CORPUS, "--out", "<tmp>/o", "--stop-words", "<binary>"], "--stop-words"),
     # plan / runs
     (["plan", "--quality-of", "7B", "--law", "<binary>"], "not a loss-law JSON"),
     (["plan", "--quality-of", "7B", "--law", "<deep>"], "not a loss-law JSON"),

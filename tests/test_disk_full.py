@@ -145,3 +145,31 @@ def test_export_to_a_full_disk_is_one_line(tiny_dataset, small_fs, tmp_path) -> 
         assert_user_error(proc, f"disk full at {out}, ", f"nothing was written to {out}")
         assert len(error_lines(proc.stderr)) == 1
         assert sorted(p.name for p in fs.iterdir()) == []  # no temporary left behind
+
+
+@pytest.mark.parametrize("verb", ["ckpt average", "embed", "index build", "topics", "classify train"])
+def test_the_other_writing_verbs_on_a_full_disk_are_one_line(verb: str, tiny_run, small_fs, tmp_path, capsys,
+                                                            monkeypatch) -> None:
+    """Each verb that writes an --out, given one on a full disk: exit 2 and one line "disk full at
+    OUT, N bytes free; nothing was written", and no temporary left (before: a traceback from
+    safetensors or a write in topics and ckpt average). In-process: the cheap way to run five verbs."""
+    import json
+
+    from lmforge.cli import main
+
+    monkeypatch.setenv("LMFORGE_PROGRESS", "quiet")  # main() sets it; monkeypatch puts it back
+    corpus = tmp_path / "labelled.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{w} speaks of the night, line {i}", "label": w}) + "\n"
+                              for i in range(12) for w in ("ROMEO", "JULIET")), encoding="utf-8")
+    fs = small_fs("1m")
+    fill(fs)
+    out = fs / ("v.npy" if verb == "embed" else "out")
+    args = {"ckpt average": [str(tiny_run), "--last", "2"], "embed": [str(tiny_run), str(corpus)],
+            "index build": [str(tiny_run), str(corpus)], "topics": [str(tiny_run), str(corpus), "--min-cluster-size", "3"],
+            "classify train": [str(tiny_run), str(corpus)]}[verb]
+    capsys.readouterr()
+    code = main([*verb.split(), *args, "--out", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: disk full at {out}, "), (code, err)
+    assert "nothing was written" in err[0], err
+    assert sorted(p.name for p in fs.iterdir() if not p.name.endswith(".lock")) == ["filler"]

@@ -93,6 +93,23 @@ def test_parse_jsonl_names_file_line_column_and_what_was_expected(tmp_path: Path
         list(read_jsonl(tmp_path / "missing.jsonl", what="items"))
 
 
+
+@pytest.mark.parametrize("line, path", [
+    (rb'{"text": "ab\ud800"}', "$.text"),  # the escape (before: UnicodeEncodeError from prepare, a traceback)
+    (rb'{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "\udfff!"}]}', "$.messages[1].content"),
+    (rb'{"\ud800": 1}', "$.\\ud800 (its key)"),
+    (b'{"text": "\xed\xa0\x80"}', "$.text"),  # the surrogate's UTF-8-like bytes: json reads them with surrogatepass
+    (rb'"\udc00"', "$"),
+])
+def test_a_lone_surrogate_in_a_line_is_refused_naming_where(line: bytes, path: str) -> None:
+    lines = parse_jsonl(rb'{"text": "ok \ud83d\ude00 \\ud800"}' + b"\n" + line, "f.jsonl", what="items")
+    assert next(lines).value == {"text": "ok \U0001f600 \\ud800"}  # pairs and an escaped backslash are text
+    with pytest.raises(DataError) as e:
+        next(lines)
+    assert str(e.value) == (f"f.jsonl:2: the string at {path} holds a lone UTF-16 surrogate (a \\ud800-style escape "
+                            "without its pair): not Unicode text; fix or remove that line")
+    str(e.value).encode("utf-8")  # the message itself can be printed
+
 # ---- run files: appending and the lenient reader --------------------------------------------------
 
 

@@ -6,7 +6,8 @@ both ends of int64, n choices, echo + log-probs, streams), and invalid ones (wro
 beyond any range, NaN / Infinity as JSON tokens, lone surrogates in values and keys, nesting 33
 to 100,000 levels deep, arrays of 150,000 ids, unknown fields, token ids out of range, malformed
 or truncated JSON, oversized bodies, unknown routes and methods, bad or missing API keys). They
-are sent in-process (httpx's ASGI transport against `create_app` on a tiny model: loopback
+are sent in-process (httpx's ASGI transport against `create_app` on a tiny model with a head
+classifier over it, so /v1/embeddings and /v1/classify are fuzzed beside generation: loopback
 only, nothing listens) by several concurrent senders, while "witness" calls (greedy and seeded
 streams, a chat stream, a non-streaming call with log-probs) run over and over beside them.
 
@@ -29,18 +30,23 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
 from conftest import shakespeare_path
-from lmforge.config import ModelConfig
+from lmforge.config import Config, ModelConfig
 from lmforge.generate import SEED_MAX, SEED_MIN
 from lmforge.model import Transformer
 from lmforge.serve.api import create_app
 from lmforge.tokenizer import Tokenizer
+from lmforge.understand.classify import Classifier, Spec
+from lmforge.understand.embed import Embedder
+from lmforge.understand.head import Head
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -57,7 +63,18 @@ def app():
     torch.manual_seed(0)  # a large init and an untied head: the greedy output depends on the whole context
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=CONTEXT,
                                     tie_embeddings=False, init_std=0.5)).eval()
-    return create_app(model, tok, model_name="tiny", max_batch=8, max_queue=64, max_tokens=MAX_TOKENS, api_key=KEY)
+    return create_app(model, tok, model_name="tiny", max_batch=8, max_queue=64, max_tokens=MAX_TOKENS, api_key=KEY,
+                      classifier=classifier(model, tok))
+
+
+def classifier(model: Transformer, tok: Tokenizer) -> Classifier:
+    """A head classifier over the served model in memory, so /v1/classify is fuzzed too (its numbers do not matter)."""
+    rng = np.random.default_rng(0)
+    dim = model.cfg.d_model
+    head = Head(rng.standard_normal((3, dim)).astype(np.float32), np.zeros(3, np.float32), np.zeros(dim, np.float32),
+                np.ones(dim, np.float32))
+    spec = Spec(method="head", multi_label=False, labels=["a", "b", "c"], embedding={"fingerprint": {}}, threshold=0.5)
+    return Classifier(Path("fuzz-clf"), spec, head, Embedder.from_model(model, tok, Config(model=model.cfg)))
 
 
 # ---- what is sent ------------------------------------------------------------------------------
@@ -160,6 +177,22 @@ def valid_body(rng: random.Random, route: str, vocab: int) -> dict[str, Any]:
         return body
     if route == "/tokenize":
         return rng.choice([{"prompt": rng.choice(TEXTS)}, {"messages": messages}])
+    texts = [t for t in TEXTS if t.strip()]  # an empty text is refused by both routes below
+    if route == "/v1/embeddings":
+        body = {"input": rng.choice([rng.choice(texts), rng.sample(texts, rng.randint(1, 4)), ids(rng, vocab),
+                                     [ids(rng, vocab), ids(rng, vocab)]])}
+        if rng.random() < 0.3:
+            body["encoding_format"] = rng.choice(["float", "base64"])
+        if rng.random() < 0.3:
+            body["dimensions"] = rng.randint(1, 32)
+        if rng.random() < 0.3:
+            body["input_type"] = rng.choice(["document", "query"])
+        return body
+    if route == "/v1/classify":
+        body = {"input": rng.choice([rng.choice(texts), rng.sample(texts, rng.randint(1, 4))])}
+        if rng.random() < 0.3:
+            body["min_confidence"] = rng.choice([0, 0.0, 0.5, 1, 1.0, 5e-324])
+        return body
     return {"tokens": ids(rng, vocab)}  # /detokenize
 
 
@@ -179,7 +212,8 @@ def evil_value(rng: random.Random) -> Any:
 
 FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n", "stream",
           "stream_options", "stop", "seed", "echo", "logprobs", "top_logprobs", "logit_bias", "presence_penalty",
-          "frequency_penalty", "best_of", "suffix", "ignore_eos", "model", "tokens", "user"]
+          "frequency_penalty", "best_of", "suffix", "ignore_eos", "model", "tokens", "user", "input", "encoding_format",
+          "dimensions", "input_type", "min_confidence"]
 
 
 def mutate(rng: random.Random, body: dict[str, Any], vocab: int) -> dict[str, Any]:
@@ -193,8 +227,8 @@ def mutate(rng: random.Random, body: dict[str, Any], vocab: int) -> dict[str, An
             body.pop(rng.choice(list(body) or ["prompt"]), None)
         elif kind < 0.65:
             body[rng.choice(["unknown", "x\ud800", "", "a" * 1000])] = evil_value(rng)
-        elif kind < 0.8:  # the long ones are built only when picked
-            body["prompt"] = rng.choice([lambda: [vocab], lambda: [-1], lambda: [2**63], lambda: [10**30], lambda: [1.5],
+        elif kind < 0.8:  # the long ones are built only when picked; "input" for embeddings and classify
+            body["input" if "input" in body else "prompt"] = rng.choice([lambda: [vocab], lambda: [-1], lambda: [2**63], lambda: [10**30], lambda: [1.5],
                                          lambda: [[1], "a"], lambda: [[]], lambda: [[2**70]], lambda: [True],
                                          lambda: [ids(rng, vocab, 300)], lambda: ids(rng, vocab, CONTEXT),
                                          lambda: "\ud800", lambda: ["ok", "\udfff"], lambda: ids(rng, vocab, 150_000)])()
@@ -222,7 +256,7 @@ def corrupt(rng: random.Random, good: bytes) -> bytes:
     ])()
 
 
-ROUTES = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
+ROUTES = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/embeddings", "/v1/classify"]
 
 
 def fuzz_calls(rng: random.Random, n: int, vocab: int) -> Iterator[Call]:

@@ -123,7 +123,7 @@ def is_classifier_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
     try:
         return json.loads((p / MANIFEST).read_text(encoding="utf-8")).get("kind") == KIND
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: nested too deeply
         return False
 
 

@@ -48,7 +48,7 @@ from ..errors import ConfigError, DataError
 from ..evaluate import classification as M
 from ..jsonl import dumps_record
 from ..threads import choose
-from ..util import FILE_MODE, atomic_write_text, console, fsync_dir
+from ..util import FILE_MODE, atomic_write_text, console, fsync_dir, writes_to
 from ..util import out as results_out
 from . import calibrate
 from .classify import Classifier, check_threshold
@@ -314,7 +314,7 @@ def predict_command(clf_path: str, inputs: str, out: str, *, min_confidence: flo
     n = routed = empty = 0
     start = time.perf_counter()
     records = stream_records(inputs, text_field=text_field, id_field=id_field, labelled=False)
-    with _streamed_file(target) as f:
+    with writes_to(target), _streamed_file(target) as f:
         while True:
             batch = [r for _, r in zip(range(chunk), records)]
             if not batch:

@@ -40,7 +40,7 @@ from ..artifacts import CLASSIFIER_HEAD, CLASSIFIER_MODEL, write_manifest
 from .. import ranges as R
 from ..errors import ConfigError, DataError
 from ..threads import choose
-from ..util import atomic_dir, console
+from ..util import atomic_dir, console, writes_to
 from ..util import out as results_out
 from . import calibrate
 from .classify import (DEFAULT_FALLBACK, DEFAULT_TEMPLATE, DEFAULT_ZERO_SHOT_T, KIND, METHODS, SCORERS, Spec,
@@ -284,7 +284,7 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
     spec.training["seed"] = seed
 
     # 6: write
-    with atomic_dir(target, overwrite=overwrite) as tmp:
+    with writes_to(target), atomic_dir(target, overwrite=overwrite) as tmp:
         head.save(tmp / CLASSIFIER_HEAD)
         if tuned is not None:
             shutil.copytree(tuned, tmp / CLASSIFIER_MODEL)

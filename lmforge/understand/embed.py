@@ -367,7 +367,7 @@ def embed_command(model: str, inputs: Sequence[str], out: str, *, kind: str = "d
     """`lmforge embed MODEL INPUTS... --out vectors.npy`: texts (understand/texts.py) -> vectors."""
     import torch
 
-    from ..util import console, out as results_out, warn
+    from ..util import console, out as results_out, warn, writes_to
     from .texts import read_texts
 
     if dtype not in OUT_DTYPES:
@@ -397,8 +397,9 @@ def embed_command(model: str, inputs: Sequence[str], out: str, *, kind: str = "d
     start = time.perf_counter()
     vectors = emb.embed_ids(ids, progress=True, governor=governor)
     seconds = time.perf_counter() - start
-    written = write_vectors(target, found.ids, vectors.astype(np.float16 if dtype == "float16" else np.float32),
-                            overwrite=overwrite)
+    with writes_to(target):
+        written = write_vectors(target, found.ids, vectors.astype(np.float16 if dtype == "float16" else np.float32),
+                                overwrite=overwrite)
     tokens = sum(min(len(r), emb.max_len) for r in ids)
     notes = [f"{cut} cut to {emb.max_len} tokens" if cut else "",
              f"{found.empty} empty skipped" if found.empty else "",

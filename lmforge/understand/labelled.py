@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..jsonl import iter_jsonl
 
 CSV_MULTI_SEPARATOR = "|"
 
@@ -142,18 +142,9 @@ def _jsonl(p: Path, text_field: str, label_field: str, id_field: str, labelled: 
         raise DataError(f"input not found: {p}") from None
     except OSError as e:
         raise DataError(f"cannot read {p}: {e.strerror or e}") from None
-    with f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{p}:{n}"
-            try:
-                rec = json.loads(raw)
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 (byte {e.start} of the line)") from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one object per line "
-                                f"with {text_field!r} and {label_field!r} (or {plural!r})") from None
+    what = f"one object per line with {text_field!r} and {label_field!r} (or {plural!r})"
+    with f:  # the one JSONL reader: not UTF-8, invalid, nested too deeply or a lone surrogate is a DataError at file:line
+        for where, _, _, rec in iter_jsonl(f, p, what=what):
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             if text_field not in rec:

@@ -713,11 +713,11 @@ def write_topics(out: Path, result: Result, corpus: Corpus, settings: Settings, 
     """The topics directory, atomically (see the module docstring)."""
     from ..artifacts import write_manifest
     from ..jsonl import to_record
-    from ..util import atomic_dir
+    from ..util import atomic_dir, writes_to
     from .topics_report import render_report
 
     ids = corpus.ids
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with writes_to(out), atomic_dir(out, overwrite=overwrite) as tmp:
         with open(tmp / TOPICS_FILE, "w", encoding="utf-8") as f:
             for t in result.topics:
                 f.write(json.dumps({"id": t.id, "size": t.size, "name": t.name,

@@ -49,8 +49,8 @@ from rich.table import Table
 from ... import __version__
 from ...artifacts import MANIFEST, read_manifest, write_manifest
 from ...data.prepare import NotUtf8, Source, check_out_overlap, collect_sources, iter_documents
-from ...errors import DataError, LmforgeError
-from ...util import atomic_dir, console, human_bytes, sha256_bytes
+from ...errors import DataError, LmforgeError, WriteError
+from ...util import atomic_dir, console, human_bytes, sha256_bytes, write_failure
 from ...util import out as results_out
 from ..embed import Embedder
 from .chunk import Chunking, Lines, Span, check_size, cut, record_span, text_spans
@@ -253,8 +253,10 @@ def build_index(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
                 manifest = _finish(writer, tmp, embedder=embedder, model=str(Path(model).resolve()), chunking=chunking,
                                    text_field=text_field, include=include, exclude=exclude, skipped=reader.skipped)
                 _check_replaceable(out, overwrite)  # again: something may have appeared at --out meanwhile
-        except OSError as e:
-            raise DataError(f"cannot write index {out}: {e.strerror or e} ({e.filename or out}); nothing was written") from None
+        except (OSError, sqlite3.OperationalError) as e:  # SQLite says "database or disk is full"
+            if (line := write_failure(e, out)) is None:
+                raise
+            raise WriteError(f"{line}; nothing was written to the index") from None
     c = manifest["counts"]
     console.print(f"[green]indexed[/] {escape(str(out))}: {c['chunks']:,} chunks from {c['files']} file(s), "
                   f"{c['tokens']:,} tokens, in {time.perf_counter() - t0:.1f} s")
@@ -334,9 +336,10 @@ def add_to_index(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
                             chunking=chunking, text_field=reader.text_field, include=include, exclude=exclude,
                             skipped=prior_skipped + reader.skipped,
                             extend=None if replaced else (old.path / ANN_FILE, kept))  # only appended: extend the graph
-            except OSError as e:
-                raise DataError(f"cannot write index {path}: {e.strerror or e} ({e.filename or path}); "
-                                "the old index is unchanged") from None
+            except (OSError, sqlite3.OperationalError) as e:
+                if (line := write_failure(e, path)) is None:
+                    raise
+                raise WriteError(f"{line}; the old index is unchanged") from None
     console.print(f"[green]updated[/] {escape(str(path))}: {summary['added']} file(s) added, {summary['replaced']} replaced, "
                   f"{summary['unchanged']} unchanged; {summary['chunks']:,} chunks embedded")
     return summary
