@@ -29,6 +29,8 @@ def pytest_configure(config) -> None:
     thread: two processes with two OpenMP threads each on a 2-core machine run several times slower
     than one, as threads wait for each other at every parallel region (docs/inference.md). The
     environment variable reaches the subprocesses tests start (`lmforge train` etc.)."""
+    if getattr(config.option, "dist", "no") == "loadgroup":  # the controller: deal groups in collection order
+        config.option.loadscopereorder = False
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         import torch
@@ -38,6 +40,12 @@ def pytest_configure(config) -> None:
 
 # Session fixtures that cost tens of seconds, by the group whose tests share them (see below).
 SHARED_SESSION_FIXTURES = {"installed": "installed", "installed_quickstart": "installed", "smollm2_dir": "smollm2"}
+# The groups that take a minute or more of one worker, longest first (measured, docs/development.md):
+# they are dealt out first, alternately to the two workers, so none of them starts late and becomes
+# the run's tail. xdist would order groups by their number of tests, which puts these (few slow
+# tests) behind groups of many fast ones; pytest_configure turns that off.
+LONG_GROUPS = ("smollm2", "tests/test_distributed.py", "installed", "tests/test_train.py", "numba",
+               "tests/test_selfheal.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
@@ -46,9 +54,8 @@ def pytest_collection_modifyitems(config, items) -> None:
     module's trained run or torchrun launches, the installed wheel's quickstart, the imported SmolLM2
     were each built twice, once per worker. Tests that share such a fixture join one xdist group, so
     one worker builds it: every test using an expensive session fixture (SHARED_SESSION_FIXTURES),
-    else every test of a module using one of the module's module-scoped fixtures. xdist starts the
-    largest groups first, so a big group does not become the run's tail. An explicit xdist_group
-    mark (the topics tests' numba warm-up) is kept."""
+    else every test of a module using one of the module's module-scoped fixtures. An explicit xdist_group
+    mark (the topics tests' numba warm-up) is kept. Under xdist the LONG_GROUPS come first, in order."""
     for item in items:
         if item.get_closest_marker("xdist_group"):
             continue
@@ -59,6 +66,14 @@ def pytest_collection_modifyitems(config, items) -> None:
             group = item.nodeid.split("::")[0]
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike: xdist requires equal collections
+
+        def rank(item) -> int:
+            mark = item.get_closest_marker("xdist_group")
+            name = (mark.args[0] if mark.args else mark.kwargs.get("name")) if mark else None
+            return LONG_GROUPS.index(name) if name in LONG_GROUPS else len(LONG_GROUPS)
+
+        items.sort(key=rank)  # stable: a module's tests keep their order
 
 
 @pytest.fixture(scope="session", autouse=True)

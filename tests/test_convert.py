@@ -21,7 +21,13 @@ from lmforge.errors import CheckpointError
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
-transformers = pytest.importorskip("transformers", reason="transformers is in the test extra (pip install -e .[test])")
+
+
+def hf_transformers():
+    """`transformers`, imported by the tests that use it (skips without it), not at module level: a
+    pytest worker collecting this module then pays for the import only if it runs such a test."""
+    return pytest.importorskip("transformers", reason="transformers is in the test extra (pip install -e .[test])")
+
 
 TEXTS = ["Hello world, this is a tiny corpus for a tiny tokenizer.", "Numbers 12345 and 3.14 and words again.",
          "The quick brown fox jumps over the lazy dog. " * 3]
@@ -74,8 +80,8 @@ def lm_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
 def test_export_to_hf_matches_transformers_logits(tok, tmp_path, shape) -> None:
     model = tiny_model(tok, **SHAPES[shape])
     out = convert.write_hf_dir(convert.bundle_from_model(model, tok), tmp_path / "hf")
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
-    assert isinstance(hf, transformers.LlamaForCausalLM)
+    hf, info = hf_transformers().AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+    assert isinstance(hf, hf_transformers().LlamaForCausalLM)
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     idx = ids(tok)
     with torch.no_grad():
@@ -86,7 +92,7 @@ def test_export_to_hf_matches_transformers_logits(tok, tmp_path, shape) -> None:
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_import_from_hf_matches_transformers_logits(tok, tmp_path, shape) -> None:
     s = SHAPES[shape]
-    hf_cfg = transformers.LlamaConfig(
+    hf_cfg = hf_transformers().LlamaConfig(
         vocab_size=tok.vocab_size, hidden_size=s["d_model"], intermediate_size=ModelConfig(**s).ff_dim,
         num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"],
         num_key_value_heads=s["n_kv_head"] or s["n_head"], max_position_embeddings=32,
@@ -94,7 +100,7 @@ def test_import_from_hf_matches_transformers_logits(tok, tmp_path, shape) -> Non
         tie_word_embeddings=s["tie_embeddings"],
     )
     torch.manual_seed(3)
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf = hf_transformers().LlamaForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "src")
     tok.save(tmp_path / "src")
     out = tmp_path / "imported"
@@ -123,7 +129,7 @@ def test_hf_round_trip_is_bit_identical(tok, tmp_path) -> None:
 
 def test_hf_export_tokenizer_and_generation_files(tok, tmp_path) -> None:
     out = convert.write_hf_dir(convert.bundle_from_model(tiny_model(tok, **SHAPES["mha-tied"]), tok), tmp_path / "hf")
-    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf_tok = hf_transformers().AutoTokenizer.from_pretrained(out)
     for text in SAMPLES[:2]:
         assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
         assert hf_tok.decode(tok.encode(text)) == text
@@ -169,13 +175,13 @@ def test_llama3_rope_scaling_hf_import_export_matches_transformers(tok, tmp_path
     """
     from lmforge.model import rope_tables
 
-    hf_cfg = transformers.LlamaConfig(
+    hf_cfg = hf_transformers().LlamaConfig(
         vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0, rope_scaling=dict(LLAMA3),
         tie_word_embeddings=False,
     )
     torch.manual_seed(5)
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf = hf_transformers().LlamaForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "src")
     tok.save(tmp_path / "src")
     saved = json.loads((tmp_path / "src" / "config.json").read_text())
@@ -210,7 +216,7 @@ def test_llama3_rope_scaling_hf_import_export_matches_transformers(tok, tmp_path
     assert (lm_logits(unscaled.eval(), idx) - want).abs().max() > 1e-3
 
     back = convert.write_hf_dir(convert.bundle_from_model(model, tok), tmp_path / "hf")
-    hf2, info = transformers.AutoModelForCausalLM.from_pretrained(back, output_loading_info=True, dtype=torch.float32)
+    hf2, info = hf_transformers().AutoModelForCausalLM.from_pretrained(back, output_loading_info=True, dtype=torch.float32)
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert hf2.config.rope_parameters["rope_type"] == "llama3" and hf2.config.rope_parameters["factor"] == 8.0
     torch.testing.assert_close(hf2.eval()(idx).logits.detach(), want, rtol=1e-4, atol=1e-4)
@@ -398,10 +404,10 @@ def test_gguf_export_loads_in_transformers_gguf_reader(tok, tmp_path) -> None:
     bundle = convert.bundle_from_model(model, tok)
     path = convert.write_gguf(bundle, tmp_path / "m.gguf")
     parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in parsed["config"].items() if not k.startswith("_")})
+    hf_cfg = hf_transformers().LlamaConfig(**{k: v for k, v in parsed["config"].items() if not k.startswith("_")})
     assert (hf_cfg.num_key_value_heads, hf_cfg.hidden_size, hf_cfg.tie_word_embeddings) == (2, 64, False)
     with torch.device("meta"):
-        shell = transformers.LlamaForCausalLM(hf_cfg)
+        shell = hf_transformers().LlamaForCausalLM(hf_cfg)
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=shell)["tensors"]
     for k, t in bundle.tensors.items():
         assert torch.equal(torch.as_tensor(tensors[k]).float(), t), k

@@ -17,7 +17,12 @@ from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.understand.embed import Embedder
 
-st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is in the test extra")
+
+
+def sentence_transformers():
+    """The library, imported by the tests that use it (skips without it): importing it at module level
+    cost every pytest worker ~4.5 s of collection, whatever tests it ran."""
+    return pytest.importorskip("sentence_transformers", reason="sentence-transformers is in the test extra")
 
 # No text here spells a special token ("<|eos|>"): lmforge encodes such text as plain text, while a
 # Hugging Face tokenizer reads it as the control token (docs/embeddings.md).
@@ -53,7 +58,7 @@ def test_sentence_transformers_loads_the_export_and_gives_our_vectors(tok, tmp_p
     pool_cfg = json.loads((out / "1_Pooling" / "config.json").read_text())
     assert [k for k, v in pool_cfg.items() if v is True and k.startswith("pooling_mode")] == [convert.ST_POOLING[pooling]]
     assert (out / "2_Normalize").is_dir() == normalize
-    model = st.SentenceTransformer(str(out), device="cpu")
+    model = sentence_transformers().SentenceTransformer(str(out), device="cpu")
     ours = Embedder.load(src, device="cpu")
     for kind in ("query", "document"):
         want = ours.embed(TEXTS, kind=kind)
