@@ -568,10 +568,97 @@ def test_contrastive_masks_pairs_of_one_group_out_of_the_negatives() -> None:
     batch = {"query": ids, "query_lengths": lengths, "positive": ids.flip(1), "positive_lengths": lengths,
              "negative": ids.roll(1, 0), "negative_lengths": lengths}
     plain = Contrastive().scores(model, batch)
+    # columns 0-3: the positives of pairs 0-3; 4-7: their negatives
     masked = Contrastive().scores(model, batch | {"group": torch.tensor([0, 0, 1, 2])})
-    assert torch.isinf(masked[0, 1]) and torch.isinf(masked[1, 0]) and torch.isinf(masked[0, 4]) and torch.isinf(masked[1, 4])
-    assert torch.isfinite(masked.diagonal()).all() and torch.isfinite(masked[2, [0, 1, 3, 4, 5, 7]]).all()
-    assert torch.equal(masked[2:, :4][~torch.isinf(masked[2:, :4])], plain[2:, :4][~torch.isinf(masked[2:, :4])])
+    assert torch.isinf(masked[0, 1]) and torch.isinf(masked[1, 0])  # one group: not each other's negatives
+    assert torch.isfinite(masked.diagonal()).all() and torch.isfinite(masked[:, 4:]).all()  # negatives: no known group
+    assert torch.isfinite(masked[2, [0, 1, 3]]).all()
+    assert torch.equal(masked[~torch.isinf(masked)], plain[~torch.isinf(masked)])
+    # with the negatives' groups: a negative of the query's group is masked, the query's own (another group) is not
+    neg = Contrastive().scores(model, batch | {"group": torch.tensor([[0], [0], [1], [2]]),
+                                                "negative_group": torch.tensor([[1], [2], [0], [1]])})
+    assert torch.isinf(neg[0, 6]) and torch.isinf(neg[1, 6]) and torch.isinf(neg[2, 4]) and torch.isinf(neg[2, 7])
+    assert torch.isfinite(neg[:, 4:].diagonal()).all() and torch.isinf(neg[3, 5]) and torch.isfinite(neg[3, [4, 6, 7]]).all()
+
+
+def test_contrastive_masks_texts_that_share_any_label() -> None:
+    """Multi-label groups (B, K) padded with -1: a column is masked when its text shares ANY group with
+    the row's query; the query's own positive never is."""
+    from lmforge.train.objectives import group_mask
+
+    q = torch.tensor([[0, 1], [2, -1], [1, 3], [-1, -1]])  # query labels: {0,1}, {2}, {1,3}, {} (no label)
+    pos = torch.tensor([[1, -1], [2, 3], [3, -1], [0, 2]])
+    neg = torch.tensor([[2, -1], [0, 1], [0, 2], [3, -1]])
+    m = group_mask({"group": q, "positive_group": pos, "negative": q, "negative_group": neg})
+    want = np.zeros((4, 8), dtype=bool)
+    for i in range(4):
+        qi = set(q[i].tolist()) - {-1}
+        for j in range(4):
+            want[i, j] = i != j and bool(qi & (set(pos[j].tolist()) - {-1}))
+            want[i, 4 + j] = bool(qi & (set(neg[j].tolist()) - {-1}))
+    assert np.array_equal(m.numpy(), want) and want.any() and not want[3].any()
+    # without positive_group the pair's group stands for its positive too
+    assert np.array_equal(group_mask({"group": q, "query": q}).numpy(),
+                          [[i != j and bool((set(q[i].tolist()) & set(q[j].tolist())) - {-1}) for j in range(4)]
+                           for i in range(4)])
+
+
+@pytest.mark.parametrize("labels_count,most,unlabelled,per_example,cap", [
+    (3, 2, 0.0, 4, 2000), (6, 3, 0.1, 4, 2000), (20, 4, 0.0, 8, 2000), (150, 3, 0.05, 4, 300), (4, 4, 0.0, 2, 2000),
+    (2, 1, 0.0, 100, 50),
+])
+def test_multi_label_setfit_pairs_follow_the_rule_bounded_and_deterministic(labels_count: int, most: int,
+                                                                             unlabelled: float, per_example: int,
+                                                                             cap: int) -> None:
+    """Positive: shares a label with the anchor; negative: shares none (SetFit's multi-label rule);
+    at most min(k, m_i) triplets per anchor (m_i: the examples sharing a label with it), cap in all."""
+    from lmforge.understand.classify_tune import setfit_pairs
+
+    rng = random.Random(labels_count * 31 + most)
+    names = [f"l{i}" for i in range(labels_count)]
+    n = max(40, 4 * labels_count)
+    labels = [[] if rng.random() < unlabelled else sorted(rng.sample(names, rng.randint(1, most))) for _ in range(n)]
+    keys = [f"m.jsonl:{i + 1}" for i in range(n)]
+    t0 = time.perf_counter()
+    pairs = setfit_pairs(labels, keys, pairs_per_example=per_example, max_pairs=cap, seed=0)
+    assert time.perf_counter() - t0 < 5
+    sets = [set(x) for x in labels]
+    mates = [sum(1 for j in range(n) if j != i and sets[i] & sets[j]) for i in range(n)]
+    assert 0 < len(pairs) <= min(sum(min(per_example, m) for m in mates), cap)
+    assert all(a != p and sets[a] & sets[p] and not sets[a] & sets[n_] for a, p, n_ in pairs)
+    assert len(set(pairs)) == len(pairs) and len({(a, p) for a, p, _ in pairs}) == len(pairs)  # no positive twice
+    per_anchor: dict[int, int] = {}
+    for a, _, _ in pairs:
+        per_anchor[a] = per_anchor.get(a, 0) + 1
+    assert all(c <= min(per_example, mates[a]) for a, c in per_anchor.items())
+    assert not any(sets[a] == set() for a in per_anchor)  # an unlabelled example is nobody's anchor
+    assert setfit_pairs(labels, keys, pairs_per_example=per_example, max_pairs=cap, seed=0) == pairs
+    assert setfit_pairs(labels, keys, pairs_per_example=per_example, max_pairs=cap, seed=1) != pairs
+    # single-label lists are the single-label rule exactly
+    singles = [f"c{i % 3}" for i in range(30)]
+    assert setfit_pairs([[x] for x in singles], keys[:30], seed=2) == setfit_pairs(singles, keys[:30], seed=2)
+
+
+def test_pairs_files_carry_groups_per_text(tmp_path: Path) -> None:
+    from lmforge.data.pairs import PairRecords, read_pairs
+    from lmforge.errors import DataError
+    from lmforge.train.contrastive import write_pairs
+
+    tok = Tokenizer.train(["apple plum violin harp"] * 4, vocab_size=280, min_frequency=1)
+    path = write_pairs([("apple", "plum", "harp"), ("violin", "harp", "plum")], tmp_path / "p.jsonl", [[0, 2], 1],
+                       positive_groups=[[0], [1, 2]], negative_groups=[[1], []])
+    texts = read_pairs(path)
+    assert texts.groups == {"group": [[0, 2], [1]], "positive_group": [[0], [1, 2]], "negative_group": [[1], []]}
+    b = PairRecords(path, tok, max_len=8).batch(np.array([1, 0]))
+    assert b["group"].tolist() == [[1, -1], [0, 2]] and b["negative_group"].tolist() == [[-1], [1]]
+    assert b["positive_group"].tolist() == [[1, 2], [0, -1]]
+    for rows, words in (([{"query": "a", "positive": "b", "group": -1}], "non-negative integer"),
+                        ([{"query": "a", "positive": "b", "group": ["x"]}], "non-negative integer"),
+                        ([{"query": "a", "positive": "b", "group": 1}, {"query": "c", "positive": "d"}], "lacks a 'group'"),
+                        ([{"query": "a", "positive": "b", "negative_group": 1}], "without 'group'")):
+        bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+        with pytest.raises(DataError, match=words):
+            read_pairs(bad)
 
 
 def _vectors(path: Path, texts: list[str]) -> np.ndarray:
@@ -650,13 +737,66 @@ def test_finetune_multi_label(work: Path, tmp_path: Path) -> None:
     assert artifacts.read_config(tmp_path / "clf" / "model").model.num_labels == 4
 
 
+def multi_rows(n_per_class: int, seed: int) -> list[dict]:
+    """Planted texts, music items also "loud" (labels shared across classes), plus filler texts with no label."""
+    rows = [{"id": r["id"], "text": r["text"], "labels": [r["label"]] + (["loud"] if r["label"] == "music" else [])}
+            for r in planted(n_per_class, seed)]
+    rng = random.Random(seed)
+    return rows + [{"id": f"none-{seed}-{i}", "text": " ".join(rng.choice(["the", "and", "a", "of"]) for _ in range(12)),
+                    "labels": []} for i in range(max(2, n_per_class // 4))]
+
+
+@pytest.mark.parametrize("method", ["head", "setfit", "finetune", "zero-shot"])
+def test_multi_label_end_to_end_for_every_method(method: str, work: Path, tmp_path: Path, capsys) -> None:
+    """`classify train` (CLI) on a multi-label JSONL, then eval, predict and POST /v1/classify give one
+    answer; every method learns the labels that co-occur (zero-shot: only that it runs and calibrates)."""
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.api import create_app, load_classifier
+
+    train = write_jsonl(tmp_path / "train.jsonl", multi_rows(12, 1))
+    test = write_jsonl(tmp_path / "test.jsonl", multi_rows(6, 2))
+    out = tmp_path / "clf"
+    extra = {"setfit": ["--steps", "4", "--lr", "1e-3", "--pairs-per-example", "2"],
+             "finetune": ["--steps", "4", "--lr", "1e-3"], "head": []}.get(method)
+    if extra is None:  # zero-shot: the names (and words) of the labels; the examples fit each label's threshold
+        labels = tmp_path / "labels.txt"
+        labels.write_text("".join(f"{k}: {' '.join(v)}\n" for k, v in WORDS.items()) + "loud: drum trumpet\n")
+        extra = ["--labels", str(labels)]
+    code, text = run_cli(capsys, "train", str(work / "model0"), str(train), "--out", str(out), "--method", method, *extra)
+    assert code == 0, text
+    spec = artifacts.read_manifest(out).fields["classifier"]
+    assert spec["multi_label"] and spec["method"] == method and len(spec["label_thresholds"]) == 4
+    if method == "setfit":
+        t = spec["training"]
+        assert t["pairs"] > 0 and t["steps"] == 4 and "loss_last" in t and not (tmp_path / "clf.tuning").exists()
+    code, text = run_cli(capsys, "eval", str(out), str(test), "--json")
+    assert code == 0, text
+    r = json.loads(text)
+    assert r["multi_label"] and r["per_class"]["loud"]["support"] == 6 and 0 <= r["hamming_loss"] <= 1
+    if method != "zero-shot":
+        assert r["subset_accuracy"] >= 0.8, r
+    code, text = run_cli(capsys, "predict", str(out), str(test), "--out", str(tmp_path / "p.jsonl"))
+    assert code == 0, text
+    preds = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    gold = [sorted(row["labels"]) for row in multi_rows(6, 2)]
+    assert len(preds) == len(gold) and all(isinstance(p["predicted"], list) for p in preds)
+    assert r["subset_accuracy"] == pytest.approx(sum(sorted(p["predicted"]) == g for p, g in zip(preds, gold)) / len(gold))
+    served = load_classifier(str(out))
+    music = " ".join(WORDS["music"][:6])
+    with TestClient(create_app(served.embedder.model, served.embedder.tokenizer, classifier=served)) as c:
+        resp = c.post("/v1/classify", json={"input": [music, multi_rows(6, 2)[0]["text"]]})
+    assert resp.status_code == 200, resp.text
+    data = resp.json()["data"]
+    assert sorted(data[1]["predicted"]) == sorted(preds[0]["predicted"]) and set(data[0]["scores"]) == set(spec["labels"])
+    if method != "zero-shot":
+        assert sorted(data[0]["predicted"]) == ["loud", "music"]
+
+
 def test_setfit_and_finetune_bad_input_is_one_line(work: Path, tmp_path: Path, capsys) -> None:
     model = str(work / "model0")
-    multi = write_jsonl(tmp_path / "multi.jsonl", [{"text": r["text"], "labels": [r["label"]]} for r in planted(4, 3)])
     singles = write_jsonl(tmp_path / "singles.jsonl", planted(1, 3))  # one example per label: no positive
     cases = [
-        (("train", model, str(multi), "--out", str(tmp_path / "o1"), "--method", "setfit"),
-         "--method setfit builds pairs from single labels"),
         (("train", model, str(singles), "--out", str(tmp_path / "o2"), "--method", "setfit", "--held-out", "0"),
          "setfit built 0 pair(s)"),
     ]

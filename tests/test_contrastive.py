@@ -258,6 +258,39 @@ def test_two_processes_train_the_weights_of_one(toy_model_dir: Path, toy_pairs_f
     assert weights(one, 4) == weights(two, 4)
 
 
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_two_processes_train_the_classification_objective_as_one(multi_label: bool, toy_model_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """train.objective=classification (classify train --method finetune's run) under torchrun on 2 CPU
+    processes (gloo) gives the weights of 1 process, its head (score) included, single- and multi-label."""
+    from lmforge.understand.head import Head
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for p in toy_pairs(96, 11):
+        topic = WORDS.index(p["query"].split()[0]) % 3  # a label the text's words decide
+        label = [int(topic == k or (k == 2 and topic == 0)) for k in range(3)] if multi_label else topic
+        rows.append({"text": p["positive"], "label": label})
+    examples = write_pairs(tmp_path / "examples.jsonl", rows)
+    probe = tmp_path / "probe.safetensors"  # the linear probe `classify train --method finetune` starts the head from
+    Head(rng.normal(size=(3, 32)).astype(np.float32) * 0.1, np.zeros(3, np.float32), np.zeros(32, np.float32),
+         np.ones(32, np.float32)).save(probe)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for run_dir, n in ((one, 1), (two, 2)):
+        proc = train_embed(run_dir, toy_model_dir, examples, "train.objective=classification", "data.pairs=",
+                           f"data.examples={examples}", "model.num_labels=3", f"train.classification_head={probe}",
+                           "data.pairs_val_fraction=0", "train.deterministic_reduce=true", "train.parallel=ddp",
+                           "train.max_steps=4", "train.eval_every=0", "train.global_batch=16", "train.micro_batch=4",
+                           nproc=n)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert weights(one, 4) == weights(two, 4)
+    first = artifacts.load_model(one / "checkpoints" / "step-000004", device="cpu").model
+    assert first.score is not None and not np.allclose(first.score.weight.detach().numpy(), Head.load(probe).weight)
+    losses = [json.loads(line).get("loss") for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [x for x in losses if x is not None] == [json.loads(line).get("loss") for line in (
+        one / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+
+
 def test_eval_of_a_contrastive_run_scores_its_held_out_pairs(straight: Path, capsys) -> None:
     code, out, err = cli(["eval", str(straight), "--json"], capsys)
     assert code == 0, err

@@ -25,10 +25,16 @@ real tokens of some samples (the trainer's tokens/s).
   MIN_SPAN_DOCUMENT tokens gives no two useful views and is left out (counted). The prefixes are
   tokenized alone and put before each span's tokens.
 
-- An optional integer `group` per pair record (SetFit-style pairs built from labels, understand/
-  classify_tune.py): pairs of one group are never each other's in-batch negatives (the batch
-  carries `group`: (B,) int64, and the contrastive objective masks those columns out), so two
-  texts of the same label are not pushed apart. Every record has one or none.
+- Optional groups per pair record (SetFit-style pairs built from labels, understand/
+  classify_tune.py): `group`, a non-negative integer or a list of them (a text's labels; `[]`
+  none), the groups of the query and, unless `positive_group` gives the positive's own, of the
+  positive; `negative_group`, the negative's (without it a negative is never masked). Two texts
+  that share a group are never each other's in-batch negatives: the batch carries each part's
+  groups as (B, K) int64 (`group`, `positive_group`, `negative_group`; K the most groups any
+  record of the file has, padded with -1) and the contrastive objective masks out every column
+  whose text shares a group with the row's query (its own positive aside), so two texts of one
+  label are not pushed apart (multi-label: two texts sharing any label). Every record has each
+  field or none; `positive_group` and `negative_group` need `group`.
 - `ExampleRecords` (train.objective: classification): a JSONL file of {"text": str, "label": int}
   (single-label: a class index) or {"text": str, "label": [0/1, ...]} (multi-label: one 0/1 per
   label); its batches are {"text": (B, W), "text_lengths": (B,), "label": (B,) int64 or (B, L)
@@ -58,7 +64,9 @@ from ..tokenizer import Tokenizer
 from .order import _splitmix64
 
 PARTS = ("query", "positive", "negative")
-GROUP = "group"  # a pair record's optional group (module docstring)
+GROUP = "group"  # a pair record's optional groups (module docstring): the query's (and the positive's)
+GROUP_FIELDS = {"query": GROUP, "positive": "positive_group", "negative": "negative_group"}  # part -> its record field
+NO_GROUP = -1  # pads a record's groups to the file's widest
 MIN_SPAN_DOCUMENT = 8  # tokens (its end-of-document token aside) a document needs to give two spans
 SPAN_FRACTION = (0.1, 0.5)  # a span's share of its document: uniform in this range (Contriever's)
 
@@ -68,6 +76,14 @@ def _pad(rows: Sequence[np.ndarray], width: int) -> torch.Tensor:
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
     return torch.from_numpy(out)
+
+
+def _padded(rows: Sequence[list[int]]) -> np.ndarray:
+    """Groups per pair -> (N, K) int64, K the most any pair has (at least 1), padded with NO_GROUP."""
+    out = np.full((len(rows), max(1, max(map(len, rows), default=1))), NO_GROUP, dtype=np.int64)
+    for i, gs in enumerate(rows):
+        out[i, : len(gs)] = gs
+    return out
 
 
 def _u(text: str) -> float:
@@ -82,7 +98,17 @@ class PairTexts:
     query: list[str] = field(default_factory=list)
     positive: list[str] = field(default_factory=list)
     negative: list[str] = field(default_factory=list)
-    group: list[int] = field(default_factory=list)  # empty when the file's records carry no "group"
+    groups: dict[str, list[list[int]]] = field(default_factory=dict)  # GROUP_FIELDS name -> one list per pair;
+    # only the fields the file's records carry
+
+
+def _groups(where: str, name: str, value: Any) -> list[int]:
+    """A record's group field -> its groups (an integer is a list of one)."""
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in items):
+        raise DataError(f"{where}: field {name!r} must be a non-negative integer or a list of them (texts that share a "
+                        f"group are not each other's negatives), got {value!r}")
+    return sorted(set(items))
 
 
 def read_pairs(path: str | os.PathLike, *, fields: Sequence[str] = PARTS, split: str = "train",
@@ -102,7 +128,7 @@ def read_pairs(path: str | os.PathLike, *, fields: Sequence[str] = PARTS, split:
     q_field, p_field = fields[0], fields[1]
     out = PairTexts()
     seen_negative: bool | None = None
-    seen_group: bool | None = None
+    seen_groups: set[str] | None = None
     what = f"one JSON object per line with {q_field!r} and {p_field!r} fields"
     for where, _, _, rec in read_jsonl(path, what=what):
         if not isinstance(rec, dict):
@@ -120,20 +146,23 @@ def read_pairs(path: str | os.PathLike, *, fields: Sequence[str] = PARTS, split:
             raise DataError(f"{where}: {'has' if 'negative' in row else 'lacks'} a {fields[2]!r} field, unlike the "
                             "records before it; give every record a negative or none")
         seen_negative = "negative" in row
-        group = rec.get(GROUP)
-        if group is not None and (isinstance(group, bool) or not isinstance(group, int)):
-            raise DataError(f"{where}: field {GROUP!r} must be an integer (pairs of one group are not each other's "
-                            f"negatives), got {group!r}")
-        if seen_group is not None and (group is not None) != seen_group:
-            raise DataError(f"{where}: {'has' if group is not None else 'lacks'} a {GROUP!r} field, unlike the records "
-                            "before it; give every record a group or none")
-        seen_group = group is not None
+        groups = {name: _groups(where, name, rec[name]) for name in GROUP_FIELDS.values() if name in rec}
+        if seen_groups is not None and set(groups) != seen_groups:
+            name = sorted(set(groups) ^ seen_groups)[0]
+            raise DataError(f"{where}: {'has' if name in groups else 'lacks'} a {name!r} field, unlike the records "
+                            "before it; give every record the same group fields or none")
+        seen_groups = set(groups)
+        if groups and GROUP not in groups:
+            raise DataError(f"{where}: {sorted(groups)[0]!r} without {GROUP!r}: a pair's negatives are masked by "
+                            f"the groups of its query, {GROUP!r}")
+        if GROUP_FIELDS["negative"] in groups and "negative" not in row:
+            raise DataError(f"{where}: {GROUP_FIELDS['negative']!r} but no negative text")
         if (_u(row["query"] + "\x00" + row["positive"]) < val_fraction) != (split == "val"):
             continue
         for part, text in row.items():
             getattr(out, part).append(text)
-        if group is not None:
-            out.group.append(group)
+        for name, gs in groups.items():
+            out.groups.setdefault(name, []).append(gs)
     if seen_negative is None:
         raise DataError(f"data.pairs: {path} holds no pair; {what}")
     return out
@@ -145,7 +174,7 @@ class _TokenRows:
     rows: dict[str, list[np.ndarray]]
     n_samples: int
     _fingerprint: str
-    groups: np.ndarray | None = None  # (n_samples,) int64: pair records' groups, else None
+    groups: dict[str, np.ndarray] = {}  # GROUP_FIELDS name -> (n_samples, K) int64 padded with NO_GROUP; {} without
 
     @property
     def fingerprint(self) -> str:
@@ -170,8 +199,8 @@ class _TokenRows:
         for part, rows in self.rows.items():
             out[part] = _pad([rows[i] for i in ids], width)
             out[f"{part}_lengths"] = torch.tensor([len(rows[i]) for i in ids], dtype=torch.int64)
-        if self.groups is not None:
-            out[GROUP] = torch.from_numpy(self.groups[ids])
+        for name, groups in self.groups.items():
+            out[name] = torch.from_numpy(groups[ids])
         return out
 
     def _hash(self, header: str) -> str:
@@ -180,8 +209,9 @@ class _TokenRows:
             for ids in self.rows.get(part, []):
                 h.update(len(ids).to_bytes(4, "little"))
                 h.update(ids.tobytes())
-        if self.groups is not None:
-            h.update(self.groups.tobytes())
+        for name in GROUP_FIELDS.values():  # a file of one integer group per record hashes as it always did
+            if name in self.groups:
+                h.update((b"" if name == GROUP else name.encode()) + self.groups[name].tobytes())
         return h.hexdigest()
 
 
@@ -198,7 +228,7 @@ class PairRecords(_TokenRows):
                             tokenizer.encode_batch([prefix[part] + t for t in getattr(texts, part)])]
                      for part in PARTS if getattr(texts, part)}
         self.n_samples = len(texts.query)
-        self.groups = np.asarray(texts.group, dtype=np.int64) if texts.group else None
+        self.groups = {name: _padded(rows) for name, rows in texts.groups.items()}
         self.cut = sum(len(ids) >= max_len for rows in self.rows.values() for ids in rows)  # at the limit: maybe cut
         self._fingerprint = self._hash(f"pairs:{tokenizer.sha256}:{max_len}:{split}:{val_fraction}")
 

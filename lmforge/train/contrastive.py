@@ -25,6 +25,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from ..artifacts import EVENTS_FILE
 from ..errors import DataError, LmforgeError
 from ..util import atomic_write_text
@@ -36,15 +38,26 @@ def pairs_file_for(run_dir: str | os.PathLike) -> Path:
     return rd.parent / f"{rd.name}.pairs.jsonl"
 
 
-def write_pairs(pairs: Iterable[Sequence[str]], path: str | os.PathLike, groups: Sequence[int] | None = None) -> Path:
-    """(query, positive[, negative]) tuples -> a JSONL file of {"query", "positive"[, "negative"][, "group"]}
-    (atomically); every tuple has 2 or 3 non-empty strings, all of one length. `groups`: one integer
-    per pair; pairs of one group are not each other's in-batch negatives (data/pairs.py)."""
+Groups = Sequence[int | Sequence[int]]  # per pair: a group or a list of groups (a text's labels)
+
+
+def write_pairs(pairs: Iterable[Sequence[str]], path: str | os.PathLike, groups: Groups | None = None, *,
+                positive_groups: Groups | None = None, negative_groups: Groups | None = None) -> Path:
+    """(query, positive[, negative]) tuples -> a JSONL file of {"query", "positive"[, "negative"][, "group",
+    "positive_group", "negative_group"]} (atomically); every tuple has 2 or 3 non-empty strings, all of one
+    length. `groups`: per pair, the groups (an integer or a list) of its query, and of its positive unless
+    `positive_groups` gives the positive's; `negative_groups`: its negative's. Texts that share a group are
+    not each other's in-batch negatives (data/pairs.py)."""
     parts = ("query", "positive", "negative")
     lines, width = [], None
     pairs = list(pairs)
-    if groups is not None and len(groups) != len(pairs):
-        raise ValueError(f"{len(groups)} groups for {len(pairs)} pairs")
+    named = {"group": groups, "positive_group": positive_groups, "negative_group": negative_groups}
+    named = {k: v for k, v in named.items() if v is not None}
+    if named and "group" not in named:
+        raise ValueError("positive_groups and negative_groups need groups (the queries' groups)")
+    for name, given in named.items():
+        if len(given) != len(pairs):
+            raise ValueError(f"{len(given)} {name}s for {len(pairs)} pairs")
     for i, pair in enumerate(pairs):
         if not 2 <= len(pair) <= 3 or not all(isinstance(t, str) and t.strip() for t in pair):
             raise DataError(f"pair {i}: expected 2 or 3 non-empty strings (query, positive[, negative]), got {pair!r}")
@@ -52,8 +65,9 @@ def write_pairs(pairs: Iterable[Sequence[str]], path: str | os.PathLike, groups:
             raise DataError(f"pair {i} has {len(pair)} texts, the pairs before it {width}: give every pair a negative or none")
         width = len(pair)
         record: dict[str, object] = dict(zip(parts, pair))
-        if groups is not None:
-            record["group"] = int(groups[i])
+        for name, given in named.items():
+            g = given[i]
+            record[name] = int(g) if isinstance(g, (int, np.integer)) else [int(x) for x in g]
         lines.append(json.dumps(record, ensure_ascii=False))
     if len(lines) < 2:
         raise DataError(f"{len(lines)} pair(s): the contrastive stage needs at least 2")
@@ -64,15 +78,18 @@ def write_pairs(pairs: Iterable[Sequence[str]], path: str | os.PathLike, groups:
 
 def train_pairs(pairs: Iterable[Sequence[str]], *, init_from: str | os.PathLike, run_dir: str | os.PathLike,
                 config: str = "embed-cpu", overrides: Sequence[str] = (), pairs_file: str | os.PathLike | None = None,
-                groups: Sequence[int] | None = None) -> Path:
+                groups: Groups | None = None, positive_groups: Groups | None = None,
+                negative_groups: Groups | None = None) -> Path:
     """Train (or resume) the embedding model `run_dir` from `init_from` (a run, checkpoint or model
     directory) on (query, positive[, negative]) text tuples through the training loop; returns
     `run_dir`. `overrides` are `section.key=value` settings as `--set` takes them (train.max_steps=...,
-    embed.pooling=mean). `groups`: see write_pairs (SetFit-style pairs from labels). A run that does
+    embed.pooling=mean). `groups`, `positive_groups`, `negative_groups`: see write_pairs (SetFit-style
+    pairs from labels). A run that does
     not complete raises LmforgeError naming its exit status."""
     from .start import StartRequest, train_command
 
-    path = write_pairs(pairs, pairs_file if pairs_file is not None else pairs_file_for(run_dir), groups)
+    path = write_pairs(pairs, pairs_file if pairs_file is not None else pairs_file_for(run_dir), groups,
+                       positive_groups=positive_groups, negative_groups=negative_groups)
     request = StartRequest(config=config, run_dir=str(run_dir),
                            overrides=(f"init.from={init_from}", f"data.pairs={path}", *overrides))
     code = train_command(request)
@@ -81,4 +98,4 @@ def train_pairs(pairs: Iterable[Sequence[str]], *, init_from: str | os.PathLike,
     return Path(run_dir)
 
 
-__all__ = ["train_pairs", "write_pairs", "pairs_file_for"]
+__all__ = ["train_pairs", "write_pairs", "pairs_file_for", "Groups"]

@@ -67,9 +67,12 @@ sees (micro_batch - 1 positives of others, plus micro_batch hard negatives when 
 a global batch of several micro batches (and ranks) averages their losses per pair. The micro
 batches of a global batch are the same on any world size, so deterministic_reduce stays
 bit-identical to one process. Units are pairs; `in_batch_accuracy` is the share of queries whose
-own positive scores highest. Pairs that carry a `group` (data/pairs.py: SetFit-style pairs built
-from labels) never serve as each other's negatives: a column of the same group as the query (its
-own positive aside) is masked out of the softmax, so texts of one label are not pushed apart.
+own positive scores highest. Pairs that carry groups (data/pairs.py: SetFit-style pairs built from
+labels, a text's groups its labels) never use a text that shares a group with the query as its
+negative: such a column (the query's own positive aside) is masked out of the softmax, so texts of
+one label are not pushed apart (multi-label: texts sharing any label). A positive's groups are the
+pair's `group` unless it has its own (`positive_group`); a hard negative is masked only by its
+`negative_group` (without one it is the pair's negative, of none of the query's groups).
 
 Classification (`lmforge classify train --method finetune`, docs/classify.md): a batch of labelled
 texts (data/pairs.py `ExampleRecords`) is embedded exactly as the Embedder does it (the run's
@@ -233,6 +236,28 @@ def pooled(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, poo
     return pool(hidden, mask, pooling.method)
 
 
+def _groups(g: torch.Tensor) -> torch.Tensor:
+    return g.view(g.shape[0], -1)  # (B,) one group per pair, or (B, K) padded with -1 (data/pairs.py)
+
+
+def shares_a_group(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(B, K) and (B, K') groups padded with -1 -> (B, B) bool: row i's texts share a group with column j's."""
+    a, b = _groups(rows)[:, None, :, None], _groups(cols)[None, :, None, :]  # (B, 1, K, 1), (1, B, 1, K')
+    return ((a == b) & (a >= 0)).any(dim=(2, 3))
+
+
+def group_mask(batch: Batch) -> torch.Tensor:
+    """(B, B) or (B, 2B) bool: the columns of `Contrastive.scores` that share a group with the row's query,
+    its own positive aside. Positives carry `positive_group` or else the pair's `group`; a negative without
+    `negative_group` has no known group and is never masked."""
+    q = batch["group"]
+    same = shares_a_group(q, batch.get("positive_group", q)) & ~torch.eye(q.shape[0], dtype=torch.bool, device=q.device)
+    if "negative" not in batch:
+        return same
+    neg = shares_a_group(q, batch["negative_group"]) if "negative_group" in batch else torch.zeros_like(same)
+    return torch.cat([same, neg], dim=1)
+
+
 class Contrastive:
     """In-batch negatives InfoNCE over (query, positive[, negative]) batches (module docstring)."""
 
@@ -258,11 +283,8 @@ class Contrastive:
         q = self.embed(model, batch["query"], batch["query_lengths"])
         docs = [self.embed(model, batch[part], batch[f"{part}_lengths"]) for part in ("positive", "negative") if part in batch]
         logits = q @ torch.cat(docs).T / self.temperature
-        if "group" in batch:  # another pair of the query's group is no negative of it (module docstring)
-            g = batch["group"]
-            same = (g[:, None] == g[None, :]) & ~torch.eye(len(g), dtype=torch.bool, device=g.device)  # (B, B)
-            same = torch.cat([same, g[:, None] == g[None, :]] if "negative" in batch else [same], dim=1)  # (B, B or 2B)
-            logits = logits.masked_fill(same, float("-inf"))
+        if "group" in batch:  # a text sharing a group with the query is no negative of it (module docstring)
+            logits = logits.masked_fill(group_mask(batch), float("-inf"))
         return logits
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> LossOut:

@@ -188,9 +188,6 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
             lab in ex.labels[i] for i in fit_idx)]  # type: ignore[union-attr]
         if missing:
             raise DataError(f"{examples}: no example of {missing[0]!r} is left to fit on after the held-out split")
-    if multi and method == "setfit":
-        raise ConfigError(f"--method setfit builds pairs from single labels, and {examples} is multi-label; use "
-                          "--method finetune or head")
     if multi and method == "zero-shot" and not hold_idx:
         raise ConfigError("zero-shot multi-label needs labelled examples to fit each label's threshold")
 
@@ -212,8 +209,8 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
     if method == "setfit":
         fit_ex = ex.subset(fit_idx)  # type: ignore[union-attr]
         del emb  # the training run loads its own copy
-        run_dir, facts = run_setfit(model, fit_ex.texts, [labs[0] for labs in fit_ex.labels], fit_ex.wheres, work,
-                                    tuning, seed, threads)
+        run_dir, facts = run_setfit(model, fit_ex.texts, fit_ex.labels if multi else [labs[0] for labs in fit_ex.labels],
+                                    fit_ex.wheres, work, tuning, seed, threads)
         tuned = write_tuned_model(run_dir, work)
         emb = Embedder.load(tuned, batch_size=batch_size)
         trained = time.perf_counter()

@@ -12,28 +12,32 @@ check, and --overwrite starts over).
 
 setfit (Tunstall et al. 2022, SetFit's recipe on lmforge's contrastive objective)
 -------------------------------------------------------------------------------
-Triplets (anchor, positive: another example of its label, negative: an example of another label)
-built from the examples that are not held out, trained with the `contrastive` objective
-(train/contrastive.py `train_pairs`: InfoNCE over in-batch negatives plus the explicit negative).
-Each triplet carries its anchor's label as its pair `group`, so the positives of other pairs of the
-same label are masked out of a query's negatives (data/pairs.py, train/objectives.py): SetFit's
-positive/negative labels, expressed for an in-batch loss.
+Triplets (anchor, positive: an example that shares a label with it, negative: an example that
+shares none) built from the examples that are not held out, trained with the `contrastive`
+objective (train/contrastive.py `train_pairs`: InfoNCE over in-batch negatives plus the explicit
+negative). Single-label, a positive is another example of the anchor's label and a negative one of
+another label; multi-label it is SetFit's rule for label sets (a pair is positive when the two
+share any label). Each text of a triplet carries its labels as its groups (`group`,
+`positive_group`, `negative_group`: data/pairs.py), so no text that shares a label with a query is
+one of its in-batch negatives (train/objectives.py): SetFit's positive/negative labels, expressed
+for an in-batch loss.
 
 The bound (SetFit's most reported problem is pair generation that grows with the square of the
 examples or classes). Every anchor i gets at most k = `pairs_per_example` triplets, its j-th
 (j = 0 .. k-1) being:
-    positive: the label's other examples in an order fixed by a hash of (seed, anchor), the j-th
-              of them (so an anchor never repeats a positive; a label with m examples gives each
-              anchor at most m - 1 triplets, and a label with one example gives none);
-    negative: a label other than the anchor's, drawn by a hash of (seed, anchor, j), then an
-              example of that label drawn by the same hash (O(1) per triplet, whatever the
-              number of classes).
+    positive: the m_i examples that share a label with it, in an order fixed by a hash of (seed,
+              anchor), the j-th of them (so an anchor never repeats a positive; single-label a label
+              with m examples gives each anchor at most m - 1 triplets, and one example none);
+    negative: a label the anchor lacks (or the pool of unlabelled examples), drawn by a hash of
+              (seed, anchor, j), then an example of it drawn by the same hash (O(1) per triplet,
+              whatever the number of classes). Multi-label, that example may carry one of the
+              anchor's labels too: then up to NEGATIVE_DRAWS draws, and a triplet with no negative
+              found is left out (an anchor with every label has none).
 The triplets are ordered by (j, hash(seed, anchor)), every anchor's first triplet before any
-anchor's second, and the first `max_pairs` are kept. So the count is min(sum_i min(k, m_i - 1),
-max_pairs) <= min(N * k, max_pairs), linear in the examples and independent of the number of
-classes, and the same for the same (examples, seed). The run is one pass over the triplets unless
---steps says otherwise. Multi-label examples are refused (a pair's positive would need a rule for
-partly shared labels; use --method head or finetune).
+anchor's second, and the first `max_pairs` are kept. So the count is at most min(sum_i min(k, m_i),
+max_pairs) <= min(N * k, max_pairs) (single-label exactly min(sum_i min(k, m_label - 1), max_pairs)),
+linear in the examples and independent of the number of classes, and the same for the same
+(examples, seed). The run is one pass over the triplets unless --steps says otherwise.
 
 finetune
 --------
@@ -71,6 +75,7 @@ from ..util import atomic_write_text, console
 
 DEFAULT_PAIRS_PER_EXAMPLE = 4
 DEFAULT_MAX_PAIRS = 2000
+NEGATIVE_DRAWS = 8  # multi-label: draws for a negative that shares no label with its anchor (then none)
 DEFAULT_LR = 5e-5  # embed-cpu's; a few steps of full fine-tuning
 DEFAULT_BATCH = 16  # texts (setfit: triplets) per step; the contrastive objective's in-batch candidates
 FINETUNE_EPOCHS = 3
@@ -101,30 +106,58 @@ def _rank(*key: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, key)).encode()).digest()[:8], "little")
 
 
-def setfit_pairs(labels: Sequence[str], keys: Sequence[str], *, pairs_per_example: int = DEFAULT_PAIRS_PER_EXAMPLE,
-                 max_pairs: int = DEFAULT_MAX_PAIRS, seed: int = 0) -> list[tuple[int, int, int]]:
+def _label_sets(labels: Sequence[str | Sequence[str]]) -> list[frozenset[str]]:
+    return [frozenset([lab]) if isinstance(lab, str) else frozenset(lab) for lab in labels]
+
+
+def setfit_pairs(labels: Sequence[str | Sequence[str]], keys: Sequence[str], *,
+                 pairs_per_example: int = DEFAULT_PAIRS_PER_EXAMPLE, max_pairs: int = DEFAULT_MAX_PAIRS,
+                 seed: int = 0) -> list[tuple[int, int, int]]:
     """(anchor, positive, negative) example indices by the bounded rule of the module docstring.
-    labels[i]: example i's label; keys[i]: its stable name (FILE:LINE), which the hashes use."""
+    labels[i]: example i's label, or its labels (multi-label: a list, maybe empty); keys[i]: its stable
+    name (FILE:LINE), which the hashes use. A positive shares a label with its anchor, a negative none."""
+    sets = _label_sets(labels)
     by_label: dict[str, list[int]] = defaultdict(list)
-    for i, lab in enumerate(labels):
-        by_label[lab].append(i)
+    unlabelled: list[int] = []  # multi-label examples with no label: anyone's negative, no one's positive
+    for i, labs in enumerate(sets):
+        for lab in labs:
+            by_label[lab].append(i)
+        if not labs:
+            unlabelled.append(i)
     names = sorted(by_label)
     if len(names) < 2:
         raise DataError("setfit needs examples of at least two labels to build negatives")
     ranked: list[tuple[int, int, tuple[int, int, int]]] = []
-    for i, lab in enumerate(labels):
-        mates = [p for p in by_label[lab] if p != i]
+    for i, labs in enumerate(sets):
+        mates = sorted({p for lab in labs for p in by_label[lab]} - {i})  # every example sharing a label with i
         if not mates:
-            continue  # a label with one example: no positive for it
+            continue  # a label with one example (or no label): no positive for it
         mates.sort(key=lambda p: _rank(seed, keys[i], keys[p]))  # O(m log m) per anchor: fine at thousands per label
-        others = [n for n in names if n != lab]
+        pools = [by_label[n] for n in names if n not in labs] + ([unlabelled] if unlabelled else [])
+        if not pools:
+            continue  # i carries every label: nothing can be its negative
         order = _rank(seed, keys[i])
         for j in range(min(pairs_per_example, len(mates))):
-            h = _rank(seed, keys[i], j, "negative")
-            group = by_label[others[h % len(others)]]
-            ranked.append((j, order, (i, mates[j], group[(h >> 20) % len(group)])))
+            negative = _negative(sets, labs, pools, seed, keys[i], j)
+            if negative is not None:
+                ranked.append((j, order, (i, mates[j], negative)))
     ranked.sort(key=lambda r: (r[0], r[1]))
     return [t for _, _, t in ranked[:max_pairs]]
+
+
+def _negative(sets: Sequence[frozenset[str]], labs: frozenset[str], pools: Sequence[Sequence[int]], seed: int,
+              key: str, j: int) -> int | None:
+    """The j-th negative of the anchor named `key` with labels `labs`: a pool (a label it lacks) drawn by a
+    hash of (seed, key, j), then an example of it by the same hash. Single-label, the first draw always
+    shares no label with the anchor; multi-label, the example may also carry one of the anchor's labels,
+    and up to NEGATIVE_DRAWS draws are made (then the triplet is left out: constant work per triplet)."""
+    for draw in range(NEGATIVE_DRAWS):
+        h = _rank(seed, key, j, "negative", *([draw] if draw else []))  # draw 0: the single-label hash
+        pool = pools[h % len(pools)]
+        n = pool[(h >> 20) % len(pool)]
+        if not sets[n] & labs:
+            return n
+    return None
 
 
 def tuning_dir(target: Path) -> Path:
@@ -150,10 +183,10 @@ def _overrides(model: str, tuning: Tuning, steps: int, n: int, threads: int) -> 
             "train.log_every=1", "guard.warmup=10", f"train.threads={threads}"]
 
 
-def run_setfit(model: str, texts: Sequence[str], labels: Sequence[str], keys: Sequence[str], work: Path,
+def run_setfit(model: str, texts: Sequence[str], labels: Sequence[str | Sequence[str]], keys: Sequence[str], work: Path,
                tuning: Tuning, seed: int, threads: int = 0) -> tuple[Path, dict[str, object]]:
-    """Train `model` on the bounded triplets of (texts, labels) (module docstring); returns the run
-    directory and the facts to record."""
+    """Train `model` on the bounded triplets of (texts, labels) (module docstring; labels[i] a label or,
+    multi-label, a list of them); returns the run directory and the facts to record."""
     from ..train.contrastive import train_pairs
 
     triplets = setfit_pairs(labels, keys, pairs_per_example=tuning.pairs_per_example, max_pairs=tuning.max_pairs,
@@ -161,7 +194,11 @@ def run_setfit(model: str, texts: Sequence[str], labels: Sequence[str], keys: Se
     if len(triplets) < 2:
         raise DataError(f"setfit built {len(triplets)} pair(s) from these examples: it needs two examples of a label "
                         "at least twice (or more examples per label); use --method head")
-    label_id = {lab: g for g, lab in enumerate(sorted(set(labels)))}
+    sets = _label_sets(labels)
+    label_id = {lab: g for g, lab in enumerate(sorted(set().union(*sets)))}
+
+    def ids(example: int) -> list[int]:  # a text's groups: its labels' indices (data/pairs.py)
+        return sorted(label_id[lab] for lab in sets[example])
     steps = tuning.steps or math.ceil(len(triplets) / max(1, min(tuning.batch, len(triplets))))
     console.print(f"setfit: {len(triplets)} triplets (<= {tuning.pairs_per_example} per example, cap "
                   f"{tuning.max_pairs}), {steps} steps", markup=False)
@@ -169,7 +206,9 @@ def run_setfit(model: str, texts: Sequence[str], labels: Sequence[str], keys: Se
     run_dir = run_dir_of(work, "setfit")
     resumed = _train(run_dir, lambda: train_pairs([(texts[a], texts[p], texts[n]) for a, p, n in triplets], init_from=model,
                                         run_dir=run_dir, overrides=_overrides(model, tuning, steps, len(triplets), threads),
-                                        pairs_file=work / "pairs.jsonl", groups=[label_id[labels[a]] for a, _, _ in triplets]))
+                                        pairs_file=work / "pairs.jsonl", groups=[ids(a) for a, _, _ in triplets],
+                                        positive_groups=[ids(p) for _, p, _ in triplets],
+                                        negative_groups=[ids(n) for _, _, n in triplets]))
     return run_dir, {"resumed": resumed, "pairs": len(triplets), "pairs_per_example": tuning.pairs_per_example,
                      "max_pairs": tuning.max_pairs, "steps": steps, "lr": tuning.lr, "batch": min(tuning.batch, len(triplets))}
 
