@@ -632,7 +632,9 @@ def test_a_signal_ends_every_call_in_flight_properly_and_exits_0(checkpoint: Pat
             line = proc.stdout.readline()
             assert line, "lmforge serve exited before it served"
         base = line.split(" at ", 1)[1].split()[0].removesuffix("/v1")
-        n = 480 if grace == "0" else 120  # cut: choice 0 must still run when the signal lands; drain: all finish
+        # Choice 0 must still run when the waiting call queues behind it (with 120 tokens it could finish first
+        # on an idle machine, and the queue never reached 4); the drain then finishes 5 x 480 tokens in seconds.
+        n = 480
         body = {"prompt": "ROMEO:", "max_tokens": n, "ignore_eos": True, "temperature": 0}
         waiting: dict[str, httpx.Response] = {}
         call = threading.Thread(target=lambda: waiting.setdefault("r", httpx.post(base + "/v1/completions", json=body,
@@ -643,7 +645,9 @@ def test_a_signal_ends_every_call_in_flight_properly_and_exits_0(checkpoint: Pat
                 lines.append(event)
                 if len(lines) == 1:  # choice 0 runs; the other 3 and then the call below wait for the slot
                     call.start()
+                    deadline = time.monotonic() + 60
                     while metric(base, "lmforge_queue_depth") < 4:
+                        assert time.monotonic() < deadline, "the other choices and the call never queued behind choice 0"
                         time.sleep(0.02)
                     proc.send_signal(sig)
                     signalled = time.monotonic()

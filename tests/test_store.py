@@ -311,12 +311,17 @@ def test_two_writer_processes_and_a_reader(tmp_path: Path) -> None:
                               stderr=subprocess.PIPE, text=True) for role in ("trainer", "sidecar")]
     reader = subprocess.Popen([sys.executable, "-c", READER, str(db)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        assert "warning" not in err, err
-    out, err = reader.communicate(timeout=120)
-    assert reader.returncode == 0 and int(out) > 0, err
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            assert "warning" not in err, err
+        out, err = reader.communicate(timeout=120)
+        assert reader.returncode == 0 and int(out) > 0, err
+    finally:  # a failed writer must not leave the others waiting for it after the test
+        for p in (*procs, reader):
+            p.kill()
+            p.wait()
     with Store.open(db, readonly=True) as s:
         (run,) = s.list_runs()
         m = s.metrics(run["id"])
