@@ -157,7 +157,9 @@ def lmforge_rows(name: str, model: Path, n: int | None, test: Examples, work: Pa
         clf = Classifier.load(out, device="cpu")
         r = evaluate(clf, test)
         steps = f" ({spec['training']['steps']} steps)" if method in ("setfit", "finetune") else ""
-        label = f"lmforge {method}" + (f" ({scorer})" if scorer else "") + f", {name}{steps}"
+        how = {"cv": f", cv {spec['training'].get('folds')}", "held-out": f", held out {spec['training']['held_out']}"}
+        label = f"lmforge {method}" + (f" ({scorer})" if scorer else "") + f", {name}{steps}" + \
+            how.get(spec.get("calibration") or "", "")
         ece = f"{r['ece_uncalibrated']:.3f} -> {r['ece']:.3f}" if spec["calibrated"] else \
             "(not calibrated)" if method == "zero-shot" else f"{r['ece_uncalibrated']:.3f} (not calibrated: T = 1)"
         row(label, n, r["accuracy"], r["macro_f1"], spec["training"]["seconds"], r["texts_per_s"], ece, coverage_at(r))
@@ -268,6 +270,7 @@ def main() -> None:
     ap.add_argument("--finetune-lr", type=float, help="finetune: learning rate (default: --lr)")
     ap.add_argument("--tune-batch", type=int, default=DEFAULT_BATCH, help="setfit, finetune: texts (triplets) per step")
     ap.add_argument("--held-out", type=float, help="head, setfit, finetune: classify train's --held-out (default: its own)")
+    ap.add_argument("--calibration", help="head, setfit, finetune: classify train's --calibration (default: its own, auto)")
     args = ap.parse_args()
     methods = args.methods.split(",")
     if set(methods) - set(METHODS):
@@ -290,7 +293,8 @@ def main() -> None:
         print(f"# benchmarks/classify.py on {os.cpu_count()} cores, torch {torch.__version__}, "
               f"{args.threads} threads", flush=True)
         if "quality" in args.sections:
-            train_kwargs = {} if args.held_out is None else {"held_out": args.held_out}
+            train_kwargs = ({} if args.held_out is None else {"held_out": args.held_out}) | \
+                ({} if args.calibration is None else {"calibration": args.calibration})
             quality_section(models, work, args.threads, methods, sizes, tuning, train_kwargs)
         if "agreement" in args.sections:
             agreement_section(models[0][1], args.threads)
