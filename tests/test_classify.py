@@ -787,6 +787,15 @@ def test_setfit_tunes_the_model_inside_the_classifier_and_round_trips(work: Path
     # cv (auto at 20 examples a label): the triplets come from all 60 examples, 2 each; nothing is held out
     assert t["pairs"] == 60 * 2 and t["steps"] == 4 and "loss_last" in t and t["held_out"] == 0
     assert spec["calibration"] == "cv" and spec["metrics"]["out_of_fold"]["items"] == 60
+    # its T comes from out-of-fold heads on the STARTING model's embeddings (the tuned one has seen every example)
+    assert t["calibration_embeddings"] == "base" and t["folds"] == 5
+    ex = read_examples(work / "train.jsonl")
+    y = np.array([sorted(WORDS).index(labs[0]) for labs in ex.labels])
+    fold = np.array(folds(ex, 5, seed=0))
+    oof = out_of_fold_logits(_vectors(work / "model0", ex.texts), y, fold, 3, multi_label=False)
+    assert spec["temperature"] == pytest.approx(calibrate.fit_temperature(oof, y, False), rel=1e-3)
+    own = out_of_fold_logits(_vectors(out / "model", ex.texts), y, fold, 3, multi_label=False)
+    assert spec["temperature"] != pytest.approx(calibrate.fit_temperature(own, y, False), rel=1e-3)
     base_sha = artifacts.read_manifest(work / "model0").sha256("model.safetensors")
     assert spec["embedding"]["base"]["fingerprint"]["model_sha256"] == base_sha
     assert spec["embedding"]["fingerprint"]["model_sha256"] == artifacts.read_manifest(out / "model").sha256(

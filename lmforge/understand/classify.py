@@ -101,8 +101,10 @@ class Spec:
             return f"not calibrated (T = {self.temperature:.3g})"
         if self.calibration == "cv":
             items = self.metrics.get("out_of_fold", {}).get("items", "?")
+            base = ", heads on the starting model's embeddings" if self.training.get("calibration_embeddings") == "base" \
+                else ""
             return f"T = {self.temperature:.3g}, fitted on out-of-fold logits of {items} examples " \
-                   f"({self.training.get('folds', '?')} folds)"
+                   f"({self.training.get('folds', '?')} folds{base})"
         items = self.metrics.get("held_out", {}).get("items", "?")
         return f"T = {self.temperature:.3g}, fitted on {items} held-out examples"
 
