@@ -793,9 +793,11 @@ def test_setfit_tunes_the_model_inside_the_classifier_and_round_trips(work: Path
     y = np.array([sorted(WORDS).index(labs[0]) for labs in ex.labels])
     fold = np.array(folds(ex, 5, seed=0))
     oof = out_of_fold_logits(_vectors(work / "model0", ex.texts), y, fold, 3, multi_label=False)
-    assert spec["temperature"] == pytest.approx(calibrate.fit_temperature(oof, y, False), rel=1e-3)
     own = out_of_fold_logits(_vectors(out / "model", ex.texts), y, fold, 3, multi_label=False)
-    assert spec["temperature"] != pytest.approx(calibrate.fit_temperature(own, y, False), rel=1e-3)
+    nll = spec["metrics"]["out_of_fold"]["nll_before"]  # continuous: the two models' out-of-fold logits differ
+    assert nll == pytest.approx(calibrate.nll_at(oof, y, 1.0, False), rel=1e-4)
+    assert nll != pytest.approx(calibrate.nll_at(own, y, 1.0, False), rel=1e-2)
+    assert spec["temperature"] == pytest.approx(calibrate.fit_temperature(oof, y, False), rel=1e-3)
     base_sha = artifacts.read_manifest(work / "model0").sha256("model.safetensors")
     assert spec["embedding"]["base"]["fingerprint"]["model_sha256"] == base_sha
     assert spec["embedding"]["fingerprint"]["model_sha256"] == artifacts.read_manifest(out / "model").sha256(
