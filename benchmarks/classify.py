@@ -16,6 +16,9 @@ Sections (all by default, or name some):
             --lr, --finetune-lr, --tune-batch: their training stage), through the same functions `classify train` and
             `classify eval` run; --methods and --sizes choose rows. lmforge rows also give the test ECE before -> after temperature
             scaling and the coverage at which accuracy on the kept items reaches 0.9 (if it does).
+            --calibration and --held-out are classify train's (the row names the calibration used:
+            "cv 5" or "held out 24"); benchmarks/classify_calibration.py compares ways of fitting T
+            on one trained classifier.
             Training time includes loading the model and embedding the examples; predict texts/s
             is the test file scored in one call (embedding + head) at --threads.
 - agreement the head's L-BFGS fit (understand/head.py) against scikit-learn's lbfgs
@@ -28,6 +31,7 @@ Sections (all by default, or name some):
     python benchmarks/classify.py quality --model smol=/path/to/smollm2 --model adapted=runs/embed1
     python benchmarks/classify.py quality --methods setfit,finetune --sizes 8 --steps 5 --tune-batch 8
     python benchmarks/classify.py quality --threads 1 --steps 30 --steps-all 10 --tune-batch 8 --lr 2e-4 --finetune-lr 5e-5
+    python benchmarks/classify.py quality --methods head,setfit --sizes 8 --threads 1 --steps 30 --tune-batch 8 --lr 2e-4 --calibration held-out
 
 Run it alone: it measures the machine.
 """
