@@ -37,7 +37,7 @@ import platform
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,15 +232,7 @@ def build_index(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     t0 = time.perf_counter()
     with writing(out), writes_to(out), atomic_dir(out, overwrite=True) as tmp:
         writer = Writer(tmp, embedder.dim)
-        texts: list[str] = []
-        for i, src in enumerate(sources):
-            data, sha = reader.read(src)
-            chunked = reader.chunk(src, i, data, sha)
-            if chunked is None:
-                continue
-            file_id = writer.add_file(str(src.path), sha, len(data), src.kind)
-            writer.add_chunks(file_id, chunked.rows)
-            texts += [r[-1] for r in chunked.rows]
+        texts = _chunk_into(writer, reader, ((src, *reader.read(src)) for src in sources))
         if not texts:
             raise DataError(f"empty corpus: no text to index in {len(sources)} file(s) under "
                             f"{', '.join(map(str, inputs))}" + (f" ({len(reader.skipped)} not UTF-8)" if reader.skipped else ""))
@@ -255,6 +247,20 @@ def build_index(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     console.print(f"[green]indexed[/] {escape(str(out))}: {c['chunks']:,} chunks from {c['files']} file(s), "
                   f"{c['tokens']:,} tokens, in {time.perf_counter() - t0:.1f} s")
     return manifest
+
+
+def _chunk_into(writer: Writer, reader: Reader, files: Iterable[tuple[Source, bytes, str]]) -> list[str]:
+    """Chunk each (source, its bytes, their sha256) into the writer's file and chunk tables (a file
+    the reader skips, not UTF-8, adds nothing); the chunk texts, in order, to embed."""
+    texts: list[str] = []
+    for i, (src, data, sha) in enumerate(files):
+        chunked = reader.chunk(src, i, data, sha)
+        if chunked is None:
+            continue
+        file_id = writer.add_file(str(src.path), sha, len(data), src.kind)
+        writer.add_chunks(file_id, chunked.rows)
+        texts += [r[-1] for r in chunked.rows]
+    return texts
 
 
 def _report_skipped(skipped: list[dict[str, str]]) -> None:
@@ -310,14 +316,7 @@ def add_to_index(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
                     if p not in replaced:
                         writer.copy_file(old, p)
                 kept = writer.rows
-                texts: list[str] = []
-                for i, (src, data, sha) in enumerate(fresh):
-                    chunked = reader.chunk(src, i, data, sha)
-                    if chunked is None:
-                        continue
-                    file_id = writer.add_file(str(src.path), sha, len(data), src.kind)
-                    writer.add_chunks(file_id, chunked.rows)
-                    texts += [r[-1] for r in chunked.rows]
+                texts = _chunk_into(writer, reader, fresh)
                 _report_skipped(reader.skipped)
                 summary.update(chunks=len(texts), skipped=len(reader.skipped))
                 console.print(f"{len(texts):,} new chunks from {len(fresh) - len(reader.skipped)} file(s); "
