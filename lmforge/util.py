@@ -387,29 +387,33 @@ def write_failure(e: BaseException, path: str | os.PathLike, needed: int | None 
 
 
 @contextlib.contextmanager
-def writes_to(out: str | os.PathLike, needed: int | None = None) -> Iterator[None]:
+def writes_to(out: str | os.PathLike, needed: int | None = None, *, updating: bool = False) -> Iterator[None]:
     """Around a verb's write of its --out (an `atomic_dir` or atomic file): a failed write becomes
     one line naming it, a WriteError: "disk full at OUT, N bytes free; nothing was written to OUT"
-    (also from safetensors, which reports ENOSPC as its own SafetensorError, and from a short
+    (also from safetensors and SQLite, which report ENOSPC as their own errors, and from a short
     write that names no errno, when fewer bytes are free than the output `needed`), else "cannot
-    write OUT: REASON" for any other OSError. Anything else (a bug) keeps its traceback. The
-    writers inside leave nothing half-written; this only says so."""
+    write OUT: REASON" for any other OSError. `updating`: OUT existed and is being replaced by a
+    new version (`index add`), so the line says "OUT is unchanged" instead. Anything else (a bug)
+    keeps its traceback. The writers inside leave nothing half-written; this only says so."""
+    import sqlite3
+
     from safetensors import SafetensorError
 
     from .errors import WriteError
 
+    kept = f"{out} is unchanged" if updating else f"nothing was written to {out}"
     try:
         yield
-    except (OSError, SafetensorError) as e:
+    except (OSError, SafetensorError, sqlite3.OperationalError) as e:  # SQLite: "database or disk is full"
         line = write_failure(e, out, needed)
         if line is not None and line.startswith("disk full"):
-            raise WriteError(f"{line}; nothing was written to {out}. Free space, or choose another --out") from None
+            raise WriteError(f"{line}; {kept}. Free space" + (" and run it again" if updating else ", or choose another --out")) from None
         if not isinstance(e, OSError):
             raise
         # name the path that failed unless it is --out itself or its temporary sibling
         named = e.filename and Path(os.fsdecode(e.filename)).parent != Path(out).parent
         where = f" ({os.fsdecode(e.filename)})" if named else ""
-        raise WriteError(f"cannot write {out}: {e.strerror or e}{where}; nothing was written") from None
+        raise WriteError(f"cannot write {out}: {e.strerror or e}{where}; {kept}") from None
 
 
 def check_port(port: int, flag: str = "--port") -> int:

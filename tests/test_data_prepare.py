@@ -10,12 +10,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import lmforge_in_process
 from lmforge.data import prepare as prep
 from lmforge.data.hygiene import Settings
 from lmforge.data.inspect import DocumentIndex
@@ -29,8 +29,9 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def lmforge(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env)
+    """The CLI through its `main`, in this process (conftest.lmforge_in_process): an exception other
+    than an exit fails the test, as a traceback on a user's screen would."""
+    return lmforge_in_process([*map(str, args)], env={"COLUMNS": "200"}, cwd=cwd)
 
 
 def write_corpus(root: Path) -> Path:

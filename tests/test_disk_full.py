@@ -165,7 +165,8 @@ def test_the_other_writing_verbs_on_a_full_disk_are_one_line(verb: str, tiny_run
     fill(fs)
     out = fs / ("v.npy" if verb == "embed" else "out")
     args = {"ckpt average": [str(tiny_run), "--last", "2"], "embed": [str(tiny_run), str(corpus)],
-            "index build": [str(tiny_run), str(corpus)], "topics": [str(tiny_run), str(corpus), "--min-cluster-size", "3"],
+            "index build": [str(tiny_run), str(corpus)], "topics": [str(tiny_run), str(corpus), "--min-cluster-size", "3",
+                                                                      "--reduce", "pca"],  # UMAP: 15 s of numba
             "classify train": [str(tiny_run), str(corpus)]}[verb]
     capsys.readouterr()
     code = main([*verb.split(), *args, "--out", str(out)])
@@ -173,3 +174,30 @@ def test_the_other_writing_verbs_on_a_full_disk_are_one_line(verb: str, tiny_run
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: disk full at {out}, "), (code, err)
     assert "nothing was written" in err[0], err
     assert sorted(p.name for p in fs.iterdir() if not p.name.endswith(".lock")) == ["filler"]
+
+
+def test_index_add_on_a_full_disk_is_one_line_and_the_old_index_still_verifies(tiny_run, small_fs, tmp_path, capsys,
+                                                                              monkeypatch) -> None:
+    """`index add` replaces an existing index by a new version: on a full disk it says the index is
+    unchanged (SQLite's "database or disk is full" is a disk-full line too), and it still verifies."""
+    from lmforge.cli import main
+
+    monkeypatch.setenv("LMFORGE_PROGRESS", "quiet")
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Romeo speaks of the night and of the stars.\n" * 4, encoding="utf-8")
+    fs = small_fs("2m")
+    idx = fs / "idx"
+    assert main(["index", "build", str(tiny_run), str(corpus), "--out", str(idx)]) == 0
+    before = sorted((p.relative_to(idx), p.read_bytes()) for p in idx.rglob("*") if p.is_file())
+    (corpus / "b.txt").write_text("Juliet answers from the balcony, line by line.\n" * 40, encoding="utf-8")
+    fill(fs)
+    capsys.readouterr()
+    code = main(["index", "add", str(idx), str(corpus)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: disk full at {idx}, "), (code, err)
+    assert err[0].endswith(f"; {idx} is unchanged. Free space and run it again"), err
+    assert sorted((p.relative_to(idx), p.read_bytes()) for p in idx.rglob("*") if p.is_file()) == before
+    (fs / "filler").unlink()
+    capsys.readouterr()
+    assert main(["index", "verify", str(idx)]) == 0, capsys.readouterr().err

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, lmforge_cmd, subprocess_env
+from conftest import REPO, lmforge_in_process, subprocess_env
 from lmforge.evaluate.score import make_request, score_packed
 from lmforge.evaluate.tasks import encode_request, load_task
 from lmforge.artifacts import load_model
@@ -29,10 +29,10 @@ pytestmark = pytest.mark.slow
 TASK = REPO / "tasks" / "python-mc.jsonl"
 
 
-def test_lm_eval_through_the_server_equals_lmforge_eval(checkpoint, server, tmp_path) -> None:  # noqa: F811 (fixtures)  # noqa: F811 (fixtures)
+def test_lm_eval_through_the_server_equals_lmforge_eval(checkpoint, server, tmp_path) -> None:  # noqa: F811 (fixtures)
     hf = tmp_path / "hf"
-    subprocess.run(lmforge_cmd("export", str(checkpoint), "--format", "hf", "--out", str(hf)),
-                   check=True, capture_output=True, env=subprocess_env())
+    r = lmforge_in_process(["export", str(checkpoint), "--format", "hf", "--out", str(hf)])
+    assert r.returncode == 0, r.stderr[-2000:]
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "python_mc.yaml").write_text(
@@ -69,8 +69,7 @@ def test_lm_eval_through_the_server_equals_lmforge_eval(checkpoint, server, tmp_
     for a, b in zip(theirs, ours):
         assert a == pytest.approx(b, abs=1e-4)
 
-    r = subprocess.run(lmforge_cmd("eval", str(checkpoint), "--tasks", str(TASK), "--json"),
-                       capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    r = lmforge_in_process(["eval", str(checkpoint), "--tasks", str(TASK), "--json"])
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads(r.stdout)["metrics"]
     assert results["acc,none"] == pytest.approx(metrics["python-mc/acc"], abs=1e-9)

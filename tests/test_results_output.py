@@ -1,6 +1,8 @@
 """A command's result prints on stdout in every progress mode; `--progress json|quiet` silence only
-progress and log lines (stderr). Each verb runs as the real CLI in a subprocess, as a script or CI
-job would run it."""
+progress and log lines (stderr). Each verb runs through the CLI's `main` with stdout and stderr
+captured apart (conftest.lmforge_in_process: what a script or CI job reading the two streams sees,
+without a Python start per call); auto mode, which asks whether stderr is a terminal, runs the
+real CLI in a subprocess with its stderr in a pipe."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIG, lmforge_cmd, subprocess_env
+from conftest import TINY_CONFIG, lmforge_cmd, lmforge_in_process, subprocess_env
 
 MODES = ("quiet", "json")
 RUN_NAME = "results-probe"
@@ -19,8 +21,10 @@ TABLE_CHARS = set("┏┃┡│┌└━─")  # rich table borders: a table nev
 
 
 def cli(mode: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(lmforge_cmd("--progress", mode, *map(str, args)), capture_output=True, text=True,
-                          env=subprocess_env(COLUMNS="160"), timeout=120)
+    if mode == "auto":  # a real process: its stderr is a pipe, not a terminal
+        return subprocess.run(lmforge_cmd("--progress", mode, *map(str, args)), capture_output=True, text=True,
+                              env=subprocess_env(COLUMNS="160"), timeout=120)
+    return lmforge_in_process(["--progress", mode, *map(str, args)], env={"COLUMNS": "160"})
 
 
 def check_stderr(mode: str, proc: subprocess.CompletedProcess) -> None:

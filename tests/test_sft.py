@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import arithmetic_chats, lmforge_cmd, subprocess_env
+from conftest import arithmetic_chats, lmforge_in_process
 from lmforge.data.loader import TokenDataset
 from lmforge.data.manifest import read_manifest, verify_dataset
 from lmforge.data.sft import Encoder, load_tokenizer, prepare_sft
@@ -200,10 +200,8 @@ def test_hygiene_of_examples_exact_dedup_and_pii(chat_tokenizer_dir: Path, tmp_p
 
 def test_cli_prepare_and_inspect_show_the_mask(chat_tokenizer_dir: Path, tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "c.jsonl", [CONVERSATION] * 6)
-    env = subprocess_env(COLUMNS="200")
-
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(lmforge_cmd(*args), capture_output=True, text=True, env=env, timeout=300)
+        return lmforge_in_process(list(args), env={"COLUMNS": "200"})
 
     no_tok = run("prepare", str(src), "--sft", "--out", str(tmp_path / "x"))
     assert no_tok.returncode == 2 and "prepare --sft needs --tokenizer" in no_tok.stderr

@@ -31,7 +31,7 @@ from lmforge.understand import topics as T
 from lmforge.understand import topics_stages as S
 from test_dashboard import CHROMIUM, chromium_dom
 
-# numba compiles UMAP's and pynndescent's kernels once per process (15 to 30 s): one xdist worker runs them all
+# numba compiles UMAP's kernels once per process (15 to 30 s): one xdist worker runs them all
 pytestmark = pytest.mark.xdist_group("numba")
 
 VOCAB = {
@@ -214,6 +214,19 @@ def test_beyond_fit_max_the_rest_take_their_nearest_fitted_documents_topic() -> 
     again = T.fit_topics(planted_vectors(noise=0.3)[0], lambda: iter(texts), T.Settings(reduce="pca", fit_max=200),
                          gold=gold)  # fresh vectors: fit_topics normalises its input in place
     assert np.array_equal(again.labels, r.labels) and np.array_equal(again.probability, r.probability)
+
+
+@pytest.mark.parametrize("budget", [7, 1 << 24])  # blocks of 1 row (7 // 5 fitted) and one block
+def test_nearest_fitted_is_the_exact_cosine_top_k_in_any_block_size(budget: int) -> None:
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal((12, 4)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    fit, rest = np.array([0, 2, 5, 7, 11]), np.array([1, 3, 4, 6, 8, 9, 10])
+    got = T.nearest_fitted(v, fit, rest, 3, budget=budget)
+    want = np.argsort(-(v[rest] @ v[fit].T), axis=1, kind="stable")[:, :3]
+    assert np.array_equal(got, want)
+    # a row's nearest fitted document is itself when it is also fitted
+    assert np.array_equal(T.nearest_fitted(v, fit, fit, 1)[:, 0], np.arange(5))
 
 
 def test_fewer_documents_than_the_minimum_cluster_size_is_refused() -> None:

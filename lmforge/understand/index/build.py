@@ -37,7 +37,7 @@ import platform
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,8 @@ from rich.table import Table
 from ... import __version__
 from ...artifacts import MANIFEST, read_manifest, write_manifest
 from ...data.prepare import NotUtf8, Source, check_out_overlap, collect_sources, iter_documents
-from ...errors import DataError, LmforgeError, WriteError
-from ...util import atomic_dir, console, human_bytes, sha256_bytes, write_failure
+from ...errors import DataError, LmforgeError
+from ...util import atomic_dir, console, human_bytes, sha256_bytes, writes_to
 from ...util import out as results_out
 from ..embed import Embedder
 from .chunk import Chunking, Lines, Span, check_size, cut, record_span, text_spans
@@ -230,37 +230,37 @@ def build_index(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     sources = collect_sources(inputs, include, exclude)
     reader = Reader(embedder, chunking, text_field, strict)
     t0 = time.perf_counter()
-    with writing(out):
-        try:
-            with atomic_dir(out, overwrite=True) as tmp:
-                writer = Writer(tmp, embedder.dim)
-                texts: list[str] = []
-                for i, src in enumerate(sources):
-                    data, sha = reader.read(src)
-                    chunked = reader.chunk(src, i, data, sha)
-                    if chunked is None:
-                        continue
-                    file_id = writer.add_file(str(src.path), sha, len(data), src.kind)
-                    writer.add_chunks(file_id, chunked.rows)
-                    texts += [r[-1] for r in chunked.rows]
-                if not texts:
-                    raise DataError(f"empty corpus: no text to index in {len(sources)} file(s) under "
-                                    f"{', '.join(map(str, inputs))}" + (f" ({len(reader.skipped)} not UTF-8)" if reader.skipped else ""))
-                _report_skipped(reader.skipped)
-                console.print(f"{len(texts):,} chunks of up to {chunking.size} tokens from {len(sources) - len(reader.skipped)} "
-                              f"file(s); embedding them with {model}")
-                _embed_into(writer, embedder, texts)
-                manifest = _finish(writer, tmp, embedder=embedder, model=str(Path(model).resolve()), chunking=chunking,
-                                   text_field=text_field, include=include, exclude=exclude, skipped=reader.skipped)
-                _check_replaceable(out, overwrite)  # again: something may have appeared at --out meanwhile
-        except (OSError, sqlite3.OperationalError) as e:  # SQLite says "database or disk is full"
-            if (line := write_failure(e, out)) is None:
-                raise
-            raise WriteError(f"{line}; nothing was written to the index") from None
+    with writing(out), writes_to(out), atomic_dir(out, overwrite=True) as tmp:
+        writer = Writer(tmp, embedder.dim)
+        texts = _chunk_into(writer, reader, ((src, *reader.read(src)) for src in sources))
+        if not texts:
+            raise DataError(f"empty corpus: no text to index in {len(sources)} file(s) under "
+                            f"{', '.join(map(str, inputs))}" + (f" ({len(reader.skipped)} not UTF-8)" if reader.skipped else ""))
+        _report_skipped(reader.skipped)
+        console.print(f"{len(texts):,} chunks of up to {chunking.size} tokens from {len(sources) - len(reader.skipped)} "
+                      f"file(s); embedding them with {model}")
+        _embed_into(writer, embedder, texts)
+        manifest = _finish(writer, tmp, embedder=embedder, model=str(Path(model).resolve()), chunking=chunking,
+                           text_field=text_field, include=include, exclude=exclude, skipped=reader.skipped)
+        _check_replaceable(out, overwrite)  # again: something may have appeared at --out meanwhile
     c = manifest["counts"]
     console.print(f"[green]indexed[/] {escape(str(out))}: {c['chunks']:,} chunks from {c['files']} file(s), "
                   f"{c['tokens']:,} tokens, in {time.perf_counter() - t0:.1f} s")
     return manifest
+
+
+def _chunk_into(writer: Writer, reader: Reader, files: Iterable[tuple[Source, bytes, str]]) -> list[str]:
+    """Chunk each (source, its bytes, their sha256) into the writer's file and chunk tables (a file
+    the reader skips, not UTF-8, adds nothing); the chunk texts, in order, to embed."""
+    texts: list[str] = []
+    for i, (src, data, sha) in enumerate(files):
+        chunked = reader.chunk(src, i, data, sha)
+        if chunked is None:
+            continue
+        file_id = writer.add_file(str(src.path), sha, len(data), src.kind)
+        writer.add_chunks(file_id, chunked.rows)
+        texts += [r[-1] for r in chunked.rows]
+    return texts
 
 
 def _report_skipped(skipped: list[dict[str, str]]) -> None:
@@ -310,36 +310,24 @@ def add_to_index(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
             if not fresh:
                 console.print(f"nothing to add to {escape(str(path))}: {unchanged} file(s) unchanged")
                 return summary
-            try:
-                with atomic_dir(path, overwrite=True) as tmp:
-                    writer = Writer(tmp, embedder.dim)
-                    for p in old.paths():
-                        if p not in replaced:
-                            writer.copy_file(old, p)
-                    kept = writer.rows
-                    texts: list[str] = []
-                    for i, (src, data, sha) in enumerate(fresh):
-                        chunked = reader.chunk(src, i, data, sha)
-                        if chunked is None:
-                            continue
-                        file_id = writer.add_file(str(src.path), sha, len(data), src.kind)
-                        writer.add_chunks(file_id, chunked.rows)
-                        texts += [r[-1] for r in chunked.rows]
-                    _report_skipped(reader.skipped)
-                    summary.update(chunks=len(texts), skipped=len(reader.skipped))
-                    console.print(f"{len(texts):,} new chunks from {len(fresh) - len(reader.skipped)} file(s); "
-                                  f"{kept:,} chunks kept")
-                    _embed_into(writer, embedder, texts)
-                    prior_skipped = [s for s in old.fields.get("skipped", []) if s["path"] not in
-                                     {str(src.path) for src, _, _ in fresh}]
-                    _finish(writer, tmp, embedder=embedder, model=old.model if model is None else str(Path(model).resolve()),
-                            chunking=chunking, text_field=reader.text_field, include=include, exclude=exclude,
-                            skipped=prior_skipped + reader.skipped,
-                            extend=None if replaced else (old.path / ANN_FILE, kept))  # only appended: extend the graph
-            except (OSError, sqlite3.OperationalError) as e:
-                if (line := write_failure(e, path)) is None:
-                    raise
-                raise WriteError(f"{line}; the old index is unchanged") from None
+            with writes_to(path, updating=True), atomic_dir(path, overwrite=True) as tmp:
+                writer = Writer(tmp, embedder.dim)
+                for p in old.paths():
+                    if p not in replaced:
+                        writer.copy_file(old, p)
+                kept = writer.rows
+                texts = _chunk_into(writer, reader, fresh)
+                _report_skipped(reader.skipped)
+                summary.update(chunks=len(texts), skipped=len(reader.skipped))
+                console.print(f"{len(texts):,} new chunks from {len(fresh) - len(reader.skipped)} file(s); "
+                              f"{kept:,} chunks kept")
+                _embed_into(writer, embedder, texts)
+                prior_skipped = [s for s in old.fields.get("skipped", []) if s["path"] not in
+                                 {str(src.path) for src, _, _ in fresh}]
+                _finish(writer, tmp, embedder=embedder, model=old.model if model is None else str(Path(model).resolve()),
+                        chunking=chunking, text_field=reader.text_field, include=include, exclude=exclude,
+                        skipped=prior_skipped + reader.skipped,
+                        extend=None if replaced else (old.path / ANN_FILE, kept))  # only appended: extend the graph
     console.print(f"[green]updated[/] {escape(str(path))}: {summary['added']} file(s) added, {summary['replaced']} replaced, "
                   f"{summary['unchanged']} unchanged; {summary['chunks']:,} chunks embedded")
     return summary
