@@ -21,7 +21,7 @@ Steps, each a function a test can call:
      towards every example's label, the scored fold's included, so its out-of-fold heads are
      right on ~97 % of the examples where the test gets ~49 % and the T they give sharpens
      (measured: test ECE 0.22 -> 0.41 on stdlib-modules at 8/class). The starting model never saw
-     the examples; its out-of-fold T (1.5 there) brought the tuned head's test ECE to 0.09
+     the examples; its out-of-fold T (1.5 there) brought the tuned head's test ECE to 0.095
      (docs/classify.md). The manifest records which (`training.calibration_embeddings`: own or base).
    - `auto` (the default): cv when there are fewer than CV_BELOW examples per label on average
      (there a held-out share costs the head a fifth of too few examples, and fits T on a handful
