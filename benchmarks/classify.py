@@ -16,6 +16,9 @@ Sections (all by default, or name some):
             --lr, --finetune-lr, --tune-batch: their training stage), through the same functions `classify train` and
             `classify eval` run; --methods and --sizes choose rows. lmforge rows also give the test ECE before -> after temperature
             scaling and the coverage at which accuracy on the kept items reaches 0.9 (if it does).
+            --calibration and --held-out are classify train's (the row names the calibration used:
+            "cv 5" or "held out 24"); benchmarks/classify_calibration.py compares ways of fitting T
+            on one trained classifier.
             Training time includes loading the model and embedding the examples; predict texts/s
             is the test file scored in one call (embedding + head) at --threads.
 - agreement the head's L-BFGS fit (understand/head.py) against scikit-learn's lbfgs
@@ -28,6 +31,7 @@ Sections (all by default, or name some):
     python benchmarks/classify.py quality --model smol=/path/to/smollm2 --model adapted=runs/embed1
     python benchmarks/classify.py quality --methods setfit,finetune --sizes 8 --steps 5 --tune-batch 8
     python benchmarks/classify.py quality --threads 1 --steps 30 --steps-all 10 --tune-batch 8 --lr 2e-4 --finetune-lr 5e-5
+    python benchmarks/classify.py quality --methods head,setfit --sizes 8 --threads 1 --steps 30 --tune-batch 8 --lr 2e-4 --calibration held-out
 
 Run it alone: it measures the machine.
 """
@@ -139,9 +143,11 @@ def minilm_lr(n: int | None, test: Examples, labels: list[str], work: Path, thre
 
 
 def lmforge_rows(name: str, model: Path, n: int | None, test: Examples, work: Path, threads: int,
-                 methods: list[tuple[str, str | None]], tuning: dict[str, Tuning] | None = None) -> None:
+                 methods: list[tuple[str, str | None]], tuning: dict[str, Tuning] | None = None,
+                 train_kwargs: dict | None = None) -> None:
     """n: examples per class (None: all; 0: none, zero-shot only; for zero-shot they only calibrate).
-    tuning: per method, the training stage of setfit and finetune (`classify train --steps --lr --tune-batch`)."""
+    tuning: per method, the training stage of setfit and finetune (`classify train --steps --lr --tune-batch`).
+    train_kwargs: more `train_command` arguments for every method but zero-shot (--held-out)."""
     for method, scorer in methods:
         out = work / f"clf-{name}-{method}-{scorer}-{size_name(n).replace('/', '')}"
         kwargs: dict = dict(method=method, examples_per_class=n or None, threads=threads, overwrite=True)
@@ -149,17 +155,23 @@ def lmforge_rows(name: str, model: Path, n: int | None, test: Examples, work: Pa
             kwargs.update(labels_file=LABELS, scorer=scorer)
         if method in ("setfit", "finetune"):
             kwargs.update(tuning=(tuning or {}).get(method))
+        if method != "zero-shot":
+            kwargs.update(train_kwargs or {})
         spec = train_command(str(model), None if n == 0 else TRAIN, str(out), **kwargs)
         clf = Classifier.load(out, device="cpu")
         r = evaluate(clf, test)
         steps = f" ({spec['training']['steps']} steps)" if method in ("setfit", "finetune") else ""
-        label = f"lmforge {method}" + (f" ({scorer})" if scorer else "") + f", {name}{steps}"
-        ece = f"{r['ece_uncalibrated']:.3f} -> {r['ece']:.3f}" if spec["calibrated"] else "(not calibrated)"
+        how = {"cv": f", cv {spec['training'].get('folds')}", "held-out": f", held out {spec['training']['held_out']}"}
+        label = f"lmforge {method}" + (f" ({scorer})" if scorer else "") + f", {name}{steps}" + \
+            how.get(spec.get("calibration") or "", "")
+        ece = f"{r['ece_uncalibrated']:.3f} -> {r['ece']:.3f}" if spec["calibrated"] else \
+            "(not calibrated)" if method == "zero-shot" else f"{r['ece_uncalibrated']:.3f} (not calibrated: T = 1)"
         row(label, n, r["accuracy"], r["macro_f1"], spec["training"]["seconds"], r["texts_per_s"], ece, coverage_at(r))
 
 
 def quality_section(models: list[tuple[str, Path]], work: Path, threads: int, methods: list[str],
-                    sizes: list[int | None], tuning: tuple[dict[str, Tuning], dict[str, Tuning]]) -> None:
+                    sizes: list[int | None], tuning: tuple[dict[str, Tuning], dict[str, Tuning]],
+                    train_kwargs: dict | None = None) -> None:
     """tuning: (per method for a size in examples per class, per method for all examples)."""
     test = read_examples(TEST)
     labels = read_examples(TRAIN).label_names()
@@ -175,7 +187,8 @@ def quality_section(models: list[tuple[str, Path]], work: Path, threads: int, me
         for name, path in models:
             chosen = [(m, None) for m in ("head", "setfit", "finetune") if m in methods]
             sized = tuning[1] if n is None else tuning[0]
-            lmforge_rows(name, path, n, test, work, threads, chosen + (zero_shot if n == 8 else []), sized)
+            lmforge_rows(name, path, n, test, work, threads, chosen + (zero_shot if n == 8 else []), sized,
+                          train_kwargs)
 
 
 def agreement_section(model: Path, threads: int) -> None:
@@ -260,6 +273,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="setfit, finetune: learning rate")
     ap.add_argument("--finetune-lr", type=float, help="finetune: learning rate (default: --lr)")
     ap.add_argument("--tune-batch", type=int, default=DEFAULT_BATCH, help="setfit, finetune: texts (triplets) per step")
+    ap.add_argument("--held-out", type=float, help="head, setfit, finetune: classify train's --held-out (default: its own)")
+    ap.add_argument("--calibration", help="head, setfit, finetune: classify train's --calibration (default: its own, auto)")
     args = ap.parse_args()
     methods = args.methods.split(",")
     if set(methods) - set(METHODS):
@@ -282,7 +297,9 @@ def main() -> None:
         print(f"# benchmarks/classify.py on {os.cpu_count()} cores, torch {torch.__version__}, "
               f"{args.threads} threads", flush=True)
         if "quality" in args.sections:
-            quality_section(models, work, args.threads, methods, sizes, tuning)
+            train_kwargs = ({} if args.held_out is None else {"held_out": args.held_out}) | \
+                ({} if args.calibration is None else {"calibration": args.calibration})
+            quality_section(models, work, args.threads, methods, sizes, tuning, train_kwargs)
         if "agreement" in args.sections:
             agreement_section(models[0][1], args.threads)
         if "memory" in args.sections:

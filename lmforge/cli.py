@@ -369,6 +369,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
         train_command(args.model, args.examples, args.out, method=args.method, labels_file=args.labels,
                       scorer=args.zero_shot_scorer, template=args.template, held_out=args.held_out,
+                      calibration=args.calibration, n_folds=args.folds,
                       examples_per_class=args.examples_per_class, seed=args.seed, c=args.c,
                       min_confidence=args.min_confidence, fallback=args.fallback, text_field=args.text_field,
                       label_field=args.label_field, batch_size=args.batch_size, threads=args.threads,
@@ -395,7 +396,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def add_classify_arguments(p: argparse.ArgumentParser) -> None:
-    from .understand.classify import DEFAULT_FALLBACK, DEFAULT_TEMPLATE, METHODS, SCORERS
+    from .understand.classify import (CALIBRATIONS, CV_BELOW, DEFAULT_FALLBACK, DEFAULT_FOLDS, DEFAULT_TEMPLATE, METHODS,
+                                      SCORERS)
     from .understand.classify_tune import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_MAX_PAIRS, DEFAULT_PAIRS_PER_EXAMPLE, FINETUNE_EPOCHS
 
     sub = p.add_subparsers(dest="classify_cmd", metavar="ACTION", required=True)
@@ -418,11 +420,15 @@ def add_classify_arguments(p: argparse.ArgumentParser) -> None:
                    help="zero-shot: embedding similarity (default) or the LM's likelihood of each label name")
     t.add_argument("--template", type=R.Text(), default=DEFAULT_TEMPLATE, help="zero-shot lm scorer: the context, "
                    "{text} for the text (default %(default)r)")
-    t.add_argument("--held-out", type=R.HELD_OUT, default=0.2, help="share of the examples held out to fit the "
-                   "temperature (default %(default)g)")
+    t.add_argument("--calibration", choices=CALIBRATIONS, default="auto", help="where the temperature is fitted: "
+                   "held-out (a split the head does not see), cv (out-of-fold logits; the head and setfit learn from "
+                   f"every example), auto (default: cv below {CV_BELOW} examples per label for head and setfit)")
+    t.add_argument("--held-out", type=R.HELD_OUT, default=0.2, help="held-out calibration: share of the examples held "
+                   "out to fit the temperature (default %(default)g)")
+    t.add_argument("--folds", type=R.FOLDS, default=DEFAULT_FOLDS, help="cv calibration: folds (default %(default)s)")
     t.add_argument("--examples-per-class", type=R.positive_int(), help="keep only N examples of each label (fixed "
                    "order by --seed)")
-    t.add_argument("--seed", type=R.any_int(), default=0, help="the held-out split and --examples-per-class choice")
+    t.add_argument("--seed", type=R.any_int(), default=0, help="the held-out split or cv folds, and the --examples-per-class choice")
     t.add_argument("--c", type=R.positive_float(), default=1.0, help="head: inverse L2 strength, as scikit-learn's C "
                    "(default 1)")
     t.add_argument("--min-confidence", type=R.CONFIDENCE, default=0.0, help="recorded threshold: below it predict and "

@@ -375,6 +375,8 @@ INSPECT_SAMPLES = positive_int(hi=65_536)
 BOOTSTRAP = nonneg_int(hi=100_000, note="0 = none; each resample refits the law")  # plan fit --bootstrap
 CONFIDENCE = fraction(note="a calibrated probability; 0 = route nothing")  # classify --min-confidence, /v1/classify
 HELD_OUT = fraction(hi_open=True, note="the share of the examples held out for calibration; 0 = none")
+# classify train --folds: cross-fitted calibration (understand/classify_train.py); each fold is one more head fit
+FOLDS = Range(int, lo=2, hi=100, note="folds of the out-of-fold calibration")
 # classify train --method setfit: the cap on its triplets (understand/classify_tune.py); each is a training text triple
 MAX_PAIRS = positive_int(hi=10_000_000, note="setfit triplets in all")
 PAIRS_PER_EXAMPLE = positive_int(hi=1_000, note="setfit triplets per example")
@@ -407,5 +409,5 @@ __all__ = ["Range", "Count", "Choice", "Text", "Weights", "Rule", "INT64_MIN", "
            "nonneg_int", "any_int", "positive_float", "nonneg_float", "finite_float", "fraction", "seconds", "thread_count",
            "port", "default_rule", "TEMPERATURE", "TOP_K", "TOP_P", "SEED", "MAX_TOKENS",
            "QUICKSTART_MINUTES", "BOOTSTRAP", "INSPECT_SAMPLES",
-           "VAL_FRACTION", "CONFIDENCE", "HELD_OUT", "NEAR_DUP_THRESHOLD", "MIX_MAX_REPEAT", "MIX_BLOCK", "MIX_WEIGHTS", "EXAMPLES", "AVERAGE_LAST",
+           "VAL_FRACTION", "CONFIDENCE", "HELD_OUT", "FOLDS", "NEAR_DUP_THRESHOLD", "MIX_MAX_REPEAT", "MIX_BLOCK", "MIX_WEIGHTS", "EXAMPLES", "AVERAGE_LAST",
            "EMA_DECAY"]

@@ -29,8 +29,8 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.understand import calibrate
 from lmforge.understand.classify import Classifier, Spec
 from lmforge.understand.classify_report import evaluate
-from lmforge.understand.classify_train import split, train_command
-from lmforge.understand.head import Head, fit_head
+from lmforge.understand.classify_train import folds, resolve_calibration, split, train_command
+from lmforge.understand.head import Head, fit_head, out_of_fold_logits
 from lmforge.understand.labelled import read_examples
 
 WORDS = {"fruit": "apple banana cherry grape lemon mango peach plum".split(),
@@ -77,7 +77,10 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def clf_dir(work: Path) -> Path:
     torch.set_num_threads(1)
-    train_command(str(work / "model0"), str(work / "train.jsonl"), str(work / "clf" / "planted"), min_confidence=0.6)
+    # held-out: the routing and serving tests below want T >= 1 (12 held-out items, all right); with
+    # cv the 60 out-of-fold items may hold one mistake, and then T < 1 makes the confidence 1.0
+    train_command(str(work / "model0"), str(work / "train.jsonl"), str(work / "clf" / "planted"), min_confidence=0.6,
+                  calibration="held-out")
     return work / "clf" / "planted"
 
 
@@ -198,6 +201,107 @@ def test_split_is_stratified_and_deterministic(work: Path) -> None:
     assert [sum(ex.labels[i][0] == k for i in held) for k in WORDS] == [4, 4, 4]
 
 
+def test_folds_are_stratified_balanced_and_deterministic(work: Path, tmp_path: Path) -> None:
+    ex = read_examples(work / "train.jsonl")  # 20 examples of each of 3 labels
+    f = folds(ex, 5, seed=0)
+    assert folds(ex, 5, seed=0) == f and folds(ex, 5, seed=1) != f
+    assert [[sum(f[i] == k and ex.labels[i][0] == lab for i in range(len(ex))) for k in range(5)]
+            for lab in WORDS] == [[4] * 5] * 3
+    # uneven labels: 7, 3 and 1 examples into 5 folds
+    rows = [{"text": f"{lab} {i}", "label": lab} for lab, n in (("a", 7), ("b", 3), ("c", 1)) for i in range(n)]
+    ex = read_examples(write_jsonl(tmp_path / "uneven.jsonl", rows))
+    f = folds(ex, 5, seed=0)
+    of = {lab: [k for k, labs in zip(f, ex.labels) if labs[0] == lab] for lab in "abc"}
+    assert of["c"] == [-1]  # a label with one example is always fitted on, never scored (as split never holds it out)
+    assert len(set(of["b"])) == 3 and sorted(of["a"].count(k) for k in range(5)) == [1, 1, 1, 2, 2]
+    sizes = [f.count(k) for k in range(5)]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 10  # dealt on from label to label: balanced folds
+    # each scored example's label has another example in the other folds: its out-of-fold head knows the label
+    assert all(any(f[j] != f[i] and ex.labels[j] == ex.labels[i] for j in range(len(ex))) for i in range(10))
+
+
+def test_out_of_fold_temperature_is_sensible_on_an_overfit_toy() -> None:
+    """64 points of 4 overlapping blobs in 48 dimensions: the head fits its training points (in-sample
+    logits call for no softening) yet is over-confident on new points; the temperature fitted on
+    out-of-fold logits softens it to near the best T for the test set."""
+    rng = np.random.default_rng(2)
+
+    def toy(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % 4
+        return np.eye(4, 48)[y] * 1.5 + rng.normal(size=(n, 48)), y
+
+    x, y = toy(64)
+    xt, yt = toy(4000)
+    head = fit_head(x, y, 4, multi_label=False)
+    fold = (np.arange(64) // 4) % 5
+    fold[:2] = -1  # never scored: their rows stay NaN, and they are in every fit
+    oof = out_of_fold_logits(x, y, fold, 4, multi_label=False)
+    assert np.isnan(oof[:2]).all() and np.isfinite(oof[2:]).all()
+    t_in = calibrate.fit_temperature(head.logits(x), y, False)
+    t_oof = calibrate.fit_temperature(oof[2:], y[2:], False)
+    logits = head.logits(xt)
+    t_best = calibrate.fit_temperature(logits, yt, False)
+    assert t_in == 1.0 and t_oof > 2.0 and abs(math.log(t_oof / t_best)) < math.log(1.5)
+
+    def ece(t: float) -> float:
+        p = calibrate.softmax(logits, t)
+        return M.ece(p.max(1), p.argmax(1) == yt)
+
+    assert calibrate.nll_at(logits, yt, t_oof, False) < calibrate.nll_at(logits, yt, 1.0, False) - 0.2
+    assert ece(t_oof) < ece(1.0) / 3
+
+
+def test_calibration_is_chosen_by_method_and_size() -> None:
+    from lmforge.errors import ConfigError
+    from lmforge.understand.classify import CV_BELOW
+
+    assert resolve_calibration("auto", "head", 12 * CV_BELOW - 1, 12) == "cv"
+    assert resolve_calibration("auto", "setfit", 12 * CV_BELOW, 12) == "held-out"
+    assert resolve_calibration("auto", "finetune", 10, 2) == resolve_calibration("auto", "zero-shot", 10, 2) == "held-out"
+    assert resolve_calibration("held-out", "head", 10, 2) == "held-out"
+    assert resolve_calibration("cv", "setfit", 10**6, 2) == "cv"
+    for method in ("finetune", "zero-shot"):
+        with pytest.raises(ConfigError, match="--calibration cv is for head and setfit"):
+            resolve_calibration("cv", method, 10, 2)
+    with pytest.raises(ConfigError, match="--calibration must be one of auto, cv, held-out"):
+        resolve_calibration("kfold", "head", 10, 2)
+
+
+def test_cli_calibration_cv_and_held_out(work: Path, tmp_path: Path, capsys) -> None:
+    from lmforge.understand.embed import Embedder
+
+    model, train = str(work / "model0"), str(work / "train.jsonl")
+    code, text = run_cli(capsys, "train", model, train, "--out", str(tmp_path / "cv"), "--calibration", "cv",
+                         "--folds", "4")
+    spec = artifacts.read_manifest(tmp_path / "cv").fields["classifier"]
+    assert code == 0 and "out of fold (4 folds) 60" in text
+    assert spec["calibration"] == "cv" and spec["training"]["folds"] == 4 and spec["calibrated"]
+    assert spec["training"]["examples"] == spec["metrics"]["out_of_fold"]["items"] == 60 and "held_out" not in spec["metrics"]
+    # the head is the one fitted on every example
+    ex = read_examples(train)
+    x = Embedder.load(model, device="cpu").embed(ex.texts, kind="document")
+    whole = fit_head(x, np.array([sorted(WORDS).index(labs[0]) for labs in ex.labels]), 3, multi_label=False)
+    assert np.allclose(Head.load(tmp_path / "cv" / "head.safetensors").weight, whole.weight, atol=1e-5)
+    code, text = run_cli(capsys, "eval", str(tmp_path / "cv"), str(work / "test.jsonl"), "--json")
+    r = json.loads(text)
+    assert r["calibration"] == "cv" and "out-of-fold logits of 60 examples (4 folds)" in r["calibration_note"]
+    code, text = run_cli(capsys, "eval", str(tmp_path / "cv"), str(work / "test.jsonl"))
+    assert code == 0 and "out-of-fold logits of 60 examples" in text
+
+    code, _ = run_cli(capsys, "train", model, train, "--out", str(tmp_path / "ho"), "--calibration", "held-out")
+    spec = artifacts.read_manifest(tmp_path / "ho").fields["classifier"]
+    assert code == 0 and spec["calibration"] == "held-out" and "folds" not in spec["training"]
+    assert spec["training"]["examples"] == 48 and spec["metrics"]["held_out"]["items"] == spec["training"]["held_out"] == 12
+    code, text = run_cli(capsys, "eval", str(tmp_path / "ho"), str(work / "test.jsonl"))
+    assert "fitted on 12 held-out examples" in text
+
+    for method in ("finetune", "zero-shot"):  # refused before any model loads, in one line, nothing written
+        code, text = run_cli(capsys, "train", model, train, "--out", str(tmp_path / method), "--method", method,
+                             "--calibration", "cv")
+        assert code == 2 and "--calibration cv is for head and setfit" in text and len(text.splitlines()) == 1
+        assert not (tmp_path / method).exists()
+
+
 def test_head_classifier_end_to_end(clf_dir: Path, work: Path) -> None:
     m = artifacts.read_manifest(clf_dir)
     spec = m.fields["classifier"]
@@ -207,6 +311,7 @@ def test_head_classifier_end_to_end(clf_dir: Path, work: Path) -> None:
         "model.safetensors")
     held = spec["metrics"]["held_out"]
     assert held["items"] == 12 and held["nll_after"] <= held["nll_before"] and spec["calibrated"]
+    assert spec["calibration"] == "held-out" and spec["training"]["examples"] == 48
     assert held["accuracy_before"] >= 0.9  # a random 2-layer model: one of the 12 may fall on the wrong side
     if held["accuracy_before"] == 1.0:
         assert spec["temperature"] >= 1.0  # all right: T not below 1 (its own test below)
@@ -679,7 +784,20 @@ def test_setfit_tunes_the_model_inside_the_classifier_and_round_trips(work: Path
     spec = m.fields["classifier"]
     assert spec["method"] == "setfit" and spec["embedding"]["path"] == "model" and "model/model.safetensors" in m.files
     t = spec["training"]
-    assert t["pairs"] == 48 * 2 and t["steps"] == 4 and "loss_last" in t  # 48 examples to fit, 2 triplets each
+    # cv (auto at 20 examples a label): the triplets come from all 60 examples, 2 each; nothing is held out
+    assert t["pairs"] == 60 * 2 and t["steps"] == 4 and "loss_last" in t and t["held_out"] == 0
+    assert spec["calibration"] == "cv" and spec["metrics"]["out_of_fold"]["items"] == 60
+    # its T comes from out-of-fold heads on the STARTING model's embeddings (the tuned one has seen every example)
+    assert t["calibration_embeddings"] == "base" and t["folds"] == 5
+    ex = read_examples(work / "train.jsonl")
+    y = np.array([sorted(WORDS).index(labs[0]) for labs in ex.labels])
+    fold = np.array(folds(ex, 5, seed=0))
+    oof = out_of_fold_logits(_vectors(work / "model0", ex.texts), y, fold, 3, multi_label=False)
+    own = out_of_fold_logits(_vectors(out / "model", ex.texts), y, fold, 3, multi_label=False)
+    nll = spec["metrics"]["out_of_fold"]["nll_before"]  # continuous: the two models' out-of-fold logits differ
+    assert nll == pytest.approx(calibrate.nll_at(oof, y, 1.0, False), rel=1e-4)
+    assert nll != pytest.approx(calibrate.nll_at(own, y, 1.0, False), rel=1e-2)
+    assert spec["temperature"] == pytest.approx(calibrate.fit_temperature(oof, y, False), rel=1e-3)
     base_sha = artifacts.read_manifest(work / "model0").sha256("model.safetensors")
     assert spec["embedding"]["base"]["fingerprint"]["model_sha256"] == base_sha
     assert spec["embedding"]["fingerprint"]["model_sha256"] == artifacts.read_manifest(out / "model").sha256(

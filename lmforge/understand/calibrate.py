@@ -3,7 +3,8 @@
 Design
 ------
 A classifier's raw scores (logits) are divided by ONE temperature T before the softmax (single-
-label) or the sigmoids (multi-label). T is fitted on a held-out split of the training data by
+label) or the sigmoids (multi-label). T is fitted on scores the head did not learn from (a
+held-out split of the training data, or out-of-fold logits: classify_train.py step 3) by
 minimising the negative log-likelihood there (Guo et al. 2017, "On calibration of modern neural
 networks"): one scalar cannot change which class wins (the argmax, hence accuracy, is the same
 for every T > 0) and cannot overfit a small held-out split, which is why it is the default over
@@ -25,6 +26,8 @@ as T -> 0, towards probabilities of exactly 1); there T is not fitted below 1 (t
 
 Trade-off: NLL is fitted on the held-out split only, so a split with very few items (8 examples
 per class, 20 % held out) gives a noisy T; the manifest records how many items it was fitted on.
+That is why small training sets calibrate on out-of-fold logits of every example instead
+(`--calibration cv`, classify_train.py).
 """
 
 from __future__ import annotations

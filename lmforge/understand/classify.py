@@ -10,8 +10,9 @@ The classifier directory (`clf/NAME/`, written atomically, verified like a check
     MANIFEST.json      kind "classifier", sha256 of every file, and a "classifier" section:
                        method, multi_label, labels, descriptions, temperature, threshold, fallback,
                        label_thresholds (multi-label), scorer and template (zero-shot), the
-                       embedding model (its path and `Embedder.fingerprint()`), training facts and
-                       held-out metrics (accuracy, NLL and ECE before and after calibration)
+                       embedding model (its path and `Embedder.fingerprint()`), training facts,
+                       calibration (held-out, cv or none) and the metrics on what calibrated it
+                       (held_out or out_of_fold: accuracy, NLL and ECE before and after)
     head.safetensors   the head (head.py); a zero-shot classifier's label vectors; finetune: the
                        tuned model's own classification head (mean 0, scale 1)
     model/             setfit, finetune: the tuned embedding model (classify_tune.py), recorded as
@@ -64,6 +65,9 @@ SCORERS = ("embedding", "lm")
 DEFAULT_FALLBACK = "review"
 DEFAULT_TEMPLATE = "{text}\nCategory:"
 DEFAULT_ZERO_SHOT_T = 0.02  # zero-shot with the embedding scorer and no held-out data to fit T
+CALIBRATIONS = ("auto", "cv", "held-out")  # classify train --calibration (classify_train.py, step 3)
+DEFAULT_FOLDS = 5
+CV_BELOW = 50  # auto: cross-fitted calibration below this many examples per label (N / L)
 
 
 @dataclass
@@ -82,11 +86,27 @@ class Spec:
     scorer: str | None = None  # zero-shot: "embedding" | "lm"
     template: str | None = None  # zero-shot lm: the context, with {text}
     calibrated: bool = False  # the temperature was fitted on held-out data
+    # what it was fitted on: "held-out" (a split the head did not see), "cv" (out-of-fold logits of
+    # every example), "none"; None in a classifier written before this was recorded
+    calibration: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def calibration_note(self) -> str:
+        """How the temperature was fitted, in words (eval's report says it)."""
+        if not self.calibrated:
+            return f"not calibrated (T = {self.temperature:.3g})"
+        if self.calibration == "cv":
+            items = self.metrics.get("out_of_fold", {}).get("items", "?")
+            base = ", heads on the starting model's embeddings" if self.training.get("calibration_embeddings") == "base" \
+                else ""
+            return f"T = {self.temperature:.3g}, fitted on out-of-fold logits of {items} examples " \
+                   f"({self.training.get('folds', '?')} folds{base})"
+        items = self.metrics.get("held_out", {}).get("items", "?")
+        return f"T = {self.temperature:.3g}, fitted on {items} held-out examples"
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> Spec:
@@ -239,5 +259,6 @@ class Classifier:
                 "empty": True}
 
 
-__all__ = ["Classifier", "Spec", "KIND", "METHODS", "SCORERS", "DEFAULT_FALLBACK", "DEFAULT_TEMPLATE",
+__all__ = ["Classifier", "Spec", "KIND", "METHODS", "SCORERS", "DEFAULT_FALLBACK", "DEFAULT_TEMPLATE", "CALIBRATIONS",
+           "DEFAULT_FOLDS", "CV_BELOW",
            "DEFAULT_ZERO_SHOT_T", "is_classifier_dir", "check_threshold", "embedding_model_path"]

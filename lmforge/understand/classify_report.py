@@ -102,6 +102,7 @@ def evaluate(clf: Classifier, ex: Examples, *, min_confidence: float | None = No
     result: dict[str, Any] = {
         "classifier": str(clf.path), "test": ex.path, "items": len(ex), "labels": clf.labels,
         "multi_label": clf.spec.multi_label, "method": clf.spec.method, "temperature": clf.spec.temperature,
+        "calibration": clf.spec.calibration, "calibration_note": clf.spec.calibration_note(),
         "unknown_labels": {lab: int(sum(lab in ls for ls in ex.labels)) for lab in unknown},
         "seconds": round(seconds, 3), "texts_per_s": round(len(ex) / max(seconds, 1e-9), 1),
         "ece_bins": M.ECE_BINS,
@@ -153,7 +154,7 @@ def text_report(r: dict[str, Any]) -> str:
     else:
         lines.append(f"accuracy {_f(r['accuracy'])}  macro-F1 {_f(r['macro_f1'])}")
     lines.append(f"NLL {_f(r['nll'])} (uncalibrated {_f(r['nll_uncalibrated'])})  ECE {_f(r['ece'])} "
-                 f"(uncalibrated {_f(r['ece_uncalibrated'])}; {r['ece_bins']} bins, T = {r['temperature']:.3g})")
+                 f"(uncalibrated {_f(r['ece_uncalibrated'])}; {r['ece_bins']} bins; {r['calibration_note']})")
     ro = r["routing"]
     lines.append(f"routing at min-confidence {ro['threshold']:.2f}: {ro['coverage']:.1%} kept, accuracy "
                  f"{_f(ro['accuracy_kept'])} on them; {ro['routed']} routed to {ro['fallback']!r}")
@@ -213,7 +214,7 @@ td {{ text-align: right; }} td.label {{ text-align: left; }}
 <h2>Per class</h2><div id="chart-f1" class="chart"></div>
 <table id="per-class"><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{per_class}</table>
 <h2>Calibration</h2><p>Reliability: accuracy against mean confidence per bin ({r['ece_bins']} bins);
-ECE {_f(r['ece'])}, uncalibrated {_f(r['ece_uncalibrated'])}.</p>
+ECE {_f(r['ece'])}, uncalibrated {_f(r['ece_uncalibrated'])}; {e(r['calibration_note'])}.</p>
 <div id="chart-reliability" class="chart"></div>
 <script id="data" type="application/json">{data}</script>
 <script>{plotly}</script>

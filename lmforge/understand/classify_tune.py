@@ -13,7 +13,7 @@ check, and --overwrite starts over).
 setfit (Tunstall et al. 2022, SetFit's recipe on lmforge's contrastive objective)
 -------------------------------------------------------------------------------
 Triplets (anchor, positive: an example that shares a label with it, negative: an example that
-shares none) built from the examples that are not held out, trained with the `contrastive`
+shares none) built from the examples that are not held out (cv calibration: all), trained with the `contrastive`
 objective (train/contrastive.py `train_pairs`: InfoNCE over in-batch negatives plus the explicit
 negative). Single-label, a positive is another example of the anchor's label and a negative one of
 another label; multi-label it is SetFit's rule for label sets (a pair is positive when the two

@@ -120,4 +120,18 @@ def fit_head(x: np.ndarray, targets: np.ndarray, n_labels: int, *, multi_label: 
                 mean.astype(np.float32), scale.astype(np.float32))
 
 
-__all__ = ["Head", "fit_head", "standardiser"]
+def out_of_fold_logits(x: np.ndarray, targets: np.ndarray, fold: np.ndarray, n_labels: int, *, multi_label: bool,
+                       c: float = 1.0) -> np.ndarray:
+    """Cross-fitted logits (N, L): item i's row comes from a head fitted (as `fit_head`, its own
+    standardisation included) on every item whose fold differs from i's. `fold` (N,) holds each
+    item's fold, -1 for an item that is always fitted on and never scored (its row stays NaN)."""
+    fold = np.asarray(fold)
+    out = np.full((len(x), n_labels), np.nan)
+    for k in sorted(set(fold.tolist()) - {-1}):
+        scored = fold == k
+        head = fit_head(x[~scored], targets[~scored], n_labels, multi_label=multi_label, c=c)
+        out[scored] = head.logits(x[scored])
+    return out
+
+
+__all__ = ["Head", "fit_head", "standardiser", "out_of_fold_logits"]
