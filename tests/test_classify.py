@@ -612,6 +612,27 @@ def test_bundled_data_set_by_name_and_examples_per_class(work: Path, tmp_path: P
     assert r["items"] == 286 and len(r["confusion"]) == 12  # a random tiny model: the numbers are not the point
 
 
+def test_the_chosen_examples_do_not_depend_on_the_files_path_or_line_order(tmp_path: Path) -> None:
+    """--examples-per-class, the held-out split and the folds choose by a hash of each example's text,
+    so the same command chooses the same examples in another checkout (an absolute FILE:LINE in the
+    hash did not)."""
+    from lmforge.understand.classify_train import per_class
+
+    rows = planted(10, seed=4)
+    a, b = tmp_path / "one" / "ex.jsonl", tmp_path / "another" / "dir" / "ex.jsonl"
+    for path, order in ((a, rows), (b, rows[::-1])):
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in order), encoding="utf-8")
+    ea, eb = read_examples(str(a)), read_examples(str(b))
+    assert set(per_class(ea, 3).texts) == set(per_class(eb, 3).texts) and len(per_class(ea, 3).texts) == 9
+    held = [{ex.texts[i] for i in split(ex, 0.3)[1]} for ex in (ea, eb)]
+    assert held[0] == held[1] and len(held[0]) == 9
+    fa, fb = ({t: f for t, f in zip(ex.texts, folds(ex, 4))} for ex in (ea, eb))
+    assert fa == fb
+    # and the seed still changes the choice
+    assert set(per_class(ea, 3, seed=1).texts) != set(per_class(ea, 3).texts)
+
+
 def test_classify_shares_the_embedding_workers_queue(clf_dir: Path, monkeypatch) -> None:
     import asyncio
 

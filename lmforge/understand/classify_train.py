@@ -4,7 +4,8 @@ Steps, each a function a test can call:
 1. read the examples (labelled.py) and the label set: the labels seen, sorted; zero-shot takes
    them from a label file (names and descriptions), and any examples given only calibrate;
 2. `per_class` (optional): keep the first N examples of each label in a fixed pseudo-random order
-   (a hash of the seed and the example's FILE:LINE), the "8 examples per class" setting;
+   (a hash of the seed and the example's text: the same examples are chosen whatever the file's path
+   or line order, so a figure reproduces in another checkout), the "8 examples per class" setting;
 3. how to calibrate (`--calibration`, `resolve_calibration`), and the items it scores:
    - `held-out`: `split` puts a share aside, stratified by each example's first label, chosen by
      the same hash: a label with n >= 2 examples puts round(n * held_out) of them, at least 1 and
@@ -78,8 +79,11 @@ from .labelled import Examples, Label, check_label_count, read_examples, read_la
 DEFAULT_HELD_OUT = 0.2
 
 
-def _rank(seed: int, key: str) -> int:
-    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:16], 16)
+def _hash_order(ex: Examples, idx: list[int], seed: int) -> list[int]:
+    """`idx` in the pseudo-random order of a hash of the seed and each example's text (equal texts:
+    file order). Not of FILE:LINE: an absolute path in the key chose other examples in another
+    checkout."""
+    return sorted(idx, key=lambda i: hashlib.sha256(f"{seed}:{ex.texts[i]}".encode()).digest()[:8])
 
 
 def per_class(ex: Examples, n: int, seed: int = 0) -> Examples:
@@ -88,7 +92,7 @@ def per_class(ex: Examples, n: int, seed: int = 0) -> Examples:
     groups: dict[str, list[int]] = defaultdict(list)
     for i, labs in enumerate(ex.labels):
         groups[labs[0] if labs else ""].append(i)
-    keep = sorted(i for idx in groups.values() for i in sorted(idx, key=lambda i: _rank(seed, ex.wheres[i]))[:n])
+    keep = sorted(i for idx in groups.values() for i in _hash_order(ex, idx, seed)[:n])
     return ex.subset(keep)
 
 
@@ -102,7 +106,7 @@ def split(ex: Examples, held_out: float, seed: int = 0) -> tuple[list[int], list
     for idx in groups.values():
         n = len(idx)
         k = 0 if held_out == 0 or n < 2 else min(n - 1, max(1, round(n * held_out)))
-        hold += sorted(idx, key=lambda i: _rank(seed, ex.wheres[i]))[:k]
+        hold += _hash_order(ex, idx, seed)[:k]
     held = set(hold)
     return [i for i in range(len(ex)) if i not in held], sorted(held)
 
@@ -120,7 +124,7 @@ def folds(ex: Examples, k: int, seed: int = 0) -> list[int]:
         idx = groups[key]
         if len(idx) < 2:
             continue
-        for i in sorted(idx, key=lambda i: _rank(seed, ex.wheres[i])):
+        for i in _hash_order(ex, idx, seed):
             fold[i] = dealt % k
             dealt += 1
     return fold
