@@ -184,6 +184,42 @@ def model_head(emb: Any) -> Head:
                 np.ones(w.shape[1], np.float32))
 
 
+def zero_shot_head(emb: Any, declared: list[Label], texts: list[str], scorer: str, template: str) -> tuple[Head, np.ndarray]:
+    """Step 4 for zero-shot: (the head, its logits on `texts`, the examples that calibrate). The
+    embedding scorer's head is the label vectors (zeroshot.py) over unit-length text vectors; the
+    LM scorer's is a placeholder the classifier never uses (the LM scores each label name)."""
+    from .zeroshot import label_vectors, lm_logits
+
+    n, dim = len(declared), emb.dim
+    if scorer == "lm":
+        head = Head(np.zeros((n, dim), np.float32), np.zeros(n, np.float32), np.zeros(dim, np.float32),
+                    np.ones(dim, np.float32))
+        return head, lm_logits(emb, texts, [lab.name for lab in declared], template) if texts else np.zeros((0, n))
+    head = Head(label_vectors(emb, declared).astype(np.float32), np.zeros(n, np.float32), np.zeros(dim, np.float32),
+                np.ones(dim, np.float32))
+    if not texts:
+        return head, np.zeros((0, n))
+    x = emb.embed(texts, kind="document", progress=True)
+    return head, head.logits(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+
+
+def calibrate_spec(spec: Spec, logits: np.ndarray, y: np.ndarray, how: str, uncalibrated_t: float) -> None:
+    """Step 5: fit the spec's temperature (and multi-label thresholds) on `logits` against `y`, and
+    record how (`calibration`) and the metrics there before and after (`metrics.held_out`, or
+    `metrics.out_of_fold` when `how` is "cv"); with nothing to fit on, `uncalibrated_t`."""
+    if not len(y):
+        spec.calibration, spec.temperature = "none", uncalibrated_t
+        spec.label_thresholds = [0.5] * len(spec.labels) if spec.multi_label else None
+        return
+    multi = spec.multi_label
+    spec.temperature = calibrate.fit_temperature(logits, y, multi)
+    spec.calibrated, spec.calibration = True, how
+    if multi:
+        spec.label_thresholds = calibrate.label_thresholds(calibrate.probabilities(logits, spec.temperature, True), y)
+    key = "out_of_fold" if how == "cv" else "held_out"
+    spec.metrics = {key: held_out_metrics(logits, y, spec.temperature, multi, spec.label_thresholds)}
+
+
 def train_command(model: str, examples: str | None, out: str, *, method: str = "head", labels_file: str | None = None,
                   scorer: str = "embedding", template: str = DEFAULT_TEMPLATE, held_out: float = DEFAULT_HELD_OUT,
                   calibration: str = "auto", n_folds: int = DEFAULT_FOLDS,
@@ -319,47 +355,21 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
     if tuned is not None:  # the classifier's embedding model is its own model/ (classify.embedding_model_path)
         spec.embedding = {"path": CLASSIFIER_MODEL, "fingerprint": emb.fingerprint(), "base": spec.embedding}
     if method == "zero-shot":
-        from .zeroshot import label_vectors, lm_logits
-
-        spec.scorer = scorer
-        if scorer == "lm":
-            spec.template = template
-            dim = emb.dim
-            head = Head(np.zeros((len(labels), dim), np.float32), np.zeros(len(labels), np.float32),
-                        np.zeros(dim, np.float32), np.ones(dim, np.float32))  # unused: the LM scores
-            hold_logits = lm_logits(emb, [ex.texts[i] for i in hold_idx], labels, template) if hold_idx else \
-                np.zeros((0, len(labels)))  # type: ignore[union-attr]
-        else:
-            vecs = label_vectors(emb, declared)
-            head = Head(vecs.astype(np.float32), np.zeros(len(labels), np.float32), np.zeros(emb.dim, np.float32),
-                        np.ones(emb.dim, np.float32))
-            if hold_idx:
-                x = emb.embed([ex.texts[i] for i in hold_idx], kind="document", progress=True)  # type: ignore[union-attr]
-                hold_logits = head.logits(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
-            else:
-                hold_logits = np.zeros((0, len(labels)))
+        spec.scorer, spec.template = scorer, (template if scorer == "lm" else None)
+        head, hold_logits = zero_shot_head(emb, declared, [ex.texts[i] for i in hold_idx] if ex is not None else [],
+                                           scorer, template)
         spec.training = {"examples": 0, "labels_from": labels_file or examples}
 
     # 5: calibrate, on the held-out split or (cv) the out-of-fold logits of every example that has a fold
     if how == "cv":
         scored = [i for i, k in enumerate(fold) if k >= 0]
         cal_logits = out_of_fold_logits(x_cal, y, np.asarray(fold), len(labels), multi_label=multi, c=c)[scored]
-        cal_y, cal_key = y[scored], "out_of_fold"
+        cal_y = y[scored]
         spec.training |= {"folds": n_folds, "calibration_embeddings": "base" if method == "setfit" else "own"}
     else:
-        cal_logits, cal_y, cal_key = hold_logits, y[hold_idx] if ex is not None else y, "held_out"
-    if len(cal_y):
-        spec.temperature = calibrate.fit_temperature(cal_logits, cal_y, multi)
-        spec.calibrated = True
-        spec.calibration = how
-        if multi:
-            spec.label_thresholds = calibrate.label_thresholds(
-                calibrate.probabilities(cal_logits, spec.temperature, True), cal_y)
-        spec.metrics = {cal_key: held_out_metrics(cal_logits, cal_y, spec.temperature, multi, spec.label_thresholds)}
-    else:
-        spec.calibration = "none"
-        spec.temperature = DEFAULT_ZERO_SHOT_T if method == "zero-shot" and scorer == "embedding" else 1.0
-        spec.label_thresholds = [0.5] * len(labels) if multi else None
+        cal_logits, cal_y = hold_logits, y[hold_idx] if ex is not None else y
+    calibrate_spec(spec, cal_logits, cal_y, how,
+                   uncalibrated_t=DEFAULT_ZERO_SHOT_T if method == "zero-shot" and scorer == "embedding" else 1.0)
     spec.training["held_out"] = len(hold_idx)
     spec.training["seconds"] = round(time.perf_counter() - start, 3)
     spec.training["seed"] = seed
@@ -383,4 +393,4 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
 
 
 __all__ = ["train_command", "per_class", "split", "folds", "resolve_calibration", "targets", "held_out_metrics",
-           "DEFAULT_HELD_OUT"]
+           "zero_shot_head", "calibrate_spec", "DEFAULT_HELD_OUT"]
