@@ -74,9 +74,12 @@ def size_name(n: int | None) -> str:
     return "all" if n is None else "none" if n == 0 else f"{n}/class"
 
 
+SEED = 0  # --seed: which examples per class (and lmforge's split or folds); the baselines see the same ones
+
+
 def subset(n: int | None) -> Examples:
     ex = read_examples(TRAIN)
-    return ex if n is None else per_class(ex, n, seed=0)
+    return ex if n is None else per_class(ex, n, seed=SEED)
 
 
 def scores_of(gold: list[str], pred: list[str], labels: list[str]) -> tuple[float, float]:
@@ -149,8 +152,8 @@ def lmforge_rows(name: str, model: Path, n: int | None, test: Examples, work: Pa
     tuning: per method, the training stage of setfit and finetune (`classify train --steps --lr --tune-batch`).
     train_kwargs: more `train_command` arguments for every method but zero-shot (--held-out)."""
     for method, scorer in methods:
-        out = work / f"clf-{name}-{method}-{scorer}-{size_name(n).replace('/', '')}"
-        kwargs: dict = dict(method=method, examples_per_class=n or None, threads=threads, overwrite=True)
+        out = work / (f"clf-{name}-{method}-{scorer}-{size_name(n).replace('/', '')}" + (f"-seed{SEED}" if SEED else ""))
+        kwargs: dict = dict(method=method, examples_per_class=n or None, threads=threads, overwrite=True, seed=SEED)
         if method == "zero-shot":
             kwargs.update(labels_file=LABELS, scorer=scorer)
         if method in ("setfit", "finetune"):
@@ -261,6 +264,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sections", nargs="*", default=list(SECTIONS), help=f"some of {', '.join(SECTIONS)}")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--seed", type=int, default=0, help="quality: which examples per class (--sizes N) every method "
+                    "sees, and lmforge's held-out split or folds (classify train --seed); one draw per run")
     ap.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                     help="an lmforge model to classify with (default: smol = SmolLM2-135M-Instruct)")
     ap.add_argument("--work", help="where imported models and classifiers go (default: a temporary directory)")
@@ -287,6 +292,8 @@ def main() -> None:
     tuning = (per_method(args.steps), per_method(args.steps if args.steps_all is None else args.steps_all))
     if set(args.sections) - set(SECTIONS):
         ap.error(f"sections are {', '.join(SECTIONS)}; got {' '.join(args.sections)}")
+    global SEED
+    SEED = args.seed
     torch.set_num_threads(args.threads)
     set_progress_mode("quiet")  # the tables only: no progress lines,
     results_out.quiet = True  # and not the commands' own summaries
