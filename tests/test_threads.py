@@ -258,8 +258,11 @@ def test_a_busy_core_beside_training_drops_a_thread_and_changes_no_number(tiny_d
     monkeypatch.delenv(T.ADAPT_ENV, raising=False)
     cpus = sorted(os.sched_getaffinity(0))[:2]  # training and the busy loop share these two cores
     before = os.sched_getaffinity(0)
-    overrides = (f"data.path={tiny_dataset}", "train.max_steps=60", "train.eval_every=0", "train.ckpt_every_steps=60",
-                 "train.log_every=20")
+    # 150 steps: ~4 s, eight or more /proc samples (one each 0.5 s); with 60 a fast machine finished in
+    # 1.7 s, and when the scheduler gave the busy loop only half its core in those few samples
+    # (others 0.5, which rounds to 0), no sample showed a core taken
+    overrides = (f"data.path={tiny_dataset}", "train.max_steps=150", "train.eval_every=0", "train.ckpt_every_steps=150",
+                 "train.log_every=50")
 
     def train(run_dir: Path, threads: int) -> list[dict]:
         code = train_command(StartRequest(config="tiny-cpu", run_dir=str(run_dir),
@@ -274,9 +277,11 @@ def test_a_busy_core_beside_training_drops_a_thread_and_changes_no_number(tiny_d
         monkeypatch.delenv(T.ADAPT_ENV)
         busy = subprocess.Popen([sys.executable, "-c", "import os, time\n"
                                  f"os.sched_setaffinity(0, {{{cpus[1]}}})\n"
+                                 "print('spinning', flush=True)\n"
                                  "end = time.monotonic() + 120\n"  # bounded even if the test dies
-                                 "while time.monotonic() < end: pass"])
+                                 "while time.monotonic() < end: pass"], stdout=subprocess.PIPE, text=True)
         try:
+            assert busy.stdout.readline().strip() == "spinning"  # it holds its core before training starts
             events = train(tmp_path / "busy", 2)
         finally:
             busy.kill()
