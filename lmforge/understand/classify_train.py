@@ -86,27 +86,29 @@ def _hash_order(ex: Examples, idx: list[int], seed: int) -> list[int]:
     return sorted(idx, key=lambda i: hashlib.sha256(f"{seed}:{ex.texts[i]}".encode()).digest()[:8])
 
 
-def per_class(ex: Examples, n: int, seed: int = 0) -> Examples:
-    """The first n examples of each label (by its first label) in hash order (module docstring), kept in file order."""
-    R.positive_int().check("--examples-per-class", n)
+def _strata(ex: Examples, seed: int) -> dict[str, list[int]]:
+    """Each first label's example indices (the stratum of per_class, split and folds), in hash order."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, labs in enumerate(ex.labels):
         groups[labs[0] if labs else ""].append(i)
-    keep = sorted(i for idx in groups.values() for i in _hash_order(ex, idx, seed)[:n])
+    return {key: _hash_order(ex, idx, seed) for key, idx in groups.items()}
+
+
+def per_class(ex: Examples, n: int, seed: int = 0) -> Examples:
+    """The first n examples of each label (by its first label) in hash order (module docstring), kept in file order."""
+    R.positive_int().check("--examples-per-class", n)
+    keep = sorted(i for idx in _strata(ex, seed).values() for i in idx[:n])
     return ex.subset(keep)
 
 
 def split(ex: Examples, held_out: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """(fit indices, held-out indices), stratified and deterministic (module docstring)."""
     R.HELD_OUT.check("--held-out", held_out)
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, labs in enumerate(ex.labels):
-        groups[labs[0] if labs else ""].append(i)
     hold: list[int] = []
-    for idx in groups.values():
+    for idx in _strata(ex, seed).values():
         n = len(idx)
         k = 0 if held_out == 0 or n < 2 else min(n - 1, max(1, round(n * held_out)))
-        hold += _hash_order(ex, idx, seed)[:k]
+        hold += idx[:k]
     held = set(hold)
     return [i for i in range(len(ex)) if i not in held], sorted(held)
 
@@ -115,16 +117,14 @@ def folds(ex: Examples, k: int, seed: int = 0) -> list[int]:
     """Each example's fold in 0..k-1, -1 for one never scored (a label with one example): stratified
     by first label and deterministic (module docstring, step 3)."""
     R.FOLDS.check("--folds", k)
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, labs in enumerate(ex.labels):
-        groups[labs[0] if labs else ""].append(i)
     fold = [-1] * len(ex)
     dealt = 0  # carried from label to label: the first folds do not collect every label's remainder
-    for key in sorted(groups):
-        idx = groups[key]
+    strata = _strata(ex, seed)
+    for key in sorted(strata):
+        idx = strata[key]
         if len(idx) < 2:
             continue
-        for i in _hash_order(ex, idx, seed):
+        for i in idx:
             fold[i] = dealt % k
             dealt += 1
     return fold
@@ -292,8 +292,7 @@ def train_command(model: str, examples: str | None, out: str, *, method: str = "
         fold = folds(ex, n_folds, seed)  # type: ignore[arg-type]
     else:
         fit_idx, hold_idx = split(ex, held_out, seed)  # type: ignore[arg-type]
-        missing = [lab for j, lab in enumerate(labels) if not any(
-            lab in ex.labels[i] for i in fit_idx)]  # type: ignore[union-attr]
+        missing = [lab for lab in labels if not any(lab in ex.labels[i] for i in fit_idx)]  # type: ignore[union-attr]
         if missing:
             raise DataError(f"{examples}: no example of {missing[0]!r} is left to fit on after the held-out split")
     if multi and method == "zero-shot" and not hold_idx:
