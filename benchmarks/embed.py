@@ -28,7 +28,7 @@ Sections (all by default, or name some):
 
     python benchmarks/embed.py --threads 2
     python benchmarks/embed.py quality --model raw=models/smol --model trained=runs/embed-smol
-    python benchmarks/embed.py stage --threads 1 --work /tmp/embed-bench              # ~11 minutes on one core
+    python benchmarks/embed.py stage --threads 1 --work /tmp/embed-bench              # ~70 minutes on one core (200 steps)
 
 Run it alone: it measures the whole machine.
 """
@@ -253,7 +253,7 @@ def stage_section(args: argparse.Namespace, work: Path) -> list[tuple[str, Path]
         smol = smollm2_dir(work)
         tuned = train("embed-cpu", work / "runs" / "smol-pairs", f"init.from={smol}", f"data.pairs={pairs}",
                       f"train.max_steps={args.smollm2_steps}", "train.global_batch=16", "train.micro_batch=16",
-                      "data.seq_len=64", f"train.lr={args.smollm2_lr}", "train.warmup_steps=2", "train.log_every=2",
+                      "data.seq_len=64", f"train.lr={args.smollm2_lr}", f"train.warmup_steps={args.smollm2_warmup}", "train.log_every=10",
                       "train.eval_every=0", "train.ckpt_every_steps=0")
         models += [("SmolLM2-135M raw", smol)] if args.raw else []
         models += [(f"SmolLM2-135M + {args.smollm2_steps} steps x 16 pairs", tuned)]
@@ -286,7 +286,8 @@ def main() -> None:
     ap.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                     help="pooling/quality: models to score (default: SmolLM2-135M raw)")
     ap.add_argument("--work", help="where imported and extracted models go (default: a temporary directory)")
-    ap.add_argument("--smollm2-steps", type=int, default=20, help="stage: SmolLM2-135M's contrastive steps of 16 pairs")
+    ap.add_argument("--smollm2-steps", type=int, default=200, help="stage: SmolLM2-135M's contrastive steps of 16 pairs")
+    ap.add_argument("--smollm2-warmup", type=int, default=10, help="stage: SmolLM2-135M's warmup steps")
     ap.add_argument("--smollm2-lr", type=float, default=1e-4, help="stage: SmolLM2-135M's contrastive lr")
     ap.add_argument("--raw", action="store_true", help="stage: also score raw SmolLM2-135M (~4 more minutes on one core)")
     ap.add_argument("--pretrain-steps", type=int, default=0, help="stage: also a small model, next-token steps of 8 x 128 tokens")

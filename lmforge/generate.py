@@ -179,7 +179,8 @@ def stream(
 
     def prefill(ids: list[int]) -> torch.Tensor:
         cache.reset()
-        return model(torch.tensor([ids], device=device), cache=cache)[0, -1]  # (V,)
+        hidden = model(torch.tensor([ids], device=device), cache=cache, hidden=True)  # (1, T, C)
+        return model.lm_head(hidden[0, -1:])[0]  # (V,): only the last position's logits are read
 
     context = list(prompt_ids)[-window:]
     # Only as many positions as this call can fill (a model's window may be 8192 positions: a cache

@@ -199,9 +199,12 @@ def prepare(model: nn.Module, weights: str = "fp32", stored: dict[str, tuple[tor
             continue  # prepared already
         name = _param_name(model, parent, attr)
         if weights == "fp32":
-            # Column-major: weight.t() is contiguous, so x @ weight.t() reads it row by row. For a
-            # tied head this is the embedding's tensor too (a lookup reads one strided row).
-            lin.weight.data = lin.weight.data.t().contiguous().t()
+            # A wide matrix (out >= in: q, gate, up, the head) column-major, so x @ weight.t() reads
+            # weight.t() row by row; a narrow one (k, v, down) stays row-major, which MKL's gemv
+            # reads faster for that shape (measured per shape: docs/inference.md). For a tied head
+            # this is the embedding's tensor too (a lookup reads one strided row).
+            if lin.out_features >= lin.in_features:
+                lin.weight.data = lin.weight.data.t().contiguous().t()
         elif weights == "f16":
             setattr(parent, attr, F16Linear(lin.weight))
         elif name in stored:

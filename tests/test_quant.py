@@ -91,6 +91,8 @@ def test_the_fp32_decoding_layout_changes_no_token(tie: bool) -> None:
         Q.prepare(model, "fp32")
         after = model(ids)
     assert model.weights == "fp32" and not model.lm_head.weight.is_contiguous()  # column-major
+    mlp = model.model.layers[0].mlp  # wide matrices column-major, narrow ones (out < in) row-major
+    assert not mlp.gate_proj.weight.is_contiguous() and mlp.down_proj.weight.is_contiguous()
     if tie:
         assert model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.allclose(before, after, atol=1e-5, rtol=0)

@@ -276,6 +276,7 @@ def test_a_failing_request_fails_alone_and_the_batch_goes_on(loaded, monkeypatch
     monkeypatch.setattr(engine_module, "pick_token", pick_token)
     for max_batch in (8, 3):  # all at once; and bad ones joining (prefill) while good ones decode
         engine = Engine(model, tok, max_batch=max_batch, max_queue=16)
+        forward.lm_head = model.lm_head  # the engine reads logits only where it needs them, through the head
         engine.model = forward
         engine.start()
         try:
@@ -580,6 +581,7 @@ def test_shutdown_lets_calls_finish_within_the_grace_and_ends_the_rest_properly(
         time.sleep(0.02)
         return model(idx, **kwargs)
 
+    slow.lm_head = model.lm_head
     engine.model = slow
     short = {"prompt": "ROMEO:", "max_tokens": 20, "ignore_eos": True, "temperature": 0}
     long = dict(short, max_tokens=400)

@@ -382,23 +382,29 @@ class Engine:
             self.active.extend(slots)  # first: whatever fails below, these requests get their Finished
             self.admitting = 0
         try:
-            logits = self._prefill_forward(lo, len(self.active))  # (B, T, V)
-            rows: list[torch.Tensor | None] = [logits[b] for b in range(len(slots))]
+            rows: list[torch.Tensor | None] = list(self._prefill_forward(lo, len(self.active)))
         except Exception as e:
             rows = self._alone(lo, self._prefill_forward, e)
         self.prompt_tokens += sum(s.length for s in slots)
         for slot, row in zip(slots, rows):
             if row is not None:
-                self._guarded(slot, self._start, row[: slot.length])
+                self._guarded(slot, self._start, row)
 
-    def _prefill_forward(self, a: int, b: int) -> torch.Tensor:
-        """One forward over the prompts of rows a..b-1, right-padded to the longest: (b-a, T, V)."""
+    def _prefill_forward(self, a: int, b: int) -> list[torch.Tensor]:
+        """One forward over the prompts of rows a..b-1, right-padded to the longest. Per row, the
+        logits it reads: (n, V) over its n prompt positions when it echoes log-probs, else (1, V) at
+        its last one (the vocabulary projection is a fifth of a 135M model's prefill work, and
+        every other position's would be thrown away)."""
         rows = self.active[a:b]
         idx = torch.zeros((len(rows), max(s.length for s in rows)), dtype=torch.long)  # padded with token 0
         for i, s in enumerate(rows):
             idx[i, : s.length] = torch.tensor(s.req.prompt_ids)
         with self._selected(rows):
-            return self.model(idx.to(self.device), cache=SlotView(self.cache, a, b))
+            hidden = self.model(idx.to(self.device), cache=SlotView(self.cache, a, b), hidden=True)  # (B, T, C)
+            last = torch.tensor([s.length - 1 for s in rows], device=self.device)
+            logits = self.model.lm_head(hidden[torch.arange(len(rows), device=self.device), last])  # (B, V)
+            return [self.model.lm_head(hidden[i, : s.length]) if s.req.echo_logprobs else logits[i : i + 1]
+                    for i, s in enumerate(rows)]
 
     def _selected(self, rows: list[_Slot]) -> contextlib.AbstractContextManager:
         """Each row's adapter for the forward over `rows` (the base alone without adapters)."""
@@ -407,7 +413,8 @@ class Engine:
         return self.adapters.selected([s.req.adapter for s in rows])
 
     def _start(self, slot: _Slot, logits: torch.Tensor) -> None:
-        """A prefilled request's first steps, from its prompt's logits (n, V)."""
+        """A prefilled request's first steps, from its prompt's logits (n, V), or (1, V) at its last
+        position when it echoes no log-probs (`_prefill_forward`)."""
         req = slot.req
         if req.temperature > 0:
             slot.generator = torch.Generator(device=self.device)
@@ -452,7 +459,7 @@ class Engine:
         with self._selected(rows):
             return self.model(tokens, cache=view, positions=positions, attn_mask=mask)[:, 0]
 
-    def _alone(self, lo: int, forward: Callable[[int, int], torch.Tensor], error: Exception) -> list[torch.Tensor | None]:
+    def _alone(self, lo: int, forward: Callable[[int, int], torch.Tensor | list[torch.Tensor]], error: Exception) -> list[torch.Tensor | None]:
         """After `forward(lo, len(active))` over several rows raised `error`: each of those rows'
         own forward (`forward(i, i + 1)[0]`; it rewrites the row's cache positions the batched one
         may have half written). A row whose own forward fails too is failed: None in its place."""
