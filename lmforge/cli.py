@@ -624,7 +624,8 @@ def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("query")
     p.add_argument("-k", type=R.positive_int(), default=5, help="results to show (default: %(default)s)")
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="dense (the model), bm25 (words) or hybrid "
-                   "(both, fused by reciprocal rank; default: %(default)s)")
+                   "(both, fused by reciprocal rank; default: %(default)s); after a full contrastive stage "
+                   "dense measured best (docs/search.md)")
     p.add_argument("--model", help="the index's model, if it moved since the build (its checksum must match)")
     p.add_argument("--json", action="store_true", help="print JSON (every result's span and text)")
     p.set_defaults(func=cmd_search)

@@ -7,10 +7,11 @@ Decoding one token multiplies one activation row by every weight matrix, so its 
 speed of a matrix-vector product, i.e. of reading the weights. `prepare(model, weights)` turns a
 loaded model into the form that reads fastest (in place; the model is for inference from then on):
 
-  "fp32"  the same numbers, each `nn.Linear` weight stored column-major (its transpose contiguous).
-          MKL's sgemm on an (N, K) row-major weight with one activation row takes a gemv path that
-          reads ~2x slower than the column-major layout (measured on AVX2: docs/inference.md);
-          for batches of rows the two are equal. No other change: the model's code runs as is.
+  "fp32"  the same numbers, each wide `nn.Linear` weight (out >= in: q, o, gate, up, the head)
+          stored column-major (its transpose contiguous): MKL's sgemm on such an (N, K) row-major
+          weight with one activation row takes a gemv path that reads up to ~2x slower than the
+          column-major layout, while narrow ones (k, v, down) read faster row-major (measured per
+          shape on AVX2: docs/inference.md). No other change: the model's code runs as is.
   "f16"   fbgemm's fp16 linear (weights packed in half precision, arithmetic in fp32): half the
           bytes, no bf16 matmul (which is slow without AVX-512/AMX).
   "int8"  every projection and the output head as `Int8Linear`: int8 weights with one fp32 scale
