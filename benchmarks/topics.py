@@ -27,6 +27,10 @@ Sections (all by default, or name some):
 - big      --big-mb (default 1,000) MB of input as long documents (about 50 kB each, sentences of
            one area) through `lmforge topics`: the peak resident memory, against the same
            documents cut to 200 characters (a few MB): the peak does not grow with the bytes read.
+- pairs    (only when named) writes --pairs-out: unlabelled contrastive pairs for a model's stage,
+           two sentences of one docstring (up to 3 disjoint pairs per docstring), from the
+           standard-library modules OUTSIDE the 20 areas, so no benchmark document or area
+           module is in them (docs/topics.md: the stage that follows the doc2code one).
 
 The model for speed and big: --model RUN_OR_MODEL_DIR, or by default a small-cpu-shaped model
 (configs/small-cpu.yaml: 4 layers, d_model 256) with RANDOM weights and an 8k BPE trained here on
@@ -102,15 +106,43 @@ def _sentences(path: Path) -> list[str]:
         tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
     except SyntaxError:
         return []
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            for para in (doc or "").split("\n\n"):
-                for s in _SENTENCE_END.split(" ".join(para.split())):
-                    if 5 <= len(s.split()) <= 40 and not s.startswith((">>>", "...")):
-                        out.append(s)
-    return out
+    return [s for node in ast.walk(tree) if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            for s in _docstring_sentences(node)]
+
+
+def _docstring_sentences(node: ast.AST) -> list[str]:
+    """The sentences of 5 to 40 words (no doctest lines) of one node's docstring."""
+    doc = ast.get_docstring(node) or ""  # type: ignore[arg-type]
+    return [s for para in doc.split("\n\n") for s in _SENTENCE_END.split(" ".join(para.split()))
+            if 5 <= len(s.split()) <= 40 and not s.startswith((">>>", "..."))]
+
+
+def docstring_pairs(out: Path, seed: int = 0) -> int:
+    """The `pairs` section: {"query", "positive"} JSONL of two sentences of one docstring, from the
+    modules outside AREAS; returns how many."""
+    used = {m for mods in AREAS.values() for m in mods}
+    files = []
+    for p in sorted(STDLIB.iterdir()):
+        name = p.stem if p.suffix == ".py" else p.name
+        if name in used or name.startswith(("test", "__")) or name in ("site-packages", "idlelib"):
+            continue
+        if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()):
+            files += _files(name)
+    rng, pairs = random.Random(seed), []
+    for f in files:
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8", errors="replace"))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                sents = _docstring_sentences(node)
+                if len(sents) >= 2:
+                    order = rng.sample(sents, min(len(sents), 6))  # up to 3 disjoint pairs per docstring
+                    pairs += [{"query": a, "positive": b} for a, b in zip(order[0::2], order[1::2])]
+    rng.shuffle(pairs)
+    out.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    return len(pairs)
 
 
 def area_sentences() -> dict[str, list[str]]:
@@ -342,7 +374,8 @@ def quality(models: list[tuple[str, Path]], docs: Path, gold: Path, threads: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sections", nargs="*", help="speed, quality, big (default: all)")
+    ap.add_argument("sections", nargs="*", help="speed, quality, big (default: all), pairs (only when named)")
+    ap.add_argument("--pairs-out", default="docstring-pairs.jsonl", help="pairs: the JSONL to write")
     ap.add_argument("--model", help="speed and big: run, checkpoint or model directory (default: a random "
                     "small-cpu-shaped model)")
     ap.add_argument("--sizes", default="100000,200000", help="documents for the speed section, comma-separated")
@@ -356,8 +389,11 @@ def main() -> None:
     ap.add_argument("--topics-args", default="", help="extra arguments for `lmforge topics` in speed and big")
     args = ap.parse_args()
     sections = args.sections or ["speed", "quality", "big"]
-    if set(sections) - {"speed", "quality", "big"}:
-        ap.error(f"sections are speed, quality and big, got {' '.join(sections)}")
+    if set(sections) - {"speed", "quality", "big", "pairs"}:
+        ap.error(f"sections are speed, quality, big and pairs, got {' '.join(sections)}")
+    if sections == ["pairs"]:
+        print(f"wrote {args.pairs_out}: {docstring_pairs(Path(args.pairs_out))} pairs")
+        return
     work = Path(args.work or tempfile.mkdtemp(prefix="lmforge-topics-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"work directory {work}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
