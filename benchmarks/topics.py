@@ -57,6 +57,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -100,21 +101,23 @@ def _files(module: str) -> list[Path]:
     return [f] if f.exists() else []
 
 
-def _sentences(path: Path) -> list[str]:
-    """Docstring sentences of 5 to 40 words (no doctest lines) of a module, its classes and functions."""
+def _docstrings(path: Path) -> Iterator[list[str]]:
+    """The sentences of 5 to 40 words (no doctest lines) of each docstring of a module: its own,
+    its classes' and its functions'; one list per docstring."""
     try:
         tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
     except SyntaxError:
-        return []
-    return [s for node in ast.walk(tree) if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-            for s in _docstring_sentences(node)]
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node) or ""
+            yield [s for para in doc.split("\n\n") for s in _SENTENCE_END.split(" ".join(para.split()))
+                   if 5 <= len(s.split()) <= 40 and not s.startswith((">>>", "..."))]
 
 
-def _docstring_sentences(node: ast.AST) -> list[str]:
-    """The sentences of 5 to 40 words (no doctest lines) of one node's docstring."""
-    doc = ast.get_docstring(node) or ""  # type: ignore[arg-type]
-    return [s for para in doc.split("\n\n") for s in _SENTENCE_END.split(" ".join(para.split()))
-            if 5 <= len(s.split()) <= 40 and not s.startswith((">>>", "..."))]
+def _sentences(path: Path) -> list[str]:
+    """Every docstring sentence of a module (`_docstrings`, flattened)."""
+    return [s for sents in _docstrings(path) for s in sents]
 
 
 def docstring_pairs(out: Path, seed: int = 0) -> int:
@@ -129,17 +132,9 @@ def docstring_pairs(out: Path, seed: int = 0) -> int:
         if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()):
             files += _files(name)
     rng, pairs = random.Random(seed), []
-    for f in files:
-        try:
-            tree = ast.parse(f.read_text(encoding="utf-8", errors="replace"))
-        except SyntaxError:
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                sents = _docstring_sentences(node)
-                if len(sents) >= 2:
-                    order = rng.sample(sents, min(len(sents), 6))  # up to 3 disjoint pairs per docstring
-                    pairs += [{"query": a, "positive": b} for a, b in zip(order[0::2], order[1::2])]
+    for sents in (sents for f in files for sents in _docstrings(f) if len(sents) >= 2):
+        order = rng.sample(sents, min(len(sents), 6))  # up to 3 disjoint pairs per docstring
+        pairs += [{"query": a, "positive": b} for a, b in zip(order[0::2], order[1::2])]
     rng.shuffle(pairs)
     out.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
     return len(pairs)
