@@ -172,6 +172,55 @@ class F16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, f16"
 
 
+def _onednn() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class PackedLinear(nn.Linear):
+    """An fp32 linear layer (its own `weight` Parameter, shared as it was, e.g. with a tied
+    embedding) plus oneDNN's prepacked copy of that weight, for products of several rows on CPU.
+
+    One row (single-stream decoding), a product with grad, another device or dtype: `F.linear` on
+    `weight` as before (the decoding layout reads one row fastest). Several rows: oneDNN's linear on
+    the packed copy (one pack serves any row count). The copy is taken once: the weight must not
+    change afterwards (inference only, as `prepare`'s model is)."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter: names, ties and storage stay
+        self.register_parameter("bias", None)
+        # Not a buffer: an opaque oneDNN tensor that `state_dict` and `.to()` must not see.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(base.weight.detach().float(), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        K = self.in_features
+        rows = x.numel() // K
+        if (rows > 1 and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, K), self.packed, None, "none", [], "")
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed for several rows"
+
+
+def pack_head(model: nn.Module) -> bool:
+    """The output head of an fp32 model prepared for decoding (`prepare(model, "fp32")`, on CPU) as
+    a `PackedLinear`, for a caller that multiplies several rows at once (serve's batched decode:
+    one row per running request). Costs a second copy of the head (vocab x d_model fp32: 113 MB
+    for SmolLM2-135M; a tied head's tensor is also the embedding table, whose lookup needs it).
+    False, changing nothing, where it does not apply: other weights (f16, int8), a model not
+    prepared, another device, or a torch without oneDNN (then the plain product runs)."""
+    head = getattr(model, "lm_head", None)
+    if (getattr(model, "weights", None) != "fp32" or type(head) is not nn.Linear or head.weight.device.type != "cpu"
+            or head.weight.dtype != torch.float32 or not _onednn()):
+        return False
+    model.lm_head = PackedLinear(head)
+    return True
+
+
 # ---- preparing a model ----------------------------------------------------------------------
 
 
@@ -306,4 +355,4 @@ def read_stored(raw: dict[str, torch.Tensor], info: dict[str, Any] | None, sourc
 
 
 __all__ = ["WEIGHTS", "SCALE_SUFFIX", "QUANT_KEY", "check_weights", "quantize_int8", "dequantize_int8", "per_row",
-           "Int8Linear", "F16Linear", "projections", "prepare", "decoding_layout", "quantizable", "stored_tensors", "read_stored"]
+           "Int8Linear", "F16Linear", "PackedLinear", "pack_head", "projections", "prepare", "decoding_layout", "quantizable", "stored_tensors", "read_stored"]

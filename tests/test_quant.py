@@ -99,6 +99,69 @@ def test_the_fp32_decoding_layout_changes_no_token(tie: bool) -> None:
     assert generate(model, ids[0, :8].tolist(), max_tokens=24, temperature=0) == greedy
 
 
+@pytest.mark.skipif(not Q._onednn(), reason="this torch has no oneDNN")
+def test_packed_linear_equals_the_plain_product_at_every_row_count() -> None:
+    """One row runs the plain product (the same bits); several rows oneDNN's packed copy, within
+    fp32 rounding, in any leading shape; a product with grad runs the plain product."""
+    torch.manual_seed(4)
+    base = torch.nn.Linear(96, 700, bias=False)
+    base.weight.data = base.weight.data.t().contiguous().t()  # the decoding layout of a wide matrix
+    lin = Q.PackedLinear(base)
+    assert lin.weight is base.weight and list(dict(lin.named_parameters())) == ["weight"]
+    with torch.inference_mode():
+        for shape in [(1, 96), (1, 1, 96), (2, 96), (4, 96), (8, 1, 96), (16, 1, 96), (3, 5, 96)]:
+            x = torch.randn(*shape)
+            ref = torch.nn.functional.linear(x, base.weight)
+            got = lin(x)
+            assert got.shape == ref.shape
+            if x.numel() == 96:
+                assert torch.equal(got, ref)
+            else:
+                assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), shape
+        assert not torch.equal(lin(torch.ones(4, 96)), torch.zeros(4, 700))
+        lin.packed = Q.PackedLinear(torch.nn.Linear(96, 700, bias=False)).packed  # another matrix
+        x = torch.randn(4, 96)
+        assert not torch.allclose(lin(x), torch.nn.functional.linear(x, base.weight), atol=1e-3)  # the pack is what runs
+    x = torch.randn(4, 96, requires_grad=True)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, base.weight))  # with grad: the plain product
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_pack_head_keeps_the_model_and_its_greedy_tokens(tie: bool) -> None:
+    model = random_model(tie)
+    ids = torch.randint(0, 512, (16, 12), generator=torch.Generator().manual_seed(5))
+    assert not Q.pack_head(model)  # not prepared: left as it is
+    Q.prepare(model, "fp32")
+    with torch.inference_mode():
+        before = model(ids)
+        greedy = generate(model, ids[0, :8].tolist(), max_tokens=24, temperature=0)
+    names = list(model.state_dict())
+    assert Q.pack_head(model) is Q._onednn()
+    if not Q._onednn():
+        return
+    assert isinstance(model.lm_head, Q.PackedLinear) and list(model.state_dict()) == names
+    if tie:
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # still one tensor
+    assert not Q.pack_head(model)  # packed already
+    with torch.inference_mode():
+        assert torch.allclose(model(ids), before, atol=1e-4, rtol=0)  # 16 rows: the packed head
+        assert generate(model, ids[0, :8].tolist(), max_tokens=24, temperature=0) == greedy
+
+
+def test_pack_head_leaves_other_weights_and_torch_without_onednn_alone(monkeypatch) -> None:
+    for weights in ("f16", "int8"):
+        model = Q.prepare(random_model(), weights)
+        head = model.lm_head
+        assert not Q.pack_head(model) and model.lm_head is head
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    model = Q.prepare(random_model(), "fp32")
+    ids = torch.randint(0, 512, (4, 6), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        before = model(ids)
+        assert not Q.pack_head(model) and type(model.lm_head) is torch.nn.Linear
+        assert torch.equal(model(ids), before)
+
+
 @pytest.mark.parametrize("weights,tol", [("f16", 2e-3), ("int8", 5e-2)])
 def test_reduced_weights_stay_close_to_fp32(weights: str, tol: float) -> None:
     model = random_model()

@@ -91,6 +91,26 @@ def test_engine_greedy_equals_generate_alone_and_in_a_batch(loaded) -> None:
         assert [r.text for r in results] == [tok.decode(e) for e in expected]
 
 
+def test_engine_packs_a_prepared_fp32_head_and_keeps_greedy_tokens(checkpoint: Path) -> None:
+    """serve's model (`load_for_decoding`: fp32 in the decoding layout) gets its head prepacked for
+    the batched decode (lmforge/quant.py `pack_head`); greedy tokens stay those of `generate`."""
+    from lmforge.generate import load_for_decoding
+    from lmforge.quant import PackedLinear, _onednn
+
+    loaded = load_for_decoding(checkpoint)
+    model, tok = loaded.model, loaded.tokenizer
+    ids = prompts(tok, 16)
+    lengths = [5 + 3 * i for i in range(16)]
+    expected = [generate(model, p, max_tokens=n, stop_ids=[tok.eos_id]) for p, n in zip(ids, lengths)]
+    engine = Engine(model, tok, max_batch=16, max_queue=16).start()
+    try:
+        results = run_requests(engine, [Request(p, n, stop_ids=(tok.eos_id,)) for p, n in zip(ids, lengths)])
+    finally:
+        engine.stop()
+    assert isinstance(model.lm_head, PackedLinear) is (_onednn() and model.lm_head.weight.device.type == "cpu")
+    assert [r.tokens for r in results] == expected
+
+
 def test_engine_seeded_sampling_equals_generate(loaded) -> None:
     model, tok = loaded
     ids = prompts(tok, 4)

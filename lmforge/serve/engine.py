@@ -76,6 +76,7 @@ from ..errors import LmforgeError
 from ..generate import check_sampling, pick_token
 from ..lora import AdapterSet
 from ..model import Transformer, check_memory
+from ..quant import pack_head
 from ..threads import Governor
 from ..tokenizer import StreamDecoder, Tokenizer
 
@@ -208,6 +209,9 @@ class Engine:
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
+        # Every decode step multiplies the head by one row per running request: an fp32 head held
+        # prepacked for that runs ~1.8x faster at 16 rows (lmforge/quant.py `pack_head`).
+        pack_head(model)
         self.adapters = adapters  # installed in the model's layers: forwards select each row's slot
         self.max_batch, self.max_queue, self.max_threads = max_batch, max_queue, max_threads
         self.max_seq_len, self.vocab_size = model.cfg.max_seq_len, model.cfg.vocab_size
