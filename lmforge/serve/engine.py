@@ -210,7 +210,7 @@ class Engine:
             raise LmforgeError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
         # Every decode step multiplies the head by one row per running request: an fp32 head held
-        # prepacked for that runs ~1.8x faster at 16 rows (lmforge/quant.py `pack_head`).
+        # prepacked for that runs ~1.9x faster at 16 rows (lmforge/quant.py `pack_head`).
         pack_head(model)
         self.adapters = adapters  # installed in the model's layers: forwards select each row's slot
         self.max_batch, self.max_queue, self.max_threads = max_batch, max_queue, max_threads
