@@ -305,17 +305,23 @@ def expected_replies(paths: list[Path], max_tokens: int = 12) -> list[list[int]]
     return out
 
 
-def serving(base: Path, specs: list[str], capacity: int = 4):
+def serving(base: Path, specs: list[str], capacity: int = 4, prepared: bool = False):
+    """prepared: loaded as `serve` loads it (fp32 in the decoding layout; the engine then packs
+    the head, lmforge/quant.py `pack_head`)."""
+    from lmforge.generate import load_for_decoding
     from lmforge.serve.adapters import open_adapters
 
-    loaded = load_model(base, device="cpu")
+    loaded = load_for_decoding(base) if prepared else load_model(base, device="cpu")
     return loaded, open_adapters(loaded, "base", specs, capacity)
 
 
-def test_requests_for_different_adapters_decode_together_and_each_equals_generate(base: Path, adapters) -> None:
+@pytest.mark.parametrize("prepared", [False, True])
+def test_requests_for_different_adapters_decode_together_and_each_equals_generate(base: Path, adapters,
+                                                                                   prepared: bool) -> None:
+    from lmforge.quant import PackedLinear, _onednn
     from lmforge.serve.engine import Engine, Request, run_requests
 
-    loaded, aset = serving(base, [f"{n}={adapters[n]}" for n in "abc"])
+    loaded, aset = serving(base, [f"{n}={adapters[n]}" for n in "abc"], prepared=prepared)
     tok = loaded.tokenizer
     expected = expected_replies([base, adapters["a"], adapters["b"], adapters["c"]])
     assert len({tuple(e) for e in expected}) == 4  # each adapter answers differently
@@ -336,6 +342,7 @@ def test_requests_for_different_adapters_decode_together_and_each_equals_generat
     finally:
         engine.stop()
     assert [r.tokens for r in results] == expected
+    assert isinstance(loaded.model.lm_head, PackedLinear) is (prepared and _onednn())
     # one batched forward serves every adapter: the prefill and the first decode steps hold all four rows
     assert seen[0] == slots and max(len(set(s)) for s in seen) == 4
     assert len(seen) <= 12 + 1  # one per decode step, not one per adapter per step
