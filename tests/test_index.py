@@ -1,6 +1,6 @@
 """The search index (lmforge/understand/index): chunk spans, exact and approximate search, BM25 and
-reciprocal rank fusion, build / add / info / verify through the CLI, refusals of bad input, and
-`index add` killed with SIGKILL at several points leaving a verifiable index."""
+reciprocal rank fusion, build / add / info / verify / tune through the CLI, refusals of bad input,
+and `index add` killed with SIGKILL at several points leaving a verifiable index."""
 
 from __future__ import annotations
 
@@ -180,6 +180,34 @@ def test_rrf_golden_order() -> None:
     assert fused[0][1] == pytest.approx(1 / 61 + 1 / 62) and fused[1][1] == pytest.approx(1 / 63 + 1 / 61)
     assert fused[2][1] == pytest.approx(1 / 62) and fused[3][1] == pytest.approx(1 / 63)
     assert [r for r, _ in S.rrf([[5, 6], [6, 5]])] == [5, 6]  # a tie keeps the first ranking's order
+
+
+def test_weighted_rrf_golden() -> None:
+    fused = S.rrf([[1, 2, 3], [3, 1, 4]], k=1, weights=(1.0, 0.3))
+    assert [r for r, _ in fused] == [1, 3, 2, 4]  # row 3: 1/4 + 0.3/2 = 0.40 above row 2: 1/3
+    assert fused[0][1] == pytest.approx(1 / 2 + 0.3 / 3) and fused[1][1] == pytest.approx(1 / 4 + 0.3 / 2)
+    assert fused[2][1] == pytest.approx(1 / 3) and fused[3][1] == pytest.approx(0.3 / 4)
+    s = S.Settings("hybrid", 1, 0.3)
+    assert s.fuse([1, 2, 3], [3, 1, 4]) == fused and S.Settings().fuse([1, 2], [2, 1]) == S.rrf([[1, 2], [2, 1]])
+
+
+def test_tune_grid_scores_golden() -> None:
+    from lmforge.understand.index import tune as T
+
+    # query 0: the model ranks its text (row 0) 2nd, BM25 1st; query 1: the model 1st, BM25 3rd
+    dense, bm25 = [[5, 0, 6], [1, 7, 8]], [[0, 9, 4], [7, 8, 1]]
+    scored = dict(T.score_grid(dense, bm25))
+    g = 1 / np.log2(3)  # the gain at rank 2
+    assert scored[S.Settings("dense")] == pytest.approx((g + 1) / 2)
+    assert scored[S.Settings("bm25")] == pytest.approx((1 + 1 / np.log2(4)) / 2)
+    # rrf k=1, bm25 weight 0.5: query 0 -> row 0 (1/3 + 0.5/2) above row 5 (1/2);
+    # query 1 -> row 1 (1/2 + 0.5/4) above row 7 (1/3 + 0.5/2): both first
+    assert scored[S.Settings("hybrid", 1, 0.5)] == pytest.approx(1.0)
+    # plain rrf (k=60, equal weights): query 1 -> row 7 (1/62 + 1/61) above row 1 (1/61 + 1/63)
+    assert scored[S.Settings("hybrid", 60, 1.0)] == pytest.approx((1 + g) / 2)
+    chosen, score = T.best(T.score_grid(dense, bm25))
+    assert score == pytest.approx(1.0) and chosen.mode == "hybrid"
+    assert T.best([(S.Settings("dense"), 0.5), (S.Settings("bm25"), 0.5)])[0] == S.Settings("dense")
 
 
 def test_bm25_words_split_identifiers() -> None:
@@ -522,8 +550,61 @@ def test_server_search_route(built, models) -> None:
         assert r.status_code == 503
 
 
+def write_pairs(path: Path, n: int) -> Path:
+    """n held-out pairs: a fact as the query, the sentence stating it as the positive."""
+    topics = ["printer", "vpn", "badge", "parking", "coffee", "toner", "laptop", "monitor", "keyboard", "mouse",
+              "chair", "desk", "locker", "shower", "bike", "train", "bus", "car", "lunch", "canteen", "window", "door",
+              "heating", "light", "phone", "wifi", "mail", "post", "meeting", "room"]
+    with path.open("w") as f:
+        for t in topics[:n]:
+            f.write(json.dumps({"query": f"where is the {t}", "positive": f"The {t} is on floor {len(t)} by the lift."}) + "\n")
+    return path
+
+
+def test_tune_records_the_best_setting_and_search_uses_it(models, tmp_path, capsys) -> None:
+    from lmforge.understand.index import tune as T
+
+    idx = tmp_path / "idx" / "t"
+    assert main(["index", "build", str(models[0]), str(write_corpus(tmp_path)), "--out", str(idx), "--chunk-size", "24"]) == 0
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 30)
+    code, out, _ = run_cli(capsys, "index", "tune", str(idx), "--pairs", str(pairs), "--json")
+    record = json.loads(out)
+    assert code == 0 and record["tuned"]["queries"] == 30 and record["tuned"]["texts"] == 30
+    grid = record["tuned"]["grid"]
+    assert len(grid) == len(T.GRID) and record["tuned"]["score"] == max(r["score"] for r in grid)
+    first_best = next(r for r in grid if r["score"] == record["tuned"]["score"])
+    assert {k: record[k] for k in ("mode", "rrf_k", "bm25_weight")} == {k: first_best[k] for k in ("mode", "rrf_k", "bm25_weight")}
+    bm25_row = next(r for r in grid if r["mode"] == "bm25")
+    assert bm25_row["score"] > 0.9  # each query shares its topic word with its own positive only
+    # recorded in the manifest (its checksum still holds) and used when no mode is named
+    assert artifacts.read_manifest(idx).fields["search"] == record
+    code, out, _ = run_cli(capsys, "index", "verify", str(idx))
+    assert code == 0 and out.startswith("ok")
+    code, out, _ = run_cli(capsys, "search", str(idx), "reset the printer", "--json")
+    assert code == 0 and json.loads(out)["mode"] == record["mode"]
+    with Index.open(idx) as index:
+        assert S.Searcher(index).settings == S.Settings(record["mode"], record["rrf_k"], record["bm25_weight"])
+    # `index add` keeps it
+    extra = tmp_path / "more"
+    extra.mkdir()
+    (extra / "new.md").write_text("The fire exit is behind the canteen.\n")
+    assert main(["index", "add", str(idx), str(extra)]) == 0
+    assert artifacts.read_manifest(idx).fields["search"] == record
+
+
+def test_tune_refusals_are_one_line(built, models, tmp_path, capsys) -> None:
+    code, _, err = run_cli(capsys, "index", "tune", str(built))  # a model dir that is no contrastive run
+    assert code != 0 and "--pairs FILE" in one_line(err)
+    few = write_pairs(tmp_path / "few.jsonl", 5)
+    code, _, err = run_cli(capsys, "index", "tune", str(built), "--pairs", str(few))
+    assert code != 0 and "5 held-out pairs" in one_line(err) and "at least 20" in one_line(err)
+    code, _, err = run_cli(capsys, "index", "tune", str(built), "--pairs", str(tmp_path / "missing.jsonl"))
+    assert code != 0 and "missing.jsonl" in one_line(err)
+    assert "search" not in artifacts.read_manifest(built).fields  # nothing recorded by a refused tune
+
+
 def test_index_cli_help_lists_the_verbs(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["index", "--help"])
     out = capsys.readouterr().out
-    assert all(v in out for v in ("build", "add", "info", "verify"))
+    assert all(v in out for v in ("build", "add", "info", "verify", "tune"))

@@ -286,6 +286,41 @@ def test_gqa_equals_mha_with_repeated_kv_heads() -> None:
 # ---- init and names -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_unpadded_rows_give_the_padded_forwards_states_and_gradients(bidirectional: bool, n_kv_head: int) -> None:
+    # hidden_states(lengths=...) runs only the real tokens (model.Unpadded); each real token's state
+    # and every gradient must be those of the padded forward, and the padding's states are zeros.
+    model = build(replace(TINY, n_kv_head=n_kv_head)).train()
+    idx, lengths = tokens(TINY, 3, 12), torch.tensor([12, 5, 9])
+    real = torch.arange(12)[None, :] < lengths[:, None]  # (B, T)
+    attn = real[:, None, :].expand(-1, 12, -1) if bidirectional else None
+    weights = torch.randn(3, 12, TINY.d_model, generator=torch.Generator().manual_seed(2)) * real[..., None]
+    grads = []
+    for unpad in (None, lengths):
+        model.zero_grad()
+        h = model(idx, attn_mask=attn, hidden=True, lengths=unpad)
+        (h * weights).sum().backward()  # padding's states weigh nothing: the loss sees the real tokens only
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if unpad is None:
+            padded = h.detach()
+        else:
+            assert torch.equal(h.detach()[~real], torch.zeros_like(h.detach()[~real]))
+            torch.testing.assert_close(h.detach()[real], padded[real], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="lengths"):
+        model.hidden_states(idx, positions=torch.zeros_like(idx), lengths=lengths)
+
+
+def test_unpadded_index_scatter_and_gather_golden() -> None:
+    up = model_module.Unpadded.of(torch.tensor([2, 0, 3]), 3)
+    assert up.index.tolist() == [0, 1, 6, 7, 8]  # row 0: t 0-1, row 1: none, row 2: t 0-2
+    x = torch.arange(1.0, 6.0).view(1, 5, 1)
+    assert up.scatter(x)[..., 0].tolist() == [[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [3.0, 4.0, 5.0]]
+    assert torch.equal(up.gather(up.scatter(x)), x)
+
+
 def test_init_is_deterministic_under_a_seed_and_has_the_documented_scales() -> None:
     cfg = replace(REFERENCE, tie_embeddings=False)
     a, b, c = build(cfg, seed=3), build(cfg, seed=3), build(cfg, seed=4)

@@ -42,7 +42,6 @@ from starlette.requests import Request as HttpRequest
 
 from ..generate import SEED_MAX, SEED_MIN
 from ..tokenizer import lone_surrogate
-from ..understand.index import DEFAULT_MODE as DEFAULT_SEARCH_MODE
 from ..understand.index import MODES as SEARCH_MODES
 from .engine import MAX_LOGPROBS, Prompt
 
@@ -168,7 +167,7 @@ class SearchBody(BaseModel):
     model_config = STRICT
     query: str = Field(min_length=1)
     k: int = Field(5, ge=1, le=MAX_SEARCH_K)
-    mode: Literal[SEARCH_MODES] = DEFAULT_SEARCH_MODE  # type: ignore[valid-type]
+    mode: Literal[SEARCH_MODES] | None = None  # type: ignore[valid-type]  # None: the index's own (lmforge index tune)
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:

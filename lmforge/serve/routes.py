@@ -323,7 +323,8 @@ class Routes:
         hits = await self.embed_worker.run(self.searcher.search, body.query, body.k, body.mode)
         self.metrics.requests.labels("search").inc()
         self.metrics.latency.labels("search").observe(time.monotonic() - start)
-        return {"object": "list", "index": self.searcher.index.path.name, "query": body.query, "mode": body.mode,
+        return {"object": "list", "index": self.searcher.index.path.name, "query": body.query,
+                "mode": body.mode or self.searcher.settings.mode,
                 "data": [{"rank": i, "where": h.where(), **h.to_dict()} for i, h in enumerate(hits, 1)]}
 
     # ---- small routes --------------------------------------------------------------------------

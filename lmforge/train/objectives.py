@@ -232,7 +232,7 @@ def pooled(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor, poo
     """(B, W) right-padded ids, (B,) lengths -> (B, C) fp32 pooled vectors (not normalised), as the Embedder pools them."""
     T = int(lengths.max())
     mask, attn = padding_masks(lengths, T, pooling.bidirectional)
-    hidden = model(ids[:, :T], attn_mask=attn, hidden=True)  # (B, T, C); through a DDP wrapper's forward
+    hidden = model(ids[:, :T], attn_mask=attn, hidden=True, lengths=lengths)  # (B, T, C); through a DDP wrapper's forward
     return pool(hidden, mask, pooling.method)
 
 

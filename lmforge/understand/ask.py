@@ -37,7 +37,6 @@ from ..errors import LmforgeError
 from ..tokenizer import StreamDecoder, lone_surrogate
 from ..util import console
 from ..util import out as results_out
-from .index import DEFAULT_MODE
 from .index.store import Hit
 
 INSTRUCTION = ("Answer the question using only the numbered sources below. Cite the sources you use as [1], [2], ... "
@@ -117,13 +116,13 @@ def cited(text: str, n_sources: int) -> list[int]:
 
 
 def ask(index_path: str | os.PathLike, question: str, *, model: str | os.PathLike, k: int = 5,
-        mode: str = DEFAULT_MODE, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
+        mode: str | None = None, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
         embed_model: str | os.PathLike | None = None, chat_template: str | None = None) -> Answer:
     """Retrieve, prompt, generate and cite (module docstring)."""
     from ..artifacts import load_model
     from ..generate import check_sampling, stream
     from .embed import Embedder, Pooling
-    from .index.search import Searcher, check_embedder, load_embedder
+    from .index.search import Searcher, Settings, check_embedder, load_embedder
     from .index.store import Index
 
     if not question.strip():
@@ -135,6 +134,7 @@ def ask(index_path: str | os.PathLike, question: str, *, model: str | os.PathLik
     check_sampling(temperature, 0, 1.0, seed)
     with Index.open(index_path) as index:
         loaded = load_model(model)
+        mode = mode or Settings.of(index).mode  # None: the index's own (lmforge index tune)
         if mode == "bm25":
             embedder = None
         elif embed_model is None and loaded.origin.model_sha256 == index.fingerprint.get("model_sha256"):
@@ -165,7 +165,7 @@ def ask(index_path: str | os.PathLike, question: str, *, model: str | os.PathLik
     return Answer(question, text, sources, retrieved, cited(text, len(sources)), len(ids), n)
 
 
-def ask_command(index_path: str, question: str, *, model: str, k: int = 5, mode: str = DEFAULT_MODE,
+def ask_command(index_path: str, question: str, *, model: str, k: int = 5, mode: str | None = None,
                 max_tokens: int = 256, temperature: float = 0.0, seed: int = 0, embed_model: str | None = None,
                 chat_template: str | None = None, as_json: bool = False) -> int:
     """Print the answer, then its cited sources (`[n] path:lines`); --json: everything."""

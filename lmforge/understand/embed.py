@@ -278,7 +278,7 @@ class Embedder:
                 mask, attn = padding_masks(lengths, T, self.pooling.bidirectional)
                 t0 = time.perf_counter()
                 with torch.inference_mode(), autocast(self.dtype, self.device.type):
-                    hidden = self.model.hidden_states(idx.to(self.device), attn_mask=attn)  # (B, T, C)
+                    hidden = self.model.hidden_states(idx.to(self.device), attn_mask=attn, lengths=lengths)  # (B, T, C)
                 yield chosen, hidden, mask
                 if governor is not None:
                     governor.step(time.perf_counter() - t0, work=int(lengths.sum()))

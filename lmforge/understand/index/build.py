@@ -126,10 +126,10 @@ def _embed_into(writer: Writer, embedder: Embedder, texts: list[str]) -> None:
 
 def _finish(writer: Writer, tmp: Path, *, embedder: Embedder, model: str, chunking: Chunking, text_field: str,
             include: Sequence[str], exclude: Sequence[str], skipped: list[dict[str, str]],
-            extend: tuple[Path, int] | None = None) -> dict[str, Any]:
+            extend: tuple[Path, int] | None = None, search: dict[str, Any] | None = None) -> dict[str, Any]:
     """BM25, the ANN index when the size calls for one, and the manifest of a filled index.
     extend: (an older index's ANN file, the first new row): add the new rows to that graph
-    instead of building one over every row."""
+    instead of building one over every row. search: an older index's tuned search setting (tune.py), kept."""
     counts = {**writer.counts(), "skipped": len(skipped)}
     texts = writer.texts()
     writer.close()
@@ -163,6 +163,7 @@ def _finish(writer: Writer, tmp: Path, *, embedder: Embedder, model: str, chunki
         "bm25": Bm25.describe(),
         "ann": ann_info,
         "skipped": skipped,
+        **({"search": search} if search else {}),
         "versions": {"lmforge": __version__, "python": platform.python_version(), "numpy": np.__version__,
                      "torch": str(torch.__version__), "sqlite": sqlite3.sqlite_version, "bm25s": bm25s.__version__,
                      **({"faiss": ann_info["version"]} if ann_info else {})},
@@ -327,7 +328,8 @@ def add_to_index(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
                 _finish(writer, tmp, embedder=embedder, model=old.model if model is None else str(Path(model).resolve()),
                         chunking=chunking, text_field=reader.text_field, include=include, exclude=exclude,
                         skipped=prior_skipped + reader.skipped,
-                        extend=None if replaced else (old.path / ANN_FILE, kept))  # only appended: extend the graph
+                        extend=None if replaced else (old.path / ANN_FILE, kept),  # only appended: extend the graph
+                        search=old.fields.get("search"))
     console.print(f"[green]updated[/] {escape(str(path))}: {summary['added']} file(s) added, {summary['replaced']} replaced, "
                   f"{summary['unchanged']} unchanged; {summary['chunks']:,} chunks embedded")
     return summary

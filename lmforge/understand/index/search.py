@@ -45,6 +45,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -239,14 +240,47 @@ class Bm25:
 # ---- fusion --------------------------------------------------------------------------------------
 
 
-def rrf(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[tuple[int, float]]:
-    """Reciprocal rank fusion: (row, sum over rankings of 1 / (k + rank)), best first; rank
-    starts at 1; equal scores keep the order of first appearance (the first ranking's first)."""
+def rrf(rankings: Sequence[Sequence[int]], k: int = RRF_K, weights: Sequence[float] | None = None) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion: (row, sum over rankings of weight / (k + rank)), best first; rank
+    starts at 1, weights 1 unless given (one per ranking); equal scores keep the order of first
+    appearance (the first ranking's first)."""
     scores: dict[int, float] = {}
-    for ranking in rankings:
+    for i, ranking in enumerate(rankings):
+        w = 1.0 if weights is None else float(weights[i])
         for rank, row in enumerate(ranking, start=1):
-            scores[int(row)] = scores.get(int(row), 0.0) + 1.0 / (k + rank)
+            scores[int(row)] = scores.get(int(row), 0.0) + w / (k + rank)
     return sorted(scores.items(), key=lambda item: -item[1])  # sorted() is stable
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How an index is searched when the caller names no mode: `DEFAULT_MODE` with plain RRF
+    (k = RRF_K, both rankings weigh 1) until `lmforge index tune` measures something better on
+    held-out queries and records it in the manifest's "search" field (tune.py)."""
+
+    mode: str = DEFAULT_MODE
+    rrf_k: int = RRF_K
+    bm25_weight: float = 1.0  # the BM25 ranking's weight in the fusion; the dense ranking's is 1
+
+    @classmethod
+    def of(cls, index: Index) -> Settings:
+        rec = index.fields.get("search") or {}
+        return cls(str(rec.get("mode", DEFAULT_MODE)), int(rec.get("rrf_k", RRF_K)), float(rec.get("bm25_weight", 1.0)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "rrf_k": self.rrf_k, "bm25_weight": self.bm25_weight}
+
+    def fuse(self, dense_rows: Sequence[int], bm25_rows: Sequence[int]) -> list[tuple[int, float]]:
+        """Hybrid search's ranking: (row, fused score), best first."""
+        return rrf([dense_rows, bm25_rows], self.rrf_k, (1.0, self.bm25_weight))
+
+    def ranking(self, dense_rows: Sequence[int], bm25_rows: Sequence[int]) -> list[int]:
+        """The rows this setting's mode ranks first to last, given both rankings."""
+        if self.mode == "dense":
+            return list(dense_rows)
+        if self.mode == "bm25":
+            return list(bm25_rows)
+        return [r for r, _ in self.fuse(dense_rows, bm25_rows)]
 
 
 # ---- the searcher --------------------------------------------------------------------------------
@@ -285,6 +319,7 @@ class Searcher:
         if embedder is not None:
             check_embedder(index, embedder)
         self.index, self.embedder = index, embedder
+        self.settings = Settings.of(index)
         self._bm25: Bm25 | None = None
         self._ann: Ann | None = None
 
@@ -320,8 +355,10 @@ class Searcher:
         keep = rows[0] >= 0
         return rows[0][keep], scores[0][keep]
 
-    def search(self, query: str, k: int = 5, mode: str = DEFAULT_MODE) -> list[Hit]:
-        """The k best chunks for a query, best first (BM25 returns only chunks sharing a term)."""
+    def search(self, query: str, k: int = 5, mode: str | None = None) -> list[Hit]:
+        """The k best chunks for a query, best first (BM25 returns only chunks sharing a term);
+        mode None: the index's own (`Settings`)."""
+        mode = mode or self.settings.mode
         if mode not in MODES:
             raise LmforgeError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
         if k < 1:
@@ -336,7 +373,7 @@ class Searcher:
             n = max(k, CANDIDATES)
             dense_rows, _ = self.dense(self.embed_query(query), n)
             bm25_rows, _ = self.bm25().search(query, n)
-            fused = rrf([dense_rows.tolist(), bm25_rows.tolist()])[:k]
+            fused = self.settings.fuse(dense_rows.tolist(), bm25_rows.tolist())[:k]
             return self.index.hits([r for r, _ in fused], [s for _, s in fused])
         return self.index.hits(rows.tolist(), scores.tolist())
 
@@ -344,19 +381,21 @@ class Searcher:
 # ---- `lmforge search` ----------------------------------------------------------------------------
 
 
-def search_command(path: str | os.PathLike, query: str, *, k: int = 5, mode: str = DEFAULT_MODE,
+def search_command(path: str | os.PathLike, query: str, *, k: int = 5, mode: str | None = None,
                    model: str | None = None, as_json: bool = False) -> int:
-    """Print the k best chunks: rank, score, file:lines and the start of the text (or JSON)."""
+    """Print the k best chunks: rank, score, file:lines and the start of the text (or JSON);
+    mode None: the index's own (`Settings`)."""
     from rich.markup import escape
 
     from ...tokenizer import lone_surrogate
     from ...util import out
 
-    if mode not in MODES:
+    if mode is not None and mode not in MODES:
         raise LmforgeError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
     if lone_surrogate(query) is not None:
         raise LmforgeError("the query is not valid UTF-8 text; pass it as UTF-8")
     with Index.open(path) as index:
+        mode = mode or Settings.of(index).mode
         embedder = load_embedder(index, model) if mode != "bm25" else None
         hits = Searcher(index, embedder).search(query, k=k, mode=mode)
     if as_json:
@@ -377,4 +416,4 @@ def search_command(path: str | os.PathLike, query: str, *, k: int = 5, mode: str
 
 
 __all__ = ["load_embedder", "search_command", "MODES", "DEFAULT_MODE", "RRF_K", "CANDIDATES", "ANN_MIN_ROWS", "ANN_NPROBE", "Embeds", "exact_search",
-           "rescore", "Ann", "words", "Bm25", "rrf", "check_embedder", "Searcher"]
+           "rescore", "Ann", "words", "Bm25", "rrf", "Settings", "check_embedder", "Searcher"]
