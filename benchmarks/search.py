@@ -17,6 +17,8 @@ Sections (all by default, or name some):
 - quality   the bundled retrieval task (docstring -> function, lmforge/tasks/stdlib-doc2code.jsonl)
             indexed with each --model (one record per function, its id the doc id) and searched in
             every mode: nDCG@10, recall@10, MRR@10 of dense, bm25 and hybrid. Decides DEFAULT_MODE.
+            For a contrastive run, `index tune` then chooses the index's default on the run's
+            held-out val pairs, and a last row searches with it (no --mode).
 
     python benchmarks/search.py --threads 2
     python benchmarks/search.py vectors --sizes 100000 1000000
@@ -184,8 +186,10 @@ def quality_section(work: Path, models: list[str], task_path: str) -> None:
     from lmforge.evaluate.metrics import retrieval_metrics
     from lmforge.evaluate.tasks import load_task
     from lmforge.understand.index.build import build_index
+    from lmforge.errors import LmforgeError
     from lmforge.understand.index.search import Searcher, load_embedder
     from lmforge.understand.index.store import Index
+    from lmforge.understand.index.tune import describe, tune_index
 
     task = load_task(task_path)
     corpus = work / "task-docs.jsonl"
@@ -193,21 +197,30 @@ def quality_section(work: Path, models: list[str], task_path: str) -> None:
     print(f"\n## quality: {task.name}, {len(task.docs)} docs, {len(task.queries)} queries")
     print("| model | mode | nDCG@10 | recall@10 | MRR@10 |")
     print("|---|---|---:|---:|---:|")
+    def measure(out: Path, model: str, name: str, mode: str | None) -> None:
+        with Index.open(out) as index:
+            searcher = Searcher(index, load_embedder(index))
+            ranked = []
+            for q in task.queries:
+                ids: list[str] = []
+                for h in searcher.search(q.text, k=30, mode=mode):  # chunks -> their record: its best chunk counts
+                    if h.record not in ids:
+                        ids.append(h.record)
+                ranked.append(ids[:10])
+        m = retrieval_metrics(ranked, [q.relevant for q in task.queries])
+        print(f"| {model} | {name} | {m['ndcg@10']:.3f} | {m['recall@10']:.3f} | {m['mrr@10']:.3f} |", flush=True)
+
     for model in models:
         out = work / f"idx-{Path(model).name}"
         build_index(model, [corpus], out, overwrite=True)
-        with Index.open(out) as index:
-            searcher = Searcher(index, load_embedder(index))
-            for mode in ("bm25", "dense", "hybrid"):
-                ranked = []
-                for q in task.queries:
-                    ids: list[str] = []
-                    for h in searcher.search(q.text, k=30, mode=mode):  # chunks -> their record: its best chunk counts
-                        if h.record not in ids:
-                            ids.append(h.record)
-                    ranked.append(ids[:10])
-                m = retrieval_metrics(ranked, [q.relevant for q in task.queries])
-                print(f"| {model} | {mode} | {m['ndcg@10']:.3f} | {m['recall@10']:.3f} | {m['mrr@10']:.3f} |", flush=True)
+        for mode in ("bm25", "dense", "hybrid"):  # an untuned index: hybrid is plain RRF (k 60, equal weights)
+            measure(out, model, mode, mode)
+        try:  # a contrastive run: `lmforge index tune` measures on its held-out val pairs and records the default
+            record = tune_index(out)
+        except LmforgeError as e:
+            print(f"(no tuned row for {model}: {e})")
+            continue
+        measure(out, model, f"tuned (no --mode): {describe(record)}", None)
 
 
 def main() -> None:

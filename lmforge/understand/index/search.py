@@ -29,10 +29,12 @@ BM25 and hybrid
 `Bm25` is `bm25s` (Lucene's BM25 variant, sparse matrices, saved without pickle) over words:
 lower-cased letter and digit runs, identifiers split at `_` and camelCase (`read_config`,
 `readConfig` -> `read`, `config`), English stop words dropped. Hybrid fuses the dense and BM25
-rankings (top `CANDIDATES` of each) by reciprocal rank fusion, score(d) = sum 1 / (RRF_K + rank),
-rank starting at 1, RRF_K = 60 (Cormack et al. 2009); it needs no calibration between the two
-kinds of score. DEFAULT_MODE (hybrid) measured far better than dense search alone on the bundled
-retrieval task; BM25 alone beats both while the model is a raw language model (docs/search.md).
+rankings (top `CANDIDATES` of each) by reciprocal rank fusion, score(d) = 1 / (k + dense rank) +
+w / (k + BM25 rank), rank starting at 1; it needs no calibration between the two kinds of score.
+An index searches with k = RRF_K = 60 (Cormack et al. 2009), w = 1 and DEFAULT_MODE (hybrid: far
+better than dense alone with a raw model on the bundled task) until `lmforge index tune` records
+its own mode, k and w, measured on held-out pairs (`Settings`, tune.py): after a full contrastive
+stage equal weights pull a strong model down, and a light BM25 weight lifts it (docs/search.md).
 
 Trade-offs: the BM25 index and the ANN index are loaded whole on first use (the vectors are not);
 a hybrid query pays for both searches.
