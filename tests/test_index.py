@@ -223,6 +223,7 @@ def test_build_search_info_verify(built, models, capsys) -> None:
     code, out, _ = run_cli(capsys, "index", "info", str(built), "--json")
     info = json.loads(out)
     assert code == 0 and info["files"] == 4 and info["skipped"] == 1 and info["chunk_size"] == 24
+    assert info["search"].startswith("hybrid (rrf_k 60, bm25 weight 1), the default (not tuned")
     assert info["model_sha256"] == artifacts.read_manifest(models[0]).sha256("model.safetensors")
     m = artifacts.read_manifest(built)
     assert m.kind == "index" and m.fields["skipped"][0]["path"].endswith("logo.png")
@@ -578,6 +579,8 @@ def test_tune_records_the_best_setting_and_search_uses_it(models, tmp_path, caps
     assert bm25_row["score"] > 0.9  # each query shares its topic word with its own positive only
     # recorded in the manifest (its checksum still holds) and used when no mode is named
     assert artifacts.read_manifest(idx).fields["search"] == record
+    code, out, _ = run_cli(capsys, "index", "info", str(idx), "--json")
+    assert code == 0 and json.loads(out)["search"].startswith(f"{T.describe(record)}, tuned: nDCG@10 {record['tuned']['score']}")
     code, out, _ = run_cli(capsys, "index", "verify", str(idx))
     assert code == 0 and out.startswith("ok")
     code, out, _ = run_cli(capsys, "search", str(idx), "reset the printer", "--json")

@@ -54,7 +54,7 @@ from ...util import atomic_dir, console, human_bytes, sha256_bytes, writes_to
 from ...util import out as results_out
 from ..embed import Embedder
 from .chunk import Chunking, Lines, Span, check_size, cut, record_span, text_spans
-from .search import Ann, Bm25, load_embedder
+from .search import Ann, Bm25, Settings, load_embedder
 from .store import ANN_FILE, BM25_DIR, CHUNKS, INDEX_FORMAT, KIND, VECTORS, Index, Writer, is_index_dir, verify_index
 
 EMBED_BLOCK = 16_384  # chunks embedded (and held as float32) at a time
@@ -353,9 +353,19 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
         "chunk_size": f.get("chunking", {}).get("size"), "chunk_overlap": f.get("chunking", {}).get("overlap"),
         "text_field": f.get("chunking", {}).get("text_field"),
         "ann": (f"{f['ann']['library']} {f['ann']['kind']}" if f.get("ann") else None),
+        "search": search_default(f.get("search")),
         "bytes": sum(meta["bytes"] for meta in m.files.values()), "created": f.get("created"),
         "lmforge_version": f.get("lmforge_version"),
     }
+
+
+def search_default(record: dict[str, Any] | None) -> str:
+    """What a search without --mode does: the setting `index tune` recorded (and what it measured), else the default."""
+    if not record:
+        return f"{Settings().describe()}, the default (not tuned: lmforge index tune)"
+    t = record.get("tuned", {})
+    s = Settings(record["mode"], int(record["rrf_k"]), float(record["bm25_weight"]))
+    return f"{s.describe()}, tuned: nDCG@10 {t.get('score')} on {t.get('queries')} held-out pairs ({t.get('time')})"
 
 
 def info_command(path: str | os.PathLike, as_json: bool = False) -> int:

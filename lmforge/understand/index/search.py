@@ -276,6 +276,9 @@ class Settings:
         """Hybrid search's ranking: (row, fused score), best first."""
         return rrf([dense_rows, bm25_rows], self.rrf_k, (1.0, self.bm25_weight))
 
+    def describe(self) -> str:
+        return self.mode if self.mode != "hybrid" else f"hybrid (rrf_k {self.rrf_k}, bm25 weight {self.bm25_weight:g})"
+
     def ranking(self, dense_rows: Sequence[int], bm25_rows: Sequence[int]) -> list[int]:
         """The rows this setting's mode ranks first to last, given both rankings."""
         if self.mode == "dense":

@@ -137,8 +137,9 @@ def tune_index(path: str | os.PathLike, *, pairs: str | os.PathLike | None = Non
 
 
 def describe(s: Settings | dict[str, Any]) -> str:
+    """A setting (or its record) in words, as the table and the benchmarks print it."""
     s = s if isinstance(s, Settings) else Settings(s["mode"], int(s["rrf_k"]), float(s["bm25_weight"]))
-    return s.mode if s.mode != "hybrid" else f"hybrid (rrf_k {s.rrf_k}, bm25 weight {s.bm25_weight:g})"
+    return s.describe()
 
 
 def tune_command(path: str | os.PathLike, *, pairs: str | None = None, model: str | None = None,
