@@ -208,11 +208,11 @@ def quality_section(models: list[tuple[str, Path]], task: Task, batch_size: int,
         _, name, path, scores = best
         dense_top = np.argsort(-scores, axis=1, kind="stable")[:, :CANDIDATES].tolist()
         row(f"hybrid: the index's BM25 + {name}, plain RRF (k 60, equal weights)", searched(Settings("hybrid"), dense_top, bm25_top), 0)
-        try:  # what `lmforge index tune` would record for an index of this model: chosen on the stage's held-out pairs
-            queries, corpus, where = tune.held_out(path, None)
-        except Exception as e:  # noqa: BLE001 - not a contrastive run here: no tuned row
-            print(f"(no tuned hybrid row: {e})")
+        held = tune.held_out(path, None)  # what `lmforge index tune` would use for an index of this model
+        if held is None:
+            print(f"(no tuned hybrid row: {path} is not a contrastive run with its pairs file here)")
         else:
+            queries, corpus, _ = held
             start = time.perf_counter()
             emb = Embedder.load(path, device="cpu", dtype="fp32", batch_size=batch_size)
             chosen, val = tune.best(tune.score_grid(*tune.tops(emb, queries, corpus)))

@@ -185,11 +185,11 @@ def build_section(work: Path, model: str | None, n: int, batch_size: int) -> Non
 def quality_section(work: Path, models: list[str], task_path: str) -> None:
     from lmforge.evaluate.metrics import retrieval_metrics
     from lmforge.evaluate.tasks import load_task
-    from lmforge.understand.index.build import build_index
+    from lmforge.understand.index.build import build_index, tune_index
     from lmforge.errors import LmforgeError
     from lmforge.understand.index.search import Searcher, load_embedder
     from lmforge.understand.index.store import Index
-    from lmforge.understand.index.tune import describe, tune_index
+    from lmforge.understand.index.tune import describe
 
     task = load_task(task_path)
     corpus = work / "task-docs.jsonl"
@@ -212,7 +212,7 @@ def quality_section(work: Path, models: list[str], task_path: str) -> None:
 
     for model in models:
         out = work / f"idx-{Path(model).name}"
-        build_index(model, [corpus], out, overwrite=True)
+        build_index(model, [corpus], out, overwrite=True, tune=False)  # tuned below, after the untuned rows
         for mode in ("bm25", "dense", "hybrid"):  # an untuned index: hybrid is plain RRF (k 60, equal weights)
             measure(out, model, mode, mode)
         try:  # a contrastive run: `lmforge index tune` measures on its held-out val pairs and records the default

@@ -559,7 +559,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.index_cmd == "build":
         b.build_index(args.model, args.inputs, args.out, chunk_size=args.chunk_size, chunk_overlap=args.chunk_overlap,
                 include=args.include, exclude=args.exclude, text_field=args.text_field, strict=args.strict,
-                overwrite=args.overwrite, batch_size=args.batch_size)
+                overwrite=args.overwrite, batch_size=args.batch_size, tune=not args.no_tune)
         return 0
     if args.index_cmd == "add":
         b.add_to_index(args.path, args.inputs, include=args.include or None, exclude=args.exclude or None, strict=args.strict,
@@ -570,9 +570,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.index_cmd == "verify":
         return b.verify_command(args.path)
     if args.index_cmd == "tune":
-        from .understand.index.tune import tune_command
-
-        return tune_command(args.path, pairs=args.pairs, model=args.model, as_json=args.json)
+        return b.tune_command(args.path, pairs=args.pairs, model=args.model, as_json=args.json)
     raise AssertionError(args.index_cmd)
 
 
@@ -608,6 +606,8 @@ def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--strict", action="store_true", help="fail on files that are not UTF-8 instead of skipping them")
     i.add_argument("--batch-size", type=R.positive_int(), default=32, help="chunks per embedding forward (default: %(default)s)")
     i.add_argument("--overwrite", action="store_true", help="replace the index at --out (never anything else)")
+    i.add_argument("--no-tune", action="store_true", help="do not choose the default search on the model's held-out "
+                   "pairs (done when MODEL is a contrastive run with its pairs file here; `index tune` later)")
     i = isub.add_parser("add", help="add new and changed files (unchanged ones skipped), atomically")
     i.add_argument("path", help="index directory")
     i.add_argument("inputs", nargs="+", help="files or directories; the index's chunking and text field are used")

@@ -301,6 +301,33 @@ def test_eval_of_a_contrastive_run_scores_its_held_out_pairs(straight: Path, cap
     assert 0 < metrics["pairs-val/ndcg@10"] <= 1 and "pairs-val/mrr@10" in metrics
 
 
+def test_an_index_of_a_contrastive_run_tunes_its_default_search_on_the_held_out_pairs(
+        straight: Path, toy_model_dir: Path, toy_pairs_file: Path, tmp_path: Path, capsys) -> None:
+    from lmforge.understand.index import tune
+
+    corpus = write_pairs(tmp_path / "docs.jsonl", [{"text": p["positive"]} for p in toy_pairs(60, 11)])
+    # `straight` holds out 15 of its 400 pairs (5 %): too few to measure by; built untuned, and said
+    capsys.readouterr()
+    assert main(["index", "build", str(straight), str(corpus), "--out", str(tmp_path / "idx" / "few")]) == 0
+    assert "15 held-out pairs; tuning needs at least 20" in " ".join(capsys.readouterr().err.split())
+    assert "search" not in artifacts.read_manifest(tmp_path / "idx" / "few").fields
+    run = tmp_path / "run"  # 10 % held out
+    assert train_embed(run, toy_model_dir, toy_pairs_file, "data.pairs_val_fraction=0.1").returncode == 0
+    assert main(["index", "build", str(run), str(corpus), "--out", str(tmp_path / "idx" / "a")]) == 0
+    record = artifacts.read_manifest(tmp_path / "idx" / "a").fields["search"]
+    held = tune.held_out(run, None)  # the run's val pairs: never trained on
+    assert held is not None and record["tuned"]["queries"] == len(held[0]) >= tune.MIN_QUERIES
+    assert "(val split, 0.1)" in record["tuned"]["pairs"] and len(record["tuned"]["grid"]) == len(tune.GRID)
+    # --no-tune leaves it untuned; `index tune` then measures the same pairs the same way
+    assert main(["index", "build", str(run), str(corpus), "--out", str(tmp_path / "idx" / "b"), "--no-tune"]) == 0
+    assert "search" not in artifacts.read_manifest(tmp_path / "idx" / "b").fields
+    capsys.readouterr()
+    assert main(["index", "tune", str(tmp_path / "idx" / "b"), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in again.items() if k != "tuned"} == {k: v for k, v in record.items() if k != "tuned"}
+    assert again["tuned"]["grid"] == record["tuned"]["grid"]
+
+
 def test_spans_of_a_prepared_corpus_train_without_labels(tiny_dataset: Path, tmp_path: Path) -> None:
     """No pairs file: two spans of each document of data.path; a model trained from scratch (its
     tokenizer the dataset's)."""

@@ -47,12 +47,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from ... import __version__
-from ...artifacts import MANIFEST, read_manifest, write_manifest
+from ...artifacts import MANIFEST, manifest_checksum, read_manifest, write_manifest
 from ...data.prepare import NotUtf8, Source, check_out_overlap, collect_sources, iter_documents
 from ...errors import DataError, LmforgeError
-from ...util import atomic_dir, console, human_bytes, sha256_bytes, writes_to
+from ...util import atomic_dir, atomic_write_text, console, human_bytes, sha256_bytes, writes_to
 from ...util import out as results_out
 from ..embed import Embedder
+from . import tune
 from .chunk import Chunking, Lines, Span, check_size, cut, record_span, text_spans
 from .search import Ann, Bm25, Settings, load_embedder
 from .store import ANN_FILE, BM25_DIR, CHUNKS, INDEX_FORMAT, KIND, VECTORS, Index, Writer, is_index_dir, verify_index
@@ -214,9 +215,11 @@ def writing(path: Path) -> Iterator[None]:
 def build_index(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
           chunk_size: int | None = None, chunk_overlap: int | None = None, include: Sequence[str] = (),
           exclude: Sequence[str] = (), text_field: str = "text", strict: bool = False, overwrite: bool = False,
-          batch_size: int = 32, embedder: Embedder | None = None) -> dict[str, Any]:
+          batch_size: int = 32, embedder: Embedder | None = None, tune: bool = True) -> dict[str, Any]:
     """Build an index at `out` (see the module docstring); returns its manifest. `embedder`: an
-    Embedder of `model` already loaded (the quickstart's, sharing the weights it trained)."""
+    Embedder of `model` already loaded (the quickstart's, sharing the weights it trained). tune:
+    when `model` is a contrastive run with its held-out pairs here, choose the default search on
+    them (tune.py) and record it with the index."""
     out = Path(out)
     if not inputs:
         raise DataError("no inputs given: pass files, directories or .jsonl files to index")
@@ -241,13 +244,32 @@ def build_index(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
         console.print(f"{len(texts):,} chunks of up to {chunking.size} tokens from {len(sources) - len(reader.skipped)} "
                       f"file(s); embedding them with {model}")
         _embed_into(writer, embedder, texts)
+        search = _tuned(embedder, model, out) if tune else None
         manifest = _finish(writer, tmp, embedder=embedder, model=str(Path(model).resolve()), chunking=chunking,
-                           text_field=text_field, include=include, exclude=exclude, skipped=reader.skipped)
+                           text_field=text_field, include=include, exclude=exclude, skipped=reader.skipped,
+                           search=search)
         _check_replaceable(out, overwrite)  # again: something may have appeared at --out meanwhile
     c = manifest["counts"]
     console.print(f"[green]indexed[/] {escape(str(out))}: {c['chunks']:,} chunks from {c['files']} file(s), "
                   f"{c['tokens']:,} tokens, in {time.perf_counter() - t0:.1f} s")
     return manifest
+
+
+def _tuned(embedder: Embedder, model: str | os.PathLike, out: Path) -> dict[str, Any] | None:
+    """The search setting `index tune` would record, measured on the held-out pairs of a contrastive
+    run `model`; None (untuned) for any other model, or when its pairs cannot be used (said)."""
+    try:
+        held = tune.held_out(model, None)
+    except LmforgeError as e:
+        console.print(f"[yellow]not tuning the default search:[/] {escape(str(e))}")
+        return None
+    if held is None:
+        return None
+    console.print(f"choosing the default search on {len(held[0])} held-out pairs of {escape(str(model))} "
+                  "(--no-tune skips this)")
+    record = tune.measure(embedder, held)
+    tune.show(record, out)
+    return record
 
 
 def _chunk_into(writer: Writer, reader: Reader, files: Iterable[tuple[Source, bytes, str]]) -> list[str]:
@@ -333,6 +355,41 @@ def add_to_index(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
     console.print(f"[green]updated[/] {escape(str(path))}: {summary['added']} file(s) added, {summary['replaced']} replaced, "
                   f"{summary['unchanged']} unchanged; {summary['chunks']:,} chunks embedded")
     return summary
+
+
+# ---- tune ----------------------------------------------------------------------------------------
+
+
+def tune_index(path: str | os.PathLike, *, pairs: str | os.PathLike | None = None, model: str | os.PathLike | None = None,
+               batch_size: int = 32) -> dict[str, Any]:
+    """`lmforge index tune`: measure tune.GRID on held-out pairs (--pairs, else the val pairs of
+    the contrastive run that built the index) and record the best setting in the manifest's
+    "search" field: one atomic rewrite of MANIFEST.json (checksum updated) under the writer lock;
+    no file it covers changes. Returns the record."""
+    path = Path(path)
+    with writing(path), Index.open(path) as index:
+        held = tune.held_out(index.model if model is None else model, pairs)
+        if held is None:
+            raise LmforgeError(f"the model {index.model} is not a contrastive run whose pairs file is here, so there "
+                               "are no held-out pairs to measure on; pass --pairs FILE (JSONL of query/positive "
+                               "pairs the model was not trained on)")
+        record = tune.measure(load_embedder(index, model, batch_size=batch_size), held)
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        manifest["search"] = record
+        manifest["manifest_sha256"] = manifest_checksum(manifest)
+        atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return record
+
+
+def tune_command(path: str | os.PathLike, *, pairs: str | None = None, model: str | None = None,
+                 as_json: bool = False) -> int:
+    """Print the grid's scores (or the record as JSON) and the setting now recorded."""
+    record = tune_index(path, pairs=pairs, model=model)
+    if as_json:
+        print(json.dumps(record, indent=2))
+    else:
+        tune.show(record, path)
+    return 0
 
 
 # ---- info / verify -------------------------------------------------------------------------------

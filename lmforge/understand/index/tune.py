@@ -31,7 +31,6 @@ the index's writer lock; no file it covers changes.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -40,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from ...errors import DataError, LmforgeError
-from .search import CANDIDATES, Bm25, Settings, load_embedder
-from .store import Index, normalize
+from .search import CANDIDATES, Bm25, Settings
+from .store import normalize
 
 GRID: tuple[Settings, ...] = (
     Settings("dense"), Settings("bm25"),
@@ -51,10 +50,11 @@ MIN_QUERIES = 20  # fewer held-out queries than this measure too little to choos
 DEPTH = 10  # nDCG@10 decides
 
 
-def held_out(model: str | os.PathLike, pairs: str | os.PathLike | None) -> tuple[list[str], list[str], str]:
+def held_out(model: str | os.PathLike, pairs: str | os.PathLike | None) -> tuple[list[str], list[str], str] | None:
     """(queries, corpus, where they came from) from --pairs, else from the val split of the
-    contrastive run `model` (a run, checkpoint or model directory): query i's one relevant text is
-    corpus[i]; any negatives follow the positives in the corpus."""
+    contrastive run `model` (a run, checkpoint or model directory); None when `model` is no such
+    run with its pairs file here. Query i's one relevant text is corpus[i]; any negatives follow
+    the positives. Fewer than MIN_QUERIES pairs, or a bad pairs file, is a DataError."""
     from ...artifacts import read_config
     from ...data.pairs import read_pairs
 
@@ -65,13 +65,10 @@ def held_out(model: str | os.PathLike, pairs: str | os.PathLike | None) -> tuple
         try:
             cfg = read_config(model)
         except (OSError, LmforgeError):
-            cfg = None
-        d = cfg.data if cfg is not None else None
-        if (cfg is None or cfg.train.objective != "contrastive" or not d.pairs or not d.pairs_val_fraction
-                or not Path(d.pairs).is_file()):
-            raise LmforgeError(f"the model {model} is not a contrastive run whose pairs file is here, so there are "
-                               "no held-out pairs to measure on; pass --pairs FILE (JSONL of {\"query\", \"positive\"} "
-                               "pairs the model was not trained on)")
+            return None
+        d = cfg.data
+        if cfg.train.objective != "contrastive" or not d.pairs or not d.pairs_val_fraction or not Path(d.pairs).is_file():
+            return None
         texts = read_pairs(d.pairs, fields=d.pair_fields, split="val", val_fraction=d.pairs_val_fraction)
         where = f"{Path(d.pairs).resolve()} (val split, {d.pairs_val_fraction:g})"
     if len(texts.query) < MIN_QUERIES:
@@ -112,28 +109,16 @@ def best(scored: list[tuple[Settings, float]]) -> tuple[Settings, float]:
     return max(scored, key=lambda item: item[1])  # max() keeps the first of equals
 
 
-def tune_index(path: str | os.PathLike, *, pairs: str | os.PathLike | None = None, model: str | os.PathLike | None = None,
-               batch_size: int = 32) -> dict[str, Any]:
-    """Measure GRID on held-out pairs, record the best setting in the index; returns the record."""
-    from ...artifacts import MANIFEST, manifest_checksum
-    from ...util import atomic_write_text
-    from .build import writing
-
-    path = Path(path)
-    with writing(path), Index.open(path) as index:
-        queries, corpus, where = held_out(index.model if model is None else model, pairs)
-        embedder = load_embedder(index, model, batch_size=batch_size)
-        scored = score_grid(*tops(embedder, queries, corpus))
-        chosen, score = best(scored)
-        record = {**chosen.to_dict(), "tuned": {
-            "pairs": where, "queries": len(queries), "texts": len(corpus), "metric": f"ndcg@{DEPTH}",
-            "score": round(score, 4), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "grid": [{**s.to_dict(), "score": round(v, 4)} for s, v in scored]}}
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        manifest["search"] = record
-        manifest["manifest_sha256"] = manifest_checksum(manifest)
-        atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return record
+def measure(embedder: Any, held: tuple[list[str], list[str], str]) -> dict[str, Any]:
+    """Score GRID on held-out pairs (`held_out`) with the index's embedder: the record an index
+    keeps in its manifest's "search" field (the chosen setting, and what it was measured on)."""
+    queries, corpus, where = held
+    scored = score_grid(*tops(embedder, queries, corpus))
+    chosen, score = best(scored)
+    return {**chosen.to_dict(), "tuned": {
+        "pairs": where, "queries": len(queries), "texts": len(corpus), "metric": f"ndcg@{DEPTH}",
+        "score": round(score, 4), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "grid": [{**s.to_dict(), "score": round(v, 4)} for s, v in scored]}}
 
 
 def describe(s: Settings | dict[str, Any]) -> str:
@@ -142,18 +127,13 @@ def describe(s: Settings | dict[str, Any]) -> str:
     return s.describe()
 
 
-def tune_command(path: str | os.PathLike, *, pairs: str | None = None, model: str | None = None,
-                 as_json: bool = False) -> int:
-    """`lmforge index tune`: the grid's scores as a table (or JSON), and the setting recorded."""
+def show(record: dict[str, Any], path: str | os.PathLike) -> None:
+    """The grid's scores as a table, the chosen setting highlighted, and what searches now do."""
     from rich.markup import escape
     from rich.table import Table
 
     from ...util import out
 
-    record = tune_index(path, pairs=pairs, model=model)
-    if as_json:
-        print(json.dumps(record, indent=2))
-        return 0
     t = record["tuned"]
     table = Table(title=f"nDCG@{DEPTH} on {t['queries']} held-out queries among {t['texts']} texts")
     table.add_column("search")
@@ -162,9 +142,8 @@ def tune_command(path: str | os.PathLike, *, pairs: str | None = None, model: st
         table.add_row(describe(row), f"{row['score']:.4f}", style="bold green" if row["score"] == t["score"]
                       and describe(row) == describe(record) else None)
     out.print(table)
-    out.print(f"[green]{escape(str(path))}[/] now searches with {describe(record)} by default (nDCG@{DEPTH} "
+    out.print(f"[green]{escape(str(path))}[/] searches with {describe(record)} by default (nDCG@{DEPTH} "
               f"{t['score']:.4f}; pairs: {escape(t['pairs'])}); `--mode` still chooses per search")
-    return 0
 
 
-__all__ = ["GRID", "MIN_QUERIES", "held_out", "tops", "score_grid", "best", "tune_index", "tune_command", "describe"]
+__all__ = ["GRID", "MIN_QUERIES", "held_out", "tops", "score_grid", "best", "measure", "describe", "show"]
