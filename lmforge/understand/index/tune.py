@@ -1,4 +1,5 @@
-"""`lmforge index tune`: choose how an index is searched by default, by measurement on held-out queries.
+"""Choose how an index is searched by default, by measurement on held-out queries (`index build` of a
+contrastive run's model, `lmforge index tune`; the verbs are in build.py, the measurement here).
 
 Why
 ---
@@ -18,15 +19,16 @@ searches: the index's model and pooling, its BM25 (`Bm25` over `words`), the top
 each ranking fused by `Settings.fuse`. Every setting of `GRID` (dense, bm25, and hybrid over
 rrf_k x bm25_weight) is scored by nDCG@10; the best (the first of equals, in the grid's order,
 which puts the simpler settings first) goes into the manifest's "search" field with what it was
-measured on. `search`, `ask` and the server's /v1/search use it whenever the caller names no mode;
-`index add` keeps it.
+measured on (`measure`): written with the index by `index build`, or by `index tune` in one atomic
+rewrite of the manifest (checksum updated) under the index's writer lock. `search`, `ask` and the
+server's /v1/search use it whenever the caller names no mode; `index add` keeps it.
 
 Trade-offs: the pairs' texts are a small corpus (hundreds of texts) where an index may hold
 millions of chunks, so the measured balance is an estimate; on the bundled task the setting chosen
-on the stage's val pairs was also the best on the task's own queries (docs/search.md). Seventeen
-settings over a few hundred queries can pick noise when two are within ~0.005; the printed table
-shows the margins. The manifest is rewritten in place (one atomic write, checksum updated) under
-the index's writer lock; no file it covers changes.
+on the stage's val pairs scored within 0.001 of the best on the task's own queries (docs/search.md).
+Seventeen settings over a few hundred queries can pick noise when two are within ~0.005; the
+printed table shows the margins. Tuning embeds the pairs once more (a minute for SmolLM2-135M's
+167 pairs on one core), next to embedding the whole corpus.
 """
 
 from __future__ import annotations
