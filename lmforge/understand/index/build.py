@@ -1,4 +1,4 @@
-"""`lmforge index build | add | info | verify`: documents -> chunks -> vectors -> an index directory.
+"""`lmforge index build | add | info | verify | tune`: documents -> chunks -> vectors -> an index directory.
 
 Build
 -----
@@ -9,6 +9,9 @@ refused with --strict). Each document is cut into token windows (chunk.py) with 
 tokenizer, the chunks are embedded with the model's recorded pooling (`Embedder`), and a `Writer`
 fills a temporary directory that is published in one step (store.py). The manifest records the
 embedder's fingerprint and pooling, the model's path, the chunking, the counts and the versions.
+When the model is a contrastive run with its held-out pairs here, the build also chooses the
+index's default search on them (tune.py); `index tune` does the same for a built index (one
+atomic rewrite of its manifest), and `index add` keeps the setting.
 
 Add (atomic)
 ------------
@@ -53,7 +56,7 @@ from ...errors import DataError, LmforgeError
 from ...util import atomic_dir, atomic_write_text, console, human_bytes, sha256_bytes, writes_to
 from ...util import out as results_out
 from ..embed import Embedder
-from . import tune
+from . import tune as tuning
 from .chunk import Chunking, Lines, Span, check_size, cut, record_span, text_spans
 from .search import Ann, Bm25, Settings, load_embedder
 from .store import ANN_FILE, BM25_DIR, CHUNKS, INDEX_FORMAT, KIND, VECTORS, Index, Writer, is_index_dir, verify_index
@@ -130,7 +133,8 @@ def _finish(writer: Writer, tmp: Path, *, embedder: Embedder, model: str, chunki
             extend: tuple[Path, int] | None = None, search: dict[str, Any] | None = None) -> dict[str, Any]:
     """BM25, the ANN index when the size calls for one, and the manifest of a filled index.
     extend: (an older index's ANN file, the first new row): add the new rows to that graph
-    instead of building one over every row. search: an older index's tuned search setting (tune.py), kept."""
+    instead of building one over every row. search: the index's tuned default search (tune.py), when
+measured (build) or kept (add)."""
     counts = {**writer.counts(), "skipped": len(skipped)}
     texts = writer.texts()
     writer.close()
@@ -259,7 +263,7 @@ def _tuned(embedder: Embedder, model: str | os.PathLike, out: Path) -> dict[str,
     """The search setting `index tune` would record, measured on the held-out pairs of a contrastive
     run `model`; None (untuned) for any other model, or when its pairs cannot be used (said)."""
     try:
-        held = tune.held_out(model, None)
+        held = tuning.held_out(model, None)
     except LmforgeError as e:
         console.print(f"[yellow]not tuning the default search:[/] {escape(str(e))}")
         return None
@@ -267,8 +271,8 @@ def _tuned(embedder: Embedder, model: str | os.PathLike, out: Path) -> dict[str,
         return None
     console.print(f"choosing the default search on {len(held[0])} held-out pairs of {escape(str(model))} "
                   "(--no-tune skips this)")
-    record = tune.measure(embedder, held)
-    tune.show(record, out)
+    record = tuning.measure(embedder, held)
+    tuning.show(record, out)
     return record
 
 
@@ -362,18 +366,18 @@ def add_to_index(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
 
 def tune_index(path: str | os.PathLike, *, pairs: str | os.PathLike | None = None, model: str | os.PathLike | None = None,
                batch_size: int = 32) -> dict[str, Any]:
-    """`lmforge index tune`: measure tune.GRID on held-out pairs (--pairs, else the val pairs of
+    """`lmforge index tune`: measure tuning.GRID on held-out pairs (--pairs, else the val pairs of
     the contrastive run that built the index) and record the best setting in the manifest's
     "search" field: one atomic rewrite of MANIFEST.json (checksum updated) under the writer lock;
     no file it covers changes. Returns the record."""
     path = Path(path)
     with writing(path), Index.open(path) as index:
-        held = tune.held_out(index.model if model is None else model, pairs)
+        held = tuning.held_out(index.model if model is None else model, pairs)
         if held is None:
             raise LmforgeError(f"the model {index.model} is not a contrastive run whose pairs file is here, so there "
                                "are no held-out pairs to measure on; pass --pairs FILE (JSONL of query/positive "
                                "pairs the model was not trained on)")
-        record = tune.measure(load_embedder(index, model, batch_size=batch_size), held)
+        record = tuning.measure(load_embedder(index, model, batch_size=batch_size), held)
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         manifest["search"] = record
         manifest["manifest_sha256"] = manifest_checksum(manifest)
@@ -388,7 +392,7 @@ def tune_command(path: str | os.PathLike, *, pairs: str | None = None, model: st
     if as_json:
         print(json.dumps(record, indent=2))
     else:
-        tune.show(record, path)
+        tuning.show(record, path)
     return 0
 
 
