@@ -497,6 +497,23 @@ def test_ask_prints_the_answer_and_its_sources(built, models, capsys) -> None:
     assert all(s["in_prompt"] for s in res["sources"][:3 - res["dropped"]])
 
 
+def test_ask_decodes_in_the_decoding_layout_with_the_same_answer(built, models, capsys, monkeypatch) -> None:
+    from lmforge import quant
+
+    args = ("ask", str(built), "How do I reset the printer?", "--model", str(models[0]), "-k", "2", "--max-tokens", "12",
+            "--json", "--threads", "1")
+    prepared: list[str] = []
+    real = quant.prepare
+    monkeypatch.setattr(quant, "prepare", lambda model, weights="fp32", stored=None: prepared.append(weights) or real(model, weights, stored))
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and prepared == ["fp32"]  # laid out for decoding, as sample does
+    monkeypatch.setattr(quant, "prepare", lambda model, weights="fp32", stored=None: model)  # as before: plain weights
+    code, plain, _ = run_cli(capsys, *args)
+    assert code == 0 and json.loads(out)["answer"] == json.loads(plain)["answer"]
+    code, _, err = run_cli(capsys, "ask", str(built), "printer?", "--model", str(models[0]), "--threads", "512")
+    assert code != 0 and "--threads" in one_line(err)
+
+
 def test_ask_drops_sources_that_do_not_fit(built, models, tok, tmp_path, capsys) -> None:
     small = model_dir(tok, tmp_path, 0, max_seq_len=192)  # a context that holds the instruction and a source or two
     code, out, err = run_cli(capsys, "ask", str(built), "printer?", "--model", str(small), "--embed-model",

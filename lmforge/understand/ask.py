@@ -117,10 +117,14 @@ def cited(text: str, n_sources: int) -> list[int]:
 
 def ask(index_path: str | os.PathLike, question: str, *, model: str | os.PathLike, k: int = 5,
         mode: str | None = None, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
-        embed_model: str | os.PathLike | None = None, chat_template: str | None = None) -> Answer:
-    """Retrieve, prompt, generate and cite (module docstring)."""
+        embed_model: str | os.PathLike | None = None, chat_template: str | None = None,
+        threads: int | None = None) -> Answer:
+    """Retrieve, prompt, generate and cite (module docstring). threads: as every computing verb's
+    --threads (lmforge/threads.py: 0 or None, lmforge chooses and adapts)."""
     from ..artifacts import load_model
     from ..generate import check_sampling, stream
+    from ..quant import prepare
+    from ..threads import govern
     from .embed import Embedder, Pooling
     from .index.search import Searcher, Settings, check_embedder, load_embedder
     from .index.store import Index
@@ -132,6 +136,7 @@ def ask(index_path: str | os.PathLike, question: str, *, model: str | os.PathLik
     if max_tokens < 1:
         raise LmforgeError(f"--max-tokens must be >= 1, got {max_tokens}")
     check_sampling(temperature, 0, 1.0, seed)
+    governor = govern(threads)
     with Index.open(index_path) as index:
         loaded = load_model(model)
         mode = mode or Settings.of(index).mode  # None: the index's own (lmforge index tune)
@@ -143,6 +148,8 @@ def ask(index_path: str | os.PathLike, question: str, *, model: str | os.PathLik
         else:
             embedder = load_embedder(index, embed_model)
         retrieved = Searcher(index, embedder).search(question, k=k, mode=mode)
+    if not hasattr(loaded.model, "weights"):  # retrieval is done: lay the weights out for decoding, as sample does
+        prepare(loaded.model, "fp32")
     tok, context = loaded.tokenizer, loaded.model.cfg.max_seq_len
     room = min(max_tokens, context // 2)
     if room < max_tokens:
@@ -153,7 +160,8 @@ def ask(index_path: str | os.PathLike, question: str, *, model: str | os.PathLik
         console.print(f"dropped the {len(retrieved) - len(sources)} lowest-ranked of {len(retrieved)} sources: "
                       f"they do not fit the model's context of {context} tokens beside a {room}-token answer")
     decoder, text, n = StreamDecoder(tok), "", 0
-    for token in stream(loaded.model, ids, max_tokens=room, temperature=temperature, seed=seed, stop_ids=tok.end_ids):
+    for token in stream(loaded.model, ids, max_tokens=room, temperature=temperature, seed=seed, stop_ids=tok.end_ids,
+                        governor=governor):
         n += 1
         text += decoder.push(token)
         if any(s in text for s in prompter.stop):
@@ -167,7 +175,7 @@ def ask(index_path: str | os.PathLike, question: str, *, model: str | os.PathLik
 
 def ask_command(index_path: str, question: str, *, model: str, k: int = 5, mode: str | None = None,
                 max_tokens: int = 256, temperature: float = 0.0, seed: int = 0, embed_model: str | None = None,
-                chat_template: str | None = None, as_json: bool = False) -> int:
+                chat_template: str | None = None, as_json: bool = False, threads: int | None = None) -> int:
     """Print the answer, then its cited sources (`[n] path:lines`); --json: everything."""
     template = None
     if chat_template is not None:
@@ -176,7 +184,7 @@ def ask_command(index_path: str, question: str, *, model: str, k: int = 5, mode:
         except OSError as e:
             raise LmforgeError(f"cannot read the chat template {chat_template}: {e.strerror or e}") from None
     answer = ask(index_path, question, model=model, k=k, mode=mode, max_tokens=max_tokens, temperature=temperature,
-                 seed=seed, embed_model=embed_model, chat_template=template)
+                 seed=seed, embed_model=embed_model, chat_template=template, threads=threads)
     if as_json:
         print(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
         return 0
