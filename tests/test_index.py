@@ -215,6 +215,40 @@ def test_bm25_words_split_identifiers() -> None:
                                                                       "config", "42"]
 
 
+def test_bm25_words_of_any_script() -> None:
+    assert S.words("Café CAFÉ naïve Straße ÜberClass ＡＢＣ ２０２６") == ["cafe", "cafe", "naive", "strasse", "uberclass",
+                                                                    "abc", "2026"]
+    assert S.words("プリンターの再起動 한국어 文") == ["プリ", "リン", "ンタ", "ター", "ーの", "の再", "再起", "起動", "한국", "국어", "文"]
+    # on ASCII text the older rule and this one agree, so an index of the older rule keeps answering alike
+    text = "read_config(HTTPServer) readConfig 42 the x_y z9 HTMLParser2Go"
+    assert S.words(text) == S.words(text, "words-v1")
+    assert S.words("Café", "words-v1") == ["caf"]  # what it did to accents: why v2
+
+
+def test_bm25_finds_words_of_other_scripts_and_survives_a_corpus_without_terms() -> None:
+    bm = S.Bm25.build(["プリンターの再起動は電源ボタンを長押し", "VPNが切れる場合は証明書を更新", "Un café crème, s'il vous plaît"])
+    assert bm.search("再起動", 3)[0].tolist() == [0] and bm.search("証明書", 3)[0].tolist() == [1]
+    assert bm.search("cafe creme", 3)[0].tolist() == [2]
+    empty = S.Bm25.build(["!!!", "..."])  # nothing to index: no crash, and nothing found
+    assert empty.search("anything", 2)[0].tolist() == []
+
+
+def test_an_index_of_the_older_term_rule_splits_queries_by_it(built, tmp_path) -> None:
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(built, old)
+    m = json.loads((old / "MANIFEST.json").read_text())
+    assert m["bm25"]["terms"] == S.TERMS
+    m["bm25"]["terms"] = "words-v1"
+    m["manifest_sha256"] = artifacts.manifest_checksum(m)
+    (old / "MANIFEST.json").write_text(json.dumps(m))
+    with Index.open(old) as index:
+        assert S.Searcher(index).bm25().terms == "words-v1"
+    with Index.open(built) as index:
+        assert S.Searcher(index).bm25().terms == S.TERMS
+
+
 # ---- build, search, info, verify -------------------------------------------------------------------------
 
 

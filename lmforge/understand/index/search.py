@@ -26,9 +26,13 @@ exact scan's latency passes the query's embedding time (docs/search.md).
 
 BM25 and hybrid
 ---------------
-`Bm25` is `bm25s` (Lucene's BM25 variant, sparse matrices, saved without pickle) over words:
-lower-cased letter and digit runs, identifiers split at `_` and camelCase (`read_config`,
-`readConfig` -> `read`, `config`), English stop words dropped. Hybrid fuses the dense and BM25
+`Bm25` is `bm25s` (Lucene's BM25 variant, sparse matrices, saved without pickle) over words
+(`words`, rule "words-v2"): runs of letters of any script and of digits, case and accents folded
+(`Café` -> `cafe`), identifiers split at `_` and camelCase (`read_config`, `readConfig` -> `read`,
+`config`), scripts written without spaces (Chinese, Japanese, Korean) as overlapping character
+pairs, English stop words dropped. An index records its rule (manifest `bm25.terms`) and its
+queries are split by the same one: indexes of the ASCII-only "words-v1" rule keep working (the
+two agree on ASCII text). Hybrid fuses the dense and BM25
 rankings (top `CANDIDATES` of each) by reciprocal rank fusion, score(d) = 1 / (k + dense rank) +
 w / (k + BM25 rank), rank starting at 1; it needs no calibration between the two kinds of score.
 An index searches with k = RRF_K = 60 (Cormack et al. 2009), w = 1 and DEFAULT_MODE (hybrid: far
@@ -46,6 +50,7 @@ import functools
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +187,12 @@ class Ann:
 
 # ---- BM25 ----------------------------------------------------------------------------------------
 
-_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")  # HTTPServer -> HTTP, Server; read_config -> read, config
+_WORD_V1 = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")  # ASCII only: what indexes of lmforge <= 0.x hold
+_RUN = re.compile(r"[^\W\d_]+|\d+")  # runs of letters (any script) or of digits; `_` and punctuation split
+_CAMEL = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")  # HTTPServer -> HTTP, Server
+# scripts written without spaces between words: Han, Hiragana, Katakana, Hangul syllables
+_UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]+")
+TERMS = "words-v2"  # the term rule new indexes record (Bm25.describe); `words(text, version)` keeps the older one
 
 
 @functools.cache
@@ -192,38 +202,73 @@ def _stopwords() -> frozenset[str]:
     return frozenset(STOPWORDS_EN)
 
 
-def words(text: str) -> list[str]:
-    """The BM25 terms of a text (see the module docstring)."""
+def _folded(word: str) -> str:
+    """Case and accents folded (café, Café, CAFE -> cafe; Straße -> strasse; full-width letters to
+    ASCII): a query typed without accents finds the accented text, as search engines' folding does."""
+    return "".join(c for c in unicodedata.normalize("NFKD", word.casefold()) if not unicodedata.combining(c))
+
+
+def _pieces(run: str) -> list[str]:
+    """The terms of one run of letters, lower-cased: camelCase split in ASCII; overlapping
+    character pairs of a script written without spaces (as Lucene's CJK analyzer does, so a word
+    of any length is found without a dictionary); any other run whole, case and accents folded."""
+    if run.isascii():
+        return [w.lower() for w in _CAMEL.findall(run)]
+    out: list[str] = []
+    pos = 0
+    for m in _UNSPACED.finditer(run):
+        if m.start() > pos:
+            out.append(_folded(run[pos : m.start()]))
+        seg = m.group()
+        out.extend([seg] if len(seg) == 1 else [seg[i : i + 2] for i in range(len(seg) - 1)])
+        pos = m.end()
+    if pos < len(run):
+        out.append(_folded(run[pos:]))
+    return out
+
+
+def words(text: str, version: str = TERMS) -> list[str]:
+    """The BM25 terms of a text (see the module docstring): runs of letters of any script, case and
+    accents folded, identifiers split at `_` and camelCase, digit runs, CJK as character pairs; English
+    stop words and one-character terms dropped (a lone CJK character kept: it may be a word).
+    version "words-v1": the ASCII-only rule of older indexes, so their queries match their terms."""
     stop = _stopwords()
-    return [w for w in (m.lower() for m in _WORD.findall(text)) if len(w) > 1 and w not in stop]
+    if version == "words-v1":
+        return [w for w in (m.lower() for m in _WORD_V1.findall(text)) if len(w) > 1 and w not in stop]
+    terms = (p for run in _RUN.findall(text) for p in ([_folded(run)] if run.isdigit() else _pieces(run)))
+    return [w for w in terms if (len(w) > 1 or _UNSPACED.match(w)) and w not in stop]
 
 
 class Bm25:
     """A bm25s index over the chunk texts, row i = chunk i."""
 
-    def __init__(self, retriever: Any, rows: int) -> None:
-        self.retriever, self.rows = retriever, rows
+    def __init__(self, retriever: Any, rows: int, terms: str = TERMS) -> None:
+        self.retriever, self.rows, self.terms = retriever, rows, terms
 
     @classmethod
     def build(cls, texts: Sequence[str]) -> Bm25:
         import bm25s
 
+        corpus = [words(t) for t in texts]
+        if not any(corpus):  # no text has a term (symbols only): bm25s needs one; no query ever has this one
+            corpus = [["\x00"] for _ in corpus]
         retriever = bm25s.BM25()
-        retriever.index([words(t) for t in texts], show_progress=False)
+        retriever.index(corpus, show_progress=False)
         return cls(retriever, len(texts))
 
     def save(self, directory: Path) -> None:
         self.retriever.save(str(directory), show_progress=False)
 
     @classmethod
-    def load(cls, directory: Path, rows: int) -> Bm25:
+    def load(cls, directory: Path, rows: int, terms: str = TERMS) -> Bm25:
+        """terms: the rule the index was built with (its manifest's bm25.terms), applied to queries too."""
         import bm25s
 
-        return cls(bm25s.BM25.load(str(directory), mmap=False, show_progress=False), rows)
+        return cls(bm25s.BM25.load(str(directory), mmap=False, show_progress=False), rows, terms)
 
     def search(self, query: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows and scores of the best n chunks with a positive score (no shared term: none)."""
-        terms = words(query)
+        terms = words(query, self.terms)
         n = min(n, self.rows)
         if not terms or n == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -236,7 +281,7 @@ class Bm25:
         import bm25s
 
         return {"library": "bm25s", "version": bm25s.__version__, "method": "lucene", "k1": 1.5, "b": 0.75,
-                "terms": "words-v1", "directory": BM25_DIR}
+                "terms": TERMS, "directory": BM25_DIR}
 
 
 # ---- fusion --------------------------------------------------------------------------------------
@@ -336,7 +381,8 @@ class Searcher:
 
     def bm25(self) -> Bm25:
         if self._bm25 is None:
-            self._bm25 = Bm25.load(self.index.path / BM25_DIR, self.index.rows)
+            terms = (self.index.fields.get("bm25") or {}).get("terms", "words-v1")
+            self._bm25 = Bm25.load(self.index.path / BM25_DIR, self.index.rows, terms)
         return self._bm25
 
     def ann(self) -> Ann | None:
@@ -421,4 +467,4 @@ def search_command(path: str | os.PathLike, query: str, *, k: int = 5, mode: str
 
 
 __all__ = ["load_embedder", "search_command", "MODES", "DEFAULT_MODE", "RRF_K", "CANDIDATES", "ANN_MIN_ROWS", "ANN_NPROBE", "Embeds", "exact_search",
-           "rescore", "Ann", "words", "Bm25", "rrf", "Settings", "check_embedder", "Searcher"]
+           "rescore", "Ann", "words", "TERMS", "Bm25", "rrf", "Settings", "check_embedder", "Searcher"]
