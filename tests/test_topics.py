@@ -129,6 +129,18 @@ def test_term_counter_and_keywords_on_a_toy_corpus() -> None:
     assert S.diversity([[("a", 1.0), ("b", 1.0)], [("a", 1.0), ("c", 1.0)]]) == 0.75
 
 
+def test_keywords_of_text_written_without_spaces_are_character_pairs() -> None:
+    # a sentence of Japanese is one "word" to CountVectorizer's pattern: no keyword would ever repeat
+    assert S.keyword_terms("プリンターの再起動 read_config w3x5 café") == [
+        "プリ", "リン", "ンタ", "ター", "ーの", "の再", "再起", "起動", "read_config", "w3x5", "café"]
+    c = S.TermCounter(2, stop_words="english", ngram_range=(1, 1))
+    c.add(["プリンターの再起動", "再起動できない", "the vpn drops", "vpn is slow"], np.array([0, 0, 1, 1]))
+    counts, vocab = c.counts(min_df=2)
+    assert sorted(vocab) == ["vpn", "再起", "起動"]
+    kw = S.top_terms(S.ctfidf(counts), vocab, 2)
+    assert {w for w, _ in kw[0]} == {"再起", "起動"} and [w for w, _ in kw[1]] == ["vpn"]
+
+
 # ---- outliers ----------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ Each is small enough to check against numbers worked out by hand (tests/test_top
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -165,6 +166,19 @@ def top_terms(weights: Any, vocab: Sequence[str], k: int) -> list[list[tuple[str
     return out
 
 
+_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn CountVectorizer's default token pattern
+
+
+def keyword_terms(text: str) -> list[str]:
+    """The keyword terms of a (lower-cased) text: CountVectorizer's default tokens (two or more word
+    characters), except that Chinese, Japanese and Korean, written without spaces, become
+    overlapping character pairs (`index.search.split_unspaced`): else a whole sentence of them
+    would be one term, and no keyword would ever repeat."""
+    from .index.search import split_unspaced
+
+    return [p for tok in _TOKEN.findall(text) for p in split_unspaced(tok)]
+
+
 class TermCounter:
     """Term counts per class over batches of texts (bounded memory: one batch of texts at a time;
     the counts themselves are one sparse (classes x vocabulary) matrix, summed batch by batch; the
@@ -183,7 +197,7 @@ class TermCounter:
         import scipy.sparse as sp
         from sklearn.feature_extraction.text import CountVectorizer
 
-        cv = CountVectorizer(stop_words=self.stop_words, ngram_range=self.ngram_range)
+        cv = CountVectorizer(stop_words=self.stop_words, ngram_range=self.ngram_range, tokenizer=keyword_terms, token_pattern=None)
         try:
             x = cv.fit_transform(texts)  # (B, V_batch)
         except ValueError:  # "empty vocabulary": every word of the batch is a stop word or too short

@@ -208,23 +208,30 @@ def _folded(word: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKD", word.casefold()) if not unicodedata.combining(c))
 
 
-def _pieces(run: str) -> list[str]:
-    """The terms of one run of letters, lower-cased: camelCase split in ASCII; overlapping
-    character pairs of a script written without spaces (as Lucene's CJK analyzer does, so a word
-    of any length is found without a dictionary); any other run whole, case and accents folded."""
-    if run.isascii():
-        return [w.lower() for w in _CAMEL.findall(run)]
+def split_unspaced(run: str) -> list[str]:
+    """A run of word characters -> its parts: each stretch of a script written without spaces
+    (Chinese, Japanese, Korean) as overlapping character pairs, as Lucene's CJK analyzer does (a
+    word of any length is found without a dictionary; one character alone stays itself), and the
+    stretches between them whole. A run with no such script comes back as it is."""
     out: list[str] = []
     pos = 0
     for m in _UNSPACED.finditer(run):
         if m.start() > pos:
-            out.append(_folded(run[pos : m.start()]))
+            out.append(run[pos : m.start()])
         seg = m.group()
         out.extend([seg] if len(seg) == 1 else [seg[i : i + 2] for i in range(len(seg) - 1)])
         pos = m.end()
     if pos < len(run):
-        out.append(_folded(run[pos:]))
+        out.append(run[pos:])
     return out
+
+
+def _pieces(run: str) -> list[str]:
+    """The terms of one run of letters, lower-cased: camelCase split in ASCII; CJK as character
+    pairs (`split_unspaced`); any other part whole, case and accents folded."""
+    if run.isascii():
+        return [w.lower() for w in _CAMEL.findall(run)]
+    return [p if _UNSPACED.match(p) else _folded(p) for p in split_unspaced(run)]
 
 
 def words(text: str, version: str = TERMS) -> list[str]:
@@ -467,4 +474,4 @@ def search_command(path: str | os.PathLike, query: str, *, k: int = 5, mode: str
 
 
 __all__ = ["load_embedder", "search_command", "MODES", "DEFAULT_MODE", "RRF_K", "CANDIDATES", "ANN_MIN_ROWS", "ANN_NPROBE", "Embeds", "exact_search",
-           "rescore", "Ann", "words", "TERMS", "Bm25", "rrf", "Settings", "check_embedder", "Searcher"]
+           "rescore", "Ann", "words", "split_unspaced", "TERMS", "Bm25", "rrf", "Settings", "check_embedder", "Searcher"]
