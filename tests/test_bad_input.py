@@ -70,6 +70,7 @@ VERBS: dict[tuple[str, ...], list[str]] = {
     ("index", "add"): ["<tmp>/index", CORPUS],
     ("index", "info"): ["<tmp>/index"],
     ("index", "verify"): ["<tmp>/index"],
+    ("index", "tune"): ["<tmp>/index"],
     ("search",): ["<tmp>/index", "a query"],
     ("ask",): ["<tmp>/index", "a question", "--model", RUN],
     ("topics",): [RUN, CORPUS, "--out", "<tmp>/topics"],
@@ -355,6 +356,8 @@ HAND = [
     (["search", "<binary>", "a query"], "no such index"),
     (["ask", "<binary>", "a question", "--model", RUN], "no such index"),
     (["index", "add", "<binary>", CORPUS], "no such index"),
+    (["index", "tune", "<binary>"], "no such index"),
+    (["index", "tune", "<tmp>/missing", "--pairs", "<binary>"], "no such index"),
     (["topics", RUN, CORPUS, "--out", "<tmp>/o", "--stop-words", "<binary>"], "--stop-words"),
     # plan / runs
     (["plan", "--quality-of", "7B", "--law", "<binary>"], "not a loss-law JSON"),
