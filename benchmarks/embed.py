@@ -196,16 +196,17 @@ def quality_section(models: list[tuple[str, Path]], task: Task, batch_size: int,
     bm25_top = [index_bm25.search(q.text, CANDIDATES)[0].tolist() for q in task.queries]
     row("BM25 (an lmforge index's: identifiers split)", searched(Settings("bm25"), bm25_top, bm25_top),
         time.perf_counter() - start)
-    best: tuple[float, str, Path, np.ndarray] | None = None
+    best: tuple[float, str, Path, Embedder, np.ndarray] | None = None
     for name, path in models:
         start = time.perf_counter()
-        scores = scores_of(Embedder.load(path, device="cpu", dtype="fp32", batch_size=batch_size), task)
+        emb = Embedder.load(path, device="cpu", dtype="fp32", batch_size=batch_size)
+        scores = scores_of(emb, task)
         m = metrics_of(scores, task)
         row(name, m, time.perf_counter() - start)
         if best is None or m["ndcg@10"] > best[0]:
-            best = (m["ndcg@10"], name, path, scores)
+            best = (m["ndcg@10"], name, path, emb, scores)
     if best is not None:
-        _, name, path, scores = best
+        _, name, path, emb, scores = best
         dense_top = np.argsort(-scores, axis=1, kind="stable")[:, :CANDIDATES].tolist()
         row(f"hybrid: the index's BM25 + {name}, plain RRF (k 60, equal weights)", searched(Settings("hybrid"), dense_top, bm25_top), 0)
         held = tune.held_out(path, None)  # what `lmforge index tune` would use for an index of this model
@@ -214,7 +215,6 @@ def quality_section(models: list[tuple[str, Path]], task: Task, batch_size: int,
         else:
             queries, corpus, _ = held
             start = time.perf_counter()
-            emb = Embedder.load(path, device="cpu", dtype="fp32", batch_size=batch_size)
             chosen, val = tune.best(tune.score_grid(*tune.tops(emb, queries, corpus)))
             row(f"hybrid: the same, tuned on {len(queries)} held-out pairs of the stage ({tune.describe(chosen)}, "
                 f"their nDCG@10 {val:.3f})", searched(chosen, dense_top, bm25_top), time.perf_counter() - start)

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from .index.search import split_unspaced
+
 
 def canonical_labels(labels: np.ndarray) -> np.ndarray:
     """Cluster labels renumbered 0, 1, ... by size (largest first; ties: the earliest first
@@ -174,8 +176,6 @@ def keyword_terms(text: str) -> list[str]:
     characters), except that Chinese, Japanese and Korean, written without spaces, become
     overlapping character pairs (`index.search.split_unspaced`): else a whole sentence of them
     would be one term, and no keyword would ever repeat."""
-    from .index.search import split_unspaced
-
     return [p for tok in _TOKEN.findall(text) for p in split_unspaced(tok)]
 
 

@@ -425,7 +425,7 @@ def search_default(record: dict[str, Any] | None) -> str:
     if not record:
         return f"{Settings().describe()}, the default (not tuned: lmforge index tune)"
     t = record.get("tuned", {})
-    s = Settings(record["mode"], int(record["rrf_k"]), float(record["bm25_weight"]))
+    s = Settings.from_record(record)
     return f"{s.describe()}, tuned: nDCG@10 {t.get('score')} on {t.get('queries')} held-out pairs ({t.get('time')})"
 
 

@@ -317,9 +317,14 @@ class Settings:
     bm25_weight: float = 1.0  # the BM25 ranking's weight in the fusion; the dense ranking's is 1
 
     @classmethod
-    def of(cls, index: Index) -> Settings:
-        rec = index.fields.get("search") or {}
+    def from_record(cls, rec: dict[str, Any] | None) -> Settings:
+        """A setting as `to_dict` (and the manifest's "search" field) holds it; None or {}: the default."""
+        rec = rec or {}
         return cls(str(rec.get("mode", DEFAULT_MODE)), int(rec.get("rrf_k", RRF_K)), float(rec.get("bm25_weight", 1.0)))
+
+    @classmethod
+    def of(cls, index: Index) -> Settings:
+        return cls.from_record(index.fields.get("search"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "rrf_k": self.rrf_k, "bm25_weight": self.bm25_weight}

@@ -125,7 +125,7 @@ def measure(embedder: Any, held: tuple[list[str], list[str], str]) -> dict[str, 
 
 def describe(s: Settings | dict[str, Any]) -> str:
     """A setting (or its record) in words, as the table and the benchmarks print it."""
-    s = s if isinstance(s, Settings) else Settings(s["mode"], int(s["rrf_k"]), float(s["bm25_weight"]))
+    s = s if isinstance(s, Settings) else Settings.from_record(s)
     return s.describe()
 
 
