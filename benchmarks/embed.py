@@ -9,8 +9,9 @@ Sections (all by default, or name some):
               achieved FLOP rate is set against `hardware.matmul_rate`'s best square-matmul rate
               with the same threads, measured just before and after each measurement (the core's
               speed drifts); --rounds interleaved rounds, medians. Two batchings side by side: a
-              fixed count of --batch-size texts (what lmforge did before 2026-12-07) and the
-              default on a CPU, at most BATCH_TOKENS_CPU padded tokens a batch. Forward-only FLOPs
+              fixed count of --batch-size texts (what lmforge did before 2026-12-07), the default
+              on a CPU (at most BATCH_TOKENS_CPU padded tokens a batch), and that with --compile
+              (its first batch, where compiling happens, is timed apart). Forward-only FLOPs
               per token = 2 x non-embedding parameters (no lm_head: an embedding stops at the
               hidden states) + 2 x n_layer x d_model x L for the causal half of attention over a
               text of L tokens.
@@ -131,19 +132,24 @@ def peak_rate(dtype: torch.dtype) -> float:
 
 
 def throughput(name: str, path: Path, texts: list[str], batch_size: int, rounds: int) -> None:
-    """One row per dtype and batching: the old fixed count (`batch_tokens=0`) against the default
-    token budget on a CPU (embed.BATCH_TOKENS_CPU), interleaved over `rounds`; medians."""
+    """One row per dtype and variant: the old fixed count (`batch_tokens=0`), the default token
+    budget on a CPU (embed.BATCH_TOKENS_CPU), and that compiled; interleaved over `rounds`; medians."""
     dtypes = ["fp32"] + (["bf16"] if auto_dtype("cpu") == "bf16" else [])
     for dtype in dtypes:
-        variants = {f"{batch_size} texts": 0, f"<= {batch_size} texts, <= {BATCH_TOKENS_CPU} tokens (default)": None}
-        embs = {k: Embedder.load(path, device="cpu", dtype=dtype, batch_size=batch_size, batch_tokens=v)
-                for k, v in variants.items()}
+        budget = f"<= {batch_size} texts, <= {BATCH_TOKENS_CPU} tokens"
+        variants = {f"{batch_size} texts": (0, False), f"{budget} (default)": (None, False),
+                    f"{budget}, --compile": (None, True)}
+        embs = {k: Embedder.load(path, device="cpu", dtype=dtype, batch_size=batch_size, batch_tokens=v, compile=c)
+                for k, (v, c) in variants.items()}
         first = next(iter(embs.values()))
         ids = [r[: first.max_len] for r in first.tokenize(texts)]
         tokens, mean_len = sum(map(len, ids)), statistics.mean(map(len, ids))
         got: dict[str, list[tuple[float, float, float]]] = {k: [] for k in embs}  # (seconds, rate, peak)
         for emb in embs.values():
-            emb.embed_ids(ids[:batch_size])  # warm up
+            start = time.perf_counter()
+            emb.embed_ids(ids[:batch_size])  # warm up (and compile)
+            if emb.compiled:
+                print(f"({name}, {dtype}: --compile's first batch took {time.perf_counter() - start:.1f} s)", flush=True)
         for _ in range(rounds):  # interleaved, so drift of the machine biases no variant
             for k, emb in embs.items():
                 before = peak_rate(DTYPES[dtype])
