@@ -481,7 +481,10 @@ def compile_blocks(model: Transformer) -> None:
     for embeddings on a CPU (docs/embeddings.md "Speed"). It costs ~15 s of compilation the first
     time in a process (one graph serves every block, batch and length; inductor's on-disk cache
     makes later processes quicker), so it is opt-in (`--compile`), not a default. The numbers
-    equal the eager ones up to float rounding (fused reductions sum in another order).
+    equal the eager ones up to float rounding (fused reductions sum in another order). Inductor
+    builds kernels for the thread count of the moment: when the thread governor changes it, the
+    next forward compiles once more for the new count (never more threads than torch is told).
+    Decoding is not compiled: a KV cache's growing position recompiles every step.
     `eager_blocks` undoes it; the weights, names and state dict are untouched either way."""
     for block in model.model.layers:
         block.forward = torch.compile(block.forward, dynamic=True)  # an instance attribute over the class's forward
