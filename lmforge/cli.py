@@ -664,7 +664,8 @@ def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
 # ---- parser ----------------------------------------------------------------------------------
 
 THREADS_DEFAULT = "the cores other processes leave free, at least 1; fewer while they take more (docs/inference.md)"
-COMPILE_HELP = "torch.compile the model's blocks: ~15 s once, then ~10 %% faster embedding (for large inputs)"
+COMPILE_HELP = ("torch.compile the model's blocks: ~15 s to compile, then up to ~10 %% faster embedding on one core "
+                "(docs/embeddings.md \"Speed\")")
 WEIGHTS_CHOICES = ("fp32", "f16", "int8")  # lmforge/quant.py WEIGHTS (not imported: it loads torch)
 QUANTIZE_HELP = ("weights for inference: fp32, f16 (half the bytes) or int8 (a quarter; docs/inference.md); "
                  "default: as stored")
