@@ -207,7 +207,8 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K = self.in_features
         rows = x.numel() // K
-        if (rows > 1 and (self.max_rows is None or rows <= self.max_rows) and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu"
+        most = rows if self.max_rows is None else self.max_rows
+        if (1 < rows <= most and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, K), self.packed, None, "none", [], "")
             return y.view(*x.shape[:-1], self.out_features)

@@ -7,13 +7,16 @@ head_dim), allocated once. Each running request holds one slot (a row of that ca
 length. The engine thread loops over one *step*:
 
 1. drop requests that were cancelled (client gone) or passed their deadline; their slots free up;
-2. admit waiting requests into free slots and prefill them together: one forward over the new
-   prompts, right-padded to the longest (padding sits after each prompt, so the causal mask
-   already keeps real tokens from seeing it; what padding writes into the cache lies beyond the
-   row's length and is overwritten before it is ever attended to);
+2. admit waiting requests into free slots (shortest prompt first) and prefill them in runs of
+   similar length, one forward per run over its prompts right-padded to the run's longest
+   (padding sits after each prompt, so the causal mask already keeps real tokens from seeing it;
+   what padding writes into the cache lies beyond the row's length and is overwritten before it
+   is ever attended to). `prefill_groups` picks the runs: one forward over 16 prompts of 21-56
+   tokens computed 896 positions for 632 real ones; three runs compute 709 and took 25 % less;
 3. one decode forward for every running row: row b feeds its last token at its own position
    `length_b` (RoPE by `positions`), writes its K/V there, and attends to keys 0..length_b
-   through a (B, 1, L) mask. This is the model's `positions`/`attn_mask` path (lmforge/model.py).
+   through a (B, 1, L) mask. This is the model's `positions`/`attn_mask` path (lmforge/model.py,
+   `decode_attention`).
 
 New requests therefore join the batch between decode steps, and a finished row leaves at once.
 Running rows stay packed in slots 0..n-1: when a row finishes, the last row's cache is copied
@@ -47,8 +50,8 @@ at `submit` (`check`), so this is the second line: a bad request should never ge
 
 Trade-offs
 ----------
-- Rows in one forward are padded to a common length: prefill to the longest new prompt, decode
-  attention to the longest running row. Simple and dense; paged attention would waste less at
+- Rows in one forward are padded to a common length: prefill to the longest prompt of its run,
+  decode attention to the longest running row. Simple and dense; paged attention would waste less at
   very mixed lengths, but needs kernels we do not have on CPU.
 - Batched and single-sequence forwards run the same arithmetic in a different shape, so logits
   may differ in the last float bits (GEMM blocking depends on the batch size). Greedy tokens
@@ -196,7 +199,8 @@ class SlotView:
             heads = torch.arange(B * kv, device=k.device).view(B, kv, 1) * S  # (B, kv, 1): each head's first position
             self.rows = (heads + self.positions[:, None, :]).flatten()  # (B * kv * T,)
         # One index_copy_ of B * kv * T rows of hd values into the (contiguous) rows lo..hi-1 seen
-        # flat: a scatter_ with an expanded (B, kv, T, hd) index cost 35 us a layer, this a few.
+        # flat, for K and for V: 1.8 ms less per 16-row step than a scatter_ along positions with
+        # an expanded (B, kv, T, hd) index (docs/inference.md).
         K.view(-1, hd).index_copy_(0, self.rows, k.reshape(-1, hd))
         V.view(-1, hd).index_copy_(0, self.rows, v.reshape(-1, hd))
         return K[:, :, : self.length], V[:, :, : self.length]  # (B, kv, L, hd)
