@@ -22,6 +22,8 @@ Trade-offs
   head), except for bf16 on CPU up to EXPLICIT_ATTENTION_MAX_LEN positions: there the flash
   kernel's backward is ~2x slower than two AMX batched matmuls and a softmax, so an explicit
   path is used (it keeps the (B, H, T, T) probabilities for backward, hence the length cap).
+  serve's decode step (a cache, a mask, one query per row) takes `decode_attention`, two batched
+  matmuls over the cache views: ~1 % of that step faster than SDPA there (docs/inference.md).
 - The residual stream stays in the parameters' dtype (fp32 under autocast); matmuls run in bf16
   under autocast. Each norm output is cast once for the matmuls that share it, and RoPE runs on
   contiguous (B, T, H, hd) tensors in the activations' dtype (no silent promotion to fp32).

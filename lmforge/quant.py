@@ -16,9 +16,10 @@ loaded model into the form that reads fastest (in place; the model is for infere
           head 1.9-2.8x faster from oneDNN's prepacked copy: `pack_head(model)`, which the serve
           engine calls, makes the head a `PackedLinear` (the same weight Parameter, so the tied
           embedding and the one-row path are unchanged, plus that copy: vocab x d_model x 4 more
-          bytes, 113 MB for SmolLM2-135M). The block matrices stay as they are: packed, they
-          saved at most 31 % (gate/up at 4 rows) and lost at one row (measured per shape:
-          docs/inference.md).
+          bytes, 113 MB for SmolLM2-135M). `pack_mlp(model)` does the same for each block's
+          gate, up and down up to 24 rows (2-12 % faster there, slower from ~32 rows: a
+          prefill keeps MKL), 318 MB more; q, k, v, o stay as they are (packed, they lost;
+          measured per shape: docs/inference.md).
   "f16"   fbgemm's fp16 linear (weights packed in half precision, arithmetic in fp32): half the
           bytes, no bf16 matmul (which is slow without AVX-512/AMX).
   "int8"  every projection and the output head as `Int8Linear`: int8 weights with one fp32 scale
