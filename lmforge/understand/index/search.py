@@ -359,7 +359,8 @@ def check_embedder(index: Index, embedder: Embeds) -> None:
                            f"by ({index.model}) or rebuild the index")
 
 
-def load_embedder(index: Index, model: str | os.PathLike | None = None, *, batch_size: int = 32) -> Embedder:
+def load_embedder(index: Index, model: str | os.PathLike | None = None, *, batch_size: int = 32,
+                  compile: bool = False) -> Embedder:
     """The index's embedder: its recorded model (or `model`), with its recorded pooling; refused
     when the fingerprint differs from the one the index was built with."""
     from ..embed import Embedder, Pooling
@@ -368,7 +369,8 @@ def load_embedder(index: Index, model: str | os.PathLike | None = None, *, batch
     if model is None and not path.exists():
         raise LmforgeError(f"{index.path} was built by the model {path}, which is not there any more; "
                            f"pass that model with --model PATH")
-    embedder = Embedder.load(path, pooling=Pooling.from_dict(index.fields["pooling"]), batch_size=batch_size)
+    embedder = Embedder.load(path, pooling=Pooling.from_dict(index.fields["pooling"]), batch_size=batch_size,
+                             compile=compile)
     check_embedder(index, embedder)
     return embedder
 
