@@ -22,6 +22,8 @@ Trade-offs
   head), except for bf16 on CPU up to EXPLICIT_ATTENTION_MAX_LEN positions: there the flash
   kernel's backward is ~2x slower than two AMX batched matmuls and a softmax, so an explicit
   path is used (it keeps the (B, H, T, T) probabilities for backward, hence the length cap).
+  serve's decode step (a cache, a mask, one query per row) takes `decode_attention`, two batched
+  matmuls over the cache views: ~1 % of that step faster than SDPA there (docs/inference.md).
 - The residual stream stays in the parameters' dtype (fp32 under autocast); matmuls run in bf16
   under autocast. Each norm output is cast once for the matmuls that share it, and RoPE runs on
   contiguous (B, T, H, hd) tensors in the activations' dtype (no silent promotion to fp32).
@@ -174,6 +176,30 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     return y.view(B, H, T, hd)
 
 
+def use_decode_attention(q: torch.Tensor) -> bool:
+    """True for one query position per row (q (B, H, 1, hd)) on CPU without grad: the decode step
+    of continuous batching (serve/engine.py), where `decode_attention` beats SDPA's flash kernel."""
+    return q.shape[2] == 1 and q.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd), masked) v for one query per row: q (B, H, 1, hd), k and v
+    (B, KV, L, hd) (strided views of a cache are fine), mask (B, 1, L) bool (True: may attend;
+    every row must see at least one key). Returns (B, H, 1, hd).
+
+    The G = H / KV query heads that share a K/V head become G query rows of one small product per
+    (row, K/V head): scores (B, KV, G, L) from one batched matmul over the views as they lie (no
+    copy of K/V, none per query head), a masked softmax, and a second batched matmul with V.
+    SDPA's flash kernel on the same views, for one query position, spends more per (row, head) on
+    its blocking than these shapes pay back (measured: docs/inference.md).
+    """
+    B, H, _, hd = q.shape
+    KV = k.shape[1]
+    scores = torch.matmul(q.view(B, KV, H // KV, hd), k.transpose(-1, -2))  # (B, KV, G, L); head h = kv * G + g, as enable_gqa
+    scores = scores.mul_(hd**-0.5).masked_fill_(~mask[:, None], float("-inf"))  # mask (B, 1, 1, L)
+    return torch.matmul(scores.softmax(dim=-1), v).view(B, H, 1, hd)  # (B, KV, G, hd) -> (B, H, 1, hd)
+
+
 def autocast(dtype: str, device_type: str) -> contextlib.AbstractContextManager:
     """The mixed precision a forward runs in: bf16 autocast on `device_type` (where the batch is)
     for dtype "bf16" (config `train.dtype`), nothing for "fp32". Training and evaluation both
@@ -279,8 +305,10 @@ class Attention(nn.Module):
         if attn_mask is not None:  # packed rows (evaluate/score.py), server slots (serve/engine.py)
             if cache is not None:  # the cache writes each row's K/V at that row's positions
                 k, v = cache.update(self.layer, k, v)  # (B, kv, L, hd)
-            # (B, T, L) -> (B, 1, T, L): one mask for all heads
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask[:, None], enable_gqa=gqa)
+            if cache is not None and use_decode_attention(q):
+                y = decode_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask)
+            else:  # (B, T, L) -> (B, 1, T, L): one mask for all heads
+                y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask[:, None], enable_gqa=gqa)
         elif cache is None and use_explicit_attention(q):
             y = explicit_causal_attention(q, k, v)
         elif cache is None:

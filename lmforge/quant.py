@@ -16,9 +16,10 @@ loaded model into the form that reads fastest (in place; the model is for infere
           head 1.9-2.8x faster from oneDNN's prepacked copy: `pack_head(model)`, which the serve
           engine calls, makes the head a `PackedLinear` (the same weight Parameter, so the tied
           embedding and the one-row path are unchanged, plus that copy: vocab x d_model x 4 more
-          bytes, 113 MB for SmolLM2-135M). The block matrices stay as they are: packed, they
-          saved at most 31 % (gate/up at 4 rows) and lost at one row (measured per shape:
-          docs/inference.md).
+          bytes, 113 MB for SmolLM2-135M). `pack_mlp(model)` does the same for each block's
+          gate, up and down up to 24 rows (2-12 % faster there, slower from ~32 rows: a
+          prefill keeps MKL), 318 MB more; q, k, v, o stay as they are (packed, they lost;
+          measured per shape: docs/inference.md).
   "f16"   fbgemm's fp16 linear (weights packed in half precision, arithmetic in fp32): half the
           bytes, no bf16 matmul (which is slow without AVX-512/AMX).
   "int8"  every projection and the output head as `Int8Linear`: int8 weights with one fp32 scale
@@ -189,14 +190,16 @@ class PackedLinear(nn.Linear):
     """An fp32 linear layer (its own `weight` Parameter, shared as it was, e.g. with a tied
     embedding) plus oneDNN's prepacked copy of that weight, for products of several rows on CPU.
 
-    One row (single-stream decoding), a product with grad, another device or dtype: `F.linear` on
-    `weight` as before (the decoding layout reads one row fastest). Several rows: oneDNN's linear on
-    the packed copy (one pack serves any row count). The copy is taken once: the weight must not
-    change afterwards (inference only, as `prepare`'s model is)."""
+    One row (single-stream decoding), more than `max_rows` rows (None: no limit), a product with
+    grad, another device or dtype: `F.linear` on `weight` as before (the decoding layout reads one
+    row fastest; MKL's sgemm beats oneDNN on the block shapes from ~32 rows, e.g. a prefill).
+    Several rows: oneDNN's linear on the packed copy (one pack serves any row count). The copy is
+    taken once: the weight must not change afterwards (inference only, as `prepare`'s model is)."""
 
-    def __init__(self, base: nn.Linear) -> None:
+    def __init__(self, base: nn.Linear, max_rows: int | None = None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
+        self.max_rows = max_rows
         self.weight = base.weight  # the same Parameter: names, ties and storage stay
         self.register_parameter("bias", None)
         # Not a buffer: an opaque oneDNN tensor that `state_dict` and `.to()` must not see.
@@ -205,14 +208,22 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K = self.in_features
         rows = x.numel() // K
-        if (rows > 1 and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu"
+        most = rows if self.max_rows is None else self.max_rows
+        if (1 < rows <= most and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, K), self.packed, None, "none", [], "")
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed for several rows"
+        most = "" if self.max_rows is None else f" (up to {self.max_rows})"
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed for several rows{most}"
+
+
+def _packable(model: nn.Module, lin: object) -> bool:
+    """A plain fp32 CPU `nn.Linear` of a model prepared for fp32 decoding, on a torch with oneDNN."""
+    return (getattr(model, "weights", None) == "fp32" and type(lin) is nn.Linear and lin.weight.device.type == "cpu"
+            and lin.weight.dtype == torch.float32 and _onednn())
 
 
 def pack_head(model: nn.Module) -> bool:
@@ -223,11 +234,34 @@ def pack_head(model: nn.Module) -> bool:
     False, changing nothing, where it does not apply: other weights (f16, int8), a model not
     prepared, another device, or a torch without oneDNN (then the plain product runs)."""
     head = getattr(model, "lm_head", None)
-    if (getattr(model, "weights", None) != "fp32" or type(head) is not nn.Linear or head.weight.device.type != "cpu"
-            or head.weight.dtype != torch.float32 or not _onednn()):
+    if not _packable(model, head):
         return False
     model.lm_head = PackedLinear(head)
     return True
+
+
+MLP_LAYERS = ("gate_proj", "up_proj", "down_proj")
+# The most rows for which the blocks' packed copies run: oneDNN beat MKL on gate/up/down by 2-12 %
+# at 16-24 rows, tied at 32-48 and lost 5-12 % from 64 (a prefill's hundreds of rows; docs/inference.md).
+MLP_PACKED_MAX_ROWS = 24
+
+
+def pack_mlp(model: nn.Module) -> int:
+    """Each block's gate, up and down projections as `PackedLinear`s, under the conditions of
+    `pack_head`; returns how many were packed (0: none applies). For serve's batched decode: at 16
+    rows oneDNN's packed products are 2-11 % faster than MKL's on these shapes (docs/inference.md);
+    above MLP_PACKED_MAX_ROWS rows (a prefill) the plain product runs. Costs a second copy of
+    those weights (3 x d_model x ff_dim x 4 bytes a block: 318 MB for SmolLM2-135M). q, k, v and
+    o are left alone: packed, they were slower. A layer that is not a plain `nn.Linear` (a LoRA
+    adapter's wrapper, packed already) is skipped."""
+    packed = 0
+    for block in model.model.layers:
+        for name in MLP_LAYERS:
+            lin = getattr(block.mlp, name)
+            if _packable(model, lin):
+                setattr(block.mlp, name, PackedLinear(lin, MLP_PACKED_MAX_ROWS))
+                packed += 1
+    return packed
 
 
 # ---- preparing a model ----------------------------------------------------------------------

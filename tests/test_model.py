@@ -18,11 +18,13 @@ from lmforge import model as model_module
 from lmforge.model import (
     Transformer,
     apply_rope,
+    decode_attention,
     fold_sign,
     explicit_causal_attention,
     flops_per_token,
     num_params,
     rope_tables,
+    use_decode_attention,
     use_explicit_attention,
 )
 
@@ -257,6 +259,36 @@ def test_attention_kernel_choice() -> None:
     assert use_explicit_attention(q(torch.bfloat16, model_module.EXPLICIT_ATTENTION_MAX_LEN))
     assert not use_explicit_attention(q(torch.bfloat16, model_module.EXPLICIT_ATTENTION_MAX_LEN + 1))
     assert not use_explicit_attention(q(torch.float32, 16))
+
+
+@pytest.mark.parametrize("kv", [4, 2, 1])
+def test_decode_attention_equals_each_rows_own_sdpa(kv: int) -> None:
+    """One query per row over strided views of a longer cache, each row masked to its own length:
+    the same numbers as SDPA over that row's keys alone (and as SDPA with the mask)."""
+    B, H, hd, S, L = 5, 4, 8, 40, 23
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, H, 1, hd, generator=g)
+    K, V = torch.randn(B, kv, S, hd, generator=g), torch.randn(B, kv, S, hd, generator=g)
+    lengths = torch.tensor([L, 1, 7, 16, L - 1])
+    mask = torch.arange(L)[None, None, :] < lengths[:, None, None]  # (B, 1, L)
+    k, v = K[:, :, :L], V[:, :, :L]  # views, as the serve cache returns them
+    with torch.inference_mode():
+        got = decode_attention(q, k, v, mask)
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=kv != H)
+        torch.testing.assert_close(got, masked, rtol=1e-5, atol=1e-6)
+        for b, n in enumerate(lengths.tolist()):
+            alone = F.scaled_dot_product_attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], enable_gqa=kv != H)
+            torch.testing.assert_close(got[b : b + 1], alone, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got[1], decode_attention(q, k, v, torch.ones_like(mask))[1])  # the mask is applied
+
+
+def test_decode_attention_choice() -> None:
+    """The decode kernel takes one query position on CPU without grad; prefill and training keep SDPA."""
+    assert use_decode_attention(torch.empty(3, 4, 1, 8))
+    assert not use_decode_attention(torch.empty(3, 4, 2, 8))
+    assert not use_decode_attention(torch.empty(3, 4, 1, 8, requires_grad=True))
+    with torch.no_grad():
+        assert use_decode_attention(torch.empty(3, 4, 1, 8, requires_grad=True))
 
 
 def test_bf16_explicit_attention_and_sdpa_give_the_same_loss_and_gradients(monkeypatch) -> None:

@@ -162,6 +162,39 @@ def test_pack_head_leaves_other_weights_and_torch_without_onednn_alone(monkeypat
         assert torch.equal(model(ids), before)
 
 
+def test_pack_mlp_packs_gate_up_down_for_a_few_rows_only_and_keeps_greedy_tokens() -> None:
+    """serve's batched decode multiplies gate/up/down by one row per request: packed copies run up to
+    MLP_PACKED_MAX_ROWS rows (within fp32 rounding), more rows (a prefill) the plain product (the
+    same bits); state_dict names, greedy tokens and layers that are not plain linears stay."""
+    from lmforge.lora import LoRALinear
+
+    model = random_model()
+    assert Q.pack_mlp(model) == 0  # not prepared: left as it is
+    Q.prepare(model, "fp32")
+    adapted = LoRALinear(model.model.layers[1].mlp.up_proj, rank=2, alpha=4.0)
+    model.model.layers[1].mlp.up_proj = adapted  # an adapter's wrapper is never packed
+    few = torch.randint(0, 512, (16, 1), generator=torch.Generator().manual_seed(7))  # 16 rows: a decode step
+    many = torch.randint(0, 512, (4, 12), generator=torch.Generator().manual_seed(8))  # 48 rows: a prefill
+    with torch.inference_mode():
+        before_few, before_many = model(few), model(many)
+        greedy = generate(model, many[0].tolist(), max_tokens=16, temperature=0)
+    names = list(model.state_dict())
+    packed = Q.pack_mlp(model)
+    if not Q._onednn():
+        assert packed == 0
+        return
+    assert packed == 5 and Q.pack_mlp(model) == 0  # 2 blocks x 3 less the adapted one; packed already
+    mlp = model.model.layers[0].mlp
+    assert all(isinstance(getattr(mlp, n), Q.PackedLinear) for n in Q.MLP_LAYERS)
+    assert mlp.up_proj.max_rows == Q.MLP_PACKED_MAX_ROWS and model.model.layers[1].mlp.up_proj is adapted
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear and list(model.state_dict()) == names
+    with torch.inference_mode():
+        got_few = model(few)
+        assert torch.allclose(got_few, before_few, atol=1e-4, rtol=0) and not torch.equal(got_few, before_few)
+        assert torch.equal(model(many), before_many)  # above the row limit: the plain products
+        assert generate(model, many[0].tolist(), max_tokens=16, temperature=0) == greedy
+
+
 @pytest.mark.parametrize("weights,tol", [("f16", 2e-3), ("int8", 5e-2)])
 def test_reduced_weights_stay_close_to_fp32(weights: str, tol: float) -> None:
     model = random_model()

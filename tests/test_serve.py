@@ -111,6 +111,56 @@ def test_engine_packs_a_prepared_fp32_head_and_keeps_greedy_tokens(checkpoint: P
     assert [r.tokens for r in results] == expected
 
 
+def test_prefill_groups_split_sorted_prompts_where_padding_costs_more_than_a_forward() -> None:
+    from lmforge.serve.engine import prefill_groups
+
+    lengths = [21, 21, 23, 28, 29, 33, 34, 40, 43, 47, 48, 51, 51, 53, 54, 56]  # benchmarks/decode.py's 16 prompts
+    assert prefill_groups(lengths, 32) == [(0, 3), (3, 7), (7, 16)]  # 709 positions computed instead of 896
+    assert prefill_groups(lengths, 10**6) == [(0, 16)]  # a forward dearer than any padding: one
+    assert prefill_groups([5, 5, 9], 0) == [(0, 2), (2, 3)]  # no cost: no padding at all
+    assert prefill_groups([7], 32) == [(0, 1)] and prefill_groups([], 32) == []
+    for cost in (0, 4, 32, 500):
+        runs = prefill_groups(lengths, cost)
+        assert [a for a, _ in runs] == [0] + [b for _, b in runs[:-1]] and runs[-1][1] == len(lengths)  # a partition
+
+
+def test_engine_prefills_prompts_of_unlike_lengths_in_separate_forwards(loaded, monkeypatch) -> None:
+    """Prompts are sorted by length and prefilled in runs (`prefill_groups`); with no cost per forward
+    every length gets its own. The greedy tokens stay those of `generate`, and a run whose forward
+    fails is retried row by row without touching the other runs."""
+    import lmforge.serve.engine as engine_module
+
+    model, tok = loaded
+    ids = prompts(tok, 8)
+    ids[5] = ids[5][:1]  # one very short prompt among longer ones
+    ids[6] = ids[7][:-1] + ids[6][:1]  # two prompts of one length: a run of two rows
+    expected = [generate(model, p, max_tokens=12, stop_ids=[tok.eos_id]) for p in ids]
+    monkeypatch.setattr(engine_module, "PREFILL_FORWARD_COST", 0)
+    engine = Engine(model, tok, max_batch=8, max_queue=8)
+    spans: list[tuple[int, int]] = []
+    real = engine._prefill_forward
+
+    def prefill_forward(a: int, b: int):
+        spans.append((a, b))
+        if b - a > 1 and spans.count((a, b)) == 1:  # the run's forward breaks; each row's own goes on
+            raise RuntimeError("one run's forward broke")
+        return real(a, b)
+
+    engine._prefill_forward = prefill_forward
+    engine.start()
+    try:
+        results = run_requests(engine, [Request(p, 12, stop_ids=(tok.eos_id,)) for p in ids])
+    finally:
+        engine.stop()
+    assert [r.tokens for r in results] == expected
+    lengths = sorted(map(len, ids))
+    runs = engine_module.prefill_groups(lengths, 0)
+    assert len(runs) == len(set(lengths)) > 2 and spans[0] == runs[0]
+    assert all(lengths[a] == lengths[b - 1] for a, b in runs)  # each forward pads nothing
+    two = next((a, b) for a, b in runs if b - a == 2)
+    assert spans[spans.index(two) + 1 : spans.index(two) + 3] == [(two[0], two[0] + 1), (two[0] + 1, two[1])]  # alone
+
+
 def test_engine_seeded_sampling_equals_generate(loaded) -> None:
     model, tok = loaded
     ids = prompts(tok, 4)
