@@ -20,10 +20,11 @@ embedding, and an exported model gives the same vectors in sentence-transformers
 - Batching: texts are tokenized once, sorted by length (longest first, ties by input order) and
   cut into batches (`plan_batches`) of at most `batch_size` texts and, on a CPU, at most
   BATCH_TOKENS_CPU (1,024) padded tokens, so a batch pads little and its activations stay in the
-  core's caches between the ~20 passes a block makes over them (measured: 32 texts of ~100 tokens
-  per batch ran at 56 % of the matmul peak for the small-cpu shape, 1,024-token batches at 67 %;
-  SmolLM2-135M 77 -> 82 %; 512 and 2,048 were worse); the output is put back in input order.
-  `compile=True` runs the blocks through torch.compile (`model.compile_blocks`), for long jobs. Rows are right-padded: with causal attention the real tokens never see the padding after
+  core's caches between the ~20 passes a block makes over them (measured: batches of 32 texts of
+  ~100 tokens ran at 50 % of the matmul peak for the small-cpu shape, 1,024-token batches at 67 %;
+  SmolLM2-135M 74 -> 78 %; docs/embeddings.md "Speed"); the output is put back in input order.
+  `compile=True` runs the blocks through torch.compile (`model.compile_blocks`), for long jobs.
+  Rows are right-padded: with causal attention the real tokens never see the padding after
   them, so no mask is needed in the forward and the fused causal kernel runs; pooling masks the
   padding out. A bidirectional pass gives the forward a (B, T, T) mask whose keys are the real
   tokens only.
@@ -290,7 +291,6 @@ class Embedder:
         machine is busy; an exact one keeps the vectors those of any other power-of-two count)."""
         import torch
 
-
         vocab = self.model.cfg.vocab_size
         for i, row in enumerate(ids):
             if len(row) == 0:
@@ -319,7 +319,6 @@ class Embedder:
         finally:
             if bar is not None:
                 bar.close()
-
 
     def _forward(self, idx: torch.Tensor, attn: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
         """The hidden states of one batch. The first compiled forward is where torch.compile
