@@ -15,6 +15,9 @@ the median over rounds (load from other processes biases no row).
   tokens / their time. Both sides measure the same way (bench.mjs times its own generator).
 - serve: `lmforge serve` on the first model, 16 concurrent HTTP clients (greedy, --tokens each):
   aggregate generated tokens/s, against llama.cpp's single-stream decode at the same precision.
+- --compile: lmforge once more with its decode step compiled (`sample`/`serve --compile`,
+  `generate.compile_decode`), a separately loaded copy, compiled in a warm-up before the rounds
+  (the compile time is printed, not counted); serve then runs with and without --compile.
 
     python benchmarks/decode.py                                   # SmolLM2-135M + small-cpu shape
     python benchmarks/decode.py --model smol=models/smol --threads 1 --rounds 5 --weights fp32,int8
@@ -45,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lmforge import convert  # noqa: E402
-from lmforge.generate import load_for_decoding, stream  # noqa: E402
+from lmforge.generate import compile_decode, load_for_decoding, stream  # noqa: E402
 from lmforge.threads import set_threads  # noqa: E402
 
 RUNNER = REPO / "tests" / "llamacpp"
@@ -198,10 +201,11 @@ async def clients(base: str, prompts: list[list[int]], n: int, concurrency: int)
         return time.perf_counter() - start
 
 
-def serve_rate(path: Path, weights: str, threads: int, prompts: list[list[int]], n: int, rounds: int) -> float:
+def serve_rate(path: Path, weights: str, threads: int, prompts: list[list[int]], n: int, rounds: int,
+               compile: bool = False) -> float:
     """Median aggregate generated tokens/s of `lmforge serve` with len(prompts) concurrent clients."""
     cmd = [sys.executable, "-m", "lmforge", "serve", str(path), "--port", "0", "--max-batch", str(len(prompts)),
-           "--threads", str(threads), "--quantize", weights, "--max-tokens", str(n)]
+           "--threads", str(threads), "--quantize", weights, "--max-tokens", str(n)] + (["--compile"] if compile else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
@@ -245,6 +249,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--serve", default="fp32,int8", help="weight formats to serve at 16 clients ('' to skip)")
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--compile", action="store_true", help="also lmforge with its decode step compiled (and serve --compile)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -256,7 +261,8 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f} at start; {args.rounds} rounds, {args.tokens} greedy tokens")
 
     rows: list[Row] = []
-    engines: dict[tuple[str, str, int], tuple[object, object]] = {}
+    engines: dict[tuple[str, str, int], tuple[object, object, object]] = {}
+    ours = ["lmforge"] + (["lmforge --compile"] if args.compile else [])
     prompts: dict[str, list[int]] = {}
     for name, path in models.items():
         files = ggufs(name, Path(path), work, weights)
@@ -264,41 +270,56 @@ def main() -> None:
             src = work / f"{name}-q8_0" if w == "int8" else Path(path)
             loaded = load_for_decoding(src, w)
             prompts[name] = loaded.tokenizer.encode(PROMPT)
+            compiled = None
+            if args.compile:
+                compiled = load_for_decoding(src, w).model
+                compile_decode(compiled)
             for t in thread_counts:
-                engines[(name, w, t)] = (loaded.model, LlamaCpp(files[w], t))
+                if compiled is not None:  # kernels are built per thread count: here, not in round 1
+                    start = time.perf_counter()
+                    lmforge_run(compiled, prompts[name], 4, t)
+                    print(f"{name} {w}: decode step compiled for {t} thread(s) in {time.perf_counter() - start:.1f} s", flush=True)
+                engines[(name, w, t)] = (loaded.model, compiled, LlamaCpp(files[w], t))
                 for b in busy_modes:
-                    rows.append(Row(name, w, t, b, {"lmforge": [], "llama.cpp": []}))
+                    rows.append(Row(name, w, t, b, {e: [] for e in [*ours, "llama.cpp"]}))
     try:
         for r in range(args.rounds):
             for row in rows:
-                model, cpp = engines[(row.model, row.weights, row.threads)]
+                model, compiled, cpp = engines[(row.model, row.weights, row.threads)]
                 ids = prompts[row.model]
                 with Busy(row.busy):
-                    ours = lmforge_run(model, ids, args.tokens, row.threads)
-                    theirs = cpp.run(ids, args.tokens)  # type: ignore[attr-defined]
-                for engine, (tokens, pre, dec) in (("lmforge", ours), ("llama.cpp", theirs)):
+                    got = {"lmforge": lmforge_run(model, ids, args.tokens, row.threads)}
+                    if compiled is not None:
+                        got["lmforge --compile"] = lmforge_run(compiled, ids, args.tokens, row.threads)
+                    got["llama.cpp"] = cpp.run(ids, args.tokens)  # type: ignore[attr-defined]
+                for engine, (tokens, pre, dec) in got.items():
                     row.runs[engine].append((len(ids) / pre, (len(tokens) - 1) / dec))
                 if row.weights == "fp32":
-                    row.same = row.same and ours[0] == theirs[0]
+                    row.same = row.same and all(tokens == got["llama.cpp"][0] for tokens, _, _ in got.values())
             print(f"round {r + 1}/{args.rounds} done (load average {os.getloadavg()[0]:.2f})", flush=True)
     finally:
-        for _model, cpp in engines.values():
+        for _model, _compiled, cpp in engines.values():
             cpp.close()  # type: ignore[attr-defined]
 
     print()
     print(f"prompt: {len(next(iter(prompts.values())))} tokens (SmolLM2 tokenizer); prefill and decode in tokens/s, "
           f"medians of {args.rounds} rounds")
+    extra = " lmforge --compile decode | ratio |" if args.compile else ""
     print("| model | weights (llama.cpp) | threads | other load | lmforge prefill | llama.cpp prefill | lmforge decode "
-          "| llama.cpp decode | decode ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| llama.cpp decode | decode ratio |" + extra)
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""))
     cpp_decode: dict[tuple[str, str, int, bool], float] = {}
     for row in rows:
         med = {e: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v)) for e, v in row.runs.items()}
         cpp_decode[(row.model, row.weights, row.threads, row.busy)] = med["llama.cpp"][1]
         mark = "" if row.same else " (greedy tokens differ)"
+        comp = ""
+        if args.compile:
+            c = med["lmforge --compile"][1]
+            comp = f" {c:.1f} | {c / med['llama.cpp'][1]:.2f}x |"
         print(f"| {row.model} | {row.weights} ({GGUF_OF[row.weights].upper()}) | {row.threads} | "
               f"{'one busy core' if row.busy else 'idle'} | {med['lmforge'][0]:.0f} | {med['llama.cpp'][0]:.0f} | "
-              f"{med['lmforge'][1]:.1f} | {med['llama.cpp'][1]:.1f} | {med['lmforge'][1] / med['llama.cpp'][1]:.2f}x{mark} |")
+              f"{med['lmforge'][1]:.1f} | {med['llama.cpp'][1]:.1f} | {med['lmforge'][1] / med['llama.cpp'][1]:.2f}x{mark} |{comp}")
 
     serve = [w for w in args.serve.split(",") if w]
     if serve:
@@ -309,15 +330,17 @@ def main() -> None:
         print()
         print(f"serve: `lmforge serve {name}`, {args.clients} concurrent clients x {args.tokens} greedy tokens "
               f"(prompts {min(map(len, reqs))}-{max(map(len, reqs))} tokens), median of {args.rounds} rounds")
-        print("| weights | threads | serve aggregate tok/s | llama.cpp single-stream decode | ratio |")
-        print("|---|---|---|---|---|")
+        print("| weights | threads | serve | serve aggregate tok/s | llama.cpp single-stream decode | ratio |")
+        print("|---|---|---|---|---|---|")
         for w in serve:
             for t in thread_counts:
-                src = work / f"{name}-q8_0" if w == "int8" else Path(path)
-                rate = serve_rate(src, w, t, reqs, args.tokens, args.rounds)
-                ref = cpp_decode.get((name, w, t, False))
-                ratio = f"{rate / ref:.1f}x" if ref else "-"
-                print(f"| {w} | {t} | {rate:.0f} | {ref or float('nan'):.1f} | {ratio} |", flush=True)
+                for compile in (False, True) if args.compile else (False,):
+                    src = work / f"{name}-q8_0" if w == "int8" else Path(path)
+                    rate = serve_rate(src, w, t, reqs, args.tokens, args.rounds, compile)
+                    ref = cpp_decode.get((name, w, t, False))
+                    ratio = f"{rate / ref:.1f}x" if ref else "-"
+                    print(f"| {w} | {t} | {'--compile' if compile else 'eager'} | {rate:.0f} | {ref or float('nan'):.1f} | "
+                          f"{ratio} |", flush=True)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 
 

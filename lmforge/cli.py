@@ -202,6 +202,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         threads=args.threads,
         quantize=args.quantize,
+        compile=args.compile,
     )
 
 
@@ -546,7 +547,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_name=args.model_name, max_embed_inputs=args.max_embed_inputs, chat_template=args.chat_template, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, threads=args.threads, shutdown_grace=args.shutdown_grace,
         quantize=args.quantize,
-        index=args.index, adapters=args.adapter, max_adapters=args.max_adapters,
+        index=args.index, adapters=args.adapter, max_adapters=args.max_adapters, compile=args.compile,
     )
 
 
@@ -664,6 +665,8 @@ def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
 # ---- parser ----------------------------------------------------------------------------------
 
 THREADS_DEFAULT = "the cores other processes leave free, at least 1; fewer while they take more (docs/inference.md)"
+DECODE_COMPILE_HELP = ("torch.compile the decode step: ~10 s to compile at the first token, then ~20 %% more "
+                       "tokens/s for fp32 on a CPU (docs/inference.md)")
 COMPILE_HELP = ("torch.compile the model's blocks: ~15 s to compile, then up to ~10 %% faster embedding on one core "
                 "(docs/embeddings.md \"Speed\")")
 WEIGHTS_CHOICES = ("fp32", "f16", "int8")  # lmforge/quant.py WEIGHTS (not imported: it loads torch)
@@ -807,6 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=R.positive_int(), default=1)
     p.add_argument("--threads", type=THREADS, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
     p.add_argument("--quantize", choices=WEIGHTS_CHOICES, help=QUANTIZE_HELP)
+    p.add_argument("--compile", action="store_true", help=DECODE_COMPILE_HELP)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("quickstart", help="the whole life of a model on local data, in minutes on a CPU")
@@ -999,6 +1003,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "request's \"model\": NAME; repeatable; a bare DIR serves each of its subdirectories by name")
     p.add_argument("--max-adapters", type=rule_of("serve.max_adapters"), metavar="N",
                    help="adapters held in memory at once, least recently used unloaded first (default: serve.max_adapters)")
+    p.add_argument("--compile", action="store_true", help=DECODE_COMPILE_HELP.replace("at the first token", "at start"))
     p.set_defaults(func=cmd_serve)
 
     add_understand_parsers(sub)

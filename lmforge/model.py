@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol, TypeVar
 
 import torch
 import torch.nn as nn
@@ -176,16 +177,10 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     return y.view(B, H, T, hd)
 
 
-def use_decode_attention(q: torch.Tensor) -> bool:
-    """True for one query position per row (q (B, H, 1, hd)) on CPU without grad: the decode step
-    of continuous batching (serve/engine.py), where `decode_attention` beats SDPA's flash kernel."""
-    return q.shape[2] == 1 and q.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad)
-
-
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd), masked) v for one query per row: q (B, H, 1, hd), k and v
-    (B, KV, L, hd) (strided views of a cache are fine), mask (B, 1, L) bool (True: may attend;
-    every row must see at least one key). Returns (B, H, 1, hd).
+    """softmax(q k^T / sqrt(hd), masked) v for one query per row (`Attention.decode`): q (B, H, 1,
+    hd), k and v (B, KV, L, hd) (strided views of a cache are fine), mask (B, 1, L) bool (True: may
+    attend; every row must see at least one key). Returns (B, H, 1, hd).
 
     The G = H / KV query heads that share a K/V head become G query rows of one small product per
     (row, K/V head): scores (B, KV, G, L) from one batched matmul over the views as they lie (no
@@ -285,30 +280,31 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, T, H, hd), k and v (B, T, KV, hd), q and k rotated by RoPE.
+
+        They are rotated while still contiguous (elementwise ops and their gradients are faster
+        there than on the transposed views); cos/sin (T, hd) or (B, T, hd) broadcast over heads."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        cos, sin = cos.to(q.dtype).unsqueeze(-2), sin.to(q.dtype).unsqueeze(-2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCacheLike | None,
         attn_mask: torch.Tensor | None = None, unpadded: Unpadded | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape  # (1, N, C) with `unpadded`: the real tokens of its rows
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, hd)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)  # (B, T, KV, hd)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        # Rotate while q, k are still contiguous (elementwise ops and their gradients are faster
-        # there than on the transposed views); cos/sin (T, 1, hd) or (B, T, 1, hd) broadcast over heads.
-        cos, sin = cos.to(q.dtype).unsqueeze(-2), sin.to(q.dtype).unsqueeze(-2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)  # (B, T, heads, hd)
         if unpadded is not None:  # each token back in its row for attention: (1, N, heads, hd) -> (B', T', heads, hd)
             q, k, v = unpadded.scatter(q), unpadded.scatter(k), unpadded.scatter(v)
         # (B, T, H, hd) -> (B, H, T, hd): heads become a batch dimension for attention
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = self.kv_heads != self.n_head
-        if attn_mask is not None:  # packed rows (evaluate/score.py), server slots (serve/engine.py)
-            if cache is not None:  # the cache writes each row's K/V at that row's positions
-                k, v = cache.update(self.layer, k, v)  # (B, kv, L, hd)
-            if cache is not None and use_decode_attention(q):
-                y = decode_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask)
-            else:  # (B, T, L) -> (B, 1, T, L): one mask for all heads
-                y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask[:, None], enable_gqa=gqa)
+        if attn_mask is not None:  # packed rows (evaluate/score.py), bidirectional embeddings: (B, T, T) -> (B, 1, T, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None], enable_gqa=gqa)
         elif cache is None and use_explicit_attention(q):
             y = explicit_causal_attention(q, k, v)
         elif cache is None:
@@ -326,6 +322,21 @@ class Attention(nn.Module):
         if unpadded is not None:
             y = unpadded.gather(y)  # (1, N, H*hd)
         return self.o_proj(y)
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One new token per row: x (B, 1, C) -> (B, 1, C). Its K/V go into this layer's cache,
+        k_cache and v_cache (B, KV, S, hd), contiguous, at the flat rows `rows` (B * KV,) of their
+        (B * KV * S, hd) view (`Transformer.decode` computes them once for all layers); it then
+        attends over the first L = mask.shape[-1] positions, mask (B, 1, L) saying which."""
+        hd = self.head_dim
+        q, k, v = self.project(x, cos, sin)  # (B, 1, heads, hd)
+        # one index_copy_ per tensor, (b, kv) row order as `rows`: 28 us where a scatter_ took 35 (docs/inference.md)
+        k_cache.view(-1, hd).index_copy_(0, rows, k.reshape(-1, hd).to(k_cache.dtype))
+        v_cache.view(-1, hd).index_copy_(0, rows, v.reshape(-1, hd).to(v_cache.dtype))
+        L = mask.shape[-1]
+        y = decode_attention(q.transpose(1, 2), k_cache[:, :, :L].to(q.dtype), v_cache[:, :, :L].to(q.dtype), mask)
+        return self.o_proj(y.transpose(1, 2).flatten(2))  # (B, H, 1, hd) -> (B, 1, H*hd) -> (B, 1, C)
 
 
 class MLP(nn.Module):
@@ -355,6 +366,14 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = x + self.self_attn(autocast_input(self.input_layernorm(x)), cos, sin, cache, attn_mask, unpadded)  # (B, T, C)
         return x + self.mlp(autocast_input(self.post_attention_layernorm(x)))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One decode step of this block, x (B, 1, C); the arguments are `Attention.decode`'s. Only
+        tensors go in (no cache object, no layer index, no Python int that changes per step), so
+        one compiled graph serves every block and step (`compile_blocks(model, "decode")`)."""
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, k_cache, v_cache, rows, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
@@ -464,6 +483,9 @@ class Transformer(nn.Module):
         then runs on the real tokens only (`Unpadded`) and the padding's hidden states are zeros;
         the real tokens' states are those of the padded forward up to float rounding (matmuls of
         another shape). Not with a cache or positions (they place tokens themselves)."""
+        if cache is not None and (positions is not None or attn_mask is not None):
+            raise ValueError("a cache is filled from its own position (prefill); rows at their own positions "
+                             "decode through Transformer.decode")
         unpadded = None
         if lengths is not None:
             if cache is not None or positions is not None:
@@ -496,32 +518,102 @@ class Transformer(nn.Module):
         x = self.model.norm(x)  # (B, T, C)
         return x if unpadded is None else unpadded.scatter(x)
 
+    def decode(self, idx: torch.Tensor, positions: torch.Tensor, k: Sequence[torch.Tensor],
+               v: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One decode step: idx (B, 1) int64, each row's next token, at positions (B, 1) int64 ->
+        logits (B, V). k, v: per layer the rows' caches (B, KV, S, hd), contiguous (a
+        generate.KVCache's tensors, or rows of the server's slot cache); row b's token is written
+        at positions[b] and attends to that row's positions 0 .. positions[b].
+
+        The decode path of `sample`, `serve`, eval's generation tasks and `ask` alike (after a
+        prefill through `forward` with a cache). Attention covers L = max(positions) + 1 cached
+        positions, a mask hiding each row's unused ones; the slot and mask arithmetic is done here
+        once for all layers, so each block sees only tensors (`Block.decode`, compilable)."""
+        B = idx.shape[0]
+        S = k[0].shape[2]
+        L = int(positions.max()) + 1
+        if L > min(S, self.cfg.max_seq_len):
+            raise LmforgeError(f"decoding position {L - 1} is beyond the KV cache ({S} positions) or "
+                               f"model.max_seq_len ({self.cfg.max_seq_len})")
+        mask = torch.arange(L, device=idx.device)[None, None, :] <= positions[:, :, None]  # (B, 1, L)
+        heads = torch.arange(B * self.cfg.kv_heads, device=idx.device).view(B, -1)  # (B, KV): row b's heads b*KV ..
+        rows = (heads * S + positions).flatten()  # (B * KV,): each (row, head)'s slot in a layer's (B*KV*S, hd) view
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, 1, hd)
+        x = self.model.embed_tokens(idx)  # (B, 1, C)
+        for i, block in enumerate(self.model.layers):
+            x = block.decode(x, cos, sin, k[i], v[i], rows, mask)
+        return self.lm_head(self.model.norm(x))[:, 0]  # (B, V)
+
 
 # ---- compiled blocks (opt-in) ---------------------------------------------------------------
 
 
-def compile_blocks(model: Transformer) -> None:
-    """Run every block through `torch.compile` (dynamic shapes), for long inference jobs.
+COMPILED = ("forward", "decode")  # the Block methods `compile_blocks` can compile
+T_ = TypeVar("T_")
 
-    The matrix products already run at the core's peak; what compiling gains is the work around
-    them (the norms, RoPE, SiLU and the gate product, residual adds, the unpadding copies), fused
-    into a few loops instead of ~20 passes over memory per block: +6-9 points of the matmul peak
-    for embeddings on a CPU (docs/embeddings.md "Speed"). It costs ~15 s of compilation the first
-    time in a process (one graph serves every block, batch and length; inductor's on-disk cache
-    makes later processes quicker), so it is opt-in (`--compile`), not a default. The numbers
-    equal the eager ones up to float rounding (fused reductions sum in another order). Inductor
-    builds kernels for the thread count of the moment: when the thread governor changes it, the
-    next forward compiles once more for the new count (never more threads than torch is told).
-    Decoding is not compiled: a KV cache's growing position recompiles every step.
-    `eager_blocks` undoes it; the weights, names and state dict are untouched either way."""
+
+def compile_blocks(model: Transformer, method: str = "forward") -> None:
+    """Run every block's `method` through `torch.compile` (dynamic shapes), for long jobs:
+    "forward" (embeddings: `embed`, `index`, `topics --compile`) or "decode" (a decode step:
+    `sample`, `serve --compile`).
+
+    The matrix products already run at the core's peak (or, decoding one row, at its memory
+    bandwidth); what compiling gains is the work around them (the norms, RoPE, SiLU and the gate
+    product, residual adds, the cache writes, the unpadding copies), fused into a few loops
+    instead of ~20-40 small kernels per block, each with its dispatch cost. Measured on a CPU:
+    +6-9 points of the matmul peak for embeddings (docs/embeddings.md "Speed"), +20 % tokens/s for
+    single-stream fp32 decoding (docs/inference.md). One graph serves every block (the same code;
+    a decode step's blocks see only tensors, `Block.decode`), batch and length; it costs 5-15 s
+    of compilation the first time in a process (inductor's on-disk cache makes later processes
+    quicker), so it is opt-in (`--compile`), not a default. The numbers equal the eager ones up to
+    float rounding (fused reductions sum in another order). Inductor builds kernels for the thread
+    count of the moment: when the thread governor changes it, the next call compiles once more
+    for the new count (never more threads than torch is told). `run_compiled` falls back to eager
+    where compiling fails; `eager_blocks` undoes it; the weights, names and state dict are
+    untouched either way."""
+    if method not in COMPILED:
+        raise ValueError(f"compile_blocks: method must be one of {COMPILED}, got {method!r}")
+    # No "duck shaping": by default the first call's sizes that happen to equal another size of
+    # the same call share one symbol, e.g. an attended length of 3 and SmolLM2's 3 K/V heads, and
+    # the length is then specialised to that constant, so the next step compiles again.
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
     for block in model.model.layers:
-        block.forward = torch.compile(block.forward, dynamic=True)  # an instance attribute over the class's forward
+        # an instance attribute over the class's method
+        setattr(block, method, torch.compile(getattr(block, method), dynamic=True))
+    model.compile_pending = True  # no compiled call has succeeded yet (run_compiled)
 
 
 def eager_blocks(model: Transformer) -> None:
     """Undo `compile_blocks` (e.g. where compiling failed: no C++ compiler on the machine)."""
     for block in model.model.layers:
-        block.__dict__.pop("forward", None)
+        for method in COMPILED:
+            block.__dict__.pop(method, None)
+    model.compile_pending = False
+
+
+def is_compiled(model: Transformer, method: str = "forward") -> bool:
+    """Whether `compile_blocks(model, method)` is in effect."""
+    return any(method in vars(block) for block in model.model.layers)
+
+
+def run_compiled(model: Transformer, call: Callable[[], T_], fallback: Callable[[Exception], None]) -> T_:
+    """call(): the first call after `compile_blocks` is where torch.compile builds its kernels. If
+    that fails (e.g. no C++ compiler on the machine), the blocks go back to eager, fallback(error)
+    tells the user, and call() runs again eagerly: the same results up to float rounding, only
+    slower. A call's side effects are safe to repeat (a decode step rewrites the same cache
+    positions). Later calls go straight through."""
+    if not getattr(model, "compile_pending", False):
+        return call()
+    try:
+        out = call()
+    except Exception as e:  # the compiler's failure, whatever its type; a real error shows again eagerly
+        eager_blocks(model)
+        fallback(e)
+        return call()
+    model.compile_pending = False
+    return out
 
 
 # ---- analytic size and cost -----------------------------------------------------------------

@@ -209,7 +209,9 @@ class PackedLinear(nn.Linear):
         K = self.in_features
         rows = x.numel() // K
         most = rows if self.max_rows is None else self.max_rows
-        if (1 < rows <= most and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu"
+        # Under torch.compile (`serve --compile`) the plain product: inductor cannot take oneDNN's opaque
+        # packed tensor (tested first, so that no guard on the row count enters the compiled graph).
+        if (not torch.compiler.is_compiling() and 1 < rows <= most and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, K), self.packed, None, "none", [], "")
             return y.view(*x.shape[:-1], self.out_features)

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import Progress
@@ -86,6 +86,18 @@ def warn(text: str, label: str = "warning:") -> None:
     quiet, console.quiet = console.quiet, False
     console.print(f"[yellow]{label}[/] {text}")
     console.quiet = quiet
+
+
+def compile_failed(doing: str) -> Callable[[Exception], None]:
+    """The warning for `model.run_compiled`'s fallback: torch.compile could not build kernels
+    (e.g. no C++ compiler on this machine), and `doing` (e.g. "embedding") goes on without it."""
+
+    def report(error: Exception) -> None:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        warn(f"torch.compile could not build the model's kernels ({type(error).__name__}: {first}); "
+             f"{doing} without --compile")
+
+    return report
 
 
 class _Progress(Progress):

@@ -60,6 +60,79 @@ def test_cache_is_preallocated_and_overflow_is_an_error() -> None:
             model(torch.zeros(3, 2, dtype=torch.long), cache=cache)
 
 
+@pytest.mark.parametrize("n_kv_head", [0, 2])
+def test_decode_step_rows_at_their_own_positions_match_each_rows_full_forward(n_kv_head: int) -> None:
+    """`Transformer.decode` (the decode step of sample and serve): rows of one batched step sit at
+    different positions of one cache; each row's logits are its own full forward's, two steps on
+    (the first step's K/V were written where the second reads them), and other rows' slots and
+    each row's positions beyond its own are never touched."""
+    cfg = replace(TINY, n_kv_head=n_kv_head, init_std=0.02)
+    model = build(cfg)
+    prompts = [prompt(n, seed=10 + n) for n in (3, 9, 5)]
+    S = 16
+    k = [torch.zeros(3, cfg.kv_heads, S, cfg.head_dim) for _ in range(cfg.n_layer)]
+    v = [torch.zeros(3, cfg.kv_heads, S, cfg.head_dim) for _ in range(cfg.n_layer)]
+    with torch.no_grad():
+        for b, ids in enumerate(prompts):  # each row prefilled alone, then copied into its row of the batch cache
+            alone = KVCache(cfg, max_len=S)
+            model(torch.tensor([ids]), cache=alone)
+            for layer in range(cfg.n_layer):
+                k[layer][b], v[layer][b] = alone.k[layer][0], alone.v[layer][0]
+        beyond = [(k[0][b, :, len(ids) + 2 :].clone()) for b, ids in enumerate(prompts)]
+        contexts = [list(ids) for ids in prompts]
+        for step in range(2):
+            new = [prompt(1, seed=20 + 3 * step + b)[0] for b in range(3)]
+            positions = torch.tensor([[len(c)] for c in contexts])
+            got = model.decode(torch.tensor([[t] for t in new]), positions, k, v)  # (3, V)
+            for b, c in enumerate(contexts):
+                c.append(new[b])
+                torch.testing.assert_close(got[b], model(torch.tensor([c]))[0, -1], rtol=1e-5, atol=1e-5)
+    for b, ids in enumerate(prompts):
+        assert torch.equal(k[0][b, :, len(ids) + 2 :], beyond[b])  # nothing written past a row's own positions
+
+
+def test_decode_step_beyond_the_cache_is_an_error() -> None:
+    model = build()
+    cache = KVCache(TINY, max_len=4)
+    with torch.no_grad(), pytest.raises(LmforgeError, match="beyond the KV cache"):
+        model.decode(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[4]]), cache.k, cache.v)
+
+
+def test_compiled_decode_gives_the_eager_tokens_and_logits() -> None:
+    """`sample/serve --compile`: the blocks' decode step through torch.compile (one graph for
+    every block) decodes the same greedy tokens, with logits equal up to float rounding."""
+    model = build(replace(TINY, n_kv_head=2))
+    ids = prompt(6)
+    eager = generate(model, ids, max_tokens=12)
+    cache = KVCache.for_model(model, max_len=8)
+    with torch.no_grad():
+        model(torch.tensor([ids]), cache=cache)
+        step = (torch.tensor([[3]]), torch.tensor([[6]]), cache.k, cache.v)
+        want = model.decode(*step)
+        generate_module.compile_decode(model)
+        assert all("decode" in vars(block) for block in model.model.layers)
+        torch.testing.assert_close(generate_module.decode_step(model, *step), want, rtol=1e-5, atol=1e-5)
+    assert generate(model, ids, max_tokens=12) == eager
+
+
+def test_a_failed_decode_compile_warns_once_and_decodes_eagerly(monkeypatch, capsys) -> None:
+    def broken(fn, **kwargs):  # what a machine without a C++ compiler gives at the first compiled call
+        def call(*args, **kw):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\ng++: not found")
+        return call
+
+    model = build()
+    ids = prompt(5)
+    eager = generate(model, ids, max_tokens=10)
+    monkeypatch.setattr(torch, "compile", broken)
+    generate_module.compile_decode(model)
+    assert generate(model, ids, max_tokens=10) == eager
+    assert generate(model, ids, max_tokens=10) == eager
+    err = capsys.readouterr().err
+    assert err.count("torch.compile could not build") == 1 and "decoding without --compile" in err
+    assert all("decode" not in vars(block) for block in model.model.layers)
+
+
 # ---- generation against full-forward references ---------------------------------------------
 
 
@@ -90,10 +163,17 @@ def test_greedy_equals_argmax_loop_of_full_forwards(n_prompt: int, max_tokens: i
 
 def test_window_slides_to_half_its_length_when_the_cache_is_full() -> None:
     model = build()
-    calls: list[tuple[int, int]] = []  # (cache.pos before the call, tokens in the call)
-    model.register_forward_pre_hook(
+    calls: list[tuple[int, int]] = []  # (position of the call's first token, tokens in the call)
+    model.register_forward_pre_hook(  # a prefill
         lambda mod, args, kwargs: calls.append((kwargs["cache"].pos, args[0].shape[1])), with_kwargs=True
     )
+    decode = model.decode  # a decode step
+
+    def recorded(idx: torch.Tensor, positions: torch.Tensor, k, v) -> torch.Tensor:
+        calls.append((int(positions[0, 0]), idx.shape[1]))
+        return decode(idx, positions, k, v)
+
+    model.decode = recorded
     L = TINY.max_seq_len
     generate(model, prompt(30), max_tokens=L)
     # the prompt's last L tokens fill the cache; the first new token slides to L // 2 tokens,

@@ -24,7 +24,6 @@ from lmforge.model import (
     flops_per_token,
     num_params,
     rope_tables,
-    use_decode_attention,
     use_explicit_attention,
 )
 
@@ -280,15 +279,6 @@ def test_decode_attention_equals_each_rows_own_sdpa(kv: int) -> None:
             alone = F.scaled_dot_product_attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], enable_gqa=kv != H)
             torch.testing.assert_close(got[b : b + 1], alone, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(got[1], decode_attention(q, k, v, torch.ones_like(mask))[1])  # the mask is applied
-
-
-def test_decode_attention_choice() -> None:
-    """The decode kernel takes one query position on CPU without grad; prefill and training keep SDPA."""
-    assert use_decode_attention(torch.empty(3, 4, 1, 8))
-    assert not use_decode_attention(torch.empty(3, 4, 2, 8))
-    assert not use_decode_attention(torch.empty(3, 4, 1, 8, requires_grad=True))
-    with torch.no_grad():
-        assert use_decode_attention(torch.empty(3, 4, 1, 8, requires_grad=True))
 
 
 def test_bf16_explicit_attention_and_sdpa_give_the_same_loss_and_gradients(monkeypatch) -> None:

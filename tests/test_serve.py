@@ -111,6 +111,38 @@ def test_engine_packs_a_prepared_fp32_head_and_keeps_greedy_tokens(checkpoint: P
     assert [r.tokens for r in results] == expected
 
 
+def test_a_compiled_engine_warms_up_before_serving_and_keeps_greedy_tokens(checkpoint: Path) -> None:
+    """`serve --compile`: the engine compiles its decode step before the first request (a batch of
+    one and one of several rows: two graphs, reused for every later step), then serves the tokens
+    of eager `generate`, packed layers (pack_head, pack_mlp) included."""
+    import torch._dynamo
+
+    from lmforge.generate import compile_decode, load_for_decoding
+    from lmforge.model import eager_blocks
+
+    loaded = load_for_decoding(checkpoint, compile=True)
+    model, tok = loaded.model, loaded.tokenizer
+    ids = prompts(tok, 6)
+    lengths = [4 + 3 * i for i in range(6)]
+    eager_blocks(model)
+    expected = [generate(model, p, max_tokens=n, stop_ids=[tok.eos_id]) for p, n in zip(ids, lengths)]
+    compile_decode(model)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    engine = Engine(model, tok, max_batch=4, max_queue=16)
+    with torch.inference_mode():
+        engine._warm_up()  # what start() does first on the engine thread
+    warm = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 2 <= warm <= 4  # a batch of one, of several rows; each maybe once more where a length was specialised
+    engine.start()
+    try:
+        results = run_requests(engine, [Request(p, n, stop_ids=(tok.eos_id,)) for p, n in zip(ids, lengths)])
+    finally:
+        engine.stop()
+    assert [r.tokens for r in results] == expected
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == warm  # no step compiled again
+
+
 def test_prefill_groups_split_sorted_prompts_where_padding_costs_more_than_a_forward() -> None:
     from lmforge.serve.engine import prefill_groups
 
@@ -331,10 +363,12 @@ def test_a_failing_request_fails_alone_and_the_batch_goes_on(loaded, monkeypatch
     used |= set(late_tokens)
     prefill_poison = next(t for t in range(3, tok.vocab_size) if t not in used)
 
-    def forward(idx, **kwargs):
-        if bool(((idx == prefill_poison) | (idx == late_poison)).any()):
-            raise RuntimeError("a forward that cannot take this token")
-        return model(idx, **kwargs)
+    def poisoned(run):  # a forward (prefill) or decode step that cannot take these tokens
+        def call(idx, *args, **kwargs):
+            if bool(((idx == prefill_poison) | (idx == late_poison)).any()):
+                raise RuntimeError("a forward that cannot take this token")
+            return run(idx, *args, **kwargs)
+        return call
 
     real_pick = engine_module.pick_token
 
@@ -344,10 +378,10 @@ def test_a_failing_request_fails_alone_and_the_batch_goes_on(loaded, monkeypatch
         return real_pick(logits, **kwargs)
 
     monkeypatch.setattr(engine_module, "pick_token", pick_token)
+    monkeypatch.setattr(model, "forward", poisoned(model.forward))  # instance attributes, undone after the test
+    monkeypatch.setattr(model, "decode", poisoned(model.decode))
     for max_batch in (8, 3):  # all at once; and bad ones joining (prefill) while good ones decode
         engine = Engine(model, tok, max_batch=max_batch, max_queue=16)
-        forward.lm_head = model.lm_head  # the engine reads logits only where it needs them, through the head
-        engine.model = forward
         engine.start()
         try:
             requests = [Request(p, n, stop_ids=(tok.eos_id,)) for p in good]
@@ -639,7 +673,7 @@ def sse_events(text: str) -> list:
     return [e if e == "[DONE]" else json.loads(e) for e in events]
 
 
-def test_shutdown_lets_calls_finish_within_the_grace_and_ends_the_rest_properly(loaded) -> None:
+def test_shutdown_lets_calls_finish_within_the_grace_and_ends_the_rest_properly(loaded, monkeypatch) -> None:
     """Bridge.close (what SIGTERM / Ctrl-C run before uvicorn closes connections): new calls get a
     503; calls in flight may finish for the grace period; the rest end as a 503, in a stream as an
     error event followed by [DONE] (a stream used to be cut without [DONE])."""
@@ -647,12 +681,14 @@ def test_shutdown_lets_calls_finish_within_the_grace_and_ends_the_rest_properly(
     app = create_app(model, tok, max_batch=4, max_tokens=480)
     engine, bridge = app.state.engine, app.state.bridge
 
-    def slow(idx, **kwargs):  # about 20 ms a step: the short calls take under a second, the long ones 8 s
-        time.sleep(0.02)
-        return model(idx, **kwargs)
+    def slow(run):  # about 20 ms a step: the short calls take under a second, the long ones 8 s
+        def call(*args, **kwargs):
+            time.sleep(0.02)
+            return run(*args, **kwargs)
+        return call
 
-    slow.lm_head = model.lm_head
-    engine.model = slow
+    monkeypatch.setattr(model, "forward", slow(model.forward))  # instance attributes, undone after the test
+    monkeypatch.setattr(model, "decode", slow(model.decode))
     short = {"prompt": "ROMEO:", "max_tokens": 20, "ignore_eos": True, "temperature": 0}
     long = dict(short, max_tokens=400)
 
@@ -674,6 +710,7 @@ def test_shutdown_lets_calls_finish_within_the_grace_and_ends_the_rest_properly(
         (short_stream, long_stream, short_call, long_call), late, closed = asyncio.run(scenario())
     finally:
         engine.stop()
+        monkeypatch.undo()  # the reference below at full speed
     expected = tok.decode(generate(model, tok.encode("ROMEO:"), max_tokens=400))
     events = sse_events(short_stream.text)
     assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"

@@ -263,11 +263,12 @@ def serve_command(
     index: str | None = None,
     adapters: list[str] | None = None,
     max_adapters: int | None = None,
+    compile: bool = False,
 ) -> int:
     """Load a run or checkpoint and serve it until interrupted. Unset limits come from the
     checkpoint's `serve:` config section. `adapters`: --adapter NAME=PATH or DIR values (LoRA
     adapters on this base, picked by a request's `model`)."""
-    from ..generate import load_for_decoding
+    from ..generate import compile_decode, load_for_decoding
     from ..quant import check_weights
     from ..threads import choose, cores
     from ..util import check_port, console
@@ -291,7 +292,9 @@ def serve_command(
     if adapters and quantize not in (None, "fp32"):
         raise ConfigError(f"--quantize {quantize} with --adapter: LoRA adapters are served on fp32 base weights; "
                           "leave out --quantize, or export each adapter merged (export --merge) and serve that")
-    loaded = classifier.embedder.loaded if classifier is not None else load_for_decoding(path, quantize)
+    loaded = classifier.embedder.loaded if classifier is not None else load_for_decoding(path, quantize, compile=compile)
+    if compile and classifier is not None:  # its embedding model decodes too (chat completions)
+        compile_decode(loaded.model)
     searcher = open_index(index, loaded) if index is not None else None  # before the port: a wrong index fails at once
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
     template = template or tokenizer.chat_template  # a model directory's (or a fine-tune's origin's) recorded one

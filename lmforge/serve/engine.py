@@ -15,8 +15,9 @@ length. The engine thread loops over one *step*:
    tokens computed 896 positions for 632 real ones; three runs compute 709 and took 25 % less;
 3. one decode forward for every running row: row b feeds its last token at its own position
    `length_b` (RoPE by `positions`), writes its K/V there, and attends to keys 0..length_b
-   through a (B, 1, L) mask. This is the model's `positions`/`attn_mask` path (lmforge/model.py,
-   `decode_attention`).
+   through a (B, 1, L) mask. This is `Transformer.decode` (through `generate.decode_step`, the
+   decode step of `lmforge sample` too), on the running rows' slice of the slot cache; compiled
+   with `serve --compile`.
 
 New requests therefore join the batch between decode steps, and a finished row leaves at once.
 Running rows stay packed in slots 0..n-1: when a row finishes, the last row's cache is copied
@@ -76,9 +77,9 @@ from collections.abc import Callable
 import torch
 
 from ..errors import LmforgeError
-from ..generate import check_sampling, pick_token
+from ..generate import check_sampling, decode_step, pick_token
 from ..lora import AdapterSet
-from ..model import Transformer, check_memory
+from ..model import Transformer, check_memory, is_compiled
 from ..quant import pack_head, pack_mlp
 from ..threads import Governor
 from ..tokenizer import StreamDecoder, Tokenizer
@@ -175,35 +176,19 @@ class SlotCache:
 
 
 class SlotView:
-    """What one forward sees of the SlotCache: rows lo..hi-1, in the model's cache protocol.
+    """What a prefill forward sees of the SlotCache: rows lo..hi-1, in the model's cache protocol;
+    each row writes its T tokens at positions 0..T-1 (`pos` is 0). Decode steps take the rows'
+    cache tensors directly (`generate.decode_step`)."""
 
-    positions None (prefill): each row writes its T tokens at positions 0..T-1 (`pos` is 0).
-    positions (B, 1) (decode): row b writes its token at positions[b]; keys 0..length-1 are
-    returned, where length is the longest row's (the caller's mask hides the rest).
-    """
-
-    def __init__(self, cache: SlotCache, lo: int, hi: int, positions: torch.Tensor | None = None, length: int = 0):
-        self.cache, self.lo, self.hi, self.positions, self.length = cache, lo, hi, positions, length
-        self.pos = 0  # read by Transformer.forward for the shared-position (prefill) path
-        self.rows: torch.Tensor | None = None  # decode: where each (row, kv head, token) goes in a layer's flat cache
+    def __init__(self, cache: SlotCache, lo: int, hi: int):
+        self.cache, self.lo, self.hi = cache, lo, hi
+        self.pos = 0  # read by Transformer.forward for the shared-position path
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         K, V = self.cache.k[layer][self.lo : self.hi], self.cache.v[layer][self.lo : self.hi]  # views
-        if self.positions is None:
-            T = k.shape[2]
-            K[:, :, :T], V[:, :, :T] = k, v
-            return K[:, :, :T], V[:, :, :T]
-        B, kv, T, hd = k.shape
-        if self.rows is None:  # the same for every layer: computed once per forward
-            S = K.shape[2]
-            heads = torch.arange(B * kv, device=k.device).view(B, kv, 1) * S  # (B, kv, 1): each head's first position
-            self.rows = (heads + self.positions[:, None, :]).flatten()  # (B * kv * T,)
-        # One index_copy_ of B * kv * T rows of hd values into the (contiguous) rows lo..hi-1 seen
-        # flat, for K and for V: 28 us a call where a scatter_ along positions with an expanded
-        # (B, kv, T, hd) index took 35 (docs/inference.md).
-        K.view(-1, hd).index_copy_(0, self.rows, k.reshape(-1, hd))
-        V.view(-1, hd).index_copy_(0, self.rows, v.reshape(-1, hd))
-        return K[:, :, : self.length], V[:, :, : self.length]  # (B, kv, L, hd)
+        T = k.shape[2]
+        K[:, :, :T], V[:, :, :T] = k, v
+        return K[:, :, :T], V[:, :, :T]
 
     def advance(self, n: int) -> None:
         pass  # the engine keeps each slot's length
@@ -342,6 +327,7 @@ class Engine:
         # Made here: OpenMP's thread count is per thread, so the governor must set it on this one.
         governor = Governor(self.max_threads or threads, start=threads)
         with torch.inference_mode():
+            self._warm_up()
             while True:
                 with self.wake:
                     while self.running and not self.waiting and not self.active:
@@ -357,6 +343,24 @@ class Engine:
                     for slot in self.active:
                         self._finish(slot, Finished("error", message=f"engine error: {e!r}"))
                     self.active.clear()
+
+    def _warm_up(self) -> None:
+        """A compiled decode step (`serve --compile`) builds its kernels here, before the first
+        request rather than during it: steps of one row and of two rows (torch.compile
+        specialises a batch of 1; from 2 rows on, one graph serves every count), each at two
+        attended lengths (should the first length have been specialised to a constant, the
+        second compiles the general graph now rather than at a client's step). They write
+        slots 0-1, which nothing has used yet. A failure here falls back to eager with one warning."""
+        if not is_compiled(self.model, "decode"):
+            return
+        start = time.perf_counter()
+        log.info("compiling the decode step (serve --compile)")
+        for rows in range(1, min(2, self.max_batch) + 1):
+            for first in (1, 2):
+                tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+                positions = torch.arange(first, first + rows, device=self.device).view(rows, 1)
+                decode_step(self.model, tokens, positions, [k[:rows] for k in self.cache.k], [v[:rows] for v in self.cache.v])
+        log.info("decode step compiled in %.1f s", time.perf_counter() - start)
 
     def step(self) -> int:
         """Drop, admit + prefill, decode: one turn of the scheduling loop. Returns the tokens it ran
@@ -476,11 +480,8 @@ class Engine:
         rows = self.active[a:b]
         tokens = torch.tensor([[s.last] for s in rows], device=self.device)  # (B, 1)
         positions = torch.tensor([[s.length] for s in rows], device=self.device)  # (B, 1)
-        L = int(positions.max()) + 1
-        mask = torch.arange(L, device=self.device)[None, None, :] <= positions[:, :, None]  # (B, 1, L)
-        view = SlotView(self.cache, a, b, positions, L)
-        with self._selected(rows):
-            return self.model(tokens, cache=view, positions=positions, attn_mask=mask)[:, 0]
+        with self._selected(rows):  # rows a..b-1 of the slot cache: contiguous views
+            return decode_step(self.model, tokens, positions, [k[a:b] for k in self.cache.k], [v[a:b] for v in self.cache.v])
 
     def _alone(self, lo: int, hi: int, forward: Callable[[int, int], torch.Tensor | list[torch.Tensor]],
                error: Exception) -> list[torch.Tensor | None]:

@@ -225,13 +225,18 @@ class Embedder:
         if batch_tokens is not None and batch_tokens < 0:
             raise ConfigError(f"batch_tokens must be >= 0 (0: no token budget), got {batch_tokens}")
         self.batch_tokens = batch_tokens if batch_tokens is not None else (BATCH_TOKENS_CPU if self.device.type == "cpu" else 0)
-        self.compiled = compile
-        self._proven = False  # a compiled forward has run
         if compile:
             from ..model import compile_blocks
 
             compile_blocks(self.model)
         self.dtype = resolve_dtype(dtype, self.device)
+
+    @property
+    def compiled(self) -> bool:
+        """The blocks run compiled (compile=True, and compiling has not failed)."""
+        from ..model import is_compiled
+
+        return is_compiled(self.model)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, pooling: Pooling | None = None, device: Any = None,
@@ -321,31 +326,19 @@ class Embedder:
                 bar.close()
 
     def _forward(self, idx: torch.Tensor, attn: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
-        """The hidden states of one batch. The first compiled forward is where torch.compile
-        builds its kernels; if that fails (e.g. no C++ compiler here), one warning, and this and
-        every later batch run eagerly: the same vectors up to float rounding, only slower."""
+        """The hidden states of one batch. With compile=True, a first forward whose compilation
+        fails (e.g. no C++ compiler here) warns once and runs eagerly (`model.run_compiled`), as
+        does every later batch: the same vectors up to float rounding, only slower."""
         import torch
 
-        from ..model import autocast, eager_blocks
+        from ..model import autocast, run_compiled
+        from ..util import compile_failed
 
         def forward() -> torch.Tensor:
             with torch.inference_mode(), autocast(self.dtype, self.device.type):
                 return self.model.hidden_states(idx, attn_mask=attn, lengths=lengths)
 
-        if not self.compiled or self._proven:
-            return forward()
-        try:
-            hidden = forward()
-        except Exception as e:  # the compiler's failure, whatever its type; a real error shows again eagerly
-            from ..util import warn
-
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            warn(f"torch.compile could not build the model's kernels ({type(e).__name__}: {first}); embedding without --compile")
-            eager_blocks(self.model)
-            self.compiled = False
-            return forward()
-        self._proven = True
-        return hidden
+        return run_compiled(self.model, forward, compile_failed("embedding"))
 
 
 class _Bar:
