@@ -219,7 +219,7 @@ def decode_step(model: Transformer, idx: torch.Tensor, positions: torch.Tensor, 
 
 def compile_decode(model: Transformer) -> None:
     """`--compile` of the verbs that decode: every block's decode step through torch.compile
-    (`model.compile_blocks`): ~+20 % tokens/s for one fp32 stream on a CPU after ~7-10 s of
+    (`model.compile_blocks`): ~+15 % tokens/s for one fp32 stream on a CPU after ~3-10 s of
     compiling at the first token (docs/inference.md "Compiled decoding")."""
     compile_blocks(model, "decode")
 

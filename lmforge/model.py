@@ -22,18 +22,22 @@ Trade-offs
   head), except for bf16 on CPU up to EXPLICIT_ATTENTION_MAX_LEN positions: there the flash
   kernel's backward is ~2x slower than two AMX batched matmuls and a softmax, so an explicit
   path is used (it keeps the (B, H, T, T) probabilities for backward, hence the length cap).
-  serve's decode step (a cache, a mask, one query per row) takes `decode_attention`, two batched
-  matmuls over the cache views: ~1 % of that step faster than SDPA there (docs/inference.md).
+  The decode step (one query per row) takes `decode_attention`, two batched matmuls over the
+  cache views: ~1 % of serve's step faster than SDPA there (docs/inference.md).
 - The residual stream stays in the parameters' dtype (fp32 under autocast); matmuls run in bf16
   under autocast. Each norm output is cast once for the matmuls that share it, and RoPE runs on
   contiguous (B, T, H, hd) tensors in the activations' dtype (no silent promotion to fp32).
 - The loss is mean cross-entropy computed in fp32 (ignore_index -100). `forward(idx, targets)`
   still returns the logits (in the autocast dtype), because computing them is the cost and
   returning them is free.
-- Decoding: `forward(idx, cache=...)` appends this call's K/V to a preallocated cache and attends
-  over everything cached so far. The model knows the cache only through `KVCacheLike` (`pos`,
-  `update()`, `advance()`); the caches themselves (generate.KVCache, the server's slot views) and
-  sampling live above this module, which imports none of them.
+- Decoding: a prefill, `forward(idx, cache=...)`, appends the prompt's K/V to a preallocated
+  cache (known here only through `KVCacheLike`: `pos`, `update()`, `advance()`) and attends over
+  everything cached so far. Each further token is `decode(idx, positions, k, v)`: one token per
+  row, every row at its own position, over the rows' per-layer cache tensors (a single stream is
+  one row; the server's batch many). Its blocks (`Block.decode`) see only tensors, so one
+  torch.compile graph serves every block and step (`compile_blocks(model, "decode")`). The
+  caches themselves (generate.KVCache, the server's slot cache) and sampling live above this
+  module, which imports none of them.
 
 `num_params` and `flops_per_token` are computed analytically from the config (no model built), so
 `lmforge plan` can size models that would not fit in memory.
