@@ -565,7 +565,7 @@ def compile_blocks(model: Transformer, method: str = "forward") -> None:
     bandwidth); what compiling gains is the work around them (the norms, RoPE, SiLU and the gate
     product, residual adds, the cache writes, the unpadding copies), fused into a few loops
     instead of ~20-40 small kernels per block, each with its dispatch cost. Measured on a CPU:
-    +6-9 points of the matmul peak for embeddings (docs/embeddings.md "Speed"), +20 % tokens/s for
+    +6-9 points of the matmul peak for embeddings (docs/embeddings.md "Speed"), +15 % tokens/s for
     single-stream fp32 decoding (docs/inference.md). One graph serves every block (the same code;
     a decode step's blocks see only tensors, `Block.decode`), batch and length; it costs 5-15 s
     of compilation the first time in a process (inductor's on-disk cache makes later processes
