@@ -56,7 +56,9 @@ measured slower than fp32 on this kind of CPU, so they would not pay for themsel
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -123,12 +125,89 @@ def _pack_int8(q: torch.Tensor, scale: torch.Tensor) -> Any:
         return torch.ops.quantized.linear_prepack(qw, None)
 
 
+class _Fbgemm(nn.Module):
+    """fbgemm's dynamic int8 linear on one packed weight, scripted by `_fbgemm_linear`: x (..., K)
+    -> (..., N) in x's dtype. Several rows are each scaled to max |x| = 1 first and back after,
+    so that fbgemm's one activation scale per call serves every row alike.
+
+    Why TorchScript: the packed weight is a TorchScript object, and passing it to the op from
+    Python converts it at every call, ~14 µs (measured on AVX2, one core: a 64x64 product took
+    22 µs from Python, 8 µs from this scripted module), i.e. ~3 ms per SmolLM2-135M token; and
+    each small op costs ~1 µs here against 3-4 µs from Python."""
+
+    def __init__(self, packed: Any) -> None:
+        super().__init__()
+        self.packed = packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.float()
+        if flat.numel() == flat.shape[-1]:  # one row: one scale per call is one per row
+            return torch.ops.quantized.linear_dynamic(flat, self.packed, False).to(x.dtype)
+        amax = flat.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+        return (torch.ops.quantized.linear_dynamic(flat / amax, self.packed, False) * amax).to(x.dtype)
+
+
+def _fbgemm_linear(q: torch.Tensor, scale: torch.Tensor) -> Any:
+    """fbgemm's form of int8 rows q (N, K), scales (N, 1): a callable, x (..., K) -> (..., N).
+
+    7-bit weights so that 8-bit activations never saturate fbgemm's 16-bit pair sums on AVX2
+    (2 * 255 * 63 < 2^15); the alternative, 7-bit activations, measured 3x the loss."""
+    q7, s7 = quantize_int8(dequantize_int8(q, scale), levels=63)
+    form = _Fbgemm(_pack_int8(q7, s7[:, 0]))
+    try:
+        with warnings.catch_warnings():  # torch marks TorchScript deprecated; without it, the same slower
+            warnings.simplefilter("ignore")
+            return torch.jit.script(form)
+    except Exception:  # a torch without TorchScript: the module as it is (correct, ~14 µs a call slower)
+        return form
+
+
+def _weight_only(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) -> x W^T (..., N), W = q * scale: `aten._weight_int8pack_mm` on bf16 activations."""
+    K, N = q.shape[1], q.shape[0]
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K).to(torch.bfloat16), q, scale[:, 0].to(torch.bfloat16))
+    return y.to(x.dtype).view(*x.shape[:-1], N)
+
+
+# fbgemm's forms by handle, for the compiled path: a compiled graph cannot take the packed weight
+# itself (dynamo has no proxy for a TorchScript object, nor traces into a scripted module), so
+# `Int8Linear` passes a 0-d handle tensor (a graph input like any buffer: one graph serves every
+# layer of a shape) and the op looks its form up here. Weak: the layer owns its form.
+_FORMS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_NEXT_HANDLE = itertools.count(1)
+
+_LIB = torch.library.Library("lmforge", "FRAGMENT")
+_LIB.define("int8_linear(Tensor x, Tensor q, Tensor scale, Tensor handle) -> Tensor")
+
+
+def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
+    """x (..., K) -> x W^T (..., N), W = q * scale: fbgemm's form of the layer `handle` names, or
+    (none: no fbgemm, or the layer gone, e.g. a copy that outlived its original) weight-only."""
+    form = _FORMS.get(int(handle))
+    return form(x) if form is not None else _weight_only(x, q, scale)
+
+
+def _int8_linear_shape(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], q.shape[0])
+
+
+# A plain `Library` op with a Python kernel: `torch.library.custom_op`'s wrapper measured ~20 µs
+# more per call, eager and compiled. Inductor calls it as an opaque kernel between its own.
+_LIB.impl("int8_linear", _int8_linear, "CPU")
+torch.library.register_fake("lmforge::int8_linear", _int8_linear_shape, lib=_LIB)
+
+# Up to this many rows (one per running request in serve's batched decode) fbgemm's int8 product
+# runs; above it (a prompt's rows) the weight-only product. Measured: docs/inference.md.
+FBGEMM_MAX_ROWS = 64
+
+
 class Int8Linear(nn.Module):
     """y = x W^T with W = q * scale: q int8 (N, K), scale fp32 (N, 1); no bias (lmforge has none).
 
-    One activation row (decoding one sequence): fbgemm's dynamic int8 linear on a 7-bit copy of
-    the weights, the row quantised to 8 bits at run time. Several rows (a prompt, a batch of
-    sequences): weight-only, `aten._weight_int8pack_mm` on bf16 activations. See the module doc.
+    Up to FBGEMM_MAX_ROWS activation rows (decoding): fbgemm's dynamic int8 linear on a 7-bit
+    copy of the weights, each row quantised to 8 bits at run time (`_Fbgemm`). More rows (a
+    prompt): weight-only, `aten._weight_int8pack_mm` on bf16 activations. See the module doc.
+    Inside `torch.compile` the product is the opaque op `lmforge::int8_linear`; the rest traces.
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
@@ -137,26 +216,27 @@ class Int8Linear(nn.Module):
         q, scale = per_row(q, scale)
         self.register_buffer("q", q.contiguous(), persistent=False)
         self.register_buffer("scale", scale.reshape(-1, 1).contiguous(), persistent=False)
-        self.packed = None
-        if _fbgemm():
-            # 7-bit weights so that 8-bit activations never saturate fbgemm's 16-bit pair sums on
-            # AVX2 (2 * 255 * 63 < 2^15); the alternative, 7-bit activations, measured 3x the loss.
-            q7, s7 = quantize_int8(dequantize_int8(self.q, self.scale), levels=63)
-            self.packed = _pack_int8(q7, s7[:, 0])
+        # Not a submodule (dynamo cannot trace a scripted one; `.to()` and `state_dict` must not
+        # see it): a plain attribute, None without fbgemm.
+        self.__dict__["packed"] = _fbgemm_linear(self.q, self.scale) if _fbgemm() else None
+        handle = next(_NEXT_HANDLE)
+        if self.packed is not None:
+            _FORMS[handle] = self.packed
+        self.register_buffer("handle", torch.tensor(handle), persistent=False)
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "Int8Linear":
         return cls(*quantize_int8(w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        K = self.in_features
+        # As few Python-level ops as possible: each costs 3-4 µs here, ~10 % of a 576x576 product.
+        if x.device.type == "cpu" and x.numel() <= FBGEMM_MAX_ROWS * self.in_features:
+            if torch.compiler.is_compiling():
+                return torch.ops.lmforge.int8_linear(x, self.q, self.scale, self.handle)
+            if self.packed is not None:
+                return self.packed(x)
         if x.device.type == "cpu":
-            rows = x.numel() // K
-            if rows == 1 and self.packed is not None:
-                return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False).to(x.dtype)
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, K).to(torch.bfloat16), self.q,
-                                                   self.scale[:, 0].to(torch.bfloat16))
-            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            return _weight_only(x, self.q, self.scale)
         return F.linear(x, self.q.to(x.dtype) * self.scale.to(x.dtype))
 
     def extra_repr(self) -> str:
