@@ -126,42 +126,49 @@ def _pack_int8(q: torch.Tensor, scale: torch.Tensor) -> Any:
 
 
 class _Fbgemm(nn.Module):
-    """fbgemm's dynamic int8 linear on one packed weight, scripted by `_fbgemm_linear`: x (..., K)
-    -> (..., N) in x's dtype. Several rows are each scaled to max |x| = 1 first and back after,
-    so that fbgemm's one activation scale per call serves every row alike.
+    """fbgemm's dynamic linear on one packed weight (int8, or fp16 when `int8` is False),
+    scripted by `_script`: x (..., K) -> (..., N) in x's dtype. int8: several rows are each scaled
+    to max |x| = 1 first and back after, so that fbgemm's one activation scale per call serves
+    every row alike.
 
     Why TorchScript: the packed weight is a TorchScript object, and passing it to the op from
-    Python converts it at every call, ~14 µs (measured on AVX2, one core: a 64x64 product took
-    22 µs from Python, 8 µs from this scripted module), i.e. ~3 ms per SmolLM2-135M token; and
-    each small op costs ~1 µs here against 3-4 µs from Python."""
+    Python converts it at every call, ~14 µs (measured on AVX2, one core: a 64x64 int8 product
+    took 22 µs from Python, 7.4 µs from this scripted module), i.e. ~3 ms per SmolLM2-135M token;
+    and each small op costs ~1 µs here against 3-4 µs from Python."""
 
-    def __init__(self, packed: Any) -> None:
+    def __init__(self, packed: Any, int8: bool) -> None:
         super().__init__()
         self.packed = packed
+        self.int8 = int8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.float()
+        if not self.int8:
+            return torch.ops.quantized.linear_dynamic_fp16(flat, self.packed).to(x.dtype)
         if flat.numel() == flat.shape[-1]:  # one row: one scale per call is one per row
             return torch.ops.quantized.linear_dynamic(flat, self.packed, False).to(x.dtype)
         amax = flat.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
         return (torch.ops.quantized.linear_dynamic(flat / amax, self.packed, False) * amax).to(x.dtype)
 
 
-def _fbgemm_linear(q: torch.Tensor, scale: torch.Tensor) -> Any:
-    """fbgemm's form of int8 rows q (N, K), scales (N, 1): a callable, x (..., K) -> (..., N): the
-    scripted `_Fbgemm`'s forward (called as a method it skips `nn.Module.__call__`: 7.4 against
-    9.6 µs for a 64x64 product).
-
-    7-bit weights so that 8-bit activations never saturate fbgemm's 16-bit pair sums on AVX2
-    (2 * 255 * 63 < 2^15); the alternative, 7-bit activations, measured 3x the loss."""
-    q7, s7 = quantize_int8(dequantize_int8(q, scale), levels=63)
-    form = _Fbgemm(_pack_int8(q7, s7[:, 0]))
+def _script(form: _Fbgemm) -> Any:
+    """The scripted form's forward, called as a method (that skips `nn.Module.__call__`: 7.4
+    against 9.6 µs for a 64x64 int8 product)."""
     try:
         with warnings.catch_warnings():  # torch marks TorchScript deprecated
             warnings.simplefilter("ignore")
             return torch.jit.script(form).forward
     except Exception:  # a torch without TorchScript: the module as it is (correct, ~14 µs a call slower)
         return form.forward
+
+
+def _fbgemm_int8(q: torch.Tensor, scale: torch.Tensor) -> Any:
+    """fbgemm's form of int8 rows q (N, K), scales (N, 1): a callable, x (..., K) -> (..., N).
+
+    7-bit weights so that 8-bit activations never saturate fbgemm's 16-bit pair sums on AVX2
+    (2 * 255 * 63 < 2^15); the alternative, 7-bit activations, measured 3x the loss."""
+    q7, s7 = quantize_int8(dequantize_int8(q, scale), levels=63)
+    return _script(_Fbgemm(_pack_int8(q7, s7[:, 0]), int8=True))
 
 
 def _weight_only(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -171,16 +178,30 @@ def _weight_only(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     return y.to(x.dtype).view(*x.shape[:-1], N)
 
 
-# fbgemm's forms by handle, for the compiled path: a compiled graph cannot take the packed weight
-# itself (dynamo has no proxy for a TorchScript object, nor traces into a scripted module), so
-# `Int8Linear` passes a 0-d handle tensor (a graph input like any buffer: one graph serves every
-# layer of a shape) and the op looks its form up here. An entry goes when its layer does (a plain
-# dict: a WeakValueDictionary lookup cost ~2 µs a call).
+# ---- fbgemm inside torch.compile ------------------------------------------------------------
+# A compiled graph cannot take a packed weight itself (dynamo has no proxy for a TorchScript
+# object, nor traces into a scripted module: each layer was a graph break, and the compiled decode
+# step ran slower than eager). So a layer registers its fbgemm form here under a handle, holds the
+# handle as a 0-d buffer (a graph input like any buffer: one graph serves every layer of a shape),
+# and under `torch.compile` calls an opaque op (`lmforge::int8_linear`, `lmforge::f16_linear`)
+# that looks the form up. A plain dict (a WeakValueDictionary lookup cost ~2 µs a call); an entry
+# goes when its layer does. A plain `Library` op with a Python kernel: `torch.library.custom_op`'s
+# wrapper measured ~20 µs more per call. The op's call still costs ~6 µs more than the eager call
+# (the dispatcher's round trip into Python): measured per token in docs/inference.md.
 _FORMS: dict[int, Any] = {}
 _NEXT_HANDLE = itertools.count(1)
 
-_LIB = torch.library.Library("lmforge", "FRAGMENT")
-_LIB.define("int8_linear(Tensor x, Tensor q, Tensor scale, Tensor handle) -> Tensor")
+
+def _register(layer: nn.Module, form: Any) -> None:
+    """Set layer.packed = form (None: no fbgemm) and its handle buffer."""
+    # Not a submodule (dynamo cannot trace a scripted one; `.to()` and `state_dict` must not see
+    # it): a plain attribute.
+    layer.__dict__["packed"] = form
+    handle = next(_NEXT_HANDLE)
+    if form is not None:
+        _FORMS[handle] = form
+        weakref.finalize(layer, _FORMS.pop, handle, None)
+    layer.register_buffer("handle", torch.tensor(handle), persistent=False)
 
 
 def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
@@ -190,17 +211,30 @@ def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, handle: 
     return form(x) if form is not None else _weight_only(x, q, scale)
 
 
-def _int8_linear_shape(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], q.shape[0])
+def _f16_linear(x: torch.Tensor, weight: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
+    """x (..., K) -> x W^T (..., N), W = weight (fp16): fbgemm's form, or the plain product."""
+    form = _FORMS.get(int(handle))
+    return form(x) if form is not None else F.linear(x, weight.to(x.dtype))
 
 
-# A plain `Library` op with a Python kernel: `torch.library.custom_op`'s wrapper measured ~20 µs
-# more per call, eager and compiled. Inductor calls it as an opaque kernel between its own.
+def _linear_shape(x: torch.Tensor, weight: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+_LIB = torch.library.Library("lmforge", "FRAGMENT")
+_LIB.define("int8_linear(Tensor x, Tensor q, Tensor scale, Tensor handle) -> Tensor")
+_LIB.define("f16_linear(Tensor x, Tensor weight, Tensor handle) -> Tensor")
 _LIB.impl("int8_linear", _int8_linear, "CPU")
-torch.library.register_fake("lmforge::int8_linear", _int8_linear_shape, lib=_LIB)
+_LIB.impl("f16_linear", _f16_linear, "CPU")
+torch.library.register_fake("lmforge::int8_linear", _linear_shape, lib=_LIB)
+torch.library.register_fake("lmforge::f16_linear", _linear_shape, lib=_LIB)
 
-# Up to this many rows (one per running request in serve's batched decode) fbgemm's int8 product
-# runs; above it (a prompt's rows) the weight-only product. Measured: docs/inference.md.
+
+# ---- modules (continued) --------------------------------------------------------------------
+
+# Up to this many rows (serve's batched decode: one per running request; a short prompt) fbgemm's
+# int8 product runs; above it (a longer prompt) the weight-only one, which is ~4x more accurate
+# (its activations stay bf16) though ~3x slower (measured per shape: docs/inference.md).
 FBGEMM_MAX_ROWS = 64
 
 
@@ -219,14 +253,7 @@ class Int8Linear(nn.Module):
         q, scale = per_row(q, scale)
         self.register_buffer("q", q.contiguous(), persistent=False)
         self.register_buffer("scale", scale.reshape(-1, 1).contiguous(), persistent=False)
-        # Not a submodule (dynamo cannot trace a scripted one; `.to()` and `state_dict` must not
-        # see it): a plain attribute, None without fbgemm.
-        self.__dict__["packed"] = _fbgemm_linear(self.q, self.scale) if _fbgemm() else None
-        handle = next(_NEXT_HANDLE)
-        if self.packed is not None:
-            _FORMS[handle] = self.packed
-            weakref.finalize(self, _FORMS.pop, handle, None)
-        self.register_buffer("handle", torch.tensor(handle), persistent=False)
+        _register(self, _fbgemm_int8(self.q, self.scale) if _fbgemm() else None)
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "Int8Linear":
@@ -248,18 +275,23 @@ class Int8Linear(nn.Module):
 
 
 class F16Linear(nn.Module):
-    """y = x W^T with W held in fp16 (fbgemm: packed, fp32 arithmetic)."""
+    """y = x W^T with W held in fp16 (fbgemm: packed, fp32 arithmetic; called as `Int8Linear`'s
+    form is, and inside `torch.compile` as the opaque op `lmforge::f16_linear`)."""
 
     def __init__(self, w: torch.Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = w.shape
         self.register_buffer("weight", w.detach().half().contiguous(), persistent=False)
         fp16 = _fbgemm() and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
-        self.packed = torch.ops.quantized.linear_prepack_fp16(w.detach().float(), None) if fp16 else None
+        packed = torch.ops.quantized.linear_prepack_fp16(w.detach().float(), None) if fp16 else None
+        _register(self, None if packed is None else _script(_Fbgemm(packed, int8=False)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.device.type == "cpu":
-            return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
+        if x.device.type == "cpu":
+            if torch.compiler.is_compiling():
+                return torch.ops.lmforge.f16_linear(x, self.weight, self.handle)
+            if self.packed is not None:
+                return self.packed(x)
         return F.linear(x, self.weight.to(x.dtype))
 
     def extra_repr(self) -> str:
