@@ -23,9 +23,17 @@ loaded model into the form that reads fastest (in place; the model is for infere
   "f16"   fbgemm's fp16 linear (weights packed in half precision, arithmetic in fp32): half the
           bytes, no bf16 matmul (which is slow without AVX-512/AMX).
   "int8"  every projection and the output head as `Int8Linear`: int8 weights with one fp32 scale
-          per output row (symmetric, scale = max|w| / 127), run by fbgemm's dynamic int8 linear
-          (the activation row is quantised to 8 bits at run time, as llama.cpp's Q8_0 dot
-          products do). The embedding table stays fp32 (one row is read per token).
+          per output row (symmetric, scale = max|w| / 127). A decoding step (one row per
+          sequence) runs fbgemm's dynamic int8 linear (each activation row quantised to 8 bits at
+          run time, as llama.cpp's Q8_0 dot products do per block of 32); a prompt runs
+          weight-only int8 on bf16 activations (more exact, slower). The embedding table stays
+          fp32 (one row is read per token).
+
+fbgemm's packed weights are TorchScript objects: eagerly each layer calls its own through a
+scripted module (from Python, each call converted the object: ~14 µs, ~3 ms a token); under
+`torch.compile` (a compiled decode step) through the opaque ops `lmforge::int8_linear` and
+`lmforge::f16_linear`, which find the layer's packed weight by a handle buffer, so the graph has
+no break and one graph serves every block.
 
 Where fbgemm is missing (not an x86 build, a GPU), `Int8Linear` and `F16Linear` fall back to
 dequantising into the activations' dtype per call: correct everywhere, fast only with fbgemm.
@@ -45,11 +53,14 @@ scale per row): each row is re-quantised once at load, which adds at most half a
 scale to each weight (measured effect: docs/inference.md); the stored numbers stay exact, and
 `--quantize none` dequantises them exactly.
 
-Trade-offs: fbgemm quantises the activations of a call with one scale (7-bit range on AVX2, to
-avoid the saturation of its 16-bit pair sums), which costs more accuracy than weight-only int8
-would; weight-only kernels (`torch.ops.aten._weight_int8pack_mm`, torchao's int8 weight-only)
-measured slower than fp32 on this kind of CPU, so they would not pay for themselves
-(docs/inference.md). torch marks its quantised tensor type deprecated; it is used only inside
+Trade-offs: fbgemm holds the weights in 7 bits (to avoid the saturation of its 16-bit pair sums
+on AVX2) and quantises the activations of a call with one scale (so several rows are each scaled
+to the same range first): on SmolLM2-135M each of the two costs about as much accuracy again as
+8-bit weights alone (mean |d log p| against fp32 0.14 weight-only, 0.36 with 7-bit weights, 0.38
+with 8-bit activations, 0.48 both; docs/inference.md). Weight-only kernels
+(`torch.ops.aten._weight_int8pack_mm`, torchao's int8 weight-only) measured 2-3x slower than
+fbgemm per matrix on this kind of CPU at 1 to 128 rows, so decoding steps pay that accuracy for
+speed, and prompts (whose numbers stay in the K/V cache) do not. torch marks its quantised tensor type deprecated; it is used only inside
 `_pack_int8`, and the fallback above keeps int8 working if it goes.
 """
 
@@ -232,19 +243,21 @@ torch.library.register_fake("lmforge::f16_linear", _linear_shape, lib=_LIB)
 
 # ---- modules (continued) --------------------------------------------------------------------
 
-# Up to this many rows (serve's batched decode: one per running request; a short prompt) fbgemm's
-# int8 product runs; above it (a longer prompt) the weight-only one, which is ~4x more accurate
-# (its activations stay bf16) though ~3x slower (measured per shape: docs/inference.md).
+# A decoding step of up to this many sequences (serve's batched decode: one row per running
+# request) runs fbgemm's int8 product; a prompt's positions, and more rows, the weight-only one:
+# ~3x slower per matrix but ~4x more accurate (measured: docs/inference.md), and a prompt's
+# numbers stay in its K/V cache for every later token.
 FBGEMM_MAX_ROWS = 64
 
 
 class Int8Linear(nn.Module):
     """y = x W^T with W = q * scale: q int8 (N, K), scale fp32 (N, 1); no bias (lmforge has none).
 
-    Up to FBGEMM_MAX_ROWS activation rows (decoding): fbgemm's dynamic int8 linear on a 7-bit
-    copy of the weights, each row quantised to 8 bits at run time (`_Fbgemm`). More rows (a
-    prompt): weight-only, `aten._weight_int8pack_mm` on bf16 activations. See the module doc.
-    Inside `torch.compile` the product is the opaque op `lmforge::int8_linear`; the rest traces.
+    A decoding step (x (..., 1, K) or (rows, K), up to FBGEMM_MAX_ROWS rows): fbgemm's dynamic
+    int8 linear on a 7-bit copy of the weights, each row quantised to 8 bits at run time
+    (`_Fbgemm`). A prompt (x (B, T > 1, K)) or more rows: weight-only, `aten._weight_int8pack_mm`
+    on bf16 activations. See the module doc. Inside `torch.compile` the fbgemm product is the
+    opaque op `lmforge::int8_linear`; the rest traces.
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
@@ -261,7 +274,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # As few Python-level ops as possible: each costs 3-4 µs here, ~10 % of a 576x576 product.
-        if x.device.type == "cpu" and x.numel() <= FBGEMM_MAX_ROWS * self.in_features:
+        if (x.device.type == "cpu" and x.numel() <= FBGEMM_MAX_ROWS * self.in_features
+                and (x.dim() < 3 or x.shape[-2] == 1)):  # a decoding step, not a prompt's positions
             if torch.compiler.is_compiling():
                 return torch.ops.lmforge.int8_linear(x, self.q, self.scale, self.handle)
             if self.packed is not None:

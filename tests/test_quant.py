@@ -65,8 +65,9 @@ def test_zero_rows_and_bad_groups() -> None:
 
 
 def test_int8_linear_runs_the_stored_numbers() -> None:
-    """Every path (up to FBGEMM_MAX_ROWS rows: fbgemm's 7-bit copy; more rows: weight-only int8;
-    no fbgemm: the dequantised matrix) stays within int8's error of the fp32 product."""
+    """Every path (a decoding step of up to FBGEMM_MAX_ROWS rows: fbgemm's 7-bit copy; a prompt or
+    more rows: weight-only int8; no fbgemm: the dequantised matrix) stays within int8's error of
+    the fp32 product."""
     torch.manual_seed(1)
     w, x = torch.randn(96, 128), torch.randn(Q.FBGEMM_MAX_ROWS + 1, 128)
     lin = Q.Int8Linear.from_float(w)
@@ -75,7 +76,8 @@ def test_int8_linear_runs_the_stored_numbers() -> None:
     assert float((lin(x) - exact).abs().max()) < 0.02 * scale  # above the row limit (bf16 activations)
     assert float((lin(x[:5]) - exact[:5]).abs().max()) < 0.05 * scale  # several rows, fbgemm
     assert float((lin(x[:1]) - exact[:1]).abs().max()) < 0.05 * scale  # one row
-    assert lin(x[:5].view(5, 1, 128)).shape == (5, 1, 96)
+    assert torch.equal(lin(x[:5].view(5, 1, 128)), lin(x[:5]).view(5, 1, 96))  # a step of 5 sequences
+    assert torch.equal(lin(x[None, :5]), Q._weight_only(x[None, :5], lin.q, lin.scale))  # a 5-token prompt
     lin.packed = None  # as without fbgemm
     assert float((lin(x[:1]) - exact[:1]).abs().max()) < 0.02 * scale
 
