@@ -53,15 +53,16 @@ scale per row): each row is re-quantised once at load, which adds at most half a
 scale to each weight (measured effect: docs/inference.md); the stored numbers stay exact, and
 `--quantize none` dequantises them exactly.
 
-Trade-offs: fbgemm holds the weights in 7 bits (to avoid the saturation of its 16-bit pair sums
-on AVX2) and quantises the activations of a call with one scale (so several rows are each scaled
-to the same range first): on SmolLM2-135M each of the two costs about as much accuracy again as
-8-bit weights alone (mean |d log p| against fp32 0.14 weight-only, 0.36 with 7-bit weights, 0.38
-with 8-bit activations, 0.48 both; docs/inference.md). Weight-only kernels
-(`torch.ops.aten._weight_int8pack_mm`, torchao's int8 weight-only) measured 2-4.5x slower
-than fbgemm per matrix on this kind of CPU at 1 to 64 rows, so decoding steps pay that accuracy for
-speed, and prompts (whose numbers stay in the K/V cache) do not. torch marks its quantised tensor type deprecated; it is used only inside
-`_pack_int8`, and the fallback above keeps int8 working if it goes.
+Trade-offs: fbgemm holds the weights in 7 bits (to avoid the saturation of its 16-bit pair sums on
+AVX2) and quantises the activations of a call with one scale (so several rows are each scaled to
+the same range first): on SmolLM2-135M each of the two more than doubles the logit error of
+8-bit weights alone (mean |d log p| against fp32 0.14 weight-only, 0.36 with 7-bit weights, 0.38 with
+8-bit activations, 0.48 both; docs/inference.md). Weight-only kernels
+(`torch.ops.aten._weight_int8pack_mm`, torchao's int8 weight-only) measured 2-4.5x slower than
+fbgemm per matrix on this kind of CPU at 1 to 64 rows, so decoding steps pay that accuracy for
+speed, and prompts (whose numbers stay in the K/V cache) do not. torch marks its quantised tensor
+type deprecated; it is used only inside `_pack_int8`, and the fallback above keeps int8 working if
+it goes.
 """
 
 from __future__ import annotations
