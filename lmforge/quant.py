@@ -192,28 +192,45 @@ def _weight_only(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
 
 # ---- fbgemm inside torch.compile ------------------------------------------------------------
 # A compiled graph cannot take a packed weight itself (dynamo has no proxy for a TorchScript
-# object, nor traces into a scripted module: each layer was a graph break, and the compiled decode
-# step ran slower than eager). So a layer registers its fbgemm form here under a handle, holds the
-# handle as a 0-d buffer (a graph input like any buffer: one graph serves every layer of a shape),
-# and under `torch.compile` calls an opaque op (`lmforge::int8_linear`, `lmforge::f16_linear`)
-# that looks the form up. A plain dict (a WeakValueDictionary lookup cost ~2 µs a call); an entry
-# goes when its layer does. A plain `Library` op with a Python kernel: `torch.library.custom_op`'s
-# wrapper measured ~20 µs more per call. The op's call still costs ~6 µs more than the eager call
-# (the dispatcher's round trip into Python): measured per token in docs/inference.md.
+# object, nor traces into a scripted module: each layer was a graph break, and the compiled
+# decode step ran slower than eager). So a layer (`_FbgemmLayer`) registers its fbgemm form here
+# under a handle, holds the handle as a 0-d buffer (a graph input like any buffer: one graph
+# serves every layer of a shape), and under `torch.compile` calls an opaque op
+# (`lmforge::int8_linear`, `lmforge::f16_linear`) that looks the form up. A plain dict (a
+# WeakValueDictionary lookup cost ~2 µs a call); an entry goes when its layer does. A plain
+# `Library` op with a Python kernel: `torch.library.custom_op`'s wrapper measured ~20 µs more per
+# call. A layer still costs ~12 µs more compiled than eager (the dispatcher's round trip into
+# Python and the lookup; docs/inference.md).
 _FORMS: dict[int, Any] = {}
 _NEXT_HANDLE = itertools.count(1)
 
 
-def _register(layer: nn.Module, form: Any) -> None:
-    """Set layer.packed = form (None: no fbgemm) and its handle buffer."""
-    # Not a submodule (dynamo cannot trace a scripted one; `.to()` and `state_dict` must not see
-    # it): a plain attribute.
-    layer.__dict__["packed"] = form
-    handle = next(_NEXT_HANDLE)
-    if form is not None:
-        _FORMS[handle] = form
-        weakref.finalize(layer, _FORMS.pop, handle, None)
-    layer.register_buffer("handle", torch.tensor(handle), persistent=False)
+class _FbgemmLayer(nn.Module):
+    """A layer with an fbgemm form (`packed`, None without fbgemm) and the handle buffer that
+    names it for the compiled path. A copy (`copy.deepcopy`) packs its own: a scripted method
+    cannot be copied, and a copied handle would name the original's form."""
+
+    def _form(self) -> Any:
+        raise NotImplementedError
+
+    def _register(self) -> None:
+        # Not a submodule (dynamo cannot trace a scripted one; `.to()` and `state_dict` must not
+        # see it): a plain attribute.
+        self.__dict__["packed"] = form = self._form()
+        handle = next(_NEXT_HANDLE)
+        if form is not None:
+            _FORMS[handle] = form
+            weakref.finalize(self, _FORMS.pop, handle, None)
+        self.register_buffer("handle", torch.tensor(handle), persistent=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("packed", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._register()
 
 
 def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
@@ -251,7 +268,7 @@ torch.library.register_fake("lmforge::f16_linear", _linear_shape, lib=_LIB)
 FBGEMM_MAX_ROWS = 64
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_FbgemmLayer):
     """y = x W^T with W = q * scale: q int8 (N, K), scale fp32 (N, 1); no bias (lmforge has none).
 
     A decoding step (x (..., 1, K) or (rows, K), up to FBGEMM_MAX_ROWS rows): fbgemm's dynamic
@@ -267,7 +284,10 @@ class Int8Linear(nn.Module):
         q, scale = per_row(q, scale)
         self.register_buffer("q", q.contiguous(), persistent=False)
         self.register_buffer("scale", scale.reshape(-1, 1).contiguous(), persistent=False)
-        _register(self, _fbgemm_int8(self.q, self.scale) if _fbgemm() else None)
+        self._register()
+
+    def _form(self) -> Any:
+        return _fbgemm_int8(self.q, self.scale) if _fbgemm() else None
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "Int8Linear":
@@ -289,7 +309,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-class F16Linear(nn.Module):
+class F16Linear(_FbgemmLayer):
     """y = x W^T with W held in fp16 (fbgemm: packed, fp32 arithmetic; called as `Int8Linear`'s
     form is, and inside `torch.compile` as the opaque op `lmforge::f16_linear`)."""
 
@@ -297,9 +317,12 @@ class F16Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = w.shape
         self.register_buffer("weight", w.detach().half().contiguous(), persistent=False)
-        fp16 = _fbgemm() and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
-        packed = torch.ops.quantized.linear_prepack_fp16(w.detach().float(), None) if fp16 else None
-        _register(self, None if packed is None else _script(_Fbgemm(packed, int8=False)))
+        self._register()
+
+    def _form(self) -> Any:
+        if not (_fbgemm() and hasattr(torch.ops.quantized, "linear_dynamic_fp16")):
+            return None
+        return _script(_Fbgemm(torch.ops.quantized.linear_prepack_fp16(self.weight.float(), None), int8=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":

@@ -4,6 +4,8 @@ byte for byte), damaged int8 directories, and `sample` / `serve` with --quantize
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
 import shutil
 import subprocess
@@ -131,7 +133,7 @@ def test_compiled_layers_are_one_graph_and_equal_eager(weights: str) -> None:
 
 def test_the_compiled_op_without_a_form_multiplies_all_the_same() -> None:
     """A handle whose layer is gone (or a torch without fbgemm) runs the weight-only product; a
-    layer's form leaves the registry with the layer."""
+    copy of a layer has its own form; a layer's form leaves the registry with the layer."""
     torch.manual_seed(4)
     lin = Q.Int8Linear.from_float(torch.randn(32, 64))
     x = torch.randn(2, 64)
@@ -142,9 +144,10 @@ def test_the_compiled_op_without_a_form_multiplies_all_the_same() -> None:
     assert float((got - exact).abs().max()) < 0.02 * float(exact.abs().max())
     handle = int(lin.handle)
     assert handle in Q._FORMS and torch.equal(torch.ops.lmforge.int8_linear(x, lin.q, lin.scale, lin.handle), lin(x))
-    del lin
-    import gc
-
+    for layer in (lin, Q.F16Linear(torch.randn(32, 64))):  # a copy packs its own form, under its own handle
+        twin = copy.deepcopy(layer)
+        assert int(twin.handle) != int(layer.handle) and torch.equal(twin(x), layer(x))
+    del lin, layer, twin
     gc.collect()
     assert handle not in Q._FORMS
 
