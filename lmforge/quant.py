@@ -23,9 +23,17 @@ loaded model into the form that reads fastest (in place; the model is for infere
   "f16"   fbgemm's fp16 linear (weights packed in half precision, arithmetic in fp32): half the
           bytes, no bf16 matmul (which is slow without AVX-512/AMX).
   "int8"  every projection and the output head as `Int8Linear`: int8 weights with one fp32 scale
-          per output row (symmetric, scale = max|w| / 127), run by fbgemm's dynamic int8 linear
-          (the activation row is quantised to 8 bits at run time, as llama.cpp's Q8_0 dot
-          products do). The embedding table stays fp32 (one row is read per token).
+          per output row (symmetric, scale = max|w| / 127). A decoding step (one row per
+          sequence) runs fbgemm's dynamic int8 linear (each activation row quantised to 8 bits at
+          run time, as llama.cpp's Q8_0 dot products do per block of 32); a prompt runs
+          weight-only int8 on bf16 activations (more exact, slower). The embedding table stays
+          fp32 (one row is read per token).
+
+fbgemm's packed weights are TorchScript objects: eagerly each layer calls its own through a
+scripted module (from Python, each call converted the object: ~14 µs, ~3 ms a token); under
+`torch.compile` (a compiled decode step) through the opaque ops `lmforge::int8_linear` and
+`lmforge::f16_linear`, which find the layer's packed weight by a handle buffer, so the graph has
+no break and one graph serves every block.
 
 Where fbgemm is missing (not an x86 build, a GPU), `Int8Linear` and `F16Linear` fall back to
 dequantising into the activations' dtype per call: correct everywhere, fast only with fbgemm.
@@ -45,18 +53,24 @@ scale per row): each row is re-quantised once at load, which adds at most half a
 scale to each weight (measured effect: docs/inference.md); the stored numbers stay exact, and
 `--quantize none` dequantises them exactly.
 
-Trade-offs: fbgemm quantises the activations of a call with one scale (7-bit range on AVX2, to
-avoid the saturation of its 16-bit pair sums), which costs more accuracy than weight-only int8
-would; weight-only kernels (`torch.ops.aten._weight_int8pack_mm`, torchao's int8 weight-only)
-measured slower than fp32 on this kind of CPU, so they would not pay for themselves
-(docs/inference.md). torch marks its quantised tensor type deprecated; it is used only inside
-`_pack_int8`, and the fallback above keeps int8 working if it goes.
+Trade-offs: fbgemm holds the weights in 7 bits (to avoid the saturation of its 16-bit pair sums on
+AVX2) and quantises the activations of a call with one scale (so several rows are each scaled to
+the same range first): on SmolLM2-135M each of the two more than doubles the logit error of
+8-bit weights alone (mean |d log p| against fp32 0.14 weight-only, 0.36 with 7-bit weights, 0.38 with
+8-bit activations, 0.48 both; docs/inference.md). Weight-only kernels
+(`torch.ops.aten._weight_int8pack_mm`, torchao's int8 weight-only) measured 2-4.5x slower than
+fbgemm per matrix on this kind of CPU at 1 to 64 rows, so decoding steps pay that accuracy for
+speed, and prompts (whose numbers stay in the K/V cache) do not. torch marks its quantised tensor
+type deprecated; it is used only inside `_pack_int8`, and the fallback above keeps int8 working if
+it goes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -123,12 +137,145 @@ def _pack_int8(q: torch.Tensor, scale: torch.Tensor) -> Any:
         return torch.ops.quantized.linear_prepack(qw, None)
 
 
-class Int8Linear(nn.Module):
+class _Fbgemm(nn.Module):
+    """fbgemm's dynamic linear on one packed weight (int8, or fp16 when `int8` is False),
+    scripted by `_script`: x (..., K) -> (..., N) in x's dtype. int8: several rows are each scaled
+    to max |x| = 1 first and back after, so that fbgemm's one activation scale per call serves
+    every row alike.
+
+    Why TorchScript: the packed weight is a TorchScript object, and passing it to the op from
+    Python converts it at every call, ~14 µs (measured on AVX2, one core: a 64x64 int8 product
+    took 22 µs from Python, 7.4 µs from this scripted module), i.e. ~3 ms per SmolLM2-135M token;
+    and each small op costs ~1 µs here against 3-4 µs from Python."""
+
+    def __init__(self, packed: Any, int8: bool) -> None:
+        super().__init__()
+        self.packed = packed
+        self.int8 = int8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.float()
+        if not self.int8:
+            return torch.ops.quantized.linear_dynamic_fp16(flat, self.packed).to(x.dtype)
+        if flat.numel() == flat.shape[-1]:  # one row: one scale per call is one per row
+            return torch.ops.quantized.linear_dynamic(flat, self.packed, False).to(x.dtype)
+        amax = flat.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+        return (torch.ops.quantized.linear_dynamic(flat / amax, self.packed, False) * amax).to(x.dtype)
+
+
+def _script(form: _Fbgemm) -> Any:
+    """The scripted form's forward, called as a method (that skips `nn.Module.__call__`: 7.4
+    against 9.6 µs for a 64x64 int8 product)."""
+    try:
+        with warnings.catch_warnings():  # torch marks TorchScript deprecated
+            warnings.simplefilter("ignore")
+            return torch.jit.script(form).forward
+    except Exception:  # a torch without TorchScript: the module as it is (correct, ~14 µs a call slower)
+        return form.forward
+
+
+def _fbgemm_int8(q: torch.Tensor, scale: torch.Tensor) -> Any:
+    """fbgemm's form of int8 rows q (N, K), scales (N, 1): a callable, x (..., K) -> (..., N).
+
+    7-bit weights so that 8-bit activations never saturate fbgemm's 16-bit pair sums on AVX2
+    (2 * 255 * 63 < 2^15); the alternative, 7-bit activations, measured 3x the loss."""
+    q7, s7 = quantize_int8(dequantize_int8(q, scale), levels=63)
+    return _script(_Fbgemm(_pack_int8(q7, s7[:, 0]), int8=True))
+
+
+def _weight_only(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) -> x W^T (..., N), W = q * scale: `aten._weight_int8pack_mm` on bf16 activations."""
+    K, N = q.shape[1], q.shape[0]
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K).to(torch.bfloat16), q, scale[:, 0].to(torch.bfloat16))
+    return y.to(x.dtype).view(*x.shape[:-1], N)
+
+
+# ---- fbgemm inside torch.compile ------------------------------------------------------------
+# A compiled graph cannot take a packed weight itself (dynamo has no proxy for a TorchScript
+# object, nor traces into a scripted module: each layer was a graph break, and the compiled
+# decode step ran slower than eager). So a layer (`_FbgemmLayer`) registers its fbgemm form here
+# under a handle, holds the handle as a 0-d buffer (a graph input like any buffer: one graph
+# serves every layer of a shape), and under `torch.compile` calls an opaque op
+# (`lmforge::int8_linear`, `lmforge::f16_linear`) that looks the form up. A plain dict (a
+# WeakValueDictionary lookup cost ~2 µs a call); an entry goes when its layer does. A plain
+# `Library` op with a Python kernel: `torch.library.custom_op`'s wrapper measured ~20 µs more per
+# call. A layer still costs ~12 µs more compiled than eager (the dispatcher's round trip into
+# Python and the lookup; docs/inference.md).
+_FORMS: dict[int, Any] = {}
+_NEXT_HANDLE = itertools.count(1)
+
+
+class _FbgemmLayer(nn.Module):
+    """A layer with an fbgemm form (`packed`, None without fbgemm) and the handle buffer that
+    names it for the compiled path. A copy (`copy.deepcopy`) packs its own: a scripted method
+    cannot be copied, and a copied handle would name the original's form."""
+
+    def _form(self) -> Any:
+        raise NotImplementedError
+
+    def _register(self) -> None:
+        # Not a submodule (dynamo cannot trace a scripted one; `.to()` and `state_dict` must not
+        # see it): a plain attribute.
+        self.__dict__["packed"] = form = self._form()
+        handle = next(_NEXT_HANDLE)
+        if form is not None:
+            _FORMS[handle] = form
+            weakref.finalize(self, _FORMS.pop, handle, None)
+        self.register_buffer("handle", torch.tensor(handle), persistent=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("packed", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._register()
+
+
+def _int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
+    """x (..., K) -> x W^T (..., N), W = q * scale: fbgemm's form of the layer `handle` names, or
+    (none: no fbgemm, or the layer gone, e.g. a copy that outlived its original) weight-only."""
+    form = _FORMS.get(int(handle))
+    return form(x) if form is not None else _weight_only(x, q, scale)
+
+
+def _f16_linear(x: torch.Tensor, weight: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
+    """x (..., K) -> x W^T (..., N), W = weight (fp16): fbgemm's form, or the plain product."""
+    form = _FORMS.get(int(handle))
+    return form(x) if form is not None else F.linear(x, weight.to(x.dtype))
+
+
+def _linear_shape(x: torch.Tensor, weight: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+_LIB = torch.library.Library("lmforge", "FRAGMENT")
+_LIB.define("int8_linear(Tensor x, Tensor q, Tensor scale, Tensor handle) -> Tensor")
+_LIB.define("f16_linear(Tensor x, Tensor weight, Tensor handle) -> Tensor")
+_LIB.impl("int8_linear", _int8_linear, "CPU")
+_LIB.impl("f16_linear", _f16_linear, "CPU")
+torch.library.register_fake("lmforge::int8_linear", _linear_shape, lib=_LIB)
+torch.library.register_fake("lmforge::f16_linear", _linear_shape, lib=_LIB)
+
+
+# ---- modules (continued) --------------------------------------------------------------------
+
+# A decoding step of up to this many sequences (serve's batched decode: one row per running
+# request) runs fbgemm's int8 product; a prompt's positions, and more rows, the weight-only one:
+# ~3x slower per matrix but ~4x more accurate (measured: docs/inference.md), and a prompt's
+# numbers stay in its K/V cache for every later token.
+FBGEMM_MAX_ROWS = 64
+
+
+class Int8Linear(_FbgemmLayer):
     """y = x W^T with W = q * scale: q int8 (N, K), scale fp32 (N, 1); no bias (lmforge has none).
 
-    One activation row (decoding one sequence): fbgemm's dynamic int8 linear on a 7-bit copy of
-    the weights, the row quantised to 8 bits at run time. Several rows (a prompt, a batch of
-    sequences): weight-only, `aten._weight_int8pack_mm` on bf16 activations. See the module doc.
+    A decoding step (x (..., 1, K) or (rows, K), up to FBGEMM_MAX_ROWS rows): fbgemm's dynamic
+    int8 linear on a 7-bit copy of the weights, each row quantised to 8 bits at run time
+    (`_Fbgemm`). A prompt (x (B, T > 1, K)) or more rows: weight-only, `aten._weight_int8pack_mm`
+    on bf16 activations. See the module doc. Inside `torch.compile` the fbgemm product is the
+    opaque op `lmforge::int8_linear`; the rest traces.
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
@@ -137,45 +284,52 @@ class Int8Linear(nn.Module):
         q, scale = per_row(q, scale)
         self.register_buffer("q", q.contiguous(), persistent=False)
         self.register_buffer("scale", scale.reshape(-1, 1).contiguous(), persistent=False)
-        self.packed = None
-        if _fbgemm():
-            # 7-bit weights so that 8-bit activations never saturate fbgemm's 16-bit pair sums on
-            # AVX2 (2 * 255 * 63 < 2^15); the alternative, 7-bit activations, measured 3x the loss.
-            q7, s7 = quantize_int8(dequantize_int8(self.q, self.scale), levels=63)
-            self.packed = _pack_int8(q7, s7[:, 0])
+        self._register()
+
+    def _form(self) -> Any:
+        return _fbgemm_int8(self.q, self.scale) if _fbgemm() else None
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "Int8Linear":
         return cls(*quantize_int8(w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        K = self.in_features
+        # As few Python-level ops as possible: each costs 3-4 µs here, ~10 % of a 576x576 product.
+        if (x.device.type == "cpu" and x.numel() <= FBGEMM_MAX_ROWS * self.in_features
+                and (x.dim() < 3 or x.shape[-2] == 1)):  # a decoding step, not a prompt's positions
+            if torch.compiler.is_compiling():
+                return torch.ops.lmforge.int8_linear(x, self.q, self.scale, self.handle)
+            if self.packed is not None:
+                return self.packed(x)
         if x.device.type == "cpu":
-            rows = x.numel() // K
-            if rows == 1 and self.packed is not None:
-                return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False).to(x.dtype)
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, K).to(torch.bfloat16), self.q,
-                                                   self.scale[:, 0].to(torch.bfloat16))
-            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            return _weight_only(x, self.q, self.scale)
         return F.linear(x, self.q.to(x.dtype) * self.scale.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-class F16Linear(nn.Module):
-    """y = x W^T with W held in fp16 (fbgemm: packed, fp32 arithmetic)."""
+class F16Linear(_FbgemmLayer):
+    """y = x W^T with W held in fp16 (fbgemm: packed, fp32 arithmetic; called as `Int8Linear`'s
+    form is, and inside `torch.compile` as the opaque op `lmforge::f16_linear`)."""
 
     def __init__(self, w: torch.Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = w.shape
         self.register_buffer("weight", w.detach().half().contiguous(), persistent=False)
-        fp16 = _fbgemm() and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
-        self.packed = torch.ops.quantized.linear_prepack_fp16(w.detach().float(), None) if fp16 else None
+        self._register()
+
+    def _form(self) -> Any:
+        if not (_fbgemm() and hasattr(torch.ops.quantized, "linear_dynamic_fp16")):
+            return None
+        return _script(_Fbgemm(torch.ops.quantized.linear_prepack_fp16(self.weight.float(), None), int8=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.device.type == "cpu":
-            return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
+        if x.device.type == "cpu":
+            if torch.compiler.is_compiling():
+                return torch.ops.lmforge.f16_linear(x, self.weight, self.handle)
+            if self.packed is not None:
+                return self.packed(x)
         return F.linear(x, self.weight.to(x.dtype))
 
     def extra_repr(self) -> str:
