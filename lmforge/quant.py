@@ -193,7 +193,7 @@ def _weight_only(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
 # ---- fbgemm inside torch.compile ------------------------------------------------------------
 # A compiled graph cannot take a packed weight itself (dynamo has no proxy for a TorchScript
 # object, nor traces into a scripted module: each layer was a graph break, and the compiled
-# decode step ran slower than eager). So a layer (`_FbgemmLayer`) registers its fbgemm form here
+# decode step ran slower than eager). So a layer (`_OpaqueLayer`) registers its fbgemm form here
 # under a handle, holds the handle as a 0-d buffer (a graph input like any buffer: one graph
 # serves every layer of a shape), and under `torch.compile` calls an opaque op
 # (`lmforge::int8_linear`, `lmforge::f16_linear`) that looks the form up. A plain dict (a
@@ -205,8 +205,9 @@ _FORMS: dict[int, Any] = {}
 _NEXT_HANDLE = itertools.count(1)
 
 
-class _FbgemmLayer(nn.Module):
-    """A layer with an fbgemm form (`packed`, None without fbgemm) and the handle buffer that
+class _OpaqueLayer(nn.Module):
+    """A layer with a fast form that torch.compile cannot see (`packed`, None where the library
+    is missing: fbgemm's scripted module, oneDNN's packed tensor) and the handle buffer that
     names it for the compiled path. A copy (`copy.deepcopy`) packs its own: a scripted method
     cannot be copied, and a copied handle would name the original's form."""
 
@@ -246,6 +247,21 @@ def _f16_linear(x: torch.Tensor, weight: torch.Tensor, handle: torch.Tensor) -> 
     return form(x) if form is not None else F.linear(x, weight.to(x.dtype))
 
 
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, form: tuple[torch.Tensor, int] | None) -> torch.Tensor:
+    """x (..., K) -> x W^T (..., N) with W = weight (fp32): oneDNN's product on the packed copy
+    where `form` = (packed copy, most rows) applies (2 .. most rows), else the plain product."""
+    rows = x.numel() // x.shape[-1]
+    if form is None or not 1 < rows <= form[1]:
+        return F.linear(x, weight)
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), form[0], None, "none", [], "")
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
+    """`PackedLinear`'s product, the layer named by `handle` (the plain one if it is gone)."""
+    return _onednn_linear(x, weight, _FORMS.get(int(handle)))
+
+
 def _linear_shape(x: torch.Tensor, weight: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
@@ -254,9 +270,12 @@ _LIB = torch.library.Library("lmforge", "FRAGMENT")
 _LIB.define("int8_linear(Tensor x, Tensor q, Tensor scale, Tensor handle) -> Tensor")
 _LIB.define("f16_linear(Tensor x, Tensor weight, Tensor handle) -> Tensor")
 _LIB.impl("int8_linear", _int8_linear, "CPU")
+_LIB.define("packed_linear(Tensor x, Tensor weight, Tensor handle) -> Tensor")
 _LIB.impl("f16_linear", _f16_linear, "CPU")
+_LIB.impl("packed_linear", _packed_linear, "CPU")
 torch.library.register_fake("lmforge::int8_linear", _linear_shape, lib=_LIB)
 torch.library.register_fake("lmforge::f16_linear", _linear_shape, lib=_LIB)
+torch.library.register_fake("lmforge::packed_linear", _linear_shape, lib=_LIB)
 
 
 # ---- modules (continued) --------------------------------------------------------------------
@@ -268,7 +287,7 @@ torch.library.register_fake("lmforge::f16_linear", _linear_shape, lib=_LIB)
 FBGEMM_MAX_ROWS = 64
 
 
-class Int8Linear(_FbgemmLayer):
+class Int8Linear(_OpaqueLayer):
     """y = x W^T with W = q * scale: q int8 (N, K), scale fp32 (N, 1); no bias (lmforge has none).
 
     A decoding step (x (..., 1, K) or (rows, K), up to FBGEMM_MAX_ROWS rows): fbgemm's dynamic
@@ -309,7 +328,7 @@ class Int8Linear(_FbgemmLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-class F16Linear(_FbgemmLayer):
+class F16Linear(_OpaqueLayer):
     """y = x W^T with W held in fp16 (fbgemm: packed, fp32 arithmetic; called as `Int8Linear`'s
     form is, and inside `torch.compile` as the opaque op `lmforge::f16_linear`)."""
 
@@ -340,7 +359,7 @@ def _onednn() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-class PackedLinear(nn.Linear):
+class PackedLinear(_OpaqueLayer, nn.Linear):
     """An fp32 linear layer (its own `weight` Parameter, shared as it was, e.g. with a tied
     embedding) plus oneDNN's prepacked copy of that weight, for products of several rows on CPU.
 
@@ -348,7 +367,9 @@ class PackedLinear(nn.Linear):
     grad, another device or dtype: `F.linear` on `weight` as before (the decoding layout reads one
     row fastest; MKL's sgemm beats oneDNN on the block shapes from ~32 rows, e.g. a prefill).
     Several rows: oneDNN's linear on the packed copy (one pack serves any row count). The copy is
-    taken once: the weight must not change afterwards (inference only, as `prepare`'s model is)."""
+    taken once: the weight must not change afterwards (inference only, as `prepare`'s model is).
+    Inside `torch.compile` (`serve --compile`) the product is the opaque op `lmforge::packed_linear`
+    (inductor cannot take oneDNN's packed tensor), so compiling keeps the packed products."""
 
     def __init__(self, base: nn.Linear, max_rows: int | None = None) -> None:
         nn.Module.__init__(self)
@@ -356,19 +377,21 @@ class PackedLinear(nn.Linear):
         self.max_rows = max_rows
         self.weight = base.weight  # the same Parameter: names, ties and storage stay
         self.register_parameter("bias", None)
-        # Not a buffer: an opaque oneDNN tensor that `state_dict` and `.to()` must not see.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(base.weight.detach().float(), None)
+        self._register()
+
+    def _form(self) -> tuple[torch.Tensor, int] | None:
+        # an opaque oneDNN tensor that `state_dict` and `.to()` must not see, and the most rows it serves
+        if not _onednn():
+            return None
+        packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().float(), None)
+        return packed, self.max_rows if self.max_rows is not None else 2**62
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        K = self.in_features
-        rows = x.numel() // K
-        most = rows if self.max_rows is None else self.max_rows
-        # Under torch.compile (`serve --compile`) the plain product: inductor cannot take oneDNN's opaque
-        # packed tensor (tested first, so that no guard on the row count enters the compiled graph).
-        if (not torch.compiler.is_compiling() and 1 < rows <= most and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu"
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, K), self.packed, None, "none", [], "")
-            return y.view(*x.shape[:-1], self.out_features)
+            if torch.compiler.is_compiling():
+                return torch.ops.lmforge.packed_linear(x, self.weight, self.handle)
+            return _onednn_linear(x, self.weight, self.packed)
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:

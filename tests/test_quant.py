@@ -99,13 +99,20 @@ def test_int8_rows_of_any_size_keep_their_precision() -> None:
         assert torch.allclose(together[r], alone[r], rtol=0, atol=0.05 * row_scale)
 
 
-@pytest.mark.parametrize("weights", ["int8", "f16"])
+def packed_layer(w: torch.Tensor) -> Q.PackedLinear:
+    base = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    base.weight.data = w
+    return Q.PackedLinear(base, Q.MLP_PACKED_MAX_ROWS)
+
+
+@pytest.mark.parametrize("weights", ["int8", "f16", "packed"])
 def test_compiled_layers_are_one_graph_and_equal_eager(weights: str) -> None:
-    """Under torch.compile the fbgemm product is an opaque op (the packed weight cannot enter a
-    graph): no graph break (fullgraph), one graph for every layer of a shape, the eager numbers."""
+    """Under torch.compile the fbgemm product (and serve's oneDNN-packed fp32 one) is an opaque op
+    (the packed weight cannot enter a graph): no graph break (fullgraph), one graph for every layer
+    of a shape, the eager numbers."""
     torch._dynamo.reset()
     torch.manual_seed(3)
-    make = Q.Int8Linear.from_float if weights == "int8" else Q.F16Linear
+    make = {"int8": Q.Int8Linear.from_float, "f16": Q.F16Linear, "packed": packed_layer}[weights]
     mlp = torch.nn.ModuleList(make(torch.randn(n, k) / k**0.5) for n, k in ((256, 128), (256, 128), (128, 256)))
 
     def forward(layers: torch.nn.ModuleList, x: torch.Tensor) -> torch.Tensor:  # a SwiGLU MLP's products
