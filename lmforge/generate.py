@@ -45,7 +45,7 @@ from .quant import check_weights, prepare
 from .ranges import INT64_MAX, INT64_MIN, MAX_TOKENS, SEED, TEMPERATURE, TOP_K, TOP_P
 from .threads import Governor, govern
 from .tokenizer import StreamDecoder, lone_surrogate
-from .util import compile_failed
+from .util import compile_failed, console
 
 SEED_MIN, SEED_MAX = INT64_MIN, INT64_MAX  # a seed is a 64-bit signed integer, as OpenAI's `seed`
 
@@ -300,6 +300,8 @@ def sample_command(
         ids = [start]
     stop = list(tokenizer.end_ids)  # EOS, and an instruct model's recorded end of turn
     print(f"# {path} ({loaded.origin.describe()})", flush=True)
+    if compile:  # the first token waits for it: say why
+        console.print("compiling the decode step (--compile): the first token takes 5-15 s more", markup=False)
     for i in range(num_samples):
         if num_samples > 1:
             print(f"\n----- sample {i + 1}/{num_samples} (seed {nth_seed(seed, i)}) -----", flush=True)

@@ -332,6 +332,13 @@ def test_sample_command_prints_prompt_and_continuation(monkeypatch, capsys) -> N
     assert sample_command("runs/x", prompt="", num_samples=1, **kwargs) == 0  # starts from EOS
     assert capsys.readouterr().out.startswith("# runs/x (step 42)\n")
 
+    # --compile: the decode step through torch.compile, the same greedy text, and a word on stderr about the wait
+    assert sample_command("runs/x", prompt="abc", num_samples=1, compile=True, **kwargs) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"# runs/x (step 42)\nabc{tok.decode(greedy)}\n"
+    assert "compiling the decode step" in captured.err
+    assert all("decode" in vars(block) for block in model.model.layers)
+
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"temperature": float("nan")}, "temperature must be a finite number"),
