@@ -214,12 +214,12 @@ def decode_step(model: Transformer, idx: torch.Tensor, positions: torch.Tensor, 
     """`Transformer.decode` (the one decode step of `stream` and the server's engine): idx (B, 1),
     positions (B, 1) -> logits (B, V). On a model whose decode step is compiled
     (`compile_decode`), a first step that cannot be compiled warns once and decodes eagerly."""
-    return run_compiled(model, lambda: model.decode(idx, positions, k, v), compile_failed("decoding"))
+    return run_compiled(model, "decode", lambda: model.decode(idx, positions, k, v), compile_failed("decoding"))
 
 
 def compile_decode(model: Transformer) -> None:
     """`--compile` of the verbs that decode: every block's decode step through torch.compile
-    (`model.compile_blocks`): ~+15 % tokens/s for one fp32 stream on a CPU after ~3-10 s of
+    (`model.compile_blocks`): 15-20 % more tokens/s for one stream on a CPU after 3-15 s of
     compiling at the first token (docs/inference.md "Compiled decoding")."""
     compile_blocks(model, "decode")
 
@@ -301,7 +301,7 @@ def sample_command(
     stop = list(tokenizer.end_ids)  # EOS, and an instruct model's recorded end of turn
     print(f"# {path} ({loaded.origin.describe()})", flush=True)
     if compile:  # the first token waits for it: say why
-        console.print("compiling the decode step (--compile): the first token takes 5-15 s more", markup=False)
+        console.print("compiling the decode step (--compile): the first token takes 3-15 s more", markup=False)
     for i in range(num_samples):
         if num_samples > 1:
             print(f"\n----- sample {i + 1}/{num_samples} (seed {nth_seed(seed, i)}) -----", flush=True)

@@ -196,7 +196,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     KV = k.shape[1]
     scores = torch.matmul(q.view(B, KV, H // KV, hd), k.transpose(-1, -2))  # (B, KV, G, L); head h = kv * G + g, as enable_gqa
     scores = scores.mul_(hd**-0.5).masked_fill_(~mask[:, None], float("-inf"))  # mask (B, 1, 1, L)
-    return torch.matmul(scores.softmax(dim=-1), v).view(B, H, 1, hd)  # (B, KV, G, hd) -> (B, H, 1, hd)
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)  # accumulated in fp32 whatever the weights
+    return torch.matmul(probs, v).view(B, H, 1, hd)  # (B, KV, G, hd) -> (B, H, 1, hd)
 
 
 def autocast(dtype: str, device_type: str) -> contextlib.AbstractContextManager:
@@ -376,8 +377,8 @@ class Block(nn.Module):
         """One decode step of this block, x (B, 1, C); the arguments are `Attention.decode`'s. Only
         tensors go in (no cache object, no layer index, no Python int that changes per step), so
         one compiled graph serves every block and step (`compile_blocks(model, "decode")`)."""
-        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, k_cache, v_cache, rows, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn.decode(autocast_input(self.input_layernorm(x)), cos, sin, k_cache, v_cache, rows, mask)
+        return x + self.mlp(autocast_input(self.post_attention_layernorm(x)))
 
 
 class Decoder(nn.Module):
@@ -451,9 +452,8 @@ class Transformer(nn.Module):
         With a cache, idx holds the tokens after the cache.pos already cached ones; RoPE positions
         continue from there. positions (B, T) int64 and attn_mask (B, T, T) bool (True: may
         attend) pack several sequences into one row, e.g. a shared context followed by every
-        answer choice (evaluate/score.py); they are used together. With a cache as well
-        (attn_mask (B, T, L) over the L cached positions), every row of a batch decodes at its own
-        position (continuous batching, serve/engine.py); the cache decides where K/V go. lengths
+        answer choice (evaluate/score.py); they are used together, never with a cache (rows that
+        decode at their own positions go through `decode`). lengths
         (B,): rows right-padded after that many tokens, whose padding is never computed
         (`hidden_states`; embeddings).
         """
@@ -553,6 +553,10 @@ class Transformer(nn.Module):
 
 
 COMPILED = ("forward", "decode")  # the Block methods `compile_blocks` can compile
+# Graphs one compiled method may hold: a decode step has one for a batch of one row and one for
+# more, each again with LoRA adapters selected and per thread count the governor moves through;
+# dynamo's default of 8 would silently fall back to eager on a busy server.
+RECOMPILE_LIMIT = 32
 T_ = TypeVar("T_")
 
 
@@ -565,36 +569,53 @@ def compile_blocks(model: Transformer, method: str = "forward") -> None:
     bandwidth); what compiling gains is the work around them (the norms, RoPE, SiLU and the gate
     product, residual adds, the cache writes, the unpadding copies), fused into a few loops
     instead of ~20-40 small kernels per block, each with its dispatch cost. Measured on a CPU:
-    +6-9 points of the matmul peak for embeddings (docs/embeddings.md "Speed"), +15 % tokens/s for
-    single-stream fp32 decoding (docs/inference.md). One graph serves every block (the same code;
-    a decode step's blocks see only tensors, `Block.decode`), batch and length; it costs 5-15 s
+    +6-9 points of the matmul peak for embeddings (docs/embeddings.md "Speed"), +15-20 % tokens/s
+    for single-stream decoding (docs/inference.md). One graph serves every block (the same code;
+    a decode step's blocks see only tensors, `Block.decode`), batch and length; it costs 3-15 s
     of compilation the first time in a process (inductor's on-disk cache makes later processes
     quicker), so it is opt-in (`--compile`), not a default. The numbers equal the eager ones up to
     float rounding (fused reductions sum in another order). Inductor builds kernels for the thread
     count of the moment: when the thread governor changes it, the next call compiles once more
     for the new count (never more threads than torch is told). `run_compiled` falls back to eager
     where compiling fails; `eager_blocks` undoes it; the weights, names and state dict are
-    untouched either way."""
+    untouched either way. A compiled model must not be deep-copied (the copy's blocks would call
+    the original's compiled methods): `eager_blocks` first."""
     if method not in COMPILED:
         raise ValueError(f"compile_blocks: method must be one of {COMPILED}, got {method!r}")
-    # No "duck shaping": by default the first call's sizes that happen to equal another size of
-    # the same call share one symbol, e.g. an attended length of 3 and SmolLM2's 3 K/V heads, and
-    # the length is then specialised to that constant, so the next step compiles again.
-    import torch.fx.experimental._config as fx_config
+    # No "duck shaping" (process-wide; it only makes graphs more general): by default sizes of the
+    # first call that happen to be equal share one symbol, e.g. an attended length of 3 and
+    # SmolLM2's 3 K/V heads, and the length is then specialised to that constant, so the next
+    # step compiles again. Older torch versions have neither setting; they keep their defaults.
+    with contextlib.suppress(ImportError, AttributeError):
+        import torch.fx.experimental._config as fx_config
 
-    fx_config.use_duck_shape = False
+        if hasattr(fx_config, "use_duck_shape"):
+            fx_config.use_duck_shape = False
+    import torch._dynamo
+
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    if hasattr(torch._dynamo.config, limit):
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
     for block in model.model.layers:
         # an instance attribute over the class's method
         setattr(block, method, torch.compile(getattr(block, method), dynamic=True))
-    model.compile_pending = True  # no compiled call has succeeded yet (run_compiled)
+    pending(model).add(method)  # no compiled call has succeeded yet (run_compiled)
 
 
-def eager_blocks(model: Transformer) -> None:
-    """Undo `compile_blocks` (e.g. where compiling failed: no C++ compiler on the machine)."""
+def pending(model: Transformer) -> set[str]:
+    """The compiled methods of `model` whose first call has not yet succeeded (`run_compiled`)."""
+    if not isinstance(getattr(model, "compile_pending", None), set):
+        model.compile_pending = set()
+    return model.compile_pending
+
+
+def eager_blocks(model: Transformer, method: str | None = None) -> None:
+    """Undo `compile_blocks` for `method` (None: both), e.g. where compiling failed (no C++
+    compiler on the machine)."""
     for block in model.model.layers:
-        for method in COMPILED:
-            block.__dict__.pop(method, None)
-    model.compile_pending = False
+        for m in COMPILED if method is None else (method,):
+            block.__dict__.pop(m, None)
+    pending(model).difference_update(COMPILED if method is None else (method,))
 
 
 def is_compiled(model: Transformer, method: str = "forward") -> bool:
@@ -602,21 +623,25 @@ def is_compiled(model: Transformer, method: str = "forward") -> bool:
     return any(method in vars(block) for block in model.model.layers)
 
 
-def run_compiled(model: Transformer, call: Callable[[], T_], fallback: Callable[[Exception], None]) -> T_:
-    """call(): the first call after `compile_blocks` is where torch.compile builds its kernels. If
-    that fails (e.g. no C++ compiler on the machine), the blocks go back to eager, fallback(error)
-    tells the user, and call() runs again eagerly: the same results up to float rounding, only
-    slower. A call's side effects are safe to repeat (a decode step rewrites the same cache
-    positions). Later calls go straight through."""
-    if not getattr(model, "compile_pending", False):
+def run_compiled(model: Transformer, method: str, call: Callable[[], T_], fallback: Callable[[Exception], None]) -> T_:
+    """call(), which runs the blocks' `method`: the first call after `compile_blocks(model,
+    method)` is where torch.compile builds its kernels. If that fails (e.g. no C++ compiler on the
+    machine), `method` goes back to eager, fallback(error) tells the user, and call() runs again
+    eagerly: the same results up to float rounding, only slower. A call's side effects are safe
+    to repeat (a decode step rewrites the same cache positions). A user's mistake (LmforgeError)
+    is not a compiler failure: it is raised as it is. Later calls go straight through. Each
+    method has its own first call (a server embeds and decodes on two threads)."""
+    if method not in pending(model):
         return call()
     try:
         out = call()
+    except LmforgeError:
+        raise
     except Exception as e:  # the compiler's failure, whatever its type; a real error shows again eagerly
-        eager_blocks(model)
+        eager_blocks(model, method)
         fallback(e)
         return call()
-    model.compile_pending = False
+    pending(model).discard(method)
     return out
 
 

@@ -101,6 +101,8 @@ def test_decode_step_beyond_the_cache_is_an_error() -> None:
 def test_compiled_decode_gives_the_eager_tokens_and_logits() -> None:
     """`sample/serve --compile`: the blocks' decode step through torch.compile (one graph for
     every block) decodes the same greedy tokens, with logits equal up to float rounding."""
+    import torch._dynamo
+
     model = build(replace(TINY, n_kv_head=2))
     ids = prompt(6)
     eager = generate(model, ids, max_tokens=12)
@@ -110,9 +112,16 @@ def test_compiled_decode_gives_the_eager_tokens_and_logits() -> None:
         step = (torch.tensor([[3]]), torch.tensor([[6]]), cache.k, cache.v)
         want = model.decode(*step)
         generate_module.compile_decode(model)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        assert all("decode" in vars(block) for block in model.model.layers)
+        # a user's mistake in the first compiled step is an error, not a compiler failure to fall back from
+        with pytest.raises(LmforgeError, match="beyond the KV cache"):
+            generate_module.decode_step(model, step[0], torch.tensor([[8]]), cache.k, cache.v)
         assert all("decode" in vars(block) for block in model.model.layers)
         torch.testing.assert_close(generate_module.decode_step(model, *step), want, rtol=1e-5, atol=1e-5)
     assert generate(model, ids, max_tokens=12) == eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph: both blocks, every step
 
 
 def test_a_failed_decode_compile_warns_once_and_decodes_eagerly(monkeypatch, capsys) -> None:

@@ -315,13 +315,21 @@ def serving(base: Path, specs: list[str], capacity: int = 4, prepared: bool = Fa
     return loaded, open_adapters(loaded, "base", specs, capacity)
 
 
-@pytest.mark.parametrize("prepared", [False, True])
+@pytest.mark.parametrize("prepared,compiled", [(False, False), (True, False), (True, True)])
 def test_requests_for_different_adapters_decode_together_and_each_equals_generate(base: Path, adapters,
-                                                                                   prepared: bool) -> None:
+                                                                                   prepared: bool, compiled: bool) -> None:
+    """compiled: `serve --adapter ... --compile`; the warm-up builds the graphs with an adapter
+    selected too, so no request's step compiles."""
+    import torch._dynamo
+
+    from lmforge.generate import compile_decode
     from lmforge.quant import PackedLinear, _onednn
     from lmforge.serve.engine import Engine, Request, run_requests
 
     loaded, aset = serving(base, [f"{n}={adapters[n]}" for n in "abc"], prepared=prepared)
+    if compiled:
+        compile_decode(loaded.model)
+        torch._dynamo.reset()
     tok = loaded.tokenizer
     expected = expected_replies([base, adapters["a"], adapters["b"], adapters["c"]])
     assert len({tuple(e) for e in expected}) == 4  # each adapter answers differently
@@ -333,7 +341,12 @@ def test_requests_for_different_adapters_decode_together_and_each_equals_generat
         return selected(slots)
 
     aset.selected = recording
-    engine = Engine(loaded.model, tok, max_batch=4, adapters=aset).start()
+    engine = Engine(loaded.model, tok, max_batch=4, adapters=aset)
+    if compiled:
+        with torch.inference_mode():
+            engine._warm_up()  # what start() does first on the engine thread
+        warm = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    engine.start()
     try:
         slots = [0] + [aset.acquire(n) for n in "abc"]
         requests = [Request(chat_ids(tok, q), 12, stop_ids=tuple(tok.end_ids), adapter=s,
@@ -348,6 +361,8 @@ def test_requests_for_different_adapters_decode_together_and_each_equals_generat
     assert sorted(seen[0]) == slots and max(len(set(s)) for s in seen) == 4
     assert len(seen) <= 12 + 1  # one per decode step, not one per adapter per step
     assert aset.pins == [0] * len(aset.pins)  # every request released its slot when it ended
+    if compiled:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == warm  # no request's step compiled
 
 
 def test_the_api_picks_the_adapter_by_model_and_lists_them(base: Path, adapters) -> None:

@@ -79,7 +79,7 @@ import torch
 from ..errors import LmforgeError
 from ..generate import check_sampling, decode_step, pick_token
 from ..lora import AdapterSet
-from ..model import Transformer, check_memory, is_compiled
+from ..model import Transformer, check_memory, eager_blocks, is_compiled
 from ..quant import pack_head, pack_mlp
 from ..threads import Governor
 from ..tokenizer import StreamDecoder, Tokenizer
@@ -349,17 +349,36 @@ class Engine:
         request rather than during it: steps of one row and of two rows (torch.compile
         specialises a batch of 1; from 2 rows on, one graph serves every count), each at two
         attended lengths (should the first length have been specialised to a constant, the
-        second compiles the general graph now rather than at a client's step). They write
-        slots 0-1, which nothing has used yet. A failure here falls back to eager with one warning."""
+        second compiles the general graph now rather than at a client's step), and, with LoRA
+        adapters, each once more with an adapter selected (slot 0, the zero adapter: another
+        graph). They write slots 0-1, which nothing has used yet. A compiler failure falls back to
+        eager with one warning (`decode_step`); anything else here is logged, and the engine
+        serves eagerly rather than not at all."""
         if not is_compiled(self.model, "decode"):
             return
         start = time.perf_counter()
         log.info("compiling the decode step (serve --compile)")
-        for rows in range(1, min(2, self.max_batch) + 1):
-            for first in (1, 2):
-                tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
-                positions = torch.arange(first, first + rows, device=self.device).view(rows, 1)
-                decode_step(self.model, tokens, positions, [k[:rows] for k in self.cache.k], [v[:rows] for v in self.cache.v])
+        selection = self.adapters.selection if self.adapters is not None else None
+        try:
+            for rows in range(1, min(2, self.max_batch) + 1):
+                for first in (1, 2):
+                    if first + rows > self.max_seq_len:  # positions first .. first+rows-1 must fit the context
+                        continue
+                    tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+                    positions = torch.arange(first, first + rows, device=self.device).view(rows, 1)
+                    for adapters in (False, True) if selection is not None else (False,):
+                        if adapters:
+                            selection.rows = torch.zeros(rows, dtype=torch.long, device=self.device)
+                        try:
+                            decode_step(self.model, tokens, positions, [k[:rows] for k in self.cache.k],
+                                        [v[:rows] for v in self.cache.v])
+                        finally:
+                            if adapters:
+                                selection.rows = None
+        except Exception:
+            log.exception("warming up the compiled decode step failed; serving without --compile")
+            eager_blocks(self.model, "decode")
+            return
         log.info("decode step compiled in %.1f s", time.perf_counter() - start)
 
     def step(self) -> int:

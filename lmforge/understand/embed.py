@@ -338,7 +338,7 @@ class Embedder:
             with torch.inference_mode(), autocast(self.dtype, self.device.type):
                 return self.model.hidden_states(idx, attn_mask=attn, lengths=lengths)
 
-        return run_compiled(self.model, forward, compile_failed("embedding"))
+        return run_compiled(self.model, "forward", forward, compile_failed("embedding"))
 
 
 class _Bar:
