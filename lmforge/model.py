@@ -401,6 +401,7 @@ class Transformer(nn.Module):
         if built_on.type != "meta":  # a model of shapes only allocates nothing
             check_memory(cfg, built_on, fix="model.n_layer, model.d_model, model.d_ff or model.vocab_size")
         self.cfg = cfg
+        self.compile_pending: set[str] = set()  # compiled methods whose first call has not yet succeeded (run_compiled)
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -599,14 +600,7 @@ def compile_blocks(model: Transformer, method: str = "forward") -> None:
     for block in model.model.layers:
         # an instance attribute over the class's method
         setattr(block, method, torch.compile(getattr(block, method), dynamic=True))
-    pending(model).add(method)  # no compiled call has succeeded yet (run_compiled)
-
-
-def pending(model: Transformer) -> set[str]:
-    """The compiled methods of `model` whose first call has not yet succeeded (`run_compiled`)."""
-    if not isinstance(getattr(model, "compile_pending", None), set):
-        model.compile_pending = set()
-    return model.compile_pending
+    model.compile_pending.add(method)
 
 
 def eager_blocks(model: Transformer, method: str | None = None) -> None:
@@ -615,7 +609,7 @@ def eager_blocks(model: Transformer, method: str | None = None) -> None:
     for block in model.model.layers:
         for m in COMPILED if method is None else (method,):
             block.__dict__.pop(m, None)
-    pending(model).difference_update(COMPILED if method is None else (method,))
+    model.compile_pending.difference_update(COMPILED if method is None else (method,))
 
 
 def is_compiled(model: Transformer, method: str = "forward") -> bool:
@@ -631,7 +625,7 @@ def run_compiled(model: Transformer, method: str, call: Callable[[], T_], fallba
     to repeat (a decode step rewrites the same cache positions). A user's mistake (LmforgeError)
     is not a compiler failure: it is raised as it is. Later calls go straight through. Each
     method has its own first call (a server embeds and decodes on two threads)."""
-    if method not in pending(model):
+    if method not in model.compile_pending:
         return call()
     try:
         out = call()
@@ -641,7 +635,7 @@ def run_compiled(model: Transformer, method: str, call: Callable[[], T_], fallba
         eager_blocks(model, method)
         fallback(e)
         return call()
-    pending(model).discard(method)
+    model.compile_pending.discard(method)
     return out
 
 
