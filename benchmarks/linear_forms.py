@@ -9,7 +9,16 @@ as a forward uses the 30 layers', so none is read from cache; the head is one 11
 figure is the best of 3 passes. --mkl adds MKL's packed sgemm (`torch.ops.mkl._mkl_linear`), packed
 for the row count it is called with (a call with another count runs the plain product).
 
+--one-row: instead, one activation row (a single stream's decode step) against each weight form a
+compiled decode step can use (docs/inference.md "Compiled decoding"): fp32 through MKL (row- and
+column-major) and through `model.linear` compiled (inductor's own loop over the row-major weight);
+f16 and int8 through fbgemm (`quant.F16Linear`, `quant.Int8Linear` eagerly) and through the
+compiled loop. The compiled figures include the call into a compiled function (~10-25 us), which a
+decode step pays once per block, not per product; 30 int8 or f16 copies of the smaller shapes fit
+in the 32 MB L3 of the machine measured, so those read partly from cache.
+
     OMP_NUM_THREADS=1 python benchmarks/linear_forms.py --rows 1,4,8,16
+    OMP_NUM_THREADS=1 python benchmarks/linear_forms.py --one-row
 """
 
 from __future__ import annotations
@@ -39,14 +48,61 @@ def best_ms(calls: list[Callable[[], torch.Tensor]], passes: int) -> float:
     return best * 1e3
 
 
+def one_row() -> None:
+    """The --one-row table: us per product of one row, and the weights' GB/s."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lmforge.model import linear
+    from lmforge.quant import F16Linear, Int8Linear
+
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 64  # a graph per shape and weight dtype
+    loop = torch.compile(lambda x, w: linear(x, w), dynamic=False)
+    loop16 = torch.compile(lambda x, w: linear(x, w), dynamic=False)
+    loop8 = torch.compile(lambda x, layer: linear(x, layer.q) * layer.scale[:, 0], dynamic=False)
+    cols = ["fp32 MKL row-major", "fp32 MKL column-major", "fp32 compiled loop", "f16 fbgemm", "f16 compiled loop",
+            "int8 fbgemm", "int8 compiled loop"]
+    print("us per product of one row (GB/s of weights read)")
+    print("| shape (out x in) | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    with torch.no_grad():
+        for name, (N, K) in SHAPES.items():
+            copies = 2 if N > 10_000 else LAYERS  # two heads: 226 MB, past any cache
+            ws = [torch.randn(N, K) * 0.05 for _ in range(copies)]
+            col = [w.t().contiguous().t() for w in ws]
+            f16 = [F16Linear(w) for w in ws]
+            int8 = [Int8Linear.from_float(w) for w in ws]
+            x = torch.randn(1, K)
+            passes = 10 if copies == 2 else 20
+            runs = [([lambda w=w, x=x: F.linear(x, w) for w in ws], 4),
+                    ([lambda w=w, x=x: F.linear(x, w) for w in col], 4),
+                    ([lambda w=w, x=x: loop(x, w) for w in ws], 4),
+                    ([lambda m=m, x=x: m(x) for m in f16], 2),
+                    ([lambda m=m, x=x: loop16(x, m.weight) for m in f16], 2),
+                    ([lambda m=m, x=x: m(x) for m in int8], 1),
+                    ([lambda m=m, x=x: loop8(x, m) for m in int8], 1)]
+            cells = []
+            for calls, nbytes in runs:
+                ms = best_ms(calls, passes)
+                cells.append(f"{ms * 1e3:.0f} ({N * K * nbytes / ms / 1e6:.0f})")
+            print(f"| {name} {N}x{K} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,4,8,16", help="row counts, comma-separated")
     ap.add_argument("--mkl", action="store_true", help="also MKL's packed sgemm")
+    ap.add_argument("--one-row", action="store_true", help="one row against every weight form a compiled decode step uses")
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), capability {torch.backends.cpu.get_cpu_capability()}")
+    if args.one_row:
+        one_row()
+        return
     cols = ["row-major", "column-major", "decoding layout", "oneDNN prepacked"] + (["MKL packed"] if args.mkl else [])
     print("| shape (out x in) | rows | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 2) + "|")

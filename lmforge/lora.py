@@ -57,10 +57,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import LORA_TARGETS, LoraConfig
 from .errors import CheckpointError, LmforgeError
+from .model import linear
 
 PEFT_PREFIX = "base_model.model."  # what PEFT puts before a model's own parameter names
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
@@ -91,7 +91,7 @@ class LoRALinear(nn.Linear):
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)  # the base product as the model's own layers compute it
         if not self.enabled:
             return y
         return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
@@ -295,7 +295,7 @@ class MultiLoRALinear(nn.Linear):
         self.selection = selection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, in) -> (B, T, out)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         rows = self.selection.rows
         if rows is None:
             return y

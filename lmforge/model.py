@@ -200,6 +200,39 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.matmul(probs, v).view(B, H, 1, hd)  # (B, KV, G, hd) -> (B, H, 1, hd)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T for x (..., K) and W = weight (N, K), no bias; y (..., N) in x's dtype.
+
+    One row inside `torch.compile` on a CPU, without grad or autocast (a decode step of one sequence: `sample
+    --compile`, a server's step with one request running): written as a reduction over each row of
+    W, which inductor generates as a loop of its own (fused with the norm or activation before it)
+    that streams W at the core's memory bandwidth: 36-42 GB/s on one core of the AMD EPYC
+    (AVX-512) this was measured on, where the sgemv a compiled graph calls (MKL) read at 18-28
+    (docs/inference.md "Compiled decoding"). Everywhere else, and for a W that is not row-major
+    (the eager decoding layout, lmforge/quant.py), the plain product: for several rows a GEMM
+    reuses each loaded weight across the rows, which this loop would not. In the loop W may be
+    half precision or int8 (`quant.F16Linear`, `quant.Int8Linear`, which scales the sums): the
+    products and sums are then in fp32 (for int8: weight-only, more exact than fbgemm's)."""
+    if (torch.compiler.is_compiling() and x.numel() == x.shape[-1] and x.device.type == "cpu"
+            and weight.stride(-1) == 1 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+        # x as a view of itself: inductor then computes it into a buffer once, where it would
+        # otherwise recompute the norm or activation that made x inside the loop over every weight
+        # row (an int8 head with its norm took 4.9 ms where it takes 1.0; docs/inference.md)
+        x = x.as_strided(x.shape, x.stride())
+        y = (weight * x.reshape(1, -1)).sum(-1)  # (N,): one dot product per weight row
+        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (the same parameters, names and initialisation) whose product without a bias is
+    `linear`: the model's projections and head, so a compiled one-row decode step streams their
+    weights through inductor's own loops."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight) if self.bias is None else F.linear(x, self.weight, self.bias)
+
+
 def autocast(dtype: str, device_type: str) -> contextlib.AbstractContextManager:
     """The mixed precision a forward runs in: bf16 autocast on `device_type` (where the batch is)
     for dtype "bf16" (config `train.dtype`), nothing for "fp32". Training and evaluation both
@@ -280,10 +313,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer  # index into the KV cache
         self.n_head, self.kv_heads, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_proj = Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q (B, T, H, hd), k and v (B, T, KV, hd), q and k rotated by RoPE.
@@ -349,9 +382,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
+        self.gate_proj = Linear(cfg.d_model, cfg.ff_dim, bias=False)
+        self.up_proj = Linear(cfg.d_model, cfg.ff_dim, bias=False)
+        self.down_proj = Linear(cfg.ff_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, C)
@@ -403,7 +436,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.compile_pending: set[str] = set()  # compiled methods whose first call has not yet succeeded (run_compiled)
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # the classification head (model.num_labels): logits (B, L) of a pooled embedding (B, C), applied by the
@@ -547,7 +580,13 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(idx)  # (B, 1, C)
         for i, block in enumerate(self.model.layers):
             x = block.decode(x, cos, sin, k[i], v[i], rows, mask)
-        return self.lm_head(self.model.norm(x))[:, 0]  # (B, V)
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """A decode step's last part, the final norm and the head: x (B, 1, C) -> logits (B, V).
+        A method of its own so that `compile_blocks(model, "decode")` compiles it too (the head is
+        a fifth of a step's weights: one row's product is then `linear`'s loop)."""
+        return self.lm_head(self.model.norm(x))[:, 0]
 
 
 # ---- compiled blocks (opt-in) ---------------------------------------------------------------
@@ -564,23 +603,25 @@ T_ = TypeVar("T_")
 def compile_blocks(model: Transformer, method: str = "forward") -> None:
     """Run every block's `method` through `torch.compile` (dynamic shapes), for long jobs:
     "forward" (embeddings: `embed`, `index`, `topics --compile`) or "decode" (a decode step:
-    `sample`, `serve --compile`).
+    `sample`, `serve --compile`; then the final norm and head too, `Transformer.logits`).
 
-    The matrix products already run at the core's peak (or, decoding one row, at its memory
-    bandwidth); what compiling gains is the work around them (the norms, RoPE, SiLU and the gate
-    product, residual adds, the cache writes, the unpadding copies), fused into a few loops
-    instead of ~20-40 small kernels per block, each with its dispatch cost. Measured on a CPU:
-    +6-9 points of the matmul peak for embeddings (docs/embeddings.md "Speed"), +15-20 % tokens/s
-    for single-stream decoding (docs/inference.md). One graph serves every block (the same code;
-    a decode step's blocks see only tensors, `Block.decode`), batch and length; it costs 3-15 s
-    of compilation the first time in a process (inductor's on-disk cache makes later processes
-    quicker), so it is opt-in (`--compile`), not a default. The numbers equal the eager ones up to
-    float rounding (fused reductions sum in another order). Inductor builds kernels for the thread
-    count of the moment: when the thread governor changes it, the next call compiles once more
-    for the new count (never more threads than torch is told). `run_compiled` falls back to eager
-    where compiling fails; `eager_blocks` undoes it; the weights, names and state dict are
-    untouched either way. A compiled model must not be deep-copied (the copy's blocks would call
-    the original's compiled methods): `eager_blocks` first."""
+    For several rows the matrix products already run at the core's peak; what compiling gains is
+    the work around them (the norms, RoPE, SiLU and the gate product, residual adds, the cache
+    writes, the unpadding copies), fused into a few loops instead of ~20-40 small kernels per
+    block, each with its dispatch cost: +6-9 points of the matmul peak for embeddings
+    (docs/embeddings.md "Speed"). For one row (a single stream's decode step) the products
+    themselves become inductor's loops (`linear`: the weights stream at the core's memory
+    bandwidth, ~1.7x the tokens/s of eager fp32 decoding; docs/inference.md). One graph serves
+    every block (the same code; a decode step's blocks see only tensors, `Block.decode`), batch
+    and length; it costs 3-15 s of compilation the first time in a process (inductor's on-disk
+    cache makes later processes quicker), so it is opt-in (`--compile`), not a default. The
+    numbers equal the eager ones up to float rounding (fused reductions sum in another order).
+    Inductor builds kernels for the thread count of the moment: when the thread governor changes
+    it, the next call compiles once more for the new count (never more threads than torch is
+    told). `run_compiled` falls back to eager where compiling fails; `eager_blocks` undoes it; the
+    weights, names and state dict are untouched either way. A compiled model must not be
+    deep-copied (the copy's blocks would call the original's compiled methods): `eager_blocks`
+    first."""
     if method not in COMPILED:
         raise ValueError(f"compile_blocks: method must be one of {COMPILED}, got {method!r}")
     # No "duck shaping" (process-wide; it only makes graphs more general): by default sizes of the
@@ -597,24 +638,31 @@ def compile_blocks(model: Transformer, method: str = "forward") -> None:
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     if hasattr(torch._dynamo.config, limit):
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
-    for block in model.model.layers:
+    for module, name in _compiled_parts(model, method):
         # an instance attribute over the class's method
-        setattr(block, method, torch.compile(getattr(block, method), dynamic=True))
+        setattr(module, name, torch.compile(getattr(module, name), dynamic=True))
     model.compile_pending.add(method)
+
+
+def _compiled_parts(model: Transformer, method: str) -> list[tuple[nn.Module, str]]:
+    """(module, method name) of what `compile_blocks(model, method)` compiles: every block's
+    `method`, and for a decode step also the final norm and head (`Transformer.logits`)."""
+    parts: list[tuple[nn.Module, str]] = [(block, method) for block in model.model.layers]
+    return parts + [(model, "logits")] if method == "decode" else parts
 
 
 def eager_blocks(model: Transformer, method: str | None = None) -> None:
     """Undo `compile_blocks` for `method` (None: both), e.g. where compiling failed (no C++
     compiler on the machine)."""
-    for block in model.model.layers:
-        for m in COMPILED if method is None else (method,):
-            block.__dict__.pop(m, None)
+    for m in COMPILED if method is None else (method,):
+        for module, name in _compiled_parts(model, m):
+            module.__dict__.pop(name, None)
     model.compile_pending.difference_update(COMPILED if method is None else (method,))
 
 
 def is_compiled(model: Transformer, method: str = "forward") -> bool:
     """Whether `compile_blocks(model, method)` is in effect."""
-    return any(method in vars(block) for block in model.model.layers)
+    return any(name in vars(module) for module, name in _compiled_parts(model, method))
 
 
 def run_compiled(model: Transformer, method: str, call: Callable[[], T_], fallback: Callable[[Exception], None]) -> T_:

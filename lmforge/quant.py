@@ -11,7 +11,10 @@ loaded model into the form that reads fastest (in place; the model is for infere
           stored column-major (its transpose contiguous): MKL's sgemm on such an (N, K) row-major
           weight with one activation row takes a gemv path that reads up to ~2x slower than the
           column-major layout, while narrow ones (k, v, down) read faster row-major (measured per
-          shape on AVX2: docs/inference.md). No other change: the model's code runs as is.
+          shape on AVX2: docs/inference.md). No other change: the model's code runs as is. A
+          model whose decode step is compiled keeps every weight row-major instead
+          (`prepare(..., compiled=True)`): there one row's products are inductor's own loops over
+          the weight rows (`model.linear`), which stream them ~1.5x faster than MKL's gemv.
           Several rows at once (serve's batched decode, one row per running request) read the
           head 1.9-2.8x faster from oneDNN's prepacked copy: `pack_head(model)`, which the serve
           engine calls, makes the head a `PackedLinear` (the same weight Parameter, so the tied
@@ -25,8 +28,10 @@ loaded model into the form that reads fastest (in place; the model is for infere
   "int8"  every projection and the output head as `Int8Linear`: int8 weights with one fp32 scale
           per output row (symmetric, scale = max|w| / 127). A decoding step (one row per
           sequence) runs fbgemm's dynamic int8 linear (each activation row quantised to 8 bits at
-          run time, as llama.cpp's Q8_0 dot products do per block of 32); a prompt runs
-          weight-only int8 on bf16 activations (more exact, slower). The embedding table stays
+          run time, as llama.cpp's Q8_0 dot products do per block of 32), except a compiled
+          step of one row: weight-only int8 in fp32 through inductor's loop (`model.linear`),
+          faster there and more exact; a prompt runs weight-only int8 on bf16 activations (more
+          exact, slower). The embedding table stays
           fp32 (one row is read per token).
 
 fbgemm's packed weights are TorchScript objects: eagerly each layer calls its own through a
@@ -79,6 +84,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CheckpointError, ConfigError
+from .model import Linear, linear
 
 WEIGHTS = ("fp32", "f16", "int8")  # `--quantize` choices (fp32: no quantisation, decoding layout)
 SCALE_SUFFIX = "_scale"  # NAME_scale: the scales of the int8 matrix NAME
@@ -317,6 +323,8 @@ class Int8Linear(_OpaqueLayer):
         if (x.device.type == "cpu" and x.numel() <= FBGEMM_MAX_ROWS * self.in_features
                 and (x.dim() < 3 or x.shape[-2] == 1)):  # a decoding step, not a prompt's positions
             if torch.compiler.is_compiling():
+                if x.numel() == self.in_features:  # one row: inductor's loop over the int8 rows (`model.linear`)
+                    return linear(x, self.q) * self.scale[:, 0]
                 return torch.ops.lmforge.int8_linear(x, self.q, self.scale, self.handle)
             if self.packed is not None:
                 return self.packed(x)
@@ -330,7 +338,8 @@ class Int8Linear(_OpaqueLayer):
 
 class F16Linear(_OpaqueLayer):
     """y = x W^T with W held in fp16 (fbgemm: packed, fp32 arithmetic; called as `Int8Linear`'s
-    form is, and inside `torch.compile` as the opaque op `lmforge::f16_linear`)."""
+    form is, and inside `torch.compile` as the opaque op `lmforge::f16_linear`, except for one row:
+    there `model.linear`'s loop, which reads the fp16 rows faster than fbgemm)."""
 
     def __init__(self, w: torch.Tensor) -> None:
         super().__init__()
@@ -346,6 +355,8 @@ class F16Linear(_OpaqueLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             if torch.compiler.is_compiling():
+                if x.numel() == x.shape[-1]:  # one row: inductor's own loop over the fp16 rows (`model.linear`)
+                    return linear(x, self.weight)
                 return torch.ops.lmforge.f16_linear(x, self.weight, self.handle)
             if self.packed is not None:
                 return self.packed(x)
@@ -368,8 +379,9 @@ class PackedLinear(_OpaqueLayer, nn.Linear):
     row fastest; MKL's sgemm beats oneDNN on the block shapes from ~32 rows, e.g. a prefill).
     Several rows: oneDNN's linear on the packed copy (one pack serves any row count). The copy is
     taken once: the weight must not change afterwards (inference only, as `prepare`'s model is).
-    Inside `torch.compile` (`serve --compile`) the product is the opaque op `lmforge::packed_linear`
-    (inductor cannot take oneDNN's packed tensor), so compiling keeps the packed products."""
+    Inside `torch.compile` (`serve --compile`) the product of several rows is the opaque op
+    `lmforge::packed_linear` (inductor cannot take oneDNN's packed tensor), so compiling keeps the
+    packed products; one row is `model.linear`'s loop over the plain weight."""
 
     def __init__(self, base: nn.Linear, max_rows: int | None = None) -> None:
         nn.Module.__init__(self)
@@ -390,6 +402,8 @@ class PackedLinear(_OpaqueLayer, nn.Linear):
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             if torch.compiler.is_compiling():
+                if x.numel() == x.shape[-1]:  # one row: the plain weight through `model.linear`'s loop
+                    return linear(x, self.weight)
                 return torch.ops.lmforge.packed_linear(x, self.weight, self.handle)
             return _onednn_linear(x, self.weight, self.packed)
         return F.linear(x, self.weight)
@@ -401,7 +415,7 @@ class PackedLinear(_OpaqueLayer, nn.Linear):
 
 def _packable(model: nn.Module, lin: object) -> bool:
     """A plain fp32 CPU `nn.Linear` of a model prepared for fp32 decoding, on a torch with oneDNN."""
-    return (getattr(model, "weights", None) == "fp32" and type(lin) is nn.Linear and lin.weight.device.type == "cpu"
+    return (getattr(model, "weights", None) == "fp32" and type(lin) in (nn.Linear, Linear) and lin.weight.device.type == "cpu"
             and lin.weight.dtype == torch.float32 and _onednn())
 
 
@@ -458,11 +472,14 @@ def projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 @torch.no_grad()
-def prepare(model: nn.Module, weights: str = "fp32", stored: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
+def prepare(model: nn.Module, weights: str = "fp32", stored: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+            *, compiled: bool = False) -> nn.Module:
     """The model (changed in place, for inference only) with its weights held as `weights`.
 
     stored: int8 matrices read from a quantised model directory (name -> (q, scale)); with
-    weights "int8" they are used as they are instead of being quantised from the fp32 copy."""
+    weights "int8" they are used as they are instead of being quantised from the fp32 copy.
+    compiled: its decode step is to be compiled (`generate.compile_decode`): fp32 weights then stay
+    row-major, the layout that compiled one-row products read fastest (`model.linear`)."""
     check_weights(weights)
     stored = stored or {}
     for parent, attr in projections(model):
@@ -475,7 +492,7 @@ def prepare(model: nn.Module, weights: str = "fp32", stored: dict[str, tuple[tor
             # weight.t() row by row; a narrow one (k, v, down) stays row-major, which MKL's gemv
             # reads faster for that shape (measured per shape: docs/inference.md). For a tied head
             # this is the embedding's tensor too (a lookup reads one strided row).
-            if lin.out_features >= lin.in_features:
+            if lin.out_features >= lin.in_features and not compiled:
                 lin.weight.data = lin.weight.data.t().contiguous().t()
         elif weights == "f16":
             setattr(parent, attr, F16Linear(lin.weight))
@@ -502,13 +519,21 @@ def decoding_layout(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        with torch.no_grad():
-            for parent, attr in projections(model):
-                lin = getattr(parent, attr)
-                lin.weight.data = lin.weight.data.contiguous()
-            if getattr(model.cfg, "tie_embeddings", False):
-                model.lm_head.weight = model.model.embed_tokens.weight
+        row_major(model)
         del model.weights
+
+
+@torch.no_grad()
+def row_major(model: nn.Module) -> None:
+    """Every fp32 projection weight row-major again (a transpose copies exactly; those that are
+    already cost nothing): the layout of training, and of a compiled decode step's one-row
+    products (`generate.compile_decode`)."""
+    for parent, attr in projections(model):
+        lin = getattr(parent, attr)
+        if isinstance(lin, nn.Linear) and not lin.weight.is_contiguous():
+            lin.weight.data = lin.weight.data.contiguous()
+    if getattr(model.cfg, "tie_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def _param_name(model: nn.Module, parent: nn.Module, attr: str) -> str:
@@ -577,4 +602,4 @@ def read_stored(raw: dict[str, torch.Tensor], info: dict[str, Any] | None, sourc
 
 
 __all__ = ["WEIGHTS", "SCALE_SUFFIX", "QUANT_KEY", "check_weights", "quantize_int8", "dequantize_int8", "per_row",
-           "Int8Linear", "F16Linear", "PackedLinear", "pack_head", "projections", "prepare", "decoding_layout", "quantizable", "stored_tensors", "read_stored"]
+           "Int8Linear", "F16Linear", "PackedLinear", "pack_head", "projections", "prepare", "decoding_layout", "row_major", "quantizable", "stored_tensors", "read_stored"]

@@ -114,14 +114,15 @@ def test_compiled_decode_gives_the_eager_tokens_and_logits() -> None:
         generate_module.compile_decode(model)
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        assert all("decode" in vars(block) for block in model.model.layers)
+        assert all("decode" in vars(block) for block in model.model.layers) and "logits" in vars(model)
         # a user's mistake in the first compiled step is an error, not a compiler failure to fall back from
         with pytest.raises(LmforgeError, match="beyond the KV cache"):
             generate_module.decode_step(model, step[0], torch.tensor([[8]]), cache.k, cache.v)
         assert all("decode" in vars(block) for block in model.model.layers)
         torch.testing.assert_close(generate_module.decode_step(model, *step), want, rtol=1e-5, atol=1e-5)
     assert generate(model, ids, max_tokens=12) == eager
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph: both blocks, every step
+    # two graphs, each for every step: one for both blocks, one for the final norm and head
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 def test_a_failed_decode_compile_warns_once_and_decodes_eagerly(monkeypatch, capsys) -> None:
@@ -139,7 +140,7 @@ def test_a_failed_decode_compile_warns_once_and_decodes_eagerly(monkeypatch, cap
     assert generate(model, ids, max_tokens=10) == eager
     err = capsys.readouterr().err
     assert err.count("torch.compile could not build") == 1 and "decoding without --compile" in err
-    assert all("decode" not in vars(block) for block in model.model.layers)
+    assert all("decode" not in vars(block) for block in model.model.layers) and "logits" not in vars(model)
 
 
 # ---- generation against full-forward references ---------------------------------------------

@@ -22,6 +22,7 @@ from lmforge.model import (
     fold_sign,
     explicit_causal_attention,
     flops_per_token,
+    linear,
     num_params,
     rope_tables,
     use_explicit_attention,
@@ -421,3 +422,36 @@ def test_logits_match_hf_llama_when_transformers_is_installed() -> None:
     idx = tokens(cfg, 2, 12)
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_compiled_one_row_product_is_inductors_loop_and_equals_the_plain_one(dtype: torch.dtype) -> None:
+    """`model.linear`: inside torch.compile one row without grad (a single stream's decode step) is
+    a reduction that inductor generates (no call out to the sgemv), equal to F.linear up to float
+    rounding, fp16 weights in fp32; several rows, a column-major weight and a product with grad keep
+    the plain product, bit for bit."""
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    w = torch.randn(48, 32).to(dtype)
+    product = torch.compile(lambda x, w: linear(x, w), dynamic=False)
+    # (fp16 weights reach `linear` only for one row: F16Linear multiplies several itself)
+    cases = [(1, w, True)] + ([(3, w, False), (1, w.t().contiguous().t(), False)] if dtype == torch.float32 else [])
+    for rows, weight, loop in cases:
+        x = torch.randn(rows, 1, 32)
+        with torch.no_grad():
+            got, code = run_and_get_code(product, x, weight)
+        want = F.linear(x, weight.float())
+        assert ("extern_kernels.mm(" in "".join(code)) is not loop
+        assert got.dtype == torch.float32 and got.shape == (rows, 1, 48)
+        if loop:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got, want)
+    if dtype == torch.float32:  # with grad (a training step of one row): the plain product, whose backward torch knows
+        x = torch.randn(1, 1, 32, requires_grad=True)
+        got, code = run_and_get_code(product, x, w)
+        assert "extern_kernels.mm(" in "".join(code) and torch.equal(got, F.linear(x, w))
+    torch._dynamo.reset()

@@ -20,7 +20,7 @@ from lmforge.artifacts import MODEL_FILE, load_model, load_safetensors
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.generate import generate, load_for_decoding
-from lmforge.model import Transformer
+from lmforge.model import Linear, Transformer
 
 
 @pytest.fixture(autouse=True)
@@ -105,11 +105,19 @@ def packed_layer(w: torch.Tensor) -> Q.PackedLinear:
     return Q.PackedLinear(base, Q.MLP_PACKED_MAX_ROWS)
 
 
+def weight_of(layer: torch.nn.Module) -> torch.Tensor:
+    """The fp32 matrix a layer multiplies by (int8: q * scale exactly)."""
+    if isinstance(layer, Q.Int8Linear):
+        return Q.dequantize_int8(layer.q, layer.scale)
+    return layer.weight.float()
+
+
 @pytest.mark.parametrize("weights", ["int8", "f16", "packed"])
 def test_compiled_layers_are_one_graph_and_equal_eager(weights: str) -> None:
     """Under torch.compile the fbgemm product (and serve's oneDNN-packed fp32 one) is an opaque op
     (the packed weight cannot enter a graph): no graph break (fullgraph), one graph for every layer
-    of a shape, the eager numbers."""
+    of a shape, the eager numbers. One row is `model.linear`'s loop over the layer's own weights: the
+    exact product of those (for int8 weight-only, not fbgemm's 8-bit activations)."""
     torch._dynamo.reset()
     torch.manual_seed(3)
     make = {"int8": Q.Int8Linear.from_float, "f16": Q.F16Linear, "packed": packed_layer}[weights]
@@ -132,7 +140,11 @@ def test_compiled_layers_are_one_graph_and_equal_eager(weights: str) -> None:
                 # round differently in the last bit, which int8's activation quantisation can move a step
                 tol = 0.05 if weights == "int8" else 1e-5
                 assert torch.allclose(got, eager, rtol=0, atol=tol * float(eager.abs().max()))
-                assert torch.equal(one(layers[0], x), layers[0](x))
+                if rows == 1:  # one row: `model.linear`'s loop over the layer's own weights (int8: weight-only)
+                    exact = x @ weight_of(layers[0]).t()
+                    torch.testing.assert_close(one(layers[0], x), exact, rtol=1e-5, atol=1e-5)
+                else:
+                    assert torch.equal(one(layers[0], x), layers[0](x))
     # one graph per row count (one row is specialised), not per layer: 2 for `forward`, 2 for `one`
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
     torch._dynamo.reset()
@@ -178,6 +190,28 @@ def test_the_fp32_decoding_layout_changes_no_token(tie: bool) -> None:
         assert model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.allclose(before, after, atol=1e-5, rtol=0)
     assert generate(model, ids[0, :8].tolist(), max_tokens=24, temperature=0) == greedy
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_compiled_decode_step_keeps_fp32_weights_row_major(tie: bool) -> None:
+    """The compiled one-row products read weight rows (`model.linear`): `prepare(compiled=True)`
+    transposes nothing, and `compile_decode` turns the eager decoding layout back, the same bytes,
+    the head still the embedding's tensor when tied."""
+    from lmforge.generate import compile_decode
+    from lmforge.model import eager_blocks
+
+    model = random_model(tie)
+    Q.prepare(model, "fp32", compiled=True)
+    weights = [getattr(parent, attr).weight for parent, attr in Q.projections(model)]
+    assert model.weights == "fp32" and all(w.is_contiguous() for w in weights)
+    other = Q.prepare(random_model(tie), "fp32")  # the eager layout: wide matrices column-major
+    before = [getattr(parent, attr).weight.detach().clone() for parent, attr in Q.projections(other)]
+    assert not other.lm_head.weight.is_contiguous()
+    compile_decode(other)
+    after = [getattr(parent, attr).weight for parent, attr in Q.projections(other)]
+    assert all(w.is_contiguous() for w in after) and all(torch.equal(a, b) for a, b in zip(after, before))
+    assert (other.lm_head.weight is other.model.embed_tokens.weight) is tie
+    eager_blocks(other)
 
 
 @pytest.mark.skipif(not Q._onednn(), reason="this torch has no oneDNN")
@@ -239,7 +273,7 @@ def test_pack_head_leaves_other_weights_and_torch_without_onednn_alone(monkeypat
     ids = torch.randint(0, 512, (4, 6), generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
         before = model(ids)
-        assert not Q.pack_head(model) and type(model.lm_head) is torch.nn.Linear
+        assert not Q.pack_head(model) and type(model.lm_head) is Linear
         assert torch.equal(model(ids), before)
 
 
@@ -268,7 +302,7 @@ def test_pack_mlp_packs_gate_up_down_for_a_few_rows_only_and_keeps_greedy_tokens
     mlp = model.model.layers[0].mlp
     assert all(isinstance(getattr(mlp, n), Q.PackedLinear) for n in Q.MLP_LAYERS)
     assert mlp.up_proj.max_rows == Q.MLP_PACKED_MAX_ROWS and model.model.layers[1].mlp.up_proj is adapted
-    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear and list(model.state_dict()) == names
+    assert type(model.model.layers[0].self_attn.q_proj) is Linear and list(model.state_dict()) == names
     with torch.inference_mode():
         got_few = model(few)
         assert torch.allclose(got_few, before_few, atol=1e-4, rtol=0) and not torch.equal(got_few, before_few)

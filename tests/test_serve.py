@@ -113,7 +113,7 @@ def test_engine_packs_a_prepared_fp32_head_and_keeps_greedy_tokens(checkpoint: P
 
 def test_a_compiled_engine_warms_up_before_serving_and_keeps_greedy_tokens(checkpoint: Path) -> None:
     """`serve --compile`: the engine compiles its decode step before the first request (a batch of
-    one and one of several rows: two graphs, reused for every later step), then serves the tokens
+    one and one of several rows: graphs reused for every later step), then serves the tokens
     of eager `generate`, packed layers (pack_head, pack_mlp) included."""
     import torch._dynamo
 
@@ -133,7 +133,9 @@ def test_a_compiled_engine_warms_up_before_serving_and_keeps_greedy_tokens(check
     with torch.inference_mode():
         engine._warm_up()  # what start() does first on the engine thread
     warm = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert 2 <= warm <= 4  # a batch of one, of several rows; each maybe once more where a length was specialised
+    # the blocks and the final norm + head, each for a batch of one and one of several rows (each maybe
+    # once more where a length was specialised)
+    assert 4 <= warm <= 8
     engine.start()
     try:
         results = run_requests(engine, [Request(p, n, stop_ids=(tok.eos_id,)) for p, n in zip(ids, lengths)])

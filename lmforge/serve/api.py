@@ -292,8 +292,8 @@ def serve_command(
     if adapters and quantize not in (None, "fp32"):
         raise ConfigError(f"--quantize {quantize} with --adapter: LoRA adapters are served on fp32 base weights; "
                           "leave out --quantize, or export each adapter merged (export --merge) and serve that")
-    loaded = classifier.embedder.loaded if classifier is not None else load_for_decoding(path, quantize)
-    if compile:  # a classifier's embedding model decodes too (chat completions)
+    loaded = classifier.embedder.loaded if classifier is not None else load_for_decoding(path, quantize, compile=compile)
+    if compile and classifier is not None:  # a classifier's embedding model decodes too (chat completions)
         compile_decode(loaded.model)
     searcher = open_index(index, loaded) if index is not None else None  # before the port: a wrong index fails at once
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
