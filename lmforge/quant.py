@@ -15,14 +15,15 @@ loaded model into the form that reads fastest (in place; the model is for infere
           model whose decode step is compiled keeps every weight row-major instead
           (`prepare(..., compiled=True)`): there one row's products are inductor's own loops over
           the weight rows (`model.linear`), which stream them ~1.5x faster than MKL's gemv.
-          Several rows at once (serve's batched decode, one row per running request) read the
-          head 1.9-2.8x faster from oneDNN's prepacked copy: `pack_head(model)`, which the serve
-          engine calls, makes the head a `PackedLinear` (the same weight Parameter, so the tied
-          embedding and the one-row path are unchanged, plus that copy: vocab x d_model x 4 more
-          bytes, 113 MB for SmolLM2-135M). `pack_mlp(model)` does the same for each block's
-          gate, up and down up to 24 rows (2-12 % faster there, slower from ~32 rows: a
-          prefill keeps MKL), 318 MB more; q, k, v, o stay as they are (packed, they lost;
-          measured per shape: docs/inference.md).
+          Several rows at once (serve's batched decode, one row per running request; its
+          prompts) may multiply faster with oneDNN's prepacked copy of a weight: how much
+          depends on the CPU, so `pack_measured(model)`, which the serve engine calls, times
+          both products per shape on this machine and makes the layers where the packed one wins
+          `PackedLinear`s (the same weight Parameter, so a tied embedding and the one-row path
+          are unchanged, plus that copy) up to the row count where it still wins. Measured: on
+          an AVX2 EPYC the head (1.9-2.8x) and gate/up/down up to ~24 rows (2-12 %); on an
+          AVX-512 EPYC, where MKL's sgemm does not use AVX-512, every projection at every count
+          from 2 to 256 rows (2-2.7x; docs/inference.md).
   "f16"   fbgemm's fp16 linear (weights packed in half precision, arithmetic in fp32): half the
           bytes, no bf16 matmul (which is slow without AVX-512/AMX).
   "int8"  every projection and the output head as `Int8Linear`: int8 weights with one fp32 scale
@@ -42,7 +43,7 @@ no break and one graph serves every block.
 
 Where fbgemm is missing (not an x86 build, a GPU), `Int8Linear` and `F16Linear` fall back to
 dequantising into the activations' dtype per call: correct everywhere, fast only with fbgemm.
-Where oneDNN is missing (`torch.backends.mkldnn.is_available()` false), `pack_head` changes
+Where oneDNN is missing (`torch.backends.mkldnn.is_available()` false), `pack_measured` changes
 nothing and the plain product runs.
 
 Stored int8 (a model directory, `lmforge import --keep-quantized`)
@@ -74,6 +75,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -419,41 +421,76 @@ def _packable(model: nn.Module, lin: object) -> bool:
             and lin.weight.dtype == torch.float32 and _onednn())
 
 
-def pack_head(model: nn.Module) -> bool:
-    """The output head of an fp32 model prepared for decoding (`prepare(model, "fp32")`, on CPU) as
-    a `PackedLinear`, for a caller that multiplies several rows at once (serve's batched decode:
-    one row per running request). Costs a second copy of the head (vocab x d_model fp32: 113 MB
-    for SmolLM2-135M; a tied head's tensor is also the embedding table, whose lookup needs it).
-    False, changing nothing, where it does not apply: other weights (f16, int8), a model not
-    prepared, another device, or a torch without oneDNN (then the plain product runs)."""
-    head = getattr(model, "lm_head", None)
-    if not _packable(model, head):
-        return False
-    model.lm_head = PackedLinear(head)
-    return True
+# Row counts at which `packed_rows` compares the two products: serve's decode batch (one row per
+# running request, 16 by default), a few prompts prefilled together, a long prompt.
+PACK_ROWS = (16, 64, 256)
+PACK_UNLIMITED = 2**62  # `packed_rows`: packed at any row count
+PACK_MARGIN = 0.9  # the packed product must take at most this share of the plain one's time
 
 
-MLP_LAYERS = ("gate_proj", "up_proj", "down_proj")
-# The most rows for which the blocks' packed copies run: oneDNN beat MKL on gate/up/down by 2-12 %
-# at 16-24 rows, tied at 32-48 and lost 5-12 % from 64 (a prefill's hundreds of rows; docs/inference.md).
-MLP_PACKED_MAX_ROWS = 24
+def _best_seconds(form: str, shape: tuple[int, ...], rows: int, call: Any) -> float:
+    """Seconds per call(), the best of 3 timings (a large product: fewer calls per timing)."""
+    call()
+    t0 = time.perf_counter()
+    call()
+    reps = max(1, min(5, int(0.01 / max(time.perf_counter() - t0, 1e-9))))  # ~10 ms per timing at most
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            call()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
 
 
-def pack_mlp(model: nn.Module) -> int:
-    """Each block's gate, up and down projections as `PackedLinear`s, under the conditions of
-    `pack_head`; returns how many were packed (0: none applies). For serve's batched decode: at 16
-    rows oneDNN's packed products are 2-11 % faster than MKL's on these shapes (docs/inference.md);
-    above MLP_PACKED_MAX_ROWS rows (a prefill) the plain product runs. Costs a second copy of
-    those weights (3 x d_model x ff_dim x 4 bytes a block: 318 MB for SmolLM2-135M). q, k, v and
-    o are left alone: packed, they were slower. A layer that is not a plain `nn.Linear` (a LoRA
-    adapter's wrapper, packed already) is skipped."""
-    packed = 0
-    for block in model.model.layers:
-        for name in MLP_LAYERS:
-            lin = getattr(block.mlp, name)
-            if _packable(model, lin):
-                setattr(block.mlp, name, PackedLinear(lin, MLP_PACKED_MAX_ROWS))
-                packed += 1
+@torch.no_grad()
+def packed_rows(weight: torch.Tensor, timer: Any = None) -> int:
+    """The most rows up to which oneDNN's prepacked product of `weight` (fp32, as laid out) measured
+    faster on this machine than the plain one (`F.linear`): timed at each of PACK_ROWS with random
+    rows, the packed one must take at most PACK_MARGIN of the plain one's time. 0: not at 16 rows
+    (leave the layer as it is); the last count it won at, where it lost at a larger one;
+    PACK_UNLIMITED where it won at all of them. timer(form, shape, rows, call) -> seconds per call
+    (form "plain" or "packed"; tests give a made-up one).
+
+    Which wins depends on the CPU and the shape: on an AVX2 EPYC the packed form won only for the
+    head and gate/up/down up to ~24 rows; on an AVX-512 EPYC (where MKL's sgemm does not use
+    AVX-512) it won 2-2.7x for every shape from 2 to 256 rows (docs/inference.md)."""
+    timer = timer or _best_seconds
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float(), None)
+    most = 0
+    for rows in PACK_ROWS:
+        x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows))
+        shape = tuple(weight.shape)
+        plain = timer("plain", shape, rows, lambda x=x: F.linear(x, weight))
+        fast = timer("packed", shape, rows, lambda x=x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+        if fast > PACK_MARGIN * plain:
+            return most
+        most = rows
+    return PACK_UNLIMITED
+
+
+def pack_measured(model: nn.Module, timer: Any = None) -> dict[str, int]:
+    """serve's form of a model prepared for fp32 decoding (`prepare(model, "fp32")`, on CPU): each
+    projection (q, k, v, o, gate, up, down, the head) whose shape `packed_rows` finds faster
+    prepacked on this machine becomes a `PackedLinear` up to that many rows (one measurement per
+    distinct shape, ~0.1-2 s in all for SmolLM2-135M). Each costs a second copy of its weight (all
+    of them: 540 MB for SmolLM2-135M). Returns {layer name: most rows} of the packed ones, e.g.
+    {"q_proj": 16, "lm_head": PACK_UNLIMITED}; {} where nothing applies: other weights (f16,
+    int8), a model not prepared, another device, a torch without oneDNN, a CPU where the plain
+    products are as fast. A layer that is not a plain `Linear` (a LoRA adapter's wrapper, packed
+    already) is left alone."""
+    decided: dict[tuple[int, ...], int] = {}
+    packed: dict[str, int] = {}
+    for parent, attr in projections(model):
+        lin = getattr(parent, attr)
+        if not _packable(model, lin):
+            continue
+        shape = tuple(lin.weight.shape)
+        if shape not in decided:
+            decided[shape] = packed_rows(lin.weight, timer)
+        if decided[shape]:
+            setattr(parent, attr, PackedLinear(lin, None if decided[shape] == PACK_UNLIMITED else decided[shape]))
+            packed[attr] = decided[shape]
     return packed
 
 
@@ -602,4 +639,4 @@ def read_stored(raw: dict[str, torch.Tensor], info: dict[str, Any] | None, sourc
 
 
 __all__ = ["WEIGHTS", "SCALE_SUFFIX", "QUANT_KEY", "check_weights", "quantize_int8", "dequantize_int8", "per_row",
-           "Int8Linear", "F16Linear", "PackedLinear", "pack_head", "projections", "prepare", "decoding_layout", "row_major", "quantizable", "stored_tensors", "read_stored"]
+           "Int8Linear", "F16Linear", "PackedLinear", "pack_measured", "packed_rows", "projections", "prepare", "decoding_layout", "row_major", "quantizable", "stored_tensors", "read_stored"]

@@ -307,7 +307,7 @@ def expected_replies(paths: list[Path], max_tokens: int = 12) -> list[list[int]]
 
 def serving(base: Path, specs: list[str], capacity: int = 4, prepared: bool = False):
     """prepared: loaded as `serve` loads it (fp32 in the decoding layout; the engine then packs
-    the head, lmforge/quant.py `pack_head`)."""
+    the layers that measure faster packed, lmforge/quant.py `pack_measured`)."""
     from lmforge.generate import load_for_decoding
     from lmforge.serve.adapters import open_adapters
 
@@ -316,11 +316,16 @@ def serving(base: Path, specs: list[str], capacity: int = 4, prepared: bool = Fa
 
 
 @pytest.mark.parametrize("prepared,compiled", [(False, False), (True, False), (True, True)])
-def test_requests_for_different_adapters_decode_together_and_each_equals_generate(base: Path, adapters,
+def test_requests_for_different_adapters_decode_together_and_each_equals_generate(base: Path, adapters, monkeypatch,
                                                                                    prepared: bool, compiled: bool) -> None:
     """compiled: `serve --adapter ... --compile`; the warm-up builds the graphs with an adapter
-    selected too, so no request's step compiles."""
+    selected too, so no request's step compiles. prepared: every layer the adapters leave plain is
+    prepacked (as if oneDNN measured faster for all of them: lmforge/quant.py `pack_measured`)."""
     import torch._dynamo
+
+    from lmforge import quant
+
+    monkeypatch.setattr(quant, "_best_seconds", lambda form, shape, rows, call: 1.0 if form == "plain" else 0.5)
 
     from lmforge.generate import compile_decode
     from lmforge.quant import PackedLinear, _onednn

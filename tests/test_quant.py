@@ -102,7 +102,7 @@ def test_int8_rows_of_any_size_keep_their_precision() -> None:
 def packed_layer(w: torch.Tensor) -> Q.PackedLinear:
     base = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
     base.weight.data = w
-    return Q.PackedLinear(base, Q.MLP_PACKED_MAX_ROWS)
+    return Q.PackedLinear(base, 24)
 
 
 def weight_of(layer: torch.nn.Module) -> torch.Tensor:
@@ -241,73 +241,80 @@ def test_packed_linear_equals_the_plain_product_at_every_row_count() -> None:
     assert torch.equal(lin(x), torch.nn.functional.linear(x, base.weight))  # with grad: the plain product
 
 
+def made_up_timer(wins: dict[tuple[int, int], dict[int, float]]):
+    """A `packed_rows` timer: the plain product takes 1 s; the packed one wins[shape][rows] (1.0: not faster)."""
+    def timer(form: str, shape: tuple[int, ...], rows: int, call) -> float:
+        call()  # the product runs (its shapes must fit), its time is made up
+        return 1.0 if form == "plain" else wins.get(shape, {}).get(rows, 1.0)
+    return timer
+
+
+@pytest.mark.skipif(not Q._onednn(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("times,most", [
+    ({16: 0.5, 64: 0.5, 256: 0.5}, Q.PACK_UNLIMITED),  # faster at every count: no limit
+    ({16: 0.5, 64: 0.8, 256: 1.2}, 64),  # slower from a long prompt: up to 64 rows
+    ({16: 0.89, 64: 0.95, 256: 0.5}, 16),  # within the margin at 64: not faster; the 256 win is never reached
+    ({16: 0.95, 64: 0.5, 256: 0.5}, 0),  # not at serve's batch of 16: left as it is
+])
+def test_packed_rows_is_the_last_count_the_packed_product_wins_at(times: dict[int, float], most: int) -> None:
+    w = torch.randn(48, 32)
+    assert Q.packed_rows(w, made_up_timer({(48, 32): times})) == most
+    assert Q.packed_rows(w) in (0, *Q.PACK_ROWS, Q.PACK_UNLIMITED)  # the real timer: whatever this machine says
+
+
 @pytest.mark.parametrize("tie", [False, True])
-def test_pack_head_keeps_the_model_and_its_greedy_tokens(tie: bool) -> None:
+def test_pack_measured_packs_the_shapes_that_measured_faster_and_keeps_greedy_tokens(tie: bool) -> None:
+    """serve's model: layers whose shape measured faster prepacked become PackedLinears up to their
+    row count (within fp32 rounding there), the plain product above it (the same bits); names, ties,
+    greedy tokens and layers that are not plain linears stay; a second call packs nothing more."""
+    from lmforge.lora import LoRALinear
+
     model = random_model(tie)
-    ids = torch.randint(0, 512, (16, 12), generator=torch.Generator().manual_seed(5))
-    assert not Q.pack_head(model)  # not prepared: left as it is
+    timer = made_up_timer({(512, 128): {16: 0.5, 64: 0.5, 256: 0.5}, (384, 128): {16: 0.5, 64: 0.5, 256: 2.0}})
+    assert Q.pack_measured(model, timer) == {}  # not prepared: left as it is
     Q.prepare(model, "fp32")
+    adapted = LoRALinear(model.model.layers[1].mlp.up_proj, rank=2, alpha=4.0)
+    model.model.layers[1].mlp.up_proj = adapted  # an adapter's wrapper is never packed
+    few = torch.randint(0, 512, (16, 1), generator=torch.Generator().manual_seed(7))  # 16 rows: a decode step
+    many = torch.randint(0, 512, (8, 12), generator=torch.Generator().manual_seed(8))  # 96 rows: a prefill
     with torch.inference_mode():
-        before = model(ids)
-        greedy = generate(model, ids[0, :8].tolist(), max_tokens=24, temperature=0)
+        before_few, before_many = model(few), model(many)
+        greedy = generate(model, many[0].tolist(), max_tokens=16, temperature=0)
     names = list(model.state_dict())
-    assert Q.pack_head(model) is Q._onednn()
+    packed = Q.pack_measured(model, timer)
     if not Q._onednn():
+        assert packed == {}
         return
-    assert isinstance(model.lm_head, Q.PackedLinear) and list(model.state_dict()) == names
-    if tie:
-        assert model.lm_head.weight is model.model.embed_tokens.weight  # still one tensor
-    assert not Q.pack_head(model)  # packed already
+    # the head (512x128) at any count; gate and up (384x128) up to 64 rows; the rest (q 128x128, k/v 64x128,
+    # o, down 128x384) measured no faster
+    assert packed == {"lm_head": Q.PACK_UNLIMITED, "gate_proj": 64, "up_proj": 64}
+    assert Q.pack_measured(model, timer) == {}  # packed already
+    mlp = model.model.layers[0].mlp
+    assert isinstance(model.lm_head, Q.PackedLinear) and model.lm_head.max_rows is None
+    assert isinstance(mlp.gate_proj, Q.PackedLinear) and mlp.gate_proj.max_rows == 64
+    assert type(mlp.down_proj) is Linear and type(model.model.layers[0].self_attn.q_proj) is Linear
+    assert model.model.layers[1].mlp.up_proj is adapted and list(model.state_dict()) == names
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) is tie
     with torch.inference_mode():
-        assert torch.allclose(model(ids), before, atol=1e-4, rtol=0)  # 16 rows: the packed head
-        assert generate(model, ids[0, :8].tolist(), max_tokens=24, temperature=0) == greedy
+        got_few, got_many = model(few), model(many)
+        assert torch.allclose(got_few, before_few, atol=1e-4, rtol=0)
+        assert torch.allclose(got_many, before_many, atol=1e-4, rtol=0)  # the head packed, gate/up above their limit
+        assert generate(model, many[0].tolist(), max_tokens=16, temperature=0) == greedy
 
 
-def test_pack_head_leaves_other_weights_and_torch_without_onednn_alone(monkeypatch) -> None:
+def test_pack_measured_leaves_other_weights_and_torch_without_onednn_alone(monkeypatch) -> None:
+    everything = made_up_timer({})
     for weights in ("f16", "int8"):
         model = Q.prepare(random_model(), weights)
         head = model.lm_head
-        assert not Q.pack_head(model) and model.lm_head is head
+        assert Q.pack_measured(model, everything) == {} and model.lm_head is head
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     model = Q.prepare(random_model(), "fp32")
     ids = torch.randint(0, 512, (4, 6), generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
         before = model(ids)
-        assert not Q.pack_head(model) and type(model.lm_head) is Linear
+        assert Q.pack_measured(model) == {} and type(model.lm_head) is Linear
         assert torch.equal(model(ids), before)
-
-
-def test_pack_mlp_packs_gate_up_down_for_a_few_rows_only_and_keeps_greedy_tokens() -> None:
-    """serve's batched decode multiplies gate/up/down by one row per request: packed copies run up to
-    MLP_PACKED_MAX_ROWS rows (within fp32 rounding), more rows (a prefill) the plain product (the
-    same bits); state_dict names, greedy tokens and layers that are not plain linears stay."""
-    from lmforge.lora import LoRALinear
-
-    model = random_model()
-    assert Q.pack_mlp(model) == 0  # not prepared: left as it is
-    Q.prepare(model, "fp32")
-    adapted = LoRALinear(model.model.layers[1].mlp.up_proj, rank=2, alpha=4.0)
-    model.model.layers[1].mlp.up_proj = adapted  # an adapter's wrapper is never packed
-    few = torch.randint(0, 512, (16, 1), generator=torch.Generator().manual_seed(7))  # 16 rows: a decode step
-    many = torch.randint(0, 512, (4, 12), generator=torch.Generator().manual_seed(8))  # 48 rows: a prefill
-    with torch.inference_mode():
-        before_few, before_many = model(few), model(many)
-        greedy = generate(model, many[0].tolist(), max_tokens=16, temperature=0)
-    names = list(model.state_dict())
-    packed = Q.pack_mlp(model)
-    if not Q._onednn():
-        assert packed == 0
-        return
-    assert packed == 5 and Q.pack_mlp(model) == 0  # 2 blocks x 3 less the adapted one; packed already
-    mlp = model.model.layers[0].mlp
-    assert all(isinstance(getattr(mlp, n), Q.PackedLinear) for n in Q.MLP_LAYERS)
-    assert mlp.up_proj.max_rows == Q.MLP_PACKED_MAX_ROWS and model.model.layers[1].mlp.up_proj is adapted
-    assert type(model.model.layers[0].self_attn.q_proj) is Linear and list(model.state_dict()) == names
-    with torch.inference_mode():
-        got_few = model(few)
-        assert torch.allclose(got_few, before_few, atol=1e-4, rtol=0) and not torch.equal(got_few, before_few)
-        assert torch.equal(model(many), before_many)  # above the row limit: the plain products
-        assert generate(model, many[0].tolist(), max_tokens=16, temperature=0) == greedy
 
 
 @pytest.mark.parametrize("weights,tol", [("f16", 2e-3), ("int8", 5e-2)])

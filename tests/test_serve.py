@@ -91,12 +91,16 @@ def test_engine_greedy_equals_generate_alone_and_in_a_batch(loaded) -> None:
         assert [r.text for r in results] == [tok.decode(e) for e in expected]
 
 
-def test_engine_packs_a_prepared_fp32_head_and_keeps_greedy_tokens(checkpoint: Path) -> None:
-    """serve's model (`load_for_decoding`: fp32 in the decoding layout) gets its head prepacked for
-    the batched decode (lmforge/quant.py `pack_head`); greedy tokens stay those of `generate`."""
+def test_engine_packs_a_prepared_fp32_model_and_keeps_greedy_tokens(checkpoint: Path, monkeypatch) -> None:
+    """serve's model (`load_for_decoding`: fp32 in the decoding layout) gets the layers whose
+    prepacked product measures faster prepacked for the batched decode (lmforge/quant.py
+    `pack_measured`; here every layer, as a made-up timer says); greedy tokens stay those of
+    `generate`."""
+    from lmforge import quant
     from lmforge.generate import load_for_decoding
     from lmforge.quant import PackedLinear, _onednn
 
+    monkeypatch.setattr(quant, "_best_seconds", lambda form, shape, rows, call: 1.0 if form == "plain" else 0.5)
     loaded = load_for_decoding(checkpoint)
     model, tok = loaded.model, loaded.tokenizer
     ids = prompts(tok, 16)
@@ -107,14 +111,18 @@ def test_engine_packs_a_prepared_fp32_head_and_keeps_greedy_tokens(checkpoint: P
         results = run_requests(engine, [Request(p, n, stop_ids=(tok.eos_id,)) for p, n in zip(ids, lengths)])
     finally:
         engine.stop()
-    assert isinstance(model.lm_head, PackedLinear) is (_onednn() and model.lm_head.weight.device.type == "cpu")
+    packs = _onednn() and model.lm_head.weight.device.type == "cpu"
+    assert isinstance(model.lm_head, PackedLinear) is packs
+    assert all(isinstance(getattr(parent, attr), PackedLinear) is packs for parent, attr in quant.projections(model))
+    assert sorted(engine.packed) == (sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj", "lm_head"]) if packs else [])
     assert [r.tokens for r in results] == expected
 
 
 def test_a_compiled_engine_warms_up_before_serving_and_keeps_greedy_tokens(checkpoint: Path) -> None:
     """`serve --compile`: the engine compiles its decode step before the first request (a batch of
     one and one of several rows: graphs reused for every later step), then serves the tokens
-    of eager `generate`, packed layers (pack_head, pack_mlp) included."""
+    of eager `generate`, with whichever layers measured faster prepacked (`quant.pack_measured`)."""
     import torch._dynamo
 
     from lmforge.generate import compile_decode, load_for_decoding

@@ -80,7 +80,7 @@ from ..errors import LmforgeError
 from ..generate import check_sampling, decode_step, pick_token
 from ..lora import AdapterSet
 from ..model import Transformer, check_memory, eager_blocks, is_compiled
-from ..quant import pack_head, pack_mlp
+from ..quant import pack_measured
 from ..threads import Governor
 from ..tokenizer import StreamDecoder, Tokenizer
 
@@ -207,11 +207,11 @@ class Engine:
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
-        # Every decode step multiplies each weight by one row per running request: fp32 weights held
-        # prepacked for that run faster at 16 rows, the head ~1.9x, gate/up/down 2-11 % (lmforge/quant.py
-        # `pack_head`, `pack_mlp`; adapters installed before this keep their layers unpacked).
-        pack_head(model)
-        pack_mlp(model)
+        # Every decode step multiplies each weight by one row per running request: fp32 weights whose
+        # oneDNN-prepacked copy multiplies such rows faster on this machine are held so, as measured
+        # here per shape (lmforge/quant.py `pack_measured`; adapters installed before this keep their
+        # layers unpacked). {layer name: most rows} of those packed.
+        self.packed = pack_measured(model)
         self.adapters = adapters  # installed in the model's layers: forwards select each row's slot
         self.max_batch, self.max_queue, self.max_threads = max_batch, max_queue, max_threads
         self.max_seq_len, self.vocab_size = model.cfg.max_seq_len, model.cfg.vocab_size
