@@ -378,7 +378,8 @@ class PackedLinear(_OpaqueLayer, nn.Linear):
 
     One row (single-stream decoding), more than `max_rows` rows (None: no limit), a product with
     grad, another device or dtype: `F.linear` on `weight` as before (the decoding layout reads one
-    row fastest; MKL's sgemm beats oneDNN on the block shapes from ~32 rows, e.g. a prefill).
+    row fastest; on some CPUs MKL's sgemm beats oneDNN from some row count: `pack_measured` finds
+    it per shape).
     Several rows: oneDNN's linear on the packed copy (one pack serves any row count). The copy is
     taken once: the weight must not change afterwards (inference only, as `prepare`'s model is).
     Inside `torch.compile` (`serve --compile`) the product of several rows is the opaque op
