@@ -59,7 +59,7 @@ def test_sentence_transformers_loads_the_export_and_gives_our_vectors(tok, tmp_p
     assert [k for k, v in pool_cfg.items() if v is True and k.startswith("pooling_mode")] == [convert.ST_POOLING[pooling]]
     assert (out / "2_Normalize").is_dir() == normalize
     model = sentence_transformers().SentenceTransformer(str(out), device="cpu")
-    ours = Embedder.load(src, device="cpu")
+    ours = Embedder.load(src, device="cpu", dtype="fp32")  # sentence-transformers computes in fp32
     for kind in ("query", "document"):
         want = ours.embed(TEXTS, kind=kind)
         got = model.encode(TEXTS, prompt_name=kind, batch_size=3, convert_to_numpy=True)  # padded batches
