@@ -202,28 +202,39 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.matmul(probs, v).view(B, H, 1, hd)  # (B, KV, G, hd) -> (B, H, 1, hd)
 
 
+def row_loop_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` multiplies x by weight in inductor's own loop (`row_loop`): one row inside
+    `torch.compile` on a CPU, without grad or autocast, a row-major weight."""
+    return (torch.compiler.is_compiling() and x.numel() == x.shape[-1] and x.device.type == "cpu"
+            and weight.stride(-1) == 1 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
+
+
+def row_loop(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T for one row x (..., K) and a row-major W = weight (N, K) of any dtype, in fp32, as a
+    reduction over each row of W (see `linear`); y (..., N) in x's dtype."""
+    # x as a view of itself: inductor then computes it into a buffer once, where it would
+    # otherwise recompute the norm or activation that made x inside the loop over every weight
+    # row (an int8 head with its norm took 4.9 ms where it takes 1.0; docs/inference.md)
+    x = x.as_strided(x.shape, x.stride())
+    y = (weight * x.reshape(1, -1)).sum(-1)  # (N,): one dot product per weight row
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x W^T for x (..., K) and W = weight (N, K), no bias; y (..., N) in x's dtype.
 
-    One row inside `torch.compile` on a CPU, without grad or autocast (a decode step of one sequence: `sample
-    --compile`, a server's step with one request running): written as a reduction over each row of
-    W, which inductor generates as a loop of its own (fused with the norm or activation before it)
-    that streams W at the core's memory bandwidth: 36-42 GB/s on one core of the AMD EPYC
-    (AVX-512) this was measured on, where the sgemv a compiled graph calls (MKL) read at 18-28
-    (docs/inference.md "Compiled decoding"). Everywhere else, and for a W that is not row-major
-    (the eager decoding layout, lmforge/quant.py), the plain product: for several rows a GEMM
-    reuses each loaded weight across the rows, which this loop would not. In the loop W may be
-    half precision or int8 (`quant.F16Linear`, `quant.Int8Linear`, which scales the sums): the
-    products and sums are then in fp32 (for int8: weight-only, more exact than fbgemm's)."""
-    if (torch.compiler.is_compiling() and x.numel() == x.shape[-1] and x.device.type == "cpu"
-            and weight.stride(-1) == 1 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
-        # x as a view of itself: inductor then computes it into a buffer once, where it would
-        # otherwise recompute the norm or activation that made x inside the loop over every weight
-        # row (an int8 head with its norm took 4.9 ms where it takes 1.0; docs/inference.md)
-        x = x.as_strided(x.shape, x.stride())
-        y = (weight * x.reshape(1, -1)).sum(-1)  # (N,): one dot product per weight row
-        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight)
+    One row inside `torch.compile` on a CPU, without grad or autocast (a decode step of one
+    sequence: `sample --compile`, a server's step with one request running; `row_loop_applies`):
+    written as a reduction over each row of W (`row_loop`), which inductor generates as a loop of
+    its own (fused with the norm or activation before it) that streams W at the core's memory
+    bandwidth: 32-38 GB/s on one core of the AMD EPYC (AVX-512) this was measured on, where the
+    sgemv a compiled graph calls (MKL) read at 16-27 (docs/inference.md "Compiled decoding").
+    Everywhere else, and for a W that is not row-major (the eager decoding layout,
+    lmforge/quant.py), the plain product: for several rows a GEMM reuses each loaded weight across
+    the rows, which this loop would not. `quant.F16Linear` and `quant.Int8Linear` (which scales the
+    sums) use `row_loop` on their fp16 and int8 rows under the same condition: the products and
+    sums are then in fp32 (for int8: weight-only, more exact than fbgemm's)."""
+    return row_loop(x, weight) if row_loop_applies(x, weight) else F.linear(x, weight)
 
 
 class Linear(nn.Linear):

@@ -86,7 +86,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CheckpointError, ConfigError
-from .model import Linear, linear
+from .model import Linear, row_loop, row_loop_applies
 
 WEIGHTS = ("fp32", "f16", "int8")  # `--quantize` choices (fp32: no quantisation, decoding layout)
 SCALE_SUFFIX = "_scale"  # NAME_scale: the scales of the int8 matrix NAME
@@ -325,8 +325,8 @@ class Int8Linear(_OpaqueLayer):
         if (x.device.type == "cpu" and x.numel() <= FBGEMM_MAX_ROWS * self.in_features
                 and (x.dim() < 3 or x.shape[-2] == 1)):  # a decoding step, not a prompt's positions
             if torch.compiler.is_compiling():
-                if x.numel() == self.in_features:  # one row: inductor's loop over the int8 rows (`model.linear`)
-                    return linear(x, self.q) * self.scale[:, 0]
+                if row_loop_applies(x, self.q):  # one row: inductor's loop over the int8 rows (`model.linear`)
+                    return row_loop(x, self.q) * self.scale[:, 0]
                 return torch.ops.lmforge.int8_linear(x, self.q, self.scale, self.handle)
             if self.packed is not None:
                 return self.packed(x)
@@ -357,8 +357,8 @@ class F16Linear(_OpaqueLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             if torch.compiler.is_compiling():
-                if x.numel() == x.shape[-1]:  # one row: inductor's own loop over the fp16 rows (`model.linear`)
-                    return linear(x, self.weight)
+                if row_loop_applies(x, self.weight):  # one row: inductor's own loop over the fp16 rows (`model.linear`)
+                    return row_loop(x, self.weight)
                 return torch.ops.lmforge.f16_linear(x, self.weight, self.handle)
             if self.packed is not None:
                 return self.packed(x)
@@ -405,8 +405,8 @@ class PackedLinear(_OpaqueLayer, nn.Linear):
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             if torch.compiler.is_compiling():
-                if x.numel() == x.shape[-1]:  # one row: the plain weight through `model.linear`'s loop
-                    return linear(x, self.weight)
+                if row_loop_applies(x, self.weight):  # one row: the plain weight through `model.linear`'s loop
+                    return row_loop(x, self.weight)
                 return torch.ops.lmforge.packed_linear(x, self.weight, self.handle)
             return _onednn_linear(x, self.weight, self.packed)
         return F.linear(x, self.weight)
@@ -459,9 +459,9 @@ def packed_rows(weight: torch.Tensor, timer: Any = None) -> int:
     timer = timer or _best_seconds
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float(), None)
     most = 0
+    shape = tuple(weight.shape)
     for rows in PACK_ROWS:
         x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows))
-        shape = tuple(weight.shape)
         plain = timer("plain", shape, rows, lambda x=x: F.linear(x, weight))
         fast = timer("packed", shape, rows, lambda x=x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
         if fast > PACK_MARGIN * plain:
@@ -474,7 +474,7 @@ def pack_measured(model: nn.Module, timer: Any = None) -> dict[str, int]:
     """serve's form of a model prepared for fp32 decoding (`prepare(model, "fp32")`, on CPU): each
     projection (q, k, v, o, gate, up, down, the head) whose shape `packed_rows` finds faster
     prepacked on this machine becomes a `PackedLinear` up to that many rows (one measurement per
-    distinct shape, ~0.1-2 s in all for SmolLM2-135M). Each costs a second copy of its weight (all
+    distinct shape: 2.7 s in all for SmolLM2-135M on one AVX-512 core). Each costs a second copy of its weight (all
     of them: 540 MB for SmolLM2-135M). Returns {layer name: most rows} of the packed ones, e.g.
     {"q_proj": 16, "lm_head": PACK_UNLIMITED}; {} where nothing applies: other weights (f16,
     int8), a model not prepared, another device, a torch without oneDNN, a CPU where the plain
