@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .aot import AotDecode, supported
 from .artifacts import Loaded, load_model
 from .config import ModelConfig
 from .errors import LmforgeError
@@ -214,17 +215,26 @@ def decode_step(model: Transformer, idx: torch.Tensor, positions: torch.Tensor, 
     """`Transformer.decode` (the one decode step of `stream` and the server's engine): idx (B, 1),
     positions (B, 1) -> logits (B, V). On a model whose decode step is compiled
     (`compile_decode`), a first step that cannot be compiled warns once and decodes eagerly."""
+    aot = model.aot_decode
+    # one row past position 0 (the exported step's lengths start at 2): the step compiled ahead of time
+    if aot is not None and idx.shape[0] == 1 and int(positions) > 0 and aot.ready(model):
+        return model.decode(idx, positions, k, v, masked=aot)
     return run_compiled(model, "decode", lambda: model.decode(idx, positions, k, v), compile_failed("decoding"))
 
 
 def compile_decode(model: Transformer) -> None:
     """`--compile` of the verbs that decode: every block's decode step, and the final norm and
     head, through torch.compile (`model.compile_blocks`), with fp32 weights row-major (what its
-    one-row products read fastest, `model.linear`): ~1.7x the tokens/s of eager fp32 decoding for
-    one stream on a CPU, after 3-15 s of compiling at the first token (docs/inference.md
-    "Compiled decoding")."""
+    one-row products read fastest, `model.linear`); and, where lmforge/aot.py supports the model,
+    a step of one row (a single stream) compiled ahead of time as one library, which runs no
+    Python per block: ~2x the tokens/s of eager fp32 decoding for one stream on a CPU. The cost
+    is at the first step of one row: ~1 min to compile the library the first time for a model
+    shape on a machine (then it is cached on disk, ~1 s to load), 3-15 s for the per-block graphs
+    (docs/inference.md "Compiled decoding")."""
     row_major(model)
     compile_blocks(model, "decode")
+    if supported(model):
+        model.aot_decode = AotDecode()
 
 
 def generate(
@@ -304,7 +314,10 @@ def sample_command(
     stop = list(tokenizer.end_ids)  # EOS, and an instruct model's recorded end of turn
     print(f"# {path} ({loaded.origin.describe()})", flush=True)
     if compile:  # the first token waits for it: say why
-        console.print("compiling the decode step (--compile): the first token takes 3-15 s more", markup=False)
+        aot = loaded.model.aot_decode
+        wait = ("~1 min more, once per model shape and machine" if aot is not None and not aot.cached(loaded.model)
+                else "a few seconds more")
+        console.print(f"compiling the decode step (--compile): the first token takes {wait}", markup=False)
     for i in range(num_samples):
         if num_samples > 1:
             print(f"\n----- sample {i + 1}/{num_samples} (seed {nth_seed(seed, i)}) -----", flush=True)

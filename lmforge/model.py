@@ -50,7 +50,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 import torch.nn as nn
@@ -195,11 +195,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     its blocking than these shapes pay back (measured: docs/inference.md).
     """
     B, H, _, hd = q.shape
-    KV = k.shape[1]
-    scores = torch.matmul(q.view(B, KV, H // KV, hd), k.transpose(-1, -2))  # (B, KV, G, L); head h = kv * G + g, as enable_gqa
+    KV, L = k.shape[1], k.shape[2]
+    G = H // KV
+    # bmm over (B*KV) batches of the views as they lie: flattening (B, KV) of a cache's view is
+    # itself a view, and bmm reads strided operands; no decision here depends on whether L fills
+    # the cache, so one exported graph serves every L <= S (lmforge/aot.py)
+    scores = torch.bmm(q.reshape(B * KV, G, hd), k.flatten(0, 1).transpose(1, 2)).view(B, KV, G, L)  # head h = kv * G + g, as enable_gqa
     scores = scores.mul_(hd**-0.5).masked_fill_(~mask[:, None], float("-inf"))  # mask (B, 1, 1, L)
     probs = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)  # accumulated in fp32 whatever the weights
-    return torch.matmul(probs, v).view(B, H, 1, hd)  # (B, KV, G, hd) -> (B, H, 1, hd)
+    return torch.bmm(probs.view(B * KV, G, L), v.flatten(0, 1)).view(B, H, 1, hd)  # (B*KV, G, hd) -> (B, H, 1, hd)
 
 
 def row_loop_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -448,6 +452,7 @@ class Transformer(nn.Module):
             check_memory(cfg, built_on, fix="model.n_layer, model.d_model, model.d_ff or model.vocab_size")
         self.cfg = cfg
         self.compile_pending: set[str] = set()  # compiled methods whose first call has not yet succeeded (run_compiled)
+        self.aot_decode: Any = None  # a one-row decode step compiled ahead of time (generate.compile_decode, lmforge/aot.py)
         self.model = Decoder(cfg)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -570,7 +575,7 @@ class Transformer(nn.Module):
         return x if unpadded is None else unpadded.scatter(x)
 
     def decode(self, idx: torch.Tensor, positions: torch.Tensor, k: Sequence[torch.Tensor],
-               v: Sequence[torch.Tensor]) -> torch.Tensor:
+               v: Sequence[torch.Tensor], masked: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """One decode step: idx (B, 1) int64, each row's next token, at positions (B, 1) int64 ->
         logits (B, V). k, v: per layer the rows' caches (B, KV, S, hd), contiguous (a
         generate.KVCache's tensors, or rows of the server's slot cache); row b's token is written
@@ -579,14 +584,22 @@ class Transformer(nn.Module):
         The decode path of `sample`, `serve`, eval's generation tasks and `ask` alike (after a
         prefill through `forward` with a cache). Attention covers L = max(positions) + 1 cached
         positions, a mask hiding each row's unused ones; the slot and mask arithmetic is done here
-        once for all layers, so each block sees only tensors (`Block.decode`, compilable)."""
-        B = idx.shape[0]
+        once for all layers, so each block sees only tensors (`Block.decode`, compilable).
+        masked: what runs the step once the mask is made (default `decode_masked`; a one-row step
+        compiled ahead of time, lmforge/aot.py, takes the same arguments)."""
         S = k[0].shape[2]
         L = int(positions.max()) + 1
         if L > min(S, self.cfg.max_seq_len):
             raise LmforgeError(f"decoding position {L - 1} is beyond the KV cache ({S} positions) or "
                                f"model.max_seq_len ({self.cfg.max_seq_len})")
         mask = torch.arange(L, device=idx.device)[None, None, :] <= positions[:, :, None]  # (B, 1, L)
+        return (masked or self.decode_masked)(idx, positions, mask, k, v)
+
+    def decode_masked(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                      k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`decode` once its mask (B, 1, L) is made: only tensors in and out, no Python number
+        read from them, so lmforge/aot.py can export it whole for every L <= S."""
+        B, S = idx.shape[0], k[0].shape[2]
         heads = torch.arange(B * self.cfg.kv_heads, device=idx.device).view(B, -1)  # (B, KV): row b's heads b*KV ..
         rows = (heads * S + positions).flatten()  # (B * KV,): each (row, head)'s slot in a layer's (B*KV*S, hd) view
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, 1, hd)
@@ -671,6 +684,8 @@ def eager_blocks(model: Transformer, method: str | None = None) -> None:
         for module, name in _compiled_parts(model, m):
             module.__dict__.pop(name, None)
     model.compile_pending.difference_update(COMPILED if method is None else (method,))
+    if method in (None, "decode"):
+        model.aot_decode = None
 
 
 def is_compiled(model: Transformer, method: str = "forward") -> bool:

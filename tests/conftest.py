@@ -78,8 +78,10 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_store(tmp_path_factory):
-    """Runs started by tests (in-process or as subprocesses) record into a temporary store."""
+    """Runs started by tests (in-process or as subprocesses) record into a temporary store, and
+    keep what they compile ahead of time in a temporary cache."""
     os.environ["LMFORGE_DB"] = str(tmp_path_factory.mktemp("store") / "lmforge.db")
+    os.environ["LMFORGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))  # decode steps compiled ahead of time (lmforge/aot.py)
     yield
 
 

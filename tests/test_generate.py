@@ -112,6 +112,7 @@ def test_compiled_decode_gives_the_eager_tokens_and_logits() -> None:
         step = (torch.tensor([[3]]), torch.tensor([[6]]), cache.k, cache.v)
         want = model.decode(*step)
         generate_module.compile_decode(model)
+        model.aot_decode = None  # the per-block step alone (one row's step compiled ahead of time: tests/test_aot.py)
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         assert all("decode" in vars(block) for block in model.model.layers) and "logits" in vars(model)

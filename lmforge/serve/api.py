@@ -328,7 +328,7 @@ def serve_command(
             searching += (f", {len(adapter_set.entries)} LoRA adapter(s): {', '.join(list(adapter_set.entries)[:8])}"
                           f"{' ...' if len(adapter_set.entries) > 8 else ''} (up to {adapter_set.capacity} in memory)")
         if compile:
-            searching += ", compiling its decode step first (--compile: 3-15 s; requests wait for it)"
+            searching += ", compiling its decode step first (--compile: up to ~1 min for a model shape new to this machine; requests wait for it)"
         console.print(f"serving {name} ({what}{loaded.origin.describe()}{searching}) at "
                       f"http://{where}:{sock.getsockname()[1]}/v1 ({auth}); Ctrl-C stops", markup=False)
         server = _server(app, shutdown_grace)

@@ -346,8 +346,9 @@ class Engine:
 
     def _warm_up(self) -> None:
         """A compiled decode step (`serve --compile`) builds its kernels here, before the first
-        request rather than during it: steps of one row and of two rows (torch.compile
-        specialises a batch of 1; from 2 rows on, one graph serves every count), each at two
+        request rather than during it: steps of one row (the step compiled ahead of time,
+        lmforge/aot.py, or without it torch.compile's graph specialised to a batch of 1) and of
+        two rows (from 2 rows on, one graph serves every count), each at two
         attended lengths (should the first length have been specialised to a constant, the
         second compiles the general graph now rather than at a client's step), and, with LoRA
         adapters, each once more with an adapter selected (slot 0, the zero adapter: another

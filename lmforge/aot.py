@@ -1,0 +1,203 @@
+"""A single stream's decode step compiled ahead of time: one call into C++ per token.
+
+Design
+------
+`compile_blocks(model, "decode")` compiles each block's decode step with torch.compile; a step
+then still runs Python per block (dynamo's guard checks on ~270 tensors, the generated wrapper
+code, the call itself): ~3-4 ms of a 17 ms fp32 step of SmolLM2-135M on one core, a fifth of
+the step, and half of an int8 one. For a step of ONE row (`sample`, eval's generation tasks,
+`ask`, a server with one request running) `AotDecode` removes it: `Transformer.decode_masked`
+(every block, the final norm and head) is exported whole with torch.export, the attended
+length L and the cache length S as dynamic dimensions, and compiled by AOTInductor into one
+shared library. A step is then one call from Python with the token, its position, the mask and
+the cache tensors; the kernels are the same ones torch.compile generates (the outputs are
+equal bit for bit), so this changes speed, not numbers.
+
+- Weights stay out of the library (`package_constants_in_so=False`): the runner reads the
+  model's own tensors (`load_constants(..., user_managed=True)`: no copy, no second 540 MB). The
+  package depends on the model's structure only (config, layer classes, tensor names, dtypes,
+  shapes), not on its values, so one package serves every model of the same shape (each
+  fine-tune of a base).
+- Packages are cached on disk (`cache_dir()`: $LMFORGE_CACHE_DIR, else $XDG_CACHE_HOME/lmforge,
+  else ~/.cache/lmforge), under a key over that structure, the torch version, lmforge's model
+  code, the thread count and the CPU (inductor compiles with -march=native): the first step
+  costs an export and a C++ compile (~45-55 s for SmolLM2-135M on one core), later processes
+  load the package in ~1 s. A package is written to a temporary name and renamed: never half
+  a file.
+- Threads: inductor builds the kernels for the thread count of the moment. A package built for
+  N threads serves every count up to N (its OpenMP regions follow the count of the moment, so
+  a step with fewer threads, the thread governor's on a busy machine, runs on fewer cores); a
+  higher count gets a package of its own (`AotDecode.ready`).
+- Not for: batches of several rows (serve's batched steps keep `compile_blocks`), models with
+  LoRA layers (their adapters are switched per request or toggled; an export would freeze
+  one state), a model off the CPU. Those, and any step where the build failed (one warning),
+  take `compile_blocks`' path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .lora import LoRALinear, MultiLoRALinear
+from .model import Transformer
+from .util import console, warn
+
+# The files whose code the exported step runs (a change in any of them is another package).
+_SOURCES = ("model.py", "quant.py", "aot.py")
+
+
+def cache_dir() -> Path:
+    """Where packages are kept: $LMFORGE_CACHE_DIR, else $XDG_CACHE_HOME/lmforge, else
+    ~/.cache/lmforge (each under aot/)."""
+    root = os.environ.get("LMFORGE_CACHE_DIR") or (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge")
+    return Path(root) / "aot"
+
+
+def supported(model: Transformer) -> bool:
+    """Whether `AotDecode` can serve this model: on the CPU, with no LoRA layer."""
+    return (model.model.embed_tokens.weight.device.type == "cpu"
+            and not any(isinstance(m, (LoRALinear, MultiLoRALinear)) for m in model.modules()))
+
+
+class _Step(nn.Module):
+    """What is exported: `Transformer.decode_masked` (its tensors are this module's under "m.")."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                k: list[torch.Tensor], v: list[torch.Tensor]) -> torch.Tensor:
+        torch._check(mask.shape[-1] <= k[0].shape[2])  # L <= S: what `Transformer.decode` checks
+        return self.m.decode_masked(idx, positions, mask, k, v)
+
+
+def _tensors(step: _Step) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the step by name, tied ones under each of their names."""
+    named: dict[str, torch.Tensor] = dict(step.named_parameters(remove_duplicate=False))
+    named.update(step.named_buffers(remove_duplicate=False))
+    return named
+
+
+def package_key(model: Transformer, threads: int) -> str:
+    """sha256 over what the compiled library depends on: the model's structure (not its values),
+    lmforge's code for it, torch, the thread count and the CPU."""
+    here = Path(__file__).parent
+    cpu = ""
+    with contextlib.suppress(OSError):
+        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    parts: dict[str, Any] = {
+        "torch": torch.__version__,
+        "code": [hashlib.sha256((here / name).read_bytes()).hexdigest() for name in _SOURCES],
+        "config": dataclasses.asdict(model.cfg),
+        "modules": [(name, type(m).__qualname__) for name, m in model.named_modules()],
+        "tensors": [(name, str(t.dtype), list(t.shape), list(t.stride()))
+                    for name, t in _tensors(_Step(model)).items()],
+        "threads": threads,
+        "cpu": [platform.machine(), torch.backends.cpu.get_cpu_capability(), cpu],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _export(model: Transformer, path: Path) -> None:
+    """torch.export of the step on a small cache (S = 4, L = 3), then AOTInductor into `path`."""
+    cfg = model.cfg
+    weight = model.model.embed_tokens.weight
+    shape = (1, cfg.kv_heads, 4, cfg.head_dim)
+    k = [torch.zeros(shape, dtype=weight.dtype) for _ in range(cfg.n_layer)]
+    v = [torch.zeros(shape, dtype=weight.dtype) for _ in range(cfg.n_layer)]
+    args = (torch.tensor([[1]]), torch.tensor([[2]]), torch.ones(1, 1, 3, dtype=torch.bool), k, v)
+    S = torch.export.Dim("S", min=2, max=1 << 24)
+    L = torch.export.Dim("L", min=2, max=1 << 24)
+    cache = [{2: S}] * cfg.n_layer
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, nothing a user can act on
+        # strict: dynamo traces it, so `model.linear` sees a compiled one-row product and emits its loop
+        program = torch.export.export(_Step(model), args, dynamic_shapes=(None, None, {2: L}, cache, cache), strict=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp.pt2")
+        os.close(fd)
+        try:
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=tmp, inductor_configs={"aot_inductor.package_constants_in_so": False})
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+class AotDecode:
+    """A model's one-row decode step compiled ahead of time, built at its first step (see the
+    module doc): `generate.compile_decode` sets one as `model.aot_decode`, and `decode_step`
+    runs a step of one row through it (`Transformer.decode(..., masked=aot)`) once `ready`.
+    A package built for N threads serves every count up to N (OpenMP regions follow the count
+    of the moment, e.g. the thread governor's fewer on a busy machine); a count above every
+    package built so far loads or compiles one for it. A failed build warns once; every later
+    step then takes `compile_blocks`' path."""
+
+    def __init__(self) -> None:
+        self.runners: dict[int, Any] = {}  # thread count -> the package's runner
+        self.runner: Any = None  # the one the next step runs
+        self.failed = False
+        self.path: Path | None = None  # the package last loaded
+
+    def ready(self, model: Transformer) -> bool:
+        """Whether the step can run now: picks the runner for this thread count, loading the cached
+        package for this model's key (compiling it first if there is none) where it needs one."""
+        if self.failed:
+            return False
+        threads = torch.get_num_threads()
+        built = [n for n in self.runners if n >= threads]
+        if built:
+            self.runner = self.runners[min(built)]
+            return True
+        try:
+            self.runner = self.runners[threads] = self._load(model, threads)
+        except Exception as e:  # the export's or the compiler's failure, whatever its type
+            self.failed = True
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            warn(f"could not compile the decode step ahead of time ({type(e).__name__}: {first}); "
+                 "decoding with torch.compile's per-block step")
+            return False
+        return True
+
+    @staticmethod
+    def package(model: Transformer, threads: int) -> Path:
+        """Where the package of this model's shape for `threads` threads is kept."""
+        return cache_dir() / f"decode-{package_key(model, threads)}.pt2"
+
+    def cached(self, model: Transformer) -> bool:
+        """Whether a step at this thread count finds its package compiled already."""
+        threads = torch.get_num_threads()
+        return any(n >= threads for n in self.runners) or self.package(model, threads).exists()
+
+    def _load(self, model: Transformer, threads: int) -> Any:
+        self.path = self.package(model, threads)
+        if not self.path.exists():
+            with console.status(f"compiling the decode step ahead of time ({threads} thread(s); once per "
+                                f"model shape and machine, kept in {self.path.parent})"):
+                _export(model, self.path)
+        runner = torch._inductor.aoti_load_package(str(self.path))
+        tensors = _tensors(_Step(model))
+        runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
+                              check_full_update=True, user_managed=True)
+        return runner
+
+    def __call__(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`Transformer.decode_masked`'s logits (1, V) (after `ready`)."""
+        return self.runner(idx, positions, mask, list(k), list(v))
