@@ -666,7 +666,7 @@ def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
 
 THREADS_DEFAULT = "the cores other processes leave free, at least 1; fewer while they take more (docs/inference.md)"
 DECODE_COMPILE_HELP = ("compile the decode step (one stream's ahead of time, cached per model shape and machine): up to "
-                       "~1 min at the first token the first time, then ~1.5-2x the tokens/s of one stream on a CPU "
+                       "~1 min at the first token the first time, then ~1.4-2x the tokens/s of one stream on a CPU "
                        "(docs/inference.md)")
 COMPILE_HELP = ("torch.compile the model's blocks: ~15 s to compile, then up to ~10 %% faster embedding on one core "
                 "(docs/embeddings.md \"Speed\")")
