@@ -53,7 +53,7 @@ import torch.nn as nn
 
 from .lora import LoRALinear, MultiLoRALinear
 from .model import Transformer
-from .util import console, warn
+from .util import FILE_MODE, console, fsync_dir, warn
 
 # The files whose code the exported step runs (a change in any of them is another package).
 _SOURCES = ("model.py", "quant.py", "aot.py")
@@ -129,15 +129,27 @@ def _export(model: Transformer, path: Path) -> None:
         # strict: dynamo traces it, so `model.linear` sees a compiled one-row product and emits its loop
         program = torch.export.export(_Step(model), args, dynamic_shapes=(None, None, {2: L}, cache, cache), strict=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp.pt2")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.pt2")  # AOTI wants .pt2
         os.close(fd)
         try:
             torch._inductor.aoti_compile_and_package(
                 program, package_path=tmp, inductor_configs={"aot_inductor.package_constants_in_so": False})
+            os.chmod(tmp, FILE_MODE)  # the modes of the files beside it, not mkstemp's private ones
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+    fsync_dir(path.parent)
+
+
+def _runner(model: Transformer, path: Path) -> Any:
+    """The package at `path`, loaded, reading the model's own tensors (no copy): they must stay the
+    ones it was given (inference: nothing replaces a prepared model's weights)."""
+    runner = torch._inductor.aoti_load_package(str(path))
+    tensors = _tensors(_Step(model))
+    runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
+                          check_full_update=True, user_managed=True)
+    return runner
 
 
 class AotDecode:
@@ -186,16 +198,16 @@ class AotDecode:
         return any(n >= threads for n in self.runners) or self.package(model, threads).exists()
 
     def _load(self, model: Transformer, threads: int) -> Any:
-        self.path = self.package(model, threads)
-        if not self.path.exists():
-            with console.status(f"compiling the decode step ahead of time ({threads} thread(s); once per "
-                                f"model shape and machine, kept in {self.path.parent})"):
-                _export(model, self.path)
-        runner = torch._inductor.aoti_load_package(str(self.path))
-        tensors = _tensors(_Step(model))
-        runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
-                              check_full_update=True, user_managed=True)
-        return runner
+        self.path = path = self.package(model, threads)
+        if path.exists():
+            try:
+                return _runner(model, path)
+            except Exception:  # a package this torch cannot read (damaged outside lmforge): compiled once more
+                path.unlink(missing_ok=True)
+        with console.status(f"compiling the decode step ahead of time ({threads} thread(s); once per "
+                            f"model shape and machine, kept in {path.parent})"):
+            _export(model, path)
+        return _runner(model, path)
 
     def __call__(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:

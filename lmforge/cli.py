@@ -590,7 +590,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return ask_command(args.index, args.question, model=args.model, k=args.k, mode=args.mode,
                        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                        embed_model=args.embed_model, chat_template=args.chat_template, as_json=args.json,
-                       threads=args.threads)
+                       threads=args.threads, compile=args.compile)
 
 
 def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
@@ -659,6 +659,7 @@ def add_understand_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else a plain prompt)")
     p.add_argument("--json", action="store_true", help="print JSON: the answer, cited and all retrieved sources")
     p.add_argument("--threads", type=THREADS, default=0, metavar="N", help=f"torch threads (default: {THREADS_DEFAULT})")
+    p.add_argument("--compile", action="store_true", help=DECODE_COMPILE_HELP)
     p.set_defaults(func=cmd_ask)
 
 

@@ -237,6 +237,15 @@ def compile_decode(model: Transformer) -> None:
         model.aot_decode = AotDecode()
 
 
+def compile_wait(model: Transformer) -> str:
+    """How much longer the first token of a model just given to `compile_decode` takes, in words
+    (what `sample` and `ask` print before it)."""
+    aot = model.aot_decode
+    if aot is not None and not aot.cached(model):
+        return "~1 min more (compiling ahead of time, once per model shape and machine)"
+    return "a few seconds more"
+
+
 def generate(
     model: Transformer,
     prompt_ids: Sequence[int],
@@ -314,10 +323,8 @@ def sample_command(
     stop = list(tokenizer.end_ids)  # EOS, and an instruct model's recorded end of turn
     print(f"# {path} ({loaded.origin.describe()})", flush=True)
     if compile:  # the first token waits for it: say why
-        aot = loaded.model.aot_decode
-        wait = ("~1 min more, once per model shape and machine" if aot is not None and not aot.cached(loaded.model)
-                else "a few seconds more")
-        console.print(f"compiling the decode step (--compile): the first token takes {wait}", markup=False)
+        console.print(f"compiling the decode step (--compile): the first token takes {compile_wait(loaded.model)}",
+                      markup=False)
     for i in range(num_samples):
         if num_samples > 1:
             print(f"\n----- sample {i + 1}/{num_samples} (seed {nth_seed(seed, i)}) -----", flush=True)

@@ -28,6 +28,12 @@ def prompt(n: int) -> list[int]:
     return torch.randint(0, CFG.vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def counted(model: Transformer) -> list[int]:
     """Wrap the model's ahead-of-time step so each call through it is counted."""
     calls = [0]
@@ -103,6 +109,20 @@ def test_one_package_serves_every_model_of_a_shape(tmp_path, monkeypatch) -> Non
     compile_decode(other)
     assert generate(other, ids, max_tokens=12) == eager
     assert other.aot_decode.runner is not None and other.aot_decode.path == first.aot_decode.path
+
+    # a damaged package (truncated outside lmforge) is compiled once more, not a failure
+    monkeypatch.undo()
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
+    first.aot_decode.path.write_bytes(b"not a package")
+    exports = []
+    real = aot._export
+    monkeypatch.setattr(aot, "_export", lambda model, path: exports.append(path) or real(model, path))
+    third = build(seed=3)
+    want = generate(third, ids, max_tokens=12)
+    compile_decode(third)
+    assert generate(third, ids, max_tokens=12) == want
+    assert exports == [first.aot_decode.path] and third.aot_decode.runner is not None
+    assert (first.aot_decode.path.stat().st_mode & 0o777) == 0o666 & ~current_umask()
 
     key = aot.package_key(first, 1)
     assert aot.package_key(first, 2) != key

@@ -531,19 +531,25 @@ def test_ask_prints_the_answer_and_its_sources(built, models, capsys) -> None:
     assert all(s["in_prompt"] for s in res["sources"][:3 - res["dropped"]])
 
 
-def test_ask_decodes_in_the_decoding_layout_with_the_same_answer(built, models, capsys, monkeypatch) -> None:
+def test_ask_decodes_in_the_decoding_layout_with_the_same_answer(built, models, capsys, monkeypatch, tmp_path) -> None:
     from lmforge import quant
 
     args = ("ask", str(built), "How do I reset the printer?", "--model", str(models[0]), "-k", "2", "--max-tokens", "12",
             "--json", "--threads", "1")
     prepared: list[str] = []
     real = quant.prepare
-    monkeypatch.setattr(quant, "prepare", lambda model, weights="fp32", stored=None: prepared.append(weights) or real(model, weights, stored))
+    monkeypatch.setattr(quant, "prepare", lambda model, weights="fp32", stored=None, **kw: prepared.append(weights) or real(model, weights, stored, **kw))
     code, out, _ = run_cli(capsys, *args)
     assert code == 0 and prepared == ["fp32"]  # laid out for decoding, as sample does
-    monkeypatch.setattr(quant, "prepare", lambda model, weights="fp32", stored=None: model)  # as before: plain weights
+    monkeypatch.setattr(quant, "prepare", lambda model, weights="fp32", stored=None, **kw: model)  # as before: plain weights
     code, plain, _ = run_cli(capsys, *args)
     assert code == 0 and json.loads(out)["answer"] == json.loads(plain)["answer"]
+    # --compile: the answer's decode step compiled (ahead of time: a package appears), the same answer
+    monkeypatch.undo()
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
+    code, compiled, err = run_cli(capsys, *args, "--compile")
+    assert code == 0 and json.loads(compiled)["answer"] == json.loads(plain)["answer"]
+    assert "compiling the decode step (--compile)" in err and len(list((tmp_path / "aot").glob("decode-*.pt2"))) == 1
     code, _, err = run_cli(capsys, "ask", str(built), "printer?", "--model", str(models[0]), "--threads", "512")
     assert code != 0 and "--threads" in one_line(err)
 

@@ -118,11 +118,12 @@ def cited(text: str, n_sources: int) -> list[int]:
 def ask(index_path: str | os.PathLike, question: str, *, model: str | os.PathLike, k: int = 5,
         mode: str | None = None, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
         embed_model: str | os.PathLike | None = None, chat_template: str | None = None,
-        threads: int | None = None) -> Answer:
+        threads: int | None = None, compile: bool = False) -> Answer:
     """Retrieve, prompt, generate and cite (module docstring). threads: as every computing verb's
-    --threads (lmforge/threads.py: 0 or None, lmforge chooses and adapts)."""
+    --threads (lmforge/threads.py: 0 or None, lmforge chooses and adapts). compile: the answer's
+    decode step compiled, as `sample --compile` (`generate.compile_decode`)."""
     from ..artifacts import load_model
-    from ..generate import check_sampling, stream
+    from ..generate import check_sampling, compile_decode, compile_wait, stream
     from ..quant import prepare
     from ..threads import govern
     from .embed import Embedder, Pooling
@@ -149,7 +150,11 @@ def ask(index_path: str | os.PathLike, question: str, *, model: str | os.PathLik
             embedder = load_embedder(index, embed_model)
         retrieved = Searcher(index, embedder).search(question, k=k, mode=mode)
     if not hasattr(loaded.model, "weights"):  # retrieval is done: lay the weights out for decoding, as sample does
-        prepare(loaded.model, "fp32")
+        prepare(loaded.model, "fp32", compiled=compile)
+    if compile:
+        compile_decode(loaded.model)
+        console.print(f"compiling the decode step (--compile): the answer's first token takes {compile_wait(loaded.model)}",
+                      markup=False)
     tok, context = loaded.tokenizer, loaded.model.cfg.max_seq_len
     room = min(max_tokens, context // 2)
     if room < max_tokens:
@@ -175,7 +180,8 @@ def ask(index_path: str | os.PathLike, question: str, *, model: str | os.PathLik
 
 def ask_command(index_path: str, question: str, *, model: str, k: int = 5, mode: str | None = None,
                 max_tokens: int = 256, temperature: float = 0.0, seed: int = 0, embed_model: str | None = None,
-                chat_template: str | None = None, as_json: bool = False, threads: int | None = None) -> int:
+                chat_template: str | None = None, as_json: bool = False, threads: int | None = None,
+                compile: bool = False) -> int:
     """Print the answer, then its cited sources (`[n] path:lines`); --json: everything."""
     template = None
     if chat_template is not None:
@@ -184,7 +190,7 @@ def ask_command(index_path: str, question: str, *, model: str, k: int = 5, mode:
         except OSError as e:
             raise LmforgeError(f"cannot read the chat template {chat_template}: {e.strerror or e}") from None
     answer = ask(index_path, question, model=model, k=k, mode=mode, max_tokens=max_tokens, temperature=temperature,
-                 seed=seed, embed_model=embed_model, chat_template=template, threads=threads)
+                 seed=seed, embed_model=embed_model, chat_template=template, threads=threads, compile=compile)
     if as_json:
         print(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
         return 0
