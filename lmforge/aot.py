@@ -24,10 +24,11 @@ equal bit for bit), so this changes speed, not numbers.
   costs an export and a C++ compile (~45-55 s for SmolLM2-135M on one core), later processes
   load the package in ~1 s. A package is written to a temporary name and renamed: never half
   a file.
-- Threads: inductor builds the kernels for the thread count of the moment. A package built for
-  N threads serves every count up to N (its OpenMP regions follow the count of the moment, so
-  a step with fewer threads, the thread governor's on a busy machine, runs on fewer cores); a
-  higher count gets a package of its own (`AotDecode.ready`).
+- Threads: a package is compiled for the thread count of the first step (serial kernels for
+  one thread; for more, kernels that follow the count of the moment, `_export`), and runs
+  correctly at any count. A later step at another count (the thread governor's, on a busy
+  machine) loads that count's package where one is cached, else runs the one it has: no
+  minute-long stall mid-stream (`AotDecode.ready`).
 - Not for: batches of several rows (serve's batched steps keep `compile_blocks`), models with
   LoRA layers (their adapters are switched per request or toggled; an export would freeze
   one state), a model off the CPU. Those, and any step where the build failed (one warning),
@@ -113,8 +114,12 @@ def package_key(model: Transformer, threads: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _export(model: Transformer, path: Path) -> None:
-    """torch.export of the step on a small cache (S = 4, L = 3), then AOTInductor into `path`."""
+def _export(model: Transformer, path: Path, threads: int) -> None:
+    """torch.export of the step on a small cache (S = 4, L = 3), then AOTInductor into `path`,
+    kernels for `threads` threads. Either way they run correctly at any count: one thread gives
+    serial kernels (no OpenMP), more give kernels that size their per-thread partial sums by
+    the count of the moment (`cpp.dynamic_threads`; the default sizes them at compile time,
+    and a step with more threads would write past them)."""
     cfg = model.cfg
     weight = model.model.embed_tokens.weight
     shape = (1, cfg.kv_heads, 4, cfg.head_dim)
@@ -133,7 +138,8 @@ def _export(model: Transformer, path: Path) -> None:
         os.close(fd)
         try:
             torch._inductor.aoti_compile_and_package(
-                program, package_path=tmp, inductor_configs={"aot_inductor.package_constants_in_so": False})
+                program, package_path=tmp,
+                inductor_configs={"aot_inductor.package_constants_in_so": False, "cpp.dynamic_threads": threads > 1})
             os.chmod(tmp, FILE_MODE)  # the modes of the files beside it, not mkstemp's private ones
             os.replace(tmp, path)
         finally:
@@ -156,10 +162,11 @@ class AotDecode:
     """A model's one-row decode step compiled ahead of time, built at its first step (see the
     module doc): `generate.compile_decode` sets one as `model.aot_decode`, and `decode_step`
     runs a step of one row through it (`Transformer.decode(..., masked=aot)`) once `ready`.
-    A package built for N threads serves every count up to N (OpenMP regions follow the count
-    of the moment, e.g. the thread governor's fewer on a busy machine); a count above every
-    package built so far loads or compiles one for it. A failed build warns once; every later
-    step then takes `compile_blocks`' path."""
+    Threads: the first step compiles (or loads) the package for its thread count; a later step
+    at another count (the thread governor's) loads that count's package where one is cached and
+    otherwise runs the nearest one it has (correct at any count, `_export`) rather than stall
+    for a compile. A failed build warns once; every later step then takes `compile_blocks`'
+    path."""
 
     def __init__(self) -> None:
         self.runners: dict[int, Any] = {}  # thread count -> the package's runner
@@ -168,14 +175,19 @@ class AotDecode:
         self.path: Path | None = None  # the package last loaded
 
     def ready(self, model: Transformer) -> bool:
-        """Whether the step can run now: picks the runner for this thread count, loading the cached
-        package for this model's key (compiling it first if there is none) where it needs one."""
+        """Whether the step can run now: picks the runner for this thread count, loading the
+        package for this model's key and count where one is cached, compiling one at the first
+        step only (see the class doc)."""
         if self.failed:
             return False
         threads = torch.get_num_threads()
-        built = [n for n in self.runners if n >= threads]
-        if built:
-            self.runner = self.runners[min(built)]
+        if threads in self.runners:
+            self.runner = self.runners[threads]
+            return True
+        if self.runners and not self.package(model, threads).exists():
+            # a count met mid-run (the thread governor's): not worth a minute's stall; every package
+            # runs correctly at any count (`_export`), the nearest one serves
+            self.runner = self.runners[min(self.runners, key=lambda n: (abs(n - threads), -n))]
             return True
         try:
             self.runner = self.runners[threads] = self._load(model, threads)
@@ -206,7 +218,7 @@ class AotDecode:
                 path.unlink(missing_ok=True)
         with console.status(f"compiling the decode step ahead of time ({threads} thread(s); once per "
                             f"model shape and machine, kept in {path.parent})"):
-            _export(model, path)
+            _export(model, path, threads)
         return _runner(model, path)
 
     def __call__(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,

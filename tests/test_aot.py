@@ -116,7 +116,7 @@ def test_one_package_serves_every_model_of_a_shape(tmp_path, monkeypatch) -> Non
     first.aot_decode.path.write_bytes(b"not a package")
     exports = []
     real = aot._export
-    monkeypatch.setattr(aot, "_export", lambda model, path: exports.append(path) or real(model, path))
+    monkeypatch.setattr(aot, "_export", lambda model, path, threads: exports.append(path) or real(model, path, threads))
     third = build(seed=3)
     want = generate(third, ids, max_tokens=12)
     compile_decode(third)
@@ -169,9 +169,10 @@ def test_models_with_lora_layers_keep_the_per_block_step() -> None:
     assert isinstance(plain.aot_decode, aot.AotDecode) and aot.supported(plain)
 
 
-def test_a_package_serves_its_thread_count_and_fewer(monkeypatch) -> None:
-    """Kernels built for N threads run at any count up to N (the governor's fewer threads on a
-    busy machine); a higher count loads or compiles a package of its own, once."""
+def test_a_thread_count_met_mid_run_runs_the_package_at_hand(monkeypatch, tmp_path) -> None:
+    """The first step compiles for its count; a later count loads its own package where one is
+    cached and otherwise runs the nearest package it has (no compile mid-stream)."""
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
     loads: list[int] = []
 
     def load(self, model, threads):
@@ -180,11 +181,42 @@ def test_a_package_serves_its_thread_count_and_fewer(monkeypatch) -> None:
 
     monkeypatch.setattr(aot.AotDecode, "_load", load)
     step, model = aot.AotDecode(), build()
+    cached = step.package(model, 4)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
     before = torch.get_num_threads()
     try:
-        for threads, runner in ((2, 2), (1, 2), (2, 2), (3, 3), (1, 2), (3, 3)):
+        for threads, runner in ((2, 2), (1, 2), (3, 2), (2, 2), (4, 4), (3, 4), (1, 2)):
             torch.set_num_threads(threads)
             assert step.ready(model) and step.runner == f"runner for {runner}"
     finally:
         torch.set_num_threads(before)
-    assert loads == [2, 3]
+    assert loads == [2, 4]
+
+
+def test_a_package_for_two_threads_runs_at_one_and_at_three(tmp_path, monkeypatch) -> None:
+    """Kernels built for 2 threads size their per-thread sums at run time: at 1 and at 3 threads
+    (more than built: fixed-size per-thread sums would be written past) the logits are the
+    per-block step's."""
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
+    model, blocks = build(), build()
+    compile_decode(model)
+    compile_decode(blocks)
+    blocks.aot_decode = None
+    ids = prompt(6)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            cache = KVCache.for_model(model, max_len=8)
+            model(torch.tensor([ids]), cache=cache)
+            assert model.aot_decode.ready(model) and list(model.aot_decode.runners) == [2]
+            for threads in (1, 3):
+                torch.set_num_threads(threads)
+                k, v = [t.clone() for t in cache.k], [t.clone() for t in cache.v]
+                step = (torch.tensor([[3]]), torch.tensor([[6]]))
+                got = decode_step(model, *step, cache.k, cache.v)
+                assert model.aot_decode.runner is model.aot_decode.runners[2]
+                torch.testing.assert_close(got, decode_step(blocks, *step, k, v), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
