@@ -330,6 +330,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if given:
             raise LmforgeError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to the sidecar: "
                                f"add --watch (lmforge eval RUN --watch {' '.join(given)} ...)")
+    if args.watch and args.compile:
+        raise LmforgeError("--compile applies to one evaluation, not to the --watch sidecar (which shares the machine "
+                           "with training): drop --compile or --watch")
     if args.watch:
         from .evaluate.watch import watch
 
@@ -346,7 +349,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     return eval_command(args.path, tasks=args.tasks, data=args.data, text=args.text, batch_size=args.batch_size,
                         threads=args.threads, max_batches=args.max_batches, as_json=args.json, scorer=args.scorer,
-                        retrieval=args.retrieval)
+                        retrieval=args.retrieval, compile=args.compile)
 
 
 # ---- embed -----------------------------------------------------------------------------------
@@ -871,6 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"torch threads (default: {THREADS_DEFAULT}; with --watch: the run's eval.threads)")
     p.add_argument("--max-batches", type=R.nonneg_int(note="0 = all"), default=0, help="score at most this many val batches (0: all)")
     p.add_argument("--scorer", choices=["packed", "naive"], default="packed", help="naive: one forward per choice (reference)")
+    p.add_argument("--compile", action="store_true", help="generation tasks: " + DECODE_COMPILE_HELP + " (not with --watch)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--watch", action="store_true", help="sidecar: evaluate each new checkpoint of the run once")
     p.add_argument("--interval", type=R.seconds(), help="--watch: seconds between looks at the run (default 10)")

@@ -313,6 +313,20 @@ def test_eval_cli_reports_val_metrics_that_match_the_library(run: Path, tiny_dat
     assert json.loads(naive.stdout)["metrics"]["python-mc/acc"] == m["python-mc/acc"]
 
 
+def test_eval_compile_decodes_generation_tasks_compiled_with_the_same_metrics(run: Path, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """`eval --compile`: a generation task's decode step compiled (one stream's step ahead of
+    time: a package appears in the cache), the same greedy outputs, so the same exact match; the
+    loss on the run's data is scored as trained either way."""
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
+    args = ("eval", str(run), "--json", "--tasks", str(REPO / "tasks" / "python-gen.jsonl"), "--max-batches", "2")
+    plain = lmforge(*args)
+    compiled = lmforge(*args, "--compile")
+    assert plain.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert json.loads(compiled.stdout)["metrics"] == json.loads(plain.stdout)["metrics"]
+    assert len(list((tmp_path / "aot").glob("decode-*.pt2"))) == 1
+
+
 def test_eval_json_writes_non_finite_metrics_as_strings(run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """`eval --json` follows lmforge/jsonl.py's rule (it wrote null before): NaN, inf and -inf
     metrics print as "nan", "inf", "-inf" (the metrics come from a stand-in for the evaluation:
@@ -351,6 +365,7 @@ def test_eval_json_writes_non_finite_metrics_as_strings(run: Path, tmp_path: Pat
     (["{run}", "--follow", "--interval", "1"], "--follow and --interval only apply to the sidecar"),
     (["{run}", "--watch", "--once", "--follow"], "--once makes one pass and exits, --follow keeps watching"),
     (["{run}", "--watch", "--json"], "drop --json"),
+    (["{run}", "--watch", "--compile"], "--compile applies to one evaluation, not to the --watch sidecar"),
     (["{run}", "--watch", "--data", "{tmp}", "--text", "{tmp}/bad.jsonl"], "give --data or --text, not both"),
 ])
 def test_eval_cli_errors_are_clear(run: Path, tmp_path: Path, args: list[str], message: str) -> None:

@@ -20,6 +20,7 @@ overall loss unchanged (one reduction over all targets, as without inputs).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import itertools
 import math
 import os
@@ -36,6 +37,7 @@ from ..config import Config
 from ..data.manifest import MANIFEST_FILE, read_manifest
 from ..errors import DataError, LmforgeError
 from ..jsonl import dumps_record
+from ..model import is_compiled
 from ..threads import Governor, govern
 from ..tokenizer import Tokenizer
 from ..util import out as results_out  # command results: stdout, every progress mode
@@ -47,13 +49,14 @@ from .tasks import Task, context_ids, encode_request, load_task
 
 
 def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batch_size: int,
-               scorer: str = "packed", config: Config | None = None, governor: Governor | None = None
-               ) -> dict[str, float]:
+               scorer: str = "packed", config: Config | None = None, governor: Governor | None = None,
+               compile: bool = False) -> dict[str, float]:
     """Metrics of one task: mc -> acc, acc_norm; cloze -> acc, logprob; gen -> exact_match;
-    retrieval -> ndcg@10, recall@1/10/100, mrr@10 (the pooling of `config`, fp32)."""
+    retrieval -> ndcg@10, recall@1/10/100, mrr@10 (the pooling of `config`, fp32). compile: a
+    generation task's decode step compiled (`generate.compile_decode`)."""
     max_len = model.cfg.max_seq_len
     if task.kind == "gen":
-        return _generate_task(model, tokenizer, task, governor)
+        return _generate_task(model, tokenizer, task, governor, compile)
     if task.kind == "retrieval":
         from ..understand.embed import Embedder
         from .retrieval import score_retrieval
@@ -78,18 +81,24 @@ def score_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, *, batc
     return M.cloze_metrics([row[0].greedy for row in scores], [row[0].logprob for row in scores])
 
 
-def _generate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, governor: Governor | None) -> dict[str, float]:
+def _generate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, governor: Governor | None,
+                   compile: bool = False) -> dict[str, float]:
     """Greedy generation per item; a `chat` item's context is a user message in the model's chat
     template (lmforge/chat.py: the prompt `serve` would build), its reply ending at the model's end
     of turn (or the plain template's next turn). Decodes in the decoding layout (lmforge/quant.py),
-    only while it decodes: scoring keeps the numbers of the layout the model was trained in."""
+    only while it decodes: scoring keeps the numbers of the layout the model was trained in. With
+    `compile`, the decode step compiled instead (`generate.compile_decode`: it reads the weights
+    row-major, the layout of training, so nothing is laid out; the compiled decode step touches
+    nothing that scoring runs)."""
     from ..chat import ChatTemplate
-    from ..generate import generate
+    from ..generate import compile_decode, generate
     from ..quant import decoding_layout
 
     template = ChatTemplate(tokenizer, tokenizer.chat_template) if any(i.chat for i in task.items) else None
     predictions = []
-    with decoding_layout(model):
+    if compile and not is_compiled(model, "decode"):
+        compile_decode(model)
+    with contextlib.nullcontext(model) if compile else decoding_layout(model):
         for item in task.items:
             if item.chat and template is not None:
                 prompt = tokenizer.encode_template(template.parts([{"role": "user", "content": item.context}]))
@@ -171,9 +180,11 @@ def evaluate_model(
     scorer: str = "packed",
     show_progress: bool = True,
     governor: Governor | None = None,
+    compile: bool = False,
 ) -> dict[str, float]:
     """Flat {name: value}: loss/perplexity/bits_per_byte on `source`, then `<task>/<metric>`.
-    governor: told each batch's time (lmforge/threads.py: fewer threads while the machine is busy)."""
+    governor: told each batch's time (lmforge/threads.py: fewer threads while the machine is busy).
+    compile: generation tasks decode with the decode step compiled (`eval --compile`)."""
     model.eval()
     out: dict[str, float] = {}
     seq_len = min(cfg.data.seq_len, model.cfg.max_seq_len)
@@ -215,7 +226,7 @@ def evaluate_model(
             size = f"{len(task.queries)} queries, {len(task.docs)} docs" if task.kind == "retrieval" else len(task.items)
             bar = progress.add_task(f"{task.name} ({size} {task.kind})", total=1)
             for k, v in score_task(model, tokenizer, task, batch_size=batch_size, scorer=scorer, config=cfg,
-                                   governor=governor).items():
+                                   governor=governor, compile=compile).items():
                 out[f"{task.name}/{k}"] = v
             progress.advance(bar)
     return out
@@ -340,6 +351,7 @@ def eval_command(
     as_json: bool,
     scorer: str = "packed",
     retrieval: list[str] | None = None,
+    compile: bool = False,
 ) -> int:
     """`lmforge eval RUN_OR_CKPT`: print the metrics of one checkpoint (newest intact of a run)."""
     from ..artifacts import load_model
@@ -360,7 +372,8 @@ def eval_command(
             "and no --tasks were given; pass --data DIR, --text FILE or --tasks FILE.jsonl (or a bundled task, e.g. python-mc)"
         )
     results = evaluate_model(model, tokenizer, cfg, tasks=task_list, source=source, batch_size=bs,
-                             max_batches=max_batches, scorer=scorer, show_progress=not as_json, governor=governor)
+                             max_batches=max_batches, scorer=scorer, show_progress=not as_json, governor=governor,
+                             compile=compile)
     if as_json:
         print(dumps_record({"checkpoint": str(path), "step": origin.step, "metrics": results}, indent=2))
         return 0
