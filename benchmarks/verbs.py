@@ -28,6 +28,12 @@ the result shows.
     python benchmarks/verbs.py --model /tmp/smollm2-135m \\
         --checkout before=/tmp/lmforge-a2afcc8 --checkout after=/work/main --rounds 3
 
+--compile NAME runs that checkout's eval and ask with --compile (the decode step compiled; one
+untimed run of each first, which compiles it as a user's first run on a machine does):
+
+    python benchmarks/verbs.py --model /tmp/smollm2-135m \\
+        --checkout eager=/work/main --checkout compiled=/work/main --compile compiled --rounds 3
+
 A checkout is best a detached worktree of the commit to measure (`git worktree add --detach DIR
 COMMIT`): a branch that moves during the run changes the code between rounds.
 
@@ -65,13 +71,13 @@ def lmforge(checkout: Path, args: list[str], work: Path) -> tuple[float, subproc
     return time.perf_counter() - t0, proc
 
 
-def takes_threads(checkout: Path, verb: str, work: Path) -> bool:
-    """Whether this checkout's `lmforge VERB` has a --threads option (read from its --help)."""
-    return "--threads" in lmforge(checkout, [verb, "--help"], work)[1].stdout
+def takes(checkout: Path, verb: str, flag: str, work: Path) -> bool:
+    """Whether this checkout's `lmforge VERB` has the option `flag` (read from its --help)."""
+    return flag in lmforge(checkout, [verb, "--help"], work)[1].stdout
 
 
 def setup(checkouts: dict[str, Path], model: Path, work: Path, n_texts: int,
-          rebuild: bool) -> dict[str, dict[str, list[str]]]:
+          rebuild: bool, compiled: set[str] = frozenset()) -> dict[str, dict[str, list[str]]]:
     """The inputs (texts, corpus, one index per checkout) and each checkout's argv per verb."""
     work.mkdir(parents=True, exist_ok=True)
     texts = work / "texts.jsonl"
@@ -93,7 +99,12 @@ def setup(checkouts: dict[str, Path], model: Path, work: Path, n_texts: int,
             print(f"{name}: index build {seconds:.1f} s (rc {proc.returncode}, not timed)", flush=True)
             if proc.returncode != 0:
                 print(proc.stderr[-2000:], file=sys.stderr)
-        one = {verb: ["--threads", "1"] if takes_threads(checkout, verb, work) else [] for verb in VERBS}
+        one = {verb: ["--threads", "1"] if takes(checkout, verb, "--threads", work) else [] for verb in VERBS}
+        for verb in ("eval", "ask"):
+            if name in compiled:
+                if not takes(checkout, verb, "--compile", work):
+                    raise SystemExit(f"--compile {name}: that checkout's `lmforge {verb}` has no --compile")
+                one[verb].append("--compile")
         argv[name] = {
             "eval": ["eval", str(model), "--tasks", "python-gen", "--json", *one["eval"]],
             "embed": ["embed", str(model), str(texts), "--out", str(work / name / "vectors.npy"), "--overwrite",
@@ -123,9 +134,16 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/lmforge-bench-verbs"))
     ap.add_argument("--rebuild", action="store_true",
                     help="build each checkout's index again (default: reuse WORK/NAME/index, ~70 s a build on one core)")
+    ap.add_argument("--compile", action="append", default=[], metavar="NAME",
+                    help="run this checkout's eval and ask with --compile (repeat; one untimed run of each first "
+                         "compiles the decode step, as a user's first run does once per machine)")
     args = ap.parse_args()
     checkouts = {name: Path(path).resolve() for name, path in (c.split("=", 1) for c in args.checkout)}
-    argv = setup(checkouts, args.model.resolve(), args.work, args.texts, args.rebuild)
+    argv = setup(checkouts, args.model.resolve(), args.work, args.texts, args.rebuild, set(args.compile))
+    for name in args.compile:
+        for verb in ("eval", "ask"):
+            took, proc = lmforge(checkouts[name], argv[name][verb], args.work)
+            print(f"{name}: {verb} --compile, first run (compiles; not timed) {took:.1f} s, rc {proc.returncode}", flush=True)
 
     seconds: dict[tuple[str, str], list[float]] = {}
     results: dict[tuple[str, str], str | None] = {}

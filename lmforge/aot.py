@@ -10,8 +10,8 @@ the step, and half of an int8 one. For a step of ONE row (`sample`, eval's gener
 (every block, the final norm and head) is exported whole with torch.export, the attended
 length L and the cache length S as dynamic dimensions, and compiled by AOTInductor into one
 shared library. A step is then one call from Python with the token, its position, the mask and
-the cache tensors; the kernels are the same ones torch.compile generates (the outputs are
-equal bit for bit), so this changes speed, not numbers.
+the cache tensors; the kernels are the ones torch.compile generates (SmolLM2-135M's logits
+equal the per-block step's bit for bit), so this changes speed, not numbers.
 
 - Weights stay out of the library (`package_constants_in_so=False`): the runner reads the
   model's own tensors (`load_constants(..., user_managed=True)`: no copy, no second 540 MB). The
@@ -22,8 +22,9 @@ equal bit for bit), so this changes speed, not numbers.
   else ~/.cache/lmforge), under a key over that structure, the torch version, lmforge's model
   code, the thread count and the CPU (inductor compiles with -march=native): the first step
   costs an export and a C++ compile (~45-55 s for SmolLM2-135M on one core), later processes
-  load the package in ~1 s. A package is written to a temporary name and renamed: never half
-  a file.
+  load the package in ~0.01 s (`_load_package`). A package is native code: the cache must be
+  writable only by its user, as inductor's own. It is written to a temporary name and renamed:
+  never half a file.
 - Threads: a package is compiled for the thread count of the first step (serial kernels for
   one thread; for more, kernels that follow the count of the moment, `_export`), and runs
   correctly at any count. A later step at another count (the thread governor's, on a busy
@@ -148,10 +149,24 @@ def _export(model: Transformer, path: Path, threads: int) -> None:
     fsync_dir(path.parent)
 
 
+def _load_package(path: Path) -> Any:
+    """`torch._inductor.aoti_load_package(path)` without its check that this machine's vector ISA is
+    the one the package was built for: that check compiles and runs probe programs (~1 s of every
+    load) and only warns; the package key covers the CPU already (`package_key`). Where torch's
+    loader classes are not where 2.13 keeps them, the public function."""
+    try:
+        from torch.export.pt2_archive._package import AOTICompiledModel
+
+        # (file, model name as aoti_compile_and_package names it, run single-threaded, runners, device index)
+        return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1))
+    except (ImportError, AttributeError, TypeError):
+        return torch._inductor.aoti_load_package(str(path))
+
+
 def _runner(model: Transformer, path: Path) -> Any:
     """The package at `path`, loaded, reading the model's own tensors (no copy): they must stay the
     ones it was given (inference: nothing replaces a prepared model's weights)."""
-    runner = torch._inductor.aoti_load_package(str(path))
+    runner = _load_package(path)
     tensors = _tensors(_Step(model))
     runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
                           check_full_update=True, user_managed=True)
