@@ -22,7 +22,7 @@ equal the per-block step's bit for bit), so this changes speed, not numbers.
   else ~/.cache/lmforge), under a key over that structure, the torch version, lmforge's model
   code, the thread count and the CPU (inductor compiles with -march=native): the first step
   costs an export and a C++ compile (~45-55 s for SmolLM2-135M on one core), later processes
-  load the package in ~0.01 s (`_load_package`). A package is native code: the cache must be
+  load the package in ~0.01 s (`_Runner`). A package is native code: the cache must be
   writable only by its user, as inductor's own. It is written to a temporary name and renamed:
   never half a file.
 - Threads: a package is compiled for the thread count of the first step (serial kernels for
@@ -149,27 +149,45 @@ def _export(model: Transformer, path: Path, threads: int) -> None:
     fsync_dir(path.parent)
 
 
-def _load_package(path: Path) -> Any:
-    """`torch._inductor.aoti_load_package(path)` without its check that this machine's vector ISA is
-    the one the package was built for: that check compiles and runs probe programs (~1 s of every
-    load) and only warns; the package key covers the CPU already (`package_key`). Where torch's
-    loader classes are not where 2.13 keeps them, the public function."""
-    try:
-        from torch.export.pt2_archive._package import AOTICompiledModel
+class _Runner:
+    """A loaded package: torch's C++ loader (`torch._C._aoti.AOTIModelPackageLoader`), called with
+    the step's inputs flat, in `_Step.forward`'s order (idx, positions, mask, k..., v...).
 
-        # (file, model name as aoti_compile_and_package names it, run single-threaded, runners, device index)
-        return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1))
-    except (ImportError, AttributeError, TypeError):
-        return torch._inductor.aoti_load_package(str(path))
+    Not `torch._inductor.aoti_load_package`: that spent ~1 s of each load compiling probe
+    programs for a vector-ISA check that only warns (the package key covers the CPU already),
+    its module imports dynamo (~0.9 s), and its call parses the call spec and flattens the
+    inputs at every step. Where torch's loader is not as 2.13 has it, that function is used."""
+
+    def __init__(self, path: Path) -> None:
+        self.public = None
+        try:
+            # (file, model name as aoti_compile_and_package names it, run single-threaded, runners, device index)
+            self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+            self.fqns: list[str] = self.loader.get_constant_fqns()
+        except (AttributeError, TypeError):
+            self.public = torch._inductor.aoti_load_package(str(path))
+            self.fqns = self.public.get_constant_fqns()
+
+    def load_constants(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The model's own tensors, by name, read in place (no copy): they must stay the ones given."""
+        constants = {name: tensors[name] for name in self.fqns}
+        if self.public is not None:
+            self.public.load_constants(constants, check_full_update=True, user_managed=True)
+        else:  # (constants, use the inactive buffer, check that every constant is given, user managed, copy to device)
+            self.loader.load_constants(constants, False, True, True, False)
+
+    def __call__(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.public is not None:
+            return self.public(idx, positions, mask, list(k), list(v))
+        return self.loader.boxed_run([idx, positions, mask, *k, *v])[0]
 
 
-def _runner(model: Transformer, path: Path) -> Any:
+def _runner(model: Transformer, path: Path) -> _Runner:
     """The package at `path`, loaded, reading the model's own tensors (no copy): they must stay the
     ones it was given (inference: nothing replaces a prepared model's weights)."""
-    runner = _load_package(path)
-    tensors = _tensors(_Step(model))
-    runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
-                          check_full_update=True, user_managed=True)
+    runner = _Runner(path)
+    runner.load_constants(_tensors(_Step(model)))
     return runner
 
 
@@ -239,4 +257,4 @@ class AotDecode:
     def __call__(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
         """`Transformer.decode_masked`'s logits (1, V) (after `ready`)."""
-        return self.runner(idx, positions, mask, list(k), list(v))
+        return self.runner(idx, positions, mask, k, v)

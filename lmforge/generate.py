@@ -41,7 +41,7 @@ from .aot import AotDecode, supported
 from .artifacts import Loaded, load_model
 from .config import ModelConfig
 from .errors import LmforgeError
-from .model import Transformer, compile_blocks, run_compiled
+from .model import Transformer, compile_blocks, is_compiled, run_compiled
 from .quant import check_weights, prepare, row_major
 from .ranges import INT64_MAX, INT64_MIN, MAX_TOKENS, SEED, TEMPERATURE, TOP_K, TOP_P
 from .threads import Governor, govern
@@ -216,25 +216,31 @@ def decode_step(model: Transformer, idx: torch.Tensor, positions: torch.Tensor, 
     positions (B, 1) -> logits (B, V). On a model whose decode step is compiled
     (`compile_decode`), a first step that cannot be compiled warns once and decodes eagerly."""
     aot = model.aot_decode
-    # one row past position 0 (the exported step's lengths start at 2): the step compiled ahead of time
-    if aot is not None and idx.shape[0] == 1 and int(positions) > 0 and aot.ready(model):
-        return model.decode(idx, positions, k, v, masked=aot)
+    if aot is not None:
+        # one row past position 0 (the exported step's lengths start at 2): the step compiled ahead of time
+        if idx.shape[0] == 1 and int(positions) > 0 and aot.ready(model):
+            return model.decode(idx, positions, k, v, masked=aot)
+        if not is_compiled(model, "decode"):  # a step it does not take: the per-block graphs, compiled now
+            compile_blocks(model, "decode")
     return run_compiled(model, "decode", lambda: model.decode(idx, positions, k, v), compile_failed("decoding"))
 
 
 def compile_decode(model: Transformer) -> None:
-    """`--compile` of the verbs that decode: every block's decode step, and the final norm and
-    head, through torch.compile (`model.compile_blocks`), with fp32 weights row-major (what its
-    one-row products read fastest, `model.linear`); and, where lmforge/aot.py supports the model,
-    a step of one row (a single stream) compiled ahead of time as one library, which runs no
-    Python per block: ~2x the tokens/s of eager fp32 decoding for one stream on a CPU. The cost
-    is at the first step of one row: ~1 min to compile the library the first time for a model
-    shape on a machine (then it is cached on disk, ~1 s to load), 3-15 s for the per-block graphs
+    """`--compile` of the verbs that decode, with fp32 weights row-major (what the compiled one-row
+    products read fastest, `model.linear`): where lmforge/aot.py supports the model, a step of
+    one row (a single stream) compiled ahead of time as one library, which runs no Python per
+    block (~2x the tokens/s of eager fp32 decoding for one stream on a CPU; ~1 min to compile the
+    first time for a model shape on a machine, then cached on disk); every other step (several
+    rows, or a model it does not support) through every block's decode step, and the final norm
+    and head, compiled by torch.compile (`model.compile_blocks`; 3-15 s at its first step)
     (docs/inference.md "Compiled decoding")."""
     row_major(model)
-    compile_blocks(model, "decode")
     if supported(model):
+        # the per-block graphs wait for a step the ahead-of-time one does not take (`decode_step`):
+        # a single stream never imports torch.compile's machinery (~1 s a process)
         model.aot_decode = AotDecode()
+    else:
+        compile_blocks(model, "decode")
 
 
 def compile_wait(model: Transformer) -> str:

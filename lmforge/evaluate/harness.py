@@ -96,7 +96,7 @@ def _generate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, gov
 
     template = ChatTemplate(tokenizer, tokenizer.chat_template) if any(i.chat for i in task.items) else None
     predictions = []
-    if compile and not is_compiled(model, "decode"):
+    if compile and not (is_compiled(model, "decode") or model.aot_decode is not None):
         compile_decode(model)
     with contextlib.nullcontext(model) if compile else decoding_layout(model):
         for item in task.items:

@@ -355,7 +355,7 @@ class Engine:
         graph). They write slots 0-1, which nothing has used yet. A compiler failure falls back to
         eager with one warning (`decode_step`); anything else here is logged, and the engine
         serves eagerly rather than not at all."""
-        if not is_compiled(self.model, "decode"):
+        if not (is_compiled(self.model, "decode") or self.model.aot_decode is not None):
             return
         start = time.perf_counter()
         log.info("compiling the decode step (serve --compile)")
