@@ -203,6 +203,7 @@ class AotDecode:
 
     def __init__(self) -> None:
         self.runners: dict[int, Any] = {}  # thread count -> the package's runner
+        self.missing: set[int] = set()  # counts met mid-run with no package cached: the nearest runner serves
         self.runner: Any = None  # the one the next step runs
         self.failed = False
         self.path: Path | None = None  # the package last loaded
@@ -217,9 +218,11 @@ class AotDecode:
         if threads in self.runners:
             self.runner = self.runners[threads]
             return True
-        if self.runners and not self.package(model, threads).exists():
+        if self.runners and (threads in self.missing or not self.package(model, threads).exists()):
             # a count met mid-run (the thread governor's): not worth a minute's stall; every package
-            # runs correctly at any count (`_export`), the nearest one serves
+            # runs correctly at any count (`_export`), the nearest one serves. Remembered: the key
+            # (hashes and /proc) is not worth computing at every step
+            self.missing.add(threads)
             self.runner = self.runners[min(self.runners, key=lambda n: (abs(n - threads), -n))]
             return True
         try:

@@ -292,6 +292,12 @@ def load_for_decoding(path: str | Path, quantize: str | None = None, *, compile:
     return loaded
 
 
+def decode_compiled(model: Transformer) -> bool:
+    """Whether `compile_decode` is in effect (the per-block graphs, or the step compiled ahead of
+    time that sets them up when a step needs them)."""
+    return is_compiled(model, "decode") or model.aot_decode is not None
+
+
 # ---- the CLI verb ----------------------------------------------------------------------------
 
 

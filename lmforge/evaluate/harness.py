@@ -37,7 +37,6 @@ from ..config import Config
 from ..data.manifest import MANIFEST_FILE, read_manifest
 from ..errors import DataError, LmforgeError
 from ..jsonl import dumps_record
-from ..model import is_compiled
 from ..threads import Governor, govern
 from ..tokenizer import Tokenizer
 from ..util import out as results_out  # command results: stdout, every progress mode
@@ -91,12 +90,12 @@ def _generate_task(model: torch.nn.Module, tokenizer: Tokenizer, task: Task, gov
     row-major, the layout of training, so nothing is laid out; the compiled decode step touches
     nothing that scoring runs)."""
     from ..chat import ChatTemplate
-    from ..generate import compile_decode, generate
+    from ..generate import compile_decode, decode_compiled, generate
     from ..quant import decoding_layout
 
     template = ChatTemplate(tokenizer, tokenizer.chat_template) if any(i.chat for i in task.items) else None
     predictions = []
-    if compile and not (is_compiled(model, "decode") or model.aot_decode is not None):
+    if compile and not decode_compiled(model):
         compile_decode(model)
     with contextlib.nullcontext(model) if compile else decoding_layout(model):
         for item in task.items:

@@ -77,9 +77,9 @@ from collections.abc import Callable
 import torch
 
 from ..errors import LmforgeError
-from ..generate import check_sampling, decode_step, pick_token
+from ..generate import check_sampling, decode_compiled, decode_step, pick_token
 from ..lora import AdapterSet
-from ..model import Transformer, check_memory, eager_blocks, is_compiled
+from ..model import Transformer, check_memory, eager_blocks
 from ..quant import pack_measured
 from ..threads import Governor
 from ..tokenizer import StreamDecoder, Tokenizer
@@ -355,7 +355,7 @@ class Engine:
         graph). They write slots 0-1, which nothing has used yet. A compiler failure falls back to
         eager with one warning (`decode_step`); anything else here is logged, and the engine
         serves eagerly rather than not at all."""
-        if not (is_compiled(self.model, "decode") or self.model.aot_decode is not None):
+        if not decode_compiled(self.model):
             return
         start = time.perf_counter()
         log.info("compiling the decode step (serve --compile)")
