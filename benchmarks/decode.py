@@ -13,6 +13,10 @@ the median over rounds (load from other processes biases no row).
   (lmforge runs that Q8_0 file imported with `lmforge import --keep-quantized`).
 - prefill tokens/s: prompt tokens / time to the first new token; decode tokens/s: the other
   tokens / their time. Both sides measure the same way (bench.mjs times its own generator).
+- memory floor: a decode step reads every weight once, so tokens/s cannot exceed the machine's
+  read bandwidth (one `torch.sum` over 512 MB per thread count, idle) / the bytes of weights a
+  token reads (lmforge's, as held); the idle rows as a share of that floor, for both engines (a
+  model whose weights fit in the L3 cache, as small-cpu's, is read from there and can pass it).
 - serve: `lmforge serve` on the first model, 16 concurrent HTTP clients (greedy, --tokens each):
   aggregate generated tokens/s, against llama.cpp's single-stream decode at the same precision.
 - --compile: lmforge once more with its decode step compiled (`sample`/`serve --compile`,
@@ -52,6 +56,7 @@ sys.path.insert(0, str(REPO))
 from lmforge import convert  # noqa: E402
 from lmforge.aot import AotDecode  # noqa: E402
 from lmforge.generate import compile_decode, load_for_decoding, stream  # noqa: E402
+from lmforge.quant import projections  # noqa: E402
 from lmforge.threads import set_threads  # noqa: E402
 
 RUNNER = REPO / "tests" / "llamacpp"
@@ -104,6 +109,44 @@ def lmforge_run(model: torch.nn.Module, ids: list[int], n: int, threads: int) ->
             if len(tokens) == 1:
                 first = time.perf_counter()
     return tokens, first - start, time.perf_counter() - first
+
+
+def bytes_per_token(model: torch.nn.Module) -> int:
+    """The weight bytes one decode step reads: every projection and the head as held (fp32, fp16,
+    or int8 with its scales), each tensor once (a tied head is the embedding's tensor)."""
+    seen: dict[int, int] = {}
+    for parent, attr in projections(model):
+        layer = getattr(parent, attr)
+        for t in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]:
+            if t.dim() == 2:  # matrices and per-row scales; not a packed form's handle
+                seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def l3_cache_bytes() -> int:
+    """The last-level cache of CPU 0 (sysfs; 0 where unknown): weights that fit in it are read
+    from the cache, not memory, and the memory floor does not bound them."""
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+    except OSError:
+        return 0
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
+def read_bandwidth(threads: int, size: int = 1 << 29, rounds: int = 7) -> float:
+    """Bytes/s one `torch.sum` streams from memory at `threads` threads (a 512 MB fp32 buffer,
+    far past the caches; the best of `rounds`, the least disturbed): about what a decode step
+    that reads its weights once can reach on this machine (a hand-written AVX-512 read loop
+    measured the same within a few %: docs/inference.md)."""
+    set_threads(threads)
+    buf = torch.ones(size // 4)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - start)
+    return size / min(times)
 
 
 class Busy:
@@ -267,12 +310,14 @@ def main() -> None:
     engines: dict[tuple[str, str, int], tuple[object, object, object]] = {}
     ours = ["lmforge"] + (["lmforge --compile"] if args.compile else [])
     prompts: dict[str, list[int]] = {}
+    step_bytes: dict[tuple[str, str], int] = {}
     for name, path in models.items():
         files = ggufs(name, Path(path), work, weights)
         for w in weights:
             src = work / f"{name}-q8_0" if w == "int8" else Path(path)
             loaded = load_for_decoding(src, w)
             prompts[name] = loaded.tokenizer.encode(PROMPT)
+            step_bytes[(name, w)] = bytes_per_token(loaded.model)
             compiled = None
             if args.compile:
                 compiled = load_for_decoding(src, w).model
@@ -291,6 +336,7 @@ def main() -> None:
                 compiled.aot_decode = AotDecode()
                 for t in thread_counts:
                     lmforge_run(compiled, prompts[name], 4, t)
+    bandwidth = {t: read_bandwidth(t) for t in thread_counts}  # idle: before any busy loop
     try:
         for r in range(args.rounds):
             for row in rows:
@@ -329,6 +375,24 @@ def main() -> None:
         print(f"| {row.model} | {row.weights} ({GGUF_OF[row.weights].upper()}) | {row.threads} | "
               f"{'one busy core' if row.busy else 'idle'} | {med['lmforge'][0]:.0f} | {med['llama.cpp'][0]:.0f} | "
               f"{med['lmforge'][1]:.1f} | {med['llama.cpp'][1]:.1f} | {med['lmforge'][1] / med['llama.cpp'][1]:.2f}x{mark} |{comp}")
+
+    print()
+    print("memory floor: a step reads every weight once, so the memory read bandwidth bounds decode tokens/s at "
+          "bandwidth / bytes a token (`torch.sum` over 512 MB, best of 7, idle, before the rounds); decode as a share of it")
+    print("| model | weights | threads | MB a token | read GB/s | floor tok/s | lmforge decode | llama.cpp decode |"
+          + (" lmforge --compile |" if args.compile else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
+    l3 = l3_cache_bytes()
+    for row in rows:
+        if row.busy:
+            continue
+        floor_rate = bandwidth[row.threads] / step_bytes[(row.model, row.weights)]
+        med = {e: statistics.median(d for _, d in v) for e, v in row.runs.items()}
+        share = {e: f"{100 * d / floor_rate:.0f} %" for e, d in med.items()}
+        cached = " (fits in the L3 cache)" if step_bytes[(row.model, row.weights)] <= l3 else ""
+        print(f"| {row.model} | {row.weights}{cached} | {row.threads} | {step_bytes[(row.model, row.weights)] / 1e6:.0f} | "
+              f"{bandwidth[row.threads] / 1e9:.1f} | {floor_rate:.1f} | {share['lmforge']} | {share['llama.cpp']} |"
+              + (f" {share['lmforge --compile']} |" if args.compile else ""))
 
     serve = [w for w in args.serve.split(",") if w]
     if serve:

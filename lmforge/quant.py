@@ -570,7 +570,10 @@ def row_major(model: nn.Module) -> None:
         lin = getattr(parent, attr)
         if isinstance(lin, nn.Linear) and not lin.weight.is_contiguous():
             lin.weight.data = lin.weight.data.contiguous()
-    if getattr(model.cfg, "tie_embeddings", False):
+    # re-tie only an fp32 head: an f16 or int8 head holds its own copy (setting `weight` on it
+    # would replace F16Linear's fp16 buffer by the fp32 embedding, which its one-row loop then
+    # reads: twice the head's bytes)
+    if getattr(model.cfg, "tie_embeddings", False) and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight
 
 

@@ -214,6 +214,26 @@ def test_a_compiled_decode_step_keeps_fp32_weights_row_major(tie: bool) -> None:
     eager_blocks(other)
 
 
+@pytest.mark.parametrize("weights", ["f16", "int8"])
+def test_a_compiled_decode_step_keeps_a_tied_models_reduced_head(weights: str) -> None:
+    """`compile_decode` re-ties only an fp32 head: a tied model prepared as f16 or int8 keeps its
+    head's own fp16 / int8 copy, which the compiled one-row product reads (re-tying once replaced
+    the F16Linear's fp16 buffer by the fp32 embedding: twice the head's bytes a token)."""
+    from lmforge.generate import compile_decode
+    from lmforge.model import eager_blocks
+
+    model = Q.prepare(random_model(tie=True), weights)
+    head = model.lm_head
+    before = dict(head.named_buffers())
+    compile_decode(model)
+    assert model.lm_head is head and not list(head.named_parameters())  # no fp32 weight attached
+    after = dict(head.named_buffers())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    if weights == "f16":
+        assert head.weight.dtype == torch.float16
+    eager_blocks(model)
+
+
 @pytest.mark.skipif(not Q._onednn(), reason="this torch has no oneDNN")
 def test_packed_linear_equals_the_plain_product_at_every_row_count() -> None:
     """One row runs the plain product (the same bits); several rows oneDNN's packed copy, within
