@@ -386,11 +386,12 @@ def main() -> None:
     for row in rows:
         if row.busy:
             continue
-        floor_rate = bandwidth[row.threads] / step_bytes[(row.model, row.weights)]
+        nbytes = step_bytes[(row.model, row.weights)]
+        floor_rate = bandwidth[row.threads] / nbytes
         med = {e: statistics.median(d for _, d in v) for e, v in row.runs.items()}
         share = {e: f"{100 * d / floor_rate:.0f} %" for e, d in med.items()}
-        cached = " (fits in the L3 cache)" if step_bytes[(row.model, row.weights)] <= l3 else ""
-        print(f"| {row.model} | {row.weights}{cached} | {row.threads} | {step_bytes[(row.model, row.weights)] / 1e6:.0f} | "
+        cached = " (fits in the L3 cache)" if nbytes <= l3 else ""
+        print(f"| {row.model} | {row.weights}{cached} | {row.threads} | {nbytes / 1e6:.0f} | "
               f"{bandwidth[row.threads] / 1e9:.1f} | {floor_rate:.1f} | {share['lmforge']} | {share['llama.cpp']} |"
               + (f" {share['lmforge --compile']} |" if args.compile else ""))
 

@@ -569,12 +569,10 @@ def row_major(model: nn.Module) -> None:
     for parent, attr in projections(model):
         lin = getattr(parent, attr)
         if isinstance(lin, nn.Linear) and not lin.weight.is_contiguous():
+            # `.data` only: a tied head stays the embedding's Parameter. Nothing is re-tied here: an
+            # f16 or int8 head holds its own copy, and assigning the embedding to its `weight` once
+            # replaced F16Linear's fp16 buffer with fp32, which its one-row loop then read
             lin.weight.data = lin.weight.data.contiguous()
-    # re-tie only an fp32 head: an f16 or int8 head holds its own copy (setting `weight` on it
-    # would replace F16Linear's fp16 buffer by the fp32 embedding, which its one-row loop then
-    # reads: twice the head's bytes)
-    if getattr(model.cfg, "tie_embeddings", False) and isinstance(model.lm_head, nn.Linear):
-        model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def _param_name(model: nn.Module, parent: nn.Module, attr: str) -> str:
