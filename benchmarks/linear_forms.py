@@ -18,7 +18,13 @@ decode step pays once per block, not per product; 30 int8 or f16 copies of the s
 in the 32 MB L3 of the machine measured, so those read partly from cache.
 
     OMP_NUM_THREADS=1 python benchmarks/linear_forms.py --rows 1,4,8,16
+--int8-prompt: instead, int8 weights at several rows (a prompt's positions) through each product
+`quant.Int8Linear` can run: fbgemm's dynamic int8 (decoding steps), `aten._weight_int8pack_mm` on
+bf16 activations, and the int8 rows converted to bf16 for oneDNN's bf16 matmul (the weight-only
+forms; `quant.DEQUANT_MIN_ROWS` picks between them).
+
     OMP_NUM_THREADS=1 python benchmarks/linear_forms.py --one-row
+    OMP_NUM_THREADS=1 python benchmarks/linear_forms.py --int8-prompt --rows 4,8,16,32,64,128,256
 """
 
 from __future__ import annotations
@@ -91,17 +97,49 @@ def one_row() -> None:
             print(f"| {name} {N}x{K} | " + " | ".join(cells) + " |", flush=True)
 
 
+def int8_prompt(rows: list[int]) -> None:
+    """The --int8-prompt table: ms per product of int8 weights at each row count."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lmforge.quant import Int8Linear
+
+    cols = ["fbgemm dynamic int8", "weight-only _weight_int8pack_mm", "weight-only converted to bf16"]
+    print("ms per product, int8 weights (30 distinct matrices of a shape, one head)")
+    print("| shape (out x in) | rows | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 2) + "|")
+    with torch.no_grad():
+        for name, (N, K) in SHAPES.items():
+            if N > 10_000:
+                continue  # a prompt's logits: one row per prompt (`serve`), or a plain forward's every position
+            layers = [Int8Linear.from_float(torch.randn(N, K) * 0.05) for _ in range(LAYERS)]
+            for M in rows:
+                x = torch.randn(M, K)
+                xb = x.bfloat16()
+                ms = [best_ms([lambda m=m, x=x: m.packed(x) for m in layers], 5),
+                      best_ms([lambda m=m, xb=xb: torch.ops.aten._weight_int8pack_mm(xb, m.q, m.scale[:, 0].bfloat16())
+                               for m in layers], 5),
+                      best_ms([lambda m=m, xb=xb: F.linear(xb, m.q.bfloat16()) * m.scale[:, 0].bfloat16()
+                               for m in layers], 5)]
+                print(f"| {name} {N}x{K} | {M} | " + " | ".join(f"{v:.3f}" for v in ms) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,4,8,16", help="row counts, comma-separated")
     ap.add_argument("--mkl", action="store_true", help="also MKL's packed sgemm")
     ap.add_argument("--one-row", action="store_true", help="one row against every weight form a compiled decode step uses")
+    ap.add_argument("--int8-prompt", action="store_true", help="int8 weights at several rows: fbgemm and both weight-only products")
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), capability {torch.backends.cpu.get_cpu_capability()}")
     if args.one_row:
         one_row()
+        return
+    if args.int8_prompt:
+        int8_prompt(rows)
         return
     cols = ["row-major", "column-major", "decoding layout", "oneDNN prepacked"] + (["MKL packed"] if args.mkl else [])
     print("| shape (out x in) | rows | " + " | ".join(cols) + " |")

@@ -53,20 +53,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .hardware import cpu_flags
 from .lora import LoRALinear, MultiLoRALinear
 from .model import Transformer
-from .util import FILE_MODE, console, fsync_dir, warn
+from .util import FILE_MODE, cache_root, console, fsync_dir, warn
 
 # The files whose code the exported step runs (a change in any of them is another package).
 _SOURCES = ("model.py", "quant.py", "aot.py")
 
 
 def cache_dir() -> Path:
-    """Where packages are kept: $LMFORGE_CACHE_DIR, else $XDG_CACHE_HOME/lmforge, else
-    ~/.cache/lmforge (each under aot/)."""
-    root = os.environ.get("LMFORGE_CACHE_DIR") or (
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge")
-    return Path(root) / "aot"
+    """Where packages are kept: `util.cache_root()`/aot."""
+    return cache_root() / "aot"
 
 
 def supported(model: Transformer) -> bool:
@@ -99,9 +97,6 @@ def package_key(model: Transformer, threads: int) -> str:
     """sha256 over what the compiled library depends on: the model's structure (not its values),
     lmforge's code for it, torch, the thread count and the CPU."""
     here = Path(__file__).parent
-    cpu = ""
-    with contextlib.suppress(OSError):
-        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     parts: dict[str, Any] = {
         "torch": torch.__version__,
         "code": [hashlib.sha256((here / name).read_bytes()).hexdigest() for name in _SOURCES],
@@ -110,7 +105,7 @@ def package_key(model: Transformer, threads: int) -> str:
         "tensors": [(name, str(t.dtype), list(t.shape), list(t.stride()))
                     for name, t in _tensors(_Step(model)).items()],
         "threads": threads,
-        "cpu": [platform.machine(), torch.backends.cpu.get_cpu_capability(), cpu],
+        "cpu": [platform.machine(), torch.backends.cpu.get_cpu_capability(), sorted(cpu_flags())],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -191,10 +191,23 @@ def _fbgemm_int8(q: torch.Tensor, scale: torch.Tensor) -> Any:
     return _script(_Fbgemm(_pack_int8(q7, s7[:, 0]), int8=True))
 
 
+# From this many rows on (a prompt's positions) a weight-only product converts the int8 rows to
+# bf16 and runs oneDNN's bf16 matmul (AVX512-BF16 where the CPU has it): the same numbers as
+# `aten._weight_int8pack_mm` (int8 is exact in bf16, the scale applied to the products), 2-2.5x
+# faster from 64 rows on, slower below ~24 (the conversion is then most of the call; measured
+# per shape: docs/inference.md).
+DEQUANT_MIN_ROWS = 32
+
+
 def _weight_only(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (..., K) -> x W^T (..., N), W = q * scale: `aten._weight_int8pack_mm` on bf16 activations."""
+    """x (..., K) -> x W^T (..., N), W = q * scale, on bf16 activations: `aten._weight_int8pack_mm`,
+    or from DEQUANT_MIN_ROWS rows on the bf16 matmul with the rows converted."""
     K, N = q.shape[1], q.shape[0]
-    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K).to(torch.bfloat16), q, scale[:, 0].to(torch.bfloat16))
+    flat = x.reshape(-1, K).to(torch.bfloat16)
+    if flat.shape[0] >= DEQUANT_MIN_ROWS:
+        y = F.linear(flat, q.to(torch.bfloat16)) * scale[:, 0].to(torch.bfloat16)
+    else:
+        y = torch.ops.aten._weight_int8pack_mm(flat, q, scale[:, 0].to(torch.bfloat16))
     return y.to(x.dtype).view(*x.shape[:-1], N)
 
 

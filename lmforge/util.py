@@ -81,6 +81,13 @@ def set_progress_mode(mode: str) -> None:
     console.quiet = mode in ("json", "quiet")  # informational console lines off; bars emit JSON
 
 
+def cache_root() -> Path:
+    """Where lmforge keeps what it builds on this machine (compiled decode steps, its kernels):
+    $LMFORGE_CACHE_DIR, else $XDG_CACHE_HOME/lmforge, else ~/.cache/lmforge."""
+    return Path(os.environ.get("LMFORGE_CACHE_DIR") or (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge"))
+
+
 def warn(text: str, label: str = "warning:") -> None:
     """A warning that prints in every progress mode (rich markup allowed), after its label."""
     quiet, console.quiet = console.quiet, False

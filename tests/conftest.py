@@ -81,7 +81,12 @@ def isolated_store(tmp_path_factory):
     """Runs started by tests (in-process or as subprocesses) record into a temporary store, and
     keep what they compile ahead of time in a temporary cache."""
     os.environ["LMFORGE_DB"] = str(tmp_path_factory.mktemp("store") / "lmforge.db")
-    os.environ["LMFORGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))  # decode steps compiled ahead of time (lmforge/aot.py)
+    # what lmforge builds (decode steps compiled ahead of time, lmforge/aot.py; its kernels,
+    # lmforge/kernels.py): one cache for the run, shared by the xdist workers (each would otherwise
+    # build the same kernels; builds lock and writes are atomic)
+    cache = tmp_path_factory.getbasetemp().parent / "lmforge-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["LMFORGE_CACHE_DIR"] = str(cache)
     yield
 
 

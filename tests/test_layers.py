@@ -4,7 +4,7 @@ resolved) and keeps these rules true:
 
 1. Library code never imports lmforge.cli; only lmforge/__main__.py does.
 2. The layers below training (artifacts, model, generate, convert, data, evaluate, serve, track,
-   tokenizer, config, util, errors, and the low-level hardware, jsonl, lora, chat, aot modules) import nothing
+   tokenizer, config, util, errors, and the low-level hardware, jsonl, lora, chat, aot, kernels modules) import nothing
    from lmforge.train.
 3. serve imports neither lmforge.train nor lmforge.evaluate.
 4. model.py imports nothing from generate, aot, serve, train or evaluate (the KV cache is a Protocol there).
@@ -22,7 +22,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lmforge"
 
 BELOW_TRAIN = ("artifacts", "model", "generate", "convert", "data", "evaluate", "serve", "track", "tokenizer", "config",
-               "util", "errors", "hardware", "jsonl", "lora", "chat", "aot")
+               "util", "errors", "hardware", "jsonl", "lora", "chat", "aot", "kernels")
 
 
 def module_name(path: Path) -> str:

@@ -76,6 +76,7 @@ from collections.abc import Callable
 
 import torch
 
+from .. import kernels
 from ..errors import LmforgeError
 from ..generate import check_sampling, decode_compiled, decode_step, pick_token
 from ..lora import AdapterSet
@@ -354,7 +355,12 @@ class Engine:
         adapters, each once more with an adapter selected (slot 0, the zero adapter: another
         graph). They write slots 0-1, which nothing has used yet. A compiler failure falls back to
         eager with one warning (`decode_step`); anything else here is logged, and the engine
-        serves eagerly rather than not at all."""
+        serves eagerly rather than not at all.
+
+        First, with room for several rows, lmforge's decode-attention kernel is built (once per
+        machine) or loaded (lmforge/kernels.py), so that no client's step waits for it."""
+        if self.max_batch > 1:
+            kernels.ready()
         if not decode_compiled(self.model):
             return
         start = time.perf_counter()
