@@ -39,7 +39,7 @@ from .hardware import cpu_flags
 from .util import cache_root, console, warn
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
-FLAGS = ["-O3", "-march=native"]
+FLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for's threads (torch's own libgomp at run time)
 ENV = "LMFORGE_KERNELS"  # "0": never build or use lmforge's kernels
 MAX_GROUP = 8  # query heads per K/V head the kernel handles (its HEADS table)
 
@@ -78,7 +78,8 @@ def _load() -> bool:
             if not (where / f"{name}.so").exists():
                 console.print(f"building lmforge's decode-attention kernel into {where} (once per machine, ~20 s)")
             cpp_extension.load_inline(name, cpp_sources=[SOURCE.read_text()], is_python_module=False,
-                                      extra_cflags=FLAGS, build_directory=str(where), verbose=False)
+                                      extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(where),
+                                      verbose=False)
         torch.library.register_fake("lmforge_kernels::decode_attention", _shape)  # torch.compile's graphs call it too
     except Exception as e:  # no compiler, no ninja, a torch without the builder: the reference path
         first = (str(e).strip().splitlines() or [""])[0][:200]

@@ -32,7 +32,8 @@ loaded model into the form that reads fastest (in place; the model is for infere
           run time, as llama.cpp's Q8_0 dot products do per block of 32), except a compiled
           step of one row: weight-only int8 in fp32 through inductor's loop (`model.linear`),
           faster there and more exact; a prompt runs weight-only int8 on bf16 activations (more
-          exact, slower). The embedding table stays
+          exact, slower; from DEQUANT_MIN_ROWS positions on as oneDNN's bf16 matmul on the int8
+          rows converted per call, 2-2.5x `aten._weight_int8pack_mm`). The embedding table stays
           fp32 (one row is read per token).
 
 fbgemm's packed weights are TorchScript objects: eagerly each layer calls its own through a
