@@ -33,7 +33,7 @@ loaded model into the form that reads fastest (in place; the model is for infere
           step of one row: weight-only int8 in fp32 through inductor's loop (`model.linear`),
           faster there and more exact; a prompt runs weight-only int8 on bf16 activations (more
           exact, slower; from DEQUANT_MIN_ROWS positions on as oneDNN's bf16 matmul on the int8
-          rows converted per call, 2-2.5x `aten._weight_int8pack_mm`). The embedding table stays
+          rows converted per call, 1.7-2.9x `aten._weight_int8pack_mm`). The embedding table stays
           fp32 (one row is read per token).
 
 fbgemm's packed weights are TorchScript objects: eagerly each layer calls its own through a
@@ -194,9 +194,9 @@ def _fbgemm_int8(q: torch.Tensor, scale: torch.Tensor) -> Any:
 
 # From this many rows on (a prompt's positions) a weight-only product converts the int8 rows to
 # bf16 and runs oneDNN's bf16 matmul (AVX512-BF16 where the CPU has it): the same numbers as
-# `aten._weight_int8pack_mm` (int8 is exact in bf16, the scale applied to the products), 2-2.5x
-# faster from 64 rows on, slower below ~24 (the conversion is then most of the call; measured
-# per shape: docs/inference.md).
+# `aten._weight_int8pack_mm` (int8 is exact in bf16, the scale applied to the products), 1.7-2x
+# faster at 64 rows and 2.4-2.9x at 256, slower below ~24 (the conversion is then most of the
+# call; measured per shape: docs/inference.md).
 DEQUANT_MIN_ROWS = 32
 
 
