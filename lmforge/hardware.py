@@ -78,10 +78,11 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf
 
 
 def cpu_flags() -> set[str]:
-    """The CPU feature flags Linux reports in /proc/cpuinfo (empty elsewhere, or when unreadable)."""
+    """The CPU feature flags Linux reports in /proc/cpuinfo (x86 "flags", ARM "Features"; empty
+    elsewhere, or when unreadable)."""
     try:
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("flags"):
+            if line.startswith(("flags", "Features")):
                 return set(line.partition(":")[2].split())
     except OSError:
         pass

@@ -10,11 +10,12 @@ its batched matrix products, the reference the kernel is tested against.
 
 - Built with torch's own extension builder (`torch.utils.cpp_extension.load_inline`: the C++
   compiler, ninja, torch's headers and libraries) with `-O3 -march=native`, into the cache
-  (`util.cache_root()/kernels/<key>`), keyed by the source, torch's version and the CPU's flags:
-  native code for one kind of CPU must not load on another that shares the cache. The first
-  use on a machine compiles (~20 s, one core; a line says so), every later process loads the
-  library in milliseconds. torch's builder locks the directory, so processes that start
-  together build it once.
+  (`util.cache_root()/kernels/lmforge_kernels_<key>.so`), keyed by the source, torch's version
+  and the CPU's flags: native code for one kind of CPU must not load on another that shares the
+  cache. The first use on a machine compiles (~20 s, one core; a line says so) in a directory of
+  its own and renames the library into place (processes that start together each build, none
+  waits on a lock a killed build left, none loads half a file); every later process loads it with
+  `torch.ops.load_library` in milliseconds, without a compiler.
 - The kernel must agree with the reference: after loading, one small step of each is compared
   (`_agrees`), and a kernel that does not is not used.
 - Where it cannot be built (no C++ compiler or ninja, a torch without the builder) or is turned
@@ -30,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 import threading
 from pathlib import Path
 
@@ -69,28 +71,39 @@ def _load() -> bool:
     if os.environ.get(ENV, "1") == "0":
         return False
     name = f"lmforge_kernels_{key()}"
-    where = cache_root() / "kernels" / name
+    built = cache_root() / "kernels" / f"{name}.so"
     try:
         if not hasattr(torch.ops.lmforge_kernels, "decode_attention"):
-            from torch.utils import cpp_extension
-
-            where.mkdir(parents=True, exist_ok=True, mode=0o700)  # native code: only its user writes here
-            if not (where / f"{name}.so").exists():
-                console.print(f"building lmforge's decode-attention kernel into {where} (once per machine, ~20 s)")
-            cpp_extension.load_inline(name, cpp_sources=[SOURCE.read_text()], is_python_module=False,
-                                      extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(where),
-                                      verbose=False)
+            if built.is_file():
+                torch.ops.load_library(str(built))  # no compiler or ninja needed once built
+            else:
+                _build(name, built)
         torch.library.register_fake("lmforge_kernels::decode_attention", _shape)  # torch.compile's graphs call it too
+        agrees = _agrees()
     except Exception as e:  # no compiler, no ninja, a torch without the builder: the reference path
         first = (str(e).strip().splitlines() or [""])[0][:200]
         warn(f"lmforge's decode-attention kernel could not be built ({type(e).__name__}: {first}); batched decode "
              f"steps use batched matrix products (same results, slower). {ENV}=0 turns the kernel off.")
         return False
-    if not _agrees():
+    if not agrees:
         warn("lmforge's decode-attention kernel disagrees with the reference on this machine; it is not used "
-             f"(rebuild by removing {where})")
+             f"(rebuild by removing {built})")
         return False
     return True
+
+
+def _build(name: str, built: Path) -> None:
+    """Compile the kernel in a fresh directory beside `built` (which also loads it into this
+    process) and rename the library to `built`: processes that build at once each build their own
+    (no lock that a killed build would leave behind), and no process ever loads half a file."""
+    from torch.utils import cpp_extension
+
+    built.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # native code: only its user writes here
+    console.print(f"building lmforge's decode-attention kernel into {built.parent} (once per machine, ~20 s)")
+    with tempfile.TemporaryDirectory(prefix=f"{name}-", dir=built.parent) as tmp:
+        cpp_extension.load_inline(name, cpp_sources=[SOURCE.read_text()], is_python_module=False,
+                                  extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=tmp, verbose=False)
+        os.replace(Path(tmp) / f"{name}.so", built)
 
 
 def _agrees() -> bool:
@@ -106,12 +119,16 @@ def _agrees() -> bool:
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `decode_attention` may take these tensors (see the module doc), the kernel
-    loaded: several rows, float32 on the CPU, no gradient, a supported shape."""
+    loaded: several rows, float32 on the CPU, no gradient, a supported shape. Inside a graph
+    being traced it only reads whether the kernel is loaded (a build there would break the graph;
+    `serve --compile` loads it in its warm-up, before compiling)."""
+    H, KV, hd = q.shape[1], k.shape[1], q.shape[-1]
     return (q.shape[0] > 1 and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
-            and q.shape[-1] % 16 == 0 and q.shape[1] // k.shape[1] <= MAX_GROUP
+            and hd > 0 and hd % 16 == 0 and 0 < KV <= H and H // KV <= MAX_GROUP
             and k.stride(-1) == 1 and v.stride(-1) == 1
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and not torch.compiler.is_exporting() and ready())
+            and not torch.compiler.is_exporting()
+            and (_state.get("ready", False) if torch.compiler.is_compiling() else ready()))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

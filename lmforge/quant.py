@@ -32,8 +32,9 @@ loaded model into the form that reads fastest (in place; the model is for infere
           run time, as llama.cpp's Q8_0 dot products do per block of 32), except a compiled
           step of one row: weight-only int8 in fp32 through inductor's loop (`model.linear`),
           faster there and more exact; a prompt runs weight-only int8 on bf16 activations (more
-          exact, slower; from DEQUANT_MIN_ROWS positions on as oneDNN's bf16 matmul on the int8
-          rows converted per call, 1.7-2.9x `aten._weight_int8pack_mm`). The embedding table stays
+          exact, slower; from DEQUANT_MIN_ROWS positions on, where the CPU has bf16 matrix
+          instructions, as oneDNN's bf16 matmul on the int8 rows converted per call, 1.7-2.9x
+          `aten._weight_int8pack_mm`). The embedding table stays
           fp32 (one row is read per token).
 
 fbgemm's packed weights are TorchScript objects: eagerly each layer calls its own through a
@@ -75,6 +76,7 @@ it goes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import time
 import warnings
@@ -87,6 +89,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CheckpointError, ConfigError
+from .hardware import CPU_BF16_FLAGS, cpu_flags
 from .model import Linear, row_loop, row_loop_applies
 
 WEIGHTS = ("fp32", "f16", "int8")  # `--quantize` choices (fp32: no quantisation, decoding layout)
@@ -192,21 +195,28 @@ def _fbgemm_int8(q: torch.Tensor, scale: torch.Tensor) -> Any:
     return _script(_Fbgemm(_pack_int8(q7, s7[:, 0]), int8=True))
 
 
-# From this many rows on (a prompt's positions) a weight-only product converts the int8 rows to
-# bf16 and runs oneDNN's bf16 matmul (AVX512-BF16 where the CPU has it): the same numbers as
-# `aten._weight_int8pack_mm` (int8 is exact in bf16, the scale applied to the products), 1.7-2x
-# faster at 64 rows and 2.4-2.9x at 256, slower below ~24 (the conversion is then most of the
-# call; measured per shape: docs/inference.md).
+# From this many rows on (a prompt's positions), on a CPU with bf16 matrix instructions
+# (AVX512-BF16, AMX), a weight-only product converts the int8 rows to bf16 and runs oneDNN's bf16
+# matmul, the fp32 scales applied to its products: the same arithmetic as
+# `aten._weight_int8pack_mm` (int8 is exact in bf16; one bf16 rounding of each unscaled sum, where
+# that op rounds the scaled one), 1.7-2x faster at 64 rows and 2.4-2.9x at 256, slower below ~24
+# (the conversion is then most of the call; measured per shape: docs/inference.md). Without those
+# instructions oneDNN's bf16 matmul is emulated, so the int8 op stays.
 DEQUANT_MIN_ROWS = 32
+
+
+@functools.cache
+def _bf16_matmul() -> bool:
+    return bool(cpu_flags() & set(CPU_BF16_FLAGS))
 
 
 def _weight_only(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (..., K) -> x W^T (..., N), W = q * scale, on bf16 activations: `aten._weight_int8pack_mm`,
-    or from DEQUANT_MIN_ROWS rows on the bf16 matmul with the rows converted."""
+    or from DEQUANT_MIN_ROWS rows on (with bf16 instructions) the bf16 matmul on the rows converted."""
     K, N = q.shape[1], q.shape[0]
     flat = x.reshape(-1, K).to(torch.bfloat16)
-    if flat.shape[0] >= DEQUANT_MIN_ROWS:
-        y = F.linear(flat, q.to(torch.bfloat16)) * scale[:, 0].to(torch.bfloat16)
+    if flat.shape[0] >= DEQUANT_MIN_ROWS and _bf16_matmul():
+        y = F.linear(flat, q.to(torch.bfloat16)).float() * scale[:, 0]
     else:
         y = torch.ops.aten._weight_int8pack_mm(flat, q, scale[:, 0].to(torch.bfloat16))
     return y.to(x.dtype).view(*x.shape[:-1], N)

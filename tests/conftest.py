@@ -82,10 +82,13 @@ def isolated_store(tmp_path_factory):
     keep what they compile ahead of time in a temporary cache."""
     os.environ["LMFORGE_DB"] = str(tmp_path_factory.mktemp("store") / "lmforge.db")
     # what lmforge builds (decode steps compiled ahead of time, lmforge/aot.py; its kernels,
-    # lmforge/kernels.py): one cache for the run, shared by the xdist workers (each would otherwise
-    # build the same kernels; builds lock and writes are atomic)
-    cache = tmp_path_factory.getbasetemp().parent / "lmforge-cache"
-    cache.mkdir(exist_ok=True)
+    # lmforge/kernels.py): one cache for the run, shared by its xdist workers (each would otherwise
+    # build the same kernels; every write lands by a rename)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        cache = tmp_path_factory.getbasetemp().parent / "lmforge-cache"  # the run's directory, above each worker's
+        cache.mkdir(exist_ok=True)
+    else:
+        cache = tmp_path_factory.mktemp("cache")
     os.environ["LMFORGE_CACHE_DIR"] = str(cache)
     yield
 

@@ -44,7 +44,7 @@ def case(B: int, H: int, KV: int, hd: int, L: int, S: int, seed: int = 0, scale:
 @needs_compiler
 def test_the_kernel_builds_and_loads_on_this_machine():
     assert kernels.ready(), "the kernel did not build here (see the warning above)"
-    assert (Path(os.environ["LMFORGE_CACHE_DIR"]) / "kernels" / f"lmforge_kernels_{kernels.key()}").is_dir()
+    assert (Path(os.environ["LMFORGE_CACHE_DIR"]) / "kernels" / f"lmforge_kernels_{kernels.key()}.so").is_file()
 
 
 @needs_compiler
@@ -161,3 +161,14 @@ def test_lmforge_kernels_0_turns_the_kernel_off_and_builds_nothing(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "READY False" in out.stdout and "warning" not in out.stderr
     assert not (tmp_path / "kernels").exists()
+
+
+@needs_compiler
+def test_a_built_kernel_loads_in_a_later_process_without_a_compiler():
+    assert kernels.ready()  # built (or loaded) into this session's cache
+    boom = ("import torch.utils.cpp_extension as ce\n"
+            "def fail(*a, **k): raise RuntimeError('no compiler here')\n"
+            "ce.load_inline = fail")
+    out = _ready_in_a_fresh_process(Path(os.environ["LMFORGE_CACHE_DIR"]), {}, boom)
+    assert out.returncode == 0, out.stderr
+    assert "READY True" in out.stdout and "building" not in out.stderr

@@ -84,6 +84,28 @@ def test_int8_linear_runs_the_stored_numbers() -> None:
     assert float((lin(x[:1]) - exact[:1]).abs().max()) < 0.02 * scale
 
 
+@pytest.mark.parametrize("bf16_matmul", [True, False])
+def test_a_prompts_weight_only_product_is_the_int8_op_in_either_form(monkeypatch, bf16_matmul) -> None:
+    """From DEQUANT_MIN_ROWS rows on a CPU with bf16 matrix instructions, the int8 rows converted
+    to bf16 for oneDNN's matmul; below, or without them, `aten._weight_int8pack_mm`. Both are the
+    product of bf16 activations with the exact int8 weights: within bf16's rounding of each other
+    and of that product computed in float64."""
+    monkeypatch.setattr(Q, "_bf16_matmul", lambda: bf16_matmul)
+    torch.manual_seed(5)
+    lin = Q.Int8Linear.from_float(torch.randn(80, 96))
+    for rows in (Q.DEQUANT_MIN_ROWS - 1, Q.DEQUANT_MIN_ROWS, 100):
+        x = torch.randn(1, rows, 96)  # a prompt's positions
+        exact = x.bfloat16().double() @ Q.dequantize_int8(lin.q, lin.scale).double().t()
+        got = lin(x)
+        op = torch.ops.aten._weight_int8pack_mm(x[0].bfloat16(), lin.q, lin.scale[:, 0].bfloat16()).float()
+        tol = 2 ** -7 * float(exact.abs().max())  # bf16's rounding of the sums and of the scales
+        assert got.dtype == torch.float32 and got.shape == (1, rows, 80)
+        assert float((got.double() - exact).abs().max()) < tol
+        assert float((got[0] - op).abs().max()) < 2 * tol
+        if not (bf16_matmul and rows >= Q.DEQUANT_MIN_ROWS):
+            assert torch.equal(got[0], op)
+
+
 def test_int8_rows_of_any_size_keep_their_precision() -> None:
     """fbgemm quantises a call's activations with one scale; each row is scaled alone first, so a
     small row beside a large one (another request in serve's batch) is as exact as on its own."""

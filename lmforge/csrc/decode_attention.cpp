@@ -14,7 +14,7 @@
 // softmax runs in registers-sized blocks, and the next (row, head)'s rows are prefetched while
 // this one computes (without the prefetch the loop waited on memory: 240 against 90 us).
 //
-// Vectors are GCC/Clang vector extensions of 16 floats: the compiler lowers them to what the
+// Vectors are GCC/Clang vector extensions of 16 floats (GCC >= 9): the compiler lowers them to what the
 // machine has (-march=native: one AVX-512 register, two AVX2 ones, four SSE ones), so one
 // source serves every x86 and ARM CPU. exp is Cephes' polynomial (~1 ulp), vectorised.
 // Summation order differs from the matmul path: results agree to float rounding (~1e-6).
@@ -39,11 +39,17 @@ inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
 inline v16 splat(float x) { return v16{} + x; }
 
 inline float hsum(v16 x) {
+#if defined(__clang__) || __GNUC__ >= 12  // halves added as vectors: a few shuffles per dot product
   typedef float v8 __attribute__((vector_size(32)));
   typedef float v4 __attribute__((vector_size(16)));
   v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
   v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
+#else  // GCC < 12 has no __builtin_shufflevector: the same tree, element by element
+  float h[8];
+  for (int j = 0; j < 8; ++j) h[j] = x[j] + x[j + 8];
+  return ((h[0] + h[4]) + (h[2] + h[6])) + ((h[1] + h[5]) + (h[3] + h[7]));
+#endif
 }
 
 inline float hmax(v16 x) {
@@ -139,7 +145,7 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k, const at:
   TORCH_CHECK(q_.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && mask_.device().is_cpu(),
               "decode_attention: CPU tensors");
   const int64_t B = q_.size(0), H = q_.size(1), hd = q_.size(3), KV = k.size(1), L = k.size(2);
-  TORCH_CHECK(q_.size(2) == 1 && KV > 0 && H % KV == 0 && H / KV <= MAX_GROUP && hd % 16 == 0 && L > 0,
+  TORCH_CHECK(q_.size(2) == 1 && KV > 0 && H >= KV && H % KV == 0 && H / KV <= MAX_GROUP && hd > 0 && hd % 16 == 0 && L > 0,
               "decode_attention: one query per row, at most 8 query heads per K/V head, head_dim a multiple of 16");
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == KV && v.size(2) == L && k.size(3) == hd
               && v.size(3) == hd && mask_.size(0) == B && mask_.size(1) == 1 && mask_.size(2) == L,

@@ -359,8 +359,8 @@ class Engine:
 
         First, with room for several rows, lmforge's decode-attention kernel is built (once per
         machine) or loaded (lmforge/kernels.py), so that no client's step waits for it."""
-        if self.max_batch > 1:
-            kernels.ready()
+        if self.max_batch > 1 and self.device.type == "cpu" and self.cache.k[0].dtype == torch.float32:
+            kernels.ready()  # the only steps it serves (kernels.applies)
         if not decode_compiled(self.model):
             return
         start = time.perf_counter()
