@@ -9,7 +9,7 @@ calls it for steps of several rows (serve's batched decode) where `ready()`, and
 its batched matrix products, the reference the kernel is tested against.
 
 - Built with torch's own extension builder (`torch.utils.cpp_extension.load_inline`: the C++
-  compiler, ninja, torch's headers and libraries) with `-O3 -march=native`, into the cache
+  compiler, ninja, torch's headers and libraries) with `-O3 -march=native -fopenmp`, into the cache
   (`util.cache_root()/kernels/lmforge_kernels_<key>.so`), keyed by the source, torch's version
   and the CPU's flags: native code for one kind of CPU must not load on another that shares the
   cache. The first use on a machine compiles (~20 s, one core; a line says so) in a directory of
