@@ -23,8 +23,14 @@ in the 32 MB L3 of the machine measured, so those read partly from cache.
 bf16 activations, and the int8 rows converted to bf16 for oneDNN's bf16 matmul (the weight-only
 forms; `quant.DEQUANT_MIN_ROWS` picks between them).
 
+--int8-kernel: instead, int8 weights through lmforge's VNNI kernel (`kernels.int8_linear`, where
+the CPU has AVX-512 VNNI) against fbgemm's dynamic int8 and the weight-only bf16 product, per shape
+and row count, and then every product of one SmolLM2-135M forward in turn (30 layers' q, k, v, o,
+gate, up, down and the head: 135 MB, from memory), as a serve step (16 rows) or a prompt (64) runs them.
+
     OMP_NUM_THREADS=1 python benchmarks/linear_forms.py --one-row
     OMP_NUM_THREADS=1 python benchmarks/linear_forms.py --int8-prompt --rows 4,8,16,32,64,128,256
+    OMP_NUM_THREADS=1 python benchmarks/linear_forms.py --int8-kernel --rows 1,8,16,64,256
 """
 
 from __future__ import annotations
@@ -125,12 +131,57 @@ def int8_prompt(rows: list[int]) -> None:
                 print(f"| {name} {N}x{K} | {M} | " + " | ".join(f"{v:.3f}" for v in ms) + " |", flush=True)
 
 
+def int8_kernel(rows: list[int]) -> None:
+    """The --int8-kernel tables: ms per product, and per forward's products in turn."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lmforge import kernels
+    from lmforge.quant import _fbgemm_int8, _weight_only, quantize_int8
+
+    if not kernels.int8_ready():
+        raise SystemExit("lmforge's int8 kernel does not run here (it needs AVX-512 VNNI and a C++ compiler)")
+
+    def forms(N: int, K: int) -> tuple:
+        q, scale = quantize_int8(torch.randn(N, K) * 0.05)
+        return _fbgemm_int8(q, scale), (*kernels.int8_pack(q), scale), (q, scale)
+
+    cols = ["fbgemm dynamic int8", "lmforge VNNI kernel", "weight-only bf16"]
+    print("ms per product, int8 weights (30 distinct matrices of a shape, one head)")
+    print("| shape (out x in) | rows | " + " | ".join(cols) + " | kernel speed-up over fbgemm |")
+    print("|---" * (len(cols) + 3) + "|")
+    with torch.no_grad():
+        for name, (N, K) in SHAPES.items():
+            layers = [forms(N, K) for _ in range(1 if N > 10_000 else LAYERS)]
+            for M in rows:
+                x = torch.randn(M, K)
+                ms = [best_ms([lambda f=f, x=x: f[0](x) for f in layers], 5),
+                      best_ms([lambda f=f, x=x: kernels.int8_linear(x, *f[1]) for f in layers], 5),
+                      best_ms([lambda f=f, x=x: _weight_only(x, *f[2]) for f in layers], 2)]
+                print(f"| {name} {N}x{K} | {M} | " + " | ".join(f"{v:.3f}" for v in ms) + f" | {ms[0] / ms[1]:.2f}x |",
+                      flush=True)
+        step = [forms(N, K) for _ in range(LAYERS) for N, K in ((576, 576), (192, 576), (192, 576), (576, 576),
+                                                                   (1536, 576), (1536, 576), (576, 1536))]
+        step.append(forms(49152, 576))
+        print()
+        print("ms for every product of one forward in turn (30 layers + the head, 135 MB of int8 weights)")
+        print("| rows | fbgemm dynamic int8 | lmforge VNNI kernel | speed-up |")
+        print("|---|---|---|---|")
+        for M in rows:
+            xs = {K: torch.randn(M, K) for K in (576, 1536)}
+            fb = best_ms([lambda xs=xs: [f[0](xs[f[2][0].shape[1]]) for f in step]], 3)
+            kn = best_ms([lambda xs=xs: [kernels.int8_linear(xs[f[2][0].shape[1]], *f[1]) for f in step]], 3)
+            print(f"| {M} | {fb:.2f} | {kn:.2f} | {fb / kn:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,4,8,16", help="row counts, comma-separated")
     ap.add_argument("--mkl", action="store_true", help="also MKL's packed sgemm")
     ap.add_argument("--one-row", action="store_true", help="one row against every weight form a compiled decode step uses")
     ap.add_argument("--int8-prompt", action="store_true", help="int8 weights at several rows: fbgemm and both weight-only products")
+    ap.add_argument("--int8-kernel", action="store_true", help="int8 weights: lmforge's VNNI kernel against fbgemm and weight-only")
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     torch.manual_seed(0)
@@ -140,6 +191,9 @@ def main() -> None:
         return
     if args.int8_prompt:
         int8_prompt(rows)
+        return
+    if args.int8_kernel:
+        int8_kernel(rows)
         return
     cols = ["row-major", "column-major", "decoding layout", "oneDNN prepacked"] + (["MKL packed"] if args.mkl else [])
     print("| shape (out x in) | rows | " + " | ".join(cols) + " |")

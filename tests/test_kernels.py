@@ -1,7 +1,9 @@
-"""lmforge's fused decode-attention kernel (lmforge/kernels.py, lmforge/csrc/decode_attention.cpp)
-against the batched-matmul reference (`model._attention_products`), on the shapes decoding meets
-(grouped heads, head sizes, lengths around its 16-wide blocks, strided cache views, masks), and
-its place in the model: which steps take it, and what happens where it cannot be built."""
+"""lmforge's kernels (lmforge/kernels.py, lmforge/csrc/): the fused decode-attention kernel against
+the batched-matmul reference (`model._attention_products`), on the shapes decoding meets (grouped
+heads, head sizes, lengths around its 16-wide blocks, strided cache views, masks), and its place in
+the model: which steps take it, and what happens where it cannot be built. The VNNI int8 product
+(where the CPU has AVX-512 VNNI) against its arithmetic written in torch (`int8_reference`), and
+against the exact product."""
 
 from __future__ import annotations
 
@@ -137,6 +139,96 @@ def test_torch_compile_calls_the_kernel_inside_its_graph():
     compiled = torch.compile(model.decode_attention, fullgraph=True, dynamic=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(q, k, v, mask), model._attention_products(q, k, v, mask), rtol=1e-5, atol=2e-6)
+
+
+# ---- int8_linear (AVX-512 VNNI) ----------------------------------------------------------------
+
+needs_vnni = pytest.mark.skipif(not set(kernels.INT8_FLAGS) <= kernels.cpu_flags(),
+                                reason="this CPU has no AVX-512 VNNI: int8 products stay fbgemm's")
+
+
+def int8_case(N: int, K: int, M: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    return q, torch.rand(N, generator=g) / 50 + 1e-3, torch.randn(M, K, generator=g)
+
+
+@needs_compiler
+@needs_vnni
+def test_the_int8_kernel_builds_where_the_cpu_has_vnni():
+    assert kernels.int8_ready() and kernels.int8_fits(576, 576) and not kernels.int8_fits(24, 576)
+    assert not kernels.int8_fits(576, 48)
+
+
+@needs_compiler
+@needs_vnni
+@pytest.mark.parametrize("N,K", [(16, 32), (48, 96), (192, 576), (576, 1536)])
+@pytest.mark.parametrize("M", [1, 3, 15, 16, 17, 64, 129, 300])  # tiles of 16 rows, chunks of 128
+def test_the_int8_kernel_computes_q8_0s_arithmetic(N, K, M):
+    """Activations quantised per block of 32, exact integer dot products, the scales: the kernel
+    and its torch reference agree to float32 rounding (the reference sums in float64)."""
+    assert kernels.int8_ready()
+    q, scale, x = int8_case(N, K, M, seed=N + K + M)
+    got = kernels.int8_linear(x, *kernels.int8_pack(q), scale)
+    want = kernels.int8_reference(x, q, scale)
+    assert got.shape == (M, N)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@needs_compiler
+@needs_vnni
+def test_the_int8_kernel_takes_any_leading_shape_and_strided_rows():
+    assert kernels.int8_ready()
+    q, scale, x = int8_case(32, 64, 12)
+    w = kernels.int8_pack(q)
+    flat = kernels.int8_linear(x, *w, scale)
+    assert torch.equal(kernels.int8_linear(x.view(3, 4, 64), *w, scale), flat.view(3, 4, 32))
+    wide = torch.randn(12, 100)
+    wide[:, 10:74] = x  # rows of a larger tensor (a strided view)
+    assert torch.equal(kernels.int8_linear(wide[:, 10:74], *w, scale), flat)
+    assert kernels.int8_linear(x[:0], *w, scale).shape == (0, 32)
+
+
+@needs_compiler
+@needs_vnni
+def test_the_int8_kernel_is_closer_to_the_exact_product_than_one_scale_per_row():
+    """A row with one large value (SmolLM2's activations have such outliers): per block, the other
+    blocks keep their own scale, so the result stays near the float product of the int8 weights,
+    where one scale for the row (fbgemm's) loses the small values."""
+    assert kernels.int8_ready()
+    q, scale, x = int8_case(64, 1024, 4, seed=3)  # 32 blocks, one of them with the outlier
+    x[:, 7] = 200.0
+    exact = x.double() @ (q.double() * scale.double()[:, None]).t()
+    got = kernels.int8_linear(x, *kernels.int8_pack(q), scale).double()
+    per_row_scale = x.abs().amax(-1, keepdim=True) / 127
+    per_row = (torch.round(x / per_row_scale) * per_row_scale).double() @ (q.double() * scale.double()[:, None]).t()
+    assert float((got - exact).abs().mean()) < 0.35 * float((per_row - exact).abs().mean())
+
+
+@needs_compiler
+@needs_vnni
+def test_a_non_finite_activation_makes_its_row_nan_and_only_its_row():
+    assert kernels.int8_ready()
+    q, scale, x = int8_case(32, 64, 3)
+    x[1, 40], x[2, 3] = float("nan"), float("inf")
+    got = kernels.int8_linear(x, *kernels.int8_pack(q), scale)
+    assert got[1:].isnan().all() and torch.isfinite(got[0]).all()
+
+
+@needs_compiler
+@needs_vnni
+def test_the_int8_kernel_refuses_what_does_not_fit_with_a_message():
+    assert kernels.int8_ready()
+    q, scale, x = int8_case(32, 64, 3)
+    w, wsum = kernels.int8_pack(q)
+    with pytest.raises(RuntimeError, match="multiple of 32 and match"):
+        kernels.int8_linear(torch.randn(3, 96), w, wsum, scale)
+    with pytest.raises(RuntimeError, match="must be float32"):
+        kernels.int8_linear(x.double(), w, wsum, scale)
+    with pytest.raises(RuntimeError, match="scale must be 32"):
+        kernels.int8_linear(x, w, wsum, scale[:16])
+    with pytest.raises(RuntimeError, match="wsum must be contiguous int32"):
+        kernels.int8_linear(x, w, wsum.long(), scale)
 
 
 def _ready_in_a_fresh_process(tmp_path: Path, env: dict[str, str], patch: str = "") -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import lmforge_cmd, subprocess_env
-from lmforge import convert
+from lmforge import convert, kernels
 from lmforge import quant as Q
 from lmforge.artifacts import MODEL_FILE, load_model, load_safetensors
 from lmforge.config import ModelConfig
@@ -66,13 +66,20 @@ def test_zero_rows_and_bad_groups() -> None:
         Q.check_weights("int4")
 
 
-def test_int8_linear_runs_the_stored_numbers() -> None:
-    """Every path (a decoding step of up to FBGEMM_MAX_ROWS rows: fbgemm's 7-bit copy; a prompt or
-    more rows: weight-only int8; no fbgemm: the dequantised matrix) stays within int8's error of
-    the fp32 product."""
+@pytest.fixture
+def fbgemm_form(monkeypatch):
+    """Int8 layers made in the test take fbgemm's form, as on a CPU without AVX-512 VNNI."""
+    monkeypatch.setattr(Q, "_int8_kernel", lambda n, k: False)
+
+
+def test_int8_linear_runs_the_stored_numbers(fbgemm_form) -> None:
+    """Without lmforge's VNNI kernel every path (a decoding step of up to FBGEMM_MAX_ROWS rows:
+    fbgemm's 7-bit copy; a prompt or more rows: weight-only int8; no fbgemm: the dequantised
+    matrix) stays within int8's error of the fp32 product."""
     torch.manual_seed(1)
     w, x = torch.randn(96, 128), torch.randn(Q.FBGEMM_MAX_ROWS + 1, 128)
     lin = Q.Int8Linear.from_float(w)
+    assert lin.kw is None and lin.packed is not None
     exact = x @ Q.dequantize_int8(lin.q, lin.scale).t()
     scale = (x @ w.t()).abs().max()
     assert float((lin(x) - exact).abs().max()) < 0.02 * scale  # above the row limit (bf16 activations)
@@ -84,8 +91,32 @@ def test_int8_linear_runs_the_stored_numbers() -> None:
     assert float((lin(x[:1]) - exact[:1]).abs().max()) < 0.02 * scale
 
 
+def test_with_the_vnni_kernel_every_product_is_the_kernels() -> None:
+    """Where lmforge's VNNI kernel runs, one row, a step of several sequences, a prompt and more
+    rows than a decoding step all multiply with it (Q8_0's arithmetic: `kernels.int8_reference`),
+    within int8's error of the fp32 product; fbgemm's form is not made. Without gradients only:
+    a product that needs one takes the weight-only path."""
+    if not kernels.int8_ready():
+        pytest.skip("no AVX-512 VNNI here (or no compiler): int8 stays fbgemm's")
+    torch.manual_seed(1)
+    w, x = torch.randn(96, 128), torch.randn(Q.FBGEMM_MAX_ROWS + 1, 128)
+    lin = Q.Int8Linear.from_float(w)
+    assert lin.kw is not None and lin.packed is None
+    exact = x @ Q.dequantize_int8(lin.q, lin.scale).t()
+    for rows in (x[:1], x[:5].view(5, 1, 128), x[None, :5], x):
+        want = kernels.int8_reference(rows, lin.q, lin.scale)
+        got = lin(rows)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert float((lin(x) - exact).abs().max()) < 0.02 * float(exact.abs().max())
+    twin = copy.deepcopy(lin)  # a copy lays out its own
+    assert twin.kw.data_ptr() != lin.kw.data_ptr() and torch.equal(twin(x), lin(x))
+    grad = x[:3].clone().requires_grad_()
+    assert torch.equal(lin(grad).detach(), Q._weight_only(x[:3], lin.q, lin.scale))
+
+
 @pytest.mark.parametrize("bf16_matmul", [True, False])
-def test_a_prompts_weight_only_product_is_the_int8_op_in_either_form(monkeypatch, bf16_matmul) -> None:
+def test_a_prompts_weight_only_product_is_the_int8_op_in_either_form(monkeypatch, fbgemm_form, bf16_matmul) -> None:
     """From DEQUANT_MIN_ROWS rows on a CPU with bf16 matrix instructions, the int8 rows converted
     to bf16 for oneDNN's matmul; below, or without them, `aten._weight_int8pack_mm`. Both are the
     product of bf16 activations with the exact int8 weights: within bf16's rounding of each other
@@ -134,15 +165,19 @@ def weight_of(layer: torch.nn.Module) -> torch.Tensor:
     return layer.weight.float()
 
 
-@pytest.mark.parametrize("weights", ["int8", "f16", "packed"])
-def test_compiled_layers_are_one_graph_and_equal_eager(weights: str) -> None:
+@pytest.mark.parametrize("weights", ["int8", "int8-fbgemm", "f16", "packed"])
+def test_compiled_layers_are_one_graph_and_equal_eager(monkeypatch, weights: str) -> None:
     """Under torch.compile the fbgemm product (and serve's oneDNN-packed fp32 one) is an opaque op
-    (the packed weight cannot enter a graph): no graph break (fullgraph), one graph for every layer
-    of a shape, the eager numbers. One row is `model.linear`'s loop over the layer's own weights: the
-    exact product of those (for int8 weight-only, not fbgemm's 8-bit activations)."""
+    (the packed weight cannot enter a graph), and so is lmforge's VNNI int8 kernel where it runs
+    ("int8"; fbgemm's elsewhere): no graph break (fullgraph), one graph for every layer of a shape,
+    the eager numbers. One row is `model.linear`'s loop over the layer's own weights: the exact
+    product of those (for int8 weight-only, not 8-bit activations)."""
     torch._dynamo.reset()
     torch.manual_seed(3)
-    make = {"int8": Q.Int8Linear.from_float, "f16": Q.F16Linear, "packed": packed_layer}[weights]
+    if weights == "int8-fbgemm":
+        monkeypatch.setattr(Q, "_int8_kernel", lambda n, k: False)
+    make = {"int8": Q.Int8Linear.from_float, "int8-fbgemm": Q.Int8Linear.from_float, "f16": Q.F16Linear,
+            "packed": packed_layer}[weights]
     mlp = torch.nn.ModuleList(make(torch.randn(n, k) / k**0.5) for n, k in ((256, 128), (256, 128), (128, 256)))
 
     def forward(layers: torch.nn.ModuleList, x: torch.Tensor) -> torch.Tensor:  # a SwiGLU MLP's products
@@ -160,7 +195,7 @@ def test_compiled_layers_are_one_graph_and_equal_eager(weights: str) -> None:
                 eager, got = forward(layers, x), compiled(layers, x)
                 # each layer's product is the eager one bit for bit (next line); the fused silu * up may
                 # round differently in the last bit, which int8's activation quantisation can move a step
-                tol = 0.05 if weights == "int8" else 1e-5
+                tol = 0.05 if weights.startswith("int8") else 1e-5
                 assert torch.allclose(got, eager, rtol=0, atol=tol * float(eager.abs().max()))
                 if rows == 1:  # one row: `model.linear`'s loop over the layer's own weights (int8: weight-only)
                     exact = x @ weight_of(layers[0]).t()
@@ -172,7 +207,7 @@ def test_compiled_layers_are_one_graph_and_equal_eager(weights: str) -> None:
     torch._dynamo.reset()
 
 
-def test_the_compiled_op_without_a_form_multiplies_all_the_same() -> None:
+def test_the_compiled_op_without_a_form_multiplies_all_the_same(fbgemm_form) -> None:
     """A handle whose layer is gone (or a torch without fbgemm) runs the weight-only product; a
     copy of a layer has its own form; a layer's form leaves the registry with the layer."""
     torch.manual_seed(4)
