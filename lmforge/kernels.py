@@ -186,7 +186,8 @@ def int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tor
     blocks = x.reshape(-1, K // INT8_BLOCK, INT8_BLOCK).float()
     amax = blocks.abs().amax(-1, keepdim=True)
     # 127 / amax as a division (`127 / tensor` multiplies by a reciprocal: another rounding)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127).div(amax), torch.zeros_like(amax))
+    inv = torch.full_like(amax, 127).div(amax)
+    inv = torch.where((amax > 0) & torch.isfinite(inv), inv, torch.zeros_like(amax))  # a tiny amax overflows 127 / amax
     xq = torch.round(blocks * inv).clamp(-128, 127)  # (M, G, 32) integers
     dots = torch.einsum("mgk,ngk->mgn", xq.double(), q.double().reshape(q.shape[0], K // INT8_BLOCK, INT8_BLOCK))
     y = (dots * (amax / 127).double()).sum(1) * scale.reshape(-1).double()

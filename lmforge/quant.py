@@ -31,7 +31,8 @@ loaded model into the form that reads fastest (in place; the model is for infere
           product (a decoding step of any row count, a prompt) runs lmforge's own kernel
           (lmforge/kernels.py `int8_linear`, lmforge/csrc/int8_linear.cpp): the 8-bit weights
           times the activations quantised to 8 bits per block of 32 at run time, llama.cpp's
-          Q8_0 arithmetic (more exact than fbgemm's, and 1.1-1.7x its speed: below); except a
+          Q8_0 arithmetic (more exact than fbgemm's; 0.95-1.7x its speed per product, 1.45x over
+          a 16-row forward's: docs/inference.md); except a
           compiled step of one row, which stays inductor's weight-only loop. Elsewhere a
           decoding step (one row per sequence) runs fbgemm's dynamic int8 linear (each activation row quantised to 8 bits at
           run time, as llama.cpp's Q8_0 dot products do per block of 32), except a compiled
@@ -67,10 +68,11 @@ scale to each weight (measured effect: docs/inference.md); the stored numbers st
 `--quantize none` dequantises them exactly.
 
 Trade-offs: the VNNI kernel's activations in 8 bits per block of 32 cost a little accuracy
-against weight-only int8 on bf16 activations (SmolLM2-135M, 58-token prompt, mean |d log p| over
-the vocabulary against fp32: 0.22 against 0.18; top-1 equal at 94.8 % against 96.6 %), and gain
-much against fbgemm's (0.48, 87.9 %), which decoding steps used before; prompts pay that 0.04
-for 1.7-2.3x their speed (docs/inference.md). Without the kernel: fbgemm holds the weights in 7 bits (to avoid the saturation of its 16-bit pair sums on
+against weight-only int8 on bf16 activations, and gain much against fbgemm's, which decoding
+steps used before (SmolLM2-135M, mean |d log p| over the vocabulary against fp32,
+benchmarks/int8_quality.py: a 58-token prompt 0.161 against weight-only's 0.132 for
+`--quantize int8`, 0.220 against 0.175 for the Q8_0 import; 32 decoding steps 0.144 against
+fbgemm's 0.333, and 0.190 against 0.361). Prompts pay those 0.03-0.045 for 1.7-2.3x their speed. Without the kernel: fbgemm holds the weights in 7 bits (to avoid the saturation of its 16-bit pair sums on
 AVX2) and quantises the activations of a call with one scale (so several rows are each scaled to
 the same range first): on SmolLM2-135M each of the two more than doubles the logit error of
 8-bit weights alone (mean |d log p| against fp32 0.14 weight-only, 0.36 with 7-bit weights, 0.38 with
@@ -339,8 +341,8 @@ def _int8_kernel(out_features: int, in_features: int) -> bool:
 class Int8Linear(_OpaqueLayer):
     """y = x W^T with W = q * scale: q int8 (N, K), scale fp32 (N, 1); no bias (lmforge has none).
 
-    On a CPU with AVX-512 VNNI (and a shape the kernel takes) every float32 product on the CPU,
-    one row or a prompt's hundreds, eager or compiled, is lmforge's kernel
+    On a CPU with AVX-512 VNNI (and a shape the kernel takes) every float32 product on the CPU
+    without gradients, one row or a prompt's hundreds, eager or compiled, is lmforge's kernel
     (`kernels.int8_linear`: 8-bit weights, activations quantised per block of 32, llama.cpp's
     Q8_0 arithmetic), except a compiled step of one row (inductor's weight-only loop, below).
     Elsewhere:
@@ -369,6 +371,8 @@ class Int8Linear(_OpaqueLayer):
             self.register_buffer("kw", kw, persistent=False)
             self.register_buffer("ksum", ksum, persistent=False)
             return None
+        self.register_buffer("kw", None, persistent=False)  # e.g. unpickled where the kernel does not run
+        self.register_buffer("ksum", None, persistent=False)
         return _fbgemm_int8(self.q, self.scale) if _fbgemm() else None
 
     @classmethod
@@ -377,13 +381,13 @@ class Int8Linear(_OpaqueLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # As few Python-level ops as possible: each costs 3-4 µs here, ~10 % of a 576x576 product.
-        if self.kw is not None and x.device.type == "cpu" and x.dtype == torch.float32:
-            if torch.compiler.is_compiling():
-                if row_loop_applies(x, self.q):  # one row: inductor's loop over the int8 rows (`model.linear`)
-                    return row_loop(x, self.q) * self.scale[:, 0]
-                if not torch.compiler.is_exporting():  # an exported program must not need lmforge's library
-                    return torch.ops.lmforge_kernels.int8_linear(x, self.kw, self.ksum, self.scale)
-            elif not (x.requires_grad and torch.is_grad_enabled()):  # the kernel has no backward
+        if (self.kw is not None and x.device.type == "cpu" and x.dtype == torch.float32
+                and not (x.requires_grad and torch.is_grad_enabled())):  # the kernel has no backward
+            if not torch.compiler.is_compiling():
+                return torch.ops.lmforge_kernels.int8_linear(x, self.kw, self.ksum, self.scale)
+            if row_loop_applies(x, self.q):  # one row: inductor's loop over the int8 rows (`model.linear`)
+                return row_loop(x, self.q) * self.scale[:, 0]
+            if not torch.compiler.is_exporting():  # an exported program must not need lmforge's library
                 return torch.ops.lmforge_kernels.int8_linear(x, self.kw, self.ksum, self.scale)
         if (x.device.type == "cpu" and x.numel() <= FBGEMM_MAX_ROWS * self.in_features
                 and (x.dim() < 3 or x.shape[-2] == 1)):  # a decoding step, not a prompt's positions

@@ -217,6 +217,19 @@ def test_a_non_finite_activation_makes_its_row_nan_and_only_its_row():
 
 @needs_compiler
 @needs_vnni
+def test_a_block_of_tiny_values_counts_as_zeros_in_kernel_and_reference():
+    """max |x| below ~4e-37 (denormals too) overflows 127 / max |x|: that block is zeros in both."""
+    assert kernels.int8_ready()
+    q, scale, x = int8_case(32, 64, 2)
+    x[0, :32] = 0.0
+    x[0, 5], x[1, 40] = 1e-37, 1e-40
+    got = kernels.int8_linear(x, *kernels.int8_pack(q), scale)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, kernels.int8_reference(x, q, scale), rtol=1e-5, atol=1e-4)
+
+
+@needs_compiler
+@needs_vnni
 def test_the_int8_kernel_refuses_what_does_not_fit_with_a_message():
     assert kernels.int8_ready()
     q, scale, x = int8_case(32, 64, 3)
