@@ -144,8 +144,9 @@ def int8_kernel(rows: list[int]) -> None:
         raise SystemExit("lmforge's int8 kernel does not run here (it needs AVX-512 VNNI and a C++ compiler)")
 
     def forms(N: int, K: int) -> tuple:
+        """(fbgemm's form, the kernel's arguments, the weight-only ones, K) of one random matrix."""
         q, scale = quantize_int8(torch.randn(N, K) * 0.05)
-        return _fbgemm_int8(q, scale), (*kernels.int8_pack(q), scale), (q, scale)
+        return _fbgemm_int8(q, scale), (*kernels.int8_pack(q), scale), (q, scale), K
 
     cols = ["fbgemm dynamic int8", "lmforge VNNI kernel", "weight-only bf16"]
     print("ms per product, int8 weights (30 distinct matrices of a shape, one head)")
@@ -161,17 +162,16 @@ def int8_kernel(rows: list[int]) -> None:
                       best_ms([lambda f=f, x=x: _weight_only(x, *f[2]) for f in layers], 2)]
                 print(f"| {name} {N}x{K} | {M} | " + " | ".join(f"{v:.3f}" for v in ms) + f" | {ms[0] / ms[1]:.2f}x |",
                       flush=True)
-        step = [forms(N, K) for _ in range(LAYERS) for N, K in ((576, 576), (192, 576), (192, 576), (576, 576),
-                                                                   (1536, 576), (1536, 576), (576, 1536))]
-        step.append(forms(49152, 576))
+        block = ("q, o", "k, v", "k, v", "q, o", "gate, up", "gate, up", "down")  # a block's seven products
+        step = [forms(*SHAPES[name]) for _ in range(LAYERS) for name in block] + [forms(*SHAPES["head"])]
         print()
         print("ms for every product of one forward in turn (30 layers + the head, 135 MB of int8 weights)")
         print("| rows | fbgemm dynamic int8 | lmforge VNNI kernel | speed-up |")
         print("|---|---|---|---|")
         for M in rows:
             xs = {K: torch.randn(M, K) for K in (576, 1536)}
-            fb = best_ms([lambda xs=xs: [f[0](xs[f[2][0].shape[1]]) for f in step]], 3)
-            kn = best_ms([lambda xs=xs: [kernels.int8_linear(xs[f[2][0].shape[1]], *f[1]) for f in step]], 3)
+            fb = best_ms([lambda xs=xs: [f[0](xs[f[3]]) for f in step]], 3)
+            kn = best_ms([lambda xs=xs: [kernels.int8_linear(xs[f[3]], *f[1]) for f in step]], 3)
             print(f"| {M} | {fb:.2f} | {kn:.2f} | {fb / kn:.2f}x |", flush=True)
 
 

@@ -19,6 +19,7 @@ slower than fp32 (docs/benchmarks.md), so fp32 is the faster choice there, not o
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -77,16 +78,17 @@ def matmul_rate(dtype: Any, size: int, seconds: float) -> float:
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matrix instructions
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     """The CPU feature flags Linux reports in /proc/cpuinfo (x86 "flags", ARM "Features"; empty
-    elsewhere, or when unreadable)."""
+    elsewhere, or when unreadable). Read once per process: every int8 layer built asks."""
     try:
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
             if line.startswith(("flags", "Features")):
-                return set(line.partition(":")[2].split())
+                return frozenset(line.partition(":")[2].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def auto_dtype(device: Any) -> str:
